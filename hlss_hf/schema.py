@@ -1,0 +1,220 @@
+"""The dataset schema shared by the converters, the data pipeline and evaluation: one row per patch.
+
+Columns (see :data:`COLUMNS`):
+
+- ``image``: H&E patches as :class:`datasets.Image` (lossless PNG bytes); SRH patches as
+  :class:`datasets.Array3D` of shape ``(H, W, 2)`` and dtype ``uint16`` (channel-last ``[CH2, CH3]``, the exact
+  values of the source TIFF).
+- ``patient_id``, ``slide_id``, ``patch_id`` (unique in the dataset): strings.
+- ``label``: :class:`datasets.ClassLabel` carrying the class names.
+- ``x``, ``y`` (top-left corner in level-0 pixels), ``level``: int32, ``-1`` when unknown.
+- ``mpp`` (microns per pixel of the stored patch), ``magnification``: float32, NaN when unknown.
+- ``source``: string such as ``"opensrh"``, ``"tcga"`` or ``"wsi:<file>"``.
+
+Example:
+
+```python
+>>> from hlss_hf.schema import features_for, decode_image
+>>> features = features_for("srh", ["hgg", "lgg"], patch_size=300)
+>>> features["image"]
+Array3D(shape=(300, 300, 2), dtype='uint16')
+```
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image
+
+IMAGE = "image"
+PATIENT_ID = "patient_id"
+SLIDE_ID = "slide_id"
+PATCH_ID = "patch_id"
+LABEL = "label"
+
+#: Every column of a converted dataset, in order.
+COLUMNS: tuple[str, ...] = (
+    IMAGE,
+    PATIENT_ID,
+    SLIDE_ID,
+    PATCH_ID,
+    LABEL,
+    "x",
+    "y",
+    "level",
+    "mpp",
+    "magnification",
+    "source",
+)
+#: The columns the hierarchical sampler and the evaluation need; the provenance columns are optional.
+REQUIRED_COLUMNS: tuple[str, ...] = (IMAGE, PATIENT_ID, SLIDE_ID, PATCH_ID, LABEL)
+
+#: Class names of the OpenSRH release, in the order used for its ClassLabel.
+OPENSRH_CLASSES: tuple[str, ...] = ("hgg", "lgg", "mening", "metast", "normal", "pituita", "schwan")
+
+MODALITIES: tuple[str, ...] = ("he", "srh")
+SRH_CHANNELS = 2
+HE_CHANNELS = 3
+
+
+def _patch_shape(patch_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(patch_size, int | np.integer):
+        height = width = int(patch_size)
+    else:
+        height, width = (int(v) for v in patch_size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size!r}")
+    return height, width
+
+
+def features_for(
+    modality: str, class_names: Sequence[str], patch_size: int | Sequence[int] | None = None
+) -> datasets.Features:
+    """Build the :class:`datasets.Features` of a patch dataset.
+
+    Args:
+        modality (`str`): ``"he"`` (8-bit RGB, stored as PNG) or ``"srh"`` (2-channel uint16 arrays).
+        class_names (`Sequence[str]`): class names, in label-index order; must be unique and non-empty.
+        patch_size (`int` or `(height, width)`, *optional*): patch size in pixels. Required for ``"srh"``
+            because :class:`datasets.Array3D` has a fixed shape; ignored for ``"he"`` (PNG keeps its own size).
+
+    Returns:
+        `datasets.Features` with the columns of :data:`COLUMNS`.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    names = [str(name) for name in class_names]
+    if not names:
+        raise ValueError("class_names is empty")
+    if len(set(names)) != len(names):
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"class_names has duplicates: {duplicates}")
+    if modality == "srh":
+        if patch_size is None:
+            raise ValueError("patch_size is required for modality 'srh' (Array3D needs a fixed shape)")
+        height, width = _patch_shape(patch_size)
+        image_feature = datasets.Array3D(shape=(height, width, SRH_CHANNELS), dtype="uint16")
+    else:
+        image_feature = datasets.Image()
+    return datasets.Features(
+        {
+            IMAGE: image_feature,
+            PATIENT_ID: datasets.Value("string"),
+            SLIDE_ID: datasets.Value("string"),
+            PATCH_ID: datasets.Value("string"),
+            LABEL: datasets.ClassLabel(names=names),
+            "x": datasets.Value("int32"),
+            "y": datasets.Value("int32"),
+            "level": datasets.Value("int32"),
+            "mpp": datasets.Value("float32"),
+            "magnification": datasets.Value("float32"),
+            "source": datasets.Value("string"),
+        }
+    )
+
+
+def modality_of(features: Mapping[str, Any]) -> str:
+    """Tell the modality of a patch dataset from its features.
+
+    Args:
+        features (`datasets.Features` or mapping): the dataset's features (``dataset.features``).
+
+    Returns:
+        ``"he"`` when ``image`` is a :class:`datasets.Image`, ``"srh"`` when it is a 2-channel array feature.
+    """
+    if IMAGE not in features:
+        raise ValueError(f"features have no {IMAGE!r} column: {list(features)}")
+    feature = features[IMAGE]
+    if isinstance(feature, datasets.Image):
+        return "he"
+    shape = getattr(feature, "shape", None)
+    if shape is not None and len(shape) == 3 and shape[-1] == SRH_CHANNELS:
+        return "srh"
+    if shape is not None and len(shape) == 3 and shape[-1] == HE_CHANNELS:
+        return "he"
+    raise ValueError(f"cannot tell the modality of image feature {feature!r}")
+
+
+def check_features(features: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` naming the missing columns when ``features`` lacks a required column.
+
+    Args:
+        features (`datasets.Features` or mapping): the dataset's features.
+    """
+    missing = [name for name in REQUIRED_COLUMNS if name not in features]
+    if missing:
+        raise ValueError(f"dataset is missing required columns {missing}; it has {list(features)}")
+    if not isinstance(features[LABEL], datasets.ClassLabel):
+        raise ValueError(f"column {LABEL!r} must be a ClassLabel, got {features[LABEL]!r}")
+    modality_of(features)
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _to_channel_last(array: np.ndarray) -> np.ndarray:
+    # SRH arrays may arrive channel-first (2, H, W), as tifffile reads some OpenSRH patches.
+    if array.ndim == 3 and array.shape[0] in (SRH_CHANNELS, HE_CHANNELS) and array.shape[-1] not in (
+        SRH_CHANNELS,
+        HE_CHANNELS,
+    ):
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
+def decode_image(value: Any) -> np.ndarray:
+    """Decode one stored ``image`` value to a numpy array.
+
+    Args:
+        value: a PIL image, a numpy array (or anything with ``__array__``, e.g. a torch tensor), nested lists
+            (an ``Array3D`` read without formatting), raw PNG/TIFF bytes, or a ``{"bytes": ..., "path": ...}``
+            dict as stored by :class:`datasets.Image`.
+
+    Returns:
+        `np.ndarray`: ``(H, W, 3)`` uint8 for H&E or ``(H, W, 2)`` uint16 for SRH.
+    """
+    if isinstance(value, Mapping):
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None:
+            value = data
+        elif path:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"image path {path!r} does not exist")
+            with Image.open(path) as image:
+                return _from_pil(image)
+        else:
+            raise ValueError("image dict has neither 'bytes' nor 'path'")
+    if isinstance(value, bytes | bytearray | memoryview):
+        with Image.open(io.BytesIO(bytes(value))) as image:
+            return _from_pil(image)
+    if isinstance(value, Image.Image):
+        return _from_pil(value)
+    if isinstance(value, list | tuple):
+        array = np.asarray(value)
+    elif hasattr(value, "__array__"):
+        array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+    else:
+        raise TypeError(f"cannot decode an image from {type(value).__name__}")
+    if array.ndim == 2:
+        # A grey patch: replicate to RGB so callers always get three channels for H&E.
+        array = np.repeat(array[..., None], HE_CHANNELS, axis=-1)
+    if array.ndim != 3:
+        raise ValueError(f"expected an image of shape (H, W, C), got {array.shape}")
+    array = _to_channel_last(array)
+    channels = array.shape[-1]
+    if channels == SRH_CHANNELS:
+        return array.astype(np.uint16, copy=False)
+    if channels == HE_CHANNELS:
+        return array.astype(np.uint8, copy=False)
+    if channels == 4:
+        return array[..., :HE_CHANNELS].astype(np.uint8, copy=False)
+    raise ValueError(f"expected 2 (SRH) or 3 (H&E) channels, got shape {array.shape}")
