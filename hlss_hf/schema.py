@@ -163,9 +163,14 @@ def _from_pil(image: Image.Image) -> np.ndarray:
 
 def _to_channel_last(array: np.ndarray) -> np.ndarray:
     # SRH arrays may arrive channel-first (2, H, W), as tifffile reads some OpenSRH patches.
-    if array.ndim == 3 and array.shape[0] in (SRH_CHANNELS, HE_CHANNELS) and array.shape[-1] not in (
-        SRH_CHANNELS,
-        HE_CHANNELS,
+    if (
+        array.ndim == 3
+        and array.shape[0] in (SRH_CHANNELS, HE_CHANNELS)
+        and array.shape[-1]
+        not in (
+            SRH_CHANNELS,
+            HE_CHANNELS,
+        )
     ):
         array = np.moveaxis(array, 0, -1)
     return array

@@ -1,0 +1,514 @@
+"""Write patch datasets in the Hugging Face Hub layout, locally or to the Hub.
+
+Shared by the converters in ``dataset_scripts/``. A converter produces, for each split, an iterable of rows
+(``image`` as a numpy array, ``label`` as a class name, ids and provenance), and :func:`write_patch_dataset`
+
+- validates every row (image dtype / channels / shape, label in the class list, unique ``patch_id``);
+- streams the rows into compressed parquet shards ``data/<split>-NNNNN-of-NNNNN.parquet`` (bounded memory);
+- writes a ``README.md`` dataset card whose YAML (``configs`` + ``dataset_info``) lets
+  ``datasets.load_dataset(DIR)`` return the same splits and features;
+- builds everything in a temporary folder next to the output and moves it into place only when complete;
+- or pushes the result with :meth:`datasets.DatasetDict.push_to_hub` and uploads the card.
+
+Invalid items raise :class:`ConversionError` naming the item, unless the converter runs with
+``skip_invalid=True``, in which case :class:`InvalidItems` records them for the summary and the card.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import sys
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from datasets.arrow_writer import ParquetWriter
+from datasets.info import DatasetInfo, DatasetInfosDict
+from datasets.splits import SplitInfo
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+from tqdm.auto import tqdm
+
+from .schema import IMAGE, LABEL, PATCH_ID, PATIENT_ID, SLIDE_ID, modality_of
+
+#: Rows per parquet row group: small enough that a 300x300x2 uint16 batch stays ~25 MB in memory.
+WRITER_BATCH_SIZE = 64
+#: Defaults for the provenance columns when a converter does not know them.
+UNKNOWN_PROVENANCE: dict[str, Any] = {
+    "x": -1,
+    "y": -1,
+    "level": -1,
+    "mpp": math.nan,
+    "magnification": math.nan,
+}
+
+
+class ConversionError(Exception):
+    """An input item (file, patient, slide, manifest row, ...) cannot be converted; the message names it."""
+
+
+@dataclass
+class InvalidItems:
+    """Decides what happens to invalid input: raise :class:`ConversionError`, or skip and remember it.
+
+    Args:
+        skip_invalid (`bool`, defaults to `False`): record invalid items instead of raising.
+    """
+
+    skip_invalid: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def invalid(self, item: str, reason: str) -> None:
+        """Report an invalid item: raises unless ``skip_invalid``.
+
+        Args:
+            item (`str`): what is invalid, e.g. ``"patient NIO_001"`` or ``"file patches/a.tif"``.
+            reason (`str`): why, in a few words.
+        """
+        if not self.skip_invalid:
+            raise ConversionError(f"{item}: {reason}")
+        self.skipped.append((item, reason))
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion wrote: counts per split and class, skipped items, destination.
+
+    Attributes:
+        counts: ``counts[split][class]`` -> ``{"patients": int, "slides": int, "patches": int}``.
+        skipped: ``(item, reason)`` pairs of the items left out with ``skip_invalid``.
+        destination: the output folder or the Hub repository id.
+        empty_splits: splits that ended with no patches (not written).
+    """
+
+    counts: dict[str, dict[str, dict[str, int]]]
+    skipped: list[tuple[str, str]]
+    destination: str
+    empty_splits: list[str] = field(default_factory=list)
+
+    def totals(self, split: str) -> dict[str, int]:
+        """Patients, slides and patches of one split, over all classes."""
+        per_class = self.counts.get(split, {})
+        return {key: sum(c[key] for c in per_class.values()) for key in ("patients", "slides", "patches")}
+
+    def table(self) -> str:
+        """The counts as a Markdown table (one line per split and class, then per-split totals)."""
+        lines = ["| split | class | patients | slides | patches |", "|---|---|---:|---:|---:|"]
+        for split, per_class in self.counts.items():
+            for name, c in per_class.items():
+                lines.append(f"| {split} | {name} | {c['patients']} | {c['slides']} | {c['patches']} |")
+            t = self.totals(split)
+            lines.append(f"| {split} | **all** | {t['patients']} | {t['slides']} | {t['patches']} |")
+        return "\n".join(lines)
+
+    def format(self) -> str:
+        """A plain-text summary to print at the end of a conversion."""
+        out = [f"wrote {self.destination}"]
+        for split in self.counts:
+            t = self.totals(split)
+            out.append(f"  {split}: {t['patients']} patients, {t['slides']} slides, {t['patches']} patches")
+            for name, c in self.counts[split].items():
+                out.append(
+                    f"    {name}: {c['patients']} patients, {c['slides']} slides, {c['patches']} patches"
+                )
+        for split in self.empty_splits:
+            out.append(f"  {split}: no patches (split not written)")
+        out.append(f"  skipped {len(self.skipped)} invalid item(s)")
+        out.extend(f"    {item}: {reason}" for item, reason in self.skipped)
+        return "\n".join(out)
+
+
+def check_patch(image: Any, modality: str, patch_size: tuple[int, int] | None) -> str | None:
+    """Tell why ``image`` cannot be stored as a patch of ``modality``, or ``None`` when it can.
+
+    Args:
+        image: the patch as a numpy array, channel-last.
+        modality (`str`): ``"he"`` (uint8, 3 channels) or ``"srh"`` (uint16, 2 channels).
+        patch_size (`(height, width)`, *optional*): the required spatial shape.
+    """
+    if not isinstance(image, np.ndarray):
+        return f"image is a {type(image).__name__}, expected a numpy array"
+    channels, dtype = (2, np.uint16) if modality == "srh" else (3, np.uint8)
+    if image.ndim != 3 or image.shape[-1] != channels:
+        return f"image shape {image.shape}, expected (H, W, {channels})"
+    if image.dtype != dtype:
+        return f"image dtype {image.dtype}, expected {np.dtype(dtype).name}"
+    if patch_size is not None and tuple(image.shape[:2]) != tuple(patch_size):
+        return f"image size {image.shape[:2]}, expected {tuple(patch_size)}"
+    return None
+
+
+def command_line() -> str:
+    """The command that is running, quoted, for the dataset card."""
+    return " ".join(shlex.quote(arg) for arg in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless ``overwrite``; checked before any work starts.
+
+    Args:
+        output_dir: the requested ``--output``.
+        overwrite (`bool`): whether an existing folder may be replaced once the new one is complete.
+    """
+    path = Path(output_dir)
+    if path.exists() and not overwrite:
+        raise ConversionError(f"output {path} already exists (pass --overwrite to replace it)")
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"output {path} exists and is not a folder")
+    return path
+
+
+def _encode_image(image: np.ndarray, modality: str) -> Any:
+    # H&E patches become PNG bytes here (the costly part); SRH arrays go to parquet as they are.
+    if modality == "he":
+        return datasets.Image().encode_example(image)
+    return image
+
+
+class _SplitWriter:
+    """Streams one split into numbered parquet shards of at most ``max_shard_bytes`` (before compression)."""
+
+    def __init__(self, data_dir: Path, split: str, features: datasets.Features, max_shard_bytes: int):
+        self.data_dir, self.split, self.features = data_dir, split, features
+        self.max_shard_bytes = max_shard_bytes
+        self.paths: list[Path] = []
+        self.num_examples = self.num_bytes = 0
+        self._writer: ParquetWriter | None = None
+        self._shard_bytes = 0
+
+    def write(self, row: dict[str, Any], size: int) -> None:
+        if self._writer is None:
+            path = self.data_dir / f".{self.split}-{len(self.paths):05d}.parquet.partial"
+            self.paths.append(path)
+            self._writer = ParquetWriter(
+                features=self.features, path=str(path), writer_batch_size=WRITER_BATCH_SIZE
+            )
+        self._writer.write(row)
+        self._shard_bytes += size
+        if self._shard_bytes >= self.max_shard_bytes:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            num_examples, num_bytes = self._writer.finalize()
+            self._writer.close()
+            self.num_examples += num_examples
+            self.num_bytes += num_bytes
+            self._writer, self._shard_bytes = None, 0
+
+    def close(self) -> list[Path]:
+        """Finish the last shard and give the shards their final ``-NNNNN-of-NNNNN`` names."""
+        self._close_shard()
+        final = []
+        for index, path in enumerate(self.paths):
+            target = self.data_dir / f"{self.split}-{index:05d}-of-{len(self.paths):05d}.parquet"
+            os.replace(path, target)
+            final.append(target)
+        return final
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def dataset_card_text(
+    summary: ConversionSummary,
+    features: datasets.Features,
+    splits_info: Sequence[SplitInfo],
+    *,
+    title: str,
+    source: str,
+    description: str = "",
+    command: str | None = None,
+) -> str:
+    """Render the ``README.md`` dataset card: YAML front matter for ``load_dataset`` plus a readable body.
+
+    Args:
+        summary (`ConversionSummary`): the counts and skipped items.
+        features (`datasets.Features`): the dataset's features (written to ``dataset_info``).
+        splits_info (`Sequence[SplitInfo]`): one entry per written split.
+        title (`str`): the card's heading.
+        source (`str`): where the data came from (a sentence, e.g. the OpenSRH release folder).
+        description (`str`, *optional*): extra Markdown placed under the heading.
+        command (`str`, *optional*): the command that produced the dataset.
+    """
+    card_data = DatasetCardData(tags=["histopathology", "hlss"])
+    MetadataConfigs(
+        {"default": {"data_files": [{"split": s.name, "path": f"data/{s.name}-*"} for s in splits_info]}}
+    ).to_dataset_card_data(card_data)
+    info = DatasetInfo(features=features, config_name="default", splits=datasets.SplitDict())
+    for split_info in splits_info:
+        info.splits.add(split_info)
+    info.dataset_size = sum(s.num_bytes for s in splits_info)
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+
+    modality = modality_of(features)
+    image_text = (
+        "8-bit RGB PNG (`datasets.Image`)"
+        if modality == "he"
+        else "2-channel uint16 array `[CH2, CH3]`, channel-last (`datasets.Array3D`), the source values"
+    )
+    skipped = (
+        "\n".join(f"- `{item}`: {reason}" for item, reason in summary.skipped) if summary.skipped else "None."
+    )
+    body = f"""
+# {title}
+
+{description}
+
+A patient-slide-patch hierarchy for hierarchical self-supervision (HLSS): one row per patch.
+
+- **Source:** {source}
+- **Modality:** {"H&E" if modality == "he" else "stimulated Raman histology (SRH)"}; `image` is {image_text}.
+- **Classes:** {", ".join(f"`{n}`" for n in features[LABEL].names)}
+- **Splits:** by patient (no patient is in two splits).
+{f"- **Command:** `{command}`" if command else ""}
+
+## Columns
+
+`image`, `patient_id`, `slide_id`, `patch_id` (unique), `label` (ClassLabel), `x`, `y` (top-left, level-0
+pixels; -1 unknown), `level` (-1 unknown), `mpp` (microns per pixel of the patch; NaN unknown),
+`magnification` (NaN unknown), `source`.
+
+## Counts
+
+{summary.table()}
+
+## Skipped items
+
+{skipped}
+
+## Usage
+
+```python
+from datasets import load_dataset
+ds = load_dataset("<this folder or repo id>")
+```
+"""
+    return f"---\n{card_data.to_yaml()}\n---\n{body}"
+
+
+def write_patch_dataset(
+    split_rows: Mapping[str, Iterable[Mapping[str, Any]]],
+    features: datasets.Features,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+    invalid: InvalidItems | None = None,
+    title: str = "HLSS patch dataset",
+    source: str = "",
+    description: str = "",
+    command: str | None = None,
+    totals: Mapping[str, int] | None = None,
+    max_shard_size_mb: float = 500.0,
+    show_progress: bool = True,
+    on_complete: Callable[[Path], None] | None = None,
+) -> ConversionSummary:
+    """Validate rows and write them as a Hub-layout dataset folder and/or push them to the Hub.
+
+    Args:
+        split_rows (`Mapping[str, Iterable[Mapping]]`): split name -> rows. Each row has ``image`` (numpy,
+            channel-last), ``patient_id``, ``slide_id``, ``patch_id``, ``label`` (a class name) and optionally
+            ``x``, ``y``, ``level``, ``mpp``, ``magnification``, ``source``. Iterables are consumed lazily.
+        features (`datasets.Features`): from :func:`hlss_hf.schema.features_for`.
+        output_dir (`str` or `PathLike`, *optional*): destination folder (Hub layout).
+        push_to_hub (`str`, *optional*): Hub dataset repo id; exactly one of ``output_dir`` / ``push_to_hub``.
+        private (`bool`, defaults to `False`): create the Hub repo private.
+        overwrite (`bool`, defaults to `False`): replace an existing ``output_dir`` once the new one is complete.
+        invalid (`InvalidItems`, *optional*): where invalid rows go; default raises on the first.
+        title, source, description, command (`str`): dataset card text.
+        totals (`Mapping[str, int]`, *optional*): expected rows per split, for progress bars.
+        max_shard_size_mb (`float`, defaults to 500): uncompressed size at which a new shard starts.
+        show_progress (`bool`, defaults to `True`): show tqdm bars.
+        on_complete (`Callable[[Path], None]`, *optional*): called with the finished temporary folder before
+            it is moved into place (tests use it; nothing else needs it).
+
+    Returns:
+        `ConversionSummary`.
+
+    Raises:
+        ConversionError: an invalid row (without ``skip_invalid``), an existing output, or no patches at all.
+            Nothing is left at ``output_dir`` and the temporary folder is removed.
+    """
+    if (output_dir is None) == (push_to_hub is None):
+        raise ValueError("pass exactly one of output_dir and push_to_hub")
+    invalid = invalid if invalid is not None else InvalidItems()
+    modality = modality_of(features)
+    image_feature = features[IMAGE]
+    patch_size = tuple(image_feature.shape[:2]) if modality == "srh" else None
+    class_names = features[LABEL].names
+    class_index = {name: i for i, name in enumerate(class_names)}
+
+    if output_dir is not None:
+        final = check_output_dir(output_dir, overwrite).resolve()
+        parent = final.parent
+        parent.mkdir(parents=True, exist_ok=True)
+    else:
+        final, parent = None, Path.cwd()
+    # The temporary folder sits next to the output so the final move is a rename on the same filesystem.
+    tmp = parent / f".{final.name if final else 'hub-push'}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+
+    seen_patch_ids: set[str] = set()
+    patient_split: dict[str, str] = {}
+    patients: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    slides: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    patches: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    splits_info: list[SplitInfo] = []
+    empty_splits: list[str] = []
+    max_shard_bytes = int(max_shard_size_mb * 2**20)
+    try:
+        for split, rows in split_rows.items():
+            writer = _SplitWriter(data_dir, split, features, max_shard_bytes)
+            try:
+                bar = tqdm(
+                    rows,
+                    desc=f"{split}",
+                    unit="patch",
+                    total=(totals or {}).get(split),
+                    disable=not show_progress,
+                )
+                for row in bar:
+                    patch_id = str(row[PATCH_ID])
+                    item = f"patch {patch_id}"
+                    if patch_id in seen_patch_ids:
+                        invalid.invalid(item, "duplicate patch_id")
+                        continue
+                    label = row[LABEL]
+                    if label not in class_index:
+                        invalid.invalid(item, f"label {label!r} is not one of {list(class_names)}")
+                        continue
+                    patient = str(row[PATIENT_ID])
+                    if patient_split.setdefault(patient, split) != split:
+                        # A patient in two splits would leak between train and evaluation: a converter bug.
+                        raise ConversionError(
+                            f"patient {patient} is in splits {patient_split[patient]!r} and {split!r}"
+                        )
+                    image = row[IMAGE]
+                    reason = check_patch(image, modality, patch_size)
+                    if reason is not None:
+                        invalid.invalid(item, reason)
+                        continue
+                    seen_patch_ids.add(patch_id)
+                    encoded = {**UNKNOWN_PROVENANCE, "source": "", **row}
+                    encoded[IMAGE] = _encode_image(image, modality)
+                    encoded[LABEL] = class_index[label]
+                    encoded[PATCH_ID], encoded[PATIENT_ID] = patch_id, patient
+                    encoded[SLIDE_ID] = str(row[SLIDE_ID])
+                    size = len(encoded[IMAGE]["bytes"]) if modality == "he" else image.nbytes
+                    writer.write({name: encoded[name] for name in features}, size)
+                    patients[split][label].add(patient)
+                    slides[split][label].add((patient, encoded[SLIDE_ID]))
+                    patches[split][label] += 1
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            if writer.num_examples == 0:
+                for path in data_dir.glob(f"{split}-*.parquet"):
+                    path.unlink()
+                empty_splits.append(split)
+                continue
+            splits_info.append(
+                SplitInfo(name=split, num_bytes=writer.num_bytes, num_examples=writer.num_examples)
+            )
+        if not splits_info:
+            raise ConversionError(
+                "no patches were converted" + (" (all inputs were skipped)" if invalid.skipped else "")
+            )
+
+        counts = {
+            split: {
+                name: {
+                    "patients": len(patients[split][name]),
+                    "slides": len(slides[split][name]),
+                    "patches": patches[split][name],
+                }
+                for name in class_names
+                if patches[split][name]
+            }
+            for split in (s.name for s in splits_info)
+        }
+        summary = ConversionSummary(
+            counts=counts,
+            skipped=list(invalid.skipped),
+            destination=str(final) if final else f"https://huggingface.co/datasets/{push_to_hub}",
+            empty_splits=empty_splits,
+        )
+        card = dataset_card_text(
+            summary,
+            features,
+            splits_info,
+            title=title,
+            source=source,
+            description=description,
+            command=command,
+        )
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if on_complete is not None:
+            on_complete(tmp)
+        if push_to_hub is not None:
+            _push(tmp, push_to_hub, features, [s.name for s in splits_info], private, card)
+        else:
+            _move_into_place(tmp, final)
+        return summary
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():
+        # os.replace cannot replace a non-empty folder: move the old one aside, then delete it.
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def load_written_dataset(
+    folder: str | os.PathLike, features: datasets.Features | None = None, cache_dir: str | None = None
+) -> datasets.DatasetDict:
+    """Load a folder written by :func:`write_patch_dataset` (equivalent to ``load_dataset(folder)``).
+
+    Args:
+        folder: the dataset folder.
+        features (`datasets.Features`, *optional*): force these features (default: from the card).
+        cache_dir (`str`, *optional*): the datasets cache to use.
+    """
+    folder = Path(folder)
+    splits = sorted({p.name.split("-")[0] for p in (folder / "data").glob("*.parquet")})
+    data_files = {
+        split: sorted(str(p) for p in (folder / "data").glob(f"{split}-*.parquet")) for split in splits
+    }
+    return datasets.load_dataset("parquet", data_files=data_files, features=features, cache_dir=cache_dir)
+
+
+def _push(
+    tmp: Path, repo_id: str, features: datasets.Features, splits: Sequence[str], private: bool, card: str
+) -> None:
+    # Parquet -> memory-mapped Arrow in a cache inside the temporary folder (removed afterwards).
+    dataset = datasets.load_dataset(
+        "parquet",
+        data_files={s: sorted(str(p) for p in (tmp / "data").glob(f"{s}-*.parquet")) for s in splits},
+        features=features,
+        cache_dir=str(tmp / "cache"),
+    )
+    dataset.push_to_hub(repo_id, private=private, commit_message="Upload HLSS patch dataset")
+    # push_to_hub writes a bare card; replace it with ours (same configs and features, plus counts).
+    DatasetCard(card).push_to_hub(repo_id, repo_type="dataset", commit_message="Add dataset card")
