@@ -9,14 +9,24 @@ clamped to ``[0, 1]``. H&E patches are 8-bit RGB scaled by ``1/255``.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 SRH_SCALE = 65536.0
 SRH_BASE = 5000.0 / 65536.0
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODALITIES = ("he", "srh")
 
-__all__ = ["srh_to_float", "he_to_float"]
+__all__ = ["srh_to_float", "he_to_float", "HLSSImageProcessor", "HLSSProcessor"]
 
 
 def srh_to_float(image) -> torch.Tensor:
@@ -40,7 +50,9 @@ def srh_to_float(image) -> torch.Tensor:
         raise ValueError(f"SRH image: expected a numpy array or torch tensor, got {type(image).__name__}")
     shape = tuple(image.shape)
     if len(shape) not in (3, 4):
-        raise ValueError(f"SRH image: expected rank 3 (H, W, 2) / (2, H, W) or rank 4 (N, ...), got shape {shape}")
+        raise ValueError(
+            f"SRH image: expected rank 3 (H, W, 2) / (2, H, W) or rank 4 (N, ...), got shape {shape}"
+        )
     first, last = (0, 2) if len(shape) == 3 else (1, 3)
     # Channels-last (the dataset layout) wins when both ends have size 2.
     if shape[last] == 2:
@@ -57,7 +69,9 @@ def srh_to_float(image) -> torch.Tensor:
         tensor = torch.from_numpy(image.astype(np.int32))
     else:
         if image.dtype not in (torch.uint16, torch.int32, torch.int64):
-            raise ValueError(f"SRH image: expected dtype uint16 (or int32/int64 holding uint16), got {image.dtype}")
+            raise ValueError(
+                f"SRH image: expected dtype uint16 (or int32/int64 holding uint16), got {image.dtype}"
+            )
         tensor = image.detach().cpu().to(torch.int64)
         if tensor.numel() and (tensor.min() < 0 or tensor.max() > 65535):
             raise ValueError(
@@ -74,7 +88,8 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
     # Grayscale, palette and RGBA images become RGB so every H&E image has 3 channels.
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image)
+    # np.array copies: torch.from_numpy warns on the read-only buffer np.asarray shares with PIL.
+    return np.array(image)
 
 
 def he_to_float(image) -> torch.Tensor:
@@ -99,7 +114,9 @@ def he_to_float(image) -> torch.Tensor:
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
     else:
-        raise ValueError(f"H&E image: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+        raise ValueError(
+            f"H&E image: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}"
+        )
     if tensor.ndim not in (3, 4):
         raise ValueError(
             f"H&E image: expected rank 3 (H, W, 3) / (3, H, W) or rank 4 (N, ...), got shape {tuple(tensor.shape)}"
@@ -123,3 +140,337 @@ def he_to_float(image) -> torch.Tensor:
                 )
         return tensor.contiguous()
     raise ValueError(f"H&E image: expected dtype uint8 or float in [0, 1], got {tensor.dtype}")
+
+
+class HLSSImageProcessorKwargs(ImagesKwargs, total=False):
+    """`ImagesKwargs` plus the imaging modality, so `from_pretrained(..., modality=...)` overrides it."""
+
+    modality: str | None
+
+
+def _size_dict(size, name: str, allow_shortest_edge: bool) -> dict[str, int]:
+    """Normalise an int / (h, w) / dict size into ``{"shortest_edge": s}`` or ``{"height": h, "width": w}``."""
+    if isinstance(size, bool):
+        raise ValueError(f"{name}: expected an int, (height, width) or a dict, got {size!r}")
+    if isinstance(size, int):
+        size = {"shortest_edge": size} if allow_shortest_edge else {"height": size, "width": size}
+    elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
+        size = {"height": size[0], "width": size[1]}
+    if not isinstance(size, dict):
+        raise ValueError(f"{name}: expected an int, (height, width) or a dict, got {size!r}")
+    size = dict(size)
+    keys = set(size)
+    if allow_shortest_edge and keys == {"shortest_edge"}:
+        pass
+    elif keys != {"height", "width"}:
+        allowed = '{"shortest_edge"} or {"height", "width"}' if allow_shortest_edge else '{"height", "width"}'
+        raise ValueError(f"{name}: keys must be {allowed}, got {sorted(keys)}")
+    for key, value in size.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}[{key!r}] must be a positive int, got {value!r}")
+    return size
+
+
+def _channel_stats(values, name: str) -> list[float]:
+    """Broadcast a scalar or 3-list of per-channel statistics to a list of 3 floats."""
+    if isinstance(values, (int, float)):
+        values = [float(values)] * 3
+    values = [float(v) for v in values]
+    if len(values) != 3:
+        raise ValueError(f"{name}: expected 3 per-channel values, got {len(values)}")
+    return values
+
+
+class HLSSImageProcessor(BaseImageProcessor):
+    r"""Image processor for HLSS: SRH (2-channel uint16) or H&E (8-bit RGB) patches to ``pixel_values``.
+
+    Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized
+    (bilinear, antialiased, on the float tensor), center-cropped and normalised. Resizing is off by default
+    because resizing changes the microns per pixel the encoder was trained at.
+
+    Args:
+        modality (`str`, *optional*, defaults to `"he"`): `"he"` for 8-bit RGB H&E, `"srh"` for 2-channel uint16
+            stimulated Raman histology ``[CH2, CH3]``.
+        do_resize (`bool`, *optional*, defaults to `False`): resize before cropping.
+        size (`int` or `dict`, *optional*, defaults to `{"shortest_edge": 224}`): resize target; an int (or
+            `{"shortest_edge": s}`) resizes the shorter side to `s` keeping the aspect ratio,
+            `{"height": h, "width": w}` resizes to exactly that.
+        do_center_crop (`bool`, *optional*, defaults to `True`): center-crop to `crop_size`.
+        crop_size (`int` or `dict`, *optional*, defaults to 224): crop size, an int or `{"height", "width"}`.
+        do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`.
+        image_mean (`float` or `list[float]`, *optional*, defaults to the ImageNet mean): per-channel mean.
+        image_std (`float` or `list[float]`, *optional*, defaults to the ImageNet std): per-channel std.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hlss_hf.processing_hlss import HLSSImageProcessor
+    >>> processor = HLSSImageProcessor(modality="srh", crop_size=224)
+    >>> patch = np.random.randint(0, 65535, (300, 300, 2), dtype=np.uint16)
+    >>> processor(patch, return_tensors="pt")["pixel_values"].shape
+    torch.Size([1, 3, 224, 224])
+    ```
+    """
+
+    valid_kwargs = HLSSImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        modality: str = "he",
+        do_resize: bool = False,
+        size: int | dict[str, int] | None = None,
+        do_center_crop: bool = True,
+        crop_size: int | dict[str, int] | None = 224,
+        do_normalize: bool = False,
+        image_mean: float | list[float] | None = None,
+        image_std: float | list[float] | None = None,
+        **kwargs,
+    ):
+        # Keys written by transformers (image_processor_type, auto_map, ...) go to the mixin, which stores them.
+        kwargs.pop("image_processor_type", None)
+        super().__init__(**kwargs)
+        self.modality = modality
+        self.do_resize = bool(do_resize)
+        self.size = _size_dict(224 if size is None else size, "size", allow_shortest_edge=True)
+        self.do_center_crop = bool(do_center_crop)
+        self.crop_size = _size_dict(
+            224 if crop_size is None else crop_size, "crop_size", allow_shortest_edge=False
+        )
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = _channel_stats(IMAGENET_MEAN if image_mean is None else image_mean, "image_mean")
+        self.image_std = _channel_stats(IMAGENET_STD if image_std is None else image_std, "image_std")
+        self._validate(self.modality, self.image_std)
+
+    @staticmethod
+    def _validate(modality, image_std) -> None:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if any(s <= 0 for s in image_std):
+            raise ValueError(f"image_std must be positive, got {image_std}")
+
+    # -- input handling ---------------------------------------------------------------------------------------
+    def _to_float(self, image, modality: str, index: int) -> torch.Tensor:
+        """Convert one image (or one stacked batch) to float ``[3, H, W]`` / ``[N, 3, H, W]``."""
+        if isinstance(image, (str, os.PathLike)):
+            if modality == "srh":
+                raise ValueError(
+                    f"image {index}: SRH images must be given as uint16 arrays [CH2, CH3], not a path ({image})"
+                )
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        try:
+            return srh_to_float(image) if modality == "srh" else he_to_float(image)
+        except ValueError as err:
+            hint = ""
+            shape = getattr(image, "shape", None)
+            if modality == "he" and shape is not None and 2 in (shape[0], shape[-1]):
+                hint = " (a 2-channel image looks like SRH: use modality='srh')"
+            raise ValueError(f"image {index}: {err}{hint}") from err
+
+    def _flatten(self, images) -> list:
+        """A single image or a list of images -> list of images; rank-4 arrays stay whole (a stacked batch)."""
+        if isinstance(images, (list, tuple)):
+            if len(images) == 0:
+                raise ValueError("images: got an empty list")
+            if any(isinstance(image, (list, tuple)) for image in images):
+                raise ValueError(
+                    "images: nested lists are not supported; pass arrays (e.g. np.asarray(row['image'])) "
+                    "or PIL images"
+                )
+            return list(images)
+        return [images]
+
+    # -- transforms on float tensors [N, 3, H, W] ---------------------------------------------------------------
+    @staticmethod
+    def resize(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
+        """Resize float images ``[N, 3, H, W]`` bilinearly with antialiasing.
+
+        Args:
+            pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
+            size (`dict`): `{"shortest_edge": s}` or `{"height": h, "width": w}`.
+        """
+        height, width = pixels.shape[-2:]
+        if "shortest_edge" in size:
+            short, long = (height, width) if height <= width else (width, height)
+            new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+            target = (new_short, new_long) if height <= width else (new_long, new_short)
+        else:
+            target = (size["height"], size["width"])
+        if tuple(target) == (height, width):
+            return pixels
+        return F.interpolate(pixels, size=target, mode="bilinear", antialias=True, align_corners=False)
+
+    @staticmethod
+    def center_crop(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
+        """Crop the center ``size["height"] x size["width"]`` of ``[N, 3, H, W]`` images.
+
+        Args:
+            pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
+            size (`dict`): `{"height": h, "width": w}`, no larger than the images.
+        """
+        height, width = pixels.shape[-2:]
+        crop_h, crop_w = size["height"], size["width"]
+        if crop_h > height or crop_w > width:
+            raise ValueError(
+                f"crop_size {crop_h}x{crop_w} is larger than the image {height}x{width}; "
+                "set do_resize=True with a larger size, or a smaller crop_size"
+            )
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return pixels[..., top : top + crop_h, left : left + crop_w]
+
+    @staticmethod
+    def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+        """Per-channel ``(x - mean) / std`` of ``[N, 3, H, W]`` images."""
+        mean_t = torch.tensor(mean, dtype=pixels.dtype).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=pixels.dtype).view(1, 3, 1, 1)
+        return (pixels - mean_t) / std_t
+
+    def __call__(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Preprocess an image or a batch of images; see `preprocess`."""
+        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+    def preprocess(
+        self,
+        images,
+        return_tensors="pt",
+        modality: str | None = None,
+        do_resize: bool | None = None,
+        size: int | dict[str, int] | None = None,
+        do_center_crop: bool | None = None,
+        crop_size: int | dict[str, int] | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | list[float] | None = None,
+        image_std: float | list[float] | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Preprocess an image or a batch of images into ``pixel_values``.
+
+        Args:
+            images: one image or a list of images: PIL images or file paths (H&E), numpy arrays / torch tensors
+                ``(H, W, C)`` or ``(C, H, W)`` (uint8 RGB for H&E, uint16 ``[CH2, CH3]`` for SRH), or a stacked
+                batch ``(N, ...)``. All images must have the same size after resizing and cropping.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"` or `"np"` (`None` keeps torch).
+            modality, do_resize, size, do_center_crop, crop_size, do_normalize, image_mean, image_std:
+                override the processor's settings for this call.
+
+        Returns:
+            `BatchFeature`: ``{"pixel_values": [N, 3, h, w]}`` float32.
+        """
+        # Keys transformers may pass along that have no meaning here (e.g. from a ProcessorMixin merge).
+        unknown = set(kwargs) - {"data_format", "input_data_format", "device"}
+        if unknown:
+            raise ValueError(f"HLSSImageProcessor got unexpected arguments: {sorted(unknown)}")
+        modality = self.modality if modality is None else modality
+        do_resize = self.do_resize if do_resize is None else do_resize
+        size = self.size if size is None else _size_dict(size, "size", allow_shortest_edge=True)
+        do_center_crop = self.do_center_crop if do_center_crop is None else do_center_crop
+        crop_size = self.crop_size if crop_size is None else _size_dict(crop_size, "crop_size", False)
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        image_mean = self.image_mean if image_mean is None else _channel_stats(image_mean, "image_mean")
+        image_std = self.image_std if image_std is None else _channel_stats(image_std, "image_std")
+        self._validate(modality, image_std)
+
+        outputs = []
+        for index, image in enumerate(self._flatten(images)):
+            pixels = self._to_float(image, modality, index)
+            pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
+            if do_resize:
+                pixels = self.resize(pixels, size)
+            if do_center_crop:
+                try:
+                    pixels = self.center_crop(pixels, crop_size)
+                except ValueError as err:
+                    raise ValueError(f"image {index}: {err}") from err
+            if outputs and pixels.shape[1:] != outputs[0].shape[1:]:
+                raise ValueError(
+                    f"image {index}: processed size {tuple(pixels.shape[-2:])} differs from image 0's "
+                    f"{tuple(outputs[0].shape[-2:])}; enable do_resize / do_center_crop to batch them"
+                )
+            outputs.append(pixels)
+        pixel_values = torch.cat(outputs).to(torch.float32)
+        if do_normalize:
+            pixel_values = self.normalize(pixel_values, image_mean, image_std)
+        pixel_values = pixel_values.contiguous()
+        if return_tensors == "np":
+            pixel_values = pixel_values.numpy()
+        elif return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        return BatchFeature(data={"pixel_values": pixel_values})
+
+
+class HLSSProcessor(ProcessorMixin):
+    r"""Processor for HLSS: an `HLSSImageProcessor` for patches and any tokenizer for attribute / zero-shot text.
+
+    Args:
+        image_processor (`HLSSImageProcessor`): the image processor.
+        tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
+
+    Example:
+
+    ```python
+    >>> processor = HLSSProcessor(HLSSImageProcessor(modality="he"), AutoTokenizer.from_pretrained(text_path))
+    >>> batch = processor(images=[patch], text=["an H&E image of glioblastoma"], return_tensors="pt")
+    >>> sorted(batch.keys())
+    ['attention_mask', 'input_ids', 'pixel_values', 'token_type_ids']
+    ```
+    """
+
+    def __init__(self, image_processor, tokenizer, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        return_tensors="pt",
+        padding: bool | str = True,
+        truncation: bool | None = True,
+        max_length: int | None = None,
+        images_kwargs: dict | None = None,
+        **text_kwargs,
+    ) -> BatchFeature:
+        """Process images and / or text and merge the outputs into one `BatchFeature`.
+
+        Args:
+            images: what `HLSSImageProcessor` accepts, or `None`.
+            text (`str` or `list[str]`, *optional*): texts to tokenize.
+            return_tensors (`str`, *optional*, defaults to `"pt"`): tensor type for both parts.
+            padding (`bool` or `str`, *optional*, defaults to `True`): tokenizer padding.
+            truncation (`bool`, *optional*, defaults to `True`): tokenizer truncation.
+            max_length (`int`, *optional*): tokenizer maximum length.
+            images_kwargs (`dict`, *optional*): overrides passed to the image processor (e.g. `crop_size`).
+            **text_kwargs: further tokenizer arguments.
+
+        Returns:
+            `BatchFeature`: ``pixel_values`` when images are given, the tokenizer's keys when text is given.
+        """
+        if images is None and text is None:
+            raise ValueError("HLSSProcessor: pass images, text, or both")
+        data = {}
+        if text is not None:
+            encoded = self.tokenizer(
+                text,
+                return_tensors=return_tensors,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+                **text_kwargs,
+            )
+            data.update(encoded)
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors=return_tensors, **(images_kwargs or {})))
+        return BatchFeature(data=data)
+
+    def batch_decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))
