@@ -1,0 +1,639 @@
+"""Hierarchical patient -> slide -> patch sampling over Hugging Face patch datasets (DESIGN 1.1).
+
+A converted dataset has one row per patch (see :mod:`hlss_hf.schema`). For pretraining, one sample is one
+**patient**: ``S`` slides drawn without replacement while the patient has enough (cycling through its slides in a
+random order when it has fewer), ``P`` patches per slide drawn at random (without replacement while the slide has
+enough, with replacement when it has fewer), and ``V`` independent augmentations of every patch. A batch of ``B``
+patients is the tensor ``[B, S, P, V, C, H, W]`` that :class:`~hlss_hf.HLSSModel` takes.
+
+Every random choice of a sample is a function of ``(seed, epoch, sample index)`` only, through generators local
+to the call. The same sample is therefore identical whatever the number of DataLoader workers or processes and
+across reruns, so a run on 2 processes with per-device batch ``b`` sees the same global batches as one process
+with batch ``2b`` (accelerate's sharding gives process ``r`` batch ``W*s + r`` at step ``s``).
+
+Example:
+
+```python
+>>> from datasets import load_dataset
+>>> from torch.utils.data import DataLoader
+>>> from hlss_hf.augmentation import build_augmentation
+>>> from hlss_hf.data import HierarchicalPatchDataset, collate_hierarchical
+>>> ds = load_dataset("data/opensrh", split="train")
+>>> train = HierarchicalPatchDataset(ds, num_slides=2, num_patches=2, num_views=2,
+...                                  transform=build_augmentation(None, 224), seed=0, balance_classes=True)
+>>> loader = DataLoader(train, batch_size=32, shuffle=True, num_workers=4, collate_fn=collate_hierarchical)
+>>> for epoch in range(10):
+...     train.set_epoch(epoch)
+...     for batch in loader:  # batch["pixel_values"]: [32, 2, 2, 2, 3, 224, 224]
+...         ...
+```
+
+Streaming sources (``load_dataset(..., streaming=True)``) go through :class:`HierarchicalStreamingDataset`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset
+
+from .schema import IMAGE, LABEL, PATIENT_ID, SLIDE_ID, decode_image, modality_of
+
+__all__ = [
+    "HierarchyIndex",
+    "HierarchicalPatchDataset",
+    "HierarchicalStreamingDataset",
+    "HierarchicalCollator",
+    "collate_hierarchical",
+    "to_float",
+]
+
+#: A transform takes a float image ``[C, H, W]`` and a ``torch.Generator`` (the only source of randomness it
+#: may use) and returns a float image of a fixed size.
+Transform = Callable[..., torch.Tensor]
+
+
+def to_float(images: np.ndarray | Sequence[np.ndarray], modality: str) -> torch.Tensor:
+    """Convert decoded patches to float images with the processor's pixel conversion (DESIGN 1.7).
+
+    Args:
+        images (`np.ndarray` or list of arrays): ``(N, H, W, 2)`` uint16 for SRH or ``(N, H, W, 3)`` uint8 for H&E
+            (a list when the patches differ in size).
+        modality (`str`): ``"srh"`` or ``"he"``.
+
+    Returns:
+        `torch.FloatTensor` ``[N, 3, H, W]`` in [0, 1], or a list of ``[3, H, W]`` tensors for a list input.
+    """
+    from .processing_hlss import he_to_float, srh_to_float
+
+    convert = srh_to_float if modality == "srh" else he_to_float
+    if isinstance(images, np.ndarray):
+        return convert(images)
+    return [convert(image) for image in images]
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    column = table.column(name)
+    if column.null_count:
+        first_null = column.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise ValueError(
+            f"column {name!r} has {column.null_count} missing values (first at row {first_null})"
+        )
+    return column
+
+
+def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """Dictionary-encode a column: codes in order of first appearance and the distinct values."""
+    encoded = column.combine_chunks().dictionary_encode()
+    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
+
+
+@dataclass
+class HierarchyIndex:
+    """The patient -> slide -> patch-row hierarchy of a patch dataset, built from its id columns only.
+
+    Patients and slides keep the order of their first row in the dataset.
+
+    Attributes:
+        patient_ids (`list[str]`): patients in order.
+        slides (`dict[str, list[str]]`): patient -> its slide ids.
+        rows (`dict[tuple[str, str], np.ndarray]`): ``(patient, slide)`` -> row indices (int64, dataset order).
+        labels (`dict[str, int]`): patient -> label index.
+        class_names (`list[str]`): class names from the ``label`` ClassLabel feature.
+    """
+
+    patient_ids: list[str]
+    slides: dict[str, list[str]]
+    rows: dict[tuple[str, str], np.ndarray]
+    labels: dict[str, int]
+    class_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dataset(cls, dataset: datasets.Dataset) -> HierarchyIndex:
+        """Index a :class:`datasets.Dataset` by reading its ``patient_id``, ``slide_id`` and ``label`` columns.
+
+        Images are never read or decoded.
+
+        Args:
+            dataset (`datasets.Dataset`): a patch dataset in the :mod:`hlss_hf.schema` layout (any row order;
+                selections and shuffles are honoured: row indices refer to ``dataset``'s own positions).
+
+        Raises:
+            ValueError: when a column is missing, has missing values, the dataset is empty, or a patient's rows
+                disagree on the label (naming the patient).
+        """
+        names = (PATIENT_ID, SLIDE_ID, LABEL)
+        missing = [name for name in names if name not in dataset.column_names]
+        if missing:
+            raise ValueError(f"dataset has no column(s) {missing}; it has {dataset.column_names}")
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty: no rows to index")
+        # Arrow format on the id columns only: no image bytes are touched, and an indices mapping is applied.
+        table = dataset.select_columns(list(names)).with_format("arrow")[:]
+        patient_codes, patient_ids = _encode(_column(table, PATIENT_ID))
+        slide_codes, slide_names = _encode(_column(table, SLIDE_ID))
+        labels = _column(table, LABEL).to_numpy().astype(np.int64)
+        # Group rows by (patient, slide) in first-appearance order; lexsort is stable so rows keep dataset order.
+        order = np.lexsort((slide_codes, patient_codes))
+        sorted_p, sorted_s = patient_codes[order], slide_codes[order]
+        breaks = np.flatnonzero((np.diff(sorted_p) != 0) | (np.diff(sorted_s) != 0)) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(order)]])
+        slides: dict[str, list[str]] = {str(p): [] for p in patient_ids}
+        rows: dict[tuple[str, str], np.ndarray] = {}
+        patient_labels: dict[str, int] = {}
+        for start, end in zip(starts, ends, strict=True):
+            patient = str(patient_ids[sorted_p[start]])
+            slide = str(slide_names[sorted_s[start]])
+            members = order[start:end].astype(np.int64)
+            slides[patient].append(slide)
+            rows[(patient, slide)] = members
+            found = np.unique(labels[members])
+            if patient in patient_labels:
+                found = np.union1d(found, [patient_labels[patient]])
+            if len(found) != 1:
+                raise ValueError(f"patient {patient!r} has rows with different labels {found.tolist()}")
+            patient_labels[patient] = int(found[0])
+        feature = dataset.features[LABEL]
+        if isinstance(feature, datasets.ClassLabel):
+            class_names = list(feature.names)
+        else:
+            class_names = [str(i) for i in range(int(labels.max()) + 1)]
+        return cls([str(p) for p in patient_ids], slides, rows, patient_labels, class_names)
+
+    @property
+    def num_patients(self) -> int:
+        return len(self.patient_ids)
+
+    @property
+    def num_slides(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_patches(self) -> int:
+        return int(sum(len(r) for r in self.rows.values()))
+
+    def patients_per_class(self) -> dict[int, list[str]]:
+        """Label index -> its patients (in index order); classes without patients are left out."""
+        groups: dict[int, list[str]] = {}
+        for patient in self.patient_ids:
+            groups.setdefault(self.labels[patient], []).append(patient)
+        return dict(sorted(groups.items()))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Patients, slides and patches per class name."""
+        out: dict[str, dict[str, int]] = {}
+        for label, patients in self.patients_per_class().items():
+            name = self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+            out[name] = {
+                "patients": len(patients),
+                "slides": sum(len(self.slides[p]) for p in patients),
+                "patches": sum(len(self.rows[(p, s)]) for p in patients for s in self.slides[p]),
+            }
+        return out
+
+
+def balanced_patient_list(index: HierarchyIndex, seed: int = 0) -> list[str]:
+    """Replicate the patient lists of smaller classes up to the size of the largest class.
+
+    Each smaller class is repeated whole as often as it fits; the remainder is a seeded random subset of it, so
+    the list is deterministic and no patient is over-represented by more than one copy.
+
+    Args:
+        index (`HierarchyIndex`): the dataset's hierarchy.
+        seed (`int`, defaults to 0): seed of the remainder's choice.
+    """
+    groups = index.patients_per_class()
+    largest = max(len(patients) for patients in groups.values())
+    rng = np.random.default_rng([seed, 0x6A1A])
+    balanced: list[str] = []
+    for patients in groups.values():
+        copies, remainder = divmod(largest, len(patients))
+        balanced.extend(patients * copies)
+        extra = sorted(rng.choice(len(patients), size=remainder, replace=False).tolist())
+        balanced.extend(patients[i] for i in extra)
+    return balanced
+
+
+def _choose(rng: np.random.Generator, count: int, needed: int, cycle: bool) -> np.ndarray:
+    """Pick ``needed`` positions out of ``count``: without replacement when possible; otherwise by cycling through
+    a random order (``cycle=True``, used for slides) or independently with replacement (patches)."""
+    if count >= needed:
+        return rng.choice(count, size=needed, replace=False)
+    if cycle:
+        return np.resize(rng.permutation(count), needed)
+    return rng.choice(count, size=needed, replace=True)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _views(
+    images: torch.Tensor,
+    num_views: int,
+    transform: Transform | None,
+    generator: torch.Generator,
+    patient: str,
+) -> torch.Tensor:
+    """``num_views`` transformed copies of each image ``[N, C, H, W]`` -> ``[N, V, C, h, w]``."""
+    if transform is None:
+        return images[:, None].expand(-1, num_views, -1, -1, -1).clone()
+    views = [transform(image, generator=generator) for image in images for _ in range(num_views)]
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"patient {patient!r}: the transform returned views of different shapes {sorted(shapes)}; "
+            "it must produce a fixed crop size"
+        )
+    return torch.stack(views).reshape(len(images), num_views, *views[0].shape)
+
+
+class HierarchicalPatchDataset(Dataset):
+    """Map-style dataset of patients: item ``i`` is the ``i``-th patient (of the class-balanced list if asked).
+
+    Args:
+        dataset (`datasets.Dataset`): a patch dataset in the :mod:`hlss_hf.schema` layout.
+        num_slides (`int`, defaults to 2): slides per patient ``S``.
+        num_patches (`int`, defaults to 2): patches per slide ``P``.
+        num_views (`int`, defaults to 2): augmented views per patch ``V``.
+        transform (`callable`, *optional*): ``transform(image [C, H, W] float, generator=torch.Generator)`` ->
+            fixed-size float image, e.g. :func:`hlss_hf.augmentation.build_augmentation`. It must draw its
+            randomness from the generator only. ``None`` keeps the converted image (then all patches must have
+            the same size) and repeats it ``V`` times.
+        seed (`int`, defaults to 0): base seed; sample ``i`` of epoch ``e`` depends on ``(seed, e, i)`` only.
+        balance_classes (`bool`, defaults to `False`): replicate the patients of smaller classes up to the size
+            of the largest class (see :func:`balanced_patient_list`).
+        index (`HierarchyIndex`, *optional*): a prebuilt index of ``dataset`` (built when omitted).
+
+    Items are dicts: ``pixel_values`` float ``[S, P, V, C, H, W]``, ``label`` int, ``patient_id`` str,
+    ``slide_ids`` list of ``S`` str (with repeats when the patient has fewer than ``S`` slides).
+
+    :meth:`set_epoch` changes the draws; the epoch lives in shared memory so that persistent DataLoader workers
+    see it too (call it before iterating the loader of that epoch).
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        num_slides: int = 2,
+        num_patches: int = 2,
+        num_views: int = 2,
+        transform: Transform | None = None,
+        seed: int = 0,
+        balance_classes: bool = False,
+        index: HierarchyIndex | None = None,
+    ):
+        _check_positive(num_slides=num_slides, num_patches=num_patches, num_views=num_views)
+        if not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if IMAGE not in dataset.column_names:
+            raise ValueError(f"dataset has no column {IMAGE!r}; it has {dataset.column_names}")
+        self.index = index if index is not None else HierarchyIndex.from_dataset(dataset)
+        self.modality = modality_of(dataset.features)
+        self.num_slides, self.num_patches, self.num_views = int(num_slides), int(num_patches), int(num_views)
+        self.transform = transform
+        self.seed = int(seed)
+        self.balance_classes = balance_classes
+        self.patients = (
+            balanced_patient_list(self.index, seed) if balance_classes else list(self.index.patient_ids)
+        )
+        # SRH arrays come out of numpy formatting as one (N, H, W, 2) block per patient, without Python lists.
+        images = dataset.select_columns([IMAGE])
+        self._images = images.with_format("numpy") if self.modality == "srh" else images
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.index.class_names
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of ``epoch`` (a non-negative integer) from now on.
+
+        Args:
+            epoch (`int`): the epoch number.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def sample_rows(
+        self, index: int, epoch: int | None = None
+    ) -> tuple[list[str], np.ndarray, np.random.Generator]:
+        """The slides and patch rows drawn for item ``index``: ``(slide_ids [S], rows [S, P], generator)``.
+
+        Args:
+            index (`int`): item index.
+            epoch (`int`, *optional*): the epoch (defaults to the current one).
+
+        Returns:
+            The slide ids, the dataset row of each drawn patch, and the numpy generator (positioned after the
+            draws; its next output seeds the augmentations).
+        """
+        epoch = self.epoch if epoch is None else epoch
+        patient = self.patients[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        slides = self.index.slides[patient]
+        chosen = [slides[j] for j in _choose(rng, len(slides), self.num_slides, cycle=True)]
+        rows = np.empty((self.num_slides, self.num_patches), dtype=np.int64)
+        for s, slide in enumerate(chosen):
+            candidates = self.index.rows[(patient, slide)]
+            rows[s] = candidates[_choose(rng, len(candidates), self.num_patches, cycle=False)]
+        return chosen, rows, rng
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"patient index {index} out of range for {len(self)} patients")
+        index = index % len(self)
+        patient = self.patients[index]
+        slide_ids, rows, rng = self.sample_rows(index)
+        # One read for all the patient's drawn rows; a patch drawn twice is read and converted once.
+        unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
+        images = self._read(unique.tolist(), patient)
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        if isinstance(images, torch.Tensor):
+            stacked = images[torch.from_numpy(inverse.reshape(-1))]
+        else:
+            stacked = [images[j] for j in inverse.reshape(-1).tolist()]
+            shapes = {tuple(p.shape) for p in stacked}
+            if self.transform is None and len(shapes) > 1:
+                raise ValueError(
+                    f"patient {patient!r}: patches of different sizes {sorted(shapes)} need a transform"
+                )
+        views = torch.stack(
+            [_views(p[None], self.num_views, self.transform, generator, patient)[0] for p in stacked]
+        )
+        pixel_values = views.reshape(self.num_slides, self.num_patches, *views.shape[1:])
+        return {
+            "pixel_values": pixel_values,
+            "label": self.index.labels[patient],
+            "patient_id": patient,
+            "slide_ids": slide_ids,
+        }
+
+    def _read(self, rows: list[int], patient: str) -> torch.Tensor | list[torch.Tensor]:
+        try:
+            column = self._images[rows][IMAGE]
+        except Exception as error:  # a corrupt shard or row: say whose rows failed
+            raise ValueError(f"patient {patient!r}: cannot read image rows {rows[:8]}...: {error}") from error
+        if isinstance(column, np.ndarray) and column.dtype != object:
+            # Fixed-size SRH block (N, H, W, 2): decode_image's per-row work is only a dtype check.
+            if column.ndim == 4 and column.shape[-1] == 2:
+                return to_float(column.astype(np.uint16, copy=False), self.modality)
+            return to_float(np.stack([decode_image(v) for v in column]), self.modality)
+        decoded = [decode_image(value) for value in column]
+        if len({d.shape for d in decoded}) == 1:
+            return to_float(np.stack(decoded), self.modality)
+        return to_float(decoded, self.modality)
+
+    def shard_patients(self, num_shards: int, index: int) -> Subset:
+        """The items of shard ``index`` out of ``num_shards`` (every ``num_shards``-th item, from ``index``).
+
+        Items keep their global index, so their content does not depend on the sharding. With accelerate,
+        ``accelerator.prepare(DataLoader(dataset, ...))`` already shards batches; use this for manual
+        multi-process or multi-node splits.
+
+        Args:
+            num_shards (`int`): number of shards (e.g. the world size).
+            index (`int`): this shard (e.g. the rank), in ``[0, num_shards)``.
+        """
+        _check_positive(num_shards=num_shards)
+        if not 0 <= index < num_shards:
+            raise ValueError(f"shard index must be in [0, {num_shards}), got {index}")
+        return Subset(self, list(range(index, len(self), num_shards)))
+
+
+def collate_hierarchical(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack patient samples into a batch.
+
+    Args:
+        batch (list of dict): items of :class:`HierarchicalPatchDataset` or :class:`HierarchicalStreamingDataset`.
+
+    Returns:
+        dict with ``pixel_values`` ``[B, S, P, V, C, H, W]``, ``labels`` LongTensor ``[B]``, ``patient_ids``
+        (list of B str) and ``slide_ids`` (list of B lists).
+    """
+    if len(batch) == 0:
+        raise ValueError("cannot collate an empty batch")
+    shapes = {tuple(item["pixel_values"].shape) for item in batch}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"samples have different shapes {sorted(shapes)}; patients: {[b['patient_id'] for b in batch]}"
+        )
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        "labels": torch.tensor([int(item["label"]) for item in batch], dtype=torch.long),
+        "patient_ids": [item["patient_id"] for item in batch],
+        "slide_ids": [list(item["slide_ids"]) for item in batch],
+    }
+
+
+class HierarchicalCollator:
+    """Callable form of :func:`collate_hierarchical` (for ``DataLoader(collate_fn=...)`` and Trainer-style code)."""
+
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return collate_hierarchical(batch)
+
+
+def _patient_hash(patient: str) -> int:
+    # crc32 is stable across processes and runs, unlike Python's salted hash().
+    return zlib.crc32(patient.encode("utf-8"))
+
+
+class HierarchicalStreamingDataset(IterableDataset):
+    """Patient samples from a streamed patch dataset (``load_dataset(..., streaming=True)``).
+
+    Semantics:
+
+    - Rows are read in stream order. Each patient belongs to exactly one consumer, the DataLoader worker of one
+      process chosen by ``crc32(patient_id) % (world_size * num_workers)``; every consumer reads the whole stream
+      and keeps only its patients' rows (images of other patients are not decoded).
+    - Kept rows are grouped by patient in a buffer of at most ``buffer_size`` patients. A patient is emitted as
+      one sample when ``patches_per_patient`` of its patches are buffered; when a new patient arrives and the
+      buffer is full, the oldest patient is emitted with what it has; at the end of the stream the rest are
+      emitted oldest first. Rows of an emitted patient that arrive later start a new group (a second sample of
+      that patient). A stream sorted by patient therefore gives one sample per patient (while patients have at
+      most ``patches_per_patient`` patches); a shuffled stream gives partial patients.
+    - Each sample is drawn from its group like :class:`HierarchicalPatchDataset` (slides without replacement,
+      cycling when too few; patches without replacement, with when too few; ``V`` views), with randomness from
+      ``(seed, epoch, patient_id, group number)``. Given the same stream and the same ``buffer_size`` /
+      ``patches_per_patient``, a patient's samples are identical for any number of workers or processes.
+    - Memory: at most ``buffer_size * patches_per_patient`` decoded patches per consumer.
+
+    Args:
+        dataset (`datasets.IterableDataset` or any iterable of row dicts): the streamed patch dataset.
+        num_slides (`int`, defaults to 2): slides per patient ``S``.
+        num_patches (`int`, defaults to 2): patches per slide ``P``.
+        num_views (`int`, defaults to 2): views per patch ``V``.
+        transform (`callable`, *optional*): as in :class:`HierarchicalPatchDataset`.
+        seed (`int`, defaults to 0): base seed.
+        buffer_size (`int`, defaults to 16): patients held at once per consumer.
+        patches_per_patient (`int`, defaults to 64): buffered patches that make a patient ready.
+        rank (`int`, *optional*), world_size (`int`, *optional*): this process and the process count; taken
+            from ``torch.distributed`` when it is initialised, else 0 and 1.
+        modality (`str`, *optional*): ``"srh"`` or ``"he"``; read from ``dataset.features`` when omitted.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        num_slides: int = 2,
+        num_patches: int = 2,
+        num_views: int = 2,
+        transform: Transform | None = None,
+        seed: int = 0,
+        buffer_size: int = 16,
+        patches_per_patient: int = 64,
+        rank: int | None = None,
+        world_size: int | None = None,
+        modality: str | None = None,
+    ):
+        _check_positive(
+            num_slides=num_slides,
+            num_patches=num_patches,
+            num_views=num_views,
+            buffer_size=buffer_size,
+            patches_per_patient=patches_per_patient,
+        )
+        if not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        features = getattr(dataset, "features", None)
+        if modality is None:
+            if features is None:
+                raise ValueError("the stream has no features; pass modality='srh' or 'he'")
+            modality = modality_of(features)
+        if modality not in ("srh", "he"):
+            raise ValueError(f"modality must be 'srh' or 'he', got {modality!r}")
+        self.modality = modality
+        self.class_names = (
+            list(features[LABEL].names)
+            if features and isinstance(features.get(LABEL), datasets.ClassLabel)
+            else None
+        )
+        # Undecoded images: rows of other consumers' patients then cost no PNG decoding.
+        image_feature = features.get(IMAGE) if features is not None else None
+        if isinstance(image_feature, datasets.Image) and hasattr(dataset, "decode"):
+            dataset = dataset.decode(False)
+        elif modality == "srh" and isinstance(dataset, datasets.IterableDataset):
+            # numpy formatting yields each Array3D as one array instead of nested Python lists (much faster).
+            dataset = dataset.with_format("numpy")
+        self.dataset = dataset
+        self.num_slides, self.num_patches, self.num_views = int(num_slides), int(num_patches), int(num_views)
+        self.transform = transform
+        self.seed = int(seed)
+        self.buffer_size = int(buffer_size)
+        self.patches_per_patient = int(patches_per_patient)
+        self.rank, self.world_size = rank, world_size
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of ``epoch``; forwarded to the stream (``datasets`` reshuffles shards by epoch).
+
+        Args:
+            epoch (`int`): the epoch number.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(epoch))
+
+    def _consumer(self) -> tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank = torch.distributed.get_rank() if rank is None else rank
+                world = torch.distributed.get_world_size() if world is None else world
+            else:
+                rank, world = rank or 0, world or 1
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world_size={world}), got {rank}")
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * workers + worker, world * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        consumer, consumers = self._consumer()
+        epoch = self.epoch
+        # patient -> (label, {slide: [raw images]}); insertion order = age in the buffer.
+        buffer: OrderedDict[str, tuple[int, dict[str, list]]] = OrderedDict()
+        counts: dict[str, int] = {}
+        groups_emitted: dict[str, int] = {}
+
+        def emit(patient: str) -> dict[str, Any]:
+            label, slides = buffer.pop(patient)
+            counts.pop(patient)
+            group = groups_emitted.get(patient, 0)
+            groups_emitted[patient] = group + 1
+            return self._sample(patient, label, slides, epoch, group)
+
+        for position, row in enumerate(self.dataset):
+            try:
+                patient, slide = str(row[PATIENT_ID]), str(row[SLIDE_ID])
+                label, image = int(row[LABEL]), row[IMAGE]
+            except KeyError as error:
+                raise ValueError(f"stream row {position} has no column {error.args[0]!r}") from None
+            if _patient_hash(patient) % consumers != consumer:
+                continue
+            if patient not in buffer:
+                if len(buffer) >= self.buffer_size:
+                    yield emit(next(iter(buffer)))
+                buffer[patient] = (label, {})
+                counts[patient] = 0
+            elif buffer[patient][0] != label:
+                raise ValueError(
+                    f"patient {patient!r} has rows with different labels {buffer[patient][0]} and {label}"
+                )
+            buffer[patient][1].setdefault(slide, []).append(image)
+            counts[patient] += 1
+            if counts[patient] >= self.patches_per_patient:
+                yield emit(patient)
+        while buffer:
+            yield emit(next(iter(buffer)))
+
+    def _sample(
+        self, patient: str, label: int, slides: dict[str, list], epoch: int, group: int
+    ) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, epoch, _patient_hash(patient), group])
+        slide_ids = list(slides)
+        chosen = [slide_ids[j] for j in _choose(rng, len(slide_ids), self.num_slides, cycle=True)]
+        raw = []
+        for slide in chosen:
+            images = slides[slide]
+            raw.extend(images[j] for j in _choose(rng, len(images), self.num_patches, cycle=False))
+        decoded = [decode_image(value) for value in raw]
+        converted = to_float(decoded, self.modality)
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        views = torch.stack(
+            [
+                _views(image[None], self.num_views, self.transform, generator, patient)[0]
+                for image in converted
+            ]
+        )
+        return {
+            "pixel_values": views.reshape(self.num_slides, self.num_patches, *views.shape[1:]),
+            "label": label,
+            "patient_id": patient,
+            "slide_ids": chosen,
+        }
