@@ -1,0 +1,864 @@
+"""Frozen-embedding evaluation as in the HLSS paper (DESIGN 1.6): kNN, linear probe and zero-shot.
+
+Every patch of a split is embedded once with the frozen image tower (:func:`extract_embeddings`, cached on disk).
+Patch class scores come from a weighted kNN vote (:func:`knn_predict`), a logistic-regression probe
+(:func:`train_linear_probe`) or the text tower (:func:`zero_shot_scores`). Patch scores are summed per slide and
+per patient (:func:`aggregate_scores`), and accuracy, top-2, top-3, mean class accuracy (macro recall) and mean
+average precision (macro one-vs-rest AP) are reported at each level (:func:`hierarchical_metrics`).
+
+Example:
+
+```python
+from datasets import load_dataset
+from transformers import AutoModel
+import hlss_hf
+from hlss_hf.evaluation import extract_embeddings, knn_evaluate
+
+model = AutoModel.from_pretrained("out/hlss")
+data = load_dataset("out/opensrh")
+train = extract_embeddings(model, data["train"], cache_dir="out/cache")
+val = extract_embeddings(model, data["validation"], cache_dir="out/cache")
+metrics = knn_evaluate(train, val, k=200, temperature=0.07)   # {"patch/acc": ..., "slide/acc": ..., ...}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
+METRIC_NAMES: tuple[str, ...] = ("acc", "top2", "top3", "mca", "map")
+# Bumped whenever the cached file's content or the extraction changes, so stale caches are never reused.
+_CACHE_VERSION = 1
+# Elements of one similarity block in knn_predict (float32: 128 MiB); bounds memory whatever the bank size.
+DEFAULT_MAX_BLOCK_ELEMENTS = 2**25
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedding sets
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingSet:
+    """Frozen embeddings of one dataset split, with the labels and the hierarchy of every patch.
+
+    Args:
+        embeddings (`torch.FloatTensor` of shape `[N, D]`): L2-normalised float32 embeddings.
+        labels (`torch.LongTensor` of shape `[N]`): class index of each patch.
+        slide_ids (`list[str]`, *optional*): slide of each patch; `None` when the dataset has no slide column.
+        patient_ids (`list[str]`, *optional*): patient of each patch; `None` when the dataset has none.
+        class_names (`list[str]`): class names in label-index order.
+    """
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    slide_ids: list[str] | None
+    patient_ids: list[str] | None
+    class_names: list[str]
+
+    def __post_init__(self):
+        self.embeddings = torch.as_tensor(self.embeddings, dtype=torch.float32)
+        self.labels = torch.as_tensor(self.labels, dtype=torch.long)
+        self.class_names = [str(name) for name in self.class_names]
+        if self.embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be [N, D], got shape {tuple(self.embeddings.shape)}")
+        n = self.embeddings.shape[0]
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels must be [{n}], got shape {tuple(self.labels.shape)}")
+        for name in ("slide_ids", "patient_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                ids = [str(i) for i in ids]
+                setattr(self, name, ids)
+                if len(ids) != n:
+                    raise ValueError(f"{name} has {len(ids)} entries for {n} embeddings")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            bad = sorted({int(v) for v in self.labels if v < 0 or v >= len(self.class_names)})
+            raise ValueError(
+                f"labels {bad} are outside the {len(self.class_names)} classes {self.class_names}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the set to `path` (a torch file), atomically: a temporary file moved into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "version": _CACHE_VERSION,
+            "embeddings": self.embeddings.contiguous(),
+            "labels": self.labels.contiguous(),
+            "slide_ids": self.slide_ids,
+            "patient_ids": self.patient_ids,
+            "class_names": self.class_names,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EmbeddingSet:
+        """Read a set written by :meth:`save`."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("version") != _CACHE_VERSION:
+            raise ValueError(f"{path}: embedding file version {payload.get('version')} != {_CACHE_VERSION}")
+        return cls(
+            embeddings=payload["embeddings"],
+            labels=payload["labels"],
+            slide_ids=payload["slide_ids"],
+            patient_ids=payload["patient_ids"],
+            class_names=payload["class_names"],
+        )
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of a model's class, configuration and every state-dict tensor (names, dtypes, shapes and bytes).
+
+    Args:
+        model (`torch.nn.Module`): the model; a `config` attribute with `to_dict()` is included when present.
+
+    Returns:
+        `str`: a hex sha256 digest; equal for models whose forward passes are equal.
+    """
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        # The load path and the library version do not change the forward pass.
+        values = {
+            k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
+        }
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _processor_fingerprint(processor: Any) -> str:
+    if processor is None:
+        return "default"
+    to_dict = getattr(processor, "to_dict", None)
+    if callable(to_dict):
+        try:
+            return json.dumps(to_dict(), sort_keys=True, default=str)
+        except Exception:  # noqa: BLE001 - some processors refuse to_dict; fall back to the repr below
+            pass
+    return repr(processor)
+
+
+def _default_transform(modality: str, image_size: int | None):
+    """Convert decoded patches to `[3, H, W]` floats and centre-crop them to the model's image size."""
+    from hlss_hf.processing_hlss import he_to_float, srh_to_float
+
+    convert = srh_to_float if modality == "srh" else he_to_float
+
+    def transform(images: list[np.ndarray]) -> torch.Tensor:
+        tensors = []
+        for image in images:
+            tensor = convert(image)
+            if image_size is not None:
+                height, width = tensor.shape[-2:]
+                if height >= image_size and width >= image_size:
+                    top, left = (height - image_size) // 2, (width - image_size) // 2
+                    tensor = tensor[..., top : top + image_size, left : left + image_size]
+                else:
+                    tensor = F.interpolate(
+                        tensor[None], size=(image_size, image_size), mode="bilinear", align_corners=False
+                    )[0]
+            tensors.append(tensor)
+        return torch.stack(tensors)
+
+    return transform
+
+
+def _image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    out = model.get_image_features(pixel_values=pixel_values)
+    if not isinstance(out, torch.Tensor):
+        # Plain transformers towers may return a ModelOutput; take the pooled embedding.
+        embeds = getattr(out, "image_embeds", None)
+        out = embeds if embeds is not None else getattr(out, "pooler_output", None)
+        if out is None:
+            raise TypeError("get_image_features returned neither a tensor nor an output with image_embeds")
+    return out
+
+
+def _column(dataset, name: str) -> list:
+    return list(dataset.select_columns([name]).with_format(None)[name])
+
+
+def extract_embeddings(
+    model: nn.Module,
+    dataset,
+    processor: Any = None,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> EmbeddingSet:
+    """Embed every patch of one dataset split with the frozen image tower.
+
+    Images are decoded with :func:`hlss_hf.schema.decode_image` and converted by `processor` (called as
+    `processor(images=[...], return_tensors="pt")`), or, without one, by `he_to_float` / `srh_to_float` and a
+    centre crop to `model.config.image_size`. On CUDA the forward runs under bf16 autocast. With `cache_dir`, the
+    result is stored under a key made of the model's fingerprint (:func:`model_fingerprint`), the dataset's
+    `_fingerprint` and split, and the processor's settings, so a rerun loads it without a forward pass.
+
+    Args:
+        model (`nn.Module`): anything with `get_image_features(pixel_values) -> [N, D]` (e.g. `HLSSModel`).
+        dataset (`datasets.Dataset`): one split with `image` and a `ClassLabel` `label`; `slide_id` and
+            `patient_id` are optional (without them only patch-level metrics can be computed; a warning says so).
+        processor (*optional*): an image processor such as `HLSSImageProcessor`; `None` for the default above.
+        batch_size (`int`, defaults to 64): images per forward pass.
+        cache_dir (`str`, *optional*): folder for cached embeddings; `None` disables caching.
+        device (`str` or `torch.device`, *optional*): where to run; the model is moved there. Defaults to the
+            device of the model's parameters.
+        progress (`bool`, defaults to `True`): show a tqdm progress bar.
+
+    Returns:
+        :class:`EmbeddingSet` with float32 L2-normalised embeddings.
+
+    Raises:
+        ValueError: for an empty split, a missing `image` / `label` column or a `label` that is not a ClassLabel.
+    """
+    import datasets
+
+    from hlss_hf.schema import decode_image, modality_of
+
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(f"pass one split of the DatasetDict (one of {list(dataset)}), not the whole dict")
+    split = str(dataset.split) if getattr(dataset, "split", None) is not None else "unknown"
+    features = dataset.features
+    for column in ("image", "label"):
+        if column not in features:
+            raise ValueError(f"dataset split {split!r} has no {column!r} column; it has {list(features)}")
+    if not isinstance(features["label"], datasets.ClassLabel):
+        raise ValueError(f"column 'label' of split {split!r} must be a ClassLabel, got {features['label']!r}")
+    if len(dataset) == 0:
+        raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    class_names = list(features["label"].names)
+    hierarchy = {name: name in features for name in ("slide_id", "patient_id")}
+    if not all(hierarchy.values()):
+        missing = [name for name, present in hierarchy.items() if not present]
+        warnings.warn(
+            f"dataset split {split!r} has no {missing} column(s): only patch-level metrics will be computed",
+            stacklevel=2,
+        )
+
+    if device is not None:
+        model = model.to(device)
+    param = next(model.parameters(), None)
+    device = (
+        torch.device(device)
+        if device is not None
+        else (param.device if param is not None else torch.device("cpu"))
+    )
+
+    cache_path = None
+    if cache_dir is not None:
+        dataset_fp = getattr(dataset, "_fingerprint", None)
+        if dataset_fp is None:
+            warnings.warn("dataset has no _fingerprint: embeddings are not cached", stacklevel=2)
+        else:
+            key = hashlib.sha256(
+                json.dumps(
+                    [
+                        _CACHE_VERSION,
+                        model_fingerprint(model),
+                        dataset_fp,
+                        split,
+                        _processor_fingerprint(processor),
+                        device.type,
+                    ],
+                ).encode()
+            ).hexdigest()[:24]
+            cache_path = Path(cache_dir) / f"embeddings-{split}-{key}.pt"
+            if cache_path.exists():
+                logger.info("Loading cached embeddings from %s", cache_path)
+                return EmbeddingSet.load(cache_path)
+
+    if processor is not None:
+
+        def transform(images):
+            return processor(images=images, return_tensors="pt")["pixel_values"]
+    else:
+        config = getattr(model, "config", None)
+        image_size = getattr(config, "image_size", None)
+        transform = _default_transform(modality_of(features), image_size)
+
+    images = dataset.select_columns(["image"]).with_format("numpy")
+    chunks = []
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context()
+    try:
+        with (
+            torch.inference_mode(),
+            autocast,
+            tqdm(total=len(dataset), desc=f"embedding {split}", unit="img", disable=not progress) as bar,
+        ):
+            for start in range(0, len(dataset), batch_size):
+                batch = images[start : start + batch_size]["image"]
+                pixel_values = transform([decode_image(value) for value in batch]).to(device)
+                embeds = _image_features(model, pixel_values)
+                chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+
+    result = EmbeddingSet(
+        embeddings=torch.cat(chunks),
+        labels=torch.tensor(_column(dataset, "label"), dtype=torch.long),
+        slide_ids=_column(dataset, "slide_id") if hierarchy["slide_id"] else None,
+        patient_ids=_column(dataset, "patient_id") if hierarchy["patient_id"] else None,
+        class_names=class_names,
+    )
+    if cache_path is not None:
+        result.save(cache_path)
+    return result
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kNN
+# --------------------------------------------------------------------------------------------------------------
+
+
+def knn_predict(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Weighted kNN class scores: each of the `k` most similar bank entries votes `exp(sim / temperature)`.
+
+    Similarity is the dot product, i.e. cosine on L2-normalised embeddings. Queries are processed `chunk_size`
+    at a time and, when `chunk_size * len(bank)` exceeds `max_block_elements`, the bank is scanned in blocks
+    with a running top-k merge, so the extra memory is bounded by about `2 * max_block_elements` floats
+    (128 MiB per block by default) whatever the sizes.
+
+    Args:
+        query (`torch.FloatTensor` of shape `[Q, D]`): normalised query embeddings.
+        bank (`torch.FloatTensor` of shape `[M, D]`): normalised reference embeddings.
+        bank_labels (`torch.LongTensor` of shape `[M]`): class of each bank entry, in `[0, num_classes)`.
+        num_classes (`int`): number of classes `C`.
+        k (`int`, defaults to 200): neighbours per query; must be in `[1, M]` (no silent clamping here).
+        temperature (`float`, defaults to 0.07): vote temperature.
+        chunk_size (`int`, defaults to 1024): queries per block.
+        max_block_elements (`int`, defaults to `2**25`): largest similarity block `[queries, bank entries]`.
+
+    Returns:
+        `torch.FloatTensor` of shape `[Q, C]`: summed votes per class.
+
+    Raises:
+        ValueError: for `k` outside `[1, M]`, mismatched dimensions, labels outside the classes, or a
+            non-positive temperature / chunk size.
+    """
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"query [Q, D] and bank [M, D] must share D; got {tuple(query.shape)}, {tuple(bank.shape)}"
+        )
+    num_bank = bank.shape[0]
+    if bank_labels.shape != (num_bank,):
+        raise ValueError(f"bank_labels must be [{num_bank}], got {tuple(bank_labels.shape)}")
+    if not 1 <= k <= num_bank:
+        raise ValueError(f"k={k} must be between 1 and the bank size ({num_bank} embeddings)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1 or max_block_elements < 1:
+        raise ValueError(
+            f"chunk_size and max_block_elements must be >= 1, got {chunk_size}, {max_block_elements}"
+        )
+    bank_labels = bank_labels.to(device=bank.device, dtype=torch.long)
+    if num_bank and (bank_labels.min() < 0 or bank_labels.max() >= num_classes):
+        raise ValueError(
+            f"bank_labels must lie in [0, {num_classes}), got [{bank_labels.min()}, {bank_labels.max()}]"
+        )
+    query = query.to(device=bank.device, dtype=bank.dtype)
+
+    query_chunk = min(chunk_size, max(1, query.shape[0]))
+    # Bank block: as large as the element budget allows, but never smaller than k (the merge keeps k per query).
+    bank_chunk = max(k, max_block_elements // query_chunk)
+    scores = torch.zeros(query.shape[0], num_classes, dtype=torch.float32, device=bank.device)
+    for q_start in range(0, query.shape[0], query_chunk):
+        q = query[q_start : q_start + query_chunk]
+        top_sim = top_idx = None
+        for b_start in range(0, num_bank, bank_chunk):
+            sim = q @ bank[b_start : b_start + bank_chunk].T  # [q, b]
+            block_sim, block_idx = sim.topk(min(k, sim.shape[1]), dim=1)
+            block_idx += b_start
+            del sim
+            if top_sim is None:
+                top_sim, top_idx = block_sim, block_idx
+            else:
+                # Running merge: keep the k best of the previous best and this block's best.
+                merged_sim = torch.cat([top_sim, block_sim], dim=1)
+                merged_idx = torch.cat([top_idx, block_idx], dim=1)
+                top_sim, order = merged_sim.topk(min(k, merged_sim.shape[1]), dim=1)
+                top_idx = merged_idx.gather(1, order)
+        weights = (top_sim.float() / temperature).exp()  # [q, k]
+        scores[q_start : q_start + q.shape[0]].scatter_add_(1, bank_labels[top_idx], weights)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Aggregation and metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+def aggregate_scores(
+    scores: torch.Tensor,
+    group_ids: Sequence[str],
+    labels: torch.Tensor | Sequence[int] | None = None,
+    return_groups: bool = False,
+):
+    """Sum patch scores per group (slide or patient).
+
+    Groups are ordered by first appearance. A group whose patches disagree on the label is an error.
+
+    Args:
+        scores (`torch.FloatTensor` of shape `[N, C]`): patch class scores.
+        group_ids (`Sequence[str]` of length `N`): group of each patch.
+        labels (`torch.LongTensor` of shape `[N]`, *optional*): patch labels; gives the group labels.
+        return_groups (`bool`, defaults to `False`): also return the group ids in row order.
+
+    Returns:
+        `(group_scores [G, C], group_labels [G] or None)`, plus `groups: list[str]` when `return_groups`.
+
+    Raises:
+        ValueError: when lengths differ or a group holds patches of several classes (the group is named).
+    """
+    scores = torch.as_tensor(scores)
+    group_ids = [str(g) for g in group_ids]
+    if scores.ndim != 2 or len(group_ids) != scores.shape[0]:
+        raise ValueError(
+            f"need scores [N, C] and N group ids; got {tuple(scores.shape)} and {len(group_ids)} ids"
+        )
+    index_of: dict[str, int] = {}
+    index = torch.tensor([index_of.setdefault(g, len(index_of)) for g in group_ids], dtype=torch.long)
+    groups = list(index_of)
+    group_scores = torch.zeros(len(groups), scores.shape[1], dtype=scores.dtype, device=scores.device)
+    group_scores.index_add_(0, index.to(scores.device), scores)
+    group_labels = None
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+        if labels.shape != (len(group_ids),):
+            raise ValueError(f"labels must be [{len(group_ids)}], got {tuple(labels.shape)}")
+        group_labels = torch.full((len(groups),), -1, dtype=torch.long)
+        group_labels[index] = labels
+        # Every patch's label must equal its group's (scatter keeps one of them; compare back).
+        bad = (group_labels[index] != labels).nonzero().flatten()
+        if len(bad):
+            group = group_ids[int(bad[0])]
+            found = sorted({int(v) for v in labels[index == index_of[group]]})
+            raise ValueError(f"group {group!r} has patches with different labels {found}")
+    if return_groups:
+        return group_scores, group_labels, groups
+    return group_scores, group_labels
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Average precision of one class, as scikit-learn's `average_precision_score` (ties share a threshold).
+
+    Args:
+        scores (`torch.Tensor` of shape `[N]`): class scores.
+        targets (`torch.Tensor` of shape `[N]`): 1 for positives, 0 otherwise.
+
+    Returns:
+        `float`: `sum_n (R_n - R_{n-1}) P_n` over distinct thresholds; NaN when there is no positive.
+    """
+    scores = scores.double().cpu()
+    targets = targets.double().cpu()
+    num_pos = targets.sum()
+    if num_pos == 0:
+        return float("nan")
+    order = torch.argsort(scores, descending=True, stable=True)
+    scores, targets = scores[order], targets[order]
+    tp = targets.cumsum(0)
+    fp = (1 - targets).cumsum(0)
+    # Last index of each run of equal scores: the points of the precision-recall curve.
+    last = torch.ones_like(scores, dtype=torch.bool)
+    last[:-1] = scores[1:] != scores[:-1]
+    tp, fp = tp[last], fp[last]
+    precision = tp / (tp + fp)
+    recall = tp / num_pos
+    recall_step = torch.diff(recall, prepend=torch.zeros(1, dtype=recall.dtype))
+    return float((recall_step * precision).sum())
+
+
+def confusion_matrix(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts `[C, C]`: row = true class, column = predicted class (argmax of `scores`)."""
+    predictions = torch.as_tensor(scores).argmax(dim=1).cpu()
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    flat = labels * num_classes + predictions
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy, top-2, top-3, mean class accuracy and mean average precision from class scores.
+
+    Top-k with `k >= num_classes` is 1.0. Mean class accuracy (macro recall, scikit-learn's
+    `balanced_accuracy_score`) and mean average precision (macro one-vs-rest AP) average over the classes present
+    in `labels`.
+
+    Args:
+        scores (`torch.FloatTensor` of shape `[N, C]`): class scores (higher is more likely).
+        labels (`torch.LongTensor` of shape `[N]`): true classes.
+        num_classes (`int`): `C`.
+
+    Returns:
+        `dict` with keys `acc`, `top2`, `top3`, `mca`, `map` (floats in [0, 1]).
+    """
+    scores = torch.as_tensor(scores).float().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if scores.ndim != 2 or scores.shape != (labels.shape[0], num_classes):
+        raise ValueError(
+            f"scores must be [N, {num_classes}] for {labels.shape[0]} labels, got {tuple(scores.shape)}"
+        )
+    if labels.numel() == 0:
+        raise ValueError("cannot compute metrics on zero samples")
+    result: dict[str, float] = {}
+    ranking = torch.argsort(scores, dim=1, descending=True, stable=True)
+    for k, name in ((1, "acc"), (2, "top2"), (3, "top3")):
+        hits = (ranking[:, : min(k, num_classes)] == labels[:, None]).any(dim=1)
+        result[name] = float(hits.double().mean())
+    present = torch.unique(labels)
+    matrix = confusion_matrix(scores, labels, num_classes).double()
+    recall = matrix.diag()[present] / matrix.sum(dim=1)[present]
+    result["mca"] = float(recall.mean())
+    result["map"] = float(np.mean([average_precision(scores[:, c], labels == c) for c in present.tolist()]))
+    return result
+
+
+def _levels(scores, labels, slide_ids, patient_ids):
+    """Yield `(level, scores, labels)` for the patch level and each level whose ids are given."""
+    yield "patch", scores, labels
+    for level, ids in (("slide", slide_ids), ("patient", patient_ids)):
+        if ids is not None:
+            group_scores, group_labels = aggregate_scores(scores, ids, labels)
+            yield level, group_scores, group_labels
+
+
+def hierarchical_metrics(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    slide_ids: Sequence[str] | None,
+    patient_ids: Sequence[str] | None,
+    num_classes: int,
+) -> dict[str, float]:
+    """Metrics at patch, slide and patient level, slide / patient scores being summed patch scores.
+
+    Args:
+        scores (`torch.FloatTensor` of shape `[N, C]`): patch class scores.
+        labels (`torch.LongTensor` of shape `[N]`): patch classes.
+        slide_ids (`Sequence[str]`, *optional*): slide of each patch; `None` skips the slide level.
+        patient_ids (`Sequence[str]`, *optional*): patient of each patch; `None` skips the patient level.
+        num_classes (`int`): `C`.
+
+    Returns:
+        `dict[str, float]` with keys `"{level}/{metric}"`, level in patch / slide / patient and metric in
+        acc / top2 / top3 / mca / map, e.g. `"patch/acc"`, `"slide/map"`.
+    """
+    scores = torch.as_tensor(scores).float().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    result = {}
+    for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids):
+        for name, value in classification_metrics(level_scores, level_labels, num_classes).items():
+            result[f"{level}/{name}"] = value
+    return result
+
+
+def hierarchical_confusion_matrices(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    slide_ids: Sequence[str] | None,
+    patient_ids: Sequence[str] | None,
+    num_classes: int,
+) -> dict[str, torch.Tensor]:
+    """Confusion matrices `[C, C]` (rows true, columns predicted) per level, as :func:`hierarchical_metrics`."""
+    scores = torch.as_tensor(scores).float().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    return {
+        level: confusion_matrix(level_scores, level_labels, num_classes)
+        for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids)
+    }
+
+
+def _check_compatible(train: EmbeddingSet, val: EmbeddingSet) -> None:
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"empty embedding set: train has {len(train)}, evaluation has {len(val)} embeddings")
+    if train.class_names != val.class_names:
+        unknown = [name for name in val.class_names if name not in train.class_names]
+        detail = f"; unknown to train: {unknown}" if unknown else ""
+        raise ValueError(
+            f"class names differ between train {train.class_names} and evaluation {val.class_names}{detail}"
+        )
+    if train.embeddings.shape[1] != val.embeddings.shape[1]:
+        raise ValueError(
+            f"embedding sizes differ: train {train.embeddings.shape[1]}, eval {val.embeddings.shape[1]}"
+        )
+
+
+def knn_scores(
+    train: EmbeddingSet, val: EmbeddingSet, k: int = 200, temperature: float = 0.07, chunk_size: int = 1024
+) -> torch.Tensor:
+    """kNN patch scores `[len(val), C]` of `val` against the bank `train`.
+
+    When `k` exceeds the bank size it is clamped to the bank size with a warning (documented fallback: small
+    demo datasets have fewer than 200 training patches); :func:`knn_predict` itself refuses such a `k`.
+    """
+    _check_compatible(train, val)
+    if k > len(train):
+        warnings.warn(
+            f"k={k} is larger than the training bank ({len(train)} patches); using k={len(train)}",
+            stacklevel=2,
+        )
+        k = len(train)
+    return knn_predict(
+        val.embeddings,
+        train.embeddings,
+        train.labels,
+        train.num_classes,
+        k=k,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+
+
+def knn_evaluate(
+    train: EmbeddingSet, val: EmbeddingSet, k: int = 200, temperature: float = 0.07, chunk_size: int = 1024
+) -> dict[str, float]:
+    """kNN evaluation (DESIGN 1.6): :func:`knn_scores` then :func:`hierarchical_metrics` on `val`.
+
+    Args:
+        train (:class:`EmbeddingSet`): the bank (training split).
+        val (:class:`EmbeddingSet`): the evaluated split.
+        k (`int`, defaults to 200): neighbours; clamped with a warning to the bank size when larger.
+        temperature (`float`, defaults to 0.07): vote temperature.
+        chunk_size (`int`, defaults to 1024): queries per block.
+
+    Returns:
+        `dict[str, float]` with keys such as `"patch/acc"`, `"slide/acc"`, `"patient/acc"`, `"patch/top2"`,
+        `"patch/mca"`, `"patch/map"` (slide / patient keys only when `val` has those ids).
+    """
+    scores = knn_scores(train, val, k=k, temperature=temperature, chunk_size=chunk_size)
+    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linear probe
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_linear_probe(
+    train: EmbeddingSet, weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0
+) -> nn.Linear:
+    """Multinomial logistic regression on frozen embeddings, full batch with L-BFGS.
+
+    Args:
+        train (:class:`EmbeddingSet`): training embeddings and labels.
+        weight_decay (`float`, defaults to 1e-4): L2 penalty on the weights (`weight_decay * ||W||^2 / 2`).
+        max_iter (`int`, defaults to 200): L-BFGS iterations.
+        seed (`int`, defaults to 0): seed of the initialisation.
+
+    Returns:
+        `nn.Linear(D, C)` on the CPU, in eval mode.
+    """
+    if len(train) == 0:
+        raise ValueError("cannot train a linear probe on an empty embedding set")
+    if weight_decay < 0 or max_iter < 1:
+        raise ValueError(f"need weight_decay >= 0 and max_iter >= 1, got {weight_decay}, {max_iter}")
+    generator = torch.Generator().manual_seed(seed)
+    x, y = train.embeddings.float(), train.labels
+    probe = nn.Linear(x.shape[1], train.num_classes)
+    with torch.no_grad():
+        probe.weight.normal_(0, 0.01, generator=generator)
+        probe.bias.zero_()
+    optimizer = torch.optim.LBFGS(
+        probe.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + 0.5 * weight_decay * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return probe.eval()
+
+
+def linear_probe_evaluate(
+    train: EmbeddingSet, val: EmbeddingSet, weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Train :func:`train_linear_probe` on `train`; softmax probabilities on `val` give hierarchical metrics.
+
+    Returns:
+        `(metrics, scores)`: the :func:`hierarchical_metrics` dict and the `[len(val), C]` probabilities.
+    """
+    _check_compatible(train, val)
+    probe = train_linear_probe(train, weight_decay=weight_decay, max_iter=max_iter, seed=seed)
+    with torch.no_grad():
+        scores = probe(val.embeddings.float()).softmax(dim=-1)
+    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes), scores
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Zero-shot
+# --------------------------------------------------------------------------------------------------------------
+
+
+def class_text_embeddings(
+    model: nn.Module,
+    tokenizer: Any,
+    class_prompts: Mapping[str, Sequence[str]],
+    class_names: Sequence[str],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """One text embedding per class: `normalize(mean_k normalize(text(prompt_k)))` (prompt ensembling).
+
+    Args:
+        model (`nn.Module`): a model with a text tower (`get_text_features(input_ids, attention_mask)`).
+        tokenizer: the text tower's tokenizer.
+        class_prompts (`Mapping[str, Sequence[str]]`): class name -> prompts; must cover exactly `class_names`.
+        class_names (`Sequence[str]`): class order of the result.
+        batch_size (`int`, defaults to 64): prompts per forward pass.
+
+    Returns:
+        `torch.FloatTensor` of shape `[C, D]`, L2-normalised.
+
+    Raises:
+        ValueError: when the model has no text tower, a class has no prompt, or a prompt names an unknown class.
+    """
+    if getattr(model, "text_model", "missing") is None or not callable(
+        getattr(model, "get_text_features", None)
+    ):
+        raise ValueError(f"{type(model).__name__} has no text tower: zero-shot classification needs one")
+    if tokenizer is None:
+        raise ValueError("zero-shot classification needs the text tower's tokenizer, got None")
+    unknown = [name for name in class_prompts if name not in class_names]
+    if unknown:
+        raise ValueError(f"prompts given for unknown classes {unknown}; the classes are {list(class_names)}")
+    missing = [name for name in class_names if not class_prompts.get(name)]
+    if missing:
+        raise ValueError(f"no prompt for classes {missing}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for name in class_names:
+                prompts = [str(p) for p in class_prompts[name]]
+                embeds = []
+                for start in range(0, len(prompts), batch_size):
+                    tokens = tokenizer(
+                        prompts[start : start + batch_size],
+                        padding=True,
+                        truncation=True,
+                        return_tensors="pt",
+                    )
+                    out = model.get_text_features(
+                        input_ids=tokens["input_ids"].to(device),
+                        attention_mask=tokens["attention_mask"].to(device),
+                    )
+                    if not isinstance(out, torch.Tensor):
+                        embeds = getattr(out, "text_embeds", None)
+                        out = embeds if embeds is not None else out.pooler_output
+                    embeds.append(F.normalize(out.float(), dim=-1))
+                rows.append(F.normalize(torch.cat(embeds).mean(dim=0), dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.stack(rows)
+
+
+def zero_shot_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    embeddings: EmbeddingSet | torch.Tensor,
+    class_prompts: Mapping[str, Sequence[str]],
+    class_names: Sequence[str] | None = None,
+    temperature: float = 0.01,
+) -> torch.Tensor:
+    """Zero-shot class probabilities: softmax over classes of `cos(image, class text) / temperature`.
+
+    Args:
+        model (`nn.Module`): a model with a text tower whose output space is the image embeddings' space.
+        tokenizer: the text tower's tokenizer.
+        embeddings (:class:`EmbeddingSet` or `torch.FloatTensor [N, D]`): normalised image embeddings.
+        class_prompts (`Mapping[str, Sequence[str]]`): class name -> prompts (ensembled per class).
+        class_names (`Sequence[str]`, *optional*): class order; defaults to the set's class names, else the
+            order of `class_prompts`.
+        temperature (`float`, defaults to 0.01): softmax temperature (CLIP's logit scale of 100).
+
+    Returns:
+        `torch.FloatTensor` of shape `[N, C]`: class probabilities.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(embeddings, EmbeddingSet):
+        class_names = class_names if class_names is not None else embeddings.class_names
+        embeddings = embeddings.embeddings
+    class_names = list(class_names) if class_names is not None else list(class_prompts)
+    text = class_text_embeddings(model, tokenizer, class_prompts, class_names)
+    if text.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"text embeddings have size {text.shape[1]}, image embeddings {embeddings.shape[1]}")
+    logits = F.normalize(embeddings.float(), dim=-1) @ text.T
+    return (logits / temperature).softmax(dim=-1)
+
+
+def zero_shot_evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    val: EmbeddingSet,
+    class_prompts: Mapping[str, Sequence[str]],
+    temperature: float = 0.01,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`zero_shot_scores` on `val`, then :func:`hierarchical_metrics`. Returns `(metrics, scores)`."""
+    if len(val) == 0:
+        raise ValueError("cannot evaluate an empty embedding set")
+    scores = zero_shot_scores(model, tokenizer, val, class_prompts, temperature=temperature)
+    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes), scores
