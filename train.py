@@ -1,0 +1,817 @@
+#!/usr/bin/env python
+"""HLSS pretraining with Accelerate: hierarchical visual contrastive + language-tied alignment losses.
+
+    python train.py                                              # the demo: tiny towers, synthetic data, CPU
+    python train.py --config configs/opensrh_hlss.yaml --data.dataset /data/opensrh-hf
+    accelerate launch --multi_gpu --num_processes 8 train.py --config configs/opensrh_hlss.yaml
+    python train.py --config configs/demo.yaml --training.lr 1e-4 --training.max_steps 50
+    python train.py --config configs/demo.yaml --resume_from_checkpoint latest
+    python train.py --config configs/tcga_hlss.yaml --push_to_hub me/hlss-tcga
+    python train.py --help                                       # every config key with its help
+
+Configuration: one YAML file (``--config``, default ``configs/demo.yaml``) with sections ``model``, ``data``,
+``training``, and command-line overrides of any field written ``--section.field value`` (or
+``--section.field=value``; the section may be dropped when the field name is unique, e.g. ``--lr 1e-4``).
+Unknown keys and impossible values stop the run before anything starts, naming the key.
+
+Batches are ``[B, S, P, V, C, H, W]``: ``B`` patients per device (``training.per_device_batch_size``), ``S``
+slides per patient, ``P`` patches per slide, ``V`` augmented views per patch. The loss gathers embeddings across
+processes with gradient, and process ``r`` of ``W`` receives batch ``W * s + r`` of one seeded permutation, so a
+run on ``W`` processes with ``B`` patients each equals one process with ``W * B`` patients.
+On a CPU-only machine, ``accelerate launch --multi_gpu`` runs the processes on CPU with gloo.
+
+Outputs in ``training.output_dir``: the model (``save_pretrained``: safetensors, config, processor, model card
+README.md), ``metrics.jsonl`` (one JSON object per logged step and evaluation), ``checkpoints/step_N`` (for
+``--resume_from_checkpoint``) and tracker logs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Sampler
+
+REPO_ROOT = Path(__file__).resolve().parent
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from hlss_hf.training_utils import (  # noqa: E402
+    ConfigError,
+    JsonlWriter,
+    TrainConfig,
+    TrainState,
+    clean_temporary_checkpoints,
+    commit_checkpoint,
+    config_help,
+    flatten_config,
+    latest_checkpoint,
+    parse_config,
+    resolve_resume_path,
+    temporary_checkpoint_path,
+    truncate_jsonl,
+)
+
+logger = logging.getLogger("hlss_hf.train")
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+LOSS_KEYS = ("loss", "hvc_loss", "alignment_loss")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training step produces a NaN or infinite loss."""
+
+
+class TextTowerGuard:
+    """A forward pre-hook on the text tower that fails while a training step runs.
+
+    The attribute banks are computed once when the model is built; a text forward inside a step would mean
+    the model silently re-encodes the descriptions (slow, and wrong for a frozen bank).
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.calls = 0
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        self.calls += 1
+        if self.active:
+            raise RuntimeError(
+                "the text tower ran during a training step; the attribute banks must be precomputed"
+            )
+
+
+class EpochPermutationSampler(Sampler[int]):
+    """A permutation of the dataset's indices drawn from ``(seed, epoch)`` only.
+
+    The permutation is cut to a multiple of ``multiple`` (the global micro-batch: per-device batch x processes),
+    so every process gets the same number of full batches and a run on W processes sees exactly the batches of
+    a single-process run with W times the per-device batch.
+
+    Args:
+        length (`int`): Dataset size.
+        seed (`int`): Base seed.
+        multiple (`int`): Keep the first ``floor(length / multiple) * multiple`` indices of each permutation.
+    """
+
+    def __init__(self, length: int, seed: int, multiple: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.multiple = multiple
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.length // self.multiple) * self.multiple
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.length)
+        return iter(order[: len(self)].tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
+    """Turn a tower spec from the config into what ``from_vision_text_pretrained`` accepts.
+
+    Args:
+        spec: Hub id / local folder (returned as is), ``pkg:<module>`` (that package's ``model`` folder), or a
+            mapping of config fields with ``model_type`` (a ``PretrainedConfig``: random init).
+        fallback: Used when ``spec`` is ``pkg:<module>`` and the module is not installed.
+        role (`str`): `vision` or `text`, for error messages.
+    """
+    from transformers import AutoConfig
+
+    if isinstance(spec, dict):
+        fields = dict(spec)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if isinstance(spec, str) and spec.startswith("pkg:"):
+        module_name = spec[len("pkg:") :]
+        if importlib.util.find_spec(module_name) is None:
+            if fallback is None:
+                raise ConfigError(f"config key 'model.{role}': package {module_name!r} is not installed")
+            logger.warning("%s is not installed; using model.%s_fallback", module_name, role)
+            return resolve_tower(fallback, None, role)
+        module = importlib.import_module(module_name)
+        return os.path.join(os.path.dirname(module.__file__), "model")
+    return spec
+
+
+def resolve_attributes(spec: Any) -> Any:
+    """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
+    if isinstance(spec, dict):
+        return spec
+    if Path(spec).is_file():
+        return str(spec)
+    shipped = importlib.resources.files("hlss_hf") / "attributes" / spec
+    if shipped.is_file():
+        return str(shipped)
+    raise ConfigError(
+        f"config key 'model.attributes': {spec!r} is neither a file nor one of hlss_hf/attributes/"
+    )
+
+
+def build_model(config: TrainConfig, modality: str):
+    """Build a fresh ``HLSSModel`` from the config (towers, attribute banks, loss settings).
+
+    Args:
+        config (`TrainConfig`): The run's config.
+        modality (`str`): `he` or `srh` (from the dataset).
+    """
+    from hlss_hf.modeling_hlss import HLSSModel
+
+    m = config.model
+    kwargs = dict(
+        temperature=m.temperature,
+        base_temperature=m.base_temperature,
+        lambda_patch=m.lambda_patch,
+        lambda_slide=m.lambda_slide,
+        lambda_patient=m.lambda_patient,
+        lambda_align=m.lambda_align,
+        align_temperature=m.align_temperature,
+        modality=modality,
+        image_size=config.data.crop_size,
+    )
+    if m.text_pooling is not None:
+        kwargs["text_pooling"] = m.text_pooling
+    if m.projection_dim is not None:
+        kwargs["projection_dim"] = m.projection_dim
+    kwargs.update(m.config_kwargs)
+    model = HLSSModel.from_vision_text_pretrained(
+        resolve_tower(m.vision, None, "vision"),
+        resolve_tower(m.text, m.text_fallback, "text"),
+        attributes=resolve_attributes(m.attributes),
+        **kwargs,
+    )
+    # The text tower is frozen: only the vision tower, the projection and the heads train.
+    model.text_model.requires_grad_(False)
+    return model
+
+
+def build_image_processor(config: TrainConfig, modality: str):
+    """The evaluation / inference image processor: optional resize, centre crop to ``data.crop_size``."""
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+
+    d = config.data
+    return HLSSImageProcessor(
+        modality=modality,
+        do_resize=d.eval_resize is not None,
+        size={"shortest_edge": d.eval_resize or d.crop_size},
+        do_center_crop=True,
+        crop_size=d.crop_size,
+    )
+
+
+def build_processor(config: TrainConfig, image_processor):
+    """The processor saved beside the model: the image processor + the text tower's tokenizer if it has one."""
+    from hlss_hf.processing_hlss import HLSSProcessor
+
+    tokenizer = None
+    text = resolve_tower(config.model.text, config.model.text_fallback, "text")
+    if isinstance(text, str):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(text)
+        except (OSError, ValueError) as err:
+            logger.warning(
+                "no tokenizer for the text tower %s (%s); saving the image processor only", text, err
+            )
+    if tokenizer is None:
+        return image_processor
+    return HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
+    """Load (train, validation) splits: the demo hierarchy, a local Hub-layout folder or a Hub dataset id."""
+    import datasets
+
+    d = config.data
+    if d.dataset == "demo":
+        from dataset_scripts.demo import build_demo_dataset
+
+        kwargs = dict(d.demo)
+        kwargs.setdefault("seed", config.training.seed)
+        if d.cache_dir is not None:
+            cache = Path(d.cache_dir)
+            if not (cache / "README.md").is_file():
+                # Main process first: the others then load the finished folder.
+                build_demo_dataset(output_dir=cache, **kwargs)
+            splits = datasets.load_dataset(str(cache))
+        else:
+            splits = build_demo_dataset(output_dir=None, **kwargs)
+        train = splits[d.train_split]
+        val = splits[d.validation_split] if d.validation_split else None
+        return train, val
+    path = Path(d.dataset)
+    source = str(path) if path.is_dir() else d.dataset
+    train = datasets.load_dataset(source, d.dataset_config_name, split=d.train_split, streaming=d.streaming)
+    val = None
+    if d.validation_split:
+        val = datasets.load_dataset(source, d.dataset_config_name, split=d.validation_split)
+    return train, val
+
+
+def build_train_loader(config: TrainConfig, train_ds, num_processes: int):
+    """The hierarchical DataLoader of one process (before ``accelerator.prepare``)."""
+    from hlss_hf.augmentation import build_augmentation
+    from hlss_hf.data import HierarchicalPatchDataset, HierarchicalStreamingDataset, collate_hierarchical
+
+    d, t = config.data, config.training
+    transform = build_augmentation(d.augmentation, d.crop_size)
+    common = dict(
+        num_slides=d.num_slides,
+        num_patches=d.num_patches,
+        num_views=d.num_views,
+        transform=transform,
+        seed=t.seed,
+        balance_classes=d.balance_classes,
+    )
+    # A private generator: creating a DataLoader iterator then never draws from the global RNG, which keeps
+    # a resumed run's RNG stream identical to an uninterrupted one.
+    generator = torch.Generator().manual_seed(t.seed)
+    if d.streaming:
+        dataset = HierarchicalStreamingDataset(train_ds, **common)
+        loader = DataLoader(
+            dataset,
+            batch_size=t.per_device_batch_size,
+            collate_fn=collate_hierarchical,
+            num_workers=d.num_workers,
+            drop_last=True,
+            generator=generator,
+        )
+        return dataset, loader
+    dataset = HierarchicalPatchDataset(train_ds, **common)
+    global_batch = t.per_device_batch_size * num_processes
+    if len(dataset) < global_batch:
+        raise ConfigError(
+            f"config key 'training.per_device_batch_size': {len(dataset)} training patients cannot fill one "
+            f"global batch of {global_batch} patients ({num_processes} process(es) x {t.per_device_batch_size})"
+        )
+    sampler = EpochPermutationSampler(len(dataset), t.seed, global_batch)
+    loader = DataLoader(
+        dataset,
+        batch_size=t.per_device_batch_size,
+        sampler=sampler,
+        collate_fn=collate_hierarchical,
+        num_workers=d.num_workers,
+        drop_last=True,
+        generator=generator,
+    )
+    return dataset, loader
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation, checkpoints, model card, Hub
+
+
+def evaluate_knn(model, config: TrainConfig, train_ds, val_ds, image_processor) -> dict[str, float]:
+    """kNN accuracy (patch / slide / patient) of the frozen embeddings on the validation split."""
+    from hlss_hf.evaluation import extract_embeddings, knn_evaluate
+
+    t = config.training
+    was_training = model.training
+    model.eval()
+    # Evaluation must not move the training RNG stream (a run with evaluation equals one without).
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        kwargs = dict(processor=image_processor, batch_size=t.eval_batch_size, progress=False)
+        train_set = extract_embeddings(model, train_ds, **kwargs)
+        val_set = extract_embeddings(model, val_ds, **kwargs)
+        metrics = knn_evaluate(train_set, val_set, k=t.knn_k, temperature=t.knn_temperature)
+    model.train(was_training)
+    return {f"eval/{key}": float(value) for key, value in metrics.items()}
+
+
+def save_checkpoint(accelerator, config: TrainConfig, step: int) -> Path:
+    """``save_state`` into ``step_N.tmp``, then rename to ``step_N`` and rotate (main process)."""
+    out = config.training.output_dir
+    tmp = temporary_checkpoint_path(out, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    final = tmp.with_name(tmp.name[: -len(".tmp")])
+    if accelerator.is_main_process:
+        final = commit_checkpoint(out, step, config.training.save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def render_model_card(
+    config: TrainConfig, state: TrainState, metrics: dict[str, float], extra: dict[str, Any]
+) -> str:
+    """Fill ``model_card.md`` (repo root) with the run's config, data, steps and metrics.
+
+    The template's ``{placeholders}`` are filled from the values below; unknown ones are left as written.
+    Without the template (an installed package without the checkout), a short card is written instead.
+    """
+    config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    metric_lines = "\n".join(f"| {k.removeprefix('eval/')} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    values = {
+        "model_name": Path(config.training.output_dir).name,
+        "dataset": config.data.dataset,
+        "modality": extra.get("modality", ""),
+        "vision_model": str(
+            config.model.vision
+            if isinstance(config.model.vision, str)
+            else config.model.vision.get("model_type")
+        ),
+        "text_model": str(
+            config.model.text if isinstance(config.model.text, str) else config.model.text.get("model_type")
+        ),
+        "attributes": str(config.model.attributes if isinstance(config.model.attributes, str) else "custom"),
+        "steps": str(state.step),
+        "epochs": str(state.epoch),
+        "global_batch_images": str(extra.get("global_batch_images", "")),
+        "batch_shape": extra.get("batch_shape", ""),
+        "learning_rate": str(config.training.lr),
+        "metrics_table": "| metric | value |\n|---|---|\n" + metric_lines if metrics else "(no evaluation)",
+        "training_config": config_yaml,
+        "repo_id": config.training.push_to_hub or Path(config.training.output_dir).name,
+    }
+    template_path = REPO_ROOT / "model_card.md"
+    if template_path.is_file():
+        template = template_path.read_text(encoding="utf-8")
+    else:
+        logger.warning("model_card.md template not found beside train.py; writing a short card")
+        template = (
+            "---\nlibrary_name: transformers\ntags: [hlss, histopathology, self-supervised]\n---\n\n"
+            "# {model_name}\n\nHLSS-pretrained image encoder ({modality}) trained on `{dataset}` for {steps} "
+            "steps.\n\n## Evaluation (kNN)\n\n{metrics_table}\n\n## Training configuration\n\n"
+            "```yaml\n{training_config}```\n"
+        )
+
+    class _Keep(dict):
+        def __missing__(self, key: str) -> str:
+            return "{" + key + "}"
+
+    try:
+        return template.format_map(_Keep(values))
+    except (ValueError, IndexError):
+        # A template with literal braces that are not placeholders: substitute known names only.
+        for key, value in values.items():
+            template = template.replace("{" + key + "}", value)
+        return template
+
+
+def push_to_hub(config: TrainConfig) -> str:
+    """Upload the output folder (model, processor, card, metrics) to ``training.push_to_hub``."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    repo_id = config.training.push_to_hub
+    api.create_repo(repo_id, private=config.training.hub_private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=config.training.output_dir,
+        ignore_patterns=[
+            "checkpoints/*",
+            "runs/*",
+            "demo_dataset/*",
+            "*.tmp",
+            config.training.project_name + "/*",
+        ],
+        commit_message="HLSS pretraining: model, processor and model card",
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _trackers(report_to: str) -> list[str] | None:
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None
+    if report_to == "all":
+        return "all"
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+def _to_float(value: Any) -> float:
+    return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
+
+
+def _loss_parts(outputs) -> dict[str, float]:
+    parts = {}
+    for key in LOSS_KEYS:
+        value = getattr(outputs, key, None)
+        if value is not None:
+            parts[key] = _to_float(value)
+    for key, value in (getattr(outputs, "level_losses", None) or {}).items():
+        parts[key] = _to_float(value)
+    return parts
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run HLSS pretraining.
+
+    Args:
+        argv (`list[str]`, *optional*): Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        `dict`: ``{"step", "epoch", "output_dir", "metrics", "stopped_early"}`` (for tests and notebooks).
+    """
+    # 1. Parse and validate the config (before anything heavy happens).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = parse_config(argv, default_config=DEFAULT_CONFIG)
+    t, d = config.training, config.data
+
+    # 2. Accelerator, logging, seed.
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate runs several processes on CPU (gloo) only when told `cpu=True`.
+    use_cpu = t.cpu or (world > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        log_with=_trackers(t.report_to),
+        project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=t.output_dir),
+        cpu=use_cpu,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    set_seed(t.seed)
+    out = Path(t.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_temporary_checkpoints(out)
+
+    # 3. Data (the main process first: it builds / downloads, the others read its cache).
+    with accelerator.main_process_first():
+        from hlss_hf.schema import modality_of
+
+        train_ds, val_ds = load_splits(config, accelerator)
+        modality = modality_of(train_ds.features)
+        train_dataset, train_loader = build_train_loader(config, train_ds, accelerator.num_processes)
+
+    # 4. Model, processor, optimizer, schedule.
+    model = build_model(config, modality)
+    image_processor = build_image_processor(config, modality)
+    processor = build_processor(config, image_processor)
+    guard = TextTowerGuard()
+    model.text_model.register_forward_pre_hook(guard)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+    )
+    W = accelerator.num_processes
+    if d.streaming:
+        batches_per_epoch = None
+        max_steps = t.max_steps
+        num_epochs = 1
+    else:
+        # Per-process batches per epoch after sharding (the sampler makes it exact).
+        batches_per_epoch = len(train_loader) // W
+        steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+        max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+    warmup_steps = int(round(t.warmup_ratio * max_steps))
+    # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * W, num_training_steps=max_steps * W
+    )
+
+    # 5. Prepare.
+    if d.streaming:
+        # The streaming dataset shards patients over processes itself: accelerate must not shard it again.
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, train_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, scheduler
+        )
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    unwrapped = accelerator.unwrap_model(model)
+
+    S, P, V, B, GA = (
+        d.num_slides,
+        d.num_patches,
+        d.num_views,
+        t.per_device_batch_size,
+        t.gradient_accumulation_steps,
+    )
+    images_per_device = B * S * P * V
+    images_per_step = images_per_device * W * GA
+    batch_shape = f"[B={B}, S={S}, P={P}, V={V}, C=3, H={d.crop_size}, W={d.crop_size}]"
+
+    # 6. Resume.
+    if t.resume_from_checkpoint is not None:
+        path = resolve_resume_path(t.resume_from_checkpoint, out)
+        accelerator.print(f"Resuming from {path}")
+        accelerator.load_state(str(path))
+        if batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        if accelerator.is_main_process:
+            truncate_jsonl(out / "metrics.jsonl", state.step)
+
+    if accelerator.is_main_process:
+        n_patients = len(train_dataset) if not d.streaming else "streaming"
+        lines = [
+            "***** Running HLSS training *****",
+            f"  device: {accelerator.device} | processes: {W} | distributed: {accelerator.distributed_type}"
+            f" | mixed precision: {accelerator.mixed_precision}",
+            f"  data: {d.dataset} ({modality}) | train patients: {n_patients} | validation patches: "
+            f"{len(val_ds) if val_ds is not None else 0}",
+            f"  per-device batch {batch_shape} = {images_per_device} images",
+            f"  global batch: {B} x {W} processes x {GA} accumulation = {B * W * GA} patients = "
+            f"{images_per_step} images per optimizer step",
+            f"  optimizer steps: {max_steps} (warm-up {warmup_steps}, {t.lr_scheduler}, lr {t.lr})"
+            + (
+                f" | epochs: {num_epochs}, {batches_per_epoch} batches per process per epoch"
+                if batches_per_epoch
+                else ""
+            )
+            + (f" | starting at step {state.step}" if state.step else ""),
+            f"  output: {out}",
+        ]
+        print("\n".join(lines), flush=True)
+
+    trackers = _trackers(t.report_to)
+    if trackers:
+        accelerator.init_trackers(t.project_name, config=flatten_config(config))
+    metrics_file = JsonlWriter(out / "metrics.jsonl") if accelerator.is_main_process else None
+
+    # 7. Train.
+    run_limit = state.step + t.max_steps_this_run if t.max_steps_this_run else None
+    progress = tqdm(
+        total=max_steps,
+        initial=state.step,
+        disable=not accelerator.is_local_main_process,
+        desc="HLSS",
+        unit="step",
+    )
+    last_eval: dict[str, float] = {}
+    stopped_early = False
+    sums: dict[str, float] = {}
+    micro = 0
+    tic = time.perf_counter()
+    model.train()
+    while state.step < max_steps and not stopped_early:
+        if d.streaming:
+            loader = _stream_batches(train_loader, train_dataset, state.step * GA, accelerator.device)
+        else:
+            train_loader.set_epoch(state.epoch)
+            train_dataset.set_epoch(state.epoch)
+            loader = train_loader
+            if state.batch_in_epoch:
+                loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
+        for batch in loader:
+            pixel_values = batch["pixel_values"]
+            with accelerator.accumulate(model):
+                guard.active = True
+                outputs = model(pixel_values=pixel_values, return_loss=True)
+                loss = outputs.loss
+                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                if W > 1:
+                    finite = accelerator.reduce(finite, reduction="min")
+                if finite.item() < 1:
+                    guard.active = False
+                    parts = _loss_parts(outputs)
+                    last = latest_checkpoint(out)
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {state.step + 1} (epoch {state.epoch}): "
+                        + ", ".join(f"{k}={v}" for k, v in parts.items())
+                        + f". Last good checkpoint: {last if last is not None else 'none'}."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                guard.active = False
+            state.batch_in_epoch += 1
+            micro += 1
+            for key, value in _loss_parts(outputs).items():
+                sums[key] = sums.get(key, 0.0) + value
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimizer step done.
+            state.step += 1
+            progress.update(1)
+            if state.step % t.logging_steps == 0 or state.step == max_steps:
+                elapsed = time.perf_counter() - tic
+                record = {k: v / micro for k, v in sums.items()}
+                record.update(
+                    step=state.step,
+                    epoch=state.epoch,
+                    lr=scheduler.get_last_lr()[0],
+                    images_per_s=images_per_step * (micro / GA) / max(elapsed, 1e-9),
+                )
+                if accelerator.is_main_process:
+                    metrics_file.write(record)
+                progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
+                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
+                sums, micro, tic = {}, 0, time.perf_counter()
+            if (
+                t.eval_steps
+                and state.step % t.eval_steps == 0
+                and val_ds is not None
+                and state.step < max_steps
+            ):
+                last_eval = _run_eval(
+                    accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file
+                )
+                tic = time.perf_counter()
+            stop_here = run_limit is not None and state.step >= run_limit and state.step < max_steps
+            if (t.save_steps and state.step % t.save_steps == 0) or stop_here:
+                save_checkpoint(accelerator, config, state.step)
+                tic = time.perf_counter()
+            if stop_here:
+                stopped_early = True
+                break
+            if state.step >= max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        if (
+            state.step >= max_steps
+            and batches_per_epoch is not None
+            and state.batch_in_epoch >= batches_per_epoch
+        ):
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    progress.close()
+
+    # 8. Finish: evaluate, save, card, push.
+    if stopped_early:
+        accelerator.print(
+            f"Stopped after step {state.step} (training.max_steps_this_run); continue with "
+            f"--resume_from_checkpoint latest"
+        )
+    else:
+        if t.eval_at_end and val_ds is not None:
+            last_eval = _run_eval(
+                accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(out)
+            processor.save_pretrained(out)
+            card = render_model_card(
+                config,
+                state,
+                last_eval,
+                {"modality": modality, "global_batch_images": images_per_step, "batch_shape": batch_shape},
+            )
+            (out / "README.md").write_text(card, encoding="utf-8")
+            with open(out / "train_config.yaml", "w", encoding="utf-8") as f:
+                yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+            print(f"Saved the model to {out}", flush=True)
+            if last_eval:
+                print(
+                    "kNN evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(last_eval.items())),
+                    flush=True,
+                )
+            if t.push_to_hub:
+                url = push_to_hub(config)
+                print(f"Pushed to {url}", flush=True)
+        accelerator.wait_for_everyone()
+    if metrics_file is not None:
+        metrics_file.close()
+    accelerator.end_training()
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "output_dir": str(out),
+        "metrics": last_eval,
+        "stopped_early": stopped_early,
+        "text_tower_calls_during_training": guard.calls,
+    }
+
+
+def _stream_batches(loader, dataset, skip: int, device):
+    """Endless batches from a streaming loader (epoch after epoch), skipping the ``skip`` already trained on.
+
+    Each process reads its own patients, so processes may finish a pass at different times; cycling keeps every
+    process stepping until ``max_steps``.
+    """
+    from accelerate.utils import send_to_device
+
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch)
+        produced = False
+        for batch in loader:
+            produced = True
+            if skip:
+                skip -= 1
+                continue
+            yield send_to_device(batch, device)
+        if not produced:
+            raise RuntimeError(
+                "the streaming training split produced no batch (fewer patients than one batch?)"
+            )
+        epoch += 1
+
+
+def _run_eval(
+    accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file
+) -> dict[str, float]:
+    """kNN evaluation on the main process; the others wait."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        metrics = evaluate_knn(unwrapped, config, train_ds, val_ds, image_processor)
+        metrics_file.write({"step": state.step, **metrics})
+        accelerator.print(
+            f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        )
+    accelerator.log(metrics, step=state.step)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def cli() -> None:
+    """Entry point: ``--help`` lists every config key; config and non-finite-loss errors exit with status 1."""
+    argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(config_help())
+        return
+    try:
+        main(argv)
+    except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()
