@@ -16,6 +16,8 @@ Invalid items raise :class:`ConversionError` naming the item, unless the convert
 
 from __future__ import annotations
 
+import argparse
+import io
 import math
 import os
 import shlex
@@ -35,6 +37,7 @@ from datasets.info import DatasetInfo, DatasetInfosDict
 from datasets.splits import SplitInfo
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
+from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from .schema import IMAGE, LABEL, PATCH_ID, PATIENT_ID, SLIDE_ID, modality_of
@@ -130,10 +133,22 @@ def check_patch(image: Any, modality: str, patch_size: tuple[int, int] | None) -
     """Tell why ``image`` cannot be stored as a patch of ``modality``, or ``None`` when it can.
 
     Args:
-        image: the patch as a numpy array, channel-last.
+        image: the patch as a channel-last numpy array; for H&E also ``{"bytes": PNG}`` (already encoded,
+            e.g. by a tiling worker process; only its header is read).
         modality (`str`): ``"he"`` (uint8, 3 channels) or ``"srh"`` (uint16, 2 channels).
         patch_size (`(height, width)`, *optional*): the required spatial shape.
     """
+    if modality == "he" and isinstance(image, Mapping):
+        try:
+            with PILImage.open(io.BytesIO(image["bytes"])) as decoded:
+                mode, (width, height) = decoded.mode, decoded.size
+        except Exception as error:  # PIL raises several types for broken bytes
+            return f"image bytes cannot be decoded ({type(error).__name__})"
+        if mode != "RGB":
+            return f"image mode {mode}, expected RGB"
+        if patch_size is not None and (height, width) != tuple(patch_size):
+            return f"image size {(height, width)}, expected {tuple(patch_size)}"
+        return None
     if not isinstance(image, np.ndarray):
         return f"image is a {type(image).__name__}, expected a numpy array"
     channels, dtype = (2, np.uint16) if modality == "srh" else (3, np.uint8)
@@ -169,6 +184,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
 def _encode_image(image: np.ndarray, modality: str) -> Any:
     # H&E patches become PNG bytes here (the costly part); SRH arrays go to parquet as they are.
     if modality == "he":
+        if isinstance(image, Mapping):
+            return {"bytes": image["bytes"], "path": None}
         return datasets.Image().encode_example(image)
     return image
 
@@ -311,6 +328,7 @@ def write_patch_dataset(
     description: str = "",
     command: str | None = None,
     totals: Mapping[str, int] | None = None,
+    patch_size: int | tuple[int, int] | None = None,
     max_shard_size_mb: float = 500.0,
     show_progress: bool = True,
     on_complete: Callable[[Path], None] | None = None,
@@ -329,6 +347,7 @@ def write_patch_dataset(
         invalid (`InvalidItems`, *optional*): where invalid rows go; default raises on the first.
         title, source, description, command (`str`): dataset card text.
         totals (`Mapping[str, int]`, *optional*): expected rows per split, for progress bars.
+        patch_size (`int` or `(int, int)`, *optional*): required H&E patch size (SRH: from the features).
         max_shard_size_mb (`float`, defaults to 500): uncompressed size at which a new shard starts.
         show_progress (`bool`, defaults to `True`): show tqdm bars.
         on_complete (`Callable[[Path], None]`, *optional*): called with the finished temporary folder before
@@ -346,7 +365,10 @@ def write_patch_dataset(
     invalid = invalid if invalid is not None else InvalidItems()
     modality = modality_of(features)
     image_feature = features[IMAGE]
-    patch_size = tuple(image_feature.shape[:2]) if modality == "srh" else None
+    if modality == "srh":
+        patch_size = tuple(image_feature.shape[:2])
+    elif patch_size is not None:
+        patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     class_names = features[LABEL].names
     class_index = {name: i for i, name in enumerate(class_names)}
 
@@ -512,3 +534,117 @@ def _push(
     dataset.push_to_hub(repo_id, private=private, commit_message="Upload HLSS patch dataset")
     # push_to_hub writes a bare card; replace it with ours (same configs and features, plus counts).
     DatasetCard(card).push_to_hub(repo_id, repo_type="dataset", commit_message="Add dataset card")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options every converter shares: destination, overwrite, invalid-item policy, sharding.
+
+    Args:
+        parser (`argparse.ArgumentParser`): the converter's parser.
+    """
+    group = parser.add_argument_group("output")
+    destination = group.add_mutually_exclusive_group(required=True)
+    destination.add_argument(
+        "--output", help="write the dataset to this folder (Hub layout: data/*.parquet + README.md)"
+    )
+    destination.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="push the dataset to this Hub dataset repo"
+    )
+    group.add_argument(
+        "--private", action="store_true", help="create the Hub repo private (with --push-to-hub)"
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output once the new one is complete"
+    )
+    group.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip invalid items (listed in the summary and the card) instead of stopping at the first",
+    )
+    group.add_argument(
+        "--max-shard-size-mb",
+        type=float,
+        default=500.0,
+        help="start a new parquet shard after this much data (MB)",
+    )
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def validate_output_arguments(args: argparse.Namespace) -> None:
+    """Check the shared options up front, before any data is read.
+
+    Args:
+        args (`argparse.Namespace`): parsed arguments of a parser set up by :func:`add_output_arguments`.
+    """
+    if args.private and not args.push_to_hub:
+        raise ConversionError("--private only applies with --push-to-hub")
+    if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
+        raise ConversionError(f"--push-to-hub {args.push_to_hub!r} must look like 'namespace/name'")
+    if args.max_shard_size_mb <= 0:
+        raise ConversionError(f"--max-shard-size-mb must be positive, got {args.max_shard_size_mb}")
+    if args.output is not None:
+        check_output_dir(args.output, args.overwrite)
+
+
+def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`write_patch_dataset` keyword arguments that come from the shared options."""
+    return {
+        "output_dir": args.output,
+        "push_to_hub": args.push_to_hub,
+        "private": args.private,
+        "overwrite": args.overwrite,
+        "max_shard_size_mb": args.max_shard_size_mb,
+        "show_progress": not args.no_progress,
+        "command": command_line(),
+    }
+
+
+def run_converter(
+    convert: Callable[[argparse.Namespace], ConversionSummary], args: argparse.Namespace
+) -> ConversionSummary:
+    """Run a converter, print its summary, and turn a :class:`ConversionError` into ``exit("error: ...")``.
+
+    Args:
+        convert (`Callable`): the converter's body, taking the parsed arguments.
+        args (`argparse.Namespace`): the parsed arguments.
+    """
+    try:
+        validate_output_arguments(args)
+        summary = convert(args)
+    except ConversionError as error:
+        sys.exit(f"error: {error}")
+    print(summary.format())
+    return summary
+
+
+def assign_splits(
+    patient_labels: Mapping[str, str], val_fraction: float, seed: int = 0, val_name: str = "validation"
+) -> dict[str, str]:
+    """Split patients into ``train`` / ``val_name``, stratified by label and seeded; never splits a patient.
+
+    Each label keeps ``round(val_fraction * n)`` of its ``n`` patients in validation (none when it has a single
+    patient, so every class stays in train).
+
+    Args:
+        patient_labels (`Mapping[str, str]`): patient id -> label.
+        val_fraction (`float`): fraction of patients in validation, in [0, 1).
+        seed (`int`, defaults to 0): shuffling seed.
+        val_name (`str`, defaults to ``"validation"``): the validation split's name.
+
+    Returns:
+        patient id -> split name.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConversionError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for patient in sorted(patient_labels):
+        by_label[patient_labels[patient]].append(patient)
+    splits = {}
+    for label in sorted(by_label):
+        members = by_label[label]
+        order = rng.permutation(len(members))
+        num_val = int(round(val_fraction * len(members))) if len(members) > 1 else 0
+        for rank, index in enumerate(order):
+            splits[members[index]] = val_name if rank < num_val else "train"
+    return splits
