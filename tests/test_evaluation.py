@@ -1,0 +1,321 @@
+"""kNN, linear probe, zero-shot and embedding extraction (hlss_hf.evaluation)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import importlib.util
+import warnings
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hlss_hf.evaluation import (
+    EmbeddingSet,
+    extract_embeddings,
+    knn_evaluate,
+    knn_predict,
+    linear_probe_evaluate,
+    model_fingerprint,
+    train_linear_probe,
+    zero_shot_scores,
+)
+from hlss_hf.schema import features_for
+
+
+def _normalized(n, d, generator):
+    return F.normalize(torch.randn(n, d, generator=generator), dim=-1)
+
+
+def _slow_knn(query, bank, bank_labels, num_classes, k, temperature):
+    scores = torch.zeros(len(query), num_classes, dtype=torch.float64)
+    for i, q in enumerate(query.double()):
+        sims = [(float(q @ b.double()), j) for j, b in enumerate(bank)]
+        sims.sort(key=lambda item: -item[0])
+        for sim, j in sims[:k]:
+            scores[i, int(bank_labels[j])] += np.exp(sim / temperature)
+    return scores
+
+
+@pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (20, 0.5), (60, 0.1)])
+def test_knn_predict_matches_slow_loop(k, temperature):
+    g = torch.Generator().manual_seed(k)
+    query, bank = _normalized(13, 8, g), _normalized(60, 8, g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    expected = _slow_knn(query, bank, labels, 4, k, temperature)
+    scores = knn_predict(query, bank, labels, 4, k=k, temperature=temperature)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size,max_block", [(1, 2**25), (7, 50), (4, 11), (1000, 20)])
+def test_knn_chunked_equals_unchunked(chunk_size, max_block):
+    # max_block < bank size forces the running top-k merge over bank blocks.
+    g = torch.Generator().manual_seed(0)
+    query, bank = _normalized(37, 16, g), _normalized(211, 16, g)
+    labels = torch.randint(0, 5, (211,), generator=g)
+    full = knn_predict(query, bank, labels, 5, k=10, chunk_size=10**6, max_block_elements=10**9)
+    chunked = knn_predict(query, bank, labels, 5, k=10, chunk_size=chunk_size, max_block_elements=max_block)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-3)
+
+
+def test_knn_k_larger_than_bank_is_an_error():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="k=11 .* bank size \\(10"):
+        knn_predict(_normalized(3, 4, g), _normalized(10, 4, g), torch.zeros(10, dtype=torch.long), 2, k=11)
+
+
+def test_knn_rejects_bad_labels_and_shapes():
+    g = torch.Generator().manual_seed(0)
+    bank = _normalized(10, 4, g)
+    with pytest.raises(ValueError, match="bank_labels must lie"):
+        knn_predict(bank, bank, torch.full((10,), 3), 2, k=2)
+    with pytest.raises(ValueError, match="share D"):
+        knn_predict(_normalized(3, 5, g), bank, torch.zeros(10, dtype=torch.long), 2, k=2)
+
+
+def _clustered_set(n_patients, patches_per_patient, num_classes, dim, noise, seed, prefix="p"):
+    """Patients of a class scatter around the class centre: separable when noise is small."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99)), dim=-1)
+    patient_labels = torch.arange(n_patients) % num_classes
+    labels = patient_labels.repeat_interleave(patches_per_patient)
+    embeds = F.normalize(centres[labels] + noise * torch.randn(len(labels), dim, generator=g), dim=-1)
+    patients = [f"{prefix}{i // patches_per_patient}" for i in range(len(labels))]
+    slides = [f"{p}-s{(i % patches_per_patient) // 3}" for i, p in enumerate(patients)]
+    names = [f"class_{c}" for c in range(num_classes)]
+    return EmbeddingSet(embeds, labels, slides, patients, names)
+
+
+def test_knn_evaluate_on_separable_clusters():
+    train = _clustered_set(12, 10, 3, 16, 0.1, seed=0, prefix="t")
+    val = _clustered_set(6, 10, 3, 16, 0.1, seed=1, prefix="v")
+    result = knn_evaluate(train, val, k=20)
+    assert result["patch/acc"] > 0.95
+    assert result["slide/acc"] == result["patient/acc"] == 1.0
+    assert {
+        f"{lvl}/{m}" for lvl in ("patch", "slide", "patient") for m in ("acc", "top2", "top3", "mca", "map")
+    } == set(result)
+
+
+def test_knn_evaluate_clamps_k_with_warning():
+    train = _clustered_set(3, 4, 3, 8, 0.3, seed=0)
+    val = _clustered_set(3, 4, 3, 8, 0.3, seed=1)
+    with pytest.warns(UserWarning, match="k=200 is larger than the training bank \\(12"):
+        result = knn_evaluate(train, val, k=200)
+    assert 0.0 <= result["patch/acc"] <= 1.0
+
+
+def test_knn_evaluate_rejects_unknown_label_names():
+    train = _clustered_set(3, 4, 3, 8, 0.3, seed=0)
+    val = _clustered_set(3, 4, 3, 8, 0.3, seed=1)
+    val.class_names = ["class_0", "class_1", "glioma"]
+    with pytest.raises(ValueError, match="unknown to train: \\['glioma'\\]"):
+        knn_evaluate(train, val, k=5)
+
+
+def test_knn_evaluate_patch_only_without_hierarchy():
+    train = _clustered_set(6, 5, 3, 8, 0.2, seed=0)
+    val = _clustered_set(3, 5, 3, 8, 0.2, seed=1)
+    val.slide_ids = val.patient_ids = None
+    assert set(knn_evaluate(train, val, k=5)) == {f"patch/{m}" for m in ("acc", "top2", "top3", "mca", "map")}
+
+
+def test_embedding_set_validates_lengths_and_labels():
+    with pytest.raises(ValueError, match="slide_ids has 2 entries for 3"):
+        EmbeddingSet(torch.zeros(3, 4), torch.zeros(3), ["a", "b"], None, ["x"])
+    with pytest.raises(ValueError, match="labels \\[2\\] are outside"):
+        EmbeddingSet(torch.zeros(3, 4), torch.tensor([0, 1, 2]), None, None, ["x", "y"])
+
+
+def test_linear_probe_beats_chance_on_separable_embeddings():
+    train = _clustered_set(12, 10, 4, 32, 0.15, seed=0, prefix="t")
+    val = _clustered_set(8, 10, 4, 32, 0.15, seed=1, prefix="v")
+    metrics, scores = linear_probe_evaluate(train, val)
+    assert scores.shape == (80, 4)
+    torch.testing.assert_close(scores.sum(dim=1), torch.ones(80))
+    assert metrics["patch/acc"] > 0.8  # chance is 0.25
+    assert metrics["patient/acc"] == 1.0
+
+
+def test_linear_probe_is_deterministic():
+    train = _clustered_set(6, 5, 3, 8, 0.5, seed=0)
+    first, second = train_linear_probe(train, max_iter=20), train_linear_probe(train, max_iter=20)
+    torch.testing.assert_close(first.weight, second.weight)
+
+
+class _TextTowerModel(nn.Module):
+    """Texts embed to the centre of the class named in them; images are already embeddings."""
+
+    def __init__(self, centres, names):
+        super().__init__()
+        self.register_buffer("centres", centres)
+        self.names = names
+        self.text_model = nn.Identity()
+
+    def get_text_features(self, input_ids, attention_mask):
+        return self.centres[input_ids[:, 0]]
+
+
+class _Tokenizer:
+    def __init__(self, names):
+        self.names = names
+
+    def __call__(self, texts, **kwargs):
+        ids = torch.tensor([[next(i for i, n in enumerate(self.names) if n in t)] for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_zero_shot_scores_pick_the_closest_class_prompt():
+    val = _clustered_set(6, 5, 3, 16, 0.2, seed=1)
+    centres = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(99)), dim=-1)
+    model, tokenizer = _TextTowerModel(centres, val.class_names), _Tokenizer(val.class_names)
+    prompts = {name: [f"a photo of {name}", f"tissue of {name}"] for name in val.class_names}
+    scores = zero_shot_scores(model, tokenizer, val, prompts)
+    assert scores.shape == (30, 3)
+    assert (scores.argmax(1) == val.labels).float().mean() > 0.95
+
+
+def test_zero_shot_errors():
+    val = _clustered_set(3, 2, 3, 16, 0.2, seed=1)
+    centres = torch.eye(3, 16)
+    model, tokenizer = _TextTowerModel(centres, val.class_names), _Tokenizer(val.class_names)
+    prompts = {name: [name] for name in val.class_names}
+    with pytest.raises(ValueError, match="unknown classes \\['tumour'\\]"):
+        zero_shot_scores(model, tokenizer, val, {**prompts, "tumour": ["x"]})
+    with pytest.raises(ValueError, match="no prompt for classes \\['class_2'\\]"):
+        zero_shot_scores(model, tokenizer, val, {k: v for k, v in prompts.items() if k != "class_2"})
+    model.text_model = None
+    with pytest.raises(ValueError, match="no text tower"):
+        zero_shot_scores(model, tokenizer, val, prompts)
+    with pytest.raises(ValueError, match="no text tower"):
+        zero_shot_scores(nn.Linear(2, 2), tokenizer, val, prompts)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Extraction
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _CountingModel(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.proj = nn.Linear(3, dim)
+        self.calls = 0
+
+    def get_image_features(self, pixel_values):
+        self.calls += 1
+        return self.proj(pixel_values.mean(dim=(2, 3)))
+
+
+def _he_dataset(n=10, split="train", hierarchy=True, seed=0):
+    rng = np.random.default_rng(seed)
+    features = features_for("he", ["a", "b"])
+    rows = {
+        "image": [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(n)],
+        "patient_id": [f"p{i // 4}" for i in range(n)],
+        "slide_id": [f"s{i // 2}" for i in range(n)],
+        "patch_id": [f"x{i}" for i in range(n)],
+        "label": [(i // 4) % 2 for i in range(n)],
+        "x": [0] * n,
+        "y": [0] * n,
+        "level": [0] * n,
+        "mpp": [float("nan")] * n,
+        "magnification": [float("nan")] * n,
+        "source": ["test"] * n,
+    }
+    dataset = datasets.Dataset.from_dict(rows, features=features, split=split)
+    if not hierarchy:
+        dataset = dataset.remove_columns(["slide_id", "patient_id"])
+    return dataset
+
+
+_HAS_PROCESSING = importlib.util.find_spec("hlss_hf.processing_hlss") is not None
+
+
+@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
+def test_extract_embeddings_batches_and_normalises():
+    torch.manual_seed(0)
+    model, dataset = _CountingModel(), _he_dataset(10)
+    result = extract_embeddings(model, dataset, batch_size=4, progress=False)
+    assert model.calls == 3
+    assert result.embeddings.shape == (10, 8) and result.embeddings.dtype == torch.float32
+    torch.testing.assert_close(result.embeddings.norm(dim=1), torch.ones(10))
+    assert result.labels.tolist() == dataset["label"][:]
+    assert result.slide_ids == [f"s{i // 2}" for i in range(10)]
+    assert result.patient_ids[-1] == "p2" and result.class_names == ["a", "b"]
+    # Same as embedding one image at a time from its [0, 1] pixels.
+    first = np.asarray(dataset[0]["image"], dtype=np.float32) / 255.0
+    expected = F.normalize(model.proj(torch.from_numpy(first).mean(dim=(0, 1))), dim=-1)
+    torch.testing.assert_close(result.embeddings[0], expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
+def test_extract_embeddings_cache_skips_forward(tmp_path):
+    torch.manual_seed(0)
+    model, dataset = _CountingModel(), _he_dataset(6)
+    first = extract_embeddings(model, dataset, batch_size=4, cache_dir=tmp_path, progress=False)
+    assert model.calls == 2
+    second = extract_embeddings(model, dataset, batch_size=4, cache_dir=tmp_path, progress=False)
+    assert model.calls == 2, "cached embeddings must not run the model again"
+    torch.testing.assert_close(second.embeddings, first.embeddings)
+    assert second.slide_ids == first.slide_ids
+    # Changed weights -> new fingerprint -> new forward passes.
+    with torch.no_grad():
+        model.proj.bias.add_(1.0)
+    extract_embeddings(model, dataset, batch_size=4, cache_dir=tmp_path, progress=False)
+    assert model.calls == 4
+    # Another split of other data -> another cache entry.
+    extract_embeddings(
+        model, _he_dataset(6, split="validation", seed=1), batch_size=8, cache_dir=tmp_path, progress=False
+    )
+    assert model.calls == 5
+    assert len(list(tmp_path.glob("embeddings-*.pt"))) == 3
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_model_fingerprint_tracks_weights():
+    torch.manual_seed(0)
+    a, b = _CountingModel(), _CountingModel()
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
+def test_extract_embeddings_without_hierarchy_warns():
+    with pytest.warns(UserWarning, match="only patch-level metrics"):
+        result = extract_embeddings(_CountingModel(), _he_dataset(4, hierarchy=False), progress=False)
+    assert result.slide_ids is None and result.patient_ids is None
+
+
+def test_extract_embeddings_rejects_empty_split():
+    empty = _he_dataset(4, split="validation").select([])
+    with pytest.raises(ValueError, match="split 'validation' is empty"):
+        extract_embeddings(_CountingModel(), empty, progress=False)
+
+
+def test_extract_embeddings_rejects_missing_label_and_dataset_dict():
+    with pytest.raises(ValueError, match="no 'label' column"):
+        extract_embeddings(_CountingModel(), _he_dataset(4).remove_columns("label"), progress=False)
+    with pytest.raises(ValueError, match="one split"):
+        extract_embeddings(_CountingModel(), datasets.DatasetDict(train=_he_dataset(4)), progress=False)
+
+
+def test_extract_embeddings_uses_processor():
+    class Processor:
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": torch.ones(len(images), 3, 2, 2)}
+
+    model = _CountingModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = extract_embeddings(model, _he_dataset(3), processor=Processor(), progress=False)
+    expected = F.normalize(model.proj(torch.ones(3)), dim=-1).detach()
+    torch.testing.assert_close(result.embeddings, expected.expand(3, -1))
