@@ -475,6 +475,8 @@ class HierarchicalStreamingDataset(IterableDataset):
       cycling when too few; patches without replacement, with when too few; ``V`` views), with randomness from
       ``(seed, epoch, patient_id, group number)``. Given the same stream and the same ``buffer_size`` /
       ``patches_per_patient``, a patient's samples are identical for any number of workers or processes.
+    - Do not also split the stream with ``datasets.distributed.split_dataset_by_node``: the patient hash
+      already splits it, and a node split by shard would cut patients whose rows straddle shards.
     - Memory: at most ``buffer_size * patches_per_patient`` decoded patches per consumer.
 
     Args:
@@ -588,7 +590,7 @@ class HierarchicalStreamingDataset(IterableDataset):
             groups_emitted[patient] = group + 1
             return self._sample(patient, label, slides, epoch, group)
 
-        for position, row in enumerate(self.dataset):
+        for position, row in enumerate(self._rows()):
             try:
                 patient, slide = str(row[PATIENT_ID]), str(row[SLIDE_ID])
                 label, image = int(row[LABEL]), row[IMAGE]
@@ -611,6 +613,17 @@ class HierarchicalStreamingDataset(IterableDataset):
                 yield emit(patient)
         while buffer:
             yield emit(next(iter(buffer)))
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        if isinstance(self.dataset, datasets.IterableDataset):
+            # .iter() rather than iter(): in a DataLoader worker, datasets' __iter__ hands each worker only some
+            # shards, but grouping by patient hash needs every row. Batches also read faster than rows.
+            for batch in self.dataset.iter(batch_size=64):
+                columns = [name for name in (IMAGE, PATIENT_ID, SLIDE_ID, LABEL) if name in batch]
+                for j in range(len(batch[columns[0]])):
+                    yield {name: batch[name][j] for name in columns}
+        else:
+            yield from self.dataset
 
     def _sample(
         self, patient: str, label: int, slides: dict[str, list], epoch: int, group: int

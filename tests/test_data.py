@@ -1,0 +1,402 @@
+"""Hierarchical patient sampling (DESIGN 1.1): index, sampling rules, determinism, workers, sharding, streaming."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import io  # noqa: E402
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from hlss_hf.augmentation import build_augmentation  # noqa: E402
+from hlss_hf.data import (  # noqa: E402
+    HierarchicalCollator,
+    HierarchicalPatchDataset,
+    HierarchicalStreamingDataset,
+    HierarchyIndex,
+    balanced_patient_list,
+    collate_hierarchical,
+)
+from hlss_hf.schema import features_for  # noqa: E402
+
+SIZE = 12
+CLASSES = ["hgg", "lgg", "normal"]
+
+
+def srh_reference(raw: np.ndarray) -> torch.Tensor:
+    """DESIGN 1.7 written out: (H, W, 2) uint16 -> [CH3 - CH2 + 5000/65536, CH2, CH3] / 65536, clamped."""
+    ch2 = raw[..., 0].astype(np.float64) / 65536
+    ch3 = raw[..., 1].astype(np.float64) / 65536
+    return torch.from_numpy(np.clip(np.stack([ch3 - ch2 + 5000 / 65536, ch2, ch3]), 0, 1)).float()
+
+
+def patch_value(patient: int, slide: int, patch: int) -> int:
+    # Every patch gets a distinct constant CH2 so that tests can tell which row was drawn from its pixels.
+    return 1000 * (patient + 1) + 100 * slide + patch
+
+
+def make_rows(layout: dict[str, tuple[int, list[int]]], modality: str = "srh") -> list[dict]:
+    """layout: patient -> (label, [patches per slide]); patients are numbered in insertion order."""
+    rows = []
+    for p, (patient, (label, slides)) in enumerate(layout.items()):
+        for s, count in enumerate(slides):
+            for k in range(count):
+                value = patch_value(p, s, k)
+                if modality == "srh":
+                    image = np.full((SIZE, SIZE, 2), value, dtype=np.uint16)
+                    image[..., 1] = value + 7
+                else:
+                    pixels = np.full((SIZE, SIZE, 3), value % 251, dtype=np.uint8)
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).save(buffer, format="PNG")
+                    image = {"bytes": buffer.getvalue(), "path": None}
+                rows.append(
+                    {
+                        "image": image,
+                        "patient_id": patient,
+                        "slide_id": f"{patient}-s{s}",
+                        "patch_id": f"{patient}-s{s}-{k}",
+                        "label": label,
+                        "x": 0,
+                        "y": 0,
+                        "level": -1,
+                        "mpp": float("nan"),
+                        "magnification": float("nan"),
+                        "source": "test",
+                    }
+                )
+    return rows
+
+
+def make_dataset(layout, modality="srh") -> datasets.Dataset:
+    features = features_for(modality, CLASSES, patch_size=SIZE if modality == "srh" else None)
+    return datasets.Dataset.from_list(make_rows(layout, modality), features=features)
+
+
+LAYOUT = {
+    "P0": (0, [3]),  # one slide
+    "P1": (0, [4, 1]),  # second slide has fewer patches than P
+    "P2": (0, [2, 2, 2]),
+    "P3": (1, [5, 5]),
+    "P4": (1, [3, 3]),
+    "P5": (2, [2, 2]),
+}
+
+
+@pytest.fixture(scope="module")
+def srh_ds():
+    return make_dataset(LAYOUT)
+
+
+def crop_aug():
+    return build_augmentation(
+        {"random_resized_crop": {"scale": [0.5, 1.0]}, "horizontal_flip": {"p": 0.5}}, 8
+    )
+
+
+# --- index ---------------------------------------------------------------------------------------------------
+
+
+def test_index_groups_rows_by_patient_and_slide(srh_ds):
+    index = HierarchyIndex.from_dataset(srh_ds)
+    assert index.patient_ids == list(LAYOUT)
+    assert index.slides["P2"] == ["P2-s0", "P2-s1", "P2-s2"]
+    assert index.labels == {p: label for p, (label, _) in LAYOUT.items()}
+    assert index.class_names == CLASSES
+    assert index.num_patients == 6 and index.num_slides == 12 and index.num_patches == len(srh_ds)
+    for (patient, slide), rows in index.rows.items():
+        assert all(
+            srh_ds[int(r)]["slide_id"] == slide and srh_ds[int(r)]["patient_id"] == patient for r in rows
+        )
+    assert index.counts()["lgg"] == {"patients": 2, "slides": 4, "patches": 16}
+
+
+def test_index_follows_a_shuffled_view_and_never_decodes_images():
+    # Corrupt PNG bytes: any decode would raise, so a successful index proves it reads the id columns only.
+    rows = make_rows({"A": (0, [2]), "B": (1, [1, 1])}, modality="he")
+    for row in rows:
+        row["image"] = {"bytes": b"not a png", "path": None}
+    ds = datasets.Dataset.from_list(rows, features=features_for("he", CLASSES)).shuffle(seed=3)
+    index = HierarchyIndex.from_dataset(ds)
+    assert sorted(index.patient_ids) == ["A", "B"]
+    for (patient, _), positions in index.rows.items():
+        assert all(ds.select_columns(["patient_id"])[int(r)]["patient_id"] == patient for r in positions)
+
+
+def test_index_errors_name_the_problem():
+    rows = make_rows({"A": (0, [2]), "B": (1, [1])})
+    rows[1]["label"] = 2  # A's rows now disagree
+    features = features_for("srh", CLASSES, patch_size=SIZE)
+    with pytest.raises(ValueError, match="'A'.*different labels"):
+        HierarchyIndex.from_dataset(datasets.Dataset.from_list(rows, features=features))
+    good = datasets.Dataset.from_list(make_rows({"A": (0, [2])}), features=features)
+    with pytest.raises(ValueError, match="slide_id"):
+        HierarchyIndex.from_dataset(good.remove_columns("slide_id"))
+    with pytest.raises(ValueError, match="empty"):
+        HierarchyIndex.from_dataset(good.select([]))
+
+
+# --- sampling rules ------------------------------------------------------------------------------------------
+
+
+def test_item_and_batch_shapes(srh_ds):
+    data = HierarchicalPatchDataset(srh_ds, num_slides=2, num_patches=3, num_views=2, transform=crop_aug())
+    item = data[3]
+    assert item["pixel_values"].shape == (2, 3, 2, 3, 8, 8)
+    assert item["pixel_values"].dtype == torch.float32
+    assert item["label"] == 1 and item["patient_id"] == "P3" and len(item["slide_ids"]) == 2
+    batch = HierarchicalCollator()([data[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 2, 3, 2, 3, 8, 8)
+    assert batch["labels"].tolist() == [0, 0, 0, 1] and batch["labels"].dtype == torch.long
+    assert batch["patient_ids"] == ["P0", "P1", "P2", "P3"]
+
+
+def test_pixels_are_the_drawn_rows_converted(srh_ds):
+    data = HierarchicalPatchDataset(srh_ds, num_slides=2, num_patches=2, num_views=3, transform=None)
+    for i in range(len(data)):
+        item = data[i]
+        slide_ids, rows, _ = data.sample_rows(i)
+        assert item["slide_ids"] == slide_ids
+        for s in range(2):
+            for p in range(2):
+                raw = np.asarray(srh_ds[int(rows[s, p])]["image"], dtype=np.uint16)
+                assert srh_ds[int(rows[s, p])]["slide_id"] == slide_ids[s]
+                for v in range(3):
+                    torch.testing.assert_close(item["pixel_values"][s, p, v], srh_reference(raw))
+
+
+def test_patient_with_fewer_slides_cycles_and_others_draw_without_replacement(srh_ds):
+    data = HierarchicalPatchDataset(srh_ds, num_slides=2, num_patches=1, num_views=1, seed=5)
+    for epoch in range(4):
+        data.set_epoch(epoch)
+        assert data[0]["slide_ids"] == ["P0-s0", "P0-s0"]  # one slide, S=2: cycles
+        assert len(set(data[2]["slide_ids"])) == 2  # three slides, S=2: distinct
+    cycling = HierarchicalPatchDataset(srh_ds, num_slides=5, num_patches=1, num_views=1, seed=1)
+    slides = cycling[3]["slide_ids"]  # two slides, S=5: each slide at least twice (a cycle of a random order)
+    assert sorted(set(slides)) == ["P3-s0", "P3-s1"] and min(slides.count(s) for s in set(slides)) == 2
+
+
+def test_slide_with_fewer_patches_than_p_draws_with_replacement(srh_ds):
+    data = HierarchicalPatchDataset(srh_ds, num_slides=2, num_patches=3, num_views=1)
+    slide_ids, rows, _ = data.sample_rows(1)  # P1: slides of 4 and 1 patches
+    small = slide_ids.index("P1-s1")
+    assert len(set(rows[small].tolist())) == 1  # the only patch, three times
+    assert len(set(rows[1 - small].tolist())) == 3  # enough patches: without replacement
+    index = data.index
+    for s, slide in enumerate(slide_ids):
+        assert set(rows[s].tolist()) <= set(index.rows[("P1", slide)].tolist())
+
+
+def test_draws_are_deterministic_per_seed_and_epoch(srh_ds):
+    data = HierarchicalPatchDataset(srh_ds, num_patches=2, num_views=2, transform=crop_aug(), seed=11)
+    first = [data[i]["pixel_values"] for i in range(len(data))]
+    again = HierarchicalPatchDataset(srh_ds, num_patches=2, num_views=2, transform=crop_aug(), seed=11)
+    assert all(torch.equal(a, again[i]["pixel_values"]) for i, a in enumerate(first))
+    data.set_epoch(1)
+    assert not all(torch.equal(a, data[i]["pixel_values"]) for i, a in enumerate(first))
+    data.set_epoch(0)
+    assert all(torch.equal(a, data[i]["pixel_values"]) for i, a in enumerate(first))
+    other_seed = HierarchicalPatchDataset(srh_ds, num_patches=2, num_views=2, transform=crop_aug(), seed=12)
+    assert not all(torch.equal(a, other_seed[i]["pixel_values"]) for i, a in enumerate(first))
+
+
+def test_views_of_a_patch_differ(srh_ds):
+    aug = build_augmentation({"random_resized_crop": {"scale": [0.2, 0.5]}}, 8)
+    ds = datasets.Dataset.from_list(
+        [
+            dict(row, image=np.random.default_rng(i).integers(0, 65535, (SIZE, SIZE, 2), dtype=np.uint16))
+            for i, row in enumerate(make_rows({"A": (0, [2])}))
+        ],
+        features=features_for("srh", CLASSES, patch_size=SIZE),
+    )
+    pixels = HierarchicalPatchDataset(ds, num_slides=1, num_patches=1, num_views=2, transform=aug)[0][
+        "pixel_values"
+    ]
+    assert not torch.equal(pixels[0, 0, 0], pixels[0, 0, 1])
+
+
+def test_dataloader_workers_give_identical_batches(srh_ds):
+    data = HierarchicalPatchDataset(srh_ds, num_patches=2, num_views=2, transform=crop_aug(), seed=3)
+
+    def run(**kwargs):
+        loader = DataLoader(data, batch_size=2, collate_fn=collate_hierarchical, **kwargs)
+        out = []
+        for epoch in range(2):
+            data.set_epoch(epoch)
+            out.extend(batch["pixel_values"] for batch in loader)
+        return out
+
+    serial = run(num_workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(serial, run(num_workers=2), strict=True))
+    # Persistent workers see set_epoch through shared memory.
+    assert all(
+        torch.equal(a, b) for a, b in zip(serial, run(num_workers=2, persistent_workers=True), strict=True)
+    )
+    assert not torch.equal(serial[0], serial[3])  # epoch 1 differs from epoch 0
+
+
+def test_class_balancing_replicates_smaller_classes(srh_ds):
+    data = HierarchicalPatchDataset(srh_ds, balance_classes=True, seed=4)
+    per_class = {label: 0 for label in range(3)}
+    for patient in data.patients:
+        per_class[data.index.labels[patient]] += 1
+    assert per_class == {0: 3, 1: 3, 2: 3}
+    assert data.patients.count("P5") == 3 and set(data.patients) == set(LAYOUT)
+    assert balanced_patient_list(data.index, seed=4) == data.patients
+    assert len(data) == 9
+    # Copies of one patient are different samples (randomness follows the item index, not the patient).
+    augmented = HierarchicalPatchDataset(srh_ds, balance_classes=True, seed=4, transform=crop_aug())
+    copies = [augmented[i]["pixel_values"] for i, p in enumerate(augmented.patients) if p == "P5"]
+    assert not torch.equal(copies[0], copies[1])
+
+
+def test_bad_arguments_are_named(srh_ds):
+    with pytest.raises(ValueError, match="num_patches"):
+        HierarchicalPatchDataset(srh_ds, num_patches=0)
+    with pytest.raises(ValueError, match="seed"):
+        HierarchicalPatchDataset(srh_ds, seed=-1)
+    with pytest.raises(ValueError, match="image"):
+        HierarchicalPatchDataset(srh_ds.remove_columns("image"))
+    with pytest.raises(ValueError, match="different shapes"):
+        collate_hierarchical(
+            [
+                {
+                    "pixel_values": torch.zeros(1, 1, 1, 3, 4, 4),
+                    "label": 0,
+                    "patient_id": "a",
+                    "slide_ids": ["x"],
+                },
+                {
+                    "pixel_values": torch.zeros(1, 1, 1, 3, 5, 5),
+                    "label": 0,
+                    "patient_id": "b",
+                    "slide_ids": ["y"],
+                },
+            ]
+        )
+
+
+def test_he_dataset_is_scaled_by_255():
+    ds = make_dataset({"A": (0, [2]), "B": (1, [2, 1])}, modality="he")
+    data = HierarchicalPatchDataset(ds, num_slides=1, num_patches=1, num_views=1)
+    item = data[1]
+    rows = data.sample_rows(1)[1]
+    expected = np.asarray(ds[int(rows[0, 0])]["image"], dtype=np.float32) / 255
+    torch.testing.assert_close(item["pixel_values"][0, 0, 0], torch.from_numpy(expected).permute(2, 0, 1))
+
+
+# --- process sharding ----------------------------------------------------------------------------------------
+
+
+def test_accelerate_sharding_covers_each_patient_once_with_identical_samples():
+    from accelerate.data_loader import prepare_data_loader
+
+    layout = {f"Q{i}": (i % 3, [2, 1 + i % 2]) for i in range(8)}
+    data = HierarchicalPatchDataset(make_dataset(layout), num_patches=2, transform=crop_aug(), seed=9)
+    single = {}
+    for batch in DataLoader(data, batch_size=2, collate_fn=collate_hierarchical):
+        single.update(zip(batch["patient_ids"], batch["pixel_values"], strict=True))
+    seen = []
+    for rank in range(2):
+        loader = prepare_data_loader(
+            DataLoader(data, batch_size=2, collate_fn=collate_hierarchical),
+            num_processes=2,
+            process_index=rank,
+            put_on_device=False,
+        )
+        for batch in loader:
+            for patient, pixels in zip(batch["patient_ids"], batch["pixel_values"], strict=True):
+                seen.append(patient)
+                assert torch.equal(pixels, single[patient])
+    assert sorted(seen) == sorted(layout)  # each patient exactly once over the two processes
+    shards = [data.shard_patients(2, r) for r in range(2)]
+    assert sorted(shards[0].indices + shards[1].indices) == list(range(8))
+    assert torch.equal(shards[1][0]["pixel_values"], single[data.patients[1]])
+    with pytest.raises(ValueError, match="shard index"):
+        data.shard_patients(2, 2)
+
+
+# --- streaming -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parquet_stream(tmp_path_factory, srh_ds):
+    path = tmp_path_factory.mktemp("stream") / "train.parquet"
+    srh_ds.to_parquet(str(path))
+    return str(path)
+
+
+def stream(path):
+    return datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
+
+
+def test_streaming_emits_each_patient_of_a_sorted_stream_once(parquet_stream, srh_ds):
+    data = HierarchicalStreamingDataset(
+        stream(parquet_stream), num_slides=2, num_patches=2, num_views=1, buffer_size=2
+    )
+    assert data.modality == "srh" and data.class_names == CLASSES
+    items = list(data)
+    assert sorted(item["patient_id"] for item in items) == sorted(LAYOUT)
+    assert all(item["pixel_values"].shape == (2, 2, 1, 3, SIZE, SIZE) for item in items)
+    # Pixels are real rows of the right slide, converted as DESIGN 1.7 says.
+    by_patch = {}
+    for row in srh_ds:
+        by_patch.setdefault(row["slide_id"], []).append(
+            srh_reference(np.asarray(row["image"], dtype=np.uint16))
+        )
+    for item in items:
+        assert item["label"] == LAYOUT[item["patient_id"]][0]
+        for s, slide in enumerate(item["slide_ids"]):
+            for p in range(2):
+                assert any(torch.allclose(item["pixel_values"][s, p, 0], ref) for ref in by_patch[slide])
+    assert item["slide_ids"] == ["P5-s0", "P5-s1"] or item["slide_ids"] == ["P5-s1", "P5-s0"]
+
+
+def test_streaming_is_split_across_workers_and_ranks_deterministically(parquet_stream):
+    def run(num_workers=0, rank=None, world_size=None, epoch=0):
+        data = HierarchicalStreamingDataset(
+            stream(parquet_stream),
+            num_patches=2,
+            num_views=2,
+            transform=crop_aug(),
+            seed=2,
+            rank=rank,
+            world_size=world_size,
+        )
+        data.set_epoch(epoch)
+        loader = DataLoader(data, batch_size=None, num_workers=num_workers)
+        return {item["patient_id"]: item["pixel_values"] for item in loader}
+
+    serial = run()
+    assert sorted(serial) == sorted(LAYOUT)
+    workers = run(num_workers=2)
+    assert sorted(workers) == sorted(LAYOUT) and all(torch.equal(serial[p], workers[p]) for p in LAYOUT)
+    ranks = [run(rank=r, world_size=2) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1]) and set(ranks[0]) | set(ranks[1]) == set(LAYOUT)
+    assert all(torch.equal(serial[p], ranks[r][p]) for r in range(2) for p in ranks[r])
+    assert not all(torch.equal(serial[p], t) for p, t in run(epoch=1).items())
+
+
+def test_streaming_buffer_evicts_the_oldest_and_caps_patients(srh_ds):
+    # Interleave two patients' rows: with room for one patient, every switch evicts the other.
+    rows = [srh_ds[i] for i in range(len(srh_ds)) if srh_ds[i]["patient_id"] in ("P3", "P4")]
+    p3, p4 = [r for r in rows if r["patient_id"] == "P3"], [r for r in rows if r["patient_id"] == "P4"]
+    interleaved = [row for pair in zip(p3, p4, strict=False) for row in pair]
+    for row in interleaved:
+        row["image"] = np.asarray(row["image"], dtype=np.uint16)
+    items = list(
+        HierarchicalStreamingDataset(interleaved, num_patches=1, num_views=1, buffer_size=1, modality="srh")
+    )
+    assert len(items) == len(interleaved)  # each row became its own group
+    capped = list(
+        HierarchicalStreamingDataset(p3, num_patches=1, num_views=1, patches_per_patient=4, modality="srh")
+    )
+    assert [item["patient_id"] for item in capped] == ["P3"] * 3  # 10 patches in groups of 4, 4, 2
+    with pytest.raises(ValueError, match="modality"):
+        HierarchicalStreamingDataset(p3)
