@@ -1,0 +1,89 @@
+"""Checks on the attribute banks shipped in hlss_hf/attributes (format, sizes, uniqueness)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ATTRIBUTES = Path(__file__).resolve().parents[1] / "hlss_hf" / "attributes"
+LEVELS = ("patch", "slide", "patient")
+# (file, exact count per level or None, minimum count per level)
+BANKS = [("srh_brain_tumor.yaml", 128, 128), ("he_tcga.yaml", None, 64)]
+MIN_DESCRIPTIONS = 4
+NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+
+
+def _load(filename):
+    with open(ATTRIBUTES / filename, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+@pytest.mark.parametrize("filename, exact, minimum", BANKS)
+def test_bank_levels_and_counts(filename, exact, minimum):
+    bank = _load(filename)
+    assert isinstance(bank, dict)
+    assert list(bank) == list(LEVELS), f"{filename}: levels must be exactly {LEVELS}"
+    for level in LEVELS:
+        assert isinstance(bank[level], dict), f"{filename}: {level} must map names to descriptions"
+        count = len(bank[level])
+        if exact is not None:
+            assert count == exact, f"{filename}: {level} has {count} attributes, expected {exact}"
+        assert count >= minimum, f"{filename}: {level} has {count} attributes, expected >= {minimum}"
+
+
+@pytest.mark.parametrize("filename", [b[0] for b in BANKS])
+def test_names_are_snake_case_and_not_numbered_filler(filename):
+    bank = _load(filename)
+    for level in LEVELS:
+        for name in bank[level]:  # YAML mappings cannot repeat keys after loading; check the raw file below
+            assert NAME_RE.match(name), f"{filename}: {level}.{name} is not snake_case"
+            assert not re.search(r"(^|_)(feature|attr|attribute|item)?_?\d+$", name), (
+                f"{filename}: {level}.{name} looks like numbered filler"
+            )
+            words = [w for w in name.split("_") if not w.isdigit()]
+            assert words, f"{filename}: {level}.{name} has no words"
+
+
+@pytest.mark.parametrize("filename", [b[0] for b in BANKS])
+def test_names_unique_per_level_in_raw_file(filename):
+    # yaml.safe_load silently keeps the last of two equal keys, so count the raw two-space-indented keys.
+    seen = {}
+    level = None
+    for line in (ATTRIBUTES / filename).read_text(encoding="utf-8").splitlines():
+        if re.match(r"^[a-z]+:\s*$", line):
+            level = line.rstrip(":").strip()
+            seen[level] = []
+        elif m := re.match(r"^  ([a-z0-9_]+):\s*$", line):
+            seen[level].append(m.group(1))
+    assert list(seen) == list(LEVELS)
+    for level, names in seen.items():
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        assert not duplicates, f"{filename}: duplicate names in {level}: {duplicates}"
+
+
+@pytest.mark.parametrize("filename", [b[0] for b in BANKS])
+def test_descriptions_nonempty_enough_and_unique_file_wide(filename):
+    bank = _load(filename)
+    owner = {}
+    for level in LEVELS:
+        for name, descriptions in bank[level].items():
+            assert isinstance(descriptions, list), f"{filename}: {level}.{name} must be a list"
+            assert len(descriptions) >= MIN_DESCRIPTIONS, (
+                f"{filename}: {level}.{name} has {len(descriptions)} descriptions, expected >= {MIN_DESCRIPTIONS}"
+            )
+            for text in descriptions:
+                assert isinstance(text, str) and text.strip(), f"{filename}: empty description in {level}.{name}"
+                assert len(text.split()) >= 4, f"{filename}: {level}.{name}: too short: {text!r}"
+                key = text.strip().lower()
+                assert key not in owner, f"{filename}: {text!r} in {level}.{name} repeats {owner.get(key)}"
+                owner[key] = f"{level}.{name}"
+
+
+def test_srh_and_he_banks_name_their_modality():
+    srh, he = _load("srh_brain_tumor.yaml"), _load("he_tcga.yaml")
+    for level in LEVELS:
+        for name, descriptions in srh[level].items():
+            assert any("srh" in d.lower() or "raman" in d.lower() for d in descriptions), name
+        for name, descriptions in he[level].items():
+            assert any("h&e" in d.lower() or "haematoxylin" in d.lower() for d in descriptions), name
