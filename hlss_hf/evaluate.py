@@ -1,0 +1,317 @@
+"""Evaluate a frozen HLSS image encoder: kNN, linear probe, zero-shot, or attribute explanations.
+
+    python -m hlss_hf.evaluate knn --model out/hlss --dataset data/demo --output-dir out/eval
+    python -m hlss_hf.evaluate linear --model out/hlss --dataset data/demo --split validation --output-dir out/eval
+    python -m hlss_hf.evaluate zeroshot --model out/hlss --dataset data/demo --prompts prompts.yaml --output-dir out/eval
+    python -m hlss_hf.evaluate explain --model out/hlss --dataset data/demo --slide-id P001-S1 --output-dir out/eval
+    python -m hlss_hf.evaluate knn --model out/hlss --dataset data/demo --output-dir out/eval --update-card
+
+kNN and the linear probe use `--train-split` as the bank / training set and report patch, slide and patient metrics
+on `--split` (DESIGN 1.6). Each run writes `<mode>_<split>.json` (metrics, confusion matrices, settings) and
+`<mode>_<split>_confusion_<level>.png` to `--output-dir`; `--update-card` records the metrics as model-index
+evaluation results in the model folder's README.md. `explain` writes per-class attribute summaries (JSON and one
+heatmap PNG per level) and, with `--index`, `--slide-id` or `--patient-id`, that target's top attributes.
+Zero-shot prompts: a YAML/JSON file `class -> [prompts]`; without one, "an image of {class}" style templates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("hlss_hf.evaluate")
+
+MODES = ("knn", "linear", "zeroshot", "explain")
+DEFAULT_TEMPLATES = ("an image of {}.", "a histopathology image of {}.", "a microscopy image of {} tissue.")
+#: Metrics written to the model card, as (key, model-index metric type).
+CARD_METRICS = (("acc", "accuracy"), ("mca", "balanced_accuracy"), ("map", "mean_average_precision"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m hlss_hf.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mode", choices=MODES, help="evaluation to run")
+    parser.add_argument("--model", required=True, help="model folder or Hub id (AutoModel.from_pretrained)")
+    parser.add_argument("--dataset", required=True, help="dataset folder or Hub id (datasets.load_dataset)")
+    parser.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
+    parser.add_argument(
+        "--train-split", default="train", help="kNN bank / probe training split (default: train)"
+    )
+    parser.add_argument("--output-dir", default="eval_out", help="where the JSON report and PNG plots go")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default: <output-dir>/cache)")
+    parser.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each split")
+    parser.add_argument("--k", type=int, default=200, help="kNN neighbours (clamped to the bank size)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="linear probe L2 penalty")
+    parser.add_argument("--prompts", default=None, help="zero-shot prompts: YAML/JSON class -> [prompts]")
+    parser.add_argument(
+        "--zeroshot-temperature", type=float, default=0.01, help="zero-shot softmax temperature"
+    )
+    parser.add_argument("--top-k", type=int, default=5, help="explain: attributes listed per level / class")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--index", type=int, default=None, help="explain: a patch (row of --split)")
+    target.add_argument("--slide-id", default=None, help="explain: a slide of --split")
+    target.add_argument("--patient-id", default=None, help="explain: a patient of --split")
+    parser.add_argument("--update-card", action="store_true", help="write metrics into <model>/README.md")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "k", "top_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error("--max-samples must be >= 1")
+    if args.update_card and not Path(args.model).is_dir():
+        parser.error(f"--update-card needs a local model folder; {args.model!r} is not a directory")
+    return args
+
+
+def _write_json(payload: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def load_split(dataset_path: str, split: str, max_samples: int | None = None):
+    """One split of a dataset folder (Hub layout or `save_to_disk`) or Hub id; clear error for a missing split."""
+    import datasets
+
+    if Path(dataset_path, "dataset_dict.json").exists():
+        splits = datasets.load_from_disk(dataset_path)
+    else:
+        splits = datasets.load_dataset(dataset_path)
+    if split not in splits:
+        raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {list(splits)}")
+    data = splits[split]
+    if max_samples is not None:
+        data = data.select(range(min(max_samples, len(data))))
+    return data
+
+
+def load_prompts(path: str | None, class_names: list[str]) -> dict[str, list[str]]:
+    """Class prompts from a YAML / JSON file (`class -> prompt or [prompts]`), or the default templates."""
+    if path is None:
+        return {name: [t.format(name.replace("_", " ")) for t in DEFAULT_TEMPLATES] for name in class_names}
+    import yaml
+
+    with open(path) as handle:
+        raw = yaml.safe_load(handle)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping class -> [prompts], got {type(raw).__name__}")
+    return {str(k): [v] if isinstance(v, str) else [str(p) for p in v] for k, v in raw.items()}
+
+
+def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], dataset_name: str) -> Path:
+    """Record the report's metrics as model-index evaluation results in `<model_dir>/README.md`.
+
+    Results with the same metric name, dataset and split are replaced; others are kept. Written atomically.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    path = Path(model_dir) / "README.md"
+    if path.exists():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard.from_template(
+            ModelCardData(library_name="transformers", tags=["hlss", "histopathology"])
+        )
+    data = card.data
+    if not getattr(data, "model_name", None):
+        data.model_name = Path(model_dir).resolve().name
+    mode, split = report["mode"], report["split"]
+    new = [
+        EvalResult(
+            task_type="image-classification",
+            task_name=f"{mode} evaluation of frozen embeddings",
+            dataset_type=dataset_name,
+            dataset_name=Path(dataset_name).name or dataset_name,
+            dataset_split=split,
+            metric_type=metric_type,
+            metric_name=f"{level} {key} ({mode})",
+            metric_value=round(float(report["metrics"][f"{level}/{key}"]), 6),
+        )
+        for level in ("patch", "slide", "patient")
+        for key, metric_type in CARD_METRICS
+        if f"{level}/{key}" in report["metrics"]
+    ]
+    replaced = {(r.metric_name, r.dataset_type, r.dataset_split) for r in new}
+    kept = [
+        r
+        for r in (data.eval_results or [])
+        if (r.metric_name, r.dataset_type, r.dataset_split) not in replaced
+    ]
+    data.eval_results = kept + new
+    text = str(card)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _load_model(args):
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    import hlss_hf  # noqa: F401  (registers HLSS with the Auto classes)
+
+    model = AutoModel.from_pretrained(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    try:
+        processor = AutoImageProcessor.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        logger.warning(
+            "No image processor in %s (%s); using the default conversion and centre crop", args.model, err
+        )
+        processor = None
+    tokenizer = None
+    if args.mode == "zeroshot":
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"zero-shot needs the text tower's tokenizer, none found in {args.model}: {err}"
+            ) from err
+    return model, processor, tokenizer
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one evaluation; returns the report written to `<output-dir>/<mode>_<split>.json`."""
+    from hlss_hf import explain as explain_lib
+    from hlss_hf.evaluation import (
+        extract_embeddings,
+        hierarchical_confusion_matrices,
+        hierarchical_metrics,
+        knn_scores,
+        train_linear_probe,
+        zero_shot_scores,
+    )
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = None if args.no_cache else (args.cache_dir or output_dir / "cache")
+
+    # 1. Model and data.
+    model, processor, tokenizer = _load_model(args)
+    evaluated = load_split(args.dataset, args.split, args.max_samples)
+
+    def embed(data):
+        return extract_embeddings(
+            model, data, processor=processor, batch_size=args.batch_size, cache_dir=cache_dir
+        )
+
+    val = embed(evaluated)
+    report: dict[str, Any] = {
+        "mode": args.mode,
+        "model": str(args.model),
+        "dataset": str(args.dataset),
+        "split": args.split,
+        "num_patches": len(val),
+        "class_names": val.class_names,
+    }
+    stem = f"{args.mode}_{args.split}"
+
+    # 2. Explanations: per-class attribute summaries, and one target when asked.
+    if args.mode == "explain":
+        summary = explain_lib.class_attribute_summary(model, val, k=args.top_k)
+        report["class_summary"] = summary
+        report["plots"] = [
+            str(explain_lib.plot_class_heatmap(summary, level, output_dir / f"{stem}_classes_{level}.png"))
+            for level in summary["levels"]
+        ]
+        if args.index is not None or args.slide_id is not None or args.patient_id is not None:
+            target = explain_lib.explain(
+                model, val, index=args.index, slide_id=args.slide_id, patient_id=args.patient_id, k=args.top_k
+            )
+            report["target"] = target
+            name = f"{target['target']['kind']}_{target['target']['id']}".replace(os.sep, "_")
+            report["plots"].append(
+                str(explain_lib.plot_explanation(target, output_dir / f"{stem}_{name}.png"))
+            )
+        _write_json(report, output_dir / f"{stem}.json")
+        return report
+
+    # 3. Patch scores.
+    if args.mode == "knn":
+        train = embed(load_split(args.dataset, args.train_split, args.max_samples))
+        scores = knn_scores(train, val, k=args.k, temperature=args.temperature)
+        report["settings"] = {
+            "k": min(args.k, len(train)),
+            "temperature": args.temperature,
+            "train_split": args.train_split,
+        }
+    elif args.mode == "linear":
+        import torch
+
+        train = embed(load_split(args.dataset, args.train_split, args.max_samples))
+        if train.class_names != val.class_names:
+            raise ValueError(
+                f"class names differ: {args.train_split} {train.class_names}, {args.split} {val.class_names}"
+            )
+        probe = train_linear_probe(train, weight_decay=args.weight_decay)
+        with torch.no_grad():
+            scores = probe(val.embeddings).softmax(dim=-1)
+        report["settings"] = {"weight_decay": args.weight_decay, "train_split": args.train_split}
+    else:
+        prompts = load_prompts(args.prompts, val.class_names)
+        scores = zero_shot_scores(model, tokenizer, val, prompts, temperature=args.zeroshot_temperature)
+        report["settings"] = {"prompts": prompts, "temperature": args.zeroshot_temperature}
+
+    # 4. Metrics, confusion matrices, plots.
+    report["metrics"] = hierarchical_metrics(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes
+    )
+    matrices = hierarchical_confusion_matrices(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes
+    )
+    report["confusion_matrices"] = {level: m.tolist() for level, m in matrices.items()}
+    report["plots"] = [
+        str(
+            explain_lib.plot_confusion_matrix(
+                m,
+                val.class_names,
+                output_dir / f"{stem}_confusion_{level}.png",
+                title=f"{args.mode} {level} ({args.split})",
+            )
+        )
+        for level, m in matrices.items()
+    ]
+    _write_json(report, output_dir / f"{stem}.json")
+
+    # 5. Model card.
+    if args.update_card:
+        report["card"] = str(update_model_card(args.model, report, args.dataset))
+        _write_json(report, output_dir / f"{stem}.json")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        report = run(args)
+    except ValueError as err:
+        # Bad input (missing split, unknown classes, no text tower...): one clear line, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    for key, value in report.get("metrics", {}).items():
+        print(f"{key}: {value:.4f}")
+    print(f"report: {Path(args.output_dir) / (args.mode + '_' + args.split + '.json')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Interpretability through the language-tied heads: which attributes an image, slide or patient is tied to.
+
+HLSS heads map an image embedding `z` to attribute space, `u_l = normalize(head_l(z))`, whose coordinate `a`
+is the affinity to attribute `a` of level `l` (DESIGN 1.3); the attribute names are in
+`model.config.attribute_names`. A slide or patient is explained by the mean affinities of its patches.
+Figures are drawn with matplotlib's Agg canvas (no display, no global backend switch).
+
+Example:
+
+```python
+from hlss_hf.explain import explain, plot_explanation, class_attribute_summary, plot_class_heatmap
+
+report = explain(model, val_embeddings, slide_id="NIO_001-1", k=5)
+plot_explanation(report, "out/slide_NIO_001-1.png")
+summary = class_attribute_summary(model, val_embeddings)
+plot_class_heatmap(summary, "patch", "out/classes_patch.png")
+```
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hlss_hf.evaluation import EmbeddingSet
+
+LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
+
+
+def _attribute_names(model: nn.Module) -> dict[str, list[str]]:
+    config = getattr(model, "config", None)
+    names = getattr(config, "attribute_names", None)
+    if not names or getattr(model, "heads", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no attribute heads / config.attribute_names: interpretability needs an "
+            "HLSSModel built with attribute banks"
+        )
+    return {level: list(names[level]) for level in LEVELS if names.get(level)}
+
+
+def attribute_scores(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    level: str = "patch",
+    use_heads: bool = True,
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """Affinities of precomputed image embeddings to the attributes of one level.
+
+    Args:
+        model (`nn.Module`): an `HLSSModel` (modules `heads[level]`, buffers `bank_{level}`).
+        embeddings (`torch.FloatTensor` of shape `[N, D]`): normalised image embeddings.
+        level (`str`, defaults to `"patch"`): `"patch"`, `"slide"` or `"patient"`.
+        use_heads (`bool`, defaults to `True`): the trained heads `normalize(head_l(z))`; `False` uses the
+            fixed bank cosines `z . t_a`.
+        batch_size (`int`, defaults to 4096): rows per matrix product.
+
+    Returns:
+        `torch.FloatTensor` of shape `[N, N_l]` on the CPU.
+    """
+    names = _attribute_names(model)
+    if level not in names:
+        raise ValueError(f"level must be one of {list(names)}, got {level!r}")
+    head = model.heads[level]
+    param = next(head.parameters())
+    rows = []
+    with torch.no_grad():
+        for start in range(0, embeddings.shape[0], batch_size):
+            z = embeddings[start : start + batch_size].to(device=param.device, dtype=param.dtype)
+            if use_heads:
+                scores = F.normalize(head(z), dim=-1)
+            else:
+                scores = z @ getattr(model, f"bank_{level}").to(z.dtype).T
+            rows.append(scores.float().cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, len(names[level]))
+
+
+def _select(embedding_set: EmbeddingSet, index, slide_id, patient_id) -> tuple[dict[str, Any], torch.Tensor]:
+    chosen = [
+        (kind, value)
+        for kind, value in (("index", index), ("slide", slide_id), ("patient", patient_id))
+        if value is not None
+    ]
+    if len(chosen) != 1:
+        raise ValueError("give exactly one of index, slide_id or patient_id")
+    kind, value = chosen[0]
+    if kind == "index":
+        if not -len(embedding_set) <= int(value) < len(embedding_set):
+            raise ValueError(f"index {value} is outside the {len(embedding_set)} patches")
+        rows = torch.tensor([int(value) % len(embedding_set)])
+    else:
+        ids = embedding_set.slide_ids if kind == "slide" else embedding_set.patient_ids
+        if ids is None:
+            raise ValueError(f"the embeddings have no {kind} ids (the dataset has no {kind}_id column)")
+        rows = torch.tensor([i for i, v in enumerate(ids) if v == str(value)], dtype=torch.long)
+        if len(rows) == 0:
+            raise ValueError(f"{kind} {value!r} is not in the embeddings")
+    labels = sorted({int(v) for v in embedding_set.labels[rows]})
+    target = {
+        "kind": kind,
+        "id": int(value) if kind == "index" else str(value),
+        "num_patches": len(rows),
+        "labels": [embedding_set.class_names[c] for c in labels],
+    }
+    return target, rows
+
+
+def explain(
+    model: nn.Module,
+    embedding_set: EmbeddingSet,
+    index: int | None = None,
+    slide_id: str | None = None,
+    patient_id: str | None = None,
+    k: int = 5,
+    use_heads: bool = True,
+) -> dict[str, Any]:
+    """Top attributes of every level for one image, one slide or one patient (mean over its patches).
+
+    Args:
+        model (`nn.Module`): an `HLSSModel`.
+        embedding_set (:class:`~hlss_hf.evaluation.EmbeddingSet`): embeddings holding the target.
+        index (`int`, *optional*): a patch (row of the set).
+        slide_id (`str`, *optional*): a slide; its patches' affinities are averaged.
+        patient_id (`str`, *optional*): a patient; its patches' affinities are averaged.
+        k (`int`, defaults to 5): attributes per level (capped at the level's size).
+        use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
+
+    Returns:
+        JSON-ready `dict`: `{"target": {"kind", "id", "num_patches", "labels"}, "levels": {level:
+        [{"attribute": name, "score": float}, ...]}}`, attributes by decreasing score.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    names = _attribute_names(model)
+    target, rows = _select(embedding_set, index, slide_id, patient_id)
+    levels = {}
+    for level, level_names in names.items():
+        mean = attribute_scores(model, embedding_set.embeddings[rows], level, use_heads).mean(dim=0)
+        values, order = mean.topk(min(k, len(level_names)))
+        levels[level] = [
+            {"attribute": level_names[i], "score": float(v)}
+            for v, i in zip(values.tolist(), order.tolist(), strict=True)
+        ]
+    return {"target": target, "levels": levels}
+
+
+def class_attribute_summary(
+    model: nn.Module, embedding_set: EmbeddingSet, k: int = 5, use_heads: bool = True
+) -> dict[str, Any]:
+    """Mean attribute affinity of each class, and each class's top attributes, per level.
+
+    Args:
+        model (`nn.Module`): an `HLSSModel`.
+        embedding_set (:class:`~hlss_hf.evaluation.EmbeddingSet`): labelled embeddings.
+        k (`int`, defaults to 5): top attributes listed per class.
+        use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
+
+    Returns:
+        JSON-ready `dict`: `{"class_names": [...], "num_patches": {class: n}, "levels": {level: {"attributes":
+        [...], "mean": [[C x N_l]], "top": {class: [{"attribute", "score"}]}}}}`; classes without patches have
+        NaN means and no top attributes.
+    """
+    if len(embedding_set) == 0:
+        raise ValueError("cannot summarise an empty embedding set")
+    names = _attribute_names(model)
+    num_classes = embedding_set.num_classes
+    counts = torch.bincount(embedding_set.labels, minlength=num_classes)
+    summary: dict[str, Any] = {
+        "class_names": embedding_set.class_names,
+        "num_patches": {
+            name: int(n) for name, n in zip(embedding_set.class_names, counts.tolist(), strict=True)
+        },
+        "levels": {},
+    }
+    for level, level_names in names.items():
+        scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)
+        sums = torch.zeros(num_classes, scores.shape[1]).index_add_(0, embedding_set.labels, scores)
+        mean = sums / counts[:, None].clamp(min=1)
+        mean[counts == 0] = float("nan")
+        top = {}
+        for c, class_name in enumerate(embedding_set.class_names):
+            if counts[c] == 0:
+                top[class_name] = []
+                continue
+            values, order = mean[c].topk(min(k, len(level_names)))
+            top[class_name] = [
+                {"attribute": level_names[i], "score": float(v)}
+                for v, i in zip(values.tolist(), order.tolist(), strict=True)
+            ]
+        summary["levels"][level] = {"attributes": level_names, "mean": mean.tolist(), "top": top}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+
+
+def _save(figure, path: str | os.PathLike) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def plot_explanation(explanation: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Bar chart of :func:`explain`'s top attributes, one panel per level; written as PNG to `path`."""
+    from matplotlib.figure import Figure
+
+    levels = explanation["levels"]
+    figure = Figure(
+        figsize=(5 * len(levels), 0.4 * max(len(v) for v in levels.values()) + 1.8), layout="constrained"
+    )
+    axes = figure.subplots(1, len(levels), squeeze=False)[0]
+    for axis, (level, items) in zip(axes, levels.items(), strict=True):
+        labels = [item["attribute"] for item in items][::-1]
+        axis.barh(labels, [item["score"] for item in items][::-1], color="tab:blue")
+        axis.set_title(f"{level} attributes")
+        axis.set_xlabel("affinity")
+    target = explanation["target"]
+    figure.suptitle(
+        f"{target['kind']} {target['id']} ({target['num_patches']} patches, {', '.join(target['labels'])})"
+    )
+    return _save(figure, path)
+
+
+def plot_class_heatmap(summary: dict[str, Any], level: str, path: str | os.PathLike) -> Path:
+    """Heatmap of mean attribute affinity per class (rows) and attribute (columns) of one level, as PNG."""
+    from matplotlib.figure import Figure
+
+    if level not in summary["levels"]:
+        raise ValueError(f"level {level!r} not in the summary (levels: {list(summary['levels'])})")
+    data = summary["levels"][level]
+    classes, attributes = summary["class_names"], data["attributes"]
+    figure = Figure(figsize=(max(4.0, 0.6 * len(attributes) + 2), max(3.0, 0.45 * len(classes) + 1.5)))
+    axis = figure.subplots()
+    image = axis.imshow(torch.tensor(data["mean"]).numpy(), aspect="auto", cmap="viridis")
+    axis.set_xticks(range(len(attributes)), attributes, rotation=60, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_title(f"mean {level} attribute affinity per class")
+    figure.colorbar(image, ax=axis)
+    return _save(figure, path)
+
+
+def plot_confusion_matrix(
+    matrix: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike, title: str = "confusion matrix"
+) -> Path:
+    """Confusion matrix (rows true, columns predicted) with counts in the cells, as PNG."""
+    from matplotlib.figure import Figure
+
+    matrix = torch.as_tensor(matrix)
+    size = max(3.5, 0.55 * len(class_names) + 2)
+    figure = Figure(figsize=(size, size))
+    axis = figure.subplots()
+    axis.imshow(matrix.numpy(), cmap="Blues")
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(len(class_names)), class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    peak = float(matrix.max()) if matrix.numel() else 0.0
+    for (row, col), value in zip(
+        torch.cartesian_prod(torch.arange(matrix.shape[0]), torch.arange(matrix.shape[1])).tolist(),
+        matrix.flatten().tolist(),
+        strict=True,
+    ):
+        axis.text(
+            col,
+            row,
+            str(int(value)),
+            ha="center",
+            va="center",
+            color="white" if value > peak / 2 else "black",
+            fontsize=8,
+        )
+    return _save(figure, path)
