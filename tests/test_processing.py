@@ -1,6 +1,9 @@
 """Tests for hlss_hf.processing_hlss: pixel conversion, HLSSImageProcessor, HLSSProcessor."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -319,8 +322,10 @@ def test_image_processor_round_trip_with_auto_image_processor(tmp_path, register
 
     local = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(local) is HLSSImageProcessor
-    remote = AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
-    for loaded in (local, remote):
+    # hlss_hf is registered in this process, so trust_remote_code still picks the local class (the remote-code
+    # path itself is tested in a subprocess below).
+    trusted = AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    for loaded in (local, trusted):
         assert loaded.to_dict() == processor.to_dict()
         assert torch.equal(loaded(patch)["pixel_values"], expected)
     # from_pretrained keyword arguments override the stored settings.
@@ -371,3 +376,49 @@ def test_image_feature_extraction_pipeline_uses_the_processor():
         expected = model(**processor(image)).last_hidden_state
     assert features.shape == (1, 5, 32)
     torch.testing.assert_close(features, expected)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+    import torch
+
+    sys.modules["hlss_hf"] = None  # behave like a machine without hlss_hf installed
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    folder = sys.argv[1]
+    image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    for obj in (image_processor, processor, processor.image_processor):
+        assert type(obj).__module__.startswith("transformers_modules"), type(obj).__module__
+    patch = np.load(folder + "/patch.npy")
+    expected = torch.from_numpy(np.load(folder + "/expected.npy"))
+    assert torch.equal(image_processor(patch)["pixel_values"], expected)
+    batch = processor(images=[patch], text=["an SRH image showing perinuclear halos"])
+    assert torch.equal(batch["pixel_values"], expected) and batch["input_ids"].shape[0] == 1
+    print("REMOTE-OK", type(processor).__name__, type(image_processor).__name__)
+    """
+)
+
+
+def test_saved_processor_loads_as_remote_code_without_hlss_hf(tmp_path, registered):
+    processor = HLSSProcessor(
+        HLSSImageProcessor(modality="srh", crop_size=6), AutoTokenizer.from_pretrained(_minilm_path())
+    )
+    processor.save_pretrained(tmp_path)
+    patch = np.random.default_rng(6).integers(0, 65536, size=(9, 9, 2), dtype=np.uint16)
+    np.save(tmp_path / "patch.npy", patch)
+    np.save(tmp_path / "expected.npy", processor.image_processor(patch)["pixel_values"].numpy())
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-OK HLSSProcessor HLSSImageProcessor" in result.stdout
