@@ -308,9 +308,8 @@ class HierarchicalPatchDataset(Dataset):
         self.patients = (
             balanced_patient_list(self.index, seed) if balance_classes else list(self.index.patient_ids)
         )
-        # SRH arrays come out of numpy formatting as one (N, H, W, 2) block per patient, without Python lists.
-        images = dataset.select_columns([IMAGE])
-        self._images = images.with_format("numpy") if self.modality == "srh" else images
+        self._images = dataset.select_columns([IMAGE])
+        self._srh_reader: _FixedArrayReader | None = None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -388,16 +387,22 @@ class HierarchicalPatchDataset(Dataset):
             "slide_ids": slide_ids,
         }
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The reader holds numpy views of memory-mapped Arrow buffers: rebuild it in each worker, never pickle it.
+        state = dict(self.__dict__)
+        state["_srh_reader"] = None
+        return state
+
     def _read(self, rows: list[int], patient: str) -> torch.Tensor | list[torch.Tensor]:
         try:
+            if self.modality == "srh":
+                if self._srh_reader is None:
+                    self._srh_reader = _FixedArrayReader(self._images)
+                block = np.stack([decode_image(view) for view in self._srh_reader.rows(rows)])
+                return to_float(block, self.modality)
             column = self._images[rows][IMAGE]
-        except Exception as error:  # a corrupt shard or row: say whose rows failed
-            raise ValueError(f"patient {patient!r}: cannot read image rows {rows[:8]}...: {error}") from error
-        if isinstance(column, np.ndarray) and column.dtype != object:
-            # Fixed-size SRH block (N, H, W, 2): decode_image's per-row work is only a dtype check.
-            if column.ndim == 4 and column.shape[-1] == 2:
-                return to_float(column.astype(np.uint16, copy=False), self.modality)
-            return to_float(np.stack([decode_image(v) for v in column]), self.modality)
+        except (ValueError, TypeError, OSError, pa.ArrowException) as error:  # say whose rows failed
+            raise ValueError(f"patient {patient!r}: cannot read image rows {rows[:8]}: {error}") from error
         decoded = [decode_image(value) for value in column]
         if len({d.shape for d in decoded}) == 1:
             return to_float(np.stack(decoded), self.modality)
@@ -418,6 +423,52 @@ class HierarchicalPatchDataset(Dataset):
         if not 0 <= index < num_shards:
             raise ValueError(f"shard index must be in [0, {num_shards}), got {index}")
         return Subset(self, list(range(index, len(self), num_shards)))
+
+
+class _FixedArrayReader:
+    """Zero-copy numpy views of a fixed-shape array column (SRH ``Array3D``) of a :class:`datasets.Dataset`.
+
+    ``dataset[rows]`` goes through datasets' formatting, which copies nested lists (and the numpy formatter
+    widens uint16 to int64); here each Arrow chunk's values buffer is viewed once as ``(rows, H, W, C)``, so a
+    read is an index into memory-mapped data. Falls back to the Arrow formatter when the storage is not a plain
+    fixed-size layout (nulls, sliced chunks).
+    """
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.dataset = dataset
+        feature = dataset.features[IMAGE]
+        self.shape = tuple(int(v) for v in feature.shape)
+        self.dtype = np.dtype(feature.dtype)
+        indices = dataset._indices  # the select/shuffle mapping, when there is one
+        self.mapping = None if indices is None else indices.column(0).to_numpy()
+        self.chunks: list[np.ndarray] | None = []
+        self.starts = [0]
+        column = dataset.data.table.column(IMAGE)
+        size = int(np.prod(self.shape))
+        for chunk in column.chunks:
+            storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+            values = storage
+            for _ in range(len(self.shape)):
+                if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type):
+                    break
+                values = values.flatten()
+            if storage.null_count or len(values) != len(chunk) * size or values.null_count:
+                self.chunks = None
+                break
+            self.chunks.append(values.to_numpy(zero_copy_only=False).reshape(len(chunk), *self.shape))
+            self.starts.append(self.starts[-1] + len(chunk))
+
+    def rows(self, rows: list[int]) -> list[np.ndarray]:
+        """The arrays of ``rows`` (positions in the dataset, after its indices mapping)."""
+        if self.chunks is None:
+            column = self.dataset.with_format("arrow")[rows][IMAGE]
+            return [np.asarray(v, dtype=self.dtype).reshape(self.shape) for v in column.to_pylist()]
+        absolute = np.asarray(rows) if self.mapping is None else self.mapping[np.asarray(rows)]
+        chunk_ids = np.searchsorted(self.starts, absolute, side="right") - 1
+        return [
+            self.chunks[c][a - self.starts[c]]
+            for a, c in zip(absolute.tolist(), chunk_ids.tolist(), strict=True)
+        ]
 
 
 def collate_hierarchical(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -157,7 +157,13 @@ def test_item_and_batch_shapes(srh_ds):
     assert batch["patient_ids"] == ["P0", "P1", "P2", "P3"]
 
 
-def test_pixels_are_the_drawn_rows_converted(srh_ds):
+@pytest.mark.parametrize("view", ["plain", "shuffled", "selected"])
+def test_pixels_are_the_drawn_rows_converted(srh_ds, view):
+    # The zero-copy reader must honour datasets' indices mapping (shuffle / select) and chunk boundaries.
+    if view == "shuffled":
+        srh_ds = srh_ds.shuffle(seed=1)
+    elif view == "selected":
+        srh_ds = datasets.concatenate_datasets([srh_ds.select(range(20, 34)), srh_ds.select(range(20))])
     data = HierarchicalPatchDataset(srh_ds, num_slides=2, num_patches=2, num_views=3, transform=None)
     for i in range(len(data)):
         item = data[i]
