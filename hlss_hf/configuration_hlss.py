@@ -1,0 +1,268 @@
+"""HLSS configuration (DESIGN 1.2-1.5).
+
+This file is also shipped as transformers remote code beside ``modeling_hlss.py``: it imports only transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+LEVELS = ("patch", "slide", "patient")
+TEXT_POOLINGS = ("pooler", "cls", "mean")
+MODALITIES = ("he", "srh")
+
+# Text towers whose pretrained projection defines the joint space (their `projection_dim`).
+_PROJECTED_TEXT_TYPES = ("clip_text_model",)
+
+
+def _resolve_sub_config(key: str, value, default_type: str) -> PreTrainedConfig:
+    """Turn ``None`` / a dict with ``model_type`` / a config (or a full CLIP-like config) into one tower config."""
+    if value is None:
+        return CONFIG_MAPPING[default_type]()
+    if isinstance(value, dict):
+        model_type = value.get("model_type")
+        if not model_type:
+            raise ValueError(f"`{key}` given as a dict needs a `model_type` entry (e.g. 'vit', 'bert')")
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"`{key}`: unknown model_type {model_type!r}")
+        value = CONFIG_MAPPING[model_type](**{k: v for k, v in value.items() if k != "model_type"})
+    if not isinstance(value, PreTrainedConfig):
+        raise ValueError(
+            f"`{key}` must be a transformers config, a dict with `model_type`, or None; got {type(value)}"
+        )
+    # A dual-tower config (e.g. CLIPConfig): take the matching tower, keeping the shared projection size.
+    nested = getattr(value, key, None)
+    if isinstance(nested, PreTrainedConfig):
+        shared_dim = getattr(value, "projection_dim", None)
+        if shared_dim is not None and hasattr(nested, "projection_dim"):
+            nested.projection_dim = shared_dim
+        value = nested
+    return value
+
+
+def text_output_dim(text_config: PreTrainedConfig) -> int:
+    """Size of the text tower's output space, i.e. the HLSS joint space.
+
+    Args:
+        text_config (`PreTrainedConfig`): the text tower's config.
+
+    Returns:
+        `int`: the pretrained projection size for projected towers (CLIP text), else the hidden size.
+    """
+    if text_config.model_type in _PROJECTED_TEXT_TYPES and getattr(text_config, "projection_dim", None):
+        return int(text_config.projection_dim)
+    return int(text_config.hidden_size)
+
+
+def vision_output_dim(vision_config: PreTrainedConfig) -> int:
+    """Size of the vision tower's pooled output.
+
+    Args:
+        vision_config (`PreTrainedConfig`): the vision tower's config.
+
+    Returns:
+        `int`: last stage width for CNNs (``hidden_sizes[-1]``: ResNet, ConvNeXt), ``num_features`` for timm
+        wrappers, else ``hidden_size`` (ViT, CLIP vision, DINOv2).
+    """
+    sizes = getattr(vision_config, "hidden_sizes", None)
+    if isinstance(sizes, (list, tuple)) and sizes:
+        return int(sizes[-1])
+    for name in ("num_features", "hidden_size"):
+        value = getattr(vision_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"`vision_config` ({vision_config.model_type}): cannot tell the pooled output size")
+
+
+def _check_number(name: str, value, *, positive: bool, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value > 0 if positive else value >= 0
+    if not ok:
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"`{name}` must be {need}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_attribute_names(attribute_names) -> dict[str, list[str]]:
+    if attribute_names is None:
+        return {level: [] for level in LEVELS}
+    if not isinstance(attribute_names, dict):
+        raise ValueError(
+            f"`attribute_names` must be a dict level -> list of names, got {type(attribute_names)}"
+        )
+    unknown = sorted(set(attribute_names) - set(LEVELS))
+    if unknown:
+        raise ValueError(f"`attribute_names` has unknown level(s) {unknown}; levels are {list(LEVELS)}")
+    checked = {}
+    for level in LEVELS:
+        names = attribute_names.get(level, [])
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(
+                f"`attribute_names['{level}']` must be a list of non-empty strings, got {names!r}"
+            )
+        duplicates = sorted({n for n in names if list(names).count(n) > 1})
+        if duplicates:
+            raise ValueError(f"`attribute_names['{level}']` repeats {duplicates}")
+        checked[level] = list(names)
+    return checked
+
+
+class HLSSConfig(PreTrainedConfig):
+    r"""Configuration of an HLSS model: a vision tower, a frozen text tower, attribute banks and loss settings.
+
+    Args:
+        vision_config (`PreTrainedConfig` or `dict`, *optional*): vision tower config (CLIP vision, ViT, ResNet,
+            ConvNeXt, DINOv2, ...); a dict needs `model_type`; a full CLIP config gives its `vision_config`.
+            Defaults to a ViT config.
+        text_config (`PreTrainedConfig` or `dict`, *optional*): text tower config (CLIP text, BERT, MiniLM, ...);
+            a full CLIP config gives its `text_config`. Defaults to a BERT config.
+        projection_dim (`int`, *optional*): joint space size D; must equal the text tower's output size (its
+            `projection_dim` for CLIP text, else `hidden_size`). Derived when None.
+        attribute_names (`dict[str, list[str]]`, *optional*): attribute names per level
+            (`"patch"`, `"slide"`, `"patient"`); the bank sizes `N_l` are their lengths.
+        temperature (`float`, defaults to 0.07): SupCon temperature of the HVC loss.
+        base_temperature (`float`, defaults to 0.07): SupCon base temperature.
+        lambda_patch (`float`, defaults to 1.0): weight of the patch-level HVC loss.
+        lambda_slide (`float`, defaults to 1.0): weight of the slide-level HVC loss.
+        lambda_patient (`float`, defaults to 1.0): weight of the patient-level HVC loss.
+        lambda_align (`float`, defaults to 1.0): weight of the hierarchical alignment (HA) loss; 0 logs it only.
+        align_temperature (`float`, defaults to 1.0): softmax temperature `tau_a` of the HA loss.
+        text_pooling (`str`, *optional*): `"pooler"`, `"cls"` or `"mean"`; defaults to `"pooler"` for CLIP text
+            (EOS token + projection) and `"mean"` otherwise (sentence-transformers style).
+        modality (`str`, defaults to `"he"`): `"he"` (8-bit RGB H&E) or `"srh"` (2-channel uint16 SRH).
+        image_size (`int`, defaults to 224): crop size the model was trained on.
+        mpp (`float`, *optional*): microns per pixel of the training patches (provenance).
+        magnification (`float`, *optional*): objective magnification of the training patches (provenance).
+        vision_model_name_or_path (`str`, *optional*): where the vision tower came from (provenance).
+        text_model_name_or_path (`str`, *optional*): where the text tower came from (provenance; tokenizer).
+        initializer_range (`float`, defaults to 0.02): std of the new linear layers' initialisation.
+        kwargs: passed to `PreTrainedConfig` (e.g. `num_labels`, `id2label` for classification).
+
+    Example:
+        >>> from transformers import BertConfig, ViTConfig
+        >>> config = HLSSConfig(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...     intermediate_size=64, image_size=32, patch_size=8), BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=64), attribute_names={"patch": ["a"], "slide": ["b"],
+        ...     "patient": ["c"]})
+        >>> config.num_attributes
+        {'patch': 1, 'slide': 1, 'patient': 1}
+    """
+
+    model_type = "hlss"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+    # Declared as a field: transformers refuses to save undeclared attributes named like generation
+    # parameters (`temperature`), taking them for misplaced generation settings.
+    temperature: float = 0.07
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        projection_dim: int | None = None,
+        attribute_names: dict[str, list[str]] | None = None,
+        temperature: float = 0.07,
+        base_temperature: float = 0.07,
+        lambda_patch: float = 1.0,
+        lambda_slide: float = 1.0,
+        lambda_patient: float = 1.0,
+        lambda_align: float = 1.0,
+        align_temperature: float = 1.0,
+        text_pooling: str | None = None,
+        modality: str = "he",
+        image_size: int = 224,
+        mpp: float | None = None,
+        magnification: float | None = None,
+        vision_model_name_or_path: str | None = None,
+        text_model_name_or_path: str | None = None,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.vision_config = _resolve_sub_config("vision_config", vision_config, "vit")
+        self.text_config = _resolve_sub_config("text_config", text_config, "bert")
+
+        derived_dim = text_output_dim(self.text_config)
+        if projection_dim is None:
+            projection_dim = derived_dim
+        if (
+            not isinstance(projection_dim, int)
+            or isinstance(projection_dim, bool)
+            or projection_dim != derived_dim
+        ):
+            raise ValueError(
+                f"`projection_dim` must equal the text tower's output size {derived_dim} (the joint space is the "
+                f"text space), got {projection_dim!r}"
+            )
+        self.projection_dim = projection_dim
+        self.attribute_names = _check_attribute_names(attribute_names)
+
+        for name, value in (
+            ("temperature", temperature),
+            ("base_temperature", base_temperature),
+            ("align_temperature", align_temperature),
+            ("initializer_range", initializer_range),
+        ):
+            _check_number(name, value, positive=True)
+        for name, value in (
+            ("lambda_patch", lambda_patch),
+            ("lambda_slide", lambda_slide),
+            ("lambda_patient", lambda_patient),
+            ("lambda_align", lambda_align),
+        ):
+            _check_number(name, value, positive=False)
+        self.temperature = float(temperature)
+        self.base_temperature = float(base_temperature)
+        self.lambda_patch = float(lambda_patch)
+        self.lambda_slide = float(lambda_slide)
+        self.lambda_patient = float(lambda_patient)
+        self.lambda_align = float(lambda_align)
+        self.align_temperature = float(align_temperature)
+        self.initializer_range = float(initializer_range)
+
+        if text_pooling is None:
+            text_pooling = "pooler" if self.text_config.model_type in _PROJECTED_TEXT_TYPES else "mean"
+        if text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"`text_pooling` must be one of {list(TEXT_POOLINGS)}, got {text_pooling!r}")
+        self.text_pooling = text_pooling
+
+        if modality not in MODALITIES:
+            raise ValueError(f"`modality` must be one of {list(MODALITIES)}, got {modality!r}")
+        self.modality = modality
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
+            raise ValueError(f"`image_size` must be a positive int, got {image_size!r}")
+        self.image_size = image_size
+        _check_number("mpp", mpp, positive=True, allow_none=True)
+        _check_number("magnification", magnification, positive=True, allow_none=True)
+        self.mpp = None if mpp is None else float(mpp)
+        self.magnification = None if magnification is None else float(magnification)
+        for name, value in (
+            ("vision_model_name_or_path", vision_model_name_or_path),
+            ("text_model_name_or_path", text_model_name_or_path),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"`{name}` must be a string or None, got {type(value)}")
+        self.vision_model_name_or_path = vision_model_name_or_path
+        self.text_model_name_or_path = text_model_name_or_path
+        super().__init__(**kwargs)
+
+    @property
+    def num_attributes(self) -> dict[str, int]:
+        """Bank sizes ``N_l`` per level, derived from `attribute_names`."""
+        return {level: len(self.attribute_names.get(level, [])) for level in LEVELS}
+
+    @property
+    def hvc_lambdas(self) -> dict[str, float]:
+        """HVC loss weights per level."""
+        return {"patch": self.lambda_patch, "slide": self.lambda_slide, "patient": self.lambda_patient}
+
+
+__all__ = ["HLSSConfig", "LEVELS", "text_output_dim", "vision_output_dim"]

