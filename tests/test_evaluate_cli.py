@@ -1,0 +1,196 @@
+"""End-to-end: `python -m hlss_hf.evaluate` on the demo dataset with a tiny saved HLSS model; explanations."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # dataset_scripts is not a package
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+pytest.importorskip("hlss_hf.modeling_hlss")
+demo = pytest.importorskip("dataset_scripts.demo")
+
+from _tiny import tiny_hlss_model, tiny_tokenizer  # noqa: E402
+
+from hlss_hf.evaluate import main  # noqa: E402
+from hlss_hf.evaluation import extract_embeddings, linear_probe_evaluate  # noqa: E402
+from hlss_hf.explain import class_attribute_summary, explain  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return tiny_hlss_model(image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    demo.build_demo_dataset(root / "data", num_patients=9, patches_per_slide=4, patch_size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_embeddings(saved, tiny_model):
+    import datasets
+
+    data = datasets.load_dataset(str(saved / "data"))
+    return (
+        extract_embeddings(tiny_model, data["train"], progress=False),
+        extract_embeddings(tiny_model, data["validation"], progress=False),
+    )
+
+
+def _run(saved, *extra, mode="knn"):
+    out = saved / "out"
+    args = [mode, "--model", str(saved / "model"), "--dataset", str(saved / "data"), "--output-dir", str(out)]
+    return main([*args, *extra]), out
+
+
+def test_knn_cli_writes_report_plots_and_reuses_cache(saved):
+    report, out = _run(saved, "--k", "10")
+    saved_report = json.loads((out / "knn_validation.json").read_text())
+    assert saved_report["metrics"] == pytest.approx(report["metrics"])
+    assert {"patch/acc", "slide/acc", "patient/acc", "patch/top2", "patch/mca", "patch/map"} <= set(
+        report["metrics"]
+    )
+    assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())
+    for level in ("patch", "slide", "patient"):
+        assert (out / f"knn_validation_confusion_{level}.png").read_bytes()[:4] == b"\x89PNG"
+        matrix = torch.tensor(report["confusion_matrices"][level])
+        assert matrix.shape == (3, 3)
+    assert sum(map(sum, report["confusion_matrices"]["patch"])) == report["num_patches"]
+    cached = sorted((out / "cache").glob("embeddings-*.pt"))
+    assert len(cached) == 2  # train and validation
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again, _ = _run(saved, "--k", "10")
+    assert again["metrics"] == report["metrics"]
+    assert [p.stat().st_mtime_ns for p in cached] == stamps, "second run must load the cache, not rewrite it"
+
+
+def test_linear_and_zeroshot_cli(saved, tmp_path):
+    report, _ = _run(saved, mode="linear")
+    assert report["metrics"]["patch/acc"] > 0.0
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(
+        "normal: [normal tissue]\nlow_grade: [a low grade tumour]\nhigh_grade: a high grade tumour\n"
+    )
+    report, out = _run(saved, "--prompts", str(prompts), mode="zeroshot")
+    assert report["settings"]["prompts"]["high_grade"] == ["a high grade tumour"]
+    assert (out / "zeroshot_validation_confusion_patient.png").exists()
+
+
+def test_zeroshot_cli_unknown_class_is_a_clear_error(saved, tmp_path, capsys):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("normal: [x]\nlow_grade: [y]\nhigh_grade: [z]\nglioblastoma: [w]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _run(saved, "--prompts", str(prompts), mode="zeroshot")
+    assert exit_info.value.code == 2
+    assert "unknown classes ['glioblastoma']" in capsys.readouterr().err
+
+
+def test_cli_missing_split_is_a_clear_error(saved, capsys):
+    with pytest.raises(SystemExit):
+        _run(saved, "--split", "test")
+    assert "has no split 'test'" in capsys.readouterr().err
+
+
+def test_explain_cli_writes_class_heatmaps_and_target(saved):
+    import datasets
+
+    slides = set(datasets.load_dataset(str(saved / "data"), split="validation")["slide_id"])
+    slide = sorted(slides)[0]
+    report, out = _run(saved, "--slide-id", slide, "--top-k", "2", mode="explain")
+    assert report["target"]["target"] == {
+        "kind": "slide",
+        "id": slide,
+        "num_patches": 4,
+        "labels": report["target"]["target"]["labels"],
+    }
+    assert [len(v) for v in report["target"]["levels"].values()] == [2, 2, 2]
+    for level in ("patch", "slide", "patient"):
+        assert (out / f"explain_validation_classes_{level}.png").exists()
+        assert len(report["class_summary"]["levels"][level]["mean"]) == 3
+    assert (out / f"explain_validation_slide_{slide}.png").exists()
+
+
+def test_update_card_writes_model_index_and_replaces_on_rerun(saved):
+    from huggingface_hub import ModelCard
+
+    _run(saved, "--k", "10", "--update-card")
+    card = ModelCard.load(saved / "model" / "README.md")
+    results = card.data.eval_results
+    names = [r.metric_name for r in results]
+    assert "patient acc (knn)" in names and "patch map (knn)" in names
+    assert len(names) == len(set(names)) == 9
+    _run(saved, "--k", "5", "--update-card")
+    rerun = ModelCard.load(saved / "model" / "README.md").data.eval_results
+    assert len(rerun) == 9
+    assert "model-index" in (saved / "model" / "README.md").read_text()
+
+
+def test_linear_probe_beats_chance_on_demo(demo_embeddings):
+    train, val = demo_embeddings
+    metrics, _ = linear_probe_evaluate(train, val)
+    # Three balanced classes: chance is 1/3; demo classes differ in nuclear density and colour.
+    assert metrics["patch/acc"] > 0.5
+
+
+def test_explain_targets_and_errors(tiny_model, demo_embeddings):
+    _, val = demo_embeddings
+    one = explain(tiny_model, val, index=0, k=10)
+    assert one["target"]["num_patches"] == 1
+    # k is capped at each level's size; scores sorted descending.
+    assert [len(v) for v in one["levels"].values()] == [3, 2, 2]
+    scores = [item["score"] for item in one["levels"]["patch"]]
+    assert scores == sorted(scores, reverse=True)
+    patient = explain(tiny_model, val, patient_id=val.patient_ids[0])
+    assert patient["target"]["num_patches"] == val.patient_ids.count(val.patient_ids[0])
+    top = tiny_model.top_attributes(torch.zeros(1, 3, 32, 32), level="slide", k=2)[0]
+    assert [name for name, _ in top] in (
+        ["infiltrative", "well circumscribed"],
+        ["well circumscribed", "infiltrative"],
+    )
+    with pytest.raises(ValueError, match="exactly one"):
+        explain(tiny_model, val, index=0, slide_id=val.slide_ids[0])
+    with pytest.raises(ValueError, match="slide 'nope' is not in"):
+        explain(tiny_model, val, slide_id="nope")
+    with pytest.raises(ValueError, match="no attribute heads"):
+        explain(torch.nn.Linear(2, 2), val, index=0)
+
+
+def test_explain_matches_model_top_attributes(tiny_model, saved):
+    import datasets
+
+    from hlss_hf.evaluation import _default_transform
+
+    data = datasets.load_dataset(str(saved / "data"), split="validation").select(range(2))
+    val = extract_embeddings(tiny_model, data, progress=False)
+    pixels = _default_transform("he", 32)([np.asarray(img) for img in data["image"]])
+    expected = tiny_model.top_attributes(pixels, level="patch", k=3)[1]
+    got = explain(tiny_model, val, index=1, k=3)["levels"]["patch"]
+    assert [a["attribute"] for a in got] == [name for name, _ in expected]
+    assert [a["score"] for a in got] == pytest.approx([s for _, s in expected], abs=1e-5)
+
+
+def test_class_summary_means(tiny_model, demo_embeddings):
+    _, val = demo_embeddings
+    summary = class_attribute_summary(tiny_model, val, k=1)
+    from hlss_hf.explain import attribute_scores
+
+    scores = attribute_scores(tiny_model, val.embeddings, "patient")
+    expected = scores[val.labels == 2].mean(dim=0)
+    assert summary["levels"]["patient"]["mean"][2] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert summary["num_patches"]["high_grade"] == int((val.labels == 2).sum())
+    assert len(summary["levels"]["patch"]["top"]["normal"]) == 1
