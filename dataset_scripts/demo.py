@@ -31,7 +31,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import datasets
 
-from hlss_hf.publishing import ConversionError, write_patch_dataset
+from hlss_hf.publishing import ConversionError, validation_count, write_patch_dataset
 from hlss_hf.schema import features_for
 
 #: Class names of the demo (in label order) when ``num_classes`` is 3; otherwise ``class_0``, ``class_1``...
@@ -114,7 +114,7 @@ def _plan(
         )
     for label in range(num_classes):
         members = [p for p in patients if p["label"] == label]
-        num_val = int(round(val_fraction * len(members))) if len(members) > 1 else 0
+        num_val = validation_count(len(members), val_fraction)
         for position, patient in enumerate(members):
             patient["split"] = "validation" if position >= len(members) - num_val else "train"
     return patients

@@ -617,13 +617,20 @@ def run_converter(
     return summary
 
 
+def validation_count(num_patients: int, val_fraction: float) -> int:
+    """Patients of one class that go to validation: ``val_fraction`` of them rounded half up, at least one when
+    ``val_fraction > 0`` and the class has two or more patients, and never all of them (every class trains)."""
+    if num_patients < 2 or val_fraction <= 0:
+        return 0
+    return min(num_patients - 1, max(1, math.floor(val_fraction * num_patients + 0.5)))
+
+
 def assign_splits(
     patient_labels: Mapping[str, str], val_fraction: float, seed: int = 0, val_name: str = "validation"
 ) -> dict[str, str]:
     """Split patients into ``train`` / ``val_name``, stratified by label and seeded; never splits a patient.
 
-    Each label keeps ``round(val_fraction * n)`` of its ``n`` patients in validation (none when it has a single
-    patient, so every class stays in train).
+    Each label puts :func:`validation_count` of its patients in validation.
 
     Args:
         patient_labels (`Mapping[str, str]`): patient id -> label.
@@ -644,7 +651,7 @@ def assign_splits(
     for label in sorted(by_label):
         members = by_label[label]
         order = rng.permutation(len(members))
-        num_val = int(round(val_fraction * len(members))) if len(members) > 1 else 0
+        num_val = validation_count(len(members), val_fraction)
         for rank, index in enumerate(order):
             splits[members[index]] = val_name if rank < num_val else "train"
     return splits

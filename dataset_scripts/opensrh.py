@@ -1,0 +1,246 @@
+"""Convert the OpenSRH release into a patient-slide-patch Hugging Face dataset.
+
+    python dataset_scripts/opensrh.py /data/opensrh --output data/opensrh
+    python dataset_scripts/opensrh.py /data/opensrh --push-to-hub me/opensrh --private
+
+Expected layout (the public OpenSRH release):
+
+    ROOT/meta/opensrh.json           patient -> {"class": ..., "slides": {slide -> {"tumor_patches": [...],
+                                     "normal_patches": [...], "nondiagnostic_patches": [...]}}}
+    ROOT/meta/train_val_split.json   {"train": [patients], "val": [patients]}
+    ROOT/<patch paths>               300x300 two-channel uint16 TIFFs, (2, H, W) or (H, W, 2)
+
+Normal patients contribute their ``normal_patches``, all others their ``tumor_patches``;
+``--include-nondiagnostic`` adds the ``nondiagnostic_patches``. Patches are stored channel-last ``(H, W, 2)``
+with the TIFF's exact uint16 values. Splits: ``train`` and ``validation`` (the release's ``val``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import hlss_hf  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hlss_hf.publishing import (
+    ConversionError,
+    ConversionSummary,
+    InvalidItems,
+    add_output_arguments,
+    output_kwargs,
+    run_converter,
+    write_patch_dataset,
+)
+from hlss_hf.schema import OPENSRH_CLASSES, features_for
+
+#: OpenSRH split names -> dataset split names.
+SPLIT_NAMES = {"train": "train", "val": "validation"}
+NORMAL_CLASS = "normal"
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Read a JSON file, raising :class:`ConversionError` naming it when missing or malformed."""
+    if not path.is_file():
+        raise ConversionError(f"{what} {path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{what} {path}: cannot read JSON ({error})") from error
+
+
+def read_srh_patch(path: Path, patch_size: tuple[int, int]) -> np.ndarray:
+    """Read one SRH TIFF as ``(H, W, 2)`` uint16; raise ``ValueError`` saying what is wrong otherwise.
+
+    Args:
+        path (`Path`): the TIFF file.
+        patch_size (`(int, int)`): the expected ``(height, width)``.
+    """
+    import tifffile
+
+    try:
+        array = tifffile.imread(path)
+    except Exception as error:  # tifffile raises many types for corrupt files
+        raise ValueError(f"cannot read TIFF ({type(error).__name__}: {error})") from error
+    if array.ndim == 3 and array.shape[0] == 2 and array.shape[-1] != 2:
+        array = np.moveaxis(array, 0, -1)  # OpenSRH stores some patches channel-first
+    if array.ndim != 3 or array.shape[-1] != 2:
+        raise ValueError(f"shape {array.shape}, expected (2, H, W) or (H, W, 2)")
+    if array.dtype != np.uint16:
+        raise ValueError(f"dtype {array.dtype}, expected uint16")
+    if tuple(array.shape[:2]) != tuple(patch_size):
+        raise ValueError(f"size {array.shape[:2]}, expected {tuple(patch_size)}")
+    return np.ascontiguousarray(array)
+
+
+def plan_opensrh(
+    root: Path,
+    meta: dict,
+    split_map: dict,
+    classes: list[str],
+    include_nondiagnostic: bool,
+    invalid: InvalidItems,
+) -> dict[str, list[dict]]:
+    """Turn the metadata into per-split lists of patches, validating everything that needs no pixel read.
+
+    Args:
+        root (`Path`): the release folder (patch paths are relative to it).
+        meta (`dict`): the parsed ``opensrh.json``.
+        split_map (`dict`): the parsed split file (``{"train": [...], "val": [...]}``).
+        classes (`list[str]`): allowed class names.
+        include_nondiagnostic (`bool`): also take ``nondiagnostic_patches``.
+        invalid (`InvalidItems`): where invalid items go.
+
+    Returns:
+        split name -> list of ``{"path", "patient_id", "slide_id", "patch_id", "label"}``.
+    """
+    if not isinstance(meta, dict):
+        raise ConversionError(f"metadata: expected an object patient -> record, got {type(meta).__name__}")
+    if not isinstance(split_map, dict) or not set(split_map) & set(SPLIT_NAMES):
+        raise ConversionError(f"split file: expected keys {sorted(SPLIT_NAMES)}, got {sorted(split_map)}")
+    patient_split: dict[str, str] = {}
+    for key, patients in split_map.items():
+        if key not in SPLIT_NAMES:
+            raise ConversionError(f"split file: unknown split {key!r} (expected {sorted(SPLIT_NAMES)})")
+        for patient in patients:
+            if patient in patient_split:
+                raise ConversionError(
+                    f"patient {patient}: listed in split file under both {patient_split[patient]!r} and {key!r}"
+                )
+            patient_split[patient] = key
+
+    plan: dict[str, list[dict]] = {SPLIT_NAMES[key]: [] for key in split_map}
+    for patient, split_key in patient_split.items():
+        record = meta.get(patient)
+        if record is None:
+            invalid.invalid(f"patient {patient}", "in the split file but not in the metadata")
+            continue
+        if not isinstance(record, dict) or "class" not in record:
+            invalid.invalid(f"patient {patient}", "metadata record has no 'class'")
+            continue
+        label = record["class"]
+        if label not in classes:
+            invalid.invalid(f"patient {patient}", f"label {label!r} is not one of {classes}")
+            continue
+        slides = record.get("slides") or {}
+        if not isinstance(slides, dict) or not slides:
+            invalid.invalid(f"patient {patient}", "has no slides")
+            continue
+        keys = ["normal_patches" if label == NORMAL_CLASS else "tumor_patches"]
+        if include_nondiagnostic:
+            keys.append("nondiagnostic_patches")
+        patient_patches = []
+        for slide, slide_record in slides.items():
+            # Slide keys are unique within a patient; prefix when they do not already carry the patient id.
+            slide_id = slide if str(slide).startswith(patient) else f"{patient}-{slide}"
+            paths = [p for key in keys for p in (slide_record or {}).get(key, [])]
+            if not paths:
+                invalid.invalid(f"slide {slide_id}", f"has no patches under {keys}")
+                continue
+            slide_patches = []
+            for rel in paths:
+                if not (root / rel).is_file():
+                    invalid.invalid(f"file {rel}", f"not found (patient {patient}, slide {slide_id})")
+                    continue
+                slide_patches.append(
+                    {
+                        "path": root / rel,
+                        "patient_id": patient,
+                        "slide_id": slide_id,
+                        "patch_id": rel,
+                        "label": label,
+                    }
+                )
+            if not slide_patches:
+                invalid.invalid(f"slide {slide_id}", "none of its patches exists")
+                continue
+            patient_patches.extend(slide_patches)
+        if not patient_patches:
+            invalid.invalid(f"patient {patient}", "no slide with patches")
+            continue
+        plan[SPLIT_NAMES[split_key]].extend(patient_patches)
+    return plan
+
+
+def iter_rows(patches: list[dict], patch_size: tuple[int, int], invalid: InvalidItems) -> Iterator[dict]:
+    """Read the planned patches lazily, yielding dataset rows; unreadable files go to ``invalid``."""
+    for patch in patches:
+        try:
+            image = read_srh_patch(patch["path"], patch_size)
+        except ValueError as error:
+            invalid.invalid(f"file {patch['patch_id']}", str(error))
+            continue
+        yield {
+            "image": image,
+            "patient_id": patch["patient_id"],
+            "slide_id": patch["slide_id"],
+            "patch_id": patch["patch_id"],
+            "label": patch["label"],
+            "source": "opensrh",
+        }
+
+
+def convert(args: argparse.Namespace) -> ConversionSummary:
+    """Convert the release at ``args.root`` as the command-line options say."""
+    root = Path(args.root)
+    if not root.is_dir():
+        raise ConversionError(f"root {root}: not a folder")
+    classes = list(args.classes)
+    meta = read_json(root / args.meta_file, "metadata")
+    split_map = read_json(root / args.split_file, "split file")
+    invalid = InvalidItems(skip_invalid=args.skip_invalid)
+    plan = plan_opensrh(root, meta, split_map, classes, args.include_nondiagnostic, invalid)
+    patch_size = (args.patch_size, args.patch_size)
+    features = features_for("srh", classes, patch_size=patch_size)
+    return write_patch_dataset(
+        {split: iter_rows(patches, patch_size, invalid) for split, patches in plan.items()},
+        features,
+        invalid=invalid,
+        title="OpenSRH (HLSS patient-slide-patch layout)",
+        source=f"OpenSRH release at `{root.resolve()}` (metadata `{args.meta_file}`, split `{args.split_file}`)"
+        + (", nondiagnostic patches included" if args.include_nondiagnostic else ""),
+        description="Stimulated Raman histology of brain tumours (OpenSRH); patient-level diagnosis labels.",
+        totals={split: len(patches) for split, patches in plan.items()},
+        **output_kwargs(args),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("root", help="the OpenSRH release folder")
+    parser.add_argument("--meta-file", default="meta/opensrh.json", help="metadata JSON, relative to ROOT")
+    parser.add_argument(
+        "--split-file", default="meta/train_val_split.json", help="split JSON, relative to ROOT"
+    )
+    parser.add_argument(
+        "--include-nondiagnostic", action="store_true", help="also convert nondiagnostic patches"
+    )
+    parser.add_argument(
+        "--patch-size", type=int, default=300, help="patch side in pixels (all patches must match)"
+    )
+    parser.add_argument(
+        "--classes", nargs="+", default=list(OPENSRH_CLASSES), help="class names, in label order"
+    )
+    add_output_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> ConversionSummary:
+    args = build_parser().parse_args(argv)
+    return run_converter(convert, args)
+
+
+if __name__ == "__main__":
+    main()

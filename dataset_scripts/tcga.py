@@ -1,0 +1,315 @@
+"""Convert TCGA slides (whole-slide files or per-slide HDF5 patch files) into a patient-slide-patch dataset.
+
+    python dataset_scripts/tcga.py /data/tcga-gbmlgg --labels labels.csv --output data/tcga --mpp 0.5
+    python dataset_scripts/tcga.py /data/tcga-h5 --labels labels.json --split-file splits.json --push-to-hub me/tcga
+
+Inputs, found recursively under ROOT:
+- whole-slide files (``.svs``, ``.tif``, ``.tiff``, ``.ndpi``, ``.mrxs``, ``.scn``): tiled like
+  ``dataset_scripts/wsi.py`` (tissue detection, ``--patch-size`` at ``--mpp`` or ``--level``);
+- HDF5 files (``.h5``, ``.hdf5``), one per slide, with a dataset ``imgs`` of shape ``(n, H, W, 3)`` uint8
+  (and optionally ``coords`` ``(n, 2)`` with level-0 x, y).
+The file name starts with the slide barcode (``TCGA-02-0001-01Z-00-DX1[.uuid].svs``); the patient is its first
+three fields (``TCGA-02-0001``). Labels come from ``--labels``: a CSV (columns ``id``/``barcode``/
+``patient_id``/``slide_id`` and ``label``) or a JSON object, keyed by patient or slide barcode (slide wins).
+Splits are by patient: ``--split-file`` (JSON ``{"train": [...], "validation"|"val": [...], "test": [...]}``,
+patient barcodes) or a stratified random ``--val-fraction`` with ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import hlss_hf  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hlss_hf.publishing import (
+    ConversionError,
+    ConversionSummary,
+    InvalidItems,
+    add_output_arguments,
+    assign_splits,
+    output_kwargs,
+    run_converter,
+    write_patch_dataset,
+)
+from hlss_hf.schema import features_for
+from hlss_hf.tiling import SlideTask, TilingOptions, add_tiling_arguments, tile_slides, tiling_options
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
+HDF5_EXTENSIONS = (".h5", ".hdf5")
+#: TCGA barcode: project-TSS-participant, then optional sample/portion/analyte/slide fields.
+BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(-[A-Z0-9]+)*$", re.IGNORECASE)
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+SPLIT_ORDER = ("train", "validation", "test")
+ID_COLUMNS = ("id", "barcode", "slide_id", "patient_id", "case_id", "case_submitter_id")
+HDF5_BATCH = 64
+
+
+@dataclass
+class SlideFile:
+    path: Path
+    patient_id: str
+    slide_id: str
+    kind: str  # "wsi" or "hdf5"
+
+
+def parse_barcode(path: Path) -> tuple[str, str]:
+    """(patient barcode, slide barcode) from a file name; ``ValueError`` when it is not a TCGA barcode."""
+    slide = path.name.split(".")[0]  # drops the ".<uuid>.svs" / ".h5" suffixes
+    match = BARCODE.match(slide)
+    if match is None:
+        raise ValueError(f"file name {path.name!r} does not start with a TCGA barcode (TCGA-XX-XXXX...)")
+    return match.group(1).upper(), slide.upper()
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """Barcode (patient or slide, upper-cased) -> label, from a CSV or JSON file."""
+    if not path.is_file():
+        raise ConversionError(f"labels {path}: file not found")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ConversionError(f"labels {path}: expected a JSON object barcode -> label")
+            return {str(k).upper(): str(v) for k, v in data.items()}
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            id_column = next((c for c in ID_COLUMNS if c in columns), None)
+            if id_column is None or "label" not in columns:
+                raise ConversionError(
+                    f"labels {path}: needs a 'label' column and one of {list(ID_COLUMNS)} (has {columns})"
+                )
+            return {row[id_column].strip().upper(): row["label"].strip() for row in reader if row[id_column]}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
+        raise ConversionError(f"labels {path}: cannot read ({error})") from error
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """Patient barcode -> split name, from ``{"train": [...], "validation": [...], ...}``."""
+    if not path.is_file():
+        raise ConversionError(f"split file {path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"split file {path}: cannot read JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ConversionError(f"split file {path}: expected an object split -> patients")
+    splits: dict[str, str] = {}
+    for key, patients in data.items():
+        if key.lower() not in SPLIT_ALIASES:
+            raise ConversionError(
+                f"split file {path}: unknown split {key!r} (expected {sorted(SPLIT_ALIASES)})"
+            )
+        for patient in patients:
+            patient = str(patient).upper()
+            if patient in splits:
+                raise ConversionError(f"patient {patient}: in split file under two splits")
+            splits[patient] = SPLIT_ALIASES[key.lower()]
+    return splits
+
+
+def find_slides(root: Path, invalid: InvalidItems) -> list[SlideFile]:
+    """All slide files under ``root`` with their barcodes; bad names and duplicate slides go to ``invalid``."""
+    if not root.is_dir():
+        raise ConversionError(f"root {root}: not a folder")
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS + HDF5_EXTENSIONS
+    )
+    if not files:
+        raise ConversionError(f"root {root}: no slide ({', '.join(SLIDE_EXTENSIONS)}) or HDF5 files")
+    slides, seen = [], {}
+    for path in files:
+        try:
+            patient, slide = parse_barcode(path)
+        except ValueError as error:
+            invalid.invalid(f"file {path}", str(error))
+            continue
+        if slide in seen:
+            invalid.invalid(f"slide {slide}", f"two files: {seen[slide]} and {path}")
+            continue
+        seen[slide] = path
+        kind = "hdf5" if path.suffix.lower() in HDF5_EXTENSIONS else "wsi"
+        slides.append(SlideFile(path, patient, slide, kind))
+    return slides
+
+
+def iter_hdf5(slide: SlideFile, label: str, invalid: InvalidItems) -> Iterator[dict]:
+    """Rows of one HDF5 patch file, read in batches; an unreadable file or bad ``imgs`` goes to ``invalid``."""
+    import h5py
+
+    item = f"slide {slide.slide_id}"
+    try:
+        handle = h5py.File(slide.path, "r")
+    except Exception as error:  # h5py raises OSError and others for corrupt files
+        invalid.invalid(item, f"cannot open HDF5 {slide.path} ({type(error).__name__}: {error})")
+        return
+    with handle:
+        images = handle.get("imgs")
+        if not isinstance(images, h5py.Dataset):
+            invalid.invalid(item, f"{slide.path} has no dataset 'imgs'")
+            return
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            invalid.invalid(item, f"'imgs' is {images.dtype} {images.shape}, expected uint8 (n, H, W, 3)")
+            return
+        if images.shape[0] == 0:
+            invalid.invalid(item, "has no patches ('imgs' is empty)")
+            return
+        coords = handle.get("coords")
+        coords = (
+            np.asarray(coords)
+            if isinstance(coords, h5py.Dataset) and coords.shape == (images.shape[0], 2)
+            else None
+        )
+        for start in range(0, images.shape[0], HDF5_BATCH):
+            try:
+                batch = images[start : start + HDF5_BATCH]
+            except Exception as error:  # a truncated file fails on read, not on open
+                invalid.invalid(item, f"cannot read 'imgs'[{start}:] ({type(error).__name__}: {error})")
+                return
+            for offset, image in enumerate(batch):
+                index = start + offset
+                x, y = (int(coords[index][0]), int(coords[index][1])) if coords is not None else (-1, -1)
+                yield {
+                    "image": image,
+                    "patient_id": slide.patient_id,
+                    "slide_id": slide.slide_id,
+                    "patch_id": f"{slide.slide_id}/{index:06d}",
+                    "label": label,
+                    "x": x,
+                    "y": y,
+                    "source": f"tcga:{slide.path.name}",
+                }
+
+
+def iter_split(
+    slides: list[SlideFile],
+    labels: dict[str, str],
+    options: TilingOptions,
+    num_workers: int,
+    invalid: InvalidItems,
+) -> Iterator[dict]:
+    """Rows of one split: HDF5 files read in order, whole-slide files tiled (in parallel when asked)."""
+    for slide in slides:
+        if slide.kind == "hdf5":
+            yield from iter_hdf5(slide, labels[slide.slide_id], invalid)
+    tasks = [
+        SlideTask(str(s.path), s.patient_id, s.slide_id, labels[s.slide_id], f"tcga:{s.path.name}")
+        for s in slides
+        if s.kind == "wsi"
+    ]
+    for result in tile_slides(tasks, options, num_workers):
+        item = f"slide {result.task.slide_id}"
+        if result.error is not None:
+            invalid.invalid(item, f"cannot tile {result.task.path}: {result.error}")
+        elif not result.rows:
+            invalid.invalid(item, f"no tissue tiles (--min-tissue {options.min_tissue})")
+        else:
+            yield from result.rows
+
+
+def convert(args: argparse.Namespace) -> ConversionSummary:
+    """Convert the TCGA slides under ``args.root`` as the command-line options say."""
+    try:
+        options = tiling_options(args)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+    if args.num_workers < 1:
+        raise ConversionError(f"--num-workers must be >= 1, got {args.num_workers}")
+    invalid = InvalidItems(skip_invalid=args.skip_invalid)
+    label_map = read_labels(Path(args.labels))
+    slides = find_slides(Path(args.root), invalid)
+    classes = list(args.classes) if args.classes else sorted(set(label_map.values()))
+
+    slide_labels: dict[str, str] = {}
+    patient_labels: dict[str, set] = defaultdict(set)
+    for slide in slides:
+        label = label_map.get(slide.slide_id, label_map.get(slide.patient_id))
+        if label is None:
+            invalid.invalid(
+                f"slide {slide.slide_id}",
+                f"no label for it or its patient {slide.patient_id} in {args.labels}",
+            )
+            continue
+        if label not in classes:
+            invalid.invalid(f"slide {slide.slide_id}", f"label {label!r} is not one of {classes}")
+            continue
+        slide_labels[slide.slide_id] = label
+        patient_labels[slide.patient_id].add(label)
+    consistent = {}
+    for patient, labels in patient_labels.items():
+        if len(labels) > 1:
+            invalid.invalid(f"patient {patient}", f"slides have different labels {sorted(labels)}")
+        else:
+            consistent[patient] = next(iter(labels))
+
+    if args.split_file:
+        patient_split = read_split_file(Path(args.split_file))
+        for patient in sorted(consistent):
+            if patient not in patient_split:
+                invalid.invalid(f"patient {patient}", f"not in split file {args.split_file}")
+    else:
+        patient_split = assign_splits(consistent, args.val_fraction, args.seed)
+    plan: dict[str, list[SlideFile]] = {}
+    for split in SPLIT_ORDER:
+        chosen = [
+            s
+            for s in slides
+            if s.slide_id in slide_labels
+            and s.patient_id in consistent
+            and patient_split.get(s.patient_id) == split
+        ]
+        if chosen:
+            plan[split] = chosen
+    if not plan:
+        raise ConversionError("no slide with a label and a split")
+    num_hdf5 = sum(s.kind == "hdf5" for s in slides)
+    return write_patch_dataset(
+        {
+            split: iter_split(chosen, slide_labels, options, args.num_workers, invalid)
+            for split, chosen in plan.items()
+        },
+        features_for("he", classes),
+        invalid=invalid,
+        title="TCGA (HLSS patient-slide-patch layout)",
+        source=f"The Cancer Genome Atlas: {len(slides) - num_hdf5} whole-slide files and {num_hdf5} HDF5 patch files "
+        f"under `{Path(args.root).name}`; labels from `{Path(args.labels).name}`",
+        **output_kwargs(args),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("root", help="folder searched recursively for slide and HDF5 files")
+    parser.add_argument("--labels", required=True, help="CSV or JSON: patient or slide barcode -> label")
+    parser.add_argument("--classes", nargs="+", help="class names in label order (default: sorted labels)")
+    parser.add_argument("--split-file", help="JSON split -> patient barcodes (default: --val-fraction)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="patients per class in validation")
+    add_tiling_arguments(parser)
+    add_output_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> ConversionSummary:
+    args = build_parser().parse_args(argv)
+    return run_converter(convert, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Tile whole-slide images listed in a manifest into a patient-slide-patch Hugging Face dataset.
+
+    python dataset_scripts/wsi.py --manifest slides.csv --output data/my-wsi --mpp 0.5 --patch-size 256
+    python dataset_scripts/wsi.py --manifest slides.csv --push-to-hub me/my-wsi --level 1 --num-workers 8
+
+The manifest is a CSV with columns ``slide_path`` (absolute or relative to the manifest), ``patient_id``,
+``label`` and optionally ``slide_id`` (default: the file name without extension) and ``split``
+(``train`` / ``validation`` (or ``val``) / ``test``; without it patients are split with ``--val-fraction``).
+Tissue is detected on a thumbnail (Otsu on saturation); tiles of ``--patch-size`` pixels are cut at
+``--mpp`` microns per pixel (the best pyramid level, resized) or at ``--level`` (default level 0), and tiles
+with less than ``--min-tissue`` tissue are dropped. Any format OpenSlide reads works (SVS, tiled TIFF, NDPI...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    import hlss_hf  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hlss_hf.publishing import (
+    ConversionError,
+    ConversionSummary,
+    InvalidItems,
+    add_output_arguments,
+    assign_splits,
+    output_kwargs,
+    run_converter,
+    write_patch_dataset,
+)
+from hlss_hf.schema import features_for
+from hlss_hf.tiling import SlideTask, TilingOptions, add_tiling_arguments, tile_slides, tiling_options
+
+REQUIRED_COLUMNS = ("slide_path", "patient_id", "label")
+#: Accepted ``split`` values -> dataset split names, in output order.
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+SPLIT_ORDER = ("train", "validation", "test")
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Read the manifest CSV; raise :class:`ConversionError` naming it when unreadable or missing columns."""
+    if not path.is_file():
+        raise ConversionError(f"manifest {path}: file not found")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConversionError(f"manifest {path}: cannot read CSV ({error})") from error
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ConversionError(f"manifest {path}: missing column(s) {missing} (has {columns})")
+    if not rows:
+        raise ConversionError(f"manifest {path}: no slides listed")
+    return rows
+
+
+def plan_slides(
+    manifest: Path,
+    rows: list[dict[str, str]],
+    classes: list[str],
+    val_fraction: float,
+    seed: int,
+    invalid: InvalidItems,
+) -> dict[str, list[SlideTask]]:
+    """Validate the manifest rows and group the slides by split.
+
+    Args:
+        manifest (`Path`): the manifest file (relative slide paths are resolved against its folder).
+        rows (`list[dict]`): its rows.
+        classes (`list[str]`): allowed labels.
+        val_fraction (`float`): validation fraction of patients when the manifest has no ``split`` column.
+        seed (`int`): seed of that split.
+        invalid (`InvalidItems`): where invalid items go.
+
+    Returns:
+        split name -> slides.
+    """
+    has_split = any("split" in row for row in rows)
+    tasks: list[SlideTask] = []
+    seen_slides: set[str] = set()
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        item = f"manifest {manifest.name} line {line}"
+        empty = [c for c in REQUIRED_COLUMNS if not row.get(c)]
+        if empty:
+            invalid.invalid(item, f"empty {empty}")
+            continue
+        slide_path = Path(row["slide_path"])
+        if not slide_path.is_absolute():
+            slide_path = manifest.parent / slide_path
+        slide_id = row.get("slide_id") or slide_path.stem
+        if row["label"] not in classes:
+            invalid.invalid(f"slide {slide_id}", f"label {row['label']!r} is not one of {classes}")
+            continue
+        if slide_id in seen_slides:
+            invalid.invalid(f"slide {slide_id}", f"duplicate slide_id ({item})")
+            continue
+        if not slide_path.is_file():
+            invalid.invalid(f"slide {slide_id}", f"file {slide_path} not found")
+            continue
+        split = ""
+        if has_split:
+            split = SPLIT_ALIASES.get(row.get("split", "").lower(), "")
+            if not split:
+                invalid.invalid(
+                    f"slide {slide_id}",
+                    f"split {row.get('split', '')!r} is not one of {sorted(SPLIT_ALIASES)}",
+                )
+                continue
+        seen_slides.add(slide_id)
+        tasks.append(
+            SlideTask(
+                str(slide_path), row["patient_id"], slide_id, row["label"], f"wsi:{slide_path.name}", split
+            )
+        )
+
+    # A patient is one unit: one label and one split, or it is dropped as a whole.
+    by_patient: dict[str, list[SlideTask]] = defaultdict(list)
+    for task in tasks:
+        by_patient[task.patient_id].append(task)
+    patient_labels = {}
+    for patient, slides in by_patient.items():
+        labels, splits = {t.label for t in slides}, {t.split for t in slides}
+        if len(labels) > 1:
+            invalid.invalid(f"patient {patient}", f"slides have different labels {sorted(labels)}")
+        elif len(splits) > 1:
+            invalid.invalid(f"patient {patient}", f"slides are in different splits {sorted(splits)}")
+        else:
+            patient_labels[patient] = slides[0].label
+    if not has_split:
+        patient_split = assign_splits(patient_labels, val_fraction, seed)
+        for task in tasks:
+            task.split = patient_split.get(task.patient_id, "")
+    plan: dict[str, list[SlideTask]] = {}
+    for split in SPLIT_ORDER:
+        chosen = [t for t in tasks if t.split == split and t.patient_id in patient_labels]
+        if chosen:
+            plan[split] = chosen
+    return plan
+
+
+def iter_tiles(
+    tasks: list[SlideTask], options: TilingOptions, num_workers: int, invalid: InvalidItems
+) -> Iterator[dict]:
+    """Tile the slides (in parallel when asked) and yield their rows; failed or empty slides go to ``invalid``."""
+    for result in tile_slides(tasks, options, num_workers):
+        slide = f"slide {result.task.slide_id}"
+        if result.error is not None:
+            invalid.invalid(slide, f"cannot tile {result.task.path}: {result.error}")
+            continue
+        if not result.rows:
+            invalid.invalid(slide, f"no tissue tiles (--min-tissue {options.min_tissue})")
+            continue
+        yield from result.rows
+
+
+def convert(args: argparse.Namespace) -> ConversionSummary:
+    """Convert the manifest's slides as the command-line options say."""
+    try:
+        options = tiling_options(args)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+    if args.num_workers < 1:
+        raise ConversionError(f"--num-workers must be >= 1, got {args.num_workers}")
+    manifest = Path(args.manifest)
+    rows = read_manifest(manifest)
+    classes = list(args.classes) if args.classes else sorted({r["label"] for r in rows if r.get("label")})
+    if not classes:
+        raise ConversionError(f"manifest {manifest}: no labels")
+    invalid = InvalidItems(skip_invalid=args.skip_invalid)
+    plan = plan_slides(manifest, rows, classes, args.val_fraction, args.seed, invalid)
+    resolution = f"{options.mpp} mpp" if options.mpp else f"level {options.level or 0}"
+    return write_patch_dataset(
+        {split: iter_tiles(tasks, options, args.num_workers, invalid) for split, tasks in plan.items()},
+        features_for("he", classes),
+        invalid=invalid,
+        title=f"Whole-slide tiles ({manifest.name})",
+        source=f"{sum(len(t) for t in plan.values())} slides from manifest `{manifest.name}`; "
+        f"{options.patch_size} px tiles at {resolution}, min tissue {options.min_tissue}",
+        patch_size=options.patch_size,
+        **output_kwargs(args),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--manifest", required=True, help="CSV: slide_path, patient_id, label[, slide_id, split]"
+    )
+    parser.add_argument(
+        "--classes", nargs="+", help="class names in label order (default: sorted manifest labels)"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="patients per class in validation when there is no split column",
+    )
+    add_tiling_arguments(parser)
+    add_output_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> ConversionSummary:
+    args = build_parser().parse_args(argv)
+    return run_converter(convert, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,778 @@
+"""Converters in dataset_scripts/: round trips through load_dataset, bad input, skipping, overwrite, push."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the scripts are not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+from dataset_scripts import demo, opensrh, tcga, wsi  # noqa: E402
+from hlss_hf.schema import decode_image  # noqa: E402
+
+PATCH = 16  # SRH patch side in the fixtures
+
+
+def load(folder, tmp_path):
+    return datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))
+
+
+def leftovers(parent):
+    """Temporary folders a writer would leave next to its output."""
+    return [p.name for p in Path(parent).iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def expect_error(main, argv, *fragments):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = str(info.value.code)
+    assert message.startswith("error: "), message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# ----------------------------------------------------------------------------------------------- OpenSRH
+
+
+def srh_patch(seed, channel_first=False, dtype=np.uint16, channels=2, size=PATCH):
+    array = np.random.default_rng(seed).integers(0, 65536, size=(size, size, channels)).astype(dtype)
+    return np.moveaxis(array, -1, 0) if channel_first else array
+
+
+def make_opensrh(root, patients=None):
+    """A tiny OpenSRH release. ``patients``: id -> (class, split, {slide: n_patches}). Returns the source arrays."""
+    patients = patients or {
+        "NIO_001": ("hgg", "train", {"NIO_001-1": 3, "NIO_001-2": 2}),
+        "NIO_002": ("normal", "train", {"NIO_002-1": 2}),
+        "NIO_003": ("lgg", "val", {"NIO_003-1": 2}),
+        "NIO_004": ("hgg", "val", {"NIO_004-1": 1, "NIO_004-2": 1}),
+    }
+    meta, split, arrays, seed = {}, {"train": [], "val": []}, {}, 0
+    for patient, (label, which, slides) in patients.items():
+        split[which].append(patient)
+        record = {"class": label, "slides": {}}
+        for slide, count in slides.items():
+            key = "normal_patches" if label == "normal" else "tumor_patches"
+            entry = {"tumor_patches": [], "normal_patches": [], "nondiagnostic_patches": []}
+            for kind, n in ((key, count), ("nondiagnostic_patches", 1)):
+                for i in range(n):
+                    rel = f"studies/{patient}/{slide}/patches/{slide}-{kind[:3]}-{i}.tif"
+                    seed += 1
+                    arrays[rel] = srh_patch(seed)
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    tifffile.imwrite(root / rel, srh_patch(seed, channel_first=seed % 2 == 0))
+                    entry[kind].append(rel)
+            record["slides"][slide] = entry
+        meta[patient] = record
+    (root / "meta").mkdir(parents=True, exist_ok=True)
+    (root / "meta" / "opensrh.json").write_text(json.dumps(meta))
+    (root / "meta" / "train_val_split.json").write_text(json.dumps(split))
+    return arrays
+
+
+def srh_args(root, out, *extra):
+    return [str(root), "--output", str(out), "--patch-size", str(PATCH), "--no-progress", *extra]
+
+
+def test_opensrh_round_trip_keeps_hierarchy_and_exact_uint16_values(tmp_path, capsys):
+    root = tmp_path / "opensrh"
+    arrays = make_opensrh(root)
+    out = tmp_path / "out"
+    summary = opensrh.main(srh_args(root, out))
+
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "train-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet",
+    ]
+    ds = load(out, tmp_path)
+    assert set(ds) == {"train", "validation"}
+    assert ds["train"].features["image"] == datasets.Array3D(shape=(PATCH, PATCH, 2), dtype="uint16")
+    assert ds["train"].features["label"].names == list(opensrh.OPENSRH_CLASSES)
+    assert sorted(set(ds["train"]["patient_id"])) == ["NIO_001", "NIO_002"]
+    assert sorted(set(ds["validation"]["patient_id"])) == ["NIO_003", "NIO_004"]
+    assert len(ds["train"]) == 3 + 2 + 2 and len(ds["validation"]) == 2 + 1 + 1
+    assert sorted(set(ds["train"]["slide_id"])) == ["NIO_001-1", "NIO_001-2", "NIO_002-1"]
+    names = ds["train"].features["label"].names
+    for split in ds.values():
+        for row in split:
+            assert "-non-" not in row["patch_id"]  # nondiagnostic patches are off by default
+            np.testing.assert_array_equal(decode_image(row["image"]), arrays[row["patch_id"]])
+            expected_label = {"NIO_001": "hgg", "NIO_002": "normal", "NIO_003": "lgg", "NIO_004": "hgg"}
+            assert names[row["label"]] == expected_label[row["patient_id"]]
+            assert row["source"] == "opensrh" and row["x"] == -1 and math.isnan(row["mpp"])
+    assert summary.totals("train") == {"patients": 2, "slides": 3, "patches": 7}
+    card = (out / "README.md").read_text()
+    assert "| train | hgg | 1 | 2 | 5 |" in card and "| validation | **all** | 2 | 3 | 4 |" in card
+    assert "OpenSRH" in card and "Skipped items\n\nNone." in card
+    printed = capsys.readouterr().out
+    assert "train: 2 patients, 3 slides, 7 patches" in printed
+    assert leftovers(tmp_path) == []
+
+
+def test_opensrh_include_nondiagnostic_and_custom_metadata_names(tmp_path):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    (root / "meta" / "opensrh.json").rename(root / "meta" / "custom.json")
+    (root / "meta" / "train_val_split.json").rename(root / "meta" / "folds.json")
+    out = tmp_path / "out"
+    summary = opensrh.main(
+        srh_args(
+            root,
+            out,
+            "--include-nondiagnostic",
+            "--meta-file",
+            "meta/custom.json",
+            "--split-file",
+            "meta/folds.json",
+        )
+    )
+    assert summary.totals("train")["patches"] == 7 + 3  # one nondiagnostic patch per slide
+    ds = load(out, tmp_path)
+    assert sum("-non-" in pid for pid in ds["train"]["patch_id"]) == 3
+
+
+def _corrupt(root, rel):
+    (root / rel).write_bytes(b"not a tiff at all")
+
+
+def _rewrite(root, rel, array):
+    tifffile.imwrite(root / rel, array)
+
+
+def _edit_meta(root, edit):
+    path = root / "meta" / "opensrh.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+FIRST = "studies/NIO_001/NIO_001-1/patches/NIO_001-1-tum-0.tif"
+
+BAD_OPENSRH = {
+    "missing_file": (lambda root: (root / FIRST).unlink(), ["file " + FIRST, "not found"]),
+    "corrupt_tiff": (lambda root: _corrupt(root, FIRST), ["file " + FIRST, "cannot read TIFF"]),
+    "wrong_dtype": (
+        lambda root: _rewrite(root, FIRST, srh_patch(0, dtype=np.uint8)),
+        ["file " + FIRST, "uint8"],
+    ),
+    "wrong_channels": (
+        lambda root: _rewrite(root, FIRST, srh_patch(0, channels=3)),
+        ["file " + FIRST, "shape"],
+    ),
+    "wrong_size": (
+        lambda root: _rewrite(root, FIRST, srh_patch(0, size=PATCH + 2)),
+        ["file " + FIRST, "size"],
+    ),
+    "slide_without_patches": (
+        lambda root: _edit_meta(root, lambda m: m["NIO_001"]["slides"]["NIO_001-2"].update(tumor_patches=[])),
+        ["slide NIO_001-2", "no patches"],
+    ),
+    "patient_without_slides": (
+        lambda root: _edit_meta(root, lambda m: m["NIO_002"].update(slides={})),
+        ["patient NIO_002", "no slides"],
+    ),
+    "label_outside_classes": (
+        lambda root: _edit_meta(root, lambda m: m["NIO_003"].update({"class": "glioma"})),
+        ["patient NIO_003", "'glioma'"],
+    ),
+    "duplicate_patch_id": (
+        lambda root: _edit_meta(
+            root, lambda m: m["NIO_004"]["slides"]["NIO_004-1"]["tumor_patches"].append(FIRST)
+        ),
+        ["patch " + FIRST, "duplicate"],
+    ),
+    "missing_metadata": (
+        lambda root: (root / "meta" / "opensrh.json").unlink(),
+        ["metadata", "opensrh.json"],
+    ),
+    "patient_in_two_splits": (
+        lambda root: (root / "meta" / "train_val_split.json").write_text(
+            json.dumps({"train": ["NIO_001", "NIO_002"], "val": ["NIO_001"]})
+        ),
+        ["patient NIO_001", "both"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPENSRH))
+def test_opensrh_bad_input_fails_naming_the_item_and_leaves_nothing(tmp_path, case):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    damage, fragments = BAD_OPENSRH[case]
+    damage(root)
+    out = tmp_path / "out"
+    expect_error(opensrh.main, srh_args(root, out), *fragments)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_opensrh_skip_invalid_lists_skipped_items_in_summary_and_card(tmp_path, capsys):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    _corrupt(root, FIRST)
+    _edit_meta(root, lambda m: m["NIO_003"].update({"class": "glioma"}))
+    out = tmp_path / "out"
+    summary = opensrh.main(srh_args(root, out, "--skip-invalid"))
+    skipped = dict(summary.skipped)
+    assert set(skipped) == {"file " + FIRST, "patient NIO_003"}
+    ds = load(out, tmp_path)
+    assert FIRST not in ds["train"]["patch_id"] and len(ds["train"]) == 6
+    assert set(ds["validation"]["patient_id"]) == {"NIO_004"}
+    card = (out / "README.md").read_text()
+    assert f"- `file {FIRST}`: cannot read TIFF" in card and "- `patient NIO_003`: label 'glioma'" in card
+    assert "skipped 2 invalid item(s)" in capsys.readouterr().out
+
+
+def test_output_is_refused_when_it_exists_and_replaced_with_overwrite(tmp_path):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    expect_error(opensrh.main, srh_args(root, out), str(out), "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    opensrh.main(srh_args(root, out, "--overwrite"))
+    assert not (out / "keep.txt").exists() and (out / "README.md").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failed_overwrite_keeps_the_previous_dataset(tmp_path):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    out = tmp_path / "out"
+    opensrh.main(srh_args(root, out))
+    before = sorted(p.name for p in (out / "data").iterdir())
+    _corrupt(root, FIRST)
+    expect_error(opensrh.main, srh_args(root, out, "--overwrite"), FIRST)
+    assert sorted(p.name for p in (out / "data").iterdir()) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_small_shard_size_writes_numbered_shards_that_load_back(tmp_path):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    out = tmp_path / "out"
+    # One 16x16x2 uint16 patch is 1 KiB: ~2 KiB shards hold two patches each.
+    opensrh.main(srh_args(root, out, "--max-shard-size-mb", str(2 / 1024)))
+    shards = sorted(p.name for p in (out / "data").glob("train-*"))
+    assert shards == [f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    assert len(load(out, tmp_path)["train"]) == 7
+
+
+def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    calls = {}
+
+    def fake_push(self, repo_id, **kwargs):
+        calls["push"] = (
+            repo_id,
+            kwargs,
+            {split: len(ds) for split, ds in self.items()},
+            self["train"].features,
+        )
+
+    def fake_card_push(self, repo_id, **kwargs):
+        calls["card"] = (repo_id, kwargs, str(self))
+
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", fake_push)
+    monkeypatch.setattr("huggingface_hub.DatasetCard.push_to_hub", fake_card_push)
+    monkeypatch.chdir(tmp_path)
+    opensrh.main(
+        [
+            str(root),
+            "--push-to-hub",
+            "me/opensrh-tiny",
+            "--private",
+            "--patch-size",
+            str(PATCH),
+            "--no-progress",
+        ]
+    )
+    repo_id, kwargs, sizes, features = calls["push"]
+    assert repo_id == "me/opensrh-tiny" and kwargs["private"] is True
+    assert sizes == {"train": 7, "validation": 4}
+    assert features["image"] == datasets.Array3D(shape=(PATCH, PATCH, 2), dtype="uint16")
+    card_repo, card_kwargs, card = calls["card"]
+    assert card_repo == "me/opensrh-tiny" and card_kwargs["repo_type"] == "dataset"
+    assert "path: data/train-*" in card and "| train | **all** | 2 | 3 | 7 |" in card
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--output", "x", "--private"], "--private"),
+        (["--push-to-hub", "no-namespace"], "namespace/name"),
+        (["--output", "x", "--max-shard-size-mb", "0"], "--max-shard-size-mb"),
+    ],
+)
+def test_output_arguments_are_validated_before_any_work(tmp_path, argv, fragment):
+    expect_error(opensrh.main, [str(tmp_path / "nonexistent"), *argv], fragment)
+
+
+# ---------------------------------------------------------------------------------------- whole slides
+
+
+def write_pyramid(path, tissue=True, mpp=0.5, size=(768, 1024)):
+    """A generic tiled pyramidal TIFF (2 levels, 256 px tiles, resolution tags): pink tissue on white glass."""
+    height, width = size
+    image = np.full((height, width, 3), 245, np.uint8)
+    if tissue:
+        yy, xx = np.mgrid[0:height, 0:width]
+        inside = (xx - 300) ** 2 / 250**2 + (yy - 380) ** 2 / 200**2 < 1
+        noise = np.random.default_rng(0).integers(-20, 20, size=(int(inside.sum()), 3))
+        image[inside] = np.clip(np.array([200, 120, 170]) + noise, 0, 255)
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(2):
+            factor = 2**level
+            resolution = 1e4 / (mpp * factor)  # pixels per centimetre
+            tif.write(
+                image[::factor, ::factor],
+                tile=(256, 256),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=1 if level else 0,  # OpenSlide reads reduced-resolution pages as pyramid levels
+                resolution=(resolution, resolution),
+                resolutionunit="CENTIMETER",
+            )
+    return image
+
+
+def write_manifest(path, rows, columns=("slide_path", "patient_id", "label", "split")):
+    lines = [",".join(columns)] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def slides(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    images = {}
+    for name in ("s1", "s2", "s3"):
+        images[name] = write_pyramid(folder / f"{name}.tif")
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(
+        manifest,
+        [
+            ("slides/s1.tif", "P1", "tumor", "train"),
+            ("slides/s2.tif", "P1", "tumor", "train"),
+            ("slides/s3.tif", "P2", "normal", "val"),
+        ],
+    )
+    return manifest, images
+
+
+def wsi_args(manifest, out, *extra):
+    return ["--manifest", str(manifest), "--output", str(out), "--patch-size", "128", "--no-progress", *extra]
+
+
+def test_wsi_tiles_tissue_at_level_zero_with_provenance(tmp_path, slides):
+    manifest, images = slides
+    out = tmp_path / "out"
+    wsi.main(wsi_args(manifest, out))
+    ds = load(out, tmp_path)
+    assert set(ds) == {"train", "validation"}
+    train = ds["train"]
+    assert train.features["label"].names == ["normal", "tumor"]
+    assert sorted(set(train["slide_id"])) == ["s1", "s2"] and set(train["patient_id"]) == {"P1"}
+    assert set(ds["validation"]["slide_id"]) == {"s3"}
+    assert len(train) == 2 * len(ds["validation"]) > 0
+    for row in train:
+        patch = decode_image(row["image"])
+        assert patch.shape == (128, 128, 3)
+        x, y = row["x"], row["y"]
+        np.testing.assert_array_equal(patch, images[row["slide_id"]][y : y + 128, x : x + 128])
+        assert row["level"] == 0 and row["mpp"] == pytest.approx(0.5)
+        assert math.isnan(row["magnification"])  # generic TIFF has no objective power
+        assert (
+            row["source"] == f"wsi:{row['slide_id']}.tif" and row["patch_id"] == f"{row['slide_id']}/{x}_{y}"
+        )
+        # Tissue is the ellipse centred at (300, 380): kept tiles have their centre near it.
+        assert ((x + 64 - 300) / 250) ** 2 + ((y + 64 - 380) / 200) ** 2 < 1.6
+    # Every grid tile well inside the ellipse is kept: none of the tissue is lost.
+    kept = {(x, y) for x, y, s in zip(train["x"], train["y"], train["slide_id"], strict=True) if s == "s1"}
+    assert (256, 384) in kept and (256, 256) in kept and (768, 0) not in kept
+
+
+def test_wsi_mpp_reads_the_coarser_level_and_workers_give_the_same_rows(tmp_path, slides):
+    manifest, _ = slides
+    one, two = tmp_path / "one", tmp_path / "two"
+    wsi.main(wsi_args(manifest, one, "--mpp", "1.0", "--patch-size", "64"))
+    wsi.main(wsi_args(manifest, two, "--mpp", "1.0", "--patch-size", "64", "--num-workers", "2"))
+    a, b = load(one, tmp_path), load(two, tmp_path)
+    assert a["train"]["patch_id"] == b["train"]["patch_id"]
+    assert set(a["train"]["level"]) == {1} and set(a["train"]["mpp"]) == {1.0}
+    assert decode_image(a["train"][0]["image"]).shape == (64, 64, 3)
+    np.testing.assert_array_equal(decode_image(a["train"][3]["image"]), decode_image(b["train"][3]["image"]))
+
+
+def test_wsi_level_option_and_tile_cap(tmp_path, slides):
+    manifest, _ = slides
+    out = tmp_path / "out"
+    wsi.main(wsi_args(manifest, out, "--level", "1", "--patch-size", "64", "--max-tiles-per-slide", "3"))
+    ds = load(out, tmp_path)
+    assert set(ds["train"]["level"]) == {1} and set(ds["train"]["mpp"]) == {1.0}
+    assert len(ds["train"]) == 6 and len(ds["validation"]) == 3
+    assert all(x % 128 == 0 for x in ds["train"]["x"])  # 64 px at level 1 = 128 level-0 px
+
+
+def test_wsi_without_split_column_splits_by_patient(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_pyramid(folder / "a.tif", size=(512, 768))
+    rows = [
+        ("slides/a.tif", f"P{i}", "tumor" if i % 2 else "normal", f"slide{i}-{j}")
+        for i in range(6)
+        for j in range(2)
+    ]
+    manifest = tmp_path / "m.csv"
+    write_manifest(manifest, rows, columns=("slide_path", "patient_id", "label", "slide_id"))
+    out = tmp_path / "out"
+    summary = wsi.main(
+        [
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(out),
+            "--patch-size",
+            "128",
+            "--level",
+            "1",
+            "--val-fraction",
+            "0.34",
+            "--no-progress",
+        ]
+    )
+    ds = load(out, tmp_path)
+    train, val = set(ds["train"]["patient_id"]), set(ds["validation"]["patient_id"])
+    assert not train & val and len(val) == 2 and len(train) == 4
+    assert summary.totals("validation")["slides"] == 4
+
+
+BAD_WSI = {
+    "missing_columns": ("slide_path,label\nslides/s1.tif,tumor\n", ["manifest", "['patient_id']"]),
+    "label_outside_classes": (
+        "slide_path,patient_id,label\nslides/s1.tif,P1,tumor\nslides/s2.tif,P2,other\n",
+        ["slide s2", "'other'"],
+    ),
+    "missing_slide": ("slide_path,patient_id,label\nslides/nope.tif,P1,tumor\n", ["slide nope", "not found"]),
+    "corrupt_slide": (
+        "slide_path,patient_id,label\nslides/broken.tif,P1,tumor\n",
+        ["slide broken", "cannot tile"],
+    ),
+    "slide_without_tissue": (
+        "slide_path,patient_id,label\nslides/glass.tif,P1,tumor\n",
+        ["slide glass", "no tissue"],
+    ),
+    "patient_with_two_labels": (
+        "slide_path,patient_id,label\nslides/s1.tif,P1,tumor\nslides/s2.tif,P1,normal\n",
+        ["patient P1", "different labels"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WSI))
+def test_wsi_bad_input_fails_naming_the_item_and_leaves_nothing(tmp_path, case):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_pyramid(folder / "s1.tif", size=(256, 384))
+    write_pyramid(folder / "s2.tif", size=(256, 384))
+    write_pyramid(folder / "glass.tif", tissue=False, size=(256, 384))
+    (folder / "broken.tif").write_bytes(b"II*\x00garbage")
+    text, fragments = BAD_WSI[case]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(text)
+    out = tmp_path / "out"
+    classes = ["--classes", "normal", "tumor"] if case == "label_outside_classes" else []
+    expect_error(wsi.main, wsi_args(manifest, out, "--level", "1", *classes), *fragments)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_wsi_skip_invalid_keeps_good_slides(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_pyramid(folder / "s1.tif")
+    write_pyramid(folder / "glass.tif", tissue=False, size=(256, 384))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "slide_path,patient_id,label,split\nslides/s1.tif,P1,tumor,train\n"
+        "slides/glass.tif,P2,tumor,train\nslides/gone.tif,P3,tumor,train\n"
+    )
+    out = tmp_path / "out"
+    summary = wsi.main(wsi_args(manifest, out, "--level", "1", "--skip-invalid"))
+    assert [item for item, _ in summary.skipped] == ["slide gone", "slide glass"]
+    assert set(load(out, tmp_path)["train"]["slide_id"]) == {"s1"}
+    card = (out / "README.md").read_text()
+    assert "- `slide glass`: no tissue tiles" in card and "- `slide gone`: file" in card
+
+
+# ------------------------------------------------------------------------------------------------- TCGA
+
+
+def write_h5(path, n, seed, dtype=np.uint8, coords=True, name="imgs"):
+    images = np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3)).astype(dtype)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset(name, data=images)
+        if coords:
+            handle.create_dataset("coords", data=np.stack([np.arange(n) * 32, np.arange(n) * 64], axis=1))
+    return images
+
+
+TCGA_SLIDES = {
+    "TCGA-02-0001-01Z-00-DX1.h5": ("GBM", 3),
+    "TCGA-02-0001-01Z-00-DX2.h5": ("GBM", 2),
+    "TCGA-02-0003-01Z-00-DX1.h5": ("GBM", 2),
+    "TCGA-CS-4938-01Z-00-DX1.h5": ("LGG", 2),
+    "TCGA-CS-4941-01Z-00-DX1.h5": ("LGG", 3),
+    "TCGA-CS-4942-01Z-00-DX1.h5": ("LGG", 1),
+}
+
+
+@pytest.fixture
+def tcga_root(tmp_path):
+    root = tmp_path / "tcga"
+    (root / "nested").mkdir(parents=True)
+    images, labels = {}, {}
+    for i, (name, (label, n)) in enumerate(TCGA_SLIDES.items()):
+        images[name.split(".")[0]] = write_h5(root / ("nested" if i % 2 else "") / name, n, seed=i)
+        labels[name[:12]] = label
+    (root / "labels.csv").write_text("patient_id,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    return root, images
+
+
+def tcga_args(root, out, *extra):
+    return [str(root), "--labels", str(root / "labels.csv"), "--output", str(out), "--no-progress", *extra]
+
+
+def test_tcga_hdf5_round_trip_with_barcodes_and_patient_split(tmp_path, tcga_root):
+    root, images = tcga_root
+    out = tmp_path / "out"
+    tcga.main(tcga_args(root, out, "--val-fraction", "0.34", "--seed", "3"))
+    ds = load(out, tmp_path)
+    assert ds["train"].features["label"].names == ["GBM", "LGG"]
+    train, val = set(ds["train"]["patient_id"]), set(ds["validation"]["patient_id"])
+    assert not train & val and len(val) == 2  # one patient of each class
+    assert train | val == {"TCGA-02-0001", "TCGA-02-0003", "TCGA-CS-4938", "TCGA-CS-4941", "TCGA-CS-4942"}
+    rows = [row for split in ds.values() for row in split]
+    assert len(rows) == sum(n for _, n in TCGA_SLIDES.values())
+    for row in rows:
+        index = int(row["patch_id"].split("/")[1])
+        assert row["slide_id"].startswith(row["patient_id"]) and row["patch_id"].startswith(row["slide_id"])
+        np.testing.assert_array_equal(decode_image(row["image"]), images[row["slide_id"]][index])
+        assert (row["x"], row["y"]) == (index * 32, index * 64)
+        assert row["source"] == f"tcga:{row['slide_id']}.h5"
+    assert {r["slide_id"] for r in rows if r["patient_id"] == "TCGA-02-0001"} == {
+        "TCGA-02-0001-01Z-00-DX1",
+        "TCGA-02-0001-01Z-00-DX2",
+    }
+
+
+def test_tcga_split_file_slide_level_json_labels_and_whole_slide_files(tmp_path, tcga_root):
+    root, _ = tcga_root
+    write_pyramid(root / "TCGA-06-0125-01Z-00-DX1.8a7b3c.tif", size=(256, 384))
+    labels = {
+        "TCGA-02-0001": "GBM",
+        "TCGA-02-0001-01Z-00-DX2": "GBM",
+        "TCGA-02-0003": "GBM",
+        "TCGA-06-0125": "GBM",
+        "TCGA-CS-4938": "LGG",
+        "TCGA-CS-4941": "LGG",
+        "TCGA-CS-4942": "LGG",
+    }
+    (root / "labels.json").write_text(json.dumps(labels))
+    split = {
+        "train": ["TCGA-02-0001", "TCGA-CS-4938", "TCGA-CS-4941", "TCGA-06-0125"],
+        "val": ["TCGA-02-0003", "TCGA-CS-4942"],
+    }
+    (root / "split.json").write_text(json.dumps(split))
+    out = tmp_path / "out"
+    tcga.main(
+        [
+            str(root),
+            "--labels",
+            str(root / "labels.json"),
+            "--split-file",
+            str(root / "split.json"),
+            "--output",
+            str(out),
+            "--level",
+            "1",
+            "--patch-size",
+            "64",
+            "--no-progress",
+        ]
+    )
+    ds = load(out, tmp_path)
+    assert set(ds["validation"]["patient_id"]) == {"TCGA-02-0003", "TCGA-CS-4942"}
+    wsi_rows = ds["train"].filter(lambda r: r["patient_id"] == "TCGA-06-0125")
+    assert len(wsi_rows) > 0 and set(wsi_rows["slide_id"]) == {"TCGA-06-0125-01Z-00-DX1"}
+    assert set(wsi_rows["level"]) == {1} and decode_image(wsi_rows[0]["image"]).shape == (64, 64, 3)
+
+
+def _tcga_damage(name):
+    def damage(root):
+        path = next(root.rglob(name))
+        if name.endswith("DX2.h5"):
+            write_h5(path, 2, seed=0, dtype=np.float32)
+        elif "4942" in name:
+            write_h5(path, 2, seed=0, name="features")
+        else:
+            path.write_bytes(b"\x89HDF\r\n\x1a\n broken")
+
+    return damage
+
+
+BAD_TCGA = {
+    "wrong_dtype": (_tcga_damage("TCGA-02-0001-01Z-00-DX2.h5"), ["slide TCGA-02-0001-01Z-00-DX2", "float32"]),
+    "missing_imgs": (_tcga_damage("TCGA-CS-4942-01Z-00-DX1.h5"), ["slide TCGA-CS-4942-01Z-00-DX1", "'imgs'"]),
+    "corrupt_hdf5": (
+        _tcga_damage("TCGA-CS-4938-01Z-00-DX1.h5"),
+        ["slide TCGA-CS-4938-01Z-00-DX1", "cannot open"],
+    ),
+    "bad_barcode": (lambda root: write_h5(root / "slide-7.h5", 1, 0), ["file", "slide-7.h5", "TCGA barcode"]),
+    "missing_label": (
+        lambda root: write_h5(root / "TCGA-99-9999-01Z-00-DX1.h5", 1, 0),
+        ["slide TCGA-99-9999-01Z-00-DX1", "no label"],
+    ),
+    "empty_slide": (
+        lambda root: write_h5(next(root.rglob("TCGA-02-0003*")), 0, 0, coords=False),
+        ["slide TCGA-02-0003-01Z-00-DX1", "no patches"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TCGA))
+def test_tcga_bad_input_fails_naming_the_item_and_leaves_nothing(tmp_path, tcga_root, case):
+    root, _ = tcga_root
+    damage, fragments = BAD_TCGA[case]
+    damage(root)
+    out = tmp_path / "out"
+    expect_error(tcga.main, tcga_args(root, out, "--val-fraction", "0.5"), *fragments)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_tcga_skip_invalid_and_labels_outside_class_list(tmp_path, tcga_root):
+    root, _ = tcga_root
+    _tcga_damage("TCGA-02-0001-01Z-00-DX2.h5")(root)
+    out = tmp_path / "out"
+    summary = tcga.main(tcga_args(root, out, "--classes", "GBM", "--skip-invalid", "--val-fraction", "0"))
+    skipped = [item for item, _ in summary.skipped]
+    assert "slide TCGA-02-0001-01Z-00-DX2" in skipped
+    assert {"slide TCGA-CS-4938-01Z-00-DX1", "slide TCGA-CS-4941-01Z-00-DX1"} <= set(skipped)
+    ds = load(out, tmp_path)
+    assert set(ds) == {"train"} and set(ds["train"]["patient_id"]) == {"TCGA-02-0001", "TCGA-02-0003"}
+    assert "TCGA-CS-4938" in (out / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+def test_build_demo_dataset_in_memory_has_hierarchy_and_patient_split():
+    ds = demo.build_demo_dataset(num_patients=9, patches_per_slide=4, patch_size=32, val_fraction=0.34)
+    assert set(ds) == {"train", "validation"}
+    train, val = ds["train"], ds["validation"]
+    assert not set(train["patient_id"]) & set(val["patient_id"])
+    assert len(set(val["patient_id"])) == 3 and len(set(train["patient_id"])) == 6
+    assert train.features["label"].names == list(demo.DEMO_CLASSES)
+    slides_per_patient = {}
+    for patient, slide in zip(train["patient_id"], train["slide_id"], strict=True):
+        slides_per_patient.setdefault(patient, set()).add(slide)
+    assert all(2 <= len(s) <= 3 for s in slides_per_patient.values())
+    assert len(train) == 4 * sum(len(s) for s in slides_per_patient.values())
+    assert len(set(train["patch_id"])) == len(train)
+    assert decode_image(train[0]["image"]).shape == (32, 32, 3)
+
+
+def test_demo_classes_differ_in_nuclear_density_and_are_reproducible():
+    ds = demo.build_demo_dataset(num_patients=6, patches_per_slide=4, patch_size=48, seed=5)["train"]
+    darkness = {}
+    for row in ds:
+        darkness.setdefault(row["label"], []).append(255 - decode_image(row["image"]).mean())
+    means = [np.mean(darkness[c]) for c in range(3)]
+    assert means[0] < means[1] < means[2]  # denser, darker nuclei with the class index
+    again = demo.build_demo_dataset(num_patients=6, patches_per_slide=4, patch_size=48, seed=5)["train"]
+    np.testing.assert_array_equal(decode_image(again[5]["image"]), decode_image(ds[5]["image"]))
+
+
+def test_demo_srh_writes_uint16_two_channel_dataset_that_loads_back(tmp_path):
+    out = tmp_path / "demo"
+    ds = demo.build_demo_dataset(
+        out,
+        num_patients=4,
+        num_classes=2,
+        patches_per_slide=2,
+        patch_size=24,
+        modality="srh",
+        val_fraction=0.5,
+    )
+    loaded = load(out, tmp_path)
+    assert loaded["train"].features["image"] == datasets.Array3D(shape=(24, 24, 2), dtype="uint16")
+    assert len(loaded["train"]) == len(ds["train"])
+    image = decode_image(loaded["validation"][0]["image"])
+    assert image.dtype == np.uint16 and image.shape == (24, 24, 2) and image.max() > 255
+
+
+# ------------------------------------------------------------------------------------------------- CLIs
+
+
+@pytest.mark.parametrize("module", [opensrh, tcga, wsi])
+def test_converters_share_the_output_options(module):
+    text = module.build_parser().format_help()
+    for option in ("--output", "--push-to-hub", "--private", "--overwrite", "--skip-invalid"):
+        assert option in text
+
+
+def test_cli_help_and_error_exit_run_as_scripts(tmp_path):
+    # Subprocesses are slow (the package imports torch), so one --help and one failing run cover the CLI path.
+    help_run = subprocess.run(
+        [sys.executable, "dataset_scripts/wsi.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert help_run.returncode == 0, help_run.stderr
+    assert "--manifest" in help_run.stdout and "--min-tissue" in help_run.stdout
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    _corrupt(root, FIRST)
+    out = tmp_path / "out"
+    bad = subprocess.run(
+        [sys.executable, "dataset_scripts/opensrh.py", *srh_args(root, out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and f"error: file {FIRST}" in bad.stderr and not out.exists()
+
+
+def test_demo_main_writes_a_loadable_dataset(tmp_path, capsys):
+    demo_out = tmp_path / "demo"
+    demo.main(
+        ["--output", str(demo_out), "--num-patients", "6", "--patches-per-slide", "2", "--patch-size", "16"]
+    )
+    assert f"wrote {demo_out}" in capsys.readouterr().out
+    ds = load(demo_out, tmp_path)
+    assert len(ds["train"]) + len(ds["validation"]) == 2 * len(
+        set(ds["train"]["slide_id"]) | set(ds["validation"]["slide_id"])
+    )
+    with pytest.raises(SystemExit, match="already exists"):
+        demo.main(["--output", str(demo_out)])
