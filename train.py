@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,50 @@ def resolve_attributes(spec: Any) -> Any:
     )
 
 
-def build_model(config: TrainConfig, modality: str):
+def fallback_tokenizer(attributes: Any):
+    """A BERT-style word-level tokenizer whose vocabulary is the words of the attribute descriptions.
+
+    Only for a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
+    consistent tokenisation of the descriptions gives distinct random bank rows.
+    """
+    import re
+
+    from transformers import BertTokenizerFast
+
+    from hlss_hf.modeling_hlss import load_attributes
+
+    words = set()
+    for bank in load_attributes(attributes).values():
+        for descriptions in bank.values():
+            for text in descriptions:
+                words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+
+
+def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
+    """The text tower's tokenizer: ``model.tokenizer``, else the tower's own, else :func:`fallback_tokenizer`."""
+    from transformers import AutoTokenizer
+
+    spec = config.model.tokenizer
+    if spec is not None:
+        return AutoTokenizer.from_pretrained(resolve_tower(spec, None, "tokenizer"))
+    if isinstance(text, str):
+        return AutoTokenizer.from_pretrained(text)
+    vocab_size = getattr(text, "vocab_size", None)
+    tokenizer = fallback_tokenizer(attributes)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"config key 'model.text': vocab_size {vocab_size} is smaller than the {len(tokenizer)} words of the "
+            "attribute descriptions; raise it or set model.tokenizer"
+        )
+    return tokenizer
+
+
+def build_model(config: TrainConfig, modality: str, tokenizer=None):
     """Build a fresh ``HLSSModel`` from the config (towers, attribute banks, loss settings).
 
     Args:
@@ -197,6 +241,7 @@ def build_model(config: TrainConfig, modality: str):
         resolve_tower(m.vision, None, "vision"),
         resolve_tower(m.text, m.text_fallback, "text"),
         attributes=resolve_attributes(m.attributes),
+        tokenizer=tokenizer,
         **kwargs,
     )
     # The text tower is frozen: only the vision tower, the projection and the heads train.
@@ -218,23 +263,10 @@ def build_image_processor(config: TrainConfig, modality: str):
     )
 
 
-def build_processor(config: TrainConfig, image_processor):
-    """The processor saved beside the model: the image processor + the text tower's tokenizer if it has one."""
+def build_processor(image_processor, tokenizer):
+    """The processor saved beside the model: the image processor + the text tower's tokenizer."""
     from hlss_hf.processing_hlss import HLSSProcessor
 
-    tokenizer = None
-    text = resolve_tower(config.model.text, config.model.text_fallback, "text")
-    if isinstance(text, str):
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(text)
-        except (OSError, ValueError) as err:
-            logger.warning(
-                "no tokenizer for the text tower %s (%s); saving the image processor only", text, err
-            )
-    if tokenizer is None:
-        return image_processor
     return HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -497,9 +529,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=t.output_dir),
         cpu=use_cpu,
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_main_process:
-        logger.setLevel(logging.WARNING)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(t.seed)
     out = Path(t.output_dir)
     if accelerator.is_main_process:
@@ -515,9 +546,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset, train_loader = build_train_loader(config, train_ds, accelerator.num_processes)
 
     # 4. Model, processor, optimizer, schedule.
-    model = build_model(config, modality)
+    text = resolve_tower(config.model.text, config.model.text_fallback, "text")
+    tokenizer = build_tokenizer(config, text, resolve_attributes(config.model.attributes))
+    model = build_model(config, modality, tokenizer)
     image_processor = build_image_processor(config, modality)
-    processor = build_processor(config, image_processor)
+    processor = build_processor(image_processor, tokenizer)
     guard = TextTowerGuard()
     model.text_model.register_forward_pre_hook(guard)
     decay, no_decay = [], []
@@ -720,7 +753,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         if t.eval_at_end and val_ds is not None:
             last_eval = _run_eval(
-                accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file
+                accelerator,
+                unwrapped,
+                config,
+                train_ds,
+                val_ds,
+                image_processor,
+                state,
+                metrics_file,
+                quiet=True,
             )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -737,10 +778,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
             print(f"Saved the model to {out}", flush=True)
             if last_eval:
-                print(
-                    "kNN evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(last_eval.items())),
-                    flush=True,
-                )
+                print(format_knn(last_eval, t.knn_k), flush=True)
             if t.push_to_hub:
                 url = push_to_hub(config)
                 print(f"Pushed to {url}", flush=True)
@@ -783,17 +821,27 @@ def _stream_batches(loader, dataset, skip: int, device):
         epoch += 1
 
 
+def format_knn(metrics: dict[str, float], k: int) -> str:
+    """One line per level: ``patch  acc 0.8125  top2 ...``."""
+    lines = [f"kNN evaluation (k={k}) on the validation split:"]
+    for level in ("patch", "slide", "patient"):
+        items = sorted((key.split("/")[-1], v) for key, v in metrics.items() if key.split("/")[-2] == level)
+        if items:
+            lines.append(f"  {level:<8}" + "  ".join(f"{name} {value:.4f}" for name, value in items))
+    return "\n".join(lines)
+
+
 def _run_eval(
-    accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file
+    accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file, quiet=False
 ) -> dict[str, float]:
     """kNN evaluation on the main process; the others wait."""
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         metrics = evaluate_knn(unwrapped, config, train_ds, val_ds, image_processor)
         metrics_file.write({"step": state.step, **metrics})
-        accelerator.print(
-            f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-        )
+        if not quiet:
+            progress_write = f"step {state.step}: " + format_knn(metrics, config.training.knn_k)
+            accelerator.print(progress_write)
     accelerator.log(metrics, step=state.step)
     accelerator.wait_for_everyone()
     return metrics

@@ -64,6 +64,13 @@ class ModelConfig:
         default=None,
         metadata={"help": "Text tower used when `text` is `pkg:...` and that package is not installed."},
     )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer of the text tower (Hub id, folder or pkg:<package>); default: the text tower's own, "
+            "or, for a random-init text config, a word-level vocabulary built from the attribute descriptions."
+        },
+    )
     attributes: Any = field(
         default="srh_brain_tumor.yaml",
         metadata={
