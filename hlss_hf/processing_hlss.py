@@ -21,7 +21,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 SRH_SCALE = 65536.0
-SRH_BASE = 5000.0 / 65536.0
+SRH_OFFSET = 5000.0  # in raw counts: the DESIGN 1.7 base 5000/65536 after scaling
+SRH_BASE = SRH_OFFSET / SRH_SCALE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODALITIES = ("he", "srh")
@@ -66,7 +67,8 @@ def srh_to_float(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint16:
             raise ValueError(f"SRH image: expected dtype uint16, got {image.dtype}")
-        tensor = torch.from_numpy(image.astype(np.int32))
+        # float32 holds every uint16 exactly; torch's own uint16 support is limited.
+        tensor = torch.from_numpy(image.astype(np.float32))
     else:
         if image.dtype not in (torch.uint16, torch.int32, torch.int64):
             raise ValueError(
@@ -78,10 +80,12 @@ def srh_to_float(image) -> torch.Tensor:
                 f"SRH image: integer values must lie in [0, 65535], found min {int(tensor.min())} "
                 f"and max {int(tensor.max())}"
             )
-    tensor = tensor.to(torch.float32) / SRH_SCALE
+    tensor = tensor.to(torch.float32)
     ch2, ch3 = tensor.select(axis, 0), tensor.select(axis, 1)
-    stacked = torch.stack([ch3 - ch2 + SRH_BASE, ch2, ch3], dim=first)
-    return stacked.clamp_(0.0, 1.0).contiguous()
+    # (CH3 - CH2 + 5000) / 65536 == CH3/65536 - CH2/65536 + 5000/65536, computed on integers held exactly in
+    # float32 and scaled by a power of two, so every output value is exact.
+    stacked = torch.stack([ch3 - ch2 + SRH_OFFSET, ch2, ch3], dim=first).mul_(1.0 / SRH_SCALE)
+    return stacked.clamp_(0.0, 1.0)
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
@@ -462,15 +466,3 @@ class HLSSProcessor(ProcessorMixin):
         if images is not None:
             data.update(self.image_processor(images, return_tensors=return_tensors, **(images_kwargs or {})))
         return BatchFeature(data=data)
-
-    def batch_decode(self, *args, **kwargs):
-        """Forwarded to the tokenizer's `batch_decode`."""
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        """Forwarded to the tokenizer's `decode`."""
-        return self.tokenizer.decode(*args, **kwargs)
-
-    @property
-    def model_input_names(self) -> list[str]:
-        return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))

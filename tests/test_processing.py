@@ -54,7 +54,7 @@ def test_srh_to_float_matches_hand_computed_values_including_clamps():
     out = srh_to_float(SRH_2X2)
     assert out.dtype == torch.float32
     assert out.shape == (3, 2, 2)
-    np.testing.assert_allclose(out.numpy(), SRH_2X2_EXPECTED, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(out.numpy(), SRH_2X2_EXPECTED)  # exact: power-of-two scaling
 
 
 def test_srh_channels_last_and_first_and_torch_inputs_agree():
@@ -342,6 +342,7 @@ def test_processor_round_trip_with_auto_processor_and_minilm_tokenizer(tmp_path,
     assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape == batch["input_ids"].shape
     assert torch.equal(batch["input_ids"], tokenizer(texts, padding=True, return_tensors="pt")["input_ids"])
 
+    assert {"pixel_values", "input_ids", "attention_mask"} <= set(processor.model_input_names)
     processor.save_pretrained(tmp_path)
     for kwargs in ({}, {"trust_remote_code": True}):
         loaded = AutoProcessor.from_pretrained(tmp_path, **kwargs)
