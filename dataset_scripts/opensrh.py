@@ -198,6 +198,8 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
     split_map = read_json(root / args.split_file, "split file")
     invalid = InvalidItems(skip_invalid=args.skip_invalid)
     plan = plan_opensrh(root, meta, split_map, classes, args.include_nondiagnostic, invalid)
+    listed = {p for patients in split_map.values() for p in patients}
+    unsplit = sorted(set(meta) - listed)
     patch_size = (args.patch_size, args.patch_size)
     features = features_for("srh", classes, patch_size=patch_size)
     return write_patch_dataset(
@@ -206,7 +208,12 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
         invalid=invalid,
         title="OpenSRH (HLSS patient-slide-patch layout)",
         source=f"OpenSRH release at `{root.resolve()}` (metadata `{args.meta_file}`, split `{args.split_file}`)"
-        + (", nondiagnostic patches included" if args.include_nondiagnostic else ""),
+        + (", nondiagnostic patches included" if args.include_nondiagnostic else "")
+        + (
+            f"; {len(unsplit)} patient(s) of the metadata are in no split and were left out"
+            if unsplit
+            else ""
+        ),
         description="Stimulated Raman histology of brain tumours (OpenSRH); patient-level diagnosis labels.",
         totals={split: len(patches) for split, patches in plan.items()},
         **output_kwargs(args),

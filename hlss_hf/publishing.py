@@ -23,6 +23,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -258,7 +259,10 @@ def dataset_card_text(
         description (`str`, *optional*): extra Markdown placed under the heading.
         command (`str`, *optional*): the command that produced the dataset.
     """
-    card_data = DatasetCardData(tags=["histopathology", "hlss"])
+    card_data = DatasetCardData(
+        tags=["histopathology", "hlss", "self-supervised"],
+        task_categories=["image-classification", "image-feature-extraction"],
+    )
     MetadataConfigs(
         {"default": {"data_files": [{"split": s.name, "path": f"data/{s.name}-*"} for s in splits_info]}}
     ).to_dataset_card_data(card_data)
@@ -374,18 +378,20 @@ def write_patch_dataset(
 
     if output_dir is not None:
         final = check_output_dir(output_dir, overwrite).resolve()
-        parent = final.parent
-        parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary folder sits next to the output so the final move is a rename on the same filesystem.
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
     else:
-        final, parent = None, Path.cwd()
-    # The temporary folder sits next to the output so the final move is a rename on the same filesystem.
-    tmp = parent / f".{final.name if final else 'hub-push'}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+        final = None
+        tmp = Path(tempfile.mkdtemp(prefix="hlss-hub-push-"))
     data_dir = tmp / "data"
     data_dir.mkdir()
 
     seen_patch_ids: set[str] = set()
     patient_split: dict[str, str] = {}
+    patient_label: dict[str, str] = {}
+    slide_patient: dict[str, str] = {}
     patients: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     slides: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     patches: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -419,6 +425,18 @@ def write_patch_dataset(
                         raise ConversionError(
                             f"patient {patient} is in splits {patient_split[patient]!r} and {split!r}"
                         )
+                    slide = str(row[SLIDE_ID])
+                    if slide_patient.setdefault(slide, patient) != patient:
+                        # The hierarchy must be a tree: one slide belongs to one patient.
+                        raise ConversionError(
+                            f"slide {slide} belongs to patients {slide_patient[slide]} and {patient}"
+                        )
+                    if patient_label.setdefault(patient, label) != label:
+                        invalid.invalid(
+                            item,
+                            f"patient {patient} has label {patient_label[patient]!r}, this patch {label!r}",
+                        )
+                        continue
                     image = row[IMAGE]
                     reason = check_patch(image, modality, patch_size)
                     if reason is not None:
@@ -429,7 +447,7 @@ def write_patch_dataset(
                     encoded[IMAGE] = _encode_image(image, modality)
                     encoded[LABEL] = class_index[label]
                     encoded[PATCH_ID], encoded[PATIENT_ID] = patch_id, patient
-                    encoded[SLIDE_ID] = str(row[SLIDE_ID])
+                    encoded[SLIDE_ID] = slide
                     size = len(encoded[IMAGE]["bytes"]) if modality == "he" else image.nbytes
                     writer.write({name: encoded[name] for name in features}, size)
                     patients[split][label].add(patient)

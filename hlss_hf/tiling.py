@@ -293,7 +293,8 @@ def tile_slides(tasks: list[SlideTask], options: TilingOptions, num_workers: int
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=num_workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=num_workers)
+    try:
         pending: deque = deque()
         iterator = iter(tasks)
         for task in iterator:
@@ -306,6 +307,9 @@ def tile_slides(tasks: list[SlideTask], options: TilingOptions, num_workers: int
             if next_task is not None:
                 pending.append(pool.submit(tile_slide, next_task, options))
             yield result
+    finally:
+        # When the consumer stops early (an invalid slide), queued slides are not tiled for nothing.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def slide_exists(path: str | Path) -> bool:
