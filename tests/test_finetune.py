@@ -1,0 +1,402 @@
+"""PEFT LoRA fine-tuning (finetune.py, hlss_hf.peft_utils): what trains, save / load / merge round trips,
+pipeline output, the end-to-end command and its bad-input errors. Tiny towers, 32 px, a few steps, CPU."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # finetune.py and dataset_scripts/ are not part of the installed package
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _tiny import IMAGE_SIZE, clip_text_config, resnet_config, tiny_hlss_model, vit_config  # noqa: E402
+
+import finetune  # noqa: E402
+import hlss_hf  # noqa: E402,F401  (registers the Auto classes)
+from dataset_scripts.demo import build_demo_dataset  # noqa: E402
+from hlss_hf import HLSSConfig, HLSSForImageClassification  # noqa: E402
+from hlss_hf.peft_utils import (  # noqa: E402
+    default_lora_target_modules,
+    load_lora_classifier,
+    lora_config_for,
+    set_train_mode,
+)
+
+NAMES = ["a", "b", "c"]
+
+
+# The three-class label kwargs of `from_pretrained` / `HLSSConfig`.
+LABELS = {
+    "num_labels": 3,
+    "id2label": dict(enumerate(NAMES)),
+    "label2id": {n: i for i, n in enumerate(NAMES)},
+}
+
+
+def pixels(n=4, seed=0):
+    return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def train_steps(model, steps=3, lr=1e-2, seed=0):
+    """A few AdamW steps of cross-entropy on random images: enough to move every trainable tensor."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    set_train_mode(model)  # as finetune.py: frozen batch norms keep their running statistics
+    for step in range(steps):
+        x = pixels(6, seed=seed + step)
+        y = torch.arange(6) % 3
+        loss = model(pixel_values=x, labels=y).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def hlss_dir(tmp_path_factory):
+    """A saved tiny HLSSModel (CLIP vision 32 px + CLIP text), the fine-tuning starting point."""
+    folder = tmp_path_factory.mktemp("hlss")
+    tiny_hlss_model(image_size=IMAGE_SIZE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """A tiny labelled H&E hierarchy in the Hub layout: 6 patients, train + validation."""
+    folder = tmp_path_factory.mktemp("data") / "demo"
+    build_demo_dataset(
+        folder,
+        num_patients=6,
+        num_classes=3,
+        slides_per_patient=(1, 2),
+        patches_per_slide=3,
+        patch_size=40,
+        val_fraction=0.5,
+    )
+    return folder
+
+
+def base_args(hlss_dir, dataset, output_dir, *extra):
+    return [
+        "--model",
+        str(hlss_dir),
+        "--dataset",
+        str(dataset),
+        "--output_dir",
+        str(output_dir),
+        "--crop_size",
+        str(IMAGE_SIZE),
+        "--batch_size",
+        "8",
+        "--max_steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--logging_steps",
+        "1",
+        "--cache_dir",
+        str(Path(output_dir).parent / "hf-cache"),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finetuned(hlss_dir, demo_dir, tmp_path_factory):
+    """One end-to-end `finetune.py` run (3 steps, --merge): (output_dir, report)."""
+    out = tmp_path_factory.mktemp("ft") / "out"
+    report = finetune.main(base_args(hlss_dir, demo_dir, out, "--merge"))
+    return out, report
+
+
+def to_disk(dataset_dict, tmp_path, name="data"):
+    folder = tmp_path / name
+    dataset_dict.save_to_disk(str(folder))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What trains
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def tower_model(kind):
+    """An HLSSForImageClassification with a tiny tower of the given kind (random weights)."""
+    vision = {"vit": vit_config, "resnet": resnet_config}[kind]()
+    config = HLSSConfig(vision_config=vision, text_config=clip_text_config(), image_size=IMAGE_SIZE, **LABELS)
+    torch.manual_seed(0)
+    return HLSSForImageClassification(config)
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit", "resnet"])
+def test_only_lora_and_classifier_parameters_change(kind, hlss_dir):
+    if kind == "clip":
+        model = HLSSForImageClassification.from_pretrained(hlss_dir, **LABELS)
+    else:
+        model = tower_model(kind)
+    peft_model = get_peft_model(model, lora_config_for(model, r=4, alpha=8))
+    before = {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+    train_steps(peft_model)
+    after = peft_model.state_dict()
+
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora_keys = {k for k in before if ".lora_A." in k or ".lora_B." in k}
+    head_keys = {k for k in before if "classifier.modules_to_save." in k}
+    assert lora_keys and head_keys
+    # Every adapter matrix and the trained head copy move; nothing else does.
+    assert lora_keys <= changed and head_keys <= changed
+    assert changed == lora_keys | head_keys
+    assert all(k.split(".")[2] == "vision_model" for k in lora_keys), sorted(lora_keys)[:3]
+    frozen = [k for k in before if "visual_projection" in k or ".base_layer." in k or "original_module" in k]
+    assert frozen and not (set(frozen) & changed)
+
+
+def test_default_target_modules_per_tower_type():
+    assert default_lora_target_modules(vit_config()) == ["q_proj", "v_proj"]
+    assert default_lora_target_modules(resnet_config()) == ["convolution"]
+    vit = tower_model("vit")
+    assert default_lora_target_modules(vit.config.vision_config, vit.vision_model) == ["q_proj", "v_proj"]
+
+    class Unknown:
+        model_type = "mystery"
+
+    tower = torch.nn.Sequential()
+    tower.add_module("qkv", torch.nn.Linear(4, 12))
+    assert default_lora_target_modules(Unknown(), tower) == ["qkv"]  # discovered in the tower
+    with pytest.raises(ValueError, match="mystery"):
+        default_lora_target_modules(Unknown(), torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_lora_config_rejects_target_missing_from_tower():
+    model = tower_model("vit")
+    with pytest.raises(ValueError, match=r"\['query'\].*available leaf names"):
+        lora_config_for(model, target_modules=["query"])
+    with pytest.raises(ValueError, match="lora_r"):
+        lora_config_for(model, r=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Save / load / merge round trips
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_peft(hlss_dir):
+    model = HLSSForImageClassification.from_pretrained(hlss_dir, **LABELS)
+    return train_steps(get_peft_model(model, lora_config_for(model, r=4, alpha=8)))
+
+
+def test_adapter_save_load_gives_identical_logits(trained_peft, hlss_dir, tmp_path):
+    x = pixels()
+    with torch.no_grad():
+        expected = trained_peft(pixel_values=x).logits
+    trained_peft.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    base = HLSSForImageClassification.from_pretrained(hlss_dir, **LABELS)
+    with torch.no_grad():
+        untouched = base(pixel_values=x).logits
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = loaded(pixel_values=x).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(untouched, expected, atol=1e-4)  # the adapter and head do change the output
+
+
+def test_merge_and_unload_matches_adapter_and_reloads(trained_peft, hlss_dir, tmp_path):
+    import copy
+
+    from transformers import AutoModelForImageClassification
+
+    x = pixels(seed=1)
+    with torch.no_grad():
+        unmerged = trained_peft(pixel_values=x).logits
+    merged = copy.deepcopy(trained_peft).merge_and_unload().eval()
+    assert type(merged) is HLSSForImageClassification
+    assert not any("lora_" in k for k in merged.state_dict())
+    base = HLSSForImageClassification.from_pretrained(hlss_dir, **LABELS)
+    name = next(k for k in merged.state_dict() if k.endswith("q_proj.weight"))
+    assert not torch.allclose(
+        merged.state_dict()[name], base.state_dict()[name]
+    )  # LoRA folded into the weight
+    with torch.no_grad():
+        got = merged(pixel_values=x).logits
+    torch.testing.assert_close(got, unmerged, rtol=0, atol=1e-5)
+
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+    assert type(reloaded).__name__ == "HLSSForImageClassification"
+    assert reloaded.config.id2label == dict(enumerate(NAMES))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, got, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command end to end
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_finetune_writes_adapter_merged_model_and_hierarchical_report(finetuned):
+    out, report = finetuned
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "merged" / "config.json").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    saved = json.loads((out / "finetune_report.json").read_text())
+    assert saved["steps"] == report["steps"] == 3
+    assert saved["labels"] == ["normal", "low_grade", "high_grade"]
+    assert saved["eval_split"] == "validation"
+    for level in ("patch", "slide", "patient"):
+        for metric in ("acc", "top2", "top3", "mca", "map"):
+            assert 0.0 <= saved["eval"][f"{level}/{metric}"] <= 1.0
+    assert saved["eval"]["patch/top3"] == 1.0  # three classes: top-3 always hits
+    assert 0 < saved["parameters"]["trainable"] < saved["parameters"]["total"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
+    assert any("eval/slide/acc" in r for r in lines)
+
+
+def test_saved_adapter_and_merged_model_agree(finetuned):
+    from transformers import AutoModelForImageClassification
+
+    out, _ = finetuned
+    adapter_model = load_lora_classifier(out / "adapter").eval()
+    merged = AutoModelForImageClassification.from_pretrained(out / "merged").eval()
+    assert merged.config.id2label == {0: "normal", 1: "low_grade", 2: "high_grade"}
+    x = pixels(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(pixel_values=x).logits, adapter_model(pixel_values=x).logits, rtol=0, atol=1e-5
+        )
+
+
+def test_pipeline_runs_the_merged_model(finetuned):
+    from transformers import AutoImageProcessor, pipeline
+
+    out, _ = finetuned
+    merged_dir = out / "merged"
+    classifier = pipeline("image-classification", model=str(merged_dir), device="cpu")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    result = classifier(image, top_k=3)
+    assert {r["label"] for r in result} == {"normal", "low_grade", "high_grade"}
+    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+    # Same numbers as the model on the saved processor's output.
+    processor = AutoImageProcessor.from_pretrained(merged_dir)
+    model = classifier.model
+    with torch.no_grad():
+        probs = model(**processor(image, return_tensors="pt")).logits.softmax(-1)[0]
+    by_label = {r["label"]: r["score"] for r in result}
+    expected = {model.config.id2label[i]: float(p) for i, p in enumerate(probs)}
+    assert by_label == pytest.approx(expected, abs=1e-6)
+
+
+def test_missing_hierarchy_columns_fall_back_to_patch_level(hlss_dir, tmp_path):
+    data = build_demo_dataset(
+        num_patients=6,
+        num_classes=3,
+        slides_per_patient=(1, 1),
+        patches_per_slide=2,
+        patch_size=32,
+        val_fraction=0.5,
+    )
+    folder = to_disk(data.remove_columns(["slide_id", "patient_id"]), tmp_path)
+    with pytest.warns(UserWarning, match="slide_id"):
+        report = finetune.main(base_args(hlss_dir, folder, tmp_path / "out", "--max_steps", "1"))
+    assert "patch/acc" in report["eval"]
+    assert not any(k.startswith(("slide/", "patient/")) for k in report["eval"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return build_demo_dataset(
+        num_patients=6,
+        num_classes=3,
+        slides_per_patient=(1, 1),
+        patches_per_slide=1,
+        patch_size=16,
+        val_fraction=0.5,
+    )
+
+
+def test_dataset_without_label_column_is_a_clear_error(small_data, tmp_path):
+    folder = to_disk(small_data.remove_columns(["label"]), tmp_path)
+    with pytest.raises(ValueError, match="no label column 'label'"):
+        finetune.main(base_args("unused-model", folder, tmp_path / "out"))
+
+
+def test_unknown_label_names_are_named(small_data, tmp_path):
+    folder = to_disk(small_data, tmp_path)
+    with pytest.raises(ValueError, match=r"unknown label names \['tumour'\]"):
+        finetune.main(
+            base_args(
+                "unused-model", folder, tmp_path / "out", "--label_names", "normal", "low_grade", "tumour"
+            )
+        )
+
+
+def test_string_label_outside_label_names_names_the_patch(small_data, tmp_path):
+    names = small_data["train"].features["label"].names
+    as_text = small_data.map(lambda row: {"diagnosis": names[row["label"]]}, remove_columns=["label"])
+    folder = to_disk(as_text, tmp_path)
+    with pytest.raises(ValueError, match=r"patch '[^']+' has label 'high_grade', not one of the classes"):
+        finetune.main(
+            base_args(
+                "unused-model",
+                folder,
+                tmp_path / "out",
+                "--label_column",
+                "diagnosis",
+                "--label_names",
+                "normal",
+                "low_grade",
+            )
+        )
+
+
+def test_empty_split_is_a_clear_error(small_data):
+    data = datasets.DatasetDict(
+        {"train": small_data["train"], "validation": small_data["validation"].select([])}
+    )
+    args = finetune.parse_args(["--model", "m", "--dataset", "d"])
+    with pytest.raises(ValueError, match="split 'validation' of dataset 'd' is empty"):
+        finetune.select_splits(data, args)
+
+
+def test_missing_eval_split_lists_the_splits(small_data, tmp_path):
+    folder = to_disk(datasets.DatasetDict({"train": small_data["train"]}), tmp_path)
+    with pytest.raises(ValueError, match=r"no split 'holdout'.*\['train'\]"):
+        finetune.main(base_args("unused-model", folder, tmp_path / "out", "--eval_split", "holdout"))
+
+
+def test_config_file_with_overrides_and_unknown_key(tmp_path):
+    config = tmp_path / "ft.yaml"
+    config.write_text("model: m\ndataset: d\nlora_r: 4\nlr: 0.5\naugmentation: {horizontal_flip: {p: 1.0}}\n")
+    args = finetune.parse_args(["--config", str(config), "--lr", "0.01"])
+    assert (args.model, args.lora_r, args.lr) == ("m", 4, 0.01)
+    assert args.augmentation == {"horizontal_flip": {"p": 1.0}}
+    config.write_text("model: m\ndataset: d\nlora_rank: 4\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lora_rank'\]"):
+        finetune.parse_args(["--config", str(config)])
+    with pytest.raises(ValueError, match="--model is required"):
+        finetune.parse_args(["--dataset", "d"])
+    with pytest.raises(ValueError, match="--lora_dropout"):
+        finetune.parse_args(["--model", "m", "--dataset", "d", "--lora_dropout", "1.5"])
