@@ -317,7 +317,6 @@ def build_train_loader(config: TrainConfig, train_ds, num_processes: int):
         num_views=d.num_views,
         transform=transform,
         seed=t.seed,
-        balance_classes=d.balance_classes,
     )
     # A private generator: creating a DataLoader iterator then never draws from the global RNG, which keeps
     # a resumed run's RNG stream identical to an uninterrupted one.
@@ -333,7 +332,7 @@ def build_train_loader(config: TrainConfig, train_ds, num_processes: int):
             generator=generator,
         )
         return dataset, loader
-    dataset = HierarchicalPatchDataset(train_ds, **common)
+    dataset = HierarchicalPatchDataset(train_ds, balance_classes=d.balance_classes, **common)
     global_batch = t.per_device_batch_size * num_processes
     if len(dataset) < global_batch:
         raise ConfigError(
@@ -488,15 +487,26 @@ def _to_float(value: Any) -> float:
     return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
 
 
-def _loss_parts(outputs) -> dict[str, float]:
+def _loss_parts(outputs, accelerator=None) -> dict[str, float]:
+    """The loss and its parts as floats, averaged over processes when there are several.
+
+    Terms computed per process (e.g. a per-sample mean over the local batch) then read as the global-batch
+    value, like the gradient that DDP averages.
+    """
     parts = {}
     for key in LOSS_KEYS:
         value = getattr(outputs, key, None)
         if value is not None:
-            parts[key] = _to_float(value)
+            parts[key] = value
     for key, value in (getattr(outputs, "level_losses", None) or {}).items():
-        parts[key] = _to_float(value)
-    return parts
+        parts[key] = value
+    if accelerator is not None and accelerator.num_processes > 1 and parts:
+        stacked = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32).detach().reshape(()) for v in parts.values()]
+        )
+        stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="mean")
+        return dict(zip(parts, stacked.tolist(), strict=True))
+    return {key: _to_float(value) for key, value in parts.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -670,10 +680,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 guard.active = True
                 outputs = model(pixel_values=pixel_values, return_loss=True)
                 loss = outputs.loss
-                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                # Every process stops together when any one sees a non-finite loss.
+                bad = (~torch.isfinite(loss.detach())).float().reshape(1)
                 if W > 1:
-                    finite = accelerator.reduce(finite, reduction="min")
-                if finite.item() < 1:
+                    bad = accelerator.reduce(bad, reduction="max")
+                if bad.item() > 0:
                     guard.active = False
                     parts = _loss_parts(outputs)
                     last = latest_checkpoint(out)
@@ -691,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 guard.active = False
             state.batch_in_epoch += 1
             micro += 1
-            for key, value in _loss_parts(outputs).items():
+            for key, value in _loss_parts(outputs, accelerator).items():
                 sums[key] = sums.get(key, 0.0) + value
             if not accelerator.sync_gradients:
                 continue

