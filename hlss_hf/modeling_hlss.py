@@ -205,6 +205,21 @@ class HLSSPreTrainedModel(PreTrainedModel):
             if module.bias is not None and not getattr(module.bias, "_is_hf_initialized", False):
                 module.bias.zero_()
 
+    def _freeze_unused(self) -> None:
+        """Freeze vision parameters a forward never uses."""
+        for name, param in self.vision_model.named_parameters():
+            # Masked-image-modelling tokens (DINOv2, ViT with use_mask_token) never get a gradient here, and
+            # DDP refuses trainable parameters without one.
+            if name.rsplit(".", 1)[-1] == "mask_token":
+                param.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, re-applying the freezing (loading recreates the parameters)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_unused()
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, recording every HLSS auto class in the config's `auto_map`."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -281,7 +296,7 @@ class HLSSModel(HLSSPreTrainedModel):
         self.heads = nn.ModuleDict({level: nn.Linear(dim, n) for level, n in config.num_attributes.items()})
         for level, n in config.num_attributes.items():
             self.register_buffer(f"bank_{level}", torch.zeros(n, dim), persistent=True)
-        self._freeze_text_tower()
+        self._freeze_unused()
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------- text tower
@@ -289,18 +304,16 @@ class HLSSModel(HLSSPreTrainedModel):
         self.text_model.requires_grad_(False)
         self.text_model.eval()
 
+    def _freeze_unused(self) -> None:
+        """Freeze the text tower and the vision parameters a forward never uses."""
+        self._freeze_text_tower()
+        super()._freeze_unused()
+
     def train(self, mode: bool = True):
         """Set training mode; the text tower stays frozen and in eval mode (no dropout in banks / zero-shot)."""
         super().train(mode)
         self._freeze_text_tower()
         return self
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, re-freezing the text tower (loading recreates its parameters)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_text_tower()
-        return loaded
 
     def get_text_features(
         self,
@@ -679,6 +692,7 @@ class HLSSForImageClassification(HLSSPreTrainedModel):
             vision_output_dim(config.vision_config), config.projection_dim, bias=False
         )
         self.classifier = nn.Linear(config.projection_dim, config.num_labels)
+        self._freeze_unused()
         self.post_init()
 
     def forward(

@@ -126,6 +126,36 @@ def test_model_needs_attributes_at_every_level():
         HLSSModel(_tiny_config(attribute_names={"patch": ["a"], "slide": [], "patient": ["c"]}))
 
 
+@pytest.mark.parametrize("vision", ["clip", "vit", "resnet", "convnext", "dinov2"])
+def test_every_trainable_parameter_gets_a_gradient(vision):
+    # DDP (accelerate multi-process training) fails on trainable parameters that receive no gradient.
+    from transformers import ConvNextConfig, Dinov2Config
+
+    configs = {
+        "clip": clip_vision_config,
+        "vit": vit_config,
+        "resnet": resnet_config,
+        "convnext": lambda: ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
+        "dinov2": lambda: Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+    }
+    torch.manual_seed(0)
+    model = HLSSModel(_tiny_config(vision_config=configs[vision]())).train()
+    out = model(hierarchical_pixels())
+    assert out.image_embeds.shape == (2, 2, 2, 2, 32)
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not {n for n in trainable if n.startswith("text_model.")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None} == set()
+    assert any(n.startswith("vision_model.") for n in trainable) and "visual_projection.weight" in trainable
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 def test_flat_forward_shapes_and_unit_norm(pair_model):
     model = pair_model.eval()
