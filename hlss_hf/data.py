@@ -240,23 +240,35 @@ def _check_positive(**values: int) -> None:
 
 
 def _views(
-    images: torch.Tensor,
+    patches: Sequence[torch.Tensor],
     num_views: int,
     transform: Transform | None,
     generator: torch.Generator,
     patient: str,
 ) -> torch.Tensor:
-    """``num_views`` transformed copies of each image ``[N, C, H, W]`` -> ``[N, V, C, h, w]``."""
-    if transform is None:
-        return images[:, None].expand(-1, num_views, -1, -1, -1).clone()
-    views = [transform(image, generator=generator) for image in images for _ in range(num_views)]
-    shapes = {tuple(v.shape) for v in views}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"patient {patient!r}: the transform returned views of different shapes {sorted(shapes)}; "
-            "it must produce a fixed crop size"
-        )
-    return torch.stack(views).reshape(len(images), num_views, *views[0].shape)
+    """``num_views`` transformed copies of each patch ``[C, H, W]`` -> ``[N, V, C, h, w]``.
+
+    Views are written straight into one preallocated tensor: at 300 px an extra stack or clone per patient
+    costs as much as reading its patches.
+    """
+    out = None
+    for n, patch in enumerate(patches):
+        for v in range(num_views):
+            view = patch if transform is None else transform(patch, generator=generator)
+            if out is None:
+                out = torch.empty((len(patches), num_views, *view.shape), dtype=view.dtype)
+            elif view.shape != out.shape[2:]:
+                what = "the transform returned views" if transform is not None else "patches have"
+                raise ValueError(
+                    f"patient {patient!r}: {what} different shapes {tuple(out.shape[2:])} and {tuple(view.shape)}; "
+                    + (
+                        "it must produce a fixed crop size"
+                        if transform is not None
+                        else "pass a transform that crops"
+                    )
+                )
+            out[n, v] = view
+    return out
 
 
 class HierarchicalPatchDataset(Dataset):
@@ -367,18 +379,8 @@ class HierarchicalPatchDataset(Dataset):
         unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
         images = self._read(unique.tolist(), patient)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
-        if isinstance(images, torch.Tensor):
-            stacked = images[torch.from_numpy(inverse.reshape(-1))]
-        else:
-            stacked = [images[j] for j in inverse.reshape(-1).tolist()]
-            shapes = {tuple(p.shape) for p in stacked}
-            if self.transform is None and len(shapes) > 1:
-                raise ValueError(
-                    f"patient {patient!r}: patches of different sizes {sorted(shapes)} need a transform"
-                )
-        views = torch.stack(
-            [_views(p[None], self.num_views, self.transform, generator, patient)[0] for p in stacked]
-        )
+        patches = [images[j] for j in inverse.reshape(-1).tolist()]
+        views = _views(patches, self.num_views, self.transform, generator, patient)
         pixel_values = views.reshape(self.num_slides, self.num_patches, *views.shape[1:])
         return {
             "pixel_values": pixel_values,
@@ -393,20 +395,38 @@ class HierarchicalPatchDataset(Dataset):
         state["_srh_reader"] = None
         return state
 
-    def _read(self, rows: list[int], patient: str) -> torch.Tensor | list[torch.Tensor]:
+    def read_images(self, rows: Sequence[int], patient: str | None = None) -> list[np.ndarray]:
+        """Decode the images of dataset ``rows`` with :func:`hlss_hf.schema.decode_image`.
+
+        SRH rows are zero-copy views of the memory-mapped Arrow data (read-only; copy before writing).
+
+        Args:
+            rows (sequence of `int`): positions in the dataset.
+            patient (`str`, *optional*): named in the error when a row cannot be read.
+
+        Returns:
+            list of ``(H, W, 2)`` uint16 (SRH) or ``(H, W, 3)`` uint8 (H&E) arrays.
+        """
+        rows = [int(r) for r in rows]
         try:
             if self.modality == "srh":
                 if self._srh_reader is None:
                     self._srh_reader = _FixedArrayReader(self._images)
-                block = np.stack([decode_image(view) for view in self._srh_reader.rows(rows)])
-                return to_float(block, self.modality)
-            column = self._images[rows][IMAGE]
-        except (ValueError, TypeError, OSError, pa.ArrowException) as error:  # say whose rows failed
-            raise ValueError(f"patient {patient!r}: cannot read image rows {rows[:8]}: {error}") from error
-        decoded = [decode_image(value) for value in column]
-        if len({d.shape for d in decoded}) == 1:
-            return to_float(np.stack(decoded), self.modality)
-        return to_float(decoded, self.modality)
+                values = self._srh_reader.rows(rows)
+            else:
+                values = self._images[rows][IMAGE]
+            return [decode_image(value) for value in values]
+        except (ValueError, TypeError, OSError, IndexError, pa.ArrowException) as error:
+            owner = f"patient {patient!r}: " if patient is not None else ""
+            raise ValueError(f"{owner}cannot read image rows {rows[:8]}: {error}") from error
+
+    def _read(self, rows: list[int], patient: str) -> list[torch.Tensor]:
+        # One conversion call per patch: stacking the patches first would only add a copy.
+        images = self.read_images(rows, patient)
+        if self.modality == "he":
+            # PIL-backed arrays are read-only and torch warns on wrapping them; uint8 copies are cheap.
+            images = [image if image.flags.writeable else image.copy() for image in images]
+        return to_float(images, self.modality)
 
     def shard_patients(self, num_shards: int, index: int) -> Subset:
         """The items of shard ``index`` out of ``num_shards`` (every ``num_shards``-th item, from ``index``).
@@ -689,12 +709,7 @@ class HierarchicalStreamingDataset(IterableDataset):
         decoded = [decode_image(value) for value in raw]
         converted = to_float(decoded, self.modality)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
-        views = torch.stack(
-            [
-                _views(image[None], self.num_views, self.transform, generator, patient)[0]
-                for image in converted
-            ]
-        )
+        views = _views(converted, self.num_views, self.transform, generator, patient)
         return {
             "pixel_values": views.reshape(self.num_slides, self.num_patches, *views.shape[1:]),
             "label": label,
