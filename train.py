@@ -33,6 +33,8 @@ import importlib.util
 import logging
 import math
 import os
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -390,61 +392,145 @@ def save_checkpoint(accelerator, config: TrainConfig, step: int) -> Path:
     return final
 
 
-def render_model_card(
-    config: TrainConfig, state: TrainState, metrics: dict[str, float], extra: dict[str, Any]
-) -> str:
-    """Fill ``model_card.md`` (repo root) with the run's config, data, steps and metrics.
+FALLBACK_CARD = """---
+library_name: transformers
+pipeline_tag: image-feature-extraction
+tags: [hlss, histopathology, self-supervised-learning]
+---
 
-    The template's ``{placeholders}`` are filled from the values below; unknown ones are left as written.
-    Without the template (an installed package without the checkout), a short card is written instead.
+# {{ model_name }}
+
+HLSS-pretrained {{ modality_name }} image encoder, trained on `{{ dataset_id }}` for {{ num_steps }} steps.
+
+| Level | Accuracy |
+|---|---|
+| Patch | {{ patch_acc }} |
+| Slide | {{ slide_acc }} |
+| Patient | {{ patient_acc }} |
+
+Command: `{{ training_command }}`
+"""
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def _tower_name(spec: Any, tower_config: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    return f"random-init-{getattr(tower_config, 'model_type', 'model')}"
+
+
+def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> dict:
+    """Every placeholder of ``model_card.md`` from the run (config, model, data, steps, metrics).
+
+    Args:
+        config (`TrainConfig`): The run's config.
+        state (`TrainState`): Final step / epoch.
+        metrics (`dict`): kNN metrics (``eval/patch/acc`` ...), possibly empty.
+        ctx (`dict`): ``model`` (unwrapped), ``train_dataset``, ``modality``, ``num_processes``, ``device``,
+            ``seconds``, ``argv``.
     """
-    config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    metric_lines = "\n".join(f"| {k.removeprefix('eval/')} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    m, d, t = config.model, config.data, config.training
+    model, modality = ctx["model"], ctx["modality"]
+    mc = model.config
+    names = getattr(mc, "attribute_names", None) or {}
+    index = getattr(ctx.get("train_dataset"), "index", None)
+    srh = modality == "srh"
+    if d.dataset == "demo":
+        dataset_id = "hlss-synthetic-demo"
+    else:
+        dataset_id = Path(d.dataset).name if Path(d.dataset).exists() else d.dataset
+    num_labels = len(index.class_names) if index is not None else "n/a"
+    from hlss_hf.augmentation import DEFAULT_AUGMENTATION
+
+    operations = d.augmentation if d.augmentation is not None else DEFAULT_AUGMENTATION
+    used = [name for name, params in operations.items() if params is not False] or ["centre crop only"]
+    warmup = f"{t.lr_scheduler} schedule with {t.warmup_ratio:.0%} warm-up"
+    device = ctx.get("device")
+    hardware = f"{ctx.get('num_processes', 1)} x {device}"
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        hardware = f"{ctx.get('num_processes', 1)} x {torch.cuda.get_device_name(torch.device(device))}"
     values = {
-        "model_name": Path(config.training.output_dir).name,
-        "dataset": config.data.dataset,
-        "modality": extra.get("modality", ""),
-        "vision_model": str(
-            config.model.vision
-            if isinstance(config.model.vision, str)
-            else config.model.vision.get("model_type")
+        "license": t.model_license,
+        "modality_tag": "stimulated-raman-histology" if srh else "h-and-e",
+        "modality_name": "SRH" if srh else "H&E",
+        "dataset_id": dataset_id,
+        "vision_model_name_or_path": _tower_name(m.vision, getattr(mc, "vision_config", None)),
+        "text_model_name_or_path": _tower_name(m.text, getattr(mc, "text_config", None)),
+        "vision_model_type": getattr(getattr(mc, "vision_config", None), "model_type", "n/a"),
+        "text_model_type": getattr(getattr(mc, "text_config", None), "model_type", "n/a"),
+        "model_name": t.push_to_hub.split("/")[-1] if t.push_to_hub else Path(t.output_dir).name,
+        "repo_id": t.push_to_hub or str(t.output_dir),
+        "repo_url": t.project_url or "#",
+        "projection_dim": getattr(mc, "projection_dim", "n/a"),
+        "num_patch_attributes": len(names.get("patch", [])),
+        "num_slide_attributes": len(names.get("slide", [])),
+        "num_patient_attributes": len(names.get("patient", [])),
+        "image_size": d.crop_size,
+        "mpp": getattr(mc, "mpp", None) or "unspecified",
+        "magnification": getattr(mc, "magnification", None) or "unspecified",
+        "input_description": "2-channel uint16 SRH arrays [H, W, 2]"
+        if srh
+        else "RGB images (PIL or uint8 arrays)",
+        "example_prompt": "an SRH image of a glioma" if srh else "an H&E image of tumour tissue",
+        "num_labels": num_labels,
+        "num_train_patients": index.num_patients if index is not None else "n/a (streamed)",
+        "num_train_slides": index.num_slides if index is not None else "n/a",
+        "num_train_patches": index.num_patches if index is not None else "n/a",
+        "batch_patients": t.per_device_batch_size,
+        "slides_per_patient": d.num_slides,
+        "patches_per_slide": d.num_patches,
+        "views_per_patch": d.num_views,
+        "num_processes": ctx.get("num_processes", 1),
+        "augmentations": ", ".join(used),
+        "temperature": m.temperature,
+        "lambda_patch": m.lambda_patch,
+        "lambda_slide": m.lambda_slide,
+        "lambda_patient": m.lambda_patient,
+        "lambda_align": m.lambda_align,
+        "align_temperature": m.align_temperature,
+        "optimizer": f"AdamW (weight decay {t.weight_decay}, betas ({t.adam_beta1}, {t.adam_beta2}))",
+        "learning_rate": t.lr,
+        "schedule": warmup,
+        "num_steps": state.step,
+        "mixed_precision": t.mixed_precision,
+        "seed": t.seed,
+        "hardware": hardware,
+        "training_time": f"{ctx.get('seconds', 0.0) / 60:.1f} min",
+        "training_command": "python train.py " + " ".join(shlex.quote(a) for a in ctx.get("argv", [])),
+        "eval_split": d.validation_split or "none",
+        "evaluation_notes": (
+            f"This run's kNN used k={t.knn_k} and temperature {t.knn_temperature}."
+            if metrics
+            else "No evaluation ran."
         ),
-        "text_model": str(
-            config.model.text if isinstance(config.model.text, str) else config.model.text.get("model_type")
+        "limitations": (
+            "This checkpoint comes from the synthetic demo (tiny towers, procedural textures): it only "
+            "demonstrates the pipeline and has no diagnostic or research value."
+            if d.dataset == "demo"
+            else f"Pretrained for {state.step} steps; check the evaluation above on your own data before use."
         ),
-        "attributes": str(config.model.attributes if isinstance(config.model.attributes, str) else "custom"),
-        "steps": str(state.step),
-        "epochs": str(state.epoch),
-        "global_batch_images": str(extra.get("global_batch_images", "")),
-        "batch_shape": extra.get("batch_shape", ""),
-        "learning_rate": str(config.training.lr),
-        "metrics_table": "| metric | value |\n|---|---|\n" + metric_lines if metrics else "(no evaluation)",
-        "training_config": config_yaml,
-        "repo_id": config.training.push_to_hub or Path(config.training.output_dir).name,
+        "citation": "",
     }
+    for level in ("patch", "slide", "patient"):
+        for key in ("acc", "top2", "top3", "mca", "map"):
+            value = metrics.get(f"eval/{level}/{key}")
+            values[f"{level}_{key}"] = f"{100 * value:.1f}" if value is not None else "n/a"
+    return values
+
+
+def render_model_card(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> str:
+    """Fill ``model_card.md`` (repo root) with :func:`model_card_values`; placeholders are ``{{ name }}``.
+
+    Without the template (train.py copied away from the checkout), a short built-in card is used.
+    """
     template_path = REPO_ROOT / "model_card.md"
     if template_path.is_file():
         template = template_path.read_text(encoding="utf-8")
     else:
         logger.warning("model_card.md template not found beside train.py; writing a short card")
-        template = (
-            "---\nlibrary_name: transformers\ntags: [hlss, histopathology, self-supervised]\n---\n\n"
-            "# {model_name}\n\nHLSS-pretrained image encoder ({modality}) trained on `{dataset}` for {steps} "
-            "steps.\n\n## Evaluation (kNN)\n\n{metrics_table}\n\n## Training configuration\n\n"
-            "```yaml\n{training_config}```\n"
-        )
-
-    class _Keep(dict):
-        def __missing__(self, key: str) -> str:
-            return "{" + key + "}"
-
-    try:
-        return template.format_map(_Keep(values))
-    except (ValueError, IndexError):
-        # A template with literal braces that are not placeholders: substitute known names only.
-        for key, value in values.items():
-            template = template.replace("{" + key + "}", value)
-        return template
+        template = FALLBACK_CARD
+    values = model_card_values(config, state, metrics, ctx)
+    return _PLACEHOLDER.sub(lambda match: str(values.get(match.group(1), "n/a")), template)
 
 
 def push_to_hub(config: TrainConfig) -> str:
@@ -651,6 +737,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics_file = JsonlWriter(out / "metrics.jsonl") if accelerator.is_main_process else None
 
     # 7. Train.
+    run_start = time.perf_counter()
     run_limit = state.step + t.max_steps_this_run if t.max_steps_this_run else None
     progress = tqdm(
         total=max_steps,
@@ -778,12 +865,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if accelerator.is_main_process:
             unwrapped.save_pretrained(out)
             processor.save_pretrained(out)
-            card = render_model_card(
-                config,
-                state,
-                last_eval,
-                {"modality": modality, "global_batch_images": images_per_step, "batch_shape": batch_shape},
-            )
+            card_context = {
+                "model": unwrapped,
+                "train_dataset": train_dataset,
+                "modality": modality,
+                "num_processes": W,
+                "device": accelerator.device,
+                "seconds": time.perf_counter() - run_start,
+                "argv": argv,
+            }
+            card = render_model_card(config, state, last_eval, card_context)
             (out / "README.md").write_text(card, encoding="utf-8")
             with open(out / "train_config.yaml", "w", encoding="utf-8") as f:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -204,6 +204,10 @@ class TrainingConfig:
     knn_temperature: float = field(default=0.07, metadata={"help": "kNN vote temperature."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push model + card to."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    model_license: str = field(default="other", metadata={"help": "License written in the model card."})
+    project_url: str | None = field(
+        default=None, metadata={"help": "Project link written in the model card (the code's home page)."}
+    )
 
 
 @dataclass

@@ -214,7 +214,12 @@ def test_demo_run_saves_a_loadable_model_with_card_metrics_and_logs(tmp_path, at
     assert feats.shape[0] == 3 and torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert type(processor).__name__ == "HLSSProcessor"
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "4" in card and "patch" in card
+    assert "{{" not in card and "4 steps" in card
+    assert f"| Patch   | {100 * knn['eval/patch/acc']:.1f} |" in card
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data
+    assert meta.library_name == "transformers" and "hlss" in meta.tags
     assert list((out / "hlss").rglob("events.out.tfevents*")), "tensorboard events were not written"
     assert yaml.safe_load((out / "train_config.yaml").read_text())["training"]["max_steps"] == 4
 
