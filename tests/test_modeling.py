@@ -432,6 +432,16 @@ def test_from_vision_text_pretrained_keeps_the_real_minilm_weights():
     assert model.config.projection_dim == 384 and model.config.text_pooling == "mean"
 
 
+def test_tokenizer_comes_from_the_text_path_or_must_be_given():
+    torch.manual_seed(0)
+    model = HLSSModel.from_vision_text_pretrained(resnet_config(), MINILM_PATH, attributes=TINY_ATTRIBUTES)
+    torch.testing.assert_close(
+        model.bank_patch, _pair("resnet+minilm").bank_patch
+    )  # same tokenizer, same banks
+    with pytest.raises(ValueError, match="tokenizer"):
+        HLSSModel.from_vision_text_pretrained(vit_config(), bert_config(), attributes=TINY_ATTRIBUTES)
+
+
 def test_minilm_mean_pooling_matches_sentence_transformers_recipe():
     model = _pair("resnet+minilm")
     tokenizer = tiny_tokenizer()
