@@ -775,3 +775,69 @@ def test_demo_main_writes_a_loadable_dataset(tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="already exists"):
         demo.main(["--output", str(demo_out)])
+
+
+# --------------------------------------------------------------------------------- writer and helpers
+
+
+def _row(patch, patient="p1", slide="s1", label="a", seed=0):
+    image = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    return {"image": image, "patient_id": patient, "slide_id": slide, "patch_id": patch, "label": label}
+
+
+def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels(tmp_path):
+    from hlss_hf.publishing import ConversionError, InvalidItems, write_patch_dataset
+    from hlss_hf.schema import features_for
+
+    features = features_for("he", ["a", "b"])
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="slide s1 belongs to patients p1 and p2"):
+        write_patch_dataset({"train": [_row("x"), _row("y", patient="p2")]}, features, output_dir=out)
+    with pytest.raises(ConversionError, match="patch y: patient p1 has label 'a'"):
+        write_patch_dataset({"train": [_row("x"), _row("y", label="b")]}, features, output_dir=out)
+    with pytest.raises(ConversionError, match="patient p1 is in splits 'train' and 'test'"):
+        write_patch_dataset({"train": [_row("x")], "test": [_row("y")]}, features, output_dir=out)
+    invalid = InvalidItems(skip_invalid=True)
+    with pytest.raises(ConversionError, match="no patches were converted"):
+        write_patch_dataset({"train": [_row("x", label="c")]}, features, output_dir=out, invalid=invalid)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_writer_drops_empty_splits_and_checks_he_patch_size(tmp_path):
+    from hlss_hf.publishing import ConversionError, write_patch_dataset
+    from hlss_hf.schema import features_for
+
+    features = features_for("he", ["a"])
+    out = tmp_path / "out"
+    summary = write_patch_dataset({"train": [_row("x")], "validation": []}, features, output_dir=out)
+    assert summary.empty_splits == ["validation"] and set(load(out, tmp_path)) == {"train"}
+    with pytest.raises(ConversionError, match=r"patch x: image size \(8, 8\), expected \(16, 16\)"):
+        write_patch_dataset({"train": [_row("x")]}, features, output_dir=tmp_path / "o2", patch_size=16)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.9])
+def test_assign_splits_is_stratified_seeded_and_keeps_every_class_in_train(fraction):
+    from hlss_hf.publishing import assign_splits
+
+    labels = {f"p{i:02d}": ("a" if i < 7 else "b" if i < 9 else "c") for i in range(10)}
+    splits = assign_splits(labels, fraction, seed=1)
+    assert splits == assign_splits(labels, fraction, seed=1)
+    assert set(splits) == set(labels)
+    for label in "abc":
+        members = [p for p, name in labels.items() if name == label]
+        val = [p for p in members if splits[p] == "validation"]
+        assert len(val) < len(members)  # every class keeps training patients
+        assert len(val) >= (1 if len(members) > 1 else 0)
+    assert assign_splits(labels, 0.5, seed=1) != assign_splits(labels, 0.5, seed=2)
+
+
+def test_tissue_mask_separates_stain_from_glass_and_dark_borders():
+    from hlss_hf.tiling import tissue_mask
+
+    image = np.full((40, 60, 3), 240, np.uint8)
+    image[10:30, 10:30] = (190, 110, 160)  # pink tissue
+    image[:, 55:] = (10, 10, 10)  # black scanner border
+    mask = tissue_mask(image)
+    assert mask[10:30, 10:30].all()
+    assert not mask[:, 30:].any() and not mask[:10].any()
+    assert not tissue_mask(np.full((20, 20, 3), 240, np.uint8)).any()  # all glass: nothing
