@@ -20,6 +20,8 @@ train = extract_embeddings(model, data["train"], cache_dir="out/cache")
 val = extract_embeddings(model, data["validation"], cache_dir="out/cache")
 metrics = knn_evaluate(train, val, k=200, temperature=0.07)   # {"patch/acc": ..., "slide/acc": ..., ...}
 ```
+
+The same metrics as an `evaluate` module (offline, from the package folder): `evaluate.load(METRIC_PATH)`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 METRIC_NAMES: tuple[str, ...] = ("acc", "top2", "top3", "mca", "map")
 # Bumped whenever the cached file's content or the extraction changes, so stale caches are never reused.
 _CACHE_VERSION = 1
+#: Folder of the `evaluate` metric module (patch / slide / patient metrics): `evaluate.load(METRIC_PATH)`.
+METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "hierarchical_accuracy")
 # Elements of one similarity block in knn_predict (float32: 128 MiB); bounds memory whatever the bank size.
 DEFAULT_MAX_BLOCK_ELEMENTS = 2**25
 

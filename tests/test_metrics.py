@@ -19,6 +19,7 @@ from sklearn.metrics import (
 )
 
 from hlss_hf.evaluation import (
+    METRIC_PATH,
     aggregate_scores,
     average_precision,
     classification_metrics,
@@ -27,7 +28,7 @@ from hlss_hf.evaluation import (
     hierarchical_metrics,
 )
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "hlss_hf" / "metrics" / "hierarchical_accuracy"
+METRIC_DIR = Path(METRIC_PATH)
 
 
 def _random_problem(seed, n=120, num_classes=5):
