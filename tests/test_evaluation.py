@@ -319,3 +319,32 @@ def test_extract_embeddings_uses_processor():
         result = extract_embeddings(model, _he_dataset(3), processor=Processor(), progress=False)
     expected = F.normalize(model.proj(torch.ones(3)), dim=-1).detach()
     torch.testing.assert_close(result.embeddings, expected.expand(3, -1))
+
+
+@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
+def test_extract_embeddings_srh_uses_srh_conversion():
+    from hlss_hf.processing_hlss import srh_to_float
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 65535, (12, 12, 2), dtype=np.uint16) for _ in range(3)]
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": images,
+            "patient_id": ["p0", "p0", "p1"],
+            "slide_id": ["s0", "s0", "s1"],
+            "patch_id": ["a", "b", "c"],
+            "label": [0, 0, 1],
+            "x": [0] * 3,
+            "y": [0] * 3,
+            "level": [0] * 3,
+            "mpp": [float("nan")] * 3,
+            "magnification": [float("nan")] * 3,
+            "source": ["opensrh"] * 3,
+        },
+        features=features_for("srh", ["hgg", "lgg"], patch_size=12),
+    )
+    model = _CountingModel()
+    result = extract_embeddings(model, dataset, batch_size=2, progress=False)
+    expected = F.normalize(model.proj(srh_to_float(images[2]).mean(dim=(1, 2))), dim=-1).detach()
+    torch.testing.assert_close(result.embeddings[2], expected, rtol=1e-5, atol=1e-5)
+    assert result.class_names == ["hgg", "lgg"] and result.patient_ids == ["p0", "p0", "p1"]
