@@ -74,7 +74,15 @@ def to_float(images: np.ndarray | Sequence[np.ndarray], modality: str) -> torch.
     """
     from .processing_hlss import he_to_float, srh_to_float
 
-    convert = srh_to_float if modality == "srh" else he_to_float
+    if modality == "srh":
+        convert = srh_to_float
+    else:
+        convert = he_to_float
+        # PIL-backed arrays are read-only and torch warns when wrapping them; uint8 copies are cheap.
+        if isinstance(images, np.ndarray):
+            images = images if images.flags.writeable else images.copy()
+        else:
+            images = [image if image.flags.writeable else image.copy() for image in images]
     if isinstance(images, np.ndarray):
         return convert(images)
     return [convert(image) for image in images]
@@ -422,11 +430,7 @@ class HierarchicalPatchDataset(Dataset):
 
     def _read(self, rows: list[int], patient: str) -> list[torch.Tensor]:
         # One conversion call per patch: stacking the patches first would only add a copy.
-        images = self.read_images(rows, patient)
-        if self.modality == "he":
-            # PIL-backed arrays are read-only and torch warns on wrapping them; uint8 copies are cheap.
-            images = [image if image.flags.writeable else image.copy() for image in images]
-        return to_float(images, self.modality)
+        return to_float(self.read_images(rows, patient), self.modality)
 
     def shard_patients(self, num_shards: int, index: int) -> Subset:
         """The items of shard ``index`` out of ``num_shards`` (every ``num_shards``-th item, from ``index``).

@@ -406,3 +406,18 @@ def test_streaming_buffer_evicts_the_oldest_and_caps_patients(srh_ds):
     assert [item["patient_id"] for item in capped] == ["P3"] * 3  # 10 patches in groups of 4, 4, 2
     with pytest.raises(ValueError, match="modality"):
         HierarchicalStreamingDataset(p3)
+
+
+def test_streaming_he_parquet_decodes_png_rows(tmp_path):
+    ds = make_dataset({"A": (0, [2]), "B": (1, [1, 2])}, modality="he")
+    path = str(tmp_path / "he.parquet")
+    ds.to_parquet(path)
+    data = HierarchicalStreamingDataset(stream(path), num_slides=1, num_patches=1, num_views=1)
+    items = {item["patient_id"]: item for item in data}
+    assert data.modality == "he" and sorted(items) == ["A", "B"]
+    by_slide = {}
+    for row in ds:
+        pixels = torch.from_numpy(np.asarray(row["image"], dtype=np.float32) / 255).permute(2, 0, 1)
+        by_slide.setdefault(row["slide_id"], []).append(pixels)
+    for item in items.values():
+        assert any(torch.allclose(item["pixel_values"][0, 0, 0], c) for c in by_slide[item["slide_ids"][0]])
