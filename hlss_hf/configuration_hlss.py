@@ -9,8 +9,12 @@ import math
 import numbers
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # releases before sub-config specs: the plain `sub_configs` mapping is used instead
+    SubConfigSpec = None
 
 LEVELS = ("patch", "slide", "patient")
 TEXT_POOLINGS = ("pooler", "cls", "mean")
@@ -156,10 +160,13 @@ class HLSSConfig(PreTrainedConfig):
     """
 
     model_type = "hlss"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        }
+    else:
+        sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
     # Declared as a field: transformers refuses to save undeclared attributes named like generation
     # parameters (`temperature`), taking them for misplaced generation settings.
     temperature: float = 0.07
