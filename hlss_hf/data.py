@@ -110,6 +110,14 @@ class HierarchyIndex:
 
     Patients and slides keep the order of their first row in the dataset.
 
+    Example:
+
+    ```python
+    >>> index = HierarchyIndex.from_dataset(load_dataset("data/opensrh", split="train"))
+    >>> index.num_patients, index.class_names[index.labels[index.patient_ids[0]]]
+    >>> index.rows[(patient, index.slides[patient][0])]  # row indices of that slide's patches
+    ```
+
     Attributes:
         patient_ids (`list[str]`): patients in order.
         slides (`dict[str, list[str]]`): patient -> its slide ids.
@@ -534,6 +542,14 @@ def _patient_hash(patient: str) -> int:
 
 class HierarchicalStreamingDataset(IterableDataset):
     """Patient samples from a streamed patch dataset (``load_dataset(..., streaming=True)``).
+
+    Example:
+
+    ```python
+    >>> stream = load_dataset("me/opensrh", split="train", streaming=True)
+    >>> data = HierarchicalStreamingDataset(stream, transform=build_augmentation(None, 224), buffer_size=32)
+    >>> loader = DataLoader(data, batch_size=32, num_workers=4, collate_fn=collate_hierarchical)
+    ```
 
     Semantics:
 
