@@ -260,7 +260,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, attrib
     # 9 train patients, B=2 -> 4 batches per epoch: 6 steps cross an epoch boundary; the cut falls mid-epoch 1.
     common = ["--training.max_steps", "6", "--training.save_steps", "5"]
     full = tmp_path / "full"
-    train.main(tiny_args(full, attributes_file, *common))
+    # A kNN evaluation mid-run must not move the training RNG stream or weights either.
+    train.main(tiny_args(full, attributes_file, *common, "--training.eval_steps", "3"))
+    assert any("eval/patch/acc" in r and r["step"] == 3 for r in read_metrics(full))
 
     from accelerate.state import AcceleratorState, GradientState
 
@@ -283,6 +285,28 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, attrib
     losses_cut = [r["loss"] for r in train_records(cut)]
     assert [r["step"] for r in train_records(cut)] == list(range(1, 7))
     assert losses_cut == pytest.approx(losses_full, abs=1e-6)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, attributes_file):
+    # 9 train patients, B=2: 4 micro-batches per epoch = 2 optimizer steps per epoch with 2 accumulation steps.
+    result = train.main(tiny_args(tmp_path, attributes_file, "--training.gradient_accumulation_steps", "2"))
+    assert result["step"] == 4 and result["epoch"] == 2
+    records = train_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records] == [0, 0, 1, 1]
+
+
+def test_help_lists_every_config_key(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    train.cli()
+    text = capsys.readouterr().out
+    for key in (
+        "--training.lr",
+        "--data.num_slides",
+        "--model.lambda_align",
+        "--training.resume_from_checkpoint",
+    ):
+        assert key in text
 
 
 def test_checkpoints_rotate_and_keep_the_last_k(tmp_path, attributes_file):
