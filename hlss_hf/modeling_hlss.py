@@ -229,7 +229,13 @@ class HLSSPreTrainedModel(PreTrainedModel):
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` -> L2-normalised ``[N, D]``: ``normalize(visual_projection(pool(f_V(x))))``."""
-        outputs = self.vision_model(pixel_values=pixel_values)
+        kwargs = {}
+        trained_size = getattr(self.config.vision_config, "image_size", None)
+        if isinstance(trained_size, int) and tuple(pixel_values.shape[-2:]) != (trained_size, trained_size):
+            # Patch-token towers (ViT, CLIP) otherwise reject crops of another size than their pretraining one.
+            if "interpolate_pos_encoding" in inspect.signature(self.vision_model.forward).parameters:
+                kwargs["interpolate_pos_encoding"] = True
+        outputs = self.vision_model(pixel_values=pixel_values, **kwargs)
         return F.normalize(self.visual_projection(_pool_vision(outputs)), dim=-1)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -211,6 +211,16 @@ def test_eval_hierarchical_forward_has_no_loss_unless_asked(clip_model):
     assert torch.isfinite(clip_model(x, return_loss=True).loss)
 
 
+@pytest.mark.parametrize("pair", ["clip+clip", "vit+bert"])
+def test_patch_token_towers_take_other_crop_sizes(pair):
+    model = _pair(pair).eval()
+    assert model.get_image_features(torch.rand(2, 3, 48, 48)).shape == (2, model.config.projection_dim)
+    # The pretraining size keeps the exact position embeddings (no interpolation).
+    x = torch.rand(2, 3, 32, 32)
+    expected = F.normalize(model.visual_projection(model.vision_model(pixel_values=x).pooler_output), dim=-1)
+    torch.testing.assert_close(model.get_image_features(x), expected)
+
+
 def test_return_dict_false_gives_a_tuple(clip_model):
     clip_model.eval()
     out = clip_model(torch.rand(2, 3, 32, 32), return_dict=False)
