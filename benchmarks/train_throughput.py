@@ -29,6 +29,8 @@ if str(REPO) not in sys.path:
 VISION_PRESETS = {
     "tiny": {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 64, "patch_size": 8},
+    "vit-ti16": {"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3,
+                 "intermediate_size": 768, "patch_size": 16},
     "vit-s16": {"model_type": "vit", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
                 "intermediate_size": 1536, "patch_size": 16},
     "vit-b16": {"model_type": "vit", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
