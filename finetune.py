@@ -606,11 +606,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run fine-tuning; returns the report (also written to `output_dir/finetune_report.json`)."""
     # 1. Arguments and logging.
     args = parse_args(argv)
+    # accelerate runs several processes on CPU (gloo) only when told `cpu=True`.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
+        cpu=world > 1 and not torch.cuda.is_available(),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -661,12 +664,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         normalize,
         args.seed,
     )
+    # Dropping the last partial global batch keeps every step identical whatever the number of processes
+    # (accelerate would otherwise pad it differently); a split smaller than one global batch keeps it.
+    global_batch = args.batch_size * accelerator.num_processes
     train_loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=args.batch_size,
         shuffle=True,
         num_workers=args.num_workers,
-        drop_last=False,
+        drop_last=len(train_set) >= global_batch,
         generator=torch.Generator().manual_seed(args.seed),
     )
     eval_loader = eval_labels = slide_ids = patient_ids = None
@@ -702,8 +708,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps_per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process at each optimizer step (accelerate's convention).
     scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
     )
     scheduler = accelerator.prepare(scheduler)
     if args.report_to != "none":
@@ -730,11 +740,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 6. Train.
     logger.info(
-        "training %d steps (%d epochs of %d steps), %d patches",
+        "training %d steps (%d epochs of %d steps), %d patches, processes: %d, global batch %d",
         total_steps,
         num_epochs,
         steps_per_epoch,
         len(train_set),
+        accelerator.num_processes,
+        global_batch * args.gradient_accumulation_steps,
     )
     start = time.perf_counter()
     set_train_mode(model)
@@ -767,9 +779,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             global_step += 1
             if global_step % args.logging_steps == 0 or global_step == total_steps:
+                # Every process reaches this line at the same steps: the mean over processes is the global loss.
+                mean_loss = accelerator.reduce(
+                    torch.tensor(running / running_n, device=accelerator.device), "mean"
+                )
                 record(
-                    {"epoch": epoch, "loss": running / running_n, "lr": scheduler.get_last_lr()[0]},
-                    global_step,
+                    {"epoch": epoch, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}, global_step
                 )
                 running, running_n = 0.0, 0
             if eval_loader is not None and args.eval_every and global_step % args.eval_every == 0:

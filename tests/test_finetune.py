@@ -3,6 +3,8 @@ pipeline output, the end-to-end command and its bad-input errors. Tiny towers, 3
 
 import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from PIL import Image
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # finetune.py and dataset_scripts/ are not part of the installed package
@@ -400,3 +403,55 @@ def test_config_file_with_overrides_and_unknown_key(tmp_path):
         finetune.parse_args(["--dataset", "d"])
     with pytest.raises(ValueError, match="--lora_dropout"):
         finetune.parse_args(["--model", "m", "--dataset", "d", "--lora_dropout", "1.5"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Two processes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_same_global_batch(finetuned, hlss_dir, demo_dir, tmp_path):
+    """`accelerate launch` with 2 x 4 patches per step trains exactly as the 1 x 8 run of the `finetuned` fixture
+    (same losses, same learning-rate schedule, same adapter)."""
+    single, _ = finetuned
+    multi = tmp_path / "multi"
+    args = base_args(hlss_dir, demo_dir, multi, "--merge")
+    args[args.index("--batch_size") + 1] = "4"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*launch, str(REPO / "finetune.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "processes: 2, global batch 8" in proc.stderr
+
+    def records(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+
+    one, two = records(single), records(multi)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+    w1 = load_file(single / "adapter" / "adapter_model.safetensors")
+    w2 = load_file(multi / "adapter" / "adapter_model.safetensors")
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
