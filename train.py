@@ -629,9 +629,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(t.seed)
     out = Path(t.output_dir)
+    previous = [
+        out / name for name in ("checkpoints", "metrics.jsonl", "model.safetensors") if (out / name).exists()
+    ]
+    if previous and t.resume_from_checkpoint is None and not t.overwrite_output_dir:
+        # A fresh run would mix its metrics and checkpoint rotation with the earlier run's.
+        raise ConfigError(
+            f"config key 'training.output_dir': {out} already holds a run ({', '.join(p.name for p in previous)}); "
+            "pass --resume_from_checkpoint latest, --training.overwrite_output_dir true, or another output_dir"
+        )
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         clean_temporary_checkpoints(out)
+        if t.resume_from_checkpoint is None:
+            for path in previous:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    accelerator.wait_for_everyone()
 
     # 3. Data (the main process first: it builds / downloads, the others read its cache).
     with accelerator.main_process_first():

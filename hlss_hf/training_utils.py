@@ -153,6 +153,12 @@ class TrainingConfig:
     output_dir: str = field(
         default="outputs/hlss", metadata={"help": "Where the model, logs and checkpoints go."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds an earlier run (deletes its checkpoints)."
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed of the weights, the sampling and the augmentations."}
     )

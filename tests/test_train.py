@@ -360,6 +360,23 @@ def test_commit_checkpoint_replaces_an_existing_step_and_rotates(tmp_path):
     assert (tmp_path / "checkpoints" / "step_3" / "marker").read_text() == "3-again"
 
 
+def test_fresh_run_into_a_used_output_dir_needs_overwrite(tmp_path, attributes_file):
+    train.main(
+        tiny_args(tmp_path, attributes_file, "--training.max_steps", "2", "--training.save_steps", "2")
+    )
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(ConfigError, match=r"training\.output_dir.*checkpoints"):
+        train.main(tiny_args(tmp_path, attributes_file, "--training.overwrite_output_dir", "false"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train.main(tiny_args(tmp_path, attributes_file, "--training.max_steps", "1"))  # demo.yaml overwrites
+    assert [r["step"] for r in train_records(tmp_path)] == [1]
+    assert list_checkpoints(tmp_path) == []
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, attributes_file):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.main(tiny_args(tmp_path, attributes_file, "--resume_from_checkpoint", "latest"))
