@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -45,9 +46,10 @@ from peft import get_peft_model
 from transformers import HfArgumentParser, get_scheduler
 
 from hlss_hf.augmentation import build_augmentation, build_eval_transform
+from hlss_hf.data import _FixedArrayReader, to_float
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.peft_utils import LABELS_FILE, lora_config_for, set_train_mode
-from hlss_hf.processing_hlss import HLSSImageProcessor, he_to_float, srh_to_float
+from hlss_hf.processing_hlss import HLSSImageProcessor
 from hlss_hf.schema import decode_image, modality_of
 from hlss_hf.training_utils import JsonlWriter
 
@@ -414,17 +416,21 @@ class PatchClassificationDataset(torch.utils.data.Dataset):
     def __init__(
         self, dataset, transform, value_to_index, label_column="label", modality=None, normalize=None, seed=0
     ):
-        self.dataset = dataset.select_columns(["image", label_column])
+        self.dataset = dataset.select_columns(["image"])
+        self.labels = torch.tensor([value_to_index[v] for v in dataset[label_column]], dtype=torch.long)
         self.modality = modality or modality_of(dataset.features)
         self.transform = transform
-        self.value_to_index = value_to_index
-        self.label_column = label_column
         self.normalize = None
         if normalize is not None:
             mean, std = normalize
             self.normalize = (torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1))
         self.seed = int(seed)
         self.epoch = 0
+        self._srh_reader = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The SRH reader holds views of memory-mapped Arrow buffers: rebuilt in each worker, never pickled.
+        return {**self.__dict__, "_srh_reader": None}
 
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draws for a new epoch."""
@@ -433,22 +439,23 @@ class PatchClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _image(self, index: int) -> np.ndarray:
+        if self.modality == "srh":
+            # Zero-copy rows of the Array3D column: `dataset[i]` would build nested Python lists (~50x slower).
+            if self._srh_reader is None:
+                self._srh_reader = _FixedArrayReader(self.dataset)
+            return self._srh_reader.rows([index])[0]
+        return decode_image(self.dataset[index]["image"])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.dataset[int(index)]
-        image = decode_image(row["image"])
-        pixels = srh_to_float(image) if self.modality == "srh" else he_to_float(image)
-        # Mixing (seed, epoch, index) into one 63-bit seed keeps the draws independent of worker / process layout.
-        generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
-        )
+        index = int(index)
+        pixels = to_float(self._image(index), self.modality)
+        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed >> np.uint64(1)))
         pixel_values = self.transform(pixels, generator=generator)
         if self.normalize is not None:
             pixel_values = (pixel_values - self.normalize[0]) / self.normalize[1]
-        return {
-            "pixel_values": pixel_values,
-            "labels": torch.tensor(self.value_to_index[row[self.label_column]], dtype=torch.long),
-            "index": torch.tensor(int(index), dtype=torch.long),
-        }
+        return {"pixel_values": pixel_values, "labels": self.labels[index], "index": torch.tensor(index)}
 
 
 def hierarchy_ids(split: datasets.Dataset, split_name: str) -> tuple[list[str] | None, list[str] | None]:

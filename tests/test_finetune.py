@@ -307,6 +307,37 @@ def test_pipeline_runs_the_merged_model(finetuned):
     assert by_label == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("modality", ["he", "srh"])
+def test_patch_dataset_items_match_the_processor_conversion(modality):
+    from hlss_hf.augmentation import build_augmentation, build_eval_transform
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.schema import decode_image
+
+    split = build_demo_dataset(
+        num_patients=3,
+        num_classes=3,
+        slides_per_patient=(1, 1),
+        patches_per_slide=2,
+        patch_size=40,
+        modality=modality,
+        val_fraction=0.0,
+    )["train"].select([5, 0, 3])  # a selected view: rows go through the indices mapping
+    value_to_index = {i: i for i in range(3)}
+    evaluation = finetune.PatchClassificationDataset(split, build_eval_transform(32), value_to_index)
+    processor = HLSSImageProcessor(modality=modality, crop_size=32)
+    for i in range(len(split)):
+        item = evaluation[i]
+        expected = processor(decode_image(split[i]["image"]), return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(item["pixel_values"], expected, rtol=0, atol=1e-6)
+        assert int(item["labels"]) == split[i]["label"] and int(item["index"]) == i
+
+    train = finetune.PatchClassificationDataset(split, build_augmentation(None, 32), value_to_index, seed=3)
+    first = train[1]["pixel_values"]
+    torch.testing.assert_close(train[1]["pixel_values"], first)  # a function of (seed, epoch, index)
+    train.set_epoch(1)
+    assert not torch.equal(train[1]["pixel_values"], first)
+
+
 def test_missing_hierarchy_columns_fall_back_to_patch_level(hlss_dir, tmp_path):
     data = build_demo_dataset(
         num_patients=6,
