@@ -335,7 +335,6 @@ def write_patch_dataset(
     patch_size: int | tuple[int, int] | None = None,
     max_shard_size_mb: float = 500.0,
     show_progress: bool = True,
-    on_complete: Callable[[Path], None] | None = None,
 ) -> ConversionSummary:
     """Validate rows and write them as a Hub-layout dataset folder and/or push them to the Hub.
 
@@ -354,8 +353,6 @@ def write_patch_dataset(
         patch_size (`int` or `(int, int)`, *optional*): required H&E patch size (SRH: from the features).
         max_shard_size_mb (`float`, defaults to 500): uncompressed size at which a new shard starts.
         show_progress (`bool`, defaults to `True`): show tqdm bars.
-        on_complete (`Callable[[Path], None]`, *optional*): called with the finished temporary folder before
-            it is moved into place (tests use it; nothing else needs it).
 
     Returns:
         `ConversionSummary`.
@@ -498,8 +495,6 @@ def write_patch_dataset(
             command=command,
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        if on_complete is not None:
-            on_complete(tmp)
         if push_to_hub is not None:
             _push(tmp, push_to_hub, features, [s.name for s in splits_info], private, card)
         else:
