@@ -492,7 +492,7 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "learning_rate": t.lr,
         "schedule": warmup,
         "num_steps": state.step,
-        "mixed_precision": t.mixed_precision,
+        "mixed_precision": ctx.get("mixed_precision", t.mixed_precision),
         "seed": t.seed,
         "hardware": hardware,
         "training_time": f"{ctx.get('seconds', 0.0) / 60:.1f} min",
@@ -890,6 +890,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "device": accelerator.device,
                 "seconds": time.perf_counter() - run_start,
                 "argv": argv,
+                "mixed_precision": accelerator.mixed_precision,
             }
             card = render_model_card(config, state, last_eval, card_context)
             (out / "README.md").write_text(card, encoding="utf-8")

@@ -183,7 +183,12 @@ class TrainingConfig:
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Gradient clipping norm (null or 0: off)."}
     )
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "no, fp16 or bf16 (null: `accelerate launch --mixed_precision` / accelerate config, else no)."
+        },
+    )
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even when an accelerator is present."})
     report_to: str = field(
         default="auto",
@@ -511,7 +516,9 @@ def validate_config(config: TrainConfig) -> None:
     _check(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be >= 1")
     _check(t.max_grad_norm is None or t.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 or null")
     _check(
-        t.mixed_precision in MIXED_PRECISION, "training.mixed_precision", f"must be one of {MIXED_PRECISION}"
+        t.mixed_precision is None or t.mixed_precision in MIXED_PRECISION,
+        "training.mixed_precision",
+        f"must be one of {MIXED_PRECISION}",
     )
     for key in ("logging_steps",):
         _check(getattr(t, key) >= 1, f"training.{key}", "must be >= 1")

@@ -309,6 +309,30 @@ def test_help_lists_every_config_key(capsys, monkeypatch):
         assert key in text
 
 
+def test_streaming_run_resumes_exactly(tmp_path, attributes_file):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dataset_scripts.demo import build_demo_dataset
+
+    data_dir = tmp_path / "demo-data"
+    build_demo_dataset(output_dir=data_dir, num_patients=12, patches_per_slide=4, patch_size=40)
+    common = ["--data.dataset", str(data_dir), "--data.demo", "{}", "--data.streaming", "true"]
+    common += ["--training.max_steps", "6", "--training.save_steps", "3"]
+    train.main(tiny_args(tmp_path / "full", attributes_file, *common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train.main(tiny_args(tmp_path / "cut", attributes_file, *common, "--training.max_steps_this_run", "3"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train.main(tiny_args(tmp_path / "cut", attributes_file, *common, "--resume_from_checkpoint", "latest"))
+    a, b = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(tmp_path / "cut" / "model.safetensors"),
+    )
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
 def test_checkpoints_rotate_and_keep_the_last_k(tmp_path, attributes_file):
     train.main(
         tiny_args(tmp_path, attributes_file, "--training.save_steps", "1", "--training.save_total_limit", "2")
