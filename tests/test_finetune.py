@@ -338,6 +338,35 @@ def test_patch_dataset_items_match_the_processor_conversion(modality):
     assert not torch.equal(train[1]["pixel_values"], first)
 
 
+def test_merged_model_runs_in_a_pipeline_as_remote_code_without_hlss_hf(finetuned, tmp_path):
+    """The merged folder is self-contained: a clean process that never imports hlss_hf gets the same scores."""
+    out, _ = finetuned
+    script = f"""
+import json, sys
+import numpy as np
+from PIL import Image
+from transformers import pipeline
+classifier = pipeline("image-classification", model={str(out / "merged")!r}, trust_remote_code=True, device="cpu")
+image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+print(json.dumps({{"hlss_hf": "hlss_hf" in sys.modules, "module": type(classifier.model).__module__,
+                  "result": classifier(image, top_k=3)}}))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert remote["hlss_hf"] is False and remote["module"].startswith("transformers_modules")
+
+    from transformers import pipeline
+
+    local = pipeline("image-classification", model=str(out / "merged"), device="cpu")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    expected = {r["label"]: r["score"] for r in local(image, top_k=3)}
+    assert {r["label"]: r["score"] for r in remote["result"]} == pytest.approx(expected, abs=1e-6)
+
+
 def test_missing_hierarchy_columns_fall_back_to_patch_level(hlss_dir, tmp_path):
     data = build_demo_dataset(
         num_patients=6,
