@@ -182,6 +182,8 @@ def build_demo_dataset(
     seed: int = 0,
     overwrite: bool = False,
     show_progress: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> datasets.DatasetDict:
     """Build the synthetic demo hierarchy.
 
@@ -198,6 +200,9 @@ def build_demo_dataset(
         seed (`int`, defaults to 0): the data is a function of the arguments and the seed only.
         overwrite (`bool`, defaults to `False`): replace an existing ``output_dir``.
         show_progress (`bool`, defaults to `False`): show progress bars.
+        push_to_hub (`str`, *optional*): push the dataset (and its card) to this Hub dataset repo instead of
+            writing ``output_dir``.
+        private (`bool`, defaults to `False`): create that repo private.
 
     Returns:
         `datasets.DatasetDict` with splits ``train`` and ``validation`` (features from
@@ -214,6 +219,8 @@ def build_demo_dataset(
         raise ValueError("patches_per_slide must be >= 1 and patch_size >= 8")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if output_dir is not None and push_to_hub is not None:
+        raise ValueError("give output_dir or push_to_hub, not both")
     class_names = demo_class_names(num_classes)
     features = features_for(modality, class_names, patch_size=patch_size)
     patients = _plan(num_patients, num_classes, (low, high), val_fraction, np.random.default_rng(seed))
@@ -222,7 +229,7 @@ def build_demo_dataset(
     def rows(split: str) -> Iterator[dict]:
         return _rows(patients, split, class_names, patches_per_slide, patch_size, modality, seed)
 
-    if output_dir is None:
+    if output_dir is None and push_to_hub is None:
         return datasets.DatasetDict(
             {split: datasets.Dataset.from_list(list(rows(split)), features=features) for split in splits}
         )
@@ -230,11 +237,25 @@ def build_demo_dataset(
         {split: rows(split) for split in splits},
         features,
         output_dir=output_dir,
+        push_to_hub=push_to_hub,
+        private=private,
         overwrite=overwrite,
         title=f"HLSS synthetic demo ({'H&E' if modality == 'he' else 'SRH'})",
         source="synthetic (dataset_scripts/demo.py), procedural tissue-like textures; no real patient data",
         show_progress=show_progress,
     )
+    if push_to_hub is not None:
+        return build_demo_dataset(
+            None,
+            num_patients,
+            num_classes,
+            slides_per_patient,
+            patches_per_slide,
+            patch_size,
+            modality,
+            val_fraction,
+            seed,
+        )
     return datasets.load_dataset(str(output_dir))
 
 
@@ -242,7 +263,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--output", required=True, help="destination folder (Hub layout)")
+    destination = parser.add_mutually_exclusive_group(required=True)
+    destination.add_argument("--output", help="destination folder (Hub layout)")
+    destination.add_argument("--push-to-hub", metavar="REPO_ID", help="push to this Hub dataset repo instead")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--modality", choices=("he", "srh"), default="he", help="H&E RGB or 2-channel SRH")
     parser.add_argument("--num-patients", type=int, default=24)
@@ -273,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             overwrite=args.overwrite,
             show_progress=True,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
         )
     except (ConversionError, ValueError) as error:
         sys.exit(f"error: {error}")
@@ -280,7 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{split}: {len(set(ds['patient_id']))} patients, {len(set(ds['slide_id']))} slides, {len(ds)} patches"
         )
-    print(f"wrote {args.output}")
+    print(
+        f"wrote {args.output}"
+        if args.output
+        else f"pushed to https://huggingface.co/datasets/{args.push_to_hub}"
+    )
 
 
 if __name__ == "__main__":

@@ -711,6 +711,38 @@ def test_demo_classes_differ_in_nuclear_density_and_are_reproducible():
     np.testing.assert_array_equal(decode_image(again[5]["image"]), decode_image(ds[5]["image"]))
 
 
+def test_demo_push_to_hub_pushes_what_it_builds(monkeypatch, capsys):
+    pushed = {}
+    monkeypatch.setattr(
+        datasets.DatasetDict,
+        "push_to_hub",
+        lambda self, repo_id, **kw: pushed.update(
+            repo=repo_id, private=kw["private"], rows=len(self["train"])
+        ),
+    )
+    monkeypatch.setattr(
+        "huggingface_hub.DatasetCard.push_to_hub", lambda self, repo_id, **kw: pushed.update(card=str(self))
+    )
+    demo.main(
+        [
+            "--push-to-hub",
+            "me/demo",
+            "--private",
+            "--num-patients",
+            "6",
+            "--patches-per-slide",
+            "2",
+            "--patch-size",
+            "16",
+        ]
+    )
+    assert (
+        pushed["repo"] == "me/demo" and pushed["private"] is True and "HLSS synthetic demo" in pushed["card"]
+    )
+    out = capsys.readouterr().out
+    assert "train: 3 patients" in out and "pushed to" in out and pushed["rows"] == 18
+
+
 def test_demo_srh_writes_uint16_two_channel_dataset_that_loads_back(tmp_path):
     out = tmp_path / "demo"
     ds = demo.build_demo_dataset(
