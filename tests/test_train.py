@@ -369,6 +369,14 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, attr
     assert result["step"] == 4
     assert not temporary_checkpoint_path(tmp_path, 2).exists()
 
+    # ... and ends with the weights of a run that never crashed.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train.main(tiny_args(tmp_path / "reference", attributes_file))
+    a, b = load_file(tmp_path / "reference" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
 
 def test_commit_checkpoint_replaces_an_existing_step_and_rotates(tmp_path):
     for step in (1, 2, 3):
