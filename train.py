@@ -5,7 +5,9 @@
     python train.py --config configs/opensrh_hlss.yaml --data.dataset /data/opensrh-hf
     accelerate launch --multi_gpu --num_processes 8 train.py --config configs/opensrh_hlss.yaml
     python train.py --config configs/demo.yaml --training.lr 1e-4 --training.max_steps 50
-    python train.py --config configs/demo.yaml --resume_from_checkpoint latest
+    python train.py --training.max_steps_this_run 10          # stop early with a checkpoint ...
+    python train.py --resume_from_checkpoint latest             # ... and continue exactly where it stopped
+    python train.py --report_to wandb                            # trackers: tensorboard (default if installed)
     python train.py --config configs/tcga_hlss.yaml --push_to_hub me/hlss-tcga
     python train.py --help                                       # every config key with its help
 
@@ -18,7 +20,9 @@ Batches are ``[B, S, P, V, C, H, W]``: ``B`` patients per device (``training.per
 slides per patient, ``P`` patches per slide, ``V`` augmented views per patch. The loss gathers embeddings across
 processes with gradient, and process ``r`` of ``W`` receives batch ``W * s + r`` of one seeded permutation, so a
 run on ``W`` processes with ``B`` patients each equals one process with ``W * B`` patients.
-On a CPU-only machine, ``accelerate launch --multi_gpu`` runs the processes on CPU with gloo.
+On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes N`` runs the processes on CPU with gloo
+(train.py then builds the ``Accelerator`` with ``cpu=True``; the launcher's ``--cpu`` cannot be combined with
+``--multi_gpu``).
 
 Outputs in ``training.output_dir``: the model (``save_pretrained``: safetensors, config, processor, model card
 README.md), ``metrics.jsonl`` (one JSON object per logged step and evaluation), ``checkpoints/step_N`` (for
