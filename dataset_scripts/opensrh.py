@@ -207,7 +207,7 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
         features,
         invalid=invalid,
         title="OpenSRH (HLSS patient-slide-patch layout)",
-        source=f"OpenSRH release at `{root.resolve()}` (metadata `{args.meta_file}`, split `{args.split_file}`)"
+        source=f"OpenSRH release folder `{root.resolve().name}` (metadata `{args.meta_file}`, split `{args.split_file}`)"
         + (", nondiagnostic patches included" if args.include_nondiagnostic else "")
         + (
             f"; {len(unsplit)} patient(s) of the metadata are in no split and were left out"
