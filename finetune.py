@@ -45,7 +45,7 @@ from accelerate.utils import set_seed
 from peft import get_peft_model
 from transformers import HfArgumentParser, get_scheduler
 
-from hlss_hf.augmentation import build_augmentation, build_eval_transform
+from hlss_hf.augmentation import build_augmentation
 from hlss_hf.data import _FixedArrayReader, to_float
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.peft_utils import LABELS_FILE, lora_config_for, set_train_mode
@@ -399,31 +399,31 @@ def check_label_values(
 class PatchClassificationDataset(torch.utils.data.Dataset):
     """Single patches with their class, for supervised fine-tuning (a map-style view over an HF dataset).
 
-    Each item: decode -> float in [0, 1] (SRH or H&E conversion) -> augmentation / crop -> optional normalisation.
-    The augmentation draws come from a generator seeded by `(seed, epoch, index)`, so they do not depend on
-    the number of processes or workers.
+    Evaluation items are exactly what the processor (and so `pipeline("image-classification")`) gives. Training
+    items: decode -> float in [0, 1] (SRH or H&E conversion) -> the processor's resize, when it resizes ->
+    augmentation (which crops) -> the processor's normalisation, when it normalises. The augmentation draws
+    come from a generator seeded by `(seed, epoch, index)`, so they do not depend on the number of processes or
+    workers.
 
     Args:
         dataset (`datasets.Dataset`): rows with `image` and the label column.
-        transform (`HLSSAugmentation`): `build_augmentation(...)` or `build_eval_transform(...)`.
         value_to_index (`dict`): stored label value -> class index.
+        processor (`HLSSImageProcessor`): the model's image processor.
+        augment (`HLSSAugmentation`, *optional*): `build_augmentation(...)`; `None` for evaluation items.
         label_column (`str`, defaults to `"label"`): the label column.
         modality (`str`, *optional*): `"he"` or `"srh"`; default from the dataset features.
-        normalize (`tuple[list[float], list[float]]`, *optional*): `(mean, std)` applied after the transform.
         seed (`int`, defaults to 0): augmentation seed.
     """
 
     def __init__(
-        self, dataset, transform, value_to_index, label_column="label", modality=None, normalize=None, seed=0
+        self, dataset, value_to_index, processor, augment=None, label_column="label", modality=None, seed=0
     ):
         self.dataset = dataset.select_columns(["image"])
+        self.patch_ids = dataset["patch_id"] if "patch_id" in dataset.features else None
         self.labels = torch.tensor([value_to_index[v] for v in dataset[label_column]], dtype=torch.long)
         self.modality = modality or modality_of(dataset.features)
-        self.transform = transform
-        self.normalize = None
-        if normalize is not None:
-            mean, std = normalize
-            self.normalize = (torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1))
+        self.processor = processor
+        self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
         self._srh_reader = None
@@ -447,14 +447,27 @@ class PatchClassificationDataset(torch.utils.data.Dataset):
             return self._srh_reader.rows([index])[0]
         return decode_image(self.dataset[index]["image"])
 
+    def _pixels(self, image: np.ndarray, index: int) -> torch.Tensor:
+        processor = self.processor
+        if self.augment is None:
+            return processor(image, modality=self.modality, return_tensors="pt")["pixel_values"][0]
+        pixels = to_float(image, self.modality)
+        if processor.do_resize:
+            pixels = processor.resize(pixels[None], processor.size)[0]
+        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
+        pixels = self.augment(pixels, generator=torch.Generator().manual_seed(int(seed >> np.uint64(1))))
+        if processor.do_normalize:
+            pixels = processor.normalize(pixels[None], processor.image_mean, processor.image_std)[0]
+        return pixels
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        pixels = to_float(self._image(index), self.modality)
-        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(seed >> np.uint64(1)))
-        pixel_values = self.transform(pixels, generator=generator)
-        if self.normalize is not None:
-            pixel_values = (pixel_values - self.normalize[0]) / self.normalize[1]
+        image = self._image(index)
+        try:
+            pixel_values = self._pixels(image, index)
+        except ValueError as error:
+            patch = self.patch_ids[index] if self.patch_ids is not None else f"row {index}"
+            raise ValueError(f"patch {patch!r} of shape {image.shape}: {error}") from error
         return {"pixel_values": pixel_values, "labels": self.labels[index], "index": torch.tensor(index)}
 
 
@@ -649,7 +662,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{model.config.modality!r}"
         )
     processor.modality = modality
-    normalize = (processor.image_mean, processor.image_std) if processor.do_normalize else None
     lora_config = lora_config_for(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules)
     model = get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -664,12 +676,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     train_set = PatchClassificationDataset(
         train_split,
-        build_augmentation(augmentation_config(args.augmentation), crop),
         value_to_index,
-        args.label_column,
-        modality,
-        normalize,
-        args.seed,
+        processor,
+        augment=build_augmentation(augmentation_config(args.augmentation), crop),
+        label_column=args.label_column,
+        modality=modality,
+        seed=args.seed,
     )
     # Dropping the last partial global batch keeps every step identical whatever the number of processes
     # (accelerate would otherwise pad it differently); a split smaller than one global batch keeps it.
@@ -685,13 +697,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eval_loader = eval_labels = slide_ids = patient_ids = None
     if eval_split is not None:
         eval_set = PatchClassificationDataset(
-            eval_split,
-            build_eval_transform(crop),
-            value_to_index,
-            args.label_column,
-            modality,
-            normalize,
-            args.seed,
+            eval_split, value_to_index, processor, label_column=args.label_column, modality=modality
         )
         eval_loader = torch.utils.data.DataLoader(
             eval_set,

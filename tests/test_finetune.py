@@ -308,8 +308,8 @@ def test_pipeline_runs_the_merged_model(finetuned):
 
 
 @pytest.mark.parametrize("modality", ["he", "srh"])
-def test_patch_dataset_items_match_the_processor_conversion(modality):
-    from hlss_hf.augmentation import build_augmentation, build_eval_transform
+def test_patch_dataset_items_match_the_processor(modality):
+    from hlss_hf.augmentation import build_augmentation
     from hlss_hf.processing_hlss import HLSSImageProcessor
     from hlss_hf.schema import decode_image
 
@@ -323,19 +323,45 @@ def test_patch_dataset_items_match_the_processor_conversion(modality):
         val_fraction=0.0,
     )["train"].select([5, 0, 3])  # a selected view: rows go through the indices mapping
     value_to_index = {i: i for i in range(3)}
-    evaluation = finetune.PatchClassificationDataset(split, build_eval_transform(32), value_to_index)
-    processor = HLSSImageProcessor(modality=modality, crop_size=32)
+    processor = HLSSImageProcessor(modality=modality, crop_size=32, do_normalize=True)
+    evaluation = finetune.PatchClassificationDataset(split, value_to_index, processor)
     for i in range(len(split)):
         item = evaluation[i]
         expected = processor(decode_image(split[i]["image"]), return_tensors="pt")["pixel_values"][0]
         torch.testing.assert_close(item["pixel_values"], expected, rtol=0, atol=1e-6)
         assert int(item["labels"]) == split[i]["label"] and int(item["index"]) == i
 
-    train = finetune.PatchClassificationDataset(split, build_augmentation(None, 32), value_to_index, seed=3)
-    first = train[1]["pixel_values"]
-    torch.testing.assert_close(train[1]["pixel_values"], first)  # a function of (seed, epoch, index)
-    train.set_epoch(1)
-    assert not torch.equal(train[1]["pixel_values"], first)
+    # Training items: the augmentation of the float patch, normalised as the processor does.
+    augment = build_augmentation({"horizontal_flip": {"p": 1.0}}, 32)
+    train = finetune.PatchClassificationDataset(split, value_to_index, processor, augment=augment, seed=3)
+    torch.testing.assert_close(
+        train[1]["pixel_values"], evaluation[1]["pixel_values"].flip(-1), rtol=0, atol=1e-6
+    )
+    random = finetune.PatchClassificationDataset(
+        split, value_to_index, processor, build_augmentation(None, 32)
+    )
+    first = random[1]["pixel_values"]
+    torch.testing.assert_close(random[1]["pixel_values"], first)  # a function of (seed, epoch, index)
+    random.set_epoch(1)
+    assert not torch.equal(random[1]["pixel_values"], first)
+
+
+def test_patch_smaller_than_the_crop_is_named():
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+
+    split = build_demo_dataset(
+        num_patients=3,
+        num_classes=3,
+        slides_per_patient=(1, 1),
+        patches_per_slide=1,
+        patch_size=16,
+        val_fraction=0.0,
+    )["train"]
+    dataset = finetune.PatchClassificationDataset(
+        split, {i: i for i in range(3)}, HLSSImageProcessor(crop_size=32)
+    )
+    with pytest.raises(ValueError, match=rf"patch '{split[0]['patch_id']}' of shape \(16, 16, 3\)"):
+        dataset[0]
 
 
 def test_merged_model_runs_in_a_pipeline_as_remote_code_without_hlss_hf(finetuned, tmp_path):
