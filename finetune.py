@@ -181,12 +181,19 @@ def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
     parser = HfArgumentParser(FinetuneArguments, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="YAML file of options (keys as the flags, no dashes).")
     inline_augmentation = None
+    config_tokens: list[str] = []
     if known.config:
         values = load_config_file(known.config)
         if isinstance(values.get("augmentation"), dict):
             inline_augmentation = values.pop("augmentation")
-        parser.set_defaults(**values)
-    args, _ = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+        # Config values go through argparse as leading flags, so they get the same type conversion as the
+        # command line (YAML reads `1e-3` as a string) and the command line, coming later, overrides them.
+        for key, value in values.items():
+            if value is None:
+                continue
+            items = value if isinstance(value, list) else [value]
+            config_tokens += [f"--{key}", *(str(item) for item in items)]
+    args, _ = parser.parse_args_into_dataclasses(args=config_tokens + rest, look_for_args_file=False)
     if inline_augmentation is not None and "--augmentation" not in rest:
         args.augmentation = inline_augmentation
     validate_args(args)
@@ -733,11 +740,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.init_trackers(
             "hlss_finetune", config={k: str(v) for k, v in dataclasses.asdict(args).items()}
         )
-    writer = JsonlWriter(output_dir / METRICS_FILE) if accelerator.is_main_process else None
-    if writer is not None:
-        # A new run starts a new metrics file.
-        writer.close()
-        (output_dir / METRICS_FILE).write_text("", encoding="utf-8")
+    writer = None
+    if accelerator.is_main_process:
+        (output_dir / METRICS_FILE).unlink(missing_ok=True)  # a new run starts a new metrics file
         writer = JsonlWriter(output_dir / METRICS_FILE)
 
     def record(values: dict[str, Any], step: int) -> None:

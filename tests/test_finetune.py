@@ -478,9 +478,14 @@ def test_missing_eval_split_lists_the_splits(small_data, tmp_path):
 
 def test_config_file_with_overrides_and_unknown_key(tmp_path):
     config = tmp_path / "ft.yaml"
-    config.write_text("model: m\ndataset: d\nlora_r: 4\nlr: 0.5\naugmentation: {horizontal_flip: {p: 1.0}}\n")
+    config.write_text(
+        "model: m\ndataset: d\nlora_r: 4\nlr: 0.5\nweight_decay: 1e-4\nmerge: true\n"
+        "target_modules: [q_proj, v_proj]\naugmentation: {horizontal_flip: {p: 1.0}}\n"
+    )
     args = finetune.parse_args(["--config", str(config), "--lr", "0.01"])
-    assert (args.model, args.lora_r, args.lr) == ("m", 4, 0.01)
+    assert (args.model, args.lora_r, args.lr, args.merge) == ("m", 4, 0.01, True)
+    assert args.weight_decay == 1e-4  # YAML reads "1e-4" as a string; argparse converts it
+    assert args.target_modules == ["q_proj", "v_proj"]
     assert args.augmentation == {"horizontal_flip": {"p": 1.0}}
     config.write_text("model: m\ndataset: d\nlora_rank: 4\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lora_rank'\]"):
