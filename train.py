@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib
 import importlib.resources
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -289,6 +290,13 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
         from dataset_scripts.demo import build_demo_dataset
 
         kwargs = dict(d.demo)
+        accepted = set(inspect.signature(build_demo_dataset).parameters) - {"output_dir"}
+        for key in kwargs:
+            if key not in accepted:
+                raise ConfigError(
+                    f"config key 'data.demo.{key}': not an argument of build_demo_dataset ({sorted(accepted)}); "
+                    "on the command line write mappings with a space after each colon: '{num_patients: 12}'"
+                )
         kwargs.setdefault("seed", config.training.seed)
         if d.cache_dir is not None:
             cache = Path(d.cache_dir)

@@ -156,6 +156,20 @@ def test_shipped_configs_are_valid(name):
         assert m.attributes == ("srh_brain_tumor.yaml" if "opensrh" in name else "he_tcga.yaml")
 
 
+def test_unknown_demo_argument_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.demo\.num_patients:12"):
+        train.main(
+            [
+                "--config",
+                DEMO_CONFIG,
+                "--training.output_dir",
+                str(tmp_path),
+                "--data.demo",
+                "{num_patients:12}",
+            ]
+        )
+
+
 def test_main_rejects_a_bad_config_before_training(tmp_path):
     with pytest.raises(ConfigError, match="training.per_device_batch_size"):
         train.main(
