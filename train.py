@@ -311,10 +311,18 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
         return train, val
     path = Path(d.dataset)
     source = str(path) if path.is_dir() else d.dataset
-    train = datasets.load_dataset(source, d.dataset_config_name, split=d.train_split, streaming=d.streaming)
-    val = None
-    if d.validation_split:
-        val = datasets.load_dataset(source, d.dataset_config_name, split=d.validation_split)
+
+    def load(split: str, key: str, streaming: bool):
+        try:
+            return datasets.load_dataset(source, d.dataset_config_name, split=split, streaming=streaming)
+        except ValueError as err:
+            # datasets names the missing split and the available ones ("Unknown split ...").
+            if "split" in str(err).lower():
+                raise ConfigError(f"config key '{key}': {err}") from err
+            raise
+
+    train = load(d.train_split, "data.train_split", d.streaming)
+    val = load(d.validation_split, "data.validation_split", False) if d.validation_split else None
     return train, val
 
 

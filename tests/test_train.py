@@ -480,13 +480,24 @@ def test_push_to_hub_uploads_model_processor_and_card(tmp_path, attributes_file,
     assert "checkpoints/*" in kwargs["ignore_patterns"]
 
 
-def test_streaming_source_trains(tmp_path, attributes_file):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_local_hub_layout_folder_trains(tmp_path, attributes_file, streaming):
     from dataset_scripts.demo import build_demo_dataset
 
     data_dir = tmp_path / "demo-data"
     build_demo_dataset(output_dir=data_dir, num_patients=12, patches_per_slide=4, patch_size=40)
     args = tiny_args(tmp_path / "run", attributes_file, "--training.max_steps", "2")
-    args += ["--data.dataset", str(data_dir), "--data.demo", "{}", "--data.streaming", "true"]
+    args += ["--data.dataset", str(data_dir), "--data.demo", "{}", "--data.streaming", str(streaming).lower()]
     result = train.main(args)
     assert result["step"] == 2
     assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2]
+
+
+def test_missing_split_is_named(tmp_path, attributes_file):
+    from dataset_scripts.demo import build_demo_dataset
+
+    data_dir = tmp_path / "demo-data"
+    build_demo_dataset(output_dir=data_dir, num_patients=6, patches_per_slide=2, patch_size=40)
+    args = tiny_args(tmp_path / "run", attributes_file, "--data.dataset", str(data_dir), "--data.demo", "{}")
+    with pytest.raises(ConfigError, match=r"data\.validation_split"):
+        train.main(args + ["--data.validation_split", "test"])
