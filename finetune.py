@@ -225,6 +225,12 @@ def validate_args(args: FinetuneArguments) -> None:
         raise ValueError("--model is required (a saved HLSS folder or Hub id; `model:` in a config file)")
     if not args.dataset:
         raise ValueError("--dataset is required (a dataset folder or Hub id; `dataset:` in a config file)")
+    for key in ("model", "dataset"):
+        value = getattr(args, key)
+        # Hub ids are `name` or `owner/name`; anything else that looks like a path must exist here.
+        looks_local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
+        if looks_local and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"--{key} {value!r} does not exist")
     positive = {
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
@@ -500,14 +506,42 @@ def hierarchy_ids(split: datasets.Dataset, split_name: str) -> tuple[list[str] |
 
 
 def load_classifier(model_path: str, names: list[str]):
-    """`HLSSForImageClassification` from a saved HLSS folder with a new `len(names)`-class classifier."""
-    from hlss_hf import HLSSForImageClassification
+    """`HLSSForImageClassification` for the classes `names`, from a saved HLSS folder.
 
+    From an `HLSSModel` folder the classifier is new. From an `HLSSForImageClassification` folder (a merged
+    fine-tune) a trained classifier over the same class names is kept, its rows reordered to `names`; over
+    other names it is re-initialised, with a warning.
+    """
+    from hlss_hf import HLSSConfig, HLSSForImageClassification
+
+    config = HLSSConfig.from_pretrained(model_path)
+    trained = "HLSSForImageClassification" in (config.architectures or [])
+    old_names = [config.id2label[i] for i in range(len(config.id2label))] if trained else []
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in enumerate(names)}
-    return HLSSForImageClassification.from_pretrained(
+    if sorted(old_names) == sorted(names) and old_names != names:
+        model = HLSSForImageClassification.from_pretrained(model_path)
+        order = torch.tensor([old_names.index(name) for name in names])
+        with torch.no_grad():
+            model.classifier.weight.copy_(model.classifier.weight[order].clone())
+            model.classifier.bias.copy_(model.classifier.bias[order].clone())
+        model.config.id2label, model.config.label2id = id2label, label2id
+        return model
+    if trained and old_names != names:
+        warnings.warn(
+            f"model {model_path!r} classifies {old_names}, the dataset has {names}: the classifier is "
+            "re-initialised",
+            stacklevel=2,
+        )
+    model = HLSSForImageClassification.from_pretrained(
         model_path, num_labels=len(names), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
     )
+    if trained and old_names != names and len(old_names) == len(names):
+        # Same shape, so from_pretrained kept the old rows: start the new classes from scratch.
+        with torch.no_grad():
+            model.classifier.weight.normal_(0.0, config.initializer_range)
+            model.classifier.bias.zero_()
+    return model
 
 
 def load_processor(model_path: str, model, crop_size: int | None) -> HLSSImageProcessor:

@@ -393,6 +393,22 @@ print(json.dumps({{"hlss_hf": "hlss_hf" in sys.modules, "module": type(classifie
     assert {r["label"]: r["score"] for r in remote["result"]} == pytest.approx(expected, abs=1e-6)
 
 
+def test_continuing_from_a_merged_model_keeps_or_resets_its_classifier(finetuned):
+    out, _ = finetuned
+    merged = HLSSForImageClassification.from_pretrained(out / "merged").eval()
+    x = pixels(seed=3)
+    with torch.no_grad():
+        logits = merged(pixel_values=x).logits  # columns: normal, low_grade, high_grade
+    reordered = finetune.load_classifier(str(out / "merged"), ["high_grade", "normal", "low_grade"]).eval()
+    assert reordered.config.id2label == {0: "high_grade", 1: "normal", 2: "low_grade"}
+    with torch.no_grad():
+        torch.testing.assert_close(reordered(pixel_values=x).logits, logits[:, [2, 0, 1]], rtol=0, atol=1e-6)
+    with pytest.warns(UserWarning, match="re-initialised"):
+        fresh = finetune.load_classifier(str(out / "merged"), ["x", "y", "z"])
+    assert not torch.allclose(fresh.classifier.weight, merged.classifier.weight)
+    torch.testing.assert_close(fresh.visual_projection.weight, merged.visual_projection.weight)
+
+
 def test_missing_hierarchy_columns_fall_back_to_patch_level(hlss_dir, tmp_path):
     data = build_demo_dataset(
         num_patients=6,
@@ -490,6 +506,8 @@ def test_config_file_with_overrides_and_unknown_key(tmp_path):
     config.write_text("model: m\ndataset: d\nlora_rank: 4\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lora_rank'\]"):
         finetune.parse_args(["--config", str(config)])
+    with pytest.raises(FileNotFoundError, match="--dataset '/no/such/folder' does not exist"):
+        finetune.parse_args(["--model", "m", "--dataset", "/no/such/folder"])
     with pytest.raises(ValueError, match="--model is required"):
         finetune.parse_args(["--dataset", "d"])
     with pytest.raises(ValueError, match="--lora_dropout"):
