@@ -218,7 +218,23 @@ def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
     return tokenizer
 
 
-def build_model(config: TrainConfig, modality: str, tokenizer=None):
+def dataset_scale(dataset) -> dict[str, float]:
+    """Median ``mpp`` / ``magnification`` of a (map-style) patch dataset, when its rows record them.
+
+    Saved in the model config as provenance: users then know the scale the encoder expects.
+    """
+    scale = {}
+    names = getattr(dataset, "column_names", None) or []
+    for column in ("mpp", "magnification"):
+        if column in names:
+            values = np.asarray(dataset.data.column(column).to_numpy(zero_copy_only=False), dtype=np.float64)
+            values = values[np.isfinite(values) & (values > 0)]
+            if values.size:
+                scale[column] = float(np.median(values))
+    return scale
+
+
+def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict | None = None):
     """Build a fresh ``HLSSModel`` from the config (towers, attribute banks, loss settings).
 
     Args:
@@ -243,6 +259,7 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None):
         kwargs["text_pooling"] = m.text_pooling
     if m.projection_dim is not None:
         kwargs["projection_dim"] = m.projection_dim
+    kwargs.update(scale or {})
     kwargs.update(m.config_kwargs)
     model = HLSSModel.from_vision_text_pretrained(
         resolve_tower(m.vision, None, "vision"),
@@ -681,7 +698,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 4. Model, processor, optimizer, schedule.
     text = resolve_tower(config.model.text, config.model.text_fallback, "text")
     tokenizer = build_tokenizer(config, text, resolve_attributes(config.model.attributes))
-    model = build_model(config, modality, tokenizer)
+    scale = dataset_scale(train_ds) if not d.streaming else {}
+    model = build_model(config, modality, tokenizer, scale)
     image_processor = build_image_processor(config, modality)
     processor = build_processor(image_processor, tokenizer)
     guard = TextTowerGuard()

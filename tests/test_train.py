@@ -501,3 +501,13 @@ def test_missing_split_is_named(tmp_path, attributes_file):
     args = tiny_args(tmp_path / "run", attributes_file, "--data.dataset", str(data_dir), "--data.demo", "{}")
     with pytest.raises(ConfigError, match=r"data\.validation_split"):
         train.main(args + ["--data.validation_split", "test"])
+
+
+def test_dataset_scale_is_the_median_of_known_values():
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"mpp": [0.5, float("nan"), 0.5, 1.0], "magnification": [20.0, 20.0, float("nan"), 10.0]}
+    )
+    assert train.dataset_scale(ds) == {"mpp": 0.5, "magnification": 20.0}
+    assert train.dataset_scale(datasets.Dataset.from_dict({"mpp": [float("nan")]})) == {}
