@@ -109,10 +109,10 @@ def vision_target_regex(target_modules: Sequence[str]) -> str:
         target_modules (`Sequence[str]`): leaf names, e.g. `["q_proj", "v_proj"]`.
 
     Returns:
-        `str`: e.g. `vision_model\\..*\\.(q_proj|v_proj)`, matched with `re.fullmatch` by PEFT.
+        `str`: e.g. `vision_model\\.(.*\\.)?(q_proj|v_proj)`, matched with `re.fullmatch` by PEFT.
     """
     names = "|".join(re.escape(name) for name in target_modules)
-    return rf"{VISION_PREFIX}\..*\.({names})"
+    return rf"{VISION_PREFIX}\.(.*\.)?({names})"
 
 
 def lora_config_for(

@@ -181,6 +181,18 @@ def test_default_target_modules_per_tower_type():
         default_lora_target_modules(Unknown(), torch.nn.Sequential(torch.nn.ReLU()))
 
 
+def test_target_regex_stays_inside_the_vision_tower():
+    import re
+
+    from hlss_hf.peft_utils import vision_target_regex
+
+    pattern = vision_target_regex(["q_proj", "v_proj"])
+    for key in ("vision_model.q_proj", "vision_model.encoder.layers.0.self_attn.v_proj"):
+        assert re.fullmatch(pattern, key), key
+    for key in ("text_model.encoder.layers.0.q_proj", "vision_model.encoder.q_proj_extra", "classifier"):
+        assert not re.fullmatch(pattern, key), key
+
+
 def test_lora_config_rejects_target_missing_from_tower():
     model = tower_model("vit")
     with pytest.raises(ValueError, match=r"\['query'\].*available leaf names"):
