@@ -1,11 +1,18 @@
 """hlss_hf: Hierarchical Language-tied Self-Supervision for histopathology, Hugging Face-native.
 
 Importing the package registers HLSS with the transformers Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, and `AutoImageProcessor` / `AutoProcessor` when the processors are available).
+`AutoModelForImageClassification`, `AutoImageProcessor`, `AutoProcessor`).
 Only torch and transformers are imported here; data, training and evaluation modules load on demand.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoProcessor,
+)
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
 from .configuration_hlss import HLSSConfig
 from .modeling_hlss import (
@@ -15,34 +22,30 @@ from .modeling_hlss import (
     HLSSPreTrainedModel,
     load_attributes,
 )
+from .processing_hlss import HLSSImageProcessor, HLSSProcessor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HLSSConfig",
     "HLSSForImageClassification",
+    "HLSSImageProcessor",
     "HLSSModel",
     "HLSSOutput",
     "HLSSPreTrainedModel",
+    "HLSSProcessor",
     "load_attributes",
 ]
 
 AutoConfig.register(HLSSConfig.model_type, HLSSConfig, exist_ok=True)
 AutoModel.register(HLSSConfig, HLSSModel, exist_ok=True)
 AutoModelForImageClassification.register(HLSSConfig, HLSSForImageClassification, exist_ok=True)
-
-try:  # the processors live in their own module, which may be absent in a partial checkout
-    from .processing_hlss import HLSSImageProcessor, HLSSProcessor
-except ImportError:
-    pass
-else:
-    from transformers import AutoImageProcessor, AutoProcessor
-
-    AutoImageProcessor.register(
-        HLSSConfig, image_processor_classes={"pil": HLSSImageProcessor}, exist_ok=True
-    )
-    AutoProcessor.register(HLSSConfig, HLSSProcessor, exist_ok=True)
-    # save_pretrained then writes `auto_map` and copies processing_hlss.py, for remote-code loading.
-    HLSSImageProcessor.register_for_auto_class("AutoImageProcessor")
-    HLSSProcessor.register_for_auto_class("AutoProcessor")
-    __all__ += ["HLSSImageProcessor", "HLSSProcessor"]
+AutoImageProcessor.register(HLSSConfig, image_processor_classes={"pil": HLSSImageProcessor}, exist_ok=True)
+AutoProcessor.register(HLSSConfig, HLSSProcessor, exist_ok=True)
+# HLSS has no video processor. Without this entry, pipelines derive "HLSSVideoProcessor" from the image
+# processor's auto_map, find no local class and prompt for remote code although hlss_hf is imported.
+# (The mapping directly: `AutoVideoProcessor.register` needs torchvision.)
+VIDEO_PROCESSOR_MAPPING.register(HLSSConfig, {}, exist_ok=True)
+# save_pretrained then writes `auto_map` and copies processing_hlss.py, for remote-code loading.
+HLSSImageProcessor.register_for_auto_class("AutoImageProcessor")
+HLSSProcessor.register_for_auto_class("AutoProcessor")

@@ -15,7 +15,6 @@ from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoProcessor,
     AutoTokenizer,
-    PretrainedConfig,
     ViTConfig,
     ViTModel,
     pipeline,
@@ -295,19 +294,10 @@ def _minilm_path():
 
 @pytest.fixture(scope="module")
 def registered():
-    """Register the processors with the Auto classes as hlss_hf/__init__.py does (idempotent)."""
-    try:
-        from hlss_hf.configuration_hlss import HLSSConfig
-    except ImportError:  # the config module is written by another helper; a stand-in keys the registration
+    """The processors registered with the Auto classes (importing hlss_hf does it)."""
+    import hlss_hf
 
-        class HLSSConfig(PretrainedConfig):
-            model_type = "hlss"
-
-    AutoImageProcessor.register(HLSSConfig, image_processor_classes={"pil": HLSSImageProcessor}, exist_ok=True)
-    AutoProcessor.register(HLSSConfig, HLSSProcessor, exist_ok=True)
-    HLSSImageProcessor.register_for_auto_class("AutoImageProcessor")
-    HLSSProcessor.register_for_auto_class("AutoProcessor")
-    return HLSSConfig
+    return hlss_hf.HLSSConfig
 
 
 def test_image_processor_round_trip_with_auto_image_processor(tmp_path, registered):

@@ -15,16 +15,7 @@ import torch
 from _tiny import tiny_hlss_model, tiny_tokenizer
 from PIL import Image
 
-import hlss_hf  # noqa: F401 - registers HLSS with the Auto classes the pipeline uses
-
-try:
-    from hlss_hf.processing_hlss import HLSSImageProcessor, HLSSProcessor
-except ImportError:  # processors not in this checkout yet
-    HLSSImageProcessor = HLSSProcessor = None
-
-needs_processor = pytest.mark.skipif(
-    HLSSImageProcessor is None, reason="hlss_hf.processing_hlss not available"
-)
+from hlss_hf import HLSSImageProcessor, HLSSProcessor  # importing hlss_hf registers the Auto classes
 
 # Run in the child before anything else: makes `import hlss_hf` fail even where hlss_hf is pip-installed
 # (editable installs put it on sys.path through .pth files that clearing PYTHONPATH does not remove).
@@ -33,14 +24,11 @@ _BLOCK_HLSS = "import sys\nsys.modules['hlss_hf'] = None\n"
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny HLSS model saved with its processor (when available); returns (folder, model)."""
+    """A tiny HLSS model saved with its processor; returns (folder, model)."""
     folder = tmp_path_factory.mktemp("hlss")
     model = tiny_hlss_model(seed=11).eval()
     model.save_pretrained(folder)
-    if HLSSProcessor is not None:
-        HLSSProcessor(HLSSImageProcessor(modality="he", crop_size=32), tiny_tokenizer()).save_pretrained(
-            folder
-        )
+    HLSSProcessor(HLSSImageProcessor(modality="he", crop_size=32), tiny_tokenizer()).save_pretrained(folder)
     return folder, model
 
 
@@ -79,7 +67,6 @@ def test_remote_code_load_in_a_clean_process_gives_identical_outputs(saved, tmp_
     folder, model = saved
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
-    check_processor = HLSSProcessor is not None
     result = _run_without_hlss(
         f"""
         try:
@@ -102,10 +89,9 @@ def test_remote_code_load_in_a_clean_process_gives_identical_outputs(saved, tmp_
             {str(folder)!r}, trust_remote_code=True, num_labels=3
         )
         assert type(classifier).__name__ == "HLSSForImageClassification"
-        if {check_processor!r}:
-            processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
-            assert type(processor).__name__ == "HLSSProcessor", type(processor)
-            assert type(processor).__module__.startswith("transformers_modules.")
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "HLSSProcessor", type(processor)
+        assert type(processor).__module__.startswith("transformers_modules.")
         print("ok")
         """,
         cwd=tmp_path,
@@ -119,7 +105,6 @@ def test_remote_code_load_in_a_clean_process_gives_identical_outputs(saved, tmp_
     assert torch.equal(remote["patch"], local.attribute_scores["patch"])
 
 
-@needs_processor
 def test_image_feature_extraction_pipeline_returns_the_embeddings(saved):
     from transformers import pipeline
 
@@ -132,3 +117,21 @@ def test_image_feature_extraction_pipeline_returns_the_embeddings(saved):
     )
     assert features.shape == expected.shape == (1, model.config.projection_dim)
     torch.testing.assert_close(features, expected.detach())
+
+
+def test_pipeline_with_hlss_hf_imported_needs_no_remote_code_prompt(saved, tmp_path, monkeypatch):
+    """The local classes serve the pipeline: nothing asks whether to run the folder's code, also for a folder
+    with an image processor alone (as fine-tuning writes), from which transformers derives a video processor."""
+    from transformers import pipeline
+
+    _, model = saved
+    model.save_pretrained(tmp_path)
+    HLSSImageProcessor(modality="he", crop_size=32).save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    prompts = []  # recorded, not raised: transformers turns errors raised at the prompt into a soft failure
+    monkeypatch.setattr("builtins.input", lambda message="": prompts.append(message) or "n")
+    for task in ("image-feature-extraction", "image-classification"):
+        served = pipeline(task, model=str(tmp_path), device="cpu")
+        assert type(served.image_processor) is HLSSImageProcessor
+        assert type(served.model).__module__.startswith("hlss_hf.")
+    assert prompts == []
