@@ -81,6 +81,17 @@ class HLSSOutput(ModelOutput):
     attribute_scores: dict[str, torch.FloatTensor] | None = None
 
 
+def _shipped_attribute_file(name: str) -> str:
+    """The path of an attribute set shipped with the package, by file name with or without `.yaml`."""
+    # Absent where this file runs as remote code: the sets travel with the package, not with saved models.
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attributes")
+    shipped = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+    for candidate in (name, f"{name}.yaml"):
+        if candidate in shipped:
+            return os.path.join(folder, candidate)
+    raise ValueError(f"attribute file {name!r} does not exist and is not a shipped set {shipped}")
+
+
 def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
     """Read and validate an attribute bank description.
 
@@ -89,7 +100,8 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
     A single string is accepted as a one-description list.
 
     Args:
-        attributes (`dict` or `str` or `os.PathLike`): the mapping itself or a `.yaml` / `.yml` / `.json` file.
+        attributes (`dict` or `str` or `os.PathLike`): the mapping itself, a `.yaml` / `.yml` / `.json` file, or
+            the name of a set shipped in `hlss_hf/attributes/` (`"srh_brain_tumor"`, `"he_tcga"`, `.yaml` optional).
 
     Returns:
         `dict[str, dict[str, list[str]]]`: the validated mapping, levels in the order patch, slide, patient.
@@ -102,7 +114,7 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
         path = os.fspath(attributes)
         source = path
         if not os.path.isfile(path):
-            raise ValueError(f"attribute file {path!r} does not exist")
+            path = _shipped_attribute_file(path)
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
         try:
