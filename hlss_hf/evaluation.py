@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -179,29 +180,25 @@ def _processor_fingerprint(processor: Any) -> str:
     return repr(processor)
 
 
-def _default_transform(modality: str, image_size: int | None):
-    """Convert decoded patches to `[3, H, W]` floats and centre-crop them to the model's image size."""
+def _default_pixels(images: list[np.ndarray], modality: str, image_size: int | None) -> torch.Tensor:
+    """Convert decoded patches to `[N, 3, H, W]` floats, centre-cropped to the model's image size."""
     from hlss_hf.processing_hlss import he_to_float, srh_to_float
 
     convert = srh_to_float if modality == "srh" else he_to_float
-
-    def transform(images: list[np.ndarray]) -> torch.Tensor:
-        tensors = []
-        for image in images:
-            tensor = convert(image)
-            if image_size is not None:
-                height, width = tensor.shape[-2:]
-                if height >= image_size and width >= image_size:
-                    top, left = (height - image_size) // 2, (width - image_size) // 2
-                    tensor = tensor[..., top : top + image_size, left : left + image_size]
-                else:
-                    tensor = F.interpolate(
-                        tensor[None], size=(image_size, image_size), mode="bilinear", align_corners=False
-                    )[0]
-            tensors.append(tensor)
-        return torch.stack(tensors)
-
-    return transform
+    tensors = []
+    for image in images:
+        tensor = convert(image)
+        if image_size is not None:
+            height, width = tensor.shape[-2:]
+            if height >= image_size and width >= image_size:
+                top, left = (height - image_size) // 2, (width - image_size) // 2
+                tensor = tensor[..., top : top + image_size, left : left + image_size]
+            else:
+                tensor = F.interpolate(
+                    tensor[None], size=(image_size, image_size), mode="bilinear", align_corners=False
+                )[0]
+        tensors.append(tensor)
+    return torch.stack(tensors)
 
 
 def _image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -227,6 +224,7 @@ def extract_embeddings(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> EmbeddingSet:
     """Embed every patch of one dataset split with the frozen image tower.
 
@@ -246,6 +244,8 @@ def extract_embeddings(
         device (`str` or `torch.device`, *optional*): where to run; the model is moved there. Defaults to the
             device of the model's parameters.
         progress (`bool`, defaults to `True`): show a tqdm progress bar.
+        num_workers (`int`, defaults to 0): DataLoader worker processes that decode and preprocess the next
+            batches while the model runs (0: in the main process).
 
     Returns:
         :class:`EmbeddingSet` with float32 L2-normalised embeddings.
@@ -255,7 +255,7 @@ def extract_embeddings(
     """
     import datasets
 
-    from hlss_hf.schema import decode_image, modality_of
+    from hlss_hf.schema import modality_of
 
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"pass one split of the DatasetDict (one of {list(dataset)}), not the whole dict")
@@ -270,6 +270,8 @@ def extract_embeddings(
         raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     class_names = list(features["label"].names)
     hierarchy = {name: name in features for name in ("slide_id", "patient_id")}
     if not all(hierarchy.values()):
@@ -311,16 +313,16 @@ def extract_embeddings(
                 logger.info("Loading cached embeddings from %s", cache_path)
                 return EmbeddingSet.load(cache_path)
 
-    if processor is not None:
-
-        def transform(images):
-            return processor(images=images, return_tensors="pt")["pixel_values"]
-    else:
-        config = getattr(model, "config", None)
-        image_size = getattr(config, "image_size", None)
-        transform = _default_transform(modality_of(features), image_size)
-
-    images = dataset.select_columns(["image"]).with_format("numpy")
+    image_size = getattr(getattr(model, "config", None), "image_size", None)
+    source = _ImageBatches(
+        dataset.select_columns(["image"]).with_format("numpy"), batch_size, processor, modality_of(features), image_size
+    )
+    batches = torch.utils.data.DataLoader(
+        source,
+        batch_size=None,  # items are whole batches: one slice of the Arrow table each
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     chunks = []
     was_training = model.training
     model.eval()
@@ -331,12 +333,10 @@ def extract_embeddings(
             autocast,
             tqdm(total=len(dataset), desc=f"embedding {split}", unit="img", disable=not progress) as bar,
         ):
-            for start in range(0, len(dataset), batch_size):
-                batch = images[start : start + batch_size]["image"]
-                pixel_values = transform([decode_image(value) for value in batch]).to(device)
-                embeds = _image_features(model, pixel_values)
+            for pixel_values in batches:
+                embeds = _image_features(model, pixel_values.to(device, non_blocking=True))
                 chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
-                bar.update(len(batch))
+                bar.update(len(pixel_values))
     finally:
         model.train(was_training)
 
@@ -350,6 +350,27 @@ def extract_embeddings(
     if cache_path is not None:
         result.save(cache_path)
     return result
+
+
+class _ImageBatches(torch.utils.data.Dataset):
+    """Batch `i` of a split's `image` column, decoded and converted (what DataLoader workers compute): by
+    `processor(images=...)`, or without one by `he_to_float` / `srh_to_float` and a centre crop to `image_size`."""
+
+    def __init__(self, images, batch_size: int, processor: Any, modality: str, image_size: int | None):
+        self.images, self.batch_size = images, batch_size
+        self.processor, self.modality, self.image_size = processor, modality, image_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from hlss_hf.schema import decode_image
+
+        batch = self.images[i * self.batch_size : (i + 1) * self.batch_size]["image"]
+        decoded = [decode_image(value) for value in batch]
+        if self.processor is not None:
+            return self.processor(images=decoded, return_tensors="pt")["pixel_values"]
+        return _default_pixels(decoded, self.modality, self.image_size)
 
 
 class _null_context:

@@ -173,11 +173,11 @@ def test_explain_targets_and_errors(tiny_model, demo_embeddings):
 def test_explain_matches_model_top_attributes(tiny_model, saved):
     import datasets
 
-    from hlss_hf.evaluation import _default_transform
+    from hlss_hf.evaluation import _default_pixels
 
     data = datasets.load_dataset(str(saved / "data"), split="validation").select(range(2))
     val = extract_embeddings(tiny_model, data, progress=False)
-    pixels = _default_transform("he", 32)([np.asarray(img) for img in data["image"]])
+    pixels = _default_pixels([np.asarray(img) for img in data["image"]], "he", 32)
     expected = tiny_model.top_attributes(pixels, level="patch", k=3)[1]
     got = explain(tiny_model, val, index=1, k=3)["levels"]["patch"]
     assert [a["attribute"] for a in got] == [name for name, _ in expected]

@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import importlib.util
 import warnings
 
 import datasets
@@ -234,10 +233,6 @@ def _he_dataset(n=10, split="train", hierarchy=True, seed=0):
     return dataset
 
 
-_HAS_PROCESSING = importlib.util.find_spec("hlss_hf.processing_hlss") is not None
-
-
-@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
 def test_extract_embeddings_batches_and_normalises():
     torch.manual_seed(0)
     model, dataset = _CountingModel(), _he_dataset(10)
@@ -254,7 +249,6 @@ def test_extract_embeddings_batches_and_normalises():
     torch.testing.assert_close(result.embeddings[0], expected.detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
 def test_extract_embeddings_cache_skips_forward(tmp_path):
     torch.manual_seed(0)
     model, dataset = _CountingModel(), _he_dataset(6)
@@ -278,6 +272,17 @@ def test_extract_embeddings_cache_skips_forward(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_extract_embeddings_with_workers_equals_the_main_process():
+    torch.manual_seed(0)
+    model, dataset = _CountingModel(), _he_dataset(10)
+    alone = extract_embeddings(model, dataset, batch_size=4, progress=False)
+    workers = extract_embeddings(model, dataset, batch_size=4, progress=False, num_workers=2)
+    assert model.calls == 6  # 3 batches each, in order
+    assert torch.equal(workers.embeddings, alone.embeddings)
+    with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
+        extract_embeddings(model, dataset, num_workers=-1, progress=False)
+
+
 def test_model_fingerprint_tracks_weights():
     torch.manual_seed(0)
     a, b = _CountingModel(), _CountingModel()
@@ -288,7 +293,6 @@ def test_model_fingerprint_tracks_weights():
     assert model_fingerprint(a) != model_fingerprint(b)
 
 
-@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
 def test_extract_embeddings_without_hierarchy_warns():
     with pytest.warns(UserWarning, match="only patch-level metrics"):
         result = extract_embeddings(_CountingModel(), _he_dataset(4, hierarchy=False), progress=False)
@@ -321,7 +325,6 @@ def test_extract_embeddings_uses_processor():
     torch.testing.assert_close(result.embeddings, expected.expand(3, -1))
 
 
-@pytest.mark.skipif(not _HAS_PROCESSING, reason="hlss_hf.processing_hlss not available")
 def test_extract_embeddings_srh_uses_srh_conversion():
     from hlss_hf.processing_hlss import srh_to_float
 
