@@ -27,22 +27,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+for path in (HERE.parent, HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-VISION_PRESETS = {
-    "tiny": {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 64, "patch_size": 8},
-    "vit-ti16": {"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3,
-                 "intermediate_size": 768, "patch_size": 16},
-    "vit-s16": {"model_type": "vit", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
-                "intermediate_size": 1536, "patch_size": 16},
-    "vit-b16": {"model_type": "vit", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                "intermediate_size": 3072, "patch_size": 16},
-}  # fmt: skip
-TEXT_CONFIG = {"model_type": "bert", "vocab_size": 1024, "hidden_size": 32, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}  # fmt: skip
+from train_throughput import TEXT_CONFIG, VISION_PRESETS  # noqa: E402 - the towers of every benchmark
+
 MODES = ("head", "lora", "full")
 
 
