@@ -117,7 +117,8 @@ class ResearchCodePatientDataset(torch.utils.data.Dataset):
             image = srh_to_float(tifffile.imread(self.row_paths[row]))  # (2, H, W) uint16 -> [3, H, W]
             transform = self.ours.transform
             for _ in range(self.ours.num_views):
-                views.append(image if transform is None else transform(image, generator=generator))
+                # One call per view with the torchvision-style per-image operations, as the research code does.
+                views.append(image if transform is None else transform.reference(image, generator=generator))
         return torch.stack(views).reshape(
             self.ours.num_slides, self.ours.num_patches, self.ours.num_views, *views[0].shape
         )
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ds, args.num_slides, args.num_patches, args.num_views, transform=transform, index=index
             )
             baseline = ResearchCodePatientDataset(ours, row_paths)
-            torch.testing.assert_close(ours[1]["pixel_values"], baseline[1])  # same work, same output
+            # Same draws and operations: equal up to the float rounding of the fast kernels.
+            torch.testing.assert_close(ours[1]["pixel_values"], baseline[1], atol=1e-5, rtol=0)
             pairs[name] = (ours, baseline, images_per_patient)
         for name, (ours, baseline, images) in pairs.items():
             ours[0], baseline[0]  # warm up (lazy reader, kornia import)

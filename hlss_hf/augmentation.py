@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -146,10 +147,76 @@ def _separable_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torc
     return sum(tap * rows[..., j : j + width] for j, tap in enumerate(taps))
 
 
+@dataclass
+class _Plan:
+    """The random draws of one image: its crop box (``None``: centre crop) and the applied operations in order."""
+
+    crop: tuple[int, int, int, int] | None
+    ops: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+# Multiplying a difference of two [0, 1] float32 values by 2**100 sends every non-zero difference far outside
+# [-1, 1] (the smallest is ~1e-45 only for subnormal inputs), so ``clamp(d * 2**100 + 1, 0, 1)`` is an exact
+# step function: 1 where d >= 0, 0 where d < 0. torch.where and comparisons cost ~20 multiplies on CPU.
+_STEP = 2.0**100
+
+
+def _step(difference: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``difference >= 0`` and 0.0 where it is negative, in place on ``difference``."""
+    return difference.mul_(_STEP).add_(1.0).clamp_(0.0, 1.0)
+
+
+def _hue_shift(images: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the HSV hue of RGB ``images`` ``[N, 3, H, W]`` by ``shift`` ``[N]`` (fractions of the circle).
+
+    The same map as kornia's ``adjust_hue`` (RGB -> HSV, hue + shift mod 2pi, HSV -> RGB, maximal channel
+    chosen r, then g, then b on ties) in closed form with arithmetic only: with chroma ``d = max - min``, each
+    output channel is ``min + d * w``, ``w`` a clamped triangle wave of the rotated hue.
+    Outputs agree with kornia's to float rounding (~1e-6). ``out`` may be ``images`` itself.
+    """
+    r, g, b = images.unbind(1)
+    value = torch.maximum(torch.maximum(r, g), b)
+    low = torch.minimum(torch.minimum(r, g), b)
+    chroma = value - low
+    is_r = _step(r - value)
+    is_g = _step(g - value).mul_(1.0 - is_r)
+    is_b = 1.0 - is_r - is_g
+    # Hue in sextants, [-1, 5]: (g - b)/d when r is maximal, 2 + (b - r)/d for g, 4 + (r - g)/d for b.
+    hue = (g - b).mul_(is_r)
+    hue.addcmul_(b - r + 2.0 * chroma, is_g).addcmul_(r - g + 4.0 * chroma, is_b)
+    grey = (1.0 - chroma * _STEP).clamp_(0.0, 1.0)  # 1 where d == 0 (hue 0, as kornia)
+    hue.div_(chroma + grey).add_(6.0 * shift.to(images.dtype)[:, None, None])
+    hue.sub_(torch.floor(hue * (1.0 / 6.0)).mul_(6.0))  # into [0, 6]
+    if out is None:
+        out = torch.empty_like(images)
+    # Channel n is min + d * clamp(dist_n - 1, 0, 1), dist_n the circular distance (period 6) from
+    # hue + n - 2 to 0, n = 5, 3, 1 for R, G, B; with hue in [0, 6] each distance takes one of the forms below.
+    # The inputs are no longer read, so ``out`` may alias ``images``. (Per plane: measured faster than one
+    # broadcast [N, 3, H, W] pass.)
+    red = (hue - 3.0).abs_()
+    green = torch.minimum(hue + 1.0, (hue - 5.0).abs_())
+    blue = torch.minimum((hue - 1.0).abs_(), 7.0 - hue)
+    for channel, distance in enumerate((red, green, blue)):
+        torch.addcmul(low, distance.sub_(1.0).clamp_(0.0, 1.0), chroma, out=out[:, channel])
+    return out
+
+
 class HLSSAugmentation:
     """A chain of randomly applied patch augmentations with explicit-generator determinism.
 
     Build it with :func:`build_augmentation` (or :func:`build_eval_transform`) rather than directly.
+
+    Two implementations share one sequence of random draws (:meth:`_draw`, per image, in a fixed order):
+
+    - ``augment(image)`` / ``augment(images)`` / :meth:`batch`: the fast path. Each image's draws, then its
+      crop written straight into the output and every drawn operation applied in place with arithmetic-only
+      kernels (no ``torch.where`` or comparison masks, which cost ~20 multiplies each on CPU; a closed-form
+      hue rotation instead of RGB -> HSV -> RGB). Images are processed one at a time on purpose: a
+      ``3 x 224 x 224`` float image stays in the L2 cache across the chain, while running each operation over
+      all views at once streams several MB per operation and measured slower.
+    - :meth:`reference`: the per-image path with torchvision-style functional ops (``torch.where`` masks,
+      kornia's HSV hue), as the HiDisc / HLSS research code applies them per view. It defines the semantics
+      and is the benchmark baseline; the fast path matches it to float rounding (~1e-6) on the same draws.
 
     Args:
         operations (`dict[str, dict]`): operation name -> validated parameters (see :data:`OPERATION_DEFAULTS`).
@@ -159,6 +226,7 @@ class HLSSAugmentation:
     def __init__(self, operations: Mapping[str, Mapping[str, Any]], crop_size: int):
         self.operations = {name: dict(operations[name]) for name in ORDER if name in operations}
         self.crop_size = int(crop_size)
+        self._grids: dict[tuple, torch.Tensor] = {}  # affine sampling points per (h, w, dtype)
 
     def __repr__(self) -> str:
         ops = ", ".join(f"{name}(p={params['p']})" for name, params in self.operations.items())
@@ -168,7 +236,8 @@ class HLSSAugmentation:
         """Augment ``image`` (``[C, H, W]`` or ``[N, C, H, W]``, float in [0, 1]).
 
         Args:
-            image (`torch.Tensor`): one image or a batch; each image of a batch gets its own random draws.
+            image (`torch.Tensor`): one image or a batch (see :meth:`batch`); each image of a batch gets its own
+                random draws, the same as sequential calls on its images would.
             generator (`torch.Generator`, *optional*): source of every random draw. When omitted, one is seeded
                 from torch's global RNG (convenient, but then only as reproducible as the global seed).
 
@@ -177,35 +246,96 @@ class HLSSAugmentation:
         """
         if not torch.is_floating_point(image):
             raise TypeError(f"augmentations expect a float image in [0, 1], got dtype {image.dtype}")
-        if generator is None:
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         if image.dim() == 4:
-            return torch.stack([self._one(img, generator) for img in image])
+            return self.batch(image, generator)
         if image.dim() != 3:
             raise ValueError(
                 f"expected an image [C, H, W] or a batch [N, C, H, W], got shape {tuple(image.shape)}"
             )
-        return self._one(image, generator)
+        return self.batch([image], generator)[0]
 
-    def _one(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def reference(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The per-image reference path: same draws as :meth:`__call__`, torchvision-style operations.
+
+        Args:
+            image (`torch.Tensor`): float image ``[C, H, W]`` in [0, 1].
+            generator (`torch.Generator`, *optional*): as in :meth:`__call__`.
+        """
+        if not torch.is_floating_point(image) or image.dim() != 3:
+            raise ValueError(
+                f"reference() takes a float image [C, H, W], got {image.dtype} {tuple(image.shape)}"
+            )
+        generator = _default_generator(generator)
+        plan = self._draw(image.shape[-2], image.shape[-1], image.shape[0], image.dtype, generator)
+        return self._apply_one(image, plan)
+
+    def batch(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        generator: torch.Generator | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Augment several images at once; image ``i`` gets the draws of the ``i``-th of sequential calls.
+
+        Args:
+            images (`torch.Tensor` ``[N, C, H, W]`` or a sequence of ``[C, H_i, W_i]``): float images in [0, 1]
+                (sizes may differ; the channel count may not). The inputs are never modified.
+            generator (`torch.Generator`, *optional*): as in :meth:`__call__`.
+            out (`torch.Tensor`, *optional*): ``[N, C, crop, crop]`` tensor to write the views into.
+
+        Returns:
+            `torch.Tensor` ``[N, C, crop, crop]`` (``out`` when given).
+        """
+        if len(images) == 0:
+            raise ValueError("batch() needs at least one image")
+        channels, dtype = images[0].shape[0], images[0].dtype
+        for i, image in enumerate(images):
+            if not torch.is_floating_point(image) or image.dim() != 3 or image.shape[0] != channels:
+                raise ValueError(
+                    f"batch(): image {i} must be a float [C, H, W] tensor with C={channels}, got "
+                    f"{image.dtype} {tuple(image.shape)}"
+                )
+        generator = _default_generator(generator)
+        size = self.crop_size
+        shape = (len(images), channels, size, size)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif tuple(out.shape) != shape:
+            raise ValueError(f"batch(): out has shape {tuple(out.shape)}, expected {shape}")
+        for i, image in enumerate(images):
+            # Draw, crop and augment one image at a time: its draws (noise included) and pixels stay in cache.
+            plan = self._draw(image.shape[-2], image.shape[-1], channels, dtype, generator)
+            view = out[i]
+            view.copy_(self._crop(image, plan))
+            # Both flips (the operations right after the crop) in one pass.
+            flips = [dim for name, dim in _FLIPS if any(op == name for op, _ in plan.ops)]
+            if flips:
+                view.copy_(view.flip(flips))
+            for name, args in plan.ops:
+                if name not in _FLIP_NAMES:
+                    getattr(self, f"_fast_{name}")(view, **args)
+        return out
+
+    # -- draws -------------------------------------------------------------------------------------------------
+
+    def _draw(self, height: int, width: int, channels: int, dtype: torch.dtype, generator) -> _Plan:
+        """Every random number of one image, in the order of the chain (this order defines the outputs)."""
+        plan = _Plan(crop=None)
         if "random_resized_crop" in self.operations:
-            image = self._random_resized_crop(image, generator, **self.operations["random_resized_crop"])
-        else:
-            image = center_crop_resize(image, self.crop_size)
+            plan.crop = self._draw_crop(height, width, generator, **self.operations["random_resized_crop"])
         for name, params in self.operations.items():
             if name == "random_resized_crop":
                 continue
             params = dict(params)
             if _coin(generator, params.pop("p")):
-                image = getattr(self, f"_{name}")(image, generator, **params)
-        return image
+                draw = getattr(self, f"_draw_{name}", None)
+                args = draw(generator, channels, dtype, **params) if draw is not None else params
+                plan.ops.append((name, args))
+        return plan
 
-    # Each operation below takes a [C, H, W] image and returns a new tensor (never modifying its input).
-
-    def _random_resized_crop(self, image, generator, p, scale, ratio):
-        height, width = image.shape[-2:]
+    def _draw_crop(self, height, width, generator, p, scale, ratio):
         if not _coin(generator, p):
-            return center_crop_resize(image, self.crop_size)
+            return None
         area = height * width
         log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         # torchvision's rejection sampling: 10 tries, then fall back to the whole (centre) image.
@@ -217,21 +347,12 @@ class HLSSAugmentation:
             if 0 < crop_w <= width and 0 < crop_h <= height:
                 top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
                 left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
-                break
-        else:
-            crop_h = crop_w = min(height, width)
-            top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        crop = image[..., top : top + crop_h, left : left + crop_w]
-        return _resize(crop, (self.crop_size, self.crop_size))
+                return top, left, crop_h, crop_w
+        side = min(height, width)
+        return (height - side) // 2, (width - side) // 2, side, side
 
-    def _horizontal_flip(self, image, generator):
-        return image.flip(-1)
-
-    def _vertical_flip(self, image, generator):
-        return image.flip(-2)
-
-    def _affine(self, image, generator, degrees, translate, scale, shear):
-        height, width = image.shape[-2:]
+    def _draw_affine(self, generator, channels, dtype, degrees, translate, scale, shear):
+        width = height = self.crop_size
         angle = math.radians(_uniform(generator, *degrees))
         tx = _uniform(generator, -translate[0], translate[0]) * width
         ty = _uniform(generator, -translate[1], translate[1]) * height
@@ -246,11 +367,9 @@ class HLSSAugmentation:
         )
         # affine_grid wants output -> input in normalised [-1, 1] coordinates.
         to_norm = torch.diag(torch.tensor([2.0 / width, 2.0 / height, 1.0], dtype=torch.float64))
-        theta = (to_norm @ torch.linalg.inv(forward) @ torch.linalg.inv(to_norm))[:2].to(image.dtype)
-        grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
-        return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        return {"theta": (to_norm @ torch.linalg.inv(forward) @ torch.linalg.inv(to_norm))[:2].to(dtype)}
 
-    def _color_jitter(self, image, generator, brightness, contrast, saturation, hue):
+    def _draw_color_jitter(self, generator, channels, dtype, brightness, contrast, saturation, hue):
         # Ranges were normalised to (low, high) pairs by build_augmentation.
         factors = {
             "brightness": _uniform(generator, *brightness),
@@ -259,8 +378,59 @@ class HLSSAugmentation:
             "hue": _uniform(generator, *hue),
         }
         # Random order of the four adjustments, as torchvision's ColorJitter does.
-        for index in torch.randperm(4, generator=generator).tolist():
-            name = ("brightness", "contrast", "saturation", "hue")[index]
+        names = ("brightness", "contrast", "saturation", "hue")
+        order = [names[i] for i in torch.randperm(4, generator=generator).tolist()]
+        return {"factors": factors, "order": order}
+
+    def _draw_gaussian_blur(self, generator, channels, dtype, kernel_size, sigma):
+        return {"kernel_size": kernel_size, "sigma": max(_uniform(generator, *sigma), 1e-3)}
+
+    def _draw_gaussian_noise(self, generator, channels, dtype, std):
+        sigma = _uniform(generator, *std)
+        shape = (channels, self.crop_size, self.crop_size)
+        return {"sigma": sigma, "noise": torch.randn(shape, generator=generator, dtype=dtype)}
+
+    def _draw_random_erasing(self, generator, channels, dtype, scale, ratio, value):
+        height = width = self.crop_size
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(10):
+            target_area = height * width * _uniform(generator, *scale)
+            aspect = math.exp(_uniform(generator, *log_ratio))
+            erase_h = round(math.sqrt(target_area * aspect))
+            erase_w = round(math.sqrt(target_area / aspect))
+            if 0 < erase_h < height and 0 < erase_w < width:
+                top = int(torch.randint(0, height - erase_h + 1, (), generator=generator))
+                left = int(torch.randint(0, width - erase_w + 1, (), generator=generator))
+                return {"box": (top, left, erase_h, erase_w), "value": value}
+        return {"box": None, "value": value}
+
+    # -- reference path: each operation takes a [C, H, W] image and returns a new tensor ----------
+
+    def _crop(self, image: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        if plan.crop is None:
+            return center_crop_resize(image, self.crop_size)
+        top, left, crop_h, crop_w = plan.crop
+        crop = image[..., top : top + crop_h, left : left + crop_w]
+        return _resize(crop, (self.crop_size, self.crop_size))
+
+    def _apply_one(self, image: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        image = self._crop(image, plan)
+        for name, args in plan.ops:
+            image = getattr(self, f"_{name}")(image, **args)
+        return image
+
+    def _horizontal_flip(self, image):
+        return image.flip(-1)
+
+    def _vertical_flip(self, image):
+        return image.flip(-2)
+
+    def _affine(self, image, theta):
+        grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
+        return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+
+    def _color_jitter(self, image, factors, order):
+        for name in order:
             factor = factors[name]
             if name == "brightness":
                 image = (image * factor).clamp(0.0, 1.0)
@@ -275,7 +445,7 @@ class HLSSAugmentation:
                 image = adjust_hue(image[None], factor * 2.0 * math.pi)[0].clamp(0.0, 1.0)
         return image
 
-    def _autocontrast(self, image, generator):
+    def _autocontrast(self, image):
         low = image.amin(dim=(-2, -1), keepdim=True)
         high = image.amax(dim=(-2, -1), keepdim=True)
         span = high - low
@@ -283,9 +453,9 @@ class HLSSAugmentation:
         flat = span <= 0
         return torch.where(flat, image, (image - low) / torch.where(flat, torch.ones_like(span), span))
 
-    def _sharpness(self, image, generator, factor):
+    def _sharpness(self, image, factor):
         # torchvision's definition: blend with a 3x3 smoothed copy ([[1,1,1],[1,5,1],[1,1,1]] / 13) whose border
-        # pixels are the original ones. Shifted sums are several times faster than a depthwise conv on CPU.
+        # pixels are the original ones.
         height, width = image.shape[-2:]
         if height < 3 or width < 3:
             return image
@@ -294,33 +464,130 @@ class HLSSAugmentation:
         smooth[..., 1:-1, 1:-1] = (box + 4.0 * image[..., 1:-1, 1:-1]) / 13.0
         return _blend(image, smooth, float(factor))
 
-    def _solarize(self, image, generator, threshold):
+    def _solarize(self, image, threshold):
         return torch.where(image >= threshold, 1.0 - image, image)
 
-    def _gaussian_blur(self, image, generator, kernel_size, sigma):
-        std = max(_uniform(generator, *sigma), 1e-3)
-        return _separable_blur(image, kernel_size, std)
+    def _gaussian_blur(self, image, kernel_size, sigma):
+        return _separable_blur(image, kernel_size, sigma)
 
-    def _gaussian_noise(self, image, generator, std):
-        sigma = _uniform(generator, *std)
-        noise = torch.randn(image.shape, generator=generator, dtype=image.dtype)
+    def _gaussian_noise(self, image, sigma, noise):
         return (image + sigma * noise).clamp(0.0, 1.0)
 
-    def _random_erasing(self, image, generator, scale, ratio, value):
-        height, width = image.shape[-2:]
-        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-        for _ in range(10):
-            target_area = height * width * _uniform(generator, *scale)
-            aspect = math.exp(_uniform(generator, *log_ratio))
-            erase_h = round(math.sqrt(target_area * aspect))
-            erase_w = round(math.sqrt(target_area / aspect))
-            if 0 < erase_h < height and 0 < erase_w < width:
-                top = int(torch.randint(0, height - erase_h + 1, (), generator=generator))
-                left = int(torch.randint(0, width - erase_w + 1, (), generator=generator))
-                image = image.clone()
-                image[..., top : top + erase_h, left : left + erase_w] = value
-                return image
+    def _random_erasing(self, image, box, value):
+        if box is None:
+            return image
+        top, left, erase_h, erase_w = box
+        image = image.clone()
+        image[..., top : top + erase_h, left : left + erase_w] = value
         return image
+
+    # -- fast path: each operation updates ``image`` [C, h, w] (a view into the output) in place ---------------
+
+    def _fast_affine(self, image, theta):
+        channels, height, width = image.shape
+        key = (height, width, image.dtype)
+        if key not in self._grids:
+            # affine_grid's sampling points (x, y, 1) for this size, built once: grid = points @ theta^T.
+            identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=image.dtype)
+            points = F.affine_grid(identity, [1, channels, height, width], align_corners=False)
+            self._grids[key] = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)
+        grid = self._grids[key] @ theta.T
+        image.copy_(
+            F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        )
+
+    def _fast_color_jitter(self, image, factors, order):
+        rgb = image.shape[0] == 3
+        for name in order:
+            factor = factors[name]
+            if name == "brightness":
+                image.mul_(factor).clamp_(0.0, 1.0)
+            elif name == "contrast":
+                # The mean of the grey image is the weighted sum of the channel means.
+                mean = (
+                    float(_grey_weights(image).mul_(image.mean(dim=(1, 2))).sum())
+                    if rgb
+                    else float(image.mean())
+                )
+                image.mul_(factor).add_(mean * (1.0 - factor)).clamp_(0.0, 1.0)
+            elif name == "saturation" and rgb:
+                grey = torch.mul(image[0], 0.299).add_(image[1], alpha=0.587).add_(image[2], alpha=0.114)
+                image.mul_(factor).add_(grey.mul_(1.0 - factor)).clamp_(0.0, 1.0)
+            elif name == "hue" and rgb and factor != 0.0:
+                _hue_shift(image[None], torch.tensor([factor]), out=image[None]).clamp_(0.0, 1.0)
+
+    def _fast_autocontrast(self, image):
+        low = image.amin(dim=(-2, -1), keepdim=True)
+        span = image.amax(dim=(-2, -1), keepdim=True) - low
+        # Flat channels stay as they are: subtract 0 and divide by 1 there (selected on the [C] statistics).
+        flat = span <= 0
+        image.sub_(torch.where(flat, torch.zeros_like(low), low)).div_(
+            torch.where(flat, torch.ones_like(span), span)
+        )
+
+    def _fast_sharpness(self, image, factor):
+        height, width = image.shape[-2:]
+        if height < 3 or width < 3:
+            return
+        factor = float(factor)
+        # The 3x3 box sum as two separable 3-tap sums (4 additions instead of 8).
+        rows = image[..., :, :-2] + image[..., :, 1:-1]
+        rows += image[..., :, 2:]
+        box = rows[..., :-2, :] + rows[..., 1:-1, :]
+        box += rows[..., 2:, :]
+        centre = image[..., 1:-1, 1:-1]
+        smooth = box.add_(centre, alpha=4.0).div_(13.0)
+        # Border pixels blend with themselves: they stay as they are.
+        centre.copy_(smooth.mul_(1.0 - factor).add_(centre, alpha=factor).clamp_(0.0, 1.0))
+
+    def _fast_solarize(self, image, threshold):
+        above = _step(image - float(threshold))
+        # x + [x >= t] * (1 - 2x): 1 - x at and above the threshold, x below.
+        image.addcmul_(above, image * -2.0 + 1.0)
+
+    def _fast_gaussian_blur(self, image, kernel_size, sigma):
+        radius = kernel_size // 2
+        height, width = image.shape[-2:]
+        if radius == 0:
+            return
+        if radius >= min(height, width):
+            raise ValueError(
+                f"gaussian_blur.kernel_size {kernel_size} is too large for an image of {height}x{width}"
+            )
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+        taps = (taps / taps.sum()).tolist()
+        padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")[0]
+        # Symmetric taps: mirrored rows (columns) share a weight; accumulate in place, no temporaries.
+        rows = torch.mul(padded[..., radius : radius + height, :], taps[radius])
+        for d in range(1, radius + 1):
+            rows.add_(padded[..., radius - d : radius - d + height, :], alpha=taps[radius + d])
+            rows.add_(padded[..., radius + d : radius + d + height, :], alpha=taps[radius + d])
+        torch.mul(rows[..., radius : radius + width], taps[radius], out=image)
+        for d in range(1, radius + 1):
+            image.add_(rows[..., radius - d : radius - d + width], alpha=taps[radius + d])
+            image.add_(rows[..., radius + d : radius + d + width], alpha=taps[radius + d])
+
+    def _fast_gaussian_noise(self, image, sigma, noise):
+        image.add_(noise, alpha=sigma).clamp_(0.0, 1.0)
+
+    def _fast_random_erasing(self, image, box, value):
+        if box is not None:
+            top, left, erase_h, erase_w = box
+            image[:, top : top + erase_h, left : left + erase_w] = value
+
+
+_FLIPS = (("horizontal_flip", -1), ("vertical_flip", -2))
+_FLIP_NAMES = {name for name, _ in _FLIPS}
+
+
+def _default_generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    return generator
+
+
+def _grey_weights(image: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype)
 
 
 def _validate(name: str, params: Any) -> dict[str, Any]:

@@ -45,6 +45,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from .augmentation import HLSSAugmentation
 from .schema import IMAGE, LABEL, PATIENT_ID, SLIDE_ID, decode_image, modality_of
 
 __all__ = [
@@ -265,8 +266,16 @@ def _views(
     """``num_views`` transformed copies of each patch ``[C, H, W]`` -> ``[N, V, C, h, w]``.
 
     Views are written straight into one preallocated tensor: at 300 px an extra stack or clone per patient
-    costs as much as reading its patches.
+    costs as much as reading its patches. An :class:`~hlss_hf.augmentation.HLSSAugmentation` gets all
+    ``N * V`` views in one :meth:`~hlss_hf.augmentation.HLSSAugmentation.batch` call, patch-major as the
+    sequential calls would be (so the draws are the same).
     """
+    if isinstance(transform, HLSSAugmentation) and len(patches) and len({p.shape[0] for p in patches}) == 1:
+        size = transform.crop_size
+        out = torch.empty((len(patches), num_views, patches[0].shape[0], size, size), dtype=patches[0].dtype)
+        repeated = [patch for patch in patches for _ in range(num_views)]
+        transform.batch(repeated, generator, out=out.view(-1, *out.shape[2:]))
+        return out
     out = None
     for n, patch in enumerate(patches):
         for v in range(num_views):

@@ -64,11 +64,15 @@ def srh_to_float(image) -> torch.Tensor:
         raise ValueError(f"SRH image: got 3 channels; SRH needs 2: [CH2, CH3] (shape {shape})")
     else:
         raise ValueError(f"SRH image: expected 2 channels [CH2, CH3] first or last, got shape {shape}")
+    # One pass per output channel, written straight into the result (no float copy of the input, no stack):
+    # channels 1, 2 = CH2, CH3 cast to float32 (exact for uint16), channel 0 = CH3 - CH2 + 5000 from those.
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint16:
             raise ValueError(f"SRH image: expected dtype uint16, got {image.dtype}")
-        # float32 holds every uint16 exactly; torch's own uint16 support is limited.
-        tensor = torch.from_numpy(image.astype(np.float32))
+        source = np.moveaxis(image, axis, first)  # a view; numpy casts read-only (memory-mapped) input too
+        out = np.empty(source.shape[:first] + (3,) + source.shape[first + 1 :], dtype=np.float32)
+        np.copyto(out[(slice(None),) * first + (slice(1, 3),)], source, casting="unsafe")
+        result = torch.from_numpy(out)
     else:
         if image.dtype not in (torch.uint16, torch.int32, torch.int64):
             raise ValueError(
@@ -80,12 +84,18 @@ def srh_to_float(image) -> torch.Tensor:
                 f"SRH image: integer values must lie in [0, 65535], found min {int(tensor.min())} "
                 f"and max {int(tensor.max())}"
             )
-    tensor = tensor.to(torch.float32)
-    ch2, ch3 = tensor.select(axis, 0), tensor.select(axis, 1)
+        source = tensor.movedim(axis, first)
+        shape = source.shape[:first] + (3,) + source.shape[first + 1 :]
+        result = torch.empty(shape, dtype=torch.float32)
+        result.narrow(first, 1, 2).copy_(source)
+    ch0, ch2, ch3 = (result.select(first, c) for c in range(3))
     # (CH3 - CH2 + 5000) / 65536 == CH3/65536 - CH2/65536 + 5000/65536, computed on integers held exactly in
     # float32 and scaled by a power of two, so every output value is exact.
-    stacked = torch.stack([ch3 - ch2 + SRH_OFFSET, ch2, ch3], dim=first).mul_(1.0 / SRH_SCALE)
-    return stacked.clamp_(0.0, 1.0)
+    torch.sub(ch3, ch2, out=ch0).add_(SRH_OFFSET)
+    result.mul_(1.0 / SRH_SCALE)
+    # CH2 and CH3 lie in [0, 65535/65536] already; only the difference channel can leave [0, 1].
+    ch0.clamp_(0.0, 1.0)
+    return result
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:

@@ -49,6 +49,9 @@ def test_batch_input_draws_per_image_and_matches_sequential_calls():
     g = gen(5)
     sequential = torch.stack([augment(image, generator=g) for image in images])
     assert batch.shape == (3, 3, 16, 16) and torch.equal(batch, sequential)
+    g = gen(5)
+    reference = torch.stack([augment.reference(image, generator=g) for image in images])
+    torch.testing.assert_close(batch, reference, atol=1e-5, rtol=0)
     assert float(batch.min()) >= 0.0 and float(batch.max()) <= 1.0
 
 
@@ -156,3 +159,67 @@ def test_every_operation_is_configurable_and_can_be_disabled():
         assert name not in build_augmentation({name: False}, 8).operations
     with pytest.raises(TypeError, match="float"):
         build_augmentation(None, 8)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+
+
+# --- fast path vs the per-image reference path --------------------------------------------------------------
+
+
+def single_op_configs():
+    return [{name: {"p": 1.0}} for name in OPERATION_DEFAULTS] + [
+        {"color_jitter": {"p": 1.0, "hue": 0.5}},  # the whole hue circle
+        {"solarize": {"p": 1.0, "threshold": 0.0}},
+        {"solarize": {"p": 1.0, "threshold": 1.0}},
+        {name: {"p": 1.0} for name in OPERATION_DEFAULTS},
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    "config", single_op_configs(), ids=lambda c: "default" if c is None else "+".join(c)[:40]
+)
+def test_fast_path_equals_the_reference_path_on_the_same_draws(config):
+    # Mixed sizes (the crop draws depend on them), quantised pixels (ties between channels, exact thresholds)
+    # and a flat channel (autocontrast leaves it).
+    augment = build_augmentation(config, 12)
+    images = [torch.rand(3, 16 + 2 * i, 14 + i, generator=gen(i)) for i in range(5)]
+    images.append((torch.rand(3, 16, 16, generator=gen(9)) * 8).floor() / 8)
+    images.append(torch.cat([torch.full((1, 12, 12), 0.4), torch.rand(2, 12, 12, generator=gen(3))]))
+    for seed in range(4):
+        fast_gen, reference_gen = gen(seed), gen(seed)
+        fast = augment.batch(images, generator=fast_gen)
+        reference = torch.stack([augment.reference(image, generator=reference_gen) for image in images])
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+        # Both consumed exactly the same draws.
+        assert torch.equal(torch.rand(4, generator=fast_gen), torch.rand(4, generator=reference_gen))
+    single = augment(images[0], generator=gen(1))
+    torch.testing.assert_close(single, augment.reference(images[0], generator=gen(1)), atol=1e-5, rtol=0)
+
+
+def test_fast_hue_rotation_matches_kornia_on_ties_greys_and_pure_colours():
+    from kornia.enhance import adjust_hue
+
+    from hlss_hf.augmentation import _hue_shift
+
+    levels = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    grid = torch.cartesian_prod(levels, levels, levels).T.reshape(1, 3, 8, 8)  # every tie pattern
+    images = torch.cat([grid, torch.rand(3, 3, 8, 8, generator=gen(2))])
+    for shift in (-0.5, -0.3, -0.05, 0.0, 0.01, 0.25, 0.5):
+        shifts = torch.full((len(images),), shift)
+        expected = adjust_hue(images, shift * 2 * torch.pi)
+        torch.testing.assert_close(_hue_shift(images, shifts), expected, atol=2e-6, rtol=0)
+
+
+def test_each_operation_is_drawn_with_its_probability():
+    # The draws (shared by both paths) apply each operation with its configured probability, per image.
+    augment = build_augmentation(None, 8)
+    g = gen(0)
+    counts = dict.fromkeys(augment.operations, 0)
+    trials = 3000
+    for _ in range(trials):
+        plan = augment._draw(16, 16, 3, torch.float32, g)
+        counts["random_resized_crop"] += plan.crop is not None
+        for name, _ in plan.ops:
+            counts[name] += 1
+    for name, count in counts.items():
+        p = augment.operations[name]["p"]
+        assert abs(count / trials - p) <= 4 * (p * (1 - p) / trials) ** 0.5 + 1e-9, (name, count / trials, p)

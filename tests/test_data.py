@@ -212,6 +212,38 @@ def test_draws_are_deterministic_per_seed_and_epoch(srh_ds):
     assert not all(torch.equal(a, other_seed[i]["pixel_values"]) for i, a in enumerate(first))
 
 
+def test_augmented_views_equal_the_per_view_reference_calls():
+    # The dataset augments all S*P*V views of a patient in one batched call; it must give what one reference
+    # call per view gives on the same drawn rows and generator (the research-code way), pixels with clamped
+    # CH3 - CH2 included.
+    from hlss_hf.processing_hlss import srh_to_float
+
+    rows = make_rows({"A": (0, [3, 2]), "B": (1, [2])})
+    rng = np.random.default_rng(0)
+    for i, row in enumerate(rows):
+        image = rng.integers(8000, 12000, (SIZE, SIZE, 2)).astype(np.uint16)
+        image[..., 1] += 4000  # CH3 > CH2: channel 0 unclamped
+        if i % 2:
+            image[2:6, 2:6, 0] = 60000  # clamped to 0 in channel 0
+        row["image"] = image
+    ds = datasets.Dataset.from_list(rows, features=features_for("srh", CLASSES, patch_size=SIZE))
+    aug = build_augmentation(None, 8)
+    data = HierarchicalPatchDataset(ds, num_slides=2, num_patches=2, num_views=2, transform=aug, seed=3)
+    for i in range(len(data)):
+        _, drawn, draws = data.sample_rows(i)
+        generator = torch.Generator().manual_seed(int(draws.integers(0, 2**63 - 1)))
+        expected = torch.stack(
+            [
+                aug.reference(
+                    srh_to_float(np.asarray(ds[int(r)]["image"], dtype=np.uint16)), generator=generator
+                )
+                for r in drawn.reshape(-1).tolist()
+                for _ in range(2)
+            ]
+        ).reshape(2, 2, 2, 3, 8, 8)
+        torch.testing.assert_close(data[i]["pixel_values"], expected, atol=1e-5, rtol=0)
+
+
 def test_views_of_a_patch_differ(srh_ds):
     aug = build_augmentation({"random_resized_crop": {"scale": [0.2, 0.5]}}, 8)
     ds = datasets.Dataset.from_list(
