@@ -93,13 +93,20 @@ def load_split(dataset_path: str, split: str, max_samples: int | None = None):
     """One split of a dataset folder (Hub layout or `save_to_disk`) or Hub id; clear error for a missing split."""
     import datasets
 
-    if Path(dataset_path, "dataset_dict.json").exists():
-        splits = datasets.load_from_disk(dataset_path)
+    saved_splits = Path(dataset_path, "dataset_dict.json")
+    if saved_splits.exists():  # a `save_to_disk` folder: load the one split asked for
+        names = json.loads(saved_splits.read_text())["splits"]
+        if split not in names:
+            raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {names}")
+        try:
+            data = datasets.load_from_disk(str(Path(dataset_path, split)))
+        except IndexError as err:  # datasets fails this way on a split saved with no rows
+            raise ValueError(f"split {split!r} of dataset {dataset_path!r} is empty: nothing to evaluate") from err
     else:
         splits = datasets.load_dataset(dataset_path)
-    if split not in splits:
-        raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {list(splits)}")
-    data = splits[split]
+        if split not in splits:
+            raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {list(splits)}")
+        data = splits[split]
     if max_samples is not None:
         data = data.select(range(min(max_samples, len(data))))
     return data
@@ -168,11 +175,28 @@ def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], data
 
 def _load_model(args):
     import torch
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoTokenizer,
+    )
 
     import hlss_hf  # noqa: F401  (registers HLSS with the Auto classes)
 
-    model = AutoModel.from_pretrained(args.model)
+    # A fine-tuned classifier folder holds no text tower, banks or heads: loading it as an HLSSModel would fill
+    # them with random weights, so it is loaded as what it is and the modes that need them say so.
+    architectures = AutoConfig.from_pretrained(args.model).architectures or []
+    if "HLSSForImageClassification" in architectures:
+        if args.mode in ("zeroshot", "explain"):
+            raise ValueError(
+                f"{args.model} is a fine-tuned HLSSForImageClassification without text tower or attribute heads; "
+                f"{args.mode} needs a pretrained HLSSModel folder (e.g. the output of train.py)"
+            )
+        model = AutoModelForImageClassification.from_pretrained(args.model)
+    else:
+        model = AutoModel.from_pretrained(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     try:

@@ -831,8 +831,9 @@ def class_text_embeddings(
                         attention_mask=tokens["attention_mask"].to(device),
                     )
                     if not isinstance(out, torch.Tensor):
-                        embeds = getattr(out, "text_embeds", None)
-                        out = embeds if embeds is not None else out.pooler_output
+                        # Plain transformers models (e.g. CLIPModel) return a ModelOutput.
+                        text_embeds = getattr(out, "text_embeds", None)
+                        out = text_embeds if text_embeds is not None else out.pooler_output
                     embeds.append(F.normalize(out.float(), dim=-1))
                 rows.append(F.normalize(torch.cat(embeds).mean(dim=0), dim=-1).cpu())
     finally:

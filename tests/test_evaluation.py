@@ -179,6 +179,24 @@ def test_zero_shot_scores_pick_the_closest_class_prompt():
     assert (scores.argmax(1) == val.labels).float().mean() > 0.95
 
 
+def test_class_text_embeddings_of_a_plain_clip_model():
+    """transformers' CLIPModel returns a ModelOutput from get_text_features; its pooled output is the embedding."""
+    from _tiny import clip_config, tiny_tokenizer
+    from transformers import CLIPModel
+
+    from hlss_hf.evaluation import class_text_embeddings
+
+    torch.manual_seed(0)
+    model, tokenizer = CLIPModel(clip_config()).eval(), tiny_tokenizer()
+    prompts = {"a": ["dense nuclei", "many cells"], "b": ["sparse stroma"]}
+    rows = class_text_embeddings(model, tokenizer, prompts, ["b", "a"])
+    with torch.no_grad():
+        tokens = tokenizer(prompts["a"], padding=True, return_tensors="pt")
+        per_prompt = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+    assert rows.shape == (2, model.config.projection_dim)
+    torch.testing.assert_close(rows[1], F.normalize(per_prompt.mean(0), dim=-1))
+
+
 def test_zero_shot_errors():
     val = _clustered_set(3, 2, 3, 16, 0.2, seed=1)
     centres = torch.eye(3, 16)
