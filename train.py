@@ -326,6 +326,9 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
         train = splits[d.train_split]
         val = splits[d.validation_split] if d.validation_split else None
         return train, val
+    if d.demo:
+        # The demo config's data.demo stays set when only data.dataset is overridden on the command line.
+        logger.info("data.demo is ignored: data.dataset is %r, not the demo", d.dataset)
     path = Path(d.dataset)
     source = str(path) if path.is_dir() else d.dataset
 
@@ -456,6 +459,25 @@ def _tower_name(spec: Any, tower_config: Any) -> str:
     return f"random-init-{getattr(tower_config, 'model_type', 'model')}"
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_links(dataset: str, towers: list[Any]) -> str:
+    """The card's `datasets` / `base_model` metadata: only names that are Hub ids (not local paths or configs)."""
+
+    def hub_id(spec: Any) -> str | None:
+        is_id = isinstance(spec, str) and _HUB_ID.match(spec) and not Path(spec).exists()
+        return spec if is_id else None
+
+    lines = []
+    if hub_id(dataset):
+        lines += ["datasets:", f"- {dataset}"]
+    bases = list(dict.fromkeys(name for name in map(hub_id, towers) if name))
+    if bases:
+        lines += ["base_model:", *(f"- {name}" for name in bases)]
+    return "".join(f"{line}\n" for line in lines)
+
+
 def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> dict:
     """Every placeholder of ``model_card.md`` from the run (config, model, data, steps, metrics).
 
@@ -488,6 +510,9 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         hardware = f"{ctx.get('num_processes', 1)} x {torch.cuda.get_device_name(torch.device(device))}"
     values = {
         "license": t.model_license,
+        "hub_links": _hub_links(d.dataset, [m.vision, m.text]),
+        "knn_k": t.knn_k,
+        "knn_temperature": t.knn_temperature,
         "modality_tag": "stimulated-raman-histology" if srh else "h-and-e",
         "modality_name": "SRH" if srh else "H&E",
         "dataset_id": dataset_id,
@@ -535,11 +560,7 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "training_time": f"{ctx.get('seconds', 0.0) / 60:.1f} min",
         "training_command": "python train.py " + " ".join(shlex.quote(a) for a in ctx.get("argv", [])),
         "eval_split": d.validation_split or "none",
-        "evaluation_notes": (
-            f"This run's kNN used k={t.knn_k} and temperature {t.knn_temperature}."
-            if metrics
-            else "No evaluation ran."
-        ),
+        "evaluation_notes": "" if metrics else "No evaluation ran.",
         "limitations": (
             "This checkpoint comes from the synthetic demo (tiny towers, procedural textures): it only "
             "demonstrates the pipeline and has no diagnostic or research value."

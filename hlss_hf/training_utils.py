@@ -488,7 +488,6 @@ def validate_config(config: TrainConfig) -> None:
         "needs the whole patient list, so it does not work with data.streaming",
     )
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(d.dataset == "demo" or not d.demo, "data.demo", "only applies with data.dataset: demo")
 
     _check(t.per_device_batch_size >= 1, "training.per_device_batch_size", "must be >= 1")
     _check(t.num_epochs > 0, "training.num_epochs", "must be > 0")

