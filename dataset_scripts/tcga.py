@@ -8,11 +8,17 @@ Inputs, found recursively under ROOT:
   ``dataset_scripts/wsi.py`` (tissue detection, ``--patch-size`` at ``--mpp`` or ``--level``);
 - HDF5 files (``.h5``, ``.hdf5``), one per slide, with a dataset ``imgs`` of shape ``(n, H, W, 3)`` uint8
   (and optionally ``coords`` ``(n, 2)`` with level-0 x, y).
+``--patch-size`` is the side of every patch in the dataset: whole-slide files are tiled at that size, and
+HDF5 ``imgs`` must already be ``--patch-size`` x ``--patch-size`` (they are not resized: a file with another
+patch shape is invalid, named with its shape).
 The file name starts with the slide barcode (``TCGA-02-0001-01Z-00-DX1[.uuid].svs``); the patient is its first
 three fields (``TCGA-02-0001``). Labels come from ``--labels``: a CSV (columns ``id``/``barcode``/
 ``patient_id``/``slide_id`` and ``label``) or a JSON object, keyed by patient or slide barcode (slide wins).
+All entries of one patient (its own and its slides') must agree: a patient with slide files and two
+different labels is invalid.
 Splits are by patient: ``--split-file`` (JSON ``{"train": [...], "validation"|"val": [...], "test": [...]}``,
-patient barcodes) or a stratified random ``--val-fraction`` with ``--seed``.
+patient barcodes; every patient listed must have slide files) or a stratified random ``--val-fraction`` with
+``--seed``.
 """
 
 from __future__ import annotations
@@ -74,16 +80,28 @@ def parse_barcode(path: Path) -> tuple[str, str]:
     return match.group(1).upper(), slide.upper()
 
 
-def read_labels(path: Path) -> dict[str, str]:
-    """Barcode (patient or slide, upper-cased) -> label, from a CSV or JSON file."""
+@dataclass
+class LabelEntry:
+    key: str  # barcode (patient or slide), upper-cased
+    label: str
+    where: str  # "line 3" (CSV) or "key ..." (JSON), for error messages
+
+
+def read_labels(path: Path) -> list[LabelEntry]:
+    """Every barcode -> label entry of a CSV or JSON labels file, in file order (duplicates kept).
+
+    Args:
+        path (`Path`): the labels file (``.json``: an object barcode -> label; otherwise a CSV).
+    """
     if not path.is_file():
         raise ConversionError(f"labels {path}: file not found")
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
+            # Pairs, not a dict: a repeated key must not silently keep its last value.
+            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=list)
+            if not isinstance(data, list) or (data and not isinstance(data[0], tuple)):
                 raise ConversionError(f"labels {path}: expected a JSON object barcode -> label")
-            return {str(k).upper(): str(v) for k, v in data.items()}
+            return [LabelEntry(str(k).upper(), str(v), f"key {k}") for k, v in data]
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
@@ -92,9 +110,47 @@ def read_labels(path: Path) -> dict[str, str]:
                 raise ConversionError(
                     f"labels {path}: needs a 'label' column and one of {list(ID_COLUMNS)} (has {columns})"
                 )
-            return {row[id_column].strip().upper(): row["label"].strip() for row in reader if row[id_column]}
+            return [
+                LabelEntry(row[id_column].strip().upper(), (row["label"] or "").strip(), f"line {line}")
+                for line, row in enumerate(reader, start=2)  # line 1 is the header
+                if row[id_column]
+            ]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
         raise ConversionError(f"labels {path}: cannot read ({error})") from error
+
+
+def resolve_labels(
+    entries: list[LabelEntry], patients: set[str], source: str, invalid: InvalidItems
+) -> tuple[dict[str, str], set[str]]:
+    """Barcode -> label, refusing patients whose entries (patient and slide keys) disagree.
+
+    Args:
+        entries (`list[LabelEntry]`): from :func:`read_labels`.
+        patients (`set[str]`): patients that have slide files; conflicts of other patients do not matter.
+        source (`str`): the labels file name, for messages.
+        invalid (`InvalidItems`): where a patient with two labels goes.
+
+    Returns:
+        (barcode -> label without the refused patients, the refused patients).
+    """
+    by_patient: dict[str, dict[str, str]] = defaultdict(dict)  # patient -> label -> first entry with it
+    for entry in entries:
+        match = BARCODE.match(entry.key)
+        patient = match.group(1).upper() if match else entry.key
+        by_patient[patient].setdefault(entry.label, f"{entry.key} {entry.where}")
+    refused = set()
+    for patient in sorted(patients):
+        labels = by_patient.get(patient, {})
+        if len(labels) > 1:
+            found = ", ".join(f"{label!r} ({where})" for label, where in labels.items())
+            invalid.invalid(f"patient {patient}", f"different labels in {source}: {found}")
+            refused.add(patient)
+    label_map = {}
+    for entry in entries:
+        match = BARCODE.match(entry.key)
+        if (match.group(1).upper() if match else entry.key) not in refused:
+            label_map[entry.key] = entry.label
+    return label_map, refused
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -146,8 +202,15 @@ def find_slides(root: Path, invalid: InvalidItems) -> list[SlideFile]:
     return slides
 
 
-def iter_hdf5(slide: SlideFile, label: str, invalid: InvalidItems) -> Iterator[dict]:
-    """Rows of one HDF5 patch file, read in batches; an unreadable file or bad ``imgs`` goes to ``invalid``."""
+def iter_hdf5(slide: SlideFile, label: str, patch_size: int, invalid: InvalidItems) -> Iterator[dict]:
+    """Rows of one HDF5 patch file, read in batches; an unreadable file or bad ``imgs`` goes to ``invalid``.
+
+    Args:
+        slide (`SlideFile`): the HDF5 file and its barcodes.
+        label (`str`): the slide's class name.
+        patch_size (`int`): the required patch side (``--patch-size``); patches are not resized.
+        invalid (`InvalidItems`): where a bad file goes.
+    """
     import h5py
 
     item = f"slide {slide.slide_id}"
@@ -163,6 +226,14 @@ def iter_hdf5(slide: SlideFile, label: str, invalid: InvalidItems) -> Iterator[d
             return
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             invalid.invalid(item, f"'imgs' is {images.dtype} {images.shape}, expected uint8 (n, H, W, 3)")
+            return
+        if tuple(images.shape[1:3]) != (patch_size, patch_size):
+            height, width = images.shape[1:3]
+            invalid.invalid(
+                item,
+                f"{slide.path.name}: 'imgs' patches are {height}x{width}, expected {patch_size}x{patch_size} "
+                "(--patch-size; HDF5 patches are not resized)",
+            )
             return
         if images.shape[0] == 0:
             invalid.invalid(item, "has no patches ('imgs' is empty)")
@@ -204,7 +275,7 @@ def iter_split(
     """Rows of one split: HDF5 files read in order, whole-slide files tiled (in parallel when asked)."""
     for slide in slides:
         if slide.kind == "hdf5":
-            yield from iter_hdf5(slide, labels[slide.slide_id], invalid)
+            yield from iter_hdf5(slide, labels[slide.slide_id], options.patch_size, invalid)
     tasks = [
         SlideTask(str(s.path), s.patient_id, s.slide_id, labels[s.slide_id], f"tcga:{s.path.name}")
         for s in slides
@@ -229,13 +300,18 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
     if args.num_workers < 1:
         raise ConversionError(f"--num-workers must be >= 1, got {args.num_workers}")
     invalid = InvalidItems(skip_invalid=args.skip_invalid)
-    label_map = read_labels(Path(args.labels))
+    labels_path = Path(args.labels)
+    entries = read_labels(labels_path)
     slides = find_slides(Path(args.root), invalid)
-    classes = list(args.classes) if args.classes else sorted(set(label_map.values()))
+    present = {s.patient_id for s in slides}
+    label_map, refused = resolve_labels(entries, present, labels_path.name, invalid)
+    classes = list(args.classes) if args.classes else sorted({e.label for e in entries})
 
     slide_labels: dict[str, str] = {}
     patient_labels: dict[str, set] = defaultdict(set)
     for slide in slides:
+        if slide.patient_id in refused:
+            continue  # already reported once for the whole patient
         label = label_map.get(slide.slide_id, label_map.get(slide.patient_id))
         if label is None:
             invalid.invalid(
@@ -260,6 +336,11 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
         for patient in sorted(consistent):
             if patient not in patient_split:
                 invalid.invalid(f"patient {patient}", f"not in split file {args.split_file}")
+        for patient in sorted(set(patient_split) - present):
+            invalid.invalid(
+                f"patient {patient}",
+                f"in split file {args.split_file} but has no slide files under {args.root}",
+            )
     else:
         patient_split = assign_splits(consistent, args.val_fraction, args.seed)
     plan: dict[str, list[SlideFile]] = {}
@@ -283,6 +364,7 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
         },
         features_for("he", classes),
         invalid=invalid,
+        patch_size=options.patch_size,
         title="TCGA (HLSS patient-slide-patch layout)",
         source=f"The Cancer Genome Atlas: {len(slides) - num_hdf5} whole-slide files and {num_hdf5} HDF5 patch files "
         f"under `{Path(args.root).name}`; labels from `{Path(args.labels).name}`",
@@ -302,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-file", help="JSON split -> patient barcodes (default: --val-fraction)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="patients per class in validation")
     add_tiling_arguments(parser)
+    # The shared help speaks of tiles only; for HDF5 input the size is a requirement, not a resize target.
+    parser._option_string_actions["--patch-size"].help = (
+        "patch side in pixels (default 256): whole-slide files are tiled at this size; HDF5 'imgs' must "
+        "already be this size (another shape is an error naming the file)"
+    )
     add_output_arguments(parser)
     return parser
 

@@ -525,8 +525,8 @@ def test_wsi_skip_invalid_keeps_good_slides(tmp_path):
 # ------------------------------------------------------------------------------------------------- TCGA
 
 
-def write_h5(path, n, seed, dtype=np.uint8, coords=True, name="imgs"):
-    images = np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3)).astype(dtype)
+def write_h5(path, n, seed, dtype=np.uint8, coords=True, name="imgs", size=32):
+    images = np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3)).astype(dtype)
     with h5py.File(path, "w") as handle:
         handle.create_dataset(name, data=images)
         if coords:
@@ -557,7 +557,18 @@ def tcga_root(tmp_path):
 
 
 def tcga_args(root, out, *extra):
-    return [str(root), "--labels", str(root / "labels.csv"), "--output", str(out), "--no-progress", *extra]
+    # The HDF5 fixtures hold 32 px patches; --patch-size is what HDF5 patches must measure.
+    return [
+        str(root),
+        "--labels",
+        str(root / "labels.csv"),
+        "--output",
+        str(out),
+        "--no-progress",
+        "--patch-size",
+        "32",
+        *extra,
+    ]
 
 
 def test_tcga_hdf5_round_trip_with_barcodes_and_patient_split(tmp_path, tcga_root):
@@ -614,7 +625,7 @@ def test_tcga_split_file_slide_level_json_labels_and_whole_slide_files(tmp_path,
             "--level",
             "1",
             "--patch-size",
-            "64",
+            "32",  # the HDF5 fixtures' size: one patch size for tiles and HDF5 patches alike
             "--no-progress",
         ]
     )
@@ -622,7 +633,7 @@ def test_tcga_split_file_slide_level_json_labels_and_whole_slide_files(tmp_path,
     assert set(ds["validation"]["patient_id"]) == {"TCGA-02-0003", "TCGA-CS-4942"}
     wsi_rows = ds["train"].filter(lambda r: r["patient_id"] == "TCGA-06-0125")
     assert len(wsi_rows) > 0 and set(wsi_rows["slide_id"]) == {"TCGA-06-0125-01Z-00-DX1"}
-    assert set(wsi_rows["level"]) == {1} and decode_image(wsi_rows[0]["image"]).shape == (64, 64, 3)
+    assert set(wsi_rows["level"]) == {1} and decode_image(wsi_rows[0]["image"]).shape == (32, 32, 3)
 
 
 def _tcga_damage(name):
@@ -654,6 +665,17 @@ BAD_TCGA = {
         lambda root: write_h5(next(root.rglob("TCGA-02-0003*")), 0, 0, coords=False),
         ["slide TCGA-02-0003-01Z-00-DX1", "no patches"],
     ),
+    # Patches of another size than --patch-size (32 here) must not join the dataset.
+    "wrong_patch_size": (
+        lambda root: write_h5(next(root.rglob("TCGA-CS-4941*")), 3, 0, size=16),
+        ["slide TCGA-CS-4941-01Z-00-DX1", "TCGA-CS-4941-01Z-00-DX1.h5", "16x16", "expected 32x32"],
+    ),
+    "conflicting_labels": (
+        lambda root: (root / "labels.csv").write_text(
+            (root / "labels.csv").read_text() + "TCGA-02-0001,LGG\n"
+        ),
+        ["patient TCGA-02-0001", "different labels", "'GBM'", "'LGG'", "line 7"],
+    ),
 }
 
 
@@ -679,6 +701,69 @@ def test_tcga_skip_invalid_and_labels_outside_class_list(tmp_path, tcga_root):
     ds = load(out, tmp_path)
     assert set(ds) == {"train"} and set(ds["train"]["patient_id"]) == {"TCGA-02-0001", "TCGA-02-0003"}
     assert "TCGA-CS-4938" in (out / "README.md").read_text()
+
+
+def test_tcga_patch_size_is_required_of_hdf5_patches_not_a_resize(tmp_path, tcga_root):
+    root, _ = tcga_root  # 32 px patches
+    expect_error(
+        tcga.main,
+        tcga_args(root, tmp_path / "out", "--val-fraction", "0", "--patch-size", "64"),
+        "slide TCGA-02-0001-01Z-00-DX1",
+        "TCGA-02-0001-01Z-00-DX1.h5",
+        "32x32, expected 64x64",
+    )
+    assert not (tmp_path / "out").exists()
+    write_h5(next(root.rglob("TCGA-CS-4941*")), 3, 0, size=64)
+    summary = tcga.main(tcga_args(root, tmp_path / "out", "--val-fraction", "0", "--skip-invalid"))
+    assert [item for item, _ in summary.skipped] == ["slide TCGA-CS-4941-01Z-00-DX1"]
+    train = load(tmp_path / "out", tmp_path)["train"]
+    assert "TCGA-CS-4941" not in set(train["patient_id"])
+    assert {decode_image(image).shape for image in train["image"]} == {(32, 32, 3)}
+    assert "64x64, expected 32x32" in (tmp_path / "out" / "README.md").read_text()
+    assert "HDF5 'imgs' must already be this size" in " ".join(tcga.build_parser().format_help().split())
+
+
+def test_tcga_json_slide_and_patient_keys_must_agree_within_a_patient(tmp_path, tcga_root):
+    root, _ = tcga_root
+    labels = root / "labels.json"
+    # The slide key says LGG, its patient GBM: not a slide-wins override but a contradiction.
+    labels.write_text(
+        '{"TCGA-02-0001": "GBM", "TCGA-02-0001-01Z-00-DX2": "LGG", "TCGA-02-0003": "GBM", '
+        '"TCGA-CS-4938": "LGG", "TCGA-CS-4941": "LGG", "TCGA-CS-4942": "LGG", "TCGA-99-0000": "GBM", '
+        '"TCGA-99-0000": "LGG"}'
+    )
+    argv = [str(root), "--labels", str(labels), "--patch-size", "32", "--val-fraction", "0", "--no-progress"]
+    expect_error(
+        tcga.main,
+        [*argv, "--output", str(tmp_path / "out")],
+        "patient TCGA-02-0001",
+        "'GBM' (TCGA-02-0001 key TCGA-02-0001)",
+        "'LGG' (TCGA-02-0001-01Z-00-DX2 key TCGA-02-0001-01Z-00-DX2)",
+    )
+    # TCGA-99-0000 also disagrees with itself (a repeated JSON key) but has no slides: it does not matter.
+    summary = tcga.main([*argv, "--output", str(tmp_path / "out"), "--skip-invalid"])
+    assert [item for item, _ in summary.skipped] == ["patient TCGA-02-0001"]
+    assert "TCGA-02-0001" not in set(load(tmp_path / "out", tmp_path)["train"]["patient_id"])
+    # A repeated key with two labels is refused too (json.loads alone would keep the last) once it has slides.
+    labels.write_text('{"TCGA-02-0003": "GBM", "TCGA-02-0003": "LGG", "TCGA-CS-4938": "LGG"}')
+    expect_error(
+        tcga.main,
+        [*argv, "--output", str(tmp_path / "out2")],
+        "patient TCGA-02-0003: different labels in labels.json: 'GBM' (TCGA-02-0003 key TCGA-02-0003), 'LGG'",
+    )
+
+
+def test_tcga_split_file_patient_without_slide_files_is_an_error(tmp_path, tcga_root):
+    root, _ = tcga_root
+    patients = sorted({name[:12] for name in TCGA_SLIDES})
+    (root / "split.json").write_text(json.dumps({"train": patients, "test": ["TCGA-02-0404"]}))
+    argv = tcga_args(root, tmp_path / "out", "--split-file", str(root / "split.json"))
+    expect_error(tcga.main, argv, "patient TCGA-02-0404", "no slide files")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    summary = tcga.main([*argv, "--skip-invalid"])
+    assert [item for item, _ in summary.skipped] == ["patient TCGA-02-0404"]
+    assert "- `patient TCGA-02-0404`: in split file" in (tmp_path / "out" / "README.md").read_text()
+    assert set(load(tmp_path / "out", tmp_path)) == {"train"}
 
 
 # ------------------------------------------------------------------------------------------------- demo
