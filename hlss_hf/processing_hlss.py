@@ -124,7 +124,8 @@ def he_to_float(image) -> torch.Tensor:
     if isinstance(image, Image.Image):
         image = _pil_to_array(image)
     if isinstance(image, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        # Read-only arrays (e.g. sharing a decoded image's buffer) are copied: torch needs writable memory.
+        tensor = torch.from_numpy(np.ascontiguousarray(image) if image.flags.writeable else np.array(image))
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
     else:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -119,6 +120,16 @@ def test_he_to_float_is_divided_by_255_for_pil_numpy_and_torch():
         assert out.dtype == torch.float32 and out.shape == (3, 6, 5)
         assert torch.equal(out, expected)
     assert float(he_to_float(np.full((2, 2, 3), 255, np.uint8)).min()) == 1.0
+
+
+def test_he_to_float_of_a_read_only_array_neither_warns_nor_shares_it():
+    array = _rgb().astype(np.float32) / 255.0
+    array.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = he_to_float(array)
+    out.mul_(0.5)  # the caller may write into the result; the read-only source stays as it was
+    assert float(array.max()) > float(out.max()) > 0
 
 
 def test_he_to_float_accepts_floats_in_unit_range_and_batches():
