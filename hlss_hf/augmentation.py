@@ -306,11 +306,10 @@ class HLSSAugmentation:
             # Draw, crop and augment one image at a time: its draws (noise included) and pixels stay in cache.
             plan = self._draw(image.shape[-2], image.shape[-1], channels, dtype, generator)
             view = out[i]
-            view.copy_(self._crop(image, plan))
-            # Both flips (the operations right after the crop) in one pass.
+            # Both flips (the operations right after the crop) in one pass, on the way into the output.
             flips = [dim for name, dim in _FLIPS if any(op == name for op, _ in plan.ops)]
-            if flips:
-                view.copy_(view.flip(flips))
+            crop = self._crop(image, plan)
+            view.copy_(crop.flip(flips) if flips else crop)
             for name, args in plan.ops:
                 if name not in _FLIP_NAMES:
                     getattr(self, f"_fast_{name}")(view, **args)
