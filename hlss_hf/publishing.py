@@ -4,8 +4,7 @@ Shared by the converters in ``dataset_scripts/``. A converter produces, for each
 (``image`` as a numpy array, ``label`` as a class name, ids and provenance), and :func:`write_patch_dataset`
 
 - validates every row (image dtype / channels / shape, label in the class list, unique ``patch_id``);
-- streams the rows into compressed parquet shards ``data/<split>-NNNNN-of-NNNNN.parquet`` (bounded memory;
-  SRH arrays with zstd + byte-stream-split);
+- streams the rows into compressed parquet shards ``data/<split>-NNNNN-of-NNNNN.parquet`` (bounded memory);
 - writes a ``README.md`` dataset card whose YAML (``configs`` + ``dataset_info``) lets
   ``datasets.load_dataset(DIR)`` return the same splits and features;
 - builds everything in a temporary folder next to the output and moves it into place only when complete;
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import shlex
@@ -35,9 +33,7 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from datasets.arrow_writer import ParquetWriter, get_parquet_column_options
+from datasets.arrow_writer import ParquetWriter
 from datasets.info import DatasetInfo, DatasetInfosDict
 from datasets.splits import SplitInfo
 from datasets.utils.metadata import MetadataConfigs
@@ -49,15 +45,6 @@ from .schema import IMAGE, LABEL, PATCH_ID, PATIENT_ID, SLIDE_ID, modality_of
 
 #: Rows per parquet row group: small enough that a 300x300x2 uint16 batch stays ~25 MB in memory.
 WRITER_BATCH_SIZE = 64
-#: Parquet options of an array (SRH uint16) ``image`` column. Parquet stores uint16 as INT32, so datasets' default
-#: (dictionary + snappy) keeps ~4 bytes per value; byte-stream-split puts the always-zero high bytes in their own
-#: streams and zstd removes them. On noisy tissue-like 300x300x2 patches: 342 kB -> 310 kB per patch (raw
-#: uint16: 360 kB), written faster; level 19 saves 5% more at 7x the write time. Pixel noise bounds the rest.
-ARRAY_PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "compression_level": 3,
-    "column_encoding": "BYTE_STREAM_SPLIT",
-}
 #: Defaults for the provenance columns when a converter does not know them.
 UNKNOWN_PROVENANCE: dict[str, Any] = {
     "x": -1,
@@ -204,37 +191,6 @@ def _encode_image(image: np.ndarray, modality: str) -> Any:
     return image
 
 
-class _PatchParquetWriter(ParquetWriter):
-    """datasets' :class:`ParquetWriter` with :data:`ARRAY_PARQUET_OPTIONS` on an array ``image`` column.
-
-    Only the parquet encoding differs: the schema, the features metadata and what ``load_dataset`` returns are
-    the same as with the default writer.
-    """
-
-    def _build_writer(self, inferred_schema: pa.Schema) -> None:
-        # Mirrors ParquetWriter._build_writer (datasets 5.x), with per-column options for the image leaf.
-        self._schema, self._features = self._build_schema(inferred_schema)
-        options = get_parquet_column_options(self._features, self._schema)
-        if isinstance(self._features.get(IMAGE), datasets.Array3D):
-            levels = options.setdefault("compression_level", {})
-            for leaf in [c for c in options["compression"] if c.startswith(f"{IMAGE}.")]:
-                options["compression"][leaf] = ARRAY_PARQUET_OPTIONS["compression"]
-                levels[leaf] = ARRAY_PARQUET_OPTIONS["compression_level"]
-                # Parquet refuses a column encoding on a dictionary-encoded column.
-                options["use_dictionary"] = [c for c in options["use_dictionary"] if c != leaf]
-                options["column_encoding"][leaf] = ARRAY_PARQUET_OPTIONS["column_encoding"]
-        chunking = getattr(self, "use_content_defined_chunking", False)
-        self.pa_writer = pq.ParquetWriter(
-            self.stream,
-            self._schema,
-            use_content_defined_chunking=chunking,
-            write_page_index=getattr(self, "write_page_index", True),
-            **options,
-        )
-        if chunking is not False:
-            self.pa_writer.add_key_value_metadata({"content_defined_chunking": json.dumps(chunking)})
-
-
 class _SplitWriter:
     """Streams one split into numbered parquet shards of at most ``max_shard_bytes`` (before compression)."""
 
@@ -250,7 +206,7 @@ class _SplitWriter:
         if self._writer is None:
             path = self.data_dir / f".{self.split}-{len(self.paths):05d}.parquet.partial"
             self.paths.append(path)
-            self._writer = _PatchParquetWriter(
+            self._writer = ParquetWriter(
                 features=self.features, path=str(path), writer_batch_size=WRITER_BATCH_SIZE
             )
         self._writer.write(row)

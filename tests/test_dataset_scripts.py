@@ -920,69 +920,6 @@ def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def _tissue_like_srh(count, size, seed=0):
-    """Smooth two-channel 'tissue' plus shot noise, as uint16 (what SRH patches look like to a compressor)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    patches = []
-    for _ in range(count):
-        fx, fy = rng.uniform(0.02, 0.1, 2)
-        smooth = np.sin(fx * xx + fy * yy + rng.uniform(0, 6.3))
-        image = np.stack([9000 + 2500 * smooth, 14000 + 3000 * smooth], axis=-1)
-        patches.append(np.clip(image + rng.normal(0, 350, image.shape), 0, 65535).astype(np.uint16))
-    return patches
-
-
-def test_srh_parquet_is_zstd_byte_stream_split_smaller_and_decodes_to_identical_uint16(tmp_path):
-    import pyarrow.parquet as pq
-    from datasets.arrow_writer import ParquetWriter
-
-    from hlss_hf.publishing import write_patch_dataset
-    from hlss_hf.schema import features_for
-
-    size = 48
-    patches = _tissue_like_srh(12, size)
-    patches[0][:2, :2] = [[0, 65535], [255, 256]]  # the extremes and the byte boundary survive
-    features = features_for("srh", ["a"], patch_size=size)
-    rows = [
-        {"image": patch, "patient_id": "p", "slide_id": "s", "patch_id": f"x{i}", "label": "a"}
-        for i, patch in enumerate(patches)
-    ]
-    out = tmp_path / "out"
-    write_patch_dataset({"train": rows}, features, output_dir=out, show_progress=False)
-
-    shard = out / "data" / "train-00000-of-00001.parquet"
-    column = pq.ParquetFile(shard).metadata.row_group(0).column(0)
-    assert column.path_in_schema.startswith("image.") and column.compression == "ZSTD"
-    assert "BYTE_STREAM_SPLIT" in column.encodings
-    train = load(out, tmp_path)["train"]
-    assert train.features["image"] == datasets.Array3D(shape=(size, size, 2), dtype="uint16")
-    for row in train:
-        np.testing.assert_array_equal(decode_image(row["image"]), patches[int(row["patch_id"][1:])])
-
-    # Against datasets' own writer (dictionary + snappy) on the same rows: a real reduction, same values.
-    default = tmp_path / "default.parquet"
-    writer = ParquetWriter(features=features, path=str(default))
-    for row in rows:
-        writer.write(
-            features.encode_example(
-                {
-                    **row,
-                    "label": 0,
-                    "x": -1,
-                    "y": -1,
-                    "level": -1,
-                    "mpp": 0.0,
-                    "magnification": 0.0,
-                    "source": "",
-                }
-            )
-        )
-    writer.finalize()
-    writer.close()
-    assert shard.stat().st_size < 0.93 * default.stat().st_size
-
-
 def test_writer_drops_empty_splits_and_checks_he_patch_size(tmp_path):
     from hlss_hf.publishing import ConversionError, write_patch_dataset
     from hlss_hf.schema import features_for
