@@ -130,18 +130,26 @@ def _blend(image: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Ten
     return (factor * image + (1.0 - factor) * other).clamp_(0.0, 1.0)
 
 
-def _separable_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Gaussian blur of ``[C, H, W]`` with reflect padding, as a separable sum of shifted slices."""
+def _blur_taps(kernel_size: int, sigma: float, height: int, width: int) -> list[float] | None:
+    """Normalised Gaussian taps of a blur kernel (None for a 1-pixel kernel), checked against the image size."""
     radius = kernel_size // 2
-    height, width = image.shape[-2:]
     if radius == 0:
-        return image
+        return None
     if radius >= min(height, width):
         raise ValueError(
             f"gaussian_blur.kernel_size {kernel_size} is too large for an image of {height}x{width}"
         )
     taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
-    taps = (taps / taps.sum()).tolist()
+    return (taps / taps.sum()).tolist()
+
+
+def _separable_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``[C, H, W]`` with reflect padding, as a separable sum of shifted slices."""
+    height, width = image.shape[-2:]
+    taps = _blur_taps(kernel_size, sigma, height, width)
+    if taps is None:
+        return image
+    radius = kernel_size // 2
     padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")[0]
     rows = sum(tap * padded[..., i : i + height, :] for i, tap in enumerate(taps))
     return sum(tap * rows[..., j : j + width] for j, tap in enumerate(taps))
@@ -545,16 +553,11 @@ class HLSSAugmentation:
         image.addcmul_(above, image * -2.0 + 1.0)
 
     def _fast_gaussian_blur(self, image, kernel_size, sigma):
-        radius = kernel_size // 2
         height, width = image.shape[-2:]
-        if radius == 0:
+        taps = _blur_taps(kernel_size, sigma, height, width)
+        if taps is None:
             return
-        if radius >= min(height, width):
-            raise ValueError(
-                f"gaussian_blur.kernel_size {kernel_size} is too large for an image of {height}x{width}"
-            )
-        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
-        taps = (taps / taps.sum()).tolist()
+        radius = kernel_size // 2
         padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")[0]
         # Symmetric taps: mirrored rows (columns) share a weight; accumulate in place, no temporaries.
         rows = torch.mul(padded[..., radius : radius + height, :], taps[radius])
