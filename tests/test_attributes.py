@@ -1,5 +1,6 @@
-"""Checks on the attribute banks shipped in hlss_hf/attributes (format, sizes, uniqueness)."""
+"""Checks on the attribute banks shipped in hlss_hf/attributes (format, sizes, uniqueness, distinct wording)."""
 
+import itertools
 import re
 from pathlib import Path
 
@@ -80,6 +81,72 @@ def test_descriptions_nonempty_enough_and_unique_file_wide(filename):
                 owner[key] = f"{level}.{name}"
 
 
+# Words that only say which modality / view a description is about; a description made of a template plus the
+# attribute's core phrase keeps nothing but that phrase once these are removed.
+_TEMPLATE_WORDS = frozenset(
+    """a an the of with and or in on at by to from for as into within without between around across its their
+    each is are be that which this these some all only srh stimulated raman histology image images imaging patch
+    field view label free fresh brain tissue containing showing seen whole specimen specimens overview low
+    magnification surgical patient patients level summary intraoperative case cases h&e haematoxylin hematoxylin
+    eosin stained tile tcga style slide slides""".split()
+)
+DISTINCT_JACCARD = 0.4  # two descriptions sharing a core phrase overlap far more than this
+MIN_DISTINCT = 3
+
+
+def _content_words(text):
+    words = re.findall(r"[a-z0-9&]+", text.lower())
+    return frozenset(w for w in words if w not in _TEMPLATE_WORDS)
+
+
+def _largest_distinct_subset(descriptions, threshold=DISTINCT_JACCARD):
+    """Size of the largest set of descriptions whose content words pairwise overlap (Jaccard) below threshold."""
+    sets = [_content_words(d) for d in descriptions]
+
+    def jaccard(a, b):
+        return len(a & b) / max(1, len(a | b))
+
+    for size in range(len(sets), 1, -1):
+        for subset in itertools.combinations(sets, size):
+            if all(jaccard(a, b) < threshold for a, b in itertools.combinations(subset, 2)):
+                return size
+    return 1
+
+
+def test_distinct_subset_rejects_one_phrase_in_templates_and_accepts_rephrasings():
+    core = "bizarre nuclei of wildly differing sizes and irregular outlines"
+    templated = [
+        f"an SRH image showing {core}",
+        f"a stimulated Raman histology patch with {core}",
+        f"a label-free Raman image of fresh brain tissue containing {core}",
+        f"{core.capitalize()} in a stimulated Raman histology field of view",
+    ]
+    assert _largest_distinct_subset(templated) == 1
+    rephrased = [
+        templated[0],
+        "marked variation in nuclear shape and size from cell to cell",
+        "giant, angulated and tiny nuclei mixed together in one field",
+        "highly atypical nuclear forms, some lobulated, some huge, on Raman imaging",
+    ]
+    assert _largest_distinct_subset(rephrased) == 4
+
+
+@pytest.mark.parametrize("filename", [b[0] for b in BANKS])
+def test_descriptions_are_distinct_rephrasings_not_one_phrase_in_templates(filename):
+    """At least 3 descriptions of every attribute say it in different words: pairwise, fewer than 40% of their
+    content words (modality / template words removed) are shared. One phrase wrapped in templates fails."""
+    bank = _load(filename)
+    failing = []
+    for level in LEVELS:
+        for name, descriptions in bank[level].items():
+            if _largest_distinct_subset(descriptions) < MIN_DISTINCT:
+                failing.append(f"{level}.{name}")
+    assert not failing, (
+        f"{filename}: {len(failing)} attributes lack {MIN_DISTINCT} distinctly worded descriptions, "
+        f"e.g. {failing[:5]}"
+    )
+
+
 def test_srh_and_he_banks_name_their_modality():
     srh, he = _load("srh_brain_tumor.yaml"), _load("he_tcga.yaml")
     for level in LEVELS:
@@ -114,13 +181,23 @@ def _check_distinct(tokenizer, model, torch):
         bank = _load(filename)
         for level in LEVELS:
             names = list(bank[level])
-            # One description per attribute keeps this fast; the templates are shared, so the phrase decides.
-            batch = tokenizer([bank[level][n][0] for n in names], padding=True, return_tensors="pt")
-            with torch.no_grad():
-                hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"][..., None].float()
-            embeds = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-            sims = embeds @ embeds.T
+            texts = [d for n in names for d in bank[level][n]]
+            embeds = []
+            for start in range(0, len(texts), 128):
+                batch = tokenizer(texts[start : start + 128], padding=True, return_tensors="pt")
+                with torch.no_grad():
+                    hidden = model(**batch).last_hidden_state
+                mask = batch["attention_mask"][..., None].float()
+                embeds.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+            embeds = torch.cat(embeds)
+            # Prompt ensembling as the model builds its banks: mean of the normalised descriptions, renormalised.
+            rows, start = [], 0
+            for n in names:
+                k = len(bank[level][n])
+                rows.append(torch.nn.functional.normalize(embeds[start : start + k].mean(0), dim=-1))
+                start += k
+            rows = torch.stack(rows)
+            sims = rows @ rows.T
             sims.fill_diagonal_(-1.0)
             i, j = divmod(int(sims.argmax()), len(names))
             assert float(sims.max()) < 0.95, (
