@@ -2,7 +2,7 @@
 
     python finetune.py --model out/hlss --dataset data/demo --output_dir out/ft --epochs 3 --merge
     python finetune.py --config configs/finetune.yaml --max_steps 200          # YAML + overrides
-    accelerate launch finetune.py --model out/hlss --dataset <hub id> --mixed_precision bf16
+    accelerate launch --mixed_precision bf16 finetune.py --model out/hlss --dataset <hub id>
 
 The model is `HLSSForImageClassification` built from a saved HLSS folder (`vision_model` + `visual_projection`
 + a new `classifier`). LoRA adapters go into the vision tower (`--target_modules`, default per tower type, see
@@ -126,7 +126,10 @@ class FinetuneArguments:
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables it."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (Accelerate)."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "'no', 'fp16' or 'bf16'; default: `accelerate launch --mixed_precision`, else 'no'."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and augmentation."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
     eval_every: int = field(
@@ -254,7 +257,7 @@ def validate_args(args: FinetuneArguments) -> None:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ValueError(f"--{key} must be >= 1, got {value}")
-    if args.mixed_precision not in ("no", "fp16", "bf16"):
+    if args.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision must be 'no', 'fp16' or 'bf16', got {args.mixed_precision!r}")
     if args.label_names is not None and len(set(args.label_names)) != len(args.label_names):
         raise ValueError(f"--label_names has duplicates: {args.label_names}")
@@ -866,6 +869,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "parameters": {"trainable": trainable, "total": total},
         "steps": global_step,
+        "mixed_precision": accelerator.mixed_precision,
         "train_patches": len(train_set),
         "train_seconds": train_seconds,
         "eval": last_eval,

@@ -263,6 +263,22 @@ def test_merge_and_unload_matches_adapter_and_reloads(trained_peft, hlss_dir, tm
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def test_mixed_precision_defaults_to_the_launcher(hlss_dir, demo_dir, tmp_path, monkeypatch):
+    # `accelerate launch --mixed_precision bf16` reaches the script as this variable.
+    from accelerate.state import AcceleratorState, GradientState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    # Accelerate's state is a process-wide singleton: start fresh and leave no bf16 state to later tests.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        report = finetune.main(base_args(hlss_dir, demo_dir, tmp_path / "out", "--max_steps", "1"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert report["args"]["mixed_precision"] is None and report["mixed_precision"] == "bf16"
+    assert np.isfinite(report["eval"]["patch/acc"])
+
+
 def test_finetune_writes_adapter_merged_model_and_hierarchical_report(finetuned):
     out, report = finetuned
     assert (out / "adapter" / "adapter_config.json").is_file()
