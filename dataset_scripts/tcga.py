@@ -383,11 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", nargs="+", help="class names in label order (default: sorted labels)")
     parser.add_argument("--split-file", help="JSON split -> patient barcodes (default: --val-fraction)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="patients per class in validation")
-    add_tiling_arguments(parser)
-    # The shared help speaks of tiles only; for HDF5 input the size is a requirement, not a resize target.
-    parser._option_string_actions["--patch-size"].help = (
-        "patch side in pixels (default 256): whole-slide files are tiled at this size; HDF5 'imgs' must "
-        "already be this size (another shape is an error naming the file)"
+    add_tiling_arguments(
+        parser,
+        patch_size_help="patch side in pixels (default 256): whole-slide files are tiled at this size; HDF5 "
+        "'imgs' must already be this size (another shape is an error naming the file)",
     )
     add_output_arguments(parser)
     return parser

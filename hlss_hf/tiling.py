@@ -121,10 +121,15 @@ class SlideResult:
     num_candidates: int = 0
 
 
-def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--patch-size --mpp --level --min-tissue --max-tiles-per-slide --num-workers --seed``."""
+def add_tiling_arguments(parser: argparse.ArgumentParser, patch_size_help: str = "patch side in pixels") -> None:
+    """Add ``--patch-size --mpp --level --min-tissue --max-tiles-per-slide --num-workers --seed``.
+
+    Args:
+        parser (`argparse.ArgumentParser`): the converter's parser.
+        patch_size_help (`str`): help of ``--patch-size`` (a converter may give it more meanings than tiling).
+    """
     group = parser.add_argument_group("tiling")
-    group.add_argument("--patch-size", type=int, default=256, help="patch side in pixels")
+    group.add_argument("--patch-size", type=int, default=256, help=patch_size_help)
     res = group.add_mutually_exclusive_group()
     res.add_argument("--mpp", type=float, help="target microns per pixel (best level, then resized)")
     res.add_argument("--level", type=int, help="read this pyramid level as is (default: level 0)")
