@@ -32,7 +32,6 @@ README.md), ``metrics.jsonl`` (one JSON object per logged step and evaluation), 
 from __future__ import annotations
 
 import importlib
-import importlib.resources
 import importlib.util
 import inspect
 import logging
@@ -163,16 +162,16 @@ def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
 
 def resolve_attributes(spec: Any) -> Any:
     """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
+    from hlss_hf.modeling_hlss import shipped_attribute_file
+
     if isinstance(spec, dict):
         return spec
     if Path(spec).is_file():
         return str(spec)
-    shipped = importlib.resources.files("hlss_hf") / "attributes" / spec
-    if shipped.is_file():
-        return str(shipped)
-    raise ConfigError(
-        f"config key 'model.attributes': {spec!r} is neither a file nor one of hlss_hf/attributes/"
-    )
+    try:
+        return shipped_attribute_file(spec)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.attributes': {err}") from err
 
 
 def fallback_tokenizer(attributes: Any):

@@ -81,7 +81,7 @@ class HLSSOutput(ModelOutput):
     attribute_scores: dict[str, torch.FloatTensor] | None = None
 
 
-def _shipped_attribute_file(name: str) -> str:
+def shipped_attribute_file(name: str) -> str:
     """The path of an attribute set shipped with the package, by file name with or without `.yaml`."""
     # Absent where this file runs as remote code: the sets travel with the package, not with saved models.
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attributes")
@@ -114,7 +114,7 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
         path = os.fspath(attributes)
         source = path
         if not os.path.isfile(path):
-            path = _shipped_attribute_file(path)
+            path = shipped_attribute_file(path)
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
         try:
