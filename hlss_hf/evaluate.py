@@ -94,19 +94,21 @@ def load_split(dataset_path: str, split: str, max_samples: int | None = None):
     import datasets
 
     saved_splits = Path(dataset_path, "dataset_dict.json")
-    if saved_splits.exists():  # a `save_to_disk` folder: load the one split asked for
+    if saved_splits.exists():  # a `save_to_disk` folder: only the split asked for is loaded
+        splits = None
         names = json.loads(saved_splits.read_text())["splits"]
-        if split not in names:
-            raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {names}")
+    else:
+        splits = datasets.load_dataset(dataset_path)
+        names = list(splits)
+    if split not in names:
+        raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {names}")
+    if splits is not None:
+        data = splits[split]
+    else:
         try:
             data = datasets.load_from_disk(str(Path(dataset_path, split)))
         except IndexError as err:  # datasets fails this way on a split saved with no rows
             raise ValueError(f"split {split!r} of dataset {dataset_path!r} is empty: nothing to evaluate") from err
-    else:
-        splits = datasets.load_dataset(dataset_path)
-        if split not in splits:
-            raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {list(splits)}")
-        data = splits[split]
     if max_samples is not None:
         data = data.select(range(min(max_samples, len(data))))
     return data
