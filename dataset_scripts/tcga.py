@@ -133,11 +133,13 @@ def resolve_labels(
     Returns:
         (barcode -> label without the refused patients, the refused patients).
     """
+    def patient_of(key: str) -> str:
+        match = BARCODE.match(key)
+        return match.group(1).upper() if match else key
+
     by_patient: dict[str, dict[str, str]] = defaultdict(dict)  # patient -> label -> first entry with it
     for entry in entries:
-        match = BARCODE.match(entry.key)
-        patient = match.group(1).upper() if match else entry.key
-        by_patient[patient].setdefault(entry.label, f"{entry.key} {entry.where}")
+        by_patient[patient_of(entry.key)].setdefault(entry.label, f"{entry.key} {entry.where}")
     refused = set()
     for patient in sorted(patients):
         labels = by_patient.get(patient, {})
@@ -145,11 +147,7 @@ def resolve_labels(
             found = ", ".join(f"{label!r} ({where})" for label, where in labels.items())
             invalid.invalid(f"patient {patient}", f"different labels in {source}: {found}")
             refused.add(patient)
-    label_map = {}
-    for entry in entries:
-        match = BARCODE.match(entry.key)
-        if (match.group(1).upper() if match else entry.key) not in refused:
-            label_map[entry.key] = entry.label
+    label_map = {entry.key: entry.label for entry in entries if patient_of(entry.key) not in refused}
     return label_map, refused
 
 
