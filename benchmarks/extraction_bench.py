@@ -11,12 +11,14 @@ with `load_dataset`; the processor resizes to the crop and normalises. Side by s
 - forward: `get_image_features` alone on ready tensors of the same batches (the model's share of the time);
 - per-row: the obvious loop, `dataset[i]` (datasets decodes a PIL image per row) and the processor per image;
 - cached: a second `extract_embeddings` call with a warm `cache_dir` (no forward pass).
-The embeddings of the three computing paths are checked equal.
+The embeddings of the computing paths are checked equal after the report is printed (max differences reported;
+tolerance 1e-4 on CPU, 5e-2 on CUDA, where every path runs under the bf16 autocast `extract_embeddings` uses there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -90,27 +92,43 @@ def main(argv=None) -> dict:
 
         def extract(cache_dir=None, num_workers=0):
             return extract_embeddings(
-                model, split, processor, batch_size=args.batch_size, cache_dir=cache_dir, device=args.device,
-                progress=False, num_workers=num_workers,
+                model,
+                split,
+                processor,
+                batch_size=args.batch_size,
+                cache_dir=cache_dir,
+                device=args.device,
+                progress=False,
+                num_workers=num_workers,
             ).embeddings
 
         batches = [
-            processor(images=[decode_image(split[i]["image"]) for i in range(s, min(s + args.batch_size, n))])[
-                "pixel_values"
-            ]
+            processor(
+                images=[decode_image(split[i]["image"]) for i in range(s, min(s + args.batch_size, n))]
+            )["pixel_values"]
             for s in range(0, n, args.batch_size)
         ]
 
+        def autocast():
+            # The precision extract_embeddings uses: bf16 autocast on CUDA, fp32 elsewhere.
+            if torch.device(args.device).type == "cuda":
+                return torch.autocast("cuda", dtype=torch.bfloat16)
+            return contextlib.nullcontext()
+
         @torch.inference_mode()
         def forward():
-            return torch.cat([model.get_image_features(pixel_values=b.to(args.device)).float().cpu() for b in batches])
+            with autocast():
+                return torch.cat(
+                    [model.get_image_features(pixel_values=b.to(args.device)).float().cpu() for b in batches]
+                )
 
         @torch.inference_mode()
         def per_row():
             out = []
-            for i in range(n):
-                pixels = processor(images=split[i]["image"], return_tensors="pt")["pixel_values"]
-                out.append(model.get_image_features(pixel_values=pixels.to(args.device)).float().cpu())
+            with autocast():
+                for i in range(n):
+                    pixels = processor(images=split[i]["image"], return_tensors="pt")["pixel_values"]
+                    out.append(model.get_image_features(pixel_values=pixels.to(args.device)).float().cpu())
             return torch.cat(out)
 
         workers = f"extract-{args.num_workers}w"
@@ -127,13 +145,13 @@ def main(argv=None) -> dict:
             for name, fn in methods.items():
                 seconds, results[name] = timed(fn)
                 times[name].append(seconds)
-        for name in (workers, "forward", "per-row"):
-            torch.testing.assert_close(results[name], results["extract"], rtol=0, atol=1e-4)
-
         cache_dir = Path(tmp) / "cache"
         uncached, _ = timed(lambda: extract(cache_dir))
-        cached, embeds = timed(lambda: extract(cache_dir))
-        torch.testing.assert_close(embeds, results["extract"], rtol=0, atol=1e-4)
+        cached, results["cached"] = timed(lambda: extract(cache_dir))
+        max_diff = {
+            name: float((results[name] - results["extract"]).abs().max())
+            for name in (workers, "forward", "per-row", "cached")
+        }
 
     median = {name: statistics.median(values) for name, values in times.items()}
     report = {
@@ -144,16 +162,28 @@ def main(argv=None) -> dict:
         "workers_over_forward_time": median[workers] / median["forward"],
         "per_row_over_extract_time": median["per-row"] / median["extract"],
         "cache": {"first_s": uncached, "rerun_s": cached, "speedup": uncached / cached},
+        "max_abs_diff_vs_extract": max_diff,
     }
-    print(f"{n} images of {args.patch_size} px -> {args.crop} px, {args.vision_config}, batch {args.batch_size}")
+    print(
+        f"{n} images of {args.patch_size} px -> {args.crop} px, {args.vision_config}, batch {args.batch_size}"
+    )
     for name, rate in report["images_per_s"].items():
         print(f"  {name:8s} {rate:8.1f} images/s")
     print(f"  extract / forward time {report['extract_over_forward_time']:.2f}")
     print(f"  {workers} / forward time {report['workers_over_forward_time']:.2f}")
     print(f"  per-row / extract time {report['per_row_over_extract_time']:.2f}")
     print(f"  cache: first {uncached:.2f} s, rerun {cached:.3f} s ({report['cache']['speedup']:.0f}x)")
+    print("  max |embedding - extract|: " + ", ".join(f"{k} {v:.1e}" for k, v in max_diff.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    # Checked after the report is out. On CUDA every path runs under bf16 autocast (as extract_embeddings does),
+    # whose rounding may depend on the batch size (per-row runs batches of one): a bf16-sized tolerance there.
+    atol = 5e-2 if torch.device(args.device).type == "cuda" else 1e-4
+    for name, diff in max_diff.items():
+        if diff > atol:
+            raise AssertionError(
+                f"{name} embeddings differ from extract_embeddings' by {diff:.2e} (> {atol})"
+            )
     return report
 
 
