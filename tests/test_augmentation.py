@@ -195,6 +195,27 @@ def test_fast_path_equals_the_reference_path_on_the_same_draws(config):
     torch.testing.assert_close(single, augment.reference(images[0], generator=gen(1)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "crop, size",
+    [((300, 300), (224, 224)), ((134, 150), (224, 224)), ((224, 224), (224, 224)), ((600, 250), (224, 224)),
+     ((1, 1), (8, 8)), ((9, 30), (7, 12)), ((1000, 17), (224, 5))],
+)  # fmt: skip
+def test_banded_resize_equals_antialiased_interpolate_with_flips_folded_in(crop, size):
+    # The fast path's crop resize (banded weight matrices, flips as reversed rows) against F.interpolate, on a
+    # strided crop as the fast path passes it: shrinking, enlarging, unchanged, non-square, extreme ratios.
+    import torch.nn.functional as F
+
+    from hlss_hf.augmentation import _resize_into
+
+    height, width = crop
+    image = torch.rand(3, height + 5, width + 7, generator=gen(height))[:, 2 : 2 + height, 3 : 3 + width]
+    expected = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    for flips in ([], [-1], [-2], [-2, -1]):
+        out = torch.empty(3, *size)
+        _resize_into(image, flips, out)
+        torch.testing.assert_close(out, expected.flip(flips) if flips else expected, atol=1e-6, rtol=0)
+
+
 def test_fast_hue_rotation_matches_kornia_on_ties_greys_and_pure_colours():
     from kornia.enhance import adjust_hue
 
