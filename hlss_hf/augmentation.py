@@ -664,7 +664,7 @@ def _resize_into(image: torch.Tensor, flips: list[int], out: torch.Tensor) -> No
     out_h, out_w = out.shape[-2:]
     rows = torch.empty((channels, out_h, width), dtype=image.dtype)
     for start, stop, low, high, weights in _resize_blocks(height, out_h, -2 in flips):
-        torch.matmul(weights, image[:, low:high], out=rows[:, start:stop])
+        torch.bmm(weights.expand(channels, *weights.shape), image[:, low:high], out=rows[:, start:stop])
     rows, target = rows.view(channels * out_h, width), out.view(channels * out_h, out_w)
     for start, stop, low, high, weights in _resize_blocks(width, out_w, -1 in flips):
         torch.mm(rows[:, low:high], weights.T, out=target[:, start:stop])
