@@ -319,7 +319,7 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
             if not (cache / "README.md").is_file():
                 # Main process first: the others then load the finished folder.
                 build_demo_dataset(output_dir=cache, **kwargs)
-            splits = datasets.load_dataset(str(cache))
+            splits = datasets.load_from_disk(str(cache))
         else:
             splits = build_demo_dataset(output_dir=None, **kwargs)
         train = splits[d.train_split]
@@ -330,9 +330,15 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
         logger.info("data.demo is ignored: data.dataset is %r, not the demo", d.dataset)
     path = Path(d.dataset)
     source = str(path) if path.is_dir() else d.dataset
+    saved = path.is_dir() and (path / "dataset_dict.json").is_file()
 
     def load(split: str, key: str, streaming: bool):
         try:
+            if saved and not streaming:
+                # A save_to_disk folder (what the converters write): memory-mapped as it is, no cache copy.
+                from hlss_hf.evaluate import load_split
+
+                return load_split(source, split)
             return datasets.load_dataset(source, d.dataset_config_name, split=split, streaming=streaming)
         except ValueError as err:
             # datasets names the missing split and the available ones ("Unknown split ...").

@@ -4,9 +4,10 @@
     python benchmarks/conversion_bench.py --sizes 500 2000 --skip-wsi
 
 1. OpenSRH-layout TIFFs (2-channel uint16, 300x300, SRH-like texture from dataset_scripts/demo.py) are converted
-   by ``dataset_scripts/opensrh.py`` (rows streamed into parquet shards) and by the obvious alternative
-   (``Dataset.from_list`` of every row, then ``to_parquet``). Each cell runs in a fresh process; "extra MiB" is
-   the peak RSS minus the RSS before conversion. Both outputs are checked to hold the same arrays.
+   by ``dataset_scripts/opensrh.py`` (rows streamed into one Arrow file per split, then ``save_to_disk``) and by
+   the obvious alternative (``Dataset.from_list`` of every row, then ``save_to_disk``). Each cell runs in a
+   fresh process; "extra MiB" is the peak RSS minus the RSS before conversion. Both outputs are checked to hold
+   the same arrays.
 2. ``../shared/data/cmu_small_region.svs`` is tiled by ``dataset_scripts/wsi.py`` at 128 px (level 0) with
    1 and 2 worker processes, as four slides (skipped when the slide is absent).
 """
@@ -87,19 +88,18 @@ def cell(method: str, root: str, out: str, extra: list[str]) -> dict:
         invalid = InvalidItems()
         plan = opensrh.plan_opensrh(Path(root), meta, split_map, list(OPENSRH_CLASSES), False, invalid)
         features = features_for("srh", OPENSRH_CLASSES, patch_size=300)
-        rows = 0
+        names = features["label"].names
+        splits = {}
         for split, patches in plan.items():
-            if not patches:
-                continue
-            names = features["label"].names
-            rows_ = [
-                {**UNKNOWN_PROVENANCE, **row, "label": names.index(row["label"])}
-                for row in opensrh.iter_rows(patches, (300, 300), invalid)
-            ]
-            ds = datasets.Dataset.from_list(rows_, features=features)
-            del rows_
-            ds.to_parquet(f"{out}-{split}.parquet")
-            rows += len(ds)
+            if patches:
+                rows_ = [
+                    {**UNKNOWN_PROVENANCE, **row, "label": names.index(row["label"])}
+                    for row in opensrh.iter_rows(patches, (300, 300), invalid)
+                ]
+                splits[split] = datasets.Dataset.from_list(rows_, features=features)
+                del rows_
+        datasets.DatasetDict(splits).save_to_disk(out)
+        rows = sum(len(ds) for ds in splits.values())
     else:  # wsi tiling
         manifest = Path(out).parent / "manifest.csv"
         # Four copies of the region as four slides, so that two workers have slides to share.
@@ -139,8 +139,8 @@ def main() -> None:
         print(json.dumps(measured))
         return
 
+    import datasets
     import numpy as np
-    import pyarrow.parquet as pq
 
     print(
         "| patches | raw MiB | streaming s | streaming extra MiB | streaming arrow peak MiB | in-memory s "
@@ -153,15 +153,9 @@ def main() -> None:
             make_release(tmp / "release", size)
             stream = run_cell("streaming", tmp / "release", tmp / "stream")
             memory = run_cell("in-memory", tmp / "release", tmp / "memory")
-            first = sorted((tmp / "stream" / "data").glob("train-*"))[0]
-            a = pq.ParquetFile(first).read_row_group(0, columns=["image"]).column("image")[0].as_py()
-            b = (
-                pq.ParquetFile(tmp / "memory-train.parquet")
-                .read_row_group(0, columns=["image"])
-                .column("image")[0]
-                .as_py()
-            )
-            assert np.array_equal(np.asarray(a), np.asarray(b)), "the two methods wrote different arrays"
+            a = datasets.load_from_disk(str(tmp / "stream"))["train"].with_format("numpy")
+            b = datasets.load_from_disk(str(tmp / "memory"))["train"].with_format("numpy")
+            assert np.array_equal(a[0]["image"], b[0]["image"]), "the two methods wrote different arrays"
             raw = size * 300 * 300 * 2 * 2 / 2**20
             print(
                 f"| {size} | {raw:.0f} | {stream['seconds']:.1f} | {stream['extra_mib']:.0f} | "

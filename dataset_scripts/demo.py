@@ -188,8 +188,9 @@ def build_demo_dataset(
     """Build the synthetic demo hierarchy.
 
     Args:
-        output_dir (`str` or `Path`, *optional*): also write it there in the Hub layout (readable with
-            ``datasets.load_dataset(output_dir)``); by default the dataset is only built in memory.
+        output_dir (`str` or `Path`, *optional*): also write it there, as the converters do (readable with
+            ``datasets.load_from_disk(output_dir)`` or ``datasets.load_dataset(output_dir)``); by default the
+            dataset is only built in memory.
         num_patients (`int`, defaults to 24): patients, assigned to classes round-robin.
         num_classes (`int`, defaults to 3): classes (at least 2).
         slides_per_patient (`(int, int)`, defaults to `(2, 3)`): inclusive range of slides per patient.
@@ -256,7 +257,7 @@ def build_demo_dataset(
             val_fraction,
             seed,
         )
-    return datasets.load_dataset(str(output_dir))
+    return datasets.load_from_disk(str(output_dir))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -264,7 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     destination = parser.add_mutually_exclusive_group(required=True)
-    destination.add_argument("--output", help="destination folder (Hub layout)")
+    destination.add_argument("--output", help="destination folder (save_to_disk layout + README.md card)")
     destination.add_argument("--push-to-hub", metavar="REPO_ID", help="push to this Hub dataset repo instead")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -1,14 +1,16 @@
-"""Write patch datasets in the Hugging Face Hub layout, locally or to the Hub.
+"""Write patch datasets to a local folder or to the Hugging Face Hub.
 
 Shared by the converters in ``dataset_scripts/``. A converter produces, for each split, an iterable of rows
 (``image`` as a numpy array, ``label`` as a class name, ids and provenance), and :func:`write_patch_dataset`
 
 - validates every row (image dtype / channels / shape, label in the class list, unique ``patch_id``);
-- streams the rows into compressed parquet shards ``data/<split>-NNNNN-of-NNNNN.parquet`` (bounded memory);
-- writes a ``README.md`` dataset card whose YAML (``configs`` + ``dataset_info``) lets
-  ``datasets.load_dataset(DIR)`` return the same splits and features;
-- builds everything in a temporary folder next to the output and moves it into place only when complete;
-- or pushes the result with :meth:`datasets.DatasetDict.push_to_hub` and uploads the card.
+- streams the rows into one Arrow file per split (bounded memory: batches of :data:`WRITER_BATCH_SIZE` rows);
+- locally, saves them with :meth:`datasets.DatasetDict.save_to_disk` (``<split>/data-NNNNN-of-NNNNN.arrow``)
+  plus a ``README.md`` dataset card whose YAML (``configs`` + ``dataset_info``) points at those files, so both
+  ``datasets.load_from_disk(DIR)`` (memory-mapped, no copy) and ``datasets.load_dataset(DIR)`` return the same
+  splits and features; everything is built in a temporary folder next to the output and moved into place only
+  when complete;
+- or pushes the splits with :meth:`datasets.DatasetDict.push_to_hub` (parquet) and uploads the card.
 
 Invalid items raise :class:`ConversionError` naming the item, unless the converter runs with
 ``skip_invalid=True``, in which case :class:`InvalidItems` records them for the summary and the card.
@@ -17,6 +19,8 @@ Invalid items raise :class:`ConversionError` naming the item, unless the convert
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import io
 import math
 import os
@@ -33,7 +37,7 @@ from typing import Any
 
 import datasets
 import numpy as np
-from datasets.arrow_writer import ParquetWriter
+from datasets.arrow_writer import ArrowWriter
 from datasets.info import DatasetInfo, DatasetInfosDict
 from datasets.splits import SplitInfo
 from datasets.utils.metadata import MetadataConfigs
@@ -43,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .schema import IMAGE, LABEL, PATCH_ID, PATIENT_ID, SLIDE_ID, modality_of
 
-#: Rows per parquet row group: small enough that a 300x300x2 uint16 batch stays ~25 MB in memory.
+#: Rows per written Arrow batch: small enough that a 300x300x2 uint16 batch stays ~25 MB in memory.
 WRITER_BATCH_SIZE = 64
 #: Defaults for the provenance columns when a converter does not know them.
 UNKNOWN_PROVENANCE: dict[str, Any] = {
@@ -183,7 +187,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _encode_image(image: np.ndarray, modality: str) -> Any:
-    # H&E patches become PNG bytes here (the costly part); SRH arrays go to parquet as they are.
+    # H&E patches become PNG bytes here (the costly part); SRH arrays are stored as they are.
     if modality == "he":
         if isinstance(image, Mapping):
             return {"bytes": image["bytes"], "path": None}
@@ -192,50 +196,22 @@ def _encode_image(image: np.ndarray, modality: str) -> Any:
 
 
 class _SplitWriter:
-    """Streams one split into numbered parquet shards of at most ``max_shard_bytes`` (before compression)."""
+    """Streams one split's rows into an Arrow file, :data:`WRITER_BATCH_SIZE` rows at a time."""
 
-    def __init__(self, data_dir: Path, split: str, features: datasets.Features, max_shard_bytes: int):
-        self.data_dir, self.split, self.features = data_dir, split, features
-        self.max_shard_bytes = max_shard_bytes
-        self.paths: list[Path] = []
+    def __init__(self, path: Path, features: datasets.Features):
+        self.path = path
         self.num_examples = self.num_bytes = 0
-        self._writer: ParquetWriter | None = None
-        self._shard_bytes = 0
+        self._writer = ArrowWriter(features=features, path=str(path), writer_batch_size=WRITER_BATCH_SIZE)
 
-    def write(self, row: dict[str, Any], size: int) -> None:
-        if self._writer is None:
-            path = self.data_dir / f".{self.split}-{len(self.paths):05d}.parquet.partial"
-            self.paths.append(path)
-            self._writer = ParquetWriter(
-                features=self.features, path=str(path), writer_batch_size=WRITER_BATCH_SIZE
-            )
+    def write(self, row: dict[str, Any]) -> None:
         self._writer.write(row)
-        self._shard_bytes += size
-        if self._shard_bytes >= self.max_shard_bytes:
-            self._close_shard()
 
-    def _close_shard(self) -> None:
-        if self._writer is not None:
-            num_examples, num_bytes = self._writer.finalize()
-            self._writer.close()
-            self.num_examples += num_examples
-            self.num_bytes += num_bytes
-            self._writer, self._shard_bytes = None, 0
-
-    def close(self) -> list[Path]:
-        """Finish the last shard and give the shards their final ``-NNNNN-of-NNNNN`` names."""
-        self._close_shard()
-        final = []
-        for index, path in enumerate(self.paths):
-            target = self.data_dir / f"{self.split}-{index:05d}-of-{len(self.paths):05d}.parquet"
-            os.replace(path, target)
-            final.append(target)
-        return final
+    def close(self) -> None:
+        self.num_examples, self.num_bytes = self._writer.finalize()
+        self._writer.close()
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._writer.close()
 
 
 def dataset_card_text(
@@ -247,6 +223,7 @@ def dataset_card_text(
     source: str,
     description: str = "",
     command: str | None = None,
+    data_files: Callable[[str], str] = lambda split: f"data/{split}-*",
 ) -> str:
     """Render the ``README.md`` dataset card: YAML front matter for ``load_dataset`` plus a readable body.
 
@@ -254,6 +231,8 @@ def dataset_card_text(
         summary (`ConversionSummary`): the counts and skipped items.
         features (`datasets.Features`): the dataset's features (written to ``dataset_info``).
         splits_info (`Sequence[SplitInfo]`): one entry per written split.
+        data_files (`Callable[[str], str]`, *optional*): split name -> its files' glob in the folder or repo
+            (default: the parquet shards ``push_to_hub`` writes).
         title (`str`): the card's heading.
         source (`str`): where the data came from (a sentence, e.g. the OpenSRH release folder).
         description (`str`, *optional*): extra Markdown placed under the heading.
@@ -264,7 +243,7 @@ def dataset_card_text(
         task_categories=["image-classification", "image-feature-extraction"],
     )
     MetadataConfigs(
-        {"default": {"data_files": [{"split": s.name, "path": f"data/{s.name}-*"} for s in splits_info]}}
+        {"default": {"data_files": [{"split": s.name, "path": data_files(s.name)} for s in splits_info]}}
     ).to_dataset_card_data(card_data)
     info = DatasetInfo(features=features, config_name="default", splits=datasets.SplitDict())
     for split_info in splits_info:
@@ -311,8 +290,9 @@ pixels; -1 unknown), `level` (-1 unknown), `mpp` (microns per pixel of the patch
 ## Usage
 
 ```python
-from datasets import load_dataset
+from datasets import load_dataset, load_from_disk
 ds = load_dataset("<this folder or repo id>")
+ds = load_from_disk("<this folder>")  # a local copy: memory-mapped as it is, no cache copy
 ```
 """
     return f"---\n{card_data.to_yaml()}\n---\n{body}"
@@ -336,14 +316,14 @@ def write_patch_dataset(
     max_shard_size_mb: float = 500.0,
     show_progress: bool = True,
 ) -> ConversionSummary:
-    """Validate rows and write them as a Hub-layout dataset folder and/or push them to the Hub.
+    """Validate rows and write them to a dataset folder, or push them to the Hub.
 
     Args:
         split_rows (`Mapping[str, Iterable[Mapping]]`): split name -> rows. Each row has ``image`` (numpy,
             channel-last), ``patient_id``, ``slide_id``, ``patch_id``, ``label`` (a class name) and optionally
             ``x``, ``y``, ``level``, ``mpp``, ``magnification``, ``source``. Iterables are consumed lazily.
         features (`datasets.Features`): from :func:`hlss_hf.schema.features_for`.
-        output_dir (`str` or `PathLike`, *optional*): destination folder (Hub layout).
+        output_dir (`str` or `PathLike`, *optional*): destination folder (``save_to_disk`` layout + card).
         push_to_hub (`str`, *optional*): Hub dataset repo id; exactly one of ``output_dir`` / ``push_to_hub``.
         private (`bool`, defaults to `False`): create the Hub repo private.
         overwrite (`bool`, defaults to `False`): replace an existing ``output_dir`` once the new one is complete.
@@ -351,7 +331,7 @@ def write_patch_dataset(
         title, source, description, command (`str`): dataset card text.
         totals (`Mapping[str, int]`, *optional*): expected rows per split, for progress bars.
         patch_size (`int` or `(int, int)`, *optional*): required H&E patch size (SRH: from the features).
-        max_shard_size_mb (`float`, defaults to 500): uncompressed size at which a new shard starts.
+        max_shard_size_mb (`float`, defaults to 500): shard size of the saved or pushed splits.
         show_progress (`bool`, defaults to `True`): show tqdm bars.
 
     Returns:
@@ -382,8 +362,8 @@ def write_patch_dataset(
     else:
         final = None
         tmp = Path(tempfile.mkdtemp(prefix="hlss-hub-push-"))
-    data_dir = tmp / "data"
-    data_dir.mkdir()
+    rows_dir = tmp / "rows"
+    rows_dir.mkdir()
 
     seen_patch_ids: set[str] = set()
     patient_split: dict[str, str] = {}
@@ -397,7 +377,7 @@ def write_patch_dataset(
     max_shard_bytes = int(max_shard_size_mb * 2**20)
     try:
         for split, rows in split_rows.items():
-            writer = _SplitWriter(data_dir, split, features, max_shard_bytes)
+            writer = _SplitWriter(rows_dir / f"{split}.arrow", features)
             try:
                 bar = tqdm(
                     rows,
@@ -445,8 +425,7 @@ def write_patch_dataset(
                     encoded[LABEL] = class_index[label]
                     encoded[PATCH_ID], encoded[PATIENT_ID] = patch_id, patient
                     encoded[SLIDE_ID] = slide
-                    size = len(encoded[IMAGE]["bytes"]) if modality == "he" else image.nbytes
-                    writer.write({name: encoded[name] for name in features}, size)
+                    writer.write({name: encoded[name] for name in features})
                     patients[split][label].add(patient)
                     slides[split][label].add((patient, encoded[SLIDE_ID]))
                     patches[split][label] += 1
@@ -455,8 +434,6 @@ def write_patch_dataset(
                 writer.abort()
                 raise
             if writer.num_examples == 0:
-                for path in data_dir.glob(f"{split}-*.parquet"):
-                    path.unlink()
                 empty_splits.append(split)
                 continue
             splits_info.append(
@@ -485,7 +462,16 @@ def write_patch_dataset(
             destination=str(final) if final else f"https://huggingface.co/datasets/{push_to_hub}",
             empty_splits=empty_splits,
         )
-        card = dataset_card_text(
+        written = datasets.DatasetDict(
+            {
+                info.name: datasets.Dataset.from_file(
+                    str(rows_dir / f"{info.name}.arrow"), info=DatasetInfo(features=features), split=info.name
+                )
+                for info in splits_info
+            }
+        )
+        card_text = functools.partial(
+            dataset_card_text,
             summary,
             features,
             splits_info,
@@ -494,15 +480,41 @@ def write_patch_dataset(
             description=description,
             command=command,
         )
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        if push_to_hub is not None:
-            _push(tmp, push_to_hub, features, [s.name for s in splits_info], private, card)
-        else:
-            _move_into_place(tmp, final)
+        with _progress_bars(show_progress):
+            if push_to_hub is not None:
+                written.push_to_hub(
+                    push_to_hub,
+                    private=private,
+                    max_shard_size=max_shard_bytes,
+                    commit_message="Upload HLSS patch dataset",
+                )
+                # push_to_hub writes a bare card; replace it with ours (same configs and features, plus counts).
+                DatasetCard(card_text()).push_to_hub(
+                    push_to_hub, repo_type="dataset", commit_message="Add dataset card"
+                )
+            else:
+                saved = tmp / "dataset"
+                written.save_to_disk(str(saved), max_shard_size=max_shard_bytes)
+                card = card_text(data_files=lambda split: f"{split}/data-*.arrow")
+                (saved / "README.md").write_text(card, encoding="utf-8")
+                _move_into_place(saved, final)
         return summary
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """datasets' own progress bars (``save_to_disk``, ``push_to_hub``) follow ``show_progress``."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -516,39 +528,6 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def load_written_dataset(
-    folder: str | os.PathLike, features: datasets.Features | None = None, cache_dir: str | None = None
-) -> datasets.DatasetDict:
-    """Load a folder written by :func:`write_patch_dataset` (equivalent to ``load_dataset(folder)``).
-
-    Args:
-        folder: the dataset folder.
-        features (`datasets.Features`, *optional*): force these features (default: from the card).
-        cache_dir (`str`, *optional*): the datasets cache to use.
-    """
-    folder = Path(folder)
-    splits = sorted({p.name.split("-")[0] for p in (folder / "data").glob("*.parquet")})
-    data_files = {
-        split: sorted(str(p) for p in (folder / "data").glob(f"{split}-*.parquet")) for split in splits
-    }
-    return datasets.load_dataset("parquet", data_files=data_files, features=features, cache_dir=cache_dir)
-
-
-def _push(
-    tmp: Path, repo_id: str, features: datasets.Features, splits: Sequence[str], private: bool, card: str
-) -> None:
-    # Parquet -> memory-mapped Arrow in a cache inside the temporary folder (removed afterwards).
-    dataset = datasets.load_dataset(
-        "parquet",
-        data_files={s: sorted(str(p) for p in (tmp / "data").glob(f"{s}-*.parquet")) for s in splits},
-        features=features,
-        cache_dir=str(tmp / "cache"),
-    )
-    dataset.push_to_hub(repo_id, private=private, commit_message="Upload HLSS patch dataset")
-    # push_to_hub writes a bare card; replace it with ours (same configs and features, plus counts).
-    DatasetCard(card).push_to_hub(repo_id, repo_type="dataset", commit_message="Add dataset card")
-
-
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options every converter shares: destination, overwrite, invalid-item policy, sharding.
 
@@ -558,7 +537,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     destination = group.add_mutually_exclusive_group(required=True)
     destination.add_argument(
-        "--output", help="write the dataset to this folder (Hub layout: data/*.parquet + README.md)"
+        "--output",
+        help="write the dataset to this folder (save_to_disk layout + README.md card: load_from_disk or "
+        "load_dataset read it)",
     )
     destination.add_argument(
         "--push-to-hub", metavar="REPO_ID", help="push the dataset to this Hub dataset repo"
@@ -578,7 +559,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-shard-size-mb",
         type=float,
         default=500.0,
-        help="start a new parquet shard after this much data (MB)",
+        help="start a new shard after this much data (MB)",
     )
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -94,11 +94,16 @@ def test_opensrh_round_trip_keeps_hierarchy_and_exact_uint16_values(tmp_path, ca
     out = tmp_path / "out"
     summary = opensrh.main(srh_args(root, out))
 
-    assert sorted(p.name for p in (out / "data").iterdir()) == [
-        "train-00000-of-00001.parquet",
-        "validation-00000-of-00001.parquet",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "dataset_dict.json", "train", "validation"]
+    assert (out / "train" / "data-00000-of-00001.arrow").is_file()
     ds = load(out, tmp_path)
+    # The same folder reads back with load_from_disk (memory-mapped as written), same splits, features, rows.
+    saved = datasets.load_from_disk(str(out))
+    assert set(saved) == set(ds)
+    for name in ds:
+        assert saved[name].features == ds[name].features
+        assert saved[name]["patch_id"] == ds[name]["patch_id"]
+        np.testing.assert_array_equal(np.asarray(saved[name]["image"]), np.asarray(ds[name]["image"]))
     assert set(ds) == {"train", "validation"}
     assert ds["train"].features["image"] == datasets.Array3D(shape=(PATCH, PATCH, 2), dtype="uint16")
     assert ds["train"].features["label"].names == list(opensrh.OPENSRH_CLASSES)
@@ -255,10 +260,10 @@ def test_a_failed_overwrite_keeps_the_previous_dataset(tmp_path):
     make_opensrh(root)
     out = tmp_path / "out"
     opensrh.main(srh_args(root, out))
-    before = sorted(p.name for p in (out / "data").iterdir())
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     _corrupt(root, FIRST)
     expect_error(opensrh.main, srh_args(root, out, "--overwrite"), FIRST)
-    assert sorted(p.name for p in (out / "data").iterdir()) == before
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert leftovers(tmp_path) == []
 
 
@@ -268,9 +273,12 @@ def test_small_shard_size_writes_numbered_shards_that_load_back(tmp_path):
     out = tmp_path / "out"
     # One 16x16x2 uint16 patch is 1 KiB: ~2 KiB shards hold two patches each.
     opensrh.main(srh_args(root, out, "--max-shard-size-mb", str(2 / 1024)))
-    shards = sorted(p.name for p in (out / "data").glob("train-*"))
-    assert shards == [f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    shards = sorted(p.name for p in (out / "train").glob("data-*.arrow"))
+    assert len(shards) > 1 and shards == [
+        f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))
+    ]
     assert len(load(out, tmp_path)["train"]) == 7
+    assert len(datasets.load_from_disk(str(out))["train"]) == 7
 
 
 def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch):

@@ -77,7 +77,7 @@ def hlss_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """A tiny labelled H&E hierarchy in the Hub layout: 6 patients, train + validation."""
+    """A tiny labelled H&E hierarchy as the converters write it: 6 patients, train + validation."""
     folder = tmp_path_factory.mktemp("data") / "demo"
     build_demo_dataset(
         folder,
