@@ -199,7 +199,6 @@ class _SplitWriter:
     """Streams one split's rows into an Arrow file, :data:`WRITER_BATCH_SIZE` rows at a time."""
 
     def __init__(self, path: Path, features: datasets.Features):
-        self.path = path
         self.num_examples = self.num_bytes = 0
         self._writer = ArrowWriter(features=features, path=str(path), writer_batch_size=WRITER_BATCH_SIZE)
 
