@@ -298,7 +298,7 @@ def build_processor(image_processor, tokenizer):
 
 
 def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
-    """Load (train, validation) splits: the demo hierarchy, a local Hub-layout folder or a Hub dataset id."""
+    """Load (train, validation) splits: the demo hierarchy, a local dataset folder or a Hub dataset id."""
     import datasets
 
     d = config.data
@@ -316,7 +316,13 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
         kwargs.setdefault("seed", config.training.seed)
         if d.cache_dir is not None:
             cache = Path(d.cache_dir)
-            if not (cache / "README.md").is_file():
+            if not (cache / "dataset_dict.json").is_file():
+                if cache.exists():
+                    # Never replace a folder we did not write (or an older layout of the demo): say so instead.
+                    raise ConfigError(
+                        f"config key 'data.cache_dir': {cache} exists but holds no saved dataset "
+                        "(dataset_dict.json); delete it or choose another folder"
+                    )
                 # Main process first: the others then load the finished folder.
                 build_demo_dataset(output_dir=cache, **kwargs)
             splits = datasets.load_from_disk(str(cache))

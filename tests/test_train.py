@@ -516,6 +516,25 @@ def test_missing_split_is_named(tmp_path, attributes_file):
         train.main(args + ["--data.validation_split", "test"])
 
 
+def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path):
+    cache = tmp_path / "demo-cache"
+    demo = ["--data.cache_dir", str(cache), "--data.demo", "{num_patients: 6, patches_per_slide: 2}"]
+    config = parse_config(["--config", DEMO_CONFIG, *demo])
+    train_ds, val_ds = train.load_splits(config, accelerator=None)
+    assert (cache / "dataset_dict.json").is_file() and len(train_ds) > 0 and len(val_ds) > 0
+    built = (cache / "dataset_dict.json").stat().st_mtime_ns
+    again, _ = train.load_splits(config, accelerator=None)  # read back, not rebuilt
+    assert (cache / "dataset_dict.json").stat().st_mtime_ns == built
+    assert again["patch_id"] == train_ds["patch_id"]
+    other = tmp_path / "not-a-dataset"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    config = parse_config(["--config", DEMO_CONFIG, "--data.cache_dir", str(other)])
+    with pytest.raises(ConfigError, match=r"data\.cache_dir.*not-a-dataset"):
+        train.load_splits(config, accelerator=None)
+    assert (other / "notes.txt").read_text() == "keep"
+
+
 def test_dataset_scale_is_the_median_of_known_values():
     import datasets
 
