@@ -306,7 +306,8 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
     classes = list(args.classes) if args.classes else sorted({e.label for e in entries})
 
     slide_labels: dict[str, str] = {}
-    patient_labels: dict[str, set] = defaultdict(set)
+    # One label per patient: resolve_labels refused every patient whose entries (patient and slide keys) disagree.
+    patient_label: dict[str, str] = {}
     for slide in slides:
         if slide.patient_id in refused:
             continue  # already reported once for the whole patient
@@ -321,17 +322,11 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
             invalid.invalid(f"slide {slide.slide_id}", f"label {label!r} is not one of {classes}")
             continue
         slide_labels[slide.slide_id] = label
-        patient_labels[slide.patient_id].add(label)
-    consistent = {}
-    for patient, labels in patient_labels.items():
-        if len(labels) > 1:
-            invalid.invalid(f"patient {patient}", f"slides have different labels {sorted(labels)}")
-        else:
-            consistent[patient] = next(iter(labels))
+        patient_label[slide.patient_id] = label
 
     if args.split_file:
         patient_split = read_split_file(Path(args.split_file))
-        for patient in sorted(consistent):
+        for patient in sorted(patient_label):
             if patient not in patient_split:
                 invalid.invalid(f"patient {patient}", f"not in split file {args.split_file}")
         for patient in sorted(set(patient_split) - present):
@@ -340,14 +335,14 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
                 f"in split file {args.split_file} but has no slide files under {args.root}",
             )
     else:
-        patient_split = assign_splits(consistent, args.val_fraction, args.seed)
+        patient_split = assign_splits(patient_label, args.val_fraction, args.seed)
     plan: dict[str, list[SlideFile]] = {}
     for split in SPLIT_ORDER:
         chosen = [
             s
             for s in slides
             if s.slide_id in slide_labels
-            and s.patient_id in consistent
+            and s.patient_id in patient_label
             and patient_split.get(s.patient_id) == split
         ]
         if chosen:
