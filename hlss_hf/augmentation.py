@@ -122,9 +122,13 @@ def center_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
     return image[..., top : top + crop_size, left : left + crop_size]
 
 
+#: ITU-R 601 luma weights of R, G, B, as torchvision's rgb_to_grayscale.
+_GREY = (0.299, 0.587, 0.114)
+
+
 def _grayscale(image: torch.Tensor) -> torch.Tensor:
     if image.shape[0] == 3:
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype, device=image.device)
+        weights = torch.tensor(_GREY, dtype=image.dtype, device=image.device)
         return (image * weights[:, None, None]).sum(0, keepdim=True)
     return image.mean(0, keepdim=True)
 
@@ -539,13 +543,17 @@ class HLSSAugmentation:
             elif name == "contrast":
                 # The mean of the grey image is the weighted sum of the channel means.
                 mean = (
-                    float(_grey_weights(image).mul_(image.mean(dim=(1, 2))).sum())
+                    float(torch.tensor(_GREY, dtype=image.dtype).mul_(image.mean(dim=(1, 2))).sum())
                     if rgb
                     else float(image.mean())
                 )
                 image.mul_(factor).add_(mean * (1.0 - factor)).clamp_(0.0, 1.0)
             elif name == "saturation" and rgb:
-                grey = torch.mul(image[0], 0.299).add_(image[1], alpha=0.587).add_(image[2], alpha=0.114)
+                grey = (
+                    torch.mul(image[0], _GREY[0])
+                    .add_(image[1], alpha=_GREY[1])
+                    .add_(image[2], alpha=_GREY[2])
+                )
                 image.mul_(factor).add_(grey.mul_(1.0 - factor)).clamp_(0.0, 1.0)
             elif name == "hue" and rgb and factor != 0.0:
                 _hue_shift(image[None], torch.tensor([factor]), out=image[None]).clamp_(0.0, 1.0)
@@ -690,10 +698,6 @@ def _default_generator(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
     return generator
-
-
-def _grey_weights(image: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype)
 
 
 def _validate(name: str, params: Any) -> dict[str, Any]:
