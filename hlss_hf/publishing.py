@@ -195,24 +195,6 @@ def _encode_image(image: np.ndarray, modality: str) -> Any:
     return image
 
 
-class _SplitWriter:
-    """Streams one split's rows into an Arrow file, :data:`WRITER_BATCH_SIZE` rows at a time."""
-
-    def __init__(self, path: Path, features: datasets.Features):
-        self.num_examples = self.num_bytes = 0
-        self._writer = ArrowWriter(features=features, path=str(path), writer_batch_size=WRITER_BATCH_SIZE)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._writer.write(row)
-
-    def close(self) -> None:
-        self.num_examples, self.num_bytes = self._writer.finalize()
-        self._writer.close()
-
-    def abort(self) -> None:
-        self._writer.close()
-
-
 def dataset_card_text(
     summary: ConversionSummary,
     features: datasets.Features,
@@ -376,7 +358,10 @@ def write_patch_dataset(
     max_shard_bytes = int(max_shard_size_mb * 2**20)
     try:
         for split, rows in split_rows.items():
-            writer = _SplitWriter(rows_dir / f"{split}.arrow", features)
+            # One Arrow file per split, WRITER_BATCH_SIZE rows at a time.
+            writer = ArrowWriter(
+                features=features, path=str(rows_dir / f"{split}.arrow"), writer_batch_size=WRITER_BATCH_SIZE
+            )
             try:
                 bar = tqdm(
                     rows,
@@ -428,16 +413,13 @@ def write_patch_dataset(
                     patients[split][label].add(patient)
                     slides[split][label].add((patient, encoded[SLIDE_ID]))
                     patches[split][label] += 1
+                num_examples, num_bytes = writer.finalize()
+            finally:
                 writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            if writer.num_examples == 0:
+            if num_examples == 0:
                 empty_splits.append(split)
                 continue
-            splits_info.append(
-                SplitInfo(name=split, num_bytes=writer.num_bytes, num_examples=writer.num_examples)
-            )
+            splits_info.append(SplitInfo(name=split, num_bytes=num_bytes, num_examples=num_examples))
         if not splits_info:
             raise ConversionError(
                 "no patches were converted" + (" (all inputs were skipped)" if invalid.skipped else "")
