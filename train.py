@@ -111,19 +111,21 @@ class EpochPermutationSampler(Sampler[int]):
         length (`int`): Dataset size.
         seed (`int`): Base seed.
         multiple (`int`): Keep the first ``floor(length / multiple) * multiple`` indices of each permutation.
+        drop_last (`bool`, *optional*, defaults to `True`): Cut to ``multiple``; `False` keeps every index.
     """
 
-    def __init__(self, length: int, seed: int, multiple: int) -> None:
+    def __init__(self, length: int, seed: int, multiple: int, drop_last: bool = True) -> None:
         self.length = length
         self.seed = seed
         self.multiple = multiple
+        self.drop_last = drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (self.length // self.multiple) * self.multiple
+        return (self.length // self.multiple) * self.multiple if self.drop_last else self.length
 
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.length)
@@ -387,22 +389,57 @@ def build_train_loader(config: TrainConfig, train_ds, num_processes: int):
         return dataset, loader
     dataset = HierarchicalPatchDataset(train_ds, balance_classes=d.balance_classes, **common)
     global_batch = t.per_device_batch_size * num_processes
-    if len(dataset) < global_batch:
+    if d.drop_last and len(dataset) < global_batch:
         raise ConfigError(
             f"config key 'training.per_device_batch_size': {len(dataset)} training patients cannot fill one "
             f"global batch of {global_batch} patients ({num_processes} process(es) x {t.per_device_batch_size})"
         )
-    sampler = EpochPermutationSampler(len(dataset), t.seed, global_batch)
+    sampler = EpochPermutationSampler(len(dataset), t.seed, global_batch, drop_last=d.drop_last)
     loader = DataLoader(
         dataset,
         batch_size=t.per_device_batch_size,
         sampler=sampler,
         collate_fn=collate_hierarchical,
         num_workers=d.num_workers,
-        drop_last=True,
+        drop_last=d.drop_last,
         generator=generator,
     )
     return dataset, loader
+
+
+def optimizer_groups(model, t) -> list[dict]:
+    """AdamW parameter groups: biases and norm weights exempt from decay unless ``training.weight_decay_all``."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            exempt = not t.weight_decay_all and (param.ndim < 2 or "norm" in name.lower())
+            (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def schedule_length(t, max_steps: int, steps_per_epoch: int | None) -> int:
+    """Optimizer steps the LR schedule spans: ``training.schedule_steps`` / ``schedule_epochs``, else the run.
+
+    A schedule longer than the run stops part-way along its curve, as the reference's 40,000-epoch cosine
+    stopped at epoch 11,199 (LR still ~0.9 of its peak).
+    """
+    if t.schedule_steps is not None:
+        length = t.schedule_steps
+    elif t.schedule_epochs is not None:
+        if steps_per_epoch is None:
+            raise ConfigError(
+                "config key 'training.schedule_epochs': a streamed dataset has no epochs; "
+                "use training.schedule_steps"
+            )
+        length = math.ceil(t.schedule_epochs * steps_per_epoch)
+    else:
+        return max_steps
+    if length < max_steps:
+        key = "schedule_steps" if t.schedule_steps is not None else "schedule_epochs"
+        raise ConfigError(
+            f"config key 'training.{key}': the schedule ({length} steps) ends before the run ({max_steps} steps)"
+        )
+    return length
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -736,12 +773,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     processor = build_processor(image_processor, tokenizer)
     guard = TextTowerGuard()
     model.text_model.register_forward_pre_hook(guard)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        optimizer_groups(model, t),
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,
@@ -752,15 +785,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_steps = t.max_steps
         num_epochs = 1
     else:
-        # Per-process batches per epoch after sharding (the sampler makes it exact).
-        batches_per_epoch = len(train_loader) // W
+        # Per-process batches per epoch after sharding (the sampler makes it exact; a kept partial batch
+        # is padded to every process by accelerate).
+        batches_per_epoch = math.ceil(len(train_loader) / W) if not d.drop_last else len(train_loader) // W
         steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
         max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
-    warmup_steps = int(round(t.warmup_ratio * max_steps))
+    schedule_steps = schedule_length(t, max_steps, steps_per_epoch if batches_per_epoch else None)
+    warmup_steps = int(round(t.warmup_ratio * schedule_steps))
     # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
     scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * W, num_training_steps=max_steps * W
+        t.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * W, num_training_steps=schedule_steps * W
     )
 
     # 5. Prepare.
@@ -807,7 +842,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"  per-device batch {batch_shape} = {images_per_device} images",
             f"  global batch: {B} x {W} processes x {GA} accumulation = {B * W * GA} patients = "
             f"{images_per_step} images per optimizer step",
-            f"  optimizer steps: {max_steps} (warm-up {warmup_steps}, {t.lr_scheduler}, lr {t.lr})"
+            f"  optimizer steps: {max_steps} (warm-up {warmup_steps}, {t.lr_scheduler}, lr {t.lr}"
+            + (f", schedule over {schedule_steps} steps" if schedule_steps != max_steps else "")
+            + ")"
             + (
                 f" | epochs: {num_epochs}, {batches_per_epoch} batches per process per epoch"
                 if batches_per_epoch
@@ -823,7 +860,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.init_trackers(t.project_name, config=flatten_config(config))
     metrics_file = JsonlWriter(out / "metrics.jsonl") if accelerator.is_main_process else None
 
-    # 7. Train.
+    # 7. Train (after a kNN baseline of the untrained model, when asked for).
+    initial_eval: dict[str, float] = {}
+    if t.eval_before_training and val_ds is not None and state.step == 0:
+        accelerator.print("kNN evaluation before training (the same model, random-init vision tower):")
+        initial_eval = _run_eval(
+            accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file, quiet=True
+        )
+        accelerator.print(format_knn(initial_eval, t.knn_k))
     run_start = time.perf_counter()
     run_limit = state.step + t.max_steps_this_run if t.max_steps_this_run else None
     progress = tqdm(
@@ -969,6 +1013,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"Saved the model to {out}", flush=True)
             if last_eval:
                 print(format_knn(last_eval, t.knn_k), flush=True)
+            if last_eval and initial_eval:
+                print(format_knn_change(initial_eval, last_eval), flush=True)
             if t.push_to_hub:
                 url = push_to_hub(config)
                 print(f"Pushed to {url}", flush=True)
@@ -1018,6 +1064,17 @@ def format_knn(metrics: dict[str, float], k: int) -> str:
         items = sorted((key.split("/")[-1], v) for key, v in metrics.items() if key.split("/")[-2] == level)
         if items:
             lines.append(f"  {level:<8}" + "  ".join(f"{name} {value:.4f}" for name, value in items))
+    return "\n".join(lines)
+
+
+def format_knn_change(before: dict[str, float], after: dict[str, float]) -> str:
+    """Accuracy per level before training (random init) and after, side by side."""
+    lines = ["kNN accuracy, the same model before training (random init) -> after training:"]
+    for level in ("patch", "slide", "patient"):
+        key = next((k for k in after if k.split("/")[-2:] == [level, "acc"]), None)
+        if key is not None and key in before:
+            change = after[key] - before[key]
+            lines.append(f"  {level:<8} {before[key]:.4f} -> {after[key]:.4f} ({change:+.4f})")
     return "\n".join(lines)
 
 

@@ -133,17 +133,24 @@ class DataConfig:
             "help": "Evaluation: resize the shortest edge to this before the centre crop (null: no resize)."
         },
     )
-    augmentation: dict | None = field(
+    augmentation: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Operations of hlss_hf.augmentation.build_augmentation (null: the paper-style default set; "
-            "{}: centre crop only)."
+            "help": "A preset name of hlss_hf.augmentation.build_augmentation (e.g. hlss_reference) or its "
+            "operations as a mapping (null: the default set; {}: centre crop only)."
         },
     )
     balance_classes: bool = field(
         default=False, metadata={"help": "Replicate patients of smaller classes to balance classes."}
     )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    drop_last: bool = field(
+        default=True,
+        metadata={
+            "help": "Drop each epoch's last partial batch of patients (false: train on it too, as the "
+            "reference does; with several processes accelerate then pads it by repeating patients)."
+        },
+    )
 
 
 @dataclass
@@ -167,11 +174,29 @@ class TrainingConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "Total optimizer steps; overrides num_epochs."}
     )
+    schedule_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Length of the LR schedule in epochs when it differs from the run's length (the reference "
+            "runs a 40000-epoch cosine and reports epoch 11199); null: the run's own length."
+        },
+    )
+    schedule_steps: int | None = field(
+        default=None,
+        metadata={"help": "Length of the LR schedule in optimizer steps (instead of schedule_epochs)."},
+    )
     max_steps_this_run: int | None = field(
         default=None, metadata={"help": "Stop after this many steps in this run (checkpointing first)."}
     )
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    weight_decay_all: bool = field(
+        default=False,
+        metadata={
+            "help": "Decay biases and norm weights too (the reference's AdamW over all parameters); false: "
+            "only weight matrices decay."
+        },
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -210,6 +235,13 @@ class TrainingConfig:
         default=0, metadata={"help": "kNN evaluation every N steps (0: only at the end)."}
     )
     eval_at_end: bool = field(default=True, metadata={"help": "kNN evaluation after training."})
+    eval_before_training: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate the untrained model (random-init vision tower) before the first step, and "
+            "print both results side by side at the end."
+        },
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "Patches per forward pass in evaluation."})
     knn_k: int = field(default=200, metadata={"help": "kNN neighbours."})
     knn_temperature: float = field(default=0.07, metadata={"help": "kNN vote temperature."})
@@ -496,6 +528,15 @@ def validate_config(config: TrainConfig) -> None:
         not d.streaming or t.max_steps is not None,
         "training.max_steps",
         "is required with data.streaming (a stream has no length)",
+    )
+    _check(
+        t.schedule_epochs is None or t.schedule_epochs > 0, "training.schedule_epochs", "must be > 0"
+    )
+    _check(t.schedule_steps is None or t.schedule_steps >= 1, "training.schedule_steps", "must be >= 1")
+    _check(
+        t.schedule_epochs is None or t.schedule_steps is None,
+        "training.schedule_steps",
+        "set either schedule_steps or schedule_epochs, not both",
     )
     _check(
         t.max_steps_this_run is None or t.max_steps_this_run >= 1,

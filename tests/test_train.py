@@ -12,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -543,3 +544,86 @@ def test_dataset_scale_is_the_median_of_known_values():
     )
     assert train.dataset_scale(ds) == {"mpp": 0.5, "magnification": 20.0}
     assert train.dataset_scale(datasets.Dataset.from_dict({"mpp": [float("nan")]})) == {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reference recipe's training options
+
+
+def test_paper_schedule_is_a_40000_epoch_cosine_stopped_at_epoch_11199():
+    from transformers import get_scheduler
+
+    config = parse_config(["--config", DEMO_CONFIG, "--training.schedule_epochs", "40000"])
+    steps_per_epoch = 3
+    run_steps = 11200 * steps_per_epoch  # epochs 0 .. 11199
+    length = train.schedule_length(config.training, run_steps, steps_per_epoch)
+    assert length == 40000 * steps_per_epoch
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    warmup = int(round(0.1 * length))
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=length)
+    lrs = {}
+    for step in range(1, run_steps + 1):
+        optimizer.step()
+        scheduler.step()
+        if step in (warmup // 2, warmup, run_steps):
+            lrs[step] = scheduler.get_last_lr()[0]
+    assert lrs[warmup // 2] == pytest.approx(0.5)
+    assert lrs[warmup] == pytest.approx(1.0)
+    # Cosine progress (11200 - 4000) / 36000 = 0.2 at the reported checkpoint: LR = (1 + cos(0.2 pi)) / 2.
+    assert lrs[run_steps] == pytest.approx(0.5 * (1 + math.cos(0.2 * math.pi)), abs=1e-4)
+    assert 0.90 < lrs[run_steps] < 0.91
+
+
+def test_schedule_longer_than_the_run_sets_the_logged_lr(tmp_path, attributes_file):
+    # 40-step schedule, 10 % warm-up (4 steps), of which the run trains 4: the LR only warms up.
+    train.main(tiny_args(tmp_path, attributes_file, "--training.schedule_steps", "40"))
+    lrs = [r["lr"] for r in train_records(tmp_path)]
+    assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--training.schedule_steps", "2"], "training.schedule_steps"),
+        (["--training.schedule_epochs", "1", "--training.schedule_steps", "9"], "training.schedule_steps"),
+    ],
+)
+def test_schedule_options_are_checked(tmp_path, attributes_file, argv, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train.main(tiny_args(tmp_path, attributes_file, *argv))
+
+
+def test_weight_decay_all_decays_biases_and_norms_too():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    config = parse_config(["--config", DEMO_CONFIG])
+    ours = train.optimizer_groups(model, config.training)
+    assert [len(g["params"]) for g in ours] == [1, 3]  # the weight matrix; bias, norm weight, norm bias
+    config.training.weight_decay_all = True
+    reference = train.optimizer_groups(model, config.training)
+    assert [len(g["params"]) for g in reference] == [4, 0]
+    assert reference[0]["weight_decay"] == config.training.weight_decay
+
+
+def test_keeping_the_last_partial_batch_adds_a_step_per_epoch(tmp_path, attributes_file):
+    # 9 train patients, B=2: 4 full batches per epoch, 5 with the last partial one (as the reference trains).
+    result = train.main(
+        tiny_args(tmp_path, attributes_file, "--data.drop_last", "false", "--training.num_epochs", "2")
+        + ["--training.max_steps", "null"]
+    )
+    assert result["step"] == 10
+    assert [r["epoch"] for r in train_records(tmp_path)] == [0] * 5 + [1] * 5
+
+
+def test_eval_before_training_prints_both_results(tmp_path, attributes_file, capsys):
+    result = train.main(
+        tiny_args(
+            tmp_path, attributes_file, "--training.eval_at_end", "true", "--training.eval_before_training", "true"
+        )
+    )
+    evals = [r for r in read_metrics(tmp_path) if "eval/patch/acc" in r]
+    assert [r["step"] for r in evals] == [0, 4]
+    assert evals[1]["eval/patch/acc"] == pytest.approx(result["metrics"]["eval/patch/acc"])
+    out = capsys.readouterr().out
+    assert "before training" in out
+    before, after = evals[0]["eval/patient/acc"], evals[1]["eval/patient/acc"]
+    assert f"patient  {before:.4f} -> {after:.4f}" in out
