@@ -10,7 +10,8 @@ import yaml
 ATTRIBUTES = Path(__file__).resolve().parents[1] / "hlss_hf" / "attributes"
 LEVELS = ("patch", "slide", "patient")
 # (file, exact count per level or None, minimum count per level)
-BANKS = [("srh_brain_tumor.yaml", 128, 128), ("he_tcga.yaml", None, 64)]
+# srh_hlss_reference: the reference's own concepts, 128 per level as in its train_hlss_attr3levels.yaml.
+BANKS = [("srh_brain_tumor.yaml", 128, 128), ("he_tcga.yaml", None, 64), ("srh_hlss_reference.yaml", 128, 128)]
 MIN_DESCRIPTIONS = 4
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
@@ -149,11 +150,89 @@ def test_descriptions_are_distinct_rephrasings_not_one_phrase_in_templates(filen
 
 def test_srh_and_he_banks_name_their_modality():
     srh, he = _load("srh_brain_tumor.yaml"), _load("he_tcga.yaml")
+    reference = _load("srh_hlss_reference.yaml")
     for level in LEVELS:
-        for name, descriptions in srh[level].items():
+        for name, descriptions in [*srh[level].items(), *reference[level].items()]:
             assert any("srh" in d.lower() or "raman" in d.lower() for d in descriptions), name
         for name, descriptions in he[level].items():
             assert any("h&e" in d.lower() or "haematoxylin" in d.lower() for d in descriptions), name
+
+
+# The OpenSRH classes a model is evaluated on (schema.OPENSRH_CLASSES: hgg, lgg, mening, metast, normal, pituita,
+# schwan), their full names and obvious synonyms or giveaways. A description naming one would tie the head to the
+# label it is later probed for.
+OPENSRH_CLASS_WORDS = frozenset(
+    """hgg lgg mening metast pituita schwan glioma gliomas glioblastoma glioblastomas gbm astrocytoma astrocytomas
+    oligodendroglioma oligodendrogliomas grade grades meningioma meningiomas meningothelial metastasis metastases
+    metastatic carcinoma carcinomas adenocarcinoma melanoma pituitary adenoma adenomas adenohypophysis sella sellar
+    prolactinoma schwannoma schwannomas schwann neurilemmoma neuroma neuromas vestibular verocay antoni normal
+    healthy nonneoplastic non-neoplastic non-tumour non-tumor tumour-free tumor-free""".split()
+)
+# Whole words, case-insensitive; a hyphen joins words ("high-grade" holds "grade", "abnormal" holds no class word).
+_CLASS_WORD_RE = re.compile(
+    r"(?<![a-z0-9])(" + "|".join(sorted(map(re.escape, OPENSRH_CLASS_WORDS), key=len, reverse=True)) + r")(?![a-z0-9])",
+    re.IGNORECASE,
+)
+
+
+def _class_words(text):
+    return sorted({m.lower() for m in _CLASS_WORD_RE.findall(text)})
+
+
+def test_class_word_check_finds_names_and_synonyms_only():
+    assert _class_words("whorls typical of a Meningioma") == ["meningioma"]
+    assert _class_words("a high-grade lesion with Schwann cells") == ["grade", "schwann"]
+    assert _class_words("GBM-like necrosis, non-tumour brain") == ["gbm", "non-tumour"]
+    assert _class_words("abnormal nuclei in tumour tissue; subnormal; gradient") == []
+
+
+def test_srh_hlss_reference_names_no_opensrh_class():
+    """No description of the reference-concept set names a class to be predicted (the brief asks it of the patient
+    level, where the risk is largest; the set keeps it at every level)."""
+    bank = _load("srh_hlss_reference.yaml")
+    naming = [
+        f"{level}.{name}: {text!r} {_class_words(text)}"
+        for level in LEVELS
+        for name, descriptions in bank[level].items()
+        for text in descriptions
+        if _class_words(text)
+    ]
+    assert not naming, f"{len(naming)} descriptions name an OpenSRH class, e.g. {naming[:3]}"
+
+
+def test_srh_hlss_reference_keeps_the_reference_concepts_in_order():
+    """Names are the reference's per-level template keys (hlss/config/train_hlss_attr3levels.yaml in Hasindri/HLSS),
+    snake_cased, in its order; spot checks at both ends and on its near-duplicate pairs."""
+    bank = _load("srh_hlss_reference.yaml")
+    ends = {
+        "patch": ("cellularity", "nuclear_pleomorphism", "microtubule_bundles", "chromatin_granularity"),
+        "slide": ("vascularity", "tissue_architecture", "tumor_microenvironment_immune_cell_exhaustion",
+                  "peritumoral_tissue_glycoprotein_expression"),
+        "patient": ("chemical_composition", "metabolic_pathway_indicators", "patient_specific_molecular_profiles",
+                    "tumor_microenvironment_immune_response"),
+    }
+    for level, (first, second, before_last, last) in ends.items():
+        names = list(bank[level])
+        assert len(names) == 128, level
+        assert names[:2] == [first, second] and names[-2:] == [before_last, last], level
+    kept = {
+        "patch": {"cellular_pleomorphism", "pleomorphic_cell_types", "nuclear_folds", "nuclear_folding_patterns"},
+        "slide": {"fusion_genes", "presence_of_fusion_genes", "altered_protein_phosphorylation",
+                  "aberrant_protein_phosphorylation", "pseudo_palisading_necrosis"},
+        "patient": {"tumor_stroma_natural_killer_cell_activity", "stromal_tumor_natural_killer_cell_activity",
+                    "stromal_tumor_tumor_stroma_natural_killer_cell_activity", "peritumoral_tissue_oxygenation",
+                    "tumor_metastasis_risk"},
+    }
+    for level, names in kept.items():
+        assert names <= set(bank[level]), sorted(names - set(bank[level]))
+
+
+def test_srh_hlss_reference_loads_by_name():
+    from hlss_hf.modeling_hlss import load_attributes
+
+    bank = load_attributes("srh_hlss_reference")
+    assert [len(bank[level]) for level in LEVELS] == [128, 128, 128]
+    assert bank == load_attributes("srh_hlss_reference.yaml") == _load("srh_hlss_reference.yaml")
 
 
 def test_attributes_are_distinct_for_the_real_text_tower():
