@@ -515,7 +515,17 @@ class HLSSAugmentation:
         return (height - side) // 2, (width - side) // 2, side, side
 
     def _draw_affine(
-        self, rng, generator, channels, dtype, degrees, translate, scale, shear, interpolation, round_translate
+        self,
+        rng,
+        generator,
+        channels,
+        dtype,
+        degrees,
+        translate,
+        scale,
+        shear,
+        interpolation,
+        round_translate,
     ):
         size = self.crop_size
         angle = _uniform(rng, *degrees)
@@ -870,7 +880,9 @@ def _validate(name: str, params: Any) -> dict[str, Any]:
         if merged["p"] != 1.0:
             raise ValueError(f"resize is not random: resize.p must be 1, got {p!r}")
         if merged["interpolation"] not in ("bilinear", "bicubic"):
-            raise ValueError(f"resize.interpolation must be 'bilinear' or 'bicubic', got {merged['interpolation']!r}")
+            raise ValueError(
+                f"resize.interpolation must be 'bilinear' or 'bicubic', got {merged['interpolation']!r}"
+            )
     # Normalise ranges now so a bad value fails at build time, not in the middle of an epoch.
     if name in ("random_resized_crop", "random_erasing"):
         merged["scale"] = _range(merged["scale"], f"{name}.scale")
@@ -897,7 +909,9 @@ def _validate(name: str, params: Any) -> dict[str, Any]:
                 f"affine.interpolation must be 'bilinear' or 'nearest', got {merged['interpolation']!r}"
             )
         if not isinstance(merged["round_translate"], bool):
-            raise ValueError(f"affine.round_translate must be true or false, got {merged['round_translate']!r}")
+            raise ValueError(
+                f"affine.round_translate must be true or false, got {merged['round_translate']!r}"
+            )
     if name == "gaussian_blur":
         kernel = merged["kernel_size"]
         if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
