@@ -447,6 +447,7 @@ class HLSSAugmentation:
             out = torch.empty(shape, dtype=dtype)
         elif tuple(out.shape) != shape:
             raise ValueError(f"batch(): out has shape {tuple(out.shape)}, expected {shape}")
+        shared = None  # (image, its resize) while consecutive views share an image, for a resize-first chain
         for i, image in enumerate(images):
             # Draw, crop and augment one image at a time: its draws (noise included) and pixels stay in cache.
             plan = self._draw(image.shape[-2], image.shape[-1], channels, dtype, generator)
@@ -454,11 +455,26 @@ class HLSSAugmentation:
             # The flips right after the crop (or resize) folded into its way into the output.
             drawn = {op for op, _ in plan.ops}
             flips = [dim for name, dim in _FLIPS if name in self._folded and name in drawn]
-            if (
+            fast_resize = (
                 plan.crop is not None
                 and image.dtype == view.dtype == torch.float32
                 and image.device == view.device
+            )
+            if (
+                fast_resize
+                and self.resize_first
+                and (
+                    (shared is not None and shared[0] is image)
+                    or (i + 1 < len(images) and images[i + 1] is image)
+                )
             ):
+                # The views of one patch (the same tensor repeated, as HierarchicalPatchDataset passes them) share
+                # the deterministic whole-image resize: computed once, copied (flipped) into each view.
+                if shared is None or shared[0] is not image:
+                    shared = (image, torch.empty_like(view))
+                    _resize_into(image, [], shared[1], self._mode)
+                _copy_flipped(shared[1], flips, view)
+            elif fast_resize:
                 top, left, crop_h, crop_w = plan.crop
                 _resize_into(image[:, top : top + crop_h, left : left + crop_w], flips, view, self._mode)
             else:
@@ -781,7 +797,8 @@ def _filter(mode: str, x: np.ndarray) -> np.ndarray:
     return np.where(x < 1, near, np.where(x < 2, far, f32(0))).astype(f32)
 
 
-@functools.lru_cache(maxsize=512)
+# Sized for every crop height and width of a 300 px patch, with and without a flip, plus the chain's later crops.
+@functools.lru_cache(maxsize=1024)
 def _resize_blocks(
     in_size: int, out_size: int, reverse: bool, mode: str = "bilinear"
 ) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
