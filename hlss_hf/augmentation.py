@@ -1,8 +1,17 @@
 """Patch augmentations for HLSS pretraining, deterministic given a :class:`torch.Generator`.
 
-The strong set follows the HiDisc / HLSS research code: random resized crop, horizontal and vertical flips,
-Gaussian noise, colour jitter, autocontrast, solarize, sharpness, Gaussian blur, affine and random erasing,
-each applied with its own probability. Every random draw comes from the generator passed to the call (never
+Two named sets (:data:`AUGMENTATION_PRESETS`, ``build_augmentation(name, crop_size)``):
+
+- ``"hlss_hf"`` (:data:`DEFAULT_AUGMENTATION`, also ``build_augmentation(None)``): this project's strong set in the
+  style of the HiDisc / HLSS research code: a random resized crop of the patch first, then flips, affine,
+  colour jitter, autocontrast, sharpness, solarize, blur, Gaussian noise and random erasing, each applied with
+  its own probability.
+- ``"hlss_reference"`` (:data:`HLSS_REFERENCE_AUGMENTATION`): the reference's training chain as its code runs
+  (hlss/datasets/improc.py ``get_srh_aug_list`` over the ``train_augmentation`` list of
+  hlss/config/train_hlss_attr128.yaml): the whole patch resized to ``crop_size`` (bicubic), then every
+  operation at p = 0.5, the random resized crop late in the chain.
+
+Every random draw comes from the generator passed to the call (never
 from torch's global RNG, which is why kornia's random modules are not used: only its functional ops are), so
 the same generator state gives the same views in any DataLoader worker or process.
 
@@ -55,10 +64,22 @@ DEFAULT_AUGMENTATION: dict[str, dict[str, Any]] = {
 
 #: Every operation with its default parameters; a config entry overrides these key by key.
 OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Not random: resize the whole image to crop_size. When a config has it (first), the chain runs in the
+    # config's order and random_resized_crop becomes an operation of the chain (crop and resize back).
+    "resize": {"p": 1.0, "interpolation": "bicubic"},
     "random_resized_crop": {"p": 1.0, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
     "horizontal_flip": {"p": 0.5},
     "vertical_flip": {"p": 0.5},
-    "affine": {"p": 0.5, "degrees": 10.0, "translate": (0.0, 0.0), "scale": (1.0, 1.0), "shear": 0.0},
+    # interpolation "nearest" and whole-pixel translations (round_translate) are torchvision's RandomAffine.
+    "affine": {
+        "p": 0.5,
+        "degrees": 10.0,
+        "translate": (0.0, 0.0),
+        "scale": (1.0, 1.0),
+        "shear": 0.0,
+        "interpolation": "bilinear",
+        "round_translate": False,
+    },
     "color_jitter": {"p": 0.5, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1},
     "autocontrast": {"p": 0.5},
     "sharpness": {"p": 0.5, "factor": 2.0},
@@ -68,9 +89,53 @@ OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "random_erasing": {"p": 0.5, "scale": (0.02, 0.33), "ratio": (0.3, 3.3), "value": 0.0},
 }
 
-#: The order in which operations run, whatever the order of the config's keys: the crop first, so that the
-#: pixel operations work on the (smaller) crop.
+#: The order in which operations run when a config has no ``resize``, whatever the order of its keys: the crop
+#: first, so that the pixel operations work on the (smaller) crop.
 ORDER: tuple[str, ...] = tuple(OPERATION_DEFAULTS)
+
+#: The reference's training augmentation as its code runs, in application order. Read from the HLSS code
+#: (GitHub Hasindri/HLSS: hlss/datasets/improc.py ``get_srh_base_aug`` + ``get_strong_aug``, hlss/common.py
+#: ``get_dataloaders``, hlss/config/train_hlss_attr128.yaml ``data.train_augmentation``); where it differs
+#: from what the paper or config suggest, this follows the code:
+#:
+#: - Every operation runs at p = 0.5: ``get_dataloaders`` calls ``get_srh_aug_list(augs)`` without the config's
+#:   ``rand_aug_prob: 0.3``, so the default ``rand_prob=0.5`` applies (reference bug: the config value is dead).
+#: - ``color_jitter`` is left out: the config builds ``ColorJitter()`` with no arguments, whose brightness,
+#:   contrast, saturation and hue are all None, so it never changes a pixel (reference bug: a no-op).
+#: - The 300 px patch is resized to 224 first (``Resize((224, 224), bicubic)`` on the float tensor: antialiased
+#:   in torchvision >= 0.17, not clamped), so every operation, the crop included, works on 224 px images.
+#: - ``GaussianNoise`` names its bounds ``min_var`` / ``max_var`` but uses the draw as the standard deviation.
+#: - ``GaussianBlur(5, sigma=1)``: a fixed sigma. ``RandomAffine(10, translate=(0.1, 0.3))``: no scale or shear,
+#:   nearest interpolation, translations rounded to whole pixels. ``RandomResizedCrop(224)`` inside
+#:   ``RandomApply``: scale (0.08, 1), bilinear, itself at p = 0.5 and after the affine.
+#: - ``RandomErasing()``: its defaults, scale (0.02, 0.33), ratio (0.3, 3.3), value 0.
+HLSS_REFERENCE_AUGMENTATION: dict[str, dict[str, Any]] = {
+    "resize": {"p": 1.0, "interpolation": "bicubic"},
+    "horizontal_flip": {"p": 0.5},
+    "vertical_flip": {"p": 0.5},
+    "gaussian_noise": {"p": 0.5, "std": (0.01, 0.1)},
+    "autocontrast": {"p": 0.5},
+    "solarize": {"p": 0.5, "threshold": 0.2},
+    "sharpness": {"p": 0.5, "factor": 2.0},
+    "gaussian_blur": {"p": 0.5, "kernel_size": 5, "sigma": (1.0, 1.0)},
+    "affine": {
+        "p": 0.5,
+        "degrees": 10.0,
+        "translate": (0.1, 0.3),
+        "scale": (1.0, 1.0),
+        "shear": 0.0,
+        "interpolation": "nearest",
+        "round_translate": True,
+    },
+    "random_resized_crop": {"p": 0.5, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
+    "random_erasing": {"p": 0.5, "scale": (0.02, 0.33), "ratio": (0.3, 3.3), "value": 0.0},
+}
+
+#: Named augmentation sets: ``build_augmentation(name, crop_size)``.
+AUGMENTATION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "hlss_hf": DEFAULT_AUGMENTATION,
+    "hlss_reference": HLSS_REFERENCE_AUGMENTATION,
+}
 
 
 def _uniform(rng: random.Random, low: float, high: float) -> float:
@@ -99,11 +164,13 @@ def _range(value: Any, key: str, centre: float | None = None) -> tuple[float, fl
     return low, high
 
 
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     if tuple(image.shape[-2:]) == size:
         return image
     # antialias only matters when shrinking; it keeps downscaled crops from aliasing like torchvision's default.
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    # Bicubic outputs are not clamped (they overshoot [0, 1] slightly at edges), as torchvision's Resize on a float
+    # tensor.
+    return F.interpolate(image[None], size=size, mode=mode, align_corners=False, antialias=True)[0]
 
 
 def center_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
@@ -164,7 +231,8 @@ def _separable_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torc
 
 @dataclass
 class _Plan:
-    """The random draws of one image: its crop box (``None``: centre crop) and the applied operations in order."""
+    """The random draws of one image: the box resized to the output first (``None``: centre crop; the whole image
+    when the chain starts with ``resize``) and the applied operations in order."""
 
     crop: tuple[int, int, int, int] | None
     ops: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -179,6 +247,45 @@ _STEP = 2.0**100
 def _step(difference: torch.Tensor) -> torch.Tensor:
     """1.0 where ``difference >= 0`` and 0.0 where it is negative, in place on ``difference``."""
     return difference.mul_(_STEP).add_(1.0).clamp_(0.0, 1.0)
+
+
+def _affine_matrix(
+    angle: float, translate: tuple[float, float], scale: float, shear: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """torchvision's affine convention: the inverse (output -> input) map ``[2, 3]`` in pixel units about the centre.
+
+    The forward map rotates by ``angle`` degrees, shears along x by ``shear`` degrees, zooms by ``scale`` and
+    moves by ``translate`` pixels (x, y), as ``torchvision.transforms.functional.affine``.
+    """
+    rot, shear_x = math.radians(angle), math.radians(shear)
+    cos, sin, tan = math.cos(rot), math.sin(rot), math.tan(shear_x)
+    # Forward map [[a, b], [c, d]] (determinant 1 before the zoom); its inverse is [[d, -b], [-c, a]] / scale.
+    a, b, c, d = cos, -cos * tan - sin, sin, -sin * tan + cos
+    inverse = [[d / scale, -b / scale], [-c / scale, a / scale]]
+    tx, ty = translate
+    rows = [[m0, m1, -(m0 * tx + m1 * ty)] for m0, m1 in inverse]
+    return torch.tensor(rows, dtype=dtype)
+
+
+def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """grid_sample's grid ``[1, H, W, 2]`` for the inverse map ``theta`` (pixel units about the centre).
+
+    torchvision builds the same grid as a product of all pixel centres ``(x, y, 1)`` with a ``[3, 2]`` matrix;
+    each grid coordinate is affine in x plus affine in y, so it is built here as the sum of a row and a column
+    vector (~15x cheaper on CPU; equal to torchvision's grid to float rounding).
+    """
+    dtype = theta.dtype
+    (m00, m01, m02), (m10, m11, m12) = theta.tolist()
+    xs = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, steps=width, dtype=dtype)
+    ys = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, steps=height, dtype=dtype)
+    grid = torch.empty(1, height, width, 2, dtype=dtype)
+    # Normalised to [-1, 1] by the half sizes, as grid_sample (align_corners=False) expects.
+    for out, (mx, my, mc), half in (
+        (grid[0, ..., 0], (m00, m01, m02), 0.5 * width),
+        (grid[0, ..., 1], (m10, m11, m12), 0.5 * height),
+    ):
+        torch.add((xs * (mx / half))[None, :], (ys * (my / half) + mc / half)[:, None], out=out)
+    return grid
 
 
 def _hue_shift(images: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,13 +351,27 @@ class HLSSAugmentation:
 
     Args:
         operations (`dict[str, dict]`): operation name -> validated parameters (see :data:`OPERATION_DEFAULTS`).
+            With ``resize`` (first), the chain runs in the given order after resizing the whole image; without
+            it, in :data:`ORDER` (the random resized crop, or a centre crop, first).
         crop_size (`int`): side of the square output.
     """
 
     def __init__(self, operations: Mapping[str, Mapping[str, Any]], crop_size: int):
-        self.operations = {name: dict(operations[name]) for name in ORDER if name in operations}
+        self.resize_first = "resize" in operations
+        order = tuple(operations) if self.resize_first else ORDER
+        self.operations = {name: dict(operations[name]) for name in order if name in operations}
         self.crop_size = int(crop_size)
-        self._grids: dict[tuple, torch.Tensor] = {}  # affine sampling points per (h, w, dtype)
+        # The interpolation of the first resize: the reference's bicubic Resize, or bilinear for a crop (as
+        # torchvision's RandomResizedCrop).
+        self._mode = self.operations["resize"]["interpolation"] if self.resize_first else "bilinear"
+        # Flips that run right after the first resize commute with it: they are folded into its weights.
+        self._folded: set[str] = set()
+        for name in self.operations:
+            if name == "resize" or (name == "random_resized_crop" and not self.resize_first):
+                continue
+            if name not in _FLIP_NAMES:
+                break
+            self._folded.add(name)
 
     def __repr__(self) -> str:
         ops = ", ".join(f"{name}(p={params['p']})" for name, params in self.operations.items())
@@ -326,23 +447,40 @@ class HLSSAugmentation:
             out = torch.empty(shape, dtype=dtype)
         elif tuple(out.shape) != shape:
             raise ValueError(f"batch(): out has shape {tuple(out.shape)}, expected {shape}")
+        shared = None  # (image, its resize) while consecutive views share an image, for a resize-first chain
         for i, image in enumerate(images):
             # Draw, crop and augment one image at a time: its draws (noise included) and pixels stay in cache.
             plan = self._draw(image.shape[-2], image.shape[-1], channels, dtype, generator)
             view = out[i]
-            # Both flips (the operations right after the crop) folded into the crop's way into the output.
-            flips = [dim for name, dim in _FLIPS if any(op == name for op, _ in plan.ops)]
-            if (
+            # The flips right after the crop (or resize) folded into its way into the output.
+            drawn = {op for op, _ in plan.ops}
+            flips = [dim for name, dim in _FLIPS if name in self._folded and name in drawn]
+            fast_resize = (
                 plan.crop is not None
                 and image.dtype == view.dtype == torch.float32
                 and image.device == view.device
+            )
+            if (
+                fast_resize
+                and self.resize_first
+                and (
+                    (shared is not None and shared[0] is image)
+                    or (i + 1 < len(images) and images[i + 1] is image)
+                )
             ):
+                # The views of one patch (the same tensor repeated, as HierarchicalPatchDataset passes them) share
+                # the deterministic whole-image resize: computed once, copied (flipped) into each view.
+                if shared is None or shared[0] is not image:
+                    shared = (image, torch.empty_like(view))
+                    _resize_into(image, [], shared[1], self._mode)
+                _copy_flipped(shared[1], flips, view)
+            elif fast_resize:
                 top, left, crop_h, crop_w = plan.crop
-                _resize_into(image[:, top : top + crop_h, left : left + crop_w], flips, view)
+                _resize_into(image[:, top : top + crop_h, left : left + crop_w], flips, view, self._mode)
             else:
                 _copy_flipped(self._crop(image, plan), flips, view)
             for name, args in plan.ops:
-                if name not in _FLIP_NAMES:
+                if name not in self._folded:
                     getattr(self, f"_fast_{name}")(view, **args)
         return out
 
@@ -356,10 +494,12 @@ class HLSSAugmentation:
         """
         rng = random.Random(int(torch.randint(0, 2**63 - 1, (), generator=generator)))
         plan = _Plan(crop=None)
-        if "random_resized_crop" in self.operations:
+        if self.resize_first:
+            plan.crop = (0, 0, height, width)
+        elif "random_resized_crop" in self.operations:
             plan.crop = self._draw_crop(height, width, rng, **self.operations["random_resized_crop"])
         for name, params in self.operations.items():
-            if name == "random_resized_crop":
+            if name == "resize" or (name == "random_resized_crop" and not self.resize_first):
                 continue
             params = dict(params)
             if _coin(rng, params.pop("p")):
@@ -371,6 +511,13 @@ class HLSSAugmentation:
     def _draw_crop(self, height, width, rng, p, scale, ratio):
         if not _coin(rng, p):
             return None
+        return self._crop_box(height, width, rng, scale, ratio)
+
+    def _draw_random_resized_crop(self, rng, generator, channels, dtype, scale, ratio):
+        # Within the chain (after ``resize``): a box of the crop_size image, resized back to crop_size.
+        return {"box": self._crop_box(self.crop_size, self.crop_size, rng, scale, ratio)}
+
+    def _crop_box(self, height, width, rng, scale, ratio):
         area = height * width
         log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         # torchvision's rejection sampling: 10 tries, then fall back to the whole (centre) image.
@@ -386,27 +533,28 @@ class HLSSAugmentation:
         side = min(height, width)
         return (height - side) // 2, (width - side) // 2, side, side
 
-    def _draw_affine(self, rng, generator, channels, dtype, degrees, translate, scale, shear):
-        width = height = self.crop_size
-        angle = math.radians(_uniform(rng, *degrees))
-        tx = _uniform(rng, -translate[0], translate[0]) * width
-        ty = _uniform(rng, -translate[1], translate[1]) * height
+    def _draw_affine(
+        self,
+        rng,
+        generator,
+        channels,
+        dtype,
+        degrees,
+        translate,
+        scale,
+        shear,
+        interpolation,
+        round_translate,
+    ):
+        size = self.crop_size
+        angle = _uniform(rng, *degrees)
+        tx = _uniform(rng, -translate[0], translate[0]) * size
+        ty = _uniform(rng, -translate[1], translate[1]) * size
+        if round_translate:  # torchvision's RandomAffine moves by whole pixels
+            tx, ty = float(round(tx)), float(round(ty))
         zoom = _uniform(rng, *scale)
-        shear_x = math.radians(_uniform(rng, *shear))
-        # Forward map in pixel coordinates about the centre: x -> A x + t, A = rotate . shear . scale.
-        cos, sin, tan = math.cos(angle), math.sin(angle), math.tan(shear_x)
-        a, b = zoom * cos, zoom * (cos * tan - sin)
-        c, d = zoom * sin, zoom * (sin * tan + cos)
-        det = a * d - b * c
-        inv = ((d / det, -b / det), (-c / det, a / det))
-        shift = [-(inv[i][0] * tx + inv[i][1] * ty) for i in range(2)]
-        # affine_grid wants the inverse (output -> input) map in normalised [-1, 1] coordinates.
-        norm = (2.0 / width, 2.0 / height)
-        theta = [
-            [inv[i][0] * norm[i] / norm[0], inv[i][1] * norm[i] / norm[1], shift[i] * norm[i]]
-            for i in range(2)
-        ]
-        return {"theta": torch.tensor(theta, dtype=dtype)}
+        shear_x = _uniform(rng, *shear)
+        return {"theta": _affine_matrix(angle, (tx, ty), zoom, shear_x, dtype), "mode": interpolation}
 
     def _draw_color_jitter(self, rng, generator, channels, dtype, brightness, contrast, saturation, hue):
         # Ranges were normalised to (low, high) pairs by build_augmentation.
@@ -449,7 +597,7 @@ class HLSSAugmentation:
             return center_crop_resize(image, self.crop_size)
         top, left, crop_h, crop_w = plan.crop
         crop = image[..., top : top + crop_h, left : left + crop_w]
-        return _resize(crop, (self.crop_size, self.crop_size))
+        return _resize(crop, (self.crop_size, self.crop_size), self._mode)
 
     def _apply_one(self, image: torch.Tensor, plan: _Plan) -> torch.Tensor:
         image = self._crop(image, plan)
@@ -463,9 +611,13 @@ class HLSSAugmentation:
     def _vertical_flip(self, image):
         return image.flip(-2)
 
-    def _affine(self, image, theta):
-        grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
-        return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    def _affine(self, image, theta, mode):
+        grid = _affine_grid(theta, image.shape[-2], image.shape[-1])
+        return F.grid_sample(image[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+
+    def _random_resized_crop(self, image, box):
+        top, left, crop_h, crop_w = box
+        return _resize(image[..., top : top + crop_h, left : left + crop_w], (self.crop_size, self.crop_size))
 
     def _color_jitter(self, image, factors, order):
         for name in order:
@@ -521,18 +673,27 @@ class HLSSAugmentation:
 
     # -- fast path: each operation updates ``image`` [C, h, w] (a view into the output) in place ---------------
 
-    def _fast_affine(self, image, theta):
-        channels, height, width = image.shape
-        key = (height, width, image.dtype)
-        if key not in self._grids:
-            # affine_grid's sampling points (x, y, 1) for this size, built once: grid = points @ theta^T.
-            identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=image.dtype)
-            points = F.affine_grid(identity, [1, channels, height, width], align_corners=False)
-            self._grids[key] = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)
-        grid = self._grids[key] @ theta.T
-        image.copy_(
-            F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        )
+    def _fast_horizontal_flip(self, image):  # only when not folded into the first resize
+        image.copy_(image.flip(-1))
+
+    def _fast_vertical_flip(self, image):
+        image.copy_(image.flip(-2))
+
+    def _fast_affine(self, image, theta, mode):
+        grid = _affine_grid(theta, image.shape[-2], image.shape[-1])
+        image.copy_(F.grid_sample(image[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0])
+
+    def _fast_random_resized_crop(self, image, box):
+        top, left, crop_h, crop_w = box
+        if (crop_h, crop_w) == tuple(image.shape[-2:]):
+            return  # the whole image resized to its own size
+        crop = image[:, top : top + crop_h, left : left + crop_w]
+        if image.dtype == torch.float32:
+            resized = torch.empty_like(image)
+            _resize_into(crop, [], resized)
+        else:
+            resized = _resize(crop, tuple(image.shape[-2:]))
+        image.copy_(resized)
 
     def _fast_color_jitter(self, image, factors, order):
         rgb = image.shape[0] == 3
@@ -624,27 +785,42 @@ _FLIP_NAMES = {name for name, _ in _FLIPS}
 _RESIZE_BLOCK = 32
 
 
-@functools.lru_cache(maxsize=512)
-def _resize_blocks(
-    in_size: int, out_size: int, reverse: bool
-) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
-    """Antialiased bilinear resampling of one axis (``align_corners=False``) as dense blocks of its banded matrix.
+def _filter(mode: str, x: np.ndarray) -> np.ndarray:
+    """ATen's antialiasing filters in float32: the triangle (bilinear) and Keys' cubic with a = -0.5 (bicubic)."""
+    f32 = np.float32
+    x = np.abs(x)
+    if mode == "bilinear":
+        return np.maximum(f32(1) - x, f32(0))
+    a = f32(-0.5)
+    near = ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
+    far = ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, f32(0))).astype(f32)
 
-    The weights follow ATen's ``_upsample_bilinear2d_aa`` in float32 arithmetic (triangle filter widened by the
-    scale when shrinking, each output's taps normalised), so ``F.interpolate(..., antialias=True)`` and this
-    agree to float rounding. ``reverse`` lists the outputs last to first: a flip folded into the resampling.
+
+# Sized for every crop height and width of a 300 px patch, with and without a flip, plus the chain's later crops.
+@functools.lru_cache(maxsize=1024)
+def _resize_blocks(
+    in_size: int, out_size: int, reverse: bool, mode: str = "bilinear"
+) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """Antialiased resampling of one axis (``align_corners=False``) as dense blocks of its banded matrix.
+
+    The weights follow ATen's ``_upsample_bilinear2d_aa`` / ``_upsample_bicubic2d_aa`` in float32 arithmetic (the
+    filter widened by the scale when shrinking, each output's taps normalised), so ``F.interpolate(...,
+    antialias=True)`` and this agree to float rounding. ``mode`` is ``"bilinear"`` or ``"bicubic"``. ``reverse``
+    lists the outputs last to first: a flip folded into the resampling.
 
     Returns:
         ``(out_start, out_stop, in_start, in_stop, weights [out_stop - out_start, in_stop - in_start])`` per block.
     """
     f32 = np.float32
+    half = f32(1) if mode == "bilinear" else f32(2)  # half the filter's support at scale 1
     scale = f32(in_size) / f32(out_size)
-    support, invscale = (scale, f32(1) / scale) if scale >= 1 else (f32(1), f32(1))
+    support, invscale = (half * scale, f32(1) / scale) if scale >= 1 else (half, f32(1))
     centre = scale * (np.arange(out_size, dtype=f32) + f32(0.5))
     first = np.maximum((centre - support + f32(0.5)).astype(np.int64), 0)
     stop = np.minimum((centre + support + f32(0.5)).astype(np.int64), in_size)
     taps = first[:, None] + np.arange(int((stop - first).max()))[None, :]
-    weights = np.maximum(f32(1) - np.abs((taps.astype(f32) - centre[:, None] + f32(0.5)) * invscale), f32(0))
+    weights = _filter(mode, (taps.astype(f32) - centre[:, None] + f32(0.5)) * invscale)
     weights[taps >= stop[:, None]] = 0
     weights /= np.cumsum(weights, axis=1, dtype=f32)[:, -1:]  # ATen sums the taps in order
     dense = np.zeros((out_size, in_size), dtype=f32)
@@ -655,26 +831,26 @@ def _resize_blocks(
     blocks = []
     for start in range(0, out_size, _RESIZE_BLOCK):
         block = dense[start : start + _RESIZE_BLOCK]
-        used = np.flatnonzero(block.any(axis=0))
+        used = np.flatnonzero((block != 0).any(axis=0))
         low, high = int(used[0]), int(used[-1]) + 1
         blocks.append((start, start + len(block), low, high, torch.from_numpy(block[:, low:high].copy())))
     return tuple(blocks)
 
 
-def _resize_into(image: torch.Tensor, flips: list[int], out: torch.Tensor) -> None:
+def _resize_into(image: torch.Tensor, flips: list[int], out: torch.Tensor, mode: str = "bilinear") -> None:
     """``out = resize(image).flip(flips)`` for float32 CPU ``image`` ``[C, h, w]`` and contiguous ``out`` ``[C, H, W]``.
 
     The same result as the reference path's antialiased ``F.interpolate`` (to ~2e-7) at about half its cost on CPU:
     each axis is a product with a banded weight matrix, done block by block so that a block only reads the input
-    rows its band covers; a flip reverses the matrix rows, so it costs nothing.
+    rows its band covers; a flip reverses the matrix rows, so it costs nothing. ``out`` must not overlap ``image``.
     """
     channels, height, width = image.shape
     out_h, out_w = out.shape[-2:]
     rows = torch.empty((channels, out_h, width), dtype=image.dtype)
-    for start, stop, low, high, weights in _resize_blocks(height, out_h, -2 in flips):
+    for start, stop, low, high, weights in _resize_blocks(height, out_h, -2 in flips, mode):
         torch.bmm(weights.expand(channels, *weights.shape), image[:, low:high], out=rows[:, start:stop])
     rows, target = rows.view(channels * out_h, width), out.view(channels * out_h, out_w)
-    for start, stop, low, high, weights in _resize_blocks(width, out_w, -1 in flips):
+    for start, stop, low, high, weights in _resize_blocks(width, out_w, -1 in flips, mode):
         torch.mm(rows[:, low:high], weights.T, out=target[:, start:stop])
 
 
@@ -716,6 +892,13 @@ def _validate(name: str, params: Any) -> dict[str, Any]:
     if not isinstance(p, int | float) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"probability {name}.p must be in [0, 1], got {p!r}")
     merged["p"] = float(p)
+    if name == "resize":
+        if merged["p"] != 1.0:
+            raise ValueError(f"resize is not random: resize.p must be 1, got {p!r}")
+        if merged["interpolation"] not in ("bilinear", "bicubic"):
+            raise ValueError(
+                f"resize.interpolation must be 'bilinear' or 'bicubic', got {merged['interpolation']!r}"
+            )
     # Normalise ranges now so a bad value fails at build time, not in the middle of an epoch.
     if name in ("random_resized_crop", "random_erasing"):
         merged["scale"] = _range(merged["scale"], f"{name}.scale")
@@ -737,6 +920,14 @@ def _validate(name: str, params: Any) -> dict[str, Any]:
         )
         if min(merged["translate"]) < 0 or merged["scale"][0] <= 0:
             raise ValueError(f"affine.translate must be >= 0 and affine.scale > 0, got {params!r}")
+        if merged["interpolation"] not in ("bilinear", "nearest"):
+            raise ValueError(
+                f"affine.interpolation must be 'bilinear' or 'nearest', got {merged['interpolation']!r}"
+            )
+        if not isinstance(merged["round_translate"], bool):
+            raise ValueError(
+                f"affine.round_translate must be true or false, got {merged['round_translate']!r}"
+            )
     if name == "gaussian_blur":
         kernel = merged["kernel_size"]
         if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
@@ -758,29 +949,40 @@ def _validate(name: str, params: Any) -> dict[str, Any]:
     return merged
 
 
-def build_augmentation(config: Mapping[str, Any] | None, crop_size: int = 224) -> HLSSAugmentation:
-    """Build the training augmentation chain from a config dict (e.g. a YAML section).
+def build_augmentation(config: str | Mapping[str, Any] | None, crop_size: int = 224) -> HLSSAugmentation:
+    """Build the training augmentation chain from a preset name or a config dict (e.g. a YAML section).
 
     Args:
-        config (`dict` or `None`): operation name -> parameters (missing parameters take the operation's
-            defaults from :data:`OPERATION_DEFAULTS`). ``None`` gives :data:`DEFAULT_AUGMENTATION`. The dict
-            lists the operations to use; ``false`` (or ``p: 0``) as a value leaves one out. Without
-            ``random_resized_crop`` the image is centre-cropped (resized first if smaller) to ``crop_size``.
+        config (`str`, `dict` or `None`): the name of a set in :data:`AUGMENTATION_PRESETS` (``"hlss_hf"``, the
+            default set; ``"hlss_reference"``, the reference's chain as its code runs), or operation name ->
+            parameters (missing parameters take the operation's defaults from :data:`OPERATION_DEFAULTS`).
+            ``None`` gives :data:`DEFAULT_AUGMENTATION`. The dict lists the operations to use; ``false`` (or
+            ``p: 0``) as a value leaves one out. Without ``resize``, the operations run in :data:`ORDER`, and
+            without ``random_resized_crop`` the image is centre-cropped (resized first if smaller) to
+            ``crop_size``. With ``resize`` (as the first key) the whole image is resized to ``crop_size`` and the
+            operations run in the dict's order.
         crop_size (`int`, defaults to 224): side of the square output.
 
     Returns:
         `HLSSAugmentation`, called as ``augment(image, generator=torch.Generator)``.
 
     Raises:
-        ValueError: for an unknown operation or parameter, or a probability outside [0, 1] (naming the key).
+        ValueError: for an unknown preset, operation or parameter, or a probability outside [0, 1] (naming it).
     """
     if not isinstance(crop_size, int) or crop_size <= 0:
         raise ValueError(f"crop_size must be a positive integer, got {crop_size!r}")
+    if isinstance(config, str):
+        if config not in AUGMENTATION_PRESETS:
+            raise ValueError(f"unknown augmentation preset {config!r}; known: {sorted(AUGMENTATION_PRESETS)}")
+        config = AUGMENTATION_PRESETS[config]
     config = DEFAULT_AUGMENTATION if config is None else config
     if not isinstance(config, Mapping):
         raise ValueError(
-            f"augmentation config must be a dict of operation -> parameters, got {type(config).__name__}"
+            "augmentation config must be a preset name or a dict of operation -> parameters, got "
+            f"{type(config).__name__}"
         )
+    if "resize" in config and next(iter(config)) != "resize":
+        raise ValueError(f"augmentation 'resize' must come first (it sets the order), got {list(config)}")
     operations = {}
     for name, params in config.items():
         if params is False:
@@ -788,6 +990,48 @@ def build_augmentation(config: Mapping[str, Any] | None, crop_size: int = 224) -
             continue
         operations[name] = _validate(name, params)
     return HLSSAugmentation(operations, crop_size)
+
+
+def torchvision_reference_transform(crop_size: int = 224):
+    """The reference's training chain built from torchvision transforms, as its code composes them (for checks).
+
+    The same transforms, parameters, probabilities and order as ``get_srh_aug_list`` applies to OpenSRH patches
+    after their conversion to float (the no-op ``ColorJitter()`` included), drawing from torch's and Python's
+    global RNGs as the reference does. It takes the 3-channel float image :func:`build_augmentation`
+    (``"hlss_reference"``) takes, and is what that preset must equal in distribution; tests and
+    ``benchmarks/data_throughput.py`` use it. Needs torchvision.
+
+    Args:
+        crop_size (`int`, defaults to 224): side of the square output.
+    """
+    from torchvision import transforms as T
+
+    class GaussianNoise(torch.nn.Module):
+        # The reference's noise: std ~ U(0.01, 0.1) from Python's RNG, torch's global RNG for the noise, clamped.
+        def forward(self, image):
+            std = random.uniform(0.01, 0.1)
+            return (image + torch.randn(image.size()) * std).clamp(0.0, 1.0)
+
+    def maybe(transform):
+        return T.RandomApply(torch.nn.ModuleList([transform]), p=0.5)
+
+    size = (crop_size, crop_size)
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomVerticalFlip(p=0.5),
+            maybe(GaussianNoise()),
+            maybe(T.ColorJitter()),
+            T.RandomAutocontrast(p=0.5),
+            T.RandomSolarize(threshold=0.2, p=0.5),
+            T.RandomAdjustSharpness(sharpness_factor=2, p=0.5),
+            maybe(T.GaussianBlur(kernel_size=5, sigma=1)),
+            maybe(T.RandomAffine(degrees=10, translate=(0.1, 0.3))),
+            maybe(T.RandomResizedCrop(crop_size)),
+            T.RandomErasing(p=0.5),
+        ]
+    )
 
 
 def build_eval_transform(crop_size: int = 224) -> HLSSAugmentation:

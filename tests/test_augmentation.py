@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from hlss_hf.augmentation import (
+    AUGMENTATION_PRESETS,
     DEFAULT_AUGMENTATION,
+    HLSS_REFERENCE_AUGMENTATION,
     OPERATION_DEFAULTS,
     build_augmentation,
     build_eval_transform,
@@ -146,6 +148,12 @@ def test_default_output_stays_in_unit_range():
         ({"gaussian_blur": {"kernel_size": 4}}, "kernel_size"),
         ({"color_jitter": {"brightness": [0.9, 0.1]}}, "color_jitter.brightness"),
         ({"bogus": False}, "bogus"),
+        ("hlss_paper", "hlss_paper"),
+        ({"solarize": {}, "resize": {}}, "resize"),
+        ({"resize": {"p": 0.5}}, "resize.p"),
+        ({"resize": {"interpolation": "lanczos"}}, "resize.interpolation"),
+        ({"affine": {"interpolation": "bicubic"}}, "affine.interpolation"),
+        (["solarize"], "preset name or a dict"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(config, message):
@@ -155,6 +163,8 @@ def test_bad_config_is_rejected_naming_the_key(config, message):
 
 def test_every_operation_is_configurable_and_can_be_disabled():
     for name in OPERATION_DEFAULTS:
+        if name == "resize":
+            continue  # not random: p must stay 1 (tested with the bad configs)
         assert name in build_augmentation({name: {}}, 8).operations
         assert name not in build_augmentation({name: False}, 8).operations
     with pytest.raises(TypeError, match="float"):
@@ -166,6 +176,11 @@ def test_every_operation_is_configurable_and_can_be_disabled():
 
 def single_op_configs():
     return [{name: {"p": 1.0}} for name in OPERATION_DEFAULTS] + [
+        "hlss_reference",
+        {name: {**params, "p": 1.0} for name, params in HLSS_REFERENCE_AUGMENTATION.items()},
+        {"resize": {"interpolation": "bilinear"}, "vertical_flip": {"p": 1.0}, "solarize": {"p": 1.0}},
+        {"resize": {}, "solarize": {"p": 1.0}, "horizontal_flip": {"p": 1.0}},  # a flip after another op
+        {"affine": {"p": 1.0, "interpolation": "nearest", "round_translate": True, "translate": 0.3}},
         {"color_jitter": {"p": 1.0, "hue": 0.5}},  # the whole hue circle
         {"solarize": {"p": 1.0, "threshold": 0.0}},
         {"solarize": {"p": 1.0, "threshold": 1.0}},
@@ -175,7 +190,9 @@ def single_op_configs():
 
 
 @pytest.mark.parametrize(
-    "config", single_op_configs(), ids=lambda c: "default" if c is None else "+".join(c)[:40]
+    "config",
+    single_op_configs(),
+    ids=lambda c: "default" if c is None else c if isinstance(c, str) else "+".join(c)[:40],
 )
 def test_fast_path_equals_the_reference_path_on_the_same_draws(config):
     # Mixed sizes (the crop draws depend on them), quantised pixels (ties between channels, exact thresholds)
@@ -244,3 +261,247 @@ def test_each_operation_is_drawn_with_its_probability():
     for name, count in counts.items():
         p = augment.operations[name]["p"]
         assert abs(count / trials - p) <= 4 * (p * (1 - p) / trials) ** 0.5 + 1e-9, (name, count / trials, p)
+
+
+# --- the reference's chain as a preset ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    # Thousands of small-tensor calls: with several intra-op threads on a busy machine each call can wait on
+    # the thread pool for milliseconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_hlss_reference_preset_pins_the_reference_chain():
+    # What the HLSS code runs (hlss/common.py get_dataloaders -> improc.get_srh_aug_list(augs) with its default
+    # rand_prob=0.5, over the train_augmentation list of train_hlss_attr128.yaml): the order, every p, every range.
+    augment = build_augmentation("hlss_reference", 224)
+    assert augment.resize_first and augment.crop_size == 224
+    assert augment.operations == {
+        "resize": {"p": 1.0, "interpolation": "bicubic"},
+        "horizontal_flip": {"p": 0.5},
+        "vertical_flip": {"p": 0.5},
+        "gaussian_noise": {"p": 0.5, "std": (0.01, 0.1)},
+        # no color_jitter: the reference's ColorJitter() has no ranges, a no-op
+        "autocontrast": {"p": 0.5},
+        "solarize": {"p": 0.5, "threshold": 0.2},
+        "sharpness": {"p": 0.5, "factor": 2.0},
+        "gaussian_blur": {"p": 0.5, "kernel_size": 5, "sigma": (1.0, 1.0)},
+        "affine": {
+            "p": 0.5,
+            "degrees": (-10.0, 10.0),
+            "translate": (0.1, 0.3),
+            "scale": (1.0, 1.0),
+            "shear": (0.0, 0.0),
+            "interpolation": "nearest",
+            "round_translate": True,
+        },
+        "random_resized_crop": {"p": 0.5, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
+        "random_erasing": {"p": 0.5, "scale": (0.02, 0.33), "ratio": (0.3, 3.3), "value": 0.0},
+    }
+    assert list(augment.operations) == list(HLSS_REFERENCE_AUGMENTATION)  # dict order is application order
+    # Today's set stays available by name, and is still the default.
+    assert set(AUGMENTATION_PRESETS) == {"hlss_hf", "hlss_reference"}
+    assert build_augmentation("hlss_hf", 224).operations == build_augmentation(None, 224).operations
+    image = torch.rand(3, 40, 40, generator=gen(1))
+    assert torch.equal(
+        build_augmentation("hlss_hf", 24)(image, gen(3)), build_augmentation(None, 24)(image, gen(3))
+    )
+
+
+def test_hlss_reference_is_deterministic_from_the_generator_for_srh_and_he_patches():
+    import numpy as np
+
+    from hlss_hf.processing_hlss import he_to_float, srh_to_float
+
+    rng = np.random.default_rng(0)
+    srh = srh_to_float(rng.integers(2000, 30000, size=(2, 30, 30), dtype=np.uint16))  # DESIGN 1.7: [3, H, W]
+    he = he_to_float(rng.integers(0, 256, size=(30, 30, 3), dtype=np.uint8))
+    augment = build_augmentation("hlss_reference", 16)
+    for image in (srh, he):
+        assert image.shape == (3, 30, 30)
+        torch.manual_seed(0)
+        first = augment(image, generator=gen(5))
+        torch.manual_seed(1)  # the global RNG plays no part
+        assert first.shape == (3, 16, 16) and torch.equal(first, augment(image, generator=gen(5)))
+        assert not torch.equal(first, augment(image, generator=gen(6)))
+        g1, g2 = gen(2), gen(2)
+        torch.testing.assert_close(
+            augment.batch([image] * 4, generator=g1),
+            torch.stack([augment.reference(image, generator=g2) for _ in range(4)]),
+            atol=1e-5,
+            rtol=0,
+        )
+
+
+def test_each_hlss_reference_operation_equals_torchvision_with_fixed_parameters():
+    # Each operation of the preset, run by both of our paths with fixed parameters, against torchvision's
+    # functional op with the same parameters (what the reference's transforms call).
+    tv = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    from hlss_hf.augmentation import _affine_matrix
+
+    size = 24
+    augment = build_augmentation("hlss_reference", size)
+    image = torch.rand(3, size, size, generator=gen(0))
+    # Quantised pixels (exact solarize thresholds) and values above 1 / below 0, as after the bicubic resize.
+    quantised = (torch.rand(3, size, size, generator=gen(1)) * 10).floor() / 8 - 0.05
+    noise = torch.randn(3, size, size, generator=gen(2))
+    cases = [
+        ("horizontal_flip", {}, image, tv.hflip(image)),
+        ("vertical_flip", {}, image, tv.vflip(image)),
+        ("gaussian_noise", {"sigma": 0.07, "noise": noise}, image, (image + noise * 0.07).clamp(0, 1)),
+        ("autocontrast", {}, quantised, tv.autocontrast(quantised)),
+        ("solarize", {"threshold": 0.2}, quantised.clamp(0, 1), tv.solarize(quantised.clamp(0, 1), 0.2)),
+        ("sharpness", {"factor": 2.0}, image, tv.adjust_sharpness(image, 2.0)),
+        (
+            "gaussian_blur",
+            {"kernel_size": 5, "sigma": 1.0},
+            image,
+            tv.gaussian_blur(image, [5, 5], [1.0, 1.0]),
+        ),
+        (
+            "random_resized_crop",
+            {"box": (3, 5, 9, 14)},
+            image,
+            tv.resized_crop(image, 3, 5, 9, 14, [size, size]),
+        ),
+        (
+            "random_erasing",
+            {"box": (2, 4, 7, 5), "value": 0.0},
+            image,
+            tv.erase(image, 2, 4, 7, 5, torch.tensor(0.0)),
+        ),
+    ]
+    for angle, translate in ((7.3, (2, -5)), (-9.6, (0, 7)), (0.0, (-3, 1))):
+        theta = _affine_matrix(angle, translate, 1.0, 0.0, torch.float32)
+        expected = tv.affine(
+            image, angle, list(translate), 1.0, [0.0, 0.0], InterpolationMode.NEAREST, fill=[0.0] * 3
+        )
+        cases.append(("affine", {"theta": theta, "mode": "nearest"}, image, expected))
+    for name, args, source, expected in cases:
+        reference = getattr(augment, f"_{name}")(source.clone(), **args)
+        fast = source.clone()
+        getattr(augment, f"_fast_{name}")(fast, **args)
+        if name == "affine":
+            # Nearest neighbours: our grid equals torchvision's to float rounding, so a pixel may pick its
+            # neighbour only at an exact tie; none occur here.
+            assert torch.equal(reference, expected) and torch.equal(fast, expected), name
+        else:
+            torch.testing.assert_close(reference, expected, atol=2e-6, rtol=0, msg=name)
+            torch.testing.assert_close(fast, expected, atol=2e-6, rtol=0, msg=name)
+    # The first step: the whole patch resized with torchvision's Resize (bicubic, antialiased, not clamped).
+    patch = torch.rand(3, 37, 31, generator=gen(4))
+    resize_only = build_augmentation({"resize": {}}, size)
+    expected = tv.resize(patch, [size, size], InterpolationMode.BICUBIC, antialias=True)
+    assert float(expected.max()) > 1.0 or float(expected.min()) < 0.0  # it does overshoot
+    torch.testing.assert_close(resize_only(patch, generator=gen()), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(resize_only.reference(patch, generator=gen()), expected, atol=2e-6, rtol=0)
+
+
+def test_hlss_reference_draws_follow_the_reference_distributions(one_thread):
+    # The preset's draws against torchvision's own parameter samplers (the ones the reference's transforms call).
+    stats = pytest.importorskip("scipy.stats")
+    transforms = pytest.importorskip("torchvision.transforms")
+    size, trials = 224, 2000
+    augment = build_augmentation("hlss_reference", size)
+    g = gen(0)
+    counts = dict.fromkeys(augment.operations, 0)
+    drawn = {"gaussian_noise": [], "affine": [], "random_resized_crop": [], "random_erasing": []}
+    for _ in range(trials):
+        plan = augment._draw(300, 300, 3, torch.float32, g)
+        assert plan.crop == (0, 0, 300, 300)  # always the whole patch first
+        counts["resize"] += 1
+        for name, args in plan.ops:
+            counts[name] += 1
+            if name in drawn:
+                drawn[name].append(args)
+    for name, count in counts.items():
+        p = augment.operations[name]["p"]
+        assert abs(count / trials - p) <= 4 * (p * (1 - p) / trials) ** 0.5 + 1e-9, (name, count / trials, p)
+
+    def same(ours, theirs, name):
+        assert stats.ks_2samp(ours, theirs).pvalue > 1e-3, name
+
+    # Noise: std ~ U(0.01, 0.1), standard normal noise of the view's shape.
+    sigmas = [args["sigma"] for args in drawn["gaussian_noise"]]
+    assert stats.kstest(sigmas, stats.uniform(0.01, 0.09).cdf).pvalue > 1e-3
+    noise = torch.stack([args["noise"] for args in drawn["gaussian_noise"][:20]])
+    assert (
+        noise.shape[1:] == (3, size, size)
+        and abs(float(noise.mean())) < 0.01
+        and abs(float(noise.std()) - 1) < 0.01
+    )
+    # Affine: RandomAffine(10, translate=(0.1, 0.3)).get_params, compared through the inverse map it implies.
+    theirs = [
+        transforms.RandomAffine.get_params((-10.0, 10.0), (0.1, 0.3), None, None, [size, size])
+        for _ in range(2000)
+    ]
+    thetas = torch.stack([args["theta"] for args in drawn["affine"]]).double()
+    angles = torch.rad2deg(torch.atan2(-thetas[:, 0, 1], thetas[:, 0, 0]))
+    moves = -torch.linalg.solve(thetas[:, :, :2], thetas[:, :, 2:])[..., 0]  # the forward translation
+    assert torch.allclose(moves, moves.round(), atol=1e-4)  # whole pixels
+    assert {args["mode"] for args in drawn["affine"]} == {"nearest"}
+    same(angles.tolist(), [t[0] for t in theirs], "affine angle")
+    same(moves[:, 0].tolist(), [t[1][0] for t in theirs], "affine tx")
+    same(moves[:, 1].tolist(), [t[1][1] for t in theirs], "affine ty")
+    # The late crop: RandomResizedCrop(224).get_params on the 224 px image.
+    crops = [args["box"] for args in drawn["random_resized_crop"]]
+    theirs = [
+        transforms.RandomResizedCrop.get_params(torch.empty(3, size, size), [0.08, 1.0], [3 / 4, 4 / 3])
+        for _ in range(2000)
+    ]
+    for k, what in enumerate(("top", "left", "height", "width")):
+        same([c[k] for c in crops], [t[k] for t in theirs], f"crop {what}")
+    # Erasing: RandomErasing().get_params on the 224 px view.
+    boxes = [args["box"] for args in drawn["random_erasing"]]
+    assert None not in boxes
+    theirs = [
+        transforms.RandomErasing.get_params(torch.empty(3, size, size), (0.02, 0.33), (0.3, 3.3), [0.0])[:4]
+        for _ in range(2000)
+    ]
+    for k, what in enumerate(("top", "left", "height", "width")):
+        same([b[k] for b in boxes], [t[k] for t in theirs], f"erasing {what}")
+
+
+def test_hlss_reference_outputs_match_the_torchvision_pipeline_in_distribution(one_thread):
+    # End to end: the preset's views of one patch and the reference's torchvision chain's views of it (drawing
+    # from the global RNGs, as the reference does) have the same distribution of per-view statistics.
+    stats = pytest.importorskip("scipy.stats")
+    pytest.importorskip("torchvision")
+    import random
+
+    from hlss_hf.augmentation import torchvision_reference_transform
+
+    size, views = 32, 500
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")
+    patch = torch.stack(
+        [0.2 + 0.6 * xx, 0.3 + 0.4 * yy * xx, 0.5 + 0.3 * torch.sin(6 * xx * yy)]
+    )  # asymmetric
+    ours = build_augmentation("hlss_reference", size).batch([patch] * views, generator=gen(0))
+    torch.manual_seed(0)
+    random.seed(0)
+    reference = torchvision_reference_transform(size)
+    theirs = torch.stack([reference(patch) for _ in range(views)])
+
+    def summaries(batch):
+        left, top = batch[..., : size // 2].mean((1, 2, 3)), batch[..., : size // 2, :].mean((1, 2, 3))
+        return {
+            "mean": batch.mean((1, 2, 3)),
+            "std": batch.std((1, 2, 3)),
+            "zeros": (batch == 0).float().mean((1, 2, 3)),  # erasing, affine borders, solarize/noise clamps
+            "ones": (batch == 1).float().mean((1, 2, 3)),
+            "left - right": 2 * left - batch.mean((1, 2, 3)),  # horizontal flips
+            "top - bottom": 2 * top - batch.mean((1, 2, 3)),  # vertical flips
+            "red - blue": batch[:, 0].mean((1, 2)) - batch[:, 2].mean((1, 2)),
+            "roughness": (batch[..., 1:] - batch[..., :-1]).abs().mean((1, 2, 3)),  # noise, blur, sharpness
+        }
+
+    for name, ours_values in summaries(ours).items():
+        theirs_values = summaries(theirs)[name]
+        assert stats.ks_2samp(ours_values.numpy(), theirs_values.numpy()).pvalue > 1e-3, name
