@@ -26,6 +26,7 @@ SRH_BASE = SRH_OFFSET / SRH_SCALE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODALITIES = ("he", "srh")
+RESAMPLES = ("bilinear", "bicubic")
 
 __all__ = ["srh_to_float", "he_to_float", "HLSSImageProcessor", "HLSSProcessor"]
 
@@ -186,6 +187,17 @@ def _size_dict(size, name: str, allow_shortest_edge: bool) -> dict[str, int]:
     return size
 
 
+def _resample_name(value) -> str:
+    """``"bilinear"`` / ``"bicubic"`` from that name or a PIL resampling filter (transformers' `resample` type)."""
+    if isinstance(value, str):
+        return value.lower()
+    pil = {int(Image.Resampling.BILINEAR): "bilinear", int(Image.Resampling.BICUBIC): "bicubic"}
+    try:
+        return pil[int(value)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"resample must be one of {RESAMPLES} (or PIL's BILINEAR / BICUBIC), got {value!r}")
+
+
 def _channel_stats(values, name: str) -> list[float]:
     """Broadcast a scalar or 3-list of per-channel statistics to a list of 3 floats."""
     if isinstance(values, (int, float)):
@@ -200,8 +212,13 @@ class HLSSImageProcessor(BaseImageProcessor):
     r"""Image processor for HLSS: SRH (2-channel uint16) or H&E (8-bit RGB) patches to ``pixel_values``.
 
     Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized
-    (bilinear, antialiased, on the float tensor), center-cropped and normalised. Resizing is off by default
-    because resizing changes the microns per pixel the encoder was trained at.
+    (on the float tensor, bilinear or bicubic, antialiased by default), center-cropped and normalised. Resizing is
+    off by default because resizing changes the microns per pixel the encoder was trained at.
+
+    Framings: the default keeps the native resolution and centre-crops `crop_size` (a 300 px patch loses 44 % of
+    its area at 224). The HLSS reference instead resizes the whole patch to 224 x 224, bicubic, no crop
+    (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", do_center_crop=False``; its
+    `torchvision.transforms.Resize` on float tensors, antialiased from torchvision 0.17 on, not clamped).
 
     Args:
         modality (`str`, *optional*, defaults to `"he"`): `"he"` for 8-bit RGB H&E, `"srh"` for 2-channel uint16
@@ -210,6 +227,12 @@ class HLSSImageProcessor(BaseImageProcessor):
         size (`int` or `dict`, *optional*, defaults to `{"shortest_edge": 224}`): resize target; an int (or
             `{"shortest_edge": s}`) resizes the shorter side to `s` keeping the aspect ratio,
             `{"height": h, "width": w}` resizes to exactly that.
+        resample (`str`, *optional*, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"` resizing (PIL's
+            `Resampling.BILINEAR` / `BICUBIC` are accepted too)
+            (`torch.nn.functional.interpolate`; bicubic values may leave ``[0, 1]`` slightly and are not clamped,
+            as in torchvision).
+        antialias (`bool`, *optional*, defaults to `True`): antialias when downscaling (torchvision >= 0.17's
+            default for tensors, close to PIL's filters; torchvision < 0.17 resized tensors without it).
         do_center_crop (`bool`, *optional*, defaults to `True`): center-crop to `crop_size`.
         crop_size (`int` or `dict`, *optional*, defaults to 224): crop size, an int or `{"height", "width"}`.
         do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`.
@@ -241,6 +264,8 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize: bool = False,
         image_mean: float | list[float] | None = None,
         image_std: float | list[float] | None = None,
+        resample: str = "bilinear",
+        antialias: bool = True,
         **kwargs,
     ):
         # Keys written by transformers (image_processor_type, auto_map, ...) go to the mixin, which stores them.
@@ -256,14 +281,18 @@ class HLSSImageProcessor(BaseImageProcessor):
         self.do_normalize = bool(do_normalize)
         self.image_mean = _channel_stats(IMAGENET_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = _channel_stats(IMAGENET_STD if image_std is None else image_std, "image_std")
-        self._validate(self.modality, self.image_std)
+        self.resample = _resample_name(resample)
+        self.antialias = bool(antialias)
+        self._validate(self.modality, self.image_std, self.resample)
 
     @staticmethod
-    def _validate(modality, image_std) -> None:
+    def _validate(modality, image_std, resample="bilinear") -> None:
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if any(s <= 0 for s in image_std):
             raise ValueError(f"image_std must be positive, got {image_std}")
+        if resample not in RESAMPLES:
+            raise ValueError(f"resample must be one of {RESAMPLES}, got {resample!r}")
 
     # -- input handling ---------------------------------------------------------------------------------------
     def _to_float(self, image, modality: str, index: int) -> torch.Tensor:
@@ -299,12 +328,16 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     # -- transforms on float tensors [N, 3, H, W] ---------------------------------------------------------------
     @staticmethod
-    def resize(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
-        """Resize float images ``[N, 3, H, W]`` bilinearly with antialiasing.
+    def resize(
+        pixels: torch.Tensor, size: dict[str, int], resample: str = "bilinear", antialias: bool = True
+    ) -> torch.Tensor:
+        """Resize float images ``[N, 3, H, W]`` (``F.interpolate``, ``align_corners=False``).
 
         Args:
             pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
             size (`dict`): `{"shortest_edge": s}` or `{"height": h, "width": w}`.
+            resample (`str`, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"`.
+            antialias (`bool`, defaults to `True`): antialias when downscaling.
         """
         height, width = pixels.shape[-2:]
         if "shortest_edge" in size:
@@ -315,7 +348,7 @@ class HLSSImageProcessor(BaseImageProcessor):
             target = (size["height"], size["width"])
         if tuple(target) == (height, width):
             return pixels
-        return F.interpolate(pixels, size=target, mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(pixels, size=target, mode=resample, antialias=antialias, align_corners=False)
 
     @staticmethod
     def center_crop(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
@@ -358,6 +391,8 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize: bool | None = None,
         image_mean: float | list[float] | None = None,
         image_std: float | list[float] | None = None,
+        resample: str | None = None,
+        antialias: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Preprocess an image or a batch of images into ``pixel_values``.
@@ -367,8 +402,8 @@ class HLSSImageProcessor(BaseImageProcessor):
                 ``(H, W, C)`` or ``(C, H, W)`` (uint8 RGB for H&E, uint16 ``[CH2, CH3]`` for SRH), or a stacked
                 batch ``(N, ...)``. All images must have the same size after resizing and cropping.
             return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"` or `"np"` (`None` keeps torch).
-            modality, do_resize, size, do_center_crop, crop_size, do_normalize, image_mean, image_std:
-                override the processor's settings for this call.
+            modality, do_resize, size, do_center_crop, crop_size, do_normalize, image_mean, image_std, resample,
+                antialias: override the processor's settings for this call.
 
         Returns:
             `BatchFeature`: ``{"pixel_values": [N, 3, h, w]}`` float32.
@@ -385,14 +420,16 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
         image_mean = self.image_mean if image_mean is None else _channel_stats(image_mean, "image_mean")
         image_std = self.image_std if image_std is None else _channel_stats(image_std, "image_std")
-        self._validate(modality, image_std)
+        resample = self.resample if resample is None else _resample_name(resample)
+        antialias = self.antialias if antialias is None else bool(antialias)
+        self._validate(modality, image_std, resample)
 
         outputs = []
         for index, image in enumerate(self._flatten(images)):
             pixels = self._to_float(image, modality, index)
             pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
             if do_resize:
-                pixels = self.resize(pixels, size)
+                pixels = self.resize(pixels, size, resample, antialias)
             if do_center_crop:
                 try:
                     pixels = self.center_crop(pixels, crop_size)
