@@ -2,9 +2,12 @@
 
 Every patch of a split is embedded once with the frozen image tower (:func:`extract_embeddings`, cached on disk).
 Patch class scores come from a weighted kNN vote (:func:`knn_predict`), a logistic-regression probe
-(:func:`train_linear_probe`) or the text tower (:func:`zero_shot_scores`). Patch scores are summed per slide and
-per patient (:func:`aggregate_scores`), and accuracy, top-2, top-3, mean class accuracy (macro recall) and mean
-average precision (macro one-vs-rest AP) are reported at each level (:func:`hierarchical_metrics`).
+(:func:`train_linear_probe`) or the text tower (:func:`zero_shot_scores`). Patch scores become slide and patient
+scores by one of two rules (:func:`aggregate_scores`, `aggregation=`): `"reference"`, the HLSS reference's kNN rule
+(each patch's scores L1-normalised then softmaxed over the classes, averaged per group; the patch level is scored on
+the same per-patch probabilities), or `"sum"`, raw patch scores summed. Accuracy, top-2, top-3, mean class accuracy
+(macro recall) and mean average precision (macro one-vs-rest AP) are reported at each level
+(:func:`hierarchical_metrics`).
 
 Example:
 
@@ -18,7 +21,7 @@ model = AutoModel.from_pretrained("out/hlss")
 data = load_dataset("out/opensrh")
 train = extract_embeddings(model, data["train"], cache_dir="out/cache")
 val = extract_embeddings(model, data["validation"], cache_dir="out/cache")
-metrics = knn_evaluate(train, val, k=200, temperature=0.07)   # {"patch/acc": ..., "slide/acc": ..., ...}
+metrics = knn_evaluate(train, val, k=200, temperature=0.07, aggregation="reference")  # {"patch/acc": ...}
 ```
 
 The same metrics as an `evaluate` module (offline, from the package folder): `evaluate.load(METRIC_PATH)`.
@@ -48,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 METRIC_NAMES: tuple[str, ...] = ("acc", "top2", "top3", "mca", "map")
+#: Rules that turn patch scores into slide / patient scores (see :func:`aggregate_scores`).
+AGGREGATIONS: tuple[str, ...] = ("reference", "sum")
 # Bumped whenever the cached file's content or the extraction changes, so stale caches are never reused.
 _CACHE_VERSION = 1
 #: Folder of the `evaluate` metric module (patch / slide / patient metrics): `evaluate.load(METRIC_PATH)`.
@@ -472,14 +477,44 @@ def knn_predict(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def reference_patch_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Per-patch class probabilities as the HLSS reference computes them from kNN votes.
+
+    Each row is L1-normalised (``s / sum_c |s_c|``) and then softmaxed over the classes at temperature 1. The
+    L1-normalised values lie in ``[0, 1]``, so the softmax is soft: a patch's probabilities differ by at most a
+    factor ``e`` and every patch weighs the same in a group, however confident its neighbours are (raw kNN votes
+    ``exp(sim / 0.07)`` differ by orders of magnitude between patches).
+
+    Args:
+        scores (`torch.FloatTensor` of shape `[N, C]`): non-negative patch scores (e.g. :func:`knn_predict`).
+
+    Returns:
+        `torch.FloatTensor` of shape `[N, C]`: rows summing to 1.
+    """
+    scores = torch.as_tensor(scores).float()
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [N, C], got shape {tuple(scores.shape)}")
+    return F.normalize(scores, p=1, dim=1).softmax(dim=1)
+
+
 def aggregate_scores(
     scores: torch.Tensor,
     group_ids: Sequence[str],
     labels: torch.Tensor | Sequence[int] | None = None,
     return_groups: bool = False,
+    aggregation: str = "sum",
 ):
-    """Sum patch scores per group (slide or patient).
+    """Combine patch scores per group (slide or patient).
 
+    `"sum"` adds the raw patch scores. `"reference"` is the HLSS reference evaluation
+    (``hlss/eval_knn_hlss_accplot.py``): :func:`reference_patch_scores` per patch, summed per group, and each
+    group's row L1-normalised (which makes it the group's mean patch probability). Argmax (accuracy) is the same
+    for a group's sum and mean; the normalisation matters for mean average precision, which ranks groups.
     Groups are ordered by first appearance. A group whose patches disagree on the label is an error.
 
     Args:
@@ -487,6 +522,7 @@ def aggregate_scores(
         group_ids (`Sequence[str]` of length `N`): group of each patch.
         labels (`torch.LongTensor` of shape `[N]`, *optional*): patch labels; gives the group labels.
         return_groups (`bool`, defaults to `False`): also return the group ids in row order.
+        aggregation (`str`, defaults to `"sum"`): `"sum"` or `"reference"`.
 
     Returns:
         `(group_scores [G, C], group_labels [G] or None)`, plus `groups: list[str]` when `return_groups`.
@@ -494,17 +530,22 @@ def aggregate_scores(
     Raises:
         ValueError: when lengths differ or a group holds patches of several classes (the group is named).
     """
+    _check_aggregation(aggregation)
     scores = torch.as_tensor(scores)
     group_ids = [str(g) for g in group_ids]
     if scores.ndim != 2 or len(group_ids) != scores.shape[0]:
         raise ValueError(
             f"need scores [N, C] and N group ids; got {tuple(scores.shape)} and {len(group_ids)} ids"
         )
+    if aggregation == "reference":
+        scores = reference_patch_scores(scores)
     index_of: dict[str, int] = {}
     index = torch.tensor([index_of.setdefault(g, len(index_of)) for g in group_ids], dtype=torch.long)
     groups = list(index_of)
     group_scores = torch.zeros(len(groups), scores.shape[1], dtype=scores.dtype, device=scores.device)
     group_scores.index_add_(0, index.to(scores.device), scores)
+    if aggregation == "reference":
+        group_scores = F.normalize(group_scores, p=1, dim=1)
     group_labels = None
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
@@ -596,12 +637,14 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_class
     return result
 
 
-def _levels(scores, labels, slide_ids, patient_ids):
+def _levels(scores, labels, slide_ids, patient_ids, aggregation):
     """Yield `(level, scores, labels)` for the patch level and each level whose ids are given."""
-    yield "patch", scores, labels
+    _check_aggregation(aggregation)
+    # The reference scores its patch level on the same per-patch probabilities it aggregates.
+    yield "patch", (reference_patch_scores(scores) if aggregation == "reference" else scores), labels
     for level, ids in (("slide", slide_ids), ("patient", patient_ids)):
         if ids is not None:
-            group_scores, group_labels = aggregate_scores(scores, ids, labels)
+            group_scores, group_labels = aggregate_scores(scores, ids, labels, aggregation=aggregation)
             yield level, group_scores, group_labels
 
 
@@ -611,8 +654,9 @@ def hierarchical_metrics(
     slide_ids: Sequence[str] | None,
     patient_ids: Sequence[str] | None,
     num_classes: int,
+    aggregation: str = "sum",
 ) -> dict[str, float]:
-    """Metrics at patch, slide and patient level, slide / patient scores being summed patch scores.
+    """Metrics at patch, slide and patient level, slide / patient scores aggregated from patch scores.
 
     Args:
         scores (`torch.FloatTensor` of shape `[N, C]`): patch class scores.
@@ -620,6 +664,9 @@ def hierarchical_metrics(
         slide_ids (`Sequence[str]`, *optional*): slide of each patch; `None` skips the slide level.
         patient_ids (`Sequence[str]`, *optional*): patient of each patch; `None` skips the patient level.
         num_classes (`int`): `C`.
+        aggregation (`str`, defaults to `"sum"`): `"sum"` (raw patch scores summed per group) or `"reference"`
+            (:func:`aggregate_scores`; the patch level is then scored on :func:`reference_patch_scores`, which
+            leaves acc / top-k / mca unchanged and changes mean average precision).
 
     Returns:
         `dict[str, float]` with keys `"{level}/{metric}"`, level in patch / slide / patient and metric in
@@ -628,7 +675,7 @@ def hierarchical_metrics(
     scores = torch.as_tensor(scores).float().cpu()
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     result = {}
-    for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids):
+    for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids, aggregation):
         for name, value in classification_metrics(level_scores, level_labels, num_classes).items():
             result[f"{level}/{name}"] = value
     return result
@@ -640,13 +687,14 @@ def hierarchical_confusion_matrices(
     slide_ids: Sequence[str] | None,
     patient_ids: Sequence[str] | None,
     num_classes: int,
+    aggregation: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """Confusion matrices `[C, C]` (rows true, columns predicted) per level, as :func:`hierarchical_metrics`."""
     scores = torch.as_tensor(scores).float().cpu()
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     return {
         level: confusion_matrix(level_scores, level_labels, num_classes)
-        for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids)
+        for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids, aggregation)
     }
 
 
@@ -692,7 +740,12 @@ def knn_scores(
 
 
 def knn_evaluate(
-    train: EmbeddingSet, val: EmbeddingSet, k: int = 200, temperature: float = 0.07, chunk_size: int = 1024
+    train: EmbeddingSet,
+    val: EmbeddingSet,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    aggregation: str = "reference",
 ) -> dict[str, float]:
     """kNN evaluation (DESIGN 1.6): :func:`knn_scores` then :func:`hierarchical_metrics` on `val`.
 
@@ -702,13 +755,18 @@ def knn_evaluate(
         k (`int`, defaults to 200): neighbours; clamped with a warning to the bank size when larger.
         temperature (`float`, defaults to 0.07): vote temperature.
         chunk_size (`int`, defaults to 1024): queries per block.
+        aggregation (`str`, defaults to `"reference"`): slide / patient rule, `"reference"` (the HLSS
+            reference's, for reproducing the paper) or `"sum"` (raw votes summed); see :func:`aggregate_scores`.
 
     Returns:
         `dict[str, float]` with keys such as `"patch/acc"`, `"slide/acc"`, `"patient/acc"`, `"patch/top2"`,
         `"patch/mca"`, `"patch/map"` (slide / patient keys only when `val` has those ids).
     """
+    _check_aggregation(aggregation)
     scores = knn_scores(train, val, k=k, temperature=temperature, chunk_size=chunk_size)
-    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes)
+    return hierarchical_metrics(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -756,9 +814,16 @@ def train_linear_probe(
 
 
 def linear_probe_evaluate(
-    train: EmbeddingSet, val: EmbeddingSet, weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0
+    train: EmbeddingSet,
+    val: EmbeddingSet,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    aggregation: str = "sum",
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Train :func:`train_linear_probe` on `train`; softmax probabilities on `val` give hierarchical metrics.
+
+    `aggregation` (`"sum"` or `"reference"`) is the slide / patient rule of :func:`hierarchical_metrics`.
 
     Returns:
         `(metrics, scores)`: the :func:`hierarchical_metrics` dict and the `[len(val), C]` probabilities.
@@ -767,7 +832,10 @@ def linear_probe_evaluate(
     probe = train_linear_probe(train, weight_decay=weight_decay, max_iter=max_iter, seed=seed)
     with torch.no_grad():
         scores = probe(val.embeddings.float()).softmax(dim=-1)
-    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes), scores
+    metrics = hierarchical_metrics(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    )
+    return metrics, scores
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -882,9 +950,14 @@ def zero_shot_evaluate(
     val: EmbeddingSet,
     class_prompts: Mapping[str, Sequence[str]],
     temperature: float = 0.01,
+    aggregation: str = "sum",
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """:func:`zero_shot_scores` on `val`, then :func:`hierarchical_metrics`. Returns `(metrics, scores)`."""
+    """:func:`zero_shot_scores` on `val`, then :func:`hierarchical_metrics` with `aggregation` (`"sum"` or
+    `"reference"`). Returns `(metrics, scores)`."""
     if len(val) == 0:
         raise ValueError("cannot evaluate an empty embedding set")
     scores = zero_shot_scores(model, tokenizer, val, class_prompts, temperature=temperature)
-    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes), scores
+    metrics = hierarchical_metrics(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    )
+    return metrics, scores

@@ -195,7 +195,9 @@ def _resample_name(value) -> str:
     try:
         return pil[int(value)]
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"resample must be one of {RESAMPLES} (or PIL's BILINEAR / BICUBIC), got {value!r}")
+        raise ValueError(
+            f"resample must be one of {RESAMPLES} (or PIL's BILINEAR / BICUBIC), got {value!r}"
+        ) from None
 
 
 def _channel_stats(values, name: str) -> list[float]:

@@ -16,11 +16,15 @@ from torch import nn
 
 from hlss_hf.evaluation import (
     EmbeddingSet,
+    aggregate_scores,
     extract_embeddings,
+    hierarchical_metrics,
     knn_evaluate,
     knn_predict,
+    knn_scores,
     linear_probe_evaluate,
     model_fingerprint,
+    reference_patch_scores,
     train_linear_probe,
     zero_shot_scores,
 )
@@ -122,6 +126,68 @@ def test_knn_evaluate_patch_only_without_hierarchy():
     val = _clustered_set(3, 5, 3, 8, 0.2, seed=1)
     val.slide_ids = val.patient_ids = None
     assert set(knn_evaluate(train, val, k=5)) == {f"patch/{m}" for m in ("acc", "top2", "top3", "mca", "map")}
+
+
+def test_reference_aggregation_hand_made_example():
+    # Four patches, two classes; kNN-like votes. Slide s1 (class 0) = patches A, B; slide s2 (class 1) = C, D.
+    scores = torch.tensor([[30.0, 10.0], [0.0, 4.0], [1.0, 3.0], [2.0, 6.0]])
+    slides = ["s1", "s1", "s2", "s2"]
+    labels = torch.tensor([0, 0, 1, 1])
+    # By hand. L1-normalised rows: A [0.75, 0.25], B [0, 1], C = D [0.25, 0.75]. Softmax of two values [a, b]
+    # is [sigmoid(a - b), sigmoid(b - a)]: A [s(0.5), s(-0.5)], B [s(-1), s(1)], C = D [s(-0.5), s(0.5)].
+    s = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    a, b, c = [s(0.5), s(-0.5)], [s(-1.0), s(1.0)], [s(-0.5), s(0.5)]
+    # A = [0.6225, 0.3775], B = [0.2689, 0.7311], C = D = [0.3775, 0.6225].
+    expected_patches = torch.tensor([a, b, c, c], dtype=torch.float32)
+    torch.testing.assert_close(reference_patch_scores(scores), expected_patches)
+    # Slides: the sum of its patches' probabilities, L1-normalised (each row sums to 1, so: the mean).
+    # s1 = ([0.6225, 0.3775] + [0.2689, 0.7311]) / 2 = [0.4457, 0.5543] -> class 1 (wrong);
+    # s2 = [0.3775, 0.6225] -> class 1 (right).
+    expected_slides = torch.tensor([[(a[0] + b[0]) / 2, (a[1] + b[1]) / 2], c], dtype=torch.float32)
+    group_scores, group_labels = aggregate_scores(scores, slides, labels, aggregation="reference")
+    torch.testing.assert_close(group_scores, expected_slides)
+    assert group_labels.tolist() == [0, 1]
+    # Raw sums: s1 = [30, 14] -> class 0 (right): patch A's confident votes outweigh B; s2 = [3, 9] -> class 1.
+    raw, _ = aggregate_scores(scores, slides, labels, aggregation="sum")
+    torch.testing.assert_close(raw, torch.tensor([[30.0, 14.0], [3.0, 9.0]]))
+    reference = hierarchical_metrics(scores, labels, slides, None, 2, aggregation="reference")
+    summed = hierarchical_metrics(scores, labels, slides, None, 2, aggregation="sum")
+    assert reference["slide/acc"] == 0.5 and summed["slide/acc"] == 1.0
+    # Per patch the transform keeps each row's order: patch accuracy (A, C, D right; B wrong) is the same.
+    assert reference["patch/acc"] == summed["patch/acc"] == 0.75
+    with pytest.raises(ValueError, match="aggregation must be one of \\('reference', 'sum'\\)"):
+        hierarchical_metrics(scores, labels, slides, None, 2, aggregation="mean")
+
+
+def _slow_reference_metrics_scores(scores, group_ids):
+    """The reference rule straight from eval_knn_hlss_accplot.py's steps, one patch at a time in float64."""
+    groups: dict[str, list[float]] = {}
+    for row, group in zip(scores.double().tolist(), group_ids, strict=True):
+        total = sum(abs(v) for v in row)
+        normalised = [v / total for v in row]
+        exps = [np.exp(v) for v in normalised]
+        probs = [e / sum(exps) for e in exps]
+        acc = groups.setdefault(group, [0.0] * len(row))
+        groups[group] = [x + p for x, p in zip(acc, probs, strict=True)]
+    return torch.tensor([[v / sum(row) for v in row] for row in groups.values()])
+
+
+def test_reference_aggregation_matches_a_slow_loop_and_knn_evaluate_records_the_rule():
+    train = _clustered_set(9, 6, 3, 8, 0.6, seed=0, prefix="t")
+    val = _clustered_set(6, 6, 3, 8, 0.6, seed=1, prefix="v")
+    scores = knn_scores(train, val, k=10)
+    for ids in (val.slide_ids, val.patient_ids):
+        fast, _ = aggregate_scores(scores, ids, aggregation="reference")
+        slow = _slow_reference_metrics_scores(scores, ids)
+        torch.testing.assert_close(fast.double(), slow, atol=1e-6, rtol=0)
+    for rule in ("reference", "sum"):
+        expected = hierarchical_metrics(
+            scores, val.labels, val.slide_ids, val.patient_ids, 3, aggregation=rule
+        )
+        assert knn_evaluate(train, val, k=10, aggregation=rule) == expected
+    assert knn_evaluate(train, val, k=10) == knn_evaluate(train, val, k=10, aggregation="reference")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        knn_evaluate(train, val, k=10, aggregation="softmax")
 
 
 def test_embedding_set_validates_lengths_and_labels():

@@ -240,7 +240,9 @@ def test_resize_then_crop_srh_300_to_224():
 
 # The HLSS reference's evaluation framing (hlss/datasets/improc.py, get_srh_base_aug): the whole 300 px patch
 # resized to 224 x 224 with torchvision's bicubic Resize on the float tensor, no crop.
-REFERENCE_FRAMING = dict(do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", do_center_crop=False)
+REFERENCE_FRAMING = dict(
+    do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", do_center_crop=False
+)
 
 
 def _smooth_rgb(size=300, seed=5):
