@@ -55,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="eval_out", help="where the JSON report and PNG plots go")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument(
-        "--num-workers", type=int, default=0, help="DataLoader workers decoding images while the model runs"
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding images while the model runs (default: 0 on the CPU, the machine's "
+        "cores on an accelerator)",
     )
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: <output-dir>/cache)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
@@ -94,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num-workers must be >= 0")
     if args.update_card and not Path(args.model).is_dir():
         parser.error(f"--update-card needs a local model folder; {args.model!r} is not a directory")

@@ -36,6 +36,7 @@ import math
 import os
 import tempfile
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ METRIC_NAMES: tuple[str, ...] = ("acc", "top2", "top3", "mca", "map")
 AGGREGATIONS: tuple[str, ...] = ("reference", "sum")
 # Bumped whenever the cached file's content or the extraction changes, so stale caches are never reused.
 _CACHE_VERSION = 1
+# Most DataLoader workers extract_embeddings starts by itself for a model on an accelerator.
+_MAX_AUTO_WORKERS = 16
 #: Folder of the `evaluate` metric module (patch / slide / patient metrics): `evaluate.load(METRIC_PATH)`.
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "hierarchical_accuracy")
 # Elements of one similarity block in knn_predict (float32: 128 MiB); bounds memory whatever the bank size.
@@ -149,28 +152,59 @@ class EmbeddingSet:
         )
 
 
+# model -> (what its tensors were when hashed, the fingerprint); entries go with their models.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of a model's class, configuration and every state-dict tensor (names, dtypes, shapes and bytes).
+
+    The bytes are hashed with xxh3-128 (several GB/s, read in place: no copy on the host), and the result is
+    remembered per model until a tensor changes: every in-place update (optimizer step, `load_state_dict`, `copy_`)
+    bumps a tensor's version counter and a replaced tensor has a new storage, both part of the memo's key.
+    (Writes through a numpy view of a parameter bypass the counter; call `model_fingerprint.cache_clear()`.)
 
     Args:
         model (`torch.nn.Module`): the model; a `config` attribute with `to_dict()` is included when present.
 
     Returns:
-        `str`: a hex sha256 digest; equal for models whose forward passes are equal.
+        `str`: a hex digest; equal for models whose forward passes are equal.
     """
-    digest = hashlib.sha256(type(model).__qualname__.encode())
+    import xxhash  # a dependency of datasets
+
+    state = model.state_dict()
     config = getattr(model, "config", None)
+    values = None
     if config is not None and hasattr(config, "to_dict"):
         # The load path and the library version do not change the forward pass.
         values = {
             k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
         }
-        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    config_json = json.dumps(values, sort_keys=True, default=str)
+    version = tuple(
+        (name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for name, t in state.items()
+    )
+    try:
+        memo = _FINGERPRINTS.get(model)
+    except TypeError:  # not weak-referenceable
+        memo = None
+    if memo is not None and memo[0] == (config_json, version):
+        return memo[1]
+    digest = xxhash.xxh3_128(type(model).__qualname__.encode())
+    digest.update(config_json.encode())
+    for name, tensor in sorted(state.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    fingerprint = digest.hexdigest()
+    try:
+        _FINGERPRINTS[model] = ((config_json, version), fingerprint)
+    except TypeError:
+        pass
+    return fingerprint
+
+
+model_fingerprint.cache_clear = _FINGERPRINTS.clear  # type: ignore[attr-defined]
 
 
 def _processor_fingerprint(processor: Any) -> str:
@@ -185,9 +219,17 @@ def _processor_fingerprint(processor: Any) -> str:
     return repr(processor)
 
 
-def _default_pixels(images: list[np.ndarray], modality: str, image_size: int | None) -> torch.Tensor:
+def _default_pixels(images, modality: str, image_size: int | None) -> torch.Tensor:
     """Convert decoded patches to `[N, 3, H, W]` floats, centre-cropped to the model's image size."""
-    from hlss_hf.processing_hlss import he_to_float, srh_to_float
+    from hlss_hf.processing_hlss import HLSSImageProcessor, he_to_float, srh_to_float
+
+    if isinstance(images, np.ndarray):  # a stacked batch [N, H, W, C]
+        images = [images] if image_size is None or min(images.shape[1:3]) >= image_size else list(images)
+    if image_size is None or all(min(np.shape(image)[-3:-1]) >= image_size for image in images):
+        # Big enough to crop: the processor's batch path gives the same values as the loop below.
+        crop = {"height": image_size or 1, "width": image_size or 1}
+        processor = HLSSImageProcessor(modality=modality, do_center_crop=image_size is not None, crop_size=crop)
+        return processor(images=images)["pixel_values"]
 
     convert = srh_to_float if modality == "srh" else he_to_float
     tensors = []
@@ -204,6 +246,18 @@ def _default_pixels(images: list[np.ndarray], modality: str, image_size: int | N
                 )[0]
         tensors.append(tensor)
     return torch.stack(tensors)
+
+
+def default_num_workers(device: str | torch.device) -> int:
+    """Decoding workers for a model on `device`: 0 on the CPU (the forward pass already uses every core), else
+    every core this process may use but one (left to the main process), at most 16."""
+    if torch.device(device).type == "cpu":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(_MAX_AUTO_WORKERS, cores - 1))
 
 
 def _image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -229,7 +283,7 @@ def extract_embeddings(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> EmbeddingSet:
     """Embed every patch of one dataset split with the frozen image tower.
 
@@ -249,8 +303,10 @@ def extract_embeddings(
         device (`str` or `torch.device`, *optional*): where to run; the model is moved there. Defaults to the
             device of the model's parameters.
         progress (`bool`, defaults to `True`): show a tqdm progress bar.
-        num_workers (`int`, defaults to 0): DataLoader worker processes that decode and preprocess the next
-            batches while the model runs (0: in the main process).
+        num_workers (`int`, *optional*): DataLoader worker processes that decode and preprocess the next
+            batches while the model runs (0: in the main process). `None` (default): :func:`default_num_workers`,
+            0 on the CPU (workers would compete with the model's threads) and the machine's cores on an
+            accelerator.
 
     Returns:
         :class:`EmbeddingSet` with float32 L2-normalised embeddings.
@@ -275,7 +331,7 @@ def extract_embeddings(
         raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
+    if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     class_names = list(features["label"].names)
     hierarchy = {name: name in features for name in ("slide_id", "patient_id")}
@@ -319,9 +375,9 @@ def extract_embeddings(
                 return EmbeddingSet.load(cache_path)
 
     image_size = getattr(getattr(model, "config", None), "image_size", None)
-    source = _ImageBatches(
-        dataset.select_columns(["image"]).with_format("numpy"), batch_size, processor, modality_of(features), image_size
-    )
+    source = _ImageBatches(_image_column(dataset), batch_size, processor, modality_of(features), image_size)
+    if num_workers is None:
+        num_workers = default_num_workers(device)
     batches = torch.utils.data.DataLoader(
         source,
         batch_size=None,  # items are whole batches: one slice of the Arrow table each
@@ -357,6 +413,62 @@ def extract_embeddings(
     return result
 
 
+def _image_column(dataset):
+    """The `image` column as the batches read it: encoded bytes for `datasets.Image` (decoded by
+    :func:`_decode_images`), stacked numpy arrays for array features (`Array3D`: one `[N, H, W, C]` per slice)."""
+    import datasets
+
+    images = dataset.select_columns(["image"])
+    feature = images.features["image"]
+    if isinstance(feature, datasets.Image):
+        return images.cast_column("image", datasets.Image(decode=False)).with_format(None)
+    # datasets' numpy formatting widens integers to int64 unless told the dtype (4x the bytes for uint16 SRH,
+    # and a cast back per patch).
+    dtype = getattr(feature, "dtype", None)
+    return images.with_format("numpy", **({"dtype": np.dtype(dtype)} if dtype else {}))
+
+
+def _decode_images(values) -> np.ndarray | list[np.ndarray]:
+    """Decode one slice of the `image` column: a stacked array stays whole; 8-bit RGB PNG and JPEG bytes are
+    decoded by imagecodecs (libpng / libjpeg-turbo: the same pixels as PIL, about twice as fast, see
+    benchmarks/README.md), everything else by :func:`hlss_hf.schema.decode_image` (PIL)."""
+    from hlss_hf.schema import decode_image
+
+    if isinstance(values, np.ndarray) and values.ndim == 4:
+        return values
+    decoded = []
+    for value in values:
+        data = value.get("bytes") if isinstance(value, Mapping) else None
+        image = _decode_rgb8(data) if data is not None else None
+        decoded.append(image if image is not None else decode_image(value))
+    return decoded
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_rgb8(data: bytes) -> np.ndarray | None:
+    """`(H, W, 3)` uint8 pixels of an 8-bit RGB PNG or a 3-component JPEG, or `None` for anything else (grey,
+    palette, alpha, 16-bit, CMYK, other formats), which PIL's conversions in `decode_image` then handle."""
+    import imagecodecs
+
+    try:
+        if data[:8] == _PNG_SIGNATURE:
+            # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, no palette, no alpha).
+            if len(data) < 26 or data[24] != 8 or data[25] != 2:
+                return None
+            image = imagecodecs.png_decode(data)
+        elif data[:2] == b"\xff\xd8":
+            image = imagecodecs.jpeg8_decode(data)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - a codec error: PIL decodes it or raises its own clear error
+        return None
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        return None
+    return image
+
+
 class _ImageBatches(torch.utils.data.Dataset):
     """Batch `i` of a split's `image` column, decoded and converted (what DataLoader workers compute): by
     `processor(images=...)`, or without one by `he_to_float` / `srh_to_float` and a centre crop to `image_size`."""
@@ -369,10 +481,8 @@ class _ImageBatches(torch.utils.data.Dataset):
         return math.ceil(len(self.images) / self.batch_size)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from hlss_hf.schema import decode_image
-
         batch = self.images[i * self.batch_size : (i + 1) * self.batch_size]["image"]
-        decoded = [decode_image(value) for value in batch]
+        decoded = _decode_images(batch)
         if self.processor is not None:
             return self.processor(images=decoded, return_tensors="pt")["pixel_values"]
         return _default_pixels(decoded, self.modality, self.image_size)

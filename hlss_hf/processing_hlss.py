@@ -426,8 +426,20 @@ class HLSSImageProcessor(BaseImageProcessor):
         antialias = self.antialias if antialias is None else bool(antialias)
         self._validate(modality, image_std, resample)
 
+        images = self._flatten(images)
+        stacked = _stack_raw(images, modality)
+        if stacked is not None:
+            pixel_values = self._preprocess_stacked(
+                stacked, modality, do_resize, size, resample, antialias, do_center_crop, crop_size
+            )
+            if do_normalize:
+                mean_t = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+                std_t = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+                pixel_values.sub_(mean_t).div_(std_t)  # in place, the same arithmetic as `normalize`
+            return self._wrap(pixel_values, return_tensors)
+
         outputs = []
-        for index, image in enumerate(self._flatten(images)):
+        for index, image in enumerate(images):
             pixels = self._to_float(image, modality, index)
             pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
             if do_resize:
@@ -446,12 +458,69 @@ class HLSSImageProcessor(BaseImageProcessor):
         pixel_values = torch.cat(outputs).to(torch.float32)
         if do_normalize:
             pixel_values = self.normalize(pixel_values, image_mean, image_std)
-        pixel_values = pixel_values.contiguous()
+        return self._wrap(pixel_values.contiguous(), return_tensors)
+
+    @staticmethod
+    def _wrap(pixel_values: torch.Tensor, return_tensors) -> BatchFeature:
         if return_tensors == "np":
             pixel_values = pixel_values.numpy()
         elif return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         return BatchFeature(data={"pixel_values": pixel_values})
+
+
+    def _preprocess_stacked(
+        self, stacked: np.ndarray, modality, do_resize, size, resample, antialias, do_center_crop, crop_size
+    ) -> torch.Tensor:
+        """The batch path: one ``[N, H, W, C]`` raw array converted, resized and cropped as a whole.
+
+        Gives the same values, bit for bit, as converting each image, resizing and cropping it: the conversion
+        is per pixel (so a crop taken first on the raw pixels is exact and converts only what is kept), and
+        ``F.interpolate`` treats every image of a batch alone.
+        """
+        if do_center_crop and not do_resize:
+            try:
+                stacked = self.center_crop(stacked.transpose(0, 3, 1, 2), crop_size).transpose(0, 2, 3, 1)
+            except ValueError as err:
+                raise ValueError(f"image 0: {err}") from err
+        if modality == "srh":
+            pixels = srh_to_float(stacked)
+        else:
+            # One pass from uint8 NHWC to float NCHW, then one in-place scale: he_to_float's values.
+            pixels = torch.empty((stacked.shape[0], 3, *stacked.shape[1:3]), dtype=torch.float32)
+            pixels.copy_(torch.from_numpy(stacked).permute(0, 3, 1, 2)).div_(255.0)
+        if do_resize:
+            pixels = self.resize(pixels, size, resample, antialias)
+            if do_center_crop:
+                try:
+                    pixels = self.center_crop(pixels, crop_size)
+                except ValueError as err:
+                    raise ValueError(f"image 0: {err}") from err
+            pixels = pixels.contiguous()
+        return pixels
+
+
+def _stack_raw(images: list, modality: str) -> np.ndarray | None:
+    """Same-shape raw images of one batch as one channel-last array, or `None` where the per-image path applies.
+
+    Raw means what the datasets hold: uint8 RGB (H&E; PIL RGB images too) or uint16 ``[CH2, CH3]`` (SRH),
+    channel-last ``(H, W, C)``, or one stacked ``(N, H, W, C)`` array.
+    """
+    dtype, channels = (np.uint16, 2) if modality == "srh" else (np.uint8, 3)
+    if len(images) == 1 and isinstance(images[0], np.ndarray) and images[0].ndim == 4:
+        batch = images[0]
+        ok = batch.dtype == dtype and batch.shape[-1] == channels and batch.shape[0] > 0
+        return np.ascontiguousarray(batch) if ok else None
+    arrays = []
+    for image in images:
+        if isinstance(image, Image.Image) and modality == "he" and image.mode == "RGB":
+            image = np.asarray(image)
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.dtype == dtype):
+            return None
+        if image.shape[-1] != channels or (arrays and image.shape != arrays[0].shape):
+            return None
+        arrays.append(image)
+    return np.stack(arrays)
 
 
 class HLSSProcessor(ProcessorMixin):

@@ -435,3 +435,100 @@ def test_extract_embeddings_srh_uses_srh_conversion():
     expected = F.normalize(model.proj(srh_to_float(images[2]).mean(dim=(1, 2))), dim=-1).detach()
     torch.testing.assert_close(result.embeddings[2], expected, rtol=1e-5, atol=1e-5)
     assert result.class_names == ["hgg", "lgg"] and result.patient_ids == ["p0", "p0", "p1"]
+
+
+def _encoded(image: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pil = Image.fromarray(image)
+    pil = pil.convert(mode) if mode else pil
+    pil.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, fast",
+    [("PNG", None, True), ("JPEG", None, True), ("PNG", "L", False), ("PNG", "RGBA", False), ("PNG", "P", False),
+     ("JPEG", "L", False), ("TIFF", None, False)],
+)  # fmt: skip
+def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fast):
+    from hlss_hf.evaluation import _decode_images, _decode_rgb8
+    from hlss_hf.schema import decode_image
+
+    image = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    value = {"bytes": _encoded(image, fmt, mode), "path": None}
+    # 8-bit RGB PNG / JPEG take the imagecodecs path; grey, alpha, palette and TIFF go to PIL.
+    assert (_decode_rgb8(value["bytes"]) is not None) == fast
+    (decoded,) = _decode_images([value])
+    expected = decode_image(value)
+    assert decoded.dtype == np.uint8 and decoded.shape == (20, 24, 3)
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_array_columns_are_read_stacked_in_their_own_dtype():
+    from hlss_hf.evaluation import _decode_images, _image_column
+
+    images = [np.full((6, 6, 2), 60000 + i, dtype=np.uint16) for i in range(3)]
+    data = datasets.Dataset.from_dict(
+        {"image": images}, features=datasets.Features({"image": datasets.Array3D((6, 6, 2), "uint16")})
+    )
+    batch = _decode_images(_image_column(data)[0:3]["image"])
+    # One [N, H, W, C] uint16 array (datasets' numpy formatting would widen it to int64 otherwise).
+    assert isinstance(batch, np.ndarray) and batch.dtype == np.uint16 and batch.shape == (3, 6, 6, 2)
+    np.testing.assert_array_equal(batch, np.stack(images))
+
+
+def test_extract_embeddings_of_png_patches_equals_the_per_image_pil_path():
+    from PIL import Image
+
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(5)]
+    data = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(i) for i in images], "label": [0, 1, 0, 1, 0]},
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+        ),
+    )
+    processor = HLSSImageProcessor(modality="he", crop_size=32, do_normalize=True)
+    model = _CountingModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no hierarchy columns
+        result = extract_embeddings(model, data, processor=processor, batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = torch.cat(
+            [model.get_image_features(processor(images=Image.fromarray(i))["pixel_values"]) for i in images]
+        )
+    torch.testing.assert_close(result.embeddings, F.normalize(expected, dim=-1), rtol=0, atol=1e-6)
+
+
+def test_model_fingerprint_is_remembered_until_a_tensor_changes():
+    torch.manual_seed(0)
+    model = _CountingModel()
+    first = model_fingerprint(model)
+    assert model_fingerprint(model) == first
+    original = model.proj.weight.detach().clone()
+    with torch.no_grad():
+        model.proj.weight.mul_(2)  # in place: bumps the version counter
+    changed = model_fingerprint(model)
+    assert changed != first
+    model.proj.weight = nn.Parameter(original.clone())  # a new tensor holding the original values
+    assert model_fingerprint(model) == first
+    model.load_state_dict({"proj.weight": original * 2, "proj.bias": model.proj.bias.detach()})
+    assert model_fingerprint(model) == changed
+
+
+def test_default_num_workers(monkeypatch):
+    from hlss_hf.evaluation import default_num_workers
+
+    assert default_num_workers("cpu") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert default_num_workers("cuda") == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_num_workers(torch.device("cuda", 0)) == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_num_workers("cuda") == 0

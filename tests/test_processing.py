@@ -306,6 +306,45 @@ def test_resample_accepts_pil_filters_and_rejects_others():
         by_name(image, resample=Image.Resampling.LANCZOS)
 
 
+@pytest.mark.parametrize("modality", ["he", "srh"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"do_normalize": True},
+        {"do_resize": True, "size": {"height": 24, "width": 24}, "do_center_crop": False},
+        {"do_resize": True, "size": 28, "crop_size": 24, "resample": "bicubic"},
+    ],
+)
+def test_batches_give_the_per_image_values_bit_for_bit(modality, settings):
+    rng = np.random.default_rng(8)
+    if modality == "he":
+        images = [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(4)]
+        convert = he_to_float
+    else:
+        images = [rng.integers(0, 65536, (30, 30, 2), dtype=np.uint16) for _ in range(4)]
+        convert = srh_to_float
+    processor = HLSSImageProcessor(modality=modality, **{"crop_size": 24, **settings})
+    # Written out per image: convert, resize, crop, normalise (the processor's steps, one image at a time).
+    expected = []
+    for image in images:
+        pixels = convert(image)[None]
+        if processor.do_resize:
+            pixels = processor.resize(pixels, processor.size, processor.resample, processor.antialias)
+        if processor.do_center_crop:
+            pixels = processor.center_crop(pixels, processor.crop_size)
+        if processor.do_normalize:
+            pixels = processor.normalize(pixels, processor.image_mean, processor.image_std)
+        expected.append(pixels)
+    expected = torch.cat(expected)
+    for batch in (images, np.stack(images)):
+        pixels = processor(images=batch)["pixel_values"]
+        assert pixels.is_contiguous() and pixels.dtype == torch.float32
+        assert torch.equal(pixels, expected)
+    if modality == "he":
+        assert torch.equal(processor(images=[Image.fromarray(i) for i in images])["pixel_values"], expected)
+
+
 def test_normalisation_uses_mean_and_std_per_channel():
     image = np.full((4, 4, 3), 255, np.uint8)  # every value 1.0 after /255
     processor = HLSSImageProcessor(
