@@ -537,3 +537,21 @@ def test_saved_processor_loads_as_remote_code_without_hlss_hf(tmp_path, register
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK HLSSProcessor HLSSImageProcessor" in result.stdout
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
+def test_resize_uint8_is_within_rounding_of_the_float_resize(resample):
+    image = np.array(_smooth_rgb())
+    settings = dict(do_resize=True, size={"height": 224, "width": 224}, resample=resample, do_center_crop=False)
+    exact = HLSSImageProcessor(modality="he", **settings)(image)["pixel_values"]
+    fast = HLSSImageProcessor(modality="he", resize_uint8=True, **settings)(image)["pixel_values"]
+    assert fast.shape == exact.shape and fast.is_contiguous()
+    # 8-bit values, within rounding of the float resize (the kernel rounds between its two passes too; the
+    # smooth image never overshoots [0, 1]).
+    torch.testing.assert_close(fast * 255, (fast * 255).round(), rtol=0, atol=1e-3)
+    assert float((fast - exact).abs().max()) <= 1.5 / 255
+    assert not torch.equal(fast, exact)
+    # SRH ignores it: the float resize, bit for bit.
+    patch = np.random.default_rng(9).integers(0, 65536, size=(300, 300, 2), dtype=np.uint16)
+    srh = HLSSImageProcessor(modality="srh", **settings)
+    assert torch.equal(srh(patch)["pixel_values"], srh(patch, resize_uint8=True)["pixel_values"])
