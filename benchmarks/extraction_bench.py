@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import io
 import json
 import statistics
 import sys
@@ -26,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 for path in (HERE.parent, HERE):
@@ -34,6 +38,8 @@ for path in (HERE.parent, HERE):
         sys.path.insert(0, str(path))
 
 from train_throughput import VISION_PRESETS, build  # noqa: E402 - the same model builder as training
+
+SVS = HERE.parent.parent / "shared" / "data" / "cmu_small_region.svs"  # a real H&E region (DESIGN 4)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--part",
+        choices=("all", "pipeline", "extract"),
+        default="all",
+        help="pipeline: the input pipeline alone, today's path vs the batched one, per core, and the model "
+        "fingerprint; extract: extract_embeddings against the forward pass; all: both",
+    )
+    parser.add_argument("--pipeline-images", type=int, default=128, help="patches per pipeline case")
+    parser.add_argument(
+        "--pipeline-patch", type=int, default=300, help="stored patch side of the pipeline cases"
+    )
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the JPEG storage case")
     args = parser.parse_args(argv)
     # train_throughput.build reads these fields.
     args.text_hidden = 32
@@ -66,6 +84,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    report = {}
+    if args.part in ("all", "pipeline"):
+        report["pipeline"] = pipeline_bench(args)
+        report["fingerprint"] = fingerprint_bench(build(args).eval())
+    if args.part in ("all", "extract"):
+        report["extract"] = extract_bench(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def extract_bench(args) -> dict:
     import datasets
 
     from dataset_scripts.demo import build_demo_dataset
@@ -174,8 +204,6 @@ def main(argv=None) -> dict:
     print(f"  per-row / extract time {report['per_row_over_extract_time']:.2f}")
     print(f"  cache: first {uncached:.2f} s, rerun {cached:.3f} s ({report['cache']['speedup']:.0f}x)")
     print("  max |embedding - extract|: " + ", ".join(f"{k} {v:.1e}" for k, v in max_diff.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
     # Checked after the report is out. On CUDA every path runs under bf16 autocast (as extract_embeddings does),
     # whose rounding may depend on the batch size (per-row runs batches of one): a bf16-sized tolerance there.
     atol = 5e-2 if torch.device(args.device).type == "cuda" else 1e-4
@@ -185,6 +213,218 @@ def main(argv=None) -> dict:
                 f"{name} embeddings differ from extract_embeddings' by {diff:.2e} (> {atol})"
             )
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input pipeline alone: decode + preprocess to model-ready tensors, today's path vs the batched one (issue 13)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _he_tiles(patch: int, count: int):
+    """`count` real H&E tiles of `patch` px from the shared SVS region (repeated as needed), or `None`."""
+    try:
+        import openslide
+
+        slide = openslide.OpenSlide(str(SVS))
+        rgb = np.array(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    except Exception:  # noqa: BLE001 - no openslide or no file: the synthetic demo tiles are used
+        return None
+    tiles = [
+        rgb[y : y + patch, x : x + patch]
+        for y in range(0, rgb.shape[0] - patch + 1, patch)
+        for x in range(0, rgb.shape[1] - patch + 1, patch)
+    ]
+    return [tiles[i % len(tiles)] for i in range(count)]
+
+
+def _synthetic_he(patch: int, count: int):
+    from dataset_scripts.demo import build_demo_dataset
+
+    demo = build_demo_dataset(num_patients=max(2, count // 16 + 1), patch_size=patch, val_fraction=0.0)
+    images = demo["train"].with_format("numpy")["image"][:count]
+    return [np.asarray(image)[..., :3] for image in images]
+
+
+def _srh_patches(patch: int, count: int):
+    """Smooth uint16 [CH2, CH3] patches in the OpenSRH value range (decode cost does not depend on content)."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(2000, 40000, size=(count, patch // 10 + 1, patch // 10 + 1, 2))
+    return [np.kron(s, np.ones((10, 10, 1)))[:patch, :patch].astype(np.uint16) for s in small]
+
+
+def _encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _store(images, storage: str, quality: int):
+    """A one-column dataset in a storage format: `png` / `jpeg` (datasets.Image) or `raw` (Array3D)."""
+    import datasets
+
+    if storage in ("png", "jpeg"):
+        fmt = "PNG" if storage == "png" else "JPEG"
+        encoded = [{"bytes": _encode(image, fmt, quality), "path": None} for image in images]
+        data = datasets.Dataset.from_dict(
+            {"image": encoded}, features=datasets.Features({"image": datasets.Image()})
+        )
+        return data, float(np.mean([len(e["bytes"]) for e in encoded]))
+    shape, dtype = images[0].shape, str(images[0].dtype)
+    feature = datasets.Array3D(shape=shape, dtype=dtype)
+    data = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": feature}))
+    return data, float(images[0].nbytes)
+
+
+def _today_batches(data, processor, batch_size: int):
+    """The input path before issue 13, kept here to measure against: datasets' numpy formatting (PIL decode;
+    int64 widening of integer arrays), `decode_image` per row, and the processor's per-image loop."""
+    from hlss_hf.processing_hlss import he_to_float, srh_to_float
+    from hlss_hf.schema import decode_image
+
+    column = data.select_columns(["image"]).with_format("numpy")
+    convert = srh_to_float if processor.modality == "srh" else he_to_float
+    for start in range(0, len(data), batch_size):
+        outputs = []
+        for value in column[start : start + batch_size]["image"]:
+            pixels = convert(decode_image(value)).unsqueeze(0)
+            if processor.do_resize:
+                pixels = processor.resize(pixels, processor.size, processor.resample, processor.antialias)
+            if processor.do_center_crop:
+                pixels = processor.center_crop(pixels, processor.crop_size)
+            outputs.append(pixels)
+        pixels = torch.cat(outputs).to(torch.float32)
+        if processor.do_normalize:
+            pixels = processor.normalize(pixels, processor.image_mean, processor.image_std)
+        yield pixels.contiguous()
+
+
+def _new_batches(data, processor, batch_size: int):
+    """What `extract_embeddings` runs per batch now (its `_ImageBatches`)."""
+    from hlss_hf.evaluation import _image_column, _ImageBatches
+
+    batches = _ImageBatches(_image_column(data), batch_size, processor, processor.modality, None)
+    for i in range(len(batches)):
+        yield batches[i]
+
+
+def pipeline_bench(args) -> dict:
+    """Images/s of the input pipeline alone, one core, today's path and the new one alternating."""
+    import datasets
+
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+
+    datasets.disable_progress_bars()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core
+    n, patch = args.pipeline_images, args.pipeline_patch
+    he = _he_tiles(patch, n)
+    he_source = f"{SVS.name} tiles" if he is not None else "synthetic demo tiles"
+    he = he if he is not None else _synthetic_he(patch, n)
+    srh = _srh_patches(patch, n)
+    framings = {
+        "crop": dict(do_center_crop=True, crop_size=args.crop, do_normalize=True),
+        "resize": dict(
+            do_resize=True,
+            size={"height": args.crop, "width": args.crop},
+            resample="bicubic",
+            do_center_crop=False,
+            do_normalize=True,
+        ),
+    }
+    # The reference framing with the opt-in 8-bit resize (H&E only; measured against today's float resize).
+    framings["resize-u8"] = dict(framings["resize"], resize_uint8=True)
+    cases = [("he", s, he) for s in ("png", "jpeg", "raw")] + [("srh", "raw", srh)]
+    rows = []
+    reference_pixels = {}  # (modality, framing) -> today's output from the lossless storage
+    for modality, storage, images in cases:
+        data, stored_bytes = _store(images, storage, args.jpeg_quality)
+        for framing, settings in framings.items():
+            if framing == "resize-u8" and modality == "srh":
+                continue  # SRH is resized as float whatever the option
+            processor = HLSSImageProcessor(modality=modality, **settings)
+            paths = {
+                name: lambda batches=batches, data=data, processor=processor: torch.cat(
+                    list(batches(data, processor, args.batch_size))
+                )
+                for name, batches in (("today", _today_batches), ("new", _new_batches))
+            }
+            times = {name: [] for name in paths}
+            out = {}
+            for _ in range(args.rounds):
+                for name, fn in paths.items():
+                    seconds, out[name] = timed(fn)
+                    times[name].append(seconds)
+            if storage != "jpeg":  # lossless: today's output here is the exact one for these pixels
+                reference_pixels.setdefault((modality, framing), out["today"])
+            base = reference_pixels[(modality, framing)]
+            rate = {name: n / statistics.median(values) for name, values in times.items()}
+            rows.append(
+                {
+                    "modality": modality,
+                    "storage": storage + (f" q{args.jpeg_quality}" if storage == "jpeg" else ""),
+                    "framing": framing,
+                    "kb_per_patch": stored_bytes / 1024,
+                    "today_images_per_s": rate["today"],
+                    "new_images_per_s": rate["new"],
+                    "new_over_today": rate["new"] / rate["today"],
+                    "max_abs_diff_new_vs_today": float((out["new"] - out["today"]).abs().max()),
+                    "max_abs_diff_vs_lossless": float((out["new"] - base).abs().max()),
+                    "mean_abs_diff_vs_lossless": float((out["new"] - base).abs().mean()),
+                }
+            )
+    # Against today's path on PNG (same framing): what a change of H&E storage format buys on top.
+    today_png = {r["framing"]: r["today_images_per_s"] for r in rows if r["storage"] == "png"}
+    for row in rows:
+        is_he = row["modality"] == "he"
+        row["new_over_today_png"] = row["new_images_per_s"] / today_png[row["framing"]] if is_he else None
+    torch.set_num_threads(threads)
+    print(
+        f"\nInput pipeline, 1 core: {n} patches of {patch} px ({he_source} for H&E), batch {args.batch_size}, "
+        f"to {args.crop} px normalised; median of {args.rounds} alternating rounds"
+    )
+    print(
+        "  framings: crop = native resolution, centre crop; resize = whole patch resized bicubic (the reference's);"
+    )
+    print(
+        "  resize-u8 = the same with resize_uint8=True. Diffs: against today's output from lossless storage."
+    )
+    print(
+        f"  {'modality':8s} {'storage':9s} {'framing':9s} {'KB/patch':>8s} {'today/s':>8s} {'new/s':>8s} "
+        f"{'new/today':>9s} {'vs PNG today':>12s} {'max diff':>9s} {'mean diff':>9s}"
+    )
+    for r in rows:
+        vs_png = f"{r['new_over_today_png']:.2f}" if r["new_over_today_png"] is not None else "-"
+        print(
+            f"  {r['modality']:8s} {r['storage']:9s} {r['framing']:9s} {r['kb_per_patch']:8.1f} "
+            f"{r['today_images_per_s']:8.1f} {r['new_images_per_s']:8.1f} {r['new_over_today']:9.2f} "
+            f"{vs_png:>12s} {r['max_abs_diff_vs_lossless']:9.1e} {r['mean_abs_diff_vs_lossless']:9.1e}"
+        )
+    return {"source": he_source, "rows": rows}
+
+
+def fingerprint_bench(model) -> dict:
+    """`model_fingerprint` before issue 13 (sha256 over a bytes copy of every tensor) and now (xxh3, no copy,
+    remembered until a tensor changes)."""
+    from hlss_hf.evaluation import model_fingerprint
+
+    def before():
+        digest = hashlib.sha256(type(model).__qualname__.encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    model_fingerprint.cache_clear()
+    old, _ = timed(before)
+    first, _ = timed(lambda: model_fingerprint(model))
+    again, _ = timed(lambda: model_fingerprint(model))
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"\nmodel_fingerprint ({params / 1e6:.1f}M parameters): before {old * 1e3:.0f} ms, now {first * 1e3:.0f} ms "
+        f"({old / first:.1f}x), repeated call {again * 1e3:.1f} ms"
+    )
+    return {"params": params, "before_s": old, "now_s": first, "repeat_s": again}
 
 
 if __name__ == "__main__":

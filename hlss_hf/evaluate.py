@@ -7,7 +7,11 @@
     python -m hlss_hf.evaluate knn --model out/hlss --dataset data/demo --output-dir out/eval --update-card
 
 kNN and the linear probe use `--train-split` as the bank / training set and report patch, slide and patient metrics
-on `--split` (DESIGN 1.6). Each run writes `<mode>_<split>.json` (metrics, confusion matrices, settings) and
+on `--split` (DESIGN 1.6). `--aggregation` picks how patch scores become slide / patient scores: `reference` (the
+HLSS reference's rule: per patch L1-normalise, softmax, then average per group; the kNN default) or `sum` (raw
+scores summed; the linear / zero-shot default). `--framing` picks the image framing: `saved` (the model folder's
+processor), `resize` (the reference's: the whole patch resized bicubic to the model's image size) or
+`center-crop` (native resolution, centre crop). The report's `settings` say which rule and framing were used. Each run writes `<mode>_<split>.json` (metrics, confusion matrices, settings) and
 `<mode>_<split>_confusion_<level>.png` to `--output-dir`; `--update-card` records the metrics as model-index
 evaluation results in the model folder's README.md. `explain` writes per-class attribute summaries (JSON and one
 heatmap PNG per level) and, with `--index`, `--slide-id` or `--patient-id`, that target's top attributes.
@@ -28,6 +32,8 @@ from typing import Any
 logger = logging.getLogger("hlss_hf.evaluate")
 
 MODES = ("knn", "linear", "zeroshot", "explain")
+AGGREGATIONS = ("reference", "sum")  # hlss_hf.evaluation.AGGREGATIONS (not imported: --help stays fast)
+FRAMINGS = ("saved", "resize", "center-crop")
 DEFAULT_TEMPLATES = ("an image of {}.", "a histopathology image of {}.", "a microscopy image of {} tissue.")
 #: Metrics written to the model card, as (key, model-index metric type).
 CARD_METRICS = (("acc", "accuracy"), ("mca", "balanced_accuracy"), ("map", "mean_average_precision"))
@@ -49,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="eval_out", help="where the JSON report and PNG plots go")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument(
-        "--num-workers", type=int, default=0, help="DataLoader workers decoding images while the model runs"
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding images while the model runs (default: 0 on the CPU, the machine's "
+        "cores on an accelerator)",
     )
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: <output-dir>/cache)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
@@ -57,6 +67,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each split")
     parser.add_argument("--k", type=int, default=200, help="kNN neighbours (clamped to the bank size)")
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    parser.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default=None,
+        help="slide / patient rule: reference (HLSS reference: per patch L1-normalise + softmax, averaged) or sum "
+        "(raw patch scores summed); default: reference for knn, sum for linear and zeroshot",
+    )
+    parser.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default="saved",
+        help="image framing: saved (the model folder's processor), resize (whole patch resized bicubic to the "
+        "model's image size, as the reference evaluates) or center-crop (native resolution, centre crop)",
+    )
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="linear probe L2 penalty")
     parser.add_argument("--prompts", default=None, help="zero-shot prompts: YAML/JSON class -> [prompts]")
     parser.add_argument(
@@ -74,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num-workers must be >= 0")
     if args.update_card and not Path(args.model).is_dir():
         parser.error(f"--update-card needs a local model folder; {args.model!r} is not a directory")
@@ -130,7 +154,9 @@ def load_prompts(path: str | None, class_names: list[str]) -> dict[str, list[str
 def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], dataset_name: str) -> Path:
     """Record the report's metrics as model-index evaluation results in `<model_dir>/README.md`.
 
-    Results with the same metric name, dataset and split are replaced; others are kept. Written atomically.
+    Metric names carry the mode and the aggregation rule (e.g. ``"slide acc (knn, reference aggregation)"``) and
+    `metric_args` the settings (rule, k, temperature, framing). Results with the same metric name, dataset and
+    split are replaced; others are kept. Written atomically.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -145,6 +171,11 @@ def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], data
     if not getattr(data, "model_name", None):
         data.model_name = Path(model_dir).resolve().name
     mode, split = report["mode"], report["split"]
+    settings = report.get("settings", {})
+    aggregation = settings.get("aggregation")
+    # The rule is part of the name: slide / patient numbers (and every mAP) differ between rules.
+    suffix = f"{mode}, {aggregation} aggregation" if aggregation else mode
+    args = {k: settings[k] for k in ("aggregation", "k", "temperature", "framing") if k in settings} or None
     new = [
         EvalResult(
             task_type="image-classification",
@@ -153,8 +184,9 @@ def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], data
             dataset_name=Path(dataset_name).name or dataset_name,
             dataset_split=split,
             metric_type=metric_type,
-            metric_name=f"{level} {key} ({mode})",
+            metric_name=f"{level} {key} ({suffix})",
             metric_value=round(float(report["metrics"][f"{level}/{key}"]), 6),
+            metric_args=args,
         )
         for level in ("patch", "slide", "patient")
         for key, metric_type in CARD_METRICS
@@ -219,6 +251,43 @@ def _load_model(args):
     return model, processor, tokenizer
 
 
+def frame_processor(processor, framing: str, model, modality: str):
+    """The image processor for `--framing`: the saved one (`saved`), or a copy that resizes the whole patch to the
+    model's image size, bicubic, without a crop (`resize`, the reference's evaluation framing), or that keeps the
+    native resolution and centre-crops that size (`center-crop`). Other settings (normalisation) are kept."""
+    if framing == "saved":
+        return processor
+    import copy
+
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+
+    if processor is None:
+        framed = HLSSImageProcessor(modality=modality)
+    elif isinstance(processor, HLSSImageProcessor):
+        framed = copy.deepcopy(processor)
+    else:
+        raise ValueError(
+            f"--framing {framing} rewrites an HLSSImageProcessor; the model folder holds a "
+            f"{type(processor).__name__} (use --framing saved)"
+        )
+    side = getattr(getattr(model, "config", None), "image_size", None) or framed.crop_size["height"]
+    if framing == "resize":
+        framed.do_resize, framed.size, framed.resample = True, {"height": side, "width": side}, "bicubic"
+        framed.do_center_crop = False
+    else:
+        framed.do_resize, framed.do_center_crop = False, True
+        framed.crop_size = {"height": side, "width": side}
+    return framed
+
+
+def _framing_summary(processor) -> dict[str, Any] | str:
+    """What the report records about the framing."""
+    if processor is None:
+        return "default conversion, centre crop to the model's image size at native resolution"
+    keys = ("do_resize", "size", "resample", "antialias", "do_center_crop", "crop_size")
+    return {k: getattr(processor, k) for k in keys if hasattr(processor, k)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one evaluation; returns the report written to `<output-dir>/<mode>_<split>.json`."""
     from hlss_hf import explain as explain_lib
@@ -236,8 +305,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache_dir = None if args.no_cache else (args.cache_dir or output_dir / "cache")
 
     # 1. Model and data.
+    from hlss_hf.schema import modality_of
+
     model, processor, tokenizer = _load_model(args)
     evaluated = load_split(args.dataset, args.split, args.max_samples)
+    processor = frame_processor(processor, args.framing, model, modality_of(evaluated.features))
+    aggregation = args.aggregation or ("reference" if args.mode == "knn" else "sum")
 
     def embed(data):
         return extract_embeddings(
@@ -307,11 +380,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["settings"] = {"prompts": prompts, "temperature": args.zeroshot_temperature}
 
     # 4. Metrics, confusion matrices, plots.
+    report["settings"].update(aggregation=aggregation, framing=_framing_summary(processor))
     report["metrics"] = hierarchical_metrics(
-        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
     )
     matrices = hierarchical_confusion_matrices(
-        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
     )
     report["confusion_matrices"] = {level: m.tolist() for level, m in matrices.items()}
     report["plots"] = [
@@ -343,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Bad input (missing split, unknown classes, no text tower...): one clear line, no traceback.
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    if "aggregation" in report.get("settings", {}):
+        print(f"slide / patient aggregation: {report['settings']['aggregation']}")
     for key, value in report.get("metrics", {}).items():
         print(f"{key}: {value:.4f}")
     print(f"report: {Path(args.output_dir) / (args.mode + '_' + args.split + '.json')}")

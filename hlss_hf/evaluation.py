@@ -2,9 +2,12 @@
 
 Every patch of a split is embedded once with the frozen image tower (:func:`extract_embeddings`, cached on disk).
 Patch class scores come from a weighted kNN vote (:func:`knn_predict`), a logistic-regression probe
-(:func:`train_linear_probe`) or the text tower (:func:`zero_shot_scores`). Patch scores are summed per slide and
-per patient (:func:`aggregate_scores`), and accuracy, top-2, top-3, mean class accuracy (macro recall) and mean
-average precision (macro one-vs-rest AP) are reported at each level (:func:`hierarchical_metrics`).
+(:func:`train_linear_probe`) or the text tower (:func:`zero_shot_scores`). Patch scores become slide and patient
+scores by one of two rules (:func:`aggregate_scores`, `aggregation=`): `"reference"`, the HLSS reference's kNN rule
+(each patch's scores L1-normalised then softmaxed over the classes, averaged per group; the patch level is scored on
+the same per-patch probabilities), or `"sum"`, raw patch scores summed. Accuracy, top-2, top-3, mean class accuracy
+(macro recall) and mean average precision (macro one-vs-rest AP) are reported at each level
+(:func:`hierarchical_metrics`).
 
 Example:
 
@@ -18,7 +21,7 @@ model = AutoModel.from_pretrained("out/hlss")
 data = load_dataset("out/opensrh")
 train = extract_embeddings(model, data["train"], cache_dir="out/cache")
 val = extract_embeddings(model, data["validation"], cache_dir="out/cache")
-metrics = knn_evaluate(train, val, k=200, temperature=0.07)   # {"patch/acc": ..., "slide/acc": ..., ...}
+metrics = knn_evaluate(train, val, k=200, temperature=0.07, aggregation="reference")  # {"patch/acc": ...}
 ```
 
 The same metrics as an `evaluate` module (offline, from the package folder): `evaluate.load(METRIC_PATH)`.
@@ -33,6 +36,7 @@ import math
 import os
 import tempfile
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +52,12 @@ logger = logging.getLogger(__name__)
 
 LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 METRIC_NAMES: tuple[str, ...] = ("acc", "top2", "top3", "mca", "map")
+#: Rules that turn patch scores into slide / patient scores (see :func:`aggregate_scores`).
+AGGREGATIONS: tuple[str, ...] = ("reference", "sum")
 # Bumped whenever the cached file's content or the extraction changes, so stale caches are never reused.
 _CACHE_VERSION = 1
+# Most DataLoader workers extract_embeddings starts by itself for a model on an accelerator.
+_MAX_AUTO_WORKERS = 16
 #: Folder of the `evaluate` metric module (patch / slide / patient metrics): `evaluate.load(METRIC_PATH)`.
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "hierarchical_accuracy")
 # Elements of one similarity block in knn_predict (float32: 128 MiB); bounds memory whatever the bank size.
@@ -144,28 +152,59 @@ class EmbeddingSet:
         )
 
 
+# model -> (what its tensors were when hashed, the fingerprint); entries go with their models.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of a model's class, configuration and every state-dict tensor (names, dtypes, shapes and bytes).
+
+    The bytes are hashed with xxh3-128 (several GB/s, read in place: no copy on the host), and the result is
+    remembered per model until a tensor changes: every in-place update (optimizer step, `load_state_dict`, `copy_`)
+    bumps a tensor's version counter and a replaced tensor has a new storage, both part of the memo's key.
+    (Writes through a numpy view of a parameter bypass the counter; call `model_fingerprint.cache_clear()`.)
 
     Args:
         model (`torch.nn.Module`): the model; a `config` attribute with `to_dict()` is included when present.
 
     Returns:
-        `str`: a hex sha256 digest; equal for models whose forward passes are equal.
+        `str`: a hex digest; equal for models whose forward passes are equal.
     """
-    digest = hashlib.sha256(type(model).__qualname__.encode())
+    import xxhash  # a dependency of datasets
+
+    state = model.state_dict()
     config = getattr(model, "config", None)
+    values = None
     if config is not None and hasattr(config, "to_dict"):
         # The load path and the library version do not change the forward pass.
         values = {
             k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
         }
-        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    config_json = json.dumps(values, sort_keys=True, default=str)
+    version = tuple(
+        (name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for name, t in state.items()
+    )
+    try:
+        memo = _FINGERPRINTS.get(model)
+    except TypeError:  # not weak-referenceable
+        memo = None
+    if memo is not None and memo[0] == (config_json, version):
+        return memo[1]
+    digest = xxhash.xxh3_128(type(model).__qualname__.encode())
+    digest.update(config_json.encode())
+    for name, tensor in sorted(state.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    fingerprint = digest.hexdigest()
+    try:
+        _FINGERPRINTS[model] = ((config_json, version), fingerprint)
+    except TypeError:
+        pass
+    return fingerprint
+
+
+model_fingerprint.cache_clear = _FINGERPRINTS.clear  # type: ignore[attr-defined]
 
 
 def _processor_fingerprint(processor: Any) -> str:
@@ -180,9 +219,17 @@ def _processor_fingerprint(processor: Any) -> str:
     return repr(processor)
 
 
-def _default_pixels(images: list[np.ndarray], modality: str, image_size: int | None) -> torch.Tensor:
+def _default_pixels(images, modality: str, image_size: int | None) -> torch.Tensor:
     """Convert decoded patches to `[N, 3, H, W]` floats, centre-cropped to the model's image size."""
-    from hlss_hf.processing_hlss import he_to_float, srh_to_float
+    from hlss_hf.processing_hlss import HLSSImageProcessor, he_to_float, srh_to_float
+
+    if isinstance(images, np.ndarray):  # a stacked batch [N, H, W, C]
+        images = [images] if image_size is None or min(images.shape[1:3]) >= image_size else list(images)
+    if image_size is None or all(min(np.shape(image)[-3:-1]) >= image_size for image in images):
+        # Big enough to crop: the processor's batch path gives the same values as the loop below.
+        crop = {"height": image_size or 1, "width": image_size or 1}
+        processor = HLSSImageProcessor(modality=modality, do_center_crop=image_size is not None, crop_size=crop)
+        return processor(images=images)["pixel_values"]
 
     convert = srh_to_float if modality == "srh" else he_to_float
     tensors = []
@@ -199,6 +246,18 @@ def _default_pixels(images: list[np.ndarray], modality: str, image_size: int | N
                 )[0]
         tensors.append(tensor)
     return torch.stack(tensors)
+
+
+def default_num_workers(device: str | torch.device) -> int:
+    """Decoding workers for a model on `device`: 0 on the CPU (the forward pass already uses every core), else
+    every core this process may use but one (left to the main process), at most 16."""
+    if torch.device(device).type == "cpu":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(_MAX_AUTO_WORKERS, cores - 1))
 
 
 def _image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -224,7 +283,7 @@ def extract_embeddings(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> EmbeddingSet:
     """Embed every patch of one dataset split with the frozen image tower.
 
@@ -244,8 +303,10 @@ def extract_embeddings(
         device (`str` or `torch.device`, *optional*): where to run; the model is moved there. Defaults to the
             device of the model's parameters.
         progress (`bool`, defaults to `True`): show a tqdm progress bar.
-        num_workers (`int`, defaults to 0): DataLoader worker processes that decode and preprocess the next
-            batches while the model runs (0: in the main process).
+        num_workers (`int`, *optional*): DataLoader worker processes that decode and preprocess the next
+            batches while the model runs (0: in the main process). `None` (default): :func:`default_num_workers`,
+            0 on the CPU (workers would compete with the model's threads) and the machine's cores on an
+            accelerator.
 
     Returns:
         :class:`EmbeddingSet` with float32 L2-normalised embeddings.
@@ -270,7 +331,7 @@ def extract_embeddings(
         raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
+    if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     class_names = list(features["label"].names)
     hierarchy = {name: name in features for name in ("slide_id", "patient_id")}
@@ -314,9 +375,9 @@ def extract_embeddings(
                 return EmbeddingSet.load(cache_path)
 
     image_size = getattr(getattr(model, "config", None), "image_size", None)
-    source = _ImageBatches(
-        dataset.select_columns(["image"]).with_format("numpy"), batch_size, processor, modality_of(features), image_size
-    )
+    source = _ImageBatches(_image_column(dataset), batch_size, processor, modality_of(features), image_size)
+    if num_workers is None:
+        num_workers = default_num_workers(device)
     batches = torch.utils.data.DataLoader(
         source,
         batch_size=None,  # items are whole batches: one slice of the Arrow table each
@@ -352,6 +413,62 @@ def extract_embeddings(
     return result
 
 
+def _image_column(dataset):
+    """The `image` column as the batches read it: encoded bytes for `datasets.Image` (decoded by
+    :func:`_decode_images`), stacked numpy arrays for array features (`Array3D`: one `[N, H, W, C]` per slice)."""
+    import datasets
+
+    images = dataset.select_columns(["image"])
+    feature = images.features["image"]
+    if isinstance(feature, datasets.Image):
+        return images.cast_column("image", datasets.Image(decode=False)).with_format(None)
+    # datasets' numpy formatting widens integers to int64 unless told the dtype (4x the bytes for uint16 SRH,
+    # and a cast back per patch).
+    dtype = getattr(feature, "dtype", None)
+    return images.with_format("numpy", **({"dtype": np.dtype(dtype)} if dtype else {}))
+
+
+def _decode_images(values) -> np.ndarray | list[np.ndarray]:
+    """Decode one slice of the `image` column: a stacked array stays whole; 8-bit RGB PNG and JPEG bytes are
+    decoded by imagecodecs (libpng / libjpeg-turbo: the same pixels as PIL, about twice as fast, see
+    benchmarks/README.md), everything else by :func:`hlss_hf.schema.decode_image` (PIL)."""
+    from hlss_hf.schema import decode_image
+
+    if isinstance(values, np.ndarray) and values.ndim == 4:
+        return values
+    decoded = []
+    for value in values:
+        data = value.get("bytes") if isinstance(value, Mapping) else None
+        image = _decode_rgb8(data) if data is not None else None
+        decoded.append(image if image is not None else decode_image(value))
+    return decoded
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_rgb8(data: bytes) -> np.ndarray | None:
+    """`(H, W, 3)` uint8 pixels of an 8-bit RGB PNG or a 3-component JPEG, or `None` for anything else (grey,
+    palette, alpha, 16-bit, CMYK, other formats), which PIL's conversions in `decode_image` then handle."""
+    import imagecodecs
+
+    try:
+        if data[:8] == _PNG_SIGNATURE:
+            # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, no palette, no alpha).
+            if len(data) < 26 or data[24] != 8 or data[25] != 2:
+                return None
+            image = imagecodecs.png_decode(data)
+        elif data[:2] == b"\xff\xd8":
+            image = imagecodecs.jpeg8_decode(data)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - a codec error: PIL decodes it or raises its own clear error
+        return None
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        return None
+    return image
+
+
 class _ImageBatches(torch.utils.data.Dataset):
     """Batch `i` of a split's `image` column, decoded and converted (what DataLoader workers compute): by
     `processor(images=...)`, or without one by `he_to_float` / `srh_to_float` and a centre crop to `image_size`."""
@@ -364,10 +481,8 @@ class _ImageBatches(torch.utils.data.Dataset):
         return math.ceil(len(self.images) / self.batch_size)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from hlss_hf.schema import decode_image
-
         batch = self.images[i * self.batch_size : (i + 1) * self.batch_size]["image"]
-        decoded = [decode_image(value) for value in batch]
+        decoded = _decode_images(batch)
         if self.processor is not None:
             return self.processor(images=decoded, return_tensors="pt")["pixel_values"]
         return _default_pixels(decoded, self.modality, self.image_size)
@@ -472,14 +587,44 @@ def knn_predict(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def reference_patch_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Per-patch class probabilities as the HLSS reference computes them from kNN votes.
+
+    Each row is L1-normalised (``s / sum_c |s_c|``) and then softmaxed over the classes at temperature 1. The
+    L1-normalised values lie in ``[0, 1]``, so the softmax is soft: a patch's probabilities differ by at most a
+    factor ``e`` and every patch weighs the same in a group, however confident its neighbours are (raw kNN votes
+    ``exp(sim / 0.07)`` differ by orders of magnitude between patches).
+
+    Args:
+        scores (`torch.FloatTensor` of shape `[N, C]`): non-negative patch scores (e.g. :func:`knn_predict`).
+
+    Returns:
+        `torch.FloatTensor` of shape `[N, C]`: rows summing to 1.
+    """
+    scores = torch.as_tensor(scores).float()
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [N, C], got shape {tuple(scores.shape)}")
+    return F.normalize(scores, p=1, dim=1).softmax(dim=1)
+
+
 def aggregate_scores(
     scores: torch.Tensor,
     group_ids: Sequence[str],
     labels: torch.Tensor | Sequence[int] | None = None,
     return_groups: bool = False,
+    aggregation: str = "sum",
 ):
-    """Sum patch scores per group (slide or patient).
+    """Combine patch scores per group (slide or patient).
 
+    `"sum"` adds the raw patch scores. `"reference"` is the HLSS reference evaluation
+    (``hlss/eval_knn_hlss_accplot.py``): :func:`reference_patch_scores` per patch, summed per group, and each
+    group's row L1-normalised (which makes it the group's mean patch probability). Argmax (accuracy) is the same
+    for a group's sum and mean; the normalisation matters for mean average precision, which ranks groups.
     Groups are ordered by first appearance. A group whose patches disagree on the label is an error.
 
     Args:
@@ -487,6 +632,7 @@ def aggregate_scores(
         group_ids (`Sequence[str]` of length `N`): group of each patch.
         labels (`torch.LongTensor` of shape `[N]`, *optional*): patch labels; gives the group labels.
         return_groups (`bool`, defaults to `False`): also return the group ids in row order.
+        aggregation (`str`, defaults to `"sum"`): `"sum"` or `"reference"`.
 
     Returns:
         `(group_scores [G, C], group_labels [G] or None)`, plus `groups: list[str]` when `return_groups`.
@@ -494,17 +640,22 @@ def aggregate_scores(
     Raises:
         ValueError: when lengths differ or a group holds patches of several classes (the group is named).
     """
+    _check_aggregation(aggregation)
     scores = torch.as_tensor(scores)
     group_ids = [str(g) for g in group_ids]
     if scores.ndim != 2 or len(group_ids) != scores.shape[0]:
         raise ValueError(
             f"need scores [N, C] and N group ids; got {tuple(scores.shape)} and {len(group_ids)} ids"
         )
+    if aggregation == "reference":
+        scores = reference_patch_scores(scores)
     index_of: dict[str, int] = {}
     index = torch.tensor([index_of.setdefault(g, len(index_of)) for g in group_ids], dtype=torch.long)
     groups = list(index_of)
     group_scores = torch.zeros(len(groups), scores.shape[1], dtype=scores.dtype, device=scores.device)
     group_scores.index_add_(0, index.to(scores.device), scores)
+    if aggregation == "reference":
+        group_scores = F.normalize(group_scores, p=1, dim=1)
     group_labels = None
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
@@ -596,12 +747,14 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_class
     return result
 
 
-def _levels(scores, labels, slide_ids, patient_ids):
+def _levels(scores, labels, slide_ids, patient_ids, aggregation):
     """Yield `(level, scores, labels)` for the patch level and each level whose ids are given."""
-    yield "patch", scores, labels
+    _check_aggregation(aggregation)
+    # The reference scores its patch level on the same per-patch probabilities it aggregates.
+    yield "patch", (reference_patch_scores(scores) if aggregation == "reference" else scores), labels
     for level, ids in (("slide", slide_ids), ("patient", patient_ids)):
         if ids is not None:
-            group_scores, group_labels = aggregate_scores(scores, ids, labels)
+            group_scores, group_labels = aggregate_scores(scores, ids, labels, aggregation=aggregation)
             yield level, group_scores, group_labels
 
 
@@ -611,8 +764,9 @@ def hierarchical_metrics(
     slide_ids: Sequence[str] | None,
     patient_ids: Sequence[str] | None,
     num_classes: int,
+    aggregation: str = "sum",
 ) -> dict[str, float]:
-    """Metrics at patch, slide and patient level, slide / patient scores being summed patch scores.
+    """Metrics at patch, slide and patient level, slide / patient scores aggregated from patch scores.
 
     Args:
         scores (`torch.FloatTensor` of shape `[N, C]`): patch class scores.
@@ -620,6 +774,9 @@ def hierarchical_metrics(
         slide_ids (`Sequence[str]`, *optional*): slide of each patch; `None` skips the slide level.
         patient_ids (`Sequence[str]`, *optional*): patient of each patch; `None` skips the patient level.
         num_classes (`int`): `C`.
+        aggregation (`str`, defaults to `"sum"`): `"sum"` (raw patch scores summed per group) or `"reference"`
+            (:func:`aggregate_scores`; the patch level is then scored on :func:`reference_patch_scores`, which
+            leaves acc / top-k / mca unchanged and changes mean average precision).
 
     Returns:
         `dict[str, float]` with keys `"{level}/{metric}"`, level in patch / slide / patient and metric in
@@ -628,7 +785,7 @@ def hierarchical_metrics(
     scores = torch.as_tensor(scores).float().cpu()
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     result = {}
-    for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids):
+    for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids, aggregation):
         for name, value in classification_metrics(level_scores, level_labels, num_classes).items():
             result[f"{level}/{name}"] = value
     return result
@@ -640,13 +797,14 @@ def hierarchical_confusion_matrices(
     slide_ids: Sequence[str] | None,
     patient_ids: Sequence[str] | None,
     num_classes: int,
+    aggregation: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """Confusion matrices `[C, C]` (rows true, columns predicted) per level, as :func:`hierarchical_metrics`."""
     scores = torch.as_tensor(scores).float().cpu()
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     return {
         level: confusion_matrix(level_scores, level_labels, num_classes)
-        for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids)
+        for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids, aggregation)
     }
 
 
@@ -692,7 +850,12 @@ def knn_scores(
 
 
 def knn_evaluate(
-    train: EmbeddingSet, val: EmbeddingSet, k: int = 200, temperature: float = 0.07, chunk_size: int = 1024
+    train: EmbeddingSet,
+    val: EmbeddingSet,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    aggregation: str = "reference",
 ) -> dict[str, float]:
     """kNN evaluation (DESIGN 1.6): :func:`knn_scores` then :func:`hierarchical_metrics` on `val`.
 
@@ -702,13 +865,18 @@ def knn_evaluate(
         k (`int`, defaults to 200): neighbours; clamped with a warning to the bank size when larger.
         temperature (`float`, defaults to 0.07): vote temperature.
         chunk_size (`int`, defaults to 1024): queries per block.
+        aggregation (`str`, defaults to `"reference"`): slide / patient rule, `"reference"` (the HLSS
+            reference's, for reproducing the paper) or `"sum"` (raw votes summed); see :func:`aggregate_scores`.
 
     Returns:
         `dict[str, float]` with keys such as `"patch/acc"`, `"slide/acc"`, `"patient/acc"`, `"patch/top2"`,
         `"patch/mca"`, `"patch/map"` (slide / patient keys only when `val` has those ids).
     """
+    _check_aggregation(aggregation)
     scores = knn_scores(train, val, k=k, temperature=temperature, chunk_size=chunk_size)
-    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes)
+    return hierarchical_metrics(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -756,9 +924,16 @@ def train_linear_probe(
 
 
 def linear_probe_evaluate(
-    train: EmbeddingSet, val: EmbeddingSet, weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0
+    train: EmbeddingSet,
+    val: EmbeddingSet,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    aggregation: str = "sum",
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Train :func:`train_linear_probe` on `train`; softmax probabilities on `val` give hierarchical metrics.
+
+    `aggregation` (`"sum"` or `"reference"`) is the slide / patient rule of :func:`hierarchical_metrics`.
 
     Returns:
         `(metrics, scores)`: the :func:`hierarchical_metrics` dict and the `[len(val), C]` probabilities.
@@ -767,7 +942,10 @@ def linear_probe_evaluate(
     probe = train_linear_probe(train, weight_decay=weight_decay, max_iter=max_iter, seed=seed)
     with torch.no_grad():
         scores = probe(val.embeddings.float()).softmax(dim=-1)
-    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes), scores
+    metrics = hierarchical_metrics(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    )
+    return metrics, scores
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -882,9 +1060,14 @@ def zero_shot_evaluate(
     val: EmbeddingSet,
     class_prompts: Mapping[str, Sequence[str]],
     temperature: float = 0.01,
+    aggregation: str = "sum",
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """:func:`zero_shot_scores` on `val`, then :func:`hierarchical_metrics`. Returns `(metrics, scores)`."""
+    """:func:`zero_shot_scores` on `val`, then :func:`hierarchical_metrics` with `aggregation` (`"sum"` or
+    `"reference"`). Returns `(metrics, scores)`."""
     if len(val) == 0:
         raise ValueError("cannot evaluate an empty embedding set")
     scores = zero_shot_scores(model, tokenizer, val, class_prompts, temperature=temperature)
-    return hierarchical_metrics(scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes), scores
+    metrics = hierarchical_metrics(
+        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    )
+    return metrics, scores

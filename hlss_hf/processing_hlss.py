@@ -26,6 +26,7 @@ SRH_BASE = SRH_OFFSET / SRH_SCALE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODALITIES = ("he", "srh")
+RESAMPLES = ("bilinear", "bicubic")
 
 __all__ = ["srh_to_float", "he_to_float", "HLSSImageProcessor", "HLSSProcessor"]
 
@@ -186,6 +187,19 @@ def _size_dict(size, name: str, allow_shortest_edge: bool) -> dict[str, int]:
     return size
 
 
+def _resample_name(value) -> str:
+    """``"bilinear"`` / ``"bicubic"`` from that name or a PIL resampling filter (transformers' `resample` type)."""
+    if isinstance(value, str):
+        return value.lower()
+    pil = {int(Image.Resampling.BILINEAR): "bilinear", int(Image.Resampling.BICUBIC): "bicubic"}
+    try:
+        return pil[int(value)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"resample must be one of {RESAMPLES} (or PIL's BILINEAR / BICUBIC), got {value!r}"
+        ) from None
+
+
 def _channel_stats(values, name: str) -> list[float]:
     """Broadcast a scalar or 3-list of per-channel statistics to a list of 3 floats."""
     if isinstance(values, (int, float)):
@@ -200,8 +214,13 @@ class HLSSImageProcessor(BaseImageProcessor):
     r"""Image processor for HLSS: SRH (2-channel uint16) or H&E (8-bit RGB) patches to ``pixel_values``.
 
     Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized
-    (bilinear, antialiased, on the float tensor), center-cropped and normalised. Resizing is off by default
-    because resizing changes the microns per pixel the encoder was trained at.
+    (on the float tensor, bilinear or bicubic, antialiased by default), center-cropped and normalised. Resizing is
+    off by default because resizing changes the microns per pixel the encoder was trained at.
+
+    Framings: the default keeps the native resolution and centre-crops `crop_size` (a 300 px patch loses 44 % of
+    its area at 224). The HLSS reference instead resizes the whole patch to 224 x 224, bicubic, no crop
+    (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", do_center_crop=False``; its
+    `torchvision.transforms.Resize` on float tensors, antialiased from torchvision 0.17 on, not clamped).
 
     Args:
         modality (`str`, *optional*, defaults to `"he"`): `"he"` for 8-bit RGB H&E, `"srh"` for 2-channel uint16
@@ -210,6 +229,17 @@ class HLSSImageProcessor(BaseImageProcessor):
         size (`int` or `dict`, *optional*, defaults to `{"shortest_edge": 224}`): resize target; an int (or
             `{"shortest_edge": s}`) resizes the shorter side to `s` keeping the aspect ratio,
             `{"height": h, "width": w}` resizes to exactly that.
+        resample (`str`, *optional*, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"` resizing (PIL's
+            `Resampling.BILINEAR` / `BICUBIC` are accepted too)
+            (`torch.nn.functional.interpolate`; bicubic values may leave ``[0, 1]`` slightly and are not clamped,
+            as in torchvision).
+        antialias (`bool`, *optional*, defaults to `True`): antialias when downscaling (torchvision >= 0.17's
+            default for tensors, close to PIL's filters; torchvision < 0.17 resized tensors without it).
+        resize_uint8 (`bool`, *optional*, defaults to `False`): resize 8-bit H&E pixels (uint8 arrays, RGB PIL
+            images) before the float conversion, with torch's uint8 kernels (several times faster than the float
+            resize). Approximate: the result is rounded to 8 bits, within about 1.5/255 of the float resize, and
+            bicubic overshoot beyond ``[0, 1]`` is clipped. Ignored for SRH (resized as float, after its channel
+            arithmetic) and other inputs.
         do_center_crop (`bool`, *optional*, defaults to `True`): center-crop to `crop_size`.
         crop_size (`int` or `dict`, *optional*, defaults to 224): crop size, an int or `{"height", "width"}`.
         do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`.
@@ -241,6 +271,9 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize: bool = False,
         image_mean: float | list[float] | None = None,
         image_std: float | list[float] | None = None,
+        resample: str = "bilinear",
+        antialias: bool = True,
+        resize_uint8: bool = False,
         **kwargs,
     ):
         # Keys written by transformers (image_processor_type, auto_map, ...) go to the mixin, which stores them.
@@ -256,14 +289,19 @@ class HLSSImageProcessor(BaseImageProcessor):
         self.do_normalize = bool(do_normalize)
         self.image_mean = _channel_stats(IMAGENET_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = _channel_stats(IMAGENET_STD if image_std is None else image_std, "image_std")
-        self._validate(self.modality, self.image_std)
+        self.resample = _resample_name(resample)
+        self.antialias = bool(antialias)
+        self.resize_uint8 = bool(resize_uint8)
+        self._validate(self.modality, self.image_std, self.resample)
 
     @staticmethod
-    def _validate(modality, image_std) -> None:
+    def _validate(modality, image_std, resample="bilinear") -> None:
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if any(s <= 0 for s in image_std):
             raise ValueError(f"image_std must be positive, got {image_std}")
+        if resample not in RESAMPLES:
+            raise ValueError(f"resample must be one of {RESAMPLES}, got {resample!r}")
 
     # -- input handling ---------------------------------------------------------------------------------------
     def _to_float(self, image, modality: str, index: int) -> torch.Tensor:
@@ -299,12 +337,16 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     # -- transforms on float tensors [N, 3, H, W] ---------------------------------------------------------------
     @staticmethod
-    def resize(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
-        """Resize float images ``[N, 3, H, W]`` bilinearly with antialiasing.
+    def resize(
+        pixels: torch.Tensor, size: dict[str, int], resample: str = "bilinear", antialias: bool = True
+    ) -> torch.Tensor:
+        """Resize float images ``[N, 3, H, W]`` (``F.interpolate``, ``align_corners=False``).
 
         Args:
             pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
             size (`dict`): `{"shortest_edge": s}` or `{"height": h, "width": w}`.
+            resample (`str`, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"`.
+            antialias (`bool`, defaults to `True`): antialias when downscaling.
         """
         height, width = pixels.shape[-2:]
         if "shortest_edge" in size:
@@ -315,7 +357,7 @@ class HLSSImageProcessor(BaseImageProcessor):
             target = (size["height"], size["width"])
         if tuple(target) == (height, width):
             return pixels
-        return F.interpolate(pixels, size=target, mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(pixels, size=target, mode=resample, antialias=antialias, align_corners=False)
 
     @staticmethod
     def center_crop(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
@@ -358,6 +400,9 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize: bool | None = None,
         image_mean: float | list[float] | None = None,
         image_std: float | list[float] | None = None,
+        resample: str | None = None,
+        antialias: bool | None = None,
+        resize_uint8: bool | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Preprocess an image or a batch of images into ``pixel_values``.
@@ -367,8 +412,8 @@ class HLSSImageProcessor(BaseImageProcessor):
                 ``(H, W, C)`` or ``(C, H, W)`` (uint8 RGB for H&E, uint16 ``[CH2, CH3]`` for SRH), or a stacked
                 batch ``(N, ...)``. All images must have the same size after resizing and cropping.
             return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"` or `"np"` (`None` keeps torch).
-            modality, do_resize, size, do_center_crop, crop_size, do_normalize, image_mean, image_std:
-                override the processor's settings for this call.
+            modality, do_resize, size, do_center_crop, crop_size, do_normalize, image_mean, image_std, resample,
+                antialias, resize_uint8: override the processor's settings for this call.
 
         Returns:
             `BatchFeature`: ``{"pixel_values": [N, 3, h, w]}`` float32.
@@ -385,14 +430,29 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
         image_mean = self.image_mean if image_mean is None else _channel_stats(image_mean, "image_mean")
         image_std = self.image_std if image_std is None else _channel_stats(image_std, "image_std")
-        self._validate(modality, image_std)
+        resample = self.resample if resample is None else _resample_name(resample)
+        antialias = self.antialias if antialias is None else bool(antialias)
+        resize_uint8 = self.resize_uint8 if resize_uint8 is None else bool(resize_uint8)
+        self._validate(modality, image_std, resample)
+
+        images = self._flatten(images)
+        stacked = _stack_raw(images, modality)
+        if stacked is not None:
+            pixel_values = self._preprocess_stacked(
+                stacked, modality, do_resize, size, resample, antialias, do_center_crop, crop_size, resize_uint8
+            )
+            if do_normalize:
+                mean_t = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+                std_t = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+                pixel_values.sub_(mean_t).div_(std_t)  # in place, the same arithmetic as `normalize`
+            return self._wrap(pixel_values, return_tensors)
 
         outputs = []
-        for index, image in enumerate(self._flatten(images)):
+        for index, image in enumerate(images):
             pixels = self._to_float(image, modality, index)
             pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
             if do_resize:
-                pixels = self.resize(pixels, size)
+                pixels = self.resize(pixels, size, resample, antialias)
             if do_center_crop:
                 try:
                     pixels = self.center_crop(pixels, crop_size)
@@ -407,12 +467,84 @@ class HLSSImageProcessor(BaseImageProcessor):
         pixel_values = torch.cat(outputs).to(torch.float32)
         if do_normalize:
             pixel_values = self.normalize(pixel_values, image_mean, image_std)
-        pixel_values = pixel_values.contiguous()
+        return self._wrap(pixel_values.contiguous(), return_tensors)
+
+    @staticmethod
+    def _wrap(pixel_values: torch.Tensor, return_tensors) -> BatchFeature:
         if return_tensors == "np":
             pixel_values = pixel_values.numpy()
         elif return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         return BatchFeature(data={"pixel_values": pixel_values})
+
+
+    def _preprocess_stacked(
+        self,
+        stacked: np.ndarray,
+        modality,
+        do_resize,
+        size,
+        resample,
+        antialias,
+        do_center_crop,
+        crop_size,
+        resize_uint8=False,
+    ) -> torch.Tensor:
+        """The batch path: one ``[N, H, W, C]`` raw array converted, resized and cropped as a whole.
+
+        Gives the same values, bit for bit, as converting each image, resizing and cropping it: the conversion
+        is per pixel (so a crop taken first on the raw pixels is exact and converts only what is kept), and
+        ``F.interpolate`` treats every image of a batch alone.
+        """
+        if do_center_crop and not do_resize:
+            try:
+                stacked = self.center_crop(stacked.transpose(0, 3, 1, 2), crop_size).transpose(0, 2, 3, 1)
+            except ValueError as err:
+                raise ValueError(f"image 0: {err}") from err
+        resized = False
+        if modality == "srh":
+            pixels = srh_to_float(stacked)
+        else:
+            source = torch.from_numpy(stacked).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+            if do_resize and resize_uint8:
+                # torch's fast uint8 kernels want exactly this channels-last layout.
+                source, resized = self.resize(source, size, resample, antialias), True
+            # One pass from uint8 to contiguous float NCHW, then one in-place scale: he_to_float's values.
+            pixels = torch.empty(source.shape, dtype=torch.float32)
+            pixels.copy_(source).div_(255.0)
+        if do_resize:
+            if not resized:
+                pixels = self.resize(pixels, size, resample, antialias)
+            if do_center_crop:
+                try:
+                    pixels = self.center_crop(pixels, crop_size)
+                except ValueError as err:
+                    raise ValueError(f"image 0: {err}") from err
+            pixels = pixels.contiguous()
+        return pixels
+
+
+def _stack_raw(images: list, modality: str) -> np.ndarray | None:
+    """Same-shape raw images of one batch as one channel-last array, or `None` where the per-image path applies.
+
+    Raw means what the datasets hold: uint8 RGB (H&E; PIL RGB images too) or uint16 ``[CH2, CH3]`` (SRH),
+    channel-last ``(H, W, C)``, or one stacked ``(N, H, W, C)`` array.
+    """
+    dtype, channels = (np.uint16, 2) if modality == "srh" else (np.uint8, 3)
+    if len(images) == 1 and isinstance(images[0], np.ndarray) and images[0].ndim == 4:
+        batch = images[0]
+        ok = batch.dtype == dtype and batch.shape[-1] == channels and batch.shape[0] > 0
+        return np.ascontiguousarray(batch) if ok else None
+    arrays = []
+    for image in images:
+        if isinstance(image, Image.Image) and modality == "he" and image.mode == "RGB":
+            image = np.asarray(image)
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.dtype == dtype):
+            return None
+        if image.shape[-1] != channels or (arrays and image.shape != arrays[0].shape):
+            return None
+        arrays.append(image)
+    return np.stack(arrays)
 
 
 class HLSSProcessor(ProcessorMixin):

@@ -79,6 +79,37 @@ def test_knn_cli_writes_report_plots_and_reuses_cache(saved):
     assert [p.stat().st_mtime_ns for p in cached] == stamps, "second run must load the cache, not rewrite it"
 
 
+def test_knn_cli_aggregation_rule_is_selectable_and_reported(saved, demo_embeddings, capsys):
+    from hlss_hf.evaluation import knn_evaluate
+
+    train, val = demo_embeddings
+    runs = (
+        ((), "reference"),
+        (("--aggregation", "sum"), "sum"),
+        (("--aggregation", "reference"), "reference"),
+    )
+    for flag, rule in runs:
+        report, out = _run(saved, "--k", "10", *flag)
+        assert report["settings"]["aggregation"] == rule
+        assert json.loads((out / "knn_validation.json").read_text())["settings"]["aggregation"] == rule
+        assert f"slide / patient aggregation: {rule}" in capsys.readouterr().out
+        assert report["metrics"] == pytest.approx(knn_evaluate(train, val, k=10, aggregation=rule))
+    linear, _ = _run(saved, mode="linear")
+    assert linear["settings"]["aggregation"] == "sum"
+
+
+def test_cli_framing_resize_records_the_reference_framing(saved):
+    report, out = _run(saved, "--k", "10", "--framing", "resize", "--output-dir", str(saved / "framed"))
+    framing = report["settings"]["framing"]
+    assert framing["do_resize"] and framing["resample"] == "bicubic" and not framing["do_center_crop"]
+    assert framing["size"] == {"height": 32, "width": 32}  # the tiny model's image size
+    cropped, _ = _run(saved, "--k", "10", "--framing", "center-crop", "--output-dir", str(saved / "framed"))
+    framing = cropped["settings"]["framing"]
+    assert not framing["do_resize"] and framing["do_center_crop"]
+    # Different framings never share cached embeddings.
+    assert len(list((saved / "framed" / "cache").glob("embeddings-*.pt"))) == 4
+
+
 def test_linear_and_zeroshot_cli(saved, tmp_path):
     report, _ = _run(saved, mode="linear")
     assert report["metrics"]["patch/acc"] > 0.0
@@ -132,7 +163,10 @@ def test_update_card_writes_model_index_and_replaces_on_rerun(saved):
     card = ModelCard.load(saved / "model" / "README.md")
     results = card.data.eval_results
     names = [r.metric_name for r in results]
-    assert "patient acc (knn)" in names and "patch map (knn)" in names
+    assert "patient acc (knn, reference aggregation)" in names
+    assert "patch map (knn, reference aggregation)" in names
+    args = {r.metric_name: r.metric_args for r in results}["slide acc (knn, reference aggregation)"]
+    assert args["aggregation"] == "reference" and args["k"] == 10
     assert len(names) == len(set(names)) == 9
     _run(saved, "--k", "5", "--update-card")
     rerun = ModelCard.load(saved / "model" / "README.md").data.eval_results

@@ -16,11 +16,15 @@ from torch import nn
 
 from hlss_hf.evaluation import (
     EmbeddingSet,
+    aggregate_scores,
     extract_embeddings,
+    hierarchical_metrics,
     knn_evaluate,
     knn_predict,
+    knn_scores,
     linear_probe_evaluate,
     model_fingerprint,
+    reference_patch_scores,
     train_linear_probe,
     zero_shot_scores,
 )
@@ -122,6 +126,68 @@ def test_knn_evaluate_patch_only_without_hierarchy():
     val = _clustered_set(3, 5, 3, 8, 0.2, seed=1)
     val.slide_ids = val.patient_ids = None
     assert set(knn_evaluate(train, val, k=5)) == {f"patch/{m}" for m in ("acc", "top2", "top3", "mca", "map")}
+
+
+def test_reference_aggregation_hand_made_example():
+    # Four patches, two classes; kNN-like votes. Slide s1 (class 0) = patches A, B; slide s2 (class 1) = C, D.
+    scores = torch.tensor([[30.0, 10.0], [0.0, 4.0], [1.0, 3.0], [2.0, 6.0]])
+    slides = ["s1", "s1", "s2", "s2"]
+    labels = torch.tensor([0, 0, 1, 1])
+    # By hand. L1-normalised rows: A [0.75, 0.25], B [0, 1], C = D [0.25, 0.75]. Softmax of two values [a, b]
+    # is [sigmoid(a - b), sigmoid(b - a)]: A [s(0.5), s(-0.5)], B [s(-1), s(1)], C = D [s(-0.5), s(0.5)].
+    s = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    a, b, c = [s(0.5), s(-0.5)], [s(-1.0), s(1.0)], [s(-0.5), s(0.5)]
+    # A = [0.6225, 0.3775], B = [0.2689, 0.7311], C = D = [0.3775, 0.6225].
+    expected_patches = torch.tensor([a, b, c, c], dtype=torch.float32)
+    torch.testing.assert_close(reference_patch_scores(scores), expected_patches)
+    # Slides: the sum of its patches' probabilities, L1-normalised (each row sums to 1, so: the mean).
+    # s1 = ([0.6225, 0.3775] + [0.2689, 0.7311]) / 2 = [0.4457, 0.5543] -> class 1 (wrong);
+    # s2 = [0.3775, 0.6225] -> class 1 (right).
+    expected_slides = torch.tensor([[(a[0] + b[0]) / 2, (a[1] + b[1]) / 2], c], dtype=torch.float32)
+    group_scores, group_labels = aggregate_scores(scores, slides, labels, aggregation="reference")
+    torch.testing.assert_close(group_scores, expected_slides)
+    assert group_labels.tolist() == [0, 1]
+    # Raw sums: s1 = [30, 14] -> class 0 (right): patch A's confident votes outweigh B; s2 = [3, 9] -> class 1.
+    raw, _ = aggregate_scores(scores, slides, labels, aggregation="sum")
+    torch.testing.assert_close(raw, torch.tensor([[30.0, 14.0], [3.0, 9.0]]))
+    reference = hierarchical_metrics(scores, labels, slides, None, 2, aggregation="reference")
+    summed = hierarchical_metrics(scores, labels, slides, None, 2, aggregation="sum")
+    assert reference["slide/acc"] == 0.5 and summed["slide/acc"] == 1.0
+    # Per patch the transform keeps each row's order: patch accuracy (A, C, D right; B wrong) is the same.
+    assert reference["patch/acc"] == summed["patch/acc"] == 0.75
+    with pytest.raises(ValueError, match="aggregation must be one of \\('reference', 'sum'\\)"):
+        hierarchical_metrics(scores, labels, slides, None, 2, aggregation="mean")
+
+
+def _slow_reference_metrics_scores(scores, group_ids):
+    """The reference rule straight from eval_knn_hlss_accplot.py's steps, one patch at a time in float64."""
+    groups: dict[str, list[float]] = {}
+    for row, group in zip(scores.double().tolist(), group_ids, strict=True):
+        total = sum(abs(v) for v in row)
+        normalised = [v / total for v in row]
+        exps = [np.exp(v) for v in normalised]
+        probs = [e / sum(exps) for e in exps]
+        acc = groups.setdefault(group, [0.0] * len(row))
+        groups[group] = [x + p for x, p in zip(acc, probs, strict=True)]
+    return torch.tensor([[v / sum(row) for v in row] for row in groups.values()])
+
+
+def test_reference_aggregation_matches_a_slow_loop_and_knn_evaluate_records_the_rule():
+    train = _clustered_set(9, 6, 3, 8, 0.6, seed=0, prefix="t")
+    val = _clustered_set(6, 6, 3, 8, 0.6, seed=1, prefix="v")
+    scores = knn_scores(train, val, k=10)
+    for ids in (val.slide_ids, val.patient_ids):
+        fast, _ = aggregate_scores(scores, ids, aggregation="reference")
+        slow = _slow_reference_metrics_scores(scores, ids)
+        torch.testing.assert_close(fast.double(), slow, atol=1e-6, rtol=0)
+    for rule in ("reference", "sum"):
+        expected = hierarchical_metrics(
+            scores, val.labels, val.slide_ids, val.patient_ids, 3, aggregation=rule
+        )
+        assert knn_evaluate(train, val, k=10, aggregation=rule) == expected
+    assert knn_evaluate(train, val, k=10) == knn_evaluate(train, val, k=10, aggregation="reference")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        knn_evaluate(train, val, k=10, aggregation="softmax")
 
 
 def test_embedding_set_validates_lengths_and_labels():
@@ -369,3 +435,100 @@ def test_extract_embeddings_srh_uses_srh_conversion():
     expected = F.normalize(model.proj(srh_to_float(images[2]).mean(dim=(1, 2))), dim=-1).detach()
     torch.testing.assert_close(result.embeddings[2], expected, rtol=1e-5, atol=1e-5)
     assert result.class_names == ["hgg", "lgg"] and result.patient_ids == ["p0", "p0", "p1"]
+
+
+def _encoded(image: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pil = Image.fromarray(image)
+    pil = pil.convert(mode) if mode else pil
+    pil.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, fast",
+    [("PNG", None, True), ("JPEG", None, True), ("PNG", "L", False), ("PNG", "RGBA", False), ("PNG", "P", False),
+     ("JPEG", "L", False), ("TIFF", None, False)],
+)  # fmt: skip
+def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fast):
+    from hlss_hf.evaluation import _decode_images, _decode_rgb8
+    from hlss_hf.schema import decode_image
+
+    image = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    value = {"bytes": _encoded(image, fmt, mode), "path": None}
+    # 8-bit RGB PNG / JPEG take the imagecodecs path; grey, alpha, palette and TIFF go to PIL.
+    assert (_decode_rgb8(value["bytes"]) is not None) == fast
+    (decoded,) = _decode_images([value])
+    expected = decode_image(value)
+    assert decoded.dtype == np.uint8 and decoded.shape == (20, 24, 3)
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_array_columns_are_read_stacked_in_their_own_dtype():
+    from hlss_hf.evaluation import _decode_images, _image_column
+
+    images = [np.full((6, 6, 2), 60000 + i, dtype=np.uint16) for i in range(3)]
+    data = datasets.Dataset.from_dict(
+        {"image": images}, features=datasets.Features({"image": datasets.Array3D((6, 6, 2), "uint16")})
+    )
+    batch = _decode_images(_image_column(data)[0:3]["image"])
+    # One [N, H, W, C] uint16 array (datasets' numpy formatting would widen it to int64 otherwise).
+    assert isinstance(batch, np.ndarray) and batch.dtype == np.uint16 and batch.shape == (3, 6, 6, 2)
+    np.testing.assert_array_equal(batch, np.stack(images))
+
+
+def test_extract_embeddings_of_png_patches_equals_the_per_image_pil_path():
+    from PIL import Image
+
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(5)]
+    data = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(i) for i in images], "label": [0, 1, 0, 1, 0]},
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+        ),
+    )
+    processor = HLSSImageProcessor(modality="he", crop_size=32, do_normalize=True)
+    model = _CountingModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no hierarchy columns
+        result = extract_embeddings(model, data, processor=processor, batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = torch.cat(
+            [model.get_image_features(processor(images=Image.fromarray(i))["pixel_values"]) for i in images]
+        )
+    torch.testing.assert_close(result.embeddings, F.normalize(expected, dim=-1), rtol=0, atol=1e-6)
+
+
+def test_model_fingerprint_is_remembered_until_a_tensor_changes():
+    torch.manual_seed(0)
+    model = _CountingModel()
+    first = model_fingerprint(model)
+    assert model_fingerprint(model) == first
+    original = model.proj.weight.detach().clone()
+    with torch.no_grad():
+        model.proj.weight.mul_(2)  # in place: bumps the version counter
+    changed = model_fingerprint(model)
+    assert changed != first
+    model.proj.weight = nn.Parameter(original.clone())  # a new tensor holding the original values
+    assert model_fingerprint(model) == first
+    model.load_state_dict({"proj.weight": original * 2, "proj.bias": model.proj.bias.detach()})
+    assert model_fingerprint(model) == changed
+
+
+def test_default_num_workers(monkeypatch):
+    from hlss_hf.evaluation import default_num_workers
+
+    assert default_num_workers("cpu") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert default_num_workers("cuda") == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_num_workers(torch.device("cuda", 0)) == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_num_workers("cuda") == 0

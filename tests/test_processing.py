@@ -238,6 +238,113 @@ def test_resize_then_crop_srh_300_to_224():
     assert not torch.equal(resized, pixels)
 
 
+# The HLSS reference's evaluation framing (hlss/datasets/improc.py, get_srh_base_aug): the whole 300 px patch
+# resized to 224 x 224 with torchvision's bicubic Resize on the float tensor, no crop.
+REFERENCE_FRAMING = dict(
+    do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", do_center_crop=False
+)
+
+
+def _smooth_rgb(size=300, seed=5):
+    """A smooth RGB image (upsampled noise): resamplers agree on it up to uint8 rounding."""
+    small = np.random.default_rng(seed).integers(0, 256, size=(30, 30, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR)
+
+
+def test_reference_framing_resizes_the_whole_he_patch_bicubic():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    image = _smooth_rgb()
+    pixels = HLSSImageProcessor(modality="he", **REFERENCE_FRAMING)(image)["pixel_values"]
+    assert pixels.shape == (1, 3, 224, 224)
+    # Exactly torchvision's tensor Resize (antialias=True, its default from 0.17 on) of the float image.
+    expected = TF.resize(he_to_float(image), [224, 224], InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(pixels[0], expected, rtol=0, atol=1e-6)
+    # And PIL's bicubic resize of the uint8 image, up to PIL's rounding to uint8 between its two passes.
+    pil = he_to_float(image.resize((224, 224), Image.Resampling.BICUBIC))
+    assert float((pixels[0].clamp(0, 1) - pil).abs().max()) <= 1.5 / 255
+    # The whole patch is kept: a mark in the corner survives (the default centre crop drops it).
+    marked = np.array(image)
+    marked[:20, :20] = 255
+    corner = HLSSImageProcessor(modality="he", **REFERENCE_FRAMING)(marked)["pixel_values"][0, :, :10, :10]
+    cropped = HLSSImageProcessor(modality="he")(marked)["pixel_values"][0, :, :10, :10]
+    assert float(corner.min()) > 0.95 and float(cropped.min()) < 0.95
+
+
+def test_reference_framing_of_srh_matches_torchvision_without_clamping():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    patch = np.random.default_rng(6).integers(0, 65536, size=(300, 300, 2), dtype=np.uint16)
+    pixels = HLSSImageProcessor(modality="srh", **REFERENCE_FRAMING)(patch)["pixel_values"][0]
+    expected = TF.resize(srh_to_float(patch), [224, 224], InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-6)
+    # Bicubic overshoots on noise; like torchvision on float tensors, nothing clamps it back.
+    assert float(pixels.min()) < 0.0 and float(pixels.max()) > 1.0
+    # antialias=False is torchvision < 0.17's tensor resize (and F.interpolate's default): a different image.
+    plain = HLSSImageProcessor(modality="srh", antialias=False, **REFERENCE_FRAMING)(patch)["pixel_values"][0]
+    torch.testing.assert_close(
+        plain, TF.resize(srh_to_float(patch), [224, 224], InterpolationMode.BICUBIC, antialias=False)
+    )
+    assert not torch.allclose(plain, pixels, atol=1e-3)
+
+
+def test_resample_accepts_pil_filters_and_rejects_others():
+    image = _smooth_rgb(40)
+    by_name = HLSSImageProcessor(modality="he", do_resize=True, size=20, crop_size=20, resample="bicubic")
+    by_pil = HLSSImageProcessor(
+        modality="he", do_resize=True, size=20, crop_size=20, resample=Image.Resampling.BICUBIC
+    )
+    assert by_pil.resample == "bicubic"
+    assert torch.equal(by_name(image)["pixel_values"], by_pil(image)["pixel_values"])
+    bilinear = by_name(image, resample="bilinear")["pixel_values"]
+    assert not torch.equal(bilinear, by_name(image)["pixel_values"])
+    with pytest.raises(ValueError, match="resample must be one of"):
+        HLSSImageProcessor(resample="nearest")
+    with pytest.raises(ValueError, match="resample must be one of"):
+        by_name(image, resample=Image.Resampling.LANCZOS)
+
+
+@pytest.mark.parametrize("modality", ["he", "srh"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"do_normalize": True},
+        {"do_resize": True, "size": {"height": 24, "width": 24}, "do_center_crop": False},
+        {"do_resize": True, "size": 28, "crop_size": 24, "resample": "bicubic"},
+    ],
+)
+def test_batches_give_the_per_image_values_bit_for_bit(modality, settings):
+    rng = np.random.default_rng(8)
+    if modality == "he":
+        images = [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(4)]
+        convert = he_to_float
+    else:
+        images = [rng.integers(0, 65536, (30, 30, 2), dtype=np.uint16) for _ in range(4)]
+        convert = srh_to_float
+    processor = HLSSImageProcessor(modality=modality, **{"crop_size": 24, **settings})
+    # Written out per image: convert, resize, crop, normalise (the processor's steps, one image at a time).
+    expected = []
+    for image in images:
+        pixels = convert(image)[None]
+        if processor.do_resize:
+            pixels = processor.resize(pixels, processor.size, processor.resample, processor.antialias)
+        if processor.do_center_crop:
+            pixels = processor.center_crop(pixels, processor.crop_size)
+        if processor.do_normalize:
+            pixels = processor.normalize(pixels, processor.image_mean, processor.image_std)
+        expected.append(pixels)
+    expected = torch.cat(expected)
+    for batch in (images, np.stack(images)):
+        pixels = processor(images=batch)["pixel_values"]
+        assert pixels.is_contiguous() and pixels.dtype == torch.float32
+        assert torch.equal(pixels, expected)
+    if modality == "he":
+        assert torch.equal(processor(images=[Image.fromarray(i) for i in images])["pixel_values"], expected)
+
+
 def test_normalisation_uses_mean_and_std_per_channel():
     image = np.full((4, 4, 3), 255, np.uint8)  # every value 1.0 after /255
     processor = HLSSImageProcessor(
@@ -313,7 +420,13 @@ def registered():
 
 def test_image_processor_round_trip_with_auto_image_processor(tmp_path, registered):
     processor = HLSSImageProcessor(
-        modality="srh", do_resize=True, size={"height": 12, "width": 10}, crop_size=8, do_normalize=True
+        modality="srh",
+        do_resize=True,
+        size={"height": 12, "width": 10},
+        crop_size=8,
+        do_normalize=True,
+        resample="bicubic",
+        antialias=False,
     )
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "preprocessor_config.json").is_file()
@@ -424,3 +537,21 @@ def test_saved_processor_loads_as_remote_code_without_hlss_hf(tmp_path, register
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK HLSSProcessor HLSSImageProcessor" in result.stdout
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
+def test_resize_uint8_is_within_rounding_of_the_float_resize(resample):
+    image = np.array(_smooth_rgb())
+    settings = dict(do_resize=True, size={"height": 224, "width": 224}, resample=resample, do_center_crop=False)
+    exact = HLSSImageProcessor(modality="he", **settings)(image)["pixel_values"]
+    fast = HLSSImageProcessor(modality="he", resize_uint8=True, **settings)(image)["pixel_values"]
+    assert fast.shape == exact.shape and fast.is_contiguous()
+    # 8-bit values, within rounding of the float resize (the kernel rounds between its two passes too; the
+    # smooth image never overshoots [0, 1]).
+    torch.testing.assert_close(fast * 255, (fast * 255).round(), rtol=0, atol=1e-3)
+    assert float((fast - exact).abs().max()) <= 1.5 / 255
+    assert not torch.equal(fast, exact)
+    # SRH ignores it: the float resize, bit for bit.
+    patch = np.random.default_rng(9).integers(0, 65536, size=(300, 300, 2), dtype=np.uint16)
+    srh = HLSSImageProcessor(modality="srh", **settings)
+    assert torch.equal(srh(patch)["pixel_values"], srh(patch, resize_uint8=True)["pixel_values"])
