@@ -267,7 +267,9 @@ class OpenCLIPVisionModel(PreTrainedModel):
     def __init__(self, config: OpenCLIPVisionConfig):
         super().__init__(config)
         open_clip_model = _require("open_clip.model", "open_clip_torch", "an open_clip image tower")
-        self.visual = open_clip_model._build_vision_tower(config.embed_dim, config.vision_cfg, config.quick_gelu)
+        self.visual = open_clip_model._build_vision_tower(
+            config.embed_dim, config.vision_cfg, config.quick_gelu
+        )
         self.post_init()
 
     @torch.no_grad()
@@ -306,7 +308,9 @@ def _vision_tower_dim(tower: PreTrainedModel, vision_config: PreTrainedConfig) -
     timm_model = getattr(tower, "timm_model", None)
     if timm_model is not None:
         # A kept head outputs `num_classes`; without one timm returns its pre-logits features.
-        return int(timm_model.num_classes or getattr(timm_model, "head_hidden_size", 0) or timm_model.num_features)
+        return int(
+            timm_model.num_classes or getattr(timm_model, "head_hidden_size", 0) or timm_model.num_features
+        )
     return vision_output_dim(vision_config)
 
 
@@ -986,7 +990,13 @@ def open_clip_tokenizer(text_config: OpenCLIPTextConfig) -> CLIPTokenizer:
         # open_clip's SimpleTokenizer reads the same merges: a header line, then 49152 - 256 - 2 merges.
         merges = [tuple(line.split()) for line in handle.read().split("\n")[1 : 49152 - 256 - 2 + 1]]
     chars = list(tokenizer_module.bytes_to_unicode().values())
-    vocab = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges), "<|startoftext|>", "<|endoftext|>"]
+    vocab = [
+        *chars,
+        *(c + "</w>" for c in chars),
+        *("".join(m) for m in merges),
+        "<|startoftext|>",
+        "<|endoftext|>",
+    ]
     return CLIPTokenizer(
         vocab={token: i for i, token in enumerate(vocab)},
         merges=merges,
@@ -1032,7 +1042,9 @@ class HLSSForImageClassification(HLSSPreTrainedModel):
     def __init__(self, config: HLSSConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.vision_model = _build_vision_tower(config.vision_config, keep_head=not config.use_visual_projection)
+        self.vision_model = _build_vision_tower(
+            config.vision_config, keep_head=not config.use_visual_projection
+        )
         self.config.vision_config = self.vision_model.config
         self.visual_projection = _visual_projection(config, self.vision_model)
         self.classifier = nn.Linear(config.projection_dim, config.num_labels)

