@@ -264,6 +264,20 @@ def test_saved_models_load_through_auto_model_where_hlss_hf_is_not_importable(
         assert torch.equal(remote[name]["bank"], model.bank_patch)
 
 
+def test_classifier_loads_the_towers_of_a_saved_folder(reference_pair, open_clip_pair, tmp_path):
+    from hlss_hf import HLSSForImageClassification
+
+    x = _pixels(seed=5)
+    for name, model in (("reference", reference_pair), ("open_clip", open_clip_pair)):
+        model.save_pretrained(tmp_path / name)
+        classifier = HLSSForImageClassification.from_pretrained(tmp_path / name, num_labels=3).eval()
+        assert isinstance(classifier.visual_projection, nn.Identity)
+        assert type(classifier.vision_model) is type(model.vision_model)
+        with torch.no_grad():
+            torch.testing.assert_close(classifier.get_image_features(x), model.get_image_features(x))
+            assert classifier(x).logits.shape == (3, 3)
+
+
 def test_missing_library_error_names_the_package_and_the_extra(
     reference_pair, open_clip_pair, tmp_path, monkeypatch
 ):
@@ -280,3 +294,44 @@ def test_missing_library_error_names_the_package_and_the_extra(
         HLSSModel.from_vision_text_pretrained(
             vit_config(), f"local-dir:{tmp_path}", attributes=TINY_ATTRIBUTES, tokenizer=tiny_tokenizer()
         )
+
+
+# --------------------------------------------------------------------------------------------- reference facts
+
+
+@pytest.mark.slow
+def test_reference_image_tower_is_the_same_network_in_open_clip_and_timm():
+    """open_clip RN50 (CC12M tag: QuickGELU, weights in the Hub repo timm/resnet50_clip.cc12m) has a ModifiedResNet
+    whose attention pool outputs the 1024-d joint space; timm's resnet50_clip, built through TimmWrapper with its
+    head kept, is the same network: open_clip's image weights, converted by timm, give the same embeddings."""
+    import timm
+    from timm.models.byobnet import checkpoint_filter_fn
+    from transformers import TimmWrapperConfig
+
+    from hlss_hf.modeling_hlss import _pool_vision
+
+    tag = open_clip.get_pretrained_cfg("RN50", "cc12m")
+    assert tag["hf_hub"].strip("/") == "timm/resnet50_clip.cc12m" and tag["quick_gelu"] is True
+    timm_tag = timm.models.get_pretrained_cfg("resnet50_clip.cc12m")
+    assert (timm_tag.hf_hub_id, timm_tag.num_classes, timm_tag.classifier) == (
+        "timm/resnet50_clip.cc12m",
+        1024,
+        "head.proj",
+    )
+    model_cfg = open_clip.get_model_config("RN50")
+    assert model_cfg["embed_dim"] == 1024
+    torch.manual_seed(0)
+    visual = open_clip.create_model("RN50", force_quick_gelu=True).visual.eval()
+    tower = TimmWrapperForImageClassification(
+        TimmWrapperConfig(architecture="resnet50_clip", num_labels=model_cfg["embed_dim"])
+    ).eval()
+    converted = checkpoint_filter_fn(
+        {f"visual.{k}": v for k, v in visual.state_dict().items()}, tower.timm_model
+    )
+    tower.timm_model.load_state_dict(converted)
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = _pool_vision(tower(pixel_values=x))
+        theirs = visual(x)
+    assert ours.shape == theirs.shape == (2, 1024)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
