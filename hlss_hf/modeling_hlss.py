@@ -405,6 +405,21 @@ class HLSSPreTrainedModel(PreTrainedModel):
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        """transformers' switch; timm and open_clip vision towers checkpoint through their own library's switch."""
+        tower = self.vision_model
+        if isinstance(tower, (TimmWrapperModel, TimmWrapperForImageClassification)):
+            return tower._set_gradient_checkpointing(enable)
+        if isinstance(tower, OpenCLIPVisionModel):
+            if enable and not hasattr(getattr(tower.visual, "transformer", None), "grad_checkpointing"):
+                # open_clip's ModifiedResNet (RN50) accepts the switch and ignores it.
+                raise ValueError(
+                    f"this open_clip image tower ({type(tower.visual).__name__}) has no gradient checkpointing; "
+                    "timm's version of it (a timm id such as timm/resnet50_clip.cc12m) has"
+                )
+            return tower.visual.set_grad_checkpointing(enable)
+        return super()._set_gradient_checkpointing(enable, *args, **kwargs)
+
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` -> L2-normalised ``[N, D]``: ``normalize(visual_projection(pool(f_V(x))))``."""
         kwargs = {}
@@ -819,7 +834,8 @@ class HLSSModel(HLSSPreTrainedModel):
         same_clip = isinstance(vision, str) and isinstance(text, str) and vision == text
         same_clip = same_clip and not _is_open_clip_id(vision)
         same_clip = same_clip and _tower_config(vision).model_type == "clip"
-        config_kwargs.setdefault("use_visual_projection", not _same_open_clip_checkpoint(vision, text))
+        if config_kwargs.get("use_visual_projection") is None:  # None or absent: decided by the towers
+            config_kwargs["use_visual_projection"] = not _same_open_clip_checkpoint(vision, text)
         keep_head = not config_kwargs["use_visual_projection"]
 
         vision_model, clip_projection = cls._load_tower(

@@ -159,6 +159,21 @@ def test_other_tower_pairs_get_a_new_projection(checkpoint):
     assert model.get_image_features(_pixels()).shape == (3, 32)
 
 
+@pytest.mark.parametrize(
+    "vision,text,same",
+    [
+        ("timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m", True),  # the reference's two towers
+        ("hf-hub:timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m/", True),
+        ("timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.openai", False),
+        ("timm/resnet50_clip.cc12m", "timm/resnet50_clip.cc12m", False),  # no open_clip tower named
+    ],
+)
+def test_same_checkpoint_detection_decides_the_default_projection(vision, text, same):
+    from hlss_hf.modeling_hlss import _same_open_clip_checkpoint
+
+    assert _same_open_clip_checkpoint(vision, text) is same
+
+
 def test_identity_projection_needs_a_tower_in_the_joint_space(checkpoint):
     folder, _ = checkpoint
     with pytest.raises(ValueError, match="joint space"):
@@ -209,6 +224,25 @@ def test_a_training_step_moves_the_vision_tower_and_heads_only(checkpoint):
     assert any(name.startswith("heads.") for name in changed)
     assert not any(name.startswith("text_model.") for name in changed)
     assert not model.text_model.training
+
+
+def test_gradient_checkpointing_goes_through_the_tower_s_library(checkpoint, open_clip_pair):
+    folder, _ = checkpoint
+    torch.manual_seed(2)
+    model = HLSSModel.from_vision_text_pretrained(
+        folder, f"local-dir:{folder}", attributes=TINY_ATTRIBUTES
+    ).train()
+    x = hierarchical_pixels(seed=5)
+    model(x).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.vision_model.timm_model.grad_checkpointing
+    model(x).loss.backward()
+    for name, grad in plain.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="ModifiedResNet"):  # it would silently ignore the switch
+        open_clip_pair.activation_checkpointing_enable()
 
 
 # --------------------------------------------------------------------------------------------- save / load
