@@ -20,8 +20,110 @@ LEVELS = ("patch", "slide", "patient")
 TEXT_POOLINGS = ("pooler", "cls", "mean")
 MODALITIES = ("he", "srh")
 
+ALIGNMENT_REDUCTIONS = ("mean", "sum")
+
 # Text towers whose pretrained projection defines the joint space (their `projection_dim`).
-_PROJECTED_TEXT_TYPES = ("clip_text_model",)
+_PROJECTED_TEXT_TYPES = ("clip_text_model", "hlss_open_clip_text")
+
+
+def _open_clip_tower_cfg(key: str, cfg, model_name) -> dict:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"`{key}` must be a dict of open_clip tower settings, got {type(cfg)}")
+    cfg = dict(cfg)
+    for name in ("hf_model_name", "hf_tokenizer_name"):
+        if cfg.get(name):
+            # open_clip's Hugging Face text towers fetch their config from the Hub whenever they are built.
+            raise ValueError(
+                f"{model_name or 'open_clip model'}: `{key}.{name}`={cfg[name]!r} is an open_clip tower wrapping a "
+                "transformers model; use that transformers model as the tower instead"
+            )
+    # Saved towers hold their weights: never let open_clip download base weights when rebuilding one.
+    if "timm_model_name" in cfg:
+        cfg["timm_model_pretrained"] = False
+    cfg["output_tokens"] = False
+    return cfg
+
+
+class OpenCLIPTextConfig(PreTrainedConfig):
+    r"""Configuration of an open_clip text tower used as the HLSS text tower (`OpenCLIPTextModel`).
+
+    Args:
+        embed_dim (`int`, defaults to 1024): the CLIP joint space size (the tower's output, after its projection).
+        text_cfg (`dict`, *optional*): open_clip's `text_cfg` (`context_length`, `vocab_size`, `width`, `heads`,
+            `layers`, ...), as in the checkpoint's `open_clip_config.json`. Defaults to open_clip's defaults.
+        quick_gelu (`bool`, defaults to False): the checkpoint's `quick_gelu` (OpenAI-style weights need True).
+        open_clip_model_name (`str`, *optional*): where the tower came from (provenance).
+    """
+
+    model_type = "hlss_open_clip_text"
+
+    def __init__(
+        self,
+        embed_dim: int = 1024,
+        text_cfg: dict | None = None,
+        quick_gelu: bool = False,
+        open_clip_model_name: str | None = None,
+        **kwargs,
+    ):
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
+            raise ValueError(f"`embed_dim` must be a positive int, got {embed_dim!r}")
+        self.embed_dim = embed_dim
+        self.text_cfg = _open_clip_tower_cfg("text_cfg", text_cfg or {}, open_clip_model_name)
+        self.quick_gelu = bool(quick_gelu)
+        self.open_clip_model_name = open_clip_model_name
+        super().__init__(**kwargs)
+
+    @property
+    def projection_dim(self) -> int:
+        """The joint space size (`embed_dim`)."""
+        return self.embed_dim
+
+
+class OpenCLIPVisionConfig(PreTrainedConfig):
+    r"""Configuration of an open_clip image tower used as the HLSS vision tower (`OpenCLIPVisionModel`).
+
+    Its output is already in the CLIP joint space of size `embed_dim` (attention pool / projection included).
+
+    Args:
+        embed_dim (`int`, defaults to 1024): the CLIP joint space size.
+        vision_cfg (`dict`, *optional*): open_clip's `vision_cfg` (`image_size`, `layers`, `width`,
+            `patch_size`, ...), as in the checkpoint's `open_clip_config.json`.
+        quick_gelu (`bool`, defaults to False): the checkpoint's `quick_gelu`.
+        open_clip_model_name (`str`, *optional*): where the tower came from (provenance).
+    """
+
+    model_type = "hlss_open_clip_vision"
+
+    def __init__(
+        self,
+        embed_dim: int = 1024,
+        vision_cfg: dict | None = None,
+        quick_gelu: bool = False,
+        open_clip_model_name: str | None = None,
+        **kwargs,
+    ):
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
+            raise ValueError(f"`embed_dim` must be a positive int, got {embed_dim!r}")
+        self.embed_dim = embed_dim
+        self.vision_cfg = _open_clip_tower_cfg("vision_cfg", vision_cfg or {}, open_clip_model_name)
+        self.quick_gelu = bool(quick_gelu)
+        self.open_clip_model_name = open_clip_model_name
+        super().__init__(**kwargs)
+
+    @property
+    def projection_dim(self) -> int:
+        """The joint space size (`embed_dim`)."""
+        return self.embed_dim
+
+    @property
+    def image_size(self):
+        """The tower's pretraining image size (open_clip's `vision_cfg.image_size`, 224 by default)."""
+        return self.vision_cfg.get("image_size", 224)
+
+
+# Registered so that a saved HLSS config (a dict with `model_type`) rebuilds these towers, also as remote code.
+AutoConfig.register(OpenCLIPTextConfig.model_type, OpenCLIPTextConfig, exist_ok=True)
+AutoConfig.register(OpenCLIPVisionConfig.model_type, OpenCLIPVisionConfig, exist_ok=True)
 
 
 def _resolve_sub_config(key: str, value, default_type: str) -> PreTrainedConfig:
@@ -34,7 +136,11 @@ def _resolve_sub_config(key: str, value, default_type: str) -> PreTrainedConfig:
             raise ValueError(f"`{key}` given as a dict needs a `model_type` entry (e.g. 'vit', 'bert')")
         if model_type not in CONFIG_MAPPING:
             raise ValueError(f"`{key}`: unknown model_type {model_type!r}")
-        value = CONFIG_MAPPING[model_type](**{k: v for k, v in value.items() if k != "model_type"})
+        if model_type == "timm_wrapper":
+            # Its `to_dict` stores the head size as `num_classes`; only `from_dict` maps it back to `num_labels`.
+            value = CONFIG_MAPPING[model_type].from_dict(value)
+        else:
+            value = CONFIG_MAPPING[model_type](**{k: v for k, v in value.items() if k != "model_type"})
     if not isinstance(value, PreTrainedConfig):
         raise ValueError(
             f"`{key}` must be a transformers config, a dict with `model_type`, or None; got {type(value)}"
@@ -71,8 +177,10 @@ def vision_output_dim(vision_config: PreTrainedConfig) -> int:
 
     Returns:
         `int`: last stage width for CNNs (``hidden_sizes[-1]``: ResNet, ConvNeXt), ``num_features`` for timm
-        wrappers, else ``hidden_size`` (ViT, CLIP vision, DINOv2).
+        wrappers, ``embed_dim`` for open_clip image towers, else ``hidden_size`` (ViT, CLIP vision, DINOv2).
     """
+    if vision_config.model_type == OpenCLIPVisionConfig.model_type:
+        return int(vision_config.embed_dim)
     sizes = getattr(vision_config, "hidden_sizes", None)
     if isinstance(sizes, (list, tuple)) and sizes:
         return int(sizes[-1])
@@ -138,6 +246,12 @@ class HLSSConfig(PreTrainedConfig):
         lambda_patient (`float`, defaults to 1.0): weight of the patient-level HVC loss.
         lambda_align (`float`, defaults to 1.0): weight of the hierarchical alignment (HA) loss; 0 logs it only.
         align_temperature (`float`, defaults to 1.0): softmax temperature `tau_a` of the HA loss.
+        alignment_reduction (`str`, defaults to `"mean"`): how each HA level reduces over images: `"mean"`, or
+            `"sum"` as the reference code does (see `losses.hierarchical_alignment_loss` for the gradient).
+        use_visual_projection (`bool`, defaults to True): map the pooled vision output into the joint space with
+            a new linear `visual_projection`. False when the vision tower already outputs the joint space (an
+            open_clip image tower; a timm CLIP tower such as `resnet50_clip.cc12m`, whose classifier head, kept
+            then, is the CLIP image projection): `visual_projection` is then an identity.
         text_pooling (`str`, *optional*): `"pooler"`, `"cls"` or `"mean"`; defaults to `"pooler"` for CLIP text
             (EOS token + projection) and `"mean"` otherwise (sentence-transformers style).
         modality (`str`, defaults to `"he"`): `"he"` (8-bit RGB H&E) or `"srh"` (2-channel uint16 SRH).
@@ -184,6 +298,8 @@ class HLSSConfig(PreTrainedConfig):
         lambda_patient: float = 1.0,
         lambda_align: float = 1.0,
         align_temperature: float = 1.0,
+        alignment_reduction: str = "mean",
+        use_visual_projection: bool = True,
         text_pooling: str | None = None,
         modality: str = "he",
         image_size: int = 224,
@@ -234,11 +350,23 @@ class HLSSConfig(PreTrainedConfig):
         self.lambda_align = float(lambda_align)
         self.align_temperature = float(align_temperature)
         self.initializer_range = float(initializer_range)
+        if alignment_reduction not in ALIGNMENT_REDUCTIONS:
+            raise ValueError(
+                f"`alignment_reduction` must be one of {list(ALIGNMENT_REDUCTIONS)}, got {alignment_reduction!r}"
+            )
+        self.alignment_reduction = alignment_reduction
+        if not isinstance(use_visual_projection, bool):
+            raise ValueError(f"`use_visual_projection` must be a bool, got {use_visual_projection!r}")
+        self.use_visual_projection = use_visual_projection
 
         if text_pooling is None:
             text_pooling = "pooler" if self.text_config.model_type in _PROJECTED_TEXT_TYPES else "mean"
         if text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"`text_pooling` must be one of {list(TEXT_POOLINGS)}, got {text_pooling!r}")
+        if self.text_config.model_type == OpenCLIPTextConfig.model_type and text_pooling != "pooler":
+            raise ValueError(
+                f"`text_pooling` must be 'pooler' for an open_clip text tower (it pools inside), got {text_pooling!r}"
+            )
         self.text_pooling = text_pooling
 
         if modality not in MODALITIES:
@@ -272,4 +400,11 @@ class HLSSConfig(PreTrainedConfig):
         return {"patch": self.lambda_patch, "slide": self.lambda_slide, "patient": self.lambda_patient}
 
 
-__all__ = ["HLSSConfig", "LEVELS", "text_output_dim", "vision_output_dim"]
+__all__ = [
+    "HLSSConfig",
+    "LEVELS",
+    "OpenCLIPTextConfig",
+    "OpenCLIPVisionConfig",
+    "text_output_dim",
+    "vision_output_dim",
+]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ALIGNMENT_REDUCTIONS",
     "LEVELS",
     "gather_with_grad",
     "hierarchical_alignment_loss",
@@ -191,22 +192,36 @@ def hierarchical_contrastive_loss(
     return supcon_loss(grouped, temperature=temperature, base_temperature=base_temperature)
 
 
+ALIGNMENT_REDUCTIONS = ("mean", "sum")
+
+
 def hierarchical_alignment_loss(
-    image_embeds: Tensor, attribute_embeds: Tensor, temperature: float = 1.0
+    image_embeds: Tensor, attribute_embeds: Tensor, temperature: float = 1.0, reduction: str = "mean"
 ) -> Tensor:
     """HA loss at one level: symmetric KL between an embedding and its nearest attribute (DESIGN 1.5).
 
     ``a*(i) = argmax_a cos(z_i, t_a)`` (a discrete choice, no gradient), ``p_i = softmax(z_i / tau_a)``,
     ``q_i = softmax(t_{a*(i)} / tau_a)`` over the D dimensions, and
-    ``L = mean_i 0.5 * (KL(p_i || q_i) + KL(q_i || p_i))``, differentiable in ``z`` (not detached).
+    ``L = reduce_i 0.5 * (KL(p_i || q_i) + KL(q_i || p_i))``, differentiable in ``z`` (not detached).
 
-    Not gathered across processes: the loss is a mean of independent per-sample terms, so with equal shards
-    the DDP average of the per-rank means is already the global mean, and its gradient the global gradient.
+    How this differs from the reference (``hlss/train_hlss_KL.py`` of Hasindri/HLSS): there the two KL terms use
+    ``F.kl_div(..., reduction="sum")`` over every image of the batch gathered from all devices, i.e.
+    ``reduction="sum"`` here, and each is turned into a Python float with ``.item()`` before it is added to the
+    training loss, so the HA term is logged but sends no gradient. Here the term trains; set the model's
+    ``lambda_align=0`` to reproduce the reference's (absent) gradient. With ``reduction="sum"`` the gradient per
+    image is ``N`` times the one of ``"mean"``, so the effective weight of HA grows with the batch.
+
+    Not gathered across processes: the loss is a reduction of independent per-sample terms. With ``"mean"`` and
+    equal shards, the DDP average of the per-rank means is the global mean (value and gradient). With ``"sum"``
+    each rank returns its local sum; DDP's averaging then trains on ``global_sum / world_size``, and the
+    reference's logged value is the sum of the per-rank values (not their mean).
 
     Args:
         image_embeds (`torch.Tensor` of shape `[N, D]`): image embeddings ``z``.
         attribute_embeds (`torch.Tensor` of shape `[K, D]`): the level's fixed attribute bank ``T_l``.
         temperature (`float`, defaults to 1.0): ``tau_a``, the softmax temperature.
+        reduction (`str`, defaults to `"mean"`): `"mean"` over images, or `"sum"` (the reference's; ``N`` times
+            the mean).
 
     Returns:
         `torch.Tensor`: scalar loss, float32 (float64 for float64 input), ``>= 0``.
@@ -224,6 +239,8 @@ def hierarchical_alignment_loss(
             f"`attribute_embeds` dim {attribute_embeds.shape[1]} must match `image_embeds` dim {image_embeds.shape[1]}"
         )
     _check_positive(temperature, "temperature")
+    if reduction not in ALIGNMENT_REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {list(ALIGNMENT_REDUCTIONS)}, got {reduction!r}")
 
     dtype = torch.float64 if torch.float64 in (image_embeds.dtype, attribute_embeds.dtype) else torch.float32
     with _autocast_off(image_embeds.device):
@@ -235,4 +252,4 @@ def hierarchical_alignment_loss(
         log_q = F.log_softmax(bank[nearest] / temperature, dim=-1)  # [N, D]
         # KL(p||q) + KL(q||p) = sum (p - q)(log p - log q): one pass, and exactly 0 when p == q.
         sym_kl = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(dim=-1)  # [N]
-        return 0.5 * sym_kl.mean()
+        return 0.5 * (sym_kl.sum() if reduction == "sum" else sym_kl.mean())

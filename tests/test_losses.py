@@ -257,6 +257,23 @@ def test_alignment_bf16_close_to_fp32():
     assert abs(half.item() - full.item()) < 2e-2 * full.item()
 
 
+@pytest.mark.parametrize("n", [1, 6])
+def test_alignment_sum_reduction_is_n_times_the_mean_in_value_and_gradient(n):
+    """The reference's reduction (F.kl_div(..., reduction="sum") over images): N * mean, gradient included."""
+    z = torch.randn(
+        n, 10, generator=torch.Generator().manual_seed(n), dtype=torch.float64, requires_grad=True
+    )
+    bank = _unit(4, 10, seed=14)
+    mean = hierarchical_alignment_loss(z, bank, temperature=0.7)
+    total = hierarchical_alignment_loss(z, bank, temperature=0.7, reduction="sum")
+    (grad_mean,) = torch.autograd.grad(mean, z)
+    (grad_sum,) = torch.autograd.grad(total, z)
+    torch.testing.assert_close(total, n * mean, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(total, n * alignment_reference(z.detach(), bank, 0.7), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(grad_sum, n * grad_mean, rtol=TOL, atol=TOL)
+    assert grad_sum.norm() > 0  # here the term trains (the reference's `.item()` detaches it)
+
+
 # ----------------------------------------------------------------------------- invalid input
 
 
@@ -278,6 +295,10 @@ def test_alignment_bf16_close_to_fp32():
         (lambda: hierarchical_alignment_loss(torch.randn(0, 8), torch.randn(3, 8)), "`image_embeds`"),
         (lambda: hierarchical_alignment_loss(torch.randn(4, 8), torch.randn(1, 3, 8)), "`attribute_embeds`"),
         (lambda: hierarchical_alignment_loss(torch.randn(4, 8), torch.randn(3, 7)), "`attribute_embeds`"),
+        (
+            lambda: hierarchical_alignment_loss(torch.randn(4, 8), torch.randn(3, 8), reduction="none"),
+            "`reduction`",
+        ),
         (
             lambda: hierarchical_alignment_loss(torch.randn(4, 8), torch.randn(3, 8), temperature=0),
             "`temperature`",

@@ -75,6 +75,8 @@ def _tiny_config(**overrides):
         ("lambda_slide", float("inf")),
         ("lambda_patient", "1"),
         ("lambda_align", -1.0),
+        ("alignment_reduction", "batchmean"),
+        ("use_visual_projection", "no"),
         ("text_pooling", "max"),
         ("modality", "ihc"),
         ("image_size", 0),
@@ -94,13 +96,15 @@ def test_config_bad_value_raises_naming_the_key(key, value):
 
 
 def test_config_derives_sizes_pooling_and_round_trips():
-    config = _tiny_config(lambda_align=0.5, mpp=0.5, magnification=20)
+    config = _tiny_config(lambda_align=0.5, mpp=0.5, magnification=20, alignment_reduction="sum")
     assert config.projection_dim == 32
     assert config.num_attributes == {"patch": 3, "slide": 2, "patient": 2}
     assert config.text_pooling == "mean"  # BERT-like towers: sentence-transformers mean pooling
     restored = HLSSConfig.from_dict(config.to_dict())
     assert restored.attribute_names == NAMES
     assert (restored.lambda_align, restored.mpp, restored.magnification) == (0.5, 0.5, 20.0)
+    assert restored.alignment_reduction == "sum" and _tiny_config().alignment_reduction == "mean"
+    assert restored.use_visual_projection is True
     assert restored.vision_config.model_type == "vit" and restored.text_config.hidden_size == 32
 
 
@@ -202,6 +206,19 @@ def test_loss_weights_follow_the_config(clip_model):
         parts["hvc_patch"] + 0.25 * parts["hvc_slide"] + parts["hvc_patient"] + 3.0 * base.alignment_loss
     )
     torch.testing.assert_close(weighted.loss, expected)
+
+
+def test_alignment_reduction_sum_scales_each_ha_term_by_the_number_of_images(clip_model):
+    x = hierarchical_pixels(seed=2)  # 2 * 2 * 2 * 2 = 16 images
+    mean = clip_model(x, return_loss=True)
+    clip_model.config.alignment_reduction = "sum"
+    try:
+        summed = clip_model(x, return_loss=True)
+    finally:
+        clip_model.config.alignment_reduction = "mean"
+    for level in LEVELS:
+        torch.testing.assert_close(summed.level_losses[f"ha_{level}"], 16 * mean.level_losses[f"ha_{level}"])
+    torch.testing.assert_close(summed.loss, mean.hvc_loss + 16 * mean.alignment_loss)
 
 
 def test_eval_hierarchical_forward_has_no_loss_unless_asked(clip_model):
@@ -435,7 +452,9 @@ def test_attribute_file_missing_or_unparsable(tmp_path):
 def test_shipped_attribute_sets_load_by_name():
     for name in ("srh_brain_tumor", "srh_brain_tumor.yaml"):
         assert all(len(bank) == 128 for bank in load_attributes(name).values())
-    with pytest.raises(ValueError, match=r"'he_tgca' does not exist and is not a shipped set \['he_tcga.yaml'"):
+    with pytest.raises(
+        ValueError, match=r"'he_tgca' does not exist and is not a shipped set \['he_tcga.yaml'"
+    ):
         load_attributes("he_tgca")
 
 

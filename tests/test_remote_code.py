@@ -5,21 +5,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from _tiny import tiny_hlss_model, tiny_tokenizer
+from _tiny import run_without_hlss, tiny_hlss_model, tiny_tokenizer
 from PIL import Image
 
 from hlss_hf import HLSSImageProcessor, HLSSProcessor  # importing hlss_hf registers the Auto classes
-
-# Run in the child before anything else: makes `import hlss_hf` fail even where hlss_hf is pip-installed
-# (editable installs put it on sys.path through .pth files that clearing PYTHONPATH does not remove).
-_BLOCK_HLSS = "import sys\nsys.modules['hlss_hf'] = None\n"
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +23,6 @@ def saved(tmp_path_factory):
     model.save_pretrained(folder)
     HLSSProcessor(HLSSImageProcessor(modality="he", crop_size=32), tiny_tokenizer()).save_pretrained(folder)
     return folder, model
-
-
-def _run_without_hlss(code: str, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run(
-        [sys.executable, "-c", _BLOCK_HLSS + textwrap.dedent(code)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_folder_holds_code_and_auto_map(saved):
@@ -67,7 +47,7 @@ def test_remote_code_load_in_a_clean_process_gives_identical_outputs(saved, tmp_
     folder, model = saved
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
-    result = _run_without_hlss(
+    result = run_without_hlss(
         f"""
         try:
             import hlss_hf
