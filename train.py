@@ -253,6 +253,7 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict 
         lambda_patient=m.lambda_patient,
         lambda_align=m.lambda_align,
         align_temperature=m.align_temperature,
+        alignment_reduction=m.alignment_reduction,
         modality=modality,
         image_size=config.data.crop_size,
     )
@@ -275,10 +276,20 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict 
 
 
 def build_image_processor(config: TrainConfig, modality: str):
-    """The evaluation / inference image processor: optional resize, centre crop to ``data.crop_size``."""
+    """The evaluation / inference image processor: ``data.eval_framing`` ``resize`` scales the whole patch to
+    ``data.crop_size`` (bicubic, the reference's framing); ``center_crop`` crops that size at native resolution,
+    after an optional shortest-edge resize to ``data.eval_resize``."""
     from hlss_hf.processing_hlss import HLSSImageProcessor
 
     d = config.data
+    if d.eval_framing == "resize":
+        return HLSSImageProcessor(
+            modality=modality,
+            do_resize=True,
+            size={"height": d.crop_size, "width": d.crop_size},
+            resample="bicubic",
+            do_center_crop=False,
+        )
     return HLSSImageProcessor(
         modality=modality,
         do_resize=d.eval_resize is not None,
@@ -458,7 +469,9 @@ def evaluate_knn(model, config: TrainConfig, train_ds, val_ds, image_processor) 
         kwargs = dict(processor=image_processor, batch_size=t.eval_batch_size, progress=False)
         train_set = extract_embeddings(model, train_ds, **kwargs)
         val_set = extract_embeddings(model, val_ds, **kwargs)
-        metrics = knn_evaluate(train_set, val_set, k=t.knn_k, temperature=t.knn_temperature)
+        metrics = knn_evaluate(
+            train_set, val_set, k=t.knn_k, temperature=t.knn_temperature, aggregation=t.knn_aggregation
+        )
     model.train(was_training)
     return {f"eval/{key}": float(value) for key, value in metrics.items()}
 
@@ -547,10 +560,14 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
     else:
         dataset_id = Path(d.dataset).name if Path(d.dataset).exists() else d.dataset
     num_labels = len(index.class_names) if index is not None else "n/a"
-    from hlss_hf.augmentation import DEFAULT_AUGMENTATION
+    from hlss_hf.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 
     operations = d.augmentation if d.augmentation is not None else DEFAULT_AUGMENTATION
+    if isinstance(operations, str):
+        operations = AUGMENTATION_PRESETS[operations]
     used = [name for name, params in operations.items() if params is not False] or ["centre crop only"]
+    if isinstance(d.augmentation, str):
+        used.insert(0, f"preset {d.augmentation}:")
     warmup = f"{t.lr_scheduler} schedule with {t.warmup_ratio:.0%} warm-up"
     device = ctx.get("device")
     hardware = f"{ctx.get('num_processes', 1)} x {device}"
@@ -867,7 +884,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         initial_eval = _run_eval(
             accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file, quiet=True
         )
-        accelerator.print(format_knn(initial_eval, t.knn_k))
+        accelerator.print(format_knn(initial_eval, t))
     run_start = time.perf_counter()
     run_limit = state.step + t.max_steps_this_run if t.max_steps_this_run else None
     progress = tqdm(
@@ -1012,7 +1029,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
             print(f"Saved the model to {out}", flush=True)
             if last_eval:
-                print(format_knn(last_eval, t.knn_k), flush=True)
+                print(format_knn(last_eval, t), flush=True)
             if last_eval and initial_eval:
                 print(format_knn_change(initial_eval, last_eval), flush=True)
             if t.push_to_hub:
@@ -1057,9 +1074,9 @@ def _stream_batches(loader, dataset, skip: int, device):
         epoch += 1
 
 
-def format_knn(metrics: dict[str, float], k: int) -> str:
-    """One line per level: ``patch  acc 0.8125  top2 ...``."""
-    lines = [f"kNN evaluation (k={k}) on the validation split:"]
+def format_knn(metrics: dict[str, float], t) -> str:
+    """One line per level: ``patch  acc 0.8125  top2 ...``, under a header naming k and the aggregation rule."""
+    lines = [f"kNN evaluation (k={t.knn_k}, {t.knn_aggregation} aggregation) on the validation split:"]
     for level in ("patch", "slide", "patient"):
         items = sorted((key.split("/")[-1], v) for key, v in metrics.items() if key.split("/")[-2] == level)
         if items:
@@ -1087,7 +1104,7 @@ def _run_eval(
         metrics = evaluate_knn(unwrapped, config, train_ds, val_ds, image_processor)
         metrics_file.write({"step": state.step, **metrics})
         if not quiet:
-            progress_write = f"step {state.step}: " + format_knn(metrics, config.training.knn_k)
+            progress_write = f"step {state.step}: " + format_knn(metrics, config.training)
             accelerator.print(progress_write)
     accelerator.log(metrics, step=state.step)
     accelerator.wait_for_everyone()

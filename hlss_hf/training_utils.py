@@ -88,6 +88,13 @@ class ModelConfig:
     lambda_patient: float = field(default=1.0, metadata={"help": "Weight of the patient-level HVC loss."})
     lambda_align: float = field(default=1.0, metadata={"help": "Weight of the hierarchical alignment loss."})
     align_temperature: float = field(default=1.0, metadata={"help": "Alignment (KL) temperature tau_a."})
+    alignment_reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "How the alignment loss reduces over images: `mean`, or `sum` as the reference does (the "
+            "reference's value also carries no gradient; lambda_align 0 reproduces that)."
+        },
+    )
     text_pooling: str | None = field(
         default=None,
         metadata={"help": "Text pooling: mean, cls or pooler (null: the model's choice for the tower)."},
@@ -131,6 +138,13 @@ class DataConfig:
         default=None,
         metadata={
             "help": "Evaluation: resize the shortest edge to this before the centre crop (null: no resize)."
+        },
+    )
+    eval_framing: str = field(
+        default="center_crop",
+        metadata={
+            "help": "Evaluation input: `center_crop` (data.crop_size at native resolution, after data.eval_resize "
+            "if set) or `resize` (the whole patch resized to data.crop_size, bicubic, as the reference does)."
         },
     )
     augmentation: dict | str | None = field(
@@ -245,6 +259,13 @@ class TrainingConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "Patches per forward pass in evaluation."})
     knn_k: int = field(default=200, metadata={"help": "kNN neighbours."})
     knn_temperature: float = field(default=0.07, metadata={"help": "kNN vote temperature."})
+    knn_aggregation: str = field(
+        default="reference",
+        metadata={
+            "help": "Slide / patient kNN scores: `reference` (per patch L1-normalised, softmax, then averaged, as "
+            "the reference evaluates) or `sum` (raw votes summed)."
+        },
+    )
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push model + card to."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
     model_license: str = field(default="other", metadata={"help": "License written in the model card."})
@@ -269,6 +290,7 @@ class TrainConfig:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig}
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 TEXT_POOLING = ("mean", "cls", "pooler")
+EVAL_FRAMINGS = ("center_crop", "resize")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -499,6 +521,13 @@ def validate_config(config: TrainConfig) -> None:
     for key in ("lambda_patch", "lambda_slide", "lambda_patient", "lambda_align"):
         value = getattr(m, key)
         _check(math.isfinite(value) and value >= 0, f"model.{key}", "must be a finite number >= 0")
+    from hlss_hf.configuration_hlss import ALIGNMENT_REDUCTIONS
+
+    _check(
+        m.alignment_reduction in ALIGNMENT_REDUCTIONS,
+        "model.alignment_reduction",
+        f"must be one of {list(ALIGNMENT_REDUCTIONS)}",
+    )
     _check(
         m.text_pooling is None or m.text_pooling in TEXT_POOLING,
         "model.text_pooling",
@@ -514,6 +543,17 @@ def validate_config(config: TrainConfig) -> None:
     _check(
         d.eval_resize is None or d.eval_resize >= d.crop_size, "data.eval_resize", "must be >= data.crop_size"
     )
+    _check(d.eval_framing in EVAL_FRAMINGS, "data.eval_framing", f"must be one of {EVAL_FRAMINGS}")
+    _check(
+        d.eval_framing == "center_crop" or d.eval_resize is None,
+        "data.eval_resize",
+        "only applies with data.eval_framing center_crop",
+    )
+    if isinstance(d.augmentation, str):
+        from hlss_hf.augmentation import AUGMENTATION_PRESETS
+
+        presets = sorted(AUGMENTATION_PRESETS)
+        _check(d.augmentation in presets, "data.augmentation", f"unknown preset; known: {presets}")
     _check(
         not (d.streaming and d.balance_classes),
         "data.balance_classes",
@@ -568,6 +608,9 @@ def validate_config(config: TrainConfig) -> None:
     _check(t.eval_batch_size >= 1, "training.eval_batch_size", "must be >= 1")
     _check(t.knn_k >= 1, "training.knn_k", "must be >= 1")
     _check(t.knn_temperature > 0, "training.knn_temperature", "must be > 0")
+    from hlss_hf.evaluation import AGGREGATIONS
+
+    _check(t.knn_aggregation in AGGREGATIONS, "training.knn_aggregation", f"must be one of {AGGREGATIONS}")
     _check(bool(t.output_dir), "training.output_dir", "must not be empty")
     if t.push_to_hub is not None:
         _check(

@@ -627,3 +627,55 @@ def test_eval_before_training_prints_both_results(tmp_path, attributes_file, cap
     assert "before training" in out
     before, after = evals[0]["eval/patient/acc"], evals[1]["eval/patient/acc"]
     assert f"patient  {before:.4f} -> {after:.4f}" in out
+
+
+def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
+    config = parse_config(["--config", DEMO_CONFIG, "--data.eval_framing", "resize"])
+    processor = train.build_image_processor(config, "he")
+    side = config.data.crop_size
+    assert processor.do_resize and not processor.do_center_crop and processor.resample == "bicubic"
+    patch = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()
+    pixels = processor(images=[patch], return_tensors="pt", do_normalize=False)["pixel_values"][0]
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(patch).permute(2, 0, 1)[None].float() / 255, size=(side, side), mode="bicubic",
+        align_corners=False, antialias=True,
+    )[0]  # fmt: skip
+    assert pixels.shape == (3, side, side)
+    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
+    default = train.build_image_processor(parse_config(["--config", DEMO_CONFIG]), "he")
+    assert default.do_center_crop and not default.do_resize
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["--data.eval_framing", "squash"], "data.eval_framing"),
+        (["--data.eval_framing", "resize", "--data.eval_resize", "64"], "data.eval_resize"),
+        (["--training.knn_aggregation", "mean"], "training.knn_aggregation"),
+        (["--data.augmentation", "hlss_refrence"], "data.augmentation"),
+        (["--model.alignment_reduction", "max"], "model.alignment_reduction"),
+    ],
+)
+def test_reference_options_are_checked(argv, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(["--config", DEMO_CONFIG, *argv])
+
+
+@pytest.mark.parametrize("aggregation", ["reference", "sum"])
+def test_periodic_knn_uses_the_configured_aggregation(tmp_path, attributes_file, aggregation, monkeypatch, capsys):
+    import hlss_hf.evaluation as evaluation
+
+    seen = []
+    original = evaluation.knn_evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["aggregation"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "knn_evaluate", spy)
+    argv = ["--training.eval_at_end", "true", "--training.knn_aggregation", aggregation, "--data.augmentation"]
+    train.main(tiny_args(tmp_path, attributes_file, *argv, "hlss_reference", "--model.alignment_reduction", "sum"))
+    assert seen == [aggregation]
+    assert f"{aggregation} aggregation" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["alignment_reduction"] == "sum"
