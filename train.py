@@ -567,7 +567,8 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         operations = AUGMENTATION_PRESETS[operations]
     used = [name for name, params in operations.items() if params is not False] or ["centre crop only"]
     if isinstance(d.augmentation, str):
-        used.insert(0, f"preset {d.augmentation}:")
+        used[0] = f"preset {d.augmentation} ({used[0]}"
+        used[-1] += ")"
     warmup = f"{t.lr_scheduler} schedule with {t.warmup_ratio:.0%} warm-up"
     device = ctx.get("device")
     hardware = f"{ctx.get('num_processes', 1)} x {device}"
