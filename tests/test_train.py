@@ -144,7 +144,7 @@ def test_unknown_key_in_yaml_file_is_named_with_the_file(tmp_path):
         parse_config(["--config", str(path)])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "opensrh_hlss.yaml", "tcga_hlss.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "opensrh_hlss.yaml", "opensrh_vitb16.yaml", "tcga_hlss.yaml"])
 def test_shipped_configs_are_valid(name):
     config = parse_config(["--config", str(REPO / "configs" / name)])
     assert isinstance(config, TrainConfig)
@@ -154,7 +154,25 @@ def test_shipped_configs_are_valid(name):
         assert d.crop_size == 224 and t.lr == pytest.approx(1e-3) and t.lr_scheduler == "cosine"
         assert t.warmup_ratio == pytest.approx(0.1) and m.temperature == pytest.approx(0.07)
         assert m.lambda_patch == m.lambda_slide == m.lambda_patient == m.lambda_align == 1.0
-        assert m.attributes == ("srh_brain_tumor.yaml" if "opensrh" in name else "he_tcga.yaml")
+    expected_banks = {
+        "opensrh_hlss.yaml": "srh_hlss_reference.yaml",
+        "opensrh_vitb16.yaml": "srh_brain_tumor.yaml",
+        "tcga_hlss.yaml": "he_tcga.yaml",
+    }
+    if name in expected_banks:
+        assert config.model.attributes == expected_banks[name]
+
+
+def test_paper_config_is_the_reference_recipe():
+    """Every row of the README's fidelity table that the reference sets, pinned."""
+    config = parse_config(["--config", str(REPO / "configs" / "opensrh_hlss.yaml")])
+    m, d, t = config.model, config.data, config.training
+    assert (m.vision, m.text) == ("timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m")
+    assert m.alignment_reduction == "sum"
+    assert (d.augmentation, d.eval_framing, d.balance_classes, d.drop_last) == ("hlss_reference", "resize", True, False)
+    assert (t.num_epochs, t.schedule_epochs, t.warmup_ratio) == (11200, 40000, 0.1)
+    assert (t.weight_decay, t.weight_decay_all, t.max_grad_norm, t.mixed_precision, t.seed) == (0.01, True, None, "no", 1000)
+    assert (t.knn_k, t.knn_temperature, t.knn_aggregation) == (200, 0.07, "reference")
 
 
 def test_unknown_demo_argument_is_named(tmp_path):
