@@ -27,9 +27,13 @@ Example:
 >>> view = augment(torch.rand(3, 300, 300), generator=torch.Generator().manual_seed(0))
 >>> tuple(view.shape)
 (3, 224, 224)
+>>> reference = build_augmentation("hlss_reference", 224)  # the reference's training chain
+>>> tuple(reference(torch.rand(3, 300, 300), generator=torch.Generator().manual_seed(0)).shape)
+(3, 224, 224)
 ```
 
-A YAML config sets the same dict, e.g. ``augmentation: {random_resized_crop: {scale: [0.3, 1.0]}, ...}``.
+A YAML config sets the same dict, e.g. ``augmentation: {random_resized_crop: {scale: [0.3, 1.0]}, ...}``, or a
+preset name, ``augmentation: hlss_reference``.
 """
 
 from __future__ import annotations
