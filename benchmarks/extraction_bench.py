@@ -1,13 +1,23 @@
 #!/usr/bin/env python
-"""Embedding extraction throughput: `extract_embeddings` vs the bare forward, a per-row loop and its cache.
+"""Embedding extraction throughput: the input pipeline alone, and `extract_embeddings` against the forward pass.
 
-    python benchmarks/extraction_bench.py                                   # ViT-Ti/16, 224 px, H&E, CPU
-    python benchmarks/extraction_bench.py --vision-config vit-b16 --device cuda --num-patients 64
+    python benchmarks/extraction_bench.py                                   # both parts, ViT-Ti/16, CPU
+    python benchmarks/extraction_bench.py --part pipeline                   # input pipeline only, per core
+    python benchmarks/extraction_bench.py --part extract --vision-config vit-b16 --device cuda --num-patients 48
 
-A demo H&E dataset (`dataset_scripts/demo.py`, 256 px PNG patches) is written to a temporary folder and read back
-with `load_dataset`; the processor resizes to the crop and normalises. Side by side, alternating rounds:
-- extract: `hlss_hf.evaluation.extract_embeddings` (batched numpy decode, one processor call per batch), in the
-  main process and with `--num-workers` DataLoader workers preparing the next batches during the forward;
+Part `pipeline` (one core, main process): decode + preprocess to model-ready tensors, today's path (kept in this
+file: datasets' numpy formatting with PIL decoding, `decode_image` and the processor's per-image loop) against the
+batched one `extract_embeddings` runs now, alternating rounds, for H&E stored as PNG, JPEG and raw arrays (real
+tiles of the shared SVS region when openslide is there) and SRH uint16 arrays, in three framings (native centre
+crop; the reference's whole-patch bicubic resize; the same with `resize_uint8`). Outputs are compared (0 where the
+storage is lossless and the framing exact). Then a decode-time / size table of H&E codecs and `model_fingerprint`
+before and now.
+
+Part `extract`: a demo H&E dataset (`dataset_scripts/demo.py`, 256 px PNG patches) is written to a temporary folder
+and read back with `load_dataset`; the processor resizes to the crop and normalises. Side by side, alternating rounds:
+- extract: `hlss_hf.evaluation.extract_embeddings` (batched decode, one processor call per batch), in the main
+  process, with `--num-workers` DataLoader workers preparing the next batches during the forward and, on an
+  accelerator, with its default worker count (`extract-auto`);
 - forward: `get_image_features` alone on ready tensors of the same batches (the model's share of the time);
 - per-row: the obvious loop, `dataset[i]` (datasets decodes a PIL image per row) and the processor per image;
 - cached: a second `extract_embeddings` call with a warm `cache_dir` (no forward pass).
@@ -168,6 +178,9 @@ def extract_bench(args) -> dict:
             "forward": forward,
             "per-row": per_row,
         }
+        if torch.device(args.device).type != "cpu":
+            # extract_embeddings' own choice on an accelerator (default_num_workers: the cores but one).
+            methods["extract-auto"] = lambda: extract(num_workers=None)
         times = {name: [] for name in methods}
         results = {}
         forward()  # warm-up
@@ -180,7 +193,13 @@ def extract_bench(args) -> dict:
         cached, results["cached"] = timed(lambda: extract(cache_dir))
         max_diff = {
             name: float((results[name] - results["extract"]).abs().max())
-            for name in (workers, "forward", "per-row", "cached")
+            for name in (
+                workers,
+                "forward",
+                "per-row",
+                "cached",
+                *(["extract-auto"] if "extract-auto" in results else []),
+            )
         }
 
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -378,6 +397,7 @@ def pipeline_bench(args) -> dict:
         is_he = row["modality"] == "he"
         row["new_over_today_png"] = row["new_images_per_s"] / today_png[row["framing"]] if is_he else None
     torch.set_num_threads(threads)
+    codecs = codec_bench(he, args.rounds)
     print(
         f"\nInput pipeline, 1 core: {n} patches of {patch} px ({he_source} for H&E), batch {args.batch_size}, "
         f"to {args.crop} px normalised; median of {args.rounds} alternating rounds"
@@ -399,7 +419,56 @@ def pipeline_bench(args) -> dict:
             f"{r['today_images_per_s']:8.1f} {r['new_images_per_s']:8.1f} {r['new_over_today']:9.2f} "
             f"{vs_png:>12s} {r['max_abs_diff_vs_lossless']:9.1e} {r['mean_abs_diff_vs_lossless']:9.1e}"
         )
-    return {"source": he_source, "rows": rows}
+    return {"source": he_source, "rows": rows, "codecs": codecs}
+
+
+def codec_bench(tiles, rounds: int) -> list[dict]:
+    """Decode time (one core) against stored size for H&E storage codecs, on the same tiles."""
+    import imagecodecs
+
+    def pil(data):
+        return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    shape = tiles[0].shape
+    codecs = {
+        "PNG, PIL (today)": (lambda t: _encode(t, "PNG", 0), pil, True),
+        "PNG, imagecodecs (now)": (lambda t: _encode(t, "PNG", 0), imagecodecs.png_decode, True),
+        "JPEG q90, PIL": (lambda t: _encode(t, "JPEG", 90), pil, False),
+        "JPEG q90, imagecodecs": (lambda t: _encode(t, "JPEG", 90), imagecodecs.jpeg8_decode, False),
+        "JPEG q95, imagecodecs": (lambda t: _encode(t, "JPEG", 95), imagecodecs.jpeg8_decode, False),
+        "WebP lossless": (lambda t: imagecodecs.webp_encode(t, lossless=True), imagecodecs.webp_decode, True),
+        "QOI": (lambda t: imagecodecs.qoi_encode(t), imagecodecs.qoi_decode, True),
+        "raw + zstd": (
+            lambda t: imagecodecs.zstd_encode(t.tobytes()),
+            lambda d: np.frombuffer(imagecodecs.zstd_decode(d), np.uint8).reshape(shape),
+            True,
+        ),
+        "raw (Array3D)": (lambda t: t.tobytes(), lambda d: np.frombuffer(d, np.uint8).reshape(shape), True),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for name, (encode, decode, lossless) in codecs.items():
+        try:
+            encoded = [encode(t) for t in tiles]
+        except Exception as err:  # noqa: BLE001 - a codec missing from this imagecodecs build
+            print(f"  {name}: skipped ({err})")
+            continue
+        seconds = min(timed(lambda: [decode(e) for e in encoded])[0] for _ in range(rounds))  # noqa: B023
+        exact = all(np.array_equal(decode(e), t) for e, t in zip(encoded, tiles, strict=True))
+        if exact != lossless:
+            raise AssertionError(f"{name}: lossless {exact}, expected {lossless}")
+        kb = float(np.mean([len(e) for e in encoded])) / 1024
+        rows.append(
+            {"codec": name, "kb_per_patch": kb, "decode_ms": 1e3 * seconds / len(tiles), "lossless": exact}
+        )
+    torch.set_num_threads(threads)
+    print(f"\nH&E storage codecs, {len(tiles)} tiles of {shape[0]} px, decode on one core:")
+    for r in rows:
+        print(
+            f"  {r['codec']:24s} {r['kb_per_patch']:7.1f} KB/patch  {r['decode_ms']:6.2f} ms  lossless {r['lossless']}"
+        )
+    return rows
 
 
 def fingerprint_bench(model) -> dict:

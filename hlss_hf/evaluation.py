@@ -287,8 +287,9 @@ def extract_embeddings(
 ) -> EmbeddingSet:
     """Embed every patch of one dataset split with the frozen image tower.
 
-    Images are decoded with :func:`hlss_hf.schema.decode_image` and converted by `processor` (called as
-    `processor(images=[...], return_tensors="pt")`), or, without one, by `he_to_float` / `srh_to_float` and a
+    Images are decoded a batch at a time (8-bit RGB PNG / JPEG by imagecodecs, other encodings by
+    :func:`hlss_hf.schema.decode_image`; array columns as one stacked array) and converted by `processor` (called
+    as `processor(images=[...], return_tensors="pt")`), or, without one, by `he_to_float` / `srh_to_float` and a
     centre crop to `model.config.image_size`. On CUDA the forward runs under bf16 autocast. With `cache_dir`, the
     result is stored under a key made of the model's fingerprint (:func:`model_fingerprint`), the dataset's
     `_fingerprint` and split, and the processor's settings, so a rerun loads it without a forward pass.
