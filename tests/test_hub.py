@@ -226,3 +226,61 @@ def test_pushed_model_card_metadata_is_complete_and_matches_its_table(local_hub,
             row = next(line for line in card.splitlines() if line.startswith(f"| {level.capitalize()} "))
             assert f"| {metric['value']:.1f} |" in row + " |", (metric, row)
     assert f"k={knn_k}" in card.split("## Evaluation")[1]
+
+
+@pytest.fixture(scope="module")
+def pushed_adapter(local_hub, pushed_model, he_dataset, work):
+    """finetune.py from the pushed model and dataset, pushing the adapter; returns (repo id, output folder)."""
+    repo_id, out = f"{NS}/hlss-tiny-lora", work / "ft-out"
+    run(
+        local_hub,
+        [
+            "finetune.py", "--model", pushed_model[0], "--dataset", he_dataset, "--output_dir", str(out),
+            "--crop_size", "32", "--batch_size", "8", "--max_steps", "2", "--eval_split", "none",
+            "--push_to_hub", repo_id,
+        ],
+        work,
+        cache="ft-cache",
+    )  # fmt: skip
+    return repo_id, out
+
+
+@pytest.mark.slow
+def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(local_hub, pushed_model, pushed_adapter, work):
+    repo_id, out = pushed_adapter
+    proc = run_code(
+        local_hub,
+        f"""
+        import json, torch
+        from huggingface_hub import hf_hub_download
+        from peft import AutoPeftModel, PeftModel
+        from transformers import AutoModelForImageClassification
+        labels = json.load(open(hf_hub_download({repo_id!r}, "labels.json")))["id2label"]
+        id2label = {{int(i): n for i, n in labels.items()}}
+        kwargs = dict(num_labels=len(id2label), id2label=id2label, trust_remote_code=True)
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        base = AutoModelForImageClassification.from_pretrained({pushed_model[0]!r}, **kwargs)
+        by_peft = PeftModel.from_pretrained(base, {repo_id!r}).eval()
+        by_auto = AutoPeftModel.from_pretrained({repo_id!r}, **kwargs).eval()
+        with torch.no_grad():
+            a, b = by_peft(pixel_values=x).logits, by_auto(pixel_values=x).logits
+        print(json.dumps({{"peft": a.tolist(), "auto": b.tolist(), "labels": by_auto.config.id2label}}))
+        """,
+        work,
+        cache="adapter-cache",
+        without_hlss_hf=True,
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(report["peft"], report["auto"], atol=1e-6)
+    names = json.loads((out / "adapter" / "labels.json").read_text())["id2label"]
+    assert report["labels"] == names
+
+    # The same adapter, loaded here with hlss_hf from the local folder, gives the same logits.
+    import torch
+
+    from hlss_hf.peft_utils import load_lora_classifier
+
+    local = load_lora_classifier(out / "adapter", base_model=str(pushed_model[1])).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        np.testing.assert_allclose(local(pixel_values=x).logits.numpy(), report["peft"], atol=1e-5)
