@@ -123,7 +123,7 @@ class HLSSImageClassificationPipeline(_PatchPipeline):
         top_k = min(top_k, scores.numel())
         values, indices = scores.topk(top_k)
         id2label = self.model.config.id2label
-        return [{"label": id2label[int(i)], "score": float(v)} for v, i in zip(values, indices)]
+        return [{"label": id2label[int(i)], "score": float(v)} for v, i in zip(values, indices, strict=True)]
 
 
 def register_pipelines() -> None:
@@ -156,7 +156,11 @@ def add_pipelines_to_folder(folder: str | os.PathLike) -> None:
     module = Path(__file__).stem
     if "HLSSForImageClassification" not in (config.get("architectures") or []):
         pipelines = {
-            FEATURE_TASK: {"impl": f"{module}.HLSSFeatureExtractionPipeline", "pt": ["AutoModel"], "type": "image"}
+            FEATURE_TASK: {
+                "impl": f"{module}.HLSSFeatureExtractionPipeline",
+                "pt": ["AutoModel"],
+                "type": "image",
+            }
         }
     else:
         pipelines = {}

@@ -122,7 +122,12 @@ def scale_text(mpp: Any, magnification: Any) -> str:
 
 
 def knn_eval_results(
-    metrics: Mapping[str, float], *, k: int, split: str | None, dataset_name: str, dataset_id: str | None = None
+    metrics: Mapping[str, float],
+    *,
+    k: int,
+    split: str | None,
+    dataset_name: str,
+    dataset_id: str | None = None,
 ) -> list:
     """kNN metrics (``eval/<level>/<key>`` or ``<level>/<key>``, fractions) as ``huggingface_hub.EvalResult`` s.
 
@@ -418,7 +423,9 @@ def check_license(license: str, license_name: str | None, license_link: str | No
     if license != "other" and (license_name or license_link):
         raise ConversionError("--license-name / --license-link only apply with --license other")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
-        raise ConversionError(f"--license {license!r} is not a Hub licence id (e.g. cc-by-4.0, apache-2.0, other)")
+        raise ConversionError(
+            f"--license {license!r} is not a Hub licence id (e.g. cc-by-4.0, apache-2.0, other)"
+        )
 
 
 def write_patch_dataset(

@@ -46,12 +46,26 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}$")
 USER = "hlss-tester"
 #: Files the Hub's default .gitattributes stores with LFS (besides anything binary or over 10 MB).
-LFS_SUFFIXES = (".parquet", ".arrow", ".safetensors", ".bin", ".pt", ".pth", ".npy", ".png", ".tif", ".tiff", ".zip")
+LFS_SUFFIXES = (
+    ".parquet",
+    ".arrow",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".npy",
+    ".png",
+    ".tif",
+    ".tiff",
+    ".zip",
+)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
     # huggingface_hub maps X-Error-Code to its exception types (RepositoryNotFoundError, ...).
-    return JSONResponse({"error": message}, status_code=status, headers={"X-Error-Code": code, "X-Error-Message": message})
+    return JSONResponse(
+        {"error": message}, status_code=status, headers={"X-Error-Code": code, "X-Error-Message": message}
+    )
 
 
 def _blob_id(data_path: Path) -> str:
@@ -115,7 +129,9 @@ class Store:
             digest = hashlib.sha1(refs["main"].encode())
             for op in operations:
                 target = _inside(staging, op["path"])
-                digest.update(f"{op['kind']} {op['path']} {op.get('oid', '')}".encode() + op.get("content", b""))
+                digest.update(
+                    f"{op['kind']} {op['path']} {op.get('oid', '')}".encode() + op.get("content", b"")
+                )
                 if op["kind"] in ("file", "lfsFile"):
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if target.exists():
@@ -153,7 +169,9 @@ def _entries(snapshot: Path, sub: str, recursive: bool) -> list[dict]:
     for path in sorted(found):
         rel = path.relative_to(snapshot).as_posix()
         if path.is_dir():
-            out.append({"type": "directory", "oid": hashlib.sha1(rel.encode()).hexdigest(), "size": 0, "path": rel})
+            out.append(
+                {"type": "directory", "oid": hashlib.sha1(rel.encode()).hexdigest(), "size": 0, "path": rel}
+            )
         else:
             out.append({"type": "file", "oid": _blob_id(path), "size": path.stat().st_size, "path": rel})
     return out
@@ -192,7 +210,13 @@ def create_app(root: str | os.PathLike) -> FastAPI:
 
     @app.get("/api/whoami-v2")
     def whoami():
-        return {"type": "user", "name": USER, "fullname": USER, "orgs": [], "auth": {"accessToken": {"role": "write"}}}
+        return {
+            "type": "user",
+            "name": USER,
+            "fullname": USER,
+            "orgs": [],
+            "auth": {"accessToken": {"role": "write"}},
+        }
 
     @app.post("/api/validate-yaml")
     async def validate_yaml(request: Request):
@@ -207,7 +231,9 @@ def create_app(root: str | os.PathLike) -> FastAPI:
         if not isinstance(meta, dict):
             return _error(400, "InvalidYaml", "README.md metadata must be a mapping")
         if meta.get("license") == "other" and not (meta.get("license_name") and meta.get("license_link")):
-            return _error(400, "InvalidYaml", '"license_name" and "license_link" are required when license is "other"')
+            return _error(
+                400, "InvalidYaml", '"license_name" and "license_link" are required when license is "other"'
+            )
         return {"warnings": []}
 
     @app.post("/api/repos/create")
@@ -278,7 +304,14 @@ def create_app(root: str | os.PathLike) -> FastAPI:
             if path.is_file():
                 out.append({"type": "file", "oid": _blob_id(path), "size": path.stat().st_size, "path": rel})
             elif path.is_dir():
-                out.append({"type": "directory", "oid": hashlib.sha1(rel.encode()).hexdigest(), "size": 0, "path": rel})
+                out.append(
+                    {
+                        "type": "directory",
+                        "oid": hashlib.sha1(rel.encode()).hexdigest(),
+                        "size": 0,
+                        "path": rel,
+                    }
+                )
         return out
 
     @app.post("/api/{rtype}/{namespace}/{name}/preupload/{revision}")
@@ -312,9 +345,14 @@ def create_app(root: str | os.PathLike) -> FastAPI:
             if key == "header":
                 title = value.get("summary", "")
             elif key == "file":
-                operations.append({"kind": "file", "path": value["path"], "content": base64.b64decode(value["content"])})
+                operations.append(
+                    {"kind": "file", "path": value["path"], "content": base64.b64decode(value["content"])}
+                )
             elif key == "lfsFile":
-                if not re.match(r"^[0-9a-f]{64}$", value.get("oid", "")) or not (store.lfs / value["oid"]).is_file():
+                if (
+                    not re.match(r"^[0-9a-f]{64}$", value.get("oid", ""))
+                    or not (store.lfs / value["oid"]).is_file()
+                ):
                     return _error(400, "BadRequest", f"LFS object of {value.get('path')} was not uploaded")
                 operations.append({"kind": "lfsFile", "path": value["path"], "oid": value["oid"]})
             elif key in ("deletedFile", "deletedFolder"):
@@ -347,7 +385,10 @@ def create_app(root: str | os.PathLike) -> FastAPI:
             elif (store.lfs / oid).is_file():
                 objects.append({"oid": oid, "size": size})  # no actions: already there
             else:
-                actions = {"upload": {"href": f"{base}/lfs-upload/{oid}"}, "verify": {"href": f"{base}/lfs-verify"}}
+                actions = {
+                    "upload": {"href": f"{base}/lfs-upload/{oid}"},
+                    "verify": {"href": f"{base}/lfs-verify"},
+                }
                 objects.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
         return {"transfer": "basic", "objects": objects}
 
@@ -458,7 +499,9 @@ class LocalHub:
             access_log=False,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
 
     def start(self, timeout: float = 20.0) -> LocalHub:
         self._thread.start()

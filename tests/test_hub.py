@@ -13,7 +13,6 @@ To run just these: ``python -m pytest -q tests/test_hub.py`` (fastapi and uvicor
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -86,7 +85,15 @@ def srh_dataset(local_hub, work):
     repo_id = f"{NS}/opensrh-tiny"
     proc = run(
         local_hub,
-        ["dataset_scripts/opensrh.py", str(root), "--patch-size", "16", "--push-to-hub", repo_id, "--no-progress"],
+        [
+            "dataset_scripts/opensrh.py",
+            str(root),
+            "--patch-size",
+            "16",
+            "--push-to-hub",
+            repo_id,
+            "--no-progress",
+        ],
         work,
         cache="convert-cache",
     )
@@ -107,7 +114,9 @@ def he_dataset(local_hub, work):
     return repo_id
 
 
-def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays(local_hub, srh_dataset, work):
+def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays(
+    local_hub, srh_dataset, work
+):
     repo_id, arrays, stdout = srh_dataset
     assert f"{local_hub.url}/datasets/{repo_id}" in stdout  # the printed link follows HF_ENDPOINT
     proc = run_code(
@@ -136,7 +145,9 @@ def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays
     from dataset_scripts.opensrh import OPENSRH_CLASSES
 
     assert report["names"] == list(OPENSRH_CLASSES)  # the labels travel with the data (ClassLabel)
-    meta = front_matter(report["card"])  # the card the server accepted (its validate-yaml checks licence fields)
+    meta = front_matter(
+        report["card"]
+    )  # the card the server accepted (its validate-yaml checks licence fields)
     assert meta["license"] == "unknown" and meta["pretty_name"].startswith("OpenSRH")
     assert meta["size_categories"] == ["n<1K"] and "image-classification" in meta["task_categories"]
     label = next(f for f in meta["dataset_info"]["features"] if f["name"] == "label")
@@ -202,7 +213,9 @@ def test_train_pushes_a_model_that_loads_without_hlss_hf(local_hub, pushed_model
         without_hlss_hf=True,
     )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["module"].startswith("transformers_modules."), report["module"]  # the pushed code, not hlss_hf
+    assert report["module"].startswith("transformers_modules."), report[
+        "module"
+    ]  # the pushed code, not hlss_hf
     # Same embedding as the local folder the run saved, loaded with hlss_hf, and through the pipeline.
     import torch
     from PIL import Image
@@ -224,7 +237,12 @@ def test_pushed_model_card_metadata_is_complete_and_matches_its_table(local_hub,
     meta = front_matter(card)
     assert meta["license"] != "other" or (meta.get("license_name") and meta.get("license_link"))
     assert meta["datasets"] == [f"{NS}/demo-he"]
-    assert "(#)" not in card and "unspecified" not in card and "{{" not in card and "n/a" not in card.split("## Evaluation")[0]
+    assert (
+        "(#)" not in card
+        and "unspecified" not in card
+        and "{{" not in card
+        and "n/a" not in card.split("## Evaluation")[0]
+    )
     results = meta["model-index"][0]["results"]
     knn_k = 5
     assert all(f"k={knn_k}" in r["task"]["name"] for r in results)
@@ -256,7 +274,9 @@ def pushed_adapter(local_hub, pushed_model, he_dataset, work):
 
 
 @pytest.mark.slow
-def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(local_hub, pushed_model, pushed_adapter, work):
+def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(
+    local_hub, pushed_model, pushed_adapter, work
+):
     repo_id, out = pushed_adapter
     proc = run_code(
         local_hub,
@@ -304,7 +324,9 @@ def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
     import train
     from hlss_hf.publishing import ConversionError, check_license, license_metadata, size_category
 
-    assert yaml.safe_load(license_metadata("other")) == {"license": "unknown"}  # no link: not an invalid "other"
+    assert yaml.safe_load(license_metadata("other")) == {
+        "license": "unknown"
+    }  # no link: not an invalid "other"
     linked = yaml.safe_load(license_metadata("other", "https://example.org/terms"))
     assert linked["license"] == "other" and linked["license_name"] and linked["license_link"]
     assert yaml.safe_load(license_metadata("apache-2.0")) == {"license": "apache-2.0"}

@@ -47,7 +47,10 @@ def classifier_dir(srh_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("srh-classifier")
     torch.manual_seed(0)
     model = HLSSForImageClassification.from_pretrained(
-        srh_model_dir, num_labels=3, id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)}
+        srh_model_dir,
+        num_labels=3,
+        id2label=dict(enumerate(NAMES)),
+        label2id={n: i for i, n in enumerate(NAMES)},
     )
     model.save_pretrained(folder)
     HLSSImageProcessor(modality="srh", crop_size=IMAGE_SIZE).save_pretrained(folder)
@@ -82,7 +85,9 @@ def test_feature_pipeline_embeds_uint16_arrays_and_tiff_files_like_the_model(srh
     embed = pipeline("hlss-feature-extraction", model=str(srh_model_dir))
     expected = expected_features(srh_model_dir, array)
     torch.testing.assert_close(torch.tensor(embed(array)), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(embed(str(tmp_path / "p.tiff"), return_tensors=True)[0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        embed(str(tmp_path / "p.tiff"), return_tensors=True)[0], expected, rtol=0, atol=1e-5
+    )
     batch = embed([array, srh(2)])
     assert len(batch) == 2 and not np.allclose(batch[0], batch[1])
 
@@ -96,7 +101,9 @@ def test_classification_pipeline_scores_srh_patches_with_the_classifier(classifi
     with torch.no_grad():
         probs = model(**processor(images=[array], return_tensors="pt")).logits[0].softmax(-1)
     assert [d["label"] for d in out] == [NAMES[i] for i in probs.argsort(descending=True).tolist()]
-    np.testing.assert_allclose([d["score"] for d in out], probs.sort(descending=True).values.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        [d["score"] for d in out], probs.sort(descending=True).values.numpy(), atol=1e-6
+    )
 
 
 def test_pipelines_run_as_remote_code_without_hlss_hf(srh_model_dir, classifier_dir, tmp_path):
@@ -121,5 +128,7 @@ print(json.dumps({{"embedding": embed(array), "classes": classify(array, top_k=2
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules."), report["module"]
-    np.testing.assert_allclose(report["embedding"], expected_features(srh_model_dir, array).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        report["embedding"], expected_features(srh_model_dir, array).numpy(), atol=1e-5
+    )
     assert len(report["classes"]) == 2 and {d["label"] for d in report["classes"]} <= set(NAMES)
