@@ -490,9 +490,7 @@ def _hub_links(dataset: str, towers: list[Any]) -> str:
     if hub_id(dataset):
         lines += ["datasets:", f"- {dataset}"]
     bases = list(dict.fromkeys(name for name in map(hub_id, towers) if name))
-    if len(bases) == 1:
-        lines += [f"base_model: {bases[0]}"]
-    elif bases:
+    if bases:
         lines += ["base_model:", *(f"- {name}" for name in bases)]
     return "".join(f"{line}\n" for line in lines)
 

