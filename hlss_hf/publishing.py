@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import io
 import math
@@ -492,11 +493,13 @@ def write_patch_dataset(
         final = check_output_dir(output_dir, overwrite).resolve()
         final.parent.mkdir(parents=True, exist_ok=True)
         # The temporary folder sits next to the output so the final move is a rename on the same filesystem.
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_temporaries(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     else:
         final = None
-        tmp = Path(tempfile.mkdtemp(prefix="hlss-hub-push-"))
+        remove_stale_temporaries(Path(tempfile.gettempdir()) / "hlss-hub-push")
+        tmp = Path(tempfile.mkdtemp(prefix=f".hlss-hub-push.tmp-{os.getpid()}-"))
     rows_dir = tmp / "rows"
     rows_dir.mkdir()
 
@@ -655,10 +658,40 @@ def _progress_bars(show: bool):
             datasets.enable_progress_bars()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Delete what a killed conversion left beside ``final``: ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*``
+    folders whose process no longer runs. Folders of a running conversion are kept.
+
+    Returns:
+        The folders removed.
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    for path in final.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and not _pid_alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
         # os.replace cannot replace a non-empty folder: move the old one aside, then delete it.
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -701,6 +734,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     group.add_argument(
+        "--debug", action="store_true", help="on an error, show the full traceback (also: HLSS_DEBUG=1)"
+    )
+    group.add_argument(
         "--license",
         default="unknown",
         help="licence of the data, as a Hub licence id for the dataset card (e.g. cc-by-4.0; default: unknown)",
@@ -717,6 +753,10 @@ def validate_output_arguments(args: argparse.Namespace) -> None:
     """
     if args.private and not args.push_to_hub:
         raise ConversionError("--private only applies with --push-to-hub")
+    if args.push_to_hub is not None and constants.HF_HUB_OFFLINE:
+        raise ConversionError(
+            "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or write a folder with --output"
+        )
     if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
         raise ConversionError(f"--push-to-hub {args.push_to_hub!r} must look like 'namespace/name'")
     if args.max_shard_size_mb <= 0:
@@ -742,20 +782,54 @@ def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed write or read: what happened to which path, without a traceback."""
+    where = error.filename or "the output"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device holding {where}"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}"
+    if error.errno == errno.EROFS:
+        return f"read-only file system: {where}"
+    return f"{error.strerror or type(error).__name__}: {where}"
+
+
 def run_converter(
     convert: Callable[[argparse.Namespace], ConversionSummary], args: argparse.Namespace
 ) -> ConversionSummary:
-    """Run a converter, print its summary, and turn a :class:`ConversionError` into ``exit("error: ...")``.
+    """Run a converter, print its summary, and turn failures into one line ``error: ...`` and exit status 1.
+
+    :class:`ConversionError`, file-system errors (a read-only or full disk), Hub errors and Ctrl-C end the
+    program without a traceback; ``--debug`` or ``HLSS_DEBUG=1`` shows it. The writer has already removed its
+    temporary folder, and a folder left by a killed run is removed by the next run
+    (:func:`remove_stale_temporaries`).
 
     Args:
         convert (`Callable`): the converter's body, taking the parsed arguments.
         args (`argparse.Namespace`): the parsed arguments.
     """
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    debug = getattr(args, "debug", False) or os.environ.get("HLSS_DEBUG", "") not in ("", "0")
     try:
         validate_output_arguments(args)
         summary = convert(args)
-    except ConversionError as error:
-        sys.exit(f"error: {error}")
+    except Exception as error:
+        if debug:
+            raise
+        if isinstance(error, ConversionError):
+            message = str(error)
+        elif isinstance(error, OSError) and not isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled)):
+            message = describe_os_error(error)
+        elif isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled)):
+            message = f"Hub: {str(error).splitlines()[0]}"
+        else:
+            raise
+        sys.exit(f"error: {message}")
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.exit("error: interrupted; nothing was written")
     print(summary.format())
     return summary
 
