@@ -1005,7 +1005,8 @@ def test_newcomer_errors_are_one_line_with_nothing_left_behind(tmp_path):
     )
     # Pushing while offline: refused before any work.
     assert_one_line_error(
-        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--push-to-hub", "me/x"), "HF_HUB_OFFLINE"
+        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--push-to-hub", "me/x"),
+        "HF_HUB_OFFLINE",
     )
     # An output that cannot be written (its parent is a file).
     blocker = tmp_path / "file"
@@ -1017,7 +1018,9 @@ def test_newcomer_errors_are_one_line_with_nothing_left_behind(tmp_path):
     # A manifest without the id columns.
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("slide_path,label\nx.svs,a\n")
-    assert_one_line_error(run_script("wsi.py", "--manifest", str(manifest), "--output", str(out)), "patient_id")
+    assert_one_line_error(
+        run_script("wsi.py", "--manifest", str(manifest), "--output", str(out)), "patient_id"
+    )
     assert not out.exists() and leftovers(tmp_path) == []
 
 
