@@ -830,12 +830,12 @@ def validate_output_arguments(args: argparse.Namespace) -> None:
     """
     if args.private and not args.push_to_hub:
         raise ConversionError("--private only applies with --push-to-hub")
+    if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
+        raise ConversionError(f"--push-to-hub {args.push_to_hub!r} must look like 'namespace/name'")
     if args.push_to_hub is not None and constants.HF_HUB_OFFLINE:
         raise ConversionError(
             "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or write a folder with --output"
         )
-    if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
-        raise ConversionError(f"--push-to-hub {args.push_to_hub!r} must look like 'namespace/name'")
     if args.max_shard_size_mb <= 0:
         raise ConversionError(f"--max-shard-size-mb must be positive, got {args.max_shard_size_mb}")
     check_license(args.license, args.license_name, args.license_link)

@@ -282,6 +282,7 @@ def test_small_shard_size_writes_numbered_shards_that_load_back(tmp_path):
 
 
 def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the push itself is replaced below
     root = tmp_path / "opensrh"
     make_opensrh(root)
     calls = {}
