@@ -114,6 +114,7 @@ def he_dataset(local_hub, work):
     return repo_id
 
 
+@pytest.mark.slow
 def test_converter_push_then_load_dataset_and_streaming_return_the_source_arrays(
     local_hub, srh_dataset, work
 ):

@@ -106,6 +106,7 @@ def test_classification_pipeline_scores_srh_patches_with_the_classifier(classifi
     )
 
 
+@pytest.mark.slow
 def test_pipelines_run_as_remote_code_without_hlss_hf(srh_model_dir, classifier_dir, tmp_path):
     add_pipelines_to_folder(srh_model_dir)
     add_pipelines_to_folder(classifier_dir)
