@@ -48,7 +48,7 @@ from transformers import HfArgumentParser, get_scheduler
 from hlss_hf.augmentation import build_augmentation
 from hlss_hf.data import _FixedArrayReader, to_float
 from hlss_hf.evaluation import hierarchical_metrics
-from hlss_hf.peft_utils import LABELS_FILE, lora_config_for, set_train_mode
+from hlss_hf.peft_utils import finish_adapter_folder, lora_config_for, set_train_mode
 from hlss_hf.processing_hlss import HLSSImageProcessor
 from hlss_hf.schema import decode_image, modality_of
 from hlss_hf.training_utils import JsonlWriter
@@ -155,6 +155,11 @@ class FinetuneArguments:
         default=None, metadata={"help": "Use the first N evaluation patches."}
     )
     merge: bool = field(default=False, metadata={"help": "Also save the merged model (merge_and_unload)."})
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo id to push the adapter folder to (adapter, processor, labels.json)."},
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the --push_to_hub repo as private."})
     report_to: str = field(
         default="none", metadata={"help": "Accelerate tracker ('none', 'tensorboard', ...)."}
     )
@@ -234,6 +239,8 @@ def validate_args(args: FinetuneArguments) -> None:
         looks_local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
         if looks_local and not Path(value).expanduser().exists():
             raise FileNotFoundError(f"--{key} {value!r} does not exist")
+    if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
+        raise ValueError(f"--push_to_hub {args.push_to_hub!r} must look like 'namespace/name'")
     positive = {
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
@@ -639,14 +646,32 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def save_adapter(peft_model, processor, names: list[str], target: Path) -> None:
-    """Adapter (PEFT) + processor + labels.json, written to a temporary folder then moved into place."""
+    """Adapter (PEFT) + processor + labels.json, written to a temporary folder then moved into place.
+
+    The adapter config names `transformers.AutoModelForImageClassification` as its base class, so
+    `peft.AutoPeftModel.from_pretrained(adapter_dir)` loads it (see `hlss_hf.peft_utils.AUTO_MAPPING`).
+    """
 
     def write(tmp: Path) -> None:
         peft_model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
-        _write_json(tmp / LABELS_FILE, {"id2label": {str(i): n for i, n in enumerate(names)}})
+        finish_adapter_folder(tmp, names)
 
     _write_atomically(target, write)
+
+
+def push_adapter(adapter_dir: Path, args: FinetuneArguments) -> str:
+    """Upload the adapter folder to `--push_to_hub`; returns the repo's address on the endpoint in use."""
+    from huggingface_hub import HfApi
+
+    from hlss_hf.publishing import hub_url
+
+    api = HfApi()
+    api.create_repo(args.push_to_hub, private=args.hub_private, exist_ok=True)
+    api.upload_folder(
+        repo_id=args.push_to_hub, folder_path=str(adapter_dir), commit_message="HLSS LoRA adapter (finetune.py)"
+    )
+    return hub_url(args.push_to_hub)
 
 
 def save_merged(peft_model, processor, target: Path):
@@ -884,6 +909,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _write_json(output_dir / REPORT_FILE, report)
         writer.close()
         logger.info("saved %s", output_dir)
+        if args.push_to_hub:
+            print(f"Pushed the adapter to {push_adapter(output_dir / ADAPTER_DIR, args)}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return report

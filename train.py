@@ -524,9 +524,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _hub_links(dataset: str, towers: list[Any]) -> str:
-    """The card's `datasets` / `base_model` metadata: only names that are Hub ids (not local paths or configs)."""
+    """The card's `datasets` / `base_model` metadata: only names that are Hub ids (not local paths or configs).
+
+    A ``pkg:<module>`` tower names the Hub model the package ships (``publishing.PACKAGED_MODELS``).
+    """
+    from hlss_hf.publishing import PACKAGED_MODELS
 
     def hub_id(spec: Any) -> str | None:
+        if isinstance(spec, str) and spec.startswith("pkg:"):
+            return PACKAGED_MODELS.get(spec[len("pkg:") :])
         is_id = isinstance(spec, str) and _HUB_ID.match(spec) and not Path(spec).exists()
         return spec if is_id else None
 
@@ -555,10 +561,15 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
     names = getattr(mc, "attribute_names", None) or {}
     index = getattr(ctx.get("train_dataset"), "index", None)
     srh = modality == "srh"
+    from hlss_hf.publishing import hub_url, license_metadata, model_index_yaml, scale_text
+
     if d.dataset == "demo":
         dataset_id = "hlss-synthetic-demo"
     else:
         dataset_id = Path(d.dataset).name if Path(d.dataset).exists() else d.dataset
+    is_hub_dataset = d.dataset != "demo" and bool(_HUB_ID.match(d.dataset)) and not Path(d.dataset).exists()
+    repo_id = t.push_to_hub or str(t.output_dir)
+    model_name = t.push_to_hub.split("/")[-1] if t.push_to_hub else Path(t.output_dir).name
     num_labels = len(index.class_names) if index is not None else "n/a"
     from hlss_hf.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 
@@ -575,7 +586,15 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
         hardware = f"{ctx.get('num_processes', 1)} x {torch.cuda.get_device_name(torch.device(device))}"
     values = {
-        "license": t.model_license,
+        "license_fields": license_metadata(t.model_license, t.project_url),
+        "model_index": model_index_yaml(
+            model_name,
+            metrics,
+            k=t.knn_k,
+            split=d.validation_split,
+            dataset_name=dataset_id,
+            dataset_id=d.dataset if is_hub_dataset else None,
+        ),
         "hub_links": _hub_links(d.dataset, [m.vision, m.text]),
         "knn_k": t.knn_k,
         "knn_temperature": t.knn_temperature,
@@ -586,21 +605,22 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "text_model_name_or_path": _tower_name(m.text, getattr(mc, "text_config", None)),
         "vision_model_type": getattr(getattr(mc, "vision_config", None), "model_type", "n/a"),
         "text_model_type": getattr(getattr(mc, "text_config", None), "model_type", "n/a"),
-        "model_name": t.push_to_hub.split("/")[-1] if t.push_to_hub else Path(t.output_dir).name,
-        "repo_id": t.push_to_hub or str(t.output_dir),
-        "repo_url": t.project_url or "#",
+        "model_name": model_name,
+        "repo_id": repo_id,
+        "hlss_hf_link": f"[`hlss_hf`]({t.project_url})" if t.project_url else "`hlss_hf`",
+        "dataset_link": f"[`{dataset_id}`]({hub_url(d.dataset, 'dataset')})" if is_hub_dataset else f"`{dataset_id}`",
         "projection_dim": getattr(mc, "projection_dim", "n/a"),
         "num_patch_attributes": len(names.get("patch", [])),
         "num_slide_attributes": len(names.get("slide", [])),
         "num_patient_attributes": len(names.get("patient", [])),
         "image_size": d.crop_size,
-        "mpp": getattr(mc, "mpp", None) or "unspecified",
-        "magnification": getattr(mc, "magnification", None) or "unspecified",
+        "scale": scale_text(getattr(mc, "mpp", None), getattr(mc, "magnification", None)),
         "input_description": "2-channel uint16 SRH arrays [H, W, 2]"
         if srh
         else "RGB images (PIL or uint8 arrays)",
         "example_prompt": "an SRH image of a glioma" if srh else "an H&E image of tumour tissue",
         "num_labels": num_labels,
+        "class_names": ", ".join(f"`{name}`" for name in index.class_names) if index is not None else "n/a",
         "num_train_patients": index.num_patients if index is not None else "n/a (streamed)",
         "num_train_slides": index.num_slides if index is not None else "n/a",
         "num_train_patches": index.num_patches if index is not None else "n/a",

@@ -1,7 +1,8 @@
 """hlss_hf: Hierarchical Language-tied Self-Supervision for histopathology, Hugging Face-native.
 
 Importing the package registers HLSS with the transformers Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, `AutoImageProcessor`, `AutoProcessor`).
+`AutoModelForImageClassification`, `AutoImageProcessor`, `AutoProcessor`) and the two SRH-capable pipeline tasks
+(`hlss-feature-extraction`, `hlss-image-classification`, in `pipeline_hlss`).
 Only torch and transformers are imported here; data, training and evaluation modules load on demand.
 """
 
@@ -22,13 +23,20 @@ from .modeling_hlss import (
     HLSSPreTrainedModel,
     load_attributes,
 )
+from .pipeline_hlss import (
+    HLSSFeatureExtractionPipeline,
+    HLSSImageClassificationPipeline,
+    register_pipelines,
+)
 from .processing_hlss import HLSSImageProcessor, HLSSProcessor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HLSSConfig",
+    "HLSSFeatureExtractionPipeline",
     "HLSSForImageClassification",
+    "HLSSImageClassificationPipeline",
     "HLSSImageProcessor",
     "HLSSModel",
     "HLSSOutput",
@@ -49,3 +57,5 @@ VIDEO_PROCESSOR_MAPPING.register(HLSSConfig, {}, exist_ok=True)
 # save_pretrained then writes `auto_map` and copies processing_hlss.py, for remote-code loading.
 HLSSImageProcessor.register_for_auto_class("AutoImageProcessor")
 HLSSProcessor.register_for_auto_class("AutoProcessor")
+# pipeline("hlss-feature-extraction" / "hlss-image-classification"): SRH arrays and TIFF files as inputs.
+register_pipelines()

@@ -201,6 +201,40 @@ def class_attribute_summary(
 # ---------------------------------------------------------------------------------------------------- figures
 
 
+def format_explanation(explanation: dict[str, Any]) -> str:
+    """:func:`explain`'s result as lines for a terminal: the target, then each level's top attributes."""
+    target = explanation["target"]
+    lines = [
+        f"{target['kind']} {target['id']} ({target['num_patches']} patches; label {', '.join(target['labels'])})"
+    ]
+    for level, items in explanation["levels"].items():
+        lines.append(f"  {level} attributes:")
+        lines.extend(f"    {item['score']:+.3f}  {item['attribute']}" for item in items)
+    return "\n".join(lines)
+
+
+def format_class_summary(summary: dict[str, Any]) -> str:
+    """:func:`class_attribute_summary`'s top attributes per level and class, as lines for a terminal."""
+    lines = []
+    for level, data in summary["levels"].items():
+        lines.append(f"{level} attributes, top per class:")
+        for class_name, items in data["top"].items():
+            n = summary["num_patches"][class_name]
+            if not items:
+                lines.append(f"  {class_name} (no patches)")
+                continue
+            tops = ", ".join(f"{item['attribute']} ({item['score']:+.2f})" for item in items)
+            lines.append(f"  {class_name} ({n} patches): {tops}")
+    return "\n".join(lines)
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open()`` would give a new file (mkstemp's files are 0600)."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
 def _save(figure, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -211,6 +245,7 @@ def _save(figure, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -239,21 +274,69 @@ def plot_explanation(explanation: dict[str, Any], path: str | os.PathLike) -> Pa
     return _save(figure, path)
 
 
-def plot_class_heatmap(summary: dict[str, Any], level: str, path: str | os.PathLike) -> Path:
-    """Heatmap of mean attribute affinity per class (rows) and attribute (columns) of one level, as PNG."""
+def heatmap_attributes(summary: dict[str, Any], level: str, max_attributes: int = 20) -> list[int]:
+    """Columns a class heatmap shows: all attributes of the level when there are at most ``max_attributes``,
+    else the classes' top attributes (round-robin over classes, best first) up to ``max_attributes``."""
+    data = summary["levels"][level]
+    attributes = data["attributes"]
+    if len(attributes) <= max_attributes:
+        return list(range(len(attributes)))
+    index = {name: i for i, name in enumerate(attributes)}
+    ranked = [[index[item["attribute"]] for item in items] for items in data["top"].values()]
+    chosen: list[int] = []
+    for rank in range(max((len(r) for r in ranked), default=0)):
+        for order in ranked:
+            if rank < len(order) and order[rank] not in chosen and len(chosen) < max_attributes:
+                chosen.append(order[rank])
+    return chosen
+
+
+def plot_class_heatmap(
+    summary: dict[str, Any], level: str, path: str | os.PathLike, max_attributes: int = 20
+) -> Path:
+    """Heatmap of mean attribute affinity per class (rows) and attribute (columns) of one level, as PNG.
+
+    Cells carry their values; the colour bar is labelled; with more than ``max_attributes`` attributes only the
+    classes' top ones are shown (:func:`heatmap_attributes`), and the title says so.
+    """
+    import textwrap
+
     from matplotlib.figure import Figure
 
     if level not in summary["levels"]:
         raise ValueError(f"level {level!r} not in the summary (levels: {list(summary['levels'])})")
     data = summary["levels"][level]
-    classes, attributes = summary["class_names"], data["attributes"]
-    figure = Figure(figsize=(max(4.0, 0.6 * len(attributes) + 2), max(3.0, 0.45 * len(classes) + 1.5)))
+    columns = heatmap_attributes(summary, level, max_attributes)
+    classes = summary["class_names"]
+    attributes = [textwrap.shorten(data["attributes"][i], width=40, placeholder="...") for i in columns]
+    values = torch.tensor(data["mean"])[:, columns]  # [C, shown attributes]
+    figure = Figure(
+        figsize=(max(5.0, 0.55 * len(attributes) + 3), max(3.5, 0.45 * len(classes) + 2.5)),
+        layout="constrained",
+    )
     axis = figure.subplots()
-    image = axis.imshow(torch.tensor(data["mean"]).numpy(), aspect="auto", cmap="viridis")
-    axis.set_xticks(range(len(attributes)), attributes, rotation=60, ha="right")
+    image = axis.imshow(values.numpy(), aspect="auto", cmap="viridis")
+    axis.set_xticks(range(len(attributes)), attributes, rotation=50, ha="right", fontsize=8)
     axis.set_yticks(range(len(classes)), classes)
-    axis.set_title(f"mean {level} attribute affinity per class")
-    figure.colorbar(image, ax=axis)
+    axis.set_xlabel(f"{level} attribute")
+    axis.set_ylabel("class")
+    shown = (
+        ""
+        if len(columns) == len(data["attributes"])
+        else f" (top {len(columns)} of {len(data['attributes'])})"
+    )
+    axis.set_title(f"mean {level} attribute affinity per class{shown}")
+    finite = values[torch.isfinite(values)]
+    middle = float(finite.min() + finite.max()) / 2 if finite.numel() else 0.0
+    if len(classes) * len(columns) <= 400:  # values stay legible
+        for row in range(values.shape[0]):
+            for col in range(values.shape[1]):
+                value = float(values[row, col])
+                if value == value:  # not NaN
+                    colour = "black" if value > middle else "white"
+                    axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    bar = figure.colorbar(image, ax=axis)
+    bar.set_label("mean affinity (cosine, head output)")
     return _save(figure, path)
 
 

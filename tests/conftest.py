@@ -1,0 +1,26 @@
+"""Shared fixtures: ``local_hub``, a Hub-compatible server on 127.0.0.1 for the Hub round-trip tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory):
+    """A :class:`hub_server.LocalHub` (file-backed, temporary folder), running for the whole session.
+
+    ``local_hub.url`` is its endpoint; ``local_hub.env()`` the environment for a subprocess that pushes to or
+    pulls from it (HF_ENDPOINT, HF_HUB_DISABLE_XET, HF_TOKEN set; the offline switches removed).
+    """
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from hub_server import LocalHub
+
+    hub = LocalHub(tmp_path_factory.mktemp("hub")).start()
+    yield hub
+    hub.stop()
