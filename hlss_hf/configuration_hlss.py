@@ -231,10 +231,11 @@ class HLSSConfig(PreTrainedConfig):
 
     Args:
         vision_config (`PreTrainedConfig` or `dict`, *optional*): vision tower config (CLIP vision, ViT, ResNet,
-            ConvNeXt, DINOv2, ...); a dict needs `model_type`; a full CLIP config gives its `vision_config`.
-            Defaults to a ViT config.
-        text_config (`PreTrainedConfig` or `dict`, *optional*): text tower config (CLIP text, BERT, MiniLM, ...);
-            a full CLIP config gives its `text_config`. Defaults to a BERT config.
+            ConvNeXt, DINOv2, timm through `TimmWrapperConfig`, open_clip through `OpenCLIPVisionConfig`, ...); a
+            dict needs `model_type`; a full CLIP config gives its `vision_config`. Defaults to a ViT config.
+        text_config (`PreTrainedConfig` or `dict`, *optional*): text tower config (CLIP text, BERT, MiniLM,
+            open_clip through `OpenCLIPTextConfig`, ...); a full CLIP config gives its `text_config`. Defaults to a
+            BERT config.
         projection_dim (`int`, *optional*): joint space size D; must equal the text tower's output size (its
             `projection_dim` for CLIP text, else `hidden_size`). Derived when None.
         attribute_names (`dict[str, list[str]]`, *optional*): attribute names per level
@@ -253,7 +254,8 @@ class HLSSConfig(PreTrainedConfig):
             open_clip image tower; a timm CLIP tower such as `resnet50_clip.cc12m`, whose classifier head, kept
             then, is the CLIP image projection): `visual_projection` is then an identity.
         text_pooling (`str`, *optional*): `"pooler"`, `"cls"` or `"mean"`; defaults to `"pooler"` for CLIP text
-            (EOS token + projection) and `"mean"` otherwise (sentence-transformers style).
+            (EOS token + projection) and open_clip text (its own pooling + projection; the only choice there), and
+            `"mean"` otherwise (sentence-transformers style).
         modality (`str`, defaults to `"he"`): `"he"` (8-bit RGB H&E) or `"srh"` (2-channel uint16 SRH).
         image_size (`int`, defaults to 224): crop size the model was trained on.
         mpp (`float`, *optional*): microns per pixel of the training patches (provenance).

@@ -9,6 +9,10 @@ Example:
     ...     "openai/clip-vit-base-patch16", "openai/clip-vit-base-patch16", attributes="attributes/opensrh.yaml")
     >>> out = model(pixel_values)              # [B, S, P, V, 3, H, W] in training mode -> out.loss
     >>> feats = model.get_image_features(x)    # [N, 3, H, W] -> [N, D], L2-normalised
+    >>> # The reference's towers (pip install 'hlss_hf[reference]'): timm's RN50 CLIP image tower, whose attention
+    >>> # pool already outputs the 1024-d joint space, and the open_clip text tower of the same checkpoint.
+    >>> model = HLSSModel.from_vision_text_pretrained(
+    ...     "timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m", attributes="srh_brain_tumor")
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from transformers import (
     TimmWrapperModel,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 from transformers.utils import ModelOutput
 
 from .configuration_hlss import (
@@ -194,12 +197,24 @@ def _is_open_clip_id(source) -> bool:
     return isinstance(source, str) and source.startswith(OPEN_CLIP_SCHEMAS)
 
 
+@dataclass
+class OpenCLIPTextOutput(ModelOutput):
+    """Output of `OpenCLIPTextModel.forward`.
+
+    Args:
+        text_embeds (`torch.FloatTensor` of shape `[T, embed_dim]`): open_clip's `encode_text` (pooled, projected,
+            not normalised).
+    """
+
+    text_embeds: torch.FloatTensor | None = None
+
+
 class OpenCLIPTextModel(PreTrainedModel):
     """An open_clip text tower (`TextTransformer` with its projection) as a transformers model.
 
     Built from `OpenCLIPTextConfig` (open_clip's `text_cfg`), so a saved HLSS model rebuilds it from `config.json` and
     loads its weights from `model.safetensors` (keys `text.*`, open_clip's own names). Needs `open_clip_torch`.
-    Output: `CLIPTextModelOutput.text_embeds` ``[T, embed_dim]``, open_clip's `encode_text` (not normalised).
+    Output: `OpenCLIPTextOutput.text_embeds` ``[T, embed_dim]``, open_clip's `encode_text` (not normalised).
 
     Example:
         >>> tower = HLSSModel.from_vision_text_pretrained(
@@ -237,7 +252,7 @@ class OpenCLIPTextModel(PreTrainedModel):
             kwargs: ignored.
 
         Returns:
-            `CLIPTextModelOutput` with `text_embeds` ``[T, embed_dim]``.
+            `OpenCLIPTextOutput` with `text_embeds` ``[T, embed_dim]``.
         """
         length = int(self.config.text_cfg.get("context_length", 77))
         pad_id = int(self.config.text_cfg.get("pad_id", 0))
@@ -248,7 +263,7 @@ class OpenCLIPTextModel(PreTrainedModel):
         if attention_mask is not None:
             input_ids = input_ids.masked_fill(attention_mask == 0, pad_id)
         input_ids = F.pad(input_ids, (0, length - input_ids.shape[-1]), value=pad_id)
-        return CLIPTextModelOutput(text_embeds=self.text(input_ids))
+        return OpenCLIPTextOutput(text_embeds=self.text(input_ids))
 
 
 class OpenCLIPVisionModel(PreTrainedModel):
@@ -453,9 +468,9 @@ class HLSSPreTrainedModel(PreTrainedModel):
 class HLSSModel(HLSSPreTrainedModel):
     """HLSS pretraining model: vision tower + projection, frozen text tower, attribute banks and heads.
 
-    Module names (stable, for PEFT / checkpoints): `vision_model`, `visual_projection`, `text_model`,
-    `heads` (`nn.ModuleDict` with `patch`, `slide`, `patient`); buffers `bank_patch`, `bank_slide`,
-    `bank_patient` (``[N_l, D]``, unit rows, saved with the weights).
+    Module names (stable, for PEFT / checkpoints): `vision_model`, `visual_projection` (an `nn.Identity` when
+    `config.use_visual_projection` is False), `text_model`, `heads` (`nn.ModuleDict` with `patch`, `slide`,
+    `patient`); buffers `bank_patch`, `bank_slide`, `bank_patient` (``[N_l, D]``, unit rows, saved with the weights).
 
     Args:
         config (`HLSSConfig`): the model config; every level of `config.attribute_names` needs >= 1 name.

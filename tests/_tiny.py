@@ -176,16 +176,15 @@ OPEN_CLIP_MODEL_CFG = {
 }
 
 
+TIMM_CLIP_ARGS = {"head_type": "attn_abs", "img_size": IMAGE_SIZE}
+
+
 def timm_clip_config(**overrides):
     """Tiny timm CLIP-style image tower: timm's `test_byobnet` with an attention-pool head (as `resnet50_clip`) whose
     output projection (the classifier, kept with ``use_visual_projection=False``) maps into a 32-d joint space."""
     from transformers import TimmWrapperConfig
 
-    kwargs = dict(
-        architecture="test_byobnet",
-        model_args={"head_type": "attn_abs", "img_size": IMAGE_SIZE},
-        num_labels=HIDDEN,
-    )
+    kwargs = dict(architecture="test_byobnet", model_args=dict(TIMM_CLIP_ARGS), num_labels=HIDDEN)
     kwargs.update(overrides)
     return TimmWrapperConfig(**kwargs)
 
@@ -203,15 +202,16 @@ def write_open_clip_checkpoint(folder, seed: int = 0, timm_tower: bool = True):
     """Write a tiny random open_clip checkpoint laid out like the Hub's ``timm/resnet50_clip.cc12m``.
 
     The folder holds `open_clip_config.json` + `open_clip_model.safetensors` (open_clip's ``local-dir:<folder>``
-    loads it) and, with `timm_tower`, a timm image tower saved by transformers (`config.json` +
-    `model.safetensors`, loadable as ``<folder>``). Returns the folder.
+    loads it) and, with `timm_tower`, a timm image tower as timm publishes it (`config.json` + `model.safetensors`
+    with timm's own key names; transformers' TimmWrapper loads it as ``<folder>``). Returns the folder.
     """
     import json
 
     import open_clip
+    import timm
     import torch
     from safetensors.torch import save_file
-    from transformers import TimmWrapperForImageClassification
+    from timm.models import save_for_hf
 
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(seed)
@@ -223,7 +223,16 @@ def write_open_clip_checkpoint(folder, seed: int = 0, timm_tower: bool = True):
     with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as handle:
         json.dump({"model_cfg": OPEN_CLIP_MODEL_CFG, "preprocess_cfg": {}}, handle)
     if timm_tower:
-        TimmWrapperForImageClassification(timm_clip_config()).save_pretrained(folder)
+        tower = timm.create_model(timm_clip_config().architecture, num_classes=HIDDEN, **TIMM_CLIP_ARGS)
+        save_for_hf(tower, folder, model_args=dict(TIMM_CLIP_ARGS), safe_serialization=True)
+        # timm records `num_classes` in `model_args` too; TimmWrapper passes its own and refuses a second one (the
+        # Hub's CLIP towers need no `model_args`, so their configs have none).
+        path = os.path.join(folder, "config.json")
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config["model_args"].pop("num_classes", None)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
     return folder
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from _tiny import (  # noqa: E402
     IMAGE_SIZE,
     OPEN_CLIP_MODEL_CFG,
+    TIMM_CLIP_ARGS,
     TINY_ATTRIBUTES,
     bert_config,
     hierarchical_pixels,
@@ -115,8 +116,12 @@ def test_open_clip_text_tower_embeds_as_open_clip(checkpoint, reference_pair):
     )
 
 
-def test_reference_towers_insert_no_projection_and_keep_the_timm_head(reference_pair):
+def test_reference_towers_insert_no_projection_and_keep_the_timm_head(checkpoint, reference_pair):
     """timm id + the same repository's open_clip id: the timm tower's head is the image projection."""
+    import timm
+    from safetensors.torch import load_file
+
+    folder, _ = checkpoint
     model = reference_pair
     assert model.config.use_visual_projection is False
     assert isinstance(model.visual_projection, nn.Identity)
@@ -127,6 +132,11 @@ def test_reference_towers_insert_no_projection_and_keep_the_timm_head(reference_
         head = model.vision_model.timm_model(x)  # attention pool + its output projection, [N, 32]
         torch.testing.assert_close(model.get_image_features(x), F.normalize(head, dim=-1))
     assert head.shape == (3, 32)
+    # The weights are timm's own, as published (timm key names, no transformers prefix).
+    native = timm.create_model("test_byobnet", num_classes=32, **TIMM_CLIP_ARGS).eval()
+    native.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(native(x), head)
 
 
 def test_open_clip_image_tower_embeds_as_open_clip(checkpoint, open_clip_pair):
