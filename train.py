@@ -201,14 +201,16 @@ def fallback_tokenizer(attributes: Any):
 
 
 def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
-    """The text tower's tokenizer: ``model.tokenizer``, else the tower's own, else :func:`fallback_tokenizer`."""
-    from transformers import AutoTokenizer
+    """The text tower's tokenizer: ``model.tokenizer``, else the tower's own (open_clip towers' too), else
+    :func:`fallback_tokenizer`."""
+    from hlss_hf.configuration_hlss import OpenCLIPTextConfig
+    from hlss_hf.modeling_hlss import load_text_tokenizer
 
     spec = config.model.tokenizer
     if spec is not None:
-        return AutoTokenizer.from_pretrained(resolve_tower(spec, None, "tokenizer"))
-    if isinstance(text, str):
-        return AutoTokenizer.from_pretrained(text)
+        return load_text_tokenizer(resolve_tower(spec, None, "tokenizer"))
+    if isinstance(text, str | OpenCLIPTextConfig):
+        return load_text_tokenizer(text)
     vocab_size = getattr(text, "vocab_size", None)
     tokenizer = fallback_tokenizer(attributes)
     if vocab_size is not None and len(tokenizer) > vocab_size:
@@ -254,6 +256,7 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict 
         lambda_align=m.lambda_align,
         align_temperature=m.align_temperature,
         alignment_reduction=m.alignment_reduction,
+        use_visual_projection=m.use_visual_projection,
         modality=modality,
         image_size=config.data.crop_size,
     )

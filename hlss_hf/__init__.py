@@ -22,6 +22,7 @@ from .modeling_hlss import (
     HLSSOutput,
     HLSSPreTrainedModel,
     load_attributes,
+    load_text_tokenizer,
 )
 from .pipeline_hlss import (
     HLSSFeatureExtractionPipeline,
@@ -43,6 +44,7 @@ __all__ = [
     "HLSSPreTrainedModel",
     "HLSSProcessor",
     "load_attributes",
+    "load_text_tokenizer",
 ]
 
 AutoConfig.register(HLSSConfig.model_type, HLSSConfig, exist_ok=True)

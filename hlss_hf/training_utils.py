@@ -78,6 +78,13 @@ class ModelConfig:
             "level -> attribute -> [descriptions]."
         },
     )
+    use_visual_projection: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Map the vision output into the joint space with a new linear layer (null: automatic, none "
+            "when both towers come from one CLIP checkpoint, e.g. the reference's timm + open_clip towers)."
+        },
+    )
     projection_dim: int | None = field(
         default=None, metadata={"help": "Joint space size; default: the text tower's output size."}
     )

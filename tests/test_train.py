@@ -703,3 +703,23 @@ def test_periodic_knn_uses_the_configured_aggregation(tmp_path, attributes_file,
     assert f"{aggregation} aggregation" in capsys.readouterr().out
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["alignment_reduction"] == "sum"
+
+
+def test_reference_towers_train_and_save_through_train_py(tmp_path, attributes_file):
+    """The paper config's tower pair, tiny: a timm CLIP image tower and the same checkpoint's open_clip text tower."""
+    pytest.importorskip("timm")
+    pytest.importorskip("open_clip")
+    from _tiny import write_open_clip_checkpoint
+
+    from hlss_hf import HLSSModel
+
+    checkpoint = write_open_clip_checkpoint(tmp_path / "rn50-like")
+    out = tmp_path / "run"
+    argv = tiny_args(out, attributes_file, "--training.eval_at_end", "true")
+    argv += ["--model.vision", str(checkpoint), "--model.text", f"local-dir:{checkpoint}", "--model.tokenizer", "null"]
+    argv += ["--model.text_pooling", "null", "--model.alignment_reduction", "sum", "--data.eval_framing", "resize"]
+    result = train.main(argv)
+    assert result["step"] == 4 and "eval/patient/acc" in result["metrics"]
+    model = HLSSModel.from_pretrained(out)
+    assert not model.config.use_visual_projection and isinstance(model.visual_projection, torch.nn.Identity)
+    assert model.config.alignment_reduction == "sum"
