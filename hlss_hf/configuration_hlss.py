@@ -44,7 +44,24 @@ def _open_clip_tower_cfg(key: str, cfg, model_name) -> dict:
     return cfg
 
 
-class OpenCLIPTextConfig(PreTrainedConfig):
+class _OpenCLIPTowerConfig(PreTrainedConfig):
+    """What the open_clip tower configs share: the joint space size, open_clip's tower settings, the activation."""
+
+    def _set_tower(self, key: str, embed_dim: int, cfg: dict | None, quick_gelu: bool, model_name) -> None:
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
+            raise ValueError(f"`embed_dim` must be a positive int, got {embed_dim!r}")
+        self.embed_dim = embed_dim
+        setattr(self, key, _open_clip_tower_cfg(key, cfg or {}, model_name))
+        self.quick_gelu = bool(quick_gelu)
+        self.open_clip_model_name = model_name
+
+    @property
+    def projection_dim(self) -> int:
+        """The joint space size (`embed_dim`)."""
+        return self.embed_dim
+
+
+class OpenCLIPTextConfig(_OpenCLIPTowerConfig):
     r"""Configuration of an open_clip text tower used as the HLSS text tower (`OpenCLIPTextModel`).
 
     Args:
@@ -65,21 +82,11 @@ class OpenCLIPTextConfig(PreTrainedConfig):
         open_clip_model_name: str | None = None,
         **kwargs,
     ):
-        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
-            raise ValueError(f"`embed_dim` must be a positive int, got {embed_dim!r}")
-        self.embed_dim = embed_dim
-        self.text_cfg = _open_clip_tower_cfg("text_cfg", text_cfg or {}, open_clip_model_name)
-        self.quick_gelu = bool(quick_gelu)
-        self.open_clip_model_name = open_clip_model_name
+        self._set_tower("text_cfg", embed_dim, text_cfg, quick_gelu, open_clip_model_name)
         super().__init__(**kwargs)
 
-    @property
-    def projection_dim(self) -> int:
-        """The joint space size (`embed_dim`)."""
-        return self.embed_dim
 
-
-class OpenCLIPVisionConfig(PreTrainedConfig):
+class OpenCLIPVisionConfig(_OpenCLIPTowerConfig):
     r"""Configuration of an open_clip image tower used as the HLSS vision tower (`OpenCLIPVisionModel`).
 
     Its output is already in the CLIP joint space of size `embed_dim` (attention pool / projection included).
@@ -102,18 +109,8 @@ class OpenCLIPVisionConfig(PreTrainedConfig):
         open_clip_model_name: str | None = None,
         **kwargs,
     ):
-        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
-            raise ValueError(f"`embed_dim` must be a positive int, got {embed_dim!r}")
-        self.embed_dim = embed_dim
-        self.vision_cfg = _open_clip_tower_cfg("vision_cfg", vision_cfg or {}, open_clip_model_name)
-        self.quick_gelu = bool(quick_gelu)
-        self.open_clip_model_name = open_clip_model_name
+        self._set_tower("vision_cfg", embed_dim, vision_cfg, quick_gelu, open_clip_model_name)
         super().__init__(**kwargs)
-
-    @property
-    def projection_dim(self) -> int:
-        """The joint space size (`embed_dim`)."""
-        return self.embed_dim
 
     @property
     def image_size(self):

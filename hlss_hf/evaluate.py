@@ -25,11 +25,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from hlss_hf.publishing import umask_mode
+from hlss_hf.publishing import write_text_atomically
 
 logger = logging.getLogger("hlss_hf.evaluate")
 
@@ -108,12 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _write_json(payload: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, allow_nan=True)
-    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the report from the user's group
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=2, allow_nan=True))
 
 
 def load_split(dataset_path: str, split: str, max_samples: int | None = None):
@@ -204,12 +198,7 @@ def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], data
         if (r.metric_name, r.dataset_type, r.dataset_split) not in replaced
     ]
     data.eval_results = kept + new
-    text = str(card)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, umask_mode())
-    os.replace(tmp, path)
+    write_text_atomically(path, str(card))
     return path
 
 

@@ -129,6 +129,22 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~current
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place (the user's umask applies):
+    a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the file from the user's group
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def knn_eval_results(
     metrics: Mapping[str, float],
     *,
@@ -259,11 +275,7 @@ def update_card_knn(
             section = re.sub(r"`\w+` aggregation", f"`{aggregation}` aggregation", section)
         section = re.sub(r"Split: `[^`]*`", f"Split: `{split}`", section)
         text = head + marker + section + rest_marker + rest
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, umask_mode())
-    os.replace(tmp, path)
+    write_text_atomically(path, text)
     return path
 
 
