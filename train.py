@@ -347,9 +347,11 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
         train = splits[d.train_split]
         val = splits[d.validation_split] if d.validation_split else None
         return train, val
-    if d.demo:
-        # The demo config's data.demo stays set when only data.dataset is overridden on the command line.
-        logger.info("data.demo is ignored: data.dataset is %r, not the demo", d.dataset)
+    from hlss_hf.publishing import SourceError, check_local_source, hub_source_error
+    from hlss_hf.schema import PATIENT_ID, SLIDE_ID
+
+    # A mistyped local path stops here, named, instead of becoming a Hub lookup (hlss_hf.publishing.looks_local).
+    check_local_source(d.dataset, "dataset", "data.dataset")
     path = Path(d.dataset)
     source = str(path) if path.is_dir() else d.dataset
     saved = path.is_dir() and (path / "dataset_dict.json").is_file()
@@ -360,16 +362,38 @@ def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
                 # A save_to_disk folder (what the converters write): memory-mapped as it is, no cache copy.
                 from hlss_hf.evaluate import load_split
 
-                return load_split(source, split)
-            return datasets.load_dataset(source, d.dataset_config_name, split=split, streaming=streaming)
+                data = load_split(source, split)
+            else:
+                data = datasets.load_dataset(source, d.dataset_config_name, split=split, streaming=streaming)
+        except SourceError:
+            raise
         except ValueError as err:
-            # datasets names the missing split and the available ones ("Unknown split ...").
+            # load_split names a missing id column; datasets the missing split and the available ones.
+            if "column" in str(err):
+                raise ConfigError(f"config key 'data.dataset': {err}") from err
             if "split" in str(err).lower():
                 raise ConfigError(f"config key '{key}': {err}") from err
             raise
+        except Exception as err:
+            # Offline with an uncached id, or no such repo: one line naming the dataset.
+            source_error = hub_source_error(source, "dataset", err, "data.dataset")
+            if source_error is None:
+                raise
+            raise source_error from err
+        columns = data.column_names or (list(data.features) if data.features else None)  # None: a stream
+        missing = [name for name in (PATIENT_ID, SLIDE_ID) if columns is not None and name not in columns]
+        if missing:
+            raise ConfigError(
+                f"config key 'data.dataset': split {split!r} of {source!r} has no {' or '.join(missing)} column "
+                f"(it has {columns}); HLSS samples patients and slides: write the data with dataset_scripts/"
+            )
+        return data
 
     train = load(d.train_split, "data.train_split", d.streaming)
     val = load(d.validation_split, "data.validation_split", False) if d.validation_split else None
+    if d.demo:
+        # The demo config's data.demo stays set when only data.dataset is overridden on the command line.
+        logger.info("data.demo is ignored: data.dataset is %r, not the demo", d.dataset)
     return train, val
 
 
@@ -1154,17 +1178,26 @@ def _run_eval(
 
 
 def cli() -> None:
-    """Entry point: ``--help`` lists every config key; config and non-finite-loss errors exit with status 1."""
+    """Entry point: ``--help`` lists every config key. Errors a user can fix (config, a missing dataset folder or Hub
+    repo, a non-finite loss, file system, Hub) print one line ``error: ...`` and exit with status 1, leaving no
+    empty output folder behind; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback instead."""
+    from hlss_hf.publishing import debug_requested, exit_on_error, remove_new_empty_folder
+
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         print(config_help())
         return
-    try:
-        main(argv)
-    except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    debug = "--debug" in argv or debug_requested()
+    argv = [arg for arg in argv if arg != "--debug"]
+    with exit_on_error(debug, user_errors=(ConfigError, NonFiniteLossError)):
+        output_dir = parse_config(argv, default_config=DEFAULT_CONFIG).training.output_dir
+        cleanup = remove_new_empty_folder(output_dir)
+        try:
+            main(argv)
+        except BaseException:
+            cleanup()
+            raise
 
 
 if __name__ == "__main__":

@@ -114,12 +114,25 @@ def load_split(dataset_path: str, split: str, max_samples: int | None = None):
     """One split of a dataset folder (Hub layout or `save_to_disk`) or Hub id; clear error for a missing split."""
     import datasets
 
+    from hlss_hf.publishing import check_local_source, hub_source_error
+    from hlss_hf.schema import PATIENT_ID, SLIDE_ID
+
+    check_local_source(dataset_path, "dataset")  # a mistyped path is named, not looked up on the Hub
     saved_splits = Path(dataset_path, "dataset_dict.json")
     if saved_splits.exists():  # a `save_to_disk` folder: only the split asked for is loaded
         splits = None
         names = json.loads(saved_splits.read_text())["splits"]
     else:
-        splits = datasets.load_dataset(dataset_path)
+        try:
+            splits = datasets.load_dataset(dataset_path)
+        except Exception as err:
+            source_error = hub_source_error(dataset_path, "dataset", err)
+            if source_error is not None:
+                raise source_error from err
+            if isinstance(err, FileNotFoundError) and Path(dataset_path).is_dir():  # e.g. no data files in it
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ValueError(f"dataset {dataset_path!r}: {first}") from err
+            raise
         names = list(splits)
     if split not in names:
         raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {names}")
@@ -130,6 +143,12 @@ def load_split(dataset_path: str, split: str, max_samples: int | None = None):
             data = datasets.load_from_disk(str(Path(dataset_path, split)))
         except IndexError as err:  # datasets fails this way on a split saved with no rows
             raise ValueError(f"split {split!r} of dataset {dataset_path!r} is empty: nothing to evaluate") from err
+    missing = [name for name in (PATIENT_ID, SLIDE_ID) if name not in data.column_names]
+    if missing:
+        raise ValueError(
+            f"split {split!r} of dataset {dataset_path!r} has no {' or '.join(missing)} column (it has "
+            f"{data.column_names}); slide and patient metrics need them: write the data with dataset_scripts/"
+        )
     if max_samples is not None:
         data = data.select(range(min(max_samples, len(data))))
     return data
@@ -213,10 +232,19 @@ def _load_model(args):
     )
 
     import hlss_hf  # noqa: F401  (registers HLSS with the Auto classes)
+    from hlss_hf.publishing import check_local_source, hub_source_error
 
+    check_local_source(args.model, "model", "--model")  # a mistyped path is named, not looked up on the Hub
+    try:
+        model_config = AutoConfig.from_pretrained(args.model)
+    except OSError as err:  # transformers reports a missing repo / offline mode as OSError
+        source_error = hub_source_error(args.model, "model", err, "--model")
+        if source_error is None:
+            raise
+        raise source_error from err
     # A fine-tuned classifier folder holds no text tower, banks or heads: loading it as an HLSSModel would fill
     # them with random weights, so it is loaded as what it is and the modes that need them say so.
-    architectures = AutoConfig.from_pretrained(args.model).architectures or []
+    architectures = model_config.architectures or []
     if "HLSSForImageClassification" in architectures:
         if args.mode in ("zeroshot", "explain"):
             raise ValueError(
@@ -420,14 +448,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(args)
-    except ValueError as err:
-        # Bad input (missing split, unknown classes, no text tower...): one clear line, no traceback.
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    """Run the command line. Bad input (a missing folder or Hub repo, a missing split or column, unknown classes, no
+    text tower...), file-system and Hub errors print one line ``error: ...`` and exit with status 2, leaving no
+    empty output folder behind; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback instead."""
+    from hlss_hf.publishing import (
+        check_local_source,
+        debug_requested,
+        exit_on_error,
+        remove_new_empty_folder,
+    )
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or debug_requested()
+    args = parse_args([arg for arg in argv if arg != "--debug"])
+    # Our progress at INFO; the libraries' (every HTTP request) only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hlss_hf").setLevel(logging.INFO)
+    cleanup = remove_new_empty_folder(args.output_dir)
+    with exit_on_error(debug, user_errors=(ValueError,), status=2):
+        try:
+            for spec, kind in ((args.model, "model"), (args.dataset, "dataset")):
+                check_local_source(spec, kind, f"--{kind}")  # both typos named before anything loads
+            # Data problems (a missing split or id column) show before the model loads.
+            banked = args.mode in ("knn", "linear")
+            for split in dict.fromkeys([args.split, *([args.train_split] if banked else [])]):
+                load_split(args.dataset, split)
+            report = run(args)
+        except BaseException:
+            cleanup()
+            raise
     if "aggregation" in report.get("settings", {}):
         print(f"slide / patient aggregation: {report['settings']['aggregation']}")
     for key, value in report.get("metrics", {}).items():

@@ -900,44 +900,221 @@ def describe_os_error(error: OSError) -> str:
     return f"{error.strerror or type(error).__name__}: {where}"
 
 
+def debug_requested(args: argparse.Namespace | None = None) -> bool:
+    """Whether the user asked for full tracebacks: ``--debug`` (``args.debug``) or ``HLSS_DEBUG=1``."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("HLSS_DEBUG", "") not in ("", "0")
+
+
+def describe_error(error: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> str | None:
+    """One line for an error the user can act on, or ``None`` for anything else (a bug keeps its traceback).
+
+    Args:
+        error (`BaseException`): the error.
+        user_errors (`tuple` of exception types): errors whose message is already written for the user (bad input
+            naming the item); :class:`SourceError` and :class:`ConversionError` always are.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    hub_errors = (HfHubHTTPError, OfflineModeIsEnabled)
+    if isinstance(error, (SourceError, ConversionError, *user_errors)):
+        message = str(error)
+    elif isinstance(error, hub_errors):
+        message = f"Hub: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"
+    elif isinstance(error, OSError) and error.errno is not None:
+        message = describe_os_error(error)
+    elif isinstance(error, OSError):  # a library's own error (e.g. datasets' "no data files"): its first line
+        message = f"{type(error).__name__}: {(str(error).strip().splitlines() or ['?'])[0]}"
+    else:
+        return None
+    return " ".join(message.split()) or type(error).__name__  # one line, whatever the message held
+
+
+@contextlib.contextmanager
+def exit_on_error(
+    debug: bool = False,
+    user_errors: tuple[type[BaseException], ...] = (),
+    status: int = 1,
+    interrupted: str | None = None,
+):
+    """Turn the errors a user can act on into one line ``error: ...`` on stderr and exit status `status`.
+
+    Used by the converters (:func:`run_converter`), ``train.py`` and ``python -m hlss_hf.evaluate``: bad input,
+    a missing local folder or Hub repo, file-system and Hub errors end the program without a traceback
+    (:func:`describe_error`); any other error keeps its traceback. `debug` (``--debug`` or ``HLSS_DEBUG=1``, see
+    :func:`debug_requested`) re-raises everything as it is.
+
+    Args:
+        debug (`bool`, defaults to `False`): show tracebacks instead.
+        user_errors (`tuple` of exception types): further error types whose message is written for the user.
+        status (`int`, defaults to 1): the exit status. With 1 the line travels in `SystemExit` (the interpreter
+            prints it); with another status it is printed to stderr first.
+        interrupted (`str`, *optional*): the line for Ctrl-C; without it Ctrl-C ends with its traceback.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if debug or interrupted is None:
+            raise
+        sys.exit(f"error: {interrupted}")
+    except Exception as error:
+        if debug:
+            raise
+        message = describe_error(error, user_errors)
+        if message is None:
+            raise
+        if status == 1:
+            raise SystemExit(f"error: {message}") from None
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(status) from None
+
+
 def run_converter(
     convert: Callable[[argparse.Namespace], ConversionSummary], args: argparse.Namespace
 ) -> ConversionSummary:
     """Run a converter, print its summary, and turn failures into one line ``error: ...`` and exit status 1.
 
     :class:`ConversionError`, file-system errors (a read-only or full disk), Hub errors and Ctrl-C end the
-    program without a traceback; ``--debug`` or ``HLSS_DEBUG=1`` shows it. The writer has already removed its
-    temporary folder, and a folder left by a killed run is removed by the next run
+    program without a traceback (:func:`exit_on_error`); ``--debug`` or ``HLSS_DEBUG=1`` shows it. The writer has
+    already removed its temporary folder, and a folder left by a killed run is removed by the next run
     (:func:`remove_stale_temporaries`).
 
     Args:
         convert (`Callable`): the converter's body, taking the parsed arguments.
         args (`argparse.Namespace`): the parsed arguments.
     """
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    debug = getattr(args, "debug", False) or os.environ.get("HLSS_DEBUG", "") not in ("", "0")
-    try:
+    with exit_on_error(debug_requested(args), interrupted="interrupted; nothing was written"):
         validate_output_arguments(args)
         summary = convert(args)
-    except Exception as error:
-        if debug:
-            raise
-        if isinstance(error, ConversionError):
-            message = str(error)
-        elif isinstance(error, OSError) and not isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled)):
-            message = describe_os_error(error)
-        elif isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled)):
-            message = f"Hub: {str(error).splitlines()[0]}"
-        else:
-            raise
-        sys.exit(f"error: {message}")
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        sys.exit("error: interrupted; nothing was written")
     print(summary.format())
     return summary
+
+
+# ------------------------------------------------------------------ where a model or dataset comes from
+class SourceError(ValueError):
+    """A model or dataset named on the command line is neither an existing local folder nor a reachable Hub repo."""
+
+
+def looks_local(spec: str | os.PathLike) -> bool:
+    """Whether `spec` names a local path rather than a Hub repo id: the one rule ``train.py`` and
+    ``python -m hlss_hf.evaluate`` use before asking the Hub.
+
+    A Hub id is ``name`` or ``namespace/name``. `spec` is local when it exists; when it starts with ``.``, ``/``
+    or ``~`` (or holds the OS's other separator, ``\\`` on Windows); when it has more than one ``/``; or when
+    its first component is an existing folder here (``data/dmo`` while ``data/`` exists).
+
+    Args:
+        spec (`str` or `os.PathLike`): what the user gave.
+    """
+    text = os.fspath(spec)
+    if os.path.exists(os.path.expanduser(text)) or text.startswith((".", "/", "~", os.sep)):
+        return True
+    if os.altsep and os.altsep != "/" and os.altsep in text:
+        return True
+    if os.sep != "/" and os.sep in text:
+        return True
+    return text.count("/") > 1 or ("/" in text and os.path.isdir(text.split("/", 1)[0]))
+
+
+def check_local_source(spec: str | os.PathLike, kind: str, key: str | None = None) -> None:
+    """Raise :class:`SourceError` when `spec` looks local (:func:`looks_local`) but does not exist, so that a typo
+    in a path is reported at once instead of being looked up on the Hub.
+
+    Args:
+        spec (`str` or `os.PathLike`): a local folder or a Hub id.
+        kind (`str`): what it is, for the message: ``"model"`` or ``"dataset"``.
+        key (`str`, *optional*): the option or config key that gave it (e.g. ``"data.dataset"``), also named.
+    """
+    path = Path(os.path.expanduser(os.fspath(spec)))
+    if looks_local(spec) and not path.exists():
+        parent = next((p for p in path.absolute().parents if p.is_dir()), None)
+        raise SourceError(f"{_named(spec, kind, key)}: no such folder (nearest existing: {parent})")
+
+
+def _named(spec: str | os.PathLike, kind: str, key: str | None) -> str:
+    return f"{kind} {os.fspath(spec)!r}" + (f" ({key})" if key else "")
+
+
+def hub_source_error(
+    spec: str | os.PathLike, kind: str, error: BaseException, key: str | None = None
+) -> SourceError | None:
+    """The :class:`SourceError` for a failed Hub load of `spec` that is not a local folder, or ``None`` when the
+    error is of another kind (a broken file, a bug) and should propagate as it is.
+
+    Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) with an id that is not cached, and a repo that does
+    not exist (or is private) on the Hub are named as such; other Hub or connection errors keep their first line.
+
+    Args:
+        spec (`str` or `os.PathLike`): what was loaded.
+        kind (`str`): ``"model"`` or ``"dataset"`` (also the Hub repo type).
+        error (`BaseException`): what the loader raised.
+        key (`str`, *optional*): the option or config key that gave it, also named.
+    """
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    text = os.fspath(spec)
+    if os.path.isdir(os.path.expanduser(text)):
+        return None
+    named = _named(spec, kind, key)
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(e).__name__ for e in chain}
+    words = " ".join(str(e) for e in chain).lower()
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
+    if offline and (
+        any(isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError)) for e in chain)
+        or "offline" in words
+        or "cached files" in words
+    ):
+        return SourceError(
+            f"{named} is not a local folder and not in the Hub cache, and offline mode is on "
+            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): unset it to download, or give a local folder"
+        )
+    if (
+        any(isinstance(e, RepositoryNotFoundError) for e in chain)
+        or "DatasetNotFoundError" in names
+        or "not a valid model identifier" in words
+        or "doesn't exist on the hub" in words
+    ):
+        return SourceError(
+            f"{named} is not a local folder, and the Hub ({constants.ENDPOINT}) has no {kind} repo of "
+            "that name you can read (a typo? a private repo needs `hf auth login`)"
+        )
+    if any(isinstance(e, (HfHubHTTPError, ConnectionError, OfflineModeIsEnabled)) for e in chain):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return SourceError(f"{named}: the Hub could not be reached ({first})")
+    return None
+
+
+def remove_new_empty_folder(path: str | os.PathLike) -> Callable[[], None]:
+    """Remember which part of `path` does not exist yet; the returned function removes that part again if it is
+    still empty (a run that failed before writing anything leaves nothing behind; anything written stays)."""
+    path = Path(path).absolute()
+    first_new = None
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        first_new, probe = probe, probe.parent
+
+    def cleanup() -> None:
+        if first_new is None:
+            return
+        folder = path
+        while True:
+            try:
+                folder.rmdir()  # only ever an empty folder
+            except OSError:
+                return
+            if folder == first_new:
+                return
+            folder = folder.parent
+
+    return cleanup
 
 
 def validation_count(num_patients: int, val_fraction: float) -> int:

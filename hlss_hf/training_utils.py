@@ -418,8 +418,17 @@ def load_yaml_config(path: str | os.PathLike, config: TrainConfig | None = None)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        # PyYAML's message spans lines; keep its reason and where (1-based line and column).
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({reason})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping with sections {list(SECTIONS)}")
     for section, values in raw.items():

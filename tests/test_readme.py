@@ -1,0 +1,171 @@
+"""The README runs as written: every ```python block of README.md is executed, in a fresh process, offline.
+
+Only the Hub ids are swapped, for tiny local towers of the same kinds saved in a temporary folder (a transformers
+CLIP checkpoint; a timm CLIP image tower + open_clip checkpoint laid out like ``timm/resnet50_clip.cc12m``), at
+224 px so the README's processor settings apply unchanged. The files a block reads (``data/demo``,
+``outputs/ft/merged``) are made as the README's commands would make them, and the names a block takes as given
+(``srh_patches``, ``pixel_values``) are defined before it. A few checks run after each block.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from _tiny import (
+    OPEN_CLIP_MODEL_CFG,
+    clip_text_config,
+    clip_vision_config,
+    timm_clip_config,
+    tiny_hlss_model,
+    tiny_tokenizer,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+SIZE = 224  # the README's processors crop 224 px; tiny towers at that size stay cheap (patch 32, width 8)
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks() -> list[str]:
+    return BLOCK.findall(README.read_text(encoding="utf-8"))
+
+
+def write_clip(folder: Path) -> Path:
+    """A tiny transformers CLIP checkpoint (both towers, joint space 32) with the tests' offline tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        vision_config=clip_vision_config(image_size=SIZE, patch_size=32).to_dict(),
+        text_config=clip_text_config().to_dict(),
+        projection_dim=32,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_rn50_clip(folder: Path) -> Path:
+    """Like ``timm/resnet50_clip.cc12m`` on the Hub: a timm CLIP image tower (transformers layout) and an open_clip
+    checkpoint (``open_clip_config.json`` + weights) in one folder, at 224 px."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    from transformers import TimmWrapperForImageClassification
+
+    folder.mkdir(parents=True)
+    cfg = copy.deepcopy(OPEN_CLIP_MODEL_CFG)
+    cfg["vision_cfg"]["image_size"] = SIZE
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**cfg)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    timm = timm_clip_config(model_args={"head_type": "attn_abs", "img_size": SIZE})
+    TimmWrapperForImageClassification(timm).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def readme_env(tmp_path_factory):
+    """(working folder, Hub id -> local substitution, environment) shared by the blocks."""
+    from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf import HLSSForImageClassification, HLSSImageProcessor
+
+    root = tmp_path_factory.mktemp("readme")
+    clip = write_clip(root / "towers" / "clip")
+    rn50 = write_rn50_clip(root / "towers" / "rn50_clip")
+    work = root / "work"
+    work.mkdir()
+    # `python dataset_scripts/demo.py --output data/demo`, smaller.
+    build_demo_dataset(output_dir=work / "data" / "demo", num_patients=6)
+    # What `finetune.py ... --merge` leaves in outputs/ft/merged: a classifier with its image processor.
+    tiny_hlss_model().save_pretrained(root / "hlss-tiny")
+    merged = work / "outputs" / "ft" / "merged"
+    HLSSForImageClassification.from_pretrained(root / "hlss-tiny", num_labels=3).save_pretrained(merged)
+    HLSSImageProcessor(modality="he", crop_size=32).save_pretrained(merged)
+    hub_ids = {  # longest first: the open_clip id contains the timm one
+        "hf-hub:timm/resnet50_clip.cc12m": f"local-dir:{rn50}",
+        "timm/resnet50_clip.cc12m": str(rn50),
+        "openai/clip-vit-base-patch16": str(clip),
+    }
+    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
+    env.update(
+        PYTHONPATH=str(REPO),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_MODULES_CACHE=str(root / "modules"),  # remote code is copied here, not into the user's cache
+    )
+    return work, hub_ids, env
+
+
+def localise(code: str, hub_ids: dict[str, str]) -> str:
+    """The block with each quoted Hub id replaced by its local tower."""
+    for hub_id, local in hub_ids.items():
+        quoted = re.compile(r"([\"'])" + re.escape(hub_id) + r"\1")
+        code = quoted.sub(lambda m, local=local: m.group(1) + local + m.group(1), code)
+    return code
+
+
+# Names the README takes as given, and checks run after the block, keyed by a line the block contains.
+GIVEN = {
+    "srh_patches": """
+        import numpy as np, torch
+        rng = np.random.default_rng(0)
+        srh_patches = [rng.integers(0, 2**16, (300, 300, 2), dtype=np.uint16) for _ in range(3)]
+        pixel_values = torch.rand(2, 2, 2, 2, 3, 224, 224)  # [B, S, P, V, C, H, W]
+    """,
+}
+CHECKS = {
+    "from_vision_text_pretrained": """
+        assert type(processor).__name__ == "HLSSProcessor", type(processor)
+        assert embeddings.shape[0] == len(srh_patches)
+        assert torch.allclose(embeddings.norm(dim=-1), torch.ones(len(srh_patches)), atol=1e-4)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        assert {"hvc_slide", "ha_patient"} <= set(out.level_losses)
+    """,
+    "HierarchicalPatchDataset": """
+        assert batch["pixel_values"].shape[:4] == (2, 2, 2, 2), batch["pixel_values"].shape
+    """,
+    'pipeline("image-classification"': """
+        assert type(classifier.model).__name__ == "HLSSForImageClassification", type(classifier.model)
+    """,
+}
+
+
+def test_readme_has_python_blocks():
+    blocks = python_blocks()
+    assert len(blocks) >= 3
+    assert any("from_vision_text_pretrained" in b for b in blocks)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_readme_python_block_runs(index, readme_env):
+    work, hub_ids, env = readme_env
+    block = python_blocks()[index]
+    code = localise(block, hub_ids)
+    for name in hub_ids:
+        assert name not in code, f"{name} left in block {index}"
+    given = "".join(textwrap.dedent(v) for k, v in GIVEN.items() if k in block)
+    checks = "".join(textwrap.dedent(v) for k, v in CHECKS.items() if k in block)
+    assert checks, f"block {index} has no checks in CHECKS: add some"
+    proc = subprocess.run(
+        [sys.executable, "-c", given + code + checks],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"README python block {index} failed:\n{block}\n{proc.stderr[-4000:]}"
