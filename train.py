@@ -10,6 +10,7 @@
     python train.py --report_to wandb                            # trackers: tensorboard (default if installed)
     python train.py --config configs/tcga_hlss.yaml --push_to_hub me/hlss-tcga
     python train.py --help                                       # every config key with its help
+    python train.py --debug ...                                  # an error's full traceback (or HLSS_DEBUG=1)
 
 Configuration: one YAML file (``--config``, default ``configs/demo.yaml``) with sections ``model``, ``data``,
 ``training``, and command-line overrides of any field written ``--section.field value`` (or

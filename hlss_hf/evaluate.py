@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("mode", choices=MODES, help="evaluation to run")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback (or HLSS_DEBUG=1)")
     parser.add_argument("--model", required=True, help="model folder or Hub id (AutoModel.from_pretrained)")
     parser.add_argument("--dataset", required=True, help="dataset folder or Hub id (datasets.load_dataset)")
     parser.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
