@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from hlss_hf.augmentation import DEFAULT_AUGMENTATION  # noqa: E402
 from hlss_hf.training_utils import parse_config  # noqa: E402
 
 LEVELS = ("patch", "slide", "patient")
@@ -65,21 +66,12 @@ TOWERS = {
         "num_attention_heads": 2,
         "intermediate_size": 64,
     },
-    "vit4": {
-        "model_type": "vit",
-        "image_size": 32,
-        "patch_size": 4,
-        "num_channels": 3,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 128,
-    },
 }
 
-#: Augmentation sets measured (``--aug``); ``demo`` is configs/demo.yaml's.
+#: Augmentation sets measured (``--aug``): ``weak`` is the earlier demo set (the paper's colour jitter: p 0.3,
+#: hue 0.05), ``stain`` configs/demo.yaml's (jitter as wide as the demo's slide-to-slide stain hue).
 AUGMENTATIONS = {
-    "demo": {
+    "weak": {
         "random_resized_crop": {"p": 1.0, "scale": [0.3, 1.0]},
         "horizontal_flip": {"p": 0.5},
         "vertical_flip": {"p": 0.5},
@@ -94,6 +86,11 @@ AUGMENTATIONS = {
         "gaussian_blur": {"p": 0.2, "kernel_size": 3, "sigma": [0.1, 1.0]},
     },
     "paper": None,  # hlss_hf.augmentation.DEFAULT_AUGMENTATION
+    # The paper set with the stain-wide colour jitter: configs/tcga_hlss.yaml's.
+    "paper_stain": {
+        **DEFAULT_AUGMENTATION,
+        "color_jitter": {"p": 0.8, "brightness": 0.3, "contrast": 0.3, "saturation": 0.4, "hue": 0.25},
+    },
 }
 
 
