@@ -24,8 +24,8 @@ import train  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
 LEVELS = ("patch", "slide", "patient")
-STEPS = 120
-#: Least gain of the mean kNN accuracy over the three levels (trained minus random init).
+#: Least gain of the mean kNN accuracy over the three levels (trained minus random init). Measured with these
+#: settings (the demo's 120 steps): +0.21, +0.13, +0.18 for seeds 0, 1, 2 (each seed its own demo data).
 MARGIN = 0.05
 
 
@@ -55,7 +55,7 @@ def _knn(tmp_path, name: str, *extra: str) -> dict[str, float]:
             "--training.report_to",
             "none",
             *extra,
-        ]  # fmt: skip
+        ]
     )
     return {level: result["metrics"][f"eval/{level}/acc"] for level in LEVELS}
 
@@ -64,7 +64,7 @@ def _knn(tmp_path, name: str, *extra: str) -> dict[str, float]:
 def test_short_pretraining_beats_random_init(tmp_path):
     # The same model, data and seed: one step at a learning rate too small to move a weight is random init.
     before = _knn(tmp_path, "random", "--training.max_steps", "1", "--training.lr", "1e-12")
-    after = _knn(tmp_path, "trained", "--training.max_steps", str(STEPS))
+    after = _knn(tmp_path, "trained")  # the demo's own length
     gain = sum(after[level] - before[level] for level in LEVELS) / len(LEVELS)
     assert gain >= MARGIN, f"pretraining gained {gain:+.3f} (before {before}, after {after})"
     assert after["patient"] >= before["patient"], (before, after)
