@@ -56,6 +56,14 @@ TOWERS = {
         "depths": [1, 1, 1, 1],
         "layer_type": "basic",
     },
+    # BatchNorm-free (LayerNorm): a W-process run equals one process with W times the batch, as with the ViT.
+    "convnext": {
+        "model_type": "convnext",
+        "num_channels": 3,
+        "patch_size": 4,
+        "hidden_sizes": [16, 32, 64, 128],
+        "depths": [1, 1, 1, 1],
+    },
     "vit": {
         "model_type": "vit",
         "image_size": 32,
