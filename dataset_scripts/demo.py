@@ -3,10 +3,15 @@
     python dataset_scripts/demo.py --output data/demo
     python dataset_scripts/demo.py --output data/demo-srh --modality srh --num-patients 12
 
-Patches are procedural tissue-like textures: nuclei-like dark blobs on a stroma-like background. The class
-sets nuclear density, size and colour (the patient-level signal); each patient and slide perturbs them
-(hierarchical variation); each patch adds its own placement and noise. ``--modality he`` gives uint8 RGB
-patches (stored as PNG), ``--modality srh`` 2-channel uint16 SRH-like patches ``[CH2, CH3]``.
+Patches are procedural tissue-like textures: nuclei on a fibrous stroma, drawn as two stain densities
+(nuclear and stroma) and coloured per slide (Beer-Lambert). The class lives in nuclear morphology: small round
+evenly spaced nuclei (``normal``), elongated spindle nuclei aligned in streams (``low_grade``), large
+pleomorphic nuclei with coarse chromatin crowded in clusters (``high_grade``). Colour does not carry it: each
+slide gets its own stain (hue rotated by up to a quarter turn, saturation, strength, brightness) and each patient
+its own nuclear coverage, darkness, size scale and stroma, drawn from the same ranges for every class. Each
+patch adds its own placement and noise. ``--modality he`` gives uint8 RGB patches (stored as PNG),
+``--modality srh`` 2-channel uint16 SRH-like patches ``[CH2, CH3]``. ``benchmarks/learning_bench.py`` measures
+on this data whether pretraining learns.
 
 The same data is available in Python, e.g. for training when no dataset is given:
 
@@ -48,55 +53,138 @@ def demo_class_names(num_classes: int) -> list[str]:
     )
 
 
-def _class_params(label: int, num_classes: int) -> dict[str, float]:
-    # Classes spread along one axis of "atypia": denser, larger, darker and bluer nuclei.
-    t = label / max(num_classes - 1, 1)
-    return {
-        "density": 0.004 + 0.012 * t,  # nuclei per pixel
-        "radius": 2.0 + 2.5 * t,
-        "hue": t,  # 0: purple-pink nuclei, 1: dark blue nuclei
-        "darkness": 0.45 + 0.35 * t,
+# Per class: nuclear radius (px at 64 px patches), elongation, irregularity of the outline, chromatin texture
+# strength, and arrangement. The nuclear area fraction and the stain darkness are drawn per patient from the
+# same ranges for every class, so colour and mean darkness carry (almost) no class information: the class is
+# in the nuclei's size, shape, texture and arrangement.
+_MORPHOLOGY: tuple[dict[str, float | str], ...] = (
+    # normal: small, round, smooth, evenly spaced nuclei.
+    {"radius": 2.6, "elongation": 1.1, "irregularity": 0.0, "chromatin": 0.1, "arrangement": "even"},
+    # low grade: elongated spindle nuclei aligned in streams.
+    {"radius": 3.0, "elongation": 2.6, "irregularity": 0.05, "chromatin": 0.25, "arrangement": "aligned"},
+    # high grade: large, pleomorphic, irregular nuclei with coarse chromatin, crowded in clusters.
+    {"radius": 4.4, "elongation": 1.3, "irregularity": 0.3, "chromatin": 0.7, "arrangement": "clustered"},
+)
+
+
+def _class_params(label: int, num_classes: int) -> dict[str, float | str]:
+    # More classes than the three prototypes: interpolate the numbers, take the nearest arrangement.
+    t = label / max(num_classes - 1, 1) * (len(_MORPHOLOGY) - 1)
+    low = _MORPHOLOGY[int(math.floor(t))]
+    high = _MORPHOLOGY[min(int(math.floor(t)) + 1, len(_MORPHOLOGY) - 1)]
+    w = t - math.floor(t)
+    params: dict[str, float | str] = {
+        key: (1 - w) * float(low[key]) + w * float(high[key]) for key in low if key != "arrangement"
     }
+    params["arrangement"] = (low if w < 0.5 else high)["arrangement"]
+    return params
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    h = (h % 1.0) * 6.0
+    i, f = int(h), h - int(h)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i % 6], np.float32)
+
+
+def _slide_stain(rng: np.random.Generator, modality: str) -> np.ndarray:
+    """Per-slide stain: optical-density vectors of the nuclear and stroma stains, ``[2, channels]``.
+
+    H&E: a slide-wide hue rotation of up to a quarter turn either way (both stains), independent hue jitter,
+    saturation and strength; SRH: per-channel gains of the two "stains" (lipid, protein / nucleic acid).
+    """
+    if modality == "srh":
+        return rng.uniform(0.7, 1.3, (2, 2)).astype(np.float32)
+    rotation = rng.uniform(-0.25, 0.25)
+    stains = []
+    for base_hue, strength in ((0.72, rng.uniform(0.9, 1.6)), (0.93, rng.uniform(0.35, 0.8))):
+        colour = _hsv_to_rgb(base_hue + rotation + rng.normal(0, 0.03), rng.uniform(0.45, 0.9), 1.0)
+        # Optical density of the stain colour (Beer-Lambert), scaled to the slide's staining strength.
+        od = -np.log(np.clip(colour * 0.85 + 0.05, 0.05, 1.0))
+        stains.append(strength * od / max(float(od.max()), 1e-6))
+    return np.stack(stains).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth noise in [0, 1]: a ``cells x cells`` random grid upsampled bilinearly to ``size x size``."""
+    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    coords = np.linspace(0, cells, size, dtype=np.float32)
+    i = np.minimum(coords.astype(int), cells - 1)
+    f = coords - i
+    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
+    return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
+
+
+def _centres(rng: np.random.Generator, count: int, size: int, arrangement: str) -> np.ndarray:
+    if arrangement == "even":
+        # A jittered grid: nuclei evenly spaced, never crowded.
+        side = max(1, math.ceil(math.sqrt(count)))
+        cells = rng.permutation(side * side)[:count]
+        step = size / side
+        return (np.stack([cells % side, cells // side], axis=1) + rng.uniform(0.2, 0.8, (count, 2))) * step
+    if arrangement == "clustered":
+        # A few crowded groups of nuclei.
+        groups = rng.uniform(0, size, (max(1, round(count / 4)), 2))
+        members = groups[rng.integers(0, len(groups), count)]
+        return members + rng.normal(0, size / 8, (count, 2))
+    return rng.uniform(0, size, (count, 2))
 
 
 def _render_patch(
-    rng: np.random.Generator, size: int, params: dict[str, float], stain: np.ndarray, modality: str
+    rng: np.random.Generator, size: int, params: dict, stain: np.ndarray, modality: str
 ) -> np.ndarray:
-    """One patch: background texture + nuclei disks + noise; returns uint8 RGB or uint16 2-channel."""
+    """One patch: stroma + nuclei as stain density maps, coloured by the slide's stain; uint8 RGB / uint16."""
+    scale = size / 64.0  # the morphology is defined for 64 px patches
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    # Smooth stroma-like background from a few random low-frequency waves.
-    background = np.zeros((size, size), np.float32)
-    for _ in range(3):
-        fx, fy, phase = rng.uniform(0.02, 0.12, 2).tolist() + [rng.uniform(0, 2 * math.pi)]
-        background += np.sin(fx * xx + fy * yy + phase)
-    background = 0.5 + 0.08 * background
+    # Stroma: fibre-like waves along a patient-specific direction plus smooth noise.
+    angle = params["fibre_angle"] + rng.normal(0, 0.3)
+    waves = np.sin(
+        (np.cos(angle) * xx + np.sin(angle) * yy) * params["fibre_freq"] / scale + rng.uniform(0, 6.3)
+    )
+    stroma = params["stroma"] * (0.7 + 0.2 * waves + 0.3 * _smooth_noise(rng, size, 4))
     nuclei = np.zeros((size, size), np.float32)
-    count = rng.poisson(params["density"] * size * size)
-    centers = rng.uniform(0, size, (count, 2))
-    radii = np.maximum(0.8, rng.normal(params["radius"], 0.4, count))
-    elongations = rng.uniform(0.7, 1.3, count)
-    for (cx, cy), radius, elong in zip(centers, radii, elongations, strict=True):
-        # Only the bounding box is touched: the disk is zero beyond sqrt(1.5) * radius / 0.7 < 1.8 * radius.
-        half = int(math.ceil(1.8 * radius)) + 1
+    radius = params["radius"] * scale
+    mean_area = math.pi * radius**2 * (1 + params["irregularity"])
+    count = max(1, int(rng.poisson(params["coverage"] * size * size / mean_area)))
+    centres = _centres(rng, count, size, params["arrangement"])
+    aligned = params["arrangement"] == "aligned"
+    stream = rng.uniform(0, math.pi)
+    chromatin = (
+        1.0 - params["chromatin"] + 2 * params["chromatin"] * _smooth_noise(rng, size, max(2, size // 3))
+    )
+    for cx, cy in centres:
+        # Pleomorphism grows with irregularity: high-grade nuclei vary in size as well as in outline.
+        r = max(0.8, radius * rng.lognormal(0.0, 0.1 + 0.5 * params["irregularity"]))
+        elong = params["elongation"] * rng.uniform(0.85, 1.15)
+        theta = stream + rng.normal(0, 0.15) if aligned else rng.uniform(0, math.pi)
+        half = int(math.ceil(r * math.sqrt(elong) * 1.5)) + 1
         x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, size)
         y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, size)
-        dist = ((xx[y0:y1, x0:x1] - cx) / elong) ** 2 + ((yy[y0:y1, x0:x1] - cy) * elong) ** 2
-        disk = np.clip(1.5 - dist / radius**2, 0.0, 1.0)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        dx, dy = xx[y0:y1, x0:x1] - cx, yy[y0:y1, x0:x1] - cy
+        u = dx * math.cos(theta) + dy * math.sin(theta)
+        v = -dx * math.sin(theta) + dy * math.cos(theta)
+        rho = np.sqrt((u / math.sqrt(elong)) ** 2 + (v * math.sqrt(elong)) ** 2) / r
+        phi = np.arctan2(v, u)
+        k, phase = rng.uniform(-1, 1, 2), rng.uniform(0, 6.3, 2)
+        outline = 1 + params["irregularity"] * (
+            k[0] * np.cos(3 * phi + phase[0]) + k[1] * np.cos(5 * phi + phase[1])
+        )
+        disk = np.clip((outline - rho) * r + 0.5, 0.0, 1.0)  # soft edge about one pixel wide
         nuclei[y0:y1, x0:x1] = np.maximum(nuclei[y0:y1, x0:x1], disk)
-    noise = rng.normal(0.0, 0.03, (size, size)).astype(np.float32)
+    nuclei *= params["darkness"] * chromatin
+    noise = rng.normal(0.0, 0.04, (2, size, size)).astype(np.float32)
+    density = np.stack([nuclei + noise[0] * 0.3, stroma * (1 - 0.7 * np.clip(nuclei, 0, 1)) + noise[1] * 0.3])
+    density = np.clip(density, 0.0, None)  # [2, H, W]: nuclear stain, stroma stain
     if modality == "srh":
-        # CH2 (lipid-weighted) is bright in the background; CH3 (protein/nucleic) rises in nuclei.
-        ch2 = stain[0] * (background - 0.35 * params["darkness"] * nuclei + noise)
-        ch3 = stain[1] * (0.6 * background + 0.5 * params["darkness"] * nuclei + noise)
+        # CH2 (lipid-weighted) is bright in the stroma, dark in nuclei; CH3 (protein / nucleic acid) rises in both.
+        ch2 = stain[0, 0] * (0.55 + 0.5 * density[1] - 0.35 * density[0])
+        ch3 = stain[1, 1] * (0.35 + 0.25 * density[1] + 0.5 * density[0])
         image = np.stack([ch2, ch3], axis=-1)
         return np.clip(image * 30000.0, 0, 65535).astype(np.uint16)
-    pink = np.array([0.93, 0.62, 0.78], np.float32)
-    nucleus = (1 - params["hue"]) * np.array([0.45, 0.25, 0.6], np.float32) + params["hue"] * np.array(
-        [0.2, 0.15, 0.5], np.float32
-    )
-    tissue = background[..., None] * 1.6 * pink * stain
-    alpha = (params["darkness"] * nuclei)[..., None]
-    image = (1 - alpha) * tissue + alpha * nucleus + noise[..., None]
+    od = np.einsum("khw,kc->hwc", density, stain)
+    image = np.exp(-od) * params["brightness"]
     return np.clip(image * 255.0, 0, 255).astype(np.uint8)
 
 
@@ -142,17 +230,25 @@ def _rows(
         # Each patient has its own generator so the data does not depend on the split or the iteration order.
         rng = np.random.default_rng([seed, index])
         base = _class_params(patient["label"], len(class_names))
-        patient_params = {
-            "density": base["density"] * rng.uniform(0.85, 1.15),
-            "radius": base["radius"] * rng.uniform(0.9, 1.1),
-            "hue": float(np.clip(base["hue"] + rng.normal(0, 0.05), 0, 1)),
-            "darkness": base["darkness"],
-        }
+        # Patient-level shifts drawn from the same ranges for every class (so they blur, not carry, the class).
+        patient_params = dict(
+            base,
+            radius=base["radius"] * rng.uniform(0.85, 1.15),
+            coverage=rng.uniform(0.12, 0.3),
+            darkness=rng.uniform(0.55, 1.0),
+            stroma=rng.uniform(0.4, 1.0),
+            fibre_angle=rng.uniform(0, math.pi),
+            fibre_freq=rng.uniform(0.15, 0.6),
+        )
         for slide in range(patient["num_slides"]):
             slide_id = f"{patient['patient_id']}-S{slide + 1}"
-            # Slide-level variation: stain intensity / colour balance and a small density change.
-            stain = rng.uniform(0.9, 1.1, 3).astype(np.float32)
-            slide_params = dict(patient_params, density=patient_params["density"] * rng.uniform(0.9, 1.1))
+            # Slide-level variation: the stain (hue, saturation, strength), brightness, a small density change.
+            stain = _slide_stain(rng, modality)
+            slide_params = dict(
+                patient_params,
+                coverage=patient_params["coverage"] * rng.uniform(0.85, 1.15),
+                brightness=rng.uniform(0.85, 1.0),
+            )
             for patch in range(patches_per_slide):
                 row, col = divmod(patch, grid)
                 yield {

@@ -794,13 +794,48 @@ def test_build_demo_dataset_in_memory_has_hierarchy_and_patient_split():
     assert decode_image(train[0]["image"]).shape == (32, 32, 3)
 
 
-def test_demo_classes_differ_in_nuclear_density_and_are_reproducible():
+def _nuclear_shape_and_brightness(label: int, n: int = 12) -> tuple[float, float]:
+    """Mean boundary / area ratio of the nuclear mask and mean brightness of ``n`` patches of one class.
+
+    The stain and the patient-level numbers (coverage, darkness, stroma) are held fixed, as one slide would.
+    """
+    rng = np.random.default_rng(0)
+    stain = demo._slide_stain(np.random.default_rng(1), "he")
+    params = dict(
+        demo._class_params(label, 3),
+        coverage=0.2,
+        darkness=0.8,
+        stroma=0.7,
+        fibre_angle=0.3,
+        fibre_freq=0.3,
+        brightness=0.95,
+    )
+    ratios, brightness = [], []
+    for _ in range(n):
+        image = demo._render_patch(rng, 64, params, stain, "he").astype(np.float32) / 255
+        mask = -np.log(np.clip(image, 1e-3, 1)).sum(-1) > 1.2  # optical density: the nuclei
+        core = mask[1:-1, 1:-1]
+        inner = core & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+        ratios.append((core & ~inner).sum() / max(core.sum(), 1))
+        brightness.append(image.mean())
+    return float(np.mean(ratios)), float(np.mean(brightness))
+
+
+def test_demo_classes_differ_in_nuclear_morphology_not_brightness():
+    (small, light_0), (_, light_1), (large, light_2) = (_nuclear_shape_and_brightness(c) for c in range(3))
+    # Small round nuclei (normal) have far more boundary per nuclear pixel than large high-grade ones ...
+    assert small > 1.3 * large
+    # ... while the brightness of a slide barely depends on the class (coverage is drawn per patient).
+    assert max(light_0, light_1, light_2) - min(light_0, light_1, light_2) < 0.05
+
+
+def test_demo_stain_varies_per_slide_and_the_data_is_reproducible():
     ds = demo.build_demo_dataset(num_patients=6, patches_per_slide=4, patch_size=48, seed=5)["train"]
-    darkness = {}
+    colour = {}
     for row in ds:
-        darkness.setdefault(row["label"], []).append(255 - decode_image(row["image"]).mean())
-    means = [np.mean(darkness[c]) for c in range(3)]
-    assert means[0] < means[1] < means[2]  # denser, darker nuclei with the class index
+        colour.setdefault(row["slide_id"], []).append(decode_image(row["image"]).reshape(-1, 3).mean(0))
+    slide_means = np.stack([np.mean(v, 0) for v in colour.values()])
+    assert np.ptp(slide_means, axis=0).max() > 40  # slides differ in stain colour by tens of grey levels
     again = demo.build_demo_dataset(num_patients=6, patches_per_slide=4, patch_size=48, seed=5)["train"]
     np.testing.assert_array_equal(decode_image(again[5]["image"]), decode_image(ds[5]["image"]))
 
