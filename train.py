@@ -939,7 +939,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 7. Train (after a kNN baseline of the untrained model, when asked for).
     initial_eval: dict[str, float] = {}
-    if t.eval_before_training and val_ds is not None and state.step == 0:
+    if t.eval_before_training and t.eval_at_end and val_ds is not None and state.step == 0:
         accelerator.print("kNN evaluation before training (the same model, random-init vision tower):")
         initial_eval = _run_eval(
             accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file, quiet=True

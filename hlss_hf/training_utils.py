@@ -259,8 +259,8 @@ class TrainingConfig:
     eval_before_training: bool = field(
         default=False,
         metadata={
-            "help": "Also evaluate the untrained model (random-init vision tower) before the first step, and "
-            "print both results side by side at the end."
+            "help": "With eval_at_end, also evaluate the untrained model (random-init vision tower) before the "
+            "first step, and print both results side by side at the end."
         },
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Patches per forward pass in evaluation."})

