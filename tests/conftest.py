@@ -1,4 +1,5 @@
-"""Shared fixtures: ``local_hub``, a Hub-compatible server on 127.0.0.1 for the Hub round-trip tests."""
+"""Shared fixtures: ``local_hub``, a Hub-compatible server on 127.0.0.1 for the Hub round-trip tests, and
+``fresh_accelerate_state`` for in-process training runs."""
 
 from __future__ import annotations
 
@@ -24,3 +25,15 @@ def local_hub(tmp_path_factory):
     hub = LocalHub(tmp_path_factory.mktemp("hub")).start()
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator: forget the previous run's singleton state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
