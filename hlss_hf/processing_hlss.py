@@ -454,10 +454,7 @@ class HLSSImageProcessor(BaseImageProcessor):
             if do_resize:
                 pixels = self.resize(pixels, size, resample, antialias)
             if do_center_crop:
-                try:
-                    pixels = self.center_crop(pixels, crop_size)
-                except ValueError as err:
-                    raise ValueError(f"image {index}: {err}") from err
+                pixels = self._crop(pixels, crop_size, index)
             if outputs and pixels.shape[1:] != outputs[0].shape[1:]:
                 raise ValueError(
                     f"image {index}: processed size {tuple(pixels.shape[-2:])} differs from image 0's "
@@ -468,6 +465,13 @@ class HLSSImageProcessor(BaseImageProcessor):
         if do_normalize:
             pixel_values = self.normalize(pixel_values, image_mean, image_std)
         return self._wrap(pixel_values.contiguous(), return_tensors)
+
+    def _crop(self, pixels, crop_size: dict[str, int], index: int):
+        """:meth:`center_crop`, its error naming the image (the batch path names the first: all share a shape)."""
+        try:
+            return self.center_crop(pixels, crop_size)
+        except ValueError as err:
+            raise ValueError(f"image {index}: {err}") from err
 
     @staticmethod
     def _wrap(pixel_values: torch.Tensor, return_tensors) -> BatchFeature:
@@ -497,10 +501,7 @@ class HLSSImageProcessor(BaseImageProcessor):
         ``F.interpolate`` treats every image of a batch alone.
         """
         if do_center_crop and not do_resize:
-            try:
-                stacked = self.center_crop(stacked.transpose(0, 3, 1, 2), crop_size).transpose(0, 2, 3, 1)
-            except ValueError as err:
-                raise ValueError(f"image 0: {err}") from err
+            stacked = self._crop(stacked.transpose(0, 3, 1, 2), crop_size, 0).transpose(0, 2, 3, 1)
         resized = False
         if modality == "srh":
             pixels = srh_to_float(stacked)
@@ -516,10 +517,7 @@ class HLSSImageProcessor(BaseImageProcessor):
             if not resized:
                 pixels = self.resize(pixels, size, resample, antialias)
             if do_center_crop:
-                try:
-                    pixels = self.center_crop(pixels, crop_size)
-                except ValueError as err:
-                    raise ValueError(f"image 0: {err}") from err
+                pixels = self._crop(pixels, crop_size, 0)
             pixels = pixels.contiguous()
         return pixels
 
