@@ -40,7 +40,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -56,30 +55,38 @@ REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from hlss_hf.training_utils import (  # noqa: E402
-    ConfigError,
+from hlss_hf.harness import (  # noqa: E402
+    RESUMABLE_KEYS,
+    CheckpointError,
     JsonlWriter,
-    TrainConfig,
+    NonFiniteLossError,
     TrainState,
-    clean_temporary_checkpoints,
-    commit_checkpoint,
-    config_help,
-    flatten_config,
-    latest_checkpoint,
-    parse_config,
+    all_finite,
+    check_checkpoint,
+    describe_changes,
+    last_good_checkpoint,
+    load_checkpoint,
+    make_accelerator,
+    plan_output,
+    publish_output,
+    record_next_step,
     resolve_resume_path,
-    temporary_checkpoint_path,
+    resolve_trackers,
+    resume_changes,
+    save_checkpoint,
+    scheduler_steps,
+    set_peak_lr,
+    start_output,
     truncate_jsonl,
+    weights_finite,
+    write_files_atomically,
 )
+from hlss_hf.training_utils import ConfigError, TrainConfig, config_help, flatten_config, parse_config  # noqa: E402
 
 logger = logging.getLogger("hlss_hf.train")
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 LOSS_KEYS = ("loss", "hvc_loss", "alignment_loss")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a training step produces a NaN or infinite loss."""
 
 
 class TextTowerGuard:
@@ -504,23 +511,6 @@ def evaluate_knn(model, config: TrainConfig, train_ds, val_ds, image_processor) 
     return {f"eval/{key}": float(value) for key, value in metrics.items()}
 
 
-def save_checkpoint(accelerator, config: TrainConfig, step: int) -> Path:
-    """``save_state`` into ``step_N.tmp``, then rename to ``step_N`` and rotate (main process)."""
-    out = config.training.output_dir
-    tmp = temporary_checkpoint_path(out, step)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    final = tmp.with_name(tmp.name[: -len(".tmp")])
-    if accelerator.is_main_process:
-        final = commit_checkpoint(out, step, config.training.save_total_limit)
-    accelerator.wait_for_everyone()
-    return final
-
-
 FALLBACK_CARD = """---
 library_name: transformers
 pipeline_tag: image-feature-extraction
@@ -647,7 +637,9 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "model_name": model_name,
         "repo_id": repo_id,
         "hlss_hf_link": f"[`hlss_hf`]({t.project_url})" if t.project_url else "`hlss_hf`",
-        "dataset_link": f"[`{dataset_id}`]({hub_url(d.dataset, 'dataset')})" if is_hub_dataset else f"`{dataset_id}`",
+        "dataset_link": f"[`{dataset_id}`]({hub_url(d.dataset, 'dataset')})"
+        if is_hub_dataset
+        else f"`{dataset_id}`",
         "projection_dim": getattr(mc, "projection_dim", "n/a"),
         "num_patch_attributes": len(names.get("patch", [])),
         "num_slide_attributes": len(names.get("slide", [])),
@@ -742,16 +734,6 @@ def push_to_hub(config: TrainConfig) -> str:
 # Training
 
 
-def _trackers(report_to: str) -> list[str] | None:
-    if report_to == "none":
-        return None
-    if report_to == "auto":
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None
-    if report_to == "all":
-        return "all"
-    return [name.strip() for name in report_to.split(",") if name.strip()]
-
-
 def _to_float(value: Any) -> float:
     return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
 
@@ -778,6 +760,28 @@ def _loss_parts(outputs, accelerator=None) -> dict[str, float]:
     return {key: _to_float(value) for key, value in parts.items()}
 
 
+def plan_run(config: TrainConfig) -> tuple[Path, Path | None, dict]:
+    """Where this run writes, which checkpoint it resumes from and what settings it changes; nothing on disk yet.
+
+    A resumed run's checkpoint is checked before anything heavy happens: unsafe content, another number of
+    processes or a changed setting that cannot apply exactly stop the run here, naming each.
+    """
+    t = config.training
+    resume_path, applied = None, {}
+    if t.resume_from_checkpoint is not None:
+        resume_path = resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+        _, saved = check_checkpoint(resume_path)
+        applied, refused = resume_changes(saved, config.to_dict())
+        if refused:
+            raise CheckpointError(
+                f"resuming from {resume_path} with changed settings that would not apply exactly: "
+                f"{describe_changes(refused)}. Resume with the checkpoint's values, or start a new run; these may "
+                f"change on resume: {', '.join(sorted(RESUMABLE_KEYS))}"
+            )
+    run_dir = plan_output(t.output_dir, overwrite=t.overwrite_output_dir, resume=resume_path)
+    return run_dir, resume_path, applied
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run HLSS pretraining.
 
@@ -787,51 +791,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     Returns:
         `dict`: ``{"step", "epoch", "output_dir", "metrics", "stopped_early"}`` (for tests and notebooks).
     """
-    # 1. Parse and validate the config (before anything heavy happens).
+    # 1. Settings: the config, where the run writes, what it resumes (before anything heavy happens).
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(argv, default_config=DEFAULT_CONFIG)
     t, d = config.training, config.data
+    run_dir, resume_path, changed = plan_run(config)
+    out = Path(t.output_dir)
 
     # 2. Accelerator, logging, seed.
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # accelerate runs several processes on CPU (gloo) only when told `cpu=True`.
-    use_cpu = t.cpu or (world > 1 and not torch.cuda.is_available())
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
-        log_with=_trackers(t.report_to),
-        project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=t.output_dir),
-        cpu=use_cpu,
+        report_to=t.report_to,
+        project_dir=run_dir,
+        cpu=t.cpu,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(t.seed)
-    out = Path(t.output_dir)
-    previous = [
-        out / name for name in ("checkpoints", "metrics.jsonl", "model.safetensors") if (out / name).exists()
-    ]
-    if previous and t.resume_from_checkpoint is None and not t.overwrite_output_dir:
-        # A fresh run would mix its metrics and checkpoint rotation with the earlier run's.
-        raise ConfigError(
-            f"config key 'training.output_dir': {out} already holds a run ({', '.join(p.name for p in previous)}); "
-            "pass --resume_from_checkpoint latest, --training.overwrite_output_dir true, or another output_dir"
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_temporary_checkpoints(out)
-        if t.resume_from_checkpoint is None:
-            for path in previous:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-    accelerator.wait_for_everyone()
 
     # 3. Data (the main process first: it builds / downloads, the others read its cache).
     with accelerator.main_process_first():
@@ -851,16 +832,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     guard = TextTowerGuard()
     model.text_model.register_forward_pre_hook(guard)
     optimizer = torch.optim.AdamW(
-        optimizer_groups(model, t),
-        lr=t.lr,
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_epsilon,
+        optimizer_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
     )
     W = accelerator.num_processes
     if d.streaming:
-        batches_per_epoch = None
-        max_steps = t.max_steps
-        num_epochs = 1
+        batches_per_epoch, max_steps, num_epochs = None, t.max_steps, 1
     else:
         # Per-process batches per epoch after sharding (the sampler makes it exact; a kept partial batch
         # is padded to every process by accelerate).
@@ -870,12 +846,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_epochs = math.ceil(max_steps / steps_per_epoch)
     schedule_steps = schedule_length(t, max_steps, steps_per_epoch if batches_per_epoch else None)
     warmup_steps = int(round(t.warmup_ratio * schedule_steps))
-    # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
     scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * W, num_training_steps=schedule_steps * W
+        t.lr_scheduler,
+        optimizer,
+        num_warmup_steps=scheduler_steps(accelerator, warmup_steps),
+        num_training_steps=scheduler_steps(accelerator, schedule_steps),
     )
 
-    # 5. Prepare.
+    # 5. Prepare, then resume (weights, optimizer, scheduler, RNG; counters from JSON).
     if d.streaming:
         # The streaming dataset shards patients over processes itself: accelerate must not shard it again.
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -883,10 +861,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, optimizer, train_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, scheduler
         )
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
     unwrapped = accelerator.unwrap_model(model)
+    state = TrainState(num_processes=W)
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        state, _ = load_checkpoint(accelerator, resume_path)
+        if state.step >= max_steps:
+            raise ConfigError(
+                f"config key 'training.max_steps': the run ends at step {max_steps}, and checkpoint {resume_path} "
+                f"is at step {state.step}; raise training.max_steps / num_epochs to train further"
+            )
+        if "training.lr" in changed:
+            set_peak_lr(optimizer, scheduler, t.lr)
+        if changed:
+            accelerator.print(
+                f"Changed on resume (applied from step {state.step + 1}): {describe_changes(changed)}"
+            )
+        if batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
+    # The config and data are valid and the model is built: only now does the run touch its folder.
+    if accelerator.is_main_process:
+        start_output(run_dir, out, resume=resume_path is not None)
+        if resume_path is not None:
+            truncate_jsonl(run_dir / "metrics.jsonl", state.step)
+    accelerator.wait_for_everyone()
     S, P, V, B, GA = (
         d.num_slides,
         d.num_patches,
@@ -894,50 +893,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t.per_device_batch_size,
         t.gradient_accumulation_steps,
     )
-    images_per_device = B * S * P * V
-    images_per_step = images_per_device * W * GA
-    batch_shape = f"[B={B}, S={S}, P={P}, V={V}, C=3, H={d.crop_size}, W={d.crop_size}]"
-
-    # 6. Resume.
-    if t.resume_from_checkpoint is not None:
-        path = resolve_resume_path(t.resume_from_checkpoint, out)
-        accelerator.print(f"Resuming from {path}")
-        accelerator.load_state(str(path))
-        if batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        if accelerator.is_main_process:
-            truncate_jsonl(out / "metrics.jsonl", state.step)
-
+    images_per_step = B * S * P * V * W * GA
     if accelerator.is_main_process:
         n_patients = len(train_dataset) if not d.streaming else "streaming"
-        lines = [
-            "***** Running HLSS training *****",
-            f"  device: {accelerator.device} | processes: {W} | distributed: {accelerator.distributed_type}"
-            f" | mixed precision: {accelerator.mixed_precision}",
-            f"  data: {d.dataset} ({modality}) | train patients: {n_patients} | validation patches: "
-            f"{len(val_ds) if val_ds is not None else 0}",
-            f"  per-device batch {batch_shape} = {images_per_device} images",
-            f"  global batch: {B} x {W} processes x {GA} accumulation = {B * W * GA} patients = "
-            f"{images_per_step} images per optimizer step",
-            f"  optimizer steps: {max_steps} (warm-up {warmup_steps}, {t.lr_scheduler}, lr {t.lr}"
-            + (f", schedule over {schedule_steps} steps" if schedule_steps != max_steps else "")
-            + ")"
-            + (
-                f" | epochs: {num_epochs}, {batches_per_epoch} batches per process per epoch"
-                if batches_per_epoch
-                else ""
-            )
-            + (f" | starting at step {state.step}" if state.step else ""),
-            f"  output: {out}",
-        ]
-        print("\n".join(lines), flush=True)
-
-    trackers = _trackers(t.report_to)
-    if trackers:
+        print(
+            "\n".join(
+                [
+                    "***** Running HLSS training *****",
+                    f"  device: {accelerator.device} | processes: {W} | distributed: {accelerator.distributed_type}"
+                    f" | mixed precision: {accelerator.mixed_precision}",
+                    f"  data: {d.dataset} ({modality}) | train patients: {n_patients} | validation patches: "
+                    f"{len(val_ds) if val_ds is not None else 0}",
+                    f"  per-device batch [B={B}, S={S}, P={P}, V={V}, C=3, H={d.crop_size}, W={d.crop_size}] = "
+                    f"{B * S * P * V} images",
+                    f"  global batch: {B} x {W} processes x {GA} accumulation = {B * W * GA} patients = "
+                    f"{images_per_step} images per optimizer step",
+                    f"  optimizer steps: {max_steps} (warm-up {warmup_steps}, {t.lr_scheduler}, lr {t.lr}"
+                    + (f", schedule over {schedule_steps} steps" if schedule_steps != max_steps else "")
+                    + ")"
+                    + (
+                        f" | epochs: {num_epochs}, {batches_per_epoch} batches per process per epoch"
+                        if batches_per_epoch
+                        else ""
+                    )
+                    + (f" | starting at step {state.step}" if state.step else ""),
+                    f"  output: {out}"
+                    + (f" (written to {run_dir} until the run has finished)" if run_dir != out else ""),
+                ]
+            ),
+            flush=True,
+        )
+    if resolve_trackers(t.report_to):
         accelerator.init_trackers(t.project_name, config=flatten_config(config))
-    metrics_file = JsonlWriter(out / "metrics.jsonl") if accelerator.is_main_process else None
+    metrics_file = JsonlWriter(run_dir / "metrics.jsonl") if accelerator.is_main_process else None
+    if metrics_file is not None and changed:
+        metrics_file.write({"step": state.step, "resumed_with": {k: list(v) for k, v in changed.items()}})
 
-    # 7. Train (after a kNN baseline of the untrained model, when asked for).
+    # 6. Train (after a kNN baseline of the untrained model, when asked for).
     initial_eval: dict[str, float] = {}
     if t.eval_before_training and t.eval_at_end and val_ds is not None and state.step == 0:
         accelerator.print("kNN evaluation before training (the same model, random-init vision tower):")
@@ -956,6 +948,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     last_eval: dict[str, float] = {}
     stopped_early = False
+    unchecked = resume_path  # the newest checkpoint whose next step has not run yet
     sums: dict[str, float] = {}
     micro = 0
     tic = time.perf_counter()
@@ -970,25 +963,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if state.batch_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
         for batch in loader:
-            pixel_values = batch["pixel_values"]
             with accelerator.accumulate(model):
                 guard.active = True
-                outputs = model(pixel_values=pixel_values, return_loss=True)
-                loss = outputs.loss
-                # Every process stops together when any one sees a non-finite loss.
-                bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-                if W > 1:
-                    bad = accelerator.reduce(bad, reduction="max")
-                if bad.item() > 0:
+                outputs = model(pixel_values=batch["pixel_values"], return_loss=True)
+                if not all_finite(outputs.loss, accelerator):  # every process stops together
                     guard.active = False
-                    parts = _loss_parts(outputs)
-                    last = latest_checkpoint(out)
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {state.step + 1} (epoch {state.epoch}): "
-                        + ", ".join(f"{k}={v}" for k, v in parts.items())
-                        + f". Last good checkpoint: {last if last is not None else 'none'}."
-                    )
-                accelerator.backward(loss)
+                    raise non_finite_error(outputs, state, run_dir, unchecked, accelerator)
+                accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
@@ -1005,6 +986,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # One optimizer step done.
             state.step += 1
             progress.update(1)
+            if unchecked is not None and accelerator.is_main_process:
+                record_next_step(unchecked, finite=True)
+            unchecked = None
             if state.step % t.logging_steps == 0 or state.step == max_steps:
                 elapsed = time.perf_counter() - tic
                 record = {k: v / micro for k, v in sums.items()}
@@ -1031,7 +1015,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 tic = time.perf_counter()
             stop_here = run_limit is not None and state.step >= run_limit and state.step < max_steps
             if (t.save_steps and state.step % t.save_steps == 0) or stop_here:
-                save_checkpoint(accelerator, config, state.step)
+                unchecked = save_checkpoint(
+                    accelerator,
+                    run_dir,
+                    state,
+                    config.to_dict(),
+                    keep=t.save_total_limit,
+                    finite_weights=weights_finite(unwrapped),
+                )
                 tic = time.perf_counter()
             if stop_here:
                 stopped_early = True
@@ -1050,7 +1041,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     progress.close()
 
-    # 8. Finish: evaluate, save, card, push.
+    # 7. Finish: evaluate, save beside, swap in, push.
     if stopped_early:
         accelerator.print(
             f"Stopped after step {state.step} (training.max_steps_this_run); continue with "
@@ -1069,17 +1060,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 metrics_file,
                 quiet=True,
             )
-        accelerator.wait_for_everyone()
+        # Every process takes part: with FSDP / DeepSpeed the full weights exist only once gathered.
+        state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            from hlss_hf.pipeline_hlss import add_pipelines_to_folder
-
-            index = getattr(train_dataset, "index", None)
-            if index is not None:  # the class names travel with the model (fine-tuning, AutoPeftModel)
-                unwrapped.config.id2label = dict(enumerate(index.class_names))
-                unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
-            unwrapped.save_pretrained(out)
-            processor.save_pretrained(out)
-            add_pipelines_to_folder(out)  # the SRH-aware pipelines, also as remote code
             card_context = {
                 "model": unwrapped,
                 "train_dataset": train_dataset,
@@ -1090,18 +1073,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "argv": argv,
                 "mixed_precision": accelerator.mixed_precision,
             }
-            card = render_model_card(config, state, last_eval, card_context)
-            (out / "README.md").write_text(card, encoding="utf-8")
-            with open(out / "train_config.yaml", "w", encoding="utf-8") as f:
-                yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+            save_final_model(
+                run_dir,
+                config,
+                unwrapped,
+                state_dict,
+                processor,
+                train_dataset,
+                state,
+                last_eval,
+                card_context,
+            )
+            metrics_file.close()
+            metrics_file = None
+            publish_output(run_dir, out)
             print(f"Saved the model to {out}", flush=True)
             if last_eval:
                 print(format_knn(last_eval, t), flush=True)
             if last_eval and initial_eval:
                 print(format_knn_change(initial_eval, last_eval), flush=True)
             if t.push_to_hub:
-                url = push_to_hub(config)
-                print(f"Pushed to {url}", flush=True)
+                print(f"Pushed to {push_to_hub(config)}", flush=True)
         accelerator.wait_for_everyone()
     if metrics_file is not None:
         metrics_file.close()
@@ -1110,10 +1102,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step": state.step,
         "epoch": state.epoch,
         "output_dir": str(out),
+        "run_dir": str(run_dir),
         "metrics": last_eval,
         "stopped_early": stopped_early,
         "text_tower_calls_during_training": guard.calls,
     }
+
+
+def non_finite_error(outputs, state: TrainState, run_dir: Path, unchecked: Path | None, accelerator):
+    """The error for a non-finite loss at the next step, naming the checkpoint to go back to.
+
+    The checkpoint written right before this step is not good (its next step is this one), so it is marked; the
+    good one is the newest with finite weights whose next step's loss was finite.
+    """
+    if unchecked is not None and accelerator.is_main_process:
+        record_next_step(unchecked, finite=False)
+    accelerator.wait_for_everyone()
+    parts = ", ".join(f"{k}={v}" for k, v in _loss_parts(outputs).items())
+    good = last_good_checkpoint(run_dir)
+    if good is None:
+        advice = (
+            "No checkpoint is known to be good: start again with a lower training.lr (or save more often)."
+        )
+    else:
+        advice = (
+            f"Last good checkpoint: {good} (finite weights, finite loss at the step after it). Continue with "
+            f"--training.resume_from_checkpoint {good} --training.lr <lower> (lr may change on resume)."
+        )
+    return NonFiniteLossError(
+        f"non-finite loss at step {state.step + 1} (epoch {state.epoch}): {parts}. {advice}"
+    )
+
+
+def save_final_model(
+    run_dir, config, unwrapped, state_dict, processor, train_dataset, state, metrics, card_context
+):
+    """Model, processor, pipelines, card and settings, written beside and moved into ``run_dir`` (main process)."""
+    from hlss_hf.pipeline_hlss import add_pipelines_to_folder
+
+    index = getattr(train_dataset, "index", None)
+    if index is not None:  # the class names travel with the model (fine-tuning, AutoPeftModel)
+        unwrapped.config.id2label = dict(enumerate(index.class_names))
+        unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
+
+    def write(folder: Path) -> None:
+        unwrapped.save_pretrained(folder, state_dict=state_dict)
+        processor.save_pretrained(folder)
+        add_pipelines_to_folder(folder)  # the SRH-aware pipelines, also as remote code
+        card = render_model_card(config, state, metrics, card_context)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+    write_files_atomically(run_dir, write)
 
 
 def _stream_batches(loader, dataset, skip: int, device):
@@ -1191,7 +1232,7 @@ def cli() -> None:
         return
     debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]
-    with exit_on_error(debug, user_errors=(ConfigError, NonFiniteLossError)):
+    with exit_on_error(debug, user_errors=(ConfigError, CheckpointError, NonFiniteLossError)):
         output_dir = parse_config(argv, default_config=DEFAULT_CONFIG).training.output_dir
         cleanup = remove_new_empty_folder(output_dir)
         try:

@@ -1,0 +1,611 @@
+"""The run harness that ``train.py`` and ``finetune.py`` share: the accelerator, the output folder, checkpoints,
+resume and the non-finite guard.
+
+Three promises, each kept here once for both scripts:
+
+- **Outputs are never lost.** A run that replaces an earlier one in ``output_dir`` works in the sibling folder
+  ``<output_dir>.incoming`` and swaps it in only when it has finished (:func:`plan_output`,
+  :func:`publish_output`); until then the earlier run's model, metrics and checkpoints stay as they were, and a
+  failed run leaves them untouched.
+- **Resume runs no code from the checkpoint folder.** Checkpoints hold safetensors weights, the optimizer /
+  scheduler / RNG states that Accelerate reads with ``torch.load(weights_only=True)``, and the run's counters
+  and settings as JSON (:func:`save_checkpoint`). A folder with pickled custom state (``custom_checkpoint_*.pkl``,
+  written by ``accelerator.register_for_checkpointing``) is refused, never unpickled.
+- **A resumed run does what its settings say.** Settings that can change on resume (:data:`RESUMABLE_KEYS`) are
+  applied and recorded; any other change stops the run naming each changed key (:func:`resume_changes`).
+
+Example:
+
+```python
+>>> from hlss_hf.harness import plan_output
+>>> plan_output("outputs/new-run", overwrite=False, resume=None)  # doctest: +SKIP
+PosixPath('outputs/new-run')
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "train_config.json"
+HEALTH_FILE = "health.json"
+STAGING_SUFFIX = ".incoming"
+_TMP_SUFFIX = ".tmp"
+# What marks a folder as holding a training run (train.py) that a new run must not silently replace.
+RUN_MARKERS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "model.safetensors",
+    "adapter",
+    "merged",
+    "finetune_report.json",
+)
+
+# Settings a resumed run may change: they touch neither the weights' past nor the batches still to come.
+# `training.lr` is applied exactly (the schedule keeps its shape, scaled to the new peak); `training.max_steps` /
+# `num_epochs` change the run's length (the LR schedule follows the new length unless training.schedule_steps or
+# schedule_epochs fix it).
+RESUMABLE_KEYS = frozenset(
+    {
+        "training.output_dir",
+        "training.overwrite_output_dir",
+        "training.resume_from_checkpoint",
+        "training.max_steps",
+        "training.num_epochs",
+        "training.max_steps_this_run",
+        "training.lr",
+        "training.max_grad_norm",
+        "training.mixed_precision",
+        "training.cpu",
+        "training.logging_steps",
+        "training.save_steps",
+        "training.save_total_limit",
+        "training.eval_steps",
+        "training.eval_at_end",
+        "training.eval_before_training",
+        "training.eval_batch_size",
+        "training.knn_k",
+        "training.knn_temperature",
+        "training.knn_aggregation",
+        "training.report_to",
+        "training.project_name",
+        "training.push_to_hub",
+        "training.hub_private",
+        "training.model_license",
+        "training.project_url",
+        "data.num_workers",
+        "data.validation_split",
+        "data.eval_resize",
+        "data.eval_framing",
+    }
+)
+
+
+# Keys that say how one invocation runs, not what the run is: never reported as changed.
+INVOCATION_KEYS = frozenset(
+    {"training.resume_from_checkpoint", "training.max_steps_this_run", "training.overwrite_output_dir"}
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a NaN or infinite loss (on any process)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed (unsafe content, another run's settings); the message names the item."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accelerator
+
+
+def resolve_trackers(report_to: str) -> list[str] | str | None:
+    """``report_to`` as Accelerate's ``log_with``: `none`, `all`, a comma-separated list, or `auto` (TensorBoard
+    when it is installed, else nothing)."""
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None
+    if report_to == "all":
+        return "all"
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+def make_accelerator(
+    *,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str | None = None,
+    report_to: str = "auto",
+    project_dir: str | os.PathLike | None = None,
+    cpu: bool = False,
+):
+    """The ``Accelerator`` of a run.
+
+    Several processes on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N`` on CPU) run
+    with gloo, which Accelerate does only when told ``cpu=True``; the launcher's own ``--cpu`` cannot be combined
+    with ``--multi_gpu``, so the rule lives here.
+
+    Args:
+        gradient_accumulation_steps (`int`): micro-batches per optimizer step.
+        mixed_precision (`str`, *optional*): `no`, `fp16`, `bf16`; `None`: the launcher's / accelerate config's.
+        report_to (`str`): trackers, see :func:`resolve_trackers`.
+        project_dir (`str`, *optional*): where trackers write their logs.
+        cpu (`bool`): run on CPU even when an accelerator is present.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    project = None
+    if project_dir is not None:
+        project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
+    return Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=resolve_trackers(report_to),
+        project_config=project,
+        cpu=cpu or (world > 1 and not torch.cuda.is_available()),
+    )
+
+
+def scheduler_steps(accelerator, steps: int) -> int:
+    """Scheduler steps for ``steps`` optimizer steps: a prepared scheduler steps once per process per optimizer
+    step (Accelerate's convention), so warm-up and length scale with the number of processes."""
+    return steps * accelerator.num_processes
+
+
+def all_finite(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process (each process learns the same answer, so all stop together:
+    a process that stopped alone would leave the others waiting in the next collective)."""
+    bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="max")
+    return bad.item() == 0
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable parameter of ``model`` is finite (checked before a checkpoint is called good)."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def set_peak_lr(optimizer, scheduler, lr: float) -> None:
+    """Apply a new peak learning rate to a resumed run: the schedule keeps its shape and position.
+
+    ``load_state`` restores the optimizer's and the scheduler's base learning rates from the checkpoint, so a
+    changed ``training.lr`` must be set on both, then the current step's value recomputed from the schedule.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [lr for _ in inner.base_lrs]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if lambdas is None:
+        raise CheckpointError(
+            f"training.lr: cannot re-scale a {type(inner).__name__} schedule on resume; keep the checkpoint's lr"
+        )
+    values = [lr * fn(inner.last_epoch) for fn in lambdas]
+    for group, value in zip(optimizer.param_groups, values, strict=True):
+        group["lr"] = value
+    inner._last_lr = values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders: build beside, swap at the end
+
+
+def staging_dir(output_dir: str | os.PathLike) -> Path:
+    """Where a run that replaces an earlier run in ``output_dir`` works until it finishes."""
+    out = Path(output_dir)
+    return out.with_name(out.name + STAGING_SUFFIX)
+
+
+def earlier_run(output_dir: str | os.PathLike, markers: tuple[str, ...] = RUN_MARKERS) -> list[str]:
+    """Names in ``output_dir`` that show it holds an earlier run (empty: nothing to protect)."""
+    out = Path(output_dir)
+    return [name for name in markers if (out / name).exists()]
+
+
+def plan_output(
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool,
+    resume: str | os.PathLike | None,
+    markers: tuple[str, ...] = RUN_MARKERS,
+    key: str = "training.output_dir",
+) -> Path:
+    """The folder this run writes to; changes nothing on disk.
+
+    - A new run in a folder without an earlier run writes there.
+    - A new run in a folder with an earlier run needs ``overwrite``; it then writes to :func:`staging_dir` and
+      :func:`publish_output` swaps that in when the run has finished.
+    - A resumed run continues in the folder that holds its checkpoint (the staging folder of an unfinished
+      replacing run, or ``output_dir``).
+
+    Raises:
+        ConfigError: an earlier run is present and ``overwrite`` is false (the message names what is there).
+    """
+    from hlss_hf.training_utils import ConfigError
+
+    out = Path(output_dir)
+    staging = staging_dir(out)
+    if resume is not None:
+        resume = Path(resume).absolute()
+        return staging if staging.absolute() in resume.parents else out
+    found = earlier_run(out, markers)
+    if not found:
+        return out
+    if not overwrite:
+        raise ConfigError(
+            f"config key '{key}': {out} already holds a run ({', '.join(found)}); pass "
+            "--training.resume_from_checkpoint latest to continue it, --training.overwrite_output_dir true to "
+            "replace it once the new run has finished, or another output_dir"
+        )
+    return staging
+
+
+def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, resume: bool) -> None:
+    """Create the run folder (main process, after the config and data were validated).
+
+    A new run in the staging folder starts from an empty one: what an earlier unfinished replacing run left there
+    is this run's to discard (the user asked to overwrite).
+    """
+    run_dir = Path(run_dir)
+    if not resume and run_dir == staging_dir(output_dir) and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_temporary_checkpoints(run_dir)
+
+
+def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Swap a finished staging folder into ``output_dir``; the earlier run is deleted only once the new one is in
+    place (a crash between the two renames leaves both folders, never neither)."""
+    run_dir, out = Path(run_dir), Path(output_dir)
+    if run_dir == out:
+        return out
+    old = out.with_name(out.name + ".replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(run_dir, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def write_files_atomically(folder: str | os.PathLike, write) -> None:
+    """Call ``write(tmp)`` to write files into a temporary folder inside ``folder``, then move each file into
+    ``folder`` (replacing same-named files): a crash while writing leaves the earlier files whole."""
+    folder = Path(folder)
+    tmp = folder / f".write{_TMP_SUFFIX}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        for path in sorted(tmp.rglob("*")):
+            target = folder / path.relative_to(tmp)
+            if path.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: <run>/checkpoints/step_N, written as step_N.tmp and renamed when complete
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters saved with every checkpoint (as JSON).
+
+    Attributes:
+        step (`int`): optimizer steps done.
+        epoch (`int`): current epoch.
+        batch_in_epoch (`int`): micro-batches of the current epoch already consumed (per process).
+        num_processes (`int`): processes of the run (the global batch depends on it).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    num_processes: int = 1
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    """The folder that holds a run's checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (``step_N`` folders, never ``.tmp``), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_health(path: str | os.PathLike) -> dict[str, bool]:
+    """``{"weights_finite": ..., "next_step_finite": ...}`` of a checkpoint (keys absent while unknown)."""
+    file = Path(path) / HEALTH_FILE
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def record_next_step(path: str | os.PathLike, finite: bool) -> None:
+    """Record whether the step after checkpoint ``path`` had a finite loss (main process)."""
+    health = checkpoint_health(path)
+    health["next_step_finite"] = finite
+    _write_json(Path(path) / HEALTH_FILE, health)
+
+
+def is_good(path: str | os.PathLike) -> bool:
+    """A checkpoint is good when its weights are finite and the loss of the step after it was finite."""
+    health = checkpoint_health(path)
+    return bool(health.get("weights_finite")) and bool(health.get("next_step_finite"))
+
+
+def last_good_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint known to be good (:func:`is_good`), or None."""
+    return next((path for path in reversed(list_checkpoints(run_dir)) if is_good(path)), None)
+
+
+def resolve_resume_path(spec: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Turn ``latest`` or a folder into the checkpoint to load.
+
+    ``latest`` is the newest checkpoint of an unfinished replacing run (``<output_dir>.incoming``) if there is
+    one, else of ``output_dir``; a checkpoint whose next step had a non-finite loss is skipped.
+    """
+    if str(spec) != "latest":
+        path = Path(spec)
+        if not path.is_dir():
+            raise CheckpointError(
+                f"config key 'training.resume_from_checkpoint': {spec} is not a checkpoint folder"
+            )
+        return path
+    for run_dir in (staging_dir(output_dir), Path(output_dir)):
+        candidates = list_checkpoints(run_dir)
+        for path in reversed(candidates):
+            if checkpoint_health(path).get("next_step_finite") is False:
+                logger.warning("skipping %s: the step after it had a non-finite loss", path)
+                continue
+            return path
+    raise CheckpointError(
+        f"config key 'training.resume_from_checkpoint': latest: no usable checkpoint in {checkpoint_dir(output_dir)}"
+    )
+
+
+def clean_temporary_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Remove leftovers of interrupted checkpoint writes (``*.tmp``)."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for path in root.glob(f"{CHECKPOINT_PREFIX}*{_TMP_SUFFIX}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _rotate(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints, and the newest good one even when it is older (a run that turns
+    non-finite then still has a checkpoint to go back to)."""
+    checkpoints = list_checkpoints(run_dir)
+    good = last_good_checkpoint(run_dir)
+    for stale in checkpoints[:-keep]:
+        if stale != good:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(
+    accelerator,
+    run_dir: str | os.PathLike,
+    state: TrainState,
+    config: dict[str, Any],
+    *,
+    keep: int,
+    finite_weights: bool,
+) -> Path:
+    """Write ``step_N``: Accelerate's ``save_state`` (safetensors weights, optimizer, scheduler, RNG) plus the
+    counters, the settings and the weights' health as JSON; written as ``step_N.tmp`` and renamed when every
+    process has finished. All processes call it.
+    """
+    root = checkpoint_dir(run_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    tmp = final.with_name(final.name + _TMP_SUFFIX)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(tmp / STATE_FILE, dataclasses.asdict(state))
+        _write_json(tmp / CONFIG_FILE, config)
+        _write_json(tmp / HEALTH_FILE, {"weights_finite": finite_weights})
+        if final.exists():  # re-saving a step after a resume: keep the old copy until the new one is in place
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _rotate(Path(run_dir), keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_checkpoint(path: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
+    """Read a checkpoint's counters and settings (JSON) and refuse anything that would have to be unpickled.
+
+    Accelerate reads the weights from safetensors and the optimizer, scheduler and RNG states with
+    ``torch.load(weights_only=True)``, which builds tensors and plain containers only; pickled custom state
+    (``custom_checkpoint_*.pkl``) it would load with ``weights_only=False``, so such a folder is refused here.
+
+    Raises:
+        CheckpointError: naming the file.
+    """
+    path = Path(path)
+    pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise CheckpointError(
+            f"checkpoint {path} holds pickled state ({', '.join(pickled)}) that could run code when loaded; "
+            "hlss_hf checkpoints keep their state as JSON, so this folder was written by something else "
+            "(or an older hlss_hf) and is not loaded"
+        )
+    missing = [name for name in (STATE_FILE, CONFIG_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {' or '.join(missing)}: not a complete hlss_hf checkpoint"
+        )
+    try:
+        values = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        state = TrainState(**{f.name: int(values[f.name]) for f in dataclasses.fields(TrainState)})
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} / {CONFIG_FILE} ({err})") from err
+    _check_rng_states(path)
+    return state, config
+
+
+def _check_rng_states(path: Path) -> None:
+    """Accelerate ignores RNG states it cannot read (a resumed run would then silently differ): read them here
+    the same safe way first, so a bad file stops the resume instead."""
+    from accelerate.utils import load
+
+    for file in sorted(path.glob("random_states_*.pkl")):
+        try:
+            load(file)
+        except Exception as err:  # noqa: BLE001 - any failure to read safely means: do not resume from this
+            raise CheckpointError(
+                f"checkpoint {path}: {file.name} is not a plain RNG state ({type(err).__name__}); not loaded"
+            ) from err
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
+    """:func:`check_checkpoint`, then Accelerate's ``load_state`` (weights, optimizer, scheduler, RNG).
+
+    Returns:
+        (`TrainState`, `dict`): the counters and the nested settings the checkpoint was written with.
+    """
+    state, config = check_checkpoint(path)
+    if state.num_processes != accelerator.num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {state.num_processes} process(es) and this run has "
+            f"{accelerator.num_processes}: the global batch would change; resume with "
+            f"`accelerate launch --num_processes {state.num_processes}`"
+        )
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as err:  # weights_only refused a global: something other than plain state
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"checkpoint {path}: a state file holds more than tensors ({first}); not loaded"
+        ) from err
+    return state, config
+
+
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"section.key": value}`` of a nested settings dict."""
+    flat = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value
+        else:
+            flat[section] = values
+    return flat
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[dict, dict]:
+    """Split the settings that differ between a checkpoint and this run into those a resume applies
+    (:data:`RESUMABLE_KEYS`) and those it cannot (anything that shaped the weights or the batches still to come).
+
+    Returns:
+        (`dict`, `dict`): ``{"section.key": (old, new)}`` applied, and the same for refused.
+    """
+    old, new = flatten(saved), flatten(current)
+    applied, refused = {}, {}
+    for key in sorted(set(old) | set(new)):
+        if key not in INVOCATION_KEYS and old.get(key) != new.get(key):
+            (applied if key in RESUMABLE_KEYS else refused)[key] = (old.get(key), new.get(key))
+    return applied, refused
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``training.lr 0.001 -> 0.5, ...``"""
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+class JsonlWriter:
+    """Append one JSON object per line to a metrics file (flushed per line, so a crash loses nothing logged)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics file. A torn last line (disk full, power loss) is dropped with a warning; a
+    malformed line elsewhere is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                logger.warning("%s: dropping the torn last line %d (%s)", path, number, err.msg)
+                continue
+            raise CheckpointError(f"{path}, line {number}: not JSON ({err.msg})") from err
+    return records
+
+
+def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
+    """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= max_step]
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
