@@ -285,3 +285,98 @@ def adapter_labels(adapter: str | Path, **hub_kwargs) -> dict:
         "id2label": id2label,
         "label2id": {name: i for i, name in id2label.items()},
     }
+
+
+def finetune_card(
+    *,
+    kind: str,
+    base_model: str,
+    dataset: str,
+    names: Sequence[str],
+    lora: dict,
+    training: dict,
+    metrics: dict | None,
+    eval_split: str | None,
+    command: str,
+    license: str = "other",
+    project_url: str | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """The model card (README.md) of a fine-tuned adapter (`kind="adapter"`) or of the merged model (`"merged"`).
+
+    Filled from the run: base model, data, classes, LoRA settings, training settings, the evaluation at patch /
+    slide / patient level, how to load it, and the command that made it. Replaces PEFT's empty template.
+
+    Args:
+        kind (`str`): `adapter` or `merged`.
+        base_model (`str`): the HLSS model fine-tuned (a Hub id is linked as `base_model`).
+        dataset (`str`): the dataset (a Hub id is linked as `datasets`).
+        names (`Sequence[str]`): class names in classifier order.
+        lora (`dict`): `r`, `alpha`, `dropout`, `target_modules`.
+        training (`dict`): settings shown in the card (steps, lr, batch, ...).
+        metrics (`dict`, *optional*): `{level}/{metric}` of the last evaluation.
+        eval_split (`str`, *optional*): the split evaluated.
+        command (`str`): the command line of the run.
+        license (`str`), project_url (`str`, *optional*): the licence fields (see `publishing.license_metadata`).
+        repo_id (`str`, *optional*): where the folder is published (the loading example uses it).
+    """
+    from hlss_hf.publishing import license_metadata, looks_local
+
+    front = ["---", license_metadata(license, project_url).rstrip("\n")]
+    front.append("library_name: peft" if kind == "adapter" else "library_name: transformers")
+    front.append("pipeline_tag: image-classification")
+    if not looks_local(base_model):
+        front += ["base_model:", f"- {base_model}"]
+    if not looks_local(dataset):
+        front += ["datasets:", f"- {dataset}"]
+    front += ["tags: [hlss, histopathology, lora, image-classification]", "---", ""]
+    where = repo_id or ("path/to/" + kind)
+    title = "LoRA adapter" if kind == "adapter" else "LoRA fine-tuned model (merged)"
+    lines = [
+        f"# HLSS {title}: {len(names)}-class patch classifier",
+        "",
+        f"Fine-tuned from the HLSS encoder `{base_model}` on `{dataset}` with LoRA (PEFT): adapters in the vision "
+        "tower and a new linear classifier; the text tower and the language-tied heads are not used.",
+        "",
+        f"Classes (classifier order): {', '.join(f'`{n}`' for n in names)}.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    levels = [lvl for lvl in ("patch", "slide", "patient") if metrics and f"{lvl}/acc" in metrics]
+    if levels:
+        keys = sorted({key.split("/")[1] for key in metrics if "/" in key and key.split("/")[0] in levels})
+        lines += [
+            f"On the `{eval_split}` split; slide and patient scores are the patches' softmax scores summed.",
+            "",
+            "| Level | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
+        for level in levels:
+            cells = [f"{metrics[f'{level}/{k}']:.4f}" if f"{level}/{k}" in metrics else "n/a" for k in keys]
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("No evaluation ran.")
+    lines += ["", "## Use", "", "```python"]
+    if kind == "adapter":
+        lines += [
+            "import hlss_hf  # registers the HLSS classes",
+            "from peft import AutoPeftModel",
+            "from hlss_hf.peft_utils import adapter_labels",
+            "",
+            f'model = AutoPeftModel.from_pretrained("{where}", **adapter_labels("{where}"))',
+        ]
+    else:
+        lines += [
+            "from transformers import pipeline",
+            "",
+            f'classify = pipeline("image-classification", model="{where}", trust_remote_code=True)',
+        ]
+    lines += ["```", "", "## Training", ""]
+    lines += [
+        f"- LoRA: r {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']}, "
+        f"target modules {', '.join(map(str, lora['target_modules']))}"
+    ]
+    lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in training.items()]
+    lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(front + lines)

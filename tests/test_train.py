@@ -26,14 +26,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from hlss_hf.training_utils import (  # noqa: E402
-    ConfigError,
-    TrainConfig,
-    commit_checkpoint,
-    list_checkpoints,
-    parse_config,
-    temporary_checkpoint_path,
-)
+from hlss_hf.harness import CheckpointError, checkpoint_dir, list_checkpoints  # noqa: E402
+from hlss_hf.training_utils import ConfigError, TrainConfig, parse_config  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
 TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
@@ -412,7 +406,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, attr
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny_args(tmp_path, attributes_file, "--training.save_steps", "1"))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1"]
-    assert temporary_checkpoint_path(tmp_path, 2).is_dir()  # the half-written one never became step_2
+    assert (checkpoint_dir(tmp_path) / "step_2.tmp").is_dir()  # the half-written one never became step_2
 
     # Resuming from `latest` picks step_1 and removes the leftover.
     monkeypatch.setattr(Accelerator, "save_state", save_state)
@@ -422,7 +416,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, attr
     GradientState._reset_state()
     result = train.main(tiny_args(tmp_path, attributes_file, "--resume_from_checkpoint", "latest"))
     assert result["step"] == 4
-    assert not temporary_checkpoint_path(tmp_path, 2).exists()
+    assert not (checkpoint_dir(tmp_path) / "step_2.tmp").exists()
 
     # ... and ends with the weights of a run that never crashed.
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -431,20 +425,6 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, attr
     a, b = load_file(tmp_path / "reference" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
-
-
-def test_commit_checkpoint_replaces_an_existing_step_and_rotates(tmp_path):
-    for step in (1, 2, 3):
-        tmp = temporary_checkpoint_path(tmp_path, step)
-        tmp.mkdir(parents=True)
-        (tmp / "marker").write_text(str(step))
-        commit_checkpoint(tmp_path, step, keep=2)
-    tmp = temporary_checkpoint_path(tmp_path, 3)
-    tmp.mkdir()
-    (tmp / "marker").write_text("3-again")
-    commit_checkpoint(tmp_path, 3, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_3"]
-    assert (tmp_path / "checkpoints" / "step_3" / "marker").read_text() == "3-again"
 
 
 def test_fresh_run_into_a_used_output_dir_needs_overwrite(tmp_path, attributes_file):
@@ -465,7 +445,7 @@ def test_fresh_run_into_a_used_output_dir_needs_overwrite(tmp_path, attributes_f
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, attributes_file):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
         train.main(tiny_args(tmp_path, attributes_file, "--resume_from_checkpoint", "latest"))
 
 
@@ -489,7 +469,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
         return out
 
     monkeypatch.setattr(HLSSModel, "forward", forward_nan_on_third)
-    with pytest.raises(train.NonFiniteLossError, match=r"step 3.*loss=nan.*step_2"):
+    # step_2 is the last checkpoint, but its next step is the bad one: it is not called good.
+    with pytest.raises(train.NonFiniteLossError, match=r"step 3.*loss=nan.*No checkpoint is known to be good"):
         train.main(tiny_args(tmp_path, attributes_file, "--training.save_steps", "2"))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
     assert not (tmp_path / "model.safetensors").exists()
