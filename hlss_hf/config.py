@@ -41,6 +41,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -1093,10 +1094,11 @@ def format_help(
     from_file = _read_yaml(default_config, config_class) if default_config is not None else {}
     owners = _owners(config_class)
     source = f" (defaults: {Path(default_config).name}, else the built-in ones)" if default_config else ""
-    lines = [
+    intro = (
         f"Config keys{source}. Set in a YAML file (--config FILE, sections model / data / training) or as "
         "--section.key value; the bare --key works when one section has it. Values are read as YAML."
-    ]
+    )
+    lines = [textwrap.fill(intro, 110)]
     for section, cls in config_class.sections().items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
@@ -1109,7 +1111,12 @@ def format_help(
                 default = f.default
             shown = "required" if f.metadata.get("required") else f"default {_show(default)}"
             alias = f", --{f.name}" if len(owners[f.name]) == 1 else ""
-            lines.append(f"  --{key}{alias} ({shown})\n      {f.metadata.get('help', '')}")
+            lines.append(f"  --{key}{alias} ({shown})")
+            lines.append(
+                textwrap.fill(
+                    f.metadata.get("help", ""), 110, initial_indent=" " * 6, subsequent_indent=" " * 6
+                )
+            )
     return "\n".join(lines)
 
 
