@@ -1,16 +1,21 @@
 """LoRA fine-tuning of an HLSS vision tower for patch classification, with PEFT and Accelerate.
 
-    python finetune.py --model out/hlss --dataset data/demo --output_dir out/ft --epochs 3 --merge
-    python finetune.py --config configs/finetune.yaml --max_steps 200          # YAML + overrides
-    accelerate launch --mixed_precision bf16 finetune.py --model out/hlss --dataset <hub id>
+    python finetune.py --model_name_or_path outputs/hlss-demo --dataset data/demo --num_epochs 3 --merge
+    python finetune.py --config my_finetune.yaml --training.max_steps 200      # YAML + overrides
+    accelerate launch --mixed_precision bf16 finetune.py --model_name_or_path me/hlss-srh --dataset <hub id>
+    python finetune.py --help                                                  # every config key
+
+Configuration: `hlss_hf.config.FinetuneConfig`, the same system and, for the settings both scripts have, the
+same keys as train.py: sections `model` (model_name_or_path, label_names, LoRA), `data` and `training`, set in
+a YAML file (`--config`) or as `--section.key value` (the bare `--key` when one section has it).
 
 The model is `HLSSForImageClassification` built from a saved HLSS folder (`vision_model` + `visual_projection`
-+ a new `classifier`). LoRA adapters go into the vision tower (`--target_modules`, default per tower type, see
-`hlss_hf.peft_utils`); the classifier trains in full (`modules_to_save`); everything else stays frozen.
++ a new `classifier`). LoRA adapters go into the vision tower (`model.target_modules`, default per tower type,
+see `hlss_hf.peft_utils`); the classifier trains in full (`modules_to_save`); everything else stays frozen.
 Training is patch-level cross-entropy on single patches of the train split; evaluation runs on the evaluation
 split at patch, slide and patient level (softmax patch scores summed per slide and per patient).
 
-Writes to `--output_dir`:
+Writes to `training.output_dir`:
     adapter/            adapter_config.json + adapter_model.safetensors (PEFT), preprocessor_config.json,
                         labels.json; load with `hlss_hf.peft_utils.load_lora_classifier(adapter_dir)`
     merged/             with --merge: the merged HLSSForImageClassification (config with auto_map, safetensors,
@@ -21,8 +26,6 @@ Writes to `--output_dir`:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -31,7 +34,6 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +41,14 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import get_peft_model
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from hlss_hf.augmentation import build_augmentation
+from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
+from hlss_hf.config import FinetuneConfig, flatten_config, format_help, parse_config
 from hlss_hf.data import _FixedArrayReader, to_float
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.peft_utils import finish_adapter_folder, lora_config_for, set_train_mode
@@ -60,232 +63,42 @@ METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 
-# Fine-tuning uses a light augmentation by default: the strong pretraining set ("strong") mostly slows
-# convergence of a small adapter; "none" only centre-crops.
-AUGMENTATION_PRESETS: dict[str, dict | None] = {
-    "light": {
-        "random_resized_crop": {"p": 1.0, "scale": (0.5, 1.0)},
-        "horizontal_flip": {},
-        "vertical_flip": {},
-    },
-    "strong": None,  # hlss_hf.augmentation.DEFAULT_AUGMENTATION
-    "none": {},
-}
-
-
-@dataclass
-class FinetuneArguments:
-    """Every option of `finetune.py`; each can be set on the command line or in the `--config` YAML."""
-
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Saved HLSS folder (HLSSModel or HLSSForImageClassification) or Hub id."},
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": "Patch dataset: a local folder (Hub layout or save_to_disk) or a Hub dataset id."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub)."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "datasets cache folder (default: HF cache)."}
-    )
-    output_dir: str = field(default="out/ft", metadata={"help": "Where the adapter, metrics and report go."})
-    train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    eval_split: str = field(
-        default="validation",
-        metadata={
-            "help": "Split evaluated at patch / slide / patient level; 'none' skips evaluation. When the "
-            "default 'validation' is absent, 'test' is used if present."
-        },
-    )
-    label_column: str = field(default="label", metadata={"help": "Column holding the class of each patch."})
-    label_names: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Class names in model order. Required order for string / integer label columns; for a "
-            "ClassLabel column it may reorder the dataset's names but must hold exactly the same names."
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Leaf module names in the vision tower to adapt (default: per tower type, e.g. "
-            "q_proj v_proj for CLIP, query value for ViT / DINOv2, convolution for ResNet)."
-        },
-    )
-    epochs: int = field(default=3, metadata={"help": "Training epochs (ignored when --max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; > 0 overrides --epochs."})
-    batch_size: int = field(default=32, metadata={"help": "Patches per device per step."})
-    eval_batch_size: int | None = field(default=None, metadata={"help": "Default: 2 x --batch_size."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (LoRA and classifier)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables it."})
-    mixed_precision: str | None = field(
-        default=None,
-        metadata={"help": "'no', 'fp16' or 'bf16'; default: `accelerate launch --mixed_precision`, else 'no'."},
-    )
-    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and augmentation."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
-    eval_every: int = field(
-        default=0, metadata={"help": "Evaluate every N optimizer steps; 0: after each epoch."}
-    )
-    logging_steps: int = field(
-        default=10, metadata={"help": "Log the training loss every N optimizer steps."}
-    )
-    crop_size: int | None = field(
-        default=None, metadata={"help": "Crop side; default: the model's processor crop size or image_size."}
-    )
-    augmentation: str = field(
-        default="light",
-        metadata={
-            "help": "'light' (crop + flips), 'strong' (the pretraining set), 'none', or a YAML file of "
-            "hlss_hf.augmentation operations; the YAML config may give the dict inline."
-        },
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use the first N training patches."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use the first N evaluation patches."}
-    )
-    merge: bool = field(default=False, metadata={"help": "Also save the merged model (merge_and_unload)."})
-    push_to_hub: str | None = field(
-        default=None,
-        metadata={"help": "Hub repo id to push the adapter folder to (adapter, processor, labels.json)."},
-    )
-    hub_private: bool = field(default=False, metadata={"help": "Create the --push_to_hub repo as private."})
-    report_to: str = field(
-        default="none", metadata={"help": "Accelerate tracker ('none', 'tensorboard', ...)."}
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     """Parse the command line (and the optional `--config` YAML, whose values the command line overrides).
+
+    The keys are those of `hlss_hf.config.FinetuneConfig` (sections `model`, `data`, `training`; the settings
+    shared with `train.py` have the same names there); `--help` lists them with their defaults.
 
     Args:
         argv (`list[str]`, *optional*): arguments without the program name; default `sys.argv[1:]`.
 
     Returns:
-        `FinetuneArguments`, validated.
+        `FinetuneConfig`, validated.
 
     Raises:
-        ValueError: an unknown config key, a missing required option or an impossible value (the key is named).
+        ConfigError: an unknown key (with the nearest valid one), a missing required key or an impossible
+            value (the key is named).
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(FinetuneArguments, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML file of options (keys as the flags, no dashes).")
-    inline_augmentation = None
-    config_tokens: list[str] = []
-    if known.config:
-        values = load_config_file(known.config)
-        if isinstance(values.get("augmentation"), dict):
-            inline_augmentation = values.pop("augmentation")
-        # Config values go through argparse as leading flags, so they get the same type conversion as the
-        # command line (YAML reads `1e-3` as a string) and the command line, coming later, overrides them.
-        for key, value in values.items():
-            if value is None:
-                continue
-            items = value if isinstance(value, list) else [value]
-            config_tokens += [f"--{key}", *(str(item) for item in items)]
-    args, _ = parser.parse_args_into_dataclasses(args=config_tokens + rest, look_for_args_file=False)
-    if inline_augmentation is not None and "--augmentation" not in rest:
-        args.augmentation = inline_augmentation
-    validate_args(args)
-    return args
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(format_help(FinetuneConfig))
+        raise SystemExit(0)
+    return parse_config(argv, FinetuneConfig)
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config of `FinetuneArguments` fields; an unknown key raises `ValueError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(values, dict):
-        raise ValueError(
-            f"config file {str(path)!r} must hold a mapping of options, got {type(values).__name__}"
-        )
-    known = {f.name for f in dataclasses.fields(FinetuneArguments)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in config file {str(path)!r}; known keys: {sorted(known)}"
-        )
-    return values
-
-
-def validate_args(args: FinetuneArguments) -> None:
-    """Check the options once, up front; raise `ValueError` naming the offending option."""
-    if not args.model:
-        raise ValueError("--model is required (a saved HLSS folder or Hub id; `model:` in a config file)")
-    if not args.dataset:
-        raise ValueError("--dataset is required (a dataset folder or Hub id; `dataset:` in a config file)")
-    for key in ("model", "dataset"):
-        value = getattr(args, key)
-        # Hub ids are `name` or `owner/name`; anything else that looks like a path must exist here.
-        looks_local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
-        if looks_local and not Path(value).expanduser().exists():
-            raise FileNotFoundError(f"--{key} {value!r} does not exist")
-    if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
-        raise ValueError(f"--push_to_hub {args.push_to_hub!r} must look like 'namespace/name'")
-    positive = {
-        "lora_r": args.lora_r,
-        "lora_alpha": args.lora_alpha,
-        "batch_size": args.batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "logging_steps": args.logging_steps,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ValueError(f"--{key} must be >= 1, got {value}")
-    if args.max_steps <= 0 and args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1 when --max_steps is not set, got {args.epochs}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    for key in ("weight_decay", "warmup_steps", "max_grad_norm", "num_workers", "eval_every"):
-        if getattr(args, key) < 0:
-            raise ValueError(f"--{key} must be >= 0, got {getattr(args, key)}")
-    for key in ("eval_batch_size", "crop_size", "max_train_samples", "max_eval_samples"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise ValueError(f"--{key} must be >= 1, got {value}")
-    if args.mixed_precision not in (None, "no", "fp16", "bf16"):
-        raise ValueError(f"--mixed_precision must be 'no', 'fp16' or 'bf16', got {args.mixed_precision!r}")
-    if args.label_names is not None and len(set(args.label_names)) != len(args.label_names):
-        raise ValueError(f"--label_names has duplicates: {args.label_names}")
-    if isinstance(args.augmentation, str) and args.augmentation not in AUGMENTATION_PRESETS:
-        if not Path(args.augmentation).is_file():
-            raise ValueError(
-                f"--augmentation must be one of {sorted(AUGMENTATION_PRESETS)} or a YAML file, got "
-                f"{args.augmentation!r}"
-            )
-
-
-def augmentation_config(spec: str | dict) -> dict | None:
-    """The `hlss_hf.augmentation.build_augmentation` config for a preset name, a YAML file or an inline dict."""
-    if isinstance(spec, dict):
-        return spec
-    if spec in AUGMENTATION_PRESETS:
-        return AUGMENTATION_PRESETS[spec]
-    values = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
-    if not isinstance(values, dict):
-        raise ValueError(f"augmentation file {spec!r} must hold a mapping of operation -> parameters")
-    return values
+def augmentation_config(spec: str | dict) -> dict | str:
+    """What `hlss_hf.augmentation.build_augmentation` takes for `data.augmentation`: finetune's own presets
+    (`light`, `none`) as their operations; a preset of `hlss_hf.augmentation` by name; a mapping as it is (a
+    YAML file was read into one when the config was validated)."""
+    if isinstance(spec, str):
+        return AUGMENTATION_PRESETS.get(spec, spec)
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,34 +132,37 @@ def load_patch_dataset(
 
 
 def select_splits(
-    data: datasets.DatasetDict, args: FinetuneArguments
+    data: datasets.DatasetDict, args: FinetuneConfig
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, str | None]:
     """Pick the training and evaluation splits (`None` when evaluation is off) and check they are not empty."""
-    if args.train_split not in data:
-        raise ValueError(f"dataset {args.dataset!r} has no split {args.train_split!r}; splits: {list(data)}")
-    eval_name = None if args.eval_split.lower() == "none" else args.eval_split
+    if args.data.train_split not in data:
+        raise ValueError(
+            f"dataset {args.data.dataset!r} has no split {args.data.train_split!r}; splits: {list(data)}"
+        )
+    eval_name = args.data.validation_split
     if eval_name is not None and eval_name not in data:
         if eval_name == "validation" and "test" in data:
             warnings.warn(
-                f"dataset {args.dataset!r} has no 'validation' split; evaluating on 'test'", stacklevel=2
+                f"dataset {args.data.dataset!r} has no 'validation' split; evaluating on 'test'", stacklevel=2
             )
             eval_name = "test"
         else:
             raise ValueError(
-                f"dataset {args.dataset!r} has no split {eval_name!r} to evaluate on; splits: {list(data)} "
-                "(use --eval_split none to skip evaluation)"
+                f"dataset {args.data.dataset!r} has no split {eval_name!r} to evaluate on; splits: "
+                f"{list(data)} "
+                "(use --validation_split null to skip evaluation)"
             )
-    train = data[args.train_split]
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
+    train = data[args.data.train_split]
+    if args.data.max_train_samples is not None:
+        train = train.select(range(min(args.data.max_train_samples, len(train))))
     evaluation = None
     if eval_name is not None:
         evaluation = data[eval_name]
-        if args.max_eval_samples is not None:
-            evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    for name, split in ((args.train_split, train), (eval_name, evaluation)):
+        if args.data.max_eval_samples is not None:
+            evaluation = evaluation.select(range(min(args.data.max_eval_samples, len(evaluation))))
+    for name, split in ((args.data.train_split, train), (eval_name, evaluation)):
         if split is not None and len(split) == 0:
-            raise ValueError(f"split {name!r} of dataset {args.dataset!r} is empty")
+            raise ValueError(f"split {name!r} of dataset {args.data.dataset!r} is empty")
     return train, evaluation, eval_name
 
 
@@ -358,7 +174,7 @@ def resolve_labels(
     Args:
         train (`datasets.Dataset`): the training split (its features and, for non-ClassLabel columns, values).
         label_column (`str`): the label column.
-        label_names (`list[str]`, *optional*): class names in model order (see `FinetuneArguments.label_names`).
+        label_names (`list[str]`, *optional*): class names in model order (see `model.label_names`).
 
     Returns:
         `(names, value_to_index)`.
@@ -660,18 +476,20 @@ def save_adapter(peft_model, processor, names: list[str], target: Path) -> None:
     _write_atomically(target, write)
 
 
-def push_adapter(adapter_dir: Path, args: FinetuneArguments) -> str:
+def push_adapter(adapter_dir: Path, args: FinetuneConfig) -> str:
     """Upload the adapter folder to `--push_to_hub`; returns the repo's address on the endpoint in use."""
     from huggingface_hub import HfApi
 
     from hlss_hf.publishing import hub_url
 
     api = HfApi()
-    api.create_repo(args.push_to_hub, private=args.hub_private, exist_ok=True)
+    api.create_repo(args.training.push_to_hub, private=args.training.hub_private, exist_ok=True)
     api.upload_folder(
-        repo_id=args.push_to_hub, folder_path=str(adapter_dir), commit_message="HLSS LoRA adapter (finetune.py)"
+        repo_id=args.training.push_to_hub,
+        folder_path=str(adapter_dir),
+        commit_message="HLSS LoRA adapter (finetune.py)",
     )
-    return hub_url(args.push_to_hub)
+    return hub_url(args.training.push_to_hub)
 
 
 def save_merged(peft_model, processor, target: Path):
@@ -698,47 +516,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # accelerate runs several processes on CPU (gloo) only when told `cpu=True`.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-        cpu=world > 1 and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.training.gradient_accumulation_steps,
+        mixed_precision=args.training.mixed_precision,
+        log_with=args.training.trackers(),
+        project_dir=args.training.output_dir,
+        cpu=args.training.cpu or (world > 1 and not torch.cuda.is_available()),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
+    set_seed(args.training.seed)
+    output_dir = Path(args.training.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. Data.
     with accelerator.main_process_first():
-        data = load_patch_dataset(args.dataset, args.dataset_config, args.cache_dir)
+        data = load_patch_dataset(
+            args.data.dataset, args.data.dataset_config_name, args.data.datasets_cache_dir
+        )
     train_split, eval_split, eval_name = select_splits(data, args)
-    names, value_to_index = resolve_labels(train_split, args.label_column, args.label_names)
-    check_label_values(train_split, args.train_split, args.label_column, value_to_index, names)
+    names, value_to_index = resolve_labels(train_split, args.data.label_column, args.model.label_names)
+    check_label_values(train_split, args.data.train_split, args.data.label_column, value_to_index, names)
     if eval_split is not None:
-        check_label_values(eval_split, eval_name, args.label_column, value_to_index, names)
+        check_label_values(eval_split, eval_name, args.data.label_column, value_to_index, names)
 
     # 3. Model, processor and LoRA.
-    model = load_classifier(args.model, names)
-    processor = load_processor(args.model, model, args.crop_size)
+    model = load_classifier(args.model.model_name_or_path, names)
+    processor = load_processor(args.model.model_name_or_path, model, args.data.crop_size)
     crop = int(processor.crop_size["height"])
     modality = modality_of(train_split.features)
     if getattr(model.config, "modality", modality) != modality:
         raise ValueError(
-            f"dataset {args.dataset!r} holds {modality!r} patches but model {args.model!r} was trained on "
+            f"dataset {args.data.dataset!r} holds {modality!r} patches but model "
+            f"{args.model.model_name_or_path!r} was trained on "
             f"{model.config.modality!r}"
         )
     processor.modality = modality
-    lora_config = lora_config_for(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules)
+    lora_config = lora_config_for(
+        model, args.model.lora_r, args.model.lora_alpha, args.model.lora_dropout, args.model.target_modules
+    )
     model = get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(
         "LoRA %s on %s: %d trainable of %d parameters",
         lora_config.target_modules,
-        args.model,
+        args.model.model_name_or_path,
         trainable,
         total,
     )
@@ -747,61 +570,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_split,
         value_to_index,
         processor,
-        augment=build_augmentation(augmentation_config(args.augmentation), crop),
-        label_column=args.label_column,
+        augment=build_augmentation(augmentation_config(args.data.augmentation), crop),
+        label_column=args.data.label_column,
         modality=modality,
-        seed=args.seed,
+        seed=args.training.seed,
     )
     # Dropping the last partial global batch keeps every step identical whatever the number of processes
     # (accelerate would otherwise pad it differently); a split smaller than one global batch keeps it.
-    global_batch = args.batch_size * accelerator.num_processes
+    global_batch = args.training.per_device_batch_size * accelerator.num_processes
     train_loader = torch.utils.data.DataLoader(
         train_set,
-        batch_size=args.batch_size,
+        batch_size=args.training.per_device_batch_size,
         shuffle=True,
-        num_workers=args.num_workers,
+        num_workers=args.data.num_workers,
         drop_last=len(train_set) >= global_batch,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.training.seed),
     )
     eval_loader = eval_labels = slide_ids = patient_ids = None
     if eval_split is not None:
         eval_set = PatchClassificationDataset(
-            eval_split, value_to_index, processor, label_column=args.label_column, modality=modality
+            eval_split, value_to_index, processor, label_column=args.data.label_column, modality=modality
         )
         eval_loader = torch.utils.data.DataLoader(
             eval_set,
-            batch_size=args.eval_batch_size or 2 * args.batch_size,
+            batch_size=args.training.eval_batch_size,
             shuffle=False,
-            num_workers=args.num_workers,
+            num_workers=args.data.num_workers,
         )
         eval_labels = torch.tensor(
-            [value_to_index[v] for v in eval_split[args.label_column]], dtype=torch.long
+            [value_to_index[v] for v in eval_split[args.data.label_column]], dtype=torch.long
         )
         slide_ids, patient_ids = hierarchy_ids(eval_split, eval_name)
 
     # 4. Optimizer and schedule.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=args.training.lr, weight_decay=args.training.weight_decay)
 
     # 5. Prepare.
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    steps_per_epoch = max(1, math.ceil(len(train_loader) / args.gradient_accumulation_steps))
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / args.training.gradient_accumulation_steps))
+    total_steps = (
+        args.training.max_steps
+        if args.training.max_steps is not None
+        else math.ceil(args.training.num_epochs * steps_per_epoch)
+    )
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     # The prepared scheduler steps once per process at each optimizer step (accelerate's convention).
     scheduler = get_scheduler(
-        args.lr_scheduler,
+        args.training.lr_scheduler,
         optimizer,
-        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+        num_warmup_steps=int(round(args.training.warmup_ratio * total_steps)) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
     scheduler = accelerator.prepare(scheduler)
-    if args.report_to != "none":
-        accelerator.init_trackers(
-            "hlss_finetune", config={k: str(v) for k, v in dataclasses.asdict(args).items()}
-        )
+    if args.training.trackers():
+        accelerator.init_trackers(args.training.project_name, config=flatten_config(args))
     writer = None
     if accelerator.is_main_process:
         (output_dir / METRICS_FILE).unlink(missing_ok=True)  # a new run starts a new metrics file
@@ -826,7 +651,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps_per_epoch,
         len(train_set),
         accelerator.num_processes,
-        global_batch * args.gradient_accumulation_steps,
+        global_batch * args.training.gradient_accumulation_steps,
     )
     start = time.perf_counter()
     set_train_mode(model)
@@ -848,8 +673,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"non-finite loss {loss.item()} at step {global_step} (epoch {epoch}); stopping"
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if accelerator.sync_gradients and args.training.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, args.training.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -858,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            if global_step % args.logging_steps == 0 or global_step == total_steps:
+            if global_step % args.training.logging_steps == 0 or global_step == total_steps:
                 # Every process reaches this line at the same steps: the mean over processes is the global loss.
                 mean_loss = accelerator.reduce(
                     torch.tensor(running / running_n, device=accelerator.device), "mean"
@@ -867,12 +692,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     {"epoch": epoch, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}, global_step
                 )
                 running, running_n = 0.0, 0
-            if eval_loader is not None and args.eval_every and global_step % args.eval_every == 0:
+            eval_steps = args.training.eval_steps
+            if eval_loader is not None and eval_steps and global_step % eval_steps == 0:
                 last_eval, last_eval_step = run_eval(global_step, epoch), global_step
             if global_step >= total_steps:
                 break
-        if eval_loader is not None and not args.eval_every and last_eval_step != global_step:
-            last_eval, last_eval_step = run_eval(global_step, epoch), global_step
         if global_step >= total_steps:
             break
     if eval_loader is not None and last_eval_step != global_step:
@@ -882,13 +706,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 7. Save.
     accelerator.wait_for_everyone()
     report: dict[str, Any] = {
-        "args": dataclasses.asdict(args),
+        "args": args.to_dict(),
         "labels": names,
         "eval_split": eval_name,
         "lora": {
-            "r": args.lora_r,
-            "alpha": args.lora_alpha,
-            "dropout": args.lora_dropout,
+            "r": args.model.lora_r,
+            "alpha": args.model.lora_alpha,
+            "dropout": args.model.lora_dropout,
             "target_modules": lora_config.target_modules,
             "modules_to_save": list(lora_config.modules_to_save),
         },
@@ -899,17 +723,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "eval": last_eval,
         "adapter_dir": str(output_dir / ADAPTER_DIR),
-        "merged_dir": str(output_dir / MERGED_DIR) if args.merge else None,
+        "merged_dir": str(output_dir / MERGED_DIR) if args.training.merge else None,
     }
     if accelerator.is_main_process:
         peft_model = accelerator.unwrap_model(model)
         save_adapter(peft_model, processor, names, output_dir / ADAPTER_DIR)
-        if args.merge:
+        if args.training.merge:
             save_merged(peft_model, processor, output_dir / MERGED_DIR)
         _write_json(output_dir / REPORT_FILE, report)
         writer.close()
         logger.info("saved %s", output_dir)
-        if args.push_to_hub:
+        if args.training.push_to_hub:
             print(f"Pushed the adapter to {push_adapter(output_dir / ADAPTER_DIR, args)}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
