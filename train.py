@@ -71,7 +71,6 @@ from hlss_hf.harness import (  # noqa: E402
     publish_output,
     record_next_step,
     resolve_resume_path,
-    resolve_trackers,
     resume_changes,
     save_checkpoint,
     scheduler_steps,
@@ -81,7 +80,7 @@ from hlss_hf.harness import (  # noqa: E402
     weights_finite,
     write_files_atomically,
 )
-from hlss_hf.training_utils import ConfigError, TrainConfig, config_help, flatten_config, parse_config  # noqa: E402
+from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
 
 logger = logging.getLogger("hlss_hf.train")
 
@@ -803,13 +802,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    accelerator = make_accelerator(
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision=t.mixed_precision,
-        report_to=t.report_to,
-        project_dir=run_dir,
-        cpu=t.cpu,
-    )
+    accelerator = make_accelerator(t, project_dir=run_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(t.seed)
@@ -923,7 +916,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ),
             flush=True,
         )
-    if resolve_trackers(t.report_to):
+    if t.trackers():
         accelerator.init_trackers(t.project_name, config=flatten_config(config))
     metrics_file = JsonlWriter(run_dir / "metrics.jsonl") if accelerator.is_main_process else None
     if metrics_file is not None and changed:
@@ -1228,7 +1221,7 @@ def cli() -> None:
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print(config_help())
+        print(format_help(TrainConfig, DEFAULT_CONFIG))
         return
     debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]

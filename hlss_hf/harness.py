@@ -26,7 +26,6 @@ PosixPath('outputs/new-run')
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -114,38 +113,17 @@ class CheckpointError(ValueError):
 # Accelerator
 
 
-def resolve_trackers(report_to: str) -> list[str] | str | None:
-    """``report_to`` as Accelerate's ``log_with``: `none`, `all`, a comma-separated list, or `auto` (TensorBoard
-    when it is installed, else nothing)."""
-    if report_to == "none":
-        return None
-    if report_to == "auto":
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None
-    if report_to == "all":
-        return "all"
-    return [name.strip() for name in report_to.split(",") if name.strip()]
-
-
-def make_accelerator(
-    *,
-    gradient_accumulation_steps: int = 1,
-    mixed_precision: str | None = None,
-    report_to: str = "auto",
-    project_dir: str | os.PathLike | None = None,
-    cpu: bool = False,
-):
-    """The ``Accelerator`` of a run.
+def make_accelerator(run, project_dir: str | os.PathLike | None = None):
+    """The ``Accelerator`` of a run, from its training settings (:class:`hlss_hf.config.RunConfig`: gradient
+    accumulation, mixed precision, trackers, ``cpu``).
 
     Several processes on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N`` on CPU) run
     with gloo, which Accelerate does only when told ``cpu=True``; the launcher's own ``--cpu`` cannot be combined
     with ``--multi_gpu``, so the rule lives here.
 
     Args:
-        gradient_accumulation_steps (`int`): micro-batches per optimizer step.
-        mixed_precision (`str`, *optional*): `no`, `fp16`, `bf16`; `None`: the launcher's / accelerate config's.
-        report_to (`str`): trackers, see :func:`resolve_trackers`.
-        project_dir (`str`, *optional*): where trackers write their logs.
-        cpu (`bool`): run on CPU even when an accelerator is present.
+        run (`RunConfig`): the run's training section.
+        project_dir (`str`, *optional*): where trackers write their logs (the run's folder).
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -155,11 +133,11 @@ def make_accelerator(
     if project_dir is not None:
         project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
     return Accelerator(
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
-        log_with=resolve_trackers(report_to),
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        log_with=run.trackers(),
         project_config=project,
-        cpu=cpu or (world > 1 and not torch.cuda.is_available()),
+        cpu=run.cpu or (world > 1 and not torch.cuda.is_available()),
     )
 
 
@@ -240,7 +218,7 @@ def plan_output(
     Raises:
         ConfigError: an earlier run is present and ``overwrite`` is false (the message names what is there).
     """
-    from hlss_hf.training_utils import ConfigError
+    from hlss_hf.config import ConfigError
 
     out = Path(output_dir)
     staging = staging_dir(out)

@@ -37,7 +37,7 @@ from hlss_hf.harness import (  # noqa: E402
     resume_changes,
     staging_dir,
 )
-from hlss_hf.training_utils import ConfigError  # noqa: E402
+from hlss_hf.config import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -264,8 +264,8 @@ def pushed_adapter(local_hub, pushed_model, he_dataset, work):
     run(
         local_hub,
         [
-            "finetune.py", "--model", pushed_model[0], "--dataset", he_dataset, "--output_dir", str(out),
-            "--crop_size", "32", "--batch_size", "8", "--max_steps", "2", "--eval_split", "none",
+            "finetune.py", "--model_name_or_path", pushed_model[0], "--dataset", he_dataset, "--output_dir", str(out),
+            "--crop_size", "32", "--per_device_batch_size", "8", "--max_steps", "2", "--validation_split", "null",
             "--push_to_hub", repo_id,
         ],
         work,
