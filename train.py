@@ -55,6 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
 from hlss_hf.harness import (  # noqa: E402
     RESUMABLE_KEYS,
     CheckpointError,
@@ -80,7 +81,6 @@ from hlss_hf.harness import (  # noqa: E402
     weights_finite,
     write_files_atomically,
 )
-from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
 
 logger = logging.getLogger("hlss_hf.train")
 

@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
 from test_train import read_metrics, tiny_args, train_records  # noqa: E402
 
 import train  # noqa: E402
+from hlss_hf.config import ConfigError  # noqa: E402
 from hlss_hf.harness import (  # noqa: E402
     CheckpointError,
     checkpoint_health,
@@ -37,7 +38,6 @@ from hlss_hf.harness import (  # noqa: E402
     resume_changes,
     staging_dir,
 )
-from hlss_hf.config import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
