@@ -22,6 +22,10 @@ Writes to `training.output_dir`:
                         processor) that `pipeline("image-classification", model=merged_dir)` runs
     metrics.jsonl       one JSON line per logged step and per evaluation
     finetune_report.json  arguments, labels, parameter counts, final patch / slide / patient metrics
+The adapter and merged folders carry a filled model card (README.md). The run works in
+`<output_dir>.incoming` and swaps it in when it has finished, so a failed run leaves `output_dir` as it was; a
+`output_dir` that holds an earlier run needs `--training.overwrite_output_dir true` and is then replaced whole
+(no earlier `merged/` stays beside a new adapter).
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 import warnings
@@ -41,20 +43,31 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import get_peft_model
+from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hlss_hf.augmentation import build_augmentation
 from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
-from hlss_hf.config import FinetuneConfig, flatten_config, format_help, parse_config
+from hlss_hf.config import ConfigError, FinetuneConfig, flatten_config, format_help, parse_config
 from hlss_hf.data import _FixedArrayReader, to_float
 from hlss_hf.evaluation import hierarchical_metrics
-from hlss_hf.peft_utils import finish_adapter_folder, lora_config_for, set_train_mode
+from hlss_hf.harness import (
+    JsonlWriter,
+    NonFiniteLossError,
+    all_finite,
+    make_accelerator,
+    plan_output,
+    publish_output,
+    scheduler_steps,
+    staging_dir,
+    start_output,
+)
+from hlss_hf.peft_utils import finetune_card, finish_adapter_folder, lora_config_for, set_train_mode
 from hlss_hf.processing_hlss import HLSSImageProcessor
+from hlss_hf.publishing import write_text_atomically
 from hlss_hf.schema import decode_image, modality_of
-from hlss_hf.training_utils import JsonlWriter
 
 logger = logging.getLogger("finetune")
 
@@ -391,7 +404,7 @@ def load_processor(model_path: str, model, crop_size: int | None) -> HLSSImagePr
 
 @torch.no_grad()
 def evaluate(
-    model, loader, accelerator: Accelerator, labels: torch.Tensor, slide_ids, patient_ids, num_classes: int
+    model, loader, accelerator, labels: torch.Tensor, slide_ids, patient_ids, num_classes: int
 ) -> dict[str, float]:
     """Softmax patch scores over the evaluation split -> patch / slide / patient metrics (plus the mean loss).
 
@@ -443,41 +456,62 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _write_atomically(target: Path, write) -> None:
-    """Call `write(tmp_dir)` then move the folder into place, replacing any previous one."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_adapter(peft_model, processor, names: list[str], target: Path) -> None:
-    """Adapter (PEFT) + processor + labels.json, written to a temporary folder then moved into place.
+def save_adapter(peft_model, processor, names: list[str], target: Path, state_dict=None) -> None:
+    """Adapter (PEFT) + processor + labels.json into `target` (a folder of this run, swapped in at the end).
 
     The adapter config names `transformers.AutoModelForImageClassification` as its base class, so
     `peft.AutoPeftModel.from_pretrained(adapter_dir)` loads it (see `hlss_hf.peft_utils.AUTO_MAPPING`).
+    `state_dict`: the full weights from `accelerator.get_state_dict` (sharded models hold only a part).
     """
+    peft_model.save_pretrained(str(target), state_dict=state_dict)
+    processor.save_pretrained(str(target))
+    finish_adapter_folder(target, names)
 
-    def write(tmp: Path) -> None:
-        peft_model.save_pretrained(str(tmp))
-        processor.save_pretrained(str(tmp))
-        finish_adapter_folder(tmp, names)
 
-    _write_atomically(target, write)
+def save_merged(peft_model, processor, target: Path):
+    """`merge_and_unload` (in place: call last) and save the plain model with its processor."""
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(str(target))
+    processor.save_pretrained(str(target))
+    return merged
+
+
+def write_cards(run_dir: Path, args: FinetuneConfig, report: dict[str, Any], argv: list[str]) -> None:
+    """The model cards (README.md) of the adapter and of the merged model, filled from the run."""
+    import shlex
+
+    t = args.training
+    common = dict(
+        base_model=args.model.model_name_or_path,
+        dataset=args.data.dataset,
+        names=report["labels"],
+        lora=report["lora"],
+        training={
+            "steps": report["steps"],
+            "peak learning rate": t.lr,
+            "schedule": f"{t.lr_scheduler}, warm-up ratio {t.warmup_ratio}",
+            "patches per step": t.per_device_batch_size * report["processes"] * t.gradient_accumulation_steps,
+            "processes": report["processes"],
+            "mixed precision": report["mixed_precision"],
+            "augmentation": args.data.augmentation if isinstance(args.data.augmentation, str) else "custom",
+            "seed": t.seed,
+            "training patches": report["train_patches"],
+        },
+        metrics=report["eval"],
+        eval_split=report["eval_split"],
+        command="python finetune.py " + " ".join(shlex.quote(a) for a in argv),
+        license=t.model_license,
+        project_url=t.project_url,
+    )
+    write_text_atomically(
+        run_dir / ADAPTER_DIR / "README.md", finetune_card(kind="adapter", repo_id=t.push_to_hub, **common)
+    )
+    if t.merge:
+        write_text_atomically(run_dir / MERGED_DIR / "README.md", finetune_card(kind="merged", **common))
 
 
 def push_adapter(adapter_dir: Path, args: FinetuneConfig) -> str:
-    """Upload the adapter folder to `--push_to_hub`; returns the repo's address on the endpoint in use."""
+    """Upload the adapter folder (with its card) to `training.push_to_hub`; returns the repo's address."""
     from huggingface_hub import HfApi
 
     from hlss_hf.publishing import hub_url
@@ -492,18 +526,6 @@ def push_adapter(adapter_dir: Path, args: FinetuneConfig) -> str:
     return hub_url(args.training.push_to_hub)
 
 
-def save_merged(peft_model, processor, target: Path):
-    """`merge_and_unload` (in place: call last) and save the plain model with its processor."""
-    merged = peft_model.merge_and_unload()
-
-    def write(tmp: Path) -> None:
-        merged.save_pretrained(str(tmp))
-        processor.save_pretrained(str(tmp))
-
-    _write_atomically(target, write)
-    return merged
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
@@ -511,23 +533,24 @@ def save_merged(peft_model, processor, target: Path):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run fine-tuning; returns the report (also written to `output_dir/finetune_report.json`)."""
-    # 1. Arguments and logging.
+    # 1. Settings, the run's folder (a used output_dir needs training.overwrite_output_dir), accelerator.
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
-    # accelerate runs several processes on CPU (gloo) only when told `cpu=True`.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.training.gradient_accumulation_steps,
-        mixed_precision=args.training.mixed_precision,
-        log_with=args.training.trackers(),
-        project_dir=args.training.output_dir,
-        cpu=args.training.cpu or (world > 1 and not torch.cuda.is_available()),
-    )
+    t = args.training
+    out = Path(t.output_dir)
+    plan_output(out, overwrite=t.overwrite_output_dir, resume=None)
+    # Fine-tuning has no resume, so every run works beside and swaps in at the end: a failed run leaves
+    # output_dir as it was (or absent).
+    run_dir = staging_dir(out)
+    accelerator = make_accelerator(t, project_dir=run_dir)
+    if t.merge and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            "config key 'training.merge': merging needs the whole model in one process; with FSDP / DeepSpeed "
+            "save the adapter, then merge it with peft's merge_and_unload in one process"
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(args.training.seed)
-    output_dir = Path(args.training.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(t.seed)
 
     # 2. Data.
     with accelerator.main_process_first():
@@ -548,8 +571,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if getattr(model.config, "modality", modality) != modality:
         raise ValueError(
             f"dataset {args.data.dataset!r} holds {modality!r} patches but model "
-            f"{args.model.model_name_or_path!r} was trained on "
-            f"{model.config.modality!r}"
+            f"{args.model.model_name_or_path!r} was trained on {model.config.modality!r}"
         )
     processor.modality = modality
     lora_config = lora_config_for(
@@ -565,7 +587,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainable,
         total,
     )
-
     train_set = PatchClassificationDataset(
         train_split,
         value_to_index,
@@ -573,18 +594,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         augment=build_augmentation(augmentation_config(args.data.augmentation), crop),
         label_column=args.data.label_column,
         modality=modality,
-        seed=args.training.seed,
+        seed=t.seed,
     )
     # Dropping the last partial global batch keeps every step identical whatever the number of processes
     # (accelerate would otherwise pad it differently); a split smaller than one global batch keeps it.
-    global_batch = args.training.per_device_batch_size * accelerator.num_processes
+    global_batch = t.per_device_batch_size * accelerator.num_processes
     train_loader = torch.utils.data.DataLoader(
         train_set,
-        batch_size=args.training.per_device_batch_size,
+        batch_size=t.per_device_batch_size,
         shuffle=True,
         num_workers=args.data.num_workers,
         drop_last=len(train_set) >= global_batch,
-        generator=torch.Generator().manual_seed(args.training.seed),
+        generator=torch.Generator().manual_seed(t.seed),
     )
     eval_loader = eval_labels = slide_ids = patient_ids = None
     if eval_split is not None:
@@ -592,45 +613,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_split, value_to_index, processor, label_column=args.data.label_column, modality=modality
         )
         eval_loader = torch.utils.data.DataLoader(
-            eval_set,
-            batch_size=args.training.eval_batch_size,
-            shuffle=False,
-            num_workers=args.data.num_workers,
+            eval_set, batch_size=t.eval_batch_size, shuffle=False, num_workers=args.data.num_workers
         )
         eval_labels = torch.tensor(
             [value_to_index[v] for v in eval_split[args.data.label_column]], dtype=torch.long
         )
         slide_ids, patient_ids = hierarchy_ids(eval_split, eval_name)
 
-    # 4. Optimizer and schedule.
+    # 4. Optimizer, prepare, schedule.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.training.lr, weight_decay=args.training.weight_decay)
-
-    # 5. Prepare.
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    steps_per_epoch = max(1, math.ceil(len(train_loader) / args.training.gradient_accumulation_steps))
-    total_steps = (
-        args.training.max_steps
-        if args.training.max_steps is not None
-        else math.ceil(args.training.num_epochs * steps_per_epoch)
-    )
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / t.gradient_accumulation_steps))
+    total_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process at each optimizer step (accelerate's convention).
     scheduler = get_scheduler(
-        args.training.lr_scheduler,
+        t.lr_scheduler,
         optimizer,
-        num_warmup_steps=int(round(args.training.warmup_ratio * total_steps)) * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
+        num_warmup_steps=scheduler_steps(accelerator, int(round(t.warmup_ratio * total_steps))),
+        num_training_steps=scheduler_steps(accelerator, total_steps),
     )
     scheduler = accelerator.prepare(scheduler)
-    if args.training.trackers():
-        accelerator.init_trackers(args.training.project_name, config=flatten_config(args))
-    writer = None
+
+    # 5. The settings, data and model are valid: only now does the run touch its folder.
     if accelerator.is_main_process:
-        (output_dir / METRICS_FILE).unlink(missing_ok=True)  # a new run starts a new metrics file
-        writer = JsonlWriter(output_dir / METRICS_FILE)
+        start_output(run_dir, out, resume=False)
+    accelerator.wait_for_everyone()
+    if t.trackers():
+        accelerator.init_trackers(t.project_name, config=flatten_config(args))
+    writer = JsonlWriter(run_dir / METRICS_FILE) if accelerator.is_main_process else None
 
     def record(values: dict[str, Any], step: int) -> None:
         if writer is not None:
@@ -645,16 +658,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 6. Train.
     logger.info(
-        "training %d steps (%d epochs of %d steps), %d patches, processes: %d, global batch %d",
+        "training %d steps (%d epochs of %d steps), %d patches, processes: %d, global batch %d, output %s%s",
         total_steps,
         num_epochs,
         steps_per_epoch,
         len(train_set),
         accelerator.num_processes,
-        global_batch * args.training.gradient_accumulation_steps,
+        global_batch * t.gradient_accumulation_steps,
+        out,
+        f" (written to {run_dir} until the run has finished)",
     )
     start = time.perf_counter()
     set_train_mode(model)
+    progress = tqdm(
+        total=total_steps, disable=not accelerator.is_local_main_process, desc="LoRA", unit="step"
+    )
     global_step, running, running_n = 0, 0.0, 0
     last_eval: dict[str, float] | None = None
     last_eval_step = -1
@@ -668,13 +686,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if outputs.loss is not None
                     else F.cross_entropy(outputs.logits.float(), batch["labels"])
                 )
-                if not torch.isfinite(loss):
-                    raise RuntimeError(
-                        f"non-finite loss {loss.item()} at step {global_step} (epoch {epoch}); stopping"
+                if not all_finite(loss, accelerator):  # every process stops together
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {global_step + 1} (epoch {epoch}); {out} is unchanged (this run's "
+                        f"log is in {run_dir}). Lower training.lr (now {t.lr}) or check the data"
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.training.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, args.training.max_grad_norm)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -683,7 +702,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            if global_step % args.training.logging_steps == 0 or global_step == total_steps:
+            progress.update(1)
+            if global_step % t.logging_steps == 0 or global_step == total_steps:
                 # Every process reaches this line at the same steps: the mean over processes is the global loss.
                 mean_loss = accelerator.reduce(
                     torch.tensor(running / running_n, device=accelerator.device), "mean"
@@ -691,20 +711,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record(
                     {"epoch": epoch, "loss": float(mean_loss), "lr": scheduler.get_last_lr()[0]}, global_step
                 )
+                progress.set_postfix(loss=f"{float(mean_loss):.4f}")
                 running, running_n = 0.0, 0
-            eval_steps = args.training.eval_steps
-            if eval_loader is not None and eval_steps and global_step % eval_steps == 0:
+            if eval_loader is not None and t.eval_steps and global_step % t.eval_steps == 0:
                 last_eval, last_eval_step = run_eval(global_step, epoch), global_step
             if global_step >= total_steps:
                 break
         if global_step >= total_steps:
             break
+    progress.close()
     if eval_loader is not None and last_eval_step != global_step:
         last_eval = run_eval(global_step, num_epochs - 1)
     train_seconds = time.perf_counter() - start
 
-    # 7. Save.
-    accelerator.wait_for_everyone()
+    # 7. Save beside, swap in, push.
     report: dict[str, Any] = {
         "args": args.to_dict(),
         "labels": names,
@@ -713,32 +733,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "r": args.model.lora_r,
             "alpha": args.model.lora_alpha,
             "dropout": args.model.lora_dropout,
-            "target_modules": lora_config.target_modules,
+            "target_modules": sorted(lora_config.target_modules),
             "modules_to_save": list(lora_config.modules_to_save),
         },
         "parameters": {"trainable": trainable, "total": total},
         "steps": global_step,
+        "processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "train_patches": len(train_set),
         "train_seconds": train_seconds,
         "eval": last_eval,
-        "adapter_dir": str(output_dir / ADAPTER_DIR),
-        "merged_dir": str(output_dir / MERGED_DIR) if args.training.merge else None,
+        "adapter_dir": str(out / ADAPTER_DIR),
+        "merged_dir": str(out / MERGED_DIR) if t.merge else None,
     }
+    state_dict = accelerator.get_state_dict(model)  # every process: sharded weights are gathered here
     if accelerator.is_main_process:
         peft_model = accelerator.unwrap_model(model)
-        save_adapter(peft_model, processor, names, output_dir / ADAPTER_DIR)
-        if args.training.merge:
-            save_merged(peft_model, processor, output_dir / MERGED_DIR)
-        _write_json(output_dir / REPORT_FILE, report)
+        save_adapter(peft_model, processor, names, run_dir / ADAPTER_DIR, state_dict=state_dict)
+        if t.merge:
+            save_merged(peft_model, processor, run_dir / MERGED_DIR)
+        write_cards(run_dir, args, report, argv)
+        write_text_atomically(
+            run_dir / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
+        )
         writer.close()
-        logger.info("saved %s", output_dir)
-        if args.training.push_to_hub:
-            print(f"Pushed the adapter to {push_adapter(output_dir / ADAPTER_DIR, args)}", flush=True)
+        publish_output(run_dir, out)
+        logger.info("saved %s", out)
+        if t.push_to_hub:
+            print(f"Pushed the adapter to {push_adapter(out / ADAPTER_DIR, args)}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return report
 
 
+def cli() -> None:
+    """Entry point: errors a user can fix (settings, data, a used output folder, a non-finite loss, file system,
+    Hub) print one line ``error: ...`` and exit with status 1; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback."""
+    from hlss_hf.publishing import debug_requested, exit_on_error
+
+    argv = sys.argv[1:]
+    debug = "--debug" in argv or debug_requested()
+    argv = [arg for arg in argv if arg != "--debug"]
+    with exit_on_error(debug, user_errors=(ConfigError, NonFiniteLossError)):
+        main(argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -300,6 +300,59 @@ def test_finetune_writes_adapter_merged_model_and_hierarchical_report(finetuned)
     assert any("eval/slide/acc" in r for r in lines)
 
 
+def test_adapter_and_merged_cards_are_filled_from_the_run(finetuned):
+    out, report = finetuned
+    card = (out / "adapter" / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in card and "AutoPeftModel.from_pretrained" in card
+    assert "More Information Needed" not in card  # not PEFT's empty template
+    assert f"| patient | {report['eval']['patient/acc']:.4f} |" in card
+    assert "`normal`, `low_grade`, `high_grade`" in card and "r 8, alpha 16" in card
+    merged = (out / "merged" / "README.md").read_text(encoding="utf-8")
+    assert "library_name: transformers" in merged and 'pipeline("image-classification"' in merged
+
+
+def test_used_output_folder_is_refused_then_replaced_whole(hlss_dir, demo_dir, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hlss_hf.config import ConfigError
+    from hlss_hf.harness import staging_dir
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    out = tmp_path / "out"
+    finetune.main(base_args(hlss_dir, demo_dir, out, "--max_steps", "1", "--merge"))
+    before = {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    reset()
+    with pytest.raises(ConfigError, match=r"training\.output_dir.*adapter, merged"):
+        finetune.main(base_args(hlss_dir, demo_dir, out, "--max_steps", "1"))
+    assert {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    reset()
+    finetune.main(base_args(hlss_dir, demo_dir, out, "--max_steps", "2", "--overwrite_output_dir", "true"))
+    reset()
+    assert not (out / "merged").exists()  # the earlier merged model does not stay beside the new adapter
+    assert json.loads((out / "finetune_report.json").read_text())["steps"] == 2
+    assert not staging_dir(out).exists()
+
+
+def test_non_finite_loss_stops_every_process_and_leaves_no_output(hlss_dir, demo_dir, tmp_path, monkeypatch):
+    from hlss_hf.harness import NonFiniteLossError
+    from hlss_hf.modeling_hlss import HLSSForImageClassification
+
+    forward = HLSSForImageClassification.forward
+
+    def nan_loss(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(HLSSForImageClassification, "forward", nan_loss)
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*training\.lr"):
+        finetune.main(base_args(hlss_dir, demo_dir, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_saved_adapter_and_merged_model_agree(finetuned):
     from transformers import AutoModelForImageClassification
 
