@@ -14,7 +14,7 @@ Both runs draw the same patients, slides, patches and augmentations (a function 
 and gather embeddings in the same order, so what differs is float rounding: the vision tower's matrix products
 on 2B vs B patients, the gradient summed over 2B samples vs two sums of B added by the all-reduce, the alignment
 loss as one mean vs a mean of two means. `--dtype float64` runs the same comparison in double precision (the
-model made double, the pixels cast to it): if the gap is rounding it shrinks by ~1e9 there, as it does.
+model made double, the pixels cast to it): if the gap is rounding it shrinks by 1e7-1e9 there, as it does.
 
 `--worker` is internal: it runs train.py's `main` in this process, in float64 when asked.
 """
