@@ -3,7 +3,7 @@
 
     python benchmarks/distributed_equality.py                      # float32, B = 2 and 4, 80 steps
     python benchmarks/distributed_equality.py --dtype float64      # the same model and data in float64
-    python benchmarks/distributed_equality.py --batches 2 --steps 20 --checkpoint-every 5
+    python benchmarks/distributed_equality.py --num-patients 12 --batches 2 --steps 20 --checkpoint-every 5  # the test
 
 Each pair of runs is `python train.py` (per-device batch 2B) against `accelerate launch --multi_gpu
 --num_processes 2 train.py` (per-device batch B) on CPU (gloo), with the BatchNorm-free tiny ViT of
@@ -11,9 +11,10 @@ tests/test_train_distributed.py, the same seed, data and schedule. Printed per s
 the logged losses (total, per level, alignment); per checkpoint: the largest difference of any weight.
 
 Both runs draw the same patients, slides, patches and augmentations (a function of seed, epoch and patient only)
-and gather embeddings in the same order, so what differs is float rounding: the vision tower's matrix products
-on 2B vs B patients, the gradient summed over 2B samples vs two sums of B added by the all-reduce, the alignment
-loss as one mean vs a mean of two means. `--dtype float64` runs the same comparison in double precision (the
+and gather embeddings in the same order, so what differs is float rounding: a weight's gradient summed over 2B
+patients vs two sums of B added by the all-reduce, the alignment loss as one mean vs a mean of two means (the
+tiny ViT's forward on B vs 2B patients is bitwise equal). The weight gap is also printed without the attention
+key biases, whose exact gradient is zero (their updates are rounding noise scaled up by AdamW). `--dtype float64` runs the same comparison in double precision (the
 model made double, the pixels cast to it): if the gap is rounding it shrinks by 1e7-1e9 there, as it does.
 
 `--worker` is internal: it runs train.py's `main` in this process, in float64 when asked.
