@@ -19,8 +19,11 @@ Unknown keys and impossible values stop the run before anything starts, naming t
 
 Batches are ``[B, S, P, V, C, H, W]``: ``B`` patients per device (``training.per_device_batch_size``), ``S``
 slides per patient, ``P`` patches per slide, ``V`` augmented views per patch. The loss gathers embeddings across
-processes with gradient, and process ``r`` of ``W`` receives batch ``W * s + r`` of one seeded permutation, so a
-run on ``W`` processes with ``B`` patients each equals one process with ``W * B`` patients.
+processes with gradient, process ``r`` of ``W`` receives batch ``W * s + r`` of one seeded permutation, and every
+random draw depends on ``(seed, epoch, patient)`` only, so a run on ``W`` processes with ``B`` patients each trains
+on the same batches, augmentations and learning rates as one process with ``W * B`` patients, with the same
+gradients up to float rounding (summation order), which AdamW amplifies over steps
+(``benchmarks/distributed_equality.py``). A BatchNorm tower is not equal: each process uses its own batch statistics.
 On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes N`` runs the processes on CPU with gloo
 (train.py then builds the ``Accelerator`` with ``cpu=True``; the launcher's ``--cpu`` cannot be combined with
 ``--multi_gpu``).

@@ -72,7 +72,7 @@ def gather_with_grad(t: Tensor) -> Tensor:
     Identity when ``torch.distributed`` is unavailable, not initialised, or the world size is 1. The backward
     of the gather sums, over ranks, the gradients every rank's loss sends to this rank's shard; since every
     rank computes the same global loss ``L``, the local shard receives ``world_size * dL/dshard``, and DDP's
-    gradient averaging over ranks then yields exactly the single-process gradient ``dL/dtheta``.
+    gradient averaging over ranks then yields the single-process gradient ``dL/dtheta`` (up to float rounding).
 
     Args:
         t (`torch.Tensor`): local shard, same shape on every process (dim 0 is the per-process batch).
