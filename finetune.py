@@ -51,7 +51,7 @@ from transformers import get_scheduler
 from hlss_hf.augmentation import build_augmentation
 from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
 from hlss_hf.config import ConfigError, FinetuneConfig, flatten_config, format_help, parse_config
-from hlss_hf.data import _FixedArrayReader, to_float
+from hlss_hf.data import DatasetError, _FixedArrayReader, load_split, split_names, to_float
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.harness import (
     JsonlWriter,
@@ -122,7 +122,8 @@ def augmentation_config(spec: str | dict) -> dict | str:
 def load_patch_dataset(
     path_or_id: str, config_name: str | None = None, cache_dir: str | None = None
 ) -> datasets.DatasetDict:
-    """Load a patch dataset: a `save_to_disk` folder, a Hub-layout folder or a Hub id.
+    """Every split of a patch dataset, each read by `hlss_hf.data.load_split` (a `save_to_disk` folder, a Hub-layout
+    folder or a Hub id; a mistyped path, an unreachable id or a single saved split end in one line naming it).
 
     Args:
         path_or_id (`str`): folder or Hub dataset id.
@@ -132,50 +133,44 @@ def load_patch_dataset(
     Returns:
         `datasets.DatasetDict`.
     """
-    path = Path(path_or_id)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        loaded = datasets.load_dataset(path_or_id, config_name, cache_dir=cache_dir)
-    if isinstance(loaded, datasets.Dataset):
-        raise ValueError(
-            f"dataset {path_or_id!r} is a single split; expected a DatasetDict with named splits"
-        )
-    return loaded
+    names = split_names(path_or_id, config_name=config_name, key="data.dataset")
+    common = dict(config_name=config_name, cache_dir=cache_dir, required_columns=(), key="data.dataset")
+    return datasets.DatasetDict({name: load_split(path_or_id, name, **common) for name in names})
 
 
 def select_splits(
     data: datasets.DatasetDict, args: FinetuneConfig
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, str | None]:
-    """Pick the training and evaluation splits (`None` when evaluation is off) and check they are not empty."""
-    if args.data.train_split not in data:
-        raise ValueError(
-            f"dataset {args.data.dataset!r} has no split {args.data.train_split!r}; splits: {list(data)}"
-        )
+    """Pick the training and evaluation splits (`None` when evaluation is off) with `hlss_hf.data.load_split`,
+    which names a missing or empty split."""
+    common = dict(required_columns=(), name=args.data.dataset)
+    train = load_split(
+        data,
+        args.data.train_split,
+        max_samples=args.data.max_train_samples,
+        split_key="data.train_split",
+        **common,
+    )
     eval_name = args.data.validation_split
-    if eval_name is not None and eval_name not in data:
-        if eval_name == "validation" and "test" in data:
-            warnings.warn(
-                f"dataset {args.data.dataset!r} has no 'validation' split; evaluating on 'test'", stacklevel=2
-            )
-            eval_name = "test"
-        else:
-            raise ValueError(
-                f"dataset {args.data.dataset!r} has no split {eval_name!r} to evaluate on; splits: "
-                f"{list(data)} "
-                "(use --validation_split null to skip evaluation)"
-            )
-    train = data[args.data.train_split]
-    if args.data.max_train_samples is not None:
-        train = train.select(range(min(args.data.max_train_samples, len(train))))
+    if eval_name == "validation" and eval_name not in data and "test" in data:
+        warnings.warn(
+            f"dataset {args.data.dataset!r} has no 'validation' split; evaluating on 'test'", stacklevel=2
+        )
+        eval_name = "test"
     evaluation = None
     if eval_name is not None:
-        evaluation = data[eval_name]
-        if args.data.max_eval_samples is not None:
-            evaluation = evaluation.select(range(min(args.data.max_eval_samples, len(evaluation))))
-    for name, split in ((args.data.train_split, train), (eval_name, evaluation)):
-        if split is not None and len(split) == 0:
-            raise ValueError(f"split {name!r} of dataset {args.data.dataset!r} is empty")
+        try:
+            evaluation = load_split(
+                data,
+                eval_name,
+                max_samples=args.data.max_eval_samples,
+                split_key="data.validation_split",
+                **common,
+            )
+        except DatasetError as error:
+            if eval_name in data:
+                raise
+            raise DatasetError(f"{error}; use --validation_split null to skip evaluation") from error
     return train, evaluation, eval_name
 
 

@@ -35,30 +35,33 @@ README.md), ``metrics.jsonl`` (one JSON object per logged step and evaluation), 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import logging
 import math
-import os
-import re
-import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, Sampler
 
 REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+from hlss_hf.building import (  # noqa: E402
+    build_image_processor,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    dataset_scale,
+    load_splits,
+    resolve_attributes,
+    resolve_tower,
+)
 from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
+from hlss_hf.data import build_train_loader  # noqa: E402
+from hlss_hf.data import stream_batches as _stream_batches  # noqa: E402
 from hlss_hf.harness import (  # noqa: E402
     RESUMABLE_KEYS,
     CheckpointError,
@@ -84,6 +87,7 @@ from hlss_hf.harness import (  # noqa: E402
     weights_finite,
     write_files_atomically,
 )
+from hlss_hf.model_card import push_to_hub, render_model_card  # noqa: E402
 
 logger = logging.getLogger("hlss_hf.train")
 
@@ -108,351 +112,6 @@ class TextTowerGuard:
             raise RuntimeError(
                 "the text tower ran during a training step; the attribute banks must be precomputed"
             )
-
-
-class EpochPermutationSampler(Sampler[int]):
-    """A permutation of the dataset's indices drawn from ``(seed, epoch)`` only.
-
-    The permutation is cut to a multiple of ``multiple`` (the global micro-batch: per-device batch x processes),
-    so every process gets the same number of full batches and a run on W processes sees exactly the batches of
-    a single-process run with W times the per-device batch.
-
-    Args:
-        length (`int`): Dataset size.
-        seed (`int`): Base seed.
-        multiple (`int`): Keep the first ``floor(length / multiple) * multiple`` indices of each permutation.
-        drop_last (`bool`, *optional*, defaults to `True`): Cut to ``multiple``; `False` keeps every index.
-    """
-
-    def __init__(self, length: int, seed: int, multiple: int, drop_last: bool = True) -> None:
-        self.length = length
-        self.seed = seed
-        self.multiple = multiple
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return (self.length // self.multiple) * self.multiple if self.drop_last else self.length
-
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.length)
-        return iter(order[: len(self)].tolist())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model
-
-
-def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
-    """Turn a tower spec from the config into what ``from_vision_text_pretrained`` accepts.
-
-    Args:
-        spec: Hub id / local folder (returned as is), ``pkg:<module>`` (that package's ``model`` folder), or a
-            mapping of config fields with ``model_type`` (a ``PretrainedConfig``: random init).
-        fallback: Used when ``spec`` is ``pkg:<module>`` and the module is not installed.
-        role (`str`): `vision` or `text`, for error messages.
-    """
-    from transformers import AutoConfig
-
-    if isinstance(spec, dict):
-        fields = dict(spec)
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    if isinstance(spec, str) and spec.startswith("pkg:"):
-        module_name = spec[len("pkg:") :]
-        if importlib.util.find_spec(module_name) is None:
-            if fallback is None:
-                raise ConfigError(f"config key 'model.{role}': package {module_name!r} is not installed")
-            logger.warning("%s is not installed; using model.%s_fallback", module_name, role)
-            return resolve_tower(fallback, None, role)
-        module = importlib.import_module(module_name)
-        return os.path.join(os.path.dirname(module.__file__), "model")
-    return spec
-
-
-def resolve_attributes(spec: Any) -> Any:
-    """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
-    from hlss_hf.modeling_hlss import shipped_attribute_file
-
-    if isinstance(spec, dict):
-        return spec
-    if Path(spec).is_file():
-        return str(spec)
-    try:
-        return shipped_attribute_file(spec)
-    except ValueError as err:
-        raise ConfigError(f"config key 'model.attributes': {err}") from err
-
-
-def fallback_tokenizer(attributes: Any):
-    """A BERT-style word-level tokenizer whose vocabulary is the words of the attribute descriptions.
-
-    Only for a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
-    consistent tokenisation of the descriptions gives distinct random bank rows.
-    """
-    import re
-
-    from transformers import BertTokenizerFast
-
-    from hlss_hf.modeling_hlss import load_attributes
-
-    words = set()
-    for bank in load_attributes(attributes).values():
-        for descriptions in bank.values():
-            for text in descriptions:
-                words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "vocab.txt"
-        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
-
-
-def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
-    """The text tower's tokenizer: ``model.tokenizer``, else the tower's own (open_clip towers' too), else
-    :func:`fallback_tokenizer`."""
-    from hlss_hf.configuration_hlss import OpenCLIPTextConfig
-    from hlss_hf.modeling_hlss import load_text_tokenizer
-
-    spec = config.model.tokenizer
-    if spec is not None:
-        return load_text_tokenizer(resolve_tower(spec, None, "tokenizer"))
-    if isinstance(text, str | OpenCLIPTextConfig):
-        return load_text_tokenizer(text)
-    vocab_size = getattr(text, "vocab_size", None)
-    tokenizer = fallback_tokenizer(attributes)
-    if vocab_size is not None and len(tokenizer) > vocab_size:
-        raise ConfigError(
-            f"config key 'model.text': vocab_size {vocab_size} is smaller than the {len(tokenizer)} words of the "
-            "attribute descriptions; raise it or set model.tokenizer"
-        )
-    return tokenizer
-
-
-def dataset_scale(dataset) -> dict[str, float]:
-    """Median ``mpp`` / ``magnification`` of a (map-style) patch dataset, when its rows record them.
-
-    Saved in the model config as provenance: users then know the scale the encoder expects.
-    """
-    scale = {}
-    names = getattr(dataset, "column_names", None) or []
-    for column in ("mpp", "magnification"):
-        if column in names:
-            values = np.asarray(dataset.data.column(column).to_numpy(zero_copy_only=False), dtype=np.float64)
-            values = values[np.isfinite(values) & (values > 0)]
-            if values.size:
-                scale[column] = float(np.median(values))
-    return scale
-
-
-def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict | None = None):
-    """Build a fresh ``HLSSModel`` from the config (towers, attribute banks, loss settings).
-
-    Args:
-        config (`TrainConfig`): The run's config.
-        modality (`str`): `he` or `srh` (from the dataset).
-    """
-    from hlss_hf.modeling_hlss import HLSSModel
-
-    m = config.model
-    kwargs = dict(
-        temperature=m.temperature,
-        base_temperature=m.base_temperature,
-        lambda_patch=m.lambda_patch,
-        lambda_slide=m.lambda_slide,
-        lambda_patient=m.lambda_patient,
-        lambda_align=m.lambda_align,
-        align_temperature=m.align_temperature,
-        alignment_reduction=m.alignment_reduction,
-        use_visual_projection=m.use_visual_projection,
-        modality=modality,
-        image_size=config.data.crop_size,
-    )
-    if m.text_pooling is not None:
-        kwargs["text_pooling"] = m.text_pooling
-    if m.projection_dim is not None:
-        kwargs["projection_dim"] = m.projection_dim
-    kwargs.update(scale or {})
-    kwargs.update(m.config_kwargs)
-    model = HLSSModel.from_vision_text_pretrained(
-        resolve_tower(m.vision, None, "vision"),
-        resolve_tower(m.text, m.text_fallback, "text"),
-        attributes=resolve_attributes(m.attributes),
-        tokenizer=tokenizer,
-        **kwargs,
-    )
-    # The text tower is frozen: only the vision tower, the projection and the heads train.
-    model.text_model.requires_grad_(False)
-    return model
-
-
-def build_image_processor(config: TrainConfig, modality: str):
-    """The evaluation / inference image processor: ``data.eval_framing`` ``resize`` scales the whole patch to
-    ``data.crop_size`` (bicubic, the reference's framing); ``center_crop`` crops that size at native resolution,
-    after an optional shortest-edge resize to ``data.eval_resize``."""
-    from hlss_hf.processing_hlss import HLSSImageProcessor
-
-    d = config.data
-    if d.eval_framing == "resize":
-        return HLSSImageProcessor(
-            modality=modality,
-            do_resize=True,
-            size={"height": d.crop_size, "width": d.crop_size},
-            resample="bicubic",
-            do_center_crop=False,
-        )
-    return HLSSImageProcessor(
-        modality=modality,
-        do_resize=d.eval_resize is not None,
-        size={"shortest_edge": d.eval_resize or d.crop_size},
-        do_center_crop=True,
-        crop_size=d.crop_size,
-    )
-
-
-def build_processor(image_processor, tokenizer):
-    """The processor saved beside the model: the image processor + the text tower's tokenizer."""
-    from hlss_hf.processing_hlss import HLSSProcessor
-
-    return HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def load_splits(config: TrainConfig, accelerator) -> tuple[Any, Any]:
-    """Load (train, validation) splits: the demo hierarchy, a local dataset folder or a Hub dataset id."""
-    import datasets
-
-    d = config.data
-    if d.dataset == "demo":
-        from dataset_scripts.demo import build_demo_dataset
-
-        kwargs = dict(d.demo)
-        accepted = set(inspect.signature(build_demo_dataset).parameters) - {"output_dir"}
-        for key in kwargs:
-            if key not in accepted:
-                raise ConfigError(
-                    f"config key 'data.demo.{key}': not an argument of build_demo_dataset ({sorted(accepted)}); "
-                    "on the command line write mappings with a space after each colon: '{num_patients: 12}'"
-                )
-        kwargs.setdefault("seed", config.training.seed)
-        if d.cache_dir is not None:
-            cache = Path(d.cache_dir)
-            if not (cache / "dataset_dict.json").is_file():
-                if cache.exists():
-                    # Never replace a folder we did not write (or an older layout of the demo): say so instead.
-                    raise ConfigError(
-                        f"config key 'data.cache_dir': {cache} exists but holds no saved dataset "
-                        "(dataset_dict.json); delete it or choose another folder"
-                    )
-                # Main process first: the others then load the finished folder.
-                build_demo_dataset(output_dir=cache, **kwargs)
-            splits = datasets.load_from_disk(str(cache))
-        else:
-            splits = build_demo_dataset(output_dir=None, **kwargs)
-        train = splits[d.train_split]
-        val = splits[d.validation_split] if d.validation_split else None
-        return train, val
-    from hlss_hf.publishing import SourceError, check_local_source, hub_source_error
-    from hlss_hf.schema import PATIENT_ID, SLIDE_ID
-
-    # A mistyped local path stops here, named, instead of becoming a Hub lookup (hlss_hf.publishing.looks_local).
-    check_local_source(d.dataset, "dataset", "data.dataset")
-    path = Path(d.dataset)
-    source = str(path) if path.is_dir() else d.dataset
-    saved = path.is_dir() and (path / "dataset_dict.json").is_file()
-
-    def load(split: str, key: str, streaming: bool):
-        try:
-            if saved and not streaming:
-                # A save_to_disk folder (what the converters write): memory-mapped as it is, no cache copy.
-                from hlss_hf.evaluate import load_split
-
-                data = load_split(source, split)
-            else:
-                data = datasets.load_dataset(source, d.dataset_config_name, split=split, streaming=streaming)
-        except SourceError:
-            raise
-        except ValueError as err:
-            # load_split names a missing id column; datasets the missing split and the available ones.
-            if "column" in str(err):
-                raise ConfigError(f"config key 'data.dataset': {err}") from err
-            if "split" in str(err).lower():
-                raise ConfigError(f"config key '{key}': {err}") from err
-            raise
-        except Exception as err:
-            # Offline with an uncached id, or no such repo: one line naming the dataset.
-            source_error = hub_source_error(source, "dataset", err, "data.dataset")
-            if source_error is None:
-                raise
-            raise source_error from err
-        columns = data.column_names or (list(data.features) if data.features else None)  # None: a stream
-        missing = [name for name in (PATIENT_ID, SLIDE_ID) if columns is not None and name not in columns]
-        if missing:
-            raise ConfigError(
-                f"config key 'data.dataset': split {split!r} of {source!r} has no {' or '.join(missing)} column "
-                f"(it has {columns}); HLSS samples patients and slides: write the data with dataset_scripts/"
-            )
-        return data
-
-    train = load(d.train_split, "data.train_split", d.streaming)
-    val = load(d.validation_split, "data.validation_split", False) if d.validation_split else None
-    if d.demo:
-        # The demo config's data.demo stays set when only data.dataset is overridden on the command line.
-        logger.info("data.demo is ignored: data.dataset is %r, not the demo", d.dataset)
-    return train, val
-
-
-def build_train_loader(config: TrainConfig, train_ds, num_processes: int):
-    """The hierarchical DataLoader of one process (before ``accelerator.prepare``)."""
-    from hlss_hf.augmentation import build_augmentation
-    from hlss_hf.data import HierarchicalPatchDataset, HierarchicalStreamingDataset, collate_hierarchical
-
-    d, t = config.data, config.training
-    transform = build_augmentation(d.augmentation, d.crop_size)
-    common = dict(
-        num_slides=d.num_slides,
-        num_patches=d.num_patches,
-        num_views=d.num_views,
-        transform=transform,
-        seed=t.seed,
-    )
-    # A private generator: creating a DataLoader iterator then never draws from the global RNG, which keeps
-    # a resumed run's RNG stream identical to an uninterrupted one.
-    generator = torch.Generator().manual_seed(t.seed)
-    if d.streaming:
-        dataset = HierarchicalStreamingDataset(train_ds, **common)
-        loader = DataLoader(
-            dataset,
-            batch_size=t.per_device_batch_size,
-            collate_fn=collate_hierarchical,
-            num_workers=d.num_workers,
-            drop_last=True,
-            generator=generator,
-        )
-        return dataset, loader
-    dataset = HierarchicalPatchDataset(train_ds, balance_classes=d.balance_classes, **common)
-    global_batch = t.per_device_batch_size * num_processes
-    if d.drop_last and len(dataset) < global_batch:
-        raise ConfigError(
-            f"config key 'training.per_device_batch_size': {len(dataset)} training patients cannot fill one "
-            f"global batch of {global_batch} patients ({num_processes} process(es) x {t.per_device_batch_size})"
-        )
-    sampler = EpochPermutationSampler(len(dataset), t.seed, global_batch, drop_last=d.drop_last)
-    loader = DataLoader(
-        dataset,
-        batch_size=t.per_device_batch_size,
-        sampler=sampler,
-        collate_fn=collate_hierarchical,
-        num_workers=d.num_workers,
-        drop_last=d.drop_last,
-        generator=generator,
-    )
-    return dataset, loader
 
 
 def optimizer_groups(model, t) -> list[dict]:
@@ -491,7 +150,7 @@ def schedule_length(t, max_steps: int, steps_per_epoch: int | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation, checkpoints, model card, Hub
+# Evaluation and checkpoints
 
 
 def evaluate_knn(model, config: TrainConfig, train_ds, val_ds, image_processor) -> dict[str, float]:
@@ -511,225 +170,6 @@ def evaluate_knn(model, config: TrainConfig, train_ds, val_ds, image_processor) 
         )
     model.train(was_training)
     return {f"eval/{key}": float(value) for key, value in metrics.items()}
-
-
-FALLBACK_CARD = """---
-library_name: transformers
-pipeline_tag: image-feature-extraction
-tags: [hlss, histopathology, self-supervised-learning]
----
-
-# {{ model_name }}
-
-HLSS-pretrained {{ modality_name }} image encoder, trained on `{{ dataset_id }}` for {{ num_steps }} steps.
-
-| Level | Accuracy |
-|---|---|
-| Patch | {{ patch_acc }} |
-| Slide | {{ slide_acc }} |
-| Patient | {{ patient_acc }} |
-
-Command: `{{ training_command }}`
-"""
-_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-
-
-def _tower_name(spec: Any, tower_config: Any) -> str:
-    if isinstance(spec, str):
-        return spec
-    return f"random-init-{getattr(tower_config, 'model_type', 'model')}"
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _hub_links(dataset: str, towers: list[Any]) -> str:
-    """The card's `datasets` / `base_model` metadata: only names that are Hub ids (not local paths or configs).
-
-    A ``pkg:<module>`` tower names the Hub model the package ships (``publishing.PACKAGED_MODELS``); an open_clip
-    ``hf-hub:<id>`` tower names that repository.
-    """
-    from hlss_hf.publishing import PACKAGED_MODELS
-
-    def hub_id(spec: Any) -> str | None:
-        if isinstance(spec, str) and spec.startswith("pkg:"):
-            return PACKAGED_MODELS.get(spec[len("pkg:") :])
-        if isinstance(spec, str) and spec.startswith("hf-hub:"):
-            spec = spec[len("hf-hub:") :]
-        is_id = isinstance(spec, str) and _HUB_ID.match(spec) and not Path(spec).exists()
-        return spec if is_id else None
-
-    lines = []
-    if hub_id(dataset):
-        lines += ["datasets:", f"- {dataset}"]
-    bases = list(dict.fromkeys(name for name in map(hub_id, towers) if name))
-    if bases:
-        lines += ["base_model:", *(f"- {name}" for name in bases)]
-    return "".join(f"{line}\n" for line in lines)
-
-
-def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> dict:
-    """Every placeholder of ``model_card.md`` from the run (config, model, data, steps, metrics).
-
-    Args:
-        config (`TrainConfig`): The run's config.
-        state (`TrainState`): Final step / epoch.
-        metrics (`dict`): kNN metrics (``eval/patch/acc`` ...), possibly empty.
-        ctx (`dict`): ``model`` (unwrapped), ``train_dataset``, ``modality``, ``num_processes``, ``device``,
-            ``seconds``, ``argv``.
-    """
-    m, d, t = config.model, config.data, config.training
-    model, modality = ctx["model"], ctx["modality"]
-    mc = model.config
-    names = getattr(mc, "attribute_names", None) or {}
-    index = getattr(ctx.get("train_dataset"), "index", None)
-    srh = modality == "srh"
-    from hlss_hf.publishing import hub_url, license_metadata, model_index_yaml, scale_text
-
-    if d.dataset == "demo":
-        dataset_id = "hlss-synthetic-demo"
-    else:
-        dataset_id = Path(d.dataset).name if Path(d.dataset).exists() else d.dataset
-    is_hub_dataset = d.dataset != "demo" and bool(_HUB_ID.match(d.dataset)) and not Path(d.dataset).exists()
-    repo_id = t.push_to_hub or str(t.output_dir)
-    model_name = t.push_to_hub.split("/")[-1] if t.push_to_hub else Path(t.output_dir).name
-    num_labels = len(index.class_names) if index is not None else "n/a"
-    from hlss_hf.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
-
-    operations = d.augmentation if d.augmentation is not None else DEFAULT_AUGMENTATION
-    if isinstance(operations, str):
-        operations = AUGMENTATION_PRESETS[operations]
-    used = [name for name, params in operations.items() if params is not False] or ["centre crop only"]
-    if isinstance(d.augmentation, str):
-        used[0] = f"preset {d.augmentation} ({used[0]}"
-        used[-1] += ")"
-    warmup = f"{t.lr_scheduler} schedule with {t.warmup_ratio:.0%} warm-up"
-    device = ctx.get("device")
-    hardware = f"{ctx.get('num_processes', 1)} x {device}"
-    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        hardware = f"{ctx.get('num_processes', 1)} x {torch.cuda.get_device_name(torch.device(device))}"
-    values = {
-        "license_fields": license_metadata(t.model_license, t.project_url),
-        "model_index": model_index_yaml(
-            model_name,
-            metrics,
-            k=t.knn_k,
-            split=d.validation_split,
-            dataset_name=dataset_id,
-            dataset_id=d.dataset if is_hub_dataset else None,
-            aggregation=t.knn_aggregation,
-        ),
-        "hub_links": _hub_links(d.dataset, [m.vision, m.text]),
-        "knn_k": t.knn_k,
-        "knn_temperature": t.knn_temperature,
-        "knn_aggregation": t.knn_aggregation,
-        "knn_aggregation_rule": "per patch L1-normalised, softmax, averaged, as the HLSS reference"
-        if t.knn_aggregation == "reference"
-        else "raw votes summed",
-        "eval_framing": "the whole patch resized to the crop size (bicubic)"
-        if d.eval_framing == "resize"
-        else "a centre crop at native resolution",
-        "modality_tag": "stimulated-raman-histology" if srh else "h-and-e",
-        "modality_name": "SRH" if srh else "H&E",
-        "dataset_id": dataset_id,
-        "vision_model_name_or_path": _tower_name(m.vision, getattr(mc, "vision_config", None)),
-        "text_model_name_or_path": _tower_name(m.text, getattr(mc, "text_config", None)),
-        "vision_model_type": getattr(getattr(mc, "vision_config", None), "model_type", "n/a"),
-        "text_model_type": getattr(getattr(mc, "text_config", None), "model_type", "n/a"),
-        "model_name": model_name,
-        "repo_id": repo_id,
-        "hlss_hf_link": f"[`hlss_hf`]({t.project_url})" if t.project_url else "`hlss_hf`",
-        "dataset_link": f"[`{dataset_id}`]({hub_url(d.dataset, 'dataset')})"
-        if is_hub_dataset
-        else f"`{dataset_id}`",
-        "projection_dim": getattr(mc, "projection_dim", "n/a"),
-        "num_patch_attributes": len(names.get("patch", [])),
-        "num_slide_attributes": len(names.get("slide", [])),
-        "num_patient_attributes": len(names.get("patient", [])),
-        "image_size": d.crop_size,
-        "scale": scale_text(getattr(mc, "mpp", None), getattr(mc, "magnification", None)),
-        "input_description": "2-channel uint16 SRH arrays [H, W, 2]"
-        if srh
-        else "RGB images (PIL or uint8 arrays)",
-        "example_prompt": "an SRH image of a glioma" if srh else "an H&E image of tumour tissue",
-        "num_labels": num_labels,
-        "class_names": ", ".join(f"`{name}`" for name in index.class_names) if index is not None else "n/a",
-        "num_train_patients": index.num_patients if index is not None else "n/a (streamed)",
-        "num_train_slides": index.num_slides if index is not None else "n/a",
-        "num_train_patches": index.num_patches if index is not None else "n/a",
-        "batch_patients": t.per_device_batch_size,
-        "slides_per_patient": d.num_slides,
-        "patches_per_slide": d.num_patches,
-        "views_per_patch": d.num_views,
-        "num_processes": ctx.get("num_processes", 1),
-        "augmentations": ", ".join(used),
-        "temperature": m.temperature,
-        "lambda_patch": m.lambda_patch,
-        "lambda_slide": m.lambda_slide,
-        "lambda_patient": m.lambda_patient,
-        "lambda_align": m.lambda_align,
-        "align_temperature": m.align_temperature,
-        "optimizer": f"AdamW (weight decay {t.weight_decay}, betas ({t.adam_beta1}, {t.adam_beta2}))",
-        "learning_rate": t.lr,
-        "schedule": warmup,
-        "num_steps": state.step,
-        "mixed_precision": ctx.get("mixed_precision", t.mixed_precision),
-        "seed": t.seed,
-        "hardware": hardware,
-        "training_time": f"{ctx.get('seconds', 0.0) / 60:.1f} min",
-        "training_command": "python train.py " + " ".join(shlex.quote(a) for a in ctx.get("argv", [])),
-        "eval_split": d.validation_split or "none",
-        "evaluation_notes": "" if metrics else "No evaluation ran.",
-        "limitations": (
-            "This checkpoint comes from the synthetic demo (tiny towers, procedural textures): it only "
-            "demonstrates the pipeline and has no diagnostic or research value."
-            if d.dataset == "demo"
-            else f"Pretrained for {state.step} steps; check the evaluation above on your own data before use."
-        ),
-        "citation": "",
-    }
-    for level in ("patch", "slide", "patient"):
-        for key in ("acc", "top2", "top3", "mca", "map"):
-            value = metrics.get(f"eval/{level}/{key}")
-            values[f"{level}_{key}"] = f"{100 * value:.1f}" if value is not None else "n/a"
-    return values
-
-
-def render_model_card(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> str:
-    """Fill ``model_card.md`` (repo root) with :func:`model_card_values`; placeholders are ``{{ name }}``.
-
-    Without the template (train.py copied away from the checkout), a short built-in card is used.
-    """
-    template_path = REPO_ROOT / "model_card.md"
-    if template_path.is_file():
-        template = template_path.read_text(encoding="utf-8")
-    else:
-        logger.warning("model_card.md template not found beside train.py; writing a short card")
-        template = FALLBACK_CARD
-    values = model_card_values(config, state, metrics, ctx)
-    return _PLACEHOLDER.sub(lambda match: str(values.get(match.group(1), "n/a")), template)
-
-
-def push_to_hub(config: TrainConfig) -> str:
-    """Upload the output folder (model, processor, card, metrics) to ``training.push_to_hub``."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    repo_id = config.training.push_to_hub
-    api.create_repo(repo_id, private=config.training.hub_private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=config.training.output_dir,
-        ignore_patterns=[
-            "checkpoints/*",
-            "runs/*",
-            "demo_dataset/*",
-            "*.tmp",
-            config.training.project_name + "/*",
-        ],
-        commit_message="HLSS pretraining: model, processor and model card",
-    )
-    return str(getattr(commit, "commit_url", commit))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1151,31 +591,6 @@ def save_final_model(
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
     write_files_atomically(run_dir, write)
-
-
-def _stream_batches(loader, dataset, skip: int, device):
-    """Endless batches from a streaming loader (epoch after epoch), skipping the ``skip`` already trained on.
-
-    Each process reads its own patients, so processes may finish a pass at different times; cycling keeps every
-    process stepping until ``max_steps``.
-    """
-    from accelerate.utils import send_to_device
-
-    epoch = 0
-    while True:
-        dataset.set_epoch(epoch)
-        produced = False
-        for batch in loader:
-            produced = True
-            if skip:
-                skip -= 1
-                continue
-            yield send_to_device(batch, device)
-        if not produced:
-            raise RuntimeError(
-                "the streaming training split produced no batch (fewer patients than one batch?)"
-            )
-        epoch += 1
 
 
 def format_knn(metrics: dict[str, float], t) -> str:

@@ -40,8 +40,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from hlss_hf import building  # noqa: E402
 from hlss_hf.augmentation import DEFAULT_AUGMENTATION  # noqa: E402
-from hlss_hf.training_utils import parse_config  # noqa: E402
+from hlss_hf.config import parse_config  # noqa: E402
+from hlss_hf.data import build_train_loader  # noqa: E402
 
 LEVELS = ("patch", "slide", "patient")
 METHODS = ("random", "simclr", "hidisc", "hlss")
@@ -148,7 +150,7 @@ def pretrain(model, config, train_ds, steps: int, seed: int) -> list[float]:
 
     t = config.training
     torch.manual_seed(seed)
-    dataset, loader = train.build_train_loader(config, train_ds, 1)
+    dataset, loader = build_train_loader(config, train_ds, 1)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -186,7 +188,7 @@ def knn(model, config, train_ds, val_ds, eval_resize: int | None = None) -> dict
     if eval_resize is not None:
         config = copy.deepcopy(config)
         config.data.eval_resize = eval_resize or None
-    metrics = train.evaluate_knn(model, config, train_ds, val_ds, train.build_image_processor(config, "he"))
+    metrics = train.evaluate_knn(model, config, train_ds, val_ds, building.build_image_processor(config, "he"))
     return {level: metrics[f"eval/{level}/acc"] for level in LEVELS}
 
 
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     config = build_config(args, seeds[0])
-    train_ds, val_ds = train.load_splits(config, None)
+    train_ds, val_ds = building.load_splits(config, None)
     n_val = len(set(val_ds["patient_id"]))
     print(
         f"data: {len(set(train_ds['patient_id']))} train / {n_val} validation patients, "
@@ -266,12 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
     losses: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     colour = colour_baseline(train_ds, val_ds, args.knn_k)
     print("colour statistics: " + " / ".join(f"{colour[level]:.3f}" for level in LEVELS), flush=True)
-    text = train.resolve_tower(config.model.text, config.model.text_fallback, "text")
-    tokenizer = train.build_tokenizer(config, text, train.resolve_attributes(config.model.attributes))
+    text = building.resolve_tower(config.model.text, config.model.text_fallback, "text")
+    tokenizer = building.build_tokenizer(config, text, building.resolve_attributes(config.model.attributes))
     for seed in seeds:
         config = build_config(args, seed)
         torch.manual_seed(seed)
-        base = train.build_model(config, "he", tokenizer)
+        base = building.build_model(config, "he", tokenizer)
         for method in methods:
             tic = time.perf_counter()
             model = copy.deepcopy(base)

@@ -29,21 +29,29 @@ Example:
 ```
 
 Streaming sources (``load_dataset(..., streaming=True)``) go through :class:`HierarchicalStreamingDataset`.
+
+:func:`load_split` is the one way the scripts read a split (a converted folder, a Hub id, streaming or not), with
+one-line errors naming the dataset, the split and the setting; :func:`build_train_loader` builds the pretraining
+loader from a ``TrainConfig``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from .augmentation import HLSSAugmentation
 from .schema import IMAGE, LABEL, PATIENT_ID, SLIDE_ID, decode_image, modality_of
@@ -55,6 +63,12 @@ __all__ = [
     "HierarchicalCollator",
     "collate_hierarchical",
     "to_float",
+    "DatasetError",
+    "load_split",
+    "split_names",
+    "EpochPermutationSampler",
+    "build_train_loader",
+    "stream_batches",
 ]
 
 #: A transform takes a float image ``[C, H, W]`` and a ``torch.Generator`` (the only source of randomness it
@@ -745,3 +759,302 @@ class HierarchicalStreamingDataset(IterableDataset):
             "patient_id": patient,
             "slide_ids": chosen,
         }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a split: train.py, finetune.py and `python -m hlss_hf.evaluate` all read their data here.
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as asked: a missing or empty split, a missing column, no data files.
+
+    The message names the dataset, the split and the setting that chose them.
+    """
+
+
+def _by(key: str | None) -> str:
+    return f" ({key})" if key else ""
+
+
+def _loading_error(source: str, error: BaseException, key: str | None) -> Exception | None:
+    """The one-line error for a failed ``load_dataset`` / ``get_dataset_split_names``, or ``None`` (re-raise)."""
+    from .publishing import hub_source_error
+
+    source_error = hub_source_error(source, "dataset", error, key)  # offline, unknown or unreachable Hub id
+    if source_error is not None:
+        return source_error
+    if isinstance(error, FileNotFoundError) and os.path.isdir(source):  # e.g. a folder without data files
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return DatasetError(f"dataset {source!r}{_by(key)}: {first}")
+    return None
+
+
+def split_names(
+    source: str | os.PathLike | datasets.DatasetDict,
+    *,
+    config_name: str | None = None,
+    key: str | None = None,
+) -> list[str]:
+    """The split names of a dataset, read as :func:`load_split` reads it (no split is loaded).
+
+    Args:
+        source: a ``save_to_disk`` folder, a Hub-layout folder, a Hub dataset id or a ``DatasetDict``.
+        config_name (`str`, *optional*): the dataset configuration.
+        key (`str`, *optional*): the setting that named the dataset (e.g. ``"--dataset"``), named in errors.
+    """
+    if isinstance(source, datasets.DatasetDict | datasets.IterableDatasetDict):
+        return list(source)
+    from .publishing import check_local_source
+
+    check_local_source(source, "dataset", key)
+    path = Path(os.path.expanduser(os.fspath(source)))
+    if (path / "dataset_dict.json").is_file():
+        return list(json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"])
+    _check_not_single_split(path, os.fspath(source), key)
+    local = str(path) if path.is_dir() else os.fspath(source)
+    try:
+        return list(datasets.get_dataset_split_names(local, config_name))
+    except Exception as err:
+        error = _loading_error(local, err, key)
+        if error is None:
+            raise
+        raise error from err
+
+
+def _check_not_single_split(path: Path, label: str, key: str | None) -> None:
+    if (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+        raise DatasetError(
+            f"dataset {label!r}{_by(key)} is one saved split (Dataset.save_to_disk), not a dataset with named "
+            "splits: save a DatasetDict, or write the data with dataset_scripts/"
+        )
+
+
+def load_split(
+    source: str | os.PathLike | datasets.DatasetDict,
+    split: str,
+    *,
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+    streaming: bool = False,
+    max_samples: int | None = None,
+    required_columns: Sequence[str] = (PATIENT_ID, SLIDE_ID),
+    key: str | None = None,
+    split_key: str | None = None,
+    name: str | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """One split of a patch dataset, checked: the one loader of ``train.py``, ``finetune.py`` and
+    ``python -m hlss_hf.evaluate``.
+
+    Whatever goes wrong ends in one line naming the dataset and the setting that chose it: a mistyped local path
+    (:class:`~hlss_hf.publishing.SourceError`, never looked up on the Hub), an id that is not in the cache while
+    offline or not on the Hub (``SourceError``), a folder without data files, a single saved split, a missing
+    split (listing the splits there are), an empty split, or a missing required column (:class:`DatasetError`).
+
+    Args:
+        source (`str`, `os.PathLike` or `datasets.DatasetDict`): a ``save_to_disk`` folder (what the converters
+            write; memory-mapped, only this split is opened), a Hub-layout folder (data files, README configs), a
+            Hub dataset id, or splits already in memory.
+        split (`str`): the split to load.
+        config_name (`str`, *optional*): the dataset configuration (``load_dataset``'s ``name``).
+        cache_dir (`str`, *optional*): the ``datasets`` cache folder.
+        streaming (`bool`, defaults to `False`): return an ``IterableDataset`` (read as it is iterated).
+        max_samples (`int`, *optional*): keep the first ``max_samples`` rows.
+        required_columns (`Sequence[str]`, defaults to the patient and slide ids): columns the split must have.
+        key (`str`, *optional*): the setting that named the dataset (e.g. ``"data.dataset"``, ``"--dataset"``).
+        split_key (`str`, *optional*): the setting that named the split (e.g. ``"data.train_split"``).
+        name (`str`, *optional*): what errors call the dataset (default: ``source``; "in-memory" for splits).
+
+    Returns:
+        `datasets.Dataset`, or `datasets.IterableDataset` when ``streaming``.
+
+    Example:
+
+    ```python
+    >>> from hlss_hf.data import load_split
+    >>> train = load_split("data/opensrh", "train", key="--dataset", split_key="--train-split")
+    ```
+    """
+    in_memory = isinstance(source, datasets.DatasetDict)
+    label = name if name is not None else ("in-memory" if in_memory else os.fspath(source))
+
+    def missing_split(names: list[str] | None) -> DatasetError:
+        listed = f"; its splits are {names}" if names is not None else ""
+        return DatasetError(f"dataset {label!r} has no split {split!r}{_by(split_key)}{listed}")
+
+    def empty_split() -> DatasetError:
+        return DatasetError(f"split {split!r} of dataset {label!r} is empty{_by(split_key)}")
+
+    if in_memory:
+        if split not in source:
+            raise missing_split(list(source))
+        data = source[split].to_iterable_dataset() if streaming else source[split]
+    else:
+        from .publishing import check_local_source
+
+        check_local_source(source, "dataset", key)  # a mistyped path is named here, not looked up on the Hub
+        path = Path(os.path.expanduser(os.fspath(source)))
+        _check_not_single_split(path, label, key)
+        if (path / "dataset_dict.json").is_file() and not streaming:
+            names = split_names(path)
+            if split not in names:
+                raise missing_split(names)
+            try:
+                data = datasets.load_from_disk(str(path / split))
+            except IndexError as err:  # datasets fails this way on a split saved with no rows
+                raise empty_split() from err
+        else:
+            local = str(path) if path.is_dir() else os.fspath(source)
+            try:
+                data = datasets.load_dataset(
+                    local, config_name, split=split, streaming=streaming, cache_dir=cache_dir
+                )
+            except Exception as err:
+                error = _loading_error(local, err, key)
+                if (
+                    error is None
+                    and isinstance(err, ValueError)
+                    and re.search(r"(Unknown|Bad) split", str(err))
+                ):
+                    try:
+                        names = split_names(source, config_name=config_name, key=key)
+                    except Exception:
+                        names = None
+                    error = missing_split(names)
+                if error is None:
+                    raise
+                raise error from err
+    if isinstance(data, datasets.Dataset) and len(data) == 0:
+        raise empty_split()
+    columns = data.column_names or (list(data.features) if data.features else None)  # None: a bare stream
+    absent = [column for column in required_columns if columns is not None and column not in columns]
+    if absent:
+        raise DatasetError(
+            f"split {split!r} of dataset {label!r}{_by(key)} has no {' or '.join(absent)} column (it has "
+            f"{columns}); HLSS needs the slide and patient of every patch: write the data with dataset_scripts/"
+        )
+    if max_samples is not None:
+        if isinstance(data, datasets.IterableDataset):
+            data = data.take(max_samples)
+        else:
+            data = data.select(range(min(max_samples, len(data))))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pretraining loader
+
+
+class EpochPermutationSampler(Sampler[int]):
+    """A permutation of the dataset's indices drawn from ``(seed, epoch)`` only.
+
+    The permutation is cut to a multiple of ``multiple`` (the global micro-batch: per-device batch x processes),
+    so every process gets the same number of full batches and a run on W processes sees exactly the batches of
+    a single-process run with W times the per-device batch.
+
+    Args:
+        length (`int`): Dataset size.
+        seed (`int`): Base seed.
+        multiple (`int`): Keep the first ``floor(length / multiple) * multiple`` indices of each permutation.
+        drop_last (`bool`, *optional*, defaults to `True`): Cut to ``multiple``; `False` keeps every index.
+    """
+
+    def __init__(self, length: int, seed: int, multiple: int, drop_last: bool = True) -> None:
+        self.length = length
+        self.seed = seed
+        self.multiple = multiple
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.length // self.multiple) * self.multiple if self.drop_last else self.length
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.length)
+        return iter(order[: len(self)].tolist())
+
+
+def build_train_loader(config, train_ds, num_processes: int) -> tuple[Dataset | IterableDataset, DataLoader]:
+    """The hierarchical dataset and DataLoader of one pretraining process (before ``accelerator.prepare``).
+
+    Args:
+        config (`TrainConfig`): the run's config (``data`` and ``training`` sections).
+        train_ds (`datasets.Dataset` or `datasets.IterableDataset`): the training split (a stream when
+            ``data.streaming``).
+        num_processes (`int`): processes sharing the global batch.
+
+    Returns:
+        `(dataset, loader)`: a :class:`HierarchicalPatchDataset` with an :class:`EpochPermutationSampler`, or a
+        :class:`HierarchicalStreamingDataset`.
+    """
+    from .augmentation import build_augmentation
+    from .config import ConfigError
+
+    d, t = config.data, config.training
+    transform = build_augmentation(d.augmentation, d.crop_size)
+    common = dict(
+        num_slides=d.num_slides,
+        num_patches=d.num_patches,
+        num_views=d.num_views,
+        transform=transform,
+        seed=t.seed,
+    )
+    # A private generator: creating a DataLoader iterator then never draws from the global RNG, which keeps
+    # a resumed run's RNG stream identical to an uninterrupted one.
+    generator = torch.Generator().manual_seed(t.seed)
+    if d.streaming:
+        dataset = HierarchicalStreamingDataset(train_ds, **common)
+        loader = DataLoader(
+            dataset,
+            batch_size=t.per_device_batch_size,
+            collate_fn=collate_hierarchical,
+            num_workers=d.num_workers,
+            drop_last=True,
+            generator=generator,
+        )
+        return dataset, loader
+    dataset = HierarchicalPatchDataset(train_ds, balance_classes=d.balance_classes, **common)
+    global_batch = t.per_device_batch_size * num_processes
+    if d.drop_last and len(dataset) < global_batch:
+        raise ConfigError(
+            f"config key 'training.per_device_batch_size': {len(dataset)} training patients cannot fill one "
+            f"global batch of {global_batch} patients ({num_processes} process(es) x {t.per_device_batch_size})"
+        )
+    sampler = EpochPermutationSampler(len(dataset), t.seed, global_batch, drop_last=d.drop_last)
+    loader = DataLoader(
+        dataset,
+        batch_size=t.per_device_batch_size,
+        sampler=sampler,
+        collate_fn=collate_hierarchical,
+        num_workers=d.num_workers,
+        drop_last=d.drop_last,
+        generator=generator,
+    )
+    return dataset, loader
+
+
+def stream_batches(loader, dataset, skip: int, device) -> Iterator[dict[str, Any]]:
+    """Endless batches from a streaming loader (epoch after epoch), skipping the ``skip`` already trained on.
+
+    Each process reads its own patients, so processes may finish a pass at different times; cycling keeps every
+    process stepping until ``max_steps``.
+    """
+    from accelerate.utils import send_to_device
+
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch)
+        produced = False
+        for batch in loader:
+            produced = True
+            if skip:
+                skip -= 1
+                continue
+            yield send_to_device(batch, device)
+        if not produced:
+            raise RuntimeError(
+                "the streaming training split produced no batch (fewer patients than one batch?)"
+            )
+        epoch += 1

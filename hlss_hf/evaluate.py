@@ -111,48 +111,12 @@ def _write_json(payload: Any, path: Path) -> None:
     write_text_atomically(path, json.dumps(payload, indent=2, allow_nan=True))
 
 
-def load_split(dataset_path: str, split: str, max_samples: int | None = None):
-    """One split of a dataset folder (Hub layout or `save_to_disk`) or Hub id; clear error for a missing split."""
-    import datasets
+def _load_split(dataset_path: str, split: str, max_samples: int | None = None, split_key: str = "--split"):
+    """One split of ``--dataset`` (:func:`hlss_hf.data.load_split`: a folder or Hub id, with the patient and slide
+    ids the slide and patient metrics need); errors name ``--dataset`` or `split_key`."""
+    from hlss_hf.data import load_split
 
-    from hlss_hf.publishing import check_local_source, hub_source_error
-    from hlss_hf.schema import PATIENT_ID, SLIDE_ID
-
-    check_local_source(dataset_path, "dataset")  # a mistyped path is named, not looked up on the Hub
-    saved_splits = Path(dataset_path, "dataset_dict.json")
-    if saved_splits.exists():  # a `save_to_disk` folder: only the split asked for is loaded
-        splits = None
-        names = json.loads(saved_splits.read_text())["splits"]
-    else:
-        try:
-            splits = datasets.load_dataset(dataset_path)
-        except Exception as err:
-            source_error = hub_source_error(dataset_path, "dataset", err)
-            if source_error is not None:
-                raise source_error from err
-            if isinstance(err, FileNotFoundError) and Path(dataset_path).is_dir():  # e.g. no data files in it
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise ValueError(f"dataset {dataset_path!r}: {first}") from err
-            raise
-        names = list(splits)
-    if split not in names:
-        raise ValueError(f"dataset {dataset_path!r} has no split {split!r}; its splits are {names}")
-    if splits is not None:
-        data = splits[split]
-    else:
-        try:
-            data = datasets.load_from_disk(str(Path(dataset_path, split)))
-        except IndexError as err:  # datasets fails this way on a split saved with no rows
-            raise ValueError(f"split {split!r} of dataset {dataset_path!r} is empty: nothing to evaluate") from err
-    missing = [name for name in (PATIENT_ID, SLIDE_ID) if name not in data.column_names]
-    if missing:
-        raise ValueError(
-            f"split {split!r} of dataset {dataset_path!r} has no {' or '.join(missing)} column (it has "
-            f"{data.column_names}); slide and patient metrics need them: write the data with dataset_scripts/"
-        )
-    if max_samples is not None:
-        data = data.select(range(min(max_samples, len(data))))
-    return data
+    return load_split(dataset_path, split, max_samples=max_samples, key="--dataset", split_key=split_key)
 
 
 def load_prompts(path: str | None, class_names: list[str]) -> dict[str, list[str]]:
@@ -332,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hlss_hf.schema import modality_of
 
     model, processor, tokenizer = _load_model(args)
-    evaluated = load_split(args.dataset, args.split, args.max_samples)
+    evaluated = _load_split(args.dataset, args.split, args.max_samples)
     processor = frame_processor(processor, args.framing, model, modality_of(evaluated.features))
     aggregation = args.aggregation or ("reference" if args.mode == "knn" else "sum")
 
@@ -381,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. Patch scores.
     if args.mode == "knn":
-        train = embed(load_split(args.dataset, args.train_split, args.max_samples))
+        train = embed(_load_split(args.dataset, args.train_split, args.max_samples, "--train-split"))
         scores = knn_scores(train, val, k=args.k, temperature=args.temperature)
         report["settings"] = {
             "k": min(args.k, len(train)),
@@ -391,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.mode == "linear":
         import torch
 
-        train = embed(load_split(args.dataset, args.train_split, args.max_samples))
+        train = embed(_load_split(args.dataset, args.train_split, args.max_samples, "--train-split"))
         if train.class_names != val.class_names:
             raise ValueError(
                 f"class names differ: {args.train_split} {train.class_names}, {args.split} {val.class_names}"
@@ -472,8 +436,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 check_local_source(spec, kind, f"--{kind}")  # both typos named before anything loads
             # Data problems (a missing split or id column) show before the model loads.
             banked = args.mode in ("knn", "linear")
-            for split in dict.fromkeys([args.split, *([args.train_split] if banked else [])]):
-                load_split(args.dataset, split)
+            splits = {args.split: "--split"}
+            if banked:
+                splits.setdefault(args.train_split, "--train-split")
+            for split, split_key in splits.items():
+                _load_split(args.dataset, split, split_key=split_key)
             report = run(args)
         except BaseException:
             cleanup()

@@ -129,20 +129,121 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~current
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place (the user's umask applies):
-    a reader sees the old file or the whole new one, never a part."""
+# ------------------------------------------------------------------ atomic writes
+# Every writer builds its output beside the destination and renames it into place when complete: a reader, or a
+# run that crashes half-way, sees the earlier version or the whole new one, never a part.
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path`` (the user's umask
+    applies). A failed ``write`` leaves ``path`` as it was.
+
+    Args:
+        path (`str` or `os.PathLike`): the file to (re)place.
+        write (`Callable[[Path], Any]`): writes the whole file at the path it is given (e.g.
+            ``lambda tmp: torch.save(payload, tmp)``).
+
+    Returns:
+        What ``write`` returns.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        result = write(Path(tmp))
         os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the file from the user's group
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return result
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`write_file_atomically`."""
+    write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
+    """Build a folder with ``write(tmp)`` in a temporary sibling of ``target``, then swap it in.
+
+    An earlier ``target`` is moved aside, the new folder renamed into place, and only then is the old copy deleted
+    (if the rename fails, the old copy is put back). A failed ``write`` leaves ``target`` untouched and removes the
+    temporary folder; one left by a killed process is removed by the next call (:func:`remove_stale_temporaries`).
+
+    Args:
+        target (`str` or `os.PathLike`): the folder to (re)place.
+        write (`Callable[[Path], Any]`): fills the empty folder it is given (e.g. ``model.save_pretrained``).
+
+    Returns:
+        What ``write`` returns.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        result = write(tmp)
+        _swap_in(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    # The pid lets remove_stale_temporaries tell a killed writer's leftovers from a running one's.
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    if not os.path.lexists(target):
+        os.replace(new, target)
+        return
+    # os.replace cannot replace a non-empty folder: move the old one aside, move the new one in, then delete.
+    old = _sibling(target, "old")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Delete what a killed writer left beside ``final``: ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*``
+    folders whose process no longer runs. Folders of a running writer are kept.
+
+    Returns:
+        The folders removed.
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    for path in final.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and not _pid_alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def knn_eval_results(
@@ -598,9 +699,10 @@ def write_patch_dataset(
     if output_dir is not None:
         final = check_output_dir(output_dir, overwrite).resolve()
         final.parent.mkdir(parents=True, exist_ok=True)
-        # The temporary folder sits next to the output so the final move is a rename on the same filesystem.
+        # Scratch space for the rows beside the output (its disk, not /tmp's); the dataset itself is then built in
+        # a sibling of its own and swapped in (write_folder_atomically).
         remove_stale_temporaries(final)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = _sibling(final, "tmp")
         tmp.mkdir()
     else:
         final = None
@@ -740,11 +842,13 @@ def write_patch_dataset(
                     push_to_hub, repo_type="dataset", commit_message="Add dataset card"
                 )
             else:
-                saved = tmp / "dataset"
-                written.save_to_disk(str(saved), max_shard_size=max_shard_bytes)
-                card = card_text(data_files=lambda split: f"{split}/data-*.arrow")
-                (saved / "README.md").write_text(card, encoding="utf-8")
-                _move_into_place(saved, final)
+
+                def save(folder: Path) -> None:
+                    written.save_to_disk(str(folder), max_shard_size=max_shard_bytes)
+                    card = card_text(data_files=lambda split: f"{split}/data-*.arrow")
+                    (folder / "README.md").write_text(card, encoding="utf-8")
+
+                write_folder_atomically(final, save)
         return summary
     finally:
         if tmp.exists():
@@ -762,47 +866,6 @@ def _progress_bars(show: bool):
     finally:
         if not show and not was_disabled:
             datasets.enable_progress_bars()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
-    """Delete what a killed conversion left beside ``final``: ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*``
-    folders whose process no longer runs. Folders of a running conversion are kept.
-
-    Returns:
-        The folders removed.
-    """
-    final = Path(final)
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
-    for path in final.parent.iterdir():
-        match = pattern.match(path.name)
-        if match and not _pid_alive(int(match.group(2))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():
-        # os.replace cannot replace a non-empty folder: move the old one aside, then delete it.
-        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -911,12 +974,15 @@ def describe_error(error: BaseException, user_errors: tuple[type[BaseException],
     Args:
         error (`BaseException`): the error.
         user_errors (`tuple` of exception types): errors whose message is already written for the user (bad input
-            naming the item); :class:`SourceError` and :class:`ConversionError` always are.
+            naming the item); :class:`SourceError`, :class:`ConversionError` and
+            :class:`hlss_hf.data.DatasetError` always are.
     """
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    from .data import DatasetError
+
     hub_errors = (HfHubHTTPError, OfflineModeIsEnabled)
-    if isinstance(error, (SourceError, ConversionError, *user_errors)):
+    if isinstance(error, (SourceError, ConversionError, DatasetError, *user_errors)):
         message = str(error)
     elif isinstance(error, hub_errors):
         message = f"Hub: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"

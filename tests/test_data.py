@@ -456,3 +456,150 @@ def test_streaming_he_parquet_decodes_png_rows(tmp_path):
         by_slide.setdefault(row["slide_id"], []).append(pixels)
     for item in items.values():
         assert any(torch.allclose(item["pixel_values"][0, 0, 0], c) for c in by_slide[item["slide_ids"][0]])
+
+
+# --- loading a split (hlss_hf.data.load_split: train.py, finetune.py and evaluate read data this way) -----------
+
+
+@pytest.fixture(scope="module")
+def split_sources(tmp_path_factory, srh_ds):
+    """The same two splits as a save_to_disk folder and as a Hub-layout folder (one parquet file per split)."""
+    root = tmp_path_factory.mktemp("sources")
+    splits = datasets.DatasetDict({"train": srh_ds, "validation": srh_ds.select(range(4))})
+    splits.save_to_disk(str(root / "saved"))
+    (root / "hub").mkdir()
+    for name, split in splits.items():
+        split.to_parquet(str(root / "hub" / f"{name}.parquet"))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["saved", "hub"])
+def test_load_split_reads_both_folder_layouts_with_max_samples(split_sources, srh_ds, layout):
+    from hlss_hf.data import load_split, split_names
+
+    source = str(split_sources / layout)
+    assert sorted(split_names(source)) == ["train", "validation"]
+    train = load_split(source, "train")
+    assert isinstance(train, datasets.Dataset) and train["patch_id"] == srh_ds["patch_id"]
+    assert load_split(source, "validation", max_samples=3)["patch_id"] == srh_ds["patch_id"][:3]
+    stream = load_split(source, "train", streaming=True, max_samples=5)
+    assert isinstance(stream, datasets.IterableDataset)
+    assert [row["patch_id"] for row in stream] == srh_ds["patch_id"][:5]
+
+
+@pytest.mark.parametrize("layout, streaming", [("saved", False), ("hub", False), ("hub", True)])
+def test_load_split_names_a_missing_split_its_setting_and_the_splits_there_are(
+    split_sources, layout, streaming
+):
+    from hlss_hf.data import DatasetError, load_split
+
+    source = str(split_sources / layout)
+    expected = (
+        rf"dataset '{source}' has no split 'test' \(--split\); its splits are \['train', 'validation'\]"
+    )
+    with pytest.raises(DatasetError, match=expected):
+        load_split(source, "test", streaming=streaming, key="--dataset", split_key="--split")
+
+
+def test_load_split_names_missing_id_columns_and_empty_splits(tmp_path, srh_ds):
+    from hlss_hf.data import DatasetError, load_split
+
+    folder = tmp_path / "flat"
+    flat = srh_ds.remove_columns(["patient_id", "slide_id"])
+    datasets.DatasetDict({"train": flat, "validation": flat.select([])}).save_to_disk(str(folder))
+    with pytest.raises(
+        DatasetError, match=r"'train' of dataset .*flat' \(data\.dataset\) has no patient_id or slide_id"
+    ):
+        load_split(str(folder), "train", key="data.dataset")
+    assert load_split(str(folder), "train", required_columns=())["patch_id"] == srh_ds["patch_id"]
+    with pytest.raises(DatasetError, match=r"split 'validation' of dataset .* is empty \(--eval_split\)"):
+        load_split(str(folder), "validation", required_columns=(), split_key="--eval_split")
+    in_memory = datasets.DatasetDict({"train": srh_ds, "validation": srh_ds.select([])})
+    with pytest.raises(DatasetError, match=r"split 'validation' of dataset 'demo' is empty"):
+        load_split(in_memory, "validation", name="demo")
+    with pytest.raises(DatasetError, match=r"dataset 'demo' has no split 'test' \(data\.validation_split\)"):
+        load_split(in_memory, "test", name="demo", split_key="data.validation_split")
+
+
+def test_load_split_bad_sources_are_one_line_errors_naming_the_setting(tmp_path, monkeypatch):
+    from hlss_hf.data import DatasetError, load_split, split_names
+    from hlss_hf.publishing import SourceError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SourceError, match=r"dataset 'data/dmo' \(--dataset\): no such folder"):
+        load_split("data/dmo", "train", key="--dataset")  # a mistyped path, never looked up on the Hub
+    with pytest.raises(DatasetError, match=r"dataset 'data' \(--dataset\): .*data files"):
+        load_split("data", "train", key="--dataset")
+    datasets.Dataset.from_dict({"patch_id": ["a"]}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DatasetError, match=r"dataset 'one' \(--dataset\) is one saved split"):
+        split_names("one", key="--dataset")
+    # HF_DATASETS_OFFLINE is set for these tests: an id that is not cached says so.
+    with pytest.raises(SourceError, match=r"'nobody/nothing' \(data\.dataset\).*offline"):
+        load_split("nobody/nothing", "train", key="data.dataset")
+
+
+# --- atomic writes (hlss_hf.publishing: what every writer of the project uses) ------------------------------------
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or ".old-" in p.name)
+
+
+def test_write_folder_atomically_swaps_in_a_complete_folder(tmp_path):
+    from hlss_hf.publishing import write_folder_atomically
+
+    target = tmp_path / "model"
+
+    def write(tmp):
+        assert list(tmp.iterdir()) == [] and tmp.parent == tmp_path  # an empty sibling: the swap is a rename
+        (tmp / "a.txt").write_text("first")
+        return "built"
+
+    assert write_folder_atomically(target, write) == "built"
+    assert (target / "a.txt").read_text() == "first"
+    write_folder_atomically(target, lambda tmp: (tmp / "b.txt").write_text("second"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced, nothing of the old copy kept
+    assert leftovers(tmp_path) == []
+
+
+def test_write_folder_atomically_keeps_the_old_folder_when_writing_or_swapping_fails(tmp_path, monkeypatch):
+    from hlss_hf import publishing
+
+    target = tmp_path / "model"
+    publishing.write_folder_atomically(target, lambda tmp: (tmp / "a.txt").write_text("keep"))
+
+    def fail(tmp):
+        (tmp / "half.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        publishing.write_folder_atomically(target, fail)
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and leftovers(tmp_path) == []
+
+    replace = os.replace
+
+    def replace_fails_for_the_new_folder(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        replace(src, dst)
+
+    monkeypatch.setattr(publishing.os, "replace", replace_fails_for_the_new_folder)
+    with pytest.raises(OSError, match="rename failed"):
+        publishing.write_folder_atomically(target, lambda tmp: (tmp / "b.txt").write_text("new"))
+    assert (target / "a.txt").read_text() == "keep" and leftovers(tmp_path) == []
+
+
+def test_write_text_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
+    from hlss_hf.publishing import write_file_atomically, write_text_atomically
+
+    path = tmp_path / "report.json"
+    write_text_atomically(path, "{}")
+
+    def fail(tmp):
+        tmp.write_text("{partial")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_file_atomically(path, fail)
+    assert path.read_text() == "{}" and leftovers(tmp_path) == []

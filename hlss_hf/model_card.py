@@ -1,0 +1,217 @@
+"""The model card of a pretraining run, and its upload to the Hub.
+
+:func:`render_model_card` fills the template shipped with the package (``hlss_hf/templates/model_card.md``, whose
+placeholders are ``{{ name }}``) with :func:`model_card_values`: towers, data, hierarchy, losses, optimisation,
+hardware and the kNN results of the run. ``train.py`` writes it as the output folder's ``README.md``;
+:func:`push_to_hub` uploads that folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hlss_hf.config import TrainConfig
+from hlss_hf.harness import TrainState
+
+#: The card template (package data).
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _tower_name(spec: Any, tower_config: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    return f"random-init-{getattr(tower_config, 'model_type', 'model')}"
+
+
+def hub_links(dataset: str, towers: list[Any]) -> str:
+    """The card's `datasets` / `base_model` metadata: only names that are Hub ids (not local paths or configs).
+
+    A ``pkg:<module>`` tower names the Hub model the package ships (``publishing.PACKAGED_MODELS``); an open_clip
+    ``hf-hub:<id>`` tower names that repository.
+
+    Args:
+        dataset (`str`): ``data.dataset``.
+        towers (`list`): the tower specs (``model.vision``, ``model.text``).
+    """
+    from hlss_hf.publishing import PACKAGED_MODELS
+
+    def hub_id(spec: Any) -> str | None:
+        if isinstance(spec, str) and spec.startswith("pkg:"):
+            return PACKAGED_MODELS.get(spec[len("pkg:") :])
+        if isinstance(spec, str) and spec.startswith("hf-hub:"):
+            spec = spec[len("hf-hub:") :]
+        is_id = isinstance(spec, str) and _HUB_ID.match(spec) and not Path(spec).exists()
+        return spec if is_id else None
+
+    lines = []
+    if hub_id(dataset):
+        lines += ["datasets:", f"- {dataset}"]
+    bases = list(dict.fromkeys(name for name in map(hub_id, towers) if name))
+    if bases:
+        lines += ["base_model:", *(f"- {name}" for name in bases)]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> dict:
+    """Every placeholder of the card template from the run (config, model, data, steps, metrics).
+
+    Args:
+        config (`TrainConfig`): The run's config.
+        state (`TrainState`): Final step / epoch.
+        metrics (`dict`): kNN metrics (``eval/patch/acc`` ...), possibly empty.
+        ctx (`dict`): ``model`` (unwrapped), ``train_dataset``, ``modality``, ``num_processes``, ``device``,
+            ``seconds``, ``argv``.
+    """
+    m, d, t = config.model, config.data, config.training
+    model, modality = ctx["model"], ctx["modality"]
+    mc = model.config
+    names = getattr(mc, "attribute_names", None) or {}
+    index = getattr(ctx.get("train_dataset"), "index", None)
+    srh = modality == "srh"
+    from hlss_hf.publishing import hub_url, license_metadata, model_index_yaml, scale_text
+
+    if d.dataset == "demo":
+        dataset_id = "hlss-synthetic-demo"
+    else:
+        dataset_id = Path(d.dataset).name if Path(d.dataset).exists() else d.dataset
+    is_hub_dataset = d.dataset != "demo" and bool(_HUB_ID.match(d.dataset)) and not Path(d.dataset).exists()
+    repo_id = t.push_to_hub or str(t.output_dir)
+    model_name = t.push_to_hub.split("/")[-1] if t.push_to_hub else Path(t.output_dir).name
+    num_labels = len(index.class_names) if index is not None else "n/a"
+    from hlss_hf.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
+
+    operations = d.augmentation if d.augmentation is not None else DEFAULT_AUGMENTATION
+    if isinstance(operations, str):
+        operations = AUGMENTATION_PRESETS[operations]
+    used = [name for name, params in operations.items() if params is not False] or ["centre crop only"]
+    if isinstance(d.augmentation, str):
+        used[0] = f"preset {d.augmentation} ({used[0]}"
+        used[-1] += ")"
+    warmup = f"{t.lr_scheduler} schedule with {t.warmup_ratio:.0%} warm-up"
+    device = ctx.get("device")
+    hardware = f"{ctx.get('num_processes', 1)} x {device}"
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        hardware = f"{ctx.get('num_processes', 1)} x {torch.cuda.get_device_name(torch.device(device))}"
+    values = {
+        "license_fields": license_metadata(t.model_license, t.project_url),
+        "model_index": model_index_yaml(
+            model_name,
+            metrics,
+            k=t.knn_k,
+            split=d.validation_split,
+            dataset_name=dataset_id,
+            dataset_id=d.dataset if is_hub_dataset else None,
+            aggregation=t.knn_aggregation,
+        ),
+        "hub_links": hub_links(d.dataset, [m.vision, m.text]),
+        "knn_k": t.knn_k,
+        "knn_temperature": t.knn_temperature,
+        "knn_aggregation": t.knn_aggregation,
+        "knn_aggregation_rule": "per patch L1-normalised, softmax, averaged, as the HLSS reference"
+        if t.knn_aggregation == "reference"
+        else "raw votes summed",
+        "eval_framing": "the whole patch resized to the crop size (bicubic)"
+        if d.eval_framing == "resize"
+        else "a centre crop at native resolution",
+        "modality_tag": "stimulated-raman-histology" if srh else "h-and-e",
+        "modality_name": "SRH" if srh else "H&E",
+        "dataset_id": dataset_id,
+        "vision_model_name_or_path": _tower_name(m.vision, getattr(mc, "vision_config", None)),
+        "text_model_name_or_path": _tower_name(m.text, getattr(mc, "text_config", None)),
+        "vision_model_type": getattr(getattr(mc, "vision_config", None), "model_type", "n/a"),
+        "text_model_type": getattr(getattr(mc, "text_config", None), "model_type", "n/a"),
+        "model_name": model_name,
+        "repo_id": repo_id,
+        "hlss_hf_link": f"[`hlss_hf`]({t.project_url})" if t.project_url else "`hlss_hf`",
+        "dataset_link": f"[`{dataset_id}`]({hub_url(d.dataset, 'dataset')})"
+        if is_hub_dataset
+        else f"`{dataset_id}`",
+        "projection_dim": getattr(mc, "projection_dim", "n/a"),
+        "num_patch_attributes": len(names.get("patch", [])),
+        "num_slide_attributes": len(names.get("slide", [])),
+        "num_patient_attributes": len(names.get("patient", [])),
+        "image_size": d.crop_size,
+        "scale": scale_text(getattr(mc, "mpp", None), getattr(mc, "magnification", None)),
+        "input_description": "2-channel uint16 SRH arrays [H, W, 2]"
+        if srh
+        else "RGB images (PIL or uint8 arrays)",
+        "example_prompt": "an SRH image of a glioma" if srh else "an H&E image of tumour tissue",
+        "num_labels": num_labels,
+        "class_names": ", ".join(f"`{name}`" for name in index.class_names) if index is not None else "n/a",
+        "num_train_patients": index.num_patients if index is not None else "n/a (streamed)",
+        "num_train_slides": index.num_slides if index is not None else "n/a",
+        "num_train_patches": index.num_patches if index is not None else "n/a",
+        "batch_patients": t.per_device_batch_size,
+        "slides_per_patient": d.num_slides,
+        "patches_per_slide": d.num_patches,
+        "views_per_patch": d.num_views,
+        "num_processes": ctx.get("num_processes", 1),
+        "augmentations": ", ".join(used),
+        "temperature": m.temperature,
+        "lambda_patch": m.lambda_patch,
+        "lambda_slide": m.lambda_slide,
+        "lambda_patient": m.lambda_patient,
+        "lambda_align": m.lambda_align,
+        "align_temperature": m.align_temperature,
+        "optimizer": f"AdamW (weight decay {t.weight_decay}, betas ({t.adam_beta1}, {t.adam_beta2}))",
+        "learning_rate": t.lr,
+        "schedule": warmup,
+        "num_steps": state.step,
+        "mixed_precision": ctx.get("mixed_precision", t.mixed_precision),
+        "seed": t.seed,
+        "hardware": hardware,
+        "training_time": f"{ctx.get('seconds', 0.0) / 60:.1f} min",
+        "training_command": "python train.py " + " ".join(shlex.quote(a) for a in ctx.get("argv", [])),
+        "eval_split": d.validation_split or "none",
+        "evaluation_notes": "" if metrics else "No evaluation ran.",
+        "limitations": (
+            "This checkpoint comes from the synthetic demo (tiny towers, procedural textures): it only "
+            "demonstrates the pipeline and has no diagnostic or research value."
+            if d.dataset == "demo"
+            else f"Pretrained for {state.step} steps; check the evaluation above on your own data before use."
+        ),
+        "citation": "",
+    }
+    for level in ("patch", "slide", "patient"):
+        for key in ("acc", "top2", "top3", "mca", "map"):
+            value = metrics.get(f"eval/{level}/{key}")
+            values[f"{level}_{key}"] = f"{100 * value:.1f}" if value is not None else "n/a"
+    return values
+
+
+def render_model_card(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> str:
+    """The run's model card: :data:`MODEL_CARD_TEMPLATE` filled with :func:`model_card_values` (a placeholder
+    without a value reads ``n/a``). Arguments as :func:`model_card_values`."""
+    template = MODEL_CARD_TEMPLATE.read_text(encoding="utf-8")
+    values = model_card_values(config, state, metrics, ctx)
+    return _PLACEHOLDER.sub(lambda match: str(values.get(match.group(1), "n/a")), template)
+
+
+def push_to_hub(config: TrainConfig) -> str:
+    """Upload the output folder (model, processor, card, metrics) to ``training.push_to_hub``; returns the commit
+    URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    repo_id = config.training.push_to_hub
+    api.create_repo(repo_id, private=config.training.hub_private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=config.training.output_dir,
+        ignore_patterns=[
+            "checkpoints/*",
+            "runs/*",
+            "demo_dataset/*",
+            "*.tmp",
+            config.training.project_name + "/*",
+        ],
+        commit_message="HLSS pretraining: model, processor and model card",
+    )
+    return str(getattr(commit, "commit_url", commit))
