@@ -9,6 +9,10 @@ the same per-patch probabilities), or `"sum"`, raw patch scores summed. Accuracy
 (macro recall) and mean average precision (macro one-vs-rest AP) are reported at each level
 (:func:`hierarchical_metrics`).
 
+A streamed split (`datasets.IterableDataset`) is embedded like a map-style one, uncached. During distributed training
+(DDP, FSDP, DeepSpeed) :func:`distributed_knn_evaluate` runs the kNN evaluation on every process through the prepared
+model: each process embeds its share of the rows, the embeddings are gathered in dataset order.
+
 Example:
 
 ```python
