@@ -9,6 +9,10 @@ the same per-patch probabilities), or `"sum"`, raw patch scores summed. Accuracy
 (macro recall) and mean average precision (macro one-vs-rest AP) are reported at each level
 (:func:`hierarchical_metrics`).
 
+A streamed split (`datasets.IterableDataset`) is embedded like a map-style one, uncached. During distributed training
+(DDP, FSDP, DeepSpeed) :func:`distributed_knn_evaluate` runs the kNN evaluation on every process through the prepared
+model: each process embeds its share of the rows, the embeddings are gathered in dataset order.
+
 Example:
 
 ```python
@@ -228,7 +232,9 @@ def _default_pixels(images, modality: str, image_size: int | None) -> torch.Tens
     if image_size is None or all(min(np.shape(image)[-3:-1]) >= image_size for image in images):
         # Big enough to crop: the processor's batch path gives the same values as the loop below.
         crop = {"height": image_size or 1, "width": image_size or 1}
-        processor = HLSSImageProcessor(modality=modality, do_center_crop=image_size is not None, crop_size=crop)
+        processor = HLSSImageProcessor(
+            modality=modality, do_center_crop=image_size is not None, crop_size=crop
+        )
         return processor(images=images)["pixel_values"]
 
     convert = srh_to_float if modality == "srh" else he_to_float
@@ -294,20 +300,26 @@ def extract_embeddings(
     result is stored under a key made of the model's fingerprint (:func:`model_fingerprint`), the dataset's
     `_fingerprint` and split, and the processor's settings, so a rerun loads it without a forward pass.
 
+    A streamed split (`datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)`) is read once, in
+    order, and gives the same result as the map-style split of the same rows. It is never cached: a stream has no
+    fingerprint, and reading it is the very cost a cache would save (a warning says so when `cache_dir` is set).
+
     Args:
         model (`nn.Module`): anything with `get_image_features(pixel_values) -> [N, D]` (e.g. `HLSSModel`).
-        dataset (`datasets.Dataset`): one split with `image` and a `ClassLabel` `label`; `slide_id` and
-            `patient_id` are optional (without them only patch-level metrics can be computed; a warning says so).
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`): one split with `image` and a `ClassLabel`
+            `label`; `slide_id` and `patient_id` are optional (without them only patch-level metrics can be
+            computed; a warning says so).
         processor (*optional*): an image processor such as `HLSSImageProcessor`; `None` for the default above.
         batch_size (`int`, defaults to 64): images per forward pass.
         cache_dir (`str`, *optional*): folder for cached embeddings; `None` disables caching.
         device (`str` or `torch.device`, *optional*): where to run; the model is moved there. Defaults to the
             device of the model's parameters.
-        progress (`bool`, defaults to `True`): show a tqdm progress bar.
+        progress (`bool`, defaults to `True`): show a tqdm progress bar (without a total for a stream).
         num_workers (`int`, *optional*): DataLoader worker processes that decode and preprocess the next
             batches while the model runs (0: in the main process). `None` (default): :func:`default_num_workers`,
             0 on the CPU (workers would compete with the model's threads) and the machine's cores on an
-            accelerator.
+            accelerator; for a stream at most 1, since each stream worker reads the whole stream (see
+            :class:`_StreamRounds`).
 
     Returns:
         :class:`EmbeddingSet` with float32 L2-normalised embeddings.
@@ -315,33 +327,12 @@ def extract_embeddings(
     Raises:
         ValueError: for an empty split, a missing `image` / `label` column or a `label` that is not a ClassLabel.
     """
-    import datasets
-
-    from hlss_hf.schema import modality_of
-
-    if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(f"pass one split of the DatasetDict (one of {list(dataset)}), not the whole dict")
-    split = str(dataset.split) if getattr(dataset, "split", None) is not None else "unknown"
-    features = dataset.features
-    for column in ("image", "label"):
-        if column not in features:
-            raise ValueError(f"dataset split {split!r} has no {column!r} column; it has {list(features)}")
-    if not isinstance(features["label"], datasets.ClassLabel):
-        raise ValueError(f"column 'label' of split {split!r} must be a ClassLabel, got {features['label']!r}")
-    if len(dataset) == 0:
-        raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
+    info = _split_info(dataset)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    class_names = list(features["label"].names)
-    hierarchy = {name: name in features for name in ("slide_id", "patient_id")}
-    if not all(hierarchy.values()):
-        missing = [name for name, present in hierarchy.items() if not present]
-        warnings.warn(
-            f"dataset split {split!r} has no {missing} column(s): only patch-level metrics will be computed",
-            stacklevel=2,
-        )
+    split = info.split
 
     if device is not None:
         model = model.to(device)
@@ -353,7 +344,9 @@ def extract_embeddings(
     )
 
     cache_path = None
-    if cache_dir is not None:
+    if cache_dir is not None and info.streamed:
+        warnings.warn(f"split {split!r} is streamed: its embeddings are not cached", stacklevel=2)
+    elif cache_dir is not None:
         dataset_fp = getattr(dataset, "_fingerprint", None)
         if dataset_fp is None:
             warnings.warn("dataset has no _fingerprint: embeddings are not cached", stacklevel=2)
@@ -376,42 +369,136 @@ def extract_embeddings(
                 return EmbeddingSet.load(cache_path)
 
     image_size = getattr(getattr(model, "config", None), "image_size", None)
-    source = _ImageBatches(_image_column(dataset), batch_size, processor, modality_of(features), image_size)
     if num_workers is None:
         num_workers = default_num_workers(device)
+        if info.streamed:
+            num_workers = min(num_workers, 1)
+    if info.streamed:
+        source = _StreamRounds(dataset, info, batch_size, 1, 0, processor, image_size)
+    else:
+        source = _ImageBatches(_image_column(dataset), batch_size, processor, info.modality, image_size)
     batches = torch.utils.data.DataLoader(
         source,
-        batch_size=None,  # items are whole batches: one slice of the Arrow table each
+        batch_size=None,  # items are whole batches: one slice of the Arrow table (or one round of the stream)
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
     chunks = []
+    rows = _RowIds(info)
     was_training = model.training
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context()
+    total = None if info.streamed else len(dataset)
     try:
         with (
             torch.inference_mode(),
             autocast,
-            tqdm(total=len(dataset), desc=f"embedding {split}", unit="img", disable=not progress) as bar,
+            tqdm(total=total, desc=f"embedding {split}", unit="img", disable=not progress) as bar,
         ):
-            for pixel_values in batches:
+            for item in batches:
+                pixel_values = item
+                if info.streamed:
+                    pixel_values, _, round_rows = item
+                    rows.extend(round_rows)
                 embeds = _image_features(model, pixel_values.to(device, non_blocking=True))
                 chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
                 bar.update(len(pixel_values))
     finally:
         model.train(was_training)
 
-    result = EmbeddingSet(
-        embeddings=torch.cat(chunks),
-        labels=torch.tensor(_column(dataset, "label"), dtype=torch.long),
-        slide_ids=_column(dataset, "slide_id") if hierarchy["slide_id"] else None,
-        patient_ids=_column(dataset, "patient_id") if hierarchy["patient_id"] else None,
-        class_names=class_names,
-    )
+    if info.streamed and not chunks:
+        raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
+    result = rows.embedding_set(torch.cat(chunks)) if info.streamed else _map_style_set(dataset, info, chunks)
     if cache_path is not None:
         result.save(cache_path)
     return result
+
+
+@dataclass
+class _SplitInfo:
+    """What embedding a split needs to know of it, checked once (see :func:`_split_info`)."""
+
+    split: str
+    streamed: bool
+    modality: str
+    image_feature: Any
+    class_names: list[str]
+    hierarchy: dict[str, bool]  # slide_id / patient_id present
+
+
+def _split_info(dataset) -> _SplitInfo:
+    """Check a split (map-style or streamed) for embedding and describe it; a missing hierarchy warns."""
+    import datasets
+
+    from hlss_hf.schema import modality_of
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise ValueError(f"pass one split of the DatasetDict (one of {list(dataset)}), not the whole dict")
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    split = str(dataset.split) if getattr(dataset, "split", None) is not None else "unknown"
+    features = dataset.features
+    if features is None:  # a stream of JSON / CSV rows whose types are only known once read
+        raise ValueError(
+            f"streamed split {split!r} has no declared features: the image and ClassLabel label columns must be "
+            "typed (stream a dataset written by dataset_scripts/, or pass features= to load_dataset)"
+        )
+    for column in ("image", "label"):
+        if column not in features:
+            raise ValueError(f"dataset split {split!r} has no {column!r} column; it has {list(features)}")
+    if not isinstance(features["label"], datasets.ClassLabel):
+        raise ValueError(f"column 'label' of split {split!r} must be a ClassLabel, got {features['label']!r}")
+    if not streamed and len(dataset) == 0:
+        raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
+    hierarchy = {name: name in features for name in ("slide_id", "patient_id")}
+    if not all(hierarchy.values()):
+        missing = [name for name, present in hierarchy.items() if not present]
+        warnings.warn(
+            f"dataset split {split!r} has no {missing} column(s): only patch-level metrics will be computed",
+            stacklevel=3,
+        )
+    return _SplitInfo(
+        split=split,
+        streamed=streamed,
+        modality=modality_of(features),
+        image_feature=features["image"],
+        class_names=list(features["label"].names),
+        hierarchy=hierarchy,
+    )
+
+
+def _map_style_set(dataset, info: _SplitInfo, chunks: list[torch.Tensor]) -> EmbeddingSet:
+    return EmbeddingSet(
+        embeddings=torch.cat(chunks),
+        labels=torch.tensor(_column(dataset, "label"), dtype=torch.long),
+        slide_ids=_column(dataset, "slide_id") if info.hierarchy["slide_id"] else None,
+        patient_ids=_column(dataset, "patient_id") if info.hierarchy["patient_id"] else None,
+        class_names=info.class_names,
+    )
+
+
+class _RowIds:
+    """Labels and ids of a stream's rows, collected round by round as the stream is read."""
+
+    def __init__(self, info: _SplitInfo):
+        self.info = info
+        self.columns: dict[str, list] = {"label": []}
+        self.columns.update({name: [] for name, present in info.hierarchy.items() if present})
+
+    def extend(self, rows: Mapping[str, list]) -> None:
+        for name, values in self.columns.items():
+            values.extend(rows[name])
+
+    def __len__(self) -> int:
+        return len(self.columns["label"])
+
+    def embedding_set(self, embeddings: torch.Tensor) -> EmbeddingSet:
+        return EmbeddingSet(
+            embeddings=embeddings,
+            labels=torch.tensor(self.columns["label"], dtype=torch.long),
+            slide_ids=self.columns.get("slide_id"),
+            patient_ids=self.columns.get("patient_id"),
+            class_names=self.info.class_names,
+        )
 
 
 def _image_column(dataset):
@@ -483,10 +570,67 @@ class _ImageBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         batch = self.images[i * self.batch_size : (i + 1) * self.batch_size]["image"]
-        decoded = _decode_images(batch)
-        if self.processor is not None:
-            return self.processor(images=decoded, return_tensors="pt")["pixel_values"]
-        return _default_pixels(decoded, self.modality, self.image_size)
+        return _pixels(batch, self.processor, self.modality, self.image_size)
+
+
+def _pixels(values, processor: Any, modality: str, image_size: int | None) -> torch.Tensor:
+    """`[n, 3, H, W]` model input from one slice of the `image` column (bytes or a stacked array)."""
+    decoded = _decode_images(values)
+    if processor is not None:
+        return processor(images=decoded, return_tensors="pt")["pixel_values"]
+    return _default_pixels(decoded, modality, image_size)
+
+
+class _StreamRounds(torch.utils.data.IterableDataset):
+    """One process's share of a streamed split, read in rounds of `batch_size * world` rows.
+
+    Round `j` holds rows `[j * B * W, (j + 1) * B * W)` of the stream; process `rank` embeds its slice
+    `[rank * B, (rank + 1) * B)` of the round. Each item is `(pixel_values, n, rows)`: the slice's pixels, its
+    number of rows `n` (0 in a last round too short to reach this process: the pixels are then the round's first
+    row, a padding forward that keeps every process's number of forward calls equal, as FSDP needs), and the
+    round's `label` / `slide_id` / `patient_id` for all of its rows (every process reads the whole stream, so
+    every process knows every row's ids and the stream's length without a collective).
+
+    In DataLoader worker `w` of `n` the whole stream is read and rounds `w, w + n, ...` are decoded, so the
+    DataLoader, which takes items from its workers in turn, returns the rounds in stream order. (A
+    `datasets.IterableDataset` iterated by a worker would shard itself by files instead: `iter()` does not.)
+    """
+
+    def __init__(
+        self, stream, info: _SplitInfo, batch_size: int, world: int, rank: int, processor, image_size
+    ):
+        import datasets
+
+        columns = ["image", "label"] + [name for name, present in info.hierarchy.items() if present]
+        stream = stream.select_columns(columns)
+        if isinstance(info.image_feature, datasets.Image):
+            # Encoded bytes, decoded by _decode_images in the batch (imagecodecs), as for a map-style split.
+            stream = stream.cast_column("image", datasets.Image(decode=False))
+        self.stream = stream.with_format(None)
+        self.info, self.batch_size, self.world, self.rank = info, batch_size, world, rank
+        self.processor, self.image_size = processor, image_size
+        dtype = getattr(info.image_feature, "dtype", None)
+        # Array columns arrive as nested lists: stacked in the column's own dtype, as the map-style path reads them.
+        self.array_dtype = (
+            None if isinstance(info.image_feature, datasets.Image) else np.dtype(dtype or "float32")
+        )
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        index, count = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        size = self.batch_size
+        for j, rows in enumerate(self.stream.iter(batch_size=size * self.world)):
+            if j % count != index:
+                continue
+            images = rows["image"][self.rank * size : (self.rank + 1) * size]
+            n = len(images)
+            if n == 0:
+                images = rows["image"][:1]
+            if self.array_dtype is not None:
+                images = np.asarray(images, dtype=self.array_dtype)
+            pixels = _pixels(images, self.processor, self.info.modality, self.image_size)
+            ids = {name: list(values) for name, values in rows.items() if name != "image"}
+            yield pixels, n, ids
 
 
 class _null_context:
@@ -878,6 +1022,170 @@ def knn_evaluate(
     return hierarchical_metrics(
         scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
     )
+
+
+def distributed_knn_evaluate(
+    accelerator,
+    model: nn.Module,
+    train_ds,
+    val_ds,
+    processor: Any = None,
+    *,
+    batch_size: int = 64,
+    k: int = 200,
+    temperature: float = 0.07,
+    aggregation: str = "reference",
+    chunk_size: int = 1024,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """kNN evaluation in which every process takes part: for training-time evaluation under DDP, FSDP or DeepSpeed.
+
+    Call it on every process with the *prepared* model. Each process embeds its share of each split through the
+    wrapped model's forward (`model(pixel_values=..., return_loss=False).image_embeds`, so FSDP gathers its
+    shards and DeepSpeed ZeRO-3 its partitions; `get_image_features` on the unwrapped module would see only the
+    local shard). The splits are read in rounds of `batch_size * num_processes` rows, process `r` taking rows
+    `[r * batch_size, (r + 1) * batch_size)` of each round; a process the last round does not reach runs one padding
+    forward, so every process makes the same number of forward calls (FSDP collectives hang otherwise). The
+    embeddings are gathered back in dataset order, the main process runs :func:`knn_evaluate` on the gathered
+    sets, and its metrics are broadcast: every process returns the same dict.
+
+    With one process the embeddings and metrics equal :func:`extract_embeddings` (same `batch_size`, CPU) followed
+    by :func:`knn_evaluate`. The forward runs under the accelerator's own mixed precision (where
+    :func:`extract_embeddings` uses bf16 autocast on CUDA). The global CPU / CUDA RNG state is restored afterwards
+    (DataLoader workers draw a seed from it), so evaluating does not change training. A streamed split
+    (`datasets.IterableDataset`) is read whole by every process, which decodes only its own rows (see
+    :class:`_StreamRounds`); map-style splits are indexed, each process reading only its rows.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the training run's accelerator.
+        model (`nn.Module`): the prepared model (e.g. an `HLSSModel` wrapped by DDP / FSDP / DeepSpeed) whose
+            `forward(pixel_values, return_loss=False)` returns `image_embeds`.
+        train_ds (`datasets.Dataset` or `datasets.IterableDataset`): the kNN bank's split.
+        val_ds (`datasets.Dataset` or `datasets.IterableDataset`): the evaluated split.
+        processor (*optional*): image processor, as for :func:`extract_embeddings`.
+        batch_size (`int`, defaults to 64): images per forward pass per process.
+        k, temperature, aggregation, chunk_size: as for :func:`knn_evaluate`.
+        num_workers (`int`, *optional*): decoding workers per process, as for :func:`extract_embeddings`.
+        progress (`bool`, defaults to `False`): a progress bar on the main process.
+
+    Returns:
+        `dict[str, float]`: :func:`knn_evaluate`'s metrics (`"patch/acc"`, ...), the same on every process.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    _check_aggregation(aggregation)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sets = []
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            for dataset in (train_ds, val_ds):
+                sets.append(
+                    _embed_across_processes(
+                        accelerator, model, dataset, processor, batch_size, num_workers, progress
+                    )
+                )
+    finally:
+        model.train(was_training)
+    # On the main process only; an error there reaches every process, so that none waits for the metrics forever.
+    metrics, error = None, None
+    if accelerator.is_main_process:
+        try:
+            metrics = knn_evaluate(
+                *sets, k=k, temperature=temperature, chunk_size=chunk_size, aggregation=aggregation
+            )
+        except Exception as err:  # noqa: BLE001 - raised below, on every process
+            error = err
+    if accelerator.num_processes > 1:
+        message = [metrics, None if error is None else f"{type(error).__name__}: {error}"]
+        metrics, main_error = broadcast_object_list(message, from_process=0)
+        if error is None and main_error is not None:
+            raise RuntimeError(f"kNN evaluation failed on the main process: {main_error}")
+    if error is not None:
+        raise error
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def _embed_across_processes(
+    accelerator, model, dataset, processor, batch_size: int, num_workers: int | None, progress: bool
+) -> EmbeddingSet | None:
+    """Embed `dataset` on every process (see :func:`distributed_knn_evaluate`); the set on the main process,
+    `None` on the others."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+    info = _split_info(dataset)
+    config = getattr(accelerator.unwrap_model(model), "config", None)
+    image_size = getattr(config, "image_size", None)
+    if num_workers is None:
+        num_workers = default_num_workers(device)
+        if info.streamed:
+            num_workers = min(num_workers, 1)
+    size = batch_size
+    rows = _RowIds(info)
+    if info.streamed:
+        source = _StreamRounds(dataset, info, size, world, rank, processor, image_size)
+        counts = None
+    else:
+        total = len(dataset)
+        rounds = math.ceil(total / (size * world))
+        own, counts = [], []
+        for j in range(rounds):
+            start = j * size * world + rank * size
+            stop = min(start + size, total)
+            counts.append(max(0, stop - start))
+            # Only the last round can leave a process without rows: one padding row keeps the forward count equal.
+            own.extend(range(start, stop) if stop > start else [total - 1])
+        subset = dataset.select(own) if own != list(range(total)) else dataset
+        source = _ImageBatches(_image_column(subset), size, processor, info.modality, image_size)
+    batches = torch.utils.data.DataLoader(
+        source, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    chunks = []
+    bar = tqdm(
+        total=None if info.streamed else len(dataset),
+        desc=f"embedding {info.split}",
+        unit="img",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    with bar:
+        for j, item in enumerate(batches):
+            if info.streamed:
+                pixel_values, n, round_rows = item
+                rows.extend(round_rows)
+            else:
+                pixel_values, n = item, counts[j]
+            out = model(
+                pixel_values=pixel_values.to(device, non_blocking=True), return_loss=False, return_dict=True
+            )
+            embeds = getattr(out, "image_embeds", None)
+            if embeds is None:
+                raise TypeError(
+                    f"{type(accelerator.unwrap_model(model)).__name__}.forward(pixel_values, return_loss=False) "
+                    "returned no image_embeds: distributed_knn_evaluate needs an HLSSModel-like forward"
+                )
+            embeds = F.normalize(embeds.float(), dim=-1)
+            # Each round's rows padded to batch_size: the gathered [world, rounds, B, D] tensor then reads, round
+            # after round and process after process, as the dataset's rows followed by padding.
+            chunks.append(F.pad(embeds[:n], (0, 0, 0, size - n)))
+            done = len(rows) if info.streamed else min(len(dataset), (j + 1) * size * world)
+            bar.update(done - bar.n)
+    if not chunks:  # an empty stream; every process read the same stream, so every process stops here
+        raise ValueError(f"dataset split {info.split!r} is empty: nothing to embed")
+    local = torch.stack(chunks)  # [rounds, B, D]
+    rounds, dim = local.shape[0], local.shape[-1]
+    gathered = accelerator.gather(local.to(device).contiguous()) if world > 1 else local
+    if not accelerator.is_main_process:
+        return None
+    total = len(rows) if info.streamed else len(dataset)
+    embeddings = gathered.reshape(world, rounds, size, dim).transpose(0, 1).reshape(-1, dim)[:total].cpu()
+    if info.streamed:
+        return rows.embedding_set(embeddings)
+    return _map_style_set(dataset, info, [embeddings])
 
 
 # --------------------------------------------------------------------------------------------------------------

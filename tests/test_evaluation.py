@@ -532,3 +532,131 @@ def test_default_num_workers(monkeypatch):
     assert default_num_workers(torch.device("cuda", 0)) == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_num_workers("cuda") == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Streamed splits and evaluation across processes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_extract_embeddings_of_a_stream_equals_the_map_style_split(num_workers):
+    torch.manual_seed(0)
+    model, dataset = _CountingModel(), _he_dataset(10)
+    expected = extract_embeddings(model, dataset, batch_size=4, progress=False)
+    stream = dataset.to_iterable_dataset(num_shards=3)
+    assert isinstance(stream, datasets.IterableDataset)
+    streamed = extract_embeddings(model, stream, batch_size=4, progress=False, num_workers=num_workers)
+    assert torch.equal(streamed.embeddings, expected.embeddings)
+    assert streamed.labels.tolist() == expected.labels.tolist()
+    assert streamed.slide_ids == expected.slide_ids and streamed.patient_ids == expected.patient_ids
+    assert streamed.class_names == expected.class_names
+
+
+def test_extract_embeddings_of_a_stream_of_srh_arrays_equals_the_map_style_split():
+    rng = np.random.default_rng(0)
+    rows = {
+        "image": [rng.integers(0, 65535, (12, 12, 2), dtype=np.uint16) for _ in range(5)],
+        "label": [0, 1, 0, 1, 1],
+        "slide_id": ["s0", "s0", "s1", "s1", "s2"],
+        "patient_id": ["p0"] * 4 + ["p1"],
+    }
+    features = features_for("srh", ["hgg", "lgg"], patch_size=12)
+    features = datasets.Features({name: features[name] for name in rows})
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    model = _CountingModel()
+    expected = extract_embeddings(model, dataset, batch_size=2, progress=False)
+    streamed = extract_embeddings(model, dataset.to_iterable_dataset(), batch_size=2, progress=False)
+    assert torch.equal(streamed.embeddings, expected.embeddings)
+    assert streamed.patient_ids == expected.patient_ids
+
+
+def test_a_stream_is_not_cached_and_an_empty_or_untyped_stream_is_named(tmp_path):
+    model, dataset = _CountingModel(), _he_dataset(4, split="train")
+    with pytest.warns(UserWarning, match="is streamed: its embeddings are not cached"):
+        extract_embeddings(model, dataset.to_iterable_dataset(), cache_dir=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="is empty: nothing to embed"):
+        extract_embeddings(model, dataset.to_iterable_dataset().take(0), progress=False)
+
+    def rows():
+        yield {"image": np.zeros((4, 4, 3), np.uint8), "label": 0}
+
+    with pytest.raises(ValueError, match="no declared features"):
+        extract_embeddings(model, datasets.IterableDataset.from_generator(rows), progress=False)
+
+
+def test_stream_rounds_give_each_process_its_slice_and_pad_the_last_round():
+    from hlss_hf.evaluation import _split_info, _StreamRounds
+
+    dataset = _he_dataset(10)
+    stream = dataset.to_iterable_dataset(num_shards=2)
+    info = _split_info(stream)
+    # 3 processes x 2 rows per round: rows 0-5, then 6-9; the last round does not reach process 2.
+    seen = {}
+    for rank in range(3):
+        items = list(_StreamRounds(stream, info, 2, 3, rank, None, None))
+        seen[rank] = [(n, len(pixels)) for pixels, n, _ in items]
+        assert [rows["slide_id"] for _, _, rows in items] == [
+            dataset["slide_id"][:6],
+            dataset["slide_id"][6:],
+        ]
+    assert seen == {0: [(2, 2), (2, 2)], 1: [(2, 2), (2, 2)], 2: [(2, 2), (0, 1)]}
+
+
+@pytest.fixture
+def tiny_hlss():
+    from _tiny import tiny_hlss_model
+
+    return tiny_hlss_model()
+
+
+def test_distributed_knn_on_one_process_equals_extract_and_knn_evaluate(tiny_hlss, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from hlss_hf.evaluation import _embed_across_processes, distributed_knn_evaluate
+
+    train, val = _he_dataset(10), _he_dataset(6, split="validation", seed=1)
+    expected = knn_evaluate(
+        extract_embeddings(tiny_hlss, train, batch_size=4, progress=False),
+        extract_embeddings(tiny_hlss, val, batch_size=4, progress=False),
+        k=3,
+    )
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(tiny_hlss)
+    model.train()
+    rng = torch.get_rng_state()
+    metrics = distributed_knn_evaluate(accelerator, model, train, val, batch_size=4, k=3)
+    assert metrics == expected and "patient/acc" in metrics
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    streamed = distributed_knn_evaluate(
+        accelerator, model, train.to_iterable_dataset(), val, batch_size=4, k=3
+    )
+    assert streamed == expected
+    with torch.no_grad():
+        embedded = _embed_across_processes(accelerator, model.eval(), train, None, 4, None, False)
+    assert torch.equal(
+        embedded.embeddings, extract_embeddings(tiny_hlss, train, batch_size=4, progress=False).embeddings
+    )
+    assert embedded.slide_ids == train["slide_id"]
+
+
+def test_distributed_knn_needs_image_embeds_and_reports_knn_errors(tiny_hlss, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from hlss_hf.evaluation import distributed_knn_evaluate
+
+    accelerator = Accelerator(cpu=True)
+    train, val = _he_dataset(4), _he_dataset(4, split="validation", seed=1)
+
+    class TensorForward(_CountingModel):
+        def forward(self, pixel_values, **kwargs):
+            return self.get_image_features(pixel_values)
+
+    with pytest.raises(TypeError, match="TensorForward.forward.* returned no image_embeds"):
+        distributed_knn_evaluate(accelerator, TensorForward(), train, val)
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        distributed_knn_evaluate(accelerator, tiny_hlss, train, val, aggregation="mean")
+    other = _he_dataset(4, split="validation").cast_column("label", datasets.ClassLabel(names=["x", "y"]))
+    with pytest.raises(ValueError, match="class"):
+        distributed_knn_evaluate(accelerator, tiny_hlss, train, other, k=2)
