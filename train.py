@@ -35,6 +35,7 @@ README.md), ``metrics.jsonl`` (one JSON object per logged step and evaluation), 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -62,6 +63,7 @@ from hlss_hf.building import (  # noqa: E402
 from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
 from hlss_hf.data import build_train_loader  # noqa: E402
 from hlss_hf.data import stream_batches as _stream_batches  # noqa: E402
+from hlss_hf.evaluation import distributed_knn_evaluate  # noqa: E402
 from hlss_hf.harness import (  # noqa: E402
     RESUMABLE_KEYS,
     CheckpointError,
@@ -153,25 +155,6 @@ def schedule_length(t, max_steps: int, steps_per_epoch: int | None) -> int:
 # Evaluation and checkpoints
 
 
-def evaluate_knn(model, config: TrainConfig, train_ds, val_ds, image_processor) -> dict[str, float]:
-    """kNN accuracy (patch / slide / patient) of the frozen embeddings on the validation split."""
-    from hlss_hf.evaluation import extract_embeddings, knn_evaluate
-
-    t = config.training
-    was_training = model.training
-    model.eval()
-    # Evaluation must not move the training RNG stream (a run with evaluation equals one without).
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        kwargs = dict(processor=image_processor, batch_size=t.eval_batch_size, progress=False)
-        train_set = extract_embeddings(model, train_ds, **kwargs)
-        val_set = extract_embeddings(model, val_ds, **kwargs)
-        metrics = knn_evaluate(
-            train_set, val_set, k=t.knn_k, temperature=t.knn_temperature, aggregation=t.knn_aggregation
-        )
-    model.train(was_training)
-    return {f"eval/{key}": float(value) for key, value in metrics.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -224,104 +207,139 @@ def plan_run(config: TrainConfig) -> tuple[Path, Path | None, dict]:
     return run_dir, resume_path, applied
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run HLSS pretraining.
+@dataclasses.dataclass
+class Run:
+    """What the stages of :func:`main` share: the settings, the accelerator, the data, the prepared model and its
+    optimizer and schedule, and the counters."""
 
-    Args:
-        argv (`list[str]`, *optional*): Command-line arguments (default: ``sys.argv[1:]``).
+    config: TrainConfig
+    argv: list[str]
+    accelerator: Any
+    run_dir: Path
+    train_ds: Any = None
+    val_ds: Any = None
+    modality: str = "he"
+    train_dataset: Any = None
+    train_loader: Any = None
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    processor: Any = None
+    image_processor: Any = None
+    guard: TextTowerGuard = dataclasses.field(default_factory=TextTowerGuard)
+    max_steps: int = 0
+    batches_per_epoch: int | None = None
+    schedule_steps: int = 0
+    warmup_steps: int = 0
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    metrics_file: JsonlWriter | None = None
 
-    Returns:
-        `dict`: ``{"step", "epoch", "output_dir", "metrics", "stopped_early"}`` (for tests and notebooks).
-    """
-    # 1. Settings: the config, where the run writes, what it resumes (before anything heavy happens).
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config = parse_config(argv, default_config=DEFAULT_CONFIG)
-    t, d = config.training, config.data
-    run_dir, resume_path, changed = plan_run(config)
-    out = Path(t.output_dir)
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
 
-    # 2. Accelerator, logging, seed.
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    def log(self, record: dict[str, Any], tracker_prefix: str = "") -> None:
+        """One line of ``metrics.jsonl`` (main process) and the trackers (numbers only)."""
+        if self.metrics_file is not None:
+            self.metrics_file.write({"step": self.state.step, **record})
+        numbers = {tracker_prefix + k: v for k, v in record.items() if isinstance(v, int | float)}
+        self.accelerator.log(numbers, step=self.state.step)
+
+
+def load_data(run: Run) -> None:
+    """The splits and the hierarchical loader (the main process first: it builds / downloads, the others read its
+    cache)."""
+    from hlss_hf.schema import modality_of
+
+    with run.accelerator.main_process_first():
+        run.train_ds, run.val_ds = load_splits(run.config)
+        run.modality = modality_of(run.train_ds.features)
+        run.train_dataset, run.train_loader = build_train_loader(
+            run.config, run.train_ds, run.accelerator.num_processes
+        )
+
+
+def build_training(run: Run) -> None:
+    """Model (towers, banks, heads), processors, optimizer and LR schedule, prepared by Accelerate."""
     from transformers import get_scheduler
 
-    accelerator = make_accelerator(t, project_dir=run_dir)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(t.seed)
-
-    # 3. Data (the main process first: it builds / downloads, the others read its cache).
-    with accelerator.main_process_first():
-        from hlss_hf.schema import modality_of
-
-        train_ds, val_ds = load_splits(config, accelerator)
-        modality = modality_of(train_ds.features)
-        train_dataset, train_loader = build_train_loader(config, train_ds, accelerator.num_processes)
-
-    # 4. Model, processor, optimizer, schedule.
+    config, accelerator = run.config, run.accelerator
+    t, d = config.training, config.data
     text = resolve_tower(config.model.text, config.model.text_fallback, "text")
     tokenizer = build_tokenizer(config, text, resolve_attributes(config.model.attributes))
-    scale = dataset_scale(train_ds) if not d.streaming else {}
-    model = build_model(config, modality, tokenizer, scale)
-    image_processor = build_image_processor(config, modality)
-    processor = build_processor(image_processor, tokenizer)
-    guard = TextTowerGuard()
-    model.text_model.register_forward_pre_hook(guard)
+    model = build_model(
+        config, run.modality, tokenizer, dataset_scale(run.train_ds) if not d.streaming else {}
+    )
+    run.image_processor = build_image_processor(config, run.modality)
+    run.processor = build_processor(run.image_processor, tokenizer)
+    model.text_model.register_forward_pre_hook(run.guard)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
     )
     W = accelerator.num_processes
+    steps_per_epoch = None
     if d.streaming:
-        batches_per_epoch, max_steps, num_epochs = None, t.max_steps, 1
+        run.max_steps = t.max_steps
     else:
         # Per-process batches per epoch after sharding (the sampler makes it exact; a kept partial batch
         # is padded to every process by accelerate).
-        batches_per_epoch = math.ceil(len(train_loader) / W) if not d.drop_last else len(train_loader) // W
-        steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
-        max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
-        num_epochs = math.ceil(max_steps / steps_per_epoch)
-    schedule_steps = schedule_length(t, max_steps, steps_per_epoch if batches_per_epoch else None)
-    warmup_steps = int(round(t.warmup_ratio * schedule_steps))
+        loader_length = len(run.train_loader)
+        run.batches_per_epoch = math.ceil(loader_length / W) if not d.drop_last else loader_length // W
+        steps_per_epoch = math.ceil(run.batches_per_epoch / t.gradient_accumulation_steps)
+        run.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
+    run.schedule_steps = schedule_length(t, run.max_steps, steps_per_epoch)
+    run.warmup_steps = int(round(t.warmup_ratio * run.schedule_steps))
     scheduler = get_scheduler(
         t.lr_scheduler,
         optimizer,
-        num_warmup_steps=scheduler_steps(accelerator, warmup_steps),
-        num_training_steps=scheduler_steps(accelerator, schedule_steps),
+        num_warmup_steps=scheduler_steps(accelerator, run.warmup_steps),
+        num_training_steps=scheduler_steps(accelerator, run.schedule_steps),
     )
-
-    # 5. Prepare, then resume (weights, optimizer, scheduler, RNG; counters from JSON).
     if d.streaming:
         # The streaming dataset shards patients over processes itself: accelerate must not shard it again.
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        run.model, run.optimizer, run.scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
-        model, optimizer, train_loader, scheduler = accelerator.prepare(
-            model, optimizer, train_loader, scheduler
+        run.model, run.optimizer, run.train_loader, run.scheduler = accelerator.prepare(
+            model, optimizer, run.train_loader, scheduler
         )
-    unwrapped = accelerator.unwrap_model(model)
-    state = TrainState(num_processes=W)
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        state, _ = load_checkpoint(accelerator, resume_path)
-        if state.step >= max_steps:
-            raise ConfigError(
-                f"config key 'training.max_steps': the run ends at step {max_steps}, and checkpoint {resume_path} "
-                f"is at step {state.step}; raise training.max_steps / num_epochs to train further"
-            )
-        if "training.lr" in changed:
-            set_peak_lr(optimizer, scheduler, t.lr)
-        if changed:
-            accelerator.print(
-                f"Changed on resume (applied from step {state.step + 1}): {describe_changes(changed)}"
-            )
-        if batches_per_epoch is not None and state.batch_in_epoch >= batches_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    run.state = TrainState(num_processes=W)
 
-    # The config and data are valid and the model is built: only now does the run touch its folder.
+
+def resume(run: Run, path: Path, changed: dict) -> None:
+    """Weights, optimizer, scheduler and RNG from the checkpoint (counters from its JSON); the settings that
+    changed (already checked by :func:`plan_run`) are applied."""
+    t = run.config.training
+    run.accelerator.print(f"Resuming from {path}")
+    run.state, _ = load_checkpoint(run.accelerator, path)
+    if run.state.step >= run.max_steps:
+        raise ConfigError(
+            f"config key 'training.max_steps': the run ends at step {run.max_steps}, and checkpoint {path} is at "
+            f"step {run.state.step}; raise training.max_steps / num_epochs to train further"
+        )
+    if "training.lr" in changed:
+        set_peak_lr(run.optimizer, run.scheduler, t.lr)
+    if changed:
+        run.accelerator.print(
+            f"Changed on resume (applied from step {run.state.step + 1}): {describe_changes(changed)}"
+        )
+    if run.batches_per_epoch is not None and run.state.batch_in_epoch >= run.batches_per_epoch:
+        run.state.epoch, run.state.batch_in_epoch = run.state.epoch + 1, 0
+
+
+def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
+    """The settings, data and model are valid: only now does the run touch its folder. Prints what will run."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    t, d = config.training, config.data
     if accelerator.is_main_process:
-        start_output(run_dir, out, resume=resume_path is not None)
-        if resume_path is not None:
-            truncate_jsonl(run_dir / "metrics.jsonl", state.step)
+        start_output(run.run_dir, out, resume=resumed)
+        if resumed:
+            truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
+        run.metrics_file = JsonlWriter(run.run_dir / "metrics.jsonl")
     accelerator.wait_for_everyone()
+    if t.trackers():
+        accelerator.init_trackers(t.project_name, config=flatten_config(config))
+    if changed:
+        run.log({"resumed_with": {key: list(values) for key, values in changed.items()}})
     S, P, V, B, GA = (
         d.num_slides,
         d.num_patches,
@@ -329,89 +347,99 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t.per_device_batch_size,
         t.gradient_accumulation_steps,
     )
-    images_per_step = B * S * P * V * W * GA
-    if accelerator.is_main_process:
-        n_patients = len(train_dataset) if not d.streaming else "streaming"
-        print(
-            "\n".join(
-                [
-                    "***** Running HLSS training *****",
-                    f"  device: {accelerator.device} | processes: {W} | distributed: {accelerator.distributed_type}"
-                    f" | mixed precision: {accelerator.mixed_precision}",
-                    f"  data: {d.dataset} ({modality}) | train patients: {n_patients} | validation patches: "
-                    f"{len(val_ds) if val_ds is not None else 0}",
-                    f"  per-device batch [B={B}, S={S}, P={P}, V={V}, C=3, H={d.crop_size}, W={d.crop_size}] = "
-                    f"{B * S * P * V} images",
-                    f"  global batch: {B} x {W} processes x {GA} accumulation = {B * W * GA} patients = "
-                    f"{images_per_step} images per optimizer step",
-                    f"  optimizer steps: {max_steps} (warm-up {warmup_steps}, {t.lr_scheduler}, lr {t.lr}"
-                    + (f", schedule over {schedule_steps} steps" if schedule_steps != max_steps else "")
-                    + ")"
-                    + (
-                        f" | epochs: {num_epochs}, {batches_per_epoch} batches per process per epoch"
-                        if batches_per_epoch
-                        else ""
-                    )
-                    + (f" | starting at step {state.step}" if state.step else ""),
-                    f"  output: {out}"
-                    + (f" (written to {run_dir} until the run has finished)" if run_dir != out else ""),
-                ]
-            ),
-            flush=True,
-        )
-    if t.trackers():
-        accelerator.init_trackers(t.project_name, config=flatten_config(config))
-    metrics_file = JsonlWriter(run_dir / "metrics.jsonl") if accelerator.is_main_process else None
-    if metrics_file is not None and changed:
-        metrics_file.write({"step": state.step, "resumed_with": {k: list(v) for k, v in changed.items()}})
+    W = accelerator.num_processes
+    schedule = f", schedule over {run.schedule_steps} steps" if run.schedule_steps != run.max_steps else ""
+    epochs = f" | {run.batches_per_epoch} batches per process per epoch" if run.batches_per_epoch else ""
+    accelerator.print(
+        "\n".join(
+            [
+                "***** Running HLSS training *****",
+                f"  device: {accelerator.device} | processes: {W} | distributed: {accelerator.distributed_type}"
+                f" | mixed precision: {accelerator.mixed_precision}",
+                f"  data: {d.dataset} ({run.modality}) | train patients: "
+                f"{len(run.train_dataset) if not d.streaming else 'streaming'} | validation patches: "
+                f"{len(run.val_ds) if run.val_ds is not None else 0}",
+                f"  per-device batch [B={B}, S={S}, P={P}, V={V}, C=3, H={d.crop_size}, W={d.crop_size}] = "
+                f"{B * S * P * V} images",
+                f"  global batch: {B} x {W} processes x {GA} accumulation = {B * W * GA} patients = "
+                f"{B * S * P * V * W * GA} images per optimizer step",
+                f"  optimizer steps: {run.max_steps} (warm-up {run.warmup_steps}, {t.lr_scheduler}, lr {t.lr}"
+                f"{schedule}){epochs}" + (f" | starting at step {state.step}" if state.step else ""),
+                f"  output: {out}"
+                + (f" (written to {run.run_dir} until the run has finished)" if run.run_dir != out else ""),
+            ]
+        ),
+        flush=True,
+    )
 
-    # 6. Train (after a kNN baseline of the untrained model, when asked for).
-    initial_eval: dict[str, float] = {}
-    if t.eval_before_training and t.eval_at_end and val_ds is not None and state.step == 0:
-        accelerator.print("kNN evaluation before training (the same model, random-init vision tower):")
-        initial_eval = _run_eval(
-            accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file, quiet=True
-        )
-        accelerator.print(format_knn(initial_eval, t))
-    run_start = time.perf_counter()
+
+def evaluate(run: Run, quiet: bool = False) -> dict[str, float]:
+    """kNN accuracy (patch / slide / patient) of the frozen embeddings on the validation split. Every process
+    takes part (sharded models need all ranks); the training RNG does not move."""
+    t = run.config.training
+    metrics = distributed_knn_evaluate(
+        run.accelerator,
+        run.model,
+        run.train_ds,
+        run.val_ds,
+        run.image_processor,
+        batch_size=t.eval_batch_size,
+        k=t.knn_k,
+        temperature=t.knn_temperature,
+        aggregation=t.knn_aggregation,
+    )
+    metrics = {f"eval/{key}": float(value) for key, value in metrics.items()}
+    run.log(metrics)
+    if not quiet:
+        run.accelerator.print(f"step {run.state.step}: " + format_knn(metrics, t))
+    return metrics
+
+
+def train_loop(run: Run, resume_path: Path | None) -> bool:
+    """Optimizer steps until ``max_steps`` (or ``max_steps_this_run``: then a checkpoint and ``True``)."""
+    from tqdm.auto import tqdm
+
+    config, accelerator, state, model = run.config, run.accelerator, run.state, run.model
+    t, d = config.training, config.data
+    GA = t.gradient_accumulation_steps
+    images_per_step = (
+        t.per_device_batch_size * d.num_slides * d.num_patches * d.num_views * accelerator.num_processes * GA
+    )
     run_limit = state.step + t.max_steps_this_run if t.max_steps_this_run else None
     progress = tqdm(
-        total=max_steps,
+        total=run.max_steps,
         initial=state.step,
         disable=not accelerator.is_local_main_process,
         desc="HLSS",
         unit="step",
     )
-    last_eval: dict[str, float] = {}
-    stopped_early = False
     unchecked = resume_path  # the newest checkpoint whose next step has not run yet
     sums: dict[str, float] = {}
-    micro = 0
-    tic = time.perf_counter()
+    micro, tic = 0, time.perf_counter()
     model.train()
-    while state.step < max_steps and not stopped_early:
+    while state.step < run.max_steps:
         if d.streaming:
-            loader = _stream_batches(train_loader, train_dataset, state.step * GA, accelerator.device)
+            loader = _stream_batches(run.train_loader, run.train_dataset, state.step * GA, accelerator.device)
         else:
-            train_loader.set_epoch(state.epoch)
-            train_dataset.set_epoch(state.epoch)
-            loader = train_loader
+            run.train_loader.set_epoch(state.epoch)
+            run.train_dataset.set_epoch(state.epoch)
+            loader = run.train_loader
             if state.batch_in_epoch:
-                loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
+                loader = accelerator.skip_first_batches(run.train_loader, state.batch_in_epoch)
         for batch in loader:
             with accelerator.accumulate(model):
-                guard.active = True
+                run.guard.active = True
                 outputs = model(pixel_values=batch["pixel_values"], return_loss=True)
                 if not all_finite(outputs.loss, accelerator):  # every process stops together
-                    guard.active = False
-                    raise non_finite_error(outputs, state, run_dir, unchecked, accelerator)
+                    run.guard.active = False
+                    raise non_finite_error(outputs, state, run.run_dir, unchecked, accelerator)
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                guard.active = False
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.guard.active = False
             state.batch_in_epoch += 1
             micro += 1
             for key, value in _loss_parts(outputs, accelerator).items():
@@ -425,123 +453,144 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if unchecked is not None and accelerator.is_main_process:
                 record_next_step(unchecked, finite=True)
             unchecked = None
-            if state.step % t.logging_steps == 0 or state.step == max_steps:
-                elapsed = time.perf_counter() - tic
+            if state.step % t.logging_steps == 0 or state.step == run.max_steps:
                 record = {k: v / micro for k, v in sums.items()}
                 record.update(
-                    step=state.step,
                     epoch=state.epoch,
-                    lr=scheduler.get_last_lr()[0],
-                    images_per_s=images_per_step * (micro / GA) / max(elapsed, 1e-9),
+                    lr=run.scheduler.get_last_lr()[0],
+                    images_per_s=images_per_step * (micro / GA) / max(time.perf_counter() - tic, 1e-9),
                 )
-                if accelerator.is_main_process:
-                    metrics_file.write(record)
+                run.log(record, tracker_prefix="train/")
                 progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
-                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
                 sums, micro, tic = {}, 0, time.perf_counter()
             if (
                 t.eval_steps
                 and state.step % t.eval_steps == 0
-                and val_ds is not None
-                and state.step < max_steps
+                and run.val_ds is not None
+                and state.step < run.max_steps
             ):
-                last_eval = _run_eval(
-                    accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file
-                )
+                evaluate(run)
                 tic = time.perf_counter()
-            stop_here = run_limit is not None and state.step >= run_limit and state.step < max_steps
+            stop_here = run_limit is not None and run_limit <= state.step < run.max_steps
             if (t.save_steps and state.step % t.save_steps == 0) or stop_here:
                 unchecked = save_checkpoint(
                     accelerator,
-                    run_dir,
+                    run.run_dir,
                     state,
                     config.to_dict(),
                     keep=t.save_total_limit,
-                    finite_weights=weights_finite(unwrapped),
+                    finite_weights=weights_finite(run.unwrapped),
                 )
                 tic = time.perf_counter()
             if stop_here:
-                stopped_early = True
-                break
-            if state.step >= max_steps:
+                progress.close()
+                return True
+            if state.step >= run.max_steps:
                 break
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
             continue
-        if (
-            state.step >= max_steps
-            and batches_per_epoch is not None
-            and state.batch_in_epoch >= batches_per_epoch
-        ):
+        if run.batches_per_epoch is not None and state.batch_in_epoch >= run.batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     progress.close()
+    return False
+
+
+def finish(run: Run, out: Path, initial_eval: dict[str, float], seconds: float) -> dict[str, float]:
+    """Evaluate, save beside, swap into ``output_dir``, push."""
+    config, accelerator = run.config, run.accelerator
+    t = config.training
+    metrics = evaluate(run, quiet=True) if t.eval_at_end and run.val_ds is not None else {}
+    # Every process takes part: with FSDP / DeepSpeed the full weights exist only once gathered.
+    state_dict = accelerator.get_state_dict(run.model)
+    if accelerator.is_main_process:
+        card_context = {
+            "model": run.unwrapped,
+            "train_dataset": run.train_dataset,
+            "modality": run.modality,
+            "num_processes": accelerator.num_processes,
+            "device": accelerator.device,
+            "seconds": seconds,
+            "argv": run.argv,
+            "mixed_precision": accelerator.mixed_precision,
+        }
+        save_final_model(run, state_dict, metrics, card_context)
+        run.metrics_file.close()
+        publish_output(run.run_dir, out)
+        print(f"Saved the model to {out}", flush=True)
+        if metrics:
+            print(format_knn(metrics, t), flush=True)
+        if metrics and initial_eval:
+            print(format_knn_change(initial_eval, metrics), flush=True)
+        if t.push_to_hub:
+            print(f"Pushed to {push_to_hub(config)}", flush=True)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run HLSS pretraining.
+
+    Args:
+        argv (`list[str]`, *optional*): Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        `dict`: ``{"step", "epoch", "output_dir", "run_dir", "metrics", "stopped_early"}`` (for tests and
+        notebooks).
+    """
+    from accelerate.utils import set_seed
+
+    # 1. Settings: the config, where the run writes, what it resumes (before anything heavy happens).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = parse_config(argv, default_config=DEFAULT_CONFIG)
+    t = config.training
+    run_dir, resume_path, changed = plan_run(config)
+    out = Path(t.output_dir)
+
+    # 2. Accelerator, logging, seed.
+    accelerator = make_accelerator(t, project_dir=run_dir)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("hlss_hf").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(t.seed)
+    run = Run(config=config, argv=argv, accelerator=accelerator, run_dir=run_dir)
+
+    # 3. Data; 4. model, optimizer, schedule; 5. resume. Nothing is written before this has all worked.
+    load_data(run)
+    build_training(run)
+    if resume_path is not None:
+        resume(run, resume_path, changed)
+    open_run(run, out, resumed=resume_path is not None, changed=changed)
+
+    # 6. Train, after a kNN baseline of the untrained model when asked for.
+    initial_eval: dict[str, float] = {}
+    if t.eval_before_training and t.eval_at_end and run.val_ds is not None and run.state.step == 0:
+        accelerator.print("kNN evaluation before training (the same model, random-init vision tower):")
+        initial_eval = evaluate(run, quiet=True)
+        accelerator.print(format_knn(initial_eval, t))
+    start = time.perf_counter()
+    stopped_early = train_loop(run, resume_path)
 
     # 7. Finish: evaluate, save beside, swap in, push.
+    metrics: dict[str, float] = {}
     if stopped_early:
         accelerator.print(
-            f"Stopped after step {state.step} (training.max_steps_this_run); continue with "
-            f"--resume_from_checkpoint latest"
+            f"Stopped after step {run.state.step} (training.max_steps_this_run); continue with "
+            "--resume_from_checkpoint latest"
         )
     else:
-        if t.eval_at_end and val_ds is not None:
-            last_eval = _run_eval(
-                accelerator,
-                unwrapped,
-                config,
-                train_ds,
-                val_ds,
-                image_processor,
-                state,
-                metrics_file,
-                quiet=True,
-            )
-        # Every process takes part: with FSDP / DeepSpeed the full weights exist only once gathered.
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            card_context = {
-                "model": unwrapped,
-                "train_dataset": train_dataset,
-                "modality": modality,
-                "num_processes": W,
-                "device": accelerator.device,
-                "seconds": time.perf_counter() - run_start,
-                "argv": argv,
-                "mixed_precision": accelerator.mixed_precision,
-            }
-            save_final_model(
-                run_dir,
-                config,
-                unwrapped,
-                state_dict,
-                processor,
-                train_dataset,
-                state,
-                last_eval,
-                card_context,
-            )
-            metrics_file.close()
-            metrics_file = None
-            publish_output(run_dir, out)
-            print(f"Saved the model to {out}", flush=True)
-            if last_eval:
-                print(format_knn(last_eval, t), flush=True)
-            if last_eval and initial_eval:
-                print(format_knn_change(initial_eval, last_eval), flush=True)
-            if t.push_to_hub:
-                print(f"Pushed to {push_to_hub(config)}", flush=True)
-        accelerator.wait_for_everyone()
-    if metrics_file is not None:
-        metrics_file.close()
+        metrics = finish(run, out, initial_eval, time.perf_counter() - start)
+    if run.metrics_file is not None:
+        run.metrics_file.close()
     accelerator.end_training()
     return {
-        "step": state.step,
-        "epoch": state.epoch,
+        "step": run.state.step,
+        "epoch": run.state.epoch,
         "output_dir": str(out),
         "run_dir": str(run_dir),
-        "metrics": last_eval,
+        "metrics": metrics,
         "stopped_early": stopped_early,
-        "text_tower_calls_during_training": guard.calls,
+        "text_tower_calls_during_training": run.guard.calls,
     }
 
 
@@ -570,27 +619,27 @@ def non_finite_error(outputs, state: TrainState, run_dir: Path, unchecked: Path 
     )
 
 
-def save_final_model(
-    run_dir, config, unwrapped, state_dict, processor, train_dataset, state, metrics, card_context
-):
-    """Model, processor, pipelines, card and settings, written beside and moved into ``run_dir`` (main process)."""
+def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card_context: dict) -> None:
+    """Model, processor, pipelines, card and settings, written beside and moved into the run's folder (main
+    process)."""
     from hlss_hf.pipeline_hlss import add_pipelines_to_folder
 
-    index = getattr(train_dataset, "index", None)
+    unwrapped = run.unwrapped
+    index = getattr(run.train_dataset, "index", None)
     if index is not None:  # the class names travel with the model (fine-tuning, AutoPeftModel)
         unwrapped.config.id2label = dict(enumerate(index.class_names))
         unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
 
     def write(folder: Path) -> None:
         unwrapped.save_pretrained(folder, state_dict=state_dict)
-        processor.save_pretrained(folder)
+        run.processor.save_pretrained(folder)
         add_pipelines_to_folder(folder)  # the SRH-aware pipelines, also as remote code
-        card = render_model_card(config, state, metrics, card_context)
+        card = render_model_card(run.config, run.state, metrics, card_context)
         (folder / "README.md").write_text(card, encoding="utf-8")
         with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+            yaml.safe_dump(run.config.to_dict(), f, sort_keys=False)
 
-    write_files_atomically(run_dir, write)
+    write_files_atomically(run.run_dir, write)
 
 
 def format_knn(metrics: dict[str, float], t) -> str:
@@ -612,22 +661,6 @@ def format_knn_change(before: dict[str, float], after: dict[str, float]) -> str:
             change = after[key] - before[key]
             lines.append(f"  {level:<8} {before[key]:.4f} -> {after[key]:.4f} ({change:+.4f})")
     return "\n".join(lines)
-
-
-def _run_eval(
-    accelerator, unwrapped, config, train_ds, val_ds, image_processor, state, metrics_file, quiet=False
-) -> dict[str, float]:
-    """kNN evaluation on the main process; the others wait."""
-    metrics: dict[str, float] = {}
-    if accelerator.is_main_process:
-        metrics = evaluate_knn(unwrapped, config, train_ds, val_ds, image_processor)
-        metrics_file.write({"step": state.step, **metrics})
-        if not quiet:
-            progress_write = f"step {state.step}: " + format_knn(metrics, config.training)
-            accelerator.print(progress_write)
-    accelerator.log(metrics, step=state.step)
-    accelerator.wait_for_everyone()
-    return metrics
 
 
 def cli() -> None:

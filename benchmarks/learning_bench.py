@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402
 from hlss_hf import building  # noqa: E402
 from hlss_hf.augmentation import DEFAULT_AUGMENTATION  # noqa: E402
 from hlss_hf.config import parse_config  # noqa: E402
@@ -188,8 +187,15 @@ def knn(model, config, train_ds, val_ds, eval_resize: int | None = None) -> dict
     if eval_resize is not None:
         config = copy.deepcopy(config)
         config.data.eval_resize = eval_resize or None
-    metrics = train.evaluate_knn(model, config, train_ds, val_ds, building.build_image_processor(config, "he"))
-    return {level: metrics[f"eval/{level}/acc"] for level in LEVELS}
+    from hlss_hf.evaluation import extract_embeddings, knn_evaluate
+
+    t = config.training
+    kwargs = dict(processor=building.build_image_processor(config, "he"), batch_size=t.eval_batch_size, progress=False)
+    model.eval()
+    with torch.no_grad():
+        bank, queries = extract_embeddings(model, train_ds, **kwargs), extract_embeddings(model, val_ds, **kwargs)
+    metrics = knn_evaluate(bank, queries, k=t.knn_k, temperature=t.knn_temperature, aggregation=t.knn_aggregation)
+    return {level: metrics[f"{level}/acc"] for level in LEVELS}
 
 
 def colour_baseline(train_ds, val_ds, k: int) -> dict[str, float]:
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     config = build_config(args, seeds[0])
-    train_ds, val_ds = building.load_splits(config, None)
+    train_ds, val_ds = building.load_splits(config)
     n_val = len(set(val_ds["patient_id"]))
     print(
         f"data: {len(set(train_ds['patient_id']))} train / {n_val} validation patients, "

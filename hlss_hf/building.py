@@ -222,16 +222,16 @@ def build_processor(image_processor, tokenizer):
 # Data
 
 
-def load_splits(config: TrainConfig, accelerator=None) -> tuple[Any, Any]:
+def load_splits(config: TrainConfig) -> tuple[Any, Any]:
     """The run's (train, validation) splits: the demo hierarchy, a local dataset folder or a Hub dataset id.
 
     Non-demo data goes through :func:`hlss_hf.data.load_split` (the train split streamed when ``data.streaming``;
     validation is always map-style). Its dataset errors are re-raised as ``ConfigError`` naming the key.
 
     Args:
-        config (`TrainConfig`): The run's config (``data`` section; ``training.seed`` seeds the demo).
-        accelerator: Unused; the caller runs this under ``accelerator.main_process_first()``, so the main
-            process builds the demo cache or downloads, and the others read it.
+        config (`TrainConfig`): The run's config (``data`` section; ``training.seed`` seeds the demo). Call it
+            under ``accelerator.main_process_first()``: the main process builds the demo cache or downloads, the
+            others read it.
 
     Returns:
         `(train, validation)`; validation is `None` when ``data.validation_split`` is empty.

@@ -284,3 +284,24 @@ def test_checkpoint_state_is_json(tmp_path, attributes_file):
     state = json.loads((checkpoint / "train_state.json").read_text())
     assert state == {"step": 2, "epoch": 0, "batch_in_epoch": 2, "num_processes": 1}
     assert json.loads((checkpoint / "train_config.json").read_text())["training"]["max_steps"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_streaming_run_evaluates_at_the_end_and_saves(tmp_path, attributes_file):
+    from dataset_scripts.demo import build_demo_dataset
+
+    data = tmp_path / "data"
+    build_demo_dataset(output_dir=data, num_patients=12, patches_per_slide=4, patch_size=40)
+    out = tmp_path / "run"
+    result = train.main(
+        tiny_args(
+            out, attributes_file, "--data.dataset", str(data), "--data.demo", "{}", "--data.streaming", "true"
+        )
+        + ["--training.eval_at_end", "true"]
+    )
+    assert (out / "model.safetensors").is_file()
+    assert 0.0 <= result["metrics"]["eval/patient/acc"] <= 1.0
+    assert any("eval/patch/acc" in r for r in read_metrics(out))

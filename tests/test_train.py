@@ -532,10 +532,10 @@ def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path
     cache = tmp_path / "demo-cache"
     demo = ["--data.cache_dir", str(cache), "--data.demo", "{num_patients: 6, patches_per_slide: 2}"]
     config = parse_config(["--config", DEMO_CONFIG, *demo])
-    train_ds, val_ds = building.load_splits(config, accelerator=None)
+    train_ds, val_ds = building.load_splits(config)
     assert (cache / "dataset_dict.json").is_file() and len(train_ds) > 0 and len(val_ds) > 0
     built = (cache / "dataset_dict.json").stat().st_mtime_ns
-    again, _ = building.load_splits(config, accelerator=None)  # read back, not rebuilt
+    again, _ = building.load_splits(config)  # read back, not rebuilt
     assert (cache / "dataset_dict.json").stat().st_mtime_ns == built
     assert again["patch_id"] == train_ds["patch_id"]
     other = tmp_path / "not-a-dataset"
@@ -543,7 +543,7 @@ def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path
     (other / "notes.txt").write_text("keep")
     config = parse_config(["--config", DEMO_CONFIG, "--data.cache_dir", str(other)])
     with pytest.raises(ConfigError, match=r"data\.cache_dir.*not-a-dataset"):
-        building.load_splits(config, accelerator=None)
+        building.load_splits(config)
     assert (other / "notes.txt").read_text() == "keep"
 
 
