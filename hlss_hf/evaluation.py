@@ -1178,10 +1178,18 @@ def _embed_across_processes(
         raise ValueError(f"dataset split {info.split!r} is empty: nothing to embed")
     local = torch.stack(chunks)  # [rounds, B, D]
     rounds, dim = local.shape[0], local.shape[-1]
+    total = len(rows) if info.streamed else len(dataset)
+    if world > 1:
+        # Every process must have read the same rows (a stream split by node would not be): say so, not hang.
+        shapes = accelerator.gather(torch.tensor([[rounds, total]], device=device)).tolist()
+        if any(shape != shapes[0] for shape in shapes):
+            raise RuntimeError(
+                f"the processes read different versions of split {info.split!r} ([rounds, rows] per process: "
+                f"{shapes}); every process must see the whole split in the same order (do not split a stream by node)"
+            )
     gathered = accelerator.gather(local.to(device).contiguous()) if world > 1 else local
     if not accelerator.is_main_process:
         return None
-    total = len(rows) if info.streamed else len(dataset)
     embeddings = gathered.reshape(world, rounds, size, dim).transpose(0, 1).reshape(-1, dim)[:total].cpu()
     if info.streamed:
         return rows.embedding_set(embeddings)
