@@ -435,6 +435,11 @@ class HLSSPreTrainedModel(PreTrainedModel):
             return tower.visual.set_grad_checkpointing(enable)
         return super()._set_gradient_checkpointing(enable, *args, **kwargs)
 
+    def get_input_embeddings(self):
+        """None: the input is pixels, not tokens. Accelerate's FSDP2 preparation asks every model for its token
+        embedding (transformers' default raises for a model it cannot inspect)."""
+        return None
+
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` -> L2-normalised ``[N, D]``: ``normalize(visual_projection(pool(f_V(x))))``."""
         kwargs = {}
