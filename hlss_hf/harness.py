@@ -524,7 +524,8 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[dict
     Returns:
         (`dict`, `dict`): ``{"section.key": (old, new)}`` applied, and the same for refused.
     """
-    old, new = flatten(saved), flatten(current)
+    # Compared as JSON holds them (the checkpoint's side was read from JSON: tuples are lists there).
+    old, new = flatten(saved), flatten(json.loads(json.dumps(current)))
     applied, refused = {}, {}
     for key in sorted(set(old) | set(new)):
         if key not in INVOCATION_KEYS and old.get(key) != new.get(key):

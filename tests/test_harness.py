@@ -71,6 +71,24 @@ def cut_run(out, attributes_file, *extra, stop=2):
     return list_checkpoints(out)[-1]
 
 
+def break_loss_at(monkeypatch, call: int, factor: float = float("nan")):
+    """Make the model's ``call``-th forward return a non-finite loss; returns the function that undoes it."""
+    from hlss_hf.modeling_hlss import HLSSModel
+
+    forward = HLSSModel.forward
+    calls = {"n": 0}
+
+    def patched(self, pixel_values, **kwargs):
+        output = forward(self, pixel_values, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == call:
+            output.loss = output.loss * factor
+        return output
+
+    monkeypatch.setattr(HLSSModel, "forward", patched)
+    return lambda: monkeypatch.setattr(HLSSModel, "forward", forward)
+
+
 class Planted:
     """Unpickling this creates ``marker``: proof that code ran."""
 
@@ -85,7 +103,9 @@ class Planted:
 # Outputs never lost
 
 
-def test_failed_run_keeps_the_previous_run_and_a_finished_one_replaces_it(tmp_path, attributes_file):
+def test_failed_run_keeps_the_previous_run_and_a_finished_one_replaces_it(
+    tmp_path, attributes_file, monkeypatch
+):
     out = tmp_path / "run"
     train.main(tiny_args(out, attributes_file, "--training.save_steps", "2"))
     before = snapshot(out)
@@ -99,24 +119,10 @@ def test_failed_run_keeps_the_previous_run_and_a_finished_one_replaces_it(tmp_pa
 
     # A run that fails mid-training (non-finite loss) leaves the earlier run as it was, too.
     reset_accelerate()
-    from hlss_hf.modeling_hlss import HLSSModel
-
-    forward = HLSSModel.forward
-
-    def nan_on_third_call(self, pixel_values, **kwargs):
-        output = forward(self, pixel_values, **kwargs)
-        nan_on_third_call.calls += 1
-        if nan_on_third_call.calls == 3:
-            output.loss = output.loss * float("nan")
-        return output
-
-    nan_on_third_call.calls = 0
-    HLSSModel.forward = nan_on_third_call
-    try:
-        with pytest.raises(train.NonFiniteLossError):
-            train.main(tiny_args(out, attributes_file, "--training.save_steps", "1", "--training.lr", "2e-3"))
-    finally:
-        HLSSModel.forward = forward
+    undo = break_loss_at(monkeypatch, 3)
+    with pytest.raises(train.NonFiniteLossError):
+        train.main(tiny_args(out, attributes_file, "--training.save_steps", "1", "--training.lr", "2e-3"))
+    undo()
     assert snapshot(out) == before
     assert list_checkpoints(staging_dir(out))  # the failed run's own work is kept beside, for a resume
 
@@ -238,19 +244,7 @@ def test_malformed_metrics_line_inside_the_file_is_named(tmp_path):
 def test_non_finite_loss_names_a_checkpoint_whose_next_step_was_finite_and_it_resumes(
     tmp_path, attributes_file, monkeypatch
 ):
-    from hlss_hf.modeling_hlss import HLSSModel
-
-    forward = HLSSModel.forward
-    calls = {"n": 0}
-
-    def nan_on_fourth_step(self, pixel_values, **kwargs):
-        output = forward(self, pixel_values, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 4:
-            output.loss = output.loss * float("inf")
-        return output
-
-    monkeypatch.setattr(HLSSModel, "forward", nan_on_fourth_step)
+    undo = break_loss_at(monkeypatch, 4, float("inf"))
     out = tmp_path / "run"
     with pytest.raises(
         train.NonFiniteLossError, match=r"step 4 .*Last good checkpoint: .*step_2 .*training\.lr"
@@ -269,13 +263,25 @@ def test_non_finite_loss_names_a_checkpoint_whose_next_step_was_finite_and_it_re
         "next_step_finite": True,
     }
 
-    monkeypatch.setattr(HLSSModel, "forward", forward)
+    undo()
     reset_accelerate()
     # `latest` skips step_3; a lower LR may be set on resume.
     result = train.main(tiny_args(out, attributes_file, "--resume_from_checkpoint", "latest", "--lr", "5e-4"))
     assert result["step"] == 4
     losses = [r["loss"] for r in train_records(out)]
     assert [r["step"] for r in train_records(out)] == [1, 2, 3, 4] and all(map(math.isfinite, losses))
+
+
+def test_non_finite_loss_right_after_the_only_checkpoint_names_none(tmp_path, attributes_file, monkeypatch):
+    break_loss_at(monkeypatch, 3)
+    # step_2 is the last checkpoint, but its next step is the bad one: it is not called good.
+    with pytest.raises(
+        train.NonFiniteLossError, match=r"step 3.*loss=nan.*No checkpoint is known to be good"
+    ):
+        train.main(tiny_args(tmp_path, attributes_file, "--training.save_steps", "2"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    assert not (tmp_path / "model.safetensors").exists()
+    assert [r["step"] for r in train_records(tmp_path)] == [1, 2]
 
 
 def test_checkpoint_state_is_json(tmp_path, attributes_file):
@@ -305,3 +311,9 @@ def test_streaming_run_evaluates_at_the_end_and_saves(tmp_path, attributes_file)
     assert (out / "model.safetensors").is_file()
     assert 0.0 <= result["metrics"]["eval/patient/acc"] <= 1.0
     assert any("eval/patch/acc" in r for r in read_metrics(out))
+
+
+def test_resume_changes_compares_values_as_json_holds_them():
+    saved = {"data": {"augmentation": {"random_resized_crop": {"scale": [0.3, 1.0]}}}}
+    current = {"data": {"augmentation": {"random_resized_crop": {"scale": (0.3, 1.0)}}}}
+    assert resume_changes(saved, current) == ({}, {})
