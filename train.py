@@ -30,7 +30,9 @@ On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes N`` runs 
 
 Outputs in ``training.output_dir``: the model (``save_pretrained``: safetensors, config, processor, model card
 README.md), ``metrics.jsonl`` (one JSON object per logged step and evaluation), ``checkpoints/step_N`` (for
-``--resume_from_checkpoint``) and tracker logs.
+``--resume_from_checkpoint``; state as safetensors and JSON, nothing pickled) and tracker logs. A run that
+replaces an earlier one works in ``<output_dir>.incoming`` and swaps it in when it has finished
+(:mod:`hlss_hf.harness`: outputs never lost, resume with changed settings applied or refused, non-finite losses).
 """
 
 from __future__ import annotations
@@ -149,10 +151,6 @@ def schedule_length(t, max_steps: int, steps_per_epoch: int | None) -> int:
             f"config key 'training.{key}': the schedule ({length} steps) ends before the run ({max_steps} steps)"
         )
     return length
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation and checkpoints
 
 
 # ---------------------------------------------------------------------------------------------------------------
