@@ -252,16 +252,12 @@ def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, r
 
 def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Swap a finished staging folder into ``output_dir``; the earlier run is deleted only once the new one is in
-    place (a crash between the two renames leaves both folders, never neither)."""
+    place (:func:`hlss_hf.publishing.swap_in`)."""
+    from hlss_hf.publishing import swap_in
+
     run_dir, out = Path(run_dir), Path(output_dir)
-    if run_dir == out:
-        return out
-    old = out.with_name(out.name + ".replaced")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(run_dir, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if run_dir != out:
+        swap_in(run_dir, out)
     return out
 
 
@@ -330,9 +326,9 @@ def checkpoint_health(path: str | os.PathLike) -> dict[str, bool]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from hlss_hf.publishing import write_text_atomically
+
+    write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def record_next_step(path: str | os.PathLike, finite: bool) -> None:
@@ -409,6 +405,8 @@ def save_checkpoint(
     counters, the settings and the weights' health as JSON; written as ``step_N.tmp`` and renamed when every
     process has finished. All processes call it.
     """
+    from hlss_hf.publishing import swap_in
+
     root = checkpoint_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = final.with_name(final.name + _TMP_SUFFIX)
@@ -422,14 +420,9 @@ def save_checkpoint(
         _write_json(tmp / STATE_FILE, dataclasses.asdict(state))
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / HEALTH_FILE, {"weights_finite": finite_weights})
-        if final.exists():  # re-saving a step after a resume: keep the old copy until the new one is in place
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        swap_in(
+            tmp, final
+        )  # re-saving a step after a resume keeps the old copy until the new one is in place
         _rotate(Path(run_dir), keep)
     accelerator.wait_for_everyone()
     return final
@@ -584,7 +577,7 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
+    from hlss_hf.publishing import write_text_atomically
+
     kept = [record for record in read_jsonl(path) if record.get("step", 0) <= max_step]
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

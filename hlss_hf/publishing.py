@@ -186,7 +186,7 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], A
     tmp.mkdir()
     try:
         result = write(tmp)
-        _swap_in(tmp, target)
+        swap_in(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +198,10 @@ def _sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _swap_in(new: Path, target: Path) -> None:
+def swap_in(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder ``new`` to ``target``; an earlier ``target`` is deleted only once the new one is in
+    place (if the rename fails, it is put back)."""
+    new, target = Path(new), Path(target)
     if not os.path.lexists(target):
         os.replace(new, target)
         return
