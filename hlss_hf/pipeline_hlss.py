@@ -80,7 +80,9 @@ def read_patch(image: Any) -> np.ndarray:
         # datasets' numpy format and nested lists widen Array3D rows to int64: back to the stored dtype.
         info = np.iinfo(stored)
         if array.size and (array.min() < info.min or array.max() > info.max):
-            raise ValueError(f"integer patch values outside {stored.name} range: {array.min()}..{array.max()}")
+            raise ValueError(
+                f"integer patch values outside {stored.name} range: {array.min()}..{array.max()}"
+            )
         array = array.astype(stored)
     return array
 

