@@ -144,7 +144,7 @@ def test_train_runs_on_the_raw_folder_like_on_png(both, tmp_path, fresh_accelera
         "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
         "intermediate_size: 64, max_position_embeddings: 64}"
     )
-    losses = {}
+    losses, evals = {}, {}
     for name in ("png", "raw"):
         out = tmp_path / name
         argv = [
@@ -158,11 +158,15 @@ def test_train_runs_on_the_raw_folder_like_on_png(both, tmp_path, fresh_accelera
             "--training.per_device_batch_size", "2",
             "--training.max_steps", "2",
             "--training.save_steps", "0",
-            "--training.eval_at_end", "false",
+            "--training.eval_at_end", "true",
+            "--training.knn_k", "3",
             "--training.report_to", "none",
         ]  # fmt: skip
         train.main(argv)
         lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        losses[name] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+        records = [json.loads(line) for line in lines if line.strip()]
+        losses[name] = [r["loss"] for r in records if "loss" in r]
+        evals[name] = [r for r in records if any(k.startswith("eval/") for k in r)]
     assert len(losses["raw"]) == 2 and all(np.isfinite(losses["raw"]))
     assert losses["raw"] == losses["png"]  # the same pixels: the same run
+    assert evals["raw"] and evals["raw"] == evals["png"]  # and the same kNN evaluations
