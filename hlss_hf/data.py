@@ -484,7 +484,7 @@ class HierarchicalPatchDataset(Dataset):
 
 
 class _FixedArrayReader:
-    """Zero-copy numpy views of a fixed-shape array column (SRH or raw H&E ``Array3D``) of a :class:`datasets.Dataset`.
+    """Zero-copy numpy views of a fixed-shape array column (``Array3D``: SRH, raw H&E) of a ``datasets.Dataset``.
 
     ``dataset[rows]`` goes through datasets' formatting, which copies nested lists (and the numpy formatter
     widens uint16 to int64); here each Arrow chunk's values buffer is viewed once as ``(rows, H, W, C)``, so a
