@@ -9,7 +9,8 @@ evenly spaced nuclei (``normal``), elongated spindle nuclei aligned in streams (
 pleomorphic nuclei with coarse chromatin crowded in clusters (``high_grade``). Colour does not carry it: each
 slide gets its own stain (hue rotated by up to a quarter turn, saturation, strength, brightness) and each patient
 its own nuclear coverage, darkness, size scale and stroma, drawn from the same ranges for every class. Each
-patch adds its own placement and noise. ``--modality he`` gives uint8 RGB patches (stored as PNG),
+patch adds its own placement and noise. ``--modality he`` gives uint8 RGB patches (stored as PNG, or as uint8
+arrays with ``--image-format raw``),
 ``--modality srh`` 2-channel uint16 SRH-like patches ``[CH2, CH3]``. ``benchmarks/learning_bench.py`` measures
 on this data whether pretraining learns.
 
@@ -36,7 +37,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import datasets
 
-from hlss_hf.publishing import ConversionError, validation_count, write_patch_dataset
+from hlss_hf.publishing import (
+    ConversionError,
+    add_image_format_argument,
+    validation_count,
+    write_patch_dataset,
+)
 from hlss_hf.schema import features_for
 
 #: Class names of the demo (in label order) when ``num_classes`` is 3; otherwise ``class_0``, ``class_1``...
@@ -280,6 +286,7 @@ def build_demo_dataset(
     show_progress: bool = False,
     push_to_hub: str | None = None,
     private: bool = False,
+    image_format: str | None = None,
 ) -> datasets.DatasetDict:
     """Build the synthetic demo hierarchy.
 
@@ -300,6 +307,8 @@ def build_demo_dataset(
         push_to_hub (`str`, *optional*): push the dataset (and its card) to this Hub dataset repo instead of
             writing ``output_dir``.
         private (`bool`, defaults to `False`): create that repo private.
+        image_format (`str`, *optional*): H&E storage, ``"png"`` (the default) or ``"raw"`` (uint8 ``Array3D``,
+            the same pixels; see :func:`hlss_hf.schema.features_for`).
 
     Returns:
         `datasets.DatasetDict` with splits ``train`` and ``validation`` (features from
@@ -319,7 +328,7 @@ def build_demo_dataset(
     if output_dir is not None and push_to_hub is not None:
         raise ValueError("give output_dir or push_to_hub, not both")
     class_names = demo_class_names(num_classes)
-    features = features_for(modality, class_names, patch_size=patch_size)
+    features = features_for(modality, class_names, patch_size=patch_size, image_format=image_format)
     patients = _plan(num_patients, num_classes, (low, high), val_fraction, np.random.default_rng(seed))
     splits = [s for s in SPLITS if any(p["split"] == s for p in patients)]
 
@@ -352,6 +361,7 @@ def build_demo_dataset(
             modality,
             val_fraction,
             seed,
+            image_format=image_format,
         )
     return datasets.load_from_disk(str(output_dir))
 
@@ -376,6 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--val-fraction", type=float, default=0.25, help="fraction of patients per class in validation"
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_image_format_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -396,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             show_progress=True,
             push_to_hub=args.push_to_hub,
             private=args.private,
+            image_format=args.image_format,
         )
     except (ConversionError, ValueError) as error:
         sys.exit(f"error: {error}")

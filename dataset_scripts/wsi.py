@@ -9,6 +9,8 @@ The manifest is a CSV with columns ``slide_path`` (absolute or relative to the m
 Tissue is detected on a thumbnail (Otsu on saturation); tiles of ``--patch-size`` pixels are cut at
 ``--mpp`` microns per pixel (the best pyramid level, resized) or at ``--level`` (default level 0), and tiles
 with less than ``--min-tissue`` tissue are dropped. Any format OpenSlide reads works (SVS, tiled TIFF, NDPI...).
+Tiles are stored as PNG; ``--image-format raw`` stores the same pixels as uint8 arrays (~3.3x the bytes, no
+decoding when read: the fastest input pipeline).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hlss_hf.publishing import (
     ConversionError,
     ConversionSummary,
     InvalidItems,
+    add_image_format_argument,
     add_output_arguments,
     assign_splits,
     output_kwargs,
@@ -180,7 +183,7 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
     resolution = f"{options.mpp} mpp" if options.mpp else f"level {options.level or 0}"
     return write_patch_dataset(
         {split: iter_tiles(tasks, options, args.num_workers, invalid) for split, tasks in plan.items()},
-        features_for("he", classes),
+        features_for("he", classes, patch_size=options.patch_size, image_format=args.image_format),
         invalid=invalid,
         title=f"Whole-slide tiles ({manifest.name})",
         source=f"{sum(len(t) for t in plan.values())} slides from manifest `{manifest.name}`; "
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="patients per class in validation when there is no split column",
     )
     add_tiling_arguments(parser)
+    add_image_format_argument(parser)
     add_output_arguments(parser)
     return parser
 

@@ -360,6 +360,8 @@ class HierarchicalPatchDataset(Dataset):
             balanced_patient_list(self.index, seed) if balance_classes else list(self.index.patient_ids)
         )
         self._images = dataset.select_columns([IMAGE])
+        # SRH and raw H&E (Array3D) are read as zero-copy views; PNG H&E through decode_image.
+        self._array_column = not isinstance(dataset.features[IMAGE], datasets.Image)
         self._srh_reader: _FixedArrayReader | None = None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -437,7 +439,8 @@ class HierarchicalPatchDataset(Dataset):
     def read_images(self, rows: Sequence[int], patient: str | None = None) -> list[np.ndarray]:
         """Decode the images of dataset ``rows`` with :func:`hlss_hf.schema.decode_image`.
 
-        SRH rows are zero-copy views of the memory-mapped Arrow data (read-only; copy before writing).
+        Array rows (SRH, raw H&E) are zero-copy views of the memory-mapped Arrow data (read-only; copy before
+        writing).
 
         Args:
             rows (sequence of `int`): positions in the dataset.
@@ -448,7 +451,7 @@ class HierarchicalPatchDataset(Dataset):
         """
         rows = [int(r) for r in rows]
         try:
-            if self.modality == "srh":
+            if self._array_column:
                 if self._srh_reader is None:
                     self._srh_reader = _FixedArrayReader(self._images)
                 values = self._srh_reader.rows(rows)
@@ -481,7 +484,7 @@ class HierarchicalPatchDataset(Dataset):
 
 
 class _FixedArrayReader:
-    """Zero-copy numpy views of a fixed-shape array column (SRH ``Array3D``) of a :class:`datasets.Dataset`.
+    """Zero-copy numpy views of a fixed-shape array column (``Array3D``: SRH, raw H&E) of a ``datasets.Dataset``.
 
     ``dataset[rows]`` goes through datasets' formatting, which copies nested lists (and the numpy formatter
     widens uint16 to int64); here each Arrow chunk's values buffer is viewed once as ``(rows, H, W, C)``, so a
@@ -647,7 +650,11 @@ class HierarchicalStreamingDataset(IterableDataset):
         image_feature = features.get(IMAGE) if features is not None else None
         if isinstance(image_feature, datasets.Image) and hasattr(dataset, "decode"):
             dataset = dataset.decode(False)
-        elif modality == "srh" and isinstance(dataset, datasets.IterableDataset):
+        elif (
+            isinstance(dataset, datasets.IterableDataset)
+            and (modality == "srh" or image_feature is not None)
+            and not isinstance(image_feature, datasets.Image)
+        ):  # SRH, or raw H&E (an Array3D feature)
             # numpy formatting yields each Array3D as one array instead of nested Python lists (much faster).
             dataset = dataset.with_format("numpy")
         self.dataset = dataset

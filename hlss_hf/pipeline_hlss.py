@@ -43,8 +43,9 @@ def read_patch(image: Any) -> np.ndarray:
     """One patch as a channel-last numpy array: SRH stays uint16 ``[H, W, 2]``, H&E becomes uint8 RGB.
 
     Args:
-        image: a numpy array or torch tensor (``[H, W, C]`` or ``[C, H, W]`` with C of 2 or 3), a PIL image, or
-            the path of an image file (SRH TIFFs are read with tifffile, other files with PIL).
+        image: a numpy array, nested lists (an ``Array3D`` dataset row) or torch tensor (``[H, W, C]`` or
+            ``[C, H, W]`` with C of 2 or 3; integers are brought back to uint16 / uint8), a PIL image, or the
+            path of an image file (SRH TIFFs are read with tifffile, other files with PIL).
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -65,6 +66,8 @@ def read_patch(image: Any) -> np.ndarray:
                 image = np.asarray(opened.convert("RGB"))
     elif isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
+    elif isinstance(image, (list, tuple)):  # an Array3D row read without a format (SRH, raw H&E)
+        image = np.asarray(image)
     elif not isinstance(image, np.ndarray):  # a PIL image
         image = np.asarray(image.convert("RGB"))
     array = np.asarray(image)
@@ -72,6 +75,15 @@ def read_patch(image: Any) -> np.ndarray:
         array = np.moveaxis(array, 0, -1)  # channel-first (as some SRH TIFFs are stored)
     if array.ndim != 3 or array.shape[-1] not in (2, 3):
         raise ValueError(f"expected a patch of shape [H, W, 2] (SRH) or [H, W, 3] (H&E), got {array.shape}")
+    stored = np.dtype(np.uint16 if array.shape[-1] == 2 else np.uint8)
+    if array.dtype.kind in "iu" and array.dtype != stored:
+        # datasets' numpy format and nested lists widen Array3D rows to int64: back to the stored dtype.
+        info = np.iinfo(stored)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ValueError(
+                f"integer patch values outside {stored.name} range: {array.min()}..{array.max()}"
+            )
+        array = array.astype(stored)
     return array
 
 

@@ -48,7 +48,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from .schema import IMAGE, LABEL, PATCH_ID, PATIENT_ID, SLIDE_ID, modality_of
+from .schema import IMAGE, IMAGE_FORMATS, LABEL, PATCH_ID, PATIENT_ID, SLIDE_ID, decode_image, modality_of
 
 #: Rows per written Arrow batch: small enough that a 300x300x2 uint16 batch stays ~25 MB in memory.
 WRITER_BATCH_SIZE = 64
@@ -510,12 +510,15 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def _encode_image(image: np.ndarray, modality: str) -> Any:
-    # H&E patches become PNG bytes here (the costly part); SRH arrays are stored as they are.
-    if modality == "he":
+def _encode_image(image: np.ndarray, modality: str, png: bool = True) -> Any:
+    # H&E patches become PNG bytes here (the costly part); SRH arrays and raw H&E (png=False) are stored as they
+    # are. PNG bytes that arrive for a raw column (e.g. from an older tiling worker) are decoded: PNG is lossless.
+    if modality == "he" and png:
         if isinstance(image, Mapping):
             return {"bytes": image["bytes"], "path": None}
         return datasets.Image().encode_example(image)
+    if isinstance(image, Mapping):
+        return decode_image(image)
     return image
 
 
@@ -570,11 +573,17 @@ def dataset_card_text(
     DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
 
     modality = modality_of(features)
-    image_text = (
-        "8-bit RGB PNG (`datasets.Image`)"
-        if modality == "he"
-        else "2-channel uint16 array `[CH2, CH3]`, channel-last (`datasets.Array3D`), the source values"
-    )
+    if modality == "srh":
+        image_text = (
+            "2-channel uint16 array `[CH2, CH3]`, channel-last (`datasets.Array3D`), the source values"
+        )
+    elif isinstance(features[IMAGE], datasets.Image):
+        image_text = "8-bit RGB PNG (`datasets.Image`)"
+    else:
+        image_text = (
+            "an 8-bit RGB array `(H, W, 3)`, uint8, channel-last (`datasets.Array3D`): raw pixels, lossless, "
+            "read without decoding (`--image-format raw`; PNG is the converters' default)"
+        )
     skipped = (
         "\n".join(f"- `{item}`: {reason}" for item, reason in summary.skipped) if summary.skipped else "None."
     )
@@ -674,7 +683,8 @@ def write_patch_dataset(
         invalid (`InvalidItems`, *optional*): where invalid rows go; default raises on the first.
         title, source, description, command (`str`): dataset card text.
         totals (`Mapping[str, int]`, *optional*): expected rows per split, for progress bars.
-        patch_size (`int` or `(int, int)`, *optional*): required H&E patch size (SRH: from the features).
+        patch_size (`int` or `(int, int)`, *optional*): required H&E PNG patch size (SRH and raw H&E: from the
+            features' fixed shape).
         max_shard_size_mb (`float`, defaults to 500): shard size of the saved or pushed splits.
         show_progress (`bool`, defaults to `True`): show tqdm bars.
         license, license_name, license_link (`str`): the card's licence fields (see :func:`dataset_card_text`).
@@ -692,7 +702,8 @@ def write_patch_dataset(
     invalid = invalid if invalid is not None else InvalidItems()
     modality = modality_of(features)
     image_feature = features[IMAGE]
-    if modality == "srh":
+    png = isinstance(image_feature, datasets.Image)
+    if not png:  # SRH or raw H&E: the Array3D's fixed shape
         patch_size = tuple(image_feature.shape[:2])
     elif patch_size is not None:
         patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
@@ -773,7 +784,7 @@ def write_patch_dataset(
                         continue
                     seen_patch_ids.add(patch_id)
                     encoded = {**UNKNOWN_PROVENANCE, "source": "", **row}
-                    encoded[IMAGE] = _encode_image(image, modality)
+                    encoded[IMAGE] = _encode_image(image, modality, png)
                     encoded[LABEL] = class_index[label]
                     encoded[PATCH_ID], encoded[PATIENT_ID] = patch_id, patient
                     encoded[SLIDE_ID] = slide
@@ -915,6 +926,22 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--license-name", default=None, help="with --license other: the licence's short name")
     group.add_argument("--license-link", default=None, help="with --license other: where the licence text is")
+
+
+def add_image_format_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--image-format png|raw``: how an H&E converter stores its patches (see
+    :func:`hlss_hf.schema.features_for`). Unset means PNG; pass ``args.image_format`` to ``features_for``.
+
+    Args:
+        parser (`argparse.ArgumentParser`): the converter's parser.
+    """
+    parser.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default=None,
+        help="H&E storage: png (default; lossless, smallest) or raw (uint8 Array3D: the same pixels, ~3.3x "
+        "the bytes, no decoding when read: the fastest input pipeline, see benchmarks/README.md)",
+    )
 
 
 def validate_output_arguments(args: argparse.Namespace) -> None:

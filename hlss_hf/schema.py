@@ -2,9 +2,10 @@
 
 Columns (see :data:`COLUMNS`):
 
-- ``image``: H&E patches as :class:`datasets.Image` (lossless PNG bytes); SRH patches as
-  :class:`datasets.Array3D` of shape ``(H, W, 2)`` and dtype ``uint16`` (channel-last ``[CH2, CH3]``, the exact
-  values of the source TIFF).
+- ``image``: H&E patches as :class:`datasets.Image` (lossless PNG bytes, the default) or, with
+  ``image_format="raw"``, as :class:`datasets.Array3D` of shape ``(H, W, 3)`` and dtype ``uint8`` (the same
+  pixels, no decoding when read, ~3.3x PNG's bytes); SRH patches as :class:`datasets.Array3D` of shape
+  ``(H, W, 2)`` and dtype ``uint16`` (channel-last ``[CH2, CH3]``, the exact values of the source TIFF).
 - ``patient_id``, ``slide_id``, ``patch_id`` (unique in the dataset): strings.
 - ``label``: :class:`datasets.ClassLabel` carrying the class names.
 - ``x``, ``y`` (top-left corner in level-0 pixels), ``level``: int32, ``-1`` when unknown.
@@ -59,6 +60,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (IMAGE, PATIENT_ID, SLIDE_ID, PATCH_ID, LABE
 OPENSRH_CLASSES: tuple[str, ...] = ("hgg", "lgg", "mening", "metast", "normal", "pituita", "schwan")
 
 MODALITIES: tuple[str, ...] = ("he", "srh")
+#: How H&E patches are stored: ``"png"`` (:class:`datasets.Image`) or ``"raw"`` (uint8 :class:`datasets.Array3D`).
+IMAGE_FORMATS: tuple[str, ...] = ("png", "raw")
 SRH_CHANNELS = 2
 HE_CHANNELS = 3
 
@@ -74,21 +77,31 @@ def _patch_shape(patch_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def features_for(
-    modality: str, class_names: Sequence[str], patch_size: int | Sequence[int] | None = None
+    modality: str,
+    class_names: Sequence[str],
+    patch_size: int | Sequence[int] | None = None,
+    image_format: str | None = None,
 ) -> datasets.Features:
     """Build the :class:`datasets.Features` of a patch dataset.
 
     Args:
-        modality (`str`): ``"he"`` (8-bit RGB, stored as PNG) or ``"srh"`` (2-channel uint16 arrays).
+        modality (`str`): ``"he"`` (8-bit RGB) or ``"srh"`` (2-channel uint16 arrays).
         class_names (`Sequence[str]`): class names, in label-index order; must be unique and non-empty.
-        patch_size (`int` or `(height, width)`, *optional*): patch size in pixels. Required for ``"srh"``
-            because :class:`datasets.Array3D` has a fixed shape; ignored for ``"he"`` (PNG keeps its own size).
+        patch_size (`int` or `(height, width)`, *optional*): patch size in pixels. Required for ``"srh"`` and
+            raw H&E because :class:`datasets.Array3D` has a fixed shape; ignored for PNG (it keeps its own size).
+        image_format (`str`, *optional*): H&E storage, one of :data:`IMAGE_FORMATS`: ``"png"`` (the default;
+            :class:`datasets.Image`) or ``"raw"`` (``Array3D(shape=(H, W, 3), dtype="uint8")``: the same pixels,
+            read without decoding, ~3.3x the bytes). SRH is always raw; ``"png"`` is refused for it.
 
     Returns:
         `datasets.Features` with the columns of :data:`COLUMNS`.
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if image_format is not None and image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if modality == "srh" and image_format == "png":
+        raise ValueError("image_format 'png' only applies to H&E; SRH patches are always raw uint16 arrays")
     names = [str(name) for name in class_names]
     if not names:
         raise ValueError("class_names is empty")
@@ -100,6 +113,11 @@ def features_for(
             raise ValueError("patch_size is required for modality 'srh' (Array3D needs a fixed shape)")
         height, width = _patch_shape(patch_size)
         image_feature = datasets.Array3D(shape=(height, width, SRH_CHANNELS), dtype="uint16")
+    elif image_format == "raw":
+        if patch_size is None:
+            raise ValueError("patch_size is required for raw H&E (Array3D needs a fixed shape)")
+        height, width = _patch_shape(patch_size)
+        image_feature = datasets.Array3D(shape=(height, width, HE_CHANNELS), dtype="uint8")
     else:
         image_feature = datasets.Image()
     return datasets.Features(
@@ -126,7 +144,8 @@ def modality_of(features: Mapping[str, Any]) -> str:
         features (`datasets.Features` or mapping): the dataset's features (``dataset.features``).
 
     Returns:
-        ``"he"`` when ``image`` is a :class:`datasets.Image`, ``"srh"`` when it is a 2-channel array feature.
+        ``"he"`` when ``image`` is a :class:`datasets.Image` or a 3-channel array feature (raw H&E), ``"srh"``
+        when it is a 2-channel array feature.
     """
     if IMAGE not in features:
         raise ValueError(f"features have no {IMAGE!r} column: {list(features)}")

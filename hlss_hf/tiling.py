@@ -75,6 +75,8 @@ class TilingOptions:
         min_tissue (`float`, defaults to 0.5): minimal tissue fraction of a kept tile.
         max_tiles_per_slide (`int`, *optional*): keep at most this many tissue tiles (a seeded random subset).
         seed (`int`, defaults to 0): seed of that subset.
+        image_format (`str`, defaults to ``"png"``): how tiles leave the worker: ``"png"`` bytes (encoded in the
+            worker, so in parallel) or ``"raw"`` uint8 arrays (for a raw H&E dataset, no encoding at all).
     """
 
     patch_size: int = 256
@@ -83,8 +85,11 @@ class TilingOptions:
     min_tissue: float = 0.5
     max_tiles_per_slide: int | None = None
     seed: int = 0
+    image_format: str = "png"
 
     def __post_init__(self) -> None:
+        if self.image_format not in ("png", "raw"):
+            raise ValueError(f"image_format must be 'png' or 'raw', got {self.image_format!r}")
         if self.patch_size < 8:
             raise ValueError(f"patch_size must be at least 8, got {self.patch_size}")
         if self.mpp is not None and self.level is not None:
@@ -113,7 +118,7 @@ class SlideTask:
 
 @dataclass
 class SlideResult:
-    """The tiles of one slide (``rows``, PNG-encoded) or why it failed (``error``)."""
+    """The tiles of one slide (``rows``, PNG-encoded or raw arrays) or why it failed (``error``)."""
 
     task: SlideTask
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -150,6 +155,7 @@ def tiling_options(args: argparse.Namespace) -> TilingOptions:
         min_tissue=args.min_tissue,
         max_tiles_per_slide=args.max_tiles_per_slide,
         seed=args.seed,
+        image_format=getattr(args, "image_format", None) or "png",
     )
 
 
@@ -189,7 +195,8 @@ def tile_slide(task: SlideTask, options: TilingOptions) -> SlideResult:
         options (`TilingOptions`): how to tile.
 
     Returns:
-        `SlideResult` whose rows carry the ``image`` as ``{"bytes": PNG, "path": None}`` plus ids, label and
+        `SlideResult` whose rows carry the ``image`` as ``{"bytes": PNG, "path": None}`` (or a uint8 array with
+        ``image_format="raw"``) plus ids, label and
         provenance (``x``, ``y`` in level-0 pixels, ``level``, ``mpp``, ``magnification``, ``source``).
     """
     try:
@@ -265,7 +272,7 @@ def _tile_slide(task: SlideTask, options: TilingOptions) -> SlideResult:
                 region = region.resize((options.patch_size, options.patch_size), Image.Resampling.LANCZOS)
             result.rows.append(
                 {
-                    "image": _encode_image(_to_rgb(region), "he"),
+                    "image": _encode_image(_to_rgb(region), "he", png=options.image_format == "png"),
                     "patient_id": task.patient_id,
                     "slide_id": task.slide_id,
                     "patch_id": f"{task.slide_id}/{x0}_{y0}",

@@ -440,6 +440,74 @@ def test_wsi_level_option_and_tile_cap(tmp_path, slides):
     assert all(x % 128 == 0 for x in ds["train"]["x"])  # 64 px at level 1 = 128 level-0 px
 
 
+def arrow_bytes(folder):
+    """The data files of a saved dataset, by relative path (the card, which names the command, left out)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*.arrow"))}
+
+
+def test_wsi_image_format_raw_stores_the_png_pixels_and_png_is_the_unchanged_default(tmp_path, slides):
+    manifest, _ = slides
+    default, png, raw = tmp_path / "default", tmp_path / "png", tmp_path / "raw"
+    wsi.main(wsi_args(manifest, default, "--level", "1", "--patch-size", "64"))
+    wsi.main(wsi_args(manifest, png, "--level", "1", "--patch-size", "64", "--image-format", "png"))
+    # Two tiling workers: raw tiles cross process boundaries as arrays.
+    wsi.main(
+        wsi_args(
+            manifest, raw, "--level", "1", "--patch-size", "64", "--image-format", "raw", "--num-workers", "2"
+        )
+    )
+    assert arrow_bytes(default) == arrow_bytes(png) and arrow_bytes(png)
+    a, b = load(png, tmp_path), load(raw, tmp_path)
+    assert isinstance(a["train"].features["image"], datasets.Image)
+    assert b["train"].features["image"] == datasets.Array3D(shape=(64, 64, 3), dtype="uint8")
+    for split in a:
+        assert a[split]["patch_id"] == b[split]["patch_id"] and a[split]["x"] == b[split]["x"]
+        for left, right in zip(a[split], b[split], strict=True):
+            pixels = decode_image(right["image"])
+            assert pixels.dtype == np.uint8
+            np.testing.assert_array_equal(pixels, decode_image(left["image"]))
+    assert (
+        "`datasets.Array3D`" in (raw / "README.md").read_text()
+        and "8-bit RGB PNG" in (png / "README.md").read_text()
+    )
+
+
+def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
+    from hlss_hf.schema import features_for
+
+    with pytest.raises(SystemExit, match="'png' only applies to H&E"):
+        demo.main(["--output", str(tmp_path / "d"), "--modality", "srh", "--image-format", "png"])
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        demo.main(["--output", str(tmp_path / "d"), "--image-format", "jpeg"])
+    with pytest.raises(ValueError, match="patch_size is required for raw H&E"):
+        features_for("he", ["a"], image_format="raw")
+    with pytest.raises(ValueError, match="image_format must be one of"):
+        features_for("he", ["a"], patch_size=8, image_format="jpeg")
+    srh = features_for("srh", ["a"], patch_size=8, image_format="raw")
+    assert srh["image"] == datasets.Array3D(shape=(8, 8, 2), dtype="uint16")
+
+
+def test_writer_raw_he_checks_the_fixed_shape_and_decodes_png_bytes(tmp_path):
+    from hlss_hf.publishing import ConversionError, write_patch_dataset
+    from hlss_hf.schema import features_for
+
+    features = features_for("he", ["a"], patch_size=8, image_format="raw")
+    first, second = _row("x"), _row("y", seed=1)
+    second["image"] = datasets.Image().encode_example(second["image"])  # as a PNG tiling worker sends it
+    write_patch_dataset(
+        {"train": [first, second]}, features, output_dir=tmp_path / "out", show_progress=False
+    )
+    stored = load(tmp_path / "out", tmp_path)["train"].with_format("numpy", dtype=np.uint8)["image"]
+    np.testing.assert_array_equal(stored, np.stack([_row("x")["image"], _row("y", seed=1)["image"]]))
+    with pytest.raises(ConversionError, match=r"patch x: image size \(8, 8\), expected \(16, 16\)"):
+        write_patch_dataset(
+            {"train": [_row("x")]},
+            features_for("he", ["a"], patch_size=16, image_format="raw"),
+            output_dir=tmp_path / "o2",
+        )
+
+
 def test_wsi_without_split_column_splits_by_patient(tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -601,6 +669,18 @@ def test_tcga_hdf5_round_trip_with_barcodes_and_patient_split(tmp_path, tcga_roo
         "TCGA-02-0001-01Z-00-DX1",
         "TCGA-02-0001-01Z-00-DX2",
     }
+
+
+def test_tcga_image_format_raw_keeps_the_hdf5_pixels(tmp_path, tcga_root):
+    root, images = tcga_root
+    out = tmp_path / "out"
+    tcga.main(tcga_args(root, out, "--image-format", "raw"))
+    ds = load(out, tmp_path)
+    assert ds["train"].features["image"] == datasets.Array3D(shape=(32, 32, 3), dtype="uint8")
+    for split in ds.values():
+        for row in split.with_format("numpy", dtype=np.uint8):
+            index = int(row["patch_id"].split("/")[1])
+            np.testing.assert_array_equal(row["image"], images[row["slide_id"]][index])
 
 
 def test_tcga_split_file_slide_level_json_labels_and_whole_slide_files(tmp_path, tcga_root):
