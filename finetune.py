@@ -287,8 +287,9 @@ class PatchClassificationDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def _image(self, index: int) -> np.ndarray:
-        if self.modality == "srh":
-            # Zero-copy rows of the Array3D column: `dataset[i]` would build nested Python lists (~50x slower).
+        if not isinstance(self.dataset.features["image"], datasets.Image):
+            # Zero-copy rows of an Array3D column (SRH, raw H&E): `dataset[i]` would build nested Python lists
+            # (~50x slower).
             if self._srh_reader is None:
                 self._srh_reader = _FixedArrayReader(self.dataset)
             return self._srh_reader.rows([index])[0]
