@@ -293,7 +293,10 @@ class RunConfig(Section):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh in an output_dir that holds an earlier run (replacing it)."},
+        metadata={
+            "help": "Start afresh in an output_dir that holds an earlier run: the new run works in "
+            "<output_dir>.incoming and replaces the earlier one only when it has finished."
+        },
     )
     seed: int = field(
         default=0, metadata={"help": "Seed of the weights, the sampling and the augmentations."}
@@ -671,7 +674,11 @@ class TrainingConfig(RunConfig):
     )
     save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "`latest` or a checkpoint folder to resume from."}
+        default=None,
+        metadata={
+            "help": "`latest` or a checkpoint folder to resume from; settings that may change on resume: "
+            "hlss_hf.harness.RESUMABLE_KEYS (any other change stops the run, naming it)."
+        },
     )
     eval_at_end: bool = field(default=True, metadata={"help": "kNN evaluation after training."})
     eval_before_training: bool = field(
