@@ -61,7 +61,6 @@ from hlss_hf.harness import (
     plan_output,
     publish_output,
     scheduler_steps,
-    staging_dir,
     start_output,
 )
 from hlss_hf.peft_utils import finetune_card, finish_adapter_folder, lora_config_for, set_train_mode
@@ -192,7 +191,7 @@ def resolve_labels(
     """
     features = train.features
     if label_column not in features:
-        raise ValueError(
+        raise DatasetError(
             f"dataset has no label column {label_column!r} (columns: {list(features)}); fine-tuning needs a label "
             "per patch (--label_column)"
         )
@@ -204,7 +203,7 @@ def resolve_labels(
         unknown = [n for n in label_names if n not in names]
         missing = [n for n in names if n not in label_names]
         if unknown or missing:
-            raise ValueError(
+            raise DatasetError(
                 f"--label_names do not match the dataset's classes {names}: unknown label names {unknown}, "
                 f"missing {missing}"
             )
@@ -220,7 +219,7 @@ def resolve_labels(
         else:
             names = list(label_names)
         return names, {i: i for i in range(len(names))}
-    raise ValueError(
+    raise DatasetError(
         f"label column {label_column!r} must be a ClassLabel, string or integer, got {feature!r}"
     )
 
@@ -230,14 +229,14 @@ def check_label_values(
 ) -> None:
     """Raise `ValueError` naming the first patch whose label is not one of the model's classes."""
     if label_column not in split.features:
-        raise ValueError(
+        raise DatasetError(
             f"split {split_name!r} has no label column {label_column!r} (columns: {list(split.features)})"
         )
     labels = split[label_column]
     for row, value in enumerate(labels):
         if value not in value_to_index:
             patch = split[row]["patch_id"] if "patch_id" in split.features else f"row {row}"
-            raise ValueError(
+            raise DatasetError(
                 f"split {split_name!r}: patch {patch!r} has label {value!r}, not one of the classes {names} "
                 "(unknown label name; pass --label_names listing every class)"
             )
@@ -534,10 +533,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t = args.training
     out = Path(t.output_dir)
-    plan_output(out, overwrite=t.overwrite_output_dir, resume=None)
     # Fine-tuning has no resume, so every run works beside and swaps in at the end: a failed run leaves
     # output_dir as it was (or absent).
-    run_dir = staging_dir(out)
+    run_dir = plan_output(out, overwrite=t.overwrite_output_dir, resume=None, always_stage=True)
     accelerator = make_accelerator(t, project_dir=run_dir)
     if t.merge and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ConfigError(
@@ -565,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     crop = int(processor.crop_size["height"])
     modality = modality_of(train_split.features)
     if getattr(model.config, "modality", modality) != modality:
-        raise ValueError(
+        raise DatasetError(
             f"dataset {args.data.dataset!r} holds {modality!r} patches but model "
             f"{args.model.model_name_or_path!r} was trained on {model.config.modality!r}"
         )

@@ -85,6 +85,7 @@ from hlss_hf.harness import (  # noqa: E402
     resume_changes,
     save_checkpoint,
     scheduler_steps,
+    set_aside_later_checkpoints,
     set_peak_lr,
     start_output,
     truncate_jsonl,
@@ -332,6 +333,11 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
         start_output(run.run_dir, out, resume=resumed)
         if resumed:
             truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
+            for path in set_aside_later_checkpoints(run.run_dir, state.step):
+                print(
+                    f"Set aside {path.name}: it follows step {state.step}, which this run continues from",
+                    flush=True,
+                )
         run.metrics_file = JsonlWriter(run.run_dir / "metrics.jsonl")
     accelerator.wait_for_everyone()
     if t.trackers():
@@ -477,7 +483,7 @@ def train_loop(run: Run, resume_path: Path | None) -> bool:
                     state,
                     config.to_dict(),
                     keep=t.save_total_limit,
-                    finite_weights=weights_finite(run.unwrapped),
+                    finite_weights=weights_finite(model, accelerator),
                 )
                 tic = time.perf_counter()
             if stop_here:
@@ -558,7 +564,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_training(run)
     if resume_path is not None:
         resume(run, resume_path, changed)
-    open_run(run, out, resumed=resume_path is not None, changed=changed)
+    # Continuing in the checkpoint's own folder (not a new run started from a checkpoint kept elsewhere).
+    continuing = resume_path is not None and run_dir.absolute() in Path(resume_path).absolute().parents
+    open_run(run, out, resumed=continuing, changed=changed)
 
     # 6. Train, after a kNN baseline of the untrained model when asked for.
     initial_eval: dict[str, float] = {}
@@ -670,7 +678,9 @@ def cli() -> None:
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print(format_help(TrainConfig, DEFAULT_CONFIG))
+        # The defaults shown are the ones this command line's run would use: its --config, else the demo's.
+        config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), DEFAULT_CONFIG)
+        print(format_help(TrainConfig, config_file))
         return
     debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]

@@ -564,7 +564,9 @@ class DataConfig(DataSourceConfig):
     )
     cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where the demo dataset is written; default <output_dir>/demo_dataset."},
+        metadata={
+            "help": "Where the demo dataset is written and read back (null: built in memory each run)."
+        },
     )
     streaming: bool = field(
         default=False, metadata={"help": "Stream the training split (needs training.max_steps)."}
@@ -672,7 +674,12 @@ class TrainingConfig(RunConfig):
     save_steps: int = field(
         default=0, metadata={"help": "Checkpoint every N steps (0: never, except on max_steps_this_run)."}
     )
-    save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
+    save_total_limit: int = field(
+        default=2,
+        metadata={
+            "help": "Keep the last K checkpoints (and the newest good one, when it is older: see the README)."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={

@@ -45,15 +45,9 @@ CONFIG_FILE = "train_config.json"
 HEALTH_FILE = "health.json"
 STAGING_SUFFIX = ".incoming"
 _TMP_SUFFIX = ".tmp"
-# What marks a folder as holding a training run (train.py) that a new run must not silently replace.
-RUN_MARKERS = (
-    "checkpoints",
-    "metrics.jsonl",
-    "model.safetensors",
-    "adapter",
-    "merged",
-    "finetune_report.json",
-)
+# What marks a folder as holding a run that a new run must not silently replace: a checkpoint or a saved model (a
+# metrics.jsonl alone is the log of a run that failed before its first checkpoint: nothing to resume or keep).
+RUN_MARKERS = ("checkpoints", "model.safetensors", "adapter", "merged", "finetune_report.json")
 
 # Settings a resumed run may change: they touch neither the weights' past nor the batches still to come.
 # `training.lr` is applied exactly (the schedule keeps its shape, scaled to the new peak); `training.max_steps` /
@@ -69,7 +63,6 @@ RESUMABLE_KEYS = frozenset(
         "training.max_steps_this_run",
         "training.lr",
         "training.max_grad_norm",
-        "training.mixed_precision",
         "training.cpu",
         "training.logging_steps",
         "training.save_steps",
@@ -156,10 +149,15 @@ def all_finite(loss: torch.Tensor, accelerator) -> bool:
     return bad.item() == 0
 
 
-def weights_finite(model: torch.nn.Module) -> bool:
-    """Whether every trainable parameter of ``model`` is finite (checked before a checkpoint is called good)."""
+def weights_finite(model: torch.nn.Module, accelerator) -> bool:
+    """Whether every trainable parameter of ``model`` is finite on every process (a sharded model holds a part of
+    the weights on each); checked before a checkpoint is called good."""
     with torch.no_grad():
-        return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="max")
+    return bad.item() == 0
 
 
 def set_peak_lr(optimizer, scheduler, lr: float) -> None:
@@ -189,14 +187,19 @@ def set_peak_lr(optimizer, scheduler, lr: float) -> None:
 
 def staging_dir(output_dir: str | os.PathLike) -> Path:
     """Where a run that replaces an earlier run in ``output_dir`` works until it finishes."""
-    out = Path(output_dir)
+    out = Path(os.path.abspath(output_dir))  # `.` has no name to put a suffix on
     return out.with_name(out.name + STAGING_SUFFIX)
 
 
 def earlier_run(output_dir: str | os.PathLike, markers: tuple[str, ...] = RUN_MARKERS) -> list[str]:
     """Names in ``output_dir`` that show it holds an earlier run (empty: nothing to protect)."""
     out = Path(output_dir)
-    return [name for name in markers if (out / name).exists()]
+    found = []
+    for name in markers:
+        present = bool(list_checkpoints(out)) if name == "checkpoints" else (out / name).exists()
+        if present:
+            found.append(name)
+    return found
 
 
 def plan_output(
@@ -206,28 +209,43 @@ def plan_output(
     resume: str | os.PathLike | None,
     markers: tuple[str, ...] = RUN_MARKERS,
     key: str = "training.output_dir",
+    always_stage: bool = False,
 ) -> Path:
     """The folder this run writes to; changes nothing on disk.
 
-    - A new run in a folder without an earlier run writes there.
+    - A new run in a folder without an earlier run writes there (with ``always_stage``, as finetune.py has no
+      resume: to the staging folder, and the folder must then be new or empty, since it is replaced whole).
     - A new run in a folder with an earlier run needs ``overwrite``; it then writes to :func:`staging_dir` and
       :func:`publish_output` swaps that in when the run has finished.
     - A resumed run continues in the folder that holds its checkpoint (the staging folder of an unfinished
-      replacing run, or ``output_dir``).
+      replacing run, or ``output_dir``); resumed from a checkpoint elsewhere, it is a new run for ``output_dir``.
 
     Raises:
-        ConfigError: an earlier run is present and ``overwrite`` is false (the message names what is there).
+        ConfigError: an earlier run is present and ``overwrite`` is false, or (``always_stage``) the folder holds
+            other files (the message names what is there).
     """
     from hlss_hf.config import ConfigError
 
     out = Path(output_dir)
     staging = staging_dir(out)
     if resume is not None:
-        resume = Path(resume).absolute()
-        return staging if staging.absolute() in resume.parents else out
+        parents = Path(resume).absolute().parents
+        if staging in parents:
+            return staging
+        if out.absolute() in parents:
+            return out
     found = earlier_run(out, markers)
     if not found:
-        return out
+        if not always_stage:
+            return out
+        others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if others:
+            listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise ConfigError(
+                f"config key '{key}': {out} is not empty ({listed}) and holds no earlier run; the run replaces its "
+                "output folder whole when it finishes: choose a new or empty folder"
+            )
+        return staging
     if not overwrite:
         raise ConfigError(
             f"config key '{key}': {out} already holds a run ({', '.join(found)}); pass "
@@ -241,13 +259,30 @@ def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, r
     """Create the run folder (main process, after the config and data were validated).
 
     A new run in the staging folder starts from an empty one: what an earlier unfinished replacing run left there
-    is this run's to discard (the user asked to overwrite).
+    is this run's to discard (the user asked to overwrite). A new run in ``output_dir`` keeps the log of a run that
+    failed there before its first checkpoint as ``metrics.failed.jsonl``.
     """
     run_dir = Path(run_dir)
     if not resume and run_dir == staging_dir(output_dir) and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_temporary_checkpoints(run_dir)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        os.replace(run_dir / "metrics.jsonl", run_dir / "metrics.failed.jsonl")
+
+
+def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Rename the checkpoints after ``step`` to ``superseded_step_N`` (main process, when a run resumes from an
+    earlier checkpoint, e.g. before a blow-up): ``latest`` and rotation then see only this run's line, and nothing
+    is deleted."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if int(path.name[len(CHECKPOINT_PREFIX) :]) > step:
+            target = path.with_name(f"superseded_{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:

@@ -34,9 +34,11 @@ from hlss_hf.harness import (  # noqa: E402
     CheckpointError,
     checkpoint_health,
     list_checkpoints,
+    plan_output,
     read_jsonl,
     resume_changes,
     staging_dir,
+    start_output,
 )
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -141,7 +143,7 @@ def test_failed_run_keeps_the_previous_run_and_a_finished_one_replaces_it(
 def test_new_run_without_overwrite_names_what_the_folder_holds(tmp_path, attributes_file):
     train.main(tiny_args(tmp_path, attributes_file))
     reset_accelerate()
-    with pytest.raises(ConfigError, match=r"training\.output_dir.*metrics\.jsonl, model\.safetensors"):
+    with pytest.raises(ConfigError, match=r"training\.output_dir.*\(model\.safetensors\)"):
         train.main(tiny_args(tmp_path, attributes_file, "--training.overwrite_output_dir", "false"))
 
 
@@ -265,11 +267,13 @@ def test_non_finite_loss_names_a_checkpoint_whose_next_step_was_finite_and_it_re
 
     undo()
     reset_accelerate()
-    # `latest` skips step_3; a lower LR may be set on resume.
+    # `latest` skips step_3, which is set aside (not deleted) when the run continues from step_2; a lower LR may be set on resume.
     result = train.main(tiny_args(out, attributes_file, "--resume_from_checkpoint", "latest", "--lr", "5e-4"))
     assert result["step"] == 4
     losses = [r["loss"] for r in train_records(out)]
     assert [r["step"] for r in train_records(out)] == [1, 2, 3, 4] and all(map(math.isfinite, losses))
+    assert (out / "checkpoints" / "superseded_step_3" / "health.json").is_file()
+    assert [p.name for p in list_checkpoints(out)] == ["step_2"]
 
 
 def test_non_finite_loss_right_after_the_only_checkpoint_names_none(tmp_path, attributes_file, monkeypatch):
@@ -317,3 +321,35 @@ def test_resume_changes_compares_values_as_json_holds_them():
     saved = {"data": {"augmentation": {"random_resized_crop": {"scale": [0.3, 1.0]}}}}
     current = {"data": {"augmentation": {"random_resized_crop": {"scale": (0.3, 1.0)}}}}
     assert resume_changes(saved, current) == ({}, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a run writes (no training)
+
+
+def test_output_plan_protects_earlier_runs_and_other_files(tmp_path):
+    used = tmp_path / "used"
+    (used / "checkpoints" / "step_3").mkdir(parents=True)
+    (used / "model.safetensors").write_bytes(b"")
+    elsewhere = tmp_path / "other" / "checkpoints" / "step_3"
+    elsewhere.mkdir(parents=True)
+    # Resumed from a checkpoint kept elsewhere, the run is a new run for a used output_dir.
+    with pytest.raises(ConfigError, match="already holds a run"):
+        plan_output(used, overwrite=False, resume=elsewhere)
+    assert plan_output(used, overwrite=True, resume=elsewhere) == staging_dir(used)
+    assert plan_output(used, overwrite=False, resume=used / "checkpoints" / "step_3") == used
+    # finetune.py replaces its folder whole: a folder of other things is refused, a new one is staged.
+    (tmp_path / "outputs" / "hlss-demo").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"not empty \(hlss-demo\)"):
+        plan_output(tmp_path / "outputs", overwrite=True, resume=None, always_stage=True)
+    assert plan_output(tmp_path / "new", overwrite=False, resume=None, always_stage=True) == staging_dir(
+        tmp_path / "new"
+    )
+    # A log without a checkpoint or model is a failed run's: not protected, kept aside by the next run.
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert plan_output(failed, overwrite=False, resume=None) == failed
+    start_output(failed, failed, resume=False)
+    assert (failed / "metrics.failed.jsonl").read_text() == '{"step": 1}\n'
+    assert staging_dir(".") == Path.cwd().with_name(Path.cwd().name + ".incoming")
