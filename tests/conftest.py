@@ -1,5 +1,5 @@
-"""Shared fixtures: ``local_hub``, a Hub-compatible server on 127.0.0.1 for the Hub round-trip tests, and
-``fresh_accelerate_state`` for in-process training runs."""
+"""Shared fixtures: ``local_hub``, a Hub-compatible server on 127.0.0.1 for the Hub round-trip tests,
+``fresh_accelerate_state`` for in-process training runs, and ``attributes_file`` for their tiny attribute banks."""
 
 from __future__ import annotations
 
@@ -37,3 +37,14 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def attributes_file(tmp_path):
+    """``test_train.ATTRIBUTES`` (the tiny train.py runs' attribute banks) as a YAML file; returns its path."""
+    import yaml
+    from test_train import ATTRIBUTES
+
+    path = tmp_path / "attributes.yaml"
+    path.write_text(yaml.safe_dump(ATTRIBUTES), encoding="utf-8")
+    return str(path)

@@ -44,15 +44,6 @@ from hlss_hf.harness import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-@pytest.fixture
-def attributes_file(tmp_path):
-    from test_train import ATTRIBUTES
-
-    path = tmp_path / "attributes.yaml"
-    path.write_text(yaml.safe_dump(ATTRIBUTES), encoding="utf-8")
-    return str(path)
-
-
 def reset_accelerate():
     from accelerate.state import AcceleratorState, GradientState
 

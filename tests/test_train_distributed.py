@@ -33,12 +33,8 @@ import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-ATTRIBUTES = {
-    "patch": {"dense": ["densely packed nuclei"], "sparse": ["sparse cells", "loose stroma"]},
-    "slide": {"cellular": ["a highly cellular section"], "bland": ["a bland section"]},
-    "patient": {"tumour": ["tumour tissue"], "normal": ["normal tissue"]},
-}
-TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
+
+from test_train import ATTRIBUTES, TINY_TEXT  # noqa: E402  (the same tiny run as test_train.py)
 
 pytestmark = [
     pytest.mark.slow,
