@@ -57,7 +57,8 @@ TOWERS = {
         "depths": [1, 1, 1, 1],
         "layer_type": "basic",
     },
-    # BatchNorm-free (LayerNorm): a W-process run equals one process with W times the batch up to float rounding, as with the ViT.
+    # BatchNorm-free (LayerNorm): a W-process run equals one process with W times the batch up to float
+    # rounding, as with the ViT.
     "convnext": {
         "model_type": "convnext",
         "num_channels": 3,
