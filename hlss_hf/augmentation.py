@@ -744,9 +744,12 @@ class HLSSAugmentation:
         box += rows[..., 2:, :]
         centre = image[..., 1:-1, 1:-1]
         # factor * x + (1 - factor) * (box + 4x) / 13, written over the centre (each output reads only its own
-        # input pixel there). Border pixels blend with themselves: they stay as they are.
+        # input pixel there). Border pixels blend with themselves: only the blend's clamp changes them (values
+        # outside [0, 1] reach here from the bicubic resize and the noise).
         box.mul_((1.0 - factor) / 13.0)
         torch.add(box, centre, alpha=factor + 4.0 * (1.0 - factor) / 13.0, out=centre).clamp_(0.0, 1.0)
+        for border in (image[..., 0, :], image[..., -1, :], image[..., 1:-1, 0], image[..., 1:-1, -1]):
+            border.clamp_(0.0, 1.0)
 
     def _fast_solarize(self, image, threshold):
         above = _step(image - float(threshold))
