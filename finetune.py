@@ -265,6 +265,9 @@ class PatchClassificationDataset(torch.utils.data.Dataset):
         self, dataset, value_to_index, processor, augment=None, label_column="label", modality=None, seed=0
     ):
         self.dataset = dataset.select_columns(["image"])
+        if isinstance(self.dataset.features["image"], datasets.Image):
+            # Encoded bytes, decoded by decode_image (imagecodecs for RGB PNG / JPEG, twice PIL's speed).
+            self.dataset = self.dataset.cast_column("image", datasets.Image(decode=False))
         self.patch_ids = dataset["patch_id"] if "patch_id" in dataset.features else None
         self.labels = torch.tensor([value_to_index[v] for v in dataset[label_column]], dtype=torch.long)
         self.modality = modality or modality_of(dataset.features)

@@ -293,12 +293,12 @@ def extract_embeddings(
 ) -> EmbeddingSet:
     """Embed every patch of one dataset split with the frozen image tower.
 
-    Images are decoded a batch at a time (8-bit RGB PNG / JPEG by imagecodecs, other encodings by
-    :func:`hlss_hf.schema.decode_image`; array columns as one stacked array) and converted by `processor` (called
-    as `processor(images=[...], return_tensors="pt")`), or, without one, by `he_to_float` / `srh_to_float` and a
-    centre crop to `model.config.image_size`. On CUDA the forward runs under bf16 autocast. With `cache_dir`, the
-    result is stored under a key made of the model's fingerprint (:func:`model_fingerprint`), the dataset's
-    `_fingerprint` and split, and the processor's settings, so a rerun loads it without a forward pass.
+    Images are decoded a batch at a time (encoded ones by :func:`hlss_hf.schema.decode_image`; array columns as
+    one stacked array) and converted by `processor` (called as `processor(images=[...], return_tensors="pt")`),
+    or, without one, by `he_to_float` / `srh_to_float` and a centre crop to `model.config.image_size`. On CUDA
+    the forward runs under bf16 autocast. With `cache_dir`, the result is stored under a key made of the model's
+    fingerprint (:func:`model_fingerprint`), the dataset's `_fingerprint` and split, and the processor's
+    settings, so a rerun loads it without a forward pass.
 
     A streamed split (`datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)`) is read once, in
     order, and gives the same result as the map-style split of the same rows. It is never cached: a stream has no
@@ -517,44 +517,13 @@ def _image_column(dataset):
 
 
 def _decode_images(values) -> np.ndarray | list[np.ndarray]:
-    """Decode one slice of the `image` column: a stacked array stays whole; 8-bit RGB PNG and JPEG bytes are
-    decoded by imagecodecs (libpng / libjpeg-turbo: the same pixels as PIL, about twice as fast, see
-    benchmarks/README.md), everything else by :func:`hlss_hf.schema.decode_image` (PIL)."""
+    """Decode one slice of the `image` column: a stacked array stays whole; encoded images go through
+    :func:`hlss_hf.schema.decode_image` (imagecodecs for 8-bit RGB PNG and JPEG, PIL for the rest)."""
     from hlss_hf.schema import decode_image
 
     if isinstance(values, np.ndarray) and values.ndim == 4:
         return values
-    decoded = []
-    for value in values:
-        data = value.get("bytes") if isinstance(value, Mapping) else None
-        image = _decode_rgb8(data) if data is not None else None
-        decoded.append(image if image is not None else decode_image(value))
-    return decoded
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _decode_rgb8(data: bytes) -> np.ndarray | None:
-    """`(H, W, 3)` uint8 pixels of an 8-bit RGB PNG or a 3-component JPEG, or `None` for anything else (grey,
-    palette, alpha, 16-bit, CMYK, other formats), which PIL's conversions in `decode_image` then handle."""
-    import imagecodecs
-
-    try:
-        if data[:8] == _PNG_SIGNATURE:
-            # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, no palette, no alpha).
-            if len(data) < 26 or data[24] != 8 or data[25] != 2:
-                return None
-            image = imagecodecs.png_decode(data)
-        elif data[:2] == b"\xff\xd8":
-            image = imagecodecs.jpeg8_decode(data)
-        else:
-            return None
-    except Exception:  # noqa: BLE001 - a codec error: PIL decodes it or raises its own clear error
-        return None
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        return None
-    return image
+    return [decode_image(value) for value in values]
 
 
 class _ImageBatches(torch.utils.data.Dataset):

@@ -195,6 +195,32 @@ def _to_channel_last(array: np.ndarray) -> np.ndarray:
     return array
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_rgb8(data: bytes) -> np.ndarray | None:
+    """``(H, W, 3)`` uint8 pixels of an 8-bit RGB PNG or a 3-component JPEG by imagecodecs (libpng /
+    libjpeg-turbo: the same pixels as PIL, about twice as fast, see benchmarks/README.md), or ``None`` for anything
+    else (grey, palette, alpha, 16-bit, CMYK, other formats), which PIL's conversions then handle."""
+    import imagecodecs
+
+    try:
+        if data[:8] == _PNG_SIGNATURE:
+            # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, no palette, no alpha).
+            if len(data) < 26 or data[24] != 8 or data[25] != 2:
+                return None
+            image = imagecodecs.png_decode(data)
+        elif data[:2] == b"\xff\xd8":
+            image = imagecodecs.jpeg8_decode(data)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - a codec error: PIL decodes it or raises its own clear error
+        return None
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        return None
+    return image
+
+
 def decode_image(value: Any) -> np.ndarray:
     """Decode one stored ``image`` value to a numpy array.
 
@@ -213,12 +239,16 @@ def decode_image(value: Any) -> np.ndarray:
         elif path:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"image path {path!r} does not exist")
-            with Image.open(path) as image:
-                return _from_pil(image)
+            with open(path, "rb") as file:
+                value = file.read()
         else:
             raise ValueError("image dict has neither 'bytes' nor 'path'")
     if isinstance(value, bytes | bytearray | memoryview):
-        with Image.open(io.BytesIO(bytes(value))) as image:
+        value = bytes(value)
+        fast = _decode_rgb8(value)
+        if fast is not None:
+            return fast
+        with Image.open(io.BytesIO(value)) as image:
             return _from_pil(image)
     if isinstance(value, Image.Image):
         return _from_pil(value)

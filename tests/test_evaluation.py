@@ -454,18 +454,26 @@ def _encoded(image: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
     [("PNG", None, True), ("JPEG", None, True), ("PNG", "L", False), ("PNG", "RGBA", False), ("PNG", "P", False),
      ("JPEG", "L", False), ("TIFF", None, False)],
 )  # fmt: skip
-def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fast):
-    from hlss_hf.evaluation import _decode_images, _decode_rgb8
-    from hlss_hf.schema import decode_image
+def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fast, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from hlss_hf.evaluation import _decode_images
+    from hlss_hf.schema import _decode_rgb8, decode_image
 
     image = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    value = {"bytes": _encoded(image, fmt, mode), "path": None}
+    data = _encoded(image, fmt, mode)
+    with Image.open(io.BytesIO(data)) as pil:
+        expected = np.asarray(pil.convert("RGB"))
     # 8-bit RGB PNG / JPEG take the imagecodecs path; grey, alpha, palette and TIFF go to PIL.
-    assert (_decode_rgb8(value["bytes"]) is not None) == fast
-    (decoded,) = _decode_images([value])
-    expected = decode_image(value)
-    assert decoded.dtype == np.uint8 and decoded.shape == (20, 24, 3)
-    np.testing.assert_array_equal(decoded, expected)
+    assert (_decode_rgb8(data) is not None) == fast
+    path = tmp_path / f"patch.{fmt.lower()}"
+    path.write_bytes(data)
+    values = [{"bytes": data, "path": None}, data, {"bytes": None, "path": str(path)}]
+    for decoded in [*_decode_images(values), decode_image(values[0])]:
+        assert decoded.dtype == np.uint8 and decoded.shape == (20, 24, 3)
+        np.testing.assert_array_equal(decoded, expected)
 
 
 def test_array_columns_are_read_stacked_in_their_own_dtype():
