@@ -38,12 +38,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: A real H&E region (shipped beside the project in CI; pass --he-slide elsewhere).
+HE_SLIDE = ROOT.parent / "shared" / "data" / "cmu_small_region.svs"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "dataset_scripts"))
 
 from hlss_hf.augmentation import build_augmentation  # noqa: E402
 from hlss_hf.data import HierarchicalPatchDataset, HierarchyIndex, to_float  # noqa: E402
-from hlss_hf.processing_hlss import srh_to_float  # noqa: E402
+from hlss_hf.processing_hlss import he_to_float, srh_to_float  # noqa: E402
 from hlss_hf.schema import OPENSRH_CLASSES  # noqa: E402
 
 
@@ -98,6 +100,36 @@ def build_fixture(root: Path, patients: int, slides: int, patches: int, size: in
     return meta
 
 
+class PilDecoded(HierarchicalPatchDataset):
+    """hlss_hf's dataset as it read PNG H&E before issue 13: datasets' own decoding (PIL), then ``decode_image``."""
+
+    def __init__(self, *args, **kwargs):
+        import datasets
+
+        super().__init__(*args, **kwargs)
+        self._decoded = self._images.cast_column("image", datasets.Image())
+
+    def read_images(self, rows, patient=None):
+        from hlss_hf.schema import decode_image
+
+        return [decode_image(value) for value in self._decoded[[int(r) for r in rows]]["image"]]
+
+
+def read_srh_file(path: Path) -> torch.Tensor:
+    """One OpenSRH patch file as the research code reads it: tifffile, (2, H, W) uint16 -> [3, H, W] float."""
+    import tifffile
+
+    return srh_to_float(tifffile.imread(path))
+
+
+def read_he_file(path: Path) -> torch.Tensor:
+    """One H&E patch image file as the research code reads it (torchvision's ``pil_loader``: PIL, RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return he_to_float(image.convert("RGB"))
+
+
 class ResearchCodePatientDataset(torch.utils.data.Dataset):
     """The baseline: the research code's patient dataset reading one TIFF per drawn patch.
 
@@ -106,10 +138,12 @@ class ResearchCodePatientDataset(torch.utils.data.Dataset):
     per view with the per-image reference operations, as the research code's ``__getitem__`` does.
     """
 
-    def __init__(self, ours: HierarchicalPatchDataset, row_paths: list[Path], per_view=None):
+    def __init__(self, ours: HierarchicalPatchDataset, row_paths: list[Path], per_view=None, load=None):
         self.ours, self.row_paths = ours, row_paths
         # per_view(image, generator) -> view; default: the torchvision-style reference path on the same draws.
         self.per_view = per_view
+        # load(path) -> [3, H, W] float; default: an SRH TIFF as the research code reads it.
+        self.load = load or read_srh_file
 
     def __len__(self) -> int:
         return len(self.ours)
@@ -118,13 +152,11 @@ class ResearchCodePatientDataset(torch.utils.data.Dataset):
         self.ours.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        import tifffile
-
         _, rows, rng = self.ours.sample_rows(index)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         views = []
         for row in rows.reshape(-1).tolist():
-            image = srh_to_float(tifffile.imread(self.row_paths[row]))  # (2, H, W) uint16 -> [3, H, W]
+            image = self.load(self.row_paths[row])
             transform = self.ours.transform
             for _ in range(self.ours.num_views):
                 # One call per view with per-image operations, as the research code does.
@@ -203,7 +235,7 @@ def augment_only(ours: HierarchicalPatchDataset, per_view=None, repeats: int = 5
     times = dict.fromkeys(methods, 0.0)
     for i in range(len(ours)):
         _, rows, rng = ours.sample_rows(i, epoch=0)
-        patches = to_float(ours.read_images(rows.reshape(-1).tolist()), "srh")
+        patches = to_float(ours.read_images(rows.reshape(-1).tolist()), ours.modality)
         views, seed = (
             [patch for patch in patches for _ in range(ours.num_views)],
             int(rng.integers(0, 2**63 - 1)),
@@ -228,6 +260,161 @@ def time_epochs(dataset, epochs: int) -> float:
     return time.perf_counter() - start
 
 
+def srh_dataset(args, workdir: Path):
+    """Build the OpenSRH fixture (``args.patients`` x ``args.slides`` x ``args.patches`` of ``args.size`` px),
+    convert it with ``dataset_scripts/opensrh.py`` and load it: ``(train split, one TIFF path per row, note)``."""
+    import datasets
+    import opensrh
+
+    raw, converted = workdir / "opensrh", workdir / "converted"
+    start = time.perf_counter()
+    build_fixture(raw, args.patients, args.slides, args.patches, args.size)
+    fixture_s = time.perf_counter() - start
+    start = time.perf_counter()
+    opensrh.main(
+        [str(raw), "--output", str(converted), "--patch-size", str(args.size), "--overwrite", "--no-progress"]
+    )
+    convert_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ds = datasets.load_from_disk(str(converted))["train"]  # memory-mapped as written
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    index = HierarchyIndex.from_dataset(ds)
+    index_s = time.perf_counter() - start
+    row_paths = [raw / patch_id for patch_id in ds["patch_id"]]
+    note = (
+        f"SRH fixture: {args.patients} patients x {args.slides} slides x {args.patches} patches of "
+        f"{args.size}x{args.size}x2 uint16; setup: fixture {fixture_s:.1f} s, convert {convert_s:.1f} s, "
+        f"load_from_disk {load_s:.1f} s, index {index_s * 1000:.1f} ms ({index.num_patches} rows)"
+    )
+    return ds, row_paths, note
+
+
+def srh_pairs(args, workdir: Path, pairs: dict, augmenting: dict) -> str:
+    """Add the SRH fixture's (ours, baseline, images per sample) pairs and augmentation cases."""
+    ds, row_paths, note = srh_dataset(args, workdir)
+    index = HierarchyIndex.from_dataset(ds)
+    images_per_patient = args.num_slides * args.num_patches * args.num_views
+    ours = HierarchicalPatchDataset(ds, args.num_slides, args.num_patches, args.num_views, index=index)
+    read_images = args.num_slides * args.num_patches
+    pairs["read (uint16 arrays)"] = (ReadOnly(ours, None), ReadOnly(ours, row_paths), read_images)
+    tv_per_view = torchvision_per_view(args.crop)
+    for name, preset in (
+        ("read+convert", None),
+        ("+augment hlss_hf", "hlss_hf"),
+        ("+augment hlss_reference", "hlss_reference"),
+    ):
+        transform = None if preset is None else build_augmentation(preset, args.crop)
+        ours = HierarchicalPatchDataset(
+            ds, args.num_slides, args.num_patches, args.num_views, transform=transform, index=index
+        )
+        baseline = ResearchCodePatientDataset(ours, row_paths)
+        # Same draws and operations: equal up to the float rounding of the fast kernels.
+        torch.testing.assert_close(ours[1]["pixel_values"], baseline[1], atol=1e-5, rtol=0)
+        pairs[name] = (ours, baseline, images_per_patient)
+        if preset is not None:
+            augmenting[preset] = (ours, tv_per_view if preset == "hlss_reference" else None)
+    if tv_per_view is not None:
+        ours = augmenting["hlss_reference"][0]
+        baseline = ResearchCodePatientDataset(ours, row_paths, per_view=tv_per_view)
+        assert baseline[1].shape == ours[1]["pixel_values"].shape
+        pairs["+augment hlss_reference, torchvision baseline"] = (ours, baseline, images_per_patient)
+    return note
+
+
+def he_datasets(args, workdir: Path):
+    """Tile a real H&E slide into a PNG and a raw dataset with ``dataset_scripts/wsi.py``.
+
+    Every slide of the manifest is the same file (``args.he_slide``), tiled at level 0 into ``args.size`` px tiles,
+    at most ``args.patches`` per slide. The converter's PNG bytes are also written out as one file per patch (the
+    research code's layout).
+
+    Returns:
+        ``({"png": split, "raw": split}, one PNG path per row, note)``, or a string saying why there are none.
+    """
+    import datasets
+    import wsi
+
+    slide = Path(args.he_slide)
+    if not slide.is_file():
+        return f"H&E rows skipped: no slide at {slide} (pass --he-slide)"
+    try:
+        import openslide  # noqa: F401
+    except ImportError:
+        return "H&E rows skipped: openslide is not installed"
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest = workdir / "slides.csv"
+    lines = ["slide_path,patient_id,slide_id,label,split"]
+    for p in range(args.patients):
+        for s in range(args.slides):
+            lines.append(
+                f"{slide.resolve()},patient{p:03d},patient{p:03d}-{s},{('luad', 'lusc')[p % 2]},train"
+            )
+    manifest.write_text("\n".join(lines) + "\n")
+    data, convert_s = {}, {}
+    for fmt in ("png", "raw"):
+        start = time.perf_counter()
+        output = workdir / fmt
+        wsi.main(
+            ["--manifest", str(manifest), "--output", str(output), "--patch-size", str(args.size),
+             "--level", "0", "--max-tiles-per-slide", str(args.patches), "--image-format", fmt,
+             "--overwrite", "--no-progress"]
+        )  # fmt: skip
+        convert_s[fmt] = time.perf_counter() - start
+        data[fmt] = datasets.load_from_disk(str(output))["train"]
+    if data["png"]["patch_id"] != data["raw"]["patch_id"]:
+        raise RuntimeError("the PNG and raw conversions hold different rows")
+    files = workdir / "patches"
+    files.mkdir(exist_ok=True)
+    encoded = data["png"].select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    row_paths = []
+    for i, value in enumerate(encoded["image"]):
+        row_paths.append(files / f"{i}.png")
+        row_paths[-1].write_bytes(value["bytes"])
+    png_kb = np.mean([path.stat().st_size for path in row_paths]) / 1000
+    note = (
+        f"H&E fixture: {slide.name} tiled by wsi.py for {args.patients} patients x {args.slides} slides, "
+        f"{len(row_paths)} tiles of {args.size} px ({png_kb:.1f} KB as PNG); convert PNG {convert_s['png']:.1f} s, "
+        f"raw {convert_s['raw']:.1f} s"
+    )
+    return data, row_paths, note
+
+
+def he_pairs(args, workdir: Path, pairs: dict) -> str:
+    """Add the H&E fixture's pairs: PNG and raw datasets against PIL reading one PNG file per patch (as
+    torchvision's ``pil_loader`` does), and PNG against datasets' PIL decoding (hlss_hf before issue 13)."""
+    import yaml
+
+    built = he_datasets(args, workdir)
+    if isinstance(built, str):
+        return built
+    data, row_paths, note = built
+    config = yaml.safe_load((ROOT / "configs" / "tcga_hlss.yaml").read_text())
+    augmentation = build_augmentation(config["data"]["augmentation"], args.crop)
+    index = HierarchyIndex.from_dataset(data["png"])
+    images_per_patient = args.num_slides * args.num_patches * args.num_views
+    for fmt, label in (("png", "PNG"), ("raw", "raw uint8")):
+        for name, transform in (("read+convert", None), ("+augment tcga_hlss.yaml", augmentation)):
+            ours = HierarchicalPatchDataset(
+                data[fmt], args.num_slides, args.num_patches, args.num_views, transform=transform, index=index
+            )
+            baseline = ResearchCodePatientDataset(ours, row_paths, load=read_he_file)
+            torch.testing.assert_close(ours[1]["pixel_values"], baseline[1], atol=1e-5, rtol=0)
+            pairs[f"H&E {label}: {name}"] = (ours, baseline, images_per_patient)
+            if fmt == "png":
+                before = PilDecoded(
+                    data[fmt],
+                    args.num_slides,
+                    args.num_patches,
+                    args.num_views,
+                    transform=transform,
+                    index=index,
+                )
+                torch.testing.assert_close(ours[1]["pixel_values"], before[1]["pixel_values"], atol=0, rtol=0)
+                pairs[f"H&E PNG: {name}; base: PIL decoding (before)"] = (ours, before, images_per_patient)
+    return note + "; augmentation: configs/tcga_hlss.yaml's"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=16)
@@ -239,75 +426,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-patches", type=int, default=2, help="P")
     parser.add_argument("--num-views", type=int, default=2, help="V")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--modality", choices=("srh", "he", "both"), default="both")
+    parser.add_argument(
+        "--he-slide", default=str(HE_SLIDE), help="the whole-slide image tiled for the H&E rows"
+    )
     parser.add_argument(
         "--workdir", default=None, help="where to build the fixture (default: a temporary folder)"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    import datasets
-    import opensrh
-
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hlss-bench-"))
     try:
-        raw, converted = workdir / "opensrh", workdir / "converted"
-        start = time.perf_counter()
-        build_fixture(raw, args.patients, args.slides, args.patches, args.size)
-        fixture_s = time.perf_counter() - start
-        start = time.perf_counter()
-        opensrh.main(
-            [
-                str(raw),
-                "--output",
-                str(converted),
-                "--patch-size",
-                str(args.size),
-                "--overwrite",
-                "--no-progress",
-            ]
-        )
-        convert_s = time.perf_counter() - start
-        start = time.perf_counter()
-        ds = datasets.load_from_disk(str(converted))["train"]  # memory-mapped as written
-        load_s = time.perf_counter() - start
-        start = time.perf_counter()
-        index = HierarchyIndex.from_dataset(ds)
-        index_s = time.perf_counter() - start
-        row_paths = [raw / patch_id for patch_id in ds["patch_id"]]
-
-        images_per_patient = args.num_slides * args.num_patches * args.num_views
+        # name -> (ours, baseline, images per patient sample); preset -> (dataset, torchvision per_view)
+        pairs, augmenting, notes = {}, {}, []
+        if args.modality in ("srh", "both"):
+            notes.append(srh_pairs(args, workdir / "srh", pairs, augmenting))
+        if args.modality in ("he", "both"):
+            notes.append(he_pairs(args, workdir / "he", pairs))
         results = {}
-        ours = HierarchicalPatchDataset(ds, args.num_slides, args.num_patches, args.num_views, index=index)
-        # name -> (ours, baseline, images per patient sample)
-        read_images = args.num_slides * args.num_patches
-        pairs = {"read (uint16 arrays)": (ReadOnly(ours, None), ReadOnly(ours, row_paths), read_images)}
-        tv_per_view = torchvision_per_view(args.crop)
-        augmenting = {}
-        for name, preset in (
-            ("read+convert", None),
-            ("+augment hlss_hf", "hlss_hf"),
-            ("+augment hlss_reference", "hlss_reference"),
-        ):
-            transform = None if preset is None else build_augmentation(preset, args.crop)
-            ours = HierarchicalPatchDataset(
-                ds, args.num_slides, args.num_patches, args.num_views, transform=transform, index=index
-            )
-            baseline = ResearchCodePatientDataset(ours, row_paths)
-            # Same draws and operations: equal up to the float rounding of the fast kernels.
-            torch.testing.assert_close(ours[1]["pixel_values"], baseline[1], atol=1e-5, rtol=0)
-            pairs[name] = (ours, baseline, images_per_patient)
-            if preset is not None:
-                augmenting[preset] = ours
-        if tv_per_view is not None:
-            ours = augmenting["hlss_reference"]
-            baseline = ResearchCodePatientDataset(ours, row_paths, per_view=tv_per_view)
-            assert baseline[1].shape == ours[1]["pixel_values"].shape
-            pairs["+augment hlss_reference, torchvision baseline"] = (ours, baseline, images_per_patient)
-        views = len(ours) * images_per_patient
-        for preset, dataset in augmenting.items():
+        for preset, (dataset, per_view) in augmenting.items():
             dataset[0]  # warm up
-            per_view = tv_per_view if preset == "hlss_reference" else None
             best = augment_only(dataset, per_view)
+            views = len(dataset) * args.num_slides * args.num_patches * args.num_views
             results[f"augment only {preset}"] = {
                 **{f"{key}_ms_per_view": 1000 * seconds / views for key, seconds in best.items()},
                 **{f"ratio_{key}": seconds / best["fast"] for key, seconds in best.items() if key != "fast"},
@@ -328,22 +469,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "ratio": base_s / ours_s,
             }
         print(
-            f"fixture: {args.patients} patients x {args.slides} slides x {args.patches} patches of "
-            f"{args.size}x{args.size}x2 uint16; S={args.num_slides} P={args.num_patches} V={args.num_views}, "
-            f"crop {args.crop}, {args.epochs} epochs, 1 thread"
+            f"S={args.num_slides} P={args.num_patches} V={args.num_views}, crop {args.crop}, {args.epochs} epochs, "
+            "1 thread"
         )
+        for note in notes:
+            print(note)
         print(
-            f"setup: fixture {fixture_s:.1f} s, convert {convert_s:.1f} s, load_from_disk {load_s:.1f} s, "
-            f"index {index_s * 1000:.1f} ms ({index.num_patches} rows)"
-        )
-        print(
-            f"{'pipeline':<46} {'ours pat/s':>11} {'ours img/s':>11} {'base pat/s':>11} {'base img/s':>11} {'ratio':>6}"
+            f"{'pipeline':<58} {'ours pat/s':>11} {'ours img/s':>11} {'base pat/s':>11} {'base img/s':>11} {'ratio':>6}"
         )
         for name, r in results.items():
             if name.startswith("augment only"):
                 continue
             print(
-                f"{name:<46} {r['ours_patients_per_s']:>11.1f} {r['ours_images_per_s']:>11.1f} "
+                f"{name:<58} {r['ours_patients_per_s']:>11.1f} {r['ours_images_per_s']:>11.1f} "
                 f"{r['baseline_patients_per_s']:>11.1f} {r['baseline_images_per_s']:>11.1f} {r['ratio']:>5.2f}x"
             )
         for name, r in results.items():

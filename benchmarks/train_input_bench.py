@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Training input end to end: the shipped config's loader + train step against the same step on a ready batch.
+
+    python benchmarks/train_input_bench.py                       # SRH and H&E (PNG, raw), tiny tower, CPU
+    python benchmarks/train_input_bench.py --device cuda --vision-config vit-b16 --mixed-precision bf16 \\
+        --patients 64 --batch-size 32                               # the GPU run (benchmarks/README.md)
+
+For each case the shipped config, read by train.py's own parser (``configs/opensrh_hlss.yaml`` for SRH,
+``configs/tcga_hlss.yaml`` for H&E), gives the augmentation, S / P / V, crop, DataLoader workers and batch size;
+``--batch-size``, ``--num-workers`` and ``--mixed-precision`` override them. The data are the fixtures of
+``benchmarks/data_throughput.py``: OpenSRH-layout TIFFs through ``dataset_scripts/opensrh.py``, and a real H&E
+slide tiled by ``dataset_scripts/wsi.py`` as PNG and as raw arrays. The model is an ``HLSSModel`` with a
+random vision tower (``--vision-config``) and a tiny random text tower (the banks' size does not change the step).
+
+Two loops run the step train.py runs (forward with the HLSS loss, the non-finite check, backward, clipping when
+the config clips, AdamW, scheduler), alternating, ``--rounds`` times:
+
+- **ready**: on one batch already on the device (the step alone);
+- **loader**: on batches from ``build_train_loader`` + ``accelerator.prepare``, epoch after epoch as train.py
+  iterates them (so epoch starts, where the workers' pipeline drains, are included). Each loader round first
+  takes ``num_workers * 2`` batches untimed: the workers' prefetch, filled while the ready round ran.
+
+``loader / ready`` (images/s) is the share of the step's speed that training keeps with its input pipeline; issue
+13's goal on a GPU is >= 0.9. On a CPU the workers share the cores with the model, so the CPU figure only shows
+the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "benchmarks", ROOT / "dataset_scripts"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+CONFIGS = {"srh": ROOT / "configs" / "opensrh_hlss.yaml", "he": ROOT / "configs" / "tcga_hlss.yaml"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cases", nargs="+", default=["srh", "he-png", "he-raw"], choices=["srh", "he-png", "he-raw"]
+    )
+    parser.add_argument(
+        "--vision-config", default="tiny", help="a preset of train_throughput.py (tiny, vit-b16...)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mixed-precision", default=None, help="no / bf16 / fp16 (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=2, help="patients per step (the configs say 32)")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="DataLoader workers (default: the config's)"
+    )
+    parser.add_argument(
+        "--patients", type=int, default=8, help="fixture patients (2 slides x --patches each)"
+    )
+    parser.add_argument("--patches", type=int, default=16, help="fixture patches per slide")
+    parser.add_argument("--size", type=int, default=300, help="fixture patch side (pixels)")
+    parser.add_argument("--he-slide", default=None, help="the H&E slide to tile (default: the shared region)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--workdir", default=None, help="where the fixtures go (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def fixture(case: str, args, workdir: Path):
+    """The case's training split (a memory-mapped ``datasets.Dataset``), or a string saying why there is none."""
+    import data_throughput
+
+    spec = argparse.Namespace(
+        patients=args.patients,
+        slides=2,
+        patches=args.patches,
+        size=args.size,
+        he_slide=args.he_slide or str(data_throughput.HE_SLIDE),
+    )
+    if case == "srh":
+        return data_throughput.srh_dataset(spec, workdir / "srh")[0]
+    built = data_throughput.he_datasets(spec, workdir / "he")
+    return built if isinstance(built, str) else built[0][case.split("-")[1]]
+
+
+def run_case(case: str, dataset, args) -> dict:
+    from train_throughput import ATTRIBUTES, TEXT_CONFIG, vision_config
+    from transformers import AutoConfig, get_scheduler
+
+    from hlss_hf.building import fallback_tokenizer
+    from hlss_hf.config import TrainConfig, parse_config
+    from hlss_hf.data import build_train_loader
+    from hlss_hf.harness import all_finite, make_accelerator
+    from hlss_hf.modeling_hlss import HLSSModel
+
+    modality = case.split("-")[0]
+    overrides = ["--config", str(CONFIGS[modality]), "--training.per_device_batch_size", str(args.batch_size)]
+    overrides += ["--training.cpu", str(args.device == "cpu").lower(), "--training.report_to", "none"]
+    if args.num_workers is not None:
+        overrides += ["--data.num_workers", str(args.num_workers)]
+    if args.mixed_precision is not None:
+        overrides += ["--training.mixed_precision", args.mixed_precision]
+    config = parse_config(overrides, TrainConfig)
+    d, t = config.data, config.training
+
+    torch.manual_seed(0)
+    text_fields = dict(TEXT_CONFIG)
+    text = AutoConfig.for_model(text_fields.pop("model_type"), **text_fields)
+    model = HLSSModel.from_vision_text_pretrained(
+        vision_config(args.vision_config, d.crop_size),
+        text,
+        attributes=ATTRIBUTES,
+        tokenizer=fallback_tokenizer(ATTRIBUTES),
+        image_size=d.crop_size,
+    )
+    model.text_model.requires_grad_(False)
+    accelerator = make_accelerator(t)
+    train_dataset, loader = build_train_loader(config, dataset, accelerator.num_processes)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr)
+    scheduler = get_scheduler("constant", optimizer)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+
+    def step(batch):
+        with accelerator.accumulate(model):
+            outputs = model(pixel_values=batch["pixel_values"], return_loss=True)
+            if not all_finite(outputs.loss, accelerator):
+                raise RuntimeError(f"{case}: non-finite loss")
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients and t.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def epochs():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            train_dataset.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    def sync():
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(batches) -> float:
+        sync()
+        tic = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        sync()
+        return time.perf_counter() - tic
+
+    stream = epochs()
+    ready = next(stream)
+    images = math.prod(ready["pixel_values"].shape[:4])  # B * S * P * V
+    buffered = max(d.num_workers, 1) * 2
+    for _ in range(2):  # warm-up: first steps, worker start
+        step(ready), step(next(stream))
+    ready_rates, loader_rates = [], []
+    for _ in range(args.rounds):
+        ready_rates.append(images * args.steps / timed(ready for _ in range(args.steps)))
+        for _ in range(buffered):
+            next(stream)
+        loader_rates.append(images * args.steps / timed(next(stream) for _ in range(args.steps)))
+    result = {
+        "case": case,
+        "config": CONFIGS[modality].name,
+        "num_workers": d.num_workers,
+        "batch_patients": args.batch_size,
+        "images_per_step": images,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "ready_images_per_s": statistics.median(ready_rates),
+        "loader_images_per_s": statistics.median(loader_rates),
+    }
+    result["loader_over_ready"] = result["loader_images_per_s"] / result["ready_images_per_s"]
+    return result
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hlss-train-input-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        for case in args.cases:
+            dataset = fixture(case, args, workdir)
+            if isinstance(dataset, str):
+                print(f"{case}: {dataset}")
+                continue
+            results.append(run_case(case, dataset, args))
+    print(
+        f"vision={args.vision_config} device={args.device} fixture {args.patients} patients x 2 slides x "
+        f"{args.patches} patches of {args.size} px; {args.rounds} rounds of {args.steps} steps, median"
+    )
+    print(
+        f"{'case':<8} {'config':<18} {'workers':>7} {'img/step':>8} {'ready img/s':>12} {'loader img/s':>13} {'ratio':>6}"
+    )
+    for r in results:
+        print(
+            f"{r['case']:<8} {r['config']:<18} {r['num_workers']:>7} {r['images_per_step']:>8} "
+            f"{r['ready_images_per_s']:>12.1f} {r['loader_images_per_s']:>13.1f} {r['loader_over_ready']:>6.3f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
