@@ -51,7 +51,14 @@ from transformers import get_scheduler
 from hlss_hf.augmentation import build_augmentation
 from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
 from hlss_hf.config import ConfigError, FinetuneConfig, flatten_config, format_help, parse_config
-from hlss_hf.data import DatasetError, _FixedArrayReader, load_split, split_names, to_float
+from hlss_hf.data import (
+    DatasetError,
+    _FixedArrayReader,
+    default_num_workers,
+    load_split,
+    split_names,
+    to_float,
+)
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.harness import (
     JsonlWriter,
@@ -596,13 +603,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Dropping the last partial global batch keeps every step identical whatever the number of processes
     # (accelerate would otherwise pad it differently); a split smaller than one global batch keeps it.
     global_batch = t.per_device_batch_size * accelerator.num_processes
+    workers = dict(
+        num_workers=(
+            default_num_workers(accelerator.device)
+            if args.data.num_workers is None
+            else args.data.num_workers
+        ),
+        pin_memory=accelerator.device.type == "cuda",  # copied without blocking (make_accelerator)
+    )
     train_loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=t.per_device_batch_size,
         shuffle=True,
-        num_workers=args.data.num_workers,
         drop_last=len(train_set) >= global_batch,
         generator=torch.Generator().manual_seed(t.seed),
+        **workers,
     )
     eval_loader = eval_labels = slide_ids = patient_ids = None
     if eval_split is not None:
@@ -610,7 +625,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_split, value_to_index, processor, label_column=args.data.label_column, modality=modality
         )
         eval_loader = torch.utils.data.DataLoader(
-            eval_set, batch_size=t.eval_batch_size, shuffle=False, num_workers=args.data.num_workers
+            eval_set, batch_size=t.eval_batch_size, shuffle=False, **workers
         )
         eval_labels = torch.tensor(
             [value_to_index[v] for v in eval_split[args.data.label_column]], dtype=torch.long

@@ -254,7 +254,7 @@ def load_data(run: Run) -> None:
         run.train_ds, run.val_ds = load_splits(run.config)
         run.modality = modality_of(run.train_ds.features)
         run.train_dataset, run.train_loader = build_train_loader(
-            run.config, run.train_ds, run.accelerator.num_processes
+            run.config, run.train_ds, run.accelerator.num_processes, run.accelerator.device
         )
 
 

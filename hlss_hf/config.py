@@ -420,13 +420,21 @@ class DataSourceConfig(Section):
     validation_split: str | None = field(
         default="validation", metadata={"help": "Evaluation split (null: no evaluation)."}
     )
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "DataLoader worker processes (null: 0 on the CPU; on an accelerator this process's share of "
+            "the machine's cores but one, at most 16)."
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
         _check(bool(self.dataset), self.key("dataset"), "is required (a dataset folder or Hub id)")
         _check(bool(self.train_split), self.key("train_split"), "must name a split")
-        _check(self.num_workers >= 0, self.key("num_workers"), "must be >= 0")
+        _check(
+            self.num_workers is None or self.num_workers >= 0, self.key("num_workers"), "must be >= 0 or null"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

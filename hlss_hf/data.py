@@ -68,6 +68,7 @@ __all__ = [
     "split_names",
     "EpochPermutationSampler",
     "build_train_loader",
+    "default_num_workers",
     "stream_batches",
 ]
 
@@ -986,7 +987,27 @@ class EpochPermutationSampler(Sampler[int]):
         return iter(order[: len(self)].tolist())
 
 
-def build_train_loader(config, train_ds, num_processes: int) -> tuple[Dataset | IterableDataset, DataLoader]:
+#: Most DataLoader workers a process starts by itself for a model on an accelerator.
+MAX_AUTO_WORKERS = 16
+
+
+def default_num_workers(device: str | torch.device) -> int:
+    """DataLoader workers for a model on `device`: 0 on the CPU (the model already uses every core and workers only
+    compete with it), else this process's share of the cores (those it may use, divided among the processes
+    launched on this machine) but one, left to the process itself, at most :data:`MAX_AUTO_WORKERS`."""
+    if torch.device(device).type == "cpu":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_AUTO_WORKERS, cores // local_processes - 1))
+
+
+def build_train_loader(
+    config, train_ds, num_processes: int, device: str | torch.device = "cpu"
+) -> tuple[Dataset | IterableDataset, DataLoader]:
     """The hierarchical dataset and DataLoader of one pretraining process (before ``accelerator.prepare``).
 
     Args:
@@ -994,6 +1015,8 @@ def build_train_loader(config, train_ds, num_processes: int) -> tuple[Dataset | 
         train_ds (`datasets.Dataset` or `datasets.IterableDataset`): the training split (a stream when
             ``data.streaming``).
         num_processes (`int`): processes sharing the global batch.
+        device (`str` or `torch.device`, defaults to ``"cpu"``): where the model trains; sets the worker count
+            when ``data.num_workers`` is null (:func:`default_num_workers`) and pins batches for CUDA.
 
     Returns:
         `(dataset, loader)`: a :class:`HierarchicalPatchDataset` with an :class:`EpochPermutationSampler`, or a
@@ -1014,15 +1037,20 @@ def build_train_loader(config, train_ds, num_processes: int) -> tuple[Dataset | 
     # A private generator: creating a DataLoader iterator then never draws from the global RNG, which keeps
     # a resumed run's RNG stream identical to an uninterrupted one.
     generator = torch.Generator().manual_seed(t.seed)
+    # Pinned batches let the host-to-device copy run asynchronously (Accelerate's non_blocking, make_accelerator).
+    workers = dict(
+        num_workers=default_num_workers(device) if d.num_workers is None else d.num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+    )
     if d.streaming:
         dataset = HierarchicalStreamingDataset(train_ds, **common)
         loader = DataLoader(
             dataset,
             batch_size=t.per_device_batch_size,
             collate_fn=collate_hierarchical,
-            num_workers=d.num_workers,
             drop_last=True,
             generator=generator,
+            **workers,
         )
         return dataset, loader
     dataset = HierarchicalPatchDataset(train_ds, balance_classes=d.balance_classes, **common)
@@ -1038,9 +1066,9 @@ def build_train_loader(config, train_ds, num_processes: int) -> tuple[Dataset | 
         batch_size=t.per_device_batch_size,
         sampler=sampler,
         collate_fn=collate_hierarchical,
-        num_workers=d.num_workers,
         drop_last=d.drop_last,
         generator=generator,
+        **workers,
     )
     return dataset, loader
 
@@ -1062,7 +1090,7 @@ def stream_batches(loader, dataset, skip: int, device) -> Iterator[dict[str, Any
             if skip:
                 skip -= 1
                 continue
-            yield send_to_device(batch, device)
+            yield send_to_device(batch, device, non_blocking=True)  # asynchronous from pinned batches
         if not produced:
             raise RuntimeError(
                 "the streaming training split produced no batch (fewer patients than one batch?)"

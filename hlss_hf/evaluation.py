@@ -52,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hlss_hf.data import default_num_workers
+
 logger = logging.getLogger(__name__)
 
 LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
@@ -60,8 +62,6 @@ METRIC_NAMES: tuple[str, ...] = ("acc", "top2", "top3", "mca", "map")
 AGGREGATIONS: tuple[str, ...] = ("reference", "sum")
 # Bumped whenever the cached file's content or the extraction changes, so stale caches are never reused.
 _CACHE_VERSION = 1
-# Most DataLoader workers extract_embeddings starts by itself for a model on an accelerator.
-_MAX_AUTO_WORKERS = 16
 #: Folder of the `evaluate` metric module (patch / slide / patient metrics): `evaluate.load(METRIC_PATH)`.
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "hierarchical_accuracy")
 # Elements of one similarity block in knn_predict (float32: 128 MiB); bounds memory whatever the bank size.
@@ -252,18 +252,6 @@ def _default_pixels(images, modality: str, image_size: int | None) -> torch.Tens
                 )[0]
         tensors.append(tensor)
     return torch.stack(tensors)
-
-
-def default_num_workers(device: str | torch.device) -> int:
-    """Decoding workers for a model on `device`: 0 on the CPU (the forward pass already uses every core), else
-    every core this process may use but one (left to the main process), at most 16."""
-    if torch.device(device).type == "cpu":
-        return 0
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(_MAX_AUTO_WORKERS, cores - 1))
 
 
 def _image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ def make_accelerator(run, project_dir: str | os.PathLike | None = None):
         project_dir (`str`, *optional*): where trackers write their logs (the run's folder).
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     project = None
@@ -131,6 +131,8 @@ def make_accelerator(run, project_dir: str | os.PathLike | None = None):
         log_with=run.trackers(),
         project_config=project,
         cpu=run.cpu or (world > 1 and not torch.cuda.is_available()),
+        # Batches are pinned on CUDA (build_train_loader, finetune): copy them without blocking the host.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
 
 

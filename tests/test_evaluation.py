@@ -540,6 +540,12 @@ def test_default_num_workers(monkeypatch):
     assert default_num_workers(torch.device("cuda", 0)) == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_num_workers("cuda") == 0
+    # Processes launched on one machine share its cores: 64 cores among 4 GPU processes leave 15 workers each.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_num_workers("cuda") == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers("cuda") == 7
 
 
 # ------------------------------------------------------------------------------------------------------------------
