@@ -63,11 +63,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--num-workers", type=int, default=None, help="DataLoader workers (default: the config's)"
     )
     parser.add_argument(
+        "--no-pin-memory", action="store_true", help="do not pin batches on CUDA (the lever off)"
+    )
+    parser.add_argument(
+        "--no-persistent-workers", action="store_true", help="restart the workers every epoch (the lever off)"
+    )
+    parser.add_argument(
         "--patients", type=int, default=8, help="fixture patients (2 slides x --patches each)"
     )
     parser.add_argument("--patches", type=int, default=16, help="fixture patches per slide")
     parser.add_argument("--size", type=int, default=300, help="fixture patch side (pixels)")
     parser.add_argument("--he-slide", default=None, help="the H&E slide to tile (default: the shared region)")
+    parser.add_argument(
+        "--simulate-step-ms",
+        type=float,
+        default=None,
+        help="replace the step by a sleep of this many ms (a device step as the host sees it: waiting, cores free)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per loop per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -133,13 +145,27 @@ def run_case(case: str, dataset, args) -> dict:
     train_dataset, loader = build_train_loader(config, dataset, accelerator.num_processes, accelerator.device)
     if args.no_pin_memory:
         loader.pin_memory = False  # the lever off: pageable batches, blocking copies
-    workers, pinned = loader.num_workers, loader.pin_memory
+    if args.no_persistent_workers and loader.persistent_workers:
+        loader = torch.utils.data.DataLoader(  # the same loader, its workers restarted every epoch
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=loader.sampler,
+            collate_fn=loader.collate_fn,
+            drop_last=loader.drop_last,
+            generator=loader.generator,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+        )
+    workers, pinned, batches_per_epoch = loader.num_workers, loader.pin_memory, len(loader)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr)
     scheduler = get_scheduler("constant", optimizer)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
 
     def step(batch):
+        if args.simulate_step_ms is not None:
+            time.sleep(args.simulate_step_ms / 1000)  # the host waiting on a device step; the cores stay free
+            return
         with accelerator.accumulate(model):
             outputs = model(pixel_values=batch["pixel_values"], return_loss=True)
             if not all_finite(outputs.loss, accelerator):
@@ -151,12 +177,22 @@ def run_case(case: str, dataset, args) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
+    waits = {True: [], False: []}  # seconds spent waiting for a batch: the first of an epoch, the others
+
     def epochs():
         epoch = 0
         while True:
             loader.set_epoch(epoch)
             train_dataset.set_epoch(epoch)
-            yield from loader
+            batches, first = iter(loader), True
+            while True:
+                tic = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                waits[first].append(time.perf_counter() - tic)
+                first = False
+                yield batch
             epoch += 1
 
     def sync():
@@ -178,6 +214,7 @@ def run_case(case: str, dataset, args) -> dict:
     for _ in range(2):  # warm-up: first steps, worker start
         step(ready), step(next(stream))
     ready_rates, loader_rates = [], []
+    waits[True].clear(), waits[False].clear()
     for _ in range(args.rounds):
         ready_rates.append(images * args.steps / timed(ready for _ in range(args.steps)))
         for _ in range(buffered):
@@ -188,9 +225,16 @@ def run_case(case: str, dataset, args) -> dict:
         "config": CONFIGS[modality].name,
         "num_workers": workers,
         "pin_memory": pinned,
+        "persistent_workers": loader.persistent_workers,
         "batch_patients": args.batch_size,
         "images_per_step": images,
+        "batches_per_epoch": batches_per_epoch,
         "mixed_precision": str(accelerator.mixed_precision),
+        "simulated_step_ms": args.simulate_step_ms,
+        # Mean wait for a batch: at an epoch's start the workers' pipeline has drained (non-persistent workers
+        # restart and each builds a whole batch before the first arrives); elsewhere only what prefetch misses.
+        "epoch_first_wait_ms": 1000 * statistics.fmean(waits[True]) if waits[True] else None,
+        "other_wait_ms": 1000 * statistics.fmean(waits[False]) if waits[False] else None,
         "ready_images_per_s": statistics.median(ready_rates),
         "loader_images_per_s": statistics.median(loader_rates),
     }
@@ -211,19 +255,21 @@ def main(argv=None) -> list[dict]:
                 print(f"{case}: {dataset}")
                 continue
             results.append(run_case(case, dataset, args))
+    step = f"simulated {args.simulate_step_ms} ms step" if args.simulate_step_ms is not None else "real step"
     print(
-        f"vision={args.vision_config} device={args.device} fixture {args.patients} patients x 2 slides x "
+        f"vision={args.vision_config} device={args.device} ({step}) fixture {args.patients} patients x 2 slides x "
         f"{args.patches} patches of {args.size} px; {args.rounds} rounds of {args.steps} steps, median"
     )
     print(
-        f"{'case':<8} {'config':<18} {'workers':>7} {'pinned':>6} {'img/step':>8} {'ready img/s':>12} "
-        f"{'loader img/s':>13} {'ratio':>6}"
+        f"{'case':<8} {'config':<18} {'workers':>7} {'pinned':>6} {'persist':>7} {'img/step':>8} {'ready img/s':>12} "
+        f"{'loader img/s':>13} {'ratio':>6} {'batches/epoch':>13} {'wait 1st ms':>11} {'wait other ms':>13}"
     )
     for r in results:
         print(
-            f"{r['case']:<8} {r['config']:<18} {r['num_workers']:>7} {str(r['pin_memory']):>6} "
+            f"{r['case']:<8} {r['config']:<18} {r['num_workers']:>7} {str(r['pin_memory']):>6} {str(r['persistent_workers']):>7} "
             f"{r['images_per_step']:>8} {r['ready_images_per_s']:>12.1f} {r['loader_images_per_s']:>13.1f} "
-            f"{r['loader_over_ready']:>6.3f}"
+            f"{r['loader_over_ready']:>6.3f} {r['batches_per_epoch']:>13} {r['epoch_first_wait_ms'] or 0:>11.1f} "
+            f"{r['other_wait_ms'] or 0:>13.1f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

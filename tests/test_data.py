@@ -605,7 +605,7 @@ def test_write_text_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "{}" and leftovers(tmp_path) == []
 
 
-def test_train_loader_workers_and_pinning_follow_the_device(srh_ds, monkeypatch):
+def test_train_loader_workers_pinning_and_persistence_follow_the_device(srh_ds, monkeypatch):
     from hlss_hf.config import TrainConfig, parse_config
     from hlss_hf.data import build_train_loader
 
@@ -617,7 +617,7 @@ def test_train_loader_workers_and_pinning_follow_the_device(srh_ds, monkeypatch)
     _, on_cpu = build_train_loader(auto, srh_ds, 1)
     assert (on_cpu.num_workers, on_cpu.pin_memory) == (0, False)  # workers would compete with the model
     _, on_gpu = build_train_loader(auto, srh_ds, 1, torch.device("cuda", 0))
-    assert (on_gpu.num_workers, on_gpu.pin_memory) == (7, True)
+    assert (on_gpu.num_workers, on_gpu.pin_memory, on_gpu.persistent_workers) == (7, True, True)
     fixed = parse_config(base + ["--data.num_workers", "3"], TrainConfig)
     for device in ("cpu", "cuda"):
         assert build_train_loader(fixed, srh_ds, 1, device)[1].num_workers == 3

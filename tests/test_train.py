@@ -329,6 +329,26 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, attrib
     assert losses_cut == pytest.approx(losses_full, abs=1e-6)
 
 
+def test_worker_processes_kept_across_epochs_and_a_resume_give_the_same_run(tmp_path, attributes_file):
+    # 4 batches per epoch, 9 steps: two epoch boundaries, where the kept (persistent) workers must draw the new
+    # epoch's views; the worker run is cut at step 5 and resumed, which rebuilds its workers mid-epoch.
+    from accelerate.state import AcceleratorState, GradientState
+
+    common = ["--training.max_steps", "9", "--training.save_steps", "5"]
+    serial = tmp_path / "serial"
+    train.main(tiny_args(serial, attributes_file, *common))
+    workers = tmp_path / "workers"
+    with_workers = [*common, "--data.num_workers", "2"]
+    train.main(tiny_args(workers, attributes_file, *with_workers, "--training.max_steps_this_run", "5"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train.main(tiny_args(workers, attributes_file, *with_workers, "--resume_from_checkpoint", "latest"))
+    assert [r["step"] for r in train_records(workers)] == list(range(1, 10))
+    assert [r["loss"] for r in train_records(workers)] == pytest.approx(
+        [r["loss"] for r in train_records(serial)], abs=1e-6
+    )
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, attributes_file):
     # 9 train patients, B=2: 4 micro-batches per epoch = 2 optimizer steps per epoch with 2 accumulation steps.
     result = train.main(tiny_args(tmp_path, attributes_file, "--training.gradient_accumulation_steps", "2"))
