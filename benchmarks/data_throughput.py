@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -358,7 +359,7 @@ def he_datasets(args, workdir: Path):
         wsi.main(
             ["--manifest", str(manifest), "--output", str(output), "--patch-size", str(args.size),
              "--level", "0", "--max-tiles-per-slide", str(args.patches), "--image-format", fmt,
-             "--overwrite", "--no-progress"]
+             "--overwrite", "--no-progress", "--num-workers", str(min(8, os.cpu_count() or 1))]
         )  # fmt: skip
         convert_s[fmt] = time.perf_counter() - start
         data[fmt] = datasets.load_from_disk(str(output))["train"]

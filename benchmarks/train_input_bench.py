@@ -28,6 +28,7 @@ the script works.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -64,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-pin-memory", action="store_true", help="do not pin batches on CUDA (the lever off)"
+    )
+    parser.add_argument(
+        "--compare-levers",
+        action="store_true",
+        help="also run each case with pinning off (CUDA) and with workers restarted every epoch",
     )
     parser.add_argument(
         "--no-persistent-workers", action="store_true", help="restart the workers every epoch (the lever off)"
@@ -249,12 +255,20 @@ def main(argv=None) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="hlss-train-input-") as tmp:
         workdir = Path(args.workdir or tmp)
+        variants = [{}]
+        if args.compare_levers:  # each lever off in turn (pinning only matters on CUDA)
+            variants += [{"no_pin_memory": True}] if args.device.startswith("cuda") else []
+            variants += [{"no_persistent_workers": True}]
         for case in args.cases:
             dataset = fixture(case, args, workdir)
             if isinstance(dataset, str):
                 print(f"{case}: {dataset}")
                 continue
-            results.append(run_case(case, dataset, args))
+            for variant in variants:
+                results.append(run_case(case, dataset, argparse.Namespace(**{**vars(args), **variant})))
+                gc.collect()  # the previous model and optimizer, before the next is built
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     step = f"simulated {args.simulate_step_ms} ms step" if args.simulate_step_ms is not None else "real step"
     print(
         f"vision={args.vision_config} device={args.device} ({step}) fixture {args.patients} patients x 2 slides x "
