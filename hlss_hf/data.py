@@ -550,16 +550,8 @@ def collate_hierarchical(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(
             f"samples have different shapes {sorted(shapes)}; patients: {[b['patient_id'] for b in batch]}"
         )
-    pixels = [item["pixel_values"] for item in batch]
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        # In a DataLoader worker: stack straight into shared memory, which the batch goes through to reach the
-        # main process anyway (default_collate does the same; it saves one copy of the batch).
-        first = pixels[0]
-        storage = first._typed_storage()._new_shared(len(pixels) * first.numel(), device=first.device)
-        out = first.new(storage).resize_(len(pixels), *first.shape)
     return {
-        "pixel_values": torch.stack(pixels, out=out),
+        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "labels": torch.tensor([int(item["label"]) for item in batch], dtype=torch.long),
         "patient_ids": [item["patient_id"] for item in batch],
         "slide_ids": [list(item["slide_ids"]) for item in batch],
