@@ -224,6 +224,9 @@ def _decode_rgb8(data: bytes) -> np.ndarray | None:
 def decode_image(value: Any) -> np.ndarray:
     """Decode one stored ``image`` value to a numpy array.
 
+    Encoded images (bytes, or a file) are decoded by imagecodecs when they are 8-bit RGB PNG or JPEG, by PIL
+    otherwise: the same pixels either way.
+
     Args:
         value: a PIL image, a numpy array (or anything with ``__array__``, e.g. a torch tensor), nested lists
             (an ``Array3D`` read without formatting), raw PNG/TIFF bytes, or a ``{"bytes": ..., "path": ...}``
