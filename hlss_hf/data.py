@@ -520,6 +520,21 @@ class _FixedArrayReader:
             self.chunks.append(values.to_numpy(zero_copy_only=False).reshape(len(chunk), *self.shape))
             self.starts.append(self.starts[-1] + len(chunk))
 
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as one ``(n, H, W, C)`` array: a zero-copy (read-only) view when they are
+        consecutive rows of one Arrow chunk, else stacked."""
+        if self.chunks is not None and stop > start:
+            first = start if self.mapping is None else int(self.mapping[start])
+            last = stop - 1 if self.mapping is None else int(self.mapping[stop - 1])
+            consecutive = self.mapping is None or (
+                last - first == stop - start - 1 and bool((np.diff(self.mapping[start:stop]) == 1).all())
+            )
+            chunk = int(np.searchsorted(self.starts, first, side="right")) - 1
+            if consecutive and last < self.starts[chunk + 1]:
+                offset = self.starts[chunk]
+                return self.chunks[chunk][first - offset : last + 1 - offset]
+        return np.stack(self.rows(list(range(start, stop))))
+
     def rows(self, rows: list[int]) -> list[np.ndarray]:
         """The arrays of ``rows`` (positions in the dataset, after its indices mapping)."""
         if self.chunks is None:

@@ -10,6 +10,7 @@ clamped to ``[0, 1]``. H&E patches are 8-bit RGB scaled by ``1/255``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -439,7 +440,15 @@ class HLSSImageProcessor(BaseImageProcessor):
         stacked = _stack_raw(images, modality)
         if stacked is not None:
             pixel_values = self._preprocess_stacked(
-                stacked, modality, do_resize, size, resample, antialias, do_center_crop, crop_size, resize_uint8
+                stacked,
+                modality,
+                do_resize,
+                size,
+                resample,
+                antialias,
+                do_center_crop,
+                crop_size,
+                resize_uint8,
             )
             if do_normalize:
                 mean_t = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -481,7 +490,6 @@ class HLSSImageProcessor(BaseImageProcessor):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         return BatchFeature(data={"pixel_values": pixel_values})
 
-
     def _preprocess_stacked(
         self,
         stacked: np.ndarray,
@@ -506,7 +514,7 @@ class HLSSImageProcessor(BaseImageProcessor):
         if modality == "srh":
             pixels = srh_to_float(stacked)
         else:
-            source = torch.from_numpy(stacked).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+            source = _read_only_tensor(stacked).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
             if do_resize and resize_uint8:
                 # torch's fast uint8 kernels want exactly this channels-last layout.
                 source, resized = self.resize(source, size, resample, antialias), True
@@ -520,6 +528,16 @@ class HLSSImageProcessor(BaseImageProcessor):
                 pixels = self._crop(pixels, crop_size, 0)
             pixels = pixels.contiguous()
         return pixels
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, which may be read-only (a view of memory-mapped data): the batch path
+    only reads it, so torch's warning about non-writable arrays does not apply."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _stack_raw(images: list, modality: str) -> np.ndarray | None:

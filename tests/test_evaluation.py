@@ -489,6 +489,38 @@ def test_array_columns_are_read_stacked_in_their_own_dtype():
     np.testing.assert_array_equal(batch, np.stack(images))
 
 
+def test_array_batches_are_views_of_the_mapped_data_where_rows_are_consecutive(tmp_path):
+    from hlss_hf.data import _FixedArrayReader
+    from hlss_hf.evaluation import _image_column, _ImageBatches, _pixels
+
+    images = [np.full((6, 6, 2), 100 + i, dtype=np.uint16) for i in range(10)]
+    features = datasets.Features({"image": datasets.Array3D((6, 6, 2), "uint16")})
+    parts = [
+        datasets.Dataset.from_dict({"image": images[a:b]}, features=features) for a, b in ((0, 6), (6, 10))
+    ]
+    datasets.concatenate_datasets(parts).save_to_disk(str(tmp_path / "d"), max_shard_size="1KB")
+    data = datasets.load_from_disk(str(tmp_path / "d"))
+    reader = _FixedArrayReader(data)
+    assert len(reader.chunks) > 1  # several Arrow chunks: some slices straddle two
+    for start, stop in ((0, 4), (2, 9), (9, 10)):
+        batch = reader.slice(start, stop)
+        np.testing.assert_array_equal(batch, np.stack(images[start:stop]))
+        one_chunk = any(
+            a <= start and stop <= b for a, b in zip(reader.starts, reader.starts[1:], strict=False)
+        )
+        assert (not batch.flags.writeable) == one_chunk  # a read-only view of the Arrow buffer, else a stack
+    # A selection (as the distributed extraction makes): consecutive runs stay views, others are stacked.
+    picked = data.select([3, 4, 5, 1, 0])
+    order = [images[i] for i in (3, 4, 5, 1, 0)]
+    assert not _FixedArrayReader(picked).slice(0, 3).flags.writeable
+    np.testing.assert_array_equal(_FixedArrayReader(picked).slice(0, 5), np.stack(order))
+    # The batches extraction reads give what datasets' own slicing gives.
+    column = _image_column(picked)
+    batches = _ImageBatches(column, 2, None, "srh", None)
+    for i in range(len(batches)):
+        torch.testing.assert_close(batches[i], _pixels(column[2 * i : 2 * i + 2]["image"], None, "srh", None))
+
+
 def test_extract_embeddings_of_png_patches_equals_the_per_image_pil_path():
     from PIL import Image
 
