@@ -1,4 +1,4 @@
-"""Data-loading throughput: hlss_hf's hierarchical pipeline vs the research code's one-TIFF-per-patch reads.
+"""Data-loading throughput: hlss_hf's hierarchical pipeline vs the research code's one-file-per-patch reads.
 
     python benchmarks/data_throughput.py                       # 16 patients x 2 slides x 32 patches, 3 epochs
     python benchmarks/data_throughput.py --patients 32 --epochs 5 --workdir /tmp/bench
@@ -19,6 +19,9 @@ Steps, all in one process on one core (``torch.set_num_threads(1)``):
    the read + convert path). For ``"hlss_reference"`` a second baseline runs the reference's own chain, real
    torchvision transforms per view (``torchvision_reference_transform``, global RNGs as the reference; equal in
    distribution, not in values), when torchvision is installed.
+4. H&E (``--modality he``; ``both``, the default, runs SRH then H&E): a real slide (``--he-slide``) tiled by
+   ``dataset_scripts/wsi.py`` into a PNG and a raw dataset, timed against PIL reading one PNG file per patch and
+   against datasets' PIL decoding (hlss_hf before issue 13), with ``configs/tcga_hlss.yaml``'s augmentation.
 Both page caches are warm (files just written, dataset just loaded); on a cold disk with hundreds of thousands
 of small files the file-per-patch baseline is slower still.
 """
