@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 13's GPU measurements in one run, sized for a short device loan (about 8 minutes on one H200 with 16
-# cores); run from the repository root. Results go to $OUT (default: gpu-results/), one JSON per check and
-# log.txt with everything printed.
+# Issue 13's GPU measurements in one run, sized for a short device loan: each step has a timeout, ~10 minutes in
+# all at most (about 8 expected on one H200 with 16 cores, not yet measured); run from the repository root.
+# Results go to $OUT (default: gpu-results/), one JSON per check, and log.txt with everything printed.
 #
 #   bash benchmarks/gpu_checks.sh                      # the GPU run (benchmarks/README.md, "GPU checks")
 #   DEVICE=cpu VISION=tiny QUICK=1 bash benchmarks/gpu_checks.sh   # a dry run of the script on a CPU
@@ -33,10 +33,10 @@ for case in "he-png --image-format png" "he-raw --image-format raw" "srh --modal
     name=$1
     shift
     echo "== extract $name" | log
-    timeout 200 python benchmarks/extraction_bench.py --part extract --device "$DEVICE" --vision-config "$VISION" \
+    timeout 110 python benchmarks/extraction_bench.py --part extract --device "$DEVICE" --vision-config "$VISION" \
         --num-workers 4 "${extract[@]}" "$@" --json "$OUT/extract_$name.json" 2>&1 | grep -v "^\s*$" | tail -14 | log
 done
 
 echo "== train input (default, pinning off, workers restarted every epoch)" | log
-timeout 420 python benchmarks/train_input_bench.py --device "$DEVICE" --vision-config "$VISION" --compare-levers \
+timeout 260 python benchmarks/train_input_bench.py --device "$DEVICE" --vision-config "$VISION" --compare-levers \
     "${train[@]}" --json "$OUT/train_input.json" 2>&1 | grep -v "^  \|^wrote" | tail -14 | log
