@@ -1084,7 +1084,7 @@ def build_train_loader(
         drop_last=d.drop_last,
         generator=generator,
         # Workers kept from epoch to epoch (they read the epoch from shared memory, set_epoch): restarting them
-        # added ~100-140 ms to each epoch's first batch on the benchmark (benchmarks/README.md, "Training input
+        # added ~95-140 ms to each epoch's first batch on the benchmark (benchmarks/README.md, "Training input
         # end to end"). Not for streams: the stream's own epoch (its shard shuffle) reaches workers only when
         # they restart.
         persistent_workers=workers["num_workers"] > 0,
