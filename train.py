@@ -228,6 +228,8 @@ class Run:
     guard: TextTowerGuard = dataclasses.field(default_factory=TextTowerGuard)
     max_steps: int = 0
     batches_per_epoch: int | None = None
+    # The loader's sampler when one iteration may run across epochs (train_loop), else None.
+    train_sampler: Any = None
     schedule_steps: int = 0
     warmup_steps: int = 0
     state: TrainState = dataclasses.field(default_factory=TrainState)
@@ -285,6 +287,12 @@ def build_training(run: Run) -> None:
         loader_length = len(run.train_loader)
         run.batches_per_epoch = math.ceil(loader_length / W) if not d.drop_last else loader_length // W
         steps_per_epoch = math.ceil(run.batches_per_epoch / t.gradient_accumulation_steps)
+        if d.drop_last and run.batches_per_epoch % t.gradient_accumulation_steps == 0:
+            # Epochs of whole batches and whole accumulation groups: one loader iteration can run across epochs
+            # with the batches, shards and gradient syncs of per-epoch iterations, and the workers then build the
+            # next epoch's first batches while the last ones train (benchmarks/README.md, "Training input end
+            # to end"). A kept partial batch is padded per epoch by Accelerate, so it keeps per-epoch loops.
+            run.train_sampler = run.train_loader.sampler
         run.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
     run.schedule_steps = schedule_length(t, run.max_steps, steps_per_epoch)
     run.warmup_steps = int(round(t.warmup_ratio * run.schedule_steps))
@@ -427,10 +435,15 @@ def train_loop(run: Run, resume_path: Path | None) -> bool:
         else:
             run.train_loader.set_epoch(state.epoch)
             run.train_dataset.set_epoch(state.epoch)
+            if run.train_sampler is not None:  # every epoch the run still needs, in one iteration
+                left = state.batch_in_epoch + (run.max_steps - state.step) * GA
+                run.train_sampler.num_epochs = max(1, math.ceil(left / run.batches_per_epoch))
             loader = run.train_loader
             if state.batch_in_epoch:
                 loader = accelerator.skip_first_batches(run.train_loader, state.batch_in_epoch)
         for batch in loader:
+            if run.batches_per_epoch is not None and state.batch_in_epoch >= run.batches_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0  # the iteration ran into the next epoch
             with accelerator.accumulate(model):
                 run.guard.active = True
                 outputs = model(pixel_values=batch["pixel_values"], return_loss=True)

@@ -414,12 +414,14 @@ class HierarchicalPatchDataset(Dataset):
             rows[s] = candidates[_choose(rng, len(candidates), self.num_patches, cycle=False)]
         return chosen, rows, rng
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        # An (epoch, index) pair draws that epoch's sample: what a sampler spanning several epochs yields.
+        epoch, index = index if isinstance(index, tuple) else (None, index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"patient index {index} out of range for {len(self)} patients")
         index = index % len(self)
         patient = self.patients[index]
-        slide_ids, rows, rng = self.sample_rows(index)
+        slide_ids, rows, rng = self.sample_rows(index, epoch)
         # One read for all the patient's drawn rows; a patch drawn twice is read and converted once.
         unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
         images = self._read(unique.tolist(), patient)
@@ -977,6 +979,10 @@ class EpochPermutationSampler(Sampler[int]):
     so every process gets the same number of full batches and a run on W processes sees exactly the batches of
     a single-process run with W times the per-device batch.
 
+    With ``num_epochs`` > 1 one iteration runs epochs ``epoch, epoch + 1, ...`` back to back and yields
+    ``(epoch, index)`` pairs (each epoch's permutation as above), so DataLoader workers build the next epoch's first
+    batches while the last ones train instead of starting only once an epoch's iterator is used up.
+
     Args:
         length (`int`): Dataset size.
         seed (`int`): Base seed.
@@ -990,16 +996,26 @@ class EpochPermutationSampler(Sampler[int]):
         self.multiple = multiple
         self.drop_last = drop_last
         self.epoch = 0
+        self.num_epochs = 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def epoch_length(self) -> int:
         return (self.length // self.multiple) * self.multiple if self.drop_last else self.length
 
+    def __len__(self) -> int:
+        return self.epoch_length() * self.num_epochs
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.length)
+        return order[: self.epoch_length()]
+
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.length)
-        return iter(order[: len(self)].tolist())
+        if self.num_epochs == 1:
+            return iter(self._order(self.epoch).tolist())
+        epochs = range(self.epoch, self.epoch + self.num_epochs)
+        return ((epoch, index) for epoch in epochs for index in self._order(epoch).tolist())
 
 
 #: Most DataLoader workers a process starts by itself for a model on an accelerator.
