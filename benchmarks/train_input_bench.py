@@ -69,7 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-levers",
         action="store_true",
-        help="also run each case with pinning off (CUDA) and with workers restarted every epoch",
+        help="also run each case with pinning off (CUDA), with one iteration per epoch, and with that and the "
+        "workers restarted every epoch",
+    )
+    parser.add_argument(
+        "--no-spanning",
+        action="store_true",
+        help="one loader iteration per epoch, not one across epochs (the lever off)",
     )
     parser.add_argument(
         "--no-persistent-workers", action="store_true", help="restart the workers every epoch (the lever off)"
@@ -155,6 +161,9 @@ def run_case(case: str, dataset, args) -> dict:
             pin_memory=loader.pin_memory,
         )
     workers, pinned, batches_per_epoch = loader.num_workers, loader.pin_memory, len(loader)
+    # As train.py: one iteration across epochs when epochs hold whole batches and accumulation groups.
+    sampler = loader.sampler
+    spanning = not args.no_spanning and d.drop_last and batches_per_epoch % t.gradient_accumulation_steps == 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr)
     scheduler = get_scheduler("constant", optimizer)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -179,19 +188,20 @@ def run_case(case: str, dataset, args) -> dict:
 
     def epochs():
         epoch = 0
+        sampler.num_epochs = 1000 if spanning else 1  # more than the benchmark takes
         while True:
             loader.set_epoch(epoch)
             train_dataset.set_epoch(epoch)
-            batches, first = iter(loader), True
+            batches, count = iter(loader), 0
             while True:
                 tic = time.perf_counter()
                 batch = next(batches, None)
                 if batch is None:
                     break
-                waits[first].append(time.perf_counter() - tic)
-                first = False
+                waits[count % batches_per_epoch == 0].append(time.perf_counter() - tic)
+                count += 1
                 yield batch
-            epoch += 1
+            epoch += sampler.num_epochs
 
     def sync():
         if accelerator.device.type == "cuda":
@@ -224,6 +234,7 @@ def run_case(case: str, dataset, args) -> dict:
         "num_workers": workers,
         "pin_memory": pinned,
         "persistent_workers": loader.persistent_workers,
+        "across_epochs": spanning,
         "batch_patients": args.batch_size,
         "images_per_step": images,
         "batches_per_epoch": batches_per_epoch,
@@ -250,7 +261,7 @@ def main(argv=None) -> list[dict]:
         variants = [{}]
         if args.compare_levers:  # each lever off in turn (pinning only matters on CUDA)
             variants += [{"no_pin_memory": True}] if args.device.startswith("cuda") else []
-            variants += [{"no_persistent_workers": True}]
+            variants += [{"no_spanning": True}, {"no_spanning": True, "no_persistent_workers": True}]
         for case in args.cases:
             dataset = fixture(case, args, workdir)
             if isinstance(dataset, str):
@@ -267,7 +278,7 @@ def main(argv=None) -> list[dict]:
         f"{args.patches} patches of {args.size} px; {args.rounds} rounds of {args.steps} steps, median"
     )
     print(
-        f"{'case':<8} {'config':<18} {'workers':>7} {'pinned':>6} {'persist':>7} {'img/step':>8} {'ready img/s':>12} "
+        f"{'case':<8} {'config':<18} {'workers':>7} {'pinned':>6} {'persist':>7} {'span':>5} {'img/step':>8} {'ready img/s':>12} "
         f"{'loader img/s':>13} {'ratio':>6} {'batches/epoch':>13} {'wait 1st ms':>11} {'wait other ms':>13}"
     )
 
@@ -277,7 +288,7 @@ def main(argv=None) -> list[dict]:
     for r in results:
         print(
             f"{r['case']:<8} {r['config']:<18} {r['num_workers']:>7} {str(r['pin_memory']):>6} "
-            f"{str(r['persistent_workers']):>7} {r['images_per_step']:>8} {r['ready_images_per_s']:>12.1f} "
+            f"{str(r['persistent_workers']):>7} {str(r['across_epochs']):>5} {r['images_per_step']:>8} {r['ready_images_per_s']:>12.1f} "
             f"{r['loader_images_per_s']:>13.1f} {r['loader_over_ready']:>6.3f} {r['batches_per_epoch']:>13} "
             f"{ms(r['epoch_first_wait_ms'], 11)} {ms(r['other_wait_ms'], 13)}"
         )
