@@ -291,7 +291,7 @@ def build_training(run: Run) -> None:
             # Epochs of whole batches and whole accumulation groups: one loader iteration can run across epochs
             # with the batches, shards and gradient syncs of per-epoch iterations, and the workers then build the
             # next epoch's first batches while the last ones train (benchmarks/README.md, "Training input end
-            # to end"). A kept partial batch is padded per epoch by Accelerate, so it keeps per-epoch loops.
+            # to end"). A kept partial batch must end its epoch (Accelerate pads it per epoch): per-epoch loops.
             run.train_sampler = run.train_loader.sampler
         run.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
     run.schedule_steps = schedule_length(t, run.max_steps, steps_per_epoch)
