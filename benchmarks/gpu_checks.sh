@@ -10,7 +10,8 @@
 #    default workers (extract-auto) beside 0 and 4. Goal: extract-auto >= 0.7x the forward's images/s.
 # 2. Training end to end with the shipped configs (opensrh_hlss.yaml, tcga_hlss.yaml; their workers: the cores
 #    but one), loader + step against the step on a ready batch, bf16, 32 patients per step. Goal: >= 0.9x.
-#    Each case again with pinning off, and with workers restarted every epoch: those two levers measured.
+#    Each case again with pinning off, with one loader iteration per epoch, and with that and the workers
+#    restarted every epoch: those levers measured.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 DEVICE=${DEVICE:-cuda}
@@ -37,6 +38,6 @@ for case in "he-png --image-format png" "he-raw --image-format raw" "srh --modal
         --num-workers 4 "${extract[@]}" "$@" --json "$OUT/extract_$name.json" 2>&1 | grep -v "^\s*$" | tail -14 | log
 done
 
-echo "== train input (default, pinning off, workers restarted every epoch)" | log
+echo "== train input (default, then each lever off)" | log
 timeout 260 python benchmarks/train_input_bench.py --device "$DEVICE" --vision-config "$VISION" --compare-levers \
     "${train[@]}" --json "$OUT/train_input.json" 2>&1 | grep -v "^  \|^wrote" | tail -14 | log
