@@ -34,10 +34,10 @@ for case in "he-png --image-format png" "he-raw --image-format raw" "srh --modal
     name=$1
     shift
     echo "== extract $name" | log
-    timeout 110 python benchmarks/extraction_bench.py --part extract --device "$DEVICE" --vision-config "$VISION" \
+    timeout 95 python benchmarks/extraction_bench.py --part extract --device "$DEVICE" --vision-config "$VISION" \
         --num-workers 4 "${extract[@]}" "$@" --json "$OUT/extract_$name.json" 2>&1 | grep -v "^\s*$" | tail -14 | log
 done
 
 echo "== train input (default, then each lever off)" | log
-timeout 260 python benchmarks/train_input_bench.py --device "$DEVICE" --vision-config "$VISION" --compare-levers \
+timeout 300 python benchmarks/train_input_bench.py --device "$DEVICE" --vision-config "$VISION" --compare-levers \
     "${train[@]}" --json "$OUT/train_input.json" 2>&1 | grep -v "^  \|^wrote" | tail -14 | log
