@@ -54,8 +54,8 @@ from hlss_hf.config import ConfigError, FinetuneConfig, flatten_config, format_h
 from hlss_hf.data import (
     DatasetError,
     _FixedArrayReader,
-    default_num_workers,
     load_split,
+    loader_workers,
     split_names,
     to_float,
 )
@@ -603,14 +603,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Dropping the last partial global batch keeps every step identical whatever the number of processes
     # (accelerate would otherwise pad it differently); a split smaller than one global batch keeps it.
     global_batch = t.per_device_batch_size * accelerator.num_processes
-    workers = dict(
-        num_workers=(
-            default_num_workers(accelerator.device)
-            if args.data.num_workers is None
-            else args.data.num_workers
-        ),
-        pin_memory=accelerator.device.type == "cuda",  # copied without blocking (make_accelerator)
-    )
+    workers = loader_workers(args.data.num_workers, accelerator.device)
     train_loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=t.per_device_batch_size,

@@ -69,6 +69,7 @@ __all__ = [
     "EpochPermutationSampler",
     "build_train_loader",
     "default_num_workers",
+    "loader_workers",
     "stream_batches",
 ]
 
@@ -528,9 +529,7 @@ class _FixedArrayReader:
         if self.chunks is not None and stop > start:
             first = start if self.mapping is None else int(self.mapping[start])
             last = stop - 1 if self.mapping is None else int(self.mapping[stop - 1])
-            consecutive = self.mapping is None or (
-                last - first == stop - start - 1 and bool((np.diff(self.mapping[start:stop]) == 1).all())
-            )
+            consecutive = self.mapping is None or bool((np.diff(self.mapping[start:stop]) == 1).all())
             chunk = int(np.searchsorted(self.starts, first, side="right")) - 1
             if consecutive and last < self.starts[chunk + 1]:
                 offset = self.starts[chunk]
@@ -1036,6 +1035,16 @@ def default_num_workers(device: str | torch.device) -> int:
     return max(0, min(MAX_AUTO_WORKERS, cores // local_processes - 1))
 
 
+def loader_workers(num_workers: int | None, device: str | torch.device) -> dict[str, Any]:
+    """DataLoader keyword arguments for a model on ``device``: ``num_workers`` (``None``: :func:`default_num_workers`)
+    and ``pin_memory`` on CUDA, so that the host-to-device copy runs asynchronously (Accelerate's
+    ``non_blocking``, set by :func:`hlss_hf.harness.make_accelerator`)."""
+    return {
+        "num_workers": default_num_workers(device) if num_workers is None else num_workers,
+        "pin_memory": torch.device(device).type == "cuda",
+    }
+
+
 def build_train_loader(
     config, train_ds, num_processes: int, device: str | torch.device = "cpu"
 ) -> tuple[Dataset | IterableDataset, DataLoader]:
@@ -1068,11 +1077,7 @@ def build_train_loader(
     # A private generator: creating a DataLoader iterator then never draws from the global RNG, which keeps
     # a resumed run's RNG stream identical to an uninterrupted one.
     generator = torch.Generator().manual_seed(t.seed)
-    # Pinned batches let the host-to-device copy run asynchronously (Accelerate's non_blocking, make_accelerator).
-    workers = dict(
-        num_workers=default_num_workers(device) if d.num_workers is None else d.num_workers,
-        pin_memory=torch.device(device).type == "cuda",
-    )
+    workers = loader_workers(d.num_workers, device)
     if d.streaming:
         dataset = HierarchicalStreamingDataset(train_ds, **common)
         loader = DataLoader(

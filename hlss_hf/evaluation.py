@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hlss_hf.data import default_num_workers
+from hlss_hf.data import _FixedArrayReader, default_num_workers
 
 logger = logging.getLogger(__name__)
 
@@ -538,8 +538,6 @@ class _ImageBatches(torch.utils.data.Dataset):
         start, stop = i * self.batch_size, min((i + 1) * self.batch_size, len(self.images))
         if self._arrays:
             if self._reader is None:
-                from hlss_hf.data import _FixedArrayReader
-
                 self._reader = _FixedArrayReader(self.images)
             batch = self._reader.slice(start, stop)
         else:
