@@ -228,7 +228,7 @@ class Run:
     guard: TextTowerGuard = dataclasses.field(default_factory=TextTowerGuard)
     max_steps: int = 0
     batches_per_epoch: int | None = None
-    # The loader's sampler when one iteration may run across epochs (train_loop), else None.
+    # The loader's batch sampler when one iteration may run across epochs (train_loop), else None.
     train_sampler: Any = None
     schedule_steps: int = 0
     warmup_steps: int = 0
@@ -282,17 +282,15 @@ def build_training(run: Run) -> None:
     if d.streaming:
         run.max_steps = t.max_steps
     else:
-        # Per-process batches per epoch after sharding (the sampler makes it exact; a kept partial batch
-        # is padded to every process by accelerate).
-        loader_length = len(run.train_loader)
-        run.batches_per_epoch = math.ceil(loader_length / W) if not d.drop_last else loader_length // W
+        # Per-process batches per epoch after sharding (the batch sampler deals every process as many).
+        run.batches_per_epoch = len(run.train_loader) // W
         steps_per_epoch = math.ceil(run.batches_per_epoch / t.gradient_accumulation_steps)
-        if d.drop_last and run.batches_per_epoch % t.gradient_accumulation_steps == 0:
-            # Epochs of whole batches and whole accumulation groups: one loader iteration can run across epochs
-            # with the batches, shards and gradient syncs of per-epoch iterations, and the workers then build the
-            # next epoch's first batches while the last ones train (benchmarks/README.md, "Training input end
-            # to end"). A kept partial batch must end its epoch (Accelerate pads it per epoch): per-epoch loops.
-            run.train_sampler = run.train_loader.sampler
+        if run.batches_per_epoch % t.gradient_accumulation_steps == 0:
+            # Epochs of whole accumulation groups: one loader iteration can run across epochs with the batches,
+            # shards and gradient syncs of per-epoch iterations (EpochBatchSampler), and the workers then build
+            # the next epoch's first batches while the last ones train (benchmarks/README.md, "Training input end
+            # to end"). Otherwise an epoch's last, short group syncs at the end of its iteration: per-epoch loops.
+            run.train_sampler = run.train_loader.batch_sampler
         run.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
     run.schedule_steps = schedule_length(t, run.max_steps, steps_per_epoch)
     run.warmup_steps = int(round(t.warmup_ratio * run.schedule_steps))

@@ -165,7 +165,7 @@ def pretrain(model, config, train_ds, steps: int, seed: int) -> list[float]:
     losses, step, epoch = [], 0, 0
     model.train()
     while step < steps:
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         for batch in loader:
             loss = model(pixel_values=batch["pixel_values"], return_loss=True).loss

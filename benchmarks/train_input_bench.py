@@ -152,18 +152,16 @@ def run_case(case: str, dataset, args) -> dict:
     if args.no_persistent_workers and loader.persistent_workers:
         loader = torch.utils.data.DataLoader(  # the same loader, its workers restarted every epoch
             loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=loader.sampler,
+            batch_sampler=loader.batch_sampler,
             collate_fn=loader.collate_fn,
-            drop_last=loader.drop_last,
             generator=loader.generator,
             num_workers=loader.num_workers,
             pin_memory=loader.pin_memory,
         )
     workers, pinned, batches_per_epoch = loader.num_workers, loader.pin_memory, len(loader)
-    # As train.py: one iteration across epochs when epochs hold whole batches and accumulation groups.
-    sampler = loader.sampler
-    spanning = not args.no_spanning and d.drop_last and batches_per_epoch % t.gradient_accumulation_steps == 0
+    # As train.py: one iteration across epochs when epochs hold whole accumulation groups.
+    sampler = loader.batch_sampler
+    spanning = not args.no_spanning and batches_per_epoch % t.gradient_accumulation_steps == 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr)
     scheduler = get_scheduler("constant", optimizer)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -66,6 +66,7 @@ __all__ = [
     "DatasetError",
     "load_split",
     "split_names",
+    "EpochBatchSampler",
     "EpochPermutationSampler",
     "build_train_loader",
     "default_num_workers",
@@ -978,10 +979,6 @@ class EpochPermutationSampler(Sampler[int]):
     so every process gets the same number of full batches and a run on W processes sees exactly the batches of
     a single-process run with W times the per-device batch.
 
-    With ``num_epochs`` > 1 one iteration runs epochs ``epoch, epoch + 1, ...`` back to back and yields
-    ``(epoch, index)`` pairs (each epoch's permutation as above), so DataLoader workers build the next epoch's first
-    batches while the last ones train instead of starting only once an epoch's iterator is used up.
-
     Args:
         length (`int`): Dataset size.
         seed (`int`): Base seed.
@@ -995,26 +992,77 @@ class EpochPermutationSampler(Sampler[int]):
         self.multiple = multiple
         self.drop_last = drop_last
         self.epoch = 0
-        self.num_epochs = 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def epoch_length(self) -> int:
+    def __len__(self) -> int:
         return (self.length // self.multiple) * self.multiple if self.drop_last else self.length
 
-    def __len__(self) -> int:
-        return self.epoch_length() * self.num_epochs
-
-    def _order(self, epoch: int) -> np.ndarray:
+    def order(self, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s indices."""
         order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.length)
-        return order[: self.epoch_length()]
+        return order[: len(self)].tolist()
 
     def __iter__(self):
-        if self.num_epochs == 1:
-            return iter(self._order(self.epoch).tolist())
-        epochs = range(self.epoch, self.epoch + self.num_epochs)
-        return ((epoch, index) for epoch in epochs for index in self._order(epoch).tolist())
+        return iter(self.order(self.epoch))
+
+
+class EpochBatchSampler(Sampler[list]):
+    """The per-device batches of an :class:`EpochPermutationSampler`, epoch by epoch, for all processes (Accelerate
+    deals them out in turn).
+
+    Each epoch's batches are those of a plain ``BatchSampler`` over that epoch's permutation: a kept partial last
+    batch (``drop_last=False``) ends its epoch, and on several processes it is completed, with as many more
+    batches as every process needs, the way Accelerate completes the last batches of a loader
+    (``BatchSamplerShard``, ``even_batches``). With ``num_epochs`` > 1 one iteration therefore yields the batches
+    of the per-epoch iterations ``epoch, epoch + 1, ...`` back to back, as ``(epoch, index)`` items, and DataLoader
+    workers build the next epoch's first batches while the last ones train instead of starting only once an
+    epoch's iterator is used up.
+
+    Args:
+        sampler (`EpochPermutationSampler`): Each epoch's order; its ``set_epoch`` sets the first epoch.
+        batch_size (`int`): Patients per device batch.
+        num_processes (`int`): Processes the batches are dealt to.
+    """
+
+    def __init__(self, sampler: EpochPermutationSampler, batch_size: int, num_processes: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.drop_last = sampler.drop_last  # read by Accelerate's BatchSamplerShard
+        self.num_epochs = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def epoch_batches(self) -> int:
+        """Batches (for all processes together) in one epoch."""
+        batches = -(-len(self.sampler) // self.batch_size)
+        return -(-batches // self.num_processes) * self.num_processes
+
+    def __len__(self) -> int:
+        return self.epoch_batches() * self.num_epochs
+
+    def _batches(self, epoch: int) -> list[list]:
+        items = self.sampler.order(epoch)
+        if self.num_epochs > 1:
+            items = [(epoch, index) for index in items]
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        short = batches and len(batches[-1]) < self.batch_size
+        if self.num_processes == 1 or (len(batches) % self.num_processes == 0 and not short):
+            # What Accelerate deals out as it is.
+            return batches
+        from accelerate.data_loader import BatchSamplerShard
+        from torch.utils.data import BatchSampler
+
+        plain = BatchSampler(items, self.batch_size, drop_last=False)
+        shards = [list(BatchSamplerShard(plain, self.num_processes, p)) for p in range(self.num_processes)]
+        return [batch for turn in zip(*shards, strict=True) for batch in turn]
+
+    def __iter__(self):
+        epochs = range(self.sampler.epoch, self.sampler.epoch + self.num_epochs)
+        return (batch for epoch in epochs for batch in self._batches(epoch))
 
 
 #: Most DataLoader workers a process starts by itself for a model on an accelerator.
@@ -1059,7 +1107,7 @@ def build_train_loader(
             when ``data.num_workers`` is null (:func:`default_num_workers`) and pins batches for CUDA.
 
     Returns:
-        `(dataset, loader)`: a :class:`HierarchicalPatchDataset` with an :class:`EpochPermutationSampler`, or a
+        `(dataset, loader)`: a :class:`HierarchicalPatchDataset` with an :class:`EpochBatchSampler`, or a
         :class:`HierarchicalStreamingDataset`.
     """
     from .augmentation import build_augmentation
@@ -1099,10 +1147,8 @@ def build_train_loader(
     sampler = EpochPermutationSampler(len(dataset), t.seed, global_batch, drop_last=d.drop_last)
     loader = DataLoader(
         dataset,
-        batch_size=t.per_device_batch_size,
-        sampler=sampler,
+        batch_sampler=EpochBatchSampler(sampler, t.per_device_batch_size, num_processes),
         collate_fn=collate_hierarchical,
-        drop_last=d.drop_last,
         generator=generator,
         # Workers kept from epoch to epoch (they read the epoch from shared memory, set_epoch): restarting them
         # added ~95-140 ms to each epoch's first batch on the benchmark (benchmarks/README.md, "Training input

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from hlss_hf.augmentation import DEFAULT_AUGMENTATION, build_augmentation  # noqa: E402
 from hlss_hf.data import (  # noqa: E402
+    EpochBatchSampler,
+    EpochPermutationSampler,
     HierarchicalCollator,
     HierarchicalPatchDataset,
     HierarchicalStreamingDataset,
@@ -621,3 +623,36 @@ def test_train_loader_workers_pinning_and_persistence_follow_the_device(srh_ds, 
     fixed = parse_config(base + ["--data.num_workers", "3"], TrainConfig)
     for device in ("cpu", "cuda"):
         assert build_train_loader(fixed, srh_ds, 1, device)[1].num_workers == 3
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_epoch_batches_across_epochs_are_the_per_epoch_loaders_batches(num_processes, drop_last):
+    # What each process trained on when every epoch had its own iteration: a DataLoader's BatchSampler over the
+    # epoch's permutation, sharded by Accelerate (which completes a kept short batch on several processes).
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    patients, batch = 11, 2  # 5 or 6 batches an epoch, the sixth of one patient when kept
+
+    def order(epoch):
+        sampler = EpochPermutationSampler(patients, 4, batch * num_processes, drop_last)
+        sampler.set_epoch(epoch)
+        return sampler
+
+    def shard(batches, process):
+        return batches if num_processes == 1 else BatchSamplerShard(batches, num_processes, process)
+
+    spanning = EpochBatchSampler(order(0), batch, num_processes)
+    spanning.set_epoch(3)
+    for num_epochs in (1, 3):  # one epoch yields plain indices, several (epoch, index) items
+        spanning.num_epochs = num_epochs
+        for process in range(num_processes):
+            per_epoch = [
+                [(epoch, index) if num_epochs > 1 else index for index in items]
+                for epoch in range(3, 3 + num_epochs)
+                for items in shard(BatchSampler(order(epoch), batch, drop_last), process)
+            ]
+            ours = shard(spanning, process)
+            assert list(ours) == per_epoch and len(ours) == len(per_epoch)
+            assert drop_last or num_processes > 1 or min(map(len, per_epoch)) == 1  # the short batch is there

@@ -349,14 +349,16 @@ def test_worker_processes_kept_across_epochs_and_a_resume_give_the_same_run(tmp_
     )
 
 
+@pytest.mark.parametrize("drop_last, steps", [("true", 10), ("false", 12)])
 def test_one_loader_iteration_across_epochs_trains_as_per_epoch_iterations(
-    tmp_path, attributes_file, monkeypatch
+    tmp_path, attributes_file, monkeypatch, drop_last, steps
 ):
-    # 4 batches per epoch, 10 steps, 2 workers: the spanning iteration (the default here: full batches) against
-    # one loader iteration per epoch, the way every run iterated before; same losses, same weights.
+    # 9 train patients, B=2: 4 batches per epoch, or 5 with the last one of a single patient kept; over three
+    # epochs with 2 workers, the spanning iteration against one loader iteration per epoch, the way every run
+    # iterated before; same losses, same weights.
     from accelerate.state import AcceleratorState, GradientState
 
-    args = ["--training.max_steps", "10", "--data.num_workers", "2"]
+    args = ["--training.max_steps", str(steps), "--data.num_workers", "2", "--data.drop_last", drop_last]
     samplers = []
     build = train.build_training
 
@@ -369,14 +371,14 @@ def test_one_loader_iteration_across_epochs_trains_as_per_epoch_iterations(
     spanning = tmp_path / "spanning"
     monkeypatch.setattr(train, "build_training", recording)
     train.main(tiny_args(spanning, attributes_file, *args))
-    assert samplers[0].num_epochs == 3  # the 10 steps' three epochs in one iteration
+    assert samplers[0].num_epochs == 3  # the run's three epochs in one iteration
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     monkeypatch.setattr(train, "build_training", lambda run: recording(run, keep=False))
     train.main(tiny_args(tmp_path / "per_epoch", attributes_file, *args))
     assert samplers[1] is not None and samplers[1].num_epochs == 1  # eligible, and left unused by this run
     losses = [r["loss"] for r in train_records(spanning)]
-    assert len(losses) == 10
+    assert len(losses) == steps
     assert losses == pytest.approx([r["loss"] for r in train_records(tmp_path / "per_epoch")], abs=1e-6)
     a, b = load_file(spanning / "model.safetensors"), load_file(tmp_path / "per_epoch" / "model.safetensors")
     for key in a:
