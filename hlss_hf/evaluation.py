@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hlss_hf.data import _FixedArrayReader, default_num_workers
+from hlss_hf.data import _FixedArrayReader, loader_workers
 
 logger = logging.getLogger(__name__)
 
@@ -304,10 +304,10 @@ def extract_embeddings(
             device of the model's parameters.
         progress (`bool`, defaults to `True`): show a tqdm progress bar (without a total for a stream).
         num_workers (`int`, *optional*): DataLoader worker processes that decode and preprocess the next
-            batches while the model runs (0: in the main process). `None` (default): :func:`default_num_workers`,
-            0 on the CPU (workers would compete with the model's threads) and the machine's cores on an
-            accelerator; for a stream at most 1, since each stream worker reads the whole stream (see
-            :class:`_StreamRounds`).
+            batches while the model runs (0: in the main process). `None` (default):
+            :func:`hlss_hf.data.default_num_workers`, 0 on the CPU (workers would compete with the model's
+            threads) and the machine's cores on an accelerator; for a stream at most 1, since each stream
+            worker reads the whole stream (see :class:`_StreamRounds`).
 
     Returns:
         :class:`EmbeddingSet` with float32 L2-normalised embeddings.
@@ -357,20 +357,11 @@ def extract_embeddings(
                 return EmbeddingSet.load(cache_path)
 
     image_size = getattr(getattr(model, "config", None), "image_size", None)
-    if num_workers is None:
-        num_workers = default_num_workers(device)
-        if info.streamed:
-            num_workers = min(num_workers, 1)
     if info.streamed:
         source = _StreamRounds(dataset, info, batch_size, 1, 0, processor, image_size)
     else:
         source = _ImageBatches(_image_column(dataset), batch_size, processor, info.modality, image_size)
-    batches = torch.utils.data.DataLoader(
-        source,
-        batch_size=None,  # items are whole batches: one slice of the Arrow table (or one round of the stream)
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    batches = _batch_loader(source, num_workers, device, info.streamed)
     chunks = []
     rows = _RowIds(info)
     was_training = model.training
@@ -543,6 +534,16 @@ class _ImageBatches(torch.utils.data.Dataset):
         else:
             batch = self.images[start:stop]["image"]
         return _pixels(batch, self.processor, self.modality, self.image_size)
+
+
+def _batch_loader(source, num_workers: int | None, device: torch.device, streamed: bool):
+    """A DataLoader over ``source``, whose items are whole batches (a slice of the Arrow table or a round of the
+    stream), with :func:`hlss_hf.data.loader_workers`' worker count and pinning; a stream gets at most one
+    worker unless told otherwise, because every worker reads the whole stream (:class:`_StreamRounds`)."""
+    workers = loader_workers(num_workers, device)
+    if num_workers is None and streamed:
+        workers["num_workers"] = min(workers["num_workers"], 1)
+    return torch.utils.data.DataLoader(source, batch_size=None, **workers)
 
 
 def _pixels(values, processor: Any, modality: str, image_size: int | None) -> torch.Tensor:
@@ -1093,10 +1094,6 @@ def _embed_across_processes(
     info = _split_info(dataset)
     config = getattr(accelerator.unwrap_model(model), "config", None)
     image_size = getattr(config, "image_size", None)
-    if num_workers is None:
-        num_workers = default_num_workers(device)
-        if info.streamed:
-            num_workers = min(num_workers, 1)
     size = batch_size
     rows = _RowIds(info)
     if info.streamed:
@@ -1114,9 +1111,7 @@ def _embed_across_processes(
             own.extend(range(start, stop) if stop > start else [total - 1])
         subset = dataset.select(own) if own != list(range(total)) else dataset
         source = _ImageBatches(_image_column(subset), size, processor, info.modality, image_size)
-    batches = torch.utils.data.DataLoader(
-        source, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
+    batches = _batch_loader(source, num_workers, device, info.streamed)
     chunks = []
     bar = tqdm(
         total=None if info.streamed else len(dataset),

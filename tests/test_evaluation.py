@@ -563,7 +563,7 @@ def test_model_fingerprint_is_remembered_until_a_tensor_changes():
 
 
 def test_default_num_workers(monkeypatch):
-    from hlss_hf.evaluation import default_num_workers
+    from hlss_hf.data import default_num_workers
 
     assert default_num_workers("cpu") == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
