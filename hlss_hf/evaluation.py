@@ -482,17 +482,14 @@ class _RowIds:
 
 def _image_column(dataset):
     """The `image` column as the batches read it: encoded bytes for `datasets.Image` (decoded by
-    :func:`_decode_images`), stacked numpy arrays for array features (`Array3D`: one `[N, H, W, C]` per slice)."""
+    :func:`_decode_images`); array features (`Array3D`) as they are, read by :class:`_ImageBatches` through
+    :class:`hlss_hf.data._FixedArrayReader`."""
     import datasets
 
     images = dataset.select_columns(["image"])
-    feature = images.features["image"]
-    if isinstance(feature, datasets.Image):
+    if isinstance(images.features["image"], datasets.Image):
         return images.cast_column("image", datasets.Image(decode=False)).with_format(None)
-    # datasets' numpy formatting widens integers to int64 unless told the dtype (4x the bytes for uint16 SRH,
-    # and a cast back per patch).
-    dtype = getattr(feature, "dtype", None)
-    return images.with_format("numpy", **({"dtype": np.dtype(dtype)} if dtype else {}))
+    return images
 
 
 def _decode_images(values) -> np.ndarray | list[np.ndarray]:

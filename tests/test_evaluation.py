@@ -477,13 +477,14 @@ def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fas
 
 
 def test_array_columns_are_read_stacked_in_their_own_dtype():
-    from hlss_hf.evaluation import _decode_images, _image_column
+    from hlss_hf.data import _FixedArrayReader
+    from hlss_hf.evaluation import _image_column
 
     images = [np.full((6, 6, 2), 60000 + i, dtype=np.uint16) for i in range(3)]
     data = datasets.Dataset.from_dict(
         {"image": images}, features=datasets.Features({"image": datasets.Array3D((6, 6, 2), "uint16")})
     )
-    batch = _decode_images(_image_column(data)[0:3]["image"])
+    batch = _FixedArrayReader(_image_column(data)).slice(0, 3)  # how extraction's batches read it
     # One [N, H, W, C] uint16 array (datasets' numpy formatting would widen it to int64 otherwise).
     assert isinstance(batch, np.ndarray) and batch.dtype == np.uint16 and batch.shape == (3, 6, 6, 2)
     np.testing.assert_array_equal(batch, np.stack(images))
@@ -515,8 +516,8 @@ def test_array_batches_are_views_of_the_mapped_data_where_rows_are_consecutive(t
     assert not _FixedArrayReader(picked).slice(0, 3).flags.writeable
     np.testing.assert_array_equal(_FixedArrayReader(picked).slice(0, 5), np.stack(order))
     # The batches extraction reads give what datasets' own slicing gives.
-    column = _image_column(picked)
-    batches = _ImageBatches(column, 2, None, "srh", None)
+    batches = _ImageBatches(_image_column(picked), 2, None, "srh", None)
+    column = picked.with_format("numpy", dtype=np.uint16)
     for i in range(len(batches)):
         torch.testing.assert_close(batches[i], _pixels(column[2 * i : 2 * i + 2]["image"], None, "srh", None))
 
