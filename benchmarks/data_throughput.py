@@ -266,7 +266,8 @@ def time_epochs(dataset, epochs: int) -> float:
 
 def srh_dataset(args, workdir: Path):
     """Build the OpenSRH fixture (``args.patients`` x ``args.slides`` x ``args.patches`` of ``args.size`` px),
-    convert it with ``dataset_scripts/opensrh.py`` and load it: ``(train split, one TIFF path per row, note)``."""
+    convert it with ``dataset_scripts/opensrh.py`` and load it: ``(train split, one TIFF path per row, its
+    HierarchyIndex, note)``."""
     import datasets
     import opensrh
 
@@ -291,13 +292,12 @@ def srh_dataset(args, workdir: Path):
         f"{args.size}x{args.size}x2 uint16; setup: fixture {fixture_s:.1f} s, convert {convert_s:.1f} s, "
         f"load_from_disk {load_s:.1f} s, index {index_s * 1000:.1f} ms ({index.num_patches} rows)"
     )
-    return ds, row_paths, note
+    return ds, row_paths, index, note
 
 
 def srh_pairs(args, workdir: Path, pairs: dict, augmenting: dict) -> str:
     """Add the SRH fixture's (ours, baseline, images per sample) pairs and augmentation cases."""
-    ds, row_paths, note = srh_dataset(args, workdir)
-    index = HierarchyIndex.from_dataset(ds)
+    ds, row_paths, index, note = srh_dataset(args, workdir)
     images_per_patient = args.num_slides * args.num_patches * args.num_views
     ours = HierarchicalPatchDataset(ds, args.num_slides, args.num_patches, args.num_views, index=index)
     read_images = args.num_slides * args.num_patches
