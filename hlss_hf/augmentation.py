@@ -8,8 +8,9 @@ Two named sets (:data:`AUGMENTATION_PRESETS`, ``build_augmentation(name, crop_si
   its own probability.
 - ``"hlss_reference"`` (:data:`HLSS_REFERENCE_AUGMENTATION`): the reference's training chain as its code runs
   (hlss/datasets/improc.py ``get_srh_aug_list`` over the ``train_augmentation`` list of
-  hlss/config/train_hlss_attr128.yaml): the whole patch resized to ``crop_size`` (bicubic), then every
-  operation at p = 0.5, the random resized crop late in the chain.
+  hlss/config/train_hlss_attr3levels.yaml, the config hlss/train_hlss_KL.py is run with): the whole patch
+  resized to ``crop_size`` (bicubic, not antialiased), then every operation at p = 0.5, the random resized crop
+  late in the chain.
 
 Every random draw comes from the generator passed to the call (never
 from torch's global RNG, which is why kornia's random modules are not used: only its functional ops are), so
@@ -70,7 +71,7 @@ DEFAULT_AUGMENTATION: dict[str, dict[str, Any]] = {
 OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     # Not random: resize the whole image to crop_size. When a config has it (first), the chain runs in the
     # config's order and random_resized_crop becomes an operation of the chain (crop and resize back).
-    "resize": {"p": 1.0, "interpolation": "bicubic"},
+    "resize": {"p": 1.0, "interpolation": "bicubic", "antialias": True},
     "random_resized_crop": {"p": 1.0, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
     "horizontal_flip": {"p": 0.5},
     "vertical_flip": {"p": 0.5},
@@ -99,22 +100,26 @@ ORDER: tuple[str, ...] = tuple(OPERATION_DEFAULTS)
 
 #: The reference's training augmentation as its code runs, in application order. Read from the HLSS code
 #: (GitHub Hasindri/HLSS: hlss/datasets/improc.py ``get_srh_base_aug`` + ``get_strong_aug``, hlss/common.py
-#: ``get_dataloaders``, hlss/config/train_hlss_attr128.yaml ``data.train_augmentation``); where it differs
+#: ``get_dataloaders``, hlss/config/train_hlss_attr3levels.yaml ``data.train_augmentation``, the config that
+#: hlss/wandb_scripts/train_hlss_KL.sh runs hlss/train_hlss_KL.py with); where it differs
 #: from what the paper or config suggest, this follows the code:
 #:
 #: - Every operation runs at p = 0.5: ``get_dataloaders`` calls ``get_srh_aug_list(augs)`` without the config's
 #:   ``rand_aug_prob: 0.3``, so the default ``rand_prob=0.5`` applies (reference bug: the config value is dead).
 #: - ``color_jitter`` is left out: the config builds ``ColorJitter()`` with no arguments, whose brightness,
 #:   contrast, saturation and hue are all None, so it never changes a pixel (reference bug: a no-op).
-#: - The 300 px patch is resized to 224 first (``Resize((224, 224), bicubic)`` on the float tensor: antialiased
-#:   in torchvision >= 0.17, not clamped), so every operation, the crop included, works on 224 px images.
+#: - The 300 px patch is resized to 224 first (``Resize((224, 224), bicubic)`` on the float tensor, not clamped),
+#:   so every operation, the crop included, works on 224 px images. Not antialiased: the reference's
+#:   requirements.txt pins torchvision 0.16.2, whose ``Resize`` leaves tensors unantialiased (``antialias``
+#:   defaults to True on tensors only from 0.17 on). The late random resized crop only enlarges (a crop of the
+#:   224 px image back to 224), where antialiasing changes nothing.
 #: - ``GaussianNoise`` names its bounds ``min_var`` / ``max_var`` but uses the draw as the standard deviation.
 #: - ``GaussianBlur(5, sigma=1)``: a fixed sigma. ``RandomAffine(10, translate=(0.1, 0.3))``: no scale or shear,
 #:   nearest interpolation, translations rounded to whole pixels. ``RandomResizedCrop(224)`` inside
 #:   ``RandomApply``: scale (0.08, 1), bilinear, itself at p = 0.5 and after the affine.
 #: - ``RandomErasing()``: its defaults, scale (0.02, 0.33), ratio (0.3, 3.3), value 0.
 HLSS_REFERENCE_AUGMENTATION: dict[str, dict[str, Any]] = {
-    "resize": {"p": 1.0, "interpolation": "bicubic"},
+    "resize": {"p": 1.0, "interpolation": "bicubic", "antialias": False},
     "horizontal_flip": {"p": 0.5},
     "vertical_flip": {"p": 0.5},
     "gaussian_noise": {"p": 0.5, "std": (0.01, 0.1)},
@@ -168,13 +173,15 @@ def _range(value: Any, key: str, centre: float | None = None) -> tuple[float, fl
     return low, high
 
 
-def _resize(image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def _resize(
+    image: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", antialias: bool = True
+) -> torch.Tensor:
     if tuple(image.shape[-2:]) == size:
         return image
-    # antialias only matters when shrinking; it keeps downscaled crops from aliasing like torchvision's default.
-    # Bicubic outputs are not clamped (they overshoot [0, 1] slightly at edges), as torchvision's Resize on a float
-    # tensor.
-    return F.interpolate(image[None], size=size, mode=mode, align_corners=False, antialias=True)[0]
+    # antialias only matters when shrinking; it keeps downscaled crops from aliasing like torchvision's default
+    # (from 0.17 on; the reference's 0.16.2 did not antialias tensors). Bicubic outputs are not clamped (they
+    # overshoot [0, 1] slightly at edges), as torchvision's Resize on a float tensor.
+    return F.interpolate(image[None], size=size, mode=mode, align_corners=False, antialias=antialias)[0]
 
 
 def center_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
@@ -368,6 +375,7 @@ class HLSSAugmentation:
         # The interpolation of the first resize: the reference's bicubic Resize, or bilinear for a crop (as
         # torchvision's RandomResizedCrop).
         self._mode = self.operations["resize"]["interpolation"] if self.resize_first else "bilinear"
+        self._antialias = self.operations["resize"]["antialias"] if self.resize_first else True
         # Flips that run right after the first resize commute with it: they are folded into its weights.
         self._folded: set[str] = set()
         for name in self.operations:
@@ -476,11 +484,12 @@ class HLSSAugmentation:
                 # the deterministic whole-image resize: computed once, copied (flipped) into each view.
                 if shared is None or shared[0] is not image:
                     shared = (image, torch.empty_like(view))
-                    _resize_into(image, [], shared[1], self._mode)
+                    _resize_into(image, [], shared[1], self._mode, self._antialias)
                 _copy_flipped(shared[1], flips, view)
             elif fast_resize:
                 top, left, crop_h, crop_w = plan.crop
-                _resize_into(image[:, top : top + crop_h, left : left + crop_w], flips, view, self._mode)
+                crop = image[:, top : top + crop_h, left : left + crop_w]
+                _resize_into(crop, flips, view, self._mode, self._antialias)
             else:
                 _copy_flipped(self._crop(image, plan), flips, view)
             for name, args in plan.ops:
@@ -601,7 +610,7 @@ class HLSSAugmentation:
             return center_crop_resize(image, self.crop_size)
         top, left, crop_h, crop_w = plan.crop
         crop = image[..., top : top + crop_h, left : left + crop_w]
-        return _resize(crop, (self.crop_size, self.crop_size), self._mode)
+        return _resize(crop, (self.crop_size, self.crop_size), self._mode, self._antialias)
 
     def _apply_one(self, image: torch.Tensor, plan: _Plan) -> torch.Tensor:
         image = self._crop(image, plan)
@@ -807,18 +816,49 @@ def _filter(mode: str, x: np.ndarray) -> np.ndarray:
 # Sized for every crop height and width of a 300 px patch, with and without a flip, plus the chain's later crops.
 @functools.lru_cache(maxsize=1024)
 def _resize_blocks(
-    in_size: int, out_size: int, reverse: bool, mode: str = "bilinear"
+    in_size: int, out_size: int, reverse: bool, mode: str = "bilinear", antialias: bool = True
 ) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
-    """Antialiased resampling of one axis (``align_corners=False``) as dense blocks of its banded matrix.
+    """Resampling of one axis (``align_corners=False``) as dense blocks of its banded matrix.
 
-    The weights follow ATen's ``_upsample_bilinear2d_aa`` / ``_upsample_bicubic2d_aa`` in float32 arithmetic (the
-    filter widened by the scale when shrinking, each output's taps normalised), so ``F.interpolate(...,
-    antialias=True)`` and this agree to float rounding. ``mode`` is ``"bilinear"`` or ``"bicubic"``. ``reverse``
-    lists the outputs last to first: a flip folded into the resampling.
+    Antialiased, the weights follow ATen's ``_upsample_bilinear2d_aa`` / ``_upsample_bicubic2d_aa`` in float32
+    arithmetic (the filter widened by the scale when shrinking, each output's taps normalised), so
+    ``F.interpolate(..., antialias=True)`` and this agree to float rounding. Without antialiasing they are ATen's
+    own (see :func:`_plain_weights`). ``mode`` is ``"bilinear"`` or ``"bicubic"``. ``reverse`` lists the outputs
+    last to first: a flip folded into the resampling.
 
     Returns:
         ``(out_start, out_stop, in_start, in_stop, weights [out_stop - out_start, in_stop - in_start])`` per block.
     """
+    dense = (
+        _antialiased_weights(in_size, out_size, mode)
+        if antialias
+        else _plain_weights(in_size, out_size, mode)
+    )
+    if reverse:
+        dense = dense[::-1]
+    blocks = []
+    for start in range(0, out_size, _RESIZE_BLOCK):
+        block = dense[start : start + _RESIZE_BLOCK]
+        used = np.flatnonzero((block != 0).any(axis=0))
+        low, high = int(used[0]), int(used[-1]) + 1
+        blocks.append((start, start + len(block), low, high, torch.from_numpy(block[:, low:high].copy())))
+    return tuple(blocks)
+
+
+def _plain_weights(in_size: int, out_size: int, mode: str) -> np.ndarray:
+    """``[out_size, in_size]`` weights of ATen's resampling without antialiasing: 2 (bilinear) or 4 (bicubic, Keys'
+    a = -0.75) taps around each output's source position, indices clamped at the borders, whatever the scale.
+
+    Read off ATen itself by resampling an identity image along one axis (the other keeps its size, where both
+    kernels reduce to the identity), so they are exactly the weights ``F.interpolate(..., antialias=False)`` uses.
+    """
+    eye = torch.eye(in_size, dtype=torch.float32)[None, None]
+    resampled = F.interpolate(eye, size=(out_size, in_size), mode=mode, align_corners=False, antialias=False)
+    return resampled[0, 0].numpy()
+
+
+def _antialiased_weights(in_size: int, out_size: int, mode: str) -> np.ndarray:
+    """``[out_size, in_size]`` weights of ATen's antialiased resampling, in its float32 arithmetic."""
     f32 = np.float32
     half = f32(1) if mode == "bilinear" else f32(2)  # half the filter's support at scale 1
     scale = f32(in_size) / f32(out_size)
@@ -833,31 +873,25 @@ def _resize_blocks(
     dense = np.zeros((out_size, in_size), dtype=f32)
     rows = np.arange(out_size)[:, None]
     np.add.at(dense, (np.broadcast_to(rows, taps.shape), np.minimum(taps, in_size - 1)), weights)
-    if reverse:
-        dense = dense[::-1]
-    blocks = []
-    for start in range(0, out_size, _RESIZE_BLOCK):
-        block = dense[start : start + _RESIZE_BLOCK]
-        used = np.flatnonzero((block != 0).any(axis=0))
-        low, high = int(used[0]), int(used[-1]) + 1
-        blocks.append((start, start + len(block), low, high, torch.from_numpy(block[:, low:high].copy())))
-    return tuple(blocks)
+    return dense
 
 
-def _resize_into(image: torch.Tensor, flips: list[int], out: torch.Tensor, mode: str = "bilinear") -> None:
+def _resize_into(
+    image: torch.Tensor, flips: list[int], out: torch.Tensor, mode: str = "bilinear", antialias: bool = True
+) -> None:
     """``out = resize(image).flip(flips)`` for float32 CPU ``image`` ``[C, h, w]`` and contiguous ``out`` ``[C, H, W]``.
 
-    The same result as the reference path's antialiased ``F.interpolate`` (to ~2e-7) at about half its cost on CPU:
+    The same result as the reference path's ``F.interpolate`` (to ~2e-7) at about half its cost on CPU:
     each axis is a product with a banded weight matrix, done block by block so that a block only reads the input
     rows its band covers; a flip reverses the matrix rows, so it costs nothing. ``out`` must not overlap ``image``.
     """
     channels, height, width = image.shape
     out_h, out_w = out.shape[-2:]
     rows = torch.empty((channels, out_h, width), dtype=image.dtype)
-    for start, stop, low, high, weights in _resize_blocks(height, out_h, -2 in flips, mode):
+    for start, stop, low, high, weights in _resize_blocks(height, out_h, -2 in flips, mode, antialias):
         torch.bmm(weights.expand(channels, *weights.shape), image[:, low:high], out=rows[:, start:stop])
     rows, target = rows.view(channels * out_h, width), out.view(channels * out_h, out_w)
-    for start, stop, low, high, weights in _resize_blocks(width, out_w, -1 in flips, mode):
+    for start, stop, low, high, weights in _resize_blocks(width, out_w, -1 in flips, mode, antialias):
         torch.mm(rows[:, low:high], weights.T, out=target[:, start:stop])
 
 
@@ -906,6 +940,8 @@ def _validate(name: str, params: Any) -> dict[str, Any]:
             raise ValueError(
                 f"resize.interpolation must be 'bilinear' or 'bicubic', got {merged['interpolation']!r}"
             )
+        if not isinstance(merged["antialias"], bool):
+            raise ValueError(f"resize.antialias must be true or false, got {merged['antialias']!r}")
     # Normalise ranges now so a bad value fails at build time, not in the middle of an epoch.
     if name in ("random_resized_crop", "random_erasing"):
         merged["scale"] = _range(merged["scale"], f"{name}.scale")
@@ -1025,7 +1061,8 @@ def torchvision_reference_transform(crop_size: int = 224):
     size = (crop_size, crop_size)
     return T.Compose(
         [
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            # torchvision 0.16.2 (the reference's pin) resizes tensors without antialiasing.
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=False),
             T.RandomHorizontalFlip(p=0.5),
             T.RandomVerticalFlip(p=0.5),
             maybe(GaussianNoise()),

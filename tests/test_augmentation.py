@@ -152,6 +152,7 @@ def test_default_output_stays_in_unit_range():
         ({"solarize": {}, "resize": {}}, "resize"),
         ({"resize": {"p": 0.5}}, "resize.p"),
         ({"resize": {"interpolation": "lanczos"}}, "resize.interpolation"),
+        ({"resize": {"antialias": "no"}}, "resize.antialias must be true or false"),
         ({"affine": {"interpolation": "bicubic"}}, "affine.interpolation"),
         (["solarize"], "preset name or a dict"),
     ],
@@ -217,7 +218,8 @@ def test_fast_path_equals_the_reference_path_on_the_same_draws(config):
     [((300, 300), (224, 224)), ((134, 150), (224, 224)), ((224, 224), (224, 224)), ((600, 250), (224, 224)),
      ((1, 1), (8, 8)), ((9, 30), (7, 12)), ((1000, 17), (224, 5))],
 )  # fmt: skip
-def test_banded_resize_equals_antialiased_interpolate_with_flips_folded_in(crop, size):
+@pytest.mark.parametrize("mode, antialias", [("bilinear", True), ("bicubic", True), ("bicubic", False)])
+def test_banded_resize_equals_interpolate_with_flips_folded_in(crop, size, mode, antialias):
     # The fast path's crop resize (banded weight matrices, flips as reversed rows) against F.interpolate, on a
     # strided crop as the fast path passes it: shrinking, enlarging, unchanged, non-square, extreme ratios.
     import torch.nn.functional as F
@@ -226,11 +228,13 @@ def test_banded_resize_equals_antialiased_interpolate_with_flips_folded_in(crop,
 
     height, width = crop
     image = torch.rand(3, height + 5, width + 7, generator=gen(height))[:, 2 : 2 + height, 3 : 3 + width]
-    expected = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    expected = F.interpolate(image[None], size=size, mode=mode, align_corners=False, antialias=antialias)[0]
     for flips in ([], [-1], [-2], [-2, -1]):
         out = torch.empty(3, *size)
-        _resize_into(image, flips, out)
-        torch.testing.assert_close(out, expected.flip(flips) if flips else expected, atol=1e-6, rtol=0)
+        _resize_into(image, flips, out, mode, antialias)
+        # Bicubic taps sum up to ~1.4 in magnitude: twice the bilinear rounding.
+        atol = 1e-6 if mode == "bilinear" else 2e-6
+        torch.testing.assert_close(out, expected.flip(flips) if flips else expected, atol=atol, rtol=0)
 
 
 def test_fast_hue_rotation_matches_kornia_on_ties_greys_and_pure_colours():
@@ -278,11 +282,12 @@ def one_thread():
 
 def test_hlss_reference_preset_pins_the_reference_chain():
     # What the HLSS code runs (hlss/common.py get_dataloaders -> improc.get_srh_aug_list(augs) with its default
-    # rand_prob=0.5, over the train_augmentation list of train_hlss_attr128.yaml): the order, every p, every range.
+    # rand_prob=0.5, over the train_augmentation list of train_hlss_attr3levels.yaml): the order, every p, every
+    # range; the first resize without antialiasing, as torchvision 0.16.2 resizes tensors.
     augment = build_augmentation("hlss_reference", 224)
     assert augment.resize_first and augment.crop_size == 224
     assert augment.operations == {
-        "resize": {"p": 1.0, "interpolation": "bicubic"},
+        "resize": {"p": 1.0, "interpolation": "bicubic", "antialias": False},
         "horizontal_flip": {"p": 0.5},
         "vertical_flip": {"p": 0.5},
         "gaussian_noise": {"p": 0.5, "std": (0.01, 0.1)},
@@ -396,13 +401,36 @@ def test_each_hlss_reference_operation_equals_torchvision_with_fixed_parameters(
         else:
             torch.testing.assert_close(reference, expected, atol=2e-6, rtol=0, msg=name)
             torch.testing.assert_close(fast, expected, atol=2e-6, rtol=0, msg=name)
-    # The first step: the whole patch resized with torchvision's Resize (bicubic, antialiased, not clamped).
+    # The first step: the whole patch resized with torchvision's Resize (bicubic, not clamped), without
+    # antialiasing in the preset, with it in a resize of our own.
     patch = torch.rand(3, 37, 31, generator=gen(4))
-    resize_only = build_augmentation({"resize": {}}, size)
-    expected = tv.resize(patch, [size, size], InterpolationMode.BICUBIC, antialias=True)
-    assert float(expected.max()) > 1.0 or float(expected.min()) < 0.0  # it does overshoot
-    torch.testing.assert_close(resize_only(patch, generator=gen()), expected, atol=2e-6, rtol=0)
-    torch.testing.assert_close(resize_only.reference(patch, generator=gen()), expected, atol=2e-6, rtol=0)
+    for antialias in (augment.operations["resize"]["antialias"], True):
+        resize_only = build_augmentation({"resize": {"antialias": antialias}}, size)
+        expected = tv.resize(patch, [size, size], InterpolationMode.BICUBIC, antialias=antialias)
+        assert float(expected.max()) > 1.0 or float(expected.min()) < 0.0  # it does overshoot
+        torch.testing.assert_close(resize_only(patch, generator=gen()), expected, atol=2e-6, rtol=0)
+        torch.testing.assert_close(resize_only.reference(patch, generator=gen()), expected, atol=2e-6, rtol=0)
+
+
+def test_hlss_reference_resizes_the_patch_as_torchvision_0_16_resizes_tensors():
+    # The reference pins torchvision 0.16.2, whose Resize does not antialias tensors: the preset's 300 -> 224 step
+    # equals torchvision's functional resize with antialias=False, on both paths and for views sharing a patch;
+    # our own resize op keeps antialiasing (torchvision >= 0.17's default).
+    tv = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    patch = torch.rand(3, 300, 300, generator=gen(7))
+    plain = tv.resize(patch, [224, 224], InterpolationMode.BICUBIC, antialias=False)
+    smooth = tv.resize(patch, [224, 224], InterpolationMode.BICUBIC, antialias=True)
+    assert float((plain - smooth).abs().mean()) > 0.01  # far apart on a textured patch
+    preset = build_augmentation({"resize": HLSS_REFERENCE_AUGMENTATION["resize"]}, 224)
+    torch.testing.assert_close(preset(patch, generator=gen()), plain, atol=2e-6, rtol=0)
+    torch.testing.assert_close(preset.reference(patch, generator=gen()), plain, atol=2e-6, rtol=0)
+    torch.testing.assert_close(
+        preset.batch([patch, patch], generator=gen()), torch.stack([plain] * 2), atol=2e-6, rtol=0
+    )
+    ours = build_augmentation({"resize": {}}, 224)
+    torch.testing.assert_close(ours(patch, generator=gen()), smooth, atol=2e-6, rtol=0)
 
 
 def test_hlss_reference_draws_follow_the_reference_distributions(one_thread):
