@@ -112,12 +112,35 @@ def shipped_attribute_file(name: str) -> str:
     raise ValueError(f"attribute file {name!r} does not exist and is not a shipped set {shipped}")
 
 
+# Where the HLSS reference's training config (hlss/config/train_hlss_attr3levels.yaml of GitHub Hasindri/HLSS) keeps
+# its banks: under `model:`, one attribute -> descriptions mapping per level. Read as it is, so that users can point
+# at that file for the reference's own descriptions (this package ships none of its text).
+REFERENCE_BANK_KEYS = {level: f"{level}_templates" for level in LEVELS}
+
+
+def _reference_banks(attributes: dict, source: str) -> dict | None:
+    """The level -> bank mapping of a reference-style config file, or None when `attributes` is not one."""
+    model = attributes.get("model")
+    if set(attributes) & set(LEVELS) or not isinstance(model, dict):
+        return None
+    present = [key for key in REFERENCE_BANK_KEYS.values() if key in model]
+    if not present:
+        return None
+    missing = [key for key in REFERENCE_BANK_KEYS.values() if key not in model]
+    if missing:
+        raise ValueError(f"{source}: a reference config with model.{present[0]} but no model.{missing[0]}")
+    return {level: model[key] for level, key in REFERENCE_BANK_KEYS.items()}
+
+
 def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
     """Read and validate an attribute bank description.
 
     Format (YAML or JSON): a mapping level -> attribute name -> list of description strings, with the levels
     `patch`, `slide` and `patient`, e.g. ``{"patch": {"hypercellular": ["densely packed nuclei", ...]}, ...}``.
-    A single string is accepted as a one-description list.
+    A single string is accepted as a one-description list. The HLSS reference's own training config (e.g.
+    `hlss/config/train_hlss_attr3levels.yaml` of GitHub Hasindri/HLSS) is accepted as it is: its banks are
+    `model.patch_templates`, `model.slide_templates` and `model.patient_templates`, read with their names, order
+    and descriptions unchanged (the rest of that file is ignored).
 
     Args:
         attributes (`dict` or `str` or `os.PathLike`): the mapping itself, a `.yaml` / `.yml` / `.json` file, or
@@ -150,6 +173,7 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
         raise ValueError(
             f"{source}: expected a mapping level -> attribute -> descriptions, got {type(attributes)}"
         )
+    attributes = _reference_banks(attributes, source) or attributes
     unknown = sorted(str(k) for k in set(attributes) - set(LEVELS))
     if unknown:
         raise ValueError(f"{source}: unknown level(s) {unknown}; levels are {list(LEVELS)}")

@@ -283,3 +283,75 @@ def _check_distinct(tokenizer, model, torch):
                 f"{filename}: {level}.{names[i]} and {level}.{names[j]} embed almost identically "
                 f"(cosine {float(sims.max()):.3f}); rephrase one of them"
             )
+
+
+# A small file shaped like the HLSS reference's training config (hlss/config/train_hlss_attr3levels.yaml of GitHub
+# Hasindri/HLSS): other sections around, the level names as flow sets under `data:`, the banks under `model:` as
+# `<level>_templates` (flow mappings, mixed quotes, multi-word names), plus an unrelated `templates:` mapping. The
+# sentences are made up here.
+REFERENCE_STYLE_CONFIG = """\
+infra:
+    seed: 1000
+data:
+    db_root: /somewhere/opensrh
+    patch : {"Dense Nuclei", "Lipid Droplets"}
+    slide : {"Vessel Pattern"}
+    patient : {"Overall Cellularity"}
+model:
+    backbone: RN50
+    num_embedding_out: 2
+    patch_templates : {'Lipid Droplets': [
+      'many bright round droplets.',
+      "droplets of fat scattered across the field."
+      ],
+      'Dense Nuclei': ['nuclei packed tightly together.', 'crowded nuclei.']}
+    slide_templates : {
+      "Vessel Pattern": ["thin vessels branching through the tissue."]
+    }
+    patient_templates : {"Overall Cellularity": ["the cases show many cells.", "cellular throughout."]}
+    templates: {"Unused": ["not a level bank."]}
+training:
+    batch_size: 32
+"""
+
+
+def test_the_reference_config_file_loads_its_own_banks_unchanged(tmp_path):
+    from hlss_hf.modeling_hlss import load_attributes
+
+    path = tmp_path / "train_reference.yaml"
+    path.write_text(REFERENCE_STYLE_CONFIG, encoding="utf-8")
+    bank = load_attributes(path)
+    assert bank == {
+        "patch": {
+            "Lipid Droplets": ["many bright round droplets.", "droplets of fat scattered across the field."],
+            "Dense Nuclei": ["nuclei packed tightly together.", "crowded nuclei."],
+        },
+        "slide": {"Vessel Pattern": ["thin vessels branching through the tissue."]},
+        "patient": {"Overall Cellularity": ["the cases show many cells.", "cellular throughout."]},
+    }
+    assert list(bank["patch"]) == [
+        "Lipid Droplets",
+        "Dense Nuclei",
+    ]  # the templates' order, as the heads' rows
+    assert load_attributes(yaml.safe_load(REFERENCE_STYLE_CONFIG)) == bank  # the parsed mapping too
+
+    # A model built from it carries those names; so does the config key train.py resolves.
+    from _tiny import tiny_hlss_model
+
+    from hlss_hf.building import resolve_attributes
+
+    model = tiny_hlss_model(attributes=resolve_attributes(str(path)))
+    assert model.config.attribute_names == {level: list(bank[level]) for level in LEVELS}
+
+
+def test_a_reference_config_without_one_level_is_named(tmp_path):
+    from hlss_hf.modeling_hlss import load_attributes
+
+    path = tmp_path / "partial.yaml"
+    path.write_text(REFERENCE_STYLE_CONFIG.replace("slide_templates", "slide_prompts"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"partial\.yaml.*model\.slide_templates"):
+        load_attributes(path)
+    # Neither a level bank nor a reference config: the plain format's error, naming the unknown keys.
+    path.write_text("infra:\n    seed: 1\nmodel:\n    backbone: RN50\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown level"):
+        load_attributes(path)
