@@ -129,12 +129,55 @@ def optimizer_groups(model, t) -> list[dict]:
     return [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def schedule_length(t, max_steps: int, steps_per_epoch: int | None) -> int:
+def reference_steps_per_epoch(num_patients: int, batch_size: int, num_processes: int) -> int:
+    """Optimizer steps per epoch that the HLSS reference's LR schedule counts: ``floor(ceil(N / B) / W)``.
+
+    The reference sizes its scheduler from the single-process loader's length (``ceil(N / B)`` batches of ``B``
+    patients, the last one short), floor-divided by the number of GPUs ``W``, while each of its DDP processes runs
+    ``ceil(N / (B W))`` steps per epoch; on several processes its LR therefore moves faster than its epochs
+    (``training.schedule_length: reference``).
+
+    Args:
+        num_patients (`int`): N, the training patients per epoch (after class balancing).
+        batch_size (`int`): B, patients per device batch.
+        num_processes (`int`): W.
+
+    Raises:
+        ConfigError: when the formula gives 0 (``N <= B (W - 1)``): the reference's schedule then has length 0.
+    """
+    steps = math.ceil(num_patients / batch_size) // num_processes
+    if steps == 0:
+        # The reference runs such a schedule with max(1, 0) as its length: the LR alternates between the peak
+        # and 0 from one step to the next. Nothing worth reproducing.
+        raise ConfigError(
+            f"config key 'training.schedule_length': reference counts floor(ceil({num_patients} / {batch_size}) / "
+            f"{num_processes}) = 0 steps per epoch ({num_patients} training patients, {batch_size} per device, "
+            f"{num_processes} processes), a schedule of length 0; it needs more than "
+            f"{batch_size * (num_processes - 1)} patients, fewer processes, or training.schedule_length run"
+        )
+    return steps
+
+
+def schedule_length(
+    t, max_steps: int, steps_per_epoch: int | None, reference_steps: int | None = None
+) -> int:
     """Optimizer steps the LR schedule spans: ``training.schedule_steps`` / ``schedule_epochs``, else the run.
 
     A schedule longer than the run stops part-way along its curve, as the reference's 40,000-epoch cosine
-    stopped at epoch 11,199 (LR still ~0.9 of its peak).
+    stopped at epoch 11,199. With ``reference_steps`` (``training.schedule_length: reference``,
+    :func:`reference_steps_per_epoch`) the schedule spans ``schedule_epochs`` (else ``num_epochs``) epochs of
+    that many steps, whatever the run takes per epoch.
     """
+    if reference_steps is not None:
+        epochs = t.schedule_epochs if t.schedule_epochs is not None else t.num_epochs
+        length = math.ceil(epochs * reference_steps)
+        if length < max_steps:
+            raise ConfigError(
+                f"config key 'training.schedule_length': reference counts {reference_steps} steps per epoch, "
+                f"so the schedule ({length} steps over {epochs:g} epochs) ends before the run ({max_steps} "
+                "steps); set training.schedule_epochs longer"
+            )
+        return length
     if t.schedule_steps is not None:
         length = t.schedule_steps
     elif t.schedule_epochs is not None:
@@ -152,6 +195,15 @@ def schedule_length(t, max_steps: int, steps_per_epoch: int | None) -> int:
             f"config key 'training.{key}': the schedule ({length} steps) ends before the run ({max_steps} steps)"
         )
     return length
+
+
+def warmup_length(t, schedule_steps: int, reference_steps: int | None = None) -> int:
+    """Warm-up steps: ``training.warmup_ratio`` of the schedule, rounded; with ``reference_steps`` the reference's
+    ``int(warmup_ratio * epochs * steps_per_epoch)`` (truncated, multiplied in that order)."""
+    if reference_steps is not None:
+        epochs = t.schedule_epochs if t.schedule_epochs is not None else t.num_epochs
+        return int(t.warmup_ratio * epochs * reference_steps)
+    return int(round(t.warmup_ratio * schedule_steps))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,6 +284,8 @@ class Run:
     train_sampler: Any = None
     schedule_steps: int = 0
     warmup_steps: int = 0
+    # Steps per epoch the schedule counts with training.schedule_length reference, else None.
+    reference_steps: int | None = None
     state: TrainState = dataclasses.field(default_factory=TrainState)
     metrics_file: JsonlWriter | None = None
 
@@ -292,8 +346,10 @@ def build_training(run: Run) -> None:
             # to end"). Otherwise an epoch's last, short group syncs at the end of its iteration: per-epoch loops.
             run.train_sampler = run.train_loader.batch_sampler
         run.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.num_epochs * steps_per_epoch)
-    run.schedule_steps = schedule_length(t, run.max_steps, steps_per_epoch)
-    run.warmup_steps = int(round(t.warmup_ratio * run.schedule_steps))
+    if t.schedule_length == "reference":
+        run.reference_steps = reference_steps_per_epoch(len(run.train_dataset), t.per_device_batch_size, W)
+    run.schedule_steps = schedule_length(t, run.max_steps, steps_per_epoch, run.reference_steps)
+    run.warmup_steps = warmup_length(t, run.schedule_steps, run.reference_steps)
     scheduler = get_scheduler(
         t.lr_scheduler,
         optimizer,
@@ -359,6 +415,8 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
     )
     W = accelerator.num_processes
     schedule = f", schedule over {run.schedule_steps} steps" if run.schedule_steps != run.max_steps else ""
+    if run.reference_steps is not None:
+        schedule += f" at the reference's {run.reference_steps} per epoch"
     epochs = f" | {run.batches_per_epoch} batches per process per epoch" if run.batches_per_epoch else ""
     accelerator.print(
         "\n".join(
@@ -441,7 +499,8 @@ def train_loop(run: Run, resume_path: Path | None) -> bool:
                 loader = accelerator.skip_first_batches(run.train_loader, state.batch_in_epoch)
         for batch in loader:
             if run.batches_per_epoch is not None and state.batch_in_epoch >= run.batches_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0  # the iteration ran into the next epoch
+                # The iteration ran into the next epoch.
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             with accelerator.accumulate(model):
                 run.guard.active = True
                 outputs = model(pixel_values=batch["pixel_values"], return_loss=True)

@@ -74,6 +74,7 @@ class ConfigError(ValueError):
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 TEXT_POOLING = ("mean", "cls", "pooler")
 EVAL_FRAMINGS = ("center_crop", "resize")
+SCHEDULE_LENGTHS = ("run", "reference")
 # finetune.py's own augmentation presets, beside hlss_hf.augmentation.AUGMENTATION_PRESETS (hlss_hf, the strong
 # pretraining set, and hlss_reference): a small adapter converges faster with a light set.
 FINETUNE_AUGMENTATIONS: dict[str, dict] = {
@@ -666,6 +667,15 @@ class TrainingConfig(RunConfig):
         default=None,
         metadata={"help": "Length of the LR schedule in optimizer steps (instead of schedule_epochs)."},
     )
+    schedule_length: str = field(
+        default="run",
+        metadata={
+            "help": "Steps per epoch the LR schedule counts: `run` (the steps each process takes) or "
+            "`reference` (floor(ceil(N / B) / W) for N training patients, B per_device_batch_size, W processes, "
+            "as the HLSS reference builds its scheduler while running ceil(N / (B W)); with W > 1 its LR moves "
+            "faster than the epochs)."
+        },
+    )
     max_steps_this_run: int | None = field(
         default=None, metadata={"help": "Stop after this many steps in this run (checkpointing first)."}
     )
@@ -731,6 +741,22 @@ class TrainingConfig(RunConfig):
             "set either schedule_steps or schedule_epochs, not both",
         )
         _check(
+            self.schedule_length in SCHEDULE_LENGTHS,
+            self.key("schedule_length"),
+            f"must be one of {SCHEDULE_LENGTHS}",
+        )
+        _check(
+            self.schedule_length != "reference" or self.schedule_steps is None,
+            self.key("schedule_length"),
+            "reference counts epochs; set training.schedule_epochs, not schedule_steps",
+        )
+        # The reference's formula counts loader batches, one optimizer step each: it has no accumulation.
+        _check(
+            self.schedule_length != "reference" or self.gradient_accumulation_steps == 1,
+            self.key("schedule_length"),
+            "reference needs training.gradient_accumulation_steps 1 (the reference has no accumulation)",
+        )
+        _check(
             self.max_steps_this_run is None or self.max_steps_this_run >= 1,
             self.key("max_steps_this_run"),
             "must be >= 1",
@@ -770,6 +796,11 @@ class TrainConfig(Config):
             not d.streaming or t.max_steps is not None,
             "training.max_steps",
             "is required with data.streaming (a stream has no length)",
+        )
+        _check(
+            not d.streaming or t.schedule_length != "reference",
+            "training.schedule_length",
+            "reference counts epochs, which data.streaming has not",
         )
 
 

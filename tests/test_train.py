@@ -608,6 +608,110 @@ def test_paper_schedule_is_a_40000_epoch_cosine_stopped_at_epoch_11199():
     assert 0.90 < lrs[run_steps] < 0.91
 
 
+# floor(ceil(N / 32) / W) worked out by hand (ceil(200 / 32) = 7, ceil(300 / 32) = 10, ceil(560 / 32) = 18), and the
+# ceil(N / (32 W)) steps each process runs per epoch, for W processes and N patients.
+REFERENCE_STEPS = {
+    (1, 200): 7,
+    (2, 200): 3,
+    (1, 300): 10,
+    (2, 300): 5,
+    (8, 300): 1,
+    (1, 560): 18,
+    (2, 560): 9,
+    (8, 560): 2,
+}
+RUN_STEPS = {
+    (1, 200): 7,
+    (2, 200): 4,
+    (1, 300): 10,
+    (2, 300): 5,
+    (8, 300): 2,
+    (1, 560): 18,
+    (2, 560): 9,
+    (8, 560): 3,
+}
+
+
+@pytest.mark.parametrize("processes, patients", sorted(REFERENCE_STEPS))
+def test_reference_schedule_length_follows_the_reference_formula(processes, patients):
+    from transformers import get_scheduler
+
+    # The paper config's schedule: 40,000 epochs, 10 % warm-up, the reference's length.
+    argv = [
+        "--training.schedule_epochs",
+        "40000",
+        "--training.warmup_ratio",
+        "0.1",
+        "--schedule_length",
+        "reference",
+    ]
+    t = parse_config(["--config", DEMO_CONFIG, *argv]).training
+    counted = train.reference_steps_per_epoch(patients, 32, processes)
+    assert counted == REFERENCE_STEPS[processes, patients]
+    run_steps = 11200 * RUN_STEPS[processes, patients]  # epochs 0 .. 11199 as every process runs them
+    length = train.schedule_length(t, run_steps, RUN_STEPS[processes, patients], counted)
+    warmup = train.warmup_length(t, length, counted)
+    assert (length, warmup) == (40000 * counted, 4000 * counted)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lr_at = get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=length).lr_lambdas[
+        0
+    ]
+    # The reference's cosine written out: after its warm-up, progress (s - w) / (T - w).
+    progress = (run_steps - 4000 * counted) / (36000 * counted)
+    assert lr_at(run_steps) == pytest.approx(0.5 * (1 + math.cos(math.pi * progress)), abs=1e-9)
+    if (processes, patients) == (8, 300):
+        assert 0.47 < lr_at(run_steps) < 0.49  # about half the peak, where one process would be at 0.905
+    elif processes == 1:
+        assert lr_at(run_steps) == pytest.approx(0.5 * (1 + math.cos(0.2 * math.pi)))
+
+
+@pytest.mark.parametrize("processes", [2, 3, 8])
+def test_reference_schedule_length_zero_is_an_error(processes):
+    # N <= 32 (W - 1): floor(ceil(N / 32) / W) = 0, a schedule of length 0; one patient more gives 1 step.
+    for patients in (1, 32 * (processes - 1)):
+        with pytest.raises(ConfigError, match=r"training\.schedule_length.*= 0 steps per epoch"):
+            train.reference_steps_per_epoch(patients, 32, processes)
+    assert train.reference_steps_per_epoch(32 * (processes - 1) + 1, 32, processes) == 1
+
+
+def test_reference_schedule_length_in_a_run_truncates_the_warmup_as_the_reference(tmp_path, attributes_file):
+    # 9 training patients, B = 2: 5 steps per epoch, 15 over 3 schedule epochs; warm-up int(0.1 * 3 * 5) = 1
+    # where our own rounding gives 2.
+    train.main(
+        tiny_args(
+            tmp_path,
+            attributes_file,
+            "--training.schedule_epochs",
+            "3",
+            "--training.schedule_length",
+            "reference",
+        )
+    )
+    lrs = [r["lr"] for r in train_records(tmp_path)]
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 14)) for step in range(1, 5)]
+    assert lrs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--training.schedule_length", "paper"], "must be one of"),
+        (["--training.schedule_length", "reference", "--training.schedule_steps", "9"], "not schedule_steps"),
+        (
+            ["--training.schedule_length", "reference", "--training.gradient_accumulation_steps", "2"],
+            "gradient_accumulation_steps 1",
+        ),
+        (
+            ["--training.schedule_length", "reference", "--data.streaming", "true", "--max_steps", "5"],
+            "data.streaming",
+        ),
+    ],
+)
+def test_reference_schedule_length_settings_are_checked(argv, message):
+    with pytest.raises(ConfigError, match=r"training\.schedule_length.*" + message.replace(".", r"\.")):
+        parse_config(["--config", DEMO_CONFIG, *argv])
+
+
 def test_schedule_longer_than_the_run_sets_the_logged_lr(tmp_path, attributes_file):
     # 40-step schedule, 10 % warm-up (4 steps), of which the run trains 4: the LR only warms up.
     train.main(tiny_args(tmp_path, attributes_file, "--training.schedule_steps", "40"))
