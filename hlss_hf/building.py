@@ -190,7 +190,8 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict 
 def build_image_processor(config: TrainConfig, modality: str):
     """The evaluation / inference image processor: ``data.eval_framing`` ``resize`` scales the whole patch to
     ``data.crop_size`` (bicubic, the reference's framing); ``center_crop`` crops that size at native resolution,
-    after an optional shortest-edge resize to ``data.eval_resize``."""
+    after an optional shortest-edge resize to ``data.eval_resize``. Either resize antialiases unless
+    ``data.eval_antialias`` is false."""
     from hlss_hf.processing_hlss import HLSSImageProcessor
 
     d = config.data
@@ -200,12 +201,14 @@ def build_image_processor(config: TrainConfig, modality: str):
             do_resize=True,
             size={"height": d.crop_size, "width": d.crop_size},
             resample="bicubic",
+            antialias=d.eval_antialias,
             do_center_crop=False,
         )
     return HLSSImageProcessor(
         modality=modality,
         do_resize=d.eval_resize is not None,
         size={"shortest_edge": d.eval_resize or d.crop_size},
+        antialias=d.eval_antialias,
         do_center_crop=True,
         crop_size=d.crop_size,
     )

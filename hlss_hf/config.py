@@ -597,6 +597,13 @@ class DataConfig(DataSourceConfig):
             "if set) or `resize` (the whole patch resized to data.crop_size, bicubic, as the reference does)."
         },
     )
+    eval_antialias: bool = field(
+        default=True,
+        metadata={
+            "help": "Antialias the evaluation resize when it shrinks (torchvision >= 0.17's default); false: as "
+            "the reference's torchvision 0.16.2 resized tensors."
+        },
+    )
     augmentation: dict | str | None = field(
         default=None,
         metadata={

@@ -84,6 +84,7 @@ RESUMABLE_KEYS = frozenset(
         "data.validation_split",
         "data.eval_resize",
         "data.eval_framing",
+        "data.eval_antialias",
     }
 )
 

@@ -117,7 +117,10 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "knn_aggregation_rule": "per patch L1-normalised, softmax, averaged, as the HLSS reference"
         if t.knn_aggregation == "reference"
         else "raw votes summed",
-        "eval_framing": "the whole patch resized to the crop size (bicubic)"
+        "eval_framing": (
+            "the whole patch resized to the crop size (bicubic"
+            + (")" if d.eval_antialias else ", not antialiased)")
+        )
         if d.eval_framing == "resize"
         else "a centre crop at native resolution",
         "modality_tag": "stimulated-raman-histology" if srh else "h-and-e",

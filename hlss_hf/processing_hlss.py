@@ -220,8 +220,9 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     Framings: the default keeps the native resolution and centre-crops `crop_size` (a 300 px patch loses 44 % of
     its area at 224). The HLSS reference instead resizes the whole patch to 224 x 224, bicubic, no crop
-    (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", do_center_crop=False``; its
-    `torchvision.transforms.Resize` on float tensors, antialiased from torchvision 0.17 on, not clamped).
+    (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", antialias=False,
+    do_center_crop=False``: its `torchvision.transforms.Resize` on float tensors, not clamped, and not antialiased
+    in the torchvision 0.16.2 it pins; antialiasing became the default for tensors in 0.17).
 
     Args:
         modality (`str`, *optional*, defaults to `"he"`): `"he"` for 8-bit RGB H&E, `"srh"` for 2-channel uint16

@@ -124,7 +124,16 @@ def test_unknown_key_in_yaml_file_is_named_with_the_file(tmp_path):
         parse_config(["--config", str(path)])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "opensrh_hlss.yaml", "opensrh_vitb16.yaml", "tcga_hlss.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "demo.yaml",
+        "opensrh_hlss.yaml",
+        "opensrh_hlss_ha_trained.yaml",
+        "opensrh_vitb16.yaml",
+        "tcga_hlss.yaml",
+    ],
+)
 def test_shipped_configs_are_valid(name):
     config = parse_config(["--config", str(REPO / "configs" / name)])
     assert isinstance(config, TrainConfig)
@@ -133,9 +142,12 @@ def test_shipped_configs_are_valid(name):
         assert (t.per_device_batch_size, d.num_slides, d.num_patches, d.num_views) == (32, 2, 2, 2)
         assert d.crop_size == 224 and t.lr == pytest.approx(1e-3) and t.lr_scheduler == "cosine"
         assert t.warmup_ratio == pytest.approx(0.1) and m.temperature == pytest.approx(0.07)
-        assert m.lambda_patch == m.lambda_slide == m.lambda_patient == m.lambda_align == 1.0
+        assert m.lambda_patch == m.lambda_slide == m.lambda_patient == 1.0
+        # HA: logged only in the reference as it runs, trained everywhere else.
+        assert m.lambda_align == (0.0 if name == "opensrh_hlss.yaml" else 1.0)
     expected_banks = {
         "opensrh_hlss.yaml": "srh_hlss_reference.yaml",
+        "opensrh_hlss_ha_trained.yaml": "srh_hlss_reference.yaml",
         "opensrh_vitb16.yaml": "srh_brain_tumor.yaml",
         "tcga_hlss.yaml": "he_tcga.yaml",
     }
@@ -145,17 +157,25 @@ def test_shipped_configs_are_valid(name):
 
 def test_paper_config_is_the_reference_recipe():
     """Every row of the README's fidelity table that the reference sets, pinned."""
+    from hlss_hf.augmentation import HLSS_REFERENCE_AUGMENTATION
+
     config = parse_config(["--config", str(REPO / "configs" / "opensrh_hlss.yaml")])
     m, d, t = config.model, config.data, config.training
     assert (m.vision, m.text) == ("timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m")
-    assert m.alignment_reduction == "sum"
+    assert (m.alignment_reduction, m.lambda_align) == (
+        "sum",
+        0.0,
+    )  # HA logged, never trained, as the code runs
     assert (d.augmentation, d.eval_framing, d.balance_classes, d.drop_last) == (
         "hlss_reference",
         "resize",
         True,
         False,
     )
+    # torchvision 0.16.2 resized tensors without antialiasing, in training and in evaluation.
+    assert HLSS_REFERENCE_AUGMENTATION["resize"]["antialias"] is False and d.eval_antialias is False
     assert (t.num_epochs, t.schedule_epochs, t.warmup_ratio) == (11200, 40000, 0.1)
+    assert t.schedule_length == "reference"  # floor(ceil(N / 32) / W) steps per epoch
     assert (t.weight_decay, t.weight_decay_all, t.max_grad_norm, t.mixed_precision, t.seed) == (
         0.01,
         True,
@@ -164,6 +184,28 @@ def test_paper_config_is_the_reference_recipe():
         1000,
     )
     assert (t.knn_k, t.knn_temperature, t.knn_aggregation) == (200, 0.07, "reference")
+    header = (REPO / "configs" / "opensrh_hlss.yaml").read_text(encoding="utf-8")
+    for fact in (
+        "updated2_opensrh.json",
+        "updated2_train_val_split.json",
+        "floor(ceil(N / 32) / W)",
+        "0.16.2",
+    ):
+        assert fact in header, fact
+
+
+def test_ha_trained_config_is_the_reference_recipe_with_ha_training():
+    from hlss_hf.config import flatten_config
+
+    as_run = flatten_config(parse_config(["--config", str(REPO / "configs" / "opensrh_hlss.yaml")]))
+    with_ha = flatten_config(
+        parse_config(["--config", str(REPO / "configs" / "opensrh_hlss_ha_trained.yaml")])
+    )
+    changed = {key: (as_run[key], with_ha[key]) for key in as_run if as_run[key] != with_ha[key]}
+    assert changed == {
+        "model.lambda_align": (0.0, 1.0),
+        "training.output_dir": ("outputs/hlss-opensrh", "outputs/hlss-opensrh-ha-trained"),
+    }
 
 
 def test_unknown_demo_argument_is_named(tmp_path):
@@ -791,6 +833,32 @@ def test_reference_eval_framing_resizes_the_whole_patch_bicubic():
     assert default.do_center_crop and default.size == {
         "shortest_edge": 40
     }  # the demo's eval_resize, then a crop
+
+
+def test_paper_config_evaluates_srh_patches_resized_without_antialias():
+    # The reference's evaluation resize: torchvision 0.16.2's Resize on the float SRH tensor, not antialiased.
+    tv = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    from hlss_hf.processing_hlss import srh_to_float
+
+    config = parse_config(["--config", str(REPO / "configs" / "opensrh_hlss.yaml")])
+    processor = building.build_image_processor(config, "srh")
+    patch = torch.randint(
+        0, 30000, (300, 300, 2), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+    )
+    patch = patch.numpy().astype("uint16")
+    pixels = processor(images=[patch], return_tensors="pt")["pixel_values"][0]
+    image = srh_to_float(patch)
+    expected = tv.resize(image, [224, 224], InterpolationMode.BICUBIC, antialias=False)
+    torch.testing.assert_close(pixels, expected, atol=2e-6, rtol=0)
+    smooth = tv.resize(image, [224, 224], InterpolationMode.BICUBIC, antialias=True)
+    assert float((pixels - smooth).abs().mean()) > 1e-3
+    # Our own configs keep antialiasing.
+    ours = building.build_image_processor(
+        parse_config(["--config", str(REPO / "configs" / "opensrh_vitb16.yaml")]), "srh"
+    )
+    assert ours.antialias is True
 
 
 @pytest.mark.parametrize(
