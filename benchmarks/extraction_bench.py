@@ -22,7 +22,7 @@ and read back with `load_dataset`; the processor resizes to the crop and normali
 - per-row: the obvious loop, `dataset[i]` (datasets decodes a PIL image per row) and the processor per image;
 - cached: a second `extract_embeddings` call with a warm `cache_dir` (no forward pass).
 The embeddings of the computing paths are checked equal after the report is printed (max differences reported;
-tolerance 1e-4 on CPU, 5e-2 on CUDA, where every path runs under the bf16 autocast `extract_embeddings` uses there).
+tolerance 1e-4 on CPU, 5e-2 on CUDA, where every path runs under bf16 autocast, `extract_embeddings(precision="bf16")`).
 """
 
 from __future__ import annotations
@@ -141,6 +141,10 @@ def extract_bench(args) -> dict:
         split = datasets.load_dataset(str(Path(tmp) / "demo"), split="train")
         n = len(split)
 
+        # bf16 autocast on CUDA (the precision the GPU runs were measured at), fp32 elsewhere; the same for the
+        # extract_embeddings paths and the bare forward.
+        precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+
         def extract(cache_dir=None, num_workers=0):
             return extract_embeddings(
                 model,
@@ -151,6 +155,7 @@ def extract_bench(args) -> dict:
                 device=args.device,
                 progress=False,
                 num_workers=num_workers,
+                precision=precision,
             ).embeddings
 
         batches = [
@@ -161,8 +166,7 @@ def extract_bench(args) -> dict:
         ]
 
         def autocast():
-            # The precision extract_embeddings uses: bf16 autocast on CUDA, fp32 elsewhere.
-            if torch.device(args.device).type == "cuda":
+            if precision == "bf16":
                 return torch.autocast("cuda", dtype=torch.bfloat16)
             return contextlib.nullcontext()
 
@@ -237,7 +241,7 @@ def extract_bench(args) -> dict:
     print(f"  per-row / extract time {report['per_row_over_extract_time']:.2f}")
     print(f"  cache: first {uncached:.2f} s, rerun {cached:.3f} s ({report['cache']['speedup']:.0f}x)")
     print("  max |embedding - extract|: " + ", ".join(f"{k} {v:.1e}" for k, v in max_diff.items()))
-    # Checked after the report is out. On CUDA every path runs under bf16 autocast (as extract_embeddings does),
+    # Checked after the report is out. On CUDA every path runs under bf16 autocast,
     # whose rounding may depend on the batch size (per-row runs batches of one): a bf16-sized tolerance there.
     atol = 5e-2 if torch.device(args.device).type == "cuda" else 1e-4
     for name, diff in max_diff.items():

@@ -11,7 +11,10 @@ on `--split` (DESIGN 1.6). `--aggregation` picks how patch scores become slide /
 HLSS reference's rule: per patch L1-normalise, softmax, then average per group; the kNN default) or `sum` (raw
 scores summed; the linear / zero-shot default). `--framing` picks the image framing: `saved` (the model folder's
 processor), `resize` (the reference's: the whole patch resized bicubic to the model's image size) or
-`center-crop` (native resolution, centre crop). The report's `settings` say which rule and framing were used. Each run writes `<mode>_<split>.json` (metrics, confusion matrices, settings) and
+`center-crop` (native resolution, centre crop). Embeddings are computed in fp32, as the reference evaluates and
+the training-time kNN runs; `--precision bf16` autocasts the forward (faster on GPUs). The report's `settings` say
+which rule, framing and precision were used. Each run writes `<mode>_<split>.json` (metrics, confusion matrices,
+settings) and
 `<mode>_<split>_confusion_<level>.png` to `--output-dir`; `--update-card` records the metrics as model-index
 evaluation results in the model folder's README.md. `explain` writes per-class attribute summaries (JSON and one
 heatmap PNG per level) and, with `--index`, `--slide-id` or `--patient-id`, that target's top attributes.
@@ -35,6 +38,7 @@ logger = logging.getLogger("hlss_hf.evaluate")
 MODES = ("knn", "linear", "zeroshot", "explain")
 AGGREGATIONS = ("reference", "sum")  # hlss_hf.evaluation.AGGREGATIONS (not imported: --help stays fast)
 FRAMINGS = ("saved", "resize", "center-crop")
+PRECISIONS = ("fp32", "bf16")  # hlss_hf.evaluation.PRECISIONS (not imported, as above)
 DEFAULT_TEMPLATES = ("an image of {}.", "a histopathology image of {}.", "a microscopy image of {} tissue.")
 #: Metrics written to the model card, as (key, model-index metric type).
 CARD_METRICS = (("acc", "accuracy"), ("mca", "balanced_accuracy"), ("map", "mean_average_precision"))
@@ -47,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("mode", choices=MODES, help="evaluation to run")
-    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback (or HLSS_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the full traceback (or HLSS_DEBUG=1)"
+    )
     parser.add_argument("--model", required=True, help="model folder or Hub id (AutoModel.from_pretrained)")
     parser.add_argument("--dataset", required=True, help="dataset folder or Hub id (datasets.load_dataset)")
     parser.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
@@ -82,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="saved",
         help="image framing: saved (the model folder's processor), resize (whole patch resized bicubic to the "
         "model's image size, as the reference evaluates) or center-crop (native resolution, centre crop)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="embedding forward: fp32 (default; the reference's evaluation and the training-time kNN) or bf16 "
+        "(autocast: faster on GPUs, embeddings rounded to bf16)",
     )
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="linear probe L2 penalty")
     parser.add_argument("--prompts", default=None, help="zero-shot prompts: YAML/JSON class -> [prompts]")
@@ -308,6 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch_size,
             cache_dir=cache_dir,
             num_workers=args.num_workers,
+            precision=args.precision,
         )
 
     val = embed(evaluated)
@@ -370,7 +384,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["settings"] = {"prompts": prompts, "temperature": args.zeroshot_temperature}
 
     # 4. Metrics, confusion matrices, plots.
-    report["settings"].update(aggregation=aggregation, framing=_framing_summary(processor))
+    report["settings"].update(
+        aggregation=aggregation, framing=_framing_summary(processor), precision=args.precision
+    )
     report["metrics"] = hierarchical_metrics(
         scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
     )

@@ -62,6 +62,8 @@ METRIC_NAMES: tuple[str, ...] = ("acc", "top2", "top3", "mca", "map")
 AGGREGATIONS: tuple[str, ...] = ("reference", "sum")
 # Bumped whenever the cached file's content or the extraction changes, so stale caches are never reused.
 _CACHE_VERSION = 1
+#: Precisions of the embedding forward: fp32, or bf16 autocast (faster on GPUs, embeddings rounded).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 #: Folder of the `evaluate` metric module (patch / slide / patient metrics): `evaluate.load(METRIC_PATH)`.
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "hierarchical_accuracy")
 # Elements of one similarity block in knn_predict (float32: 128 MiB); bounds memory whatever the bank size.
@@ -278,15 +280,16 @@ def extract_embeddings(
     device: str | torch.device | None = None,
     progress: bool = True,
     num_workers: int | None = None,
+    precision: str = "fp32",
 ) -> EmbeddingSet:
     """Embed every patch of one dataset split with the frozen image tower.
 
     Images are decoded a batch at a time (encoded ones by :func:`hlss_hf.schema.decode_image`; array columns as
     one stacked array) and converted by `processor` (called as `processor(images=[...], return_tensors="pt")`),
-    or, without one, by `he_to_float` / `srh_to_float` and a centre crop to `model.config.image_size`. On CUDA
-    the forward runs under bf16 autocast. With `cache_dir`, the result is stored under a key made of the model's
-    fingerprint (:func:`model_fingerprint`), the dataset's `_fingerprint` and split, and the processor's
-    settings, so a rerun loads it without a forward pass.
+    or, without one, by `he_to_float` / `srh_to_float` and a centre crop to `model.config.image_size`. The
+    forward runs in fp32 unless `precision` asks for bf16 autocast. With `cache_dir`, the result is stored under
+    a key made of the model's fingerprint (:func:`model_fingerprint`), the dataset's `_fingerprint` and split,
+    the processor's settings and the precision, so a rerun loads it without a forward pass.
 
     A streamed split (`datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)`) is read once, in
     order, and gives the same result as the map-style split of the same rows. It is never cached: a stream has no
@@ -308,6 +311,8 @@ def extract_embeddings(
             :func:`hlss_hf.data.default_num_workers`, 0 on the CPU (workers would compete with the model's
             threads) and the machine's cores on an accelerator; for a stream at most 1, since each stream
             worker reads the whole stream (see :class:`_StreamRounds`).
+        precision (`str`, defaults to `"fp32"`): `"fp32"` (as the HLSS reference evaluates and the training-time
+            kNN runs) or `"bf16"` (autocast on the model's device: faster on GPUs, embeddings rounded to bf16).
 
     Returns:
         :class:`EmbeddingSet` with float32 L2-normalised embeddings.
@@ -320,6 +325,8 @@ def extract_embeddings(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     split = info.split
 
     if device is not None:
@@ -348,6 +355,7 @@ def extract_embeddings(
                         split,
                         _processor_fingerprint(processor),
                         device.type,
+                        precision,
                     ],
                 ).encode()
             ).hexdigest()[:24]
@@ -366,7 +374,8 @@ def extract_embeddings(
     rows = _RowIds(info)
     was_training = model.training
     model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context()
+    bf16 = precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else _null_context()
     total = None if info.streamed else len(dataset)
     try:
         with (
@@ -1021,8 +1030,8 @@ def distributed_knn_evaluate(
     sets, and its metrics are broadcast: every process returns the same dict.
 
     With one process the embeddings and metrics equal :func:`extract_embeddings` (same `batch_size`, CPU) followed
-    by :func:`knn_evaluate`. The forward runs under the accelerator's own mixed precision (where
-    :func:`extract_embeddings` uses bf16 autocast on CUDA). The global CPU / CUDA RNG state is restored afterwards
+    by :func:`knn_evaluate`. The forward runs under the accelerator's own mixed precision (fp32 in
+    :func:`extract_embeddings` unless asked for bf16). The global CPU / CUDA RNG state is restored afterwards
     (DataLoader workers draw a seed from it), so evaluating does not change training. A streamed split
     (`datasets.IterableDataset`) is read whole by every process, which decodes only its own rows (see
     :class:`_StreamRounds`); map-style splits are indexed, each process reading only its rows.

@@ -110,6 +110,30 @@ def test_cli_framing_resize_records_the_reference_framing(saved):
     assert len(list((saved / "framed" / "cache").glob("embeddings-*.pt"))) == 4
 
 
+def test_knn_cli_embeds_in_fp32_unless_asked_for_bf16(saved, monkeypatch):
+    # The reference evaluates, and the training-time kNN runs, in fp32: so does `evaluate knn` by default (it ran
+    # bf16 autocast on CUDA before); `--precision bf16` autocasts on the model's device (here the CPU).
+    import hlss_hf.evaluation as evaluation
+
+    autocast_on = []
+    image_features = evaluation._image_features
+
+    def spy(model, pixel_values):
+        autocast_on.append(torch.is_autocast_enabled(pixel_values.device.type))
+        return image_features(model, pixel_values)
+
+    monkeypatch.setattr(evaluation, "_image_features", spy)
+    out = str(saved / "precision")
+    report, _ = _run(saved, "--k", "10", "--output-dir", out)
+    assert autocast_on and not any(autocast_on)
+    assert report["settings"]["precision"] == "fp32"
+    autocast_on.clear()
+    rounded, _ = _run(saved, "--k", "10", "--output-dir", out, "--precision", "bf16")
+    assert autocast_on and all(autocast_on)  # computed anew: the fp32 cache is not reused
+    assert rounded["settings"]["precision"] == "bf16"
+    assert len(list((saved / "precision" / "cache").glob("embeddings-*.pt"))) == 4
+
+
 def test_linear_and_zeroshot_cli(saved, tmp_path):
     report, _ = _run(saved, mode="linear")
     assert report["metrics"]["patch/acc"] > 0.0
