@@ -2,6 +2,8 @@
 
     python dataset_scripts/opensrh.py /data/opensrh --output data/opensrh
     python dataset_scripts/opensrh.py /data/opensrh --push-to-hub me/opensrh --private
+    python dataset_scripts/opensrh.py /data/opensrh --output data/opensrh-updated2 \
+        --meta-file meta/updated2_opensrh.json --split-file meta/updated2_train_val_split.json
 
 Expected layout (the public OpenSRH release):
 
@@ -9,6 +11,11 @@ Expected layout (the public OpenSRH release):
                                      "normal_patches": [...], "nondiagnostic_patches": [...]}}}
     ROOT/meta/train_val_split.json   {"train": [patients], "val": [patients]}
     ROOT/<patch paths>               300x300 two-channel uint16 TIFFs, (2, H, W) or (H, W, 2)
+
+``--meta-file`` / ``--split-file`` name other metadata and split files of the same format (paths relative to ROOT).
+The HLSS reference code read ``meta/updated2_opensrh.json`` and ``meta/updated2_train_val_split.json``, files the
+public release does not include; whoever has them converts with those names (third example above), everyone else
+gets the release's patients and split. The dataset card records which files were read.
 
 Normal patients contribute their ``normal_patches``, all others their ``tumor_patches``;
 ``--include-nondiagnostic`` adds the ``nondiagnostic_patches``. Patches are stored channel-last ``(H, W, 2)``
@@ -227,9 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("root", help="the OpenSRH release folder")
-    parser.add_argument("--meta-file", default="meta/opensrh.json", help="metadata JSON, relative to ROOT")
     parser.add_argument(
-        "--split-file", default="meta/train_val_split.json", help="split JSON, relative to ROOT"
+        "--meta-file",
+        default="meta/opensrh.json",
+        help="metadata JSON, relative to ROOT (the HLSS reference read the unreleased meta/updated2_opensrh.json)",
+    )
+    parser.add_argument(
+        "--split-file",
+        default="meta/train_val_split.json",
+        help="split JSON, relative to ROOT (the HLSS reference read the unreleased "
+        "meta/updated2_train_val_split.json)",
     )
     parser.add_argument(
         "--include-nondiagnostic", action="store_true", help="also convert nondiagnostic patches"

@@ -150,6 +150,37 @@ def test_opensrh_include_nondiagnostic_and_custom_metadata_names(tmp_path):
     assert sum("-non-" in pid for pid in ds["train"]["patch_id"]) == 3
 
 
+def test_opensrh_converts_the_reference_metadata_by_name_and_the_card_says_which(tmp_path):
+    # The HLSS reference read meta/updated2_opensrh.json and meta/updated2_train_val_split.json, which the public
+    # release lacks: the converter takes those names (its defaults stay the release's) and records what it read.
+    root = tmp_path / "opensrh"
+    make_opensrh(root)
+    meta = json.loads((root / "meta" / "opensrh.json").read_text())
+    (root / "meta" / "updated2_opensrh.json").write_text(json.dumps(meta))
+    updated_split = {"train": ["NIO_001"], "val": ["NIO_002", "NIO_003", "NIO_004"]}
+    (root / "meta" / "updated2_train_val_split.json").write_text(json.dumps(updated_split))
+    help_text = opensrh.build_parser().format_help()
+    assert "updated2_opensrh.json" in help_text and "updated2_train_val_split.json" in help_text
+
+    public, updated = tmp_path / "public", tmp_path / "updated2"
+    opensrh.main(srh_args(root, public))
+    names = [
+        "--meta-file",
+        "meta/updated2_opensrh.json",
+        "--split-file",
+        "meta/updated2_train_val_split.json",
+    ]
+    opensrh.main(srh_args(root, updated, *names))
+    assert sorted(set(load(public, tmp_path)["train"]["patient_id"])) == ["NIO_001", "NIO_002"]
+    assert sorted(set(load(updated, tmp_path)["train"]["patient_id"])) == ["NIO_001"]
+    public_card, updated_card = (public / "README.md").read_text(), (updated / "README.md").read_text()
+    assert "`meta/opensrh.json`" in public_card and "`meta/train_val_split.json`" in public_card
+    assert (
+        "`meta/updated2_opensrh.json`" in updated_card
+        and "`meta/updated2_train_val_split.json`" in updated_card
+    )
+
+
 def _corrupt(root, rel):
     (root / rel).write_bytes(b"not a tiff at all")
 
@@ -282,7 +313,9 @@ def test_small_shard_size_writes_numbered_shards_that_load_back(tmp_path):
 
 
 def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch):
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the push itself is replaced below
+    monkeypatch.setattr(
+        "huggingface_hub.constants.HF_HUB_OFFLINE", False
+    )  # the push itself is replaced below
     root = tmp_path / "opensrh"
     make_opensrh(root)
     calls = {}
