@@ -397,22 +397,23 @@ class HLSSPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Initialise only HLSS's own layers; towers are sub-models initialised (or loaded) by themselves.
+        """Initialise only HLSS's own layers; the towers initialise themselves (see `initialize_weights`).
 
         Tensors already loaded or initialised carry transformers' ``_is_hf_initialized`` flag and are left alone,
-        so loading a checkpoint never overwrites its banks, heads or projections.
+        so loading a checkpoint never overwrites its banks, heads or projections. The banks start at zero (the
+        value `__init__` gives them), never at random values: they are text-tower outputs that only
+        `build_attribute_banks` (or a checkpoint) can provide, and `from_pretrained` refuses a checkpoint without
+        them. A head starts as a copy of its bank once the bank holds embeddings, else as a plain linear layer.
         """
         std = self.config.initializer_range
         if isinstance(module, HLSSModel):
             for level in LEVELS:
                 bank = getattr(module, f"bank_{level}")
                 if not getattr(bank, "_is_hf_initialized", False):
-                    # Placeholder unit vectors until `build_attribute_banks` encodes the descriptions.
-                    bank.copy_(
-                        F.normalize(torch.randn_like(bank, dtype=torch.float32), dim=-1).to(bank.dtype)
-                    )
+                    bank.zero_()
                 head = module.heads[level]
-                if not getattr(head.weight, "_is_hf_initialized", False):
+                # A zero head would make every attribute score normalize(0) = 0, with no useful gradient.
+                if not getattr(head.weight, "_is_hf_initialized", False) and bool(bank.any()):
                     head.weight.copy_(bank)
                 if head.bias is not None and not getattr(head.bias, "_is_hf_initialized", False):
                     head.bias.zero_()
@@ -421,6 +422,19 @@ class HLSSPreTrainedModel(PreTrainedModel):
                 module.weight.normal_(mean=0.0, std=std)
             if module.bias is not None and not getattr(module.bias, "_is_hf_initialized", False):
                 module.bias.zero_()
+
+    def initialize_weights(self):
+        """`PreTrainedModel.initialize_weights`, each tower first initialising what it misses with its own scheme.
+
+        transformers hands a sub-model's modules to the sub-model's `_init_weights`, but for a model defined
+        outside transformers (as HLSS is, also as remote code) it skips modules without parameters of their own:
+        the CLIP attention / MLP blocks whose `_init_weights` set their projections' scales, which then kept the
+        generic N(0, 0.02). Each tower is a transformers model of its own, initialised by its own class first.
+        """
+        for child in self.children():
+            if isinstance(child, PreTrainedModel):
+                child.initialize_weights()
+        super().initialize_weights()
 
     def _freeze_unused(self) -> None:
         """Freeze vision parameters a forward never uses."""
@@ -432,10 +446,23 @@ class HLSSPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, re-applying the freezing (loading recreates the parameters)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_unused()
-        return loaded
+        """`PreTrainedModel.from_pretrained`, re-applying the freezing (loading recreates the parameters).
+
+        Raises:
+            ValueError: when the checkpoint has no attribute banks (`bank_*`): they are the text tower's embeddings
+                of the descriptions and cannot be re-initialised.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        loaded, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing_banks = sorted(key for key in info["missing_keys"] if key.startswith("bank_"))
+        if missing_banks:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({source!r}): the checkpoint has no attribute banks {missing_banks}; "
+                "build them with HLSSModel.from_vision_text_pretrained(..., attributes=...) or build_attribute_banks"
+            )
+        loaded._freeze_unused()
+        return (loaded, info) if output_loading_info else loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, recording every HLSS auto class in the config's `auto_map`."""
