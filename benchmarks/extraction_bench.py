@@ -174,7 +174,10 @@ def extract_bench(args) -> dict:
         def forward():
             with autocast():
                 return torch.cat(
-                    [model.get_image_features(pixel_values=b.to(args.device)).float().cpu() for b in batches]
+                    [
+                        model.get_image_features(pixel_values=b.to(args.device)).pooler_output.float().cpu()
+                        for b in batches
+                    ]
                 )
 
         @torch.inference_mode()
@@ -184,7 +187,11 @@ def extract_bench(args) -> dict:
                 for i in range(n):
                     image = decode_image(split[i]["image"])
                     pixels = processor(images=image, return_tensors="pt")["pixel_values"]
-                    out.append(model.get_image_features(pixel_values=pixels.to(args.device)).float().cpu())
+                    out.append(
+                        model.get_image_features(pixel_values=pixels.to(args.device))
+                        .pooler_output.float()
+                        .cpu()
+                    )
             return torch.cat(out)
 
         workers = f"extract-{args.num_workers}w"

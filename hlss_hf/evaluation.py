@@ -296,7 +296,8 @@ def extract_embeddings(
     fingerprint, and reading it is the very cost a cache would save (a warning says so when `cache_dir` is set).
 
     Args:
-        model (`nn.Module`): anything with `get_image_features(pixel_values) -> [N, D]` (e.g. `HLSSModel`).
+        model (`nn.Module`): anything with `get_image_features(pixel_values)` giving `[N, D]`, as a tensor or as
+            the `pooler_output` of a transformers 5 output (`HLSSModel`, `CLIPModel`).
         dataset (`datasets.Dataset` or `datasets.IterableDataset`): one split with `image` and a `ClassLabel`
             `label`; `slide_id` and `patient_id` are optional (without them only patch-level metrics can be
             computed; a warning says so).

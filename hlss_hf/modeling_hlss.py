@@ -8,7 +8,7 @@ Example:
     >>> model = HLSSModel.from_vision_text_pretrained(
     ...     "openai/clip-vit-base-patch16", "openai/clip-vit-base-patch16", attributes="attributes/opensrh.yaml")
     >>> out = model(pixel_values)              # [B, S, P, V, 3, H, W] in training mode -> out.loss
-    >>> feats = model.get_image_features(x)    # [N, 3, H, W] -> [N, D], L2-normalised
+    >>> feats = model.get_image_features(x).pooler_output    # [N, 3, H, W] -> [N, D], L2-normalised
     >>> # The reference's towers (pip install 'hlss_hf[reference]'): timm's RN50 CLIP image tower, whose attention
     >>> # pool already outputs the 1024-d joint space, and the open_clip text tower of the same checkpoint.
     >>> model = HLSSModel.from_vision_text_pretrained(
@@ -91,6 +91,13 @@ class HLSSOutput(ModelOutput):
             `z` in the joint (text) space.
         attribute_scores (`dict[str, torch.FloatTensor]`): per level, `u_l = normalize(head_l(z))` of shape
             `[N, N_l]` or `[B, S, P, V, N_l]`: coordinate `a` is the (trained) affinity to attribute `a`.
+        hidden_states (`tuple[torch.FloatTensor]`, *optional*): the vision tower's hidden states (with
+            `output_hidden_states=True`), each with the input's leading dims: `[N, ...]` or `[B, S, P, V, ...]`
+            (e.g. `[N, seq, hidden]` for a ViT, `[N, C, h, w]` feature maps for a ResNet or timm's intermediates;
+            `None` for an open_clip tower, which returns its embedding alone).
+        attentions (`tuple[torch.FloatTensor]`, *optional*): the vision tower's attention maps (with
+            `output_attentions=True` and eager attention), each `[N, heads, seq, seq]` (or `[B, S, P, V, ...]`);
+            `None` for towers without them (CNNs, timm and open_clip towers).
     """
 
     loss: torch.FloatTensor | None = None
@@ -99,6 +106,8 @@ class HLSSOutput(ModelOutput):
     level_losses: dict[str, torch.FloatTensor] | None = None
     image_embeds: torch.FloatTensor | None = None
     attribute_scores: dict[str, torch.FloatTensor] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def shipped_attribute_file(name: str) -> str:
@@ -385,6 +394,38 @@ def _pool_vision(outputs) -> torch.Tensor:
     return pooled.flatten(1)
 
 
+def _tower_output_switches(tower: nn.Module, output_hidden_states, output_attentions: bool) -> dict:
+    """The keyword arguments asking a tower for its hidden states / attention maps (only those asked for).
+
+    A tower without them returns none, as transformers' CNNs do: a ResNet ignores `output_attentions`, open_clip
+    towers both switches; timm towers refuse `output_attentions`, so it is not passed to them.
+    """
+    switches = {}
+    if output_hidden_states:
+        switches["output_hidden_states"] = output_hidden_states  # True, or the indices of the layers to keep
+    if output_attentions and not isinstance(tower, (TimmWrapperModel, TimmWrapperForImageClassification)):
+        switches["output_attentions"] = True
+    return switches
+
+
+def _with_leading_dims(values, lead: tuple):
+    """Reshape a tensor (or each tensor of a tuple) ``[M, ...]`` to ``[*lead, ...]``; `None` stays `None`.
+
+    A flat batch (``lead == (M,)``) gets the tower's own tensors back, not views: `retain_grad` on them then sees
+    the gradient of the outputs computed from them.
+    """
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        return values if tuple(lead) == tuple(values.shape[:1]) else values.reshape(*lead, *values.shape[1:])
+    return tuple(_with_leading_dims(value, lead) for value in values)
+
+
+def _tower_output(outputs, name: str, asked):
+    """`outputs.<name>` (hidden_states / attentions) where asked for, else `None`."""
+    return getattr(outputs, name, None) if asked else None
+
+
 class HLSSPreTrainedModel(PreTrainedModel):
     """Base class: config class, weight initialisation of the HLSS-owned layers, save with the full `auto_map`."""
 
@@ -491,34 +532,75 @@ class HLSSPreTrainedModel(PreTrainedModel):
         embedding (transformers' default raises for a model it cannot inspect)."""
         return None
 
-    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, C, H, W]`` -> L2-normalised ``[N, D]``: ``normalize(visual_projection(pool(f_V(x))))``."""
-        kwargs = {}
+    def _output_switches(self, output_hidden_states: bool | None, output_attentions: bool | None):
+        """The call's `output_hidden_states` / `output_attentions`, or the config's where the call says nothing."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        # `output_hidden_states` may be a list of layer indices (transformers' selective capture): kept as given.
+        return output_hidden_states, bool(output_attentions)
+
+    def _embed(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ):
+        """``[N, C, H, W]`` -> (L2-normalised ``[N, D]`` = ``normalize(visual_projection(pool(f_V(x))))``, the
+        vision tower's output, with its hidden states / attention maps where asked)."""
+        kwargs = _tower_output_switches(self.vision_model, output_hidden_states, output_attentions)
         trained_size = getattr(self.config.vision_config, "image_size", None)
         if isinstance(trained_size, int) and tuple(pixel_values.shape[-2:]) != (trained_size, trained_size):
             # Patch-token towers (ViT, CLIP) otherwise reject crops of another size than their pretraining one.
             if "interpolate_pos_encoding" in inspect.signature(self.vision_model.forward).parameters:
                 kwargs["interpolate_pos_encoding"] = True
         outputs = self.vision_model(pixel_values=pixel_values, **kwargs)
-        return F.normalize(self.visual_projection(_pool_vision(outputs)), dim=-1)
+        return F.normalize(self.visual_projection(_pool_vision(outputs)), dim=-1), outputs
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """L2-normalised image embeddings in the joint space.
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Image embeddings in the joint space, returned as transformers 5 feature methods return them.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `[..., C, H, W]`): images (any leading dims).
+            output_hidden_states (`bool`, *optional*): also return the vision tower's hidden states; defaults to
+                `config.output_hidden_states`.
+            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
+                `config.output_attentions`.
+            return_dict (`bool`, *optional*): a `BaseModelOutputWithPooling` (default) or a tuple of its non-`None`
+                fields.
             kwargs: ignored (lets `model.get_image_features(**processor(...))` pass extra processor keys).
 
         Returns:
-            `torch.FloatTensor` of shape `[..., D]`.
+            `BaseModelOutputWithPooling`: `pooler_output` the L2-normalised embeddings `z` `[..., D]`;
+            `last_hidden_state` the vision tower's (`None` for towers without one: a kept timm head, open_clip);
+            `hidden_states` / `attentions` when asked. Every tensor keeps the input's leading dims.
         """
         if pixel_values.dim() < 4:
             raise ValueError(
                 f"`pixel_values` must be [..., C, H, W] with a batch dim, got {tuple(pixel_values.shape)}"
             )
-        lead = pixel_values.shape[:-3]
-        z = self._embed(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
-        return z.reshape(*lead, z.shape[-1])
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions = self._output_switches(
+            output_hidden_states, output_attentions
+        )
+        lead = tuple(pixel_values.shape[:-3])
+        z, outputs = self._embed(
+            pixel_values.reshape(-1, *pixel_values.shape[-3:]), output_hidden_states, output_attentions
+        )
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=_with_leading_dims(getattr(outputs, "last_hidden_state", None), lead),
+            pooler_output=_with_leading_dims(z, lead),
+            hidden_states=_with_leading_dims(
+                _tower_output(outputs, "hidden_states", output_hidden_states), lead
+            ),
+            attentions=_with_leading_dims(_tower_output(outputs, "attentions", output_attentions), lead),
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class HLSSModel(HLSSPreTrainedModel):
@@ -592,26 +674,42 @@ class HLSSModel(HLSSPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> torch.Tensor:
-        """L2-normalised text embeddings in the joint space, with the configured `text_pooling`.
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Text embeddings in the joint space (`config.text_pooling`), as transformers 5 feature methods return them.
 
         Args:
             input_ids (`torch.LongTensor` of shape `[T, L]`): token ids.
             attention_mask (`torch.LongTensor` of shape `[T, L]`, *optional*): 1 for real tokens.
             token_type_ids (`torch.LongTensor` of shape `[T, L]`, *optional*): passed to towers that take them.
+            output_hidden_states (`bool`, *optional*): also return the text tower's hidden states; defaults to
+                `config.output_hidden_states`.
+            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
+                `config.output_attentions`.
+            return_dict (`bool`, *optional*): a `BaseModelOutputWithPooling` (default) or a tuple of its non-`None`
+                fields.
             kwargs: ignored (other tokenizer outputs).
 
         Returns:
-            `torch.FloatTensor` of shape `[T, D]`.
+            `BaseModelOutputWithPooling`: `pooler_output` the L2-normalised embeddings `[T, D]`; `last_hidden_state`
+            the text tower's `[T, L, H]` (`None` for an open_clip tower); `hidden_states` / `attentions` when asked.
         """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions = self._output_switches(
+            output_hidden_states, output_attentions
+        )
         inputs = {"input_ids": input_ids}
         accepted = inspect.signature(self.text_model.forward).parameters
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
         if token_type_ids is not None and "token_type_ids" in accepted:
             inputs["token_type_ids"] = token_type_ids
-        outputs = self.text_model(**inputs)
+        outputs = self.text_model(
+            **inputs, **_tower_output_switches(self.text_model, output_hidden_states, output_attentions)
+        )
         pooling = self.config.text_pooling
         projection = getattr(self.text_model, "text_projection", None)
         if pooling == "pooler":
@@ -635,7 +733,13 @@ class HLSSModel(HLSSPreTrainedModel):
                 embeds = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
             if projection is not None:
                 embeds = projection(embeds)
-        return F.normalize(embeds, dim=-1)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=getattr(outputs, "last_hidden_state", None),
+            pooler_output=F.normalize(embeds, dim=-1),
+            hidden_states=_tower_output(outputs, "hidden_states", output_hidden_states),
+            attentions=_tower_output(outputs, "attentions", output_attentions),
+        )
+        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], tokenizer, batch_size: int = 64, max_length: int | None = None):
@@ -667,7 +771,7 @@ class HLSSModel(HLSSPreTrainedModel):
                 return_tensors="pt",
             )
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            chunks.append(self.get_text_features(**batch))
+            chunks.append(self.get_text_features(**batch, return_dict=True).pooler_output)
         return torch.cat(chunks).to(self.bank_patch.dtype)
 
     @torch.no_grad()
@@ -713,6 +817,8 @@ class HLSSModel(HLSSPreTrainedModel):
         pixel_values: torch.Tensor,
         return_loss: bool | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> HLSSOutput | tuple:
         """Embed images; for the hierarchical form also compute the HLSS loss.
@@ -725,6 +831,10 @@ class HLSSModel(HLSSPreTrainedModel):
             return_loss (`bool`, *optional*): compute the loss; defaults to True in training mode for the
                 hierarchical form, False otherwise. Requires the hierarchical form.
             return_dict (`bool`, *optional*): return an `HLSSOutput` (default) or a tuple.
+            output_hidden_states (`bool`, *optional*): also return the vision tower's hidden states; defaults to
+                `config.output_hidden_states`.
+            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
+                `config.output_attentions`.
             kwargs: ignored (extra processor outputs).
 
         Returns:
@@ -744,8 +854,13 @@ class HLSSModel(HLSSPreTrainedModel):
         if return_loss and not hierarchical:
             raise ValueError("`return_loss=True` needs hierarchical pixel_values [B, S, P, V, C, H, W]")
 
+        output_hidden_states, output_attentions = self._output_switches(
+            output_hidden_states, output_attentions
+        )
         lead = pixel_values.shape[:-3]
-        z = self._embed(pixel_values.reshape(-1, *pixel_values.shape[-3:]))  # [M, D]
+        z, vision_outputs = self._embed(
+            pixel_values.reshape(-1, *pixel_values.shape[-3:]), output_hidden_states, output_attentions
+        )  # z: [M, D]
         scores = {level: F.normalize(self.heads[level](z), dim=-1) for level in LEVELS}  # [M, N_l]
 
         loss = hvc_loss = alignment_loss = level_losses = None
@@ -793,6 +908,12 @@ class HLSSModel(HLSSPreTrainedModel):
             level_losses=level_losses,
             image_embeds=z.reshape(*lead, z.shape[-1]),
             attribute_scores={level: u.reshape(*lead, u.shape[-1]) for level, u in scores.items()},
+            hidden_states=_with_leading_dims(
+                _tower_output(vision_outputs, "hidden_states", output_hidden_states), lead
+            ),
+            attentions=_with_leading_dims(
+                _tower_output(vision_outputs, "attentions", output_attentions), lead
+            ),
         )
         return output if return_dict else output.to_tuple()
 
@@ -824,7 +945,7 @@ class HLSSModel(HLSSPreTrainedModel):
             raise ValueError("give exactly one of `texts` (with `tokenizer`) or `text_embeds`")
         if text_embeds is None:
             text_embeds = self.encode_texts(texts, tokenizer)
-        image = self.get_image_features(pixel_values)  # [N, D]
+        image = self.get_image_features(pixel_values, return_dict=True).pooler_output  # [N, D]
         text_embeds = F.normalize(text_embeds.to(device=image.device, dtype=image.dtype), dim=-1)
         scale = 1.0 / self.config.temperature if logit_scale is None else float(logit_scale)
         return scale * image @ text_embeds.T
@@ -849,7 +970,7 @@ class HLSSModel(HLSSPreTrainedModel):
             raise ValueError(f"`level` must be one of {list(LEVELS)}, got {level!r}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int, got {k!r}")
-        z = self.get_image_features(pixel_values)  # [N, D]
+        z = self.get_image_features(pixel_values, return_dict=True).pooler_output  # [N, D]
         if use_heads:
             scores = F.normalize(self.heads[level](z), dim=-1)
         else:
@@ -1143,6 +1264,8 @@ class HLSSForImageClassification(HLSSPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         """Classify images.
@@ -1151,19 +1274,33 @@ class HLSSForImageClassification(HLSSPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
             labels (`torch.LongTensor` of shape `[N]`, *optional*): class indices; gives a cross-entropy loss.
             return_dict (`bool`, *optional*): return an `ImageClassifierOutput` (default) or a tuple.
+            output_hidden_states (`bool`, *optional*): also return the vision tower's hidden states; defaults to
+                `config.output_hidden_states`.
+            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
+                `config.output_attentions`.
             kwargs: ignored.
 
         Returns:
-            `ImageClassifierOutput` with `logits` `[N, num_labels]` and `loss` when `labels` are given.
+            `ImageClassifierOutput` with `logits` `[N, num_labels]`, `loss` when `labels` are given, and the vision
+            tower's `hidden_states` / `attentions` when asked.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must be [N, C, H, W], got {tuple(pixel_values.shape)}")
-        logits = self.classifier(self._embed(pixel_values))  # [N, num_labels]
+        output_hidden_states, output_attentions = self._output_switches(
+            output_hidden_states, output_attentions
+        )
+        z, vision_outputs = self._embed(pixel_values, output_hidden_states, output_attentions)
+        logits = self.classifier(z)  # [N, num_labels]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.to(logits.device).long())
-        output = ImageClassifierOutput(loss=loss, logits=logits)
+        output = ImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=_tower_output(vision_outputs, "hidden_states", output_hidden_states),
+            attentions=_tower_output(vision_outputs, "attentions", output_attentions),
+        )
         return output if return_dict else output.to_tuple()
 
 

@@ -110,8 +110,8 @@ class HLSSFeatureExtractionPipeline(_PatchPipeline):
         return {}, {}, postprocess
 
     def _forward(self, model_inputs):
-        features = self.model.get_image_features(pixel_values=model_inputs["pixel_values"])
-        return {"embeddings": getattr(features, "pooler_output", features)}
+        features = self.model.get_image_features(pixel_values=model_inputs["pixel_values"], return_dict=True)
+        return {"embeddings": features.pooler_output}
 
     def postprocess(self, model_outputs, return_tensors=False):
         embeddings = model_outputs["embeddings"]  # [1, D]

@@ -193,7 +193,7 @@ def test_train_pushes_a_model_that_loads_without_hlss_hf(local_hub, pushed_model
         processor = AutoProcessor.from_pretrained({repo_id!r}, trust_remote_code=True)
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
         with torch.no_grad():
-            direct = model.get_image_features(**processor(images=[image], return_tensors="pt"))
+            direct = model.get_image_features(**processor(images=[image], return_tensors="pt")).pooler_output
         extractor = pipeline("image-feature-extraction", model={repo_id!r}, trust_remote_code=True)
         piped = extractor(image, return_tensors=True)
         print(json.dumps({{
@@ -219,7 +219,9 @@ def test_train_pushes_a_model_that_loads_without_hlss_hf(local_hub, pushed_model
     model, processor = HLSSModel.from_pretrained(out).eval(), HLSSProcessor.from_pretrained(out)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     with torch.no_grad():
-        expected = model.get_image_features(**processor(images=[image], return_tensors="pt")).flatten()
+        expected = model.get_image_features(
+            **processor(images=[image], return_tensors="pt")
+        ).pooler_output.flatten()
     np.testing.assert_allclose(report["direct"], expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(report["piped"], expected.numpy(), atol=1e-5)
 

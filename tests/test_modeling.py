@@ -171,7 +171,9 @@ def test_flat_forward_shapes_and_unit_norm(pair_model):
     for level in LEVELS:
         assert out.attribute_scores[level].shape == (3, len(NAMES[level]))
         torch.testing.assert_close(out.attribute_scores[level].norm(dim=-1), torch.ones(3))
-    torch.testing.assert_close(model.get_image_features(torch.rand(2, 3, 32, 32)).norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(
+        model.get_image_features(torch.rand(2, 3, 32, 32)).pooler_output.norm(dim=-1), torch.ones(2)
+    )
 
 
 def test_hierarchical_forward_returns_loss_and_parts_in_training(pair_model):
@@ -231,11 +233,14 @@ def test_eval_hierarchical_forward_has_no_loss_unless_asked(clip_model):
 @pytest.mark.parametrize("pair", ["clip+clip", "vit+bert"])
 def test_patch_token_towers_take_other_crop_sizes(pair):
     model = _pair(pair).eval()
-    assert model.get_image_features(torch.rand(2, 3, 48, 48)).shape == (2, model.config.projection_dim)
+    assert model.get_image_features(torch.rand(2, 3, 48, 48)).pooler_output.shape == (
+        2,
+        model.config.projection_dim,
+    )
     # The pretraining size keeps the exact position embeddings (no interpolation).
     x = torch.rand(2, 3, 32, 32)
     expected = F.normalize(model.visual_projection(model.vision_model(pixel_values=x).pooler_output), dim=-1)
-    torch.testing.assert_close(model.get_image_features(x), expected)
+    torch.testing.assert_close(model.get_image_features(x).pooler_output, expected)
 
 
 def test_return_dict_false_gives_a_tuple(clip_model):
@@ -380,7 +385,9 @@ def test_zero_shot_logits_are_scaled_cosines(clip_model):
     x = torch.rand(3, 3, 32, 32)
     texts = ["glioma", "meningioma", "normal brain"]
     logits = clip_model.zero_shot_logits(x, texts=texts, tokenizer=tokenizer, logit_scale=10.0)
-    expected = 10.0 * clip_model.get_image_features(x) @ clip_model.encode_texts(texts, tokenizer).T
+    expected = (
+        10.0 * clip_model.get_image_features(x).pooler_output @ clip_model.encode_texts(texts, tokenizer).T
+    )
     assert logits.shape == (3, 3)
     torch.testing.assert_close(logits, expected)
     default = clip_model.zero_shot_logits(x, text_embeds=clip_model.encode_texts(texts, tokenizer))
@@ -394,7 +401,7 @@ def test_top_attributes_rank_names_by_score(clip_model, use_heads):
     clip_model.eval()
     x = torch.rand(2, 3, 32, 32)
     top = clip_model.top_attributes(x, level="patch", k=2, use_heads=use_heads)
-    z = clip_model.get_image_features(x)
+    z = clip_model.get_image_features(x).pooler_output
     scores = F.normalize(clip_model.heads["patch"](z), dim=-1) if use_heads else z @ clip_model.bank_patch.T
     assert len(top) == 2
     for row, ranked in zip(scores, top, strict=True):
@@ -502,7 +509,8 @@ def test_one_clip_checkpoint_reuses_both_pretrained_projections(tmp_path):
     ids = tiny_tokenizer()(["a glial tumour"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_image_features(x), F.normalize(clip.get_image_features(x).pooler_output, dim=-1)
+            model.get_image_features(x).pooler_output,
+            F.normalize(clip.get_image_features(x).pooler_output, dim=-1),
         )
         text = clip.get_text_features(
             input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]
@@ -556,7 +564,9 @@ def test_classifier_loads_the_vision_side_of_an_hlss_folder(tmp_path):
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     classifier.eval()
     x = torch.rand(4, 3, 32, 32)
-    torch.testing.assert_close(classifier.get_image_features(x), model.get_image_features(x))
+    torch.testing.assert_close(
+        classifier.get_image_features(x).pooler_output, model.get_image_features(x).pooler_output
+    )
     y = torch.tensor([0, 1, 2, 1])
     out = classifier(x, labels=y)
     assert out.logits.shape == (4, 3) and classifier.config.id2label[1] == "meningioma"

@@ -62,7 +62,7 @@ def expected_features(folder, array):
 
     model, processor = HLSSModel.from_pretrained(folder).eval(), HLSSImageProcessor.from_pretrained(folder)
     with torch.no_grad():
-        return model.get_image_features(**processor(images=[array], return_tensors="pt"))[0]
+        return model.get_image_features(**processor(images=[array], return_tensors="pt")).pooler_output[0]
 
 
 def test_read_patch_accepts_srh_arrays_channel_first_tiffs_and_rejects_other_shapes(tmp_path):

@@ -132,6 +132,7 @@ CHECKS = {
         assert type(processor).__name__ == "HLSSProcessor", type(processor)
         assert embeddings.shape[0] == len(srh_patches)
         assert torch.allclose(embeddings.norm(dim=-1), torch.ones(len(srh_patches)), atol=1e-4)
+        assert len(hidden) >= 2 and hidden[0].shape[0] == len(srh_patches)
         assert out.loss.ndim == 0 and torch.isfinite(out.loss)
         assert {"hvc_slide", "ha_patient"} <= set(out.level_losses)
     """,

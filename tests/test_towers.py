@@ -102,7 +102,7 @@ def test_open_clip_text_tower_embeds_as_open_clip(checkpoint, reference_pair):
         TEXTS, padding=True, truncation=True, return_tensors="pt"
     )
     with torch.no_grad():
-        ours = reference_pair.get_text_features(**batch)
+        ours = reference_pair.get_text_features(**batch).pooler_output
         theirs = F.normalize(full.encode_text(open_clip.get_tokenizer(f"local-dir:{folder}")(TEXTS)), dim=-1)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # The banks are the prompt-ensembled open_clip text embeddings.
@@ -130,7 +130,7 @@ def test_reference_towers_insert_no_projection_and_keep_the_timm_head(checkpoint
     x = _pixels()
     with torch.no_grad():
         head = model.vision_model.timm_model(x)  # attention pool + its output projection, [N, 32]
-        torch.testing.assert_close(model.get_image_features(x), F.normalize(head, dim=-1))
+        torch.testing.assert_close(model.get_image_features(x).pooler_output, F.normalize(head, dim=-1))
     assert head.shape == (3, 32)
     # The weights are timm's own, as published (timm key names, no transformers prefix).
     native = timm.create_model("test_byobnet", num_classes=32, **TIMM_CLIP_ARGS).eval()
@@ -146,7 +146,7 @@ def test_open_clip_image_tower_embeds_as_open_clip(checkpoint, open_clip_pair):
     x = _pixels(seed=1)
     with torch.no_grad():
         torch.testing.assert_close(
-            open_clip_pair.get_image_features(x),
+            open_clip_pair.get_image_features(x).pooler_output,
             F.normalize(full.encode_image(x), dim=-1),
             rtol=1e-5,
             atol=1e-6,
@@ -166,7 +166,7 @@ def test_other_tower_pairs_get_a_new_projection(checkpoint):
         f"local-dir:{folder}", bert_config(), attributes=TINY_ATTRIBUTES, tokenizer=tiny_tokenizer()
     )
     assert isinstance(model.visual_projection, nn.Linear) and model.visual_projection.weight.shape == (32, 32)
-    assert model.get_image_features(_pixels()).shape == (3, 32)
+    assert model.get_image_features(_pixels()).pooler_output.shape == (3, 32)
 
 
 @pytest.mark.parametrize(
@@ -284,8 +284,8 @@ def test_saved_models_load_through_auto_model_where_hlss_hf_is_not_importable(
             batch = processor.tokenizer(texts, padding=True, return_tensors="pt")
             with torch.no_grad():
                 out[name] = {{
-                    "image": model.get_image_features(torch.load({str(tmp_path / "x.pt")!r})),
-                    "text": model.get_text_features(**batch),
+                    "image": model.get_image_features(torch.load({str(tmp_path / "x.pt")!r})).pooler_output,
+                    "text": model.get_text_features(**batch).pooler_output,
                     "bank": model.bank_patch.clone(),
                     "vision": type(model.vision_model).__name__,
                     "projection": type(model.visual_projection).__name__,
@@ -303,8 +303,8 @@ def test_saved_models_load_through_auto_model_where_hlss_hf_is_not_importable(
     for name, model in (("reference", reference_pair), ("open_clip", open_clip_pair)):
         assert remote[name]["projection"] == "Identity"
         with torch.no_grad():
-            assert torch.equal(remote[name]["image"], model.get_image_features(x))
-            assert torch.equal(remote[name]["text"], model.get_text_features(**batch))
+            assert torch.equal(remote[name]["image"], model.get_image_features(x).pooler_output)
+            assert torch.equal(remote[name]["text"], model.get_text_features(**batch).pooler_output)
         assert torch.equal(remote[name]["bank"], model.bank_patch)
 
 
@@ -318,7 +318,9 @@ def test_classifier_loads_the_towers_of_a_saved_folder(reference_pair, open_clip
         assert isinstance(classifier.visual_projection, nn.Identity)
         assert type(classifier.vision_model) is type(model.vision_model)
         with torch.no_grad():
-            torch.testing.assert_close(classifier.get_image_features(x), model.get_image_features(x))
+            torch.testing.assert_close(
+                classifier.get_image_features(x).pooler_output, model.get_image_features(x).pooler_output
+            )
             assert classifier(x).logits.shape == (3, 3)
 
 

@@ -276,7 +276,7 @@ def test_demo_run_saves_a_loadable_model_with_card_metrics_and_logs(tmp_path, at
     processor = AutoProcessor.from_pretrained(out)
     pixels = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=pixels)
+        feats = model.get_image_features(pixel_values=pixels).pooler_output
     assert feats.shape[0] == 3 and torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert type(processor).__name__ == "HLSSProcessor"
     card = (out / "README.md").read_text(encoding="utf-8")
