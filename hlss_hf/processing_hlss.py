@@ -160,9 +160,12 @@ def he_to_float(image) -> torch.Tensor:
 
 
 class HLSSImageProcessorKwargs(ImagesKwargs, total=False):
-    """`ImagesKwargs` plus the imaging modality, so `from_pretrained(..., modality=...)` overrides it."""
+    """`ImagesKwargs` plus HLSS's own settings, so `from_pretrained(..., modality=...)` overrides them and
+    `HLSSProcessor` routes them to the image processor."""
 
     modality: str | None
+    antialias: bool | None
+    resize_uint8: bool | None
 
 
 def _size_dict(size, name: str, allow_shortest_edge: bool) -> dict[str, int]:
@@ -188,6 +191,13 @@ def _size_dict(size, name: str, allow_shortest_edge: bool) -> dict[str, int]:
     return size
 
 
+def _resize_size(size, default_to_square: bool) -> dict[str, int]:
+    """The resize target: an int is the shortest edge, or with `default_to_square` a square (transformers' rule)."""
+    if default_to_square and isinstance(size, int) and not isinstance(size, bool):
+        size = {"height": size, "width": size}
+    return _size_dict(size, "size", allow_shortest_edge=True)
+
+
 def _resample_name(value) -> str:
     """``"bilinear"`` / ``"bicubic"`` from that name or a PIL resampling filter (transformers' `resample` type)."""
     if isinstance(value, str):
@@ -202,13 +212,130 @@ def _resample_name(value) -> str:
 
 
 def _channel_stats(values, name: str) -> list[float]:
-    """Broadcast a scalar or 3-list of per-channel statistics to a list of 3 floats."""
+    """A scalar (broadcast to 3 channels) or a list of per-channel statistics as a list of floats.
+
+    Any number of channels is accepted here (an image kept with 4 channels by ``do_convert_rgb=False`` needs 4);
+    `normalize` checks the count against the images.
+    """
     if isinstance(values, (int, float)):
         values = [float(values)] * 3
     values = [float(v) for v in values]
-    if len(values) != 3:
-        raise ValueError(f"{name}: expected 3 per-channel values, got {len(values)}")
+    if not values:
+        raise ValueError(f"{name}: expected one value per channel, got none")
     return values
+
+
+def _rescale_factor(value, name: str = "rescale_factor") -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value == 0:
+        raise ValueError(
+            f"{name} must be a finite non-zero number (or None for the modality's scale), got {value!r}"
+        )
+    return float(value)
+
+
+def _format_name(value, name: str) -> str | None:
+    """``"channels_first"`` / ``"channels_last"`` from that string or transformers' `ChannelDimension`."""
+    if value is None:
+        return None
+    value = str(getattr(value, "value", value))
+    if value not in ("channels_first", "channels_last"):
+        raise ValueError(f"{name} must be 'channels_first' or 'channels_last', got {value!r}")
+    return value
+
+
+# H&E channel counts an image may arrive with: grey, RGB, RGBA (RGB first when an axis of size 3 is present).
+_HE_CHANNELS = (3, 1, 4)
+
+
+def _he_channel_axis(shape: tuple, input_data_format: str | None) -> int:
+    """The channel axis of an H&E image ``(H, W, C)`` / ``(C, H, W)`` (or a batch with a leading N)."""
+    first, last = len(shape) - 3, len(shape) - 1
+    if input_data_format == "channels_last":
+        return last
+    if input_data_format == "channels_first":
+        return first
+    for channels in _HE_CHANNELS:
+        if shape[last] == channels:
+            return last
+        if shape[first] == channels:
+            return first
+    raise ValueError(f"H&E image: expected 1, 3 or 4 channels first or last, got shape {shape}")
+
+
+def _he_pixels(image, do_convert_rgb: bool, input_data_format: str | None) -> torch.Tensor:
+    """An H&E image as an unscaled tensor ``[C, H, W]`` (or ``[N, C, H, W]``), dtype as given.
+
+    With `do_convert_rgb` every image becomes RGB as PIL converts it (grey repeated, alpha dropped); without it the
+    channels are kept as they are (PIL images keep their mode's bands).
+    """
+    if isinstance(image, Image.Image):
+        if do_convert_rgb and image.mode != "RGB":
+            image = image.convert("RGB")
+        image = np.array(image)  # copies: torch warns on the read-only buffer np.asarray shares with PIL
+        input_data_format = "channels_last"
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(image) if image.flags.writeable else np.array(image))
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+    else:
+        raise ValueError(
+            f"H&E image: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}"
+        )
+    if tensor.ndim == 2:  # one grey image (H, W)
+        tensor, input_data_format = tensor.unsqueeze(-1), "channels_last"
+    if tensor.ndim not in (3, 4):
+        raise ValueError(
+            f"H&E image: expected rank 2 (H, W), 3 (H, W, C) / (C, H, W) or 4 (N, ...), got shape {tuple(tensor.shape)}"
+        )
+    tensor = tensor.movedim(_he_channel_axis(tuple(tensor.shape), input_data_format), tensor.ndim - 3)
+    channels = tensor.shape[-3]
+    if do_convert_rgb:
+        if channels == 1:
+            tensor = tensor.expand(*tensor.shape[:-3], 3, *tensor.shape[-2:])
+        elif channels == 4:
+            tensor = tensor.narrow(-3, 0, 3)
+        elif channels != 3:
+            raise ValueError(
+                f"H&E image: cannot convert {channels} channels to RGB (shape {tuple(image.shape)})"
+            )
+    return tensor
+
+
+def _he_to_float(tensor: torch.Tensor, do_rescale: bool, rescale_factor: float | None) -> torch.Tensor:
+    """Scale unscaled H&E pixels to float32: uint8 by `rescale_factor` (1/255 by default); floats are taken as
+    already scaled (and must lie in [0, 1]) unless `do_rescale` is False, which keeps every value as it is."""
+    if tensor.dtype == torch.uint8:
+        pixels = tensor.to(torch.float32)
+        if do_rescale:
+            # Division by 255 (not a multiplication by its rounded inverse): `he_to_float`'s values, bit for bit.
+            pixels = pixels / 255.0 if rescale_factor in (None, 1 / 255) else pixels * rescale_factor
+        return pixels.contiguous()
+    if tensor.is_floating_point():
+        pixels = tensor.to(torch.float32)
+        if do_rescale and pixels.numel():
+            low, high = float(pixels.min()), float(pixels.max())
+            if not (0.0 <= low and high <= 1.0):
+                raise ValueError(
+                    f"H&E image: float pixels must lie in [0, 1], found min {low:.6g} and max {high:.6g}; "
+                    "pass uint8 pixels, scale to [0, 1] first, or set do_rescale=False"
+                )
+        return pixels.contiguous()
+    raise ValueError(f"H&E image: expected dtype uint8 or float in [0, 1], got {tensor.dtype}")
+
+
+def _srh_rescale_(pixels: torch.Tensor, do_rescale: bool, rescale_factor: float | None) -> torch.Tensor:
+    """Re-scale `srh_to_float`'s pixels (DESIGN 1.7's ``1/65536``) to another scale, in place.
+
+    ``do_rescale=False`` gives raw counts ``[CH3 - CH2 + 5000, CH2, CH3]`` (the first clamped to [0, 65536]); a
+    `rescale_factor` gives counts times it. Both are exact multiples of the default's values.
+    """
+    if not do_rescale:
+        return pixels.mul_(SRH_SCALE)
+    if rescale_factor is not None and rescale_factor != 1.0 / SRH_SCALE:
+        pixels.mul_(SRH_SCALE * rescale_factor)
+    return pixels
 
 
 class HLSSImageProcessor(BaseImageProcessor):
@@ -217,6 +344,12 @@ class HLSSImageProcessor(BaseImageProcessor):
     Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized
     (on the float tensor, bilinear or bicubic, antialiased by default), center-cropped and normalised. Resizing is
     off by default because resizing changes the microns per pixel the encoder was trained at.
+
+    Every argument `transformers.ImagesKwargs` declares is accepted at call time (and through `HLSSProcessor`):
+    besides the settings below, `input_data_format` names the channel axis of ambiguous arrays, `data_format`
+    ``"channels_last"`` returns ``[N, h, w, C]``, `device` moves the result, and `default_to_square` makes an int
+    `size` a square. HLSS batches need no padding or grouping: `do_pad=True` is refused, `pad_size`,
+    `disable_grouping` and `image_seq_length` (an image-token count) have nothing to act on.
 
     Framings: the default keeps the native resolution and centre-crops `crop_size` (a 300 px patch loses 44 % of
     its area at 224). The HLSS reference instead resizes the whole patch to 224 x 224, bicubic, no crop
@@ -247,6 +380,17 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`.
         image_mean (`float` or `list[float]`, *optional*, defaults to the ImageNet mean): per-channel mean.
         image_std (`float` or `list[float]`, *optional*, defaults to the ImageNet std): per-channel std.
+        do_rescale (`bool`, *optional*, defaults to `True`): scale integer pixels to ``[0, 1]``: H&E uint8 by
+            `rescale_factor`, SRH by DESIGN 1.7's ``1/65536`` (or `rescale_factor`). False keeps pixel values as
+            they are (0-255 for H&E, raw counts for SRH) and accepts float pixels outside ``[0, 1]``. Float pixels
+            are taken as already scaled either way.
+        rescale_factor (`float`, *optional*): the scale of integer pixels; defaults to the modality's (``1/255`` for
+            8-bit H&E, ``1/65536`` for SRH).
+        do_convert_rgb (`bool`, *optional*, defaults to `True`): convert H&E images to RGB as PIL does (grey
+            repeated, alpha dropped), so 1- and 4-channel images are accepted; False keeps their channels (then
+            `image_mean` / `image_std` need one value per channel). SRH always gives its 3 channels.
+        default_to_square (`bool`, *optional*, defaults to `False`): an int `size` means a square
+            ``{"height": s, "width": s}`` rather than the shortest edge.
 
     Example:
 
@@ -262,6 +406,11 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     valid_kwargs = HLSSImageProcessorKwargs
     model_input_names = ["pixel_values"]
+    # Class-level defaults of the settings `BaseImageProcessor` also declares (transformers reads them on the class).
+    do_rescale = True
+    rescale_factor = None
+    do_convert_rgb = True
+    default_to_square = False
 
     def __init__(
         self,
@@ -276,6 +425,10 @@ class HLSSImageProcessor(BaseImageProcessor):
         resample: str = "bilinear",
         antialias: bool = True,
         resize_uint8: bool = False,
+        do_rescale: bool = True,
+        rescale_factor: float | None = None,
+        do_convert_rgb: bool = True,
+        default_to_square: bool = False,
         **kwargs,
     ):
         # Keys written by transformers (image_processor_type, auto_map, ...) go to the mixin, which stores them.
@@ -283,7 +436,8 @@ class HLSSImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         self.modality = modality
         self.do_resize = bool(do_resize)
-        self.size = _size_dict(224 if size is None else size, "size", allow_shortest_edge=True)
+        self.default_to_square = bool(default_to_square)
+        self.size = _resize_size(224 if size is None else size, self.default_to_square)
         self.do_center_crop = bool(do_center_crop)
         self.crop_size = _size_dict(
             224 if crop_size is None else crop_size, "crop_size", allow_shortest_edge=False
@@ -294,6 +448,9 @@ class HLSSImageProcessor(BaseImageProcessor):
         self.resample = _resample_name(resample)
         self.antialias = bool(antialias)
         self.resize_uint8 = bool(resize_uint8)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = _rescale_factor(rescale_factor)
+        self.do_convert_rgb = bool(do_convert_rgb)
         self._validate(self.modality, self.image_std, self.resample)
 
     @staticmethod
@@ -306,17 +463,35 @@ class HLSSImageProcessor(BaseImageProcessor):
             raise ValueError(f"resample must be one of {RESAMPLES}, got {resample!r}")
 
     # -- input handling ---------------------------------------------------------------------------------------
-    def _to_float(self, image, modality: str, index: int) -> torch.Tensor:
-        """Convert one image (or one stacked batch) to float ``[3, H, W]`` / ``[N, 3, H, W]``."""
+    def _to_float(
+        self,
+        image,
+        modality: str,
+        index: int,
+        do_rescale: bool = True,
+        rescale_factor: float | None = None,
+        do_convert_rgb: bool = True,
+        input_data_format: str | None = None,
+    ) -> torch.Tensor:
+        """Convert one image (or one stacked batch) to float ``[C, H, W]`` / ``[N, C, H, W]``."""
         if isinstance(image, (str, os.PathLike)):
             if modality == "srh":
                 raise ValueError(
                     f"image {index}: SRH images must be given as uint16 arrays [CH2, CH3], not a path ({image})"
                 )
             with Image.open(image) as opened:
-                image = opened.convert("RGB")
+                image = opened.convert("RGB") if do_convert_rgb else opened.copy()
         try:
-            return srh_to_float(image) if modality == "srh" else he_to_float(image)
+            if modality == "srh":
+                if input_data_format == "channels_first" and getattr(image, "ndim", 0) in (3, 4):
+                    # srh_to_float prefers a channels-last reading where both ends have size 2.
+                    image = (
+                        np.moveaxis(image, -3, -1) if isinstance(image, np.ndarray) else image.movedim(-3, -1)
+                    )
+                return _srh_rescale_(srh_to_float(image), do_rescale, rescale_factor)
+            return _he_to_float(
+                _he_pixels(image, do_convert_rgb, input_data_format), do_rescale, rescale_factor
+            )
         except ValueError as err:
             hint = ""
             shape = getattr(image, "shape", None)
@@ -381,9 +556,8 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-        """Per-channel ``(x - mean) / std`` of ``[N, 3, H, W]`` images."""
-        mean_t = torch.tensor(mean, dtype=pixels.dtype).view(1, 3, 1, 1)
-        std_t = torch.tensor(std, dtype=pixels.dtype).view(1, 3, 1, 1)
+        """Per-channel ``(x - mean) / std`` of ``[N, C, H, W]`` images (one mean and std per channel)."""
+        mean_t, std_t = _stats_tensors(mean, std, pixels)
         return (pixels - mean_t) / std_t
 
     def __call__(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
@@ -405,28 +579,50 @@ class HLSSImageProcessor(BaseImageProcessor):
         resample: str | None = None,
         antialias: bool | None = None,
         resize_uint8: bool | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_convert_rgb: bool | None = None,
+        default_to_square: bool | None = None,
+        input_data_format: str | None = None,
+        data_format: str | None = None,
+        device: str | torch.device | None = None,
+        do_pad: bool | None = None,
+        pad_size=None,
+        disable_grouping: bool | None = None,
+        image_seq_length: int | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Preprocess an image or a batch of images into ``pixel_values``.
 
         Args:
             images: one image or a list of images: PIL images or file paths (H&E), numpy arrays / torch tensors
-                ``(H, W, C)`` or ``(C, H, W)`` (uint8 RGB for H&E, uint16 ``[CH2, CH3]`` for SRH), or a stacked
-                batch ``(N, ...)``. All images must have the same size after resizing and cropping.
+                ``(H, W, C)`` or ``(C, H, W)`` (uint8 RGB, grey or RGBA for H&E, uint16 ``[CH2, CH3]`` for SRH), or
+                a stacked batch ``(N, ...)``. All images must have the same size after resizing and cropping.
             return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"` or `"np"` (`None` keeps torch).
             modality, do_resize, size, do_center_crop, crop_size, do_normalize, image_mean, image_std, resample,
-                antialias, resize_uint8: override the processor's settings for this call.
+                antialias, resize_uint8, do_rescale, rescale_factor, do_convert_rgb, default_to_square: override the
+                processor's settings for this call.
+            input_data_format (`str`, *optional*): `"channels_first"` or `"channels_last"`, the channel axis of
+                array inputs; inferred when not given (an axis of size 3 first, then 1 or 4).
+            data_format (`str`, *optional*): `"channels_first"` (default, ``[N, C, h, w]``) or `"channels_last"`.
+            device (`str` or `torch.device`, *optional*): where the returned torch tensor lives.
+            do_pad, pad_size, disable_grouping, image_seq_length: `ImagesKwargs` HLSS has no use for; only
+                `do_pad=True` is refused (the images of a batch share one size).
 
         Returns:
-            `BatchFeature`: ``{"pixel_values": [N, 3, h, w]}`` float32.
+            `BatchFeature`: ``{"pixel_values": [N, C, h, w]}`` float32 (C = 3 unless ``do_convert_rgb=False``).
         """
-        # Keys transformers may pass along that have no meaning here (e.g. from a ProcessorMixin merge).
-        unknown = set(kwargs) - {"data_format", "input_data_format", "device"}
-        if unknown:
-            raise ValueError(f"HLSSImageProcessor got unexpected arguments: {sorted(unknown)}")
+        if kwargs:
+            raise ValueError(f"HLSSImageProcessor got unexpected arguments: {sorted(kwargs)}")
+        if do_pad:
+            raise ValueError(
+                "do_pad=True: HLSSImageProcessor does not pad; the images of a batch share one size after "
+                "do_resize / do_center_crop"
+            )
         modality = self.modality if modality is None else modality
         do_resize = self.do_resize if do_resize is None else do_resize
-        size = self.size if size is None else _size_dict(size, "size", allow_shortest_edge=True)
+        default_to_square = self.default_to_square if default_to_square is None else bool(default_to_square)
+        size = self.size if size is None else _resize_size(size, default_to_square)
         do_center_crop = self.do_center_crop if do_center_crop is None else do_center_crop
         crop_size = self.crop_size if crop_size is None else _size_dict(crop_size, "crop_size", False)
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
@@ -435,10 +631,16 @@ class HLSSImageProcessor(BaseImageProcessor):
         resample = self.resample if resample is None else _resample_name(resample)
         antialias = self.antialias if antialias is None else bool(antialias)
         resize_uint8 = self.resize_uint8 if resize_uint8 is None else bool(resize_uint8)
+        do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
+        rescale_factor = self.rescale_factor if rescale_factor is None else _rescale_factor(rescale_factor)
+        do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else bool(do_convert_rgb)
+        input_data_format = _format_name(input_data_format, "input_data_format")
+        data_format = _format_name(data_format, "data_format")
         self._validate(modality, image_std, resample)
 
         images = self._flatten(images)
-        stacked = _stack_raw(images, modality)
+        # The batch path reads raw channels-last arrays; an explicit channels-first layout goes image by image.
+        stacked = _stack_raw(images, modality) if input_data_format != "channels_first" else None
         if stacked is not None:
             pixel_values = self._preprocess_stacked(
                 stacked,
@@ -450,31 +652,39 @@ class HLSSImageProcessor(BaseImageProcessor):
                 do_center_crop,
                 crop_size,
                 resize_uint8,
+                do_rescale,
+                rescale_factor,
             )
             if do_normalize:
-                mean_t = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-                std_t = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+                mean_t, std_t = _stats_tensors(image_mean, image_std, pixel_values)
                 pixel_values.sub_(mean_t).div_(std_t)  # in place, the same arithmetic as `normalize`
-            return self._wrap(pixel_values, return_tensors)
+            return self._wrap(pixel_values, return_tensors, data_format, device)
 
         outputs = []
         for index, image in enumerate(images):
-            pixels = self._to_float(image, modality, index)
+            pixels = self._to_float(
+                image, modality, index, do_rescale, rescale_factor, do_convert_rgb, input_data_format
+            )
             pixels = pixels.unsqueeze(0) if pixels.ndim == 3 else pixels
             if do_resize:
                 pixels = self.resize(pixels, size, resample, antialias)
             if do_center_crop:
                 pixels = self._crop(pixels, crop_size, index)
-            if outputs and pixels.shape[1:] != outputs[0].shape[1:]:
+            if outputs and pixels.shape[-2:] != outputs[0].shape[-2:]:
                 raise ValueError(
                     f"image {index}: processed size {tuple(pixels.shape[-2:])} differs from image 0's "
                     f"{tuple(outputs[0].shape[-2:])}; enable do_resize / do_center_crop to batch them"
+                )
+            if outputs and pixels.shape[1] != outputs[0].shape[1]:
+                raise ValueError(
+                    f"image {index}: {pixels.shape[1]} channels where image 0 has {outputs[0].shape[1]}; "
+                    "do_convert_rgb=True makes every H&E image RGB"
                 )
             outputs.append(pixels)
         pixel_values = torch.cat(outputs).to(torch.float32)
         if do_normalize:
             pixel_values = self.normalize(pixel_values, image_mean, image_std)
-        return self._wrap(pixel_values.contiguous(), return_tensors)
+        return self._wrap(pixel_values.contiguous(), return_tensors, data_format, device)
 
     def _crop(self, pixels, crop_size: dict[str, int], index: int):
         """:meth:`center_crop`, its error naming the image (the batch path names the first: all share a shape)."""
@@ -484,11 +694,15 @@ class HLSSImageProcessor(BaseImageProcessor):
             raise ValueError(f"image {index}: {err}") from err
 
     @staticmethod
-    def _wrap(pixel_values: torch.Tensor, return_tensors) -> BatchFeature:
+    def _wrap(pixel_values: torch.Tensor, return_tensors, data_format=None, device=None) -> BatchFeature:
+        if data_format == "channels_last":
+            pixel_values = pixel_values.permute(0, 2, 3, 1).contiguous()
         if return_tensors == "np":
             pixel_values = pixel_values.numpy()
         elif return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        elif device is not None:
+            pixel_values = pixel_values.to(device)
         return BatchFeature(data={"pixel_values": pixel_values})
 
     def _preprocess_stacked(
@@ -502,6 +716,8 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_center_crop,
         crop_size,
         resize_uint8=False,
+        do_rescale=True,
+        rescale_factor=None,
     ) -> torch.Tensor:
         """The batch path: one ``[N, H, W, C]`` raw array converted, resized and cropped as a whole.
 
@@ -513,7 +729,7 @@ class HLSSImageProcessor(BaseImageProcessor):
             stacked = self._crop(stacked.transpose(0, 3, 1, 2), crop_size, 0).transpose(0, 2, 3, 1)
         resized = False
         if modality == "srh":
-            pixels = srh_to_float(stacked)
+            pixels = _srh_rescale_(srh_to_float(stacked), do_rescale, rescale_factor)
         else:
             source = _read_only_tensor(stacked).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
             if do_resize and resize_uint8:
@@ -521,7 +737,11 @@ class HLSSImageProcessor(BaseImageProcessor):
                 source, resized = self.resize(source, size, resample, antialias), True
             # One pass from uint8 to contiguous float NCHW, then one in-place scale: he_to_float's values.
             pixels = torch.empty(source.shape, dtype=torch.float32)
-            pixels.copy_(source).div_(255.0)
+            pixels.copy_(source)
+            if do_rescale and rescale_factor in (None, 1 / 255):
+                pixels.div_(255.0)
+            elif do_rescale:
+                pixels.mul_(rescale_factor)
         if do_resize:
             if not resized:
                 pixels = self.resize(pixels, size, resample, antialias)
@@ -529,6 +749,18 @@ class HLSSImageProcessor(BaseImageProcessor):
                 pixels = self._crop(pixels, crop_size, 0)
             pixels = pixels.contiguous()
         return pixels
+
+
+def _stats_tensors(mean: list[float], std: list[float], pixels: torch.Tensor):
+    """`mean` / `std` as ``[1, C, 1, 1]`` tensors for ``[N, C, H, W]`` pixels, one value per channel."""
+    channels = pixels.shape[1]
+    for name, values in (("image_mean", mean), ("image_std", std)):
+        if len(values) != channels:
+            raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels")
+    shape = (1, channels, 1, 1)
+    return torch.tensor(mean, dtype=pixels.dtype).view(shape), torch.tensor(std, dtype=pixels.dtype).view(
+        shape
+    )
 
 
 def _read_only_tensor(array: np.ndarray) -> torch.Tensor:

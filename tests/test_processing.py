@@ -387,12 +387,20 @@ def test_processor_bad_inputs_name_the_offending_image(kwargs, images, message):
         ({"crop_size": {"shortest_edge": 4}}, "crop_size: keys must be"),
         ({"size": {"height": 0, "width": 3}}, "must be a positive int"),
         ({"image_std": [1.0, 0.0, 1.0]}, "image_std must be positive"),
-        ({"image_mean": [0.5, 0.5]}, "expected 3 per-channel values"),
+        ({"image_mean": []}, "image_mean: expected one value per channel"),
+        ({"rescale_factor": float("nan")}, "rescale_factor must be a finite non-zero number"),
     ],
 )
 def test_bad_processor_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HLSSImageProcessor(**kwargs)
+
+
+def test_normalisation_statistics_must_match_the_channel_count():
+    # Any count is accepted when set (do_convert_rgb=False keeps 4-channel images), checked against the images.
+    processor = HLSSImageProcessor(crop_size=4, do_normalize=True, image_mean=[0.5, 0.5])
+    with pytest.raises(ValueError, match="image_mean has 2 values but the images have 3 channels"):
+        processor(_rgb())
 
 
 def test_unknown_preprocess_argument_raises():
