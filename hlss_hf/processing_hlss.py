@@ -5,9 +5,10 @@ This file is also shipped as transformers remote code, so it imports only torch,
 SRH (DESIGN 1.7): OpenSRH patches are 2-channel uint16 ``[CH2, CH3]``. They are scaled by ``1/65536``, a third
 channel ``CH3 - CH2 + 5000/65536`` is formed, and the image is stacked as ``[CH3 - CH2 + base, CH2, CH3]`` and
 clamped to ``[0, 1]``. H&E patches are 8-bit RGB scaled by ``1/255``.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: transformers reads the kwargs TypedDicts' annotations at run time
+(`HLSSProcessorKwargs.images_kwargs` must be the class, not a string).
+"""
 
 import os
 import warnings
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.processing_utils import ImagesKwargs, ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin
 
 SRH_SCALE = 65536.0
 SRH_OFFSET = 5000.0  # in raw counts: the DESIGN 1.7 base 5000/65536 after scaling
@@ -29,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MODALITIES = ("he", "srh")
 RESAMPLES = ("bilinear", "bicubic")
 
-__all__ = ["srh_to_float", "he_to_float", "HLSSImageProcessor", "HLSSProcessor"]
+__all__ = ["srh_to_float", "he_to_float", "HLSSImageProcessor", "HLSSProcessor", "HLSSProcessorKwargs"]
 
 
 def srh_to_float(image) -> torch.Tensor:
@@ -796,8 +797,22 @@ def _stack_raw(images: list, modality: str) -> np.ndarray | None:
     return np.stack(arrays)
 
 
+class HLSSProcessorKwargs(ProcessingKwargs, total=False):
+    """`ProcessingKwargs` whose image part is `HLSSImageProcessorKwargs`, so HLSS's own image settings
+    (`modality`, `antialias`, `resize_uint8`) passed flat reach the image processor."""
+
+    images_kwargs: HLSSImageProcessorKwargs
+
+
 class HLSSProcessor(ProcessorMixin):
     r"""Processor for HLSS: an `HLSSImageProcessor` for patches and any tokenizer for attribute / zero-shot text.
+
+    Call arguments follow transformers' processor convention (`HLSSProcessorKwargs`): flat keyword arguments go to
+    the part that declares them (``crop_size=`` to the image processor, ``max_length=`` to the tokenizer; those
+    both declare, such as ``return_tensors``, to both), ``images_kwargs={...}`` / ``text_kwargs={...}`` address one
+    part and are merged with its defaults, and a key given both ways raises. Defaults, from lowest priority: this
+    class's `text_kwargs` (pad and truncate texts to a batch, torch tensors), the tokenizer's own init settings,
+    the call's arguments.
 
     Args:
         image_processor (`HLSSImageProcessor`): the image processor.
@@ -807,54 +822,40 @@ class HLSSProcessor(ProcessorMixin):
 
     ```python
     >>> processor = HLSSProcessor(HLSSImageProcessor(modality="he"), AutoTokenizer.from_pretrained(text_path))
-    >>> batch = processor(images=[patch], text=["an H&E image of glioblastoma"], return_tensors="pt")
+    >>> batch = processor(images=[patch], text=["an H&E image of glioblastoma"], crop_size=128)
     >>> sorted(batch.keys())
     ['attention_mask', 'input_ids', 'pixel_values', 'token_type_ids']
     ```
     """
 
+    valid_processor_kwargs = HLSSProcessorKwargs
+    # transformers' lowest-priority processor defaults (see `ProcessorMixin._merge_kwargs`): texts of a batch are
+    # padded to one length and truncated to the tokenizer's limit, and the batch holds torch tensors (the image
+    # processor returns them by default already).
+    text_kwargs = {"padding": True, "truncation": True, "return_tensors": "pt"}
+
     def __init__(self, image_processor, tokenizer, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
 
-    def __call__(
-        self,
-        images=None,
-        text: str | list[str] | None = None,
-        return_tensors="pt",
-        padding: bool | str = True,
-        truncation: bool | None = True,
-        max_length: int | None = None,
-        images_kwargs: dict | None = None,
-        **text_kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text: str | list[str] | None = None, **kwargs) -> BatchFeature:
         """Process images and / or text and merge the outputs into one `BatchFeature`.
 
         Args:
-            images: what `HLSSImageProcessor` accepts, or `None`.
+            images (*optional*): what `HLSSImageProcessor` accepts.
             text (`str` or `list[str]`, *optional*): texts to tokenize.
-            return_tensors (`str`, *optional*, defaults to `"pt"`): tensor type for both parts.
-            padding (`bool` or `str`, *optional*, defaults to `True`): tokenizer padding.
-            truncation (`bool`, *optional*, defaults to `True`): tokenizer truncation.
-            max_length (`int`, *optional*): tokenizer maximum length.
-            images_kwargs (`dict`, *optional*): overrides passed to the image processor (e.g. `crop_size`).
-            **text_kwargs: further tokenizer arguments.
+            kwargs: `HLSSProcessorKwargs`: flat tokenizer or image-processor arguments (``padding``, ``max_length``,
+                ``crop_size``, ``modality``, ``return_tensors``, ...), or ``text_kwargs`` / ``images_kwargs`` dicts.
 
         Returns:
             `BatchFeature`: ``pixel_values`` when images are given, the tokenizer's keys when text is given.
+
+        Raises:
+            ValueError: without images and text, or with a key given both flat and in its modality's dict.
         """
-        if images is None and text is None:
-            raise ValueError("HLSSProcessor: pass images, text, or both")
-        data = {}
-        if text is not None:
-            encoded = self.tokenizer(
-                text,
-                return_tensors=return_tensors,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length,
-                **text_kwargs,
-            )
-            data.update(encoded)
-        if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors, **(images_kwargs or {})))
-        return BatchFeature(data=data)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """The inputs as given: `HLSSImageProcessor` reads image files itself (H&E; an SRH path is refused with
+        its reason) and takes every array, tensor and PIL form it documents. transformers' default would open
+        paths as RGB PIL images here and refuse `pathlib.Path` ones."""
+        return images, text, videos, audio
