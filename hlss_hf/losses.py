@@ -1,6 +1,7 @@
-"""HLSS losses: hierarchical visual contrastive (SupCon, unsupervised form) and hierarchical alignment.
+"""HLSS losses: hierarchical visual contrastive (SupCon, unsupervised form), hierarchical alignment, and the
+image-text contrastive loss of the alignment stage before HLSS.
 
-DESIGN.md sections 1.4 and 1.5. Every loss
+DESIGN.md sections 1.4, 1.5 and 1.8. Every loss
 
 - works in float32 (or float64 when given float64) whatever the input dtype, with autocast switched off
   inside, so bf16 / fp16 training stays stable;
@@ -32,6 +33,7 @@ __all__ = [
     "gather_with_grad",
     "hierarchical_alignment_loss",
     "hierarchical_contrastive_loss",
+    "image_text_contrastive_loss",
     "supcon_loss",
 ]
 
@@ -253,3 +255,45 @@ def hierarchical_alignment_loss(
         # KL(p||q) + KL(q||p) = sum (p - q)(log p - log q): one pass, and exactly 0 when p == q.
         sym_kl = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(dim=-1)  # [N]
         return 0.5 * (sym_kl.sum() if reduction == "sum" else sym_kl.mean())
+
+
+def image_text_contrastive_loss(
+    image_embeds: Tensor, text_embeds: Tensor, temperature: float = 0.07
+) -> Tensor:
+    """CLIP's symmetric contrastive loss over (image, caption) pairs (DESIGN 1.8).
+
+    Image ``i`` and text ``i`` are a pair. Both are gathered over processes with gradient (so negatives span the
+    global batch and the value equals one process holding every pair), then with ``s_ij = z_i . t_j / tau``:
+    ``L = (CE(s, diag) + CE(s^T, diag)) / 2``, each cross-entropy averaged over the pairs. Embeddings are used as
+    given: L2-normalise them beforehand (the model does). A frozen text tower's embeddings may come without
+    gradient; the loss then trains the image side only.
+
+    Args:
+        image_embeds (`torch.Tensor` of shape `[n, D]`): image embeddings ``z``.
+        text_embeds (`torch.Tensor` of shape `[n, D]`): the embeddings of each image's caption ``t``.
+        temperature (`float`, defaults to 0.07): ``tau`` (CLIP's initial ``1 / logit_scale``).
+
+    Returns:
+        `torch.Tensor`: scalar loss, float32 (float64 for float64 input).
+    """
+    for name, t in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"`{name}` must be a 2-D tensor [n, D], got {shape}")
+        if t.shape[0] < 1 or not t.is_floating_point():
+            raise ValueError(
+                f"`{name}` must be a non-empty floating point tensor, got {tuple(t.shape)} {t.dtype}"
+            )
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"`image_embeds` {tuple(image_embeds.shape)} and `text_embeds` {tuple(text_embeds.shape)} must have the "
+            "same shape: one caption per image"
+        )
+    _check_positive(temperature, "temperature")
+    z = gather_with_grad(image_embeds)  # [N, D], N = n * world size
+    t = gather_with_grad(text_embeds)  # [N, D]
+    dtype = torch.float64 if torch.float64 in (z.dtype, t.dtype) else torch.float32
+    with _autocast_off(z.device):
+        logits = z.to(dtype) @ t.to(dtype).T / temperature  # [N, N]: images x texts
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))

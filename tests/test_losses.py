@@ -17,6 +17,7 @@ from hlss_hf.losses import (  # noqa: E402
     gather_with_grad,
     hierarchical_alignment_loss,
     hierarchical_contrastive_loss,
+    image_text_contrastive_loss,
     supcon_loss,
 )
 
@@ -316,6 +317,70 @@ def test_unknown_level_lists_the_valid_ones():
     assert all(level in str(info.value) for level in LEVELS)
 
 
+# ----------------------------------------------------------------------------- image-text (CLIP) loss
+
+
+def clip_reference(images, texts, temperature):
+    """Straight from DESIGN 1.8, one pair at a time: the mean of the image->text and text->image cross-entropies."""
+    n = images.shape[0]
+    image_terms, text_terms = [], []
+    for i in range(n):
+        row = [torch.dot(images[i], texts[j]) / temperature for j in range(n)]
+        column = [torch.dot(images[j], texts[i]) / temperature for j in range(n)]
+        image_terms.append(-(row[i] - torch.log(sum(torch.exp(v) for v in row))))
+        text_terms.append(-(column[i] - torch.log(sum(torch.exp(v) for v in column))))
+    return 0.5 * (sum(image_terms) / n + sum(text_terms) / n)
+
+
+@pytest.mark.parametrize("n, d", [(1, 4), (3, 5), (8, 16)])
+@pytest.mark.parametrize("temperature", [0.07, 0.5, 1.0])
+def test_image_text_loss_matches_the_formula(n, d, temperature):
+    images, texts = _unit(n, d, seed=1), _unit(n, d, seed=2)
+    got = image_text_contrastive_loss(images, texts, temperature=temperature)
+    torch.testing.assert_close(got, clip_reference(images, texts, temperature), rtol=TOL, atol=TOL)
+
+
+def test_image_text_loss_properties():
+    images, texts = _unit(6, 8, seed=3), _unit(6, 8, seed=4)
+    loss = image_text_contrastive_loss(images, texts)
+    # Symmetric in the two sides, and invariant to the order of the pairs.
+    torch.testing.assert_close(image_text_contrastive_loss(texts, images), loss)
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(image_text_contrastive_loss(images[order], texts[order]), loss)
+    # Matched pairs far apart from the others: the loss goes to 0; one pair alone is already matched.
+    eye = torch.eye(6, dtype=torch.float64)
+    assert image_text_contrastive_loss(eye, eye, temperature=0.01) < 1e-20
+    assert image_text_contrastive_loss(images[:1], texts[:1]) == 0
+    # Swapping two captions makes the pairs wrong: the loss rises.
+    swapped = texts[[1, 0, 2, 3, 4, 5]]
+    assert image_text_contrastive_loss(eye, eye[[1, 0, 2, 3, 4, 5]]) > image_text_contrastive_loss(eye, eye)
+    assert image_text_contrastive_loss(images, swapped) != loss
+
+
+def test_image_text_loss_trains_the_image_side_with_frozen_text():
+    images = _unit(4, 8, seed=5).requires_grad_(True)
+    texts = _unit(4, 8, seed=6)  # no gradient, as a frozen text tower's cached embeddings
+    image_text_contrastive_loss(images, texts).backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: image_text_contrastive_loss(torch.randn(4, 8), torch.randn(3, 8)), "same shape"),
+        (lambda: image_text_contrastive_loss(torch.randn(4), torch.randn(4)), "`image_embeds`"),
+        (lambda: image_text_contrastive_loss(torch.randn(4, 8), torch.randn(4, 8, 1)), "`text_embeds`"),
+        (
+            lambda: image_text_contrastive_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=0),
+            "`temperature`",
+        ),
+    ],
+)
+def test_image_text_loss_names_bad_input(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
 # ----------------------------------------------------------------------------- two processes (gloo)
 
 WORLD = 2
@@ -328,7 +393,8 @@ def _inputs():
 
 
 def _losses_and_grads(x, weight):
-    """Per level: loss, d loss / d x (the leaf), d loss / d weight (a parameter shared by all ranks)."""
+    """Per level: loss, d loss / d x (the leaf), d loss / d weight (a parameter shared by all ranks). Also, as
+    ``"image_text"``, the image-text loss of the views (images) against a fixed text per view."""
     out = {}
     for level in LEVELS:
         x_leaf = x.clone().requires_grad_(True)
@@ -336,6 +402,13 @@ def _losses_and_grads(x, weight):
         loss = hierarchical_contrastive_loss(F.normalize(x_leaf @ w_leaf, dim=-1), level, temperature=0.1)
         loss.backward()
         out[level] = (loss.detach(), x_leaf.grad, w_leaf.grad)
+    x_leaf = x.clone().requires_grad_(True)
+    w_leaf = weight.clone().requires_grad_(True)
+    images = F.normalize(x_leaf @ w_leaf, dim=-1).reshape(-1, x.shape[-1])  # [B*S*P*V, D] in rank order
+    texts = F.normalize(x.flip(-1).reshape(-1, x.shape[-1]), dim=-1)  # any fixed text, one per image
+    loss = image_text_contrastive_loss(images, texts, temperature=0.1)
+    loss.backward()
+    out["image_text"] = (loss.detach(), x_leaf.grad, w_leaf.grad)
     return out
 
 
@@ -376,7 +449,7 @@ def test_two_process_gather_reproduces_single_process_training(tmp_path):
     x, weight = _inputs()
     single = _losses_and_grads(x, weight)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for level in LEVELS:
+    for level in (*LEVELS, "image_text"):
         loss, x_grad, w_grad = single[level]
         for r, per_rank in enumerate(ranks):
             r_loss, r_x_grad, _ = per_rank[level]
