@@ -70,9 +70,9 @@ def make_release(root: Path, num_patches: int) -> None:
 
     rng = np.random.default_rng(0)
     # A handful of rendered patches, cycled with small shifts: rendering is not what is measured.
-    bank = [
-        _render_patch(rng, 300, _class_params(i % 3, 3), np.ones(3, np.float32), "srh") for i in range(12)
-    ]
+    drawn = dict(coverage=0.2, darkness=0.8, stroma=0.7, fibre_angle=0.3, fibre_freq=0.3, brightness=0.95)
+    stain = np.ones((2, 2), np.float32)
+    bank = [_render_patch(rng, 300, {**_class_params(i % 3, 3), **drawn}, stain, "srh")[0] for i in range(12)]
     meta, split = {}, {"train": [], "val": []}
     for index in range(num_patches):
         patient, slide = f"P{index // 16:04d}", f"P{index // 16:04d}-{(index // 8) % 2}"

@@ -137,6 +137,7 @@ def extract_bench(args) -> dict:
             val_fraction=0.0,
             modality=args.modality,
             image_format=args.image_format if args.modality == "he" else None,
+            align_fraction=0,
         )
         split = datasets.load_dataset(str(Path(tmp) / "demo"), split="train")
         n = len(split)
@@ -284,7 +285,9 @@ def _he_tiles(patch: int, count: int):
 def _synthetic_he(patch: int, count: int):
     from dataset_scripts.demo import build_demo_dataset
 
-    demo = build_demo_dataset(num_patients=max(2, count // 16 + 1), patch_size=patch, val_fraction=0.0)
+    demo = build_demo_dataset(
+        num_patients=max(2, count // 16 + 1), patch_size=patch, val_fraction=0.0, align_fraction=0
+    )
     images = demo["train"].with_format("numpy")["image"][:count]
     return [np.asarray(image)[..., :3] for image in images]
 

@@ -23,6 +23,7 @@ The same data is available in Python, e.g. for training when no dataset is given
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from collections.abc import Iterator
@@ -47,7 +48,9 @@ from hlss_hf.schema import features_for
 
 #: Class names of the demo (in label order) when ``num_classes`` is 3; otherwise ``class_0``, ``class_1``...
 DEMO_CLASSES: tuple[str, ...] = ("normal", "low_grade", "high_grade")
-SPLITS: tuple[str, ...] = ("train", "validation")
+#: ``train`` and ``validation`` for HLSS pretraining and its evaluation; ``align``: patients held apart for the image-text
+#: alignment that HLSS starts from (``configs/demo_align.yaml``), disjoint from the other two.
+SPLITS: tuple[str, ...] = ("train", "validation", "align")
 
 
 def demo_class_names(num_classes: int) -> list[str]:
@@ -84,6 +87,117 @@ def _class_params(label: int, num_classes: int) -> dict[str, float | str]:
     }
     params["arrangement"] = (low if w < 0.5 else high)["arrangement"]
     return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Words for what was drawn. Each feature of a patch is named by one term; captions describe a patch in these terms,
+# the shipped attribute set ``demo_morphology`` has an attribute of the same name per term and level, and
+# :func:`class_terms` says which of them are true of a class's prototype (what the tests check explanations against).
+
+#: feature -> its terms with their upper bounds: a drawn value is named by the first term whose bound it is below.
+#: Radius in px at 64 px patches, elongation as length / width, size variation as the std of log radius, density as
+#: the fraction of the patch covered by nuclei, stroma as the mean stroma stain showing between them.
+TERM_BOUNDS: dict[str, tuple[tuple[str, float], ...]] = {
+    "radius": (("small_nuclei", 2.8), ("medium_nuclei", 3.6), ("large_nuclei", math.inf)),
+    "elongation": (("round_nuclei", 1.2), ("oval_nuclei", 1.8), ("spindle_nuclei", math.inf)),
+    "irregularity": (("smooth_outlines", 0.15), ("irregular_outlines", math.inf)),
+    "chromatin": (("fine_chromatin", 0.4), ("coarse_chromatin", math.inf)),
+    "size_variation": (("uniform_size", 0.16), ("variable_size", math.inf)),
+    "density": (("sparse_nuclei", 0.12), ("moderate_density", 0.22), ("dense_nuclei", math.inf)),
+    "stroma": (("scant_stroma", 0.45), ("moderate_stroma", 0.6), ("abundant_stroma", math.inf)),
+}
+ARRANGEMENT_TERMS: dict[str, str] = {
+    "even": "even_spacing",
+    "aligned": "parallel_streams",
+    "clustered": "crowded_clusters",
+}
+#: The features a class sets; density and stroma follow from the patient's and slide's draws (the same ranges for
+#: every class) and from how much of the patch the nuclei cover.
+CLASS_FEATURES: tuple[str, ...] = (
+    "radius",
+    "elongation",
+    "irregularity",
+    "chromatin",
+    "size_variation",
+    "arrangement",
+)
+
+#: Caption wordings of each term; each patch's caption picks one per term.
+PHRASES: dict[str, tuple[str, ...]] = {
+    "small_nuclei": ("small", "tiny"),
+    "medium_nuclei": ("medium-sized", "mid-sized"),
+    "large_nuclei": ("large", "enlarged"),
+    "round_nuclei": ("round", "rounded"),
+    "oval_nuclei": ("oval", "ovoid"),
+    "spindle_nuclei": ("elongated, spindle-shaped", "slender, spindle-shaped"),
+    "smooth_outlines": ("smooth nuclear outlines", "smooth, regular nuclear contours"),
+    "irregular_outlines": ("irregular nuclear outlines", "irregular, notched nuclear contours"),
+    "fine_chromatin": ("fine chromatin", "delicate, finely granular chromatin"),
+    "coarse_chromatin": ("coarse chromatin", "coarse, clumped chromatin"),
+    "uniform_size": ("uniform in size", "all of a similar size"),
+    "variable_size": ("varying in size", "of unequal, variable sizes"),
+    "even_spacing": ("evenly spaced", "spaced at regular intervals"),
+    "parallel_streams": ("aligned in parallel streams", "running in streaming rows"),
+    "crowded_clusters": ("crowded in clusters", "bunched into tight clusters"),
+    "sparse_nuclei": ("sparse", "scattered"),
+    "moderate_density": ("moderately dense", "fairly numerous"),
+    "dense_nuclei": ("densely packed", "dense"),
+    "scant_stroma": ("scant, pale stroma", "little stroma"),
+    "moderate_stroma": ("a moderate amount of stroma", "some fibrous stroma"),
+    "abundant_stroma": ("abundant fibrous stroma", "plenty of wavy stroma"),
+}
+_CAPTIONS: tuple[str, ...] = (
+    "{density} {radius}, {elongation} nuclei with {irregularity} and {chromatin}, {size_variation} and "
+    "{arrangement}, in {stroma}.",
+    "Nuclei are {radius}, {elongation}, {size_variation} and {arrangement}; they have {chromatin} and "
+    "{irregularity}. The nuclei are {density}, set in {stroma}.",
+    "A field of {density} nuclei, {radius} and {elongation}, {arrangement} and {size_variation}, showing "
+    "{irregularity} and {chromatin}, within {stroma}.",
+    "{stroma} around {radius}, {elongation} nuclei {arrangement}; they are {density}, {size_variation}, with "
+    "{chromatin} and {irregularity}.",
+)
+
+
+def _term(feature: str, value: float | str) -> str:
+    if feature == "arrangement":
+        return ARRANGEMENT_TERMS[str(value)]
+    return next(term for term, bound in TERM_BOUNDS[feature] if float(value) < bound)
+
+
+def describe(drawn: dict[str, float | str]) -> dict[str, str]:
+    """Feature -> term for what was drawn in a patch (``_render_patch``'s second result)."""
+    return {feature: _term(feature, drawn[feature]) for feature in ("arrangement", *TERM_BOUNDS)}
+
+
+def class_terms(label: int, num_classes: int = len(DEMO_CLASSES)) -> set[str]:
+    """The terms true of class ``label``'s prototype: what the generator draws for every patient of the class
+    before patient, slide and patch variation (size variation: the class's log-radius spread)."""
+    params = dict(_class_params(label, num_classes))
+    params["size_variation"] = 0.1 + 0.5 * float(params["irregularity"])
+    return {_term(feature, params[feature]) for feature in CLASS_FEATURES}
+
+
+def contradicted_terms(label: int, num_classes: int = len(DEMO_CLASSES)) -> set[str]:
+    """The terms that contradict class ``label``: the other terms of the features a class sets (a low-grade patch is
+    drawn with spindle nuclei, so "round" contradicts it); terms of the features the class leaves free (density,
+    stroma) contradict no class."""
+    every = {
+        term
+        for feature in CLASS_FEATURES
+        for term in (
+            ARRANGEMENT_TERMS.values() if feature == "arrangement" else (t for t, _ in TERM_BOUNDS[feature])
+        )
+    }
+    return every - class_terms(label, num_classes)
+
+
+def caption(drawn: dict[str, float | str], rng: np.random.Generator) -> str:
+    """One sentence describing what was drawn in a patch, in a wording chosen by ``rng``; never a class name."""
+    words = {
+        feature: PHRASES[term][rng.integers(len(PHRASES[term]))] for feature, term in describe(drawn).items()
+    }
+    text = _CAPTIONS[rng.integers(len(_CAPTIONS))].format(**words)
+    return text[0].upper() + text[1:]
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
@@ -138,8 +252,12 @@ def _centres(rng: np.random.Generator, count: int, size: int, arrangement: str) 
 
 def _render_patch(
     rng: np.random.Generator, size: int, params: dict, stain: np.ndarray, modality: str
-) -> np.ndarray:
-    """One patch: stroma + nuclei as stain density maps, coloured by the slide's stain; uint8 RGB / uint16."""
+) -> tuple[np.ndarray, dict[str, float | str]]:
+    """One patch: stroma + nuclei as stain density maps, coloured by the slide's stain; uint8 RGB / uint16.
+
+    Returns the image and what was drawn in it (:data:`DRAWN`): the median radius (in 64 px units) and mean
+    elongation of its nuclei, the spread of their sizes (std of log radius), the fraction of the patch they cover,
+    and the class's outline irregularity, chromatin texture and arrangement, the patient's stroma."""
     scale = size / 64.0  # the morphology is defined for 64 px patches
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # Stroma: fibre-like waves along a patient-specific direction plus smooth noise.
@@ -158,10 +276,13 @@ def _render_patch(
     chromatin = (
         1.0 - params["chromatin"] + 2 * params["chromatin"] * _smooth_noise(rng, size, max(2, size // 3))
     )
+    radii, elongations = [], []
     for cx, cy in centres:
         # Pleomorphism grows with irregularity: high-grade nuclei vary in size as well as in outline.
         r = max(0.8, radius * rng.lognormal(0.0, 0.1 + 0.5 * params["irregularity"]))
         elong = params["elongation"] * rng.uniform(0.85, 1.15)
+        radii.append(r / scale)
+        elongations.append(elong)
         theta = stream + rng.normal(0, 0.15) if aligned else rng.uniform(0, math.pi)
         half = int(math.ceil(r * math.sqrt(elong) * 1.5)) + 1
         x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, size)
@@ -179,19 +300,28 @@ def _render_patch(
         )
         disk = np.clip((outline - rho) * r + 0.5, 0.0, 1.0)  # soft edge about one pixel wide
         nuclei[y0:y1, x0:x1] = np.maximum(nuclei[y0:y1, x0:x1], disk)
+    covered = float((nuclei > 0.5).mean())
     nuclei *= params["darkness"] * chromatin
     noise = rng.normal(0.0, 0.04, (2, size, size)).astype(np.float32)
     density = np.stack([nuclei + noise[0] * 0.3, stroma * (1 - 0.7 * np.clip(nuclei, 0, 1)) + noise[1] * 0.3])
     density = np.clip(density, 0.0, None)  # [2, H, W]: nuclear stain, stroma stain
+    drawn = {
+        "radius": float(np.median(radii)),
+        "elongation": float(np.mean(elongations)),
+        "size_variation": float(np.std(np.log(radii))) if len(radii) > 1 else 0.0,
+        "density": covered,
+        "stroma": float(density[1].mean()),  # the stroma stain that shows between the nuclei
+        **{key: params[key] for key in ("irregularity", "chromatin", "arrangement")},
+    }
     if modality == "srh":
         # CH2 (lipid-weighted) is bright in the stroma, dark in nuclei; CH3 (protein / nucleic acid) rises in both.
         ch2 = stain[0, 0] * (0.55 + 0.5 * density[1] - 0.35 * density[0])
         ch3 = stain[1, 1] * (0.35 + 0.25 * density[1] + 0.5 * density[0])
         image = np.stack([ch2, ch3], axis=-1)
-        return np.clip(image * 30000.0, 0, 65535).astype(np.uint16)
+        return np.clip(image * 30000.0, 0, 65535).astype(np.uint16), drawn
     od = np.einsum("khw,kc->hwc", density, stain)
     image = np.exp(-od) * params["brightness"]
-    return np.clip(image * 255.0, 0, 255).astype(np.uint8)
+    return np.clip(image * 255.0, 0, 255).astype(np.uint8), drawn
 
 
 def _plan(
@@ -199,9 +329,10 @@ def _plan(
     num_classes: int,
     slides_per_patient: tuple[int, int],
     val_fraction: float,
+    align_fraction: float,
     rng: np.random.Generator,
 ) -> list[dict]:
-    """Patients with class, split and slide count; the split is stratified by class."""
+    """Patients with class, split and slide count; the splits are stratified by class."""
     patients = []
     for index in range(num_patients):
         patients.append(
@@ -214,8 +345,13 @@ def _plan(
     for label in range(num_classes):
         members = [p for p in patients if p["label"] == label]
         num_val = validation_count(len(members), val_fraction)
+        # Alignment patients come before the validation ones, out of what would otherwise train.
+        num_align = min(len(members) - num_val - 1, math.floor(align_fraction * len(members) + 0.5))
         for position, patient in enumerate(members):
-            patient["split"] = "validation" if position >= len(members) - num_val else "train"
+            left = len(members) - position
+            patient["split"] = (
+                "validation" if left <= num_val else "align" if left <= num_val + num_align else "train"
+            )
     return patients
 
 
@@ -227,7 +363,10 @@ def _rows(
     patch_size: int,
     modality: str,
     seed: int,
+    terms: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[dict]:
+    """The rows of ``split``; ``terms``, when given, receives what was drawn in each patch (patch id -> feature ->
+    term, :func:`describe`)."""
     grid = max(1, math.ceil(math.sqrt(patches_per_slide)))
     for patient in patients:
         if patient["split"] != split:
@@ -246,6 +385,8 @@ def _rows(
             fibre_angle=rng.uniform(0, math.pi),
             fibre_freq=rng.uniform(0.15, 0.6),
         )
+        # Caption wordings from a generator of their own: the images do not depend on the captions.
+        words = np.random.default_rng([seed, index, 1])
         for slide in range(patient["num_slides"]):
             slide_id = f"{patient['patient_id']}-S{slide + 1}"
             # Slide-level variation: the stain (hue, saturation, strength), brightness, a small density change.
@@ -257,8 +398,11 @@ def _rows(
             )
             for patch in range(patches_per_slide):
                 row, col = divmod(patch, grid)
+                image, drawn = _render_patch(rng, patch_size, slide_params, stain, modality)
+                if terms is not None:
+                    terms[f"{slide_id}-{patch:03d}"] = describe(drawn)
                 yield {
-                    "image": _render_patch(rng, patch_size, slide_params, stain, modality),
+                    "image": image,
                     "patient_id": patient["patient_id"],
                     "slide_id": slide_id,
                     "patch_id": f"{slide_id}-{patch:03d}",
@@ -269,18 +413,74 @@ def _rows(
                     "mpp": math.nan,
                     "magnification": math.nan,
                     "source": "demo",
+                    "caption": caption(drawn, words),
                 }
+
+
+def _patients(
+    num_patients: int,
+    num_classes: int,
+    slides_per_patient: tuple[int, int],
+    patches_per_slide: int,
+    patch_size: int,
+    val_fraction: float,
+    align_fraction: float,
+    seed: int,
+) -> tuple[list[dict], list[str]]:
+    """The checked arguments' patient plan (:func:`_plan`) and class names."""
+    if num_patients < num_classes:
+        raise ValueError(f"num_patients ({num_patients}) must be at least num_classes ({num_classes})")
+    low, high = slides_per_patient
+    if not 1 <= low <= high:
+        raise ValueError(
+            f"slides_per_patient must be (low, high) with 1 <= low <= high, got {slides_per_patient}"
+        )
+    if patches_per_slide < 1 or patch_size < 8:
+        raise ValueError("patches_per_slide must be >= 1 and patch_size >= 8")
+    for name, fraction in (("val_fraction", val_fraction), ("align_fraction", align_fraction)):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {fraction}")
+    class_names = demo_class_names(num_classes)
+    rng = np.random.default_rng(seed)
+    return _plan(num_patients, num_classes, (low, high), val_fraction, align_fraction, rng), class_names
+
+
+def drawn_terms(split: str = "validation", modality: str = "he", **kwargs) -> dict[str, dict[str, str]]:
+    """What the generator drew in each patch of a split of :func:`build_demo_dataset` (``kwargs``: its data
+    arguments), in the words of the captions: patch id -> feature -> term (:data:`TERM_BOUNDS`)."""
+    arguments = {
+        name: value.default
+        for name, value in inspect.signature(build_demo_dataset).parameters.items()
+        if name in inspect.signature(_patients).parameters
+    }
+    arguments.update(kwargs)
+    patients, class_names = _patients(**arguments)
+    terms: dict[str, dict[str, str]] = {}
+    rows = _rows(
+        patients,
+        split,
+        class_names,
+        arguments["patches_per_slide"],
+        arguments["patch_size"],
+        modality,
+        arguments["seed"],
+        terms,
+    )
+    for _ in rows:
+        pass
+    return terms
 
 
 def build_demo_dataset(
     output_dir: str | Path | None = None,
-    num_patients: int = 24,
+    num_patients: int = 96,
     num_classes: int = 3,
     slides_per_patient: tuple[int, int] = (2, 3),
-    patches_per_slide: int = 8,
+    patches_per_slide: int = 6,
     patch_size: int = 64,
     modality: str = "he",
     val_fraction: float = 0.25,
+    align_fraction: float = 0.5,
     seed: int = 0,
     overwrite: bool = False,
     show_progress: bool = False,
@@ -294,13 +494,15 @@ def build_demo_dataset(
         output_dir (`str` or `Path`, *optional*): also write it there, as the converters do (readable with
             ``datasets.load_from_disk(output_dir)`` or ``datasets.load_dataset(output_dir)``); by default the
             dataset is only built in memory.
-        num_patients (`int`, defaults to 24): patients, assigned to classes round-robin.
+        num_patients (`int`, defaults to 96): patients, assigned to classes round-robin.
         num_classes (`int`, defaults to 3): classes (at least 2).
         slides_per_patient (`(int, int)`, defaults to `(2, 3)`): inclusive range of slides per patient.
-        patches_per_slide (`int`, defaults to 8): patches per slide.
+        patches_per_slide (`int`, defaults to 6): patches per slide.
         patch_size (`int`, defaults to 64): patch side in pixels.
         modality (`str`, defaults to `"he"`): ``"he"`` (uint8 RGB PNG) or ``"srh"`` (2-channel uint16).
         val_fraction (`float`, defaults to 0.25): fraction of each class's patients in ``validation``.
+        align_fraction (`float`, defaults to 0.5): fraction of each class's patients in ``align`` (image-caption
+            pairs for the alignment stage before HLSS; 0: no such split). Every class keeps a training patient.
         seed (`int`, defaults to 0): the data is a function of the arguments and the seed only.
         overwrite (`bool`, defaults to `False`): replace an existing ``output_dir``.
         show_progress (`bool`, defaults to `False`): show progress bars.
@@ -310,26 +512,29 @@ def build_demo_dataset(
         image_format (`str`, *optional*): H&E storage, ``"png"`` (the default) or ``"raw"`` (uint8 ``Array3D``,
             the same pixels; see :func:`hlss_hf.schema.features_for`).
 
+    The defaults are the demo's: ``python train.py`` trains and evaluates on exactly what
+    ``python dataset_scripts/demo.py --output DIR`` writes.
+
     Returns:
-        `datasets.DatasetDict` with splits ``train`` and ``validation`` (features from
-        :func:`hlss_hf.schema.features_for`).
+        `datasets.DatasetDict` with splits ``train``, ``validation`` and ``align`` (those with patients; features
+        from :func:`hlss_hf.schema.features_for` with a ``caption`` column: one sentence per patch describing the
+        nuclei and stroma drawn in it, never the class).
     """
-    if num_patients < num_classes:
-        raise ValueError(f"num_patients ({num_patients}) must be at least num_classes ({num_classes})")
-    low, high = slides_per_patient
-    if not 1 <= low <= high:
-        raise ValueError(
-            f"slides_per_patient must be (low, high) with 1 <= low <= high, got {slides_per_patient}"
-        )
-    if patches_per_slide < 1 or patch_size < 8:
-        raise ValueError("patches_per_slide must be >= 1 and patch_size >= 8")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if output_dir is not None and push_to_hub is not None:
         raise ValueError("give output_dir or push_to_hub, not both")
-    class_names = demo_class_names(num_classes)
-    features = features_for(modality, class_names, patch_size=patch_size, image_format=image_format)
-    patients = _plan(num_patients, num_classes, (low, high), val_fraction, np.random.default_rng(seed))
+    patients, class_names = _patients(
+        num_patients,
+        num_classes,
+        slides_per_patient,
+        patches_per_slide,
+        patch_size,
+        val_fraction,
+        align_fraction,
+        seed,
+    )
+    features = features_for(
+        modality, class_names, patch_size=patch_size, image_format=image_format, caption=True
+    )
     splits = [s for s in SPLITS if any(p["split"] == s for p in patients)]
 
     def rows(split: str) -> Iterator[dict]:
@@ -360,6 +565,7 @@ def build_demo_dataset(
             patch_size,
             modality,
             val_fraction,
+            align_fraction,
             seed,
             image_format=image_format,
         )
@@ -367,25 +573,42 @@ def build_demo_dataset(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # The defaults are build_demo_dataset's, which are the demo's (python train.py): one place to change them.
+    default = {k: v.default for k, v in inspect.signature(build_demo_dataset).parameters.items()}
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     destination = parser.add_mutually_exclusive_group(required=True)
     destination.add_argument("--output", help="destination folder (save_to_disk layout + README.md card)")
     destination.add_argument("--push-to-hub", metavar="REPO_ID", help="push to this Hub dataset repo instead")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument("--modality", choices=("he", "srh"), default="he", help="H&E RGB or 2-channel SRH")
-    parser.add_argument("--num-patients", type=int, default=24)
-    parser.add_argument("--num-classes", type=int, default=3)
-    parser.add_argument("--min-slides", type=int, default=2, help="fewest slides per patient")
-    parser.add_argument("--max-slides", type=int, default=3, help="most slides per patient")
-    parser.add_argument("--patches-per-slide", type=int, default=8)
-    parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument(
-        "--val-fraction", type=float, default=0.25, help="fraction of patients per class in validation"
+        "--modality", choices=("he", "srh"), default=default["modality"], help="H&E RGB or 2-channel SRH"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-patients", type=int, default=default["num_patients"], help="patients in all")
+    parser.add_argument("--num-classes", type=int, default=default["num_classes"], help="classes")
+    low, high = default["slides_per_patient"]
+    parser.add_argument("--min-slides", type=int, default=low, help="fewest slides per patient")
+    parser.add_argument("--max-slides", type=int, default=high, help="most slides per patient")
+    parser.add_argument(
+        "--patches-per-slide", type=int, default=default["patches_per_slide"], help="patches per slide"
+    )
+    parser.add_argument("--patch-size", type=int, default=default["patch_size"], help="patch side, pixels")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=default["val_fraction"],
+        help="fraction of patients per class in validation",
+    )
+    parser.add_argument(
+        "--align-fraction",
+        type=float,
+        default=default["align_fraction"],
+        help="fraction of patients per class in align (image-caption pairs for the alignment stage; 0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=default["seed"], help="the data depends on it only")
     add_image_format_argument(parser)
     return parser.parse_args(argv)
 
@@ -402,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
             patch_size=args.patch_size,
             modality=args.modality,
             val_fraction=args.val_fraction,
+            align_fraction=args.align_fraction,
             seed=args.seed,
             overwrite=args.overwrite,
             show_progress=True,

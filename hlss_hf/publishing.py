@@ -48,7 +48,17 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from .schema import IMAGE, IMAGE_FORMATS, LABEL, PATCH_ID, PATIENT_ID, SLIDE_ID, decode_image, modality_of
+from .schema import (
+    CAPTION,
+    IMAGE,
+    IMAGE_FORMATS,
+    LABEL,
+    PATCH_ID,
+    PATIENT_ID,
+    SLIDE_ID,
+    decode_image,
+    modality_of,
+)
 
 #: Rows per written Arrow batch: small enough that a 300x300x2 uint16 batch stays ~25 MB in memory.
 WRITER_BATCH_SIZE = 64
@@ -587,6 +597,13 @@ def dataset_card_text(
     skipped = (
         "\n".join(f"- `{item}`: {reason}" for item, reason in summary.skipped) if summary.skipped else "None."
     )
+    caption_text = (
+        f"\n\n`{CAPTION}`: one sentence per patch describing what it shows (nuclear size, shape, outline, "
+        "chromatin, arrangement, density, stroma), never its class: the text of the image-caption pairs that "
+        "align an image tower with a text tower before HLSS (`train.py` with `model.objective: align`)."
+        if CAPTION in features
+        else ""
+    )
     body = f"""
 # {title}
 
@@ -606,7 +623,7 @@ A patient-slide-patch hierarchy for hierarchical self-supervision (HLSS): one ro
 
 `image`, `patient_id`, `slide_id`, `patch_id` (unique), `label` (ClassLabel), `x`, `y` (top-left, level-0
 pixels; -1 unknown), `level` (-1 unknown), `mpp` (microns per pixel of the patch; NaN unknown),
-`magnification` (NaN unknown), `source`.
+`magnification` (NaN unknown), `source`.{caption_text}
 
 ## Counts
 

@@ -11,6 +11,8 @@ Columns (see :data:`COLUMNS`):
 - ``x``, ``y`` (top-left corner in level-0 pixels), ``level``: int32, ``-1`` when unknown.
 - ``mpp`` (microns per pixel of the stored patch), ``magnification``: float32, NaN when unknown.
 - ``source``: string such as ``"opensrh"``, ``"tcga"`` or ``"wsi:<file>"``.
+- ``caption`` (optional, :data:`CAPTION`): a sentence describing what the patch shows, for image-text alignment
+  (``model.objective: align`` in ``train.py``); the demo writes one per patch.
 
 Example:
 
@@ -38,6 +40,7 @@ PATIENT_ID = "patient_id"
 SLIDE_ID = "slide_id"
 PATCH_ID = "patch_id"
 LABEL = "label"
+CAPTION = "caption"
 
 #: Every column of a converted dataset, in order.
 COLUMNS: tuple[str, ...] = (
@@ -81,6 +84,7 @@ def features_for(
     class_names: Sequence[str],
     patch_size: int | Sequence[int] | None = None,
     image_format: str | None = None,
+    caption: bool = False,
 ) -> datasets.Features:
     """Build the :class:`datasets.Features` of a patch dataset.
 
@@ -92,9 +96,10 @@ def features_for(
         image_format (`str`, *optional*): H&E storage, one of :data:`IMAGE_FORMATS`: ``"png"`` (the default;
             :class:`datasets.Image`) or ``"raw"`` (``Array3D(shape=(H, W, 3), dtype="uint8")``: the same pixels,
             read without decoding, ~3.3x the bytes). SRH is always raw; ``"png"`` is refused for it.
+        caption (`bool`, defaults to `False`): add a string column :data:`CAPTION` (text describing the patch).
 
     Returns:
-        `datasets.Features` with the columns of :data:`COLUMNS`.
+        `datasets.Features` with the columns of :data:`COLUMNS` (and :data:`CAPTION` last when asked).
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -120,7 +125,7 @@ def features_for(
         image_feature = datasets.Array3D(shape=(height, width, HE_CHANNELS), dtype="uint8")
     else:
         image_feature = datasets.Image()
-    return datasets.Features(
+    features = datasets.Features(
         {
             IMAGE: image_feature,
             PATIENT_ID: datasets.Value("string"),
@@ -135,6 +140,9 @@ def features_for(
             "source": datasets.Value("string"),
         }
     )
+    if caption:
+        features[CAPTION] = datasets.Value("string")
+    return features
 
 
 def modality_of(features: Mapping[str, Any]) -> str:

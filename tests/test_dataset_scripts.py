@@ -892,7 +892,9 @@ def test_tcga_split_file_patient_without_slide_files_is_an_error(tmp_path, tcga_
 
 
 def test_build_demo_dataset_in_memory_has_hierarchy_and_patient_split():
-    ds = demo.build_demo_dataset(num_patients=9, patches_per_slide=4, patch_size=32, val_fraction=0.34)
+    ds = demo.build_demo_dataset(
+        num_patients=9, patches_per_slide=4, patch_size=32, val_fraction=0.34, align_fraction=0
+    )
     assert set(ds) == {"train", "validation"}
     train, val = ds["train"], ds["validation"]
     assert not set(train["patient_id"]) & set(val["patient_id"])
@@ -925,7 +927,7 @@ def _nuclear_shape_and_brightness(label: int, n: int = 12) -> tuple[float, float
     )
     ratios, brightness = [], []
     for _ in range(n):
-        image = demo._render_patch(rng, 64, params, stain, "he").astype(np.float32) / 255
+        image = demo._render_patch(rng, 64, params, stain, "he")[0].astype(np.float32) / 255
         mask = -np.log(np.clip(image, 1e-3, 1)).sum(-1) > 1.2  # optical density: the nuclei
         core = mask[1:-1, 1:-1]
         inner = core & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
@@ -943,13 +945,17 @@ def test_demo_classes_differ_in_nuclear_morphology_not_brightness():
 
 
 def test_demo_stain_varies_per_slide_and_the_data_is_reproducible():
-    ds = demo.build_demo_dataset(num_patients=6, patches_per_slide=4, patch_size=48, seed=5)["train"]
+    ds = demo.build_demo_dataset(
+        num_patients=6, patches_per_slide=4, patch_size=48, seed=5, val_fraction=0.25, align_fraction=0
+    )["train"]
     colour = {}
     for row in ds:
         colour.setdefault(row["slide_id"], []).append(decode_image(row["image"]).reshape(-1, 3).mean(0))
     slide_means = np.stack([np.mean(v, 0) for v in colour.values()])
     assert np.ptp(slide_means, axis=0).max() > 40  # slides differ in stain colour by tens of grey levels
-    again = demo.build_demo_dataset(num_patients=6, patches_per_slide=4, patch_size=48, seed=5)["train"]
+    again = demo.build_demo_dataset(
+        num_patients=6, patches_per_slide=4, patch_size=48, seed=5, val_fraction=0.25, align_fraction=0
+    )["train"]
     np.testing.assert_array_equal(decode_image(again[5]["image"]), decode_image(ds[5]["image"]))
 
 
@@ -995,6 +1001,7 @@ def test_demo_srh_writes_uint16_two_channel_dataset_that_loads_back(tmp_path):
         patch_size=24,
         modality="srh",
         val_fraction=0.5,
+        align_fraction=0,
     )
     loaded = load(out, tmp_path)
     assert loaded["train"].features["image"] == datasets.Array3D(shape=(24, 24, 2), dtype="uint16")
@@ -1049,6 +1056,74 @@ def test_demo_main_writes_a_loadable_dataset(tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="already exists"):
         demo.main(["--output", str(demo_out)])
+
+
+#: Whole words a demo caption or attribute must never use: the class names and their parts.
+CLASS_WORDS = {"normal", "low", "high", "grade", "low_grade", "high_grade"}
+
+
+def test_demo_captions_describe_what_was_drawn_never_the_class():
+    split = demo.build_demo_dataset(num_patients=12, patches_per_slide=4, patch_size=48)["train"]
+    drawn = demo.drawn_terms("train", num_patients=12, patches_per_slide=4, patch_size=48)
+    assert split.features["caption"] == datasets.Value("string")
+    openings = set()
+    for row in split:
+        caption = row["caption"]
+        words = set(caption.lower().replace(",", " ").replace(".", " ").replace(";", " ").split())
+        assert not words & CLASS_WORDS, caption
+        # Every feature of the patch is named, in one of its term's wordings.
+        for feature, term in drawn[row["patch_id"]].items():
+            assert any(phrase in caption.lower() for phrase in demo.PHRASES[term]), (feature, term, caption)
+        openings.add(caption.split()[0])
+    assert len(openings) >= 3  # several phrasings, chosen per patch
+    # The captions follow the drawing, so they differ between classes in the class's own terms.
+    by_class = {
+        label: " ".join(c for c, lab in zip(split["caption"], split["label"], strict=True) if lab == label)
+        for label in range(3)
+    }
+    assert "spindle-shaped" in by_class[1] and "spindle-shaped" not in by_class[0] + by_class[2]
+
+
+def test_demo_card_documents_the_caption_column(tmp_path):
+    out = tmp_path / "demo"
+    demo.build_demo_dataset(out, num_patients=12, patches_per_slide=2, patch_size=16)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "`caption`: one sentence per patch" in card and "never its class" in card
+    assert load(out, tmp_path)["align"].features["caption"] == datasets.Value("string")
+
+
+def test_demo_script_defaults_write_the_data_train_py_trains_and_evaluates_on(tmp_path, capsys):
+    from hlss_hf.building import _demo_splits
+    from hlss_hf.config import parse_config
+
+    demo.main(["--output", str(tmp_path / "demo")])
+    assert "validation: 24 patients" in capsys.readouterr().out
+    written = datasets.load_from_disk(str(tmp_path / "demo"))
+    used = _demo_splits(parse_config(["--config", str(REPO / "configs" / "demo.yaml")]))
+    assert set(written) == set(used) == {"train", "validation", "align"}
+    for split in used:
+        assert written[split]["patch_id"] == used[split]["patch_id"]
+        assert written[split]["caption"] == used[split]["caption"]
+        assert written[split]["label"] == used[split]["label"]
+        for row in (0, len(used[split]) - 1):
+            np.testing.assert_array_equal(
+                decode_image(written[split][row]["image"]), decode_image(used[split][row]["image"])
+            )
+
+
+def test_demo_attribute_set_is_the_generator_vocabulary():
+    import yaml
+
+    from hlss_hf.modeling_hlss import shipped_attribute_file
+
+    bank = yaml.safe_load(Path(shipped_attribute_file("demo_morphology")).read_text(encoding="utf-8"))
+    vocabulary = set(demo.PHRASES)
+    for level, attributes in bank.items():
+        assert set(attributes) == vocabulary, level
+        for descriptions in attributes.values():
+            for text in descriptions:
+                words = set(text.lower().replace(",", " ").replace("-", " ").split())
+                assert not words & CLASS_WORDS, text
 
 
 # --------------------------------------------------------------------------------- writer and helpers

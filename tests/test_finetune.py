@@ -87,6 +87,7 @@ def demo_dir(tmp_path_factory):
         patches_per_slide=3,
         patch_size=40,
         val_fraction=0.5,
+        align_fraction=0,
     )
     return folder
 
@@ -402,6 +403,7 @@ def test_patch_dataset_items_match_the_processor(modality):
         patch_size=40,
         modality=modality,
         val_fraction=0.0,
+        align_fraction=0,
     )["train"].select([5, 0, 3])  # a selected view: rows go through the indices mapping
     value_to_index = {i: i for i in range(3)}
     processor = HLSSImageProcessor(modality=modality, crop_size=32, do_normalize=True)
@@ -437,6 +439,7 @@ def test_patch_smaller_than_the_crop_is_named():
         patches_per_slide=1,
         patch_size=16,
         val_fraction=0.0,
+        align_fraction=0,
     )["train"]
     dataset = finetune.PatchClassificationDataset(
         split, {i: i for i in range(3)}, HLSSImageProcessor(crop_size=32)
@@ -498,6 +501,7 @@ def test_missing_hierarchy_columns_fall_back_to_patch_level(hlss_dir, tmp_path):
         patches_per_slide=2,
         patch_size=32,
         val_fraction=0.5,
+        align_fraction=0,
     )
     folder = to_disk(data.remove_columns(["slide_id", "patient_id"]), tmp_path)
     with pytest.warns(UserWarning, match="slide_id"):
@@ -520,6 +524,7 @@ def small_data():
         patches_per_slide=1,
         patch_size=16,
         val_fraction=0.5,
+        align_fraction=0,
     )
 
 

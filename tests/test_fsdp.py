@@ -50,7 +50,14 @@ def demo_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp") / "demo"
     # 84 train / 36 validation patches: with 2 processes x batch 8 the last round of each split reaches only
     # process 0, so process 1 runs a padding forward there (FSDP would hang without it).
-    build_demo_dataset(output_dir=folder, num_patients=12, patches_per_slide=4, patch_size=40)
+    build_demo_dataset(
+        output_dir=folder,
+        num_patients=12,
+        patches_per_slide=4,
+        patch_size=40,
+        val_fraction=0.25,
+        align_fraction=0,
+    )
     return folder
 
 

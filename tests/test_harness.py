@@ -295,7 +295,14 @@ def test_streaming_run_evaluates_at_the_end_and_saves(tmp_path, attributes_file)
     from dataset_scripts.demo import build_demo_dataset
 
     data = tmp_path / "data"
-    build_demo_dataset(output_dir=data, num_patients=12, patches_per_slide=4, patch_size=40)
+    build_demo_dataset(
+        output_dir=data,
+        num_patients=12,
+        patches_per_slide=4,
+        patch_size=40,
+        val_fraction=0.25,
+        align_fraction=0,
+    )
     out = tmp_path / "run"
     result = train.main(
         tiny_args(
