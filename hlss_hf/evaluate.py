@@ -18,7 +18,10 @@ settings) and
 `<mode>_<split>_confusion_<level>.png` to `--output-dir`; `--update-card` records the metrics as model-index
 evaluation results in the model folder's README.md. `explain` writes per-class attribute summaries (JSON and one
 heatmap PNG per level) and, with `--index`, `--slide-id` or `--patient-id`, that target's top attributes.
-Zero-shot prompts: a YAML/JSON file `class -> [prompts]`; without one, "an image of {class}" style templates.
+Zero-shot prompts: a YAML/JSON file `class -> [prompts]`; without one, the class descriptions saved with the model
+(`config.class_prompts`), else "an image of {class}" style templates. Explanations rank each class's (or target's)
+attributes by how much more its patches are tied to them than patches in general (`hlss_hf.explain`), through the
+fixed banks (`--affinity banks`, the default: cosine to the descriptions) or the trained heads (`--affinity heads`).
 """
 
 from __future__ import annotations
@@ -97,11 +100,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(autocast: faster on GPUs, embeddings rounded to bf16)",
     )
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="linear probe L2 penalty")
-    parser.add_argument("--prompts", default=None, help="zero-shot prompts: YAML/JSON class -> [prompts]")
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="zero-shot prompts: YAML/JSON class -> [prompts] (default: the model's saved class descriptions)",
+    )
     parser.add_argument(
         "--zeroshot-temperature", type=float, default=0.01, help="zero-shot softmax temperature"
     )
     parser.add_argument("--top-k", type=int, default=5, help="explain: attributes listed per level / class")
+    parser.add_argument(
+        "--affinity",
+        choices=("banks", "heads"),
+        default="banks",
+        help="explain: attribute affinity through the fixed banks (cosine to the descriptions) or the trained heads",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--index", type=int, default=None, help="explain: a patch (row of --split)")
     target.add_argument("--slide-id", default=None, help="explain: a slide of --split")
@@ -132,8 +145,11 @@ def _load_split(dataset_path: str, split: str, max_samples: int | None = None, s
     return load_split(dataset_path, split, max_samples=max_samples, key="--dataset", split_key=split_key)
 
 
-def load_prompts(path: str | None, class_names: list[str]) -> dict[str, list[str]]:
-    """Class prompts from a YAML / JSON file (`class -> prompt or [prompts]`), or the default templates."""
+def load_prompts(path: str | None, class_names: list[str], saved: dict | None = None) -> dict[str, list[str]]:
+    """Class prompts from a YAML / JSON file (`class -> prompt or [prompts]`), else the class descriptions saved with
+    the model (`saved`, its `config.class_prompts`), else the default templates."""
+    if path is None and saved:
+        return {str(k): list(v) for k, v in saved.items()}
     if path is None:
         return {name: [t.format(name.replace("_", " ")) for t in DEFAULT_TEMPLATES] for name in class_names}
     import yaml
@@ -337,7 +353,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. Explanations: per-class attribute summaries, and one target when asked.
     if args.mode == "explain":
-        summary = explain_lib.class_attribute_summary(model, val, k=args.top_k)
+        use_heads = args.affinity == "heads"
+        summary = explain_lib.class_attribute_summary(model, val, k=args.top_k, use_heads=use_heads)
         report["class_summary"] = summary
         report["plots"] = [
             str(explain_lib.plot_class_heatmap(summary, level, output_dir / f"{stem}_classes_{level}.png"))
@@ -346,7 +363,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(explain_lib.format_class_summary(summary))
         if args.index is not None or args.slide_id is not None or args.patient_id is not None:
             target = explain_lib.explain(
-                model, val, index=args.index, slide_id=args.slide_id, patient_id=args.patient_id, k=args.top_k
+                model,
+                val,
+                index=args.index,
+                slide_id=args.slide_id,
+                patient_id=args.patient_id,
+                k=args.top_k,
+                use_heads=use_heads,
             )
             print(explain_lib.format_explanation(target))
             report["target"] = target
@@ -379,7 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scores = probe(val.embeddings).softmax(dim=-1)
         report["settings"] = {"weight_decay": args.weight_decay, "train_split": args.train_split}
     else:
-        prompts = load_prompts(args.prompts, val.class_names)
+        prompts = load_prompts(args.prompts, val.class_names, getattr(model.config, "class_prompts", None))
         scores = zero_shot_scores(model, tokenizer, val, prompts, temperature=args.zeroshot_temperature)
         report["settings"] = {"prompts": prompts, "temperature": args.zeroshot_temperature}
 

@@ -1,8 +1,15 @@
 """Interpretability through the language-tied heads: which attributes an image, slide or patient is tied to.
 
 HLSS heads map an image embedding `z` to attribute space, `u_l = normalize(head_l(z))`, whose coordinate `a`
-is the affinity to attribute `a` of level `l` (DESIGN 1.3); the attribute names are in
-`model.config.attribute_names`. A slide or patient is explained by the mean affinities of its patches.
+is the affinity to attribute `a` of level `l` (DESIGN 1.3); the fixed banks give the same through the text
+directly, `z . t_a` (`use_heads=False`). The attribute names are in `model.config.attribute_names`. A slide,
+patient or class is explained by the mean affinities of its patches.
+
+Attributes are ranked by how much more the target's patches are tied to them than patches in general: each
+attribute's affinities are standardised over the whole embedding set (mean 0, standard deviation 1) before they
+are averaged. Raw affinities have a large offset per attribute (sentence encoders put some descriptions nearer to
+every image than others), so ranked raw, the same few attributes top every class. `standardize=False` ranks the
+raw affinities (as `HLSSModel.top_attributes` does for single images).
 Figures are drawn with matplotlib's Agg canvas (no display, no global backend switch).
 
 Example:
@@ -113,6 +120,14 @@ def _select(embedding_set: EmbeddingSet, index, slide_id, patient_id) -> tuple[d
     return target, rows
 
 
+def _standardized(scores: torch.Tensor) -> torch.Tensor:
+    """``[N, A]`` affinities standardised per attribute over the ``N`` patches (z-scores)."""
+    spread = (
+        scores.std(dim=0, unbiased=False).clamp_min(1e-12) if len(scores) > 1 else torch.ones(scores.shape[1])
+    )
+    return (scores - scores.mean(dim=0)) / spread
+
+
 def explain(
     model: nn.Module,
     embedding_set: EmbeddingSet,
@@ -121,6 +136,7 @@ def explain(
     patient_id: str | None = None,
     k: int = 5,
     use_heads: bool = True,
+    standardize: bool = True,
 ) -> dict[str, Any]:
     """Top attributes of every level for one image, one slide or one patient (mean over its patches).
 
@@ -132,10 +148,13 @@ def explain(
         patient_id (`str`, *optional*): a patient; its patches' affinities are averaged.
         k (`int`, defaults to 5): attributes per level (capped at the level's size).
         use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
+        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set (see the
+            module's docstring); `False` ranks the raw affinities.
 
     Returns:
         JSON-ready `dict`: `{"target": {"kind", "id", "num_patches", "labels"}, "levels": {level:
-        [{"attribute": name, "score": float}, ...]}}`, attributes by decreasing score.
+        [{"attribute": name, "score": float, "affinity": float}, ...]}}`, attributes by decreasing score (the
+        standardised mean affinity, or the raw one without `standardize`; `affinity` is always the raw mean).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -143,17 +162,23 @@ def explain(
     target, rows = _select(embedding_set, index, slide_id, patient_id)
     levels = {}
     for level, level_names in names.items():
-        mean = attribute_scores(model, embedding_set.embeddings[rows], level, use_heads).mean(dim=0)
-        values, order = mean.topk(min(k, len(level_names)))
+        scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)  # [N, A]
+        affinity = scores[rows].mean(dim=0)
+        ranked = _standardized(scores)[rows].mean(dim=0) if standardize else affinity
+        values, order = ranked.topk(min(k, len(level_names)))
         levels[level] = [
-            {"attribute": level_names[i], "score": float(v)}
+            {"attribute": level_names[i], "score": float(v), "affinity": float(affinity[i])}
             for v, i in zip(values.tolist(), order.tolist(), strict=True)
         ]
     return {"target": target, "levels": levels}
 
 
 def class_attribute_summary(
-    model: nn.Module, embedding_set: EmbeddingSet, k: int = 5, use_heads: bool = True
+    model: nn.Module,
+    embedding_set: EmbeddingSet,
+    k: int = 5,
+    use_heads: bool = True,
+    standardize: bool = True,
 ) -> dict[str, Any]:
     """Mean attribute affinity of each class, and each class's top attributes, per level.
 
@@ -162,11 +187,15 @@ def class_attribute_summary(
         embedding_set (:class:`~hlss_hf.evaluation.EmbeddingSet`): labelled embeddings.
         k (`int`, defaults to 5): top attributes listed per class.
         use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
+        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set (see the
+            module's docstring); `False` ranks the raw class means.
 
     Returns:
-        JSON-ready `dict`: `{"class_names": [...], "num_patches": {class: n}, "levels": {level: {"attributes":
-        [...], "mean": [[C x N_l]], "top": {class: [{"attribute", "score"}]}}}}`; classes without patches have
-        NaN means and no top attributes.
+        JSON-ready `dict`: `{"class_names": [...], "num_patches": {class: n}, "affinity": "heads" or "banks",
+        "ranked_by": "standardized" or "mean", "levels": {level: {"attributes":
+        [...], "mean": [[C x N_l]], "standardized": [[C x N_l]], "top": {class: [{"attribute", "score",
+        "affinity"}]}}}}`: raw and standardised class means; a top item's `score` is what ranked it, `affinity`
+        the raw mean. Classes without patches have NaN means and no top attributes.
     """
     if len(embedding_set) == 0:
         raise ValueError("cannot summarise an empty embedding set")
@@ -178,24 +207,38 @@ def class_attribute_summary(
         "num_patches": {
             name: int(n) for name, n in zip(embedding_set.class_names, counts.tolist(), strict=True)
         },
+        # How affinities were measured and which class means rank the attributes (and fill the heatmap).
+        "affinity": "heads" if use_heads else "banks",
+        "ranked_by": "standardized" if standardize else "mean",
         "levels": {},
     }
-    for level, level_names in names.items():
-        scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)
+
+    def class_means(scores: torch.Tensor) -> torch.Tensor:
         sums = torch.zeros(num_classes, scores.shape[1]).index_add_(0, embedding_set.labels, scores)
         mean = sums / counts[:, None].clamp(min=1)
         mean[counts == 0] = float("nan")
+        return mean
+
+    for level, level_names in names.items():
+        scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)
+        mean, standardized = class_means(scores), class_means(_standardized(scores))
+        ranked = standardized if standardize else mean
         top = {}
         for c, class_name in enumerate(embedding_set.class_names):
             if counts[c] == 0:
                 top[class_name] = []
                 continue
-            values, order = mean[c].topk(min(k, len(level_names)))
+            values, order = ranked[c].topk(min(k, len(level_names)))
             top[class_name] = [
-                {"attribute": level_names[i], "score": float(v)}
+                {"attribute": level_names[i], "score": float(v), "affinity": float(mean[c, i])}
                 for v, i in zip(values.tolist(), order.tolist(), strict=True)
             ]
-        summary["levels"][level] = {"attributes": level_names, "mean": mean.tolist(), "top": top}
+        summary["levels"][level] = {
+            "attributes": level_names,
+            "mean": mean.tolist(),
+            "standardized": standardized.tolist(),
+            "top": top,
+        }
     return summary
 
 
@@ -288,7 +331,8 @@ def heatmap_attributes(summary: dict[str, Any], level: str, max_attributes: int 
 def plot_class_heatmap(
     summary: dict[str, Any], level: str, path: str | os.PathLike, max_attributes: int = 20
 ) -> Path:
-    """Heatmap of mean attribute affinity per class (rows) and attribute (columns) of one level, as PNG.
+    """Heatmap of the class means that rank the attributes (standardised or raw affinity) per class (rows) and
+    attribute (columns) of one level, as PNG.
 
     Cells carry their values; the colour bar is labelled; with more than ``max_attributes`` attributes only the
     classes' top ones are shown (:func:`heatmap_attributes`), and the title says so.
@@ -303,7 +347,8 @@ def plot_class_heatmap(
     columns = heatmap_attributes(summary, level, max_attributes)
     classes = summary["class_names"]
     attributes = [textwrap.shorten(data["attributes"][i], width=40, placeholder="...") for i in columns]
-    values = torch.tensor(data["mean"])[:, columns]  # [C, shown attributes]
+    ranked_by = summary.get("ranked_by", "mean")
+    values = torch.tensor(data[ranked_by])[:, columns]  # [C, shown attributes]
     figure = Figure(
         figsize=(max(5.0, 0.55 * len(attributes) + 3), max(3.5, 0.45 * len(classes) + 2.5)),
         layout="constrained",
@@ -319,7 +364,8 @@ def plot_class_heatmap(
         if len(columns) == len(data["attributes"])
         else f" (top {len(columns)} of {len(data['attributes'])})"
     )
-    axis.set_title(f"mean {level} attribute affinity per class{shown}")
+    what = "standardised affinity" if ranked_by == "standardized" else "affinity"
+    axis.set_title(f"mean {level} attribute {what} per class{shown}")
     finite = values[torch.isfinite(values)]
     middle = float(finite.min() + finite.max()) / 2 if finite.numel() else 0.0
     if len(classes) * len(columns) <= 400:  # values stay legible
@@ -330,7 +376,9 @@ def plot_class_heatmap(
                     colour = "black" if value > middle else "white"
                     axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
     bar = figure.colorbar(image, ax=axis)
-    bar.set_label("mean affinity (cosine, head output)")
+    source = "fixed bank: cosine to the descriptions" if summary.get("affinity") == "banks" else "head output"
+    scale = "z-score over all patches" if ranked_by == "standardized" else "cosine"
+    bar.set_label(f"mean affinity ({source}; {scale})")
     return _save(figure, path)
 
 

@@ -37,7 +37,9 @@ def saved(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("cli")
     tiny_model.save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
-    demo.build_demo_dataset(root / "data", num_patients=9, patches_per_slide=4, patch_size=32)
+    demo.build_demo_dataset(
+        root / "data", num_patients=9, patches_per_slide=4, patch_size=32, val_fraction=0.25, align_fraction=0
+    )
     return root
 
 
@@ -260,9 +262,11 @@ def test_explain_matches_model_top_attributes(tiny_model, saved):
     val = extract_embeddings(tiny_model, data, progress=False)
     pixels = _default_pixels([np.asarray(img) for img in data["image"]], "he", 32)
     expected = tiny_model.top_attributes(pixels, level="patch", k=3)[1]
-    got = explain(tiny_model, val, index=1, k=3)["levels"]["patch"]
+    # Ranked by the raw affinities, as top_attributes ranks a single image (without a set to compare with).
+    got = explain(tiny_model, val, index=1, k=3, standardize=False)["levels"]["patch"]
     assert [a["attribute"] for a in got] == [name for name, _ in expected]
     assert [a["score"] for a in got] == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert [a["affinity"] for a in got] == pytest.approx([s for _, s in expected], abs=1e-5)
 
 
 def test_class_summary_means(tiny_model, demo_embeddings):
