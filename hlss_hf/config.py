@@ -73,6 +73,9 @@ class ConfigError(ValueError):
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 TEXT_POOLING = ("mean", "cls", "pooler")
+#: What train.py trains: ``hlss`` (hierarchical pretraining, DESIGN 1.4-1.5) or ``align`` (image-text alignment on
+#: (patch, caption) pairs, the stage before HLSS, DESIGN 1.8).
+OBJECTIVES = ("hlss", "align")
 EVAL_FRAMINGS = ("center_crop", "resize")
 SCHEDULE_LENGTHS = ("run", "reference")
 # finetune.py's own augmentation presets, beside hlss_hf.augmentation.AUGMENTATION_PRESETS (hlss_hf, the strong
@@ -204,6 +207,29 @@ def _is_list(annotation: Any) -> bool:
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config key '{key}': {message}")
+
+
+def _read_class_prompts(value: Any, key: str) -> dict[str, list[str]] | None:
+    """``model.class_prompts``: a mapping class -> descriptions, or a YAML / JSON file holding one."""
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        _check(path.is_file(), key, f"class prompts file {value!r} does not exist")
+        try:
+            value = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config key '{key}': {value} is not valid YAML / JSON: {err}") from err
+    if value is None:
+        return None
+    _check(isinstance(value, dict) and bool(value), key, "must map class names to lists of descriptions")
+    for name, prompts in value.items():
+        _check(
+            isinstance(prompts, list)
+            and bool(prompts)
+            and all(isinstance(p, str) and p.strip() for p in prompts),
+            key,
+            f"class {name!r} needs a list of non-empty descriptions, got {prompts!r}",
+        )
+    return {str(name): list(prompts) for name, prompts in value.items()}
 
 
 def _read_augmentation_file(value: Any, key: str) -> Any:
@@ -448,6 +474,29 @@ class ModelConfig(Section):
 
     section: ClassVar[str] = "model"
 
+    objective: str = field(
+        default="hlss",
+        metadata={
+            "help": "`hlss`: hierarchical language-tied pretraining; `align`: align the image tower with the frozen "
+            "text tower on (patch, caption) pairs (CLIP's loss over data.text_column), the stage HLSS starts from."
+        },
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from the towers and image projection of this HLSS model (a folder or Hub id, e.g. an "
+            "`align` run's output); model.vision / model.text are then not used. The banks and heads are built "
+            "anew from model.attributes."
+        },
+    )
+    init_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "A train.py config that makes model.init_from when that folder does not exist yet (run first, "
+            "with training.output_dir set to model.init_from); an existing folder made with other settings stops "
+            "the run."
+        },
+    )
     vision: Any = field(
         default="openai/clip-vit-base-patch16",
         metadata={
@@ -508,6 +557,24 @@ class ModelConfig(Section):
         default=None,
         metadata={"help": "Text pooling: mean, cls or pooler (null: the model's choice for the tower)."},
     )
+    head_init: str = field(
+        default="text",
+        metadata={
+            "help": "How the heads start: `text` (each level's bank, the method) or `text_centered` (the banks' rows "
+            "less their mean: better conditioned, measured in benchmarks/README.md, 'Learning')."
+        },
+    )
+    caption_temperature: float = field(
+        default=0.07, metadata={"help": "Temperature of the image-text loss (objective align)."}
+    )
+    class_prompts: Any = field(
+        default=None,
+        metadata={
+            "help": "Class name -> descriptions (a mapping, or a YAML / JSON file of one): saved with the model, "
+            "the default prompts of zero-shot classification, evaluated with kNN when given. Must name exactly "
+            "the dataset's classes."
+        },
+    )
     config_kwargs: dict = field(
         default_factory=dict, metadata={"help": "Extra HLSSConfig fields passed through unchanged."}
     )
@@ -538,8 +605,18 @@ class ModelConfig(Section):
             self.key("projection_dim"),
             "must be positive",
         )
-        for name in ("temperature", "base_temperature", "align_temperature"):
+        for name in ("temperature", "base_temperature", "align_temperature", "caption_temperature"):
             _check(getattr(self, name) > 0, self.key(name), "must be positive")
+        _check(self.objective in OBJECTIVES, self.key("objective"), f"must be one of {list(OBJECTIVES)}")
+        from hlss_hf.configuration_hlss import HEAD_INITS
+
+        _check(self.head_init in HEAD_INITS, self.key("head_init"), f"must be one of {list(HEAD_INITS)}")
+        _check(
+            self.init_config is None or self.init_from is not None,
+            self.key("init_config"),
+            "makes model.init_from; set that folder too",
+        )
+        self.class_prompts = _read_class_prompts(self.class_prompts, self.key("class_prompts"))
         for name in ("lambda_patch", "lambda_slide", "lambda_patient", "lambda_align"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, self.key(name), "must be a finite number >= 0")
@@ -579,6 +656,10 @@ class DataConfig(DataSourceConfig):
     )
     streaming: bool = field(
         default=False, metadata={"help": "Stream the training split (needs training.max_steps)."}
+    )
+    text_column: str = field(
+        default="caption",
+        metadata={"help": "The column of text paired with each patch (model.objective align)."},
     )
     num_slides: int = field(default=2, metadata={"help": "S: slides drawn per patient."})
     num_patches: int = field(default=2, metadata={"help": "P: patches drawn per slide."})
@@ -795,10 +876,16 @@ class TrainConfig(Config):
     def validate(self) -> None:
         super().validate()
         m, d, t = self.model, self.data, self.training
-        # Each SupCon level needs at least two embeddings per instance, otherwise it has no positives.
-        _check(
-            d.num_views >= 2 or m.lambda_patch == 0, "data.num_views", "must be >= 2 while lambda_patch > 0"
-        )
+        if m.objective == "align":
+            # Pairs are patches with their captions: no views to contrast, and a stream has no caption table.
+            _check(not d.streaming, "data.streaming", "model.objective align reads a map-style dataset")
+        else:
+            # Each SupCon level needs at least two embeddings per instance, otherwise it has no positives.
+            _check(
+                d.num_views >= 2 or m.lambda_patch == 0,
+                "data.num_views",
+                "must be >= 2 while lambda_patch > 0",
+            )
         _check(
             not d.streaming or t.max_steps is not None,
             "training.max_steps",

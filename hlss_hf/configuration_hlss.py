@@ -223,6 +223,31 @@ def _check_attribute_names(attribute_names) -> dict[str, list[str]]:
     return checked
 
 
+#: How the language-tied heads start (`HLSSConfig.head_init`).
+HEAD_INITS = ("text", "text_centered")
+
+
+def _check_class_prompts(class_prompts) -> dict[str, list[str]] | None:
+    if class_prompts is None:
+        return None
+    if not isinstance(class_prompts, dict) or not class_prompts:
+        raise ValueError(
+            f"`class_prompts` must map class names to lists of descriptions, got {class_prompts!r}"
+        )
+    checked = {}
+    for name, prompts in class_prompts.items():
+        if (
+            not isinstance(prompts, list | tuple)
+            or not prompts
+            or not all(isinstance(p, str) and p.strip() for p in prompts)
+        ):
+            raise ValueError(
+                f"`class_prompts[{name!r}]` must be a non-empty list of non-empty strings, got {prompts!r}"
+            )
+        checked[str(name)] = [str(p) for p in prompts]
+    return checked
+
+
 class HLSSConfig(PreTrainedConfig):
     r"""Configuration of an HLSS model: a vision tower, a frozen text tower, attribute banks and loss settings.
 
@@ -246,6 +271,13 @@ class HLSSConfig(PreTrainedConfig):
         align_temperature (`float`, defaults to 1.0): softmax temperature `tau_a` of the HA loss.
         alignment_reduction (`str`, defaults to `"mean"`): how each HA level reduces over images: `"mean"`, or
             `"sum"` as the reference code does (see `losses.hierarchical_alignment_loss` for the gradient).
+        head_init (`str`, defaults to `"text"`): how the heads start: `"text"`, each level's bank (DESIGN 1.3), or
+            `"text_centered"`, the bank's rows less their mean, renormalised (see `modeling_hlss.head_init_weights`).
+        caption_temperature (`float`, defaults to 0.07): temperature of the image-text contrastive loss of the
+            alignment stage (`forward` with text; `losses.image_text_contrastive_loss`).
+        class_prompts (`dict[str, list[str]]`, *optional*): class name -> descriptions of the class, the default
+            prompts of zero-shot classification (`HLSSModel.zero_shot_logits`, `python -m hlss_hf.evaluate
+            zeroshot`); the descriptions of a class are ensembled.
         use_visual_projection (`bool`, defaults to True): map the pooled vision output into the joint space with
             a new linear `visual_projection`. False when the vision tower already outputs the joint space (an
             open_clip image tower; a timm CLIP tower such as `resnet50_clip.cc12m`, whose classifier head, kept
@@ -298,6 +330,9 @@ class HLSSConfig(PreTrainedConfig):
         lambda_align: float = 1.0,
         align_temperature: float = 1.0,
         alignment_reduction: str = "mean",
+        head_init: str = "text",
+        caption_temperature: float = 0.07,
+        class_prompts: dict[str, list[str]] | None = None,
         use_visual_projection: bool = True,
         text_pooling: str | None = None,
         modality: str = "he",
@@ -331,6 +366,7 @@ class HLSSConfig(PreTrainedConfig):
             ("temperature", temperature),
             ("base_temperature", base_temperature),
             ("align_temperature", align_temperature),
+            ("caption_temperature", caption_temperature),
             ("initializer_range", initializer_range),
         ):
             _check_number(name, value, positive=True)
@@ -348,6 +384,11 @@ class HLSSConfig(PreTrainedConfig):
         self.lambda_patient = float(lambda_patient)
         self.lambda_align = float(lambda_align)
         self.align_temperature = float(align_temperature)
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"`head_init` must be one of {list(HEAD_INITS)}, got {head_init!r}")
+        self.head_init = head_init
+        self.caption_temperature = float(caption_temperature)
+        self.class_prompts = _check_class_prompts(class_prompts)
         self.initializer_range = float(initializer_range)
         if alignment_reduction not in ALIGNMENT_REDUCTIONS:
             raise ValueError(

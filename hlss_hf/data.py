@@ -331,7 +331,8 @@ class HierarchicalPatchDataset(Dataset):
         index (`HierarchyIndex`, *optional*): a prebuilt index of ``dataset`` (built when omitted).
 
     Items are dicts: ``pixel_values`` float ``[S, P, V, C, H, W]``, ``label`` int, ``patient_id`` str,
-    ``slide_ids`` list of ``S`` str (with repeats when the patient has fewer than ``S`` slides).
+    ``slide_ids`` list of ``S`` str (with repeats when the patient has fewer than ``S`` slides), ``rows``
+    LongTensor ``[S, P]`` (the dataset row of each drawn patch: its caption or any other column).
 
     :meth:`set_epoch` changes the draws; the epoch lives in shared memory so that persistent DataLoader workers
     see it too (call it before iterating the loader of that epoch).
@@ -436,6 +437,7 @@ class HierarchicalPatchDataset(Dataset):
             "label": self.index.labels[patient],
             "patient_id": patient,
             "slide_ids": slide_ids,
+            "rows": torch.from_numpy(rows),
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -558,7 +560,8 @@ def collate_hierarchical(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         dict with ``pixel_values`` ``[B, S, P, V, C, H, W]``, ``labels`` LongTensor ``[B]``, ``patient_ids``
-        (list of B str) and ``slide_ids`` (list of B lists).
+        (list of B str), ``slide_ids`` (list of B lists) and, for map-style items, ``rows`` LongTensor
+        ``[B, S, P]`` (the dataset rows drawn).
     """
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
@@ -567,12 +570,15 @@ def collate_hierarchical(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(
             f"samples have different shapes {sorted(shapes)}; patients: {[b['patient_id'] for b in batch]}"
         )
-    return {
+    collated = {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "labels": torch.tensor([int(item["label"]) for item in batch], dtype=torch.long),
         "patient_ids": [item["patient_id"] for item in batch],
         "slide_ids": [list(item["slide_ids"]) for item in batch],
     }
+    if all("rows" in item for item in batch):  # streamed items have no dataset rows
+        collated["rows"] = torch.stack([item["rows"] for item in batch])
+    return collated
 
 
 class HierarchicalCollator:

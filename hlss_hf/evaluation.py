@@ -41,7 +41,7 @@ import os
 import tempfile
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1021,40 +1021,85 @@ def distributed_knn_evaluate(
 ) -> dict[str, float]:
     """kNN evaluation in which every process takes part: for training-time evaluation under DDP, FSDP or DeepSpeed.
 
+    :func:`distributed_evaluate` with :func:`knn_evaluate`. With one process the embeddings and metrics equal
+    :func:`extract_embeddings` (same `batch_size`, CPU) followed by :func:`knn_evaluate`.
+
+    Args:
+        accelerator, model, train_ds, val_ds, processor, batch_size, num_workers, progress: as for
+            :func:`distributed_evaluate`.
+        k, temperature, aggregation, chunk_size: as for :func:`knn_evaluate`.
+
+    Returns:
+        `dict[str, float]`: :func:`knn_evaluate`'s metrics (`"patch/acc"`, ...), the same on every process.
+    """
+    _check_aggregation(aggregation)
+
+    def knn(train: EmbeddingSet, val: EmbeddingSet) -> dict[str, float]:
+        metrics = knn_evaluate(
+            train, val, k=k, temperature=temperature, chunk_size=chunk_size, aggregation=aggregation
+        )
+        return {key: float(value) for key, value in metrics.items()}
+
+    return distributed_evaluate(
+        accelerator,
+        model,
+        train_ds,
+        val_ds,
+        knn,
+        processor,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
+
+
+def distributed_evaluate(
+    accelerator,
+    model: nn.Module,
+    train_ds,
+    val_ds,
+    evaluate_fn: Callable[[EmbeddingSet, EmbeddingSet], Any],
+    processor: Any = None,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Any:
+    """Embed two splits with every process taking part, then evaluate the embeddings on the main process.
+
     Call it on every process with the *prepared* model. Each process embeds its share of each split through the
     wrapped model's forward (`model(pixel_values=..., return_loss=False).image_embeds`, so FSDP gathers its
     shards and DeepSpeed ZeRO-3 its partitions; `get_image_features` on the unwrapped module would see only the
     local shard). The splits are read in rounds of `batch_size * num_processes` rows, process `r` taking rows
     `[r * batch_size, (r + 1) * batch_size)` of each round; a process the last round does not reach runs one padding
     forward, so every process makes the same number of forward calls (FSDP collectives hang otherwise). The
-    embeddings are gathered back in dataset order, the main process runs :func:`knn_evaluate` on the gathered
-    sets, and its metrics are broadcast: every process returns the same dict.
+    embeddings are gathered back in dataset order, the main process runs `evaluate_fn(train_set, val_set)` on the
+    gathered sets, and its result is broadcast: every process returns the same value.
 
-    With one process the embeddings and metrics equal :func:`extract_embeddings` (same `batch_size`, CPU) followed
-    by :func:`knn_evaluate`. The forward runs under the accelerator's own mixed precision (fp32 in
-    :func:`extract_embeddings` unless asked for bf16). The global CPU / CUDA RNG state is restored afterwards
-    (DataLoader workers draw a seed from it), so evaluating does not change training. A streamed split
-    (`datasets.IterableDataset`) is read whole by every process, which decodes only its own rows (see
-    :class:`_StreamRounds`); map-style splits are indexed, each process reading only its rows.
+    The forward runs under the accelerator's own mixed precision (fp32 in :func:`extract_embeddings` unless asked
+    for bf16). The global CPU / CUDA RNG state is restored afterwards (DataLoader workers draw a seed from it), so
+    evaluating does not change training. A streamed split (`datasets.IterableDataset`) is read whole by every
+    process, which decodes only its own rows (see :class:`_StreamRounds`); map-style splits are indexed, each
+    process reading only its rows.
 
     Args:
         accelerator (`accelerate.Accelerator`): the training run's accelerator.
         model (`nn.Module`): the prepared model (e.g. an `HLSSModel` wrapped by DDP / FSDP / DeepSpeed) whose
             `forward(pixel_values, return_loss=False)` returns `image_embeds`.
-        train_ds (`datasets.Dataset` or `datasets.IterableDataset`): the kNN bank's split.
+        train_ds (`datasets.Dataset` or `datasets.IterableDataset`): the reference split (e.g. the kNN bank).
         val_ds (`datasets.Dataset` or `datasets.IterableDataset`): the evaluated split.
+        evaluate_fn (`Callable[[EmbeddingSet, EmbeddingSet], Any]`): runs on the main process only (it must not
+            run the model: the other processes do not take part); its result must be picklable.
         processor (*optional*): image processor, as for :func:`extract_embeddings`.
         batch_size (`int`, defaults to 64): images per forward pass per process.
-        k, temperature, aggregation, chunk_size: as for :func:`knn_evaluate`.
         num_workers (`int`, *optional*): decoding workers per process, as for :func:`extract_embeddings`.
         progress (`bool`, defaults to `False`): a progress bar on the main process.
 
     Returns:
-        `dict[str, float]`: :func:`knn_evaluate`'s metrics (`"patch/acc"`, ...), the same on every process.
+        What `evaluate_fn` returned, on every process.
     """
     from accelerate.utils import broadcast_object_list
 
-    _check_aggregation(aggregation)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sets = []
@@ -1072,23 +1117,21 @@ def distributed_knn_evaluate(
                 )
     finally:
         model.train(was_training)
-    # On the main process only; an error there reaches every process, so that none waits for the metrics forever.
-    metrics, error = None, None
+    # On the main process only; an error there reaches every process, so that none waits for the result forever.
+    result, error = None, None
     if accelerator.is_main_process:
         try:
-            metrics = knn_evaluate(
-                *sets, k=k, temperature=temperature, chunk_size=chunk_size, aggregation=aggregation
-            )
+            result = evaluate_fn(*sets)
         except Exception as err:  # noqa: BLE001 - raised below, on every process
             error = err
     if accelerator.num_processes > 1:
-        message = [metrics, None if error is None else f"{type(error).__name__}: {error}"]
-        metrics, main_error = broadcast_object_list(message, from_process=0)
+        message = [result, None if error is None else f"{type(error).__name__}: {error}"]
+        result, main_error = broadcast_object_list(message, from_process=0)
         if error is None and main_error is not None:
-            raise RuntimeError(f"kNN evaluation failed on the main process: {main_error}")
+            raise RuntimeError(f"evaluation failed on the main process: {main_error}")
     if error is not None:
         raise error
-    return {key: float(value) for key, value in metrics.items()}
+    return result
 
 
 def _embed_across_processes(
@@ -1339,8 +1382,30 @@ def zero_shot_scores(
         embeddings = embeddings.embeddings
     class_names = list(class_names) if class_names is not None else list(class_prompts)
     text = class_text_embeddings(model, tokenizer, class_prompts, class_names)
-    if text.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"text embeddings have size {text.shape[1]}, image embeddings {embeddings.shape[1]}")
+    return zero_shot_probabilities(embeddings, text, temperature)
+
+
+def zero_shot_probabilities(
+    embeddings: torch.Tensor, class_embeds: torch.Tensor, temperature: float = 0.01
+) -> torch.Tensor:
+    """Softmax over classes of `cos(image, class text) / temperature`, from precomputed class text embeddings.
+
+    Args:
+        embeddings (`torch.FloatTensor` of shape `[N, D]`): image embeddings.
+        class_embeds (`torch.FloatTensor` of shape `[C, D]`): one text embedding per class
+            (:func:`class_text_embeddings`).
+        temperature (`float`, defaults to 0.01): softmax temperature.
+
+    Returns:
+        `torch.FloatTensor` of shape `[N, C]`.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if class_embeds.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"text embeddings have size {class_embeds.shape[1]}, image embeddings {embeddings.shape[1]}"
+        )
+    text = F.normalize(class_embeds.float().to(embeddings.device), dim=-1)
     logits = F.normalize(embeddings.float(), dim=-1) @ text.T
     return (logits / temperature).softmax(dim=-1)
 

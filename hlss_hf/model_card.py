@@ -126,8 +126,8 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "modality_tag": "stimulated-raman-histology" if srh else "h-and-e",
         "modality_name": "SRH" if srh else "H&E",
         "dataset_id": dataset_id,
-        "vision_model_name_or_path": _tower_name(m.vision, getattr(mc, "vision_config", None)),
-        "text_model_name_or_path": _tower_name(m.text, getattr(mc, "text_config", None)),
+        "vision_model_name_or_path": _tower_name(m.init_from or m.vision, getattr(mc, "vision_config", None)),
+        "text_model_name_or_path": _tower_name(m.init_from or m.text, getattr(mc, "text_config", None)),
         "vision_model_type": getattr(getattr(mc, "vision_config", None), "model_type", "n/a"),
         "text_model_type": getattr(getattr(mc, "text_config", None), "model_type", "n/a"),
         "model_name": model_name,
@@ -186,7 +186,99 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         for key in ("acc", "top2", "top3", "mca", "map"):
             value = metrics.get(f"eval/{level}/{key}")
             values[f"{level}_{key}"] = f"{100 * value:.1f}" if value is not None else "n/a"
+    values.update(
+        _objective_values(
+            config,
+            getattr(mc, "class_prompts", None),
+            metrics,
+            values["modality_name"],
+            ctx.get("top_attributes"),
+        )
+    )
     return values
+
+
+def _objective_values(
+    config: TrainConfig,
+    class_prompts: dict | None,
+    metrics: dict[str, float],
+    modality_name: str,
+    top_attributes: dict[str, list[str]] | None = None,
+) -> dict:
+    """The card's words for what the run trained (HLSS or the image-text alignment before it), where it started,
+    its class descriptions with their zero-shot results, and each class's top patient-level attributes."""
+    m = config.model
+    if m.objective == "align":
+        description = (
+            f"An image encoder for {modality_name} histopathology patches, aligned "
+            "with a frozen text encoder on (patch, caption) pairs with CLIP's symmetric contrastive loss: the stage "
+            "before **Hierarchical Language-tied Self-Supervision (HLSS)**, which starts from such towers (as the "
+            "HLSS reference starts from CLIP)."
+        )
+        loss = (
+            f"CLIP's symmetric contrastive loss over the `{config.data.text_column}` text of each patch, "
+            f"temperature {m.caption_temperature}, negatives gathered across processes."
+        )
+    else:
+        description = (
+            f"An image encoder for {modality_name} histopathology patches, "
+            "pretrained without labels with **Hierarchical Language-tied Self-Supervision (HLSS)**: embeddings are "
+            "contrasted at the patch, slide and patient levels of the data hierarchy and tied to natural-language "
+            "descriptions of visual attributes at each level through a frozen text encoder."
+        )
+        loss = (
+            f"`L = sum_l lambda_l * HVC_l + lambda_align * sum_l HA_l` with temperature {m.temperature}, lambdas "
+            f"patch / slide / patient / align = {m.lambda_patch} / {m.lambda_slide} / {m.lambda_patient} / "
+            f"{m.lambda_align}, alignment temperature {m.align_temperature}."
+        )
+    start = (
+        f"`{m.init_from}` (its towers and image projection; new attribute banks and heads)"
+        if m.init_from is not None
+        else "the towers named above"
+    )
+    usage = section = ""
+    if class_prompts:
+        usage = (
+            "\nWith the class descriptions saved in `config.class_prompts` (below), no prompts are needed:\n\n"
+            '```python\nlogits = model.zero_shot_logits(inputs["pixel_values"], tokenizer=processor.tokenizer)'
+            "  # [N, classes]\n```\n"
+        )
+        rows = "\n".join(
+            f"| {level.capitalize()} | "
+            + " | ".join(
+                f"{100 * metrics[f'eval/zeroshot/{level}/{key}']:.1f}"
+                if f"eval/zeroshot/{level}/{key}" in metrics
+                else "n/a"
+                for key in ("acc", "mca", "map")
+            )
+            + " |"
+            for level in ("patch", "slide", "patient")
+        )
+        described = "\n".join(
+            f"- `{name}`: " + "; ".join(f'"{text}"' for text in texts)
+            for name, texts in class_prompts.items()
+        )
+        section = (
+            "\n### Zero-shot classification\n\nEach class is described in words (`config.class_prompts`, the "
+            "descriptions of a class ensembled); an image goes to the class whose description its embedding is "
+            "nearest to, and slide and patient scores sum the patches' class probabilities. Same split as above.\n\n"
+            f"{described}\n\n| Level | Accuracy | Mean class accuracy | mAP |\n|---|---|---|---|\n{rows}\n"
+        )
+    if top_attributes:
+        section += (
+            "\n### Attributes per class\n\nThe patient-level attributes whose descriptions each class's patches are "
+            "nearest to, compared with patches in general (`hlss_hf.explain.class_attribute_summary`, fixed banks; "
+            "`python -m hlss_hf.evaluate explain` for every level):\n\n"
+            + "\n".join(f"- `{name}`: {', '.join(attributes)}" for name, attributes in top_attributes.items())
+            + "\n"
+        )
+    return {
+        "objective_description": description,
+        "loss_description": loss,
+        "starting_point": start,
+        "class_prompts_usage": usage,
+        "zero_shot_section": section,
+    }
 
 
 def render_model_card(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> str:

@@ -52,7 +52,7 @@ from .configuration_hlss import (
     _resolve_sub_config,
     vision_output_dim,
 )
-from .losses import hierarchical_alignment_loss, hierarchical_contrastive_loss
+from .losses import hierarchical_alignment_loss, hierarchical_contrastive_loss, image_text_contrastive_loss
 
 __all__ = [
     "HLSSForImageClassification",
@@ -80,8 +80,8 @@ class HLSSOutput(ModelOutput):
     """Output of `HLSSModel.forward`.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): total loss `L_HVC + lambda_align * L_HA`
-            (hierarchical input with `return_loss`).
+        loss (`torch.FloatTensor` of shape `()`, *optional*): with `return_loss`, the total loss `L_HVC +
+            lambda_align * L_HA` (hierarchical input), or the image-text loss when text was given.
         hvc_loss (`torch.FloatTensor` of shape `()`, *optional*): `sum_l lambda_l * HVC_l`.
         alignment_loss (`torch.FloatTensor` of shape `()`, *optional*): `L_HA = sum_l HA_l` (unweighted).
         level_losses (`dict[str, torch.FloatTensor]`, *optional*): unweighted scalars `hvc_patch`, `hvc_slide`,
@@ -98,6 +98,10 @@ class HLSSOutput(ModelOutput):
         attentions (`tuple[torch.FloatTensor]`, *optional*): the vision tower's attention maps (with
             `output_attentions=True` and eager attention), each `[N, heads, seq, seq]` (or `[B, S, P, V, ...]`);
             `None` for towers without them (CNNs, timm and open_clip towers).
+        image_text_loss (`torch.FloatTensor` of shape `()`, *optional*): CLIP's symmetric contrastive loss of the
+            (image, text) pairs (text given, with `return_loss`; DESIGN 1.8).
+        text_embeds (`torch.FloatTensor` of shape `[N, D]` or `[B, S, P, V, D]`, *optional*): the L2-normalised
+            text embeddings paired with the images (text given).
     """
 
     loss: torch.FloatTensor | None = None
@@ -108,6 +112,8 @@ class HLSSOutput(ModelOutput):
     attribute_scores: dict[str, torch.FloatTensor] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_text_loss: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
 
 
 def shipped_attribute_file(name: str) -> str:
@@ -426,6 +432,16 @@ def _tower_output(outputs, name: str, asked):
     return getattr(outputs, name, None) if asked else None
 
 
+def head_init_weights(bank: torch.Tensor, head_init: str = "text") -> torch.Tensor:
+    """A language-tied head's initial weight ``[N_l, D]`` from its bank: the bank's rows (``"text"``, DESIGN 1.3),
+    or the rows less their mean, renormalised (``"text_centered"``): text descriptions share one dominant direction
+    (with MiniLM the demo's rows have mean cosine 0.6-0.7), which the centred rows leave out of the head's output
+    (benchmarks/README.md, "Learning"). A bank of one row keeps it."""
+    if head_init == "text" or bank.shape[0] < 2:
+        return bank
+    return F.normalize(bank - bank.mean(dim=0, keepdim=True), dim=-1)
+
+
 class HLSSPreTrainedModel(PreTrainedModel):
     """Base class: config class, weight initialisation of the HLSS-owned layers, save with the full `auto_map`."""
 
@@ -455,7 +471,7 @@ class HLSSPreTrainedModel(PreTrainedModel):
                 head = module.heads[level]
                 # A zero head would make every attribute score normalize(0) = 0, with no useful gradient.
                 if not getattr(head.weight, "_is_hf_initialized", False) and bool(bank.any()):
-                    head.weight.copy_(bank)
+                    head.weight.copy_(head_init_weights(bank, self.config.head_init))
                 if head.bias is not None and not getattr(head.bias, "_is_hf_initialized", False):
                     head.bias.zero_()
         elif isinstance(module, nn.Linear):
@@ -601,6 +617,23 @@ class HLSSPreTrainedModel(PreTrainedModel):
             attentions=_with_leading_dims(_tower_output(outputs, "attentions", output_attentions), lead),
         )
         return output if return_dict else output.to_tuple()
+
+
+def _paired_text(text_embeds: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """The text paired with each of the ``prod(lead)`` images, ``[M, D]``: ``text_embeds`` has the images' leading
+    dims, or, for hierarchical images ``[B, S, P, V]``, ``[B, S, P]`` (one caption shared by a patch's views)."""
+    if (
+        text_embeds.dim() == len(lead)
+        and tuple(text_embeds.shape[:-1]) == tuple(lead[:-1])
+        and len(lead) == 4
+    ):
+        text_embeds = text_embeds.unsqueeze(-2).expand(*lead, text_embeds.shape[-1])
+    if tuple(text_embeds.shape[:-1]) != tuple(lead):
+        raise ValueError(
+            f"`text_embeds` must be [*lead, D] for images with leading dims {tuple(lead)} (or [B, S, P, D] for "
+            f"hierarchical images), got {tuple(text_embeds.shape)}"
+        )
+    return text_embeds.reshape(-1, text_embeds.shape[-1])
 
 
 class HLSSModel(HLSSPreTrainedModel):
@@ -805,7 +838,7 @@ class HLSSModel(HLSSPreTrainedModel):
         for level, tensor in banks.items():
             setattr(self, f"bank_{level}", tensor.clone())
             head = nn.Linear(tensor.shape[1], tensor.shape[0]).to(device=device, dtype=dtype)
-            head.weight.copy_(tensor)
+            head.weight.copy_(head_init_weights(tensor, self.config.head_init))
             head.bias.zero_()
             self.heads[level] = head
         self.config.attribute_names = {level: list(bank) for level, bank in attributes.items()}
@@ -819,22 +852,33 @@ class HLSSModel(HLSSPreTrainedModel):
         return_dict: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        text_embeds: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> HLSSOutput | tuple:
-        """Embed images; for the hierarchical form also compute the HLSS loss.
+        """Embed images; for the hierarchical form also compute the HLSS loss, with text the image-text loss.
 
-        The text tower never runs here: the banks are fixed buffers.
+        Without text the text tower never runs here: the banks are fixed buffers. With text (the alignment stage
+        before HLSS, DESIGN 1.8), image ``i`` and text ``i`` are a pair and the loss is CLIP's symmetric
+        contrastive loss (``losses.image_text_contrastive_loss``, temperature ``config.caption_temperature``).
 
         Args:
             pixel_values (`torch.FloatTensor`): `[N, C, H, W]` images, or `[B, S, P, V, C, H, W]`
                 (patients, slides per patient, patches per slide, views per patch).
             return_loss (`bool`, *optional*): compute the loss; defaults to True in training mode for the
-                hierarchical form, False otherwise. Requires the hierarchical form.
+                hierarchical form or with text, False otherwise. Without text it requires the hierarchical form.
             return_dict (`bool`, *optional*): return an `HLSSOutput` (default) or a tuple.
             output_hidden_states (`bool`, *optional*): also return the vision tower's hidden states; defaults to
                 `config.output_hidden_states`.
             output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
                 `config.output_attentions`.
+            text_embeds (`torch.FloatTensor`, *optional*): the images' captions embedded in the joint space
+                (`get_text_features`, or cached: the text tower is frozen), `[N, D]` for `[N, C, H, W]`, and
+                `[B, S, P, D]` (shared by the views of a patch) or `[B, S, P, V, D]` for the hierarchical form.
+            input_ids (`torch.LongTensor`, *optional*): the captions as tokens instead of `text_embeds` (one
+                caption per image, `[N, L]`); embedded by the frozen text tower without gradient.
+            attention_mask (`torch.LongTensor`, *optional*): with `input_ids`.
             kwargs: ignored (extra processor outputs).
 
         Returns:
@@ -849,10 +893,21 @@ class HLSSModel(HLSSPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` must be [N, C, H, W] or [B, S, P, V, C, H, W], got {tuple(pixel_values.shape)}"
             )
+        if input_ids is not None:
+            if text_embeds is not None:
+                raise ValueError("give `text_embeds` or `input_ids`, not both")
+            with torch.no_grad():
+                text_embeds = self.get_text_features(
+                    input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+                ).pooler_output
+        paired = text_embeds is not None
         if return_loss is None:
-            return_loss = self.training and hierarchical
-        if return_loss and not hierarchical:
-            raise ValueError("`return_loss=True` needs hierarchical pixel_values [B, S, P, V, C, H, W]")
+            return_loss = self.training and (hierarchical or paired)
+        if return_loss and not (hierarchical or paired):
+            raise ValueError(
+                "`return_loss=True` needs hierarchical pixel_values [B, S, P, V, C, H, W], or text paired with the "
+                "images (`text_embeds` / `input_ids`)"
+            )
 
         output_hidden_states, output_attentions = self._output_switches(
             output_hidden_states, output_attentions
@@ -863,8 +918,17 @@ class HLSSModel(HLSSPreTrainedModel):
         )  # z: [M, D]
         scores = {level: F.normalize(self.heads[level](z), dim=-1) for level in LEVELS}  # [M, N_l]
 
-        loss = hvc_loss = alignment_loss = level_losses = None
-        if return_loss:
+        loss = hvc_loss = alignment_loss = level_losses = image_text_loss = None
+        if paired:
+            text_embeds = _paired_text(text_embeds, lead)  # [M, D]
+            text_embeds = F.normalize(text_embeds.to(z.dtype), dim=-1)
+            if return_loss:
+                image_text_loss = image_text_contrastive_loss(
+                    z, text_embeds, temperature=self.config.caption_temperature
+                )
+                loss = image_text_loss
+            text_embeds = text_embeds.reshape(*lead, text_embeds.shape[-1])
+        elif return_loss:
             b, s, p, v = lead
             views = {"patch": v, "slide": p * v, "patient": s * p * v}
             level_losses = {}
@@ -914,6 +978,8 @@ class HLSSModel(HLSSPreTrainedModel):
             attentions=_with_leading_dims(
                 _tower_output(vision_outputs, "attentions", output_attentions), lead
             ),
+            image_text_loss=image_text_loss,
+            text_embeds=text_embeds,
         )
         return output if return_dict else output.to_tuple()
 
@@ -927,11 +993,13 @@ class HLSSModel(HLSSPreTrainedModel):
         text_embeds: torch.Tensor | None = None,
         logit_scale: float | None = None,
     ) -> torch.Tensor:
-        """Image-text similarity logits in the joint space.
+        """Image-text similarity logits in the joint space; by default against the model's class descriptions.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
-            texts (`list[str]`, *optional*): class prompts (needs `tokenizer`); or give `text_embeds`.
+            texts (`list[str]`, *optional*): prompts, one per column (needs `tokenizer`); or give `text_embeds`.
+                Without either, the columns are the classes of `config.class_prompts` (in `config.id2label`
+                order when those are its classes), each the ensemble of its descriptions (needs `tokenizer`).
             tokenizer (`PreTrainedTokenizerBase`, *optional*): the text tower's tokenizer.
             text_embeds (`torch.FloatTensor` of shape `[T, D]`, *optional*): precomputed text embeddings
                 (normalised here).
@@ -939,16 +1007,42 @@ class HLSSModel(HLSSPreTrainedModel):
                 `1 / config.temperature` (the training temperature).
 
         Returns:
-            `torch.FloatTensor` of shape `[N, T]`.
+            `torch.FloatTensor` of shape `[N, T]` (`T` classes with the class descriptions).
         """
-        if (texts is None) == (text_embeds is None):
-            raise ValueError("give exactly one of `texts` (with `tokenizer`) or `text_embeds`")
-        if text_embeds is None:
+        if texts is not None and text_embeds is not None:
+            raise ValueError("give at most one of `texts` (with `tokenizer`) or `text_embeds`")
+        if text_embeds is None and texts is None:
+            prompts = self.class_prompts()
+            if tokenizer is None:
+                raise ValueError("`tokenizer` is required to encode the class descriptions")
+            text_embeds = torch.stack(
+                [
+                    F.normalize(self.encode_texts(p, tokenizer).float().mean(0), dim=-1)
+                    for p in prompts.values()
+                ]
+            )
+        elif text_embeds is None:
             text_embeds = self.encode_texts(texts, tokenizer)
         image = self.get_image_features(pixel_values, return_dict=True).pooler_output  # [N, D]
         text_embeds = F.normalize(text_embeds.to(device=image.device, dtype=image.dtype), dim=-1)
         scale = 1.0 / self.config.temperature if logit_scale is None else float(logit_scale)
         return scale * image @ text_embeds.T
+
+    def class_prompts(self) -> dict[str, list[str]]:
+        """`config.class_prompts` (class -> descriptions), in `config.id2label` order when those are its classes.
+
+        Raises:
+            ValueError: when the model carries no class descriptions.
+        """
+        prompts = self.config.class_prompts
+        if not prompts:
+            raise ValueError(
+                "this model carries no class descriptions (config.class_prompts); pass `texts` or `text_embeds`"
+            )
+        labels = [self.config.id2label[i] for i in sorted(self.config.id2label)]
+        if sorted(labels) == sorted(prompts):
+            return {label: prompts[label] for label in labels}
+        return dict(prompts)
 
     @torch.no_grad()
     def top_attributes(

@@ -161,6 +161,9 @@ def test_train_runs_on_the_raw_folder_like_on_png(both, tmp_path, fresh_accelera
             "--training.eval_at_end", "true",
             "--training.knn_k", "3",
             "--training.report_to", "none",
+            "--model.init_from", "null",  # HLSS from the config's own towers, no alignment stage first
+            "--model.init_config", "null",
+            "--model.class_prompts", "null",
         ]  # fmt: skip
         train.main(argv)
         lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()

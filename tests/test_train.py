@@ -45,12 +45,17 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_args(output_dir, attributes_file, *extra) -> list[str]:
-    """A tiny, fast run: 12 demo patients (9 train), 40 px patches, 32 px crops, B=2, 4 steps."""
+    """A tiny, fast run: 12 demo patients (9 train), 40 px patches, 32 px crops, B=2, 4 steps, from random towers."""
     args = [
         "--config", DEMO_CONFIG,
         "--training.output_dir", str(output_dir),
         "--model.attributes", attributes_file,
-        "--data.demo", "{num_patients: 12, patches_per_slide: 4, patch_size: 40}",
+        "--data.demo", "{num_patients: 12, patches_per_slide: 4, patch_size: 40, val_fraction: 0.25, align_fraction: 0}",
+        # HLSS from the tiny random towers: no alignment stage first, no class descriptions to encode.
+        "--model.init_from", "null",
+        "--model.init_config", "null",
+        "--model.class_prompts", "null",
+        "--training.lr", "1e-3",  # the rate measured for random towers
         "--training.per_device_batch_size", "2",
         "--training.max_steps", "4",
         "--training.save_steps", "0",
@@ -455,7 +460,14 @@ def test_streaming_run_resumes_exactly(tmp_path, attributes_file):
     from dataset_scripts.demo import build_demo_dataset
 
     data_dir = tmp_path / "demo-data"
-    build_demo_dataset(output_dir=data_dir, num_patients=12, patches_per_slide=4, patch_size=40)
+    build_demo_dataset(
+        output_dir=data_dir,
+        num_patients=12,
+        patches_per_slide=4,
+        patch_size=40,
+        val_fraction=0.25,
+        align_fraction=0,
+    )
     common = ["--data.dataset", str(data_dir), "--data.demo", "{}", "--data.streaming", "true"]
     common += ["--training.max_steps", "6", "--training.save_steps", "3"]
     train.main(tiny_args(tmp_path / "full", attributes_file, *common))
@@ -574,7 +586,14 @@ def test_local_hub_layout_folder_trains(tmp_path, attributes_file, streaming):
     from dataset_scripts.demo import build_demo_dataset
 
     data_dir = tmp_path / "demo-data"
-    build_demo_dataset(output_dir=data_dir, num_patients=12, patches_per_slide=4, patch_size=40)
+    build_demo_dataset(
+        output_dir=data_dir,
+        num_patients=12,
+        patches_per_slide=4,
+        patch_size=40,
+        val_fraction=0.25,
+        align_fraction=0,
+    )
     args = tiny_args(tmp_path / "run", attributes_file, "--training.max_steps", "2")
     # data.demo stays set from tiny_args, as from demo.yaml when a user overrides only data.dataset.
     args += ["--data.dataset", str(data_dir), "--data.streaming", str(streaming).lower()]
@@ -587,7 +606,14 @@ def test_missing_split_is_named(tmp_path, attributes_file):
     from dataset_scripts.demo import build_demo_dataset
 
     data_dir = tmp_path / "demo-data"
-    build_demo_dataset(output_dir=data_dir, num_patients=6, patches_per_slide=2, patch_size=40)
+    build_demo_dataset(
+        output_dir=data_dir,
+        num_patients=6,
+        patches_per_slide=2,
+        patch_size=40,
+        val_fraction=0.25,
+        align_fraction=0,
+    )
     args = tiny_args(tmp_path / "run", attributes_file, "--data.dataset", str(data_dir), "--data.demo", "{}")
     with pytest.raises(ConfigError, match=r"data\.validation_split"):
         train.main(args + ["--data.validation_split", "test"])
@@ -595,7 +621,12 @@ def test_missing_split_is_named(tmp_path, attributes_file):
 
 def test_demo_cache_dir_is_built_once_and_never_replaces_another_folder(tmp_path):
     cache = tmp_path / "demo-cache"
-    demo = ["--data.cache_dir", str(cache), "--data.demo", "{num_patients: 6, patches_per_slide: 2}"]
+    demo = [
+        "--data.cache_dir",
+        str(cache),
+        "--data.demo",
+        "{num_patients: 6, patches_per_slide: 2, val_fraction: 0.25, align_fraction: 0}",
+    ]
     config = parse_config(["--config", DEMO_CONFIG, *demo])
     train_ds, val_ds = building.load_splits(config)
     assert (cache / "dataset_dict.json").is_file() and len(train_ds) > 0 and len(val_ds) > 0
@@ -880,16 +911,14 @@ def test_reference_options_are_checked(argv, key):
 def test_periodic_knn_uses_the_configured_aggregation(
     tmp_path, attributes_file, aggregation, monkeypatch, capsys
 ):
-    import hlss_hf.evaluation as evaluation
-
     seen = []
-    original = evaluation.knn_evaluate
+    original = train.knn_evaluate
 
     def spy(*args, **kwargs):
         seen.append(kwargs["aggregation"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "knn_evaluate", spy)
+    monkeypatch.setattr(train, "knn_evaluate", spy)
     argv = ["--training.eval_at_end", "true", "--training.eval_before_training", "false"]
     argv += ["--training.knn_aggregation", aggregation, "--data.augmentation"]
     train.main(

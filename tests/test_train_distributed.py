@@ -73,12 +73,15 @@ def _args(output_dir: Path, attributes: Path, batch: int) -> list[str]:
         "--config", str(REPO / "configs" / "demo.yaml"),
         "--training.output_dir", str(output_dir),
         "--model.attributes", str(attributes),
-        "--data.demo", "{num_patients: 12, patches_per_slide: 4, patch_size: 40}",
+        "--data.demo", "{num_patients: 12, patches_per_slide: 4, patch_size: 40, val_fraction: 0.25, align_fraction: 0}",
         "--training.per_device_batch_size", str(batch),
         "--training.max_steps", str(STEPS),
         "--training.save_steps", "0",
         "--training.eval_at_end", "false",
         "--training.report_to", "none",
+        "--model.init_from", "null",  # HLSS from the config's own towers, no alignment stage first
+        "--model.init_config", "null",
+        "--model.class_prompts", "null",
         # A tower without BatchNorm: the demo's ResNet normalises with each process's own batch statistics, so
         # only a BatchNorm-free tower can equal one process.
         "--model.vision", VIT,
