@@ -81,9 +81,7 @@ def test_descriptions_nonempty_enough_and_unique_file_wide(filename):
                 f"{filename}: {level}.{name} has {len(descriptions)} descriptions, expected >= {MIN_DESCRIPTIONS}"
             )
             for text in descriptions:
-                assert isinstance(text, str) and text.strip(), (
-                    f"{filename}: empty description in {level}.{name}"
-                )
+                assert isinstance(text, str) and text.strip(), f"{filename}: empty description in {level}.{name}"
                 assert len(text.split()) >= 4, f"{filename}: {level}.{name}: too short: {text!r}"
                 key = text.strip().lower()
                 assert key not in owner, f"{filename}: {text!r} in {level}.{name} repeats {owner.get(key)}"
@@ -178,9 +176,7 @@ OPENSRH_CLASS_WORDS = frozenset(
 )
 # Whole words, case-insensitive; a hyphen joins words ("high-grade" holds "grade", "abnormal" holds no class word).
 _CLASS_WORD_RE = re.compile(
-    r"(?<![a-z0-9])("
-    + "|".join(sorted(map(re.escape, OPENSRH_CLASS_WORDS), key=len, reverse=True))
-    + r")(?![a-z0-9])",
+    r"(?<![a-z0-9])(" + "|".join(sorted(map(re.escape, OPENSRH_CLASS_WORDS), key=len, reverse=True)) + r")(?![a-z0-9])",
     re.IGNORECASE,
 )
 
@@ -216,44 +212,22 @@ def test_srh_hlss_reference_keeps_the_reference_concepts_in_order():
     bank = _load("srh_hlss_reference.yaml")
     ends = {
         "patch": ("cellularity", "nuclear_pleomorphism", "microtubule_bundles", "chromatin_granularity"),
-        "slide": (
-            "vascularity",
-            "tissue_architecture",
-            "tumor_microenvironment_immune_cell_exhaustion",
-            "peritumoral_tissue_glycoprotein_expression",
-        ),
-        "patient": (
-            "chemical_composition",
-            "metabolic_pathway_indicators",
-            "patient_specific_molecular_profiles",
-            "tumor_microenvironment_immune_response",
-        ),
+        "slide": ("vascularity", "tissue_architecture", "tumor_microenvironment_immune_cell_exhaustion",
+                  "peritumoral_tissue_glycoprotein_expression"),
+        "patient": ("chemical_composition", "metabolic_pathway_indicators", "patient_specific_molecular_profiles",
+                    "tumor_microenvironment_immune_response"),
     }
     for level, (first, second, before_last, last) in ends.items():
         names = list(bank[level])
         assert len(names) == 128, level
         assert names[:2] == [first, second] and names[-2:] == [before_last, last], level
     kept = {
-        "patch": {
-            "cellular_pleomorphism",
-            "pleomorphic_cell_types",
-            "nuclear_folds",
-            "nuclear_folding_patterns",
-        },
-        "slide": {
-            "fusion_genes",
-            "presence_of_fusion_genes",
-            "altered_protein_phosphorylation",
-            "aberrant_protein_phosphorylation",
-            "pseudo_palisading_necrosis",
-        },
-        "patient": {
-            "tumor_stroma_natural_killer_cell_activity",
-            "stromal_tumor_natural_killer_cell_activity",
-            "stromal_tumor_tumor_stroma_natural_killer_cell_activity",
-            "peritumoral_tissue_oxygenation",
-            "tumor_metastasis_risk",
-        },
+        "patch": {"cellular_pleomorphism", "pleomorphic_cell_types", "nuclear_folds", "nuclear_folding_patterns"},
+        "slide": {"fusion_genes", "presence_of_fusion_genes", "altered_protein_phosphorylation",
+                  "aberrant_protein_phosphorylation", "pseudo_palisading_necrosis"},
+        "patient": {"tumor_stroma_natural_killer_cell_activity", "stromal_tumor_natural_killer_cell_activity",
+                    "stromal_tumor_tumor_stroma_natural_killer_cell_activity", "peritumoral_tissue_oxygenation",
+                    "tumor_metastasis_risk"},
     }
     for level, names in kept.items():
         assert names <= set(bank[level]), sorted(names - set(bank[level]))
