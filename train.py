@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""HLSS pretraining with Accelerate: hierarchical visual contrastive + language-tied alignment losses.
+"""HLSS pretraining with Accelerate: hierarchical visual contrastive + language-tied alignment losses; and the
+image-text alignment HLSS starts from (``model.objective: align``).
 
-    python train.py                                              # the demo: tiny towers, synthetic data, CPU
+    python train.py                                              # the demo: its alignment stage, then HLSS, CPU
+    python train.py --config configs/demo_align.yaml             # the demo's alignment stage alone
     python train.py --config configs/opensrh_hlss.yaml --data.dataset /data/opensrh-hf
     accelerate launch --multi_gpu --num_processes 8 train.py --config configs/opensrh_hlss.yaml
     python train.py --config configs/demo.yaml --training.lr 1e-4 --training.max_steps 50
@@ -16,6 +18,11 @@ Configuration: one YAML file (``--config``, default ``configs/demo.yaml``) with 
 ``training``, and command-line overrides of any field written ``--section.field value`` (or
 ``--section.field=value``; the section may be dropped when the field name is unique, e.g. ``--lr 1e-4``).
 Unknown keys and impossible values stop the run before anything starts, naming the key.
+
+The demo (``configs/demo.yaml``) starts HLSS from towers aligned on (patch, caption) pairs: ``model.init_from``
+names that model and ``model.init_config`` (``configs/demo_align.yaml``) makes it first when the folder does not
+exist. With ``model.objective: align`` each drawn patch is paired with its ``data.text_column`` text and CLIP's
+loss trains the image tower against the frozen text tower (every distinct text embedded once, before training).
 
 Batches are ``[B, S, P, V, C, H, W]``: ``B`` patients per device (``training.per_device_batch_size``), ``S``
 slides per patient, ``P`` patches per slide, ``V`` augmented views per patch. The loss gathers embeddings across
@@ -59,7 +66,6 @@ from hlss_hf.building import (  # noqa: E402
     build_model,
     build_processor,
     build_tokenizer,
-    check_data_source,
     class_prompts_for,
     dataset_scale,
     load_splits,
@@ -310,7 +316,9 @@ def make_init_model(config: TrainConfig) -> None:
                 f"({describe_changes(changed)}); delete that folder to make it again, or choose another folder"
             )
         return
-    check_data_source(config)  # this run's own data mistakes, named before the first stage takes its time
+    # This run's own data mistakes (a missing folder or split, an unknown Hub repo, no id columns) are named before
+    # the first stage takes its time (the run reads a dataset again from its cache, and builds the demo again).
+    load_splits(config)
     print(f"Making {folder} first, with {m.init_config} (the model this run starts from)", flush=True)
     main(init_args)
     print(f"Made {folder}; now the run of this config", flush=True)
@@ -710,7 +718,7 @@ def finish(run: Run, out: Path, initial_eval: dict[str, Any], seconds: float) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run HLSS pretraining.
+    """Run HLSS pretraining (or the image-text alignment before it, ``model.objective: align``).
 
     Args:
         argv (`list[str]`, *optional*): Command-line arguments (default: ``sys.argv[1:]``).
@@ -725,8 +733,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(argv, default_config=DEFAULT_CONFIG)
     t = config.training
-    make_init_model(config)
     run_dir, resume_path, changed = plan_run(config)
+    make_init_model(config)
     out = Path(t.output_dir)
 
     # 2. Accelerator, logging, seed.

@@ -421,22 +421,6 @@ def demo_arguments(config: TrainConfig, build_demo_dataset) -> dict[str, Any]:
     return kwargs
 
 
-def check_data_source(config: TrainConfig) -> None:
-    """The checks on ``data`` that need no loading (a mistyped local folder, a demo argument that does not exist),
-    for a run that has something long to do first."""
-    from hlss_hf.publishing import SourceError, check_local_source
-
-    if config.data.dataset == "demo":
-        from dataset_scripts.demo import build_demo_dataset
-
-        demo_arguments(config, build_demo_dataset)
-        return
-    try:
-        check_local_source(config.data.dataset, "dataset", "data.dataset")
-    except SourceError as err:
-        raise ConfigError(str(err)) from err
-
-
 def _demo_splits(config: TrainConfig):
     """The synthetic demo (``dataset_scripts/demo.py``, a checkout's), built from ``data.demo``; with
     ``data.cache_dir`` saved there once and read back afterwards."""

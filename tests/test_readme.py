@@ -89,7 +89,7 @@ def readme_env(tmp_path_factory):
     work = root / "work"
     work.mkdir()
     # `python dataset_scripts/demo.py --output data/demo`, smaller.
-    build_demo_dataset(output_dir=work / "data" / "demo", num_patients=6)
+    build_demo_dataset(output_dir=work / "data" / "demo", num_patients=6, val_fraction=0.25, align_fraction=0)
     # What `finetune.py ... --merge` leaves in outputs/ft/merged: a classifier with its image processor.
     tiny_hlss_model().save_pretrained(root / "hlss-tiny")
     merged = work / "outputs" / "ft" / "merged"
@@ -135,6 +135,8 @@ CHECKS = {
         assert len(hidden) >= 2 and hidden[0].shape[0] == len(srh_patches)
         assert out.loss.ndim == 0 and torch.isfinite(out.loss)
         assert {"hvc_slide", "ha_patient"} <= set(out.level_losses)
+        assert pairs.loss is pairs.image_text_loss and torch.isfinite(pairs.loss)
+        assert sorted(model.config.class_prompts) == ["glioma", "meningioma"]
     """,
     "HierarchicalPatchDataset": """
         assert batch["pixel_values"].shape[:4] == (2, 2, 2, 2), batch["pixel_values"].shape
