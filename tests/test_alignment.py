@@ -262,31 +262,6 @@ def read_metrics(output_dir) -> list[dict]:
     ]
 
 
-def test_a_short_alignment_lowers_its_loss_and_beats_chance_zero_shot(tmp_path):
-    result = train.main(
-        align_args(tmp_path / "align", "--training.max_steps", "150", "--training.logging_steps", "10")
-    )
-    losses = [r["loss"] for r in read_metrics(tmp_path / "align") if "loss" in r]
-    assert losses[-1] < losses[0] - 0.3, losses
-    metrics = result["metrics"]
-    # Zero-shot with the class descriptions on the 24 held-out validation patients (disjoint from the align split).
-    assert metrics["eval/zeroshot/patient/acc"] >= 1 / 3 + 0.25, metrics
-    assert metrics["eval/zeroshot/patch/acc"] > 1 / 3 + 0.1, metrics
-    saved = HLSSModel.from_pretrained(tmp_path / "align")
-    prompts = parse_config(["--config", DEMO_ALIGN]).model.class_prompts
-    assert saved.config.class_prompts == prompts
-    # The card says what was trained, and carries the class descriptions, their zero-shot results and explanations.
-    card = (tmp_path / "align" / "README.md").read_text(encoding="utf-8")
-    assert "aligned with a frozen text encoder on (patch, caption) pairs" in card
-    assert "### Zero-shot classification" in card and "### Attributes per class" in card
-    assert all(f'"{text}"' in card for texts in prompts.values() for text in texts)
-    assert f"| Patient | {100 * metrics['eval/zeroshot/patient/acc']:.1f} |" in card
-    train_ids = set(load_splits(parse_config(align_args(tmp_path / "x")))[0]["patient_id"])
-    val_ids = set(load_splits(parse_config(["--config", DEMO]))[1]["patient_id"])
-    hlss_ids = set(load_splits(parse_config(["--config", DEMO]))[0]["patient_id"])
-    assert not train_ids & (val_ids | hlss_ids)
-
-
 def tiny_align_config(folder: Path, steps: int = 3) -> Path:
     """A config file of a few alignment steps on a small demo (for the init_from / init_config mechanics)."""
     config = yaml.safe_load(Path(DEMO_ALIGN).read_text(encoding="utf-8"))
@@ -377,23 +352,69 @@ def test_consistency_is_decided_by_the_generator_parameters():
         assert not contradicted & {"dense_nuclei", "sparse_nuclei", "scant_stroma", "abundant_stroma"}
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`python train.py` as a new user runs it (its outputs under a temporary folder): the alignment stage, made on
+    this first run, then HLSS. Returns (folder, train.main's result, what it printed)."""
+    import contextlib
+    import io
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    folder = tmp_path_factory.mktemp("demo")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = train.main(
+            [
+                "--model.init_from", str(folder / "align"),
+                "--training.output_dir", str(folder / "hlss"),
+                "--training.report_to", "none",
+            ]
+        )  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return folder, result, printed.getvalue()
+
+
 @pytest.mark.slow
-def test_the_demo_shows_the_language_tie(tmp_path, capsys):
-    """`python train.py` as a new user runs it (its outputs under tmp_path): zero-shot well above chance on held-out
-    patients after HLSS, and no class's top attributes at any level contradict what the generator draws for the
-    class (its prototype's terms; density and stroma contradict no class), its own morphology first."""
-    result = train.main(
-        [
-            "--model.init_from", str(tmp_path / "align"),
-            "--training.output_dir", str(tmp_path / "hlss"),
-            "--training.report_to", "none",
-        ]
-    )  # fmt: skip
-    printed = capsys.readouterr().out
+def test_the_alignment_stage_lowers_its_loss_and_beats_chance_zero_shot(demo_run):
+    folder, _, printed = demo_run
+    align = folder / "align"
+    assert f"Making {align} first" in printed
+    records = read_metrics(align)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 0.3, losses
+    # Zero-shot with the class descriptions on the 24 held-out validation patients (disjoint from the align split).
+    metrics = [r for r in records if "eval/zeroshot/patient/acc" in r][-1]
+    assert metrics["eval/zeroshot/patient/acc"] >= 1 / 3 + 0.25, metrics
+    assert metrics["eval/zeroshot/patch/acc"] > 1 / 3 + 0.1, metrics
+    saved = HLSSModel.from_pretrained(align)
+    prompts = parse_config(["--config", DEMO_ALIGN]).model.class_prompts
+    assert saved.config.class_prompts == prompts
+    # The card says what was trained, and carries the class descriptions, their zero-shot results and explanations.
+    card = (align / "README.md").read_text(encoding="utf-8")
+    assert "aligned with a frozen text encoder on (patch, caption) pairs" in card
+    assert "### Zero-shot classification" in card and "### Attributes per class" in card
+    assert all(f'"{text}"' in card for texts in prompts.values() for text in texts)
+    assert f"| Patient | {100 * metrics['eval/zeroshot/patient/acc']:.1f} |" in card
+    train_ids = set(load_splits(parse_config(align_args(folder / "x")))[0]["patient_id"])
+    val_ids = set(load_splits(parse_config(["--config", DEMO]))[1]["patient_id"])
+    hlss_ids = set(load_splits(parse_config(["--config", DEMO]))[0]["patient_id"])
+    assert not train_ids & (val_ids | hlss_ids)
+
+
+@pytest.mark.slow
+def test_the_demo_shows_the_language_tie(demo_run):
+    """After the demo: zero-shot well above chance on held-out patients, and no class's top attributes at any
+    level contradict what the generator draws for the class (its prototype's terms; density and stroma contradict
+    no class), its own morphology first."""
+    folder, result, printed = demo_run
     assert "zero-shot acc" in printed and "patient-level attributes per class" in printed
     metrics = result["metrics"]
     assert metrics["eval/zeroshot/patient/acc"] >= 1 / 3 + 0.25, metrics
-    records = [r for r in read_metrics(tmp_path / "hlss") if "eval/zeroshot/patient/acc" in r]
+    records = [r for r in read_metrics(folder / "hlss") if "eval/zeroshot/patient/acc" in r]
     assert records[0]["step"] == 0  # the aligned starting point, evaluated too
     # The explanation the demo printed, recomputed from the saved model on the held-out patients.
     from transformers import AutoImageProcessor
@@ -402,8 +423,8 @@ def test_the_demo_shows_the_language_tie(tmp_path, capsys):
     from hlss_hf.explain import class_attribute_summary
 
     validation = load_splits(parse_config(["--config", DEMO]))[1]
-    model = HLSSModel.from_pretrained(tmp_path / "hlss")
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "hlss")
+    model = HLSSModel.from_pretrained(folder / "hlss")
+    processor = AutoImageProcessor.from_pretrained(folder / "hlss")
     embeddings = extract_embeddings(model, validation, processor=processor, progress=False)
     summary = class_attribute_summary(model, embeddings, k=3, use_heads=False)
     for level, data in summary["levels"].items():
