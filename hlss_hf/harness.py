@@ -26,12 +26,14 @@ PosixPath('outputs/new-run')
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +274,49 @@ def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, r
     clean_temporary_checkpoints(run_dir)
     if not resume and (run_dir / "metrics.jsonl").exists():
         os.replace(run_dir / "metrics.jsonl", run_dir / "metrics.failed.jsonl")
+
+
+def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
+    """Decorate a script's ``main(argv)`` to hold the lock on its output folder for the whole run.
+
+    A second run into the same folder is refused at its start naming the first (:func:`hlss_hf.publishing.
+    output_lock`), and swaps a killed run left half done there are finished first (:func:`recover_output`).
+    Only the main process (``RANK`` 0) writes the folder, so only it takes the lock.
+
+    Args:
+        read_output_dir (`Callable[[list[str]], str]`): the output folder of a command line.
+        key (`str`): the setting that names it, for the error.
+    """
+    from hlss_hf.publishing import output_lock
+
+    def decorate(main):
+        @functools.wraps(main)
+        def locked(argv: list[str] | None = None):
+            argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+            if int(os.environ.get("RANK", "0")) != 0:
+                return main(argv)
+            output_dir = read_output_dir(argv)
+            with output_lock(output_dir, key):
+                recover_output(output_dir)
+                return main(argv)
+
+        return locked
+
+    return decorate
+
+
+def recover_output(output_dir: str | os.PathLike) -> None:
+    """Finish the swaps a killed run left half done in ``output_dir`` (the folder itself, and the checkpoints of it
+    and of its staging folder); call it holding the folder's lock."""
+    from hlss_hf.publishing import recover_swap
+
+    out = Path(output_dir)
+    recover_swap(out)
+    for run_dir in (out, staging_dir(out)):
+        root = checkpoint_dir(run_dir)
+        if root.is_dir():
+            for journal in sorted(root.glob(f".{CHECKPOINT_PREFIX}*.swap")):
+                recover_swap(root / journal.name[1 : -len(".swap")])
 
 
 def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> list[Path]:
@@ -610,12 +655,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
-    """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint)."""
+def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max_step: bool = True) -> None:
+    """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint).
+
+    With ``evaluations_at_max_step=False`` the evaluations logged at ``max_step`` go too: at a run's last step the
+    final evaluation follows the checkpoint, and a run resumed from that checkpoint evaluates again.
+    """
     path = Path(path)
     if not path.is_file():
         return
     from hlss_hf.publishing import write_text_atomically
 
-    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= max_step]
+    def kept_record(record: dict[str, Any]) -> bool:
+        step = record.get("step", 0)
+        if step == max_step and not evaluations_at_max_step:
+            return not any(key.startswith("eval/") for key in record)
+        return step <= max_step
+
+    kept = [record for record in read_jsonl(path) if kept_record(record)]
     write_text_atomically(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
