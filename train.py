@@ -462,6 +462,16 @@ def resume(run: Run, path: Path, changed: dict) -> None:
             f"config key 'training.max_steps': the run ends at step {run.max_steps}, and checkpoint {path} is at "
             f"step {run.state.step}; raise training.max_steps / num_epochs to train further"
         )
+    if run.batches_per_epoch is not None:
+        # The counters must describe one position of this run's batches: an edited file would shift them.
+        state, per_epoch = run.state, math.ceil(run.batches_per_epoch / t.gradient_accumulation_steps)
+        expected = state.epoch * per_epoch + math.ceil(state.batch_in_epoch / t.gradient_accumulation_steps)
+        if state.batch_in_epoch > run.batches_per_epoch or expected != state.step:
+            raise CheckpointError(
+                f"checkpoint {path}: train_state.json says step {state.step}, epoch {state.epoch}, batch_in_epoch "
+                f"{state.batch_in_epoch}, which is no position of this run ({run.batches_per_epoch} batches per "
+                "epoch); the file was edited or belongs to another run"
+            )
     if run.state.step == run.max_steps:
         # Killed in its final evaluation or save: the run resumes into them, with nothing left to train.
         run.accelerator.print(f"Checkpoint {path} is at the run's last step: finishing (evaluation and save)")
@@ -837,7 +847,8 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
         with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
             yaml.safe_dump(run.config.to_dict(), f, sort_keys=False)
 
-    write_files_atomically(run.run_dir, write)
+    size = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
+    write_files_atomically(run.run_dir, write, needed_bytes=size)
 
 
 def starting_point(config: TrainConfig) -> str:

@@ -1196,11 +1196,76 @@ def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class DiskFullError(OSError):
+    """A write failed for want of space (a full disk, a quota, a file-size limit); the message names the path and
+    the bytes it needed."""
+
+
+#: What a write says when the space ran out: errno values, and the words of libraries that report them as text
+#: (safetensors' "File too large (os error 27)", torch's stream writer).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_WORDS = (
+    "No space left",
+    "File too large",
+    "Disk quota exceeded",
+    "os error 28",
+    "os error 27",
+    "file write failed",
+)
+
+
+def _is_full(error: BaseException) -> bool:
+    seen = 0
+    while error is not None and seen < 5:  # the error and what it was raised from
+        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+            return True
+        if any(words in str(error) for words in _FULL_WORDS):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike, needed_bytes: int | Callable[[], int] | None = None):
+    """Turn a write that ran out of space inside the block into a :class:`DiskFullError` naming ``path``, the bytes
+    the write needed (``needed_bytes``, or a function giving them) and the space left there.
+
+    Every writer library reports it its own way (an ``OSError``, safetensors' ``SafetensorError``, torch's
+    ``RuntimeError``); one line then says what to free instead of a traceback.
+    """
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, DiskFullError) or not _is_full(error):
+            raise
+        needed = needed_bytes() if callable(needed_bytes) else needed_bytes
+        probe = Path(os.path.abspath(path))
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        what = f"it needs about {_megabytes(needed)}, " if needed else ""
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left writing {path} ({what}{_megabytes(free)} free there, or a file-size limit: {reason})",
+        ) from error
+
+
 def describe_os_error(error: OSError) -> str:
     """One line for a failed write or read: what happened to which path, without a traceback."""
+    if isinstance(error, DiskFullError):
+        return error.strerror
     where = error.filename or "the output"
     if error.errno == errno.ENOSPC:
         return f"no space left on the device holding {where}"
+    if error.errno == errno.EDQUOT:
+        return f"disk quota exceeded writing {where}"
+    if error.errno == errno.EFBIG:
+        return f"file too large writing {where} (a file-size limit, or the file system's)"
     if error.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied: {where}"
     if error.errno == errno.EROFS:
@@ -1229,6 +1294,9 @@ def describe_error(error: BaseException, user_errors: tuple[type[BaseException],
     hub_errors = (HfHubHTTPError, OfflineModeIsEnabled)
     if isinstance(error, (SourceError, ConversionError, DatasetError, OutputInUseError, *user_errors)):
         message = str(error)
+        if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker: the worker's own line
+            last = message.strip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
     elif isinstance(error, hub_errors):
         message = f"Hub: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"
     elif isinstance(error, OSError) and error.errno is not None:

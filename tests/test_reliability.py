@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -273,34 +272,376 @@ def test_second_converter_into_one_output_is_refused_and_the_first_writes_its_ro
     assert np.asarray(written[0]["image"]).max() == 10  # the first converter's rows
 
 
-LOCK_HOLDER = """
-import sys
-from hlss_hf.publishing import output_lock
-with output_lock(sys.argv[1], "--output"):
-    print("locked", flush=True)
-    sys.stdin.read()  # holds the lock until killed
-"""
-
-
 def test_lock_of_a_killed_process_is_free_and_a_live_one_is_named(tmp_path):
+    import signal
+
     target = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(target)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    ready_read, ready_write = os.pipe()
+    hold_read, hold_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: takes the lock, says so, then waits until it is killed
+        try:
+            with output_lock(target, "--output"):
+                os.write(ready_write, b"1")
+                os.read(hold_read, 1)
+        finally:
+            os._exit(0)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert os.read(ready_read, 1) == b"1"
         with pytest.raises(
-            OutputInUseError, match=rf"--output {target} is in use by another run \(pid {holder.pid} on host"
+            OutputInUseError, match=rf"--output {target} is in use by another run \(pid {pid} on host"
         ):
             with output_lock(target, "--output"):
                 pass
     finally:
-        holder.kill()  # SIGKILL: no clean-up runs; the kernel drops the lock with the process
-        holder.wait()
+        os.kill(pid, signal.SIGKILL)  # no clean-up runs; the kernel drops the lock with the process
+        os.waitpid(pid, 0)
     with output_lock(target) as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One line for every user error, validation at the door
+
+
+def cli_error(monkeypatch, argv) -> str:
+    """Run ``train.py`` as the command line does; return its one ``error:`` line."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as caught:
+        train.cli()
+    message = str(caught.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--training.seed", "-1"], "training.seed"),
+        (["--training.seed", str(2**40)], "training.seed"),
+        (["--model.temperature", "inf"], "model.temperature"),
+        (["--model.temperature", "1e-30"], "model.temperature"),
+        (["--training.knn_temperature", "inf"], "training.knn_temperature"),
+        (["--training.output_dir", "[a,b]"], "training.output_dir"),
+        (["--data.augmentation", "{solarise: {p: 0.5}}"], "unknown augmentation 'solarise'"),
+        (["--data.num_slides", "50"], "data.num_slides"),
+    ],
+)
+def test_bad_setting_is_one_error_line_naming_it(tmp_path, attributes_file, monkeypatch, extra, named):
+    argv = tiny_args(tmp_path / "run", attributes_file, *extra)
+    if "[a,b]" in extra:
+        argv = [a for a in argv if a != str(tmp_path / "run")]
+        argv.remove("--training.output_dir")
+    assert named in cli_error(monkeypatch, argv)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        (
+            "patch: {dense: [a]}\nslide: {}\npatient: {n: [b]}\n",
+            "level 'slide' is missing or has no attributes",
+        ),
+        ("patch: {dense: [a]}\npatient: {n: [b]}\n", "level 'slide' is missing"),
+        ("patch: {dense: [3]}\nslide: {c: [a]}\npatient: {n: [b]}\n", "patch/dense"),
+        ("patch:\n  dense: [a]\n  dense: [b]\nslide: {c: [a]}\npatient: {n: [b]}\n", "'dense' appears twice"),
+    ],
+)
+def test_malformed_attribute_file_is_a_config_error_naming_the_item(tmp_path, text, named):
+    from hlss_hf.building import resolve_attributes
+    from hlss_hf.config import ConfigError
+
+    path = tmp_path / "attributes.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="model.attributes") as caught:
+        resolve_attributes(str(path))
+    assert named in str(caught.value) and "\n" not in describe_error(caught.value, (ConfigError,))
+
+
+def test_duplicate_attribute_in_a_json_file_is_refused(tmp_path):
+    from hlss_hf.modeling_hlss import load_attributes
+
+    path = tmp_path / "attributes.json"
+    path.write_text('{"patch": {"a": ["x"], "a": ["y"]}, "slide": {"c": ["x"]}, "patient": {"n": ["x"]}}')
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        load_attributes(str(path))
+
+
+@pytest.fixture(scope="module")
+def cut_checkpoint(tmp_path_factory):
+    """A tiny run stopped after step 2 with its checkpoint (copied by each test that edits it)."""
+    from test_train import ATTRIBUTES
+
+    root = tmp_path_factory.mktemp("cut")
+    attributes = root / "attributes.yaml"
+    attributes.write_text(yaml.safe_dump(ATTRIBUTES))
+    reset_accelerate()
+    train.main(tiny_args(root / "run", str(attributes), "--training.max_steps_this_run", "2"))
+    reset_accelerate()
+    return root / "run", str(attributes)
+
+
+def edited_copy(cut_checkpoint, tmp_path, edit) -> Path:
+    import shutil
+
+    run, _ = cut_checkpoint
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    edit(out / "checkpoints" / "step_2")
+    return out
+
+
+def set_counter(**values):
+    def edit(checkpoint):
+        path = checkpoint / "train_state.json"
+        state = json.loads(path.read_text())
+        path.write_text(json.dumps({**state, **values}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (set_counter(step=-5), "'step' is -5"),
+        (set_counter(step=0), "'step' is 0"),
+        (set_counter(step=3.7), "'step' is 3.7"),
+        (set_counter(step="2"), "'step' is '2'"),
+        (set_counter(step=True), "'step' is True"),
+        (set_counter(step=30), "the folder is step 2"),
+        (set_counter(epoch=-1), "'epoch' is -1"),
+        (set_counter(batch_in_epoch=-2), "'batch_in_epoch' is -2"),
+        (set_counter(num_processes=0), "'num_processes' is 0"),
+        (set_counter(epoch=1), "no position of this run"),  # in range, but not where step 2 is
+        (lambda c: (c / "model.safetensors").write_bytes(b"not safetensors"), "cannot be loaded"),
+        (
+            lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:1000]),
+            "cannot be loaded",
+        ),
+    ],
+)
+def test_edited_or_damaged_checkpoint_is_refused_in_one_line(
+    cut_checkpoint, tmp_path, monkeypatch, edit, named
+):
+    out = edited_copy(cut_checkpoint, tmp_path, edit)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    message = cli_error(monkeypatch, tiny_args(out, cut_checkpoint[1], "--resume_from_checkpoint", "latest"))
+    assert "step_2" in message and named in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing renamed or set aside
+
+
+def test_garbage_health_file_is_unknown_health_and_the_run_resumes(cut_checkpoint, tmp_path, caplog):
+    out = edited_copy(cut_checkpoint, tmp_path, lambda c: (c / "health.json").write_text("{garbage"))
+    result = train.main(tiny_args(out, cut_checkpoint[1], "--resume_from_checkpoint", "latest"))
+    assert result["step"] == 4 and "health counts as unknown" in caplog.text
+
+
+def he_rows(n=12, **columns):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = {
+        "image": [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(n)],
+        "patient_id": [f"p{i // 4}" for i in range(n)],
+        "slide_id": [f"s{i // 2}" for i in range(n)],
+        "patch_id": [f"x{i}" for i in range(n)],
+        "label": [(i // 4) % 2 for i in range(n)],
+    }
+    rows.update(columns)
+    return rows
+
+
+def he_dataset(rows):
+    import datasets
+
+    from hlss_hf.schema import features_for
+
+    features = features_for("he", ["a", "b"])
+    features = datasets.Features({k: v for k, v in features.items() if k in rows})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (
+            lambda r: r["patient_id"].__setitem__(5, None),
+            "column 'patient_id' has 1 missing values (first at row 5)",
+        ),
+        (
+            lambda r: r["label"].__setitem__(5, 1 - r["label"][5]),
+            "patient 'p1' has rows with different labels",
+        ),
+        (lambda r: r.pop("label"), "no column(s) ['label']"),
+        (
+            lambda r: r["slide_id"].__setitem__(4, "s0"),
+            "slide 's0' belongs to several patients: ['p0', 'p1']",
+        ),
+    ],
+)
+def test_bad_hierarchy_is_a_dataset_error_naming_the_item(change, named):
+    from hlss_hf.data import DatasetError, HierarchyIndex
+
+    rows = he_rows()
+    change(rows)
+    with pytest.raises(DatasetError) as caught:
+        HierarchyIndex.from_dataset(he_dataset(rows))
+    assert named in describe_error(caught.value)
+
+
+def png(mode: str, size: int = 12, bits16: bool = False) -> dict:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if bits16:
+        image = Image.fromarray(np.full((size, size), 300, dtype=np.uint16))
+    else:
+        image = Image.new(mode, (size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+@pytest.mark.parametrize(
+    "image, named",
+    [
+        ({"bytes": b"", "path": None}, "row 5: cannot read its image"),
+        ({"bytes": b"\x89PNG\r\n\x1a\nbroken", "path": None}, "row 5: cannot read its image"),
+        (png("L"), "image mode L"),
+        (png("RGBA"), "image mode RGBA"),
+        (png("I", bits16=True), "row 5"),
+    ],
+)
+def test_unreadable_or_wrong_patch_names_its_row_alone(image, named):
+    from hlss_hf.data import DatasetError, HierarchicalPatchDataset
+
+    rows = he_rows()
+    rows["image"] = [png("RGB") for _ in rows["image"]]
+    rows["image"][5] = image
+    dataset = HierarchicalPatchDataset(he_dataset(rows), num_slides=1, num_patches=2)
+    with pytest.raises(DatasetError) as caught:
+        dataset.read_images([4, 5, 8, 11], patient="p1")
+    message = describe_error(caught.value)
+    assert named in message and "[4, 5" not in message and "patient 'p1'" in message
+
+
+def test_error_in_a_loader_worker_is_its_own_line():
+    from torch.utils.data import DataLoader
+
+    from hlss_hf.data import DatasetError, HierarchicalPatchDataset, collate_hierarchical
+
+    rows = he_rows()
+    rows["image"] = [png("RGB") for _ in rows["image"]]
+    rows["image"][1] = {"bytes": b"", "path": None}
+    dataset = HierarchicalPatchDataset(he_dataset(rows), num_slides=2, num_patches=2)
+    loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_hierarchical)
+    with pytest.raises(DatasetError) as caught:
+        next(iter(loader))
+    message = describe_error(caught.value)
+    assert message.startswith("patient 'p0': row 1: cannot read its image") and "Traceback" not in message
+
+
+def test_corrupt_evaluation_cache_is_rebuilt_with_a_warning(tmp_path):
+    from test_evaluation import _CountingModel, _he_dataset
+
+    from hlss_hf.evaluation import extract_embeddings
+
+    torch.manual_seed(0)
+    model, dataset = _CountingModel(), _he_dataset(6)
+    first = extract_embeddings(model, dataset, batch_size=8, cache_dir=tmp_path, progress=False)
+    (cache,) = tmp_path.glob("embeddings-*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])  # torn by a full disk
+    with pytest.warns(UserWarning, match="unreadable cached embeddings"):
+        again = extract_embeddings(model, dataset, batch_size=8, cache_dir=tmp_path, progress=False)
+    torch.testing.assert_close(again.embeddings, first.embeddings)
+    assert model.calls == 2
+    extract_embeddings(model, dataset, batch_size=8, cache_dir=tmp_path, progress=False)
+    assert model.calls == 2  # the rebuilt cache is whole again
+
+
+# OpenSRH metadata: each shape the converter is given by mistake, named as it is.
+
+
+def opensrh_plan(tmp_path, meta, split):
+    from dataset_scripts.opensrh import plan_opensrh
+    from hlss_hf.publishing import InvalidItems
+    from hlss_hf.schema import OPENSRH_CLASSES
+
+    (tmp_path / "root" / "p").mkdir(parents=True)
+    (tmp_path / "root" / "p" / "a.tif").write_bytes(b"")
+    return plan_opensrh(tmp_path / "root", meta, split, list(OPENSRH_CLASSES), False, InvalidItems())
+
+
+@pytest.mark.parametrize(
+    "meta, split, named",
+    [
+        ({}, {"train": [], "val": "NIO_1"}, "split file: 'val' must be a list of patient ids, got str"),
+        (
+            {"NIO_1": {"class": "hgg", "slides": {"1": {"tumor_patches": "p/a.tif"}}}},
+            {"train": ["NIO_1"]},
+            "'tumor_patches' must be a list of file paths",
+        ),
+        (
+            {"NIO_1": {"class": "hgg", "slides": {"1": ["p/a.tif"]}}},
+            {"train": ["NIO_1"]},
+            "slide NIO_1-1: metadata record is a list",
+        ),
+        (
+            {"NIO_1": {"class": "hgg", "slides": {"1": {"tumor_patches": ["/etc/hostname"]}}}},
+            {"train": ["NIO_1"]},
+            "file /etc/hostname: outside the dataset folder",
+        ),
+        (
+            {
+                "NIO_1": {
+                    "class": "hgg",
+                    "slides": {"1": {"tumor_patches": ["../root/p/a.tif", "p/../../x.tif"]}},
+                }
+            },
+            {"train": ["NIO_1"]},
+            "file p/../../x.tif: outside the dataset folder",
+        ),
+    ],
+)
+def test_opensrh_metadata_of_the_wrong_shape_or_outside_the_root_is_named(tmp_path, meta, split, named):
+    from hlss_hf.publishing import ConversionError
+
+    with pytest.raises(ConversionError) as caught:
+        opensrh_plan(tmp_path, meta, split)
+    assert named in str(caught.value) and "under both" not in str(caught.value)
+
+
+def test_disk_full_while_writing_a_checkpoint_is_one_line_naming_the_path_and_the_bytes(
+    tmp_path, attributes_file, monkeypatch
+):
+    import resource
+    import signal
+
+    from accelerate import Accelerator
+
+    save_state = Accelerator.save_state
+
+    def save_state_on_a_full_disk(self, output_dir=None, **kwargs):
+        # A 1 MB file-size limit while the checkpoint is written: its weights (a few MB) hit it, and the kernel
+        # fails the write with EFBIG as a full disk fails it with ENOSPC (SIGXFSZ ignored, as a full disk sends
+        # no signal). The limit is restored at once; only the soft limit moves.
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+        try:
+            return save_state(self, output_dir, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state_on_a_full_disk)
+    out = tmp_path / "run"
+    message = cli_error(
+        monkeypatch,
+        tiny_args(out, attributes_file, "--training.save_steps", "1", "--training.max_steps", "1"),
+    )
+    assert "no space left writing" in message and "step_1.tmp" in message
+    assert "it needs about" in message and "File too large" in message
