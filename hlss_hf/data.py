@@ -1186,6 +1186,14 @@ def build_train_loader(
             f"config key 'data.num_slides': {d.num_slides} slides per patient, but no training patient has more "
             f"than {most_slides}"
         )
+    height, width = dataset.read_images([0])[0].shape[:2]
+    if min(height, width) < d.crop_size:
+        # Crops of a smaller patch are upsampled blur: what the converters' patch size and the processor's crop
+        # should agree on, checked on the first row before anything trains.
+        raise DatasetError(
+            f"training split, row 0: patches are {height}x{width} px, smaller than data.crop_size {d.crop_size}; "
+            "convert the data with a larger patch size, or lower data.crop_size"
+        )
     global_batch = t.per_device_batch_size * num_processes
     if d.drop_last and len(dataset) < global_batch:
         raise ConfigError(
