@@ -353,8 +353,8 @@ def _pid_alive(pid: int) -> bool:
 # second run into the same folder is refused at its start instead of replacing the first one's result. The lock is
 # fcntl.flock on a file beside the output: the kernel (and an NFS server's lock manager) releases it when the
 # holding process dies, so a lock is never stale and no PID has to be judged alive, on any machine. The file
-# itself says who holds it, for the error; it stays when released (deleting it would let two processes lock two
-# different files of one name).
+# itself says who holds it, for the error. Its holder deletes it on release (while still holding it), and whoever
+# locks a file checks that it is still the one at that path, so two processes never lock two files of one name.
 
 
 class OutputInUseError(RuntimeError):
@@ -367,7 +367,8 @@ _HELD_LOCKS: dict[tuple[int, str], list[int]] = {}
 
 
 def lock_file(target: str | os.PathLike) -> Path:
-    """The lock file of an output folder: ``.<name>.lock`` beside it (a folder swapped in whole keeps it)."""
+    """The lock file of an output folder: ``.<name>.lock`` beside it (a folder swapped in whole keeps it), there
+    while a run holds it."""
     # The real path: two spellings of one folder (a symlink, `./x`) are one lock.
     target = Path(os.path.realpath(target))
     return target.with_name(f".{target.name}.lock")
@@ -413,21 +414,30 @@ def output_lock(target: str | os.PathLike, key: str | None = None):
         finally:
             held[1] -= 1
         return
+    remove_new_parents = remove_new_empty_folder(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Not inherited by programs this run starts; a forked child (a data loader worker) shares it until unlocked.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), umask_mode())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder_text(fd)
+    while True:
+        # Not inherited by programs this run starts; a forked child (a loader worker) shares it until unlocked.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), umask_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(fd)
+            os.close(fd)
+            remove_new_parents()
+            named = f"{key} {target}" if key else str(target)
+            raise OutputInUseError(
+                f"{named} is in use by another run ({holder}); wait for it to finish, or choose another output"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the previous holder may have deleted the file between our open and our lock: lock the one there
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        named = f"{key} {target}" if key else str(target)
-        raise OutputInUseError(
-            f"{named} is in use by another run ({holder}); wait for it to finish, or choose another output"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
     try:
         holder = {
             "pid": os.getpid(),
@@ -443,10 +453,12 @@ def output_lock(target: str | os.PathLike, key: str | None = None):
     finally:
         _HELD_LOCKS.pop(mine, None)
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # still locked here: nobody reads a released lock's stale holder
+            path.unlink()  # still locked here: nothing is left beside the output
+        with contextlib.suppress(OSError):
             # Unlocked explicitly: a forked worker still holding a copy of the descriptor would keep it otherwise.
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+        remove_new_parents()  # folders made only for the lock file (a run that failed before writing anything)
 
 
 def knn_eval_results(

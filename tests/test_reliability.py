@@ -282,6 +282,7 @@ def test_lock_of_a_killed_process_is_free_and_a_live_one_is_named(tmp_path):
         os.waitpid(pid, 0)
     with output_lock(target) as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not path.exists()  # released: nothing left beside the output
 
 
 # ---------------------------------------------------------------------------------------------------------------
