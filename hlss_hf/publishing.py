@@ -429,6 +429,16 @@ def output_lock(target: str | os.PathLike, key: str | None = None):
             raise OutputInUseError(
                 f"{named} is in use by another run ({holder}); wait for it to finish, or choose another output"
             ) from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # A file system without locks: the run goes on unguarded rather than not at all.
+            logger.warning(
+                "%s: this file system has no locks (%s); another run into it is not refused", target, error
+            )
+            fd = None
+            break
         except BaseException:
             os.close(fd)
             raise
@@ -438,6 +448,10 @@ def output_lock(target: str | os.PathLike, key: str | None = None):
         except FileNotFoundError:
             pass
         os.close(fd)
+    if fd is None:
+        path.unlink(missing_ok=True)
+        yield path
+        return
     try:
         holder = {
             "pid": os.getpid(),

@@ -285,6 +285,19 @@ def test_lock_of_a_killed_process_is_free_and_a_live_one_is_named(tmp_path):
     assert not path.exists()  # released: nothing left beside the output
 
 
+def test_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with output_lock(tmp_path / "out"):
+        pass
+    assert "has no locks" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One line for every user error, validation at the door
 
