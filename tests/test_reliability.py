@@ -256,33 +256,65 @@ def test_second_converter_into_one_output_is_refused_and_the_first_writes_its_ro
     assert np.asarray(written[0]["image"]).max() == 10  # the first converter's rows
 
 
-def test_lock_of_a_killed_process_is_free_and_a_live_one_is_named(tmp_path):
-    import signal
+class LockHolder:
+    """A forked process that holds ``output_lock(target)`` until it is killed (SIGKILL: no clean-up runs)."""
 
-    target = tmp_path / "out"
-    ready_read, ready_write = os.pipe()
-    hold_read, hold_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the holder: takes the lock, says so, then waits until it is killed
-        try:
-            with output_lock(target, "--output"):
-                os.write(ready_write, b"1")
-                os.read(hold_read, 1)
-        finally:
-            os._exit(0)
-    try:
+    def __init__(self, target: Path) -> None:
+        import signal
+
+        self.signal = signal
+        ready_read, ready_write = os.pipe()
+        hold_read, self._hold_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the holder: takes the lock, says so, then waits until it is killed
+            try:
+                with output_lock(target, "--output"):
+                    os.write(ready_write, b"1")
+                    os.read(hold_read, 1)
+            finally:
+                os._exit(0)
         assert os.read(ready_read, 1) == b"1"
+
+    def kill(self) -> None:
+        os.kill(self.pid, self.signal.SIGKILL)  # the kernel drops the lock with the process
+        os.waitpid(self.pid, 0)
+
+
+def test_lock_of_a_killed_process_is_free_and_a_live_one_is_named(tmp_path):
+    target = tmp_path / "out"
+    holder = LockHolder(target)
+    try:
         with pytest.raises(
-            OutputInUseError, match=rf"--output {target} is in use by another run \(pid {pid} on host"
+            OutputInUseError, match=rf"--output {target} is in use by another run \(pid {holder.pid} on host"
         ):
             with output_lock(target, "--output"):
                 pass
     finally:
-        os.kill(pid, signal.SIGKILL)  # no clean-up runs; the kernel drops the lock with the process
-        os.waitpid(pid, 0)
+        holder.kill()
     with output_lock(target) as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not path.exists()  # released: nothing left beside the output
+
+
+def test_finetune_and_a_converter_refuse_a_busy_output_in_one_line(tmp_path, monkeypatch):
+    import finetune
+    from dataset_scripts import demo
+
+    target = tmp_path / "out"
+    holder = LockHolder(target)
+    try:
+        with pytest.raises(OutputInUseError, match="training.output_dir"):
+            finetune.main(
+                ["--model_name_or_path", "unused", "--dataset", "unused", "--output_dir", str(target)]
+            )
+        with pytest.raises(SystemExit) as caught:
+            demo.main(["--output", str(target), "--num-patients", "6"])
+        assert str(caught.value.code).startswith("error: output") and "in use by another run" in str(
+            caught.value.code
+        )
+    finally:
+        holder.kill()
+    assert not target.exists()
 
 
 def test_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
