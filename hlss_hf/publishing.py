@@ -417,8 +417,21 @@ def output_lock(target: str | os.PathLike, key: str | None = None):
     remove_new_parents = remove_new_empty_folder(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        # Not inherited by programs this run starts; a forked child (a loader worker) shares it until unlocked.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), umask_mode())
+        try:
+            # Not inherited by programs this run starts; a forked child (a loader worker) shares it until unlocked.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), umask_mode())
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # A folder the user may not write beside (an output at a mount point): unguarded, as without locks.
+            logger.warning(
+                "%s: cannot create its lock file %s (%s); another run into it is not refused",
+                target,
+                path,
+                error,
+            )
+            yield path
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -328,6 +328,21 @@ def test_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monke
     with output_lock(tmp_path / "out"):
         pass
     assert "has no locks" in caplog.text
+    monkeypatch.undo()
+
+    # An output at a mount point whose parent the user may not write: no lock file, the run still goes on.
+    real_open = os.open
+
+    def no_write_beside(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_write_beside)
+    with output_lock(tmp_path / "mounted"):
+        pass
+    monkeypatch.undo()
+    assert "cannot create its lock file" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------------
