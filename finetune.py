@@ -64,6 +64,7 @@ from hlss_hf.harness import (
     JsonlWriter,
     NonFiniteLossError,
     all_finite,
+    holds_output_dir,
     make_accelerator,
     plan_output,
     publish_output,
@@ -536,6 +537,7 @@ def push_adapter(adapter_dir: Path, args: FinetuneConfig) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@holds_output_dir(lambda argv: parse_args(argv).training.output_dir)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run fine-tuning; returns the report (also written to `output_dir/finetune_report.json`)."""
     # 1. Settings, the run's folder (a used output_dir needs training.overwrite_output_dir), accelerator.

@@ -93,6 +93,7 @@ from hlss_hf.harness import (  # noqa: E402
     check_checkpoint,
     describe_changes,
     flatten,
+    holds_output_dir,
     last_good_checkpoint,
     load_checkpoint,
     make_accelerator,
@@ -456,11 +457,24 @@ def resume(run: Run, path: Path, changed: dict) -> None:
     t = run.config.training
     run.accelerator.print(f"Resuming from {path}")
     run.state, _ = load_checkpoint(run.accelerator, path)
-    if run.state.step >= run.max_steps:
+    if run.state.step > run.max_steps:
         raise ConfigError(
             f"config key 'training.max_steps': the run ends at step {run.max_steps}, and checkpoint {path} is at "
             f"step {run.state.step}; raise training.max_steps / num_epochs to train further"
         )
+    if run.batches_per_epoch is not None:
+        # The counters must describe one position of this run's batches: an edited file would shift them.
+        state, per_epoch = run.state, math.ceil(run.batches_per_epoch / t.gradient_accumulation_steps)
+        expected = state.epoch * per_epoch + math.ceil(state.batch_in_epoch / t.gradient_accumulation_steps)
+        if state.batch_in_epoch > run.batches_per_epoch or expected != state.step:
+            raise CheckpointError(
+                f"checkpoint {path}: train_state.json says step {state.step}, epoch {state.epoch}, batch_in_epoch "
+                f"{state.batch_in_epoch}, which is no position of this run ({run.batches_per_epoch} batches per "
+                "epoch); the file was edited or belongs to another run"
+            )
+    if run.state.step == run.max_steps:
+        # Killed in its final evaluation or save: the run resumes into them, with nothing left to train.
+        run.accelerator.print(f"Checkpoint {path} is at the run's last step: finishing (evaluation and save)")
     if "training.lr" in changed:
         set_peak_lr(run.optimizer, run.scheduler, t.lr)
     if changed:
@@ -478,7 +492,9 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
     if accelerator.is_main_process:
         start_output(run.run_dir, out, resume=resumed)
         if resumed:
-            truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
+            truncate_jsonl(
+                run.run_dir / "metrics.jsonl", state.step, evaluations_at_max_step=state.step < run.max_steps
+            )
             for path in set_aside_later_checkpoints(run.run_dir, state.step):
                 print(
                     f"Set aside {path.name}: it follows step {state.step}, which this run continues from",
@@ -717,6 +733,7 @@ def finish(run: Run, out: Path, initial_eval: dict[str, Any], seconds: float) ->
     return metrics
 
 
+@holds_output_dir(lambda argv: parse_config(argv, default_config=DEFAULT_CONFIG).training.output_dir)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run HLSS pretraining (or the image-text alignment before it, ``model.objective: align``).
 
@@ -830,7 +847,8 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
         with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
             yaml.safe_dump(run.config.to_dict(), f, sort_keys=False)
 
-    write_files_atomically(run.run_dir, write)
+    size = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
+    write_files_atomically(run.run_dir, write, needed_bytes=size)
 
 
 def starting_point(config: TrainConfig) -> str:

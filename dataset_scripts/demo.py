@@ -40,6 +40,7 @@ import datasets
 
 from hlss_hf.publishing import (
     ConversionError,
+    OutputInUseError,
     add_image_format_argument,
     validation_count,
     write_patch_dataset,
@@ -633,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
             private=args.private,
             image_format=args.image_format,
         )
-    except (ConversionError, ValueError) as error:
+    except (ConversionError, OutputInUseError, ValueError) as error:
         sys.exit(f"error: {error}")
     for split, ds in dataset.items():
         print(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,11 @@ def read_srh_patch(path: Path, patch_size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _inside(base: Path, rel: str) -> bool:
+    """Whether ``rel`` (a path from the metadata) names something under ``base`` once ``..`` are folded."""
+    return Path(os.path.normpath(base / rel)).is_relative_to(base)
+
+
 def plan_opensrh(
     root: Path,
     meta: dict,
@@ -117,6 +123,11 @@ def plan_opensrh(
     for key, patients in split_map.items():
         if key not in SPLIT_NAMES:
             raise ConversionError(f"split file: unknown split {key!r} (expected {sorted(SPLIT_NAMES)})")
+        # A bare string would be read letter by letter as patient ids (and reported as listed twice).
+        if not isinstance(patients, list) or not all(isinstance(p, str) for p in patients):
+            raise ConversionError(
+                f"split file: {key!r} must be a list of patient ids, got {type(patients).__name__} {patients!r:.60}"
+            )
         for patient in patients:
             if patient in patient_split:
                 raise ConversionError(
@@ -125,6 +136,7 @@ def plan_opensrh(
             patient_split[patient] = key
 
     plan: dict[str, list[dict]] = {SPLIT_NAMES[key]: [] for key in split_map}
+    base = Path(os.path.normpath(root.absolute()))
     for patient, split_key in patient_split.items():
         record = meta.get(patient)
         if record is None:
@@ -148,12 +160,35 @@ def plan_opensrh(
         for slide, slide_record in slides.items():
             # Slide keys are unique within a patient; prefix when they do not already carry the patient id.
             slide_id = slide if str(slide).startswith(patient) else f"{patient}-{slide}"
-            paths = [p for key in keys for p in (slide_record or {}).get(key, [])]
+            slide_record = slide_record or {}
+            if not isinstance(slide_record, dict):
+                invalid.invalid(
+                    f"slide {slide_id}", f"metadata record is a {type(slide_record).__name__}, not an object"
+                )
+                continue
+            # A bare string would be read letter by letter as file names (each then "not found").
+            lists = {key: slide_record.get(key, []) for key in keys}
+            bad = [
+                key
+                for key, value in lists.items()
+                if not isinstance(value, list) or not all(isinstance(p, str) for p in value)
+            ]
+            if bad:
+                invalid.invalid(
+                    f"slide {slide_id}", f"{bad[0]!r} must be a list of file paths, got {lists[bad[0]]!r:.60}"
+                )
+                continue
+            paths = [p for key in keys for p in lists[key]]
             if not paths:
                 invalid.invalid(f"slide {slide_id}", f"has no patches under {keys}")
                 continue
             slide_patches = []
             for rel in paths:
+                # Metadata names files of the release: a path that leaves its folder as written (absolute, `..`)
+                # is never opened. Symlinks the user placed in the folder are followed: their own choice.
+                if not isinstance(rel, str) or not _inside(base, rel):
+                    invalid.invalid(f"file {rel}", f"outside the dataset folder {root} (patient {patient})")
+                    continue
                 if not (root / rel).is_file():
                     invalid.invalid(f"file {rel}", f"not found (patient {patient}, slide {slide_id})")
                     continue

@@ -70,16 +70,19 @@ def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
 
 def resolve_attributes(spec: Any) -> Any:
     """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
-    from hlss_hf.modeling_hlss import shipped_attribute_file
+    from hlss_hf.modeling_hlss import load_attributes, shipped_attribute_file
 
-    if isinstance(spec, dict):
-        return spec
-    if Path(spec).is_file():
-        return str(spec)
     try:
-        return shipped_attribute_file(spec)
+        if isinstance(spec, dict):
+            resolved = spec
+        elif Path(spec).is_file():
+            resolved = str(spec)
+        else:
+            resolved = shipped_attribute_file(spec)
+        load_attributes(resolved)  # a malformed file stops the run here, in one line naming the item
     except ValueError as err:
         raise ConfigError(f"config key 'model.attributes': {err}") from err
+    return resolved
 
 
 def fallback_tokenizer(attributes: Any):

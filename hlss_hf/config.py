@@ -209,6 +209,19 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+#: The smallest softmax temperature: logits are divided by it, and 1 / 1e-4 stays well inside half precision's
+#: range (65504); smaller ones overflow to inf or give a hard max with exploding gradients.
+MIN_TEMPERATURE = 1e-4
+
+
+def _check_temperature(value: float, key: str) -> None:
+    _check(
+        math.isfinite(value) and value >= MIN_TEMPERATURE,
+        key,
+        f"must be a finite number >= {MIN_TEMPERATURE:g}, got {value!r}",
+    )
+
+
 def _read_class_prompts(value: Any, key: str) -> dict[str, list[str]] | None:
     """``model.class_prompts``: a mapping class -> descriptions, or a YAML / JSON file holding one."""
     if isinstance(value, str):
@@ -382,6 +395,13 @@ class RunConfig(Section):
     def validate(self) -> None:
         super().validate()
         _check(bool(self.output_dir), self.key("output_dir"), "must not be empty")
+        _check(
+            re.fullmatch(r"\s*(\[.*\]|\{.*\})\s*", self.output_dir) is None,
+            self.key("output_dir"),
+            f"{self.output_dir!r} looks like a YAML list or mapping, not a folder",
+        )
+        # numpy's seed (which set_seed sets too) takes 0 .. 2**32 - 1; anything else fails mid-start.
+        _check(0 <= self.seed < 2**32, self.key("seed"), f"must be in [0, 2**32), got {self.seed}")
         _check(self.per_device_batch_size >= 1, self.key("per_device_batch_size"), "must be >= 1")
         _check(math.isfinite(self.num_epochs) and self.num_epochs > 0, self.key("num_epochs"), "must be > 0")
         _check(self.max_steps is None or self.max_steps >= 1, self.key("max_steps"), "must be >= 1 (or null)")
@@ -606,7 +626,7 @@ class ModelConfig(Section):
             "must be positive",
         )
         for name in ("temperature", "base_temperature", "align_temperature", "caption_temperature"):
-            _check(getattr(self, name) > 0, self.key(name), "must be positive")
+            _check_temperature(getattr(self, name), self.key(name))
         _check(self.objective in OBJECTIVES, self.key("objective"), f"must be one of {list(OBJECTIVES)}")
         from hlss_hf.configuration_hlss import HEAD_INITS
 
@@ -733,6 +753,13 @@ class DataConfig(DataSourceConfig):
             _check(
                 self.augmentation in presets, self.key("augmentation"), f"unknown preset; known: {presets}"
             )
+        else:  # a mapping of operations: built once here, so an unknown operation or parameter stops the start
+            from hlss_hf.augmentation import build_augmentation
+
+            try:
+                build_augmentation(self.augmentation, self.crop_size)
+            except ValueError as err:
+                raise ConfigError(f"config key '{self.key('augmentation')}': {err}") from None
         _check(
             not (self.streaming and self.balance_classes),
             self.key("balance_classes"),
@@ -855,7 +882,7 @@ class TrainingConfig(RunConfig):
         _check(self.save_steps >= 0, self.key("save_steps"), "must be >= 0")
         _check(self.save_total_limit >= 1, self.key("save_total_limit"), "must be >= 1")
         _check(self.knn_k >= 1, self.key("knn_k"), "must be >= 1")
-        _check(self.knn_temperature > 0, self.key("knn_temperature"), "must be > 0")
+        _check_temperature(self.knn_temperature, self.key("knn_temperature"))
         from hlss_hf.evaluation import AGGREGATIONS
 
         _check(

@@ -110,7 +110,7 @@ def _column(table: pa.Table, name: str) -> pa.ChunkedArray:
     column = table.column(name)
     if column.null_count:
         first_null = column.is_null().to_numpy(zero_copy_only=False).argmax()
-        raise ValueError(
+        raise DatasetError(
             f"column {name!r} has {column.null_count} missing values (first at row {first_null})"
         )
     return column
@@ -161,20 +161,28 @@ class HierarchyIndex:
                 selections and shuffles are honoured: row indices refer to ``dataset``'s own positions).
 
         Raises:
-            ValueError: when a column is missing, has missing values, the dataset is empty, or a patient's rows
-                disagree on the label (naming the patient).
+            DatasetError: when a column is missing, has missing values, the dataset is empty, a patient's rows
+                disagree on the label (naming the patient) or a slide id belongs to two patients (naming both).
         """
         names = (PATIENT_ID, SLIDE_ID, LABEL)
         missing = [name for name in names if name not in dataset.column_names]
         if missing:
-            raise ValueError(f"dataset has no column(s) {missing}; it has {dataset.column_names}")
+            raise DatasetError(f"dataset has no column(s) {missing}; it has {dataset.column_names}")
         if len(dataset) == 0:
-            raise ValueError("dataset is empty: no rows to index")
+            raise DatasetError("dataset is empty: no rows to index")
         # Arrow format on the id columns only: no image bytes are touched, and an indices mapping is applied.
         table = dataset.select_columns(list(names)).with_format("arrow")[:]
         patient_codes, patient_ids = _encode(_column(table, PATIENT_ID))
         slide_codes, slide_names = _encode(_column(table, SLIDE_ID))
         labels = _column(table, LABEL).to_numpy().astype(np.int64)
+        # A slide is cut from one patient's tissue (the converters refuse anything else): a slide id under two
+        # patients is a mislabelled row, and training would treat two slides as one.
+        pairs = np.unique(np.stack([slide_codes, patient_codes], axis=1), axis=0)
+        shared = np.flatnonzero(np.diff(pairs[:, 0]) == 0)
+        if len(shared):
+            slide_code = pairs[shared[0], 0]
+            owners = sorted(str(patient_ids[code]) for code in pairs[pairs[:, 0] == slide_code, 1])
+            raise DatasetError(f"slide {slide_names[slide_code]!r} belongs to several patients: {owners}")
         # Group rows by (patient, slide) in first-appearance order; lexsort is stable so rows keep dataset order.
         order = np.lexsort((slide_codes, patient_codes))
         sorted_p, sorted_s = patient_codes[order], slide_codes[order]
@@ -194,7 +202,7 @@ class HierarchyIndex:
             if patient in patient_labels:
                 found = np.union1d(found, [patient_labels[patient]])
             if len(found) != 1:
-                raise ValueError(f"patient {patient!r} has rows with different labels {found.tolist()}")
+                raise DatasetError(f"patient {patient!r} has rows with different labels {found.tolist()}")
             patient_labels[patient] = int(found[0])
         feature = dataset.features[LABEL]
         if isinstance(feature, datasets.ClassLabel):
@@ -265,6 +273,14 @@ def _choose(rng: np.random.Generator, count: int, needed: int, cycle: bool) -> n
     if cycle:
         return np.resize(rng.permutation(count), needed)
     return rng.choice(count, size=needed, replace=True)
+
+
+#: What a patch that cannot be read raises (PIL, imagecodecs, Arrow, a missing file).
+_UNREADABLE = (ValueError, TypeError, OSError, IndexError, pa.ArrowException)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or ['?'])[0]}"
 
 
 def _check_positive(**values: int) -> None:
@@ -461,16 +477,34 @@ class HierarchicalPatchDataset(Dataset):
         """
         rows = [int(r) for r in rows]
         try:
-            if self._array_column:
-                if self._srh_reader is None:
-                    self._srh_reader = _FixedArrayReader(self._images)
-                values = self._srh_reader.rows(rows)
-            else:
-                values = self._images[rows][IMAGE]
-            return [decode_image(value) for value in values]
-        except (ValueError, TypeError, OSError, IndexError, pa.ArrowException) as error:
+            return self._decode_rows(rows)
+        except _UNREADABLE as error:
             owner = f"patient {patient!r}: " if patient is not None else ""
-            raise ValueError(f"{owner}cannot read image rows {rows[:8]}: {error}") from error
+            # Name the row that fails, not every row of the batch: read them one at a time (only on failure).
+            for row in rows:
+                try:
+                    self._decode_rows([row])
+                except _UNREADABLE as row_error:
+                    raise DatasetError(
+                        f"{owner}row {row}: cannot read its image ({_reason(row_error)})"
+                    ) from None
+            raise DatasetError(f"{owner}cannot read image rows {rows[:8]}: {_reason(error)}") from error
+
+    def _decode_rows(self, rows: list[int]) -> list[np.ndarray]:
+        if self._array_column:
+            if self._srh_reader is None:
+                self._srh_reader = _FixedArrayReader(self._images)
+            values = self._srh_reader.rows(rows)
+        else:
+            values = self._images[rows][IMAGE]
+        images = [decode_image(value, strict=True) for value in values]
+        channels, dtype = (2, np.uint16) if self.modality == "srh" else (3, np.uint8)
+        for image in images:
+            if image.ndim != 3 or image.shape[-1] != channels or image.dtype != dtype:
+                raise ValueError(
+                    f"shape {image.shape} {image.dtype}, expected (H, W, {channels}) {np.dtype(dtype).name}"
+                )
+        return images
 
     def _read(self, rows: list[int], patient: str) -> list[torch.Tensor]:
         # One conversion call per patch: stacking the patches first would only add a copy.
@@ -1144,6 +1178,22 @@ def build_train_loader(
         )
         return dataset, loader
     dataset = HierarchicalPatchDataset(train_ds, balance_classes=d.balance_classes, **common)
+    most_slides = max(len(slides) for slides in dataset.index.slides.values())
+    if d.num_slides > most_slides:
+        # Slides are drawn again when a patient has fewer, but a draw larger than every patient's set repeats
+        # each slide: the same images batched over and over, which no setting asks for on purpose.
+        raise ConfigError(
+            f"config key 'data.num_slides': {d.num_slides} slides per patient, but no training patient has more "
+            f"than {most_slides}"
+        )
+    height, width = dataset.read_images([0])[0].shape[:2]
+    if min(height, width) < d.crop_size:
+        # Crops of a smaller patch are upsampled blur: what the converters' patch size and the processor's crop
+        # should agree on, checked on the first row before anything trains.
+        raise DatasetError(
+            f"training split, row 0: patches are {height}x{width} px, smaller than data.crop_size {d.crop_size}; "
+            "convert the data with a larger patch size, or lower data.crop_size"
+        )
     global_batch = t.per_device_batch_size * num_processes
     if d.drop_last and len(dataset) < global_batch:
         raise ConfigError(

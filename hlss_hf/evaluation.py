@@ -363,7 +363,15 @@ def extract_embeddings(
             cache_path = Path(cache_dir) / f"embeddings-{split}-{key}.pt"
             if cache_path.exists():
                 logger.info("Loading cached embeddings from %s", cache_path)
-                return EmbeddingSet.load(cache_path)
+                try:
+                    return EmbeddingSet.load(cache_path)
+                except Exception as err:  # noqa: BLE001 - any unreadable cache is only a lost shortcut
+                    # Truncated (a full disk, a kill before the atomic save existed), or not ours: embed again,
+                    # and the save below replaces it.
+                    warnings.warn(
+                        f"{cache_path}: unreadable cached embeddings ({type(err).__name__}); embedding again",
+                        stacklevel=2,
+                    )
 
     image_size = getattr(getattr(model, "config", None), "image_size", None)
     if info.streamed:

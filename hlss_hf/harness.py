@@ -26,12 +26,14 @@ PosixPath('outputs/new-run')
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +276,49 @@ def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, r
         os.replace(run_dir / "metrics.jsonl", run_dir / "metrics.failed.jsonl")
 
 
+def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
+    """Decorate a script's ``main(argv)`` to hold the lock on its output folder for the whole run.
+
+    A second run into the same folder is refused at its start naming the first (:func:`hlss_hf.publishing.
+    output_lock`), and swaps a killed run left half done there are finished first (:func:`recover_output`).
+    Only the main process (``RANK`` 0) writes the folder, so only it takes the lock.
+
+    Args:
+        read_output_dir (`Callable[[list[str]], str]`): the output folder of a command line.
+        key (`str`): the setting that names it, for the error.
+    """
+    from hlss_hf.publishing import output_lock
+
+    def decorate(main):
+        @functools.wraps(main)
+        def locked(argv: list[str] | None = None):
+            argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+            if int(os.environ.get("RANK", "0")) != 0:
+                return main(argv)
+            output_dir = read_output_dir(argv)
+            with output_lock(output_dir, key):
+                recover_output(output_dir)
+                return main(argv)
+
+        return locked
+
+    return decorate
+
+
+def recover_output(output_dir: str | os.PathLike) -> None:
+    """Finish the swaps a killed run left half done in ``output_dir`` (the folder itself, and the checkpoints of it
+    and of its staging folder); call it holding the folder's lock."""
+    from hlss_hf.publishing import recover_swap
+
+    out = Path(output_dir)
+    recover_swap(out)
+    for run_dir in (out, staging_dir(out)):
+        root = checkpoint_dir(run_dir)
+        if root.is_dir():
+            for journal in sorted(root.glob(f".{CHECKPOINT_PREFIX}*.swap")):
+                recover_swap(root / journal.name[1 : -len(".swap")])
+
+
 def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> list[Path]:
     """Rename the checkpoints after ``step`` to ``superseded_step_N`` (main process, when a run resumes from an
     earlier checkpoint, e.g. before a blow-up): ``latest`` and rotation then see only this run's line, and nothing
@@ -299,15 +344,19 @@ def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
     return out
 
 
-def write_files_atomically(folder: str | os.PathLike, write) -> None:
+def write_files_atomically(folder: str | os.PathLike, write, needed_bytes: int | None = None) -> None:
     """Call ``write(tmp)`` to write files into a temporary folder inside ``folder``, then move each file into
-    ``folder`` (replacing same-named files): a crash while writing leaves the earlier files whole."""
+    ``folder`` (replacing same-named files): a crash while writing leaves the earlier files whole. A full disk is
+    one error naming ``folder`` and ``needed_bytes`` (:func:`hlss_hf.publishing.naming_full_disk`)."""
+    from hlss_hf.publishing import naming_full_disk
+
     folder = Path(folder)
     tmp = folder / f".write{_TMP_SUFFIX}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write(tmp)
+        with naming_full_disk(folder, needed_bytes):
+            write(tmp)
         for path in sorted(tmp.rglob("*")):
             target = folder / path.relative_to(tmp)
             if path.is_dir():
@@ -360,7 +409,17 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def checkpoint_health(path: str | os.PathLike) -> dict[str, bool]:
     """``{"weights_finite": ..., "next_step_finite": ...}`` of a checkpoint (keys absent while unknown)."""
     file = Path(path) / HEALTH_FILE
-    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        health = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        health = err
+    if not isinstance(health, dict) or not all(isinstance(v, bool) for v in health.values()):
+        # Only advice on which checkpoint to go back to: unknown health, never a reason to stop a run.
+        logger.warning("%s: unreadable (%s); the checkpoint's health counts as unknown", file, health)
+        return {}
+    return health
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -443,7 +502,7 @@ def save_checkpoint(
     counters, the settings and the weights' health as JSON; written as ``step_N.tmp`` and renamed when every
     process has finished. All processes call it.
     """
-    from hlss_hf.publishing import swap_in
+    from hlss_hf.publishing import naming_full_disk, swap_in
 
     root = checkpoint_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
@@ -452,18 +511,31 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with naming_full_disk(tmp, lambda: _state_bytes(accelerator)):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(tmp / STATE_FILE, dataclasses.asdict(state))
-        _write_json(tmp / CONFIG_FILE, config)
-        _write_json(tmp / HEALTH_FILE, {"weights_finite": finite_weights})
+        with naming_full_disk(tmp):
+            _write_json(tmp / STATE_FILE, dataclasses.asdict(state))
+            _write_json(tmp / CONFIG_FILE, config)
+            _write_json(tmp / HEALTH_FILE, {"weights_finite": finite_weights})
         swap_in(
             tmp, final
         )  # re-saving a step after a resume keeps the old copy until the new one is in place
         _rotate(Path(run_dir), keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _state_bytes(accelerator) -> int:
+    """About the bytes of this process's checkpoint: the prepared models' and optimizers' tensors."""
+    total = 0
+    for model in getattr(accelerator, "_models", []):
+        total += sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+    for optimizer in getattr(accelerator, "_optimizers", []):
+        for values in optimizer.state_dict().get("state", {}).values():
+            total += sum(t.numel() * t.element_size() for t in values.values() if torch.is_tensor(t))
+    return total
 
 
 def check_checkpoint(path: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
@@ -491,12 +563,41 @@ def check_checkpoint(path: str | os.PathLike) -> tuple[TrainState, dict[str, Any
         )
     try:
         values = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        state = TrainState(**{f.name: int(values[f.name]) for f in dataclasses.fields(TrainState)})
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} / {CONFIG_FILE} ({err})") from err
+    state = _check_counters(path, values)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} holds no settings mapping")
     _check_rng_states(path)
     return state, config
+
+
+#: The smallest value of each counter of a checkpoint (a checkpoint is written after an optimizer step).
+_COUNTER_MINIMA = {"step": 1, "epoch": 0, "batch_in_epoch": 0, "num_processes": 1}
+
+
+def _check_counters(path: Path, values: Any) -> TrainState:
+    """The counters of ``train_state.json``, each an integer in range and the step the folder's name says: an
+    edited or damaged file would otherwise restart the counter or shift the batches silently."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} holds no mapping of counters")
+    counters = {}
+    for name, minimum in _COUNTER_MINIMA.items():
+        value = values.get(name)
+        # bool is an int to Python, 3.0 / "3" are not counters: each would pass int() and change the run.
+        if type(value) is not int or value < minimum:
+            raise CheckpointError(
+                f"checkpoint {path}: {STATE_FILE} '{name}' is {value!r}; it must be an integer >= {minimum}"
+            )
+        counters[name] = value
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+    if match and int(match.group(1)) != counters["step"]:
+        raise CheckpointError(
+            f"checkpoint {path}: {STATE_FILE} 'step' is {counters['step']}, but the folder is step "
+            f"{match.group(1)}; the file was edited or belongs to another checkpoint"
+        )
+    return TrainState(**counters)
 
 
 def _check_rng_states(path: Path) -> None:
@@ -526,12 +627,23 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[TrainState, d
             f"{accelerator.num_processes}: the global batch would change; resume with "
             f"`accelerate launch --num_processes {state.num_processes}`"
         )
+    from safetensors import SafetensorError
+
     try:
         accelerator.load_state(str(path))
     except pickle.UnpicklingError as err:  # weights_only refused a global: something other than plain state
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(
             f"checkpoint {path}: a state file holds more than tensors ({first}); not loaded"
+        ) from err
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
+        # A truncated or overwritten file ("invalid header", "unexpected EOF"), or weights of another shape.
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # a file-system error (permission, disk): its own one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"checkpoint {path}: a state file cannot be loaded ({type(err).__name__}: {first}); resume from "
+            "another checkpoint"
         ) from err
     return state, config
 
@@ -610,12 +722,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
-    """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint)."""
+def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max_step: bool = True) -> None:
+    """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint).
+
+    With ``evaluations_at_max_step=False`` the evaluations logged at ``max_step`` go too: at a run's last step the
+    final evaluation follows the checkpoint, and a run resumed from that checkpoint evaluates again.
+    """
     path = Path(path)
     if not path.is_file():
         return
     from hlss_hf.publishing import write_text_atomically
 
-    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= max_step]
+    def kept_record(record: dict[str, Any]) -> bool:
+        step = record.get("step", 0)
+        if step == max_step and not evaluations_at_max_step:
+            return not any(key.startswith("eval/") for key in record)
+        return step <= max_step
+
+    kept = [record for record in read_jsonl(path) if kept_record(record)]
     write_text_atomically(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

@@ -147,6 +147,36 @@ def _reference_banks(attributes: dict, source: str) -> dict | None:
     return {level: model[key] for level, key in REFERENCE_BANK_KEYS.items()}
 
 
+def _unique_pairs(pairs: list[tuple]) -> dict:
+    """A JSON object whose keys are unique (``json.loads`` would keep the last of two same-named attributes)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice in one mapping")
+        result[key] = value
+    return result
+
+
+def _yaml_unique_keys(text: str) -> object:
+    """``yaml.safe_load`` that refuses a key repeated in one mapping (PyYAML keeps the last one silently: a
+    second attribute of the same name would drop the first without a word)."""
+    import yaml  # transformers depends on pyyaml; imported here so JSON users never need it
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ValueError(
+                        f"the key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})"
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
     """Read and validate an attribute bank description.
 
@@ -177,13 +207,12 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
             text = handle.read()
         try:
             if path.lower().endswith(".json"):
-                attributes = json.loads(text)
+                attributes = json.loads(text, object_pairs_hook=_unique_pairs)
             else:
-                import yaml  # transformers depends on pyyaml; imported here so JSON users never need it
-
-                attributes = yaml.safe_load(text)
+                attributes = _yaml_unique_keys(text)
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"attribute file {path!r} could not be parsed: {err}") from err
+            reason = " ".join(str(err).split())
+            raise ValueError(f"attribute file {path!r} could not be parsed: {reason}") from err
     if not isinstance(attributes, dict):
         raise ValueError(
             f"{source}: expected a mapping level -> attribute -> descriptions, got {type(attributes)}"

@@ -23,13 +23,18 @@ import contextlib
 import errno
 import functools
 import io
+import json
+import logging
 import math
 import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +64,8 @@ from .schema import (
     decode_image,
     modality_of,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Rows per written Arrow batch: small enough that a 300x300x2 uint16 batch stays ~25 MB in memory.
 WRITER_BATCH_SIZE = 64
@@ -179,8 +186,10 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], A
     """Build a folder with ``write(tmp)`` in a temporary sibling of ``target``, then swap it in.
 
     An earlier ``target`` is moved aside, the new folder renamed into place, and only then is the old copy deleted
-    (if the rename fails, the old copy is put back). A failed ``write`` leaves ``target`` untouched and removes the
-    temporary folder; one left by a killed process is removed by the next call (:func:`remove_stale_temporaries`).
+    (if the rename fails, the old copy is put back; a swap killed between its renames is finished by the next
+    writer, :func:`recover_swap`). The writer holds ``target``'s lock (:func:`output_lock`) while it works. A failed
+    ``write`` leaves ``target`` untouched and removes the temporary folder; one left by a killed process is removed
+    by the next call (:func:`remove_stale_temporaries`).
 
     Args:
         target (`str` or `os.PathLike`): the folder to (re)place.
@@ -188,45 +197,145 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], A
 
     Returns:
         What ``write`` returns.
+
+    Raises:
+        OutputInUseError: another process is writing ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    tmp = _sibling(target, "tmp")
-    tmp.mkdir()
-    try:
-        result = write(tmp)
-        swap_in(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(target):
+        remove_stale_temporaries(target)
+        tmp = _sibling(target, "tmp")
+        tmp.mkdir()
+        try:
+            result = write(tmp)
+            swap_in(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
 def _sibling(target: Path, kind: str) -> Path:
-    # The pid lets remove_stale_temporaries tell a killed writer's leftovers from a running one's.
+    # The pid tells this process's own temporaries from those a killed writer left (remove_stale_temporaries).
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _swap_journal(target: Path) -> Path:
+    return target.parent / f".{target.name}.swap"
 
 
 def swap_in(new: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the finished folder ``new`` to ``target``; an earlier ``target`` is deleted only once the new one is in
-    place (if the rename fails, it is put back)."""
+    place (if the rename fails, it is put back).
+
+    Replacing a folder takes two renames (the old one aside, the new one in). A journal beside ``target`` names
+    both while they run, so a process killed between them leaves what :func:`recover_swap` needs to finish the
+    swap on the next start: ``target`` is then never missing for longer than the crash.
+    """
     new, target = Path(new), Path(target)
     if not os.path.lexists(target):
         os.replace(new, target)
         return
     # os.replace cannot replace a non-empty folder: move the old one aside, move the new one in, then delete.
     old = _sibling(target, "old")
+    journal = _swap_journal(target)
+    write_text_atomically(
+        journal, json.dumps({"new": os.path.abspath(new), "old": os.path.abspath(old)}) + "\n"
+    )
     os.replace(target, old)
     try:
         os.replace(new, target)
     except BaseException:
         os.replace(old, target)
+        journal.unlink(missing_ok=True)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
+    journal.unlink(missing_ok=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        old.unlink()
+        path.unlink(missing_ok=True)
+
+
+def recover_swap(target: str | os.PathLike) -> str | None:
+    """Finish a :func:`swap_in` of ``target`` that a killed process left between its two renames.
+
+    With the journal: a complete new folder still waiting is moved in (the swap completed); without it, the old
+    copy is put back (rolled back); once ``target`` is in place, the old copy is deleted. Without a journal (a swap
+    by an earlier version), a missing ``target`` gets its set-aside copy back. Call it holding ``target``'s lock
+    (:func:`output_lock` does, when it is taken), never while another process may be swapping.
+
+    Returns:
+        ``"completed"``, ``"rolled back"``, ``"cleaned"`` (only the old copy was left), or ``None`` (nothing to do).
+    """
+    target = Path(os.path.abspath(target))
+    journal = _swap_journal(target)
+    new = old = None
+    if journal.is_file():
+        try:
+            record = json.loads(journal.read_text(encoding="utf-8"))
+            new, old = Path(record["new"]), Path(record["old"])
+        except (ValueError, KeyError, TypeError):
+            # A torn journal: written atomically, so the renames cannot have started; nothing to undo.
+            logger.warning("%s: unreadable swap journal, removed", journal)
+    elif not os.path.lexists(target):
+        pattern = re.compile(rf"^\.{re.escape(target.name)}\.old-\d+-[0-9a-f]+$")
+        aside = (
+            [p for p in target.parent.iterdir() if pattern.match(p.name)] if target.parent.is_dir() else []
+        )
+        if aside:
+            old = max(aside, key=lambda p: p.stat().st_mtime)  # the newest set-aside copy
+    if old is None:
+        journal.unlink(missing_ok=True)
+        return None
+    outcome = "cleaned"
+    if not os.path.lexists(target):
+        if new is not None and os.path.lexists(new):
+            os.replace(new, target)
+            outcome = "completed"
+        elif os.path.lexists(old):
+            os.replace(old, target)
+            outcome = "rolled back"
+    if os.path.lexists(old):
+        _remove(old)
+    journal.unlink(missing_ok=True)
+    logger.warning("%s: an interrupted replacement was found and %s", target, outcome)
+    return outcome
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Delete what a killed writer left beside ``final``: ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*``.
+
+    Holding ``final``'s lock (:func:`output_lock`), everything there but this process's own is a dead writer's:
+    whoever wrote it held the lock, on whichever machine. Without the lock (a folder of this machine's temporary
+    directory), a folder counts as stale when its process no longer runs here. An interrupted swap is finished
+    first (:func:`recover_swap`): its set-aside copy may be the only one.
+
+    Returns:
+        The folders removed.
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    locked = holds_lock(final)
+    if locked:
+        recover_swap(final)
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    for path in final.parent.iterdir():
+        match = pattern.match(path.name)
+        if not match or int(match.group(2)) == os.getpid():
+            continue
+        if not locked and match.group(1) == "old" and not os.path.lexists(final):
+            continue  # maybe the only copy, set aside by a killed swap: restored under the lock, never deleted
+        if locked or not _pid_alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:
@@ -239,24 +348,144 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
-    """Delete what a killed writer left beside ``final``: ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*``
-    folders whose process no longer runs. Folders of a running writer are kept.
+# ------------------------------------------------------------------ one writer per output
+# A run (train.py, finetune.py, a converter) holds an exclusive lock on its output for as long as it runs, so a
+# second run into the same folder is refused at its start instead of replacing the first one's result. The lock is
+# fcntl.flock on a file beside the output: the kernel (and an NFS server's lock manager) releases it when the
+# holding process dies, so a lock is never stale and no PID has to be judged alive, on any machine. The file
+# itself says who holds it, for the error. Its holder deletes it on release (while still holding it), and whoever
+# locks a file checks that it is still the one at that path, so two processes never lock two files of one name.
 
-    Returns:
-        The folders removed.
+
+class OutputInUseError(RuntimeError):
+    """Another run holds the lock on this output; the message names the output and the holder."""
+
+
+#: Locks this process holds: (thread, lock file) -> [file descriptor, depth]. A thread that holds one may take it
+#: again (a converter's run, then its writer); another thread is refused like another process.
+_HELD_LOCKS: dict[tuple[int, str], list[int]] = {}
+
+
+def lock_file(target: str | os.PathLike) -> Path:
+    """The lock file of an output folder: ``.<name>.lock`` beside it (a folder swapped in whole keeps it), there
+    while a run holds it."""
+    # The real path: two spellings of one folder (a symlink, `./x`) are one lock.
+    target = Path(os.path.realpath(target))
+    return target.with_name(f".{target.name}.lock")
+
+
+def holds_lock(target: str | os.PathLike) -> bool:
+    """Whether this process holds ``target``'s lock."""
+    return (threading.get_ident(), str(lock_file(target))) in _HELD_LOCKS
+
+
+def _holder_text(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return (
+            f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}: {holder['command']}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not said who it is yet"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, key: str | None = None):
+    """Hold the exclusive lock on the output ``target`` for the ``with`` block; finish an interrupted swap of it.
+
+    Taken again by the process that holds it (a converter's run, then its writer), it nests.
+
+    Args:
+        target (`str` or `os.PathLike`): the output folder (it need not exist).
+        key (`str`, *optional*): the setting that named it (``training.output_dir``, ``--output``), for the error.
+
+    Raises:
+        OutputInUseError: another process holds it; the message names that process (pid, host, start, command).
     """
-    final = Path(final)
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
-    for path in final.parent.iterdir():
-        match = pattern.match(path.name)
-        if match and not _pid_alive(int(match.group(2))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    import fcntl
+
+    path = lock_file(target)
+    mine = (threading.get_ident(), str(path))
+    held = _HELD_LOCKS.get(mine)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield path
+        finally:
+            held[1] -= 1
+        return
+    remove_new_parents = remove_new_empty_folder(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            # Not inherited by programs this run starts; a forked child (a loader worker) shares it until unlocked.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), umask_mode())
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # A folder the user may not write beside (an output at a mount point): unguarded, as without locks.
+            logger.warning(
+                "%s: cannot create its lock file %s (%s); another run into it is not refused",
+                target,
+                path,
+                error,
+            )
+            yield path
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(fd)
+            os.close(fd)
+            remove_new_parents()
+            named = f"{key} {target}" if key else str(target)
+            raise OutputInUseError(
+                f"{named} is in use by another run ({holder}); wait for it to finish, or choose another output"
+            ) from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # A file system without locks: the run goes on unguarded rather than not at all.
+            logger.warning(
+                "%s: this file system has no locks (%s); another run into it is not refused", target, error
+            )
+            fd = None
+            break
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the previous holder may have deleted the file between our open and our lock: lock the one there
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    if fd is None:
+        path.unlink(missing_ok=True)
+        yield path
+        return
+    try:
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": command_line(),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
+        _HELD_LOCKS[mine] = [fd, 1]
+        recover_swap(target)
+        yield path
+    finally:
+        _HELD_LOCKS.pop(mine, None)
+        with contextlib.suppress(OSError):
+            path.unlink()  # still locked here: nothing is left beside the output
+        with contextlib.suppress(OSError):
+            # Unlocked explicitly: a forked worker still holding a copy of the descriptor would keep it otherwise.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        remove_new_parents()  # folders made only for the lock file (a run that failed before writing anything)
 
 
 def knn_eval_results(
@@ -727,14 +956,21 @@ def write_patch_dataset(
     class_names = features[LABEL].names
     class_index = {name: i for i, name in enumerate(class_names)}
 
+    # One writer per output folder, from the check that it may be written until it is in place.
+    locks = contextlib.ExitStack()
     if output_dir is not None:
-        final = check_output_dir(output_dir, overwrite).resolve()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Scratch space for the rows beside the output (its disk, not /tmp's); the dataset itself is then built in
-        # a sibling of its own and swapped in (write_folder_atomically).
-        remove_stale_temporaries(final)
-        tmp = _sibling(final, "tmp")
-        tmp.mkdir()
+        locks.enter_context(output_lock(Path(output_dir).resolve(), "output"))
+        try:
+            final = check_output_dir(output_dir, overwrite).resolve()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # Scratch space for the rows beside the output (its disk, not /tmp's); the dataset itself is then built
+            # in a sibling of its own and swapped in (write_folder_atomically).
+            remove_stale_temporaries(final)
+            tmp = _sibling(final, "tmp")
+            tmp.mkdir()
+        except BaseException:
+            locks.close()
+            raise
     else:
         final = None
         remove_stale_temporaries(Path(tempfile.gettempdir()) / "hlss-hub-push")
@@ -884,6 +1120,7 @@ def write_patch_dataset(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        locks.close()
 
 
 @contextlib.contextmanager
@@ -998,11 +1235,76 @@ def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class DiskFullError(OSError):
+    """A write failed for want of space (a full disk, a quota, a file-size limit); the message names the path and
+    the bytes it needed."""
+
+
+#: What a write says when the space ran out: errno values, and the words of libraries that report them as text
+#: (safetensors' "File too large (os error 27)", torch's stream writer).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_WORDS = (
+    "No space left",
+    "File too large",
+    "Disk quota exceeded",
+    "os error 28",
+    "os error 27",
+    "file write failed",
+)
+
+
+def _is_full(error: BaseException) -> bool:
+    seen = 0
+    while error is not None and seen < 5:  # the error and what it was raised from
+        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+            return True
+        if any(words in str(error) for words in _FULL_WORDS):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike, needed_bytes: int | Callable[[], int] | None = None):
+    """Turn a write that ran out of space inside the block into a :class:`DiskFullError` naming ``path``, the bytes
+    the write needed (``needed_bytes``, or a function giving them) and the space left there.
+
+    Every writer library reports it its own way (an ``OSError``, safetensors' ``SafetensorError``, torch's
+    ``RuntimeError``); one line then says what to free instead of a traceback.
+    """
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, DiskFullError) or not _is_full(error):
+            raise
+        needed = needed_bytes() if callable(needed_bytes) else needed_bytes
+        probe = Path(os.path.abspath(path))
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        what = f"it needs about {_megabytes(needed)}, " if needed else ""
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left writing {path} ({what}{_megabytes(free)} free there, or a file-size limit: {reason})",
+        ) from error
+
+
 def describe_os_error(error: OSError) -> str:
     """One line for a failed write or read: what happened to which path, without a traceback."""
+    if isinstance(error, DiskFullError):
+        return error.strerror
     where = error.filename or "the output"
     if error.errno == errno.ENOSPC:
         return f"no space left on the device holding {where}"
+    if error.errno == errno.EDQUOT:
+        return f"disk quota exceeded writing {where}"
+    if error.errno == errno.EFBIG:
+        return f"file too large writing {where} (a file-size limit, or the file system's)"
     if error.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied: {where}"
     if error.errno == errno.EROFS:
@@ -1029,8 +1331,11 @@ def describe_error(error: BaseException, user_errors: tuple[type[BaseException],
     from .data import DatasetError
 
     hub_errors = (HfHubHTTPError, OfflineModeIsEnabled)
-    if isinstance(error, (SourceError, ConversionError, DatasetError, *user_errors)):
+    if isinstance(error, (SourceError, ConversionError, DatasetError, OutputInUseError, *user_errors)):
         message = str(error)
+        if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker: the worker's own line
+            last = message.strip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
     elif isinstance(error, hub_errors):
         message = f"Hub: {(str(error).strip().splitlines() or [type(error).__name__])[0]}"
     elif isinstance(error, OSError) and error.errno is not None:
@@ -1097,7 +1402,10 @@ def run_converter(
     """
     with exit_on_error(debug_requested(args), interrupted="interrupted; nothing was written"):
         validate_output_arguments(args)
-        summary = convert(args)
+        output = getattr(args, "output", None)
+        # The whole conversion holds the output: a second converter into it is refused at its start.
+        with output_lock(output, "--output") if output is not None else contextlib.nullcontext():
+            summary = convert(args)
     print(summary.format())
     return summary
 

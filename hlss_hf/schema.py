@@ -182,7 +182,9 @@ def check_features(features: Mapping[str, Any]) -> None:
     modality_of(features)
 
 
-def _from_pil(image: Image.Image) -> np.ndarray:
+def _from_pil(image: Image.Image, strict: bool = False) -> np.ndarray:
+    if strict and image.mode != "RGB":
+        raise ValueError(f"image mode {image.mode}, expected RGB (8-bit)")
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8)
@@ -229,16 +231,18 @@ def _decode_rgb8(data: bytes) -> np.ndarray | None:
     return image
 
 
-def decode_image(value: Any) -> np.ndarray:
+def decode_image(value: Any, strict: bool = False) -> np.ndarray:
     """Decode one stored ``image`` value to a numpy array.
 
     Encoded images (bytes, or a file) are decoded by imagecodecs when they are 8-bit RGB PNG or JPEG, by PIL
-    otherwise: the same pixels either way.
+    otherwise: the same pixels either way. With ``strict`` an encoded image that is not 8-bit RGB (grey, RGBA,
+    16-bit) is an error instead of being converted (what training reads must be what the converters write).
 
     Args:
         value: a PIL image, a numpy array (or anything with ``__array__``, e.g. a torch tensor), nested lists
             (an ``Array3D`` read without formatting), raw PNG/TIFF bytes, or a ``{"bytes": ..., "path": ...}``
             dict as stored by :class:`datasets.Image`.
+        strict (`bool`, defaults to `False`): refuse encoded images that are not 8-bit RGB.
 
     Returns:
         `np.ndarray`: ``(H, W, 3)`` uint8 for H&E or ``(H, W, 2)`` uint16 for SRH.
@@ -260,9 +264,9 @@ def decode_image(value: Any) -> np.ndarray:
         if fast is not None:
             return fast
         with Image.open(io.BytesIO(value)) as image:
-            return _from_pil(image)
+            return _from_pil(image, strict)
     if isinstance(value, Image.Image):
-        return _from_pil(value)
+        return _from_pil(value, strict)
     if isinstance(value, list | tuple):
         array = np.asarray(value)
     elif hasattr(value, "__array__"):

@@ -195,10 +195,12 @@ def test_changed_batch_on_resume_stops_naming_the_key_and_writes_nothing(tmp_pat
 
 
 def test_resume_past_the_end_is_an_error(tmp_path, attributes_file):
+    # A checkpoint at the run's last step resumes into the final evaluation and save (test_reliability); one
+    # beyond it cannot.
     out = tmp_path / "run"
     cut_run(out, attributes_file, stop=3)
     with pytest.raises(ConfigError, match=r"training\.max_steps.*step 3"):
-        train.main(tiny_args(out, attributes_file, "--resume_from_checkpoint", "latest", "--max_steps", "3"))
+        train.main(tiny_args(out, attributes_file, "--resume_from_checkpoint", "latest", "--max_steps", "2"))
 
 
 def test_resume_changes_splits_safe_and_unsafe_keys():
