@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,14 @@ from hlss_hf.building import (  # noqa: E402
     resolve_attributes,
     resolve_tower,
 )
-from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
+from hlss_hf.config import (  # noqa: E402
+    ConfigError,
+    TrainConfig,
+    command_line_value,
+    flatten_config,
+    format_help,
+    parse_config,
+)
 from hlss_hf.data import build_train_loader  # noqa: E402
 from hlss_hf.data import stream_batches as _stream_batches  # noqa: E402
 from hlss_hf.evaluation import (  # noqa: E402
@@ -258,6 +266,17 @@ def _loss_parts(outputs, accelerator=None) -> dict[str, float]:
         stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="mean")
         return dict(zip(parts, stacked.tolist(), strict=True))
     return {key: _to_float(value) for key, value in parts.items()}
+
+
+def default_config_for(argv: list[str]) -> Path | None:
+    """The settings file a command line without ``--config`` runs with: the demo's (``configs/demo.yaml``) for the
+    demo only. ``--data.dataset <yours>`` gets the built-in defaults, meant for real data (the device from the
+    launcher, no overwriting, ``outputs/hlss-<dataset name>``, the CLIP ViT-B/16 towers at 224 px), not the demo's
+    CPU, tiny tower, 32 px crops and overwritten ``outputs/hlss-demo``."""
+    if "--config" in argv or any(arg.startswith("--config=") for arg in argv):
+        return None
+    dataset = command_line_value(argv, "data.dataset")
+    return DEFAULT_CONFIG if dataset in (None, "demo") else None
 
 
 def plan_run(config: TrainConfig) -> tuple[Path, Path | None, dict]:
@@ -731,7 +750,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1. Settings: the config, where the run writes, what it resumes (before anything heavy happens).
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = parse_config(argv, default_config=DEFAULT_CONFIG)
+    default_config = default_config_for(argv)
+    config = parse_config(argv, default_config=default_config)
+    own_data = default_config is None and not any(a == "--config" or a.startswith("--config=") for a in argv)
+    if own_data and os.environ.get("RANK", "0") == "0":  # once, not once per process
+        print(
+            f"Settings: the built-in defaults for your own data ({DEFAULT_CONFIG.name} is the demo's; "
+            "configs/wsi.yaml is a starter for your own slides): `python train.py --help --data.dataset "
+            f"{config.data.dataset}` lists them",
+            flush=True,
+        )
     t = config.training
     run_dir, resume_path, changed = plan_run(config)
     make_init_model(config)
@@ -899,14 +927,21 @@ def cli() -> None:
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        # The defaults shown are the ones this command line's run would use: its --config, else the demo's.
-        config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), DEFAULT_CONFIG)
+        # The defaults shown are the ones this command line's run would use: its --config, else the demo's for the
+        # demo and the built-in ones for any other --data.dataset.
+        config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+        config_file = config_file or default_config_for([a for a in argv if a not in ("-h", "--help")])
         print(format_help(TrainConfig, config_file))
+        if config_file is not None and Path(config_file).resolve() == DEFAULT_CONFIG.resolve():
+            print(
+                f"\n{DEFAULT_CONFIG.name} applies to the demo only: with --data.dataset <your data> (and no --config) "
+                "the run takes the built-in defaults; `python train.py --help --data.dataset <your data>` lists them."
+            )
         return
     debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]
     with exit_on_error(debug, user_errors=(ConfigError, CheckpointError, NonFiniteLossError)):
-        output_dir = parse_config(argv, default_config=DEFAULT_CONFIG).training.output_dir
+        output_dir = parse_config(argv, default_config=default_config_for(argv)).training.output_dir
         cleanup = remove_new_empty_folder(output_dir)
         try:
             main(argv)
