@@ -76,7 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each split")
-    parser.add_argument("--k", type=int, default=200, help="kNN neighbours (clamped to the bank size)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="kNN neighbours, clamped to the bank size (default: the k train.py evaluated the model with, "
+        "training.knn_k of its train_config.yaml, so both report the same numbers; else 200, the paper's)",
+    )
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
     parser.add_argument(
         "--aggregation",
@@ -122,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-card", action="store_true", help="write metrics into <model>/README.md")
     args = parser.parse_args(argv)
     for name in ("batch_size", "k", "top_k"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
@@ -131,6 +137,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.update_card and not Path(args.model).is_dir():
         parser.error(f"--update-card needs a local model folder; {args.model!r} is not a directory")
     return args
+
+
+def default_knn_k(model: str | os.PathLike) -> tuple[int, str]:
+    """The kNN k when ``--k`` is not given, and where it came from: the model folder's ``train_config.yaml``
+    (``training.knn_k``, the k train.py's own evaluation used), else 200 (the paper's)."""
+    import yaml
+
+    path = Path(model) / "train_config.yaml"
+    if path.is_file():
+        try:
+            k = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("training", {}).get("knn_k")
+        except (yaml.YAMLError, AttributeError):
+            k = None
+        if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
+            return k, f"training.knn_k of {path}"
+    return 200, "the default, the paper's"
 
 
 def _write_json(payload: Any, path: Path) -> None:
@@ -383,9 +405,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 3. Patch scores.
     if args.mode == "knn":
         train = embed(_load_split(args.dataset, args.train_split, args.max_samples, "--train-split"))
-        scores = knn_scores(train, val, k=args.k, temperature=args.temperature)
+        k, k_source = (args.k, "--k") if args.k is not None else default_knn_k(args.model)
+        print(f"kNN with k={k} ({k_source})", flush=True)
+        scores = knn_scores(train, val, k=k, temperature=args.temperature)
         report["settings"] = {
-            "k": min(args.k, len(train)),
+            "k": min(k, len(train)),
             "temperature": args.temperature,
             "train_split": args.train_split,
         }
