@@ -119,6 +119,13 @@ from hlss_hf.harness import (  # noqa: E402
     write_files_atomically,
 )
 from hlss_hf.model_card import push_to_hub, render_model_card  # noqa: E402
+from hlss_hf.run_warnings import (  # noqa: E402
+    RunWarning,
+    WarningLog,
+    evaluation_warnings,
+    informative_metrics,
+    training_warnings,
+)
 
 logger = logging.getLogger("hlss_hf.train")
 
@@ -377,6 +384,8 @@ class Run:
     reference_steps: int | None = None
     state: TrainState = dataclasses.field(default_factory=TrainState)
     metrics_file: JsonlWriter | None = None
+    # Named warnings (hlss_hf.run_warnings), printed once, logged to metrics.jsonl and written into the card.
+    warnings: WarningLog | None = None
 
     @property
     def unwrapped(self):
@@ -388,6 +397,11 @@ class Run:
             self.metrics_file.write({"step": self.state.step, **record})
         numbers = {tracker_prefix + k: v for k, v in record.items() if isinstance(v, int | float)}
         self.accelerator.log(numbers, step=self.state.step)
+
+    def warn(self, warnings: list[RunWarning]) -> None:
+        """Print each new named warning once (main process) and log it to ``metrics.jsonl``."""
+        for warning in self.warnings.add(warnings):
+            self.log({"warning": warning.name, "message": warning.message})
 
 
 def load_data(run: Run) -> None:
@@ -542,6 +556,12 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
         ),
         flush=True,
     )
+    steps_per_epoch = math.ceil(run.batches_per_epoch / GA) if run.batches_per_epoch else None
+    run.warn(
+        training_warnings(
+            B * W * GA, S, run.max_steps, steps_per_epoch, run.warmup_steps, config.model.objective
+        )
+    )
 
 
 def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
@@ -558,15 +578,18 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
     banks_model = run.unwrapped  # the banks are buffers, whole on every process whatever the sharding
 
     def report(train, val) -> dict[str, Any]:
-        metrics = knn_evaluate(
-            train, val, k=t.knn_k, temperature=t.knn_temperature, aggregation=t.knn_aggregation
-        )
+        # k beyond the bank is clamped here and named once (k_exceeds_bank) rather than warned at every evaluation.
+        k = min(t.knn_k, len(train))
+        metrics = knn_evaluate(train, val, k=k, temperature=t.knn_temperature, aggregation=t.knn_aggregation)
+        warnings = evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names, k=t.knn_k)
+        metrics = informative_metrics(metrics, val.num_classes)  # top-k over too few classes is always 1
         metrics = {f"eval/{key}": float(value) for key, value in metrics.items()}
         if run.class_embeds is not None:
             scores = zero_shot_probabilities(val.embeddings, run.class_embeds, ZERO_SHOT_TEMPERATURE)
             zero_shot = hierarchical_metrics(
                 scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation="sum"
             )
+            zero_shot = informative_metrics(zero_shot, val.num_classes)
             metrics.update({f"eval/zeroshot/{key}": float(value) for key, value in zero_shot.items()})
         # The attributes whose descriptions each class's image embeddings are nearer to than images in general (the
         # fixed banks: what the text says, whatever the heads have learnt).
@@ -575,7 +598,7 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
             name: [item["attribute"] for item in items]
             for name, items in summary["levels"]["patient"]["top"].items()
         }
-        return {"metrics": metrics, "top_attributes": top}
+        return {"metrics": metrics, "top_attributes": top, "warnings": [w.to_dict() for w in warnings]}
 
     result = distributed_evaluate(
         run.accelerator,
@@ -587,6 +610,7 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
         batch_size=t.eval_batch_size,
     )
     run.log(result["metrics"])
+    run.warn([RunWarning(**w) for w in result.get("warnings", [])])
     if not quiet:
         run.accelerator.print(f"step {run.state.step}: " + format_evaluation(result, t))
     return result
@@ -721,6 +745,8 @@ def finish(run: Run, out: Path, initial_eval: dict[str, Any], seconds: float) ->
             "argv": run.argv,
             "mixed_precision": accelerator.mixed_precision,
             "top_attributes": result.get("top_attributes"),
+            "warnings": run.warnings.to_list(),
+            "initial_metrics": initial_eval.get("metrics") if initial_eval else None,
         }
         save_final_model(run, state_dict, metrics, card_context)
         run.metrics_file.close()
@@ -771,6 +797,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("hlss_hf").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(t.seed)
     run = Run(config=config, argv=argv, accelerator=accelerator, run_dir=run_dir)
+    run.warnings = WarningLog(printer=lambda text: accelerator.print(text, flush=True))
 
     # 3. Data; 4. model, optimizer, schedule; 5. resume. Nothing is written before this has all worked.
     load_data(run)

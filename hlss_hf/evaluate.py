@@ -338,6 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_linear_probe,
         zero_shot_scores,
     )
+    from hlss_hf.run_warnings import WarningLog, evaluation_warnings, informative_metrics
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -402,12 +403,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _write_json(report, output_dir / f"{stem}.json")
         return report
 
-    # 3. Patch scores.
+    # 3. Patch scores; the named warnings (hlss_hf.run_warnings) where numbers mean less than they seem.
+    warnings: list = []
     if args.mode == "knn":
         train = embed(_load_split(args.dataset, args.train_split, args.max_samples, "--train-split"))
         k, k_source = (args.k, "--k") if args.k is not None else default_knn_k(args.model)
         print(f"kNN with k={k} ({k_source})", flush=True)
-        scores = knn_scores(train, val, k=k, temperature=args.temperature)
+        warnings += evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names, k=k)
+        # k beyond the bank is clamped here and named by the k_exceeds_bank warning.
+        scores = knn_scores(train, val, k=min(k, len(train)), temperature=args.temperature)
         report["settings"] = {
             "k": min(k, len(train)),
             "temperature": args.temperature,
@@ -421,6 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(
                 f"class names differ: {args.train_split} {train.class_names}, {args.split} {val.class_names}"
             )
+        warnings += evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names)
         probe = train_linear_probe(train, weight_decay=args.weight_decay)
         with torch.no_grad():
             scores = probe(val.embeddings).softmax(dim=-1)
@@ -428,15 +433,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         prompts = load_prompts(args.prompts, val.class_names, getattr(model.config, "class_prompts", None))
         scores = zero_shot_scores(model, tokenizer, val, prompts, temperature=args.zeroshot_temperature)
+        # No bank: only the top-k check applies (the evaluated split stands in for the bank).
+        warnings += evaluation_warnings(val.labels.tolist(), val.labels.tolist(), val.class_names)
         report["settings"] = {"prompts": prompts, "temperature": args.zeroshot_temperature}
 
     # 4. Metrics, confusion matrices, plots.
     report["settings"].update(
         aggregation=aggregation, framing=_framing_summary(processor), precision=args.precision
     )
-    report["metrics"] = hierarchical_metrics(
-        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    report["metrics"] = informative_metrics(
+        hierarchical_metrics(
+            scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+        ),
+        val.num_classes,
     )
+    log = WarningLog()
+    log.add(warnings)  # each name printed once
+    report["warnings"] = log.to_list()
     matrices = hierarchical_confusion_matrices(
         scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
     )
