@@ -86,8 +86,9 @@ from hlss_hf.data import stream_batches as _stream_batches  # noqa: E402
 from hlss_hf.evaluation import (  # noqa: E402
     class_text_embeddings,
     distributed_evaluate,
+    hierarchical_confusion_matrices,
     hierarchical_metrics,
-    knn_evaluate,
+    knn_scores,
     zero_shot_probabilities,
 )
 from hlss_hf.explain import class_attribute_summary  # noqa: E402
@@ -137,6 +138,8 @@ OBJECTIVE_NAMES = {"hlss": "HLSS training", "align": "image-text alignment (the 
 ZERO_SHOT_TEMPERATURE = 0.01
 #: Attributes listed per class and level in the run's explanation (`evaluate explain` lists more).
 TOP_ATTRIBUTES = 3
+#: The output folder's subfolder of PNG plots (loss curve, kNN confusion matrices).
+PLOTS_DIR = "plots"
 
 
 class TextTowerGuard:
@@ -580,7 +583,10 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
     def report(train, val) -> dict[str, Any]:
         # k beyond the bank is clamped here and named once (k_exceeds_bank) rather than warned at every evaluation.
         k = min(t.knn_k, len(train))
-        metrics = knn_evaluate(train, val, k=k, temperature=t.knn_temperature, aggregation=t.knn_aggregation)
+        scores = knn_scores(train, val, k=k, temperature=t.knn_temperature)
+        groups = (val.labels, val.slide_ids, val.patient_ids, val.num_classes)
+        metrics = hierarchical_metrics(scores, *groups, aggregation=t.knn_aggregation)
+        confusion = hierarchical_confusion_matrices(scores, *groups, aggregation=t.knn_aggregation)
         warnings = evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names, k=t.knn_k)
         metrics = informative_metrics(metrics, val.num_classes)  # top-k over too few classes is always 1
         metrics = {f"eval/{key}": float(value) for key, value in metrics.items()}
@@ -598,7 +604,13 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
             name: [item["attribute"] for item in items]
             for name, items in summary["levels"]["patient"]["top"].items()
         }
-        return {"metrics": metrics, "top_attributes": top, "warnings": [w.to_dict() for w in warnings]}
+        return {
+            "metrics": metrics,
+            "top_attributes": top,
+            "warnings": [w.to_dict() for w in warnings],
+            "confusion": {level: matrix.tolist() for level, matrix in confusion.items()},
+            "class_names": list(val.class_names),
+        }
 
     result = distributed_evaluate(
         run.accelerator,
@@ -608,6 +620,7 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
         report,
         run.image_processor,
         batch_size=t.eval_batch_size,
+        progress=True,  # a bar on the main process: embedding a large split takes a while
     )
     run.log(result["metrics"])
     run.warn([RunWarning(**w) for w in result.get("warnings", [])])
@@ -747,17 +760,19 @@ def finish(run: Run, out: Path, initial_eval: dict[str, Any], seconds: float) ->
             "top_attributes": result.get("top_attributes"),
             "warnings": run.warnings.to_list(),
             "initial_metrics": initial_eval.get("metrics") if initial_eval else None,
+            "confusion": result.get("confusion"),
+            "class_names": result.get("class_names"),
         }
         save_final_model(run, state_dict, metrics, card_context)
         run.metrics_file.close()
         publish_output(run.run_dir, out)
-        print(f"Saved the model to {out}", flush=True)
         if result:
             print(format_evaluation(result, t), flush=True)
         if result and initial_eval:
             print(format_change(initial_eval, result, config), flush=True)
         if t.push_to_hub:
             print(f"Pushed to {push_to_hub(config)}", flush=True)
+        print(format_outputs(out, config, accelerator), flush=True)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -877,6 +892,19 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
         unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
 
     def write(folder: Path) -> None:
+        from hlss_hf.explain import plot_confusion_matrix, plot_loss_curve
+        from hlss_hf.harness import read_jsonl
+
+        # Plots people look at: the losses over the run (this run's metrics.jsonl, a resumed run's earlier steps
+        # included) and the final kNN confusion matrices.
+        plot_loss_curve(read_jsonl(run.run_dir / "metrics.jsonl"), folder / PLOTS_DIR / "loss_curve.png")
+        for level, matrix in (card_context.get("confusion") or {}).items():
+            plot_confusion_matrix(
+                torch.tensor(matrix),
+                card_context["class_names"],
+                folder / PLOTS_DIR / f"knn_confusion_{level}.png",
+                title=f"kNN {level} ({run.config.data.validation_split}, step {run.state.step})",
+            )
         unwrapped.save_pretrained(folder, state_dict=state_dict)
         run.processor.save_pretrained(folder)
         add_pipelines_to_folder(folder)  # the SRH-aware pipelines, also as remote code
@@ -886,6 +914,28 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
             yaml.safe_dump(run.config.to_dict(), f, sort_keys=False)
 
     write_files_atomically(run.run_dir, write)
+
+
+def format_outputs(out: Path, config: TrainConfig, accelerator) -> str:
+    """The run's last lines: where the model, metrics, plots and tracker logs are."""
+    t = config.training
+    lines = [
+        f"Saved to {out}:",
+        f"  model:    {out} (AutoModel.from_pretrained; card README.md, settings train_config.yaml)",
+        f"  metrics:  {out / 'metrics.jsonl'}",
+    ]
+    plots = sorted(path.name for path in (out / PLOTS_DIR).glob("*.png"))
+    if plots:
+        lines.append(f"  plots:    {out / PLOTS_DIR}/ ({', '.join(plots)})")
+    trackers = t.trackers()
+    if trackers:
+        names = trackers if isinstance(trackers, list) else ["all"]
+        where = out / t.project_name
+        hint = f"; tensorboard --logdir {where}" if "tensorboard" in names or names == ["all"] else ""
+        lines.append(f"  trackers: {', '.join(names)} in {where}{hint}")
+    if (out / "checkpoints").is_dir():
+        lines.append(f"  checkpoints: {out / 'checkpoints'} (--resume_from_checkpoint latest)")
+    return "\n".join(lines)
 
 
 def starting_point(config: TrainConfig) -> str:
