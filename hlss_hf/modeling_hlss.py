@@ -522,10 +522,10 @@ class HLSSPreTrainedModel(PreTrainedModel):
         return (loaded, info) if output_loading_info else loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, recording every HLSS auto class in the config's `auto_map`, shipping
-        the SRH-aware pipelines (`pipeline_hlss.py`, as remote code) and an HLSS model card (`README.md`): the card
-        of the folder this model was loaded from when it has one, else one written from the config. An existing
-        `README.md` in `save_directory` is kept. ``push_to_hub=True`` pushes through :meth:`push_to_hub`."""
+        """`PreTrainedModel.save_pretrained`, recording every HLSS auto class in the config's `auto_map`, with an HLSS
+        model card (`README.md`): the card of the folder this model was loaded from when it has one, else one
+        written from the config. An existing `README.md` in `save_directory` is kept. ``push_to_hub=True`` pushes
+        through :meth:`push_to_hub` (which also ships the pipelines)."""
         push = kwargs.pop("push_to_hub", False)
         hub = {
             key: kwargs.pop(key) for key in ("repo_id", "token", "commit_message", "private") if key in kwargs
@@ -535,14 +535,7 @@ class HLSSPreTrainedModel(PreTrainedModel):
         self.config.auto_map = auto_map
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            folder = os.fspath(save_directory)
-            try:  # imported by name: a folder saved before the pipelines shipped loads without the file
-                pipelines = importlib.import_module(".pipeline_hlss", __package__)
-            except ImportError:
-                pipelines = None
-            if pipelines is not None:
-                pipelines.add_pipelines_to_folder(folder)
-            card = os.path.join(folder, "README.md")
+            card = os.path.join(os.fspath(save_directory), "README.md")
             if not os.path.exists(card):
                 with open(card, "w", encoding="utf-8") as handle:
                     handle.write(self._hlss_card() or hlss_model_card(self.config, type(self).__name__))
@@ -602,6 +595,14 @@ class HLSSPreTrainedModel(PreTrainedModel):
                 except (EntryNotFoundError, RepositoryNotFoundError):
                     pass
             self.save_pretrained(folder, max_shard_size=max_shard_size)
+            # The SRH-aware pipelines as remote code (`pipeline("hlss-feature-extraction", model=<id>,
+            # trust_remote_code=True)`). Only here: listed in a local folder's config.json, they would make
+            # `pipeline()` ask for trust_remote_code even where hlss_hf is imported. Imported by name, so that a
+            # model loaded as remote code from a folder without the file still pushes.
+            try:
+                importlib.import_module(".pipeline_hlss", __package__).add_pipelines_to_folder(folder)
+            except ImportError:
+                pass
             card = ModelCard.load(os.path.join(folder, "README.md"))
             card.data.tags = list(
                 dict.fromkeys([*(card.data.tags or []), *(self.model_tags or []), *(tags or [])])
