@@ -125,6 +125,8 @@ def test_opensrh_round_trip_keeps_hierarchy_and_exact_uint16_values(tmp_path, ca
     assert "OpenSRH" in card and "Skipped items\n\nNone." in card
     printed = capsys.readouterr().out
     assert "train: 2 patients, 3 slides, 7 patches" in printed
+    assert "splits from split file meta/train_val_split.json" in printed
+    assert "validation 2 (hgg 1, lgg 1)" in printed and "warning" not in printed
     assert leftovers(tmp_path) == []
 
 
