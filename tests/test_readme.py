@@ -128,7 +128,7 @@ GIVEN = {
     """,
 }
 CHECKS = {
-    "from_vision_text_pretrained": """
+    "HLSSProcessor(HLSSImageProcessor": """
         assert type(processor).__name__ == "HLSSProcessor", type(processor)
         assert embeddings.shape[0] == len(srh_patches)
         assert torch.allclose(embeddings.norm(dim=-1), torch.ones(len(srh_patches)), atol=1e-4)
