@@ -560,10 +560,9 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
         flush=True,
     )
     steps_per_epoch = math.ceil(run.batches_per_epoch / GA) if run.batches_per_epoch else None
+    # The loss contrasts the patients of one forward over every process (B x W); accumulation adds none.
     run.warn(
-        training_warnings(
-            B * W * GA, S, run.max_steps, steps_per_epoch, run.warmup_steps, config.model.objective
-        )
+        training_warnings(B * W, S, run.max_steps, steps_per_epoch, run.warmup_steps, config.model.objective)
     )
 
 

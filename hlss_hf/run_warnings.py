@@ -150,7 +150,7 @@ def training_warnings(
     """What makes a pretraining run's losses or length mean less.
 
     Args:
-        patients_per_step (`int`): patients per optimizer step over every process (B x processes x accumulation).
+        patients_per_step (`int`): patients one loss contrasts: B x processes (gradient accumulation adds none).
         slides_per_patient (`int`): S.
         max_steps (`int`): the run's optimizer steps.
         steps_per_epoch (`int`, *optional*): optimizer steps per epoch (None: streamed, no epochs).
