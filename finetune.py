@@ -71,9 +71,17 @@ from hlss_hf.harness import (
     scheduler_steps,
     start_output,
 )
-from hlss_hf.peft_utils import finetune_card, finish_adapter_folder, lora_config_for, set_train_mode
+from hlss_hf.peft_utils import (
+    VISION_PREFIX,
+    default_lora_target_modules,
+    finetune_card,
+    finish_adapter_folder,
+    lora_config_for,
+    set_train_mode,
+)
 from hlss_hf.processing_hlss import HLSSImageProcessor
 from hlss_hf.publishing import write_text_atomically
+from hlss_hf.run_warnings import WarningLog, evaluation_warnings, finetune_warnings, informative_metrics
 from hlss_hf.schema import decode_image, modality_of
 
 logger = logging.getLogger("finetune")
@@ -445,15 +453,14 @@ def evaluate(
         )
     rows = index.tolist()
     metrics = {"loss": float(F.nll_loss(log_scores, labels))}
-    metrics.update(
-        hierarchical_metrics(
-            log_scores.exp(),
-            labels,
-            None if slide_ids is None else [slide_ids[i] for i in rows],
-            None if patient_ids is None else [patient_ids[i] for i in rows],
-            num_classes,
-        )
+    levels = hierarchical_metrics(
+        log_scores.exp(),
+        labels,
+        None if slide_ids is None else [slide_ids[i] for i in rows],
+        None if patient_ids is None else [patient_ids[i] for i in rows],
+        num_classes,
     )
+    metrics.update(informative_metrics(levels, num_classes))  # top-k over k or fewer classes is always 1
     return metrics
 
 
@@ -508,6 +515,7 @@ def write_cards(run_dir: Path, args: FinetuneConfig, report: dict[str, Any], arg
         command="python finetune.py " + " ".join(shlex.quote(a) for a in argv),
         license=t.model_license,
         project_url=t.project_url,
+        warnings=report.get("warnings"),
     )
     write_text_atomically(
         run_dir / ADAPTER_DIR / "README.md", finetune_card(kind="adapter", repo_id=t.push_to_hub, **common)
@@ -583,6 +591,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lora_config = lora_config_for(
         model, args.model.lora_r, args.model.lora_alpha, args.model.lora_dropout, args.model.target_modules
     )
+    # The leaf names as the user wrote them (or the tower's defaults); PEFT gets them as one regular expression.
+    target_names = list(
+        args.model.target_modules
+        or default_lora_target_modules(model.config.vision_config, getattr(model, VISION_PREFIX))
+    )
     model = get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -655,7 +668,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def record(values: dict[str, Any], step: int) -> None:
         if writer is not None:
             writer.write({"step": step, **values})
-        accelerator.log(values, step=step)
+        accelerator.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
+
+    # Named warnings (hlss_hf.run_warnings): printed once, logged, and written into the report and cards.
+    run_warnings = WarningLog(printer=lambda text: accelerator.print(text, flush=True))
+    found = finetune_warnings(total_steps)
+    if eval_labels is not None:
+        train_labels = [value_to_index[v] for v in train_split[args.data.label_column]]
+        found += evaluation_warnings(train_labels, eval_labels.tolist(), names)
+    for warning in run_warnings.add(found):
+        record({"warning": warning.name, "message": warning.message}, 0)
 
     def run_eval(step: int, epoch: int) -> dict[str, float]:
         metrics = evaluate(model, eval_loader, accelerator, eval_labels, slide_ids, patient_ids, len(names))
@@ -740,7 +762,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "r": args.model.lora_r,
             "alpha": args.model.lora_alpha,
             "dropout": args.model.lora_dropout,
-            "target_modules": sorted(lora_config.target_modules),
+            "target_modules": target_names,
+            # PEFT's regular expression over the whole model's module names, as passed to LoraConfig.
+            "target_modules_regex": lora_config.target_modules,
             "modules_to_save": list(lora_config.modules_to_save),
         },
         "parameters": {"trainable": trainable, "total": total},
@@ -750,6 +774,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_patches": len(train_set),
         "train_seconds": train_seconds,
         "eval": last_eval,
+        "warnings": run_warnings.to_list(),
         "adapter_dir": str(out / ADAPTER_DIR),
         "merged_dir": str(out / MERGED_DIR) if t.merge else None,
     }

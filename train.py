@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,14 +73,22 @@ from hlss_hf.building import (  # noqa: E402
     resolve_attributes,
     resolve_tower,
 )
-from hlss_hf.config import ConfigError, TrainConfig, flatten_config, format_help, parse_config  # noqa: E402
+from hlss_hf.config import (  # noqa: E402
+    ConfigError,
+    TrainConfig,
+    command_line_value,
+    flatten_config,
+    format_help,
+    parse_config,
+)
 from hlss_hf.data import build_train_loader  # noqa: E402
 from hlss_hf.data import stream_batches as _stream_batches  # noqa: E402
 from hlss_hf.evaluation import (  # noqa: E402
     class_text_embeddings,
     distributed_evaluate,
+    hierarchical_confusion_matrices,
     hierarchical_metrics,
-    knn_evaluate,
+    knn_scores,
     zero_shot_probabilities,
 )
 from hlss_hf.explain import class_attribute_summary  # noqa: E402
@@ -112,6 +121,13 @@ from hlss_hf.harness import (  # noqa: E402
     write_files_atomically,
 )
 from hlss_hf.model_card import push_to_hub, render_model_card  # noqa: E402
+from hlss_hf.run_warnings import (  # noqa: E402
+    RunWarning,
+    WarningLog,
+    evaluation_warnings,
+    informative_metrics,
+    training_warnings,
+)
 
 logger = logging.getLogger("hlss_hf.train")
 
@@ -123,6 +139,8 @@ OBJECTIVE_NAMES = {"hlss": "HLSS training", "align": "image-text alignment (the 
 ZERO_SHOT_TEMPERATURE = 0.01
 #: Attributes listed per class and level in the run's explanation (`evaluate explain` lists more).
 TOP_ATTRIBUTES = 3
+#: The output folder's subfolder of PNG plots (loss curve, kNN confusion matrices).
+PLOTS_DIR = "plots"
 
 
 class TextTowerGuard:
@@ -261,6 +279,17 @@ def _loss_parts(outputs, accelerator=None) -> dict[str, float]:
     return {key: _to_float(value) for key, value in parts.items()}
 
 
+def default_config_for(argv: list[str]) -> Path | None:
+    """The settings file a command line without ``--config`` runs with: the demo's (``configs/demo.yaml``) for the
+    demo only. ``--data.dataset <yours>`` gets the built-in defaults, meant for real data (the device from the
+    launcher, no overwriting, ``outputs/hlss-<dataset name>``, the CLIP ViT-B/16 towers at 224 px), not the demo's
+    CPU, tiny tower, 32 px crops and overwritten ``outputs/hlss-demo``."""
+    if "--config" in argv or any(arg.startswith("--config=") for arg in argv):
+        return None
+    dataset = command_line_value(argv, "data.dataset")
+    return DEFAULT_CONFIG if dataset in (None, "demo") else None
+
+
 def plan_run(config: TrainConfig) -> tuple[Path, Path | None, dict]:
     """Where this run writes, which checkpoint it resumes from and what settings it changes; nothing on disk yet.
 
@@ -359,6 +388,8 @@ class Run:
     reference_steps: int | None = None
     state: TrainState = dataclasses.field(default_factory=TrainState)
     metrics_file: JsonlWriter | None = None
+    # Named warnings (hlss_hf.run_warnings), printed once, logged to metrics.jsonl and written into the card.
+    warnings: WarningLog | None = None
 
     @property
     def unwrapped(self):
@@ -370,6 +401,11 @@ class Run:
             self.metrics_file.write({"step": self.state.step, **record})
         numbers = {tracker_prefix + k: v for k, v in record.items() if isinstance(v, int | float)}
         self.accelerator.log(numbers, step=self.state.step)
+
+    def warn(self, warnings: list[RunWarning]) -> None:
+        """Print each new named warning once (main process) and log it to ``metrics.jsonl``."""
+        for warning in self.warnings.add(warnings):
+            self.log({"warning": warning.name, "message": warning.message})
 
 
 def load_data(run: Run) -> None:
@@ -539,6 +575,11 @@ def open_run(run: Run, out: Path, resumed: bool, changed: dict) -> None:
         ),
         flush=True,
     )
+    steps_per_epoch = math.ceil(run.batches_per_epoch / GA) if run.batches_per_epoch else None
+    # The loss contrasts the patients of one forward over every process (B x W); accumulation adds none.
+    run.warn(
+        training_warnings(B * W, S, run.max_steps, steps_per_epoch, run.warmup_steps, config.model.objective)
+    )
 
 
 def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
@@ -555,15 +596,21 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
     banks_model = run.unwrapped  # the banks are buffers, whole on every process whatever the sharding
 
     def report(train, val) -> dict[str, Any]:
-        metrics = knn_evaluate(
-            train, val, k=t.knn_k, temperature=t.knn_temperature, aggregation=t.knn_aggregation
-        )
+        # k beyond the bank is clamped here and named once (k_exceeds_bank) rather than warned at every evaluation.
+        k = min(t.knn_k, len(train))
+        scores = knn_scores(train, val, k=k, temperature=t.knn_temperature)
+        groups = (val.labels, val.slide_ids, val.patient_ids, val.num_classes)
+        metrics = hierarchical_metrics(scores, *groups, aggregation=t.knn_aggregation)
+        confusion = hierarchical_confusion_matrices(scores, *groups, aggregation=t.knn_aggregation)
+        warnings = evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names, k=t.knn_k)
+        metrics = informative_metrics(metrics, val.num_classes)  # top-k over too few classes is always 1
         metrics = {f"eval/{key}": float(value) for key, value in metrics.items()}
         if run.class_embeds is not None:
             scores = zero_shot_probabilities(val.embeddings, run.class_embeds, ZERO_SHOT_TEMPERATURE)
             zero_shot = hierarchical_metrics(
                 scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation="sum"
             )
+            zero_shot = informative_metrics(zero_shot, val.num_classes)
             metrics.update({f"eval/zeroshot/{key}": float(value) for key, value in zero_shot.items()})
         # The attributes whose descriptions each class's image embeddings are nearer to than images in general (the
         # fixed banks: what the text says, whatever the heads have learnt).
@@ -572,7 +619,13 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
             name: [item["attribute"] for item in items]
             for name, items in summary["levels"]["patient"]["top"].items()
         }
-        return {"metrics": metrics, "top_attributes": top}
+        return {
+            "metrics": metrics,
+            "top_attributes": top,
+            "warnings": [w.to_dict() for w in warnings],
+            "confusion": {level: matrix.tolist() for level, matrix in confusion.items()},
+            "class_names": list(val.class_names),
+        }
 
     result = distributed_evaluate(
         run.accelerator,
@@ -582,8 +635,10 @@ def evaluate(run: Run, quiet: bool = False) -> dict[str, Any]:
         report,
         run.image_processor,
         batch_size=t.eval_batch_size,
+        progress=True,  # a bar on the main process: embedding a large split takes a while
     )
     run.log(result["metrics"])
+    run.warn([RunWarning(**w) for w in result.get("warnings", [])])
     if not quiet:
         run.accelerator.print(f"step {run.state.step}: " + format_evaluation(result, t))
     return result
@@ -718,17 +773,21 @@ def finish(run: Run, out: Path, initial_eval: dict[str, Any], seconds: float) ->
             "argv": run.argv,
             "mixed_precision": accelerator.mixed_precision,
             "top_attributes": result.get("top_attributes"),
+            "warnings": run.warnings.to_list(),
+            "initial_metrics": initial_eval.get("metrics") if initial_eval else None,
+            "confusion": result.get("confusion"),
+            "class_names": result.get("class_names"),
         }
         save_final_model(run, state_dict, metrics, card_context)
         run.metrics_file.close()
         publish_output(run.run_dir, out)
-        print(f"Saved the model to {out}", flush=True)
         if result:
             print(format_evaluation(result, t), flush=True)
         if result and initial_eval:
             print(format_change(initial_eval, result, config), flush=True)
         if t.push_to_hub:
             print(f"Pushed to {push_to_hub(config)}", flush=True)
+        print(format_outputs(out, config, accelerator), flush=True)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -748,7 +807,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1. Settings: the config, where the run writes, what it resumes (before anything heavy happens).
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = parse_config(argv, default_config=DEFAULT_CONFIG)
+    default_config = default_config_for(argv)
+    config = parse_config(argv, default_config=default_config)
+    own_data = default_config is None and not any(a == "--config" or a.startswith("--config=") for a in argv)
+    if own_data and os.environ.get("RANK", "0") == "0":  # once, not once per process
+        print(
+            f"Settings: the built-in defaults for your own data ({DEFAULT_CONFIG.name} is the demo's; "
+            "configs/wsi.yaml is a starter for your own slides): `python train.py --help --data.dataset "
+            f"{config.data.dataset}` lists them",
+            flush=True,
+        )
     t = config.training
     run_dir, resume_path, changed = plan_run(config)
     make_init_model(config)
@@ -760,6 +828,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("hlss_hf").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(t.seed)
     run = Run(config=config, argv=argv, accelerator=accelerator, run_dir=run_dir)
+    run.warnings = WarningLog(printer=lambda text: accelerator.print(text, flush=True))
 
     # 3. Data; 4. model, optimizer, schedule; 5. resume. Nothing is written before this has all worked.
     load_data(run)
@@ -839,6 +908,19 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
         unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
 
     def write(folder: Path) -> None:
+        from hlss_hf.explain import plot_confusion_matrix, plot_loss_curve
+        from hlss_hf.harness import read_jsonl
+
+        # Plots people look at: the losses over the run (this run's metrics.jsonl, a resumed run's earlier steps
+        # included) and the final kNN confusion matrices.
+        plot_loss_curve(read_jsonl(run.run_dir / "metrics.jsonl"), folder / PLOTS_DIR / "loss_curve.png")
+        for level, matrix in (card_context.get("confusion") or {}).items():
+            plot_confusion_matrix(
+                torch.tensor(matrix),
+                card_context["class_names"],
+                folder / PLOTS_DIR / f"knn_confusion_{level}.png",
+                title=f"kNN {level} ({run.config.data.validation_split}, step {run.state.step})",
+            )
         unwrapped.save_pretrained(folder, state_dict=state_dict)
         run.processor.save_pretrained(folder)
         add_pipelines_to_folder(folder)  # the SRH-aware pipelines, also as remote code
@@ -849,6 +931,28 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
 
     size = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
     write_files_atomically(run.run_dir, write, needed_bytes=size)
+
+
+def format_outputs(out: Path, config: TrainConfig, accelerator) -> str:
+    """The run's last lines: where the model, metrics, plots and tracker logs are."""
+    t = config.training
+    lines = [
+        f"Saved to {out}:",
+        f"  model:    {out} (AutoModel.from_pretrained; card README.md, settings train_config.yaml)",
+        f"  metrics:  {out / 'metrics.jsonl'}",
+    ]
+    plots = sorted(path.name for path in (out / PLOTS_DIR).glob("*.png"))
+    if plots:
+        lines.append(f"  plots:    {out / PLOTS_DIR}/ ({', '.join(plots)})")
+    trackers = t.trackers()
+    if trackers:
+        names = trackers if isinstance(trackers, list) else ["all"]
+        where = out / t.project_name
+        hint = f"; tensorboard --logdir {where}" if "tensorboard" in names or names == ["all"] else ""
+        lines.append(f"  trackers: {', '.join(names)} in {where}{hint}")
+    if (out / "checkpoints").is_dir():
+        lines.append(f"  checkpoints: {out / 'checkpoints'} (--resume_from_checkpoint latest)")
+    return "\n".join(lines)
 
 
 def starting_point(config: TrainConfig) -> str:
@@ -917,14 +1021,21 @@ def cli() -> None:
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        # The defaults shown are the ones this command line's run would use: its --config, else the demo's.
-        config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), DEFAULT_CONFIG)
+        # The defaults shown are the ones this command line's run would use: its --config, else the demo's for the
+        # demo and the built-in ones for any other --data.dataset.
+        config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+        config_file = config_file or default_config_for([a for a in argv if a not in ("-h", "--help")])
         print(format_help(TrainConfig, config_file))
+        if config_file is not None and Path(config_file).resolve() == DEFAULT_CONFIG.resolve():
+            print(
+                f"\n{DEFAULT_CONFIG.name} applies to the demo only: with --data.dataset <your data> (and no --config) "
+                "the run takes the built-in defaults; `python train.py --help --data.dataset <your data>` lists them."
+            )
         return
     debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]
     with exit_on_error(debug, user_errors=(ConfigError, CheckpointError, NonFiniteLossError)):
-        output_dir = parse_config(argv, default_config=DEFAULT_CONFIG).training.output_dir
+        output_dir = parse_config(argv, default_config=default_config_for(argv)).training.output_dir
         cleanup = remove_new_empty_folder(output_dir)
         try:
             main(argv)

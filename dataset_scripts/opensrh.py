@@ -44,6 +44,7 @@ from hlss_hf.publishing import (
     ConversionSummary,
     InvalidItems,
     add_output_arguments,
+    describe_splits,
     output_kwargs,
     run_converter,
     write_patch_dataset,
@@ -242,6 +243,9 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
     plan = plan_opensrh(root, meta, split_map, classes, args.include_nondiagnostic, invalid)
     listed = {p for patients in split_map.values() for p in patients}
     unsplit = sorted(set(meta) - listed)
+    patient_labels = {p["patient_id"]: p["label"] for patches in plan.values() for p in patches}
+    patient_split = {p["patient_id"]: split for split, patches in plan.items() for p in patches}
+    print(describe_splits(patient_labels, patient_split, f"split file {args.split_file}"), flush=True)
     patch_size = (args.patch_size, args.patch_size)
     features = features_for("srh", classes, patch_size=patch_size)
     return write_patch_dataset(

@@ -49,6 +49,7 @@ from hlss_hf.publishing import (
     add_image_format_argument,
     add_output_arguments,
     assign_splits,
+    describe_splits,
     output_kwargs,
     run_converter,
     write_patch_dataset,
@@ -136,6 +137,7 @@ def resolve_labels(
     Returns:
         (barcode -> label without the refused patients, the refused patients).
     """
+
     def patient_of(key: str) -> str:
         match = BARCODE.match(key)
         return match.group(1).upper() if match else key
@@ -339,6 +341,12 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
             )
     else:
         patient_split = assign_splits(patient_label, args.val_fraction, args.seed)
+    source = (
+        f"split file {args.split_file}"
+        if args.split_file
+        else f"--val-fraction {args.val_fraction:g} per class"
+    )
+    print(describe_splits(patient_label, patient_split, source), flush=True)
     plan: dict[str, list[SlideFile]] = {}
     for split in SPLIT_ORDER:
         chosen = [

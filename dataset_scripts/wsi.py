@@ -34,6 +34,7 @@ from hlss_hf.publishing import (
     add_image_format_argument,
     add_output_arguments,
     assign_splits,
+    describe_splits,
     output_kwargs,
     run_converter,
     write_patch_dataset,
@@ -142,6 +143,10 @@ def plan_slides(
         patient_split = assign_splits(patient_labels, val_fraction, seed)
         for task in tasks:
             task.split = patient_split.get(task.patient_id, "")
+    else:
+        patient_split = {t.patient_id: t.split for t in tasks}
+    source = "the manifest's split column" if has_split else f"--val-fraction {val_fraction:g} per class"
+    print(describe_splits(patient_labels, patient_split, source), flush=True)
     plan: dict[str, list[SlideTask]] = {}
     for split in SPLIT_ORDER:
         chosen = [t for t in tasks if t.split == split and t.patient_id in patient_labels]

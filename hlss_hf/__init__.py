@@ -50,7 +50,13 @@ __all__ = [
 AutoConfig.register(HLSSConfig.model_type, HLSSConfig, exist_ok=True)
 AutoModel.register(HLSSConfig, HLSSModel, exist_ok=True)
 AutoModelForImageClassification.register(HLSSConfig, HLSSForImageClassification, exist_ok=True)
-AutoImageProcessor.register(HLSSConfig, image_processor_classes={"pil": HLSSImageProcessor}, exist_ok=True)
+# One class serves both backends: transformers asks for "torchvision" whenever it is installed, and a "pil"-only
+# entry made every load warn "Requested torchvision backend is not available" although it was.
+AutoImageProcessor.register(
+    HLSSConfig,
+    image_processor_classes={"pil": HLSSImageProcessor, "torchvision": HLSSImageProcessor},
+    exist_ok=True,
+)
 AutoProcessor.register(HLSSConfig, HLSSProcessor, exist_ok=True)
 # HLSS has no video processor. Without this entry, pipelines derive "HLSSVideoProcessor" from the image
 # processor's auto_map, find no local class and prompt for remote code although hlss_hf is imported.

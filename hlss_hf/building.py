@@ -403,7 +403,15 @@ def load_splits(config: TrainConfig) -> tuple[Any, Any]:
             else None
         )
     except DatasetError as err:
-        raise ConfigError(str(err)) from err
+        message = str(err)
+        if d.validation_split and f"has no split {d.validation_split!r}" in message:
+            # A small cohort converted without a split column may have no validation split: say how to go on.
+            message += (
+                "; to go on, train without evaluation (--data.validation_split null), name a split it has "
+                "(--data.validation_split <name>), or convert again with a validation split (a `split` column in "
+                "the manifest, --split-file, or two or more patients in a class with --val-fraction > 0)"
+            )
+        raise ConfigError(message) from err
     if d.demo:
         # The demo config's data.demo stays set when only data.dataset is overridden on the command line.
         logger.info("data.demo is ignored: data.dataset is %r, not the demo", d.dataset)

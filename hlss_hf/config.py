@@ -61,6 +61,8 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "TrainingConfig",
+    "command_line_value",
+    "default_output_dir",
     "flatten_config",
     "format_help",
     "parse_config",
@@ -394,9 +396,10 @@ class RunConfig(Section):
 
     def validate(self) -> None:
         super().validate()
-        _check(bool(self.output_dir), self.key("output_dir"), "must not be empty")
+        # train.py's null is resolved by TrainConfig (a folder named for the dataset).
+        _check(self.output_dir is None or bool(self.output_dir), self.key("output_dir"), "must not be empty")
         _check(
-            re.fullmatch(r"\s*(\[.*\]|\{.*\})\s*", self.output_dir) is None,
+            self.output_dir is None or re.fullmatch(r"\s*(\[.*\]|\{.*\})\s*", self.output_dir) is None,
             self.key("output_dir"),
             f"{self.output_dir!r} looks like a YAML list or mapping, not a folder",
         )
@@ -771,6 +774,14 @@ class DataConfig(DataSourceConfig):
 class TrainingConfig(RunConfig):
     """Optimisation, logging, checkpointing, evaluation and publishing of ``train.py``."""
 
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the model, logs and checkpoints go (null: outputs/hlss-<dataset name>, "
+            "outputs/hlss-align-<dataset name> for model.objective align)."
+        },
+    )
+
     schedule_epochs: float | None = field(
         default=None,
         metadata={
@@ -828,7 +839,12 @@ class TrainingConfig(RunConfig):
             "first step, and print both results side by side at the end."
         },
     )
-    knn_k: int = field(default=200, metadata={"help": "kNN neighbours."})
+    knn_k: int = field(
+        default=200,
+        metadata={
+            "help": "kNN neighbours (200: the paper's, and `python -m hlss_hf.evaluate knn`'s default)."
+        },
+    )
     knn_temperature: float = field(default=0.07, metadata={"help": "kNN vote temperature."})
     knn_aggregation: str = field(
         default="reference",
@@ -923,6 +939,24 @@ class TrainConfig(Config):
             "training.schedule_length",
             "reference counts epochs, which data.streaming has not",
         )
+        if t.output_dir is None:
+            t.output_dir = default_output_dir(d.dataset, m.objective)
+
+
+def default_output_dir(dataset: str, objective: str = "hlss") -> str:
+    """``training.output_dir`` when the config leaves it null: ``outputs/hlss-<dataset name>`` (the last part of a
+    folder or Hub id), so that runs on different data never share a folder."""
+    name = re.sub(r"[^\w.-]+", "-", Path(dataset.rstrip("/\\")).name).strip("-.") or "data"
+    return f"outputs/hlss-{'align-' if objective == 'align' else ''}{name}"
+
+
+def command_line_value(argv: list[str], key: str, config_class: type[Config] | None = None) -> Any:
+    """The value ``argv`` gives config key ``key`` (any of its spellings), read as the config reads it, or None
+    when ``argv`` does not set it. Nothing else is checked: :func:`parse_config` does that."""
+    config_class = TrainConfig if config_class is None else config_class
+    namespace, _ = _parser(config_class).parse_known_args([str(a) for a in argv])
+    raw = vars(namespace).get(key)
+    return None if raw is None else _command_line_value(raw, _keys(config_class)[key])
 
 
 # ---------------------------------------------------------------------------------------------------------------

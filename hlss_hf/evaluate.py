@@ -76,7 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="do not cache embeddings")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each split")
-    parser.add_argument("--k", type=int, default=200, help="kNN neighbours (clamped to the bank size)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="kNN neighbours, clamped to the bank size (default: the k train.py evaluated the model with, "
+        "training.knn_k of its train_config.yaml, so both report the same numbers; else 200, the paper's)",
+    )
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
     parser.add_argument(
         "--aggregation",
@@ -122,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-card", action="store_true", help="write metrics into <model>/README.md")
     args = parser.parse_args(argv)
     for name in ("batch_size", "k", "top_k"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
@@ -131,6 +137,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.update_card and not Path(args.model).is_dir():
         parser.error(f"--update-card needs a local model folder; {args.model!r} is not a directory")
     return args
+
+
+def default_knn_k(model: str | os.PathLike) -> tuple[int, str]:
+    """The kNN k when ``--k`` is not given, and where it came from: the model folder's ``train_config.yaml``
+    (``training.knn_k``, the k train.py's own evaluation used), else 200 (the paper's)."""
+    import yaml
+
+    path = Path(model) / "train_config.yaml"
+    if path.is_file():
+        try:
+            k = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("training", {}).get("knn_k")
+        except (yaml.YAMLError, AttributeError):
+            k = None
+        if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
+            return k, f"training.knn_k of {path}"
+    return 200, "the default, the paper's"
 
 
 def _write_json(payload: Any, path: Path) -> None:
@@ -316,6 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_linear_probe,
         zero_shot_scores,
     )
+    from hlss_hf.run_warnings import WarningLog, evaluation_warnings, informative_metrics
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -380,12 +403,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _write_json(report, output_dir / f"{stem}.json")
         return report
 
-    # 3. Patch scores.
+    # 3. Patch scores; the named warnings (hlss_hf.run_warnings) where numbers mean less than they seem.
+    warnings: list = []
     if args.mode == "knn":
         train = embed(_load_split(args.dataset, args.train_split, args.max_samples, "--train-split"))
-        scores = knn_scores(train, val, k=args.k, temperature=args.temperature)
+        k, k_source = (args.k, "--k") if args.k is not None else default_knn_k(args.model)
+        print(f"kNN with k={k} ({k_source})", flush=True)
+        warnings += evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names, k=k)
+        # k beyond the bank is clamped here and named by the k_exceeds_bank warning.
+        scores = knn_scores(train, val, k=min(k, len(train)), temperature=args.temperature)
         report["settings"] = {
-            "k": min(args.k, len(train)),
+            "k": min(k, len(train)),
             "temperature": args.temperature,
             "train_split": args.train_split,
         }
@@ -397,6 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(
                 f"class names differ: {args.train_split} {train.class_names}, {args.split} {val.class_names}"
             )
+        warnings += evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names)
         probe = train_linear_probe(train, weight_decay=args.weight_decay)
         with torch.no_grad():
             scores = probe(val.embeddings).softmax(dim=-1)
@@ -404,15 +433,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         prompts = load_prompts(args.prompts, val.class_names, getattr(model.config, "class_prompts", None))
         scores = zero_shot_scores(model, tokenizer, val, prompts, temperature=args.zeroshot_temperature)
+        # No bank: only the top-k check applies (the evaluated split stands in for the bank).
+        warnings += evaluation_warnings(val.labels.tolist(), val.labels.tolist(), val.class_names)
         report["settings"] = {"prompts": prompts, "temperature": args.zeroshot_temperature}
 
     # 4. Metrics, confusion matrices, plots.
     report["settings"].update(
         aggregation=aggregation, framing=_framing_summary(processor), precision=args.precision
     )
-    report["metrics"] = hierarchical_metrics(
-        scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+    report["metrics"] = informative_metrics(
+        hierarchical_metrics(
+            scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
+        ),
+        val.num_classes,
     )
+    log = WarningLog()
+    log.add(warnings)  # each name printed once
+    report["warnings"] = log.to_list()
     matrices = hierarchical_confusion_matrices(
         scores, val.labels, val.slide_ids, val.patient_ids, val.num_classes, aggregation=aggregation
     )

@@ -382,6 +382,38 @@ def plot_class_heatmap(
     return _save(figure, path)
 
 
+def plot_loss_curve(
+    records: Sequence[dict], path: str | os.PathLike, title: str = "training loss"
+) -> Path | None:
+    """The training loss (and each logged part: hvc_*, ha_*, alignment / image-text losses) against the optimizer
+    step, from ``metrics.jsonl`` records, as PNG; ``None`` when no record holds a loss.
+
+    Args:
+        records (`Sequence[dict]`): ``metrics.jsonl`` lines (``step`` and loss keys; other records are skipped).
+        path (`str` or `PathLike`): where the PNG goes (written atomically).
+        title (`str`): the plot's title.
+    """
+    from matplotlib.figure import Figure
+
+    steps = [r for r in records if "loss" in r and "step" in r]
+    if not steps:
+        return None
+    parts = [k for k in steps[-1] if k == "loss" or k.endswith("_loss") or k.startswith(("hvc_", "ha_"))]
+    figure = Figure(figsize=(6.5, 4))
+    axis = figure.subplots()
+    for key in parts:
+        points = [(r["step"], r[key]) for r in steps if isinstance(r.get(key), int | float)]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axis.plot(xs, ys, label=key, linewidth=2.0 if key == "loss" else 1.0)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.legend(fontsize=7, loc="upper right")
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 def plot_confusion_matrix(
     matrix: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike, title: str = "confusion matrix"
 ) -> Path:

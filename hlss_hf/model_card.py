@@ -25,9 +25,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _tower_name(spec: Any, tower_config: Any) -> str:
+    """A tower as a reader knows it: a Hub id or folder as given, a ``pkg:`` tower by the Hub model its package
+    ships, a config mapping as what it is (randomly initialised, its shape in ``config.json``)."""
+    from hlss_hf.publishing import PACKAGED_MODELS
+
+    if isinstance(spec, str) and spec.startswith("pkg:"):
+        module = spec[len("pkg:") :]
+        shipped = PACKAGED_MODELS.get(module)
+        package = module.replace("_", "-")
+        return (
+            f"`{shipped}` (from the PyPI package `{package}`)"
+            if shipped
+            else f"the `{package}` package's model"
+        )
     if isinstance(spec, str):
-        return spec
-    return f"random-init-{getattr(tower_config, 'model_type', 'model')}"
+        return f"`{spec}`"
+    kind = getattr(tower_config, "model_type", None) or (
+        spec.get("model_type") if isinstance(spec, dict) else None
+    )
+    return f"a randomly initialised {kind or 'model'} (its configuration in `config.json`)"
 
 
 def hub_links(dataset: str, towers: list[Any]) -> str:
@@ -174,6 +190,8 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "training_command": "python train.py " + " ".join(shlex.quote(a) for a in ctx.get("argv", [])),
         "eval_split": d.validation_split or "none",
         "evaluation_notes": "" if metrics else "No evaluation ran.",
+        "baseline_section": _baseline_section(config, metrics, ctx.get("initial_metrics")),
+        "warnings_section": _warnings_section(ctx.get("warnings")),
         "limitations": (
             "This checkpoint comes from the synthetic demo (tiny towers, procedural textures): it only "
             "demonstrates the pipeline and has no diagnostic or research value."
@@ -185,7 +203,10 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
     for level in ("patch", "slide", "patient"):
         for key in ("acc", "top2", "top3", "mca", "map"):
             value = metrics.get(f"eval/{level}/{key}")
-            values[f"{level}_{key}"] = f"{100 * value:.1f}" if value is not None else "n/a"
+            if value is None and key.startswith("top") and f"eval/{level}/acc" in metrics:
+                values[f"{level}_{key}"] = "-"  # not reported: top-k over k or fewer classes is always 100
+            else:
+                values[f"{level}_{key}"] = f"{100 * value:.1f}" if value is not None else "n/a"
     values.update(
         _objective_values(
             config,
@@ -196,6 +217,42 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         )
     )
     return values
+
+
+def _baseline_section(config: TrainConfig, metrics: dict[str, float], before: dict[str, float] | None) -> str:
+    """kNN (and zero-shot) accuracy of the same model before training beside the result, when the run measured it
+    (``training.eval_before_training``): what pretraining added."""
+    if not metrics or not before:
+        return ""
+    start = (
+        f"towers from `{config.model.init_from}`" if config.model.init_from else "random-init vision tower"
+    )
+    rows = []
+    for prefix, name in (("eval/", "kNN"), ("eval/zeroshot/", "zero-shot")):
+        for level in ("patch", "slide", "patient"):
+            key = f"{prefix}{level}/acc"
+            if key in before and key in metrics:
+                old, new = before[key], metrics[key]
+                rows.append(
+                    f"| {name} | {level} | {100 * old:.1f} | {100 * new:.1f} | {100 * (new - old):+.1f} |"
+                )
+    if not rows:
+        return ""
+    return (
+        f"\nAccuracy of the same model before training ({start}), measured by this run on the same split:\n\n"
+        "| Evaluation | Level | Before | After | Change |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _warnings_section(warnings: list[dict[str, str]] | None) -> str:
+    """The run's named warnings (:mod:`hlss_hf.run_warnings`): where its numbers mean less than they seem."""
+    if not warnings:
+        return ""
+    return (
+        "\n### Warnings\n\nThe run warned that some numbers mean less than they seem:\n\n"
+        + "\n".join(f"- `{w['name']}`: {w['message']}" for w in warnings)
+        + "\n"
+    )
 
 
 def _objective_values(

@@ -287,6 +287,14 @@ def adapter_labels(adapter: str | Path, **hub_kwargs) -> dict:
     }
 
 
+def format_target_modules(target_modules: str | Sequence[str]) -> str:
+    """LoRA target modules as the config holds them: a regular expression (PEFT matches a string as one) shown as
+    written, a list of module names joined."""
+    if isinstance(target_modules, str):
+        return f"`{target_modules}` (a regular expression over module names)"
+    return ", ".join(f"`{name}`" for name in target_modules)
+
+
 def finetune_card(
     *,
     kind: str,
@@ -301,6 +309,7 @@ def finetune_card(
     license: str = "other",
     project_url: str | None = None,
     repo_id: str | None = None,
+    warnings: Sequence[dict] | None = None,
 ) -> str:
     """The model card (README.md) of a fine-tuned adapter (`kind="adapter"`) or of the merged model (`"merged"`).
 
@@ -319,6 +328,8 @@ def finetune_card(
         command (`str`): the command line of the run.
         license (`str`), project_url (`str`, *optional*): the licence fields (see `publishing.license_metadata`).
         repo_id (`str`, *optional*): where the folder is published (the loading example uses it).
+        warnings (`Sequence[dict]`, *optional*): the run's named warnings (``name``, ``message``;
+            :mod:`hlss_hf.run_warnings`), listed under the evaluation.
     """
     from hlss_hf.publishing import license_metadata, looks_local
 
@@ -357,6 +368,9 @@ def finetune_card(
             lines.append(f"| {level} | " + " | ".join(cells) + " |")
     else:
         lines.append("No evaluation ran.")
+    if warnings:
+        lines += ["", "The run warned that some numbers mean less than they seem:", ""]
+        lines += [f"- `{w['name']}`: {w['message']}" for w in warnings]
     lines += ["", "## Use", "", "```python"]
     if kind == "adapter":
         lines += [
@@ -375,7 +389,8 @@ def finetune_card(
     lines += ["```", "", "## Training", ""]
     lines += [
         f"- LoRA: r {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']}, "
-        f"target modules {', '.join(map(str, lora['target_modules']))}"
+        f"target modules {format_target_modules(lora['target_modules'])} in the vision tower"
+        + (f" (PEFT pattern `{lora['target_modules_regex']}`)" if lora.get("target_modules_regex") else "")
     ]
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in training.items()]
     lines += ["", f"Command: `{command}`", ""]

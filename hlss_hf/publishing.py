@@ -1509,7 +1509,11 @@ def hub_source_error(
         )
     if any(isinstance(e, (HfHubHTTPError, ConnectionError, OfflineModeIsEnabled)) for e in chain):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return SourceError(f"{named}: the Hub could not be reached ({first})")
+        # Said as a missing folder first: a relative path like data/demo reads as a Hub id when data/ is absent.
+        return SourceError(
+            f"{named}: no such folder here ({Path.cwd()}), and the Hub could not be reached to look it up as a "
+            f"{kind} repo ({first})"
+        )
     return None
 
 
@@ -1544,6 +1548,48 @@ def validation_count(num_patients: int, val_fraction: float) -> int:
     if num_patients < 2 or val_fraction <= 0:
         return 0
     return min(num_patients - 1, max(1, math.floor(val_fraction * num_patients + 0.5)))
+
+
+def describe_splits(
+    patient_labels: Mapping[str, str],
+    patient_split: Mapping[str, str],
+    source: str,
+    val_name: str = "validation",
+) -> str:
+    """What a converter did with its patients' splits, in words (printed before it writes): patients per split and,
+    when there is no validation split, why and how ``train.py`` goes on without one.
+
+    Args:
+        patient_labels (`Mapping[str, str]`): patient id -> label, the patients converted.
+        patient_split (`Mapping[str, str]`): patient id -> split name.
+        source (`str`): where the splits came from (``"--val-fraction 0.2"``, ``"the manifest's split column"``).
+        val_name (`str`, defaults to ``"validation"``): the validation split's name.
+    """
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for patient, label in patient_labels.items():
+        if patient in patient_split:
+            counts[patient_split[patient]][label] += 1
+    parts = [
+        f"{split} {sum(counts[split].values())} ("
+        + ", ".join(f"{label} {n}" for label, n in sorted(counts[split].items()))
+        + ")"
+        for split in ("train", val_name, "test")
+        if counts.get(split)
+    ]
+    line = f"splits from {source}, patients per split and class: " + "; ".join(parts)
+    if counts.get(val_name):
+        return line
+    per_class: dict[str, int] = defaultdict(int)
+    for label in patient_labels.values():
+        per_class[label] += 1
+    if per_class and max(per_class.values()) < 2:
+        why = "no class has two or more patients, and a patient is never split"
+    else:
+        why = f"{source} puts no patient there"
+    return (
+        f"{line}\nwarning: no {val_name} split ({why}): train.py then needs --data.validation_split null (no "
+        "evaluation), or give the patients a split (a manifest `split` column, --split-file) or more patients"
+    )
 
 
 def assign_splits(

@@ -125,6 +125,8 @@ def test_opensrh_round_trip_keeps_hierarchy_and_exact_uint16_values(tmp_path, ca
     assert "OpenSRH" in card and "Skipped items\n\nNone." in card
     printed = capsys.readouterr().out
     assert "train: 2 patients, 3 slides, 7 patches" in printed
+    assert "splits from split file meta/train_val_split.json" in printed
+    assert "validation 2 (hgg 1, lgg 1)" in printed and "warning" not in printed
     assert leftovers(tmp_path) == []
 
 
@@ -572,6 +574,43 @@ def test_wsi_without_split_column_splits_by_patient(tmp_path):
     train, val = set(ds["train"]["patient_id"]), set(ds["validation"]["patient_id"])
     assert not train & val and len(val) == 2 and len(train) == 4
     assert summary.totals("validation")["slides"] == 4
+
+
+@pytest.mark.parametrize("num_patients", [2, 4])
+def test_wsi_without_split_column_says_what_it_did_with_the_validation_split(tmp_path, capsys, num_patients):
+    # Two patients of two classes cannot give a validation split (a patient is never split); four can, one per class.
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_pyramid(folder / "a.tif", size=(512, 768))
+    rows = [
+        ("slides/a.tif", f"P{i}", "tumor" if i % 2 else "normal", f"slide{i}") for i in range(num_patients)
+    ]
+    manifest = tmp_path / "m.csv"
+    write_manifest(manifest, rows, columns=("slide_path", "patient_id", "label", "slide_id"))
+    out = tmp_path / "out"
+    wsi.main(
+        [
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(out),
+            "--patch-size",
+            "128",
+            "--level",
+            "1",
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    splits = set(load(out, tmp_path))
+    assert "splits from --val-fraction 0.2 per class" in printed
+    if num_patients == 2:
+        assert splits == {"train"}
+        assert "warning: no validation split (no class has two or more patients" in printed
+        assert "--data.validation_split null" in printed
+    else:
+        assert splits == {"train", "validation"}
+        assert "validation 2 (normal 1, tumor 1)" in printed and "warning" not in printed
 
 
 BAD_WSI = {

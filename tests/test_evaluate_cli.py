@@ -83,6 +83,7 @@ def test_knn_cli_writes_report_plots_and_reuses_cache(saved):
 
 def test_knn_cli_aggregation_rule_is_selectable_and_reported(saved, demo_embeddings, capsys):
     from hlss_hf.evaluation import knn_evaluate
+    from hlss_hf.run_warnings import informative_metrics
 
     train, val = demo_embeddings
     runs = (
@@ -95,7 +96,10 @@ def test_knn_cli_aggregation_rule_is_selectable_and_reported(saved, demo_embeddi
         assert report["settings"]["aggregation"] == rule
         assert json.loads((out / "knn_validation.json").read_text())["settings"]["aggregation"] == rule
         assert f"slide / patient aggregation: {rule}" in capsys.readouterr().out
-        assert report["metrics"] == pytest.approx(knn_evaluate(train, val, k=10, aggregation=rule))
+        # Three classes: top-3 (always 1) is not reported (hlss_hf.run_warnings, top_k_not_informative).
+        expected = informative_metrics(knn_evaluate(train, val, k=10, aggregation=rule), val.num_classes)
+        assert report["metrics"] == pytest.approx(expected) and "patch/top3" not in report["metrics"]
+        assert [w["name"] for w in report["warnings"]] == ["top_k_not_informative"]
     linear, _ = _run(saved, mode="linear")
     assert linear["settings"]["aggregation"] == "sum"
 
@@ -196,11 +200,13 @@ def test_update_card_writes_model_index_and_replaces_on_rerun(saved):
     assert slide.metric_config == "k=10, reference aggregation"
     assert slide.metric_value == round(100 * report["metrics"]["slide/acc"], 1)
     assert "/" not in slide.dataset_type  # a folder is recorded by its name, never its path
-    assert len(names) == len(set(names)) == 15
+    assert (
+        len(names) == len(set(names)) == 12
+    )  # 3 levels x acc, top-2, mca, map (top-3 of 3 classes: not reported)
     # A rerun on the same dataset and split replaces the kNN results; another rule is named as such.
     _run(saved, "--k", "5", "--update-card", "--aggregation", "sum")
     rerun = [r.metric_name for r in ModelCard.load(saved / "model" / "README.md").data.eval_results]
-    assert len(rerun) == 15 and "slide accuracy (kNN, k=5, sum aggregation)" in rerun
+    assert len(rerun) == 12 and "slide accuracy (kNN, k=5, sum aggregation)" in rerun
     assert "model-index" in (saved / "model" / "README.md").read_text()
 
 

@@ -124,6 +124,10 @@ def finetuned(hlss_dir, demo_dir, tmp_path_factory):
     return out, report
 
 
+def lines_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def to_disk(dataset_dict, tmp_path, name="data"):
     folder = tmp_path / name
     dataset_dict.save_to_disk(str(folder))
@@ -291,9 +295,13 @@ def test_finetune_writes_adapter_merged_model_and_hierarchical_report(finetuned)
     assert saved["labels"] == ["normal", "low_grade", "high_grade"]
     assert saved["eval_split"] == "validation"
     for level in ("patch", "slide", "patient"):
-        for metric in ("acc", "top2", "top3", "mca", "map"):
+        for metric in ("acc", "top2", "mca", "map"):
             assert 0.0 <= saved["eval"][f"{level}/{metric}"] <= 1.0
-    assert saved["eval"]["patch/top3"] == 1.0  # three classes: top-3 always hits
+        assert f"{level}/top3" not in saved["eval"]  # three classes: top-3 always hits, so it is not reported
+    # Three steps: named, printed once, in the report and the metrics log.
+    names = [w["name"] for w in saved["warnings"]]
+    assert names == ["few_finetune_steps", "top_k_not_informative"]
+    assert [r["warning"] for r in lines_of(out) if "warning" in r] == names
     assert 0 < saved["parameters"]["trainable"] < saved["parameters"]["total"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
@@ -308,6 +316,10 @@ def test_adapter_and_merged_cards_are_filled_from_the_run(finetuned):
     assert "More Information Needed" not in card  # not PEFT's empty template
     assert f"| patient | {report['eval']['patient/acc']:.4f} |" in card
     assert "`normal`, `low_grade`, `high_grade`" in card and "r 8, alpha 16" in card
+    # The target modules as written (the CLIP tower's defaults), not the PEFT pattern's sorted characters.
+    assert "target modules `q_proj`, `v_proj` in the vision tower (PEFT pattern `vision_model" in card
+    assert report["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert "- `few_finetune_steps`: 3 optimizer step(s)" in card
     merged = (out / "merged" / "README.md").read_text(encoding="utf-8")
     assert "library_name: transformers" in merged and 'pipeline("image-classification"' in merged
 

