@@ -792,7 +792,12 @@ def finish(run: Run, out: Path, initial_eval: dict[str, Any], seconds: float) ->
     return metrics
 
 
-@holds_output_dir(lambda argv: parse_config(argv, default_config=DEFAULT_CONFIG).training.output_dir)
+def output_dir_of(argv: list[str]) -> str:
+    """The output folder a command line's run writes (what its lock guards)."""
+    return parse_config(argv, default_config=default_config_for(argv)).training.output_dir
+
+
+@holds_output_dir(output_dir_of)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run HLSS pretraining (or the image-text alignment before it, ``model.objective: align``).
 

@@ -58,6 +58,9 @@ def test_output_folder_is_named_for_the_dataset(dataset, objective, expected):
     assert config.training.output_dir == expected
     # A folder given explicitly is kept.
     assert parse_config(["--data.dataset", dataset, "--output_dir", "o"]).training.output_dir == "o"
+    # The folder the run's lock guards is the one it writes, not the demo's.
+    assert train.output_dir_of(["--data.dataset", dataset, "--model.objective", objective]) == expected
+    assert train.output_dir_of([]) == "outputs/hlss-demo"
 
 
 def test_help_for_own_data_states_its_tower_crop_and_device(capsys, monkeypatch):
