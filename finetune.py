@@ -80,7 +80,7 @@ from hlss_hf.peft_utils import (
     set_train_mode,
 )
 from hlss_hf.processing_hlss import HLSSImageProcessor
-from hlss_hf.publishing import write_text_atomically
+from hlss_hf.publishing import naming_full_disk, write_text_atomically
 from hlss_hf.run_warnings import WarningLog, evaluation_warnings, finetune_warnings, informative_metrics
 from hlss_hf.schema import decode_image, modality_of
 
@@ -476,16 +476,22 @@ def save_adapter(peft_model, processor, names: list[str], target: Path, state_di
     `peft.AutoPeftModel.from_pretrained(adapter_dir)` loads it (see `hlss_hf.peft_utils.AUTO_MAPPING`).
     `state_dict`: the full weights from `accelerator.get_state_dict` (sharded models hold only a part).
     """
-    peft_model.save_pretrained(str(target), state_dict=state_dict)
-    processor.save_pretrained(str(target))
+    # About what the adapter file holds: the trained parameters (LoRA and the classifier).
+    needed = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+    with naming_full_disk(target, needed):
+        peft_model.save_pretrained(str(target), state_dict=state_dict)
+        processor.save_pretrained(str(target))
     finish_adapter_folder(target, names)
 
 
 def save_merged(peft_model, processor, target: Path):
     """`merge_and_unload` (in place: call last) and save the plain model with its processor."""
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(str(target))
-    processor.save_pretrained(str(target))
+    with naming_full_disk(
+        target, lambda: sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    ):
+        merged.save_pretrained(str(target))
+        processor.save_pretrained(str(target))
     return merged
 
 

@@ -661,3 +661,27 @@ def test_auto_peft_model_loads_a_saved_adapter_with_its_classes(trained_peft, hl
     assert loaded.base_model.model.config.id2label == dict(enumerate(NAMES))
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_full_disk_while_saving_names_the_folder_and_the_bytes(trained_peft, tmp_path, monkeypatch):
+    import copy
+    import errno
+
+    from hlss_hf.publishing import DiskFullError, describe_os_error
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    processor = HLSSImageProcessor(modality="he")
+    for save, name in ((finetune.save_adapter, "adapter"), (finetune.save_merged, "merged")):
+        target = tmp_path / name
+        model = copy.deepcopy(trained_peft)
+        monkeypatch.setattr(type(model), "save_pretrained", full_disk)
+        monkeypatch.setattr(HLSSForImageClassification, "save_pretrained", full_disk)
+        args = (model, processor, NAMES, target) if name == "adapter" else (model, processor, target)
+        with pytest.raises(DiskFullError) as caught:
+            save(*args)
+        line = describe_os_error(caught.value)
+        assert f"no space left writing {target}" in line and "it needs about" in line, line
+        assert "\n" not in line
+        monkeypatch.undo()
