@@ -289,6 +289,27 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_patch_sizes(
+    patches: Sequence[torch.Tensor],
+    transform: Transform | None,
+    patient: str,
+    rows: Sequence[int] | None = None,
+) -> None:
+    """Every drawn patch at least the transform's crop: a smaller one would be upsampled into blur (the first
+    row is checked before training starts; a dataset may mix sizes further on)."""
+    crop = getattr(transform, "crop_size", None)
+    if not isinstance(crop, int):
+        return
+    for n, patch in enumerate(patches):
+        height, width = patch.shape[-2:]
+        if min(height, width) < crop:
+            where = f"patient {patient!r}" + (f", row {rows[n]}" if rows is not None else "")
+            raise DatasetError(
+                f"{where}: a patch of {height}x{width} px, smaller than data.crop_size {crop}; convert the data "
+                "with a larger patch size, or lower data.crop_size"
+            )
+
+
 def _views(
     patches: Sequence[torch.Tensor],
     num_views: int,
@@ -444,6 +465,7 @@ class HierarchicalPatchDataset(Dataset):
         # One read for all the patient's drawn rows; a patch drawn twice is read and converted once.
         unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
         images = self._read(unique.tolist(), patient)
+        _check_patch_sizes(images, self.transform, patient, unique.tolist())
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         patches = [images[j] for j in inverse.reshape(-1).tolist()]
         views = _views(patches, self.num_views, self.transform, generator, patient)
@@ -819,6 +841,7 @@ class HierarchicalStreamingDataset(IterableDataset):
             raw.extend(images[j] for j in _choose(rng, len(images), self.num_patches, cycle=False))
         decoded = [decode_image(value) for value in raw]
         converted = to_float(decoded, self.modality)
+        _check_patch_sizes(converted, self.transform, patient)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         views = _views(converted, self.num_views, self.transform, generator, patient)
         return {

@@ -656,3 +656,20 @@ def test_epoch_batches_across_epochs_are_the_per_epoch_loaders_batches(num_proce
             ours = shard(spanning, process)
             assert list(ours) == per_epoch and len(ours) == len(per_epoch)
             assert drop_last or num_processes > 1 or min(map(len, per_epoch)) == 1  # the short batch is there
+
+
+def test_a_patch_smaller_than_the_crop_further_on_is_named_with_its_row():
+    from hlss_hf.data import DatasetError
+
+    rows = make_rows(LAYOUT, "he")
+    small = io.BytesIO()
+    Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(small, format="PNG")
+    rows[5]["image"] = {"bytes": small.getvalue(), "path": None}  # P1's first slide; row 0 is whole
+    ds = datasets.Dataset.from_list(rows, features=features_for("he", CLASSES))
+    data = HierarchicalPatchDataset(ds, num_slides=2, num_patches=4, num_views=1, transform=crop_aug())
+    assert data[data.patients.index("P0")]["pixel_values"].shape[-1] == 8
+    # P1's two slides are both drawn, all four patches of the first.
+    with pytest.raises(
+        DatasetError, match=r"patient 'P1', row 5: a patch of 4x6 px, smaller than data.crop_size 8"
+    ):
+        data[data.patients.index("P1")]
