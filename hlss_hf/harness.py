@@ -731,7 +731,7 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max
     path = Path(path)
     if not path.is_file():
         return
-    from hlss_hf.publishing import write_text_atomically
+    from hlss_hf.publishing import naming_full_disk, write_text_atomically
 
     def kept_record(record: dict[str, Any]) -> bool:
         step = record.get("step", 0)
@@ -740,4 +740,6 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max
         return step <= max_step
 
     kept = [record for record in read_jsonl(path) if kept_record(record)]
-    write_text_atomically(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    with naming_full_disk(path, len(text.encode("utf-8"))):  # a resume's one write
+        write_text_atomically(path, text)
