@@ -337,6 +337,13 @@ def test_init_from_that_is_not_an_hlss_model_is_named(tmp_path):
         train.main(hlss_args(tmp_path, tiny_align_config(tmp_path), "--model.init_config", "null"))
 
 
+def test_init_from_with_a_damaged_weights_file_is_named(tmp_path):
+    tiny_hlss_model().save_pretrained(tmp_path / "align")
+    (tmp_path / "align" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match=r"model\.init_from': cannot load an HLSS model from .*align"):
+        train.main(hlss_args(tmp_path, tiny_align_config(tmp_path), "--model.init_config", "null"))
+
+
 # ---------------------------------------------------------------------------------------------- the whole demo
 
 
