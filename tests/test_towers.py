@@ -302,9 +302,16 @@ def test_saved_models_load_through_auto_model_where_hlss_hf_is_not_importable(
     batch = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
     for name, model in (("reference", reference_pair), ("open_clip", open_clip_pair)):
         assert remote[name]["projection"] == "Identity"
+        # The same weights and inputs; the outputs may differ in the last float bits where the CPU kernels sum in
+        # another order (seen with one thread per process: 2 pytest workers on 2 cores).
         with torch.no_grad():
-            assert torch.equal(remote[name]["image"], model.get_image_features(x).pooler_output)
-            assert torch.equal(remote[name]["text"], model.get_text_features(**batch).pooler_output)
+            last_bits = dict(rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                remote[name]["image"], model.get_image_features(x).pooler_output, **last_bits
+            )
+            torch.testing.assert_close(
+                remote[name]["text"], model.get_text_features(**batch).pooler_output, **last_bits
+            )
         assert torch.equal(remote[name]["bank"], model.bank_patch)
 
 
