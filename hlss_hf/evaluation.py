@@ -390,7 +390,7 @@ def extract_embeddings(
         with (
             torch.inference_mode(),
             autocast,
-            tqdm(total=total, desc=f"embedding {split}", unit="img", disable=not progress) as bar,
+            tqdm(total=total, desc=_embedding_label(split), unit="img", disable=not progress) as bar,
         ):
             for item in batches:
                 pixel_values = item
@@ -421,6 +421,11 @@ class _SplitInfo:
     image_feature: Any
     class_names: list[str]
     hierarchy: dict[str, bool]  # slide_id / patient_id present
+
+
+def _embedding_label(split: str) -> str:
+    """The progress bar's label: the split's name where the dataset knows it (an in-memory one does not)."""
+    return "embedding" if split == "unknown" else f"embedding {split}"
 
 
 def _split_info(dataset) -> _SplitInfo:
@@ -1173,7 +1178,7 @@ def _embed_across_processes(
     chunks = []
     bar = tqdm(
         total=None if info.streamed else len(dataset),
-        desc=f"embedding {info.split}",
+        desc=_embedding_label(info.split),
         unit="img",
         disable=not (progress and accelerator.is_main_process),
     )
