@@ -62,6 +62,18 @@ def _check_positive(value: float, name: str) -> None:
         raise ValueError(f"`{name}` must be a positive number, got {value!r}")
 
 
+def _check_embeddings(shape_hint: str = "", **tensors: Tensor) -> None:
+    """Each of ``tensors`` a non-empty 2-D floating point tensor, named by its argument in the error."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"`{name}` must be a 2-D tensor{shape_hint}, got {shape}")
+        if t.shape[0] < 1 or not t.is_floating_point():
+            raise ValueError(
+                f"`{name}` must be a non-empty floating point tensor, got {tuple(t.shape)} {t.dtype}"
+            )
+
+
 def _distributed_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
@@ -228,14 +240,7 @@ def hierarchical_alignment_loss(
     Returns:
         `torch.Tensor`: scalar loss, float32 (float64 for float64 input), ``>= 0``.
     """
-    for name, t in (("image_embeds", image_embeds), ("attribute_embeds", attribute_embeds)):
-        if not isinstance(t, Tensor) or t.dim() != 2:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"`{name}` must be a 2-D tensor, got {shape}")
-        if t.shape[0] < 1 or not t.is_floating_point():
-            raise ValueError(
-                f"`{name}` must be a non-empty floating point tensor, got {tuple(t.shape)} {t.dtype}"
-            )
+    _check_embeddings(image_embeds=image_embeds, attribute_embeds=attribute_embeds)
     if image_embeds.shape[1] != attribute_embeds.shape[1]:
         raise ValueError(
             f"`attribute_embeds` dim {attribute_embeds.shape[1]} must match `image_embeds` dim {image_embeds.shape[1]}"
@@ -276,14 +281,7 @@ def image_text_contrastive_loss(
     Returns:
         `torch.Tensor`: scalar loss, float32 (float64 for float64 input).
     """
-    for name, t in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
-        if not isinstance(t, Tensor) or t.dim() != 2:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"`{name}` must be a 2-D tensor [n, D], got {shape}")
-        if t.shape[0] < 1 or not t.is_floating_point():
-            raise ValueError(
-                f"`{name}` must be a non-empty floating point tensor, got {tuple(t.shape)} {t.dtype}"
-            )
+    _check_embeddings(" [n, D]", image_embeds=image_embeds, text_embeds=text_embeds)
     if image_embeds.shape != text_embeds.shape:
         raise ValueError(
             f"`image_embeds` {tuple(image_embeds.shape)} and `text_embeds` {tuple(text_embeds.shape)} must have the "
