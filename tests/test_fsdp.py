@@ -45,20 +45,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from dataset_scripts.demo import build_demo_dataset
+    from test_train import small_demo_folder
 
     folder = tmp_path_factory.mktemp("fsdp") / "demo"
     # 84 train / 36 validation patches: with 2 processes x batch 8 the last round of each split reaches only
     # process 0, so process 1 runs a padding forward there (FSDP would hang without it).
-    build_demo_dataset(
-        output_dir=folder,
-        num_patients=12,
-        patches_per_slide=4,
-        patch_size=40,
-        val_fraction=0.25,
-        align_fraction=0,
-    )
-    return folder
+    return small_demo_folder(folder)
 
 
 def _launch(mode: str, data: Path, report: Path, launch: list[str], *extra: str) -> dict:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from test_train import read_metrics, tiny_args, train_records  # noqa: E402
+from test_train import read_metrics, small_demo_folder, tiny_args, train_records  # noqa: E402
 
 import train  # noqa: E402
 from hlss_hf.config import ConfigError  # noqa: E402
@@ -294,17 +294,8 @@ def test_checkpoint_state_is_json(tmp_path, attributes_file):
 
 
 def test_streaming_run_evaluates_at_the_end_and_saves(tmp_path, attributes_file):
-    from dataset_scripts.demo import build_demo_dataset
-
     data = tmp_path / "data"
-    build_demo_dataset(
-        output_dir=data,
-        num_patients=12,
-        patches_per_slide=4,
-        patch_size=40,
-        val_fraction=0.25,
-        align_fraction=0,
-    )
+    small_demo_folder(data)
     out = tmp_path / "run"
     result = train.main(
         tiny_args(

@@ -69,6 +69,21 @@ def tiny_args(output_dir, attributes_file, *extra) -> list[str]:
     return args + list(extra)
 
 
+def small_demo_folder(folder: Path) -> Path:
+    """A 12-patient demo dataset saved to ``folder`` (the old splits: train / validation, no align patients)."""
+    from dataset_scripts.demo import build_demo_dataset
+
+    build_demo_dataset(
+        output_dir=folder,
+        num_patients=12,
+        patches_per_slide=4,
+        patch_size=40,
+        val_fraction=0.25,
+        align_fraction=0,
+    )
+    return folder
+
+
 def read_metrics(output_dir) -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
@@ -457,17 +472,8 @@ def test_help_lists_every_config_key(capsys, monkeypatch):
 def test_streaming_run_resumes_exactly(tmp_path, attributes_file):
     from accelerate.state import AcceleratorState, GradientState
 
-    from dataset_scripts.demo import build_demo_dataset
-
     data_dir = tmp_path / "demo-data"
-    build_demo_dataset(
-        output_dir=data_dir,
-        num_patients=12,
-        patches_per_slide=4,
-        patch_size=40,
-        val_fraction=0.25,
-        align_fraction=0,
-    )
+    small_demo_folder(data_dir)
     common = ["--data.dataset", str(data_dir), "--data.demo", "{}", "--data.streaming", "true"]
     common += ["--training.max_steps", "6", "--training.save_steps", "3"]
     train.main(tiny_args(tmp_path / "full", attributes_file, *common))
@@ -583,17 +589,8 @@ def test_push_to_hub_uploads_model_processor_and_card(tmp_path, attributes_file,
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_local_hub_layout_folder_trains(tmp_path, attributes_file, streaming):
-    from dataset_scripts.demo import build_demo_dataset
-
     data_dir = tmp_path / "demo-data"
-    build_demo_dataset(
-        output_dir=data_dir,
-        num_patients=12,
-        patches_per_slide=4,
-        patch_size=40,
-        val_fraction=0.25,
-        align_fraction=0,
-    )
+    small_demo_folder(data_dir)
     args = tiny_args(tmp_path / "run", attributes_file, "--training.max_steps", "2")
     # data.demo stays set from tiny_args, as from demo.yaml when a user overrides only data.dataset.
     args += ["--data.dataset", str(data_dir), "--data.streaming", str(streaming).lower()]
