@@ -279,12 +279,17 @@ def _loss_parts(outputs, accelerator=None) -> dict[str, float]:
     return {key: _to_float(value) for key, value in parts.items()}
 
 
+def names_config_file(argv: list[str]) -> bool:
+    """Whether the command line gives ``--config`` (as ``--config F`` or ``--config=F``)."""
+    return any(arg == "--config" or arg.startswith("--config=") for arg in argv)
+
+
 def default_config_for(argv: list[str]) -> Path | None:
     """The settings file a command line without ``--config`` runs with: the demo's (``configs/demo.yaml``) for the
     demo only. ``--data.dataset <yours>`` gets the built-in defaults, meant for real data (the device from the
     launcher, no overwriting, ``outputs/hlss-<dataset name>``, the CLIP ViT-B/16 towers at 224 px), not the demo's
     CPU, tiny tower, 32 px crops and overwritten ``outputs/hlss-demo``."""
-    if "--config" in argv or any(arg.startswith("--config=") for arg in argv):
+    if names_config_file(argv):
         return None
     dataset = command_line_value(argv, "data.dataset")
     return DEFAULT_CONFIG if dataset in (None, "demo") else None
@@ -814,7 +819,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     default_config = default_config_for(argv)
     config = parse_config(argv, default_config=default_config)
-    own_data = default_config is None and not any(a == "--config" or a.startswith("--config=") for a in argv)
+    own_data = default_config is None and not names_config_file(argv)
     if own_data and os.environ.get("RANK", "0") == "0":  # once, not once per process
         print(
             f"Settings: the built-in defaults for your own data ({DEFAULT_CONFIG.name} is the demo's; "
