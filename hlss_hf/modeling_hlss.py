@@ -157,24 +157,26 @@ def _unique_pairs(pairs: list[tuple]) -> dict:
     return result
 
 
-def _yaml_unique_keys(text: str) -> object:
-    """``yaml.safe_load`` that refuses a key repeated in one mapping (PyYAML keeps the last one silently: a
-    second attribute of the same name would drop the first without a word)."""
+def _yaml_repeated_keys(text: str) -> tuple[object, list[str]]:
+    """``yaml.safe_load``, and a sentence for each key repeated in one mapping (PyYAML keeps the last one silently:
+    a second attribute of the same name would drop the first without a word)."""
     import yaml  # transformers depends on pyyaml; imported here so JSON users never need it
 
-    class UniqueKeyLoader(yaml.SafeLoader):
+    repeated = []
+
+    class RepeatedKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
                 if key in seen:
-                    raise ValueError(
+                    repeated.append(
                         f"the key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})"
                     )
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=RepeatedKeyLoader), repeated  # noqa: S506 - a SafeLoader subclass
 
 
 def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
@@ -197,7 +199,7 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
     Raises:
         ValueError: naming the file, level or attribute that is missing, empty or malformed.
     """
-    source = "attributes"
+    source, repeated = "attributes", []
     if isinstance(attributes, (str, os.PathLike)):
         path = os.fspath(attributes)
         source = path
@@ -209,7 +211,7 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
             if path.lower().endswith(".json"):
                 attributes = json.loads(text, object_pairs_hook=_unique_pairs)
             else:
-                attributes = _yaml_unique_keys(text)
+                attributes, repeated = _yaml_repeated_keys(text)
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
             reason = " ".join(str(err).split())
             raise ValueError(f"attribute file {path!r} could not be parsed: {reason}") from err
@@ -217,7 +219,12 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
         raise ValueError(
             f"{source}: expected a mapping level -> attribute -> descriptions, got {type(attributes)}"
         )
-    attributes = _reference_banks(attributes, source) or attributes
+    reference = _reference_banks(attributes, source)
+    if reference is None and repeated:
+        # The reference's own file repeats a few names (its loader keeps each at its first place with the last
+        # descriptions, as PyYAML does here); in our format a repeat is a mistake.
+        raise ValueError(f"attribute file {source!r}: {repeated[0]}")
+    attributes = reference or attributes
     unknown = sorted(str(k) for k in set(attributes) - set(LEVELS))
     if unknown:
         raise ValueError(f"{source}: unknown level(s) {unknown}; levels are {list(LEVELS)}")

@@ -293,8 +293,8 @@ def _check_distinct(tokenizer, model, torch):
 
 # A small file shaped like the HLSS reference's training config (hlss/config/train_hlss_attr3levels.yaml of GitHub
 # Hasindri/HLSS): other sections around, the level names as flow sets under `data:`, the banks under `model:` as
-# `<level>_templates` (flow mappings, mixed quotes, multi-word names), plus an unrelated `templates:` mapping. The
-# sentences are made up here.
+# `<level>_templates` (flow mappings, mixed quotes, multi-word names, a name given twice as the real file does), plus
+# an unrelated `templates:` mapping. The sentences are made up here.
 REFERENCE_STYLE_CONFIG = """\
 infra:
     seed: 1000
@@ -302,7 +302,7 @@ data:
     db_root: /somewhere/opensrh
     patch : {"Dense Nuclei", "Lipid Droplets"}
     slide : {"Vessel Pattern"}
-    patient : {"Overall Cellularity"}
+    patient : {"Overall Cellularity", "Necrosis Extent", "Overall Cellularity"}
 model:
     backbone: RN50
     num_embedding_out: 2
@@ -314,7 +314,9 @@ model:
     slide_templates : {
       "Vessel Pattern": ["thin vessels branching through the tissue."]
     }
-    patient_templates : {"Overall Cellularity": ["the cases show many cells.", "cellular throughout."]}
+    patient_templates : {"Overall Cellularity": ["an earlier wording, replaced below."],
+      "Necrosis Extent": ["necrosis in places."],
+      "Overall Cellularity": ["the cases show many cells.", "cellular throughout."]}
     templates: {"Unused": ["not a level bank."]}
 training:
     batch_size: 32
@@ -333,8 +335,13 @@ def test_the_reference_config_file_loads_its_own_banks_unchanged(tmp_path):
             "Dense Nuclei": ["nuclei packed tightly together.", "crowded nuclei."],
         },
         "slide": {"Vessel Pattern": ["thin vessels branching through the tissue."]},
-        "patient": {"Overall Cellularity": ["the cases show many cells.", "cellular throughout."]},
+        # The reference's loader (PyYAML) keeps a repeated name at its first place with its last descriptions.
+        "patient": {
+            "Overall Cellularity": ["the cases show many cells.", "cellular throughout."],
+            "Necrosis Extent": ["necrosis in places."],
+        },
     }
+    assert list(bank["patient"]) == ["Overall Cellularity", "Necrosis Extent"]
     assert list(bank["patch"]) == [
         "Lipid Droplets",
         "Dense Nuclei",
