@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +46,12 @@ CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "train_config.json"
 HEALTH_FILE = "health.json"
+FROZEN_FILE = "frozen_weights.json"
+# The frozen text tower is left out of checkpoints (MiniLM's 93 MB would be most of a small run's checkpoint, once
+# per checkpoint): it never changes, a resumed run rebuilds it from its settings, and the checkpoint's fingerprint
+# of it makes sure the rebuilt tower is the one the run trained with. Keys as the prepared model names them (DDP's
+# `module.`, torch.compile's `_orig_mod.`). FSDP and DeepSpeed save through their own code and keep it.
+_FROZEN_KEY = re.compile(r"^(?:module\.|_orig_mod\.)*text_model\.")
 STAGING_SUFFIX = ".incoming"
 _TMP_SUFFIX = ".tmp"
 # What marks a folder as holding a run that a new run must not silently replace: a checkpoint or a saved model (a
@@ -511,20 +518,74 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with naming_full_disk(tmp, lambda: _state_bytes(accelerator)):
-        accelerator.save_state(str(tmp), safe_serialization=True)
+    frozen = {}
+    hook = accelerator.register_save_state_pre_hook(functools.partial(_leave_out_frozen, accelerator, frozen))
+    try:
+        with naming_full_disk(tmp, lambda: _state_bytes(accelerator)):
+            accelerator.save_state(str(tmp), safe_serialization=True)
+    finally:
+        hook.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with naming_full_disk(tmp):
             _write_json(tmp / STATE_FILE, dataclasses.asdict(state))
             _write_json(tmp / CONFIG_FILE, config)
             _write_json(tmp / HEALTH_FILE, {"weights_finite": finite_weights})
+            if frozen:
+                _write_json(tmp / FROZEN_FILE, frozen)
         swap_in(
             tmp, final
         )  # re-saving a step after a resume keeps the old copy until the new one is in place
         _rotate(Path(run_dir), keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _leave_out_frozen(
+    accelerator, frozen: dict[str, str], models: list, weights: list[dict], _folder: str
+) -> None:
+    """``save_state``'s pre-hook: drop the frozen text tower from the weights it writes and record its
+    fingerprint in ``frozen`` (FSDP / DeepSpeed hand it no weights: their checkpoints keep the tower)."""
+    for model, state_dict in zip(models, weights, strict=False):  # FSDP / DeepSpeed: no weights
+        dropped = [key for key in state_dict if _FROZEN_KEY.match(key)]
+        if dropped:
+            for key in dropped:
+                del state_dict[key]
+            frozen["text_model"] = frozen_fingerprint(accelerator.unwrap_model(model))
+
+
+def frozen_fingerprint(model) -> str:
+    """SHA-256 of the text tower's tensors (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.text_model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_frozen(accelerator, path: Path) -> None:
+    """A checkpoint without the text tower resumes only into a model whose rebuilt tower is the one it trained
+    with, and holds every other tensor of it (``load_state`` then loads non-strictly, for the tower alone)."""
+    recorded = json.loads((path / FROZEN_FILE).read_text(encoding="utf-8")).get("text_model")
+    for model in accelerator._models:
+        if recorded != frozen_fingerprint(accelerator.unwrap_model(model)):
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another text tower than this run builds (its weights "
+                "differ); resume with the model.text / model.init_from the run started with"
+            )
+    weights = path / "model.safetensors"
+    if weights.is_file() and len(accelerator._models) == 1:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as saved:
+            stored = set(saved.keys())
+        wanted = {key for key in accelerator._models[0].state_dict() if not _FROZEN_KEY.match(key)}
+        if stored != wanted:
+            differ = sorted(wanted - stored)[:3] + sorted(stored - wanted)[:3]
+            raise CheckpointError(
+                f"checkpoint {path}: its weights do not match this model (missing or extra: {', '.join(differ)})"
+            )
 
 
 def _state_bytes(accelerator) -> int:
@@ -629,8 +690,13 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[TrainState, d
         )
     from safetensors import SafetensorError
 
+    strict = not (path / FROZEN_FILE).is_file()
     try:
-        accelerator.load_state(str(path))
+        if not strict:
+            _check_frozen(accelerator, path)
+        accelerator.load_state(str(path), strict=strict)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as err:  # weights_only refused a global: something other than plain state
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(

@@ -232,6 +232,68 @@ def test_malformed_metrics_line_inside_the_file_is_named(tmp_path):
         read_jsonl(path)
 
 
+def test_checkpoints_leave_out_the_frozen_text_tower_and_resume_exactly(tmp_path, attributes_file):
+    from safetensors import safe_open
+
+    from hlss_hf.harness import FROZEN_FILE
+
+    cut = tmp_path / "cut"
+    checkpoint = cut_run(cut, attributes_file)
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as saved:
+        kept = set(saved.keys())
+    assert json.loads((checkpoint / FROZEN_FILE).read_text())["text_model"]  # its fingerprint instead
+    train.main(tiny_args(cut, attributes_file, "--resume_from_checkpoint", "latest"))
+    final = load_file(cut / "model.safetensors")  # the final model keeps the tower: it is the run's one copy
+    assert any(key.startswith("text_model.") for key in final)
+    # Every other tensor, the banks too.
+    assert kept == {key for key in final if not key.startswith("text_model.")}
+
+    reset_accelerate()
+    whole = tmp_path / "whole"
+    train.main(tiny_args(whole, attributes_file))
+    uninterrupted = load_file(whole / "model.safetensors")
+    assert all(torch.equal(final[key], uninterrupted[key]) for key in uninterrupted)
+
+
+def test_a_checkpoint_of_another_text_tower_or_other_weights_is_refused(tmp_path, attributes_file):
+    from safetensors.torch import save_file
+
+    from hlss_hf.harness import FROZEN_FILE
+
+    out = tmp_path / "run"
+    checkpoint = cut_run(out, attributes_file)
+    frozen = checkpoint / FROZEN_FILE
+    frozen.write_text(json.dumps({"text_model": "0" * 64}))
+    with pytest.raises(CheckpointError, match="another text tower"):
+        train.main(tiny_args(out, attributes_file, "--resume_from_checkpoint", "latest"))
+    reset_accelerate()
+
+    checkpoint = cut_run(tmp_path / "other", attributes_file)
+    weights = load_file(checkpoint / "model.safetensors")
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, checkpoint / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"missing or extra: {dropped}"):
+        train.main(tiny_args(tmp_path / "other", attributes_file, "--resume_from_checkpoint", "latest"))
+
+
+def test_a_checkpoint_holding_the_text_tower_still_resumes(tmp_path, attributes_file, monkeypatch):
+    # Checkpoints written before the tower was left out hold it and no fingerprint: loaded strictly, as before.
+    import re
+
+    from hlss_hf import harness
+    from hlss_hf.harness import FROZEN_FILE
+
+    monkeypatch.setattr(harness, "_FROZEN_KEY", re.compile(r"^$never"))
+    out = tmp_path / "run"
+    checkpoint = cut_run(out, attributes_file)
+    monkeypatch.undo()
+    assert not (checkpoint / FROZEN_FILE).exists()
+    assert any(key.startswith("text_model.") for key in load_file(checkpoint / "model.safetensors"))
+    train.main(tiny_args(out, attributes_file, "--resume_from_checkpoint", "latest"))
+    assert (out / "model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Non-finite loss
 
