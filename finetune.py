@@ -39,6 +39,55 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# hlss_hf registers its Auto classes (loading torch: seconds) once this program has read its command line, so that
+# --help and settings errors answer at once (hlss_hf/__init__.py).
+HLSS_HF_PARSE_FIRST = True
+
+from hlss_hf.config import (
+    ConfigError,
+    FinetuneConfig,
+    check_command_line,
+    flatten_config,
+    format_help,
+    parse_config,
+)
+
+
+def print_help() -> None:
+    """This docstring and every config key with its default."""
+    print(__doc__)
+    print(format_help(FinetuneConfig))
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+    """Parse the command line (and the optional `--config` YAML, whose values the command line overrides).
+
+    The keys are those of `hlss_hf.config.FinetuneConfig` (sections `model`, `data`, `training`; the settings
+    shared with `train.py` have the same names there); `--help` lists them with their defaults.
+
+    Args:
+        argv (`list[str]`, *optional*): arguments without the program name; default `sys.argv[1:]`.
+
+    Returns:
+        `FinetuneConfig`, validated.
+
+    Raises:
+        ConfigError: an unknown key (with the nearest valid one), a missing required key or an impossible
+            value (the key is named).
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        raise SystemExit(0)
+    return parse_config(argv, FinetuneConfig)
+
+
+if __name__ == "__main__":
+    check_command_line(sys.argv[1:], parse_args, print_help)  # before torch and the model code load
+    import hlss_hf
+
+    hlss_hf.register_auto_classes()
+
 import datasets
 import numpy as np
 import torch
@@ -50,7 +99,6 @@ from transformers import get_scheduler
 
 from hlss_hf.augmentation import build_augmentation
 from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
-from hlss_hf.config import ConfigError, FinetuneConfig, flatten_config, format_help, parse_config
 from hlss_hf.data import (
     DatasetError,
     _FixedArrayReader,
@@ -94,30 +142,6 @@ MERGED_DIR = "merged"
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Arguments
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    """Parse the command line (and the optional `--config` YAML, whose values the command line overrides).
-
-    The keys are those of `hlss_hf.config.FinetuneConfig` (sections `model`, `data`, `training`; the settings
-    shared with `train.py` have the same names there); `--help` lists them with their defaults.
-
-    Args:
-        argv (`list[str]`, *optional*): arguments without the program name; default `sys.argv[1:]`.
-
-    Returns:
-        `FinetuneConfig`, validated.
-
-    Raises:
-        ConfigError: an unknown key (with the nearest valid one), a missing required key or an impossible
-            value (the key is named).
-    """
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        print(format_help(FinetuneConfig))
-        raise SystemExit(0)
-    return parse_config(argv, FinetuneConfig)
 
 
 def augmentation_config(spec: str | dict) -> dict | str:

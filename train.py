@@ -53,14 +53,77 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from hlss_hf.building import (  # noqa: E402
+# hlss_hf registers its Auto classes (loading torch: seconds) once this program has read its command line, so that
+# --help and settings errors answer at once (hlss_hf/__init__.py).
+HLSS_HF_PARSE_FIRST = True
+
+from hlss_hf.config import (
+    ConfigError,
+    TrainConfig,
+    check_command_line,
+    command_line_value,
+    flatten_config,
+    format_help,
+    parse_config,
+)
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def names_config_file(argv: list[str]) -> bool:
+    """Whether the command line gives ``--config`` (as ``--config F`` or ``--config=F``)."""
+    return any(arg == "--config" or arg.startswith("--config=") for arg in argv)
+
+
+def default_config_for(argv: list[str]) -> Path | None:
+    """The settings file a command line without ``--config`` runs with: the demo's (``configs/demo.yaml``) for the
+    demo only. ``--data.dataset <yours>`` gets the built-in defaults, meant for real data (the device from the
+    launcher, no overwriting, ``outputs/hlss-<dataset name>``, the CLIP ViT-B/16 towers at 224 px), not the demo's
+    CPU, tiny tower, 32 px crops and overwritten ``outputs/hlss-demo``."""
+    if names_config_file(argv):
+        return None
+    dataset = command_line_value(argv, "data.dataset")
+    return DEFAULT_CONFIG if dataset in (None, "demo") else None
+
+
+def print_help(argv: list[str]) -> None:
+    """This docstring and every config key, with the defaults this command line's run would use: its --config, else
+    the demo's for the demo and the built-in ones for any other --data.dataset."""
+    print(__doc__)
+    config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    config_file = config_file or default_config_for([a for a in argv if a not in ("-h", "--help")])
+    print(format_help(TrainConfig, config_file))
+    if config_file is not None and Path(config_file).resolve() == DEFAULT_CONFIG.resolve():
+        print(
+            f"\n{DEFAULT_CONFIG.name} applies to the demo only: with --data.dataset <your data> (and no --config) "
+            "the run takes the built-in defaults; `python train.py --help --data.dataset <your data>` lists them."
+        )
+
+
+def check_train_command_line(argv: list[str]) -> None:
+    """``--help`` and settings errors of this command line (:func:`hlss_hf.config.check_command_line`)."""
+    check_command_line(
+        argv,
+        lambda args: parse_config(args, default_config=default_config_for(args)),
+        lambda: print_help(argv),
+    )
+
+
+if __name__ == "__main__":
+    check_train_command_line(sys.argv[1:])  # before torch and the model code load
+    import hlss_hf
+
+    hlss_hf.register_auto_classes()
+
+import torch
+
+from hlss_hf.building import (
     CaptionTable,
     build_caption_table,
     build_image_processor,
@@ -73,17 +136,9 @@ from hlss_hf.building import (  # noqa: E402
     resolve_attributes,
     resolve_tower,
 )
-from hlss_hf.config import (  # noqa: E402
-    ConfigError,
-    TrainConfig,
-    command_line_value,
-    flatten_config,
-    format_help,
-    parse_config,
-)
-from hlss_hf.data import build_train_loader  # noqa: E402
-from hlss_hf.data import stream_batches as _stream_batches  # noqa: E402
-from hlss_hf.evaluation import (  # noqa: E402
+from hlss_hf.data import build_train_loader
+from hlss_hf.data import stream_batches as _stream_batches
+from hlss_hf.evaluation import (
     class_text_embeddings,
     distributed_evaluate,
     hierarchical_confusion_matrices,
@@ -91,8 +146,8 @@ from hlss_hf.evaluation import (  # noqa: E402
     knn_scores,
     zero_shot_probabilities,
 )
-from hlss_hf.explain import class_attribute_summary  # noqa: E402
-from hlss_hf.harness import (  # noqa: E402
+from hlss_hf.explain import class_attribute_summary
+from hlss_hf.harness import (
     RESUMABLE_KEYS,
     CheckpointError,
     JsonlWriter,
@@ -120,8 +175,8 @@ from hlss_hf.harness import (  # noqa: E402
     weights_finite,
     write_files_atomically,
 )
-from hlss_hf.model_card import push_to_hub, render_model_card  # noqa: E402
-from hlss_hf.run_warnings import (  # noqa: E402
+from hlss_hf.model_card import push_to_hub, render_model_card
+from hlss_hf.run_warnings import (
     RunWarning,
     WarningLog,
     evaluation_warnings,
@@ -131,7 +186,6 @@ from hlss_hf.run_warnings import (  # noqa: E402
 
 logger = logging.getLogger("hlss_hf.train")
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 LOSS_KEYS = ("loss", "hvc_loss", "alignment_loss", "image_text_loss")
 LEVELS = ("patch", "slide", "patient")
 OBJECTIVE_NAMES = {"hlss": "HLSS training", "align": "image-text alignment (the stage before HLSS)"}
@@ -277,22 +331,6 @@ def _loss_parts(outputs, accelerator=None) -> dict[str, float]:
         stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="mean")
         return dict(zip(parts, stacked.tolist(), strict=True))
     return {key: _to_float(value) for key, value in parts.items()}
-
-
-def names_config_file(argv: list[str]) -> bool:
-    """Whether the command line gives ``--config`` (as ``--config F`` or ``--config=F``)."""
-    return any(arg == "--config" or arg.startswith("--config=") for arg in argv)
-
-
-def default_config_for(argv: list[str]) -> Path | None:
-    """The settings file a command line without ``--config`` runs with: the demo's (``configs/demo.yaml``) for the
-    demo only. ``--data.dataset <yours>`` gets the built-in defaults, meant for real data (the device from the
-    launcher, no overwriting, ``outputs/hlss-<dataset name>``, the CLIP ViT-B/16 towers at 224 px), not the demo's
-    CPU, tiny tower, 32 px crops and overwritten ``outputs/hlss-demo``."""
-    if names_config_file(argv):
-        return None
-    dataset = command_line_value(argv, "data.dataset")
-    return DEFAULT_CONFIG if dataset in (None, "demo") else None
 
 
 def plan_run(config: TrainConfig) -> tuple[Path, Path | None, dict]:
@@ -1029,19 +1067,7 @@ def cli() -> None:
     from hlss_hf.publishing import debug_requested, exit_on_error, remove_new_empty_folder
 
     argv = sys.argv[1:]
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        # The defaults shown are the ones this command line's run would use: its --config, else the demo's for the
-        # demo and the built-in ones for any other --data.dataset.
-        config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-        config_file = config_file or default_config_for([a for a in argv if a not in ("-h", "--help")])
-        print(format_help(TrainConfig, config_file))
-        if config_file is not None and Path(config_file).resolve() == DEFAULT_CONFIG.resolve():
-            print(
-                f"\n{DEFAULT_CONFIG.name} applies to the demo only: with --data.dataset <your data> (and no --config) "
-                "the run takes the built-in defaults; `python train.py --help --data.dataset <your data>` lists them."
-            )
-        return
+    check_train_command_line(argv)
     debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]
     with exit_on_error(debug, user_errors=(ConfigError, CheckpointError, NonFiniteLossError)):

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+# A converter needs none of hlss_hf's Auto classes: importing it registers none, nor loads torch for them.
+HLSS_HF_PARSE_FIRST = True
+
 try:
     import hlss_hf  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`

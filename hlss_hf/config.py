@@ -44,6 +44,7 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -1270,6 +1271,21 @@ def parse_config(
     return build_config(config_class, values)
 
 
+def check_command_line(
+    argv: list[str], parse: Callable[[list[str]], Any], show_help: Callable[[], None]
+) -> None:
+    """What a program answers before torch and the model code load (seconds; see ``hlss_hf/__init__.py``):
+    ``--help`` (`show_help`, then exit 0) and a settings error (`parse` raising :class:`ConfigError`: one line
+    ``error: ...``, exit 1; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback). A valid command line returns."""
+    from hlss_hf.publishing import debug_requested, exit_on_error
+
+    if "-h" in argv or "--help" in argv:
+        show_help()
+        raise SystemExit(0)
+    with exit_on_error("--debug" in argv or debug_requested(), user_errors=(ConfigError,)):
+        parse([arg for arg in argv if arg != "--debug"])
+
+
 def build_config(config_class: type[Config], values: dict[str, Any]) -> Config:
     """``config_class`` from ``{section.field: value}`` (values converted to the field types, then validated)."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in config_class.sections()}
@@ -1278,6 +1294,11 @@ def build_config(config_class: type[Config], values: dict[str, Any]) -> Config:
             _resolve_key(key, config_class, "the config")  # raises
         section, name = key.split(".", 1)
         sections[section][name] = value
+    # Every value to its type first: a mistyped one is named before the checks that load the model code (torch).
+    for section, cls in config_class.sections().items():
+        hints = typing.get_type_hints(cls)
+        for name, value in sections[section].items():
+            _coerce(value, hints[name], f"{section}.{name}")
     built = {name: cls(**sections[name]) for name, cls in config_class.sections().items()}
     return config_class(**built)
 

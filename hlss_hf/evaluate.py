@@ -247,8 +247,10 @@ def _load_model(args):
         AutoTokenizer,
     )
 
-    import hlss_hf  # noqa: F401  (registers HLSS with the Auto classes)
+    from hlss_hf import register_auto_classes
     from hlss_hf.publishing import check_local_source, hub_source_error
+
+    register_auto_classes()  # `python -m hlss_hf.evaluate` defers it until the arguments are read
 
     check_local_source(args.model, "model", "--model")  # a mistyped path is named, not looked up on the Hub
     try:

@@ -1328,10 +1328,11 @@ def describe_error(error: BaseException, user_errors: tuple[type[BaseException],
     """
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    from .data import DatasetError
-
+    # A DatasetError exists only once hlss_hf.data is loaded (it loads torch, which a settings error never needs).
+    data = sys.modules.get("hlss_hf.data")
+    dataset_errors = (data.DatasetError,) if data is not None else ()
     hub_errors = (HfHubHTTPError, OfflineModeIsEnabled)
-    if isinstance(error, (SourceError, ConversionError, DatasetError, OutputInUseError, *user_errors)):
+    if isinstance(error, (SourceError, ConversionError, *dataset_errors, OutputInUseError, *user_errors)):
         message = str(error)
         if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker: the worker's own line
             last = message.strip().splitlines()[-1]

@@ -65,14 +65,16 @@ def test_output_folder_is_named_for_the_dataset(dataset, objective, expected):
 
 def test_help_for_own_data_states_its_tower_crop_and_device(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--help", "--data.dataset", "data/my-slides"])
-    train.cli()
+    with pytest.raises(SystemExit, match="0"):
+        train.cli()
     text = capsys.readouterr().out
     assert "--model.vision, --vision (default openai/clip-vit-base-patch16)" in text
     assert "--data.crop_size, --crop_size (default 224)" in text
     assert "--training.cpu, --cpu (default false)" in text
     assert "--training.overwrite_output_dir, --overwrite_output_dir (default false)" in text
     monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
-    train.cli()
+    with pytest.raises(SystemExit, match="0"):
+        train.cli()
     text = capsys.readouterr().out
     assert "--data.crop_size, --crop_size (default 32)" in text  # the demo's
     assert "applies to the demo only" in text
@@ -347,3 +349,81 @@ def test_loading_a_processor_does_not_warn_about_a_missing_torchvision_backend(t
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "HLSSImageProcessor", proc.stderr[-2000:]
     assert "backend is not available" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Start-up: --help and settings errors before torch loads
+
+# Each entry point, run as its command line runs it (a script as __main__; `-m` with sys.argv[0] "-m" while Python
+# locates the module), answers without loading torch or transformers (seconds to tens of seconds of imports).
+RUN_AS_COMMAND = """
+import json, runpy, sys
+target, args = {target!r}, {args!r}
+code = 0
+try:
+    if target.startswith("-m "):
+        sys.argv = ["-m", *args]
+        runpy.run_module(target[3:], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [target, *args]
+        runpy.run_path(target, run_name="__main__")
+except SystemExit as stop:
+    code = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+print(json.dumps({{"code": code or 0, "loaded": [m for m in ("torch", "transformers") if m in sys.modules]}}))
+"""
+
+
+@pytest.mark.parametrize(
+    "target, args, code",
+    [
+        ("train.py", ["--help"], 0),
+        ("train.py", ["--help", "--data.dataset", "data/my-slides"], 0),
+        ("train.py", ["--training.bogus", "1"], 1),
+        ("train.py", ["--training.lr", "abc"], 1),
+        ("finetune.py", ["--help"], 0),
+        ("finetune.py", ["--data.dataset", "d", "--training.lr", "abc"], 1),
+        ("-m hlss_hf.evaluate", ["knn", "--help"], 0),
+        ("-m hlss_hf.evaluate", ["bogus"], 2),
+        ("dataset_scripts/wsi.py", ["--help"], 0),
+        ("dataset_scripts/tcga.py", ["--help"], 0),
+        ("dataset_scripts/opensrh.py", ["--help"], 0),
+        ("dataset_scripts/demo.py", ["--help"], 0),
+    ],
+)
+def test_help_and_settings_errors_load_neither_torch_nor_transformers(target, args, code):
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_AS_COMMAND.format(target=target, args=args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"code": code, "loaded": []}, (result, proc.stderr[-2000:])
+
+
+def test_import_registers_the_auto_classes_unless_a_program_reads_its_arguments_first():
+    import subprocess
+
+    code = """
+import sys
+from transformers import CONFIG_MAPPING
+import hlss_hf
+print("hlss" in CONFIG_MAPPING)
+"""
+    first = code.replace(
+        "import hlss_hf", "sys.modules['__main__'].HLSS_HF_PARSE_FIRST = True\nimport hlss_hf"
+    )
+    later = first + "hlss_hf.register_auto_classes()\nprint('hlss' in CONFIG_MAPPING)\n"
+    outputs = []
+    for source in (code, later):
+        proc = subprocess.run(
+            [sys.executable, "-c", source], capture_output=True, text=True, timeout=300, cwd=REPO
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout.split())
+    assert outputs == [["True"], ["False", "True"]]
