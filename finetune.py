@@ -43,14 +43,8 @@ from typing import Any
 # --help and settings errors answer at once (hlss_hf/__init__.py).
 HLSS_HF_PARSE_FIRST = True
 
-from hlss_hf.config import (
-    ConfigError,
-    FinetuneConfig,
-    check_command_line,
-    flatten_config,
-    format_help,
-    parse_config,
-)
+from hlss_hf.config import FinetuneConfig, check_command_line, flatten_config, format_help, parse_config
+from hlss_hf.errors import ConfigError
 
 
 def print_help() -> None:
@@ -99,18 +93,11 @@ from transformers import get_scheduler
 
 from hlss_hf.augmentation import build_augmentation
 from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
-from hlss_hf.data import (
-    DatasetError,
-    _FixedArrayReader,
-    load_split,
-    loader_workers,
-    split_names,
-    to_float,
-)
+from hlss_hf.data import _FixedArrayReader, load_split, loader_workers, split_names, to_float
+from hlss_hf.errors import DatasetError, NonFiniteLossError
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.harness import (
     JsonlWriter,
-    NonFiniteLossError,
     all_finite,
     holds_output_dir,
     make_accelerator,

@@ -64,7 +64,6 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 HLSS_HF_PARSE_FIRST = True
 
 from hlss_hf.config import (
-    ConfigError,
     TrainConfig,
     check_command_line,
     command_line_value,
@@ -72,6 +71,7 @@ from hlss_hf.config import (
     format_help,
     parse_config,
 )
+from hlss_hf.errors import ConfigError
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -138,6 +138,7 @@ from hlss_hf.building import (
 )
 from hlss_hf.data import build_train_loader
 from hlss_hf.data import stream_batches as _stream_batches
+from hlss_hf.errors import CheckpointError, NonFiniteLossError
 from hlss_hf.evaluation import (
     class_text_embeddings,
     distributed_evaluate,
@@ -149,9 +150,7 @@ from hlss_hf.evaluation import (
 from hlss_hf.explain import class_attribute_summary
 from hlss_hf.harness import (
     RESUMABLE_KEYS,
-    CheckpointError,
     JsonlWriter,
-    NonFiniteLossError,
     TrainState,
     all_finite,
     check_checkpoint,

@@ -41,13 +41,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import datasets
 
-from hlss_hf.publishing import (
-    ConversionError,
-    OutputInUseError,
-    add_image_format_argument,
-    validation_count,
-    write_patch_dataset,
-)
+from hlss_hf.errors import ConversionError, OutputInUseError
+from hlss_hf.publishing import add_image_format_argument, validation_count, write_patch_dataset
 from hlss_hf.schema import features_for
 
 #: Class names of the demo (in label order) when ``num_classes`` is 3; otherwise ``class_0``, ``class_1``...

@@ -42,8 +42,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hlss_hf.errors import ConversionError
 from hlss_hf.publishing import (
-    ConversionError,
     ConversionSummary,
     InvalidItems,
     add_output_arguments,

@@ -13,7 +13,7 @@ run would:
 >>> model = build_model(config, "he", tokenizer)
 ```
 
-Every problem with the config raises :class:`~hlss_hf.config.ConfigError` naming the key.
+Every problem with the config raises :class:`~hlss_hf.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hlss_hf.config import ConfigError, TrainConfig
+from hlss_hf.config import TrainConfig
+from hlss_hf.errors import ConfigError, DatasetError, SourceError
 
 # A child of train.py's logger, whose level (INFO on the main process) then applies here too.
 logger = logging.getLogger("hlss_hf.train.building")
@@ -176,7 +177,7 @@ def class_prompts_for(config: TrainConfig, class_names: list[str] | None) -> dic
 
 def _from_init_model(config: TrainConfig, load):
     """``load(model.init_from)``, with a missing folder or an unloadable model named by the config key."""
-    from hlss_hf.publishing import SourceError, check_local_source
+    from hlss_hf.publishing import check_local_source
 
     source = config.model.init_from
     try:
@@ -380,7 +381,7 @@ def load_splits(config: TrainConfig) -> tuple[Any, Any]:
     Returns:
         `(train, validation)`; validation is `None` when ``data.validation_split`` is empty.
     """
-    from hlss_hf.data import DatasetError, load_split
+    from hlss_hf.data import load_split
 
     d = config.data
     try:

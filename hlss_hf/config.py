@@ -51,6 +51,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from hlss_hf.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -68,10 +70,6 @@ __all__ = [
     "format_help",
     "parse_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")

@@ -53,6 +53,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
+from hlss_hf.errors import DatasetError
+
 from .augmentation import HLSSAugmentation
 from .schema import IMAGE, LABEL, PATIENT_ID, SLIDE_ID, decode_image, modality_of
 
@@ -856,13 +858,6 @@ class HierarchicalStreamingDataset(IterableDataset):
 # Loading a split: train.py, finetune.py and `python -m hlss_hf.evaluate` all read their data here.
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be used as asked: a missing or empty split, a missing column, no data files.
-
-    The message names the dataset, the split and the setting that chose them.
-    """
-
-
 def _by(key: str | None) -> str:
     return f" ({key})" if key else ""
 
@@ -937,7 +932,7 @@ def load_split(
     ``python -m hlss_hf.evaluate``.
 
     Whatever goes wrong ends in one line naming the dataset and the setting that chose it: a mistyped local path
-    (:class:`~hlss_hf.publishing.SourceError`, never looked up on the Hub), an id that is not in the cache while
+    (:class:`~hlss_hf.errors.SourceError`, never looked up on the Hub), an id that is not in the cache while
     offline or not on the Hub (``SourceError``), a folder without data files, a single saved split, a missing
     split (listing the splits there are), an empty split, or a missing required column (:class:`DatasetError`).
 
@@ -1174,7 +1169,7 @@ def build_train_loader(
         :class:`HierarchicalStreamingDataset`.
     """
     from .augmentation import build_augmentation
-    from .config import ConfigError
+    from .errors import ConfigError
 
     d, t = config.data, config.training
     transform = build_augmentation(d.augmentation, d.crop_size)

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from hlss_hf.errors import CheckpointError, ConfigError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
@@ -102,14 +104,6 @@ RESUMABLE_KEYS = frozenset(
 INVOCATION_KEYS = frozenset(
     {"training.resume_from_checkpoint", "training.max_steps_this_run", "training.overwrite_output_dir"}
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """A training step produced a NaN or infinite loss (on any process)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be resumed (unsafe content, another run's settings); the message names the item."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +230,6 @@ def plan_output(
         ConfigError: an earlier run is present and ``overwrite`` is false, or (``always_stage``) the folder holds
             other files (the message names what is there).
     """
-    from hlss_hf.config import ConfigError
 
     out = Path(output_dir)
     staging = staging_dir(out)

@@ -53,6 +53,8 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
+from hlss_hf.errors import ConversionError, DatasetError, DiskFullError, OutputInUseError, SourceError
+
 from .schema import (
     CAPTION,
     IMAGE,
@@ -357,10 +359,6 @@ def _pid_alive(pid: int) -> bool:
 # locks a file checks that it is still the one at that path, so two processes never lock two files of one name.
 
 
-class OutputInUseError(RuntimeError):
-    """Another run holds the lock on this output; the message names the output and the holder."""
-
-
 #: Locks this process holds: (thread, lock file) -> [file descriptor, depth]. A thread that holds one may take it
 #: again (a converter's run, then its writer); another thread is refused like another process.
 _HELD_LOCKS: dict[tuple[int, str], list[int]] = {}
@@ -620,10 +618,6 @@ def update_card_knn(
         text = head + marker + section + rest_marker + rest
     write_text_atomically(path, text)
     return path
-
-
-class ConversionError(Exception):
-    """An input item (file, patient, slide, manifest row, ...) cannot be converted; the message names it."""
 
 
 @dataclass
@@ -1235,11 +1229,6 @@ def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class DiskFullError(OSError):
-    """A write failed for want of space (a full disk, a quota, a file-size limit); the message names the path and
-    the bytes it needed."""
-
-
 #: What a write says when the space ran out: errno values, and the words of libraries that report them as text
 #: (safetensors' "File too large (os error 27)", torch's stream writer).
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -1324,15 +1313,12 @@ def describe_error(error: BaseException, user_errors: tuple[type[BaseException],
         error (`BaseException`): the error.
         user_errors (`tuple` of exception types): errors whose message is already written for the user (bad input
             naming the item); :class:`SourceError`, :class:`ConversionError` and
-            :class:`hlss_hf.data.DatasetError` always are.
+            :class:`hlss_hf.errors.DatasetError` always are.
     """
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    # A DatasetError exists only once hlss_hf.data is loaded (it loads torch, which a settings error never needs).
-    data = sys.modules.get("hlss_hf.data")
-    dataset_errors = (data.DatasetError,) if data is not None else ()
     hub_errors = (HfHubHTTPError, OfflineModeIsEnabled)
-    if isinstance(error, (SourceError, ConversionError, *dataset_errors, OutputInUseError, *user_errors)):
+    if isinstance(error, (SourceError, ConversionError, DatasetError, OutputInUseError, *user_errors)):
         message = str(error)
         if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker: the worker's own line
             last = message.strip().splitlines()[-1]
@@ -1412,10 +1398,6 @@ def run_converter(
 
 
 # ------------------------------------------------------------------ where a model or dataset comes from
-class SourceError(ValueError):
-    """A model or dataset named on the command line is neither an existing local folder nor a reachable Hub repo."""
-
-
 def looks_local(spec: str | os.PathLike) -> bool:
     """Whether `spec` names a local path rather than a Hub repo id: the one rule ``train.py`` and
     ``python -m hlss_hf.evaluate`` use before asking the Hub.

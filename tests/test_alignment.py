@@ -32,7 +32,8 @@ import train  # noqa: E402
 from dataset_scripts import demo  # noqa: E402
 from hlss_hf import HLSSConfig, HLSSModel  # noqa: E402
 from hlss_hf.building import build_caption_table, class_prompts_for, load_splits  # noqa: E402
-from hlss_hf.config import ConfigError, parse_config  # noqa: E402
+from hlss_hf.config import parse_config  # noqa: E402
+from hlss_hf.errors import ConfigError  # noqa: E402
 from hlss_hf.losses import image_text_contrastive_loss  # noqa: E402
 from hlss_hf.modeling_hlss import head_init_weights  # noqa: E402
 

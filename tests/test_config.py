@@ -18,7 +18,6 @@ if str(REPO) not in sys.path:
 
 from hlss_hf.config import (  # noqa: E402
     RENAMED,
-    ConfigError,
     FinetuneConfig,
     FinetuneTrainingConfig,
     RunConfig,
@@ -28,6 +27,7 @@ from hlss_hf.config import (  # noqa: E402
     format_help,
     parse_config,
 )
+from hlss_hf.errors import ConfigError  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 

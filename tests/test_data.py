@@ -493,7 +493,8 @@ def test_load_split_reads_both_folder_layouts_with_max_samples(split_sources, sr
 def test_load_split_names_a_missing_split_its_setting_and_the_splits_there_are(
     split_sources, layout, streaming
 ):
-    from hlss_hf.data import DatasetError, load_split
+    from hlss_hf.data import load_split
+    from hlss_hf.errors import DatasetError
 
     source = str(split_sources / layout)
     expected = (
@@ -504,7 +505,8 @@ def test_load_split_names_a_missing_split_its_setting_and_the_splits_there_are(
 
 
 def test_load_split_names_missing_id_columns_and_empty_splits(tmp_path, srh_ds):
-    from hlss_hf.data import DatasetError, load_split
+    from hlss_hf.data import load_split
+    from hlss_hf.errors import DatasetError
 
     folder = tmp_path / "flat"
     flat = srh_ds.remove_columns(["patient_id", "slide_id"])
@@ -524,8 +526,8 @@ def test_load_split_names_missing_id_columns_and_empty_splits(tmp_path, srh_ds):
 
 
 def test_load_split_bad_sources_are_one_line_errors_naming_the_setting(tmp_path, monkeypatch):
-    from hlss_hf.data import DatasetError, load_split, split_names
-    from hlss_hf.publishing import SourceError
+    from hlss_hf.data import load_split, split_names
+    from hlss_hf.errors import DatasetError, SourceError
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -659,7 +661,7 @@ def test_epoch_batches_across_epochs_are_the_per_epoch_loaders_batches(num_proce
 
 
 def test_a_patch_smaller_than_the_crop_further_on_is_named_with_its_row():
-    from hlss_hf.data import DatasetError
+    from hlss_hf.errors import DatasetError
 
     rows = make_rows(LAYOUT, "he")
     small = io.BytesIO()

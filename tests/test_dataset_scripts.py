@@ -524,7 +524,8 @@ def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
 
 
 def test_writer_raw_he_checks_the_fixed_shape_and_decodes_png_bytes(tmp_path):
-    from hlss_hf.publishing import ConversionError, write_patch_dataset
+    from hlss_hf.errors import ConversionError
+    from hlss_hf.publishing import write_patch_dataset
     from hlss_hf.schema import features_for
 
     features = features_for("he", ["a"], patch_size=8, image_format="raw")
@@ -1174,7 +1175,8 @@ def _row(patch, patient="p1", slide="s1", label="a", seed=0):
 
 
 def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels(tmp_path):
-    from hlss_hf.publishing import ConversionError, InvalidItems, write_patch_dataset
+    from hlss_hf.errors import ConversionError
+    from hlss_hf.publishing import InvalidItems, write_patch_dataset
     from hlss_hf.schema import features_for
 
     features = features_for("he", ["a", "b"])
@@ -1192,7 +1194,8 @@ def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels
 
 
 def test_writer_drops_empty_splits_and_checks_he_patch_size(tmp_path):
-    from hlss_hf.publishing import ConversionError, write_patch_dataset
+    from hlss_hf.errors import ConversionError
+    from hlss_hf.publishing import write_patch_dataset
     from hlss_hf.schema import features_for
 
     features = features_for("he", ["a"])

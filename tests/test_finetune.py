@@ -327,7 +327,7 @@ def test_adapter_and_merged_cards_are_filled_from_the_run(finetuned):
 def test_used_output_folder_is_refused_then_replaced_whole(hlss_dir, demo_dir, tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 
-    from hlss_hf.config import ConfigError
+    from hlss_hf.errors import ConfigError
     from hlss_hf.harness import staging_dir
 
     def reset():
@@ -350,7 +350,7 @@ def test_used_output_folder_is_refused_then_replaced_whole(hlss_dir, demo_dir, t
 
 
 def test_non_finite_loss_stops_every_process_and_leaves_no_output(hlss_dir, demo_dir, tmp_path, monkeypatch):
-    from hlss_hf.harness import NonFiniteLossError
+    from hlss_hf.errors import NonFiniteLossError
     from hlss_hf.modeling_hlss import HLSSForImageClassification
 
     forward = HLSSForImageClassification.forward
@@ -667,7 +667,8 @@ def test_full_disk_while_saving_names_the_folder_and_the_bytes(trained_peft, tmp
     import copy
     import errno
 
-    from hlss_hf.publishing import DiskFullError, describe_os_error
+    from hlss_hf.errors import DiskFullError
+    from hlss_hf.publishing import describe_os_error
 
     def full_disk(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

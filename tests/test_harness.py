@@ -29,9 +29,8 @@ if str(REPO) not in sys.path:
 from test_train import read_metrics, small_demo_folder, tiny_args, train_records  # noqa: E402
 
 import train  # noqa: E402
-from hlss_hf.config import ConfigError  # noqa: E402
+from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
 from hlss_hf.harness import (  # noqa: E402
-    CheckpointError,
     checkpoint_health,
     list_checkpoints,
     plan_output,

@@ -319,8 +319,9 @@ def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(
 
 
 def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
+    from hlss_hf.errors import ConversionError
     from hlss_hf.model_card import hub_links
-    from hlss_hf.publishing import ConversionError, check_license, license_metadata, size_category
+    from hlss_hf.publishing import check_license, license_metadata, size_category
 
     assert yaml.safe_load(license_metadata("other")) == {
         "license": "unknown"

@@ -18,7 +18,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from hlss_hf.config import ConfigError, default_output_dir, parse_config  # noqa: E402
+from hlss_hf.config import default_output_dir, parse_config  # noqa: E402
+from hlss_hf.errors import ConfigError  # noqa: E402
 
 WSI = REPO / "configs" / "wsi.yaml"
 

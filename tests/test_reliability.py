@@ -30,8 +30,9 @@ from test_train import read_metrics, tiny_args, train_records  # noqa: E402
 
 import train  # noqa: E402
 from hlss_hf import publishing  # noqa: E402
+from hlss_hf.errors import OutputInUseError  # noqa: E402
 from hlss_hf.harness import list_checkpoints, staging_dir  # noqa: E402
-from hlss_hf.publishing import OutputInUseError, describe_error, output_lock, swap_in  # noqa: E402
+from hlss_hf.publishing import describe_error, output_lock, swap_in  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -168,7 +169,7 @@ def test_train_run_killed_while_swapping_in_leaves_a_whole_folder_for_the_next_s
 
     # The next start into the folder (here one that stops at once: the folder holds a run) finds it whole first.
     reset_accelerate()
-    from hlss_hf.config import ConfigError
+    from hlss_hf.errors import ConfigError
 
     with pytest.raises(ConfigError, match="already holds a run"):
         train.main(tiny_args(out, attributes_file, "--training.overwrite_output_dir", "false"))
@@ -399,7 +400,7 @@ def test_bad_setting_is_one_error_line_naming_it(tmp_path, attributes_file, monk
 )
 def test_malformed_attribute_file_is_a_config_error_naming_the_item(tmp_path, text, named):
     from hlss_hf.building import resolve_attributes
-    from hlss_hf.config import ConfigError
+    from hlss_hf.errors import ConfigError
 
     path = tmp_path / "attributes.yaml"
     path.write_text(text)
@@ -530,7 +531,8 @@ def he_dataset(rows):
     ],
 )
 def test_bad_hierarchy_is_a_dataset_error_naming_the_item(change, named):
-    from hlss_hf.data import DatasetError, HierarchyIndex
+    from hlss_hf.data import HierarchyIndex
+    from hlss_hf.errors import DatasetError
 
     rows = he_rows()
     change(rows)
@@ -565,7 +567,8 @@ def png(mode: str, size: int = 12, bits16: bool = False) -> dict:
     ],
 )
 def test_unreadable_or_wrong_patch_names_its_row_alone(image, named):
-    from hlss_hf.data import DatasetError, HierarchicalPatchDataset
+    from hlss_hf.data import HierarchicalPatchDataset
+    from hlss_hf.errors import DatasetError
 
     rows = he_rows()
     rows["image"] = [png("RGB") for _ in rows["image"]]
@@ -580,7 +583,8 @@ def test_unreadable_or_wrong_patch_names_its_row_alone(image, named):
 def test_error_in_a_loader_worker_is_its_own_line():
     from torch.utils.data import DataLoader
 
-    from hlss_hf.data import DatasetError, HierarchicalPatchDataset, collate_hierarchical
+    from hlss_hf.data import HierarchicalPatchDataset, collate_hierarchical
+    from hlss_hf.errors import DatasetError
 
     rows = he_rows()
     rows["image"] = [png("RGB") for _ in rows["image"]]
@@ -656,7 +660,7 @@ def opensrh_plan(tmp_path, meta, split):
     ],
 )
 def test_opensrh_metadata_of_the_wrong_shape_or_outside_the_root_is_named(tmp_path, meta, split, named):
-    from hlss_hf.publishing import ConversionError
+    from hlss_hf.errors import ConversionError
 
     with pytest.raises(ConversionError) as caught:
         opensrh_plan(tmp_path, meta, split)

@@ -27,8 +27,9 @@ if str(REPO) not in sys.path:
 
 import train  # noqa: E402
 from hlss_hf import building  # noqa: E402
-from hlss_hf.config import ConfigError, TrainConfig, parse_config  # noqa: E402
-from hlss_hf.harness import CheckpointError, checkpoint_dir, list_checkpoints  # noqa: E402
+from hlss_hf.config import TrainConfig, parse_config  # noqa: E402
+from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
+from hlss_hf.harness import checkpoint_dir, list_checkpoints  # noqa: E402
 from hlss_hf.model_card import hub_links  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
