@@ -177,7 +177,7 @@ def class_prompts_for(config: TrainConfig, class_names: list[str] | None) -> dic
 
 def _from_init_model(config: TrainConfig, load):
     """``load(model.init_from)``, with a missing folder or an unloadable model named by the config key."""
-    from hlss_hf.publishing import check_local_source
+    from hlss_hf.sources import check_local_source
 
     source = config.model.init_from
     try:

@@ -963,8 +963,8 @@ def command_line_value(argv: list[str], key: str, config_class: type[Config] | N
 
 
 def _check_source(value: str, key: str) -> None:
-    """A path-like value (``publishing.looks_local``) must exist here; a Hub id is checked when it is loaded."""
-    from hlss_hf.publishing import looks_local
+    """A path-like value (``sources.looks_local``) must exist here; a Hub id is checked when it is loaded."""
+    from hlss_hf.sources import looks_local
 
     if looks_local(value):
         _check(Path(value).expanduser().exists(), key, f"{value!r} does not exist")

@@ -864,7 +864,7 @@ def _by(key: str | None) -> str:
 
 def _loading_error(source: str, error: BaseException, key: str | None) -> Exception | None:
     """The one-line error for a failed ``load_dataset`` / ``get_dataset_split_names``, or ``None`` (re-raise)."""
-    from .publishing import hub_source_error
+    from .sources import hub_source_error
 
     source_error = hub_source_error(source, "dataset", error, key)  # offline, unknown or unreachable Hub id
     if source_error is not None:
@@ -890,7 +890,7 @@ def split_names(
     """
     if isinstance(source, datasets.DatasetDict | datasets.IterableDatasetDict):
         return list(source)
-    from .publishing import check_local_source
+    from .sources import check_local_source
 
     check_local_source(source, "dataset", key)
     path = Path(os.path.expanduser(os.fspath(source)))
@@ -975,7 +975,7 @@ def load_split(
             raise missing_split(list(source))
         data = source[split].to_iterable_dataset() if streaming else source[split]
     else:
-        from .publishing import check_local_source
+        from .sources import check_local_source
 
         check_local_source(source, "dataset", key)  # a mistyped path is named here, not looked up on the Hub
         path = Path(os.path.expanduser(os.fspath(source)))

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hlss_hf.publishing import write_text_atomically
+from hlss_hf.files import write_text_atomically
 
 logger = logging.getLogger("hlss_hf.evaluate")
 
@@ -248,7 +248,7 @@ def _load_model(args):
     )
 
     from hlss_hf import register_auto_classes
-    from hlss_hf.publishing import check_local_source, hub_source_error
+    from hlss_hf.sources import check_local_source, hub_source_error
 
     register_auto_classes()  # `python -m hlss_hf.evaluate` defers it until the arguments are read
 
@@ -494,12 +494,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the command line. Bad input (a missing folder or Hub repo, a missing split or column, unknown classes, no
     text tower...), file-system and Hub errors print one line ``error: ...`` and exit with status 2, leaving no
     empty output folder behind; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback instead."""
-    from hlss_hf.publishing import (
-        check_local_source,
-        debug_requested,
-        exit_on_error,
-        remove_new_empty_folder,
-    )
+    from hlss_hf.files import remove_new_empty_folder
+    from hlss_hf.publishing import debug_requested, exit_on_error
+    from hlss_hf.sources import check_local_source
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or debug_requested()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hlss_hf.evaluation import EmbeddingSet
-from hlss_hf.publishing import umask_mode
+from hlss_hf.files import umask_mode
 
 LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 

@@ -287,7 +287,7 @@ def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
         read_output_dir (`Callable[[list[str]], str]`): the output folder of a command line.
         key (`str`): the setting that names it, for the error.
     """
-    from hlss_hf.publishing import output_lock
+    from hlss_hf.files import output_lock
 
     def decorate(main):
         @functools.wraps(main)
@@ -308,7 +308,7 @@ def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
 def recover_output(output_dir: str | os.PathLike) -> None:
     """Finish the swaps a killed run left half done in ``output_dir`` (the folder itself, and the checkpoints of it
     and of its staging folder); call it holding the folder's lock."""
-    from hlss_hf.publishing import recover_swap
+    from hlss_hf.files import recover_swap
 
     out = Path(output_dir)
     recover_swap(out)
@@ -335,8 +335,8 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> list[P
 
 def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Swap a finished staging folder into ``output_dir``; the earlier run is deleted only once the new one is in
-    place (:func:`hlss_hf.publishing.swap_in`)."""
-    from hlss_hf.publishing import swap_in
+    place (:func:`hlss_hf.files.swap_in`)."""
+    from hlss_hf.files import swap_in
 
     run_dir, out = Path(run_dir), Path(output_dir)
     if run_dir != out:
@@ -347,8 +347,8 @@ def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
 def write_files_atomically(folder: str | os.PathLike, write, needed_bytes: int | None = None) -> None:
     """Call ``write(tmp)`` to write files into a temporary folder inside ``folder``, then move each file into
     ``folder`` (replacing same-named files): a crash while writing leaves the earlier files whole. A full disk is
-    one error naming ``folder`` and ``needed_bytes`` (:func:`hlss_hf.publishing.naming_full_disk`)."""
-    from hlss_hf.publishing import naming_full_disk
+    one error naming ``folder`` and ``needed_bytes`` (:func:`hlss_hf.files.naming_full_disk`)."""
+    from hlss_hf.files import naming_full_disk
 
     folder = Path(folder)
     tmp = folder / f".write{_TMP_SUFFIX}"
@@ -423,7 +423,7 @@ def checkpoint_health(path: str | os.PathLike) -> dict[str, bool]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from hlss_hf.publishing import write_text_atomically
+    from hlss_hf.files import write_text_atomically
 
     write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
@@ -502,7 +502,7 @@ def save_checkpoint(
     counters, the settings and the weights' health as JSON; written as ``step_N.tmp`` and renamed when every
     process has finished. All processes call it.
     """
-    from hlss_hf.publishing import naming_full_disk, swap_in
+    from hlss_hf.files import naming_full_disk, swap_in
 
     root = checkpoint_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
@@ -790,7 +790,7 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max
     path = Path(path)
     if not path.is_file():
         return
-    from hlss_hf.publishing import naming_full_disk, write_text_atomically
+    from hlss_hf.files import naming_full_disk, write_text_atomically
 
     def kept_record(record: dict[str, Any]) -> bool:
         step = record.get("step", 0)

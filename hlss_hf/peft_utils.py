@@ -331,7 +331,8 @@ def finetune_card(
         warnings (`Sequence[dict]`, *optional*): the run's named warnings (``name``, ``message``;
             :mod:`hlss_hf.run_warnings`), listed under the evaluation.
     """
-    from hlss_hf.publishing import license_metadata, looks_local
+    from hlss_hf.publishing import license_metadata
+    from hlss_hf.sources import looks_local
 
     front = ["---", license_metadata(license, project_url).rstrip("\n")]
     front.append("library_name: peft" if kind == "adapter" else "library_name: transformers")

@@ -20,22 +20,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import functools
 import io
-import json
 import logging
 import math
 import os
 import re
-import shlex
 import shutil
-import socket
 import sys
 import tempfile
-import threading
-import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +46,16 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from hlss_hf.errors import ConversionError, DatasetError, DiskFullError, OutputInUseError, SourceError
+from hlss_hf.errors import ConversionError, DatasetError, OutputInUseError, SourceError
+from hlss_hf.files import (
+    command_line,
+    describe_os_error,
+    output_lock,
+    remove_stale_temporaries,
+    sibling_path,
+    write_folder_atomically,
+    write_text_atomically,
+)
 
 from .schema import (
     CAPTION,
@@ -141,213 +143,9 @@ def scale_text(mpp: Any, magnification: Any) -> str:
     return parts[0] + (f" ({parts[1]})" if len(parts) == 2 else "")
 
 
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: what ``open()`` would give a new file (mkstemp's files are 0600)."""
-    current = os.umask(0)
-    os.umask(current)
-    return mode & ~current
-
-
 # ------------------------------------------------------------------ atomic writes
 # Every writer builds its output beside the destination and renames it into place when complete: a reader, or a
 # run that crashes half-way, sees the earlier version or the whole new one, never a part.
-
-
-def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path`` (the user's umask
-    applies). A failed ``write`` leaves ``path`` as it was.
-
-    Args:
-        path (`str` or `os.PathLike`): the file to (re)place.
-        write (`Callable[[Path], Any]`): writes the whole file at the path it is given (e.g.
-            ``lambda tmp: torch.save(payload, tmp)``).
-
-    Returns:
-        What ``write`` returns.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        result = write(Path(tmp))
-        os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the file from the user's group
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return result
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` with :func:`write_file_atomically`."""
-    write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
-    """Build a folder with ``write(tmp)`` in a temporary sibling of ``target``, then swap it in.
-
-    An earlier ``target`` is moved aside, the new folder renamed into place, and only then is the old copy deleted
-    (if the rename fails, the old copy is put back; a swap killed between its renames is finished by the next
-    writer, :func:`recover_swap`). The writer holds ``target``'s lock (:func:`output_lock`) while it works. A failed
-    ``write`` leaves ``target`` untouched and removes the temporary folder; one left by a killed process is removed
-    by the next call (:func:`remove_stale_temporaries`).
-
-    Args:
-        target (`str` or `os.PathLike`): the folder to (re)place.
-        write (`Callable[[Path], Any]`): fills the empty folder it is given (e.g. ``model.save_pretrained``).
-
-    Returns:
-        What ``write`` returns.
-
-    Raises:
-        OutputInUseError: another process is writing ``target``.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(target):
-        remove_stale_temporaries(target)
-        tmp = _sibling(target, "tmp")
-        tmp.mkdir()
-        try:
-            result = write(tmp)
-            swap_in(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return result
-
-
-def _sibling(target: Path, kind: str) -> Path:
-    # The pid tells this process's own temporaries from those a killed writer left (remove_stale_temporaries).
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _swap_journal(target: Path) -> Path:
-    return target.parent / f".{target.name}.swap"
-
-
-def swap_in(new: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Move the finished folder ``new`` to ``target``; an earlier ``target`` is deleted only once the new one is in
-    place (if the rename fails, it is put back).
-
-    Replacing a folder takes two renames (the old one aside, the new one in). A journal beside ``target`` names
-    both while they run, so a process killed between them leaves what :func:`recover_swap` needs to finish the
-    swap on the next start: ``target`` is then never missing for longer than the crash.
-    """
-    new, target = Path(new), Path(target)
-    if not os.path.lexists(target):
-        os.replace(new, target)
-        return
-    # os.replace cannot replace a non-empty folder: move the old one aside, move the new one in, then delete.
-    old = _sibling(target, "old")
-    journal = _swap_journal(target)
-    write_text_atomically(
-        journal, json.dumps({"new": os.path.abspath(new), "old": os.path.abspath(old)}) + "\n"
-    )
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        journal.unlink(missing_ok=True)
-        raise
-    journal.unlink(missing_ok=True)
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def recover_swap(target: str | os.PathLike) -> str | None:
-    """Finish a :func:`swap_in` of ``target`` that a killed process left between its two renames.
-
-    With the journal: a complete new folder still waiting is moved in (the swap completed); without it, the old
-    copy is put back (rolled back); once ``target`` is in place, the old copy is deleted. Without a journal (a swap
-    by an earlier version), a missing ``target`` gets its set-aside copy back. Call it holding ``target``'s lock
-    (:func:`output_lock` does, when it is taken), never while another process may be swapping.
-
-    Returns:
-        ``"completed"``, ``"rolled back"``, ``"cleaned"`` (only the old copy was left), or ``None`` (nothing to do).
-    """
-    target = Path(os.path.abspath(target))
-    journal = _swap_journal(target)
-    new = old = None
-    if journal.is_file():
-        try:
-            record = json.loads(journal.read_text(encoding="utf-8"))
-            new, old = Path(record["new"]), Path(record["old"])
-        except (ValueError, KeyError, TypeError):
-            # A torn journal: written atomically, so the renames cannot have started; nothing to undo.
-            logger.warning("%s: unreadable swap journal, removed", journal)
-    elif not os.path.lexists(target):
-        pattern = re.compile(rf"^\.{re.escape(target.name)}\.old-\d+-[0-9a-f]+$")
-        aside = (
-            [p for p in target.parent.iterdir() if pattern.match(p.name)] if target.parent.is_dir() else []
-        )
-        if aside:
-            old = max(aside, key=lambda p: p.stat().st_mtime)  # the newest set-aside copy
-    if old is None:
-        journal.unlink(missing_ok=True)
-        return None
-    outcome = "cleaned"
-    if not os.path.lexists(target):
-        if new is not None and os.path.lexists(new):
-            os.replace(new, target)
-            outcome = "completed"
-        elif os.path.lexists(old):
-            os.replace(old, target)
-            outcome = "rolled back"
-    if os.path.lexists(old):
-        _remove(old)
-    journal.unlink(missing_ok=True)
-    logger.warning("%s: an interrupted replacement was found and %s", target, outcome)
-    return outcome
-
-
-def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
-    """Delete what a killed writer left beside ``final``: ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*``.
-
-    Holding ``final``'s lock (:func:`output_lock`), everything there but this process's own is a dead writer's:
-    whoever wrote it held the lock, on whichever machine. Without the lock (a folder of this machine's temporary
-    directory), a folder counts as stale when its process no longer runs here. An interrupted swap is finished
-    first (:func:`recover_swap`): its set-aside copy may be the only one.
-
-    Returns:
-        The folders removed.
-    """
-    final = Path(final)
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    locked = holds_lock(final)
-    if locked:
-        recover_swap(final)
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
-    for path in final.parent.iterdir():
-        match = pattern.match(path.name)
-        if not match or int(match.group(2)) == os.getpid():
-            continue
-        if not locked and match.group(1) == "old" and not os.path.lexists(final):
-            continue  # maybe the only copy, set aside by a killed swap: restored under the lock, never deleted
-        if locked or not _pid_alive(int(match.group(2))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 # ------------------------------------------------------------------ one writer per output
@@ -357,133 +155,6 @@ def _pid_alive(pid: int) -> bool:
 # holding process dies, so a lock is never stale and no PID has to be judged alive, on any machine. The file
 # itself says who holds it, for the error. Its holder deletes it on release (while still holding it), and whoever
 # locks a file checks that it is still the one at that path, so two processes never lock two files of one name.
-
-
-#: Locks this process holds: (thread, lock file) -> [file descriptor, depth]. A thread that holds one may take it
-#: again (a converter's run, then its writer); another thread is refused like another process.
-_HELD_LOCKS: dict[tuple[int, str], list[int]] = {}
-
-
-def lock_file(target: str | os.PathLike) -> Path:
-    """The lock file of an output folder: ``.<name>.lock`` beside it (a folder swapped in whole keeps it), there
-    while a run holds it."""
-    # The real path: two spellings of one folder (a symlink, `./x`) are one lock.
-    target = Path(os.path.realpath(target))
-    return target.with_name(f".{target.name}.lock")
-
-
-def holds_lock(target: str | os.PathLike) -> bool:
-    """Whether this process holds ``target``'s lock."""
-    return (threading.get_ident(), str(lock_file(target))) in _HELD_LOCKS
-
-
-def _holder_text(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-        return (
-            f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}: {holder['command']}"
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not said who it is yet"
-
-
-@contextlib.contextmanager
-def output_lock(target: str | os.PathLike, key: str | None = None):
-    """Hold the exclusive lock on the output ``target`` for the ``with`` block; finish an interrupted swap of it.
-
-    Taken again by the process that holds it (a converter's run, then its writer), it nests.
-
-    Args:
-        target (`str` or `os.PathLike`): the output folder (it need not exist).
-        key (`str`, *optional*): the setting that named it (``training.output_dir``, ``--output``), for the error.
-
-    Raises:
-        OutputInUseError: another process holds it; the message names that process (pid, host, start, command).
-    """
-    import fcntl
-
-    path = lock_file(target)
-    mine = (threading.get_ident(), str(path))
-    held = _HELD_LOCKS.get(mine)
-    if held is not None:
-        held[1] += 1
-        try:
-            yield path
-        finally:
-            held[1] -= 1
-        return
-    remove_new_parents = remove_new_empty_folder(path.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            # Not inherited by programs this run starts; a forked child (a loader worker) shares it until unlocked.
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), umask_mode())
-        except OSError as error:
-            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            # A folder the user may not write beside (an output at a mount point): unguarded, as without locks.
-            logger.warning(
-                "%s: cannot create its lock file %s (%s); another run into it is not refused",
-                target,
-                path,
-                error,
-            )
-            yield path
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder_text(fd)
-            os.close(fd)
-            remove_new_parents()
-            named = f"{key} {target}" if key else str(target)
-            raise OutputInUseError(
-                f"{named} is in use by another run ({holder}); wait for it to finish, or choose another output"
-            ) from None
-        except OSError as error:
-            os.close(fd)
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            # A file system without locks: the run goes on unguarded rather than not at all.
-            logger.warning(
-                "%s: this file system has no locks (%s); another run into it is not refused", target, error
-            )
-            fd = None
-            break
-        except BaseException:
-            os.close(fd)
-            raise
-        try:  # the previous holder may have deleted the file between our open and our lock: lock the one there
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    if fd is None:
-        path.unlink(missing_ok=True)
-        yield path
-        return
-    try:
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "command": command_line(),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
-        _HELD_LOCKS[mine] = [fd, 1]
-        recover_swap(target)
-        yield path
-    finally:
-        _HELD_LOCKS.pop(mine, None)
-        with contextlib.suppress(OSError):
-            path.unlink()  # still locked here: nothing is left beside the output
-        with contextlib.suppress(OSError):
-            # Unlocked explicitly: a forked worker still holding a copy of the descriptor would keep it otherwise.
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-        remove_new_parents()  # folders made only for the lock file (a run that failed before writing anything)
 
 
 def knn_eval_results(
@@ -723,11 +394,6 @@ def check_patch(image: Any, modality: str, patch_size: tuple[int, int] | None) -
     return None
 
 
-def command_line() -> str:
-    """The command that is running, quoted, for the dataset card."""
-    return " ".join(shlex.quote(arg) for arg in [Path(sys.argv[0]).name, *sys.argv[1:]])
-
-
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing output folder unless ``overwrite``; checked before any work starts.
 
@@ -960,7 +626,7 @@ def write_patch_dataset(
             # Scratch space for the rows beside the output (its disk, not /tmp's); the dataset itself is then built
             # in a sibling of its own and swapped in (write_folder_atomically).
             remove_stale_temporaries(final)
-            tmp = _sibling(final, "tmp")
+            tmp = sibling_path(final, "tmp")
             tmp.mkdir()
         except BaseException:
             locks.close()
@@ -1229,78 +895,6 @@ def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-#: What a write says when the space ran out: errno values, and the words of libraries that report them as text
-#: (safetensors' "File too large (os error 27)", torch's stream writer).
-_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-_FULL_WORDS = (
-    "No space left",
-    "File too large",
-    "Disk quota exceeded",
-    "os error 28",
-    "os error 27",
-    "file write failed",
-)
-
-
-def _is_full(error: BaseException) -> bool:
-    seen = 0
-    while error is not None and seen < 5:  # the error and what it was raised from
-        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
-            return True
-        if any(words in str(error) for words in _FULL_WORDS):
-            return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return False
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 2**20:.1f} MB"
-
-
-@contextlib.contextmanager
-def naming_full_disk(path: str | os.PathLike, needed_bytes: int | Callable[[], int] | None = None):
-    """Turn a write that ran out of space inside the block into a :class:`DiskFullError` naming ``path``, the bytes
-    the write needed (``needed_bytes``, or a function giving them) and the space left there.
-
-    Every writer library reports it its own way (an ``OSError``, safetensors' ``SafetensorError``, torch's
-    ``RuntimeError``); one line then says what to free instead of a traceback.
-    """
-    try:
-        yield
-    except Exception as error:
-        if isinstance(error, DiskFullError) or not _is_full(error):
-            raise
-        needed = needed_bytes() if callable(needed_bytes) else needed_bytes
-        probe = Path(os.path.abspath(path))
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
-        what = f"it needs about {_megabytes(needed)}, " if needed else ""
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-        raise DiskFullError(
-            errno.ENOSPC,
-            f"no space left writing {path} ({what}{_megabytes(free)} free there, or a file-size limit: {reason})",
-        ) from error
-
-
-def describe_os_error(error: OSError) -> str:
-    """One line for a failed write or read: what happened to which path, without a traceback."""
-    if isinstance(error, DiskFullError):
-        return error.strerror
-    where = error.filename or "the output"
-    if error.errno == errno.ENOSPC:
-        return f"no space left on the device holding {where}"
-    if error.errno == errno.EDQUOT:
-        return f"disk quota exceeded writing {where}"
-    if error.errno == errno.EFBIG:
-        return f"file too large writing {where} (a file-size limit, or the file system's)"
-    if error.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied: {where}"
-    if error.errno == errno.EROFS:
-        return f"read-only file system: {where}"
-    return f"{error.strerror or type(error).__name__}: {where}"
-
-
 def debug_requested(args: argparse.Namespace | None = None) -> bool:
     """Whether the user asked for full tracebacks: ``--debug`` (``args.debug``) or ``HLSS_DEBUG=1``."""
     return bool(getattr(args, "debug", False)) or os.environ.get("HLSS_DEBUG", "") not in ("", "0")
@@ -1395,134 +989,6 @@ def run_converter(
             summary = convert(args)
     print(summary.format())
     return summary
-
-
-# ------------------------------------------------------------------ where a model or dataset comes from
-def looks_local(spec: str | os.PathLike) -> bool:
-    """Whether `spec` names a local path rather than a Hub repo id: the one rule ``train.py`` and
-    ``python -m hlss_hf.evaluate`` use before asking the Hub.
-
-    A Hub id is ``name`` or ``namespace/name``. `spec` is local when it exists; when it starts with ``.``, ``/``
-    or ``~`` (or holds the OS's other separator, ``\\`` on Windows); when it has more than one ``/``; or when
-    its first component is an existing folder here (``data/dmo`` while ``data/`` exists).
-
-    Args:
-        spec (`str` or `os.PathLike`): what the user gave.
-    """
-    text = os.fspath(spec)
-    if os.path.exists(os.path.expanduser(text)) or text.startswith((".", "/", "~", os.sep)):
-        return True
-    if os.altsep and os.altsep != "/" and os.altsep in text:
-        return True
-    if os.sep != "/" and os.sep in text:
-        return True
-    return text.count("/") > 1 or ("/" in text and os.path.isdir(text.split("/", 1)[0]))
-
-
-def check_local_source(spec: str | os.PathLike, kind: str, key: str | None = None) -> None:
-    """Raise :class:`SourceError` when `spec` looks local (:func:`looks_local`) but does not exist, so that a typo
-    in a path is reported at once instead of being looked up on the Hub.
-
-    Args:
-        spec (`str` or `os.PathLike`): a local folder or a Hub id.
-        kind (`str`): what it is, for the message: ``"model"`` or ``"dataset"``.
-        key (`str`, *optional*): the option or config key that gave it (e.g. ``"data.dataset"``), also named.
-    """
-    path = Path(os.path.expanduser(os.fspath(spec)))
-    if looks_local(spec) and not path.exists():
-        parent = next((p for p in path.absolute().parents if p.is_dir()), None)
-        raise SourceError(f"{_named(spec, kind, key)}: no such folder (nearest existing: {parent})")
-
-
-def _named(spec: str | os.PathLike, kind: str, key: str | None) -> str:
-    return f"{kind} {os.fspath(spec)!r}" + (f" ({key})" if key else "")
-
-
-def hub_source_error(
-    spec: str | os.PathLike, kind: str, error: BaseException, key: str | None = None
-) -> SourceError | None:
-    """The :class:`SourceError` for a failed Hub load of `spec` that is not a local folder, or ``None`` when the
-    error is of another kind (a broken file, a bug) and should propagate as it is.
-
-    Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) with an id that is not cached, and a repo that does
-    not exist (or is private) on the Hub are named as such; other Hub or connection errors keep their first line.
-
-    Args:
-        spec (`str` or `os.PathLike`): what was loaded.
-        kind (`str`): ``"model"`` or ``"dataset"`` (also the Hub repo type).
-        error (`BaseException`): what the loader raised.
-        key (`str`, *optional*): the option or config key that gave it, also named.
-    """
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    text = os.fspath(spec)
-    if os.path.isdir(os.path.expanduser(text)):
-        return None
-    named = _named(spec, kind, key)
-    chain, seen = [], error
-    while seen is not None and len(chain) < 10:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    names = {type(e).__name__ for e in chain}
-    words = " ".join(str(e) for e in chain).lower()
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0")
-    if offline and (
-        any(isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError)) for e in chain)
-        or "offline" in words
-        or "cached files" in words
-    ):
-        return SourceError(
-            f"{named} is not a local folder and not in the Hub cache, and offline mode is on "
-            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): unset it to download, or give a local folder"
-        )
-    if (
-        any(isinstance(e, RepositoryNotFoundError) for e in chain)
-        or "DatasetNotFoundError" in names
-        or "not a valid model identifier" in words
-        or "doesn't exist on the hub" in words
-    ):
-        return SourceError(
-            f"{named} is not a local folder, and the Hub ({constants.ENDPOINT}) has no {kind} repo of "
-            "that name you can read (a typo? a private repo needs `hf auth login`)"
-        )
-    if any(isinstance(e, (HfHubHTTPError, ConnectionError, OfflineModeIsEnabled)) for e in chain):
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        # Said as a missing folder first: a relative path like data/demo reads as a Hub id when data/ is absent.
-        return SourceError(
-            f"{named}: no such folder here ({Path.cwd()}), and the Hub could not be reached to look it up as a "
-            f"{kind} repo ({first})"
-        )
-    return None
-
-
-def remove_new_empty_folder(path: str | os.PathLike) -> Callable[[], None]:
-    """Remember which part of `path` does not exist yet; the returned function removes that part again if it is
-    still empty (a run that failed before writing anything leaves nothing behind; anything written stays)."""
-    path = Path(path).absolute()
-    first_new = None
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        first_new, probe = probe, probe.parent
-
-    def cleanup() -> None:
-        if first_new is None:
-            return
-        folder = path
-        while True:
-            try:
-                folder.rmdir()  # only ever an empty folder
-            except OSError:
-                return
-            if folder == first_new:
-                return
-            folder = folder.parent
-
-    return cleanup
 
 
 def validation_count(num_patients: int, val_fraction: float) -> int:

@@ -551,7 +551,7 @@ def leftovers(folder):
 
 
 def test_write_folder_atomically_swaps_in_a_complete_folder(tmp_path):
-    from hlss_hf.publishing import write_folder_atomically
+    from hlss_hf.files import write_folder_atomically
 
     target = tmp_path / "model"
 
@@ -568,17 +568,17 @@ def test_write_folder_atomically_swaps_in_a_complete_folder(tmp_path):
 
 
 def test_write_folder_atomically_keeps_the_old_folder_when_writing_or_swapping_fails(tmp_path, monkeypatch):
-    from hlss_hf import publishing
+    from hlss_hf import files
 
     target = tmp_path / "model"
-    publishing.write_folder_atomically(target, lambda tmp: (tmp / "a.txt").write_text("keep"))
+    files.write_folder_atomically(target, lambda tmp: (tmp / "a.txt").write_text("keep"))
 
     def fail(tmp):
         (tmp / "half.txt").write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        publishing.write_folder_atomically(target, fail)
+        files.write_folder_atomically(target, fail)
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and leftovers(tmp_path) == []
 
     replace = os.replace
@@ -588,14 +588,14 @@ def test_write_folder_atomically_keeps_the_old_folder_when_writing_or_swapping_f
             raise OSError("rename failed")
         replace(src, dst)
 
-    monkeypatch.setattr(publishing.os, "replace", replace_fails_for_the_new_folder)
+    monkeypatch.setattr(files.os, "replace", replace_fails_for_the_new_folder)
     with pytest.raises(OSError, match="rename failed"):
-        publishing.write_folder_atomically(target, lambda tmp: (tmp / "b.txt").write_text("new"))
+        files.write_folder_atomically(target, lambda tmp: (tmp / "b.txt").write_text("new"))
     assert (target / "a.txt").read_text() == "keep" and leftovers(tmp_path) == []
 
 
 def test_write_text_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
-    from hlss_hf.publishing import write_file_atomically, write_text_atomically
+    from hlss_hf.files import write_file_atomically, write_text_atomically
 
     path = tmp_path / "report.json"
     write_text_atomically(path, "{}")

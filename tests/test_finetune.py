@@ -668,7 +668,7 @@ def test_full_disk_while_saving_names_the_folder_and_the_bytes(trained_peft, tmp
     import errno
 
     from hlss_hf.errors import DiskFullError
-    from hlss_hf.publishing import describe_os_error
+    from hlss_hf.files import describe_os_error
 
     def full_disk(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -410,7 +410,8 @@ def test_output_plan_protects_earlier_runs_and_other_files(tmp_path):
 def test_full_disk_while_a_resume_rewrites_its_metrics_names_the_file_and_the_bytes(tmp_path, monkeypatch):
     import errno
 
-    from hlss_hf import harness, publishing
+    from hlss_hf import files, harness
+    from hlss_hf.errors import DiskFullError
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n', encoding="utf-8")
@@ -418,9 +419,9 @@ def test_full_disk_while_a_resume_rewrites_its_metrics_names_the_file_and_the_by
     def full_disk(target, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(publishing, "write_text_atomically", full_disk)
-    with pytest.raises(publishing.DiskFullError) as caught:
+    monkeypatch.setattr(files, "write_text_atomically", full_disk)
+    with pytest.raises(DiskFullError) as caught:
         harness.truncate_jsonl(path, 1)
-    line = publishing.describe_os_error(caught.value)
+    line = files.describe_os_error(caught.value)
     assert f"no space left writing {path}" in line and "it needs about" in line and "\n" not in line
     assert read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]  # nothing lost

@@ -170,7 +170,7 @@ def test_evaluate_folder_without_data_files(workdir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the rule
 def test_looks_local_rule(tmp_path, monkeypatch):
-    from hlss_hf.publishing import looks_local
+    from hlss_hf.sources import looks_local
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

@@ -134,7 +134,7 @@ def test_evaluate_knn_defaults_to_the_k_train_py_used(tmp_path):
 def test_unreachable_hub_names_the_missing_folder_first(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from hlss_hf.publishing import hub_source_error
+    from hlss_hf.sources import hub_source_error
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

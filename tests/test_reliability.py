@@ -29,10 +29,11 @@ from test_harness import reset_accelerate  # noqa: E402
 from test_train import read_metrics, tiny_args, train_records  # noqa: E402
 
 import train  # noqa: E402
-from hlss_hf import publishing  # noqa: E402
+from hlss_hf import files, publishing  # noqa: E402
 from hlss_hf.errors import OutputInUseError  # noqa: E402
+from hlss_hf.files import output_lock, swap_in  # noqa: E402
 from hlss_hf.harness import list_checkpoints, staging_dir  # noqa: E402
-from hlss_hf.publishing import describe_error, output_lock, swap_in  # noqa: E402
+from hlss_hf.publishing import describe_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -148,9 +149,9 @@ def test_swap_killed_before_the_new_folder_was_complete_rolls_back(tmp_path):
     # A swap of an earlier version left no journal: the set-aside copy is put back rather than deleted as stale.
     target = tmp_path / "out"
     folder(tmp_path / ".out.old-999999999-0123abcd", **{"model.txt": "old"})
-    assert publishing.remove_stale_temporaries(target) == []  # without the lock nothing is judged
+    assert files.remove_stale_temporaries(target) == []  # without the lock nothing is judged
     with output_lock(target):
-        assert publishing.remove_stale_temporaries(target) == []
+        assert files.remove_stale_temporaries(target) == []
     assert contents(target) == {"model.txt": "old"}
     assert hidden_leftovers(tmp_path) == []
 
