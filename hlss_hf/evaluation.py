@@ -33,6 +33,7 @@ The same metrics as an `evaluate` module (offline, from the package folder): `ev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -384,7 +385,7 @@ def extract_embeddings(
     was_training = model.training
     model.eval()
     bf16 = precision == "bf16"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else _null_context()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     total = None if info.streamed else len(dataset)
     try:
         with (
@@ -624,14 +625,6 @@ class _StreamRounds(torch.utils.data.IterableDataset):
             pixels = _pixels(images, self.processor, self.info.modality, self.image_size)
             ids = {name: list(values) for name, values in rows.items() if name != "image"}
             yield pixels, n, ids
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
