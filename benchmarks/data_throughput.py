@@ -46,6 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HE_SLIDE = ROOT.parent / "shared" / "data" / "cmu_small_region.svs"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "dataset_scripts"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test oracles (tests/augmentation_reference.py)
+
+from augmentation_reference import per_image_reference  # noqa: E402
 
 from hlss_hf.augmentation import build_augmentation  # noqa: E402
 from hlss_hf.data import HierarchicalPatchDataset, HierarchyIndex, to_float  # noqa: E402
@@ -169,7 +172,7 @@ class ResearchCodePatientDataset(torch.utils.data.Dataset):
                 elif self.per_view is not None:
                     views.append(self.per_view(image, generator))
                 else:
-                    views.append(transform.reference(image, generator=generator))
+                    views.append(per_image_reference(transform, image, generator=generator))
         return torch.stack(views).reshape(
             self.ours.num_slides, self.ours.num_patches, self.ours.num_views, *views[0].shape
         )
@@ -199,7 +202,7 @@ class ReadOnly:
 def torchvision_per_view(crop: int):
     """The reference's chain in torchvision transforms as a ``per_view``, seeded from our generator (or None)."""
     try:
-        from hlss_hf.augmentation import torchvision_reference_transform
+        from augmentation_reference import torchvision_reference_transform
 
         transform = torchvision_reference_transform(crop)
     except ImportError:
@@ -227,7 +230,7 @@ def augment_only(ours: HierarchicalPatchDataset, per_view=None, repeats: int = 5
     methods = {
         "fast": lambda views, seed: transform.batch(views, torch.Generator().manual_seed(seed)),
         "reference": lambda views, seed: [
-            transform.reference(view, generator=generator)
+            per_image_reference(transform, view, generator=generator)
             for generator in [torch.Generator().manual_seed(seed)]
             for view in views
         ],

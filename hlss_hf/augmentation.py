@@ -13,8 +13,8 @@ Two named sets (:data:`AUGMENTATION_PRESETS`, ``build_augmentation(name, crop_si
   late in the chain.
 
 Every random draw comes from the generator passed to the call (never
-from torch's global RNG, which is why kornia's random modules are not used: only its functional ops are), so
-the same generator state gives the same views in any DataLoader worker or process.
+from torch's global RNG, which is why no library's random transforms are used), so the same generator state
+gives the same views in any DataLoader worker or process.
 
 Images are float tensors in ``[0, 1]`` of shape ``[C, H, W]`` or ``[N, C, H, W]`` (each image of a batch gets
 its own draws). Output crops are ``crop_size x crop_size``.
@@ -204,17 +204,6 @@ def center_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
 _GREY = (0.299, 0.587, 0.114)
 
 
-def _grayscale(image: torch.Tensor) -> torch.Tensor:
-    if image.shape[0] == 3:
-        weights = torch.tensor(_GREY, dtype=image.dtype, device=image.device)
-        return (image * weights[:, None, None]).sum(0, keepdim=True)
-    return image.mean(0, keepdim=True)
-
-
-def _blend(image: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Tensor:
-    return (factor * image + (1.0 - factor) * other).clamp_(0.0, 1.0)
-
-
 def _blur_taps(kernel_size: int, sigma: float, height: int, width: int) -> list[float] | None:
     """Normalised Gaussian taps of a blur kernel (None for a 1-pixel kernel), checked against the image size."""
     radius = kernel_size // 2
@@ -226,18 +215,6 @@ def _blur_taps(kernel_size: int, sigma: float, height: int, width: int) -> list[
         )
     taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
     return (taps / taps.sum()).tolist()
-
-
-def _separable_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Gaussian blur of ``[C, H, W]`` with reflect padding, as a separable sum of shifted slices."""
-    height, width = image.shape[-2:]
-    taps = _blur_taps(kernel_size, sigma, height, width)
-    if taps is None:
-        return image
-    radius = kernel_size // 2
-    padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")[0]
-    rows = sum(tap * padded[..., i : i + height, :] for i, tap in enumerate(taps))
-    return sum(tap * rows[..., j : j + width] for j, tap in enumerate(taps))
 
 
 @dataclass
@@ -347,18 +324,15 @@ class HLSSAugmentation:
 
     Build it with :func:`build_augmentation` (or :func:`build_eval_transform`) rather than directly.
 
-    Two implementations share one sequence of random draws (:meth:`_draw`, per image, in a fixed order):
-
-    - ``augment(image)`` / ``augment(images)`` / :meth:`batch`: the fast path. Each image's draws, then its
-      crop resized straight into the output (float32 on CPU: products with banded weight matrices, flips
-      folded in, ~2x faster than ``F.interpolate``) and every drawn operation applied in place with
-      arithmetic-only kernels (no ``torch.where`` or comparison masks, which cost ~20 multiplies each on CPU; a
-      closed-form hue rotation instead of RGB -> HSV -> RGB). Images are processed one at a time on purpose: a
-      ``3 x 224 x 224`` float image stays in the L2 cache across the chain, while running each operation over
-      all views at once streams several MB per operation and measured slower.
-    - :meth:`reference`: the per-image path with torchvision-style functional ops (``torch.where`` masks,
-      kornia's HSV hue), as the HiDisc / HLSS research code applies them per view. It defines the semantics
-      and is the benchmark baseline; the fast path matches it to float rounding (~1e-6) on the same draws.
+    ``augment(image)`` / ``augment(images)`` / :meth:`batch`: each image's draws (:meth:`_draw`, in a fixed
+    order), then its crop resized straight into the output (float32 on CPU: products with banded weight
+    matrices, flips folded in, ~2x faster than ``F.interpolate``) and every drawn operation applied in place with
+    arithmetic-only kernels (no ``torch.where`` or comparison masks, which cost ~20 multiplies each on CPU; a
+    closed-form hue rotation instead of RGB -> HSV -> RGB). Images are processed one at a time on purpose: a
+    ``3 x 224 x 224`` float image stays in the L2 cache across the chain, while running each operation over all
+    views at once streams several MB per operation and measured slower. The tests' per-image reference path
+    (tests/augmentation_reference.py: torchvision-style functional ops on the same draws, as the HiDisc / HLSS
+    research code applies them per view) defines the semantics; this path matches it to float rounding (~1e-6).
 
     Args:
         operations (`dict[str, dict]`): operation name -> validated parameters (see :data:`OPERATION_DEFAULTS`).
@@ -410,21 +384,6 @@ class HLSSAugmentation:
                 f"expected an image [C, H, W] or a batch [N, C, H, W], got shape {tuple(image.shape)}"
             )
         return self.batch([image], generator)[0]
-
-    def reference(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The per-image reference path: same draws as :meth:`__call__`, torchvision-style operations.
-
-        Args:
-            image (`torch.Tensor`): float image ``[C, H, W]`` in [0, 1].
-            generator (`torch.Generator`, *optional*): as in :meth:`__call__`.
-        """
-        if not torch.is_floating_point(image) or image.dim() != 3:
-            raise ValueError(
-                f"reference() takes a float image [C, H, W], got {image.dtype} {tuple(image.shape)}"
-            )
-        generator = _default_generator(generator)
-        plan = self._draw(image.shape[-2], image.shape[-1], image.shape[0], image.dtype, generator)
-        return self._apply_one(image, plan)
 
     def batch(
         self,
@@ -603,7 +562,7 @@ class HLSSAugmentation:
                 return {"box": (top, left, erase_h, erase_w), "value": value}
         return {"box": None, "value": value}
 
-    # -- reference path: each operation takes a [C, H, W] image and returns a new tensor ----------
+    # -- the crop of the fallback path: a [C, H, W] image to a new [C, crop, crop] tensor -------------------
 
     def _crop(self, image: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if plan.crop is None:
@@ -611,78 +570,6 @@ class HLSSAugmentation:
         top, left, crop_h, crop_w = plan.crop
         crop = image[..., top : top + crop_h, left : left + crop_w]
         return _resize(crop, (self.crop_size, self.crop_size), self._mode, self._antialias)
-
-    def _apply_one(self, image: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        image = self._crop(image, plan)
-        for name, args in plan.ops:
-            image = getattr(self, f"_{name}")(image, **args)
-        return image
-
-    def _horizontal_flip(self, image):
-        return image.flip(-1)
-
-    def _vertical_flip(self, image):
-        return image.flip(-2)
-
-    def _affine(self, image, theta, mode):
-        grid = _affine_grid(theta, image.shape[-2], image.shape[-1])
-        return F.grid_sample(image[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
-
-    def _random_resized_crop(self, image, box):
-        top, left, crop_h, crop_w = box
-        return _resize(image[..., top : top + crop_h, left : left + crop_w], (self.crop_size, self.crop_size))
-
-    def _color_jitter(self, image, factors, order):
-        for name in order:
-            factor = factors[name]
-            if name == "brightness":
-                image = (image * factor).clamp(0.0, 1.0)
-            elif name == "contrast":
-                image = _blend(image, _grayscale(image).mean().expand_as(image), factor)
-            elif name == "saturation" and image.shape[0] == 3:
-                image = _blend(image, _grayscale(image).expand_as(image), factor)
-            elif name == "hue" and image.shape[0] == 3 and factor != 0.0:
-                from kornia.enhance import adjust_hue
-
-                # kornia's hue shift is in radians; torchvision's factor is a fraction of the hue circle.
-                image = adjust_hue(image[None], factor * 2.0 * math.pi)[0].clamp(0.0, 1.0)
-        return image
-
-    def _autocontrast(self, image):
-        low = image.amin(dim=(-2, -1), keepdim=True)
-        high = image.amax(dim=(-2, -1), keepdim=True)
-        span = high - low
-        # Flat channels stay as they are (torchvision does the same).
-        flat = span <= 0
-        return torch.where(flat, image, (image - low) / torch.where(flat, torch.ones_like(span), span))
-
-    def _sharpness(self, image, factor):
-        # torchvision's definition: blend with a 3x3 smoothed copy ([[1,1,1],[1,5,1],[1,1,1]] / 13) whose border
-        # pixels are the original ones.
-        height, width = image.shape[-2:]
-        if height < 3 or width < 3:
-            return image
-        box = sum(image[..., i : height - 2 + i, j : width - 2 + j] for i in range(3) for j in range(3))
-        smooth = image.clone()
-        smooth[..., 1:-1, 1:-1] = (box + 4.0 * image[..., 1:-1, 1:-1]) / 13.0
-        return _blend(image, smooth, float(factor))
-
-    def _solarize(self, image, threshold):
-        return torch.where(image >= threshold, 1.0 - image, image)
-
-    def _gaussian_blur(self, image, kernel_size, sigma):
-        return _separable_blur(image, kernel_size, sigma)
-
-    def _gaussian_noise(self, image, sigma, noise):
-        return (image + sigma * noise).clamp(0.0, 1.0)
-
-    def _random_erasing(self, image, box, value):
-        if box is None:
-            return image
-        top, left, erase_h, erase_w = box
-        image = image.clone()
-        image[..., top : top + erase_h, left : left + erase_w] = value
-        return image
 
     # -- fast path: each operation updates ``image`` [C, h, w] (a view into the output) in place ---------------
 
@@ -1033,49 +920,6 @@ def build_augmentation(config: str | Mapping[str, Any] | None, crop_size: int = 
             continue
         operations[name] = _validate(name, params)
     return HLSSAugmentation(operations, crop_size)
-
-
-def torchvision_reference_transform(crop_size: int = 224):
-    """The reference's training chain built from torchvision transforms, as its code composes them (for checks).
-
-    The same transforms, parameters, probabilities and order as ``get_srh_aug_list`` applies to OpenSRH patches
-    after their conversion to float (the no-op ``ColorJitter()`` included), drawing from torch's and Python's
-    global RNGs as the reference does. It takes the 3-channel float image :func:`build_augmentation`
-    (``"hlss_reference"``) takes, and is what that preset must equal in distribution; tests and
-    ``benchmarks/data_throughput.py`` use it. Needs torchvision.
-
-    Args:
-        crop_size (`int`, defaults to 224): side of the square output.
-    """
-    from torchvision import transforms as T
-
-    class GaussianNoise(torch.nn.Module):
-        # The reference's noise: std ~ U(0.01, 0.1) from Python's RNG, torch's global RNG for the noise, clamped.
-        def forward(self, image):
-            std = random.uniform(0.01, 0.1)
-            return (image + torch.randn(image.size()) * std).clamp(0.0, 1.0)
-
-    def maybe(transform):
-        return T.RandomApply(torch.nn.ModuleList([transform]), p=0.5)
-
-    size = (crop_size, crop_size)
-    return T.Compose(
-        [
-            # torchvision 0.16.2 (the reference's pin) resizes tensors without antialiasing.
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=False),
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomVerticalFlip(p=0.5),
-            maybe(GaussianNoise()),
-            maybe(T.ColorJitter()),
-            T.RandomAutocontrast(p=0.5),
-            T.RandomSolarize(threshold=0.2, p=0.5),
-            T.RandomAdjustSharpness(sharpness_factor=2, p=0.5),
-            maybe(T.GaussianBlur(kernel_size=5, sigma=1)),
-            maybe(T.RandomAffine(degrees=10, translate=(0.1, 0.3))),
-            maybe(T.RandomResizedCrop(crop_size)),
-            T.RandomErasing(p=0.5),
-        ]
-    )
 
 
 def build_eval_transform(crop_size: int = 224) -> HLSSAugmentation:

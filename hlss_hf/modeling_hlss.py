@@ -41,6 +41,7 @@ from transformers import (
     TimmWrapperForImageClassification,
     TimmWrapperModel,
 )
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
@@ -492,9 +493,9 @@ class HLSSPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Initialise only HLSS's own layers; the towers initialise themselves (see `initialize_weights`).
 
-        Tensors already loaded or initialised carry transformers' ``_is_hf_initialized`` flag and are left alone,
-        so loading a checkpoint never overwrites its banks, heads or projections. The banks start at zero (the
-        value `__init__` gives them), never at random values: they are text-tower outputs that only
+        transformers' initialisation functions (`transformers.initialization`) leave tensors already loaded or
+        initialised alone, so loading a checkpoint never overwrites its banks, heads or projections. The banks start
+        at zero (the value `__init__` gives them), never at random values: they are text-tower outputs that only
         `build_attribute_banks` (or a checkpoint) can provide, and `from_pretrained` refuses a checkpoint without
         them. A head starts as a copy of its bank once the bank holds embeddings, else as a plain linear layer.
         """
@@ -502,19 +503,17 @@ class HLSSPreTrainedModel(PreTrainedModel):
         if isinstance(module, HLSSModel):
             for level in LEVELS:
                 bank = getattr(module, f"bank_{level}")
-                if not getattr(bank, "_is_hf_initialized", False):
-                    bank.zero_()
+                init.zeros_(bank)
                 head = module.heads[level]
                 # A zero head would make every attribute score normalize(0) = 0, with no useful gradient.
-                if not getattr(head.weight, "_is_hf_initialized", False) and bool(bank.any()):
-                    head.weight.copy_(head_init_weights(bank, self.config.head_init))
-                if head.bias is not None and not getattr(head.bias, "_is_hf_initialized", False):
-                    head.bias.zero_()
+                if bool(bank.any()):
+                    init.copy_(head.weight, head_init_weights(bank, self.config.head_init))
+                if head.bias is not None:
+                    init.zeros_(head.bias)
         elif isinstance(module, nn.Linear):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                module.weight.normal_(mean=0.0, std=std)
-            if module.bias is not None and not getattr(module.bias, "_is_hf_initialized", False):
-                module.bias.zero_()
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     def initialize_weights(self):
         """`PreTrainedModel.initialize_weights`, each tower first initialising what it misses with its own scheme.
@@ -584,7 +583,7 @@ class HLSSPreTrainedModel(PreTrainedModel):
 
     def _hlss_card(self) -> str | None:
         """The HLSS card of the local folder this model was loaded from (train.py's), if it has one."""
-        source = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
+        source = getattr(self, "name_or_path", None) or self.config.name_or_path
         card = os.path.join(os.fspath(source), "README.md") if source else None
         if card and os.path.isfile(card):
             with open(card, encoding="utf-8") as handle:
@@ -657,7 +656,7 @@ class HLSSPreTrainedModel(PreTrainedModel):
         """transformers' switch; timm and open_clip vision towers checkpoint through their own library's switch."""
         tower = self.vision_model
         if isinstance(tower, (TimmWrapperModel, TimmWrapperForImageClassification)):
-            return tower._set_gradient_checkpointing(enable)
+            return tower.timm_model.set_grad_checkpointing(enable)  # what transformers' wrapper calls
         if isinstance(tower, OpenCLIPVisionModel):
             if enable and not hasattr(getattr(tower.visual, "transformer", None), "grad_checkpointing"):
                 # open_clip's ModifiedResNet (RN50) accepts the switch and ignores it.

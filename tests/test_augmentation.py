@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from augmentation_reference import OPERATIONS, per_image_reference
 
 from hlss_hf.augmentation import (
     AUGMENTATION_PRESETS,
@@ -52,7 +53,7 @@ def test_batch_input_draws_per_image_and_matches_sequential_calls():
     sequential = torch.stack([augment(image, generator=g) for image in images])
     assert batch.shape == (3, 3, 16, 16) and torch.equal(batch, sequential)
     g = gen(5)
-    reference = torch.stack([augment.reference(image, generator=g) for image in images])
+    reference = torch.stack([per_image_reference(augment, image, generator=g) for image in images])
     torch.testing.assert_close(batch, reference, atol=1e-5, rtol=0)
     assert float(batch.min()) >= 0.0 and float(batch.max()) <= 1.0
 
@@ -205,12 +206,16 @@ def test_fast_path_equals_the_reference_path_on_the_same_draws(config):
     for seed in range(4):
         fast_gen, reference_gen = gen(seed), gen(seed)
         fast = augment.batch(images, generator=fast_gen)
-        reference = torch.stack([augment.reference(image, generator=reference_gen) for image in images])
+        reference = torch.stack(
+            [per_image_reference(augment, image, generator=reference_gen) for image in images]
+        )
         torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
         # Both consumed exactly the same draws.
         assert torch.equal(torch.rand(4, generator=fast_gen), torch.rand(4, generator=reference_gen))
     single = augment(images[0], generator=gen(1))
-    torch.testing.assert_close(single, augment.reference(images[0], generator=gen(1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        single, per_image_reference(augment, images[0], generator=gen(1)), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -337,7 +342,7 @@ def test_hlss_reference_is_deterministic_from_the_generator_for_srh_and_he_patch
         g1, g2 = gen(2), gen(2)
         torch.testing.assert_close(
             augment.batch([image] * 4, generator=g1),
-            torch.stack([augment.reference(image, generator=g2) for _ in range(4)]),
+            torch.stack([per_image_reference(augment, image, generator=g2) for _ in range(4)]),
             atol=1e-5,
             rtol=0,
         )
@@ -391,7 +396,7 @@ def test_each_hlss_reference_operation_equals_torchvision_with_fixed_parameters(
         )
         cases.append(("affine", {"theta": theta, "mode": "nearest"}, image, expected))
     for name, args, source, expected in cases:
-        reference = getattr(augment, f"_{name}")(source.clone(), **args)
+        reference = OPERATIONS[name](augment, source.clone(), **args)
         fast = source.clone()
         getattr(augment, f"_fast_{name}")(fast, **args)
         if name == "affine":
@@ -409,7 +414,9 @@ def test_each_hlss_reference_operation_equals_torchvision_with_fixed_parameters(
         expected = tv.resize(patch, [size, size], InterpolationMode.BICUBIC, antialias=antialias)
         assert float(expected.max()) > 1.0 or float(expected.min()) < 0.0  # it does overshoot
         torch.testing.assert_close(resize_only(patch, generator=gen()), expected, atol=2e-6, rtol=0)
-        torch.testing.assert_close(resize_only.reference(patch, generator=gen()), expected, atol=2e-6, rtol=0)
+        torch.testing.assert_close(
+            per_image_reference(resize_only, patch, generator=gen()), expected, atol=2e-6, rtol=0
+        )
 
 
 def test_hlss_reference_resizes_the_patch_as_torchvision_0_16_resizes_tensors():
@@ -425,7 +432,7 @@ def test_hlss_reference_resizes_the_patch_as_torchvision_0_16_resizes_tensors():
     assert float((plain - smooth).abs().mean()) > 0.01  # far apart on a textured patch
     preset = build_augmentation({"resize": HLSS_REFERENCE_AUGMENTATION["resize"]}, 224)
     torch.testing.assert_close(preset(patch, generator=gen()), plain, atol=2e-6, rtol=0)
-    torch.testing.assert_close(preset.reference(patch, generator=gen()), plain, atol=2e-6, rtol=0)
+    torch.testing.assert_close(per_image_reference(preset, patch, generator=gen()), plain, atol=2e-6, rtol=0)
     torch.testing.assert_close(
         preset.batch([patch, patch], generator=gen()), torch.stack([plain] * 2), atol=2e-6, rtol=0
     )
@@ -505,7 +512,7 @@ def test_hlss_reference_outputs_match_the_torchvision_pipeline_in_distribution(o
     pytest.importorskip("torchvision")
     import random
 
-    from hlss_hf.augmentation import torchvision_reference_transform
+    from augmentation_reference import torchvision_reference_transform
 
     size, views = 32, 500
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")

@@ -11,6 +11,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from augmentation_reference import per_image_reference  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -239,8 +240,8 @@ def test_augmented_views_equal_the_per_view_reference_calls():
         generator = torch.Generator().manual_seed(int(draws.integers(0, 2**63 - 1)))
         expected = torch.stack(
             [
-                aug.reference(
-                    srh_to_float(np.asarray(ds[int(r)]["image"], dtype=np.uint16)), generator=generator
+                per_image_reference(
+                    aug, srh_to_float(np.asarray(ds[int(r)]["image"], dtype=np.uint16)), generator=generator
                 )
                 for r in drawn.reshape(-1).tolist()
                 for _ in range(2)

@@ -143,6 +143,82 @@ def test_confusion_matrix_matches_sklearn():
     np.testing.assert_array_equal(ours, sk_confusion_matrix(labels, scores.argmax(1), labels=range(5)))
 
 
+def _handwritten_average_precision(scores, positives):
+    """The average precision these metrics computed by hand before scikit-learn (ties share a threshold)."""
+    order = np.argsort(-scores, kind="stable")
+    scores, positives = scores[order], positives[order].astype(np.float64)
+    tp, fp = np.cumsum(positives), np.cumsum(1.0 - positives)
+    last = np.r_[scores[1:] != scores[:-1], True]
+    tp, fp = tp[last], fp[last]
+    return float(np.sum(np.diff(np.r_[0.0, tp / positives.sum()]) * (tp / (tp + fp))))
+
+
+def _handwritten_metrics(scores, labels, num_classes):
+    """The hand-written accuracy, top-k, confusion matrix, mean class accuracy and mAP scikit-learn replaced."""
+    ranking = np.argsort(-scores, axis=1, kind="stable")
+    result = {}
+    for k, name in ((1, "acc"), (2, "top2"), (3, "top3")):
+        result[name] = float(np.mean((ranking[:, : min(k, num_classes)] == labels[:, None]).any(axis=1)))
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, ranking[:, 0]), 1)
+    present = np.unique(labels)
+    result["mca"] = float(np.mean(matrix.diagonal()[present] / matrix.sum(axis=1)[present]))
+    result["map"] = float(
+        np.mean([_handwritten_average_precision(scores[:, c], labels == c) for c in present])
+    )
+    return result, matrix
+
+
+def _tie_heavy_problems(count, seed):
+    """Random problems: half with scores from a few values (ties), some classes absent from the labels."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        num_classes = int(rng.integers(2, 8))
+        present = rng.choice(num_classes, size=int(rng.integers(1, num_classes + 1)), replace=False)
+        labels = rng.choice(present, size=int(rng.integers(1, 60)))
+        if i % 2:
+            scores = rng.integers(0, 3, (len(labels), num_classes)).astype(np.float32)
+        else:
+            scores = rng.random((len(labels), num_classes)).astype(np.float32)
+        yield scores, labels, num_classes
+
+
+def test_sklearn_metrics_equal_the_handwritten_ones_with_ties_and_absent_classes():
+    for scores, labels, num_classes in _tie_heavy_problems(300, seed=10):
+        expected, matrix = _handwritten_metrics(scores.astype(np.float64), labels, num_classes)
+        result = classification_metrics(torch.from_numpy(scores), torch.from_numpy(labels), num_classes)
+        assert list(result) == list(expected)
+        for key, value in expected.items():
+            assert abs(result[key] - value) <= 1e-12, (key, result[key], value)
+        ours = confusion_matrix(torch.from_numpy(scores), torch.from_numpy(labels), num_classes)
+        assert ours.dtype == torch.int64
+        np.testing.assert_array_equal(ours.numpy(), matrix)
+
+
+def test_evaluate_module_metrics_equal_the_handwritten_ones_with_ties_and_absent_classes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_hierarchical_accuracy", METRIC_DIR / "hierarchical_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for scores, labels, num_classes in _tie_heavy_problems(300, seed=11):
+        scores = scores.astype(np.float64)
+        expected, _ = _handwritten_metrics(scores, labels, num_classes)
+        result = module._metrics(scores, labels, num_classes)
+        assert list(result) == list(expected)
+        for key, value in expected.items():
+            assert abs(result[key] - value) <= 1e-12, (key, result[key], value)
+
+
+def test_confusion_matrix_rejects_labels_outside_classes():
+    with pytest.raises(ValueError, match="labels must lie"):
+        confusion_matrix(torch.rand(2, 3), torch.tensor([0, 3]), 3)
+    with pytest.raises(ValueError, match="labels must lie"):
+        classification_metrics(torch.rand(2, 3), torch.tensor([-1, 0]), 3)
+
+
 def _hierarchy(n, seed=0):
     rng = np.random.default_rng(seed)
     patient_labels = np.array([0, 1, 2, 3] + list(rng.integers(0, 4, 6)))
