@@ -1,5 +1,6 @@
 """The README and the pages of docs/ run as written: every ```python block of README.md and docs/*.md is executed,
-in a fresh process, offline, and their evaluation commands run in order.
+in a fresh process, offline; their evaluation commands run in order; their links and file names point at files the
+repository has.
 
 Only the Hub ids are swapped, for tiny local towers of the same kinds saved in a temporary folder (a transformers
 CLIP checkpoint; a timm CLIP image tower + open_clip checkpoint laid out like ``timm/resnet50_clip.cc12m``), at
@@ -271,3 +272,44 @@ def test_readme_evaluation_commands_run_as_written(index, tmp_path, monkeypatch)
     else:
         assert ran and ran[0] == "knn", ran
     assert (tmp_path / "eval" / "knn_validation.json").is_file()
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    anchors = set()
+    for title in re.findall(r"^#+ (.+)$", text, re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+REPO_PATH = re.compile(
+    r"(?<![\w/.-])((?:configs|benchmarks|dataset_scripts|tests|hlss_hf|docs)/[\w./-]*\w\.(?:py|ya?ml|md|sh|json))"
+)
+
+
+@pytest.mark.parametrize("page", DOCS, ids=page_name)
+def test_links_and_files_named_exist(page):
+    """Every relative link (and its #anchor) points at a file and heading the repository has; every file of the
+    repository a page names exists; no page refers to a design document the repository does not have."""
+    text = page.read_text(encoding="utf-8")
+    assert "DESIGN" not in text, f"{page_name(page)} refers to a design document: link docs/method.md"
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.exists(), f"{page_name(page)}: link to {target}, which does not exist"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in heading_anchors(resolved), (
+                f"{page_name(page)}: no heading #{anchor} in {path or 'it'}"
+            )
+    for name in REPO_PATH.findall(text):
+        assert (REPO / name).exists(), f"{page_name(page)} names {name}, which the repository does not have"
+
+
+def test_readme_test_command_is_the_ci_command():
+    """CI runs the README's test command: the README shows the exact line `.ci/run` runs."""
+    (ci_line,) = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "-m pytest" in line]
+    assert any(line.startswith(ci_line) for line in README.read_text(encoding="utf-8").splitlines()), ci_line
