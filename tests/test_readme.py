@@ -1,10 +1,12 @@
-"""The README runs as written: every ```python block of README.md is executed, in a fresh process, offline.
+"""The README and the pages of docs/ run as written: every ```python block of README.md and docs/*.md is executed,
+in a fresh process, offline; their evaluation commands run in order; their links and file names point at files the
+repository has.
 
 Only the Hub ids are swapped, for tiny local towers of the same kinds saved in a temporary folder (a transformers
 CLIP checkpoint; a timm CLIP image tower + open_clip checkpoint laid out like ``timm/resnet50_clip.cc12m``), at
-224 px so the README's processor settings apply unchanged. The files a block reads (``data/demo``,
-``outputs/ft/merged``) are made as the README's commands would make them, and the names a block takes as given
-(``srh_patches``, ``pixel_values``) are defined before it. A few checks run after each block.
+224 px so the documented processor settings apply unchanged. The files a block reads (``data/demo``,
+``outputs/hlss-demo``, ``outputs/ft/merged``) are made as the documented commands would make them, and the names a
+block takes as given (``srh_patches``, ``pixel_values``) are defined before it. A few checks run after each block.
 """
 
 from __future__ import annotations
@@ -29,12 +31,21 @@ from _tiny import (
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-SIZE = 224  # the README's processors crop 224 px; tiny towers at that size stay cheap (patch 32, width 8)
+DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]  # every page a user reads
+SIZE = 224  # the documented processors crop 224 px; tiny towers at that size stay cheap (patch 32, width 8)
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 
 
-def python_blocks() -> list[str]:
-    return BLOCK.findall(README.read_text(encoding="utf-8"))
+def page_name(page: Path) -> str:
+    return page.relative_to(REPO).as_posix()
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """(page, block) for every ```python block of the README and docs/, in reading order."""
+    return [
+        (page_name(page), block) for page in DOCS for block in BLOCK.findall(page.read_text(encoding="utf-8"))
+    ]
 
 
 def write_clip(folder: Path) -> Path:
@@ -90,6 +101,14 @@ def readme_env(tmp_path_factory):
     work.mkdir()
     # `python dataset_scripts/demo.py --output data/demo`, smaller.
     build_demo_dataset(output_dir=work / "data" / "demo", num_patients=6, val_fraction=0.25, align_fraction=0)
+    # What `python train.py` leaves in outputs/hlss-demo (tiny, at 32 px): the model, its processor, class prompts.
+    from hlss_hf import HLSSProcessor
+
+    demo_model = work / "outputs" / "hlss-demo"
+    tiny_hlss_model(image_size=32, class_prompts=DEMO_CLASSES).save_pretrained(demo_model)
+    HLSSProcessor(HLSSImageProcessor(modality="he", crop_size=32), tiny_tokenizer()).save_pretrained(
+        demo_model
+    )
     # What `finetune.py ... --merge` leaves in outputs/ft/merged: a classifier with its image processor.
     tiny_hlss_model().save_pretrained(root / "hlss-tiny")
     merged = work / "outputs" / "ft" / "merged"
@@ -118,7 +137,9 @@ def localise(code: str, hub_ids: dict[str, str]) -> str:
     return code
 
 
-# Names the README takes as given, and checks run after the block, keyed by a line the block contains.
+DEMO_CLASSES = {"normal": ["a"], "low_grade": ["b"], "high_grade": ["c"]}  # the demo's three classes
+
+# Names the pages take as given, and checks run after the block, keyed by a line the block contains.
 GIVEN = {
     "srh_patches": """
         import numpy as np, torch
@@ -150,25 +171,38 @@ CHECKS = {
     'pipeline("image-classification"': """
         assert type(classifier.model).__name__ == "HLSSForImageClassification", type(classifier.model)
     """,
+    'AutoModel.from_pretrained("outputs/hlss-demo")': """
+        import torch
+        assert type(model).__name__ == "HLSSModel" and type(processor).__name__ == "HLSSProcessor"
+        assert embeddings.shape[0] == len(patches) == 8, embeddings.shape
+        assert torch.allclose(embeddings.norm(dim=-1), torch.ones(8), atol=1e-4)
+        assert len(top) == 8 and len(top[0]) == 3 and isinstance(top[0][0][0], str)
+        assert logits.shape == (8, 3), logits.shape
+    """,
 }
 
 
 def test_readme_has_python_blocks():
-    blocks = python_blocks()
+    blocks = [block for _, block in python_blocks()]
     assert len(blocks) >= 3
     assert any("from_vision_text_pretrained" in b for b in blocks)
+    assert any(page == "README.md" for page, _ in python_blocks()), (
+        "the README's quick start has no python block"
+    )
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks())))
+@pytest.mark.parametrize(
+    "index", range(len(python_blocks())), ids=[f"{page}-{i}" for i, (page, _) in enumerate(python_blocks())]
+)
 def test_readme_python_block_runs(index, readme_env):
     work, hub_ids, env = readme_env
-    block = python_blocks()[index]
+    page, block = python_blocks()[index]
     code = localise(block, hub_ids)
     for name in hub_ids:
-        assert name not in code, f"{name} left in block {index}"
+        assert name not in code, f"{name} left in block {index} ({page})"
     given = "".join(textwrap.dedent(v) for k, v in GIVEN.items() if k in block)
     checks = "".join(textwrap.dedent(v) for k, v in CHECKS.items() if k in block)
-    assert checks, f"block {index} has no checks in CHECKS: add some"
+    assert checks, f"block {index} ({page}) has no checks in CHECKS: add some"
     proc = subprocess.run(
         [sys.executable, "-c", given + code + checks],
         cwd=work,
@@ -177,32 +211,51 @@ def test_readme_python_block_runs(index, readme_env):
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, f"README python block {index} failed:\n{block}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{page} python block {index} failed:\n{block}\n{proc.stderr[-4000:]}"
 
 
-def evaluation_commands() -> list[list[str]]:
-    """The README's evaluation commands (the ```bash block that runs `hlss_hf.evaluate knn`), split as a shell would."""
+def evaluation_blocks() -> list[tuple[str, str]]:
+    """(page, block) for every ```bash block of the README and docs/ that evaluates the demo's model
+    (`python -m hlss_hf.evaluate ... --model outputs/hlss-demo`)."""
+    return [
+        (page_name(page), block)
+        for page in DOCS
+        for block in BASH_BLOCK.findall(page.read_text(encoding="utf-8"))
+        if "python -m hlss_hf.evaluate" in block and "outputs/hlss-demo" in block
+    ]
+
+
+def evaluation_commands(block: str) -> list[list[str]]:
+    """A block's commands, split as a shell would."""
     import shlex
 
-    blocks = re.findall(r"^```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
-    (block,) = [b for b in blocks if "python -m hlss_hf.evaluate knn" in b and "outputs/hlss-demo" in b]
     return [
         shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()
     ]
 
 
-def test_readme_evaluation_commands_run_as_written(tmp_path, monkeypatch):
-    """Every evaluation command, as written and in order, from an empty folder holding only `outputs/hlss-demo` (what
-    `python train.py` saves; here a tiny model): the block makes `data/demo` itself."""
+def test_every_page_evaluation_block_is_found():
+    pages = [page for page, _ in evaluation_blocks()]
+    assert pages.count("docs/evaluation.md") == 1, pages  # the evaluation page: every mode
+    assert "README.md" in pages, pages  # the quick start on the command line
+
+
+@pytest.mark.parametrize(
+    "index", range(len(evaluation_blocks())), ids=[page for page, _ in evaluation_blocks()]
+)
+def test_readme_evaluation_commands_run_as_written(index, tmp_path, monkeypatch):
+    """Every evaluation command of a block, as written and in order, from an empty folder holding only
+    `outputs/hlss-demo` (what `python train.py` saves; here a tiny model): the block makes `data/demo` itself."""
     from dataset_scripts import demo
     from hlss_hf import evaluate
 
-    commands = evaluation_commands()
-    assert commands[0][:2] == ["python", "dataset_scripts/demo.py"], "the block must make data/demo first"
-    monkeypatch.chdir(tmp_path)
-    model = tiny_hlss_model(
-        image_size=32, class_prompts={"normal": ["a"], "low_grade": ["b"], "high_grade": ["c"]}
+    page, block = evaluation_blocks()[index]
+    commands = evaluation_commands(block)
+    assert commands[0][:2] == ["python", "dataset_scripts/demo.py"], (
+        f"{page}: the block must make data/demo first"
     )
+    monkeypatch.chdir(tmp_path)
+    model = tiny_hlss_model(image_size=32, class_prompts=DEMO_CLASSES)
     model.save_pretrained(tmp_path / "outputs" / "hlss-demo")
     tiny_tokenizer().save_pretrained(tmp_path / "outputs" / "hlss-demo")
     ran = []
@@ -213,6 +266,50 @@ def test_readme_evaluation_commands_run_as_written(tmp_path, monkeypatch):
             report = evaluate.main(command[3:])
             ran.append(report["mode"])
         else:
-            raise AssertionError(f"no runner for README command {command}")
-    assert ran == ["knn", "linear", "zeroshot", "explain"]
+            raise AssertionError(f"no runner for {page} command {command}")
+    if page == "docs/evaluation.md":
+        assert ran == ["knn", "linear", "zeroshot", "explain"]
+    else:
+        assert ran and ran[0] == "knn", ran
     assert (tmp_path / "eval" / "knn_validation.json").is_file()
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    anchors = set()
+    for title in re.findall(r"^#+ (.+)$", text, re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+REPO_PATH = re.compile(
+    r"(?<![\w/.-])((?:configs|benchmarks|dataset_scripts|tests|hlss_hf|docs)/[\w./-]*\w\.(?:py|ya?ml|md|sh|json))"
+)
+
+
+@pytest.mark.parametrize("page", DOCS, ids=page_name)
+def test_links_and_files_named_exist(page):
+    """Every relative link (and its #anchor) points at a file and heading the repository has; every file of the
+    repository a page names exists; no page refers to a design document the repository does not have."""
+    text = page.read_text(encoding="utf-8")
+    assert "DESIGN" not in text, f"{page_name(page)} refers to a design document: link docs/method.md"
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.exists(), f"{page_name(page)}: link to {target}, which does not exist"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in heading_anchors(resolved), (
+                f"{page_name(page)}: no heading #{anchor} in {path or 'it'}"
+            )
+    for name in REPO_PATH.findall(text):
+        assert (REPO / name).exists(), f"{page_name(page)} names {name}, which the repository does not have"
+
+
+def test_readme_test_command_is_the_ci_command():
+    """CI runs the README's test command: the README shows the exact line `.ci/run` runs."""
+    (ci_line,) = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "-m pytest" in line]
+    assert any(line.startswith(ci_line) for line in README.read_text(encoding="utf-8").splitlines()), ci_line
