@@ -96,6 +96,7 @@ from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
 from hlss_hf.data import _FixedArrayReader, load_split, loader_workers, split_names, to_float
 from hlss_hf.errors import DatasetError, NonFiniteLossError
 from hlss_hf.evaluation import hierarchical_metrics
+from hlss_hf.files import naming_full_disk, write_text_atomically
 from hlss_hf.harness import (
     JsonlWriter,
     all_finite,
@@ -115,7 +116,6 @@ from hlss_hf.peft_utils import (
     set_train_mode,
 )
 from hlss_hf.processing_hlss import HLSSImageProcessor
-from hlss_hf.publishing import naming_full_disk, write_text_atomically
 from hlss_hf.run_warnings import WarningLog, evaluation_warnings, finetune_warnings, informative_metrics
 from hlss_hf.schema import decode_image, modality_of
 

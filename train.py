@@ -1063,7 +1063,8 @@ def cli() -> None:
     """Entry point: ``--help`` lists every config key. Errors a user can fix (config, a missing dataset folder or Hub
     repo, a non-finite loss, file system, Hub) print one line ``error: ...`` and exit with status 1, leaving no
     empty output folder behind; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback instead."""
-    from hlss_hf.publishing import debug_requested, exit_on_error, remove_new_empty_folder
+    from hlss_hf.files import remove_new_empty_folder
+    from hlss_hf.publishing import debug_requested, exit_on_error
 
     argv = sys.argv[1:]
     check_train_command_line(argv)
