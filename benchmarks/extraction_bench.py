@@ -49,7 +49,8 @@ for path in (HERE.parent, HERE):
 
 from train_throughput import VISION_PRESETS, build  # noqa: E402 - the same model builder as training
 
-SVS = HERE.parent.parent / "shared" / "data" / "cmu_small_region.svs"  # a real H&E region (DESIGN 4)
+# a real H&E region (the project's test data)
+SVS = HERE.parent.parent / "shared" / "data" / "cmu_small_region.svs"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 """Does pretraining learn, and does the language tie help? kNN and zero-shot accuracy of HLSS against its
 ablations, from random towers and from towers aligned on image-caption pairs.
 
-    python benchmarks/learning_bench.py                      # the README table: 3 seeds, ~30 min on 2 cores
+    python benchmarks/learning_bench.py                      # docs/benchmarks.md table: 3 seeds, ~30 min on 2 cores
     python benchmarks/learning_bench.py --seeds 0 --steps 100 --methods random,hidisc,aligned,aligned-hlss
     python benchmarks/learning_bench.py --tower vit --lr 1e-4   # the other settings measured for the defaults
 

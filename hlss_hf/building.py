@@ -281,7 +281,8 @@ def build_model(
 
 @dataclasses.dataclass
 class CaptionTable:
-    """Every caption of a split embedded once by the frozen text tower (DESIGN 1.8: the text tower does not train,
+    """Every caption of a split embedded once by the frozen text tower (docs/method.md, the alignment stage:
+    the text tower does not train,
     so its embeddings may be cached): ``embeds`` ``[U, D]`` for the ``U`` distinct captions, ``index`` ``[N]`` the
     caption of each dataset row."""
 

@@ -74,8 +74,9 @@ __all__ = [
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 TEXT_POOLING = ("mean", "cls", "pooler")
-#: What train.py trains: ``hlss`` (hierarchical pretraining, DESIGN 1.4-1.5) or ``align`` (image-text alignment on
-#: (patch, caption) pairs, the stage before HLSS, DESIGN 1.8).
+#: What train.py trains: ``hlss`` (hierarchical pretraining, docs/method.md) or ``align`` (image-text
+#: alignment on
+#: (patch, caption) pairs, the stage before HLSS, docs/method.md, the alignment stage).
 OBJECTIVES = ("hlss", "align")
 EVAL_FRAMINGS = ("center_crop", "resize")
 SCHEDULE_LENGTHS = ("run", "reference")
@@ -820,7 +821,7 @@ class TrainingConfig(RunConfig):
     save_total_limit: int = field(
         default=2,
         metadata={
-            "help": "Keep the last K checkpoints (and the newest good one, when it is older: see the README)."
+            "help": "Keep the last K checkpoints (and the newest good one, when it is older: see docs/training.md)."
         },
     )
     resume_from_checkpoint: str | None = field(

@@ -1,4 +1,4 @@
-"""HLSS configuration (DESIGN 1.2-1.5).
+"""HLSS configuration (docs/method.md).
 
 This file is also shipped as transformers remote code beside ``modeling_hlss.py``: it imports only transformers.
 """
@@ -271,7 +271,8 @@ class HLSSConfig(PreTrainedConfig):
         align_temperature (`float`, defaults to 1.0): softmax temperature `tau_a` of the HA loss.
         alignment_reduction (`str`, defaults to `"mean"`): how each HA level reduces over images: `"mean"`, or
             `"sum"` as the reference code does (see `losses.hierarchical_alignment_loss` for the gradient).
-        head_init (`str`, defaults to `"text"`): how the heads start: `"text"`, each level's bank (DESIGN 1.3), or
+        head_init (`str`, defaults to `"text"`): how the heads start: `"text"`, each level's bank
+        (docs/method.md, language-tied heads), or
             `"text_centered"`, the bank's rows less their mean, renormalised (see `modeling_hlss.head_init_weights`).
         caption_temperature (`float`, defaults to 0.07): temperature of the image-text contrastive loss of the
             alignment stage (`forward` with text; `losses.image_text_contrastive_loss`).

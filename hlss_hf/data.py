@@ -1,4 +1,4 @@
-"""Hierarchical patient -> slide -> patch sampling over Hugging Face patch datasets (DESIGN 1.1).
+"""Hierarchical patient -> slide -> patch sampling over Hugging Face patch datasets (docs/method.md).
 
 A converted dataset has one row per patch (see :mod:`hlss_hf.schema`). For pretraining, one sample is one
 **patient**: ``S`` slides drawn without replacement while the patient has enough (cycling through its slides in a
@@ -82,7 +82,8 @@ Transform = Callable[..., torch.Tensor]
 
 
 def to_float(images: np.ndarray | Sequence[np.ndarray], modality: str) -> torch.Tensor:
-    """Convert decoded patches to float images with the processor's pixel conversion (DESIGN 1.7).
+    """Convert decoded patches to float images with the processor's pixel conversion (docs/method.md,
+    preprocessing).
 
     Args:
         images (`np.ndarray` or list of arrays): ``(N, H, W, 2)`` uint16 for SRH or ``(N, H, W, 3)`` uint8 for H&E

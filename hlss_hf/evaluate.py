@@ -7,7 +7,8 @@
     python -m hlss_hf.evaluate knn --model out/hlss --dataset data/demo --output-dir out/eval --update-card
 
 kNN and the linear probe use `--train-split` as the bank / training set and report patch, slide and patient metrics
-on `--split` (DESIGN 1.6). `--aggregation` picks how patch scores become slide / patient scores: `reference` (the
+on `--split` (docs/method.md, kNN evaluation). `--aggregation` picks how patch scores become slide / patient
+scores: `reference` (the
 HLSS reference's rule: per patch L1-normalise, softmax, then average per group; the kNN default) or `sum` (raw
 scores summed; the linear / zero-shot default). `--framing` picks the image framing: `saved` (the model folder's
 processor), `resize` (the reference's: the whole patch resized bicubic to the model's image size) or

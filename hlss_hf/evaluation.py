@@ -1,4 +1,5 @@
-"""Frozen-embedding evaluation as in the HLSS paper (DESIGN 1.6): kNN, linear probe and zero-shot.
+"""Frozen-embedding evaluation as in the HLSS paper (docs/method.md, kNN evaluation): kNN, linear probe and
+zero-shot.
 
 Every patch of a split is embedded once with the frozen image tower (:func:`extract_embeddings`, cached on disk).
 Patch class scores come from a weighted kNN vote (:func:`knn_predict`), a logistic-regression probe
@@ -991,7 +992,8 @@ def knn_evaluate(
     chunk_size: int = 1024,
     aggregation: str = "reference",
 ) -> dict[str, float]:
-    """kNN evaluation (DESIGN 1.6): :func:`knn_scores` then :func:`hierarchical_metrics` on `val`.
+    """kNN evaluation (docs/method.md, kNN evaluation): :func:`knn_scores` then :func:`hierarchical_metrics`
+    on `val`.
 
     Args:
         train (:class:`EmbeddingSet`): the bank (training split).

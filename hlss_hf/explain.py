@@ -1,7 +1,8 @@
 """Interpretability through the language-tied heads: which attributes an image, slide or patient is tied to.
 
 HLSS heads map an image embedding `z` to attribute space, `u_l = normalize(head_l(z))`, whose coordinate `a`
-is the affinity to attribute `a` of level `l` (DESIGN 1.3); the fixed banks give the same through the text
+is the affinity to attribute `a` of level `l` (docs/method.md, language-tied heads); the fixed banks give the
+same through the text
 directly, `z . t_a` (`use_heads=False`). The attribute names are in `model.config.attribute_names`. A slide,
 patient or class is explained by the mean affinities of its patches.
 

@@ -1,7 +1,7 @@
 """HLSS losses: hierarchical visual contrastive (SupCon, unsupervised form), hierarchical alignment, and the
 image-text contrastive loss of the alignment stage before HLSS.
 
-DESIGN.md sections 1.4, 1.5 and 1.8. Every loss
+docs/method.md (HVC, HA, the alignment stage). Every loss
 
 - works in float32 (or float64 when given float64) whatever the input dtype, with autocast switched off
   inside, so bf16 / fp16 training stays stable;
@@ -125,7 +125,7 @@ def gather_with_grad(t: Tensor) -> Tensor:
 
 
 def supcon_loss(features: Tensor, temperature: float = 0.07, base_temperature: float = 0.07) -> Tensor:
-    """SupCon loss in its unsupervised (SimCLR) form, contrast mode "all" (DESIGN 1.4).
+    """SupCon loss in its unsupervised (SimCLR) form, contrast mode "all" (docs/method.md, HVC).
 
     All ``n * m`` embeddings are anchors; the positives of an anchor are the other ``m - 1`` views of its
     instance; its denominator runs over all ``n * m - 1`` other embeddings:
@@ -173,7 +173,7 @@ def supcon_loss(features: Tensor, temperature: float = 0.07, base_temperature: f
 def hierarchical_contrastive_loss(
     features: Tensor, level: str, temperature: float = 0.07, base_temperature: float = 0.07
 ) -> Tensor:
-    """HVC loss at one level of the patient / slide / patch hierarchy (DESIGN 1.4).
+    """HVC loss at one level of the patient / slide / patch hierarchy (docs/method.md, HVC).
 
     Features are first gathered over processes with gradient along ``B`` (so negatives span the global
     batch and the value equals one process holding the whole batch), then reshaped:
@@ -212,7 +212,7 @@ ALIGNMENT_REDUCTIONS = ("mean", "sum")
 def hierarchical_alignment_loss(
     image_embeds: Tensor, attribute_embeds: Tensor, temperature: float = 1.0, reduction: str = "mean"
 ) -> Tensor:
-    """HA loss at one level: symmetric KL between an embedding and its nearest attribute (DESIGN 1.5).
+    """HA loss at one level: symmetric KL between an embedding and its nearest attribute (docs/method.md, HA).
 
     ``a*(i) = argmax_a cos(z_i, t_a)`` (a discrete choice, no gradient), ``p_i = softmax(z_i / tau_a)``,
     ``q_i = softmax(t_{a*(i)} / tau_a)`` over the D dimensions, and
@@ -265,7 +265,7 @@ def hierarchical_alignment_loss(
 def image_text_contrastive_loss(
     image_embeds: Tensor, text_embeds: Tensor, temperature: float = 0.07
 ) -> Tensor:
-    """CLIP's symmetric contrastive loss over (image, caption) pairs (DESIGN 1.8).
+    """CLIP's symmetric contrastive loss over (image, caption) pairs (docs/method.md, the alignment stage).
 
     Image ``i`` and text ``i`` are a pair. Both are gathered over processes with gradient (so negatives span the
     global batch and the value equals one process holding every pair), then with ``s_ij = z_i . t_j / tau``:

@@ -1,4 +1,4 @@
-"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (DESIGN 1.2-1.5).
+"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (docs/method.md).
 
 This file is also shipped as transformers remote code (with ``configuration_hlss.py`` and ``losses.py``), so it
 uses relative imports and only public transformers API.
@@ -100,7 +100,7 @@ class HLSSOutput(ModelOutput):
             `output_attentions=True` and eager attention), each `[N, heads, seq, seq]` (or `[B, S, P, V, ...]`);
             `None` for towers without them (CNNs, timm and open_clip towers).
         image_text_loss (`torch.FloatTensor` of shape `()`, *optional*): CLIP's symmetric contrastive loss of the
-            (image, text) pairs (text given, with `return_loss`; DESIGN 1.8).
+            (image, text) pairs (text given, with `return_loss`; docs/method.md, the alignment stage).
         text_embeds (`torch.FloatTensor` of shape `[N, D]` or `[B, S, P, V, D]`, *optional*): the L2-normalised
             text embeddings paired with the images (text given).
     """
@@ -470,7 +470,8 @@ def _tower_output(outputs, name: str, asked):
 
 
 def head_init_weights(bank: torch.Tensor, head_init: str = "text") -> torch.Tensor:
-    """A language-tied head's initial weight ``[N_l, D]`` from its bank: the bank's rows (``"text"``, DESIGN 1.3),
+    """A language-tied head's initial weight ``[N_l, D]`` from its bank: the bank's rows (``"text"``,
+    docs/method.md, language-tied heads),
     or the rows less their mean, renormalised (``"text_centered"``): text descriptions share one dominant direction
     (with MiniLM the demo's rows have mean cosine 0.6-0.7), which the centred rows leave out of the head's output
     (benchmarks/README.md, "Learning"). A bank of one row keeps it."""
@@ -984,7 +985,8 @@ class HLSSModel(HLSSPreTrainedModel):
         """Embed images; for the hierarchical form also compute the HLSS loss, with text the image-text loss.
 
         Without text the text tower never runs here: the banks are fixed buffers. With text (the alignment stage
-        before HLSS, DESIGN 1.8), image ``i`` and text ``i`` are a pair and the loss is CLIP's symmetric
+        before HLSS, docs/method.md, the alignment stage), image ``i`` and text ``i`` are a pair and the loss
+        is CLIP's symmetric
         contrastive loss (``losses.image_text_contrastive_loss``, temperature ``config.caption_temperature``).
 
         Args:

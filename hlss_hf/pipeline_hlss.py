@@ -3,7 +3,7 @@ files, or H&E images.
 
 ``pipeline("image-feature-extraction")`` loads images with PIL and refuses a ``[H, W, 2]`` uint16 array ("Incorrect
 format used for image"); these pipelines hand the array to :class:`~hlss_hf.HLSSImageProcessor` unchanged, which
-knows the SRH scaling (DESIGN 1.7).
+knows the SRH scaling (docs/method.md, preprocessing).
 
 ```python
 import hlss_hf                                   # registers the two tasks below

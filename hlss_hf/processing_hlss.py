@@ -2,7 +2,8 @@
 
 This file is also shipped as transformers remote code, so it imports only torch, numpy, PIL and transformers.
 
-SRH (DESIGN 1.7): OpenSRH patches are 2-channel uint16 ``[CH2, CH3]``. They are scaled by ``1/65536``, a third
+SRH (docs/method.md, preprocessing): OpenSRH patches are 2-channel uint16 ``[CH2, CH3]``. They are scaled by
+``1/65536``, a third
 channel ``CH3 - CH2 + 5000/65536`` is formed, and the image is stacked as ``[CH3 - CH2 + base, CH2, CH3]`` and
 clamped to ``[0, 1]``. H&E patches are 8-bit RGB scaled by ``1/255``.
 
@@ -23,7 +24,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin
 
 SRH_SCALE = 65536.0
-SRH_OFFSET = 5000.0  # in raw counts: the DESIGN 1.7 base 5000/65536 after scaling
+SRH_OFFSET = 5000.0  # in raw counts: the base 5000/65536 after scaling (docs/method.md, preprocessing)
 SRH_BASE = SRH_OFFSET / SRH_SCALE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,7 +35,7 @@ __all__ = ["srh_to_float", "he_to_float", "HLSSImageProcessor", "HLSSProcessor",
 
 
 def srh_to_float(image) -> torch.Tensor:
-    """Convert raw 2-channel uint16 SRH pixels to a 3-channel float image (DESIGN 1.7).
+    """Convert raw 2-channel uint16 SRH pixels to a 3-channel float image (docs/method.md, preprocessing).
 
     Args:
         image (`np.ndarray` or `torch.Tensor`): uint16 pixels with channels ``[CH2, CH3]``, shaped ``(H, W, 2)``
@@ -327,7 +328,8 @@ def _he_to_float(tensor: torch.Tensor, do_rescale: bool, rescale_factor: float |
 
 
 def _srh_rescale_(pixels: torch.Tensor, do_rescale: bool, rescale_factor: float | None) -> torch.Tensor:
-    """Re-scale `srh_to_float`'s pixels (DESIGN 1.7's ``1/65536``) to another scale, in place.
+    """Re-scale `srh_to_float`'s pixels (scaled by ``1/65536``: docs/method.md, preprocessing) to another
+    scale, in place.
 
     ``do_rescale=False`` gives raw counts ``[CH3 - CH2 + 5000, CH2, CH3]`` (the first clamped to [0, 65536]); a
     `rescale_factor` gives counts times it. Both are exact multiples of the default's values.
@@ -382,7 +384,8 @@ class HLSSImageProcessor(BaseImageProcessor):
         image_mean (`float` or `list[float]`, *optional*, defaults to the ImageNet mean): per-channel mean.
         image_std (`float` or `list[float]`, *optional*, defaults to the ImageNet std): per-channel std.
         do_rescale (`bool`, *optional*, defaults to `True`): scale integer pixels to ``[0, 1]``: H&E uint8 by
-            `rescale_factor`, SRH by DESIGN 1.7's ``1/65536`` (or `rescale_factor`). False keeps pixel values as
+            `rescale_factor`, SRH by ``1/65536`` (docs/method.md, preprocessing; or `rescale_factor`). False
+            keeps pixel values as
             they are (0-255 for H&E, raw counts for SRH) and accepts float pixels outside ``[0, 1]``. Float pixels
             are taken as already scaled either way.
         rescale_factor (`float`, *optional*): the scale of integer pixels; defaults to the modality's (``1/255`` for

@@ -329,7 +329,8 @@ def test_hlss_reference_is_deterministic_from_the_generator_for_srh_and_he_patch
     from hlss_hf.processing_hlss import he_to_float, srh_to_float
 
     rng = np.random.default_rng(0)
-    srh = srh_to_float(rng.integers(2000, 30000, size=(2, 30, 30), dtype=np.uint16))  # DESIGN 1.7: [3, H, W]
+    # docs/method.md, preprocessing: [3, H, W]
+    srh = srh_to_float(rng.integers(2000, 30000, size=(2, 30, 30), dtype=np.uint16))
     he = he_to_float(rng.integers(0, 256, size=(30, 30, 3), dtype=np.uint8))
     augment = build_augmentation("hlss_reference", 16)
     for image in (srh, he):

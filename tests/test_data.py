@@ -1,4 +1,5 @@
-"""Hierarchical patient sampling (DESIGN 1.1): index, sampling rules, determinism, workers, sharding, streaming."""
+"""Hierarchical patient sampling (docs/method.md, the batch): index, sampling rules, determinism, workers,
+sharding, streaming."""
 
 import os
 
@@ -33,7 +34,8 @@ CLASSES = ["hgg", "lgg", "normal"]
 
 
 def srh_reference(raw: np.ndarray) -> torch.Tensor:
-    """DESIGN 1.7 written out: (H, W, 2) uint16 -> [CH3 - CH2 + 5000/65536, CH2, CH3] / 65536, clamped."""
+    """The SRH conversion of docs/method.md (preprocessing) written out: (H, W, 2) uint16 -> [CH3 - CH2 +
+    5000/65536, CH2, CH3] / 65536, clamped."""
     ch2 = raw[..., 0].astype(np.float64) / 65536
     ch3 = raw[..., 1].astype(np.float64) / 65536
     return torch.from_numpy(np.clip(np.stack([ch3 - ch2 + 5000 / 65536, ch2, ch3]), 0, 1)).float()
@@ -388,7 +390,7 @@ def test_streaming_emits_each_patient_of_a_sorted_stream_once(parquet_stream, sr
     items = list(data)
     assert sorted(item["patient_id"] for item in items) == sorted(LAYOUT)
     assert all(item["pixel_values"].shape == (2, 2, 1, 3, SIZE, SIZE) for item in items)
-    # Pixels are real rows of the right slide, converted as DESIGN 1.7 says.
+    # Pixels are real rows of the right slide, converted as docs/method.md (preprocessing) says.
     by_patch = {}
     for row in srh_ds:
         by_patch.setdefault(row["slide_id"], []).append(

@@ -33,7 +33,7 @@ def _unit(*shape, seed=0, dtype=torch.float64):
 
 
 def supcon_reference(features, temperature, base_temperature):
-    """Straight from DESIGN 1.4, one scalar at a time."""
+    """Straight from docs/method.md, HVC, one scalar at a time."""
     n, m, _ = features.shape
     flat = [(k, features[k, v]) for k in range(n) for v in range(m)]
     losses = []
@@ -49,7 +49,7 @@ def supcon_reference(features, temperature, base_temperature):
 
 
 def alignment_reference(z, bank, temperature):
-    """Straight from DESIGN 1.5, one sample and one dimension at a time."""
+    """Straight from docs/method.md, HA, one sample and one dimension at a time."""
     n, d = z.shape
     losses = []
     for i in range(n):
@@ -321,7 +321,8 @@ def test_unknown_level_lists_the_valid_ones():
 
 
 def clip_reference(images, texts, temperature):
-    """Straight from DESIGN 1.8, one pair at a time: the mean of the image->text and text->image cross-entropies."""
+    """Straight from docs/method.md, the alignment stage, one pair at a time: the mean of the image->text and
+    text->image cross-entropies."""
     n = images.shape[0]
     image_terms, text_terms = [], []
     for i in range(n):

@@ -24,7 +24,7 @@ from transformers import (  # noqa: E402
 from hlss_hf.processing_hlss import HLSSImageProcessor, HLSSProcessor, he_to_float, srh_to_float  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
-# SRH conversion (DESIGN 1.7)
+# SRH conversion (docs/method.md, preprocessing)
 # ---------------------------------------------------------------------------------------------------------------
 
 # 2x2 patch, channel-last [CH2, CH3].
