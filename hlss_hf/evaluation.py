@@ -1149,7 +1149,14 @@ def _embed_across_processes(
     accelerator, model, dataset, processor, batch_size: int, num_workers: int | None, progress: bool
 ) -> EmbeddingSet | None:
     """Embed `dataset` on every process (see :func:`distributed_knn_evaluate`); the set on the main process,
-    `None` on the others."""
+    `None` on the others.
+
+    Sharded here, not by `accelerate.data_loader.prepare_data_loader` + `gather_for_metrics` (which give the same
+    embeddings for a map-style split), because for a stream Accelerate 1.16 shards a multi-file
+    `datasets.IterableDataset` by file (unequal rows per process: FSDP hangs, order lost), while its
+    `IterableDatasetShard` has no length for `gather_for_metrics` to drop the padding by and repeats every row in
+    each DataLoader worker; these rounds give every process equal forwards, in stream order, with any workers.
+    """
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     info = _split_info(dataset)
