@@ -107,10 +107,10 @@ from hlss_hf.harness import (
     scheduler_steps,
     start_output,
 )
+from hlss_hf.model_card import write_finetune_cards
 from hlss_hf.peft_utils import (
     VISION_PREFIX,
     default_lora_target_modules,
-    finetune_card,
     finish_adapter_folder,
     lora_config_for,
     set_train_mode,
@@ -506,41 +506,6 @@ def save_merged(peft_model, processor, target: Path):
     return merged
 
 
-def write_cards(run_dir: Path, args: FinetuneConfig, report: dict[str, Any], argv: list[str]) -> None:
-    """The model cards (README.md) of the adapter and of the merged model, filled from the run."""
-    import shlex
-
-    t = args.training
-    common = dict(
-        base_model=args.model.model_name_or_path,
-        dataset=args.data.dataset,
-        names=report["labels"],
-        lora=report["lora"],
-        training={
-            "steps": report["steps"],
-            "peak learning rate": t.lr,
-            "schedule": f"{t.lr_scheduler}, warm-up ratio {t.warmup_ratio}",
-            "patches per step": t.per_device_batch_size * report["processes"] * t.gradient_accumulation_steps,
-            "processes": report["processes"],
-            "mixed precision": report["mixed_precision"],
-            "augmentation": args.data.augmentation if isinstance(args.data.augmentation, str) else "custom",
-            "seed": t.seed,
-            "training patches": report["train_patches"],
-        },
-        metrics=report["eval"],
-        eval_split=report["eval_split"],
-        command="python finetune.py " + " ".join(shlex.quote(a) for a in argv),
-        license=t.model_license,
-        project_url=t.project_url,
-        warnings=report.get("warnings"),
-    )
-    write_text_atomically(
-        run_dir / ADAPTER_DIR / "README.md", finetune_card(kind="adapter", repo_id=t.push_to_hub, **common)
-    )
-    if t.merge:
-        write_text_atomically(run_dir / MERGED_DIR / "README.md", finetune_card(kind="merged", **common))
-
-
 def push_adapter(adapter_dir: Path, args: FinetuneConfig) -> str:
     """Upload the adapter folder (with its card) to `training.push_to_hub`; returns the repo's address."""
     from huggingface_hub import HfApi
@@ -801,7 +766,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save_adapter(peft_model, processor, names, run_dir / ADAPTER_DIR, state_dict=state_dict)
         if t.merge:
             save_merged(peft_model, processor, run_dir / MERGED_DIR)
-        write_cards(run_dir, args, report, argv)
+        write_finetune_cards(
+            args, report, argv, run_dir / ADAPTER_DIR, run_dir / MERGED_DIR if t.merge else None
+        )
         write_text_atomically(
             run_dir / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
         )

@@ -44,8 +44,6 @@ AGGREGATIONS = ("reference", "sum")  # hlss_hf.evaluation.AGGREGATIONS (not impo
 FRAMINGS = ("saved", "resize", "center-crop")
 PRECISIONS = ("fp32", "bf16")  # hlss_hf.evaluation.PRECISIONS (not imported, as above)
 DEFAULT_TEMPLATES = ("an image of {}.", "a histopathology image of {}.", "a microscopy image of {} tissue.")
-#: Metrics written to the model card, as (key, model-index metric type).
-CARD_METRICS = (("acc", "accuracy"), ("mca", "balanced_accuracy"), ("map", "mean_average_precision"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,60 +180,6 @@ def load_prompts(path: str | None, class_names: list[str], saved: dict | None = 
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping class -> [prompts], got {type(raw).__name__}")
     return {str(k): [v] if isinstance(v, str) else [str(p) for p in v] for k, v in raw.items()}
-
-
-def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], dataset_name: str) -> Path:
-    """Record a linear-probe or zero-shot report's metrics as model-index results in `<model_dir>/README.md`.
-
-    kNN reports go through :func:`hlss_hf.publishing.update_card_knn`, which rewrites the card's kNN table too.
-    Metric names carry the mode and the aggregation rule (e.g. ``"slide acc (linear, sum aggregation)"``) and
-    `metric_args` the settings; values are percentages, as in the kNN results. Results with the same metric name,
-    dataset and split are replaced; others are kept. Written atomically, with the user's umask.
-    """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    path = Path(model_dir) / "README.md"
-    if path.exists():
-        card = ModelCard.load(path)
-    else:
-        card = ModelCard.from_template(
-            ModelCardData(library_name="transformers", tags=["hlss", "histopathology"])
-        )
-    data = card.data
-    if not getattr(data, "model_name", None):
-        data.model_name = Path(model_dir).resolve().name
-    mode, split = report["mode"], report["split"]
-    settings = report.get("settings", {})
-    aggregation = settings.get("aggregation")
-    # The rule is part of the name: slide / patient numbers (and every mAP) differ between rules.
-    suffix = f"{mode}, {aggregation} aggregation" if aggregation else mode
-    args = {k: settings[k] for k in ("aggregation", "k", "temperature", "framing") if k in settings} or None
-    name = Path(dataset_name).name or dataset_name
-    new = [
-        EvalResult(
-            task_type="image-classification",
-            task_name=f"{mode} evaluation of frozen embeddings",
-            dataset_type=name if Path(dataset_name).exists() else dataset_name,  # never a local path
-            dataset_name=name,
-            dataset_split=split,
-            metric_type=metric_type,
-            metric_name=f"{level} {key} ({suffix})",
-            metric_value=round(100 * float(report["metrics"][f"{level}/{key}"]), 1),
-            metric_args=args,
-        )
-        for level in ("patch", "slide", "patient")
-        for key, metric_type in CARD_METRICS
-        if f"{level}/{key}" in report["metrics"]
-    ]
-    replaced = {(r.metric_name, r.dataset_type, r.dataset_split) for r in new}
-    kept = [
-        r
-        for r in (data.eval_results or [])
-        if (r.metric_name, r.dataset_type, r.dataset_split) not in replaced
-    ]
-    data.eval_results = kept + new
-    write_text_atomically(path, str(card))
-    return path
 
 
 def _load_model(args):
@@ -472,9 +416,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 5. Model card.
     if args.update_card:
-        if args.mode == "knn":
-            from hlss_hf.publishing import update_card_knn
+        from hlss_hf.model_card import update_card_knn, update_model_card
 
+        if args.mode == "knn":
             card = update_card_knn(
                 args.model,
                 report["metrics"],

