@@ -241,6 +241,7 @@ def test_srh_hlss_reference_loads_by_name():
     assert bank == load_attributes("srh_hlss_reference.yaml") == _load("srh_hlss_reference.yaml")
 
 
+@pytest.mark.slow
 def test_attributes_are_distinct_for_the_real_text_tower():
     """No two attributes of a level embed almost identically with MiniLM (catches antonym-only pairs such as
     "with / without invasion", which sentence encoders barely separate)."""

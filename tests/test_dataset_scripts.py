@@ -1132,6 +1132,7 @@ def test_demo_card_documents_the_caption_column(tmp_path):
     assert load(out, tmp_path)["align"].features["caption"] == datasets.Value("string")
 
 
+@pytest.mark.slow
 def test_demo_script_defaults_write_the_data_train_py_trains_and_evaluates_on(tmp_path, capsys):
     from hlss_hf.building import _demo_splits
     from hlss_hf.config import parse_config

@@ -15,6 +15,9 @@ from pathlib import Path
 import datasets
 import pytest
 
+# End to end: each mistake runs the real program in a fresh process (the fast tier leaves them out).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

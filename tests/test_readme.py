@@ -29,6 +29,9 @@ from _tiny import (
     tiny_tokenizer,
 )
 
+# End to end: every documented block and command runs in a fresh process (the fast tier leaves them out).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]  # every page a user reads

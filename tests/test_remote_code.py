@@ -17,6 +17,9 @@ from PIL import Image
 
 from hlss_hf import HLSSImageProcessor, HLSSProcessor  # importing hlss_hf registers the Auto classes
 
+# End to end: saved folders load in fresh processes without hlss_hf (the fast tier leaves them out).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
