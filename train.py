@@ -148,6 +148,7 @@ from hlss_hf.evaluation import (
     zero_shot_probabilities,
 )
 from hlss_hf.explain import class_attribute_summary
+from hlss_hf.files import write_files_atomically
 from hlss_hf.harness import (
     RESUMABLE_KEYS,
     JsonlWriter,
@@ -172,7 +173,6 @@ from hlss_hf.harness import (
     start_output,
     truncate_jsonl,
     weights_finite,
-    write_files_atomically,
 )
 from hlss_hf.model_card import push_to_hub, render_model_card
 from hlss_hf.run_warnings import (

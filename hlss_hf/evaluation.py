@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hlss_hf.data import _FixedArrayReader, loader_workers
+from hlss_hf.files import write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +125,7 @@ class EmbeddingSet:
         return len(self.class_names)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the set to `path` (a torch file), atomically: a temporary file moved into place."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the set to `path` (a torch file), atomically (:func:`hlss_hf.files.write_file_atomically`)."""
         payload = {
             "version": _CACHE_VERSION,
             "embeddings": self.embeddings.contiguous(),
@@ -136,14 +134,7 @@ class EmbeddingSet:
             "patient_ids": self.patient_ids,
             "class_names": self.class_names,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_file_atomically(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EmbeddingSet:

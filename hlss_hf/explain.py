@@ -28,7 +28,6 @@ plot_class_heatmap(summary, "patch", "out/classes_patch.png")
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hlss_hf.evaluation import EmbeddingSet
-from hlss_hf.files import umask_mode
+from hlss_hf.files import write_file_atomically
 
 LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 
@@ -276,19 +275,9 @@ def format_class_summary(summary: dict[str, Any]) -> str:
 def _save(figure, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    write_file_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    return Path(path)
 
 
 def plot_explanation(explanation: dict[str, Any], path: str | os.PathLike) -> Path:

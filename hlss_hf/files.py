@@ -74,6 +74,27 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def write_files_atomically(folder: str | os.PathLike, write, needed_bytes: int | None = None) -> None:
+    """Call ``write(tmp)`` to write files into a temporary folder inside ``folder``, then move each file into
+    ``folder`` (replacing same-named files): a crash while writing leaves the earlier files whole. A full disk is
+    one error naming ``folder`` and ``needed_bytes`` (:func:`naming_full_disk`)."""
+    folder = Path(folder)
+    tmp = folder / ".write.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with naming_full_disk(folder, needed_bytes):
+            write(tmp)
+        for path in sorted(tmp.rglob("*")):
+            target = folder / path.relative_to(tmp)
+            if path.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
     """Build a folder with ``write(tmp)`` in a temporary sibling of ``target``, then swap it in.
 

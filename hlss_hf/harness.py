@@ -344,29 +344,6 @@ def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
     return out
 
 
-def write_files_atomically(folder: str | os.PathLike, write, needed_bytes: int | None = None) -> None:
-    """Call ``write(tmp)`` to write files into a temporary folder inside ``folder``, then move each file into
-    ``folder`` (replacing same-named files): a crash while writing leaves the earlier files whole. A full disk is
-    one error naming ``folder`` and ``needed_bytes`` (:func:`hlss_hf.files.naming_full_disk`)."""
-    from hlss_hf.files import naming_full_disk
-
-    folder = Path(folder)
-    tmp = folder / f".write{_TMP_SUFFIX}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with naming_full_disk(folder, needed_bytes):
-            write(tmp)
-        for path in sorted(tmp.rglob("*")):
-            target = folder / path.relative_to(tmp)
-            if path.is_dir():
-                target.mkdir(exist_ok=True)
-            else:
-                os.replace(path, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: <run>/checkpoints/step_N, written as step_N.tmp and renamed when complete
 
