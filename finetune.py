@@ -43,7 +43,8 @@ from typing import Any
 # --help and settings errors answer at once (hlss_hf/__init__.py).
 HLSS_HF_PARSE_FIRST = True
 
-from hlss_hf.config import FinetuneConfig, check_command_line, flatten_config, format_help, parse_config
+from hlss_hf.cli import check_command_line
+from hlss_hf.config import FinetuneConfig, flatten_config, format_help, parse_config
 from hlss_hf.errors import ConfigError
 
 
@@ -785,7 +786,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def cli() -> None:
     """Entry point: errors a user can fix (settings, data, a used output folder, a non-finite loss, file system,
     Hub) print one line ``error: ...`` and exit with status 1; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback."""
-    from hlss_hf.publishing import debug_requested, exit_on_error
+    from hlss_hf.cli import debug_requested, exit_on_error
 
     argv = sys.argv[1:]
     debug = "--debug" in argv or debug_requested()

@@ -63,14 +63,8 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 # --help and settings errors answer at once (hlss_hf/__init__.py).
 HLSS_HF_PARSE_FIRST = True
 
-from hlss_hf.config import (
-    TrainConfig,
-    check_command_line,
-    command_line_value,
-    flatten_config,
-    format_help,
-    parse_config,
-)
+from hlss_hf.cli import check_command_line
+from hlss_hf.config import TrainConfig, command_line_value, flatten_config, format_help, parse_config
 from hlss_hf.errors import ConfigError
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -107,7 +101,7 @@ def print_help(argv: list[str]) -> None:
 
 
 def check_train_command_line(argv: list[str]) -> None:
-    """``--help`` and settings errors of this command line (:func:`hlss_hf.config.check_command_line`)."""
+    """``--help`` and settings errors of this command line (:func:`hlss_hf.cli.check_command_line`)."""
     check_command_line(
         argv,
         lambda args: parse_config(args, default_config=default_config_for(args)),
@@ -1063,8 +1057,8 @@ def cli() -> None:
     """Entry point: ``--help`` lists every config key. Errors a user can fix (config, a missing dataset folder or Hub
     repo, a non-finite loss, file system, Hub) print one line ``error: ...`` and exit with status 1, leaving no
     empty output folder behind; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback instead."""
+    from hlss_hf.cli import debug_requested, exit_on_error
     from hlss_hf.files import remove_new_empty_folder
-    from hlss_hf.publishing import debug_requested, exit_on_error
 
     argv = sys.argv[1:]
     check_train_command_line(argv)

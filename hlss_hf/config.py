@@ -44,7 +44,6 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -1268,21 +1267,6 @@ def parse_config(
     for key, raw in given.items():
         values[key] = _command_line_value(raw, keys[key])
     return build_config(config_class, values)
-
-
-def check_command_line(
-    argv: list[str], parse: Callable[[list[str]], Any], show_help: Callable[[], None]
-) -> None:
-    """What a program answers before torch and the model code load (seconds; see ``hlss_hf/__init__.py``):
-    ``--help`` (`show_help`, then exit 0) and a settings error (`parse` raising :class:`ConfigError`: one line
-    ``error: ...``, exit 1; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback). A valid command line returns."""
-    from hlss_hf.publishing import debug_requested, exit_on_error
-
-    if "-h" in argv or "--help" in argv:
-        show_help()
-        raise SystemExit(0)
-    with exit_on_error("--debug" in argv or debug_requested(), user_errors=(ConfigError,)):
-        parse([arg for arg in argv if arg != "--debug"])
 
 
 def build_config(config_class: type[Config], values: dict[str, Any]) -> Config:

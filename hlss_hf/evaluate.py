@@ -439,8 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the command line. Bad input (a missing folder or Hub repo, a missing split or column, unknown classes, no
     text tower...), file-system and Hub errors print one line ``error: ...`` and exit with status 2, leaving no
     empty output folder behind; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback instead."""
+    from hlss_hf.cli import debug_requested, exit_on_error
     from hlss_hf.files import remove_new_empty_folder
-    from hlss_hf.publishing import debug_requested, exit_on_error
     from hlss_hf.sources import check_local_source
 
     argv = list(sys.argv[1:] if argv is None else argv)

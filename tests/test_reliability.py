@@ -30,10 +30,10 @@ from test_train import read_metrics, tiny_args, train_records  # noqa: E402
 
 import train  # noqa: E402
 from hlss_hf import files, publishing  # noqa: E402
+from hlss_hf.cli import describe_error  # noqa: E402
 from hlss_hf.errors import OutputInUseError  # noqa: E402
 from hlss_hf.files import output_lock, swap_in  # noqa: E402
 from hlss_hf.harness import list_checkpoints, staging_dir  # noqa: E402
-from hlss_hf.publishing import describe_error  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
