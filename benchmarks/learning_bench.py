@@ -177,7 +177,7 @@ def set_method(model, method: str, seed: int) -> None:
         c.lambda_align = 0.0
     if objective == "hlss-centered":
         # The heads from the banks less their shared direction (HLSSConfig.head_init "text_centered").
-        from hlss_hf.modeling_hlss import head_init_weights
+        from hlss_hf.text_hlss import head_init_weights
 
         c.head_init = "text_centered"
         for level, head in model.heads.items():

@@ -25,8 +25,8 @@ _PUBLIC = {
     "HLSSOutput": "modeling_hlss",
     "HLSSPreTrainedModel": "modeling_hlss",
     "HLSSProcessor": "processing_hlss",
-    "load_attributes": "modeling_hlss",
-    "load_text_tokenizer": "modeling_hlss",
+    "load_attributes": "attributes_hlss",
+    "load_text_tokenizer": "towers_hlss",
 }
 
 __all__ = sorted(_PUBLIC) + ["register_auto_classes"]

@@ -71,7 +71,7 @@ def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
 
 def resolve_attributes(spec: Any) -> Any:
     """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
-    from hlss_hf.modeling_hlss import load_attributes, shipped_attribute_file
+    from hlss_hf.attributes_hlss import load_attributes, shipped_attribute_file
 
     try:
         if isinstance(spec, dict):
@@ -94,7 +94,7 @@ def fallback_tokenizer(attributes: Any):
     """
     from transformers import BertTokenizerFast
 
-    from hlss_hf.modeling_hlss import load_attributes
+    from hlss_hf.attributes_hlss import load_attributes
 
     words = set()
     for bank in load_attributes(attributes).values():
@@ -112,7 +112,7 @@ def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
     """The text tower's tokenizer: ``model.tokenizer``, else the one saved with ``model.init_from``, else the
     tower's own (open_clip towers' too), else :func:`fallback_tokenizer`."""
     from hlss_hf.configuration_hlss import OpenCLIPTextConfig
-    from hlss_hf.modeling_hlss import load_text_tokenizer
+    from hlss_hf.towers_hlss import load_text_tokenizer
 
     spec = config.model.tokenizer
     if spec is not None:

@@ -273,7 +273,7 @@ class HLSSConfig(PreTrainedConfig):
             `"sum"` as the reference code does (see `losses.hierarchical_alignment_loss` for the gradient).
         head_init (`str`, defaults to `"text"`): how the heads start: `"text"`, each level's bank
         (docs/method.md, language-tied heads), or
-            `"text_centered"`, the bank's rows less their mean, renormalised (see `modeling_hlss.head_init_weights`).
+            `"text_centered"`, the bank's rows less their mean, renormalised (see `text_hlss.head_init_weights`).
         caption_temperature (`float`, defaults to 0.07): temperature of the image-text contrastive loss of the
             alignment stage (`forward` with text; `losses.image_text_contrastive_loss`).
         class_prompts (`dict[str, list[str]]`, *optional*): class name -> descriptions of the class, the default

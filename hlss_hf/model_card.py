@@ -7,7 +7,7 @@ hardware and the kNN results of the run. ``train.py`` writes it as the output fo
 :func:`push_to_hub` uploads that folder. ``python -m hlss_hf.evaluate --update-card`` records its results with
 :func:`update_card_knn` (kNN: metadata and table) or :func:`update_model_card` (linear probe, zero-shot);
 ``finetune.py`` writes :func:`finetune_card` with :func:`write_finetune_cards`. The card that a bare
-``save_pretrained`` writes is ``modeling_hlss.hlss_model_card`` (remote code, self-contained).
+``save_pretrained`` writes is ``hub_hlss.hlss_model_card`` (remote code, self-contained).
 """
 
 from __future__ import annotations

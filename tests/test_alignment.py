@@ -35,7 +35,7 @@ from hlss_hf.building import build_caption_table, class_prompts_for, load_splits
 from hlss_hf.config import parse_config  # noqa: E402
 from hlss_hf.errors import ConfigError  # noqa: E402
 from hlss_hf.losses import image_text_contrastive_loss  # noqa: E402
-from hlss_hf.modeling_hlss import head_init_weights  # noqa: E402
+from hlss_hf.text_hlss import head_init_weights  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 DEMO_ALIGN = str(REPO / "configs" / "demo_align.yaml")
