@@ -53,18 +53,30 @@ def demo_data(tmp_path_factory):
     return small_demo_folder(folder)
 
 
+_ABORT = "terminate called without an active exception"
+
+
 def _launch(mode: str, data: Path, report: Path, launch: list[str], *extra: str) -> dict:
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)
     )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", *launch,
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        str(REPO / "tests" / "fsdp_script.py"), "--mode", mode, "--data", str(data), "--report", str(report),
-        *extra,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    def run():
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", *launch,
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()),
+            str(REPO / "tests" / "fsdp_script.py"), "--mode", mode, "--data", str(data), "--report", str(report),
+            *extra,
+        ]  # fmt: skip
+        return cmd, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    cmd, proc = run()
+    if proc.returncode != 0 and _ABORT in proc.stderr:
+        # Seen once in ~10 runs of the FSDP2-on-CPU case (gloo; FSDP on CPU is forced, see fsdp_script.py) on the
+        # loaded 2-core machine: a process aborts in torch's C++ before any check is made. Launched once more; a
+        # second abort, or any other failure, fails the test.
+        cmd, proc = run()
     assert proc.returncode == 0, (
         f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     )
