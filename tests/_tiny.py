@@ -253,3 +253,20 @@ def run_without_hlss(code: str, cwd) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+def he_rows(n=12, seed: int = 0, **columns) -> dict:
+    """The columns of `n` random 12 px H&E patches: 4 per patient, 2 per slide, labels alternating per patient;
+    `columns` add or replace columns."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = {
+        "image": [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(n)],
+        "patient_id": [f"p{i // 4}" for i in range(n)],
+        "slide_id": [f"s{i // 2}" for i in range(n)],
+        "patch_id": [f"x{i}" for i in range(n)],
+        "label": [(i // 4) % 2 for i in range(n)],
+    }
+    rows.update(columns)
+    return rows

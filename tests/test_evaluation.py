@@ -296,21 +296,19 @@ class _CountingModel(nn.Module):
 
 
 def _he_dataset(n=10, split="train", hierarchy=True, seed=0):
-    rng = np.random.default_rng(seed)
+    from _tiny import he_rows
+
     features = features_for("he", ["a", "b"])
-    rows = {
-        "image": [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(n)],
-        "patient_id": [f"p{i // 4}" for i in range(n)],
-        "slide_id": [f"s{i // 2}" for i in range(n)],
-        "patch_id": [f"x{i}" for i in range(n)],
-        "label": [(i // 4) % 2 for i in range(n)],
-        "x": [0] * n,
-        "y": [0] * n,
-        "level": [0] * n,
-        "mpp": [float("nan")] * n,
-        "magnification": [float("nan")] * n,
-        "source": ["test"] * n,
-    }
+    rows = he_rows(
+        n,
+        seed,
+        x=[0] * n,
+        y=[0] * n,
+        level=[0] * n,
+        mpp=[float("nan")] * n,
+        magnification=[float("nan")] * n,
+        source=["test"] * n,
+    )
     dataset = datasets.Dataset.from_dict(rows, features=features, split=split)
     if not hierarchy:
         dataset = dataset.remove_columns(["slide_id", "patient_id"])

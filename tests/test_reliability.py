@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _tiny import he_rows  # noqa: E402
 from test_harness import reset_accelerate  # noqa: E402
 from test_train import read_metrics, tiny_args, train_records  # noqa: E402
 
@@ -486,21 +487,6 @@ def test_garbage_health_file_is_unknown_health_and_the_run_resumes(cut_checkpoin
     out = edited_copy(cut_checkpoint, tmp_path, lambda c: (c / "health.json").write_text("{garbage"))
     result = train.main(tiny_args(out, cut_checkpoint[1], "--resume_from_checkpoint", "latest"))
     assert result["step"] == 4 and "health counts as unknown" in caplog.text
-
-
-def he_rows(n=12, **columns):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    rows = {
-        "image": [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(n)],
-        "patient_id": [f"p{i // 4}" for i in range(n)],
-        "slide_id": [f"s{i // 2}" for i in range(n)],
-        "patch_id": [f"x{i}" for i in range(n)],
-        "label": [(i // 4) % 2 for i in range(n)],
-    }
-    rows.update(columns)
-    return rows
 
 
 def he_dataset(rows):
