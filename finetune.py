@@ -79,9 +79,6 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 
 if __name__ == "__main__":
     check_command_line(sys.argv[1:], parse_args, print_help)  # before torch and the model code load
-    import hlss_hf
-
-    hlss_hf.register_auto_classes()
 
 import datasets
 import numpy as np

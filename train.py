@@ -111,9 +111,6 @@ def check_train_command_line(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     check_train_command_line(sys.argv[1:])  # before torch and the model code load
-    import hlss_hf
-
-    hlss_hf.register_auto_classes()
 
 import torch
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from hlss_hf import register_auto_classes
 from hlss_hf.errors import ConfigError, ConversionError, DatasetError, OutputInUseError, SourceError
 from hlss_hf.files import describe_os_error
 
@@ -92,11 +93,11 @@ def check_command_line(
 ) -> None:
     """What a program answers before torch and the model code load (seconds; see ``hlss_hf/__init__.py``):
     ``--help`` (`show_help`, then exit 0) and a settings error (`parse` raising :class:`ConfigError`: one line
-    ``error: ...``, exit 1; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback). A valid command line returns."""
-    from hlss_hf.cli import debug_requested, exit_on_error
-
+    ``error: ...``, exit 1; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback). A valid command line returns,
+    with HLSS registered with transformers' Auto classes (which a program of the project defers until now)."""
     if "-h" in argv or "--help" in argv:
         show_help()
         raise SystemExit(0)
     with exit_on_error("--debug" in argv or debug_requested(), user_errors=(ConfigError,)):
         parse([arg for arg in argv if arg != "--debug"])
+    register_auto_classes()

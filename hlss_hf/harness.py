@@ -518,9 +518,9 @@ def _leave_out_frozen(
     fingerprint in ``frozen`` (FSDP / DeepSpeed hand it no weights: their checkpoints keep the tower)."""
     for model, state_dict in zip(models, weights, strict=False):  # FSDP / DeepSpeed: no weights
         dropped = [key for key in state_dict if _FROZEN_KEY.match(key)]
-        if dropped:
-            for key in dropped:
-                del state_dict[key]
+        for key in dropped:
+            del state_dict[key]
+        if dropped and accelerator.is_main_process:  # the one process that writes the fingerprint
             frozen["text_model"] = frozen_fingerprint(accelerator.unwrap_model(model))
 
 
@@ -559,10 +559,15 @@ def _check_frozen(accelerator, path: Path) -> None:
 
 
 def _state_bytes(accelerator) -> int:
-    """About the bytes of this process's checkpoint: the prepared models' and optimizers' tensors."""
+    """About the bytes of this process's checkpoint: the prepared models' tensors (less the frozen text tower,
+    which checkpoints leave out) and the optimizers'."""
     total = 0
     for model in getattr(accelerator, "_models", []):
-        total += sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+        total += sum(
+            t.numel() * t.element_size()
+            for key, t in model.state_dict().items()
+            if torch.is_tensor(t) and not _FROZEN_KEY.match(key)
+        )
     for optimizer in getattr(accelerator, "_optimizers", []):
         for values in optimizer.state_dict().get("state", {}).values():
             total += sum(t.numel() * t.element_size() for t in values.values() if torch.is_tensor(t))
