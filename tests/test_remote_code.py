@@ -275,3 +275,64 @@ def test_remote_code_also_refuses_a_checkpoint_without_banks(saved, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "refused" in result.stdout
+
+
+# ----------------------------------------------------------------------- a folder saved by hlss_hf 0.1.0, committed
+# tests/fixtures/hlss_saved_0_1/ was written once by tests/fixtures/make_hlss_saved_0_1.py with the code of 0.1.0
+# (remote-code files at the package root); it is the one folder here that the code under test did not write.
+SAVED_0_1 = Path(__file__).parent / "fixtures" / "hlss_saved_0_1"
+SAVED_0_1_EXPECTED = SAVED_0_1.with_name("hlss_saved_0_1_expected.safetensors")
+SAVED_0_1_TEXT = ["a glial tumour", "necrotic debris"]
+
+
+def test_a_folder_saved_by_0_1_loads_with_today_s_classes():
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoProcessor
+
+    from hlss_hf import HLSSModel
+
+    expected = load_file(SAVED_0_1_EXPECTED)
+    model = AutoModel.from_pretrained(SAVED_0_1).eval()
+    processor = AutoProcessor.from_pretrained(SAVED_0_1)
+    assert type(model) is HLSSModel and type(processor) is HLSSProcessor
+    pixels = processor(images=[expected["image"].numpy()])["pixel_values"]
+    assert torch.equal(pixels, expected["pixels"])
+    with torch.no_grad():
+        out = model(pixels)
+        text = model.encode_texts(SAVED_0_1_TEXT, processor.tokenizer)
+    torch.testing.assert_close(out.image_embeds, expected["embeds"])
+    torch.testing.assert_close(out.attribute_scores["patch"], expected["patch"])
+    torch.testing.assert_close(text, expected["text"])
+
+
+def test_a_folder_saved_by_0_1_loads_as_remote_code(tmp_path):
+    result = run_without_hlss(
+        f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoModelForImageClassification, AutoProcessor, pipeline
+
+        folder = {str(SAVED_0_1)!r}
+        expected = load_file({str(SAVED_0_1_EXPECTED)!r})
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
+        AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, num_labels=2)
+        image = expected["image"].numpy()
+        pixels = processor(images=[image])["pixel_values"]
+        assert torch.equal(pixels, expected["pixels"])
+        with torch.no_grad():
+            out = model(pixels)
+            text = model.encode_texts({SAVED_0_1_TEXT!r}, processor.tokenizer)
+        torch.testing.assert_close(out.image_embeds, expected["embeds"])
+        torch.testing.assert_close(out.attribute_scores["patch"], expected["patch"])
+        torch.testing.assert_close(text, expected["text"])
+        embed = pipeline("hlss-feature-extraction", model=folder, trust_remote_code=True)
+        torch.testing.assert_close(embed(image, return_tensors=True), expected["embeds"])
+        print("ok")
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ok" in result.stdout
