@@ -105,7 +105,8 @@ from hlss_hf.harness import (
     scheduler_steps,
     start_output,
 )
-from hlss_hf.model_card import write_finetune_cards
+from hlss_hf.hub.model_card import write_finetune_cards
+from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 from hlss_hf.peft_utils import (
     VISION_PREFIX,
     default_lora_target_modules,
@@ -113,7 +114,6 @@ from hlss_hf.peft_utils import (
     lora_config_for,
     set_train_mode,
 )
-from hlss_hf.processing_hlss import HLSSImageProcessor
 from hlss_hf.run_warnings import WarningLog, evaluation_warnings, finetune_warnings, informative_metrics
 from hlss_hf.schema import decode_image, modality_of
 

@@ -165,7 +165,7 @@ from hlss_hf.harness import (
     truncate_jsonl,
     weights_finite,
 )
-from hlss_hf.model_card import push_to_hub, render_model_card
+from hlss_hf.hub.model_card import push_to_hub, render_model_card
 from hlss_hf.run_warnings import (
     RunWarning,
     WarningLog,
@@ -937,7 +937,7 @@ def non_finite_error(outputs, state: TrainState, run_dir: Path, unchecked: Path 
 def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card_context: dict) -> None:
     """Model, processor, pipelines, card and settings, written beside and moved into the run's folder (main
     process)."""
-    from hlss_hf.pipeline_hlss import add_pipelines_to_folder
+    from hlss_hf.models.hlss.pipeline_hlss import add_pipelines_to_folder
 
     unwrapped = run.unwrapped
     index = getattr(run.train_dataset, "index", None)

@@ -52,7 +52,7 @@ from augmentation_reference import per_image_reference  # noqa: E402
 
 from hlss_hf.augmentation import build_augmentation  # noqa: E402
 from hlss_hf.data import HierarchicalPatchDataset, HierarchyIndex, to_float  # noqa: E402
-from hlss_hf.processing_hlss import he_to_float, srh_to_float  # noqa: E402
+from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float  # noqa: E402
 from hlss_hf.schema import OPENSRH_CLASSES  # noqa: E402
 
 

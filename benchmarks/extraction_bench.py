@@ -117,7 +117,7 @@ def extract_bench(args) -> dict:
 
     from dataset_scripts.demo import build_demo_dataset
     from hlss_hf.evaluation import extract_embeddings
-    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
     from hlss_hf.schema import decode_image
 
     datasets.disable_progress_bars()
@@ -326,7 +326,7 @@ def _store(images, storage: str, quality: int):
 def _today_batches(data, processor, batch_size: int):
     """The input path before issue 13, kept here to measure against: datasets' numpy formatting (PIL decode;
     int64 widening of integer arrays), `decode_image` per row, and the processor's per-image loop."""
-    from hlss_hf.processing_hlss import he_to_float, srh_to_float
+    from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
     from hlss_hf.schema import decode_image
 
     column = data.select_columns(["image"]).with_format("numpy")
@@ -359,7 +359,7 @@ def pipeline_bench(args) -> dict:
     """Images/s of the input pipeline alone, one core, today's path and the new one alternating."""
     import datasets
 
-    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 
     datasets.disable_progress_bars()
     threads = torch.get_num_threads()

@@ -177,7 +177,7 @@ def set_method(model, method: str, seed: int) -> None:
         c.lambda_align = 0.0
     if objective == "hlss-centered":
         # The heads from the banks less their shared direction (HLSSConfig.head_init "text_centered").
-        from hlss_hf.text_hlss import head_init_weights
+        from hlss_hf.models.hlss.text_hlss import head_init_weights
 
         c.head_init = "text_centered"
         for level, head in model.heads.items():
@@ -279,7 +279,7 @@ def evaluate(model, config, tokenizer, splits, eval_resize: int | None = None) -
 def align(config, tokenizer, split, seed: int, cache: str | None):
     """The alignment stage as configs/demo_align.yaml runs it (its batch, steps, schedule) on ``split``; with
     ``cache``, kept in ``cache/seed<seed>`` with its settings and reused while they are the same."""
-    from hlss_hf.modeling_hlss import HLSSModel
+    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
 
     folder = Path(cache) / f"seed{seed}" if cache else None
     settings = json.dumps(config.to_dict(), sort_keys=True, default=str)

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hlss_hf.losses import LEVELS, hierarchical_contrastive_loss, supcon_loss
+from hlss_hf.models.hlss.losses import LEVELS, hierarchical_contrastive_loss, supcon_loss
 
 
 def naive_supcon(features, temperature=0.07, base_temperature=0.07):

@@ -86,7 +86,7 @@ def build(args):
     from transformers import AutoConfig
 
     from hlss_hf.building import fallback_tokenizer
-    from hlss_hf.modeling_hlss import HLSSModel
+    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
 
     torch.manual_seed(0)
     text_fields = dict(TEXT_CONFIG, hidden_size=args.text_hidden, intermediate_size=2 * args.text_hidden)

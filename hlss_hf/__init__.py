@@ -2,7 +2,7 @@
 
 Importing the package registers HLSS with the transformers Auto classes (`AutoConfig`, `AutoModel`,
 `AutoModelForImageClassification`, `AutoImageProcessor`, `AutoProcessor`) and the two SRH-capable pipeline tasks
-(`hlss-feature-extraction`, `hlss-image-classification`, in `pipeline_hlss`); the public names load on first use.
+(`hlss-feature-extraction`, `hlss-image-classification`, in `models/hlss/pipeline_hlss.py`); the public names load on first use.
 
 The command-line programs (`train.py`, `finetune.py`, `python -m hlss_hf.evaluate`, `dataset_scripts/*.py`) read
 their arguments before torch loads (seconds to tens of seconds), so that `--help` and configuration errors answer at
@@ -16,17 +16,17 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it (PEP 562: imported when first asked for).
 _PUBLIC = {
-    "HLSSConfig": "configuration_hlss",
-    "HLSSFeatureExtractionPipeline": "pipeline_hlss",
-    "HLSSForImageClassification": "modeling_hlss",
-    "HLSSImageClassificationPipeline": "pipeline_hlss",
-    "HLSSImageProcessor": "processing_hlss",
-    "HLSSModel": "modeling_hlss",
-    "HLSSOutput": "modeling_hlss",
-    "HLSSPreTrainedModel": "modeling_hlss",
-    "HLSSProcessor": "processing_hlss",
-    "load_attributes": "attributes_hlss",
-    "load_text_tokenizer": "towers_hlss",
+    "HLSSConfig": "models.hlss.configuration_hlss",
+    "HLSSFeatureExtractionPipeline": "models.hlss.pipeline_hlss",
+    "HLSSForImageClassification": "models.hlss.modeling_hlss",
+    "HLSSImageClassificationPipeline": "models.hlss.pipeline_hlss",
+    "HLSSImageProcessor": "models.hlss.processing_hlss",
+    "HLSSModel": "models.hlss.modeling_hlss",
+    "HLSSOutput": "models.hlss.modeling_hlss",
+    "HLSSPreTrainedModel": "models.hlss.modeling_hlss",
+    "HLSSProcessor": "models.hlss.processing_hlss",
+    "load_attributes": "models.hlss.attributes_hlss",
+    "load_text_tokenizer": "models.hlss.towers_hlss",
 }
 
 __all__ = sorted(_PUBLIC) + ["register_auto_classes"]
@@ -72,10 +72,10 @@ def _register() -> None:
     )
     from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
-    from .configuration_hlss import HLSSConfig
-    from .modeling_hlss import HLSSForImageClassification, HLSSModel
-    from .pipeline_hlss import register_pipelines
-    from .processing_hlss import HLSSImageProcessor, HLSSProcessor
+    from .models.hlss.configuration_hlss import HLSSConfig
+    from .models.hlss.modeling_hlss import HLSSForImageClassification, HLSSModel
+    from .models.hlss.pipeline_hlss import register_pipelines
+    from .models.hlss.processing_hlss import HLSSImageProcessor, HLSSProcessor
 
     AutoConfig.register(HLSSConfig.model_type, HLSSConfig, exist_ok=True)
     AutoModel.register(HLSSConfig, HLSSModel, exist_ok=True)

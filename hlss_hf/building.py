@@ -71,7 +71,7 @@ def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
 
 def resolve_attributes(spec: Any) -> Any:
     """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
-    from hlss_hf.attributes_hlss import load_attributes, shipped_attribute_file
+    from hlss_hf.models.hlss.attributes_hlss import load_attributes, shipped_attribute_file
 
     try:
         if isinstance(spec, dict):
@@ -94,7 +94,7 @@ def fallback_tokenizer(attributes: Any):
     """
     from transformers import BertTokenizerFast
 
-    from hlss_hf.attributes_hlss import load_attributes
+    from hlss_hf.models.hlss.attributes_hlss import load_attributes
 
     words = set()
     for bank in load_attributes(attributes).values():
@@ -111,8 +111,8 @@ def fallback_tokenizer(attributes: Any):
 def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
     """The text tower's tokenizer: ``model.tokenizer``, else the one saved with ``model.init_from``, else the
     tower's own (open_clip towers' too), else :func:`fallback_tokenizer`."""
-    from hlss_hf.configuration_hlss import OpenCLIPTextConfig
-    from hlss_hf.towers_hlss import load_text_tokenizer
+    from hlss_hf.models.hlss.configuration_hlss import OpenCLIPTextConfig
+    from hlss_hf.models.hlss.towers_hlss import load_text_tokenizer
 
     spec = config.model.tokenizer
     if spec is not None:
@@ -194,7 +194,7 @@ def _from_init_model(config: TrainConfig, load):
 
 def load_init_model(config: TrainConfig):
     """The HLSS model named by ``model.init_from`` (e.g. an ``align`` run's output), whose towers start this run."""
-    from hlss_hf.modeling_hlss import HLSSModel
+    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
 
     return _from_init_model(config, HLSSModel.from_pretrained)
 
@@ -223,7 +223,7 @@ def build_model(
         start (`HLSSModel`, *optional*): the model to start from instead of loading ``model.init_from`` (its
             towers are shared, not copied).
     """
-    from hlss_hf.modeling_hlss import HLSSModel
+    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
 
     m = config.model
     kwargs = dict(
@@ -335,7 +335,7 @@ def build_image_processor(config: TrainConfig, modality: str):
     ``data.crop_size`` (bicubic, the reference's framing); ``center_crop`` crops that size at native resolution,
     after an optional shortest-edge resize to ``data.eval_resize``. Either resize antialiases unless
     ``data.eval_antialias`` is false."""
-    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 
     d = config.data
     if d.eval_framing == "resize":
@@ -359,7 +359,7 @@ def build_image_processor(config: TrainConfig, modality: str):
 
 def build_processor(image_processor, tokenizer):
     """The processor saved beside the model: the image processor + the text tower's tokenizer."""
-    from hlss_hf.processing_hlss import HLSSProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSProcessor
 
     return HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)
 

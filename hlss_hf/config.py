@@ -630,7 +630,7 @@ class ModelConfig(Section):
         for name in ("temperature", "base_temperature", "align_temperature", "caption_temperature"):
             _check_temperature(getattr(self, name), self.key(name))
         _check(self.objective in OBJECTIVES, self.key("objective"), f"must be one of {list(OBJECTIVES)}")
-        from hlss_hf.configuration_hlss import HEAD_INITS
+        from hlss_hf.models.hlss.configuration_hlss import HEAD_INITS
 
         _check(self.head_init in HEAD_INITS, self.key("head_init"), f"must be one of {list(HEAD_INITS)}")
         _check(
@@ -642,7 +642,7 @@ class ModelConfig(Section):
         for name in ("lambda_patch", "lambda_slide", "lambda_patient", "lambda_align"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, self.key(name), "must be a finite number >= 0")
-        from hlss_hf.configuration_hlss import ALIGNMENT_REDUCTIONS
+        from hlss_hf.models.hlss.configuration_hlss import ALIGNMENT_REDUCTIONS
 
         _check(
             self.alignment_reduction in ALIGNMENT_REDUCTIONS,

@@ -93,7 +93,7 @@ def to_float(images: np.ndarray | Sequence[np.ndarray], modality: str) -> torch.
     Returns:
         `torch.FloatTensor` ``[N, 3, H, W]`` in [0, 1], or a list of ``[3, H, W]`` tensors for a list input.
     """
-    from .processing_hlss import he_to_float, srh_to_float
+    from .models.hlss.pixels_hlss import he_to_float, srh_to_float
 
     if modality == "srh":
         convert = srh_to_float

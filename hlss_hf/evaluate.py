@@ -245,7 +245,7 @@ def frame_processor(processor, framing: str, model, modality: str):
         return processor
     import copy
 
-    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 
     if processor is None:
         framed = HLSSImageProcessor(modality=modality)
@@ -416,7 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 5. Model card.
     if args.update_card:
-        from hlss_hf.model_card import update_card_knn, update_model_card
+        from hlss_hf.hub.model_index import update_card_knn, update_model_card
 
         if args.mode == "knn":
             card = update_card_knn(

@@ -220,7 +220,8 @@ def _processor_fingerprint(processor: Any) -> str:
 
 def _default_pixels(images, modality: str, image_size: int | None) -> torch.Tensor:
     """Convert decoded patches to `[N, 3, H, W]` floats, centre-cropped to the model's image size."""
-    from hlss_hf.processing_hlss import HLSSImageProcessor, he_to_float, srh_to_float
+    from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 
     if isinstance(images, np.ndarray):  # a stacked batch [N, H, W, C]
         images = [images] if image_size is None or min(images.shape[1:3]) >= image_size else list(images)

@@ -224,7 +224,7 @@ def load_lora_classifier(adapter_dir, base_model: str | None = None, is_trainabl
     """
     from peft import PeftConfig, PeftModel
 
-    from .modeling_hlss import HLSSForImageClassification
+    from .models.hlss.modeling_hlss import HLSSForImageClassification
 
     adapter_dir = Path(adapter_dir)
     labels_path = adapter_dir / LABELS_FILE

@@ -1,4 +1,4 @@
-"""Checks on the attribute banks shipped in hlss_hf/attributes (format, sizes, uniqueness, distinct wording)."""
+"""Checks on the attribute banks shipped in hlss_hf/models/hlss/attributes (format, sizes, uniqueness, distinct wording)."""
 
 import itertools
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ATTRIBUTES = Path(__file__).resolve().parents[1] / "hlss_hf" / "attributes"
+ATTRIBUTES = Path(__file__).resolve().parents[1] / "hlss_hf" / "models" / "hlss" / "attributes"
 LEVELS = ("patch", "slide", "patient")
 # (file, exact count per level or None, minimum count per level)
 # srh_hlss_reference: the reference's own concepts, 128 per level as in its train_hlss_attr3levels.yaml.
@@ -234,7 +234,7 @@ def test_srh_hlss_reference_keeps_the_reference_concepts_in_order():
 
 
 def test_srh_hlss_reference_loads_by_name():
-    from hlss_hf.attributes_hlss import load_attributes
+    from hlss_hf.models.hlss.attributes_hlss import load_attributes
 
     bank = load_attributes("srh_hlss_reference")
     assert [len(bank[level]) for level in LEVELS] == [128, 128, 128]
@@ -325,7 +325,7 @@ training:
 
 
 def test_the_reference_config_file_loads_its_own_banks_unchanged(tmp_path):
-    from hlss_hf.attributes_hlss import load_attributes
+    from hlss_hf.models.hlss.attributes_hlss import load_attributes
 
     path = tmp_path / "train_reference.yaml"
     path.write_text(REFERENCE_STYLE_CONFIG, encoding="utf-8")
@@ -359,7 +359,7 @@ def test_the_reference_config_file_loads_its_own_banks_unchanged(tmp_path):
 
 
 def test_a_reference_config_without_one_level_is_named(tmp_path):
-    from hlss_hf.attributes_hlss import load_attributes
+    from hlss_hf.models.hlss.attributes_hlss import load_attributes
 
     path = tmp_path / "partial.yaml"
     path.write_text(REFERENCE_STYLE_CONFIG.replace("slide_templates", "slide_prompts"), encoding="utf-8")

@@ -326,7 +326,7 @@ def test_hlss_reference_preset_pins_the_reference_chain():
 def test_hlss_reference_is_deterministic_from_the_generator_for_srh_and_he_patches():
     import numpy as np
 
-    from hlss_hf.processing_hlss import he_to_float, srh_to_float
+    from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
 
     rng = np.random.default_rng(0)
     # docs/method.md, preprocessing: [3, H, W]

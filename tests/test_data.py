@@ -221,7 +221,7 @@ def test_augmented_views_equal_the_per_view_reference_calls():
     # The dataset augments all S*P*V views of a patient in one batched call; it must give what one reference
     # call per view gives on the same drawn rows and generator (the research-code way), pixels with clamped
     # CH3 - CH2 included.
-    from hlss_hf.processing_hlss import srh_to_float
+    from hlss_hf.models.hlss.pixels_hlss import srh_to_float
 
     rows = make_rows({"A": (0, [3, 2]), "B": (1, [2])})
     rng = np.random.default_rng(0)

@@ -1155,7 +1155,7 @@ def test_demo_script_defaults_write_the_data_train_py_trains_and_evaluates_on(tm
 def test_demo_attribute_set_is_the_generator_vocabulary():
     import yaml
 
-    from hlss_hf.attributes_hlss import shipped_attribute_file
+    from hlss_hf.models.hlss.attributes_hlss import shipped_attribute_file
 
     bank = yaml.safe_load(Path(shipped_attribute_file("demo_morphology")).read_text(encoding="utf-8"))
     vocabulary = set(demo.PHRASES)

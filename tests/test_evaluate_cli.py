@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # dataset_scripts is not a package
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-pytest.importorskip("hlss_hf.modeling_hlss")
+pytest.importorskip("hlss_hf.models.hlss.modeling_hlss")
 demo = pytest.importorskip("dataset_scripts.demo")
 
 from _tiny import tiny_hlss_model, tiny_tokenizer  # noqa: E402

@@ -408,7 +408,7 @@ def test_extract_embeddings_uses_processor():
 
 
 def test_extract_embeddings_srh_uses_srh_conversion():
-    from hlss_hf.processing_hlss import srh_to_float
+    from hlss_hf.models.hlss.pixels_hlss import srh_to_float
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 65535, (12, 12, 2), dtype=np.uint16) for _ in range(3)]
@@ -523,7 +523,7 @@ def test_array_batches_are_views_of_the_mapped_data_where_rows_are_consecutive(t
 def test_extract_embeddings_of_png_patches_equals_the_per_image_pil_path():
     from PIL import Image
 
-    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 
     rng = np.random.default_rng(4)
     images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(5)]

@@ -351,7 +351,7 @@ def test_used_output_folder_is_refused_then_replaced_whole(hlss_dir, demo_dir, t
 
 def test_non_finite_loss_stops_every_process_and_leaves_no_output(hlss_dir, demo_dir, tmp_path, monkeypatch):
     from hlss_hf.errors import NonFiniteLossError
-    from hlss_hf.modeling_hlss import HLSSForImageClassification
+    from hlss_hf.models.hlss.modeling_hlss import HLSSForImageClassification
 
     forward = HLSSForImageClassification.forward
 
@@ -404,7 +404,7 @@ def test_pipeline_runs_the_merged_model(finetuned):
 @pytest.mark.parametrize("modality", ["he", "srh"])
 def test_patch_dataset_items_match_the_processor(modality):
     from hlss_hf.augmentation import build_augmentation
-    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
     from hlss_hf.schema import decode_image
 
     split = build_demo_dataset(
@@ -442,7 +442,7 @@ def test_patch_dataset_items_match_the_processor(modality):
 
 
 def test_patch_smaller_than_the_crop_is_named():
-    from hlss_hf.processing_hlss import HLSSImageProcessor
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 
     split = build_demo_dataset(
         num_patients=3,

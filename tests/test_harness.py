@@ -65,7 +65,7 @@ def cut_run(out, attributes_file, *extra, stop=2):
 
 def break_loss_at(monkeypatch, call: int, factor: float = float("nan")):
     """Make the model's ``call``-th forward return a non-finite loss; returns the function that undoes it."""
-    from hlss_hf.modeling_hlss import HLSSModel
+    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
 
     forward = HLSSModel.forward
     calls = {"n": 0}

@@ -320,7 +320,7 @@ def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(
 
 def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
     from hlss_hf.errors import ConversionError
-    from hlss_hf.model_card import hub_links, license_metadata
+    from hlss_hf.hub.model_card import hub_links, license_metadata
     from hlss_hf.publishing import check_license, size_category
 
     assert yaml.safe_load(license_metadata("other")) == {
@@ -344,7 +344,8 @@ def test_update_card_knn_rewrites_metadata_and_table_together(tmp_path):
 
     from huggingface_hub import ModelCard
 
-    from hlss_hf.model_card import MODEL_CARD_TEMPLATE, model_index_yaml, update_card_knn
+    from hlss_hf.hub.model_card import MODEL_CARD_TEMPLATE
+    from hlss_hf.hub.model_index import model_index_yaml, update_card_knn
 
     levels, keys = ("patch", "slide", "patient"), ("acc", "top2", "top3", "mca", "map")
     first = {f"eval/{lv}/{key}": 0.5 for lv in levels for key in keys}

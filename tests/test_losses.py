@@ -1,4 +1,4 @@
-"""Tests for hlss_hf.losses: slow formula references, properties, closed forms, mixed precision, and a
+"""Tests for hlss_hf.models.hlss.losses: slow formula references, properties, closed forms, mixed precision, and a
 2-process gloo run showing that gathering with gradient reproduces single-process training."""
 
 import os
@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hlss_hf.losses import (  # noqa: E402
+from hlss_hf.models.hlss.losses import (  # noqa: E402
     LEVELS,
     gather_with_grad,
     hierarchical_alignment_loss,

@@ -25,7 +25,7 @@ from transformers import pipeline  # noqa: E402
 
 import hlss_hf  # noqa: E402,F401
 from hlss_hf import HLSSForImageClassification, HLSSImageProcessor  # noqa: E402
-from hlss_hf.pipeline_hlss import add_pipelines_to_folder, read_patch  # noqa: E402
+from hlss_hf.models.hlss.pipeline_hlss import add_pipelines_to_folder, read_patch  # noqa: E402
 
 NAMES = ["hgg", "lgg", "normal"]
 

@@ -1,4 +1,4 @@
-"""Tests for hlss_hf.processing_hlss: pixel conversion, HLSSImageProcessor, HLSSProcessor."""
+"""Tests for hlss_hf.models.hlss.processing_hlss: pixel conversion, HLSSImageProcessor, HLSSProcessor."""
 
 import os
 import subprocess
@@ -21,7 +21,8 @@ from transformers import (  # noqa: E402
     pipeline,
 )
 
-from hlss_hf.processing_hlss import HLSSImageProcessor, HLSSProcessor, he_to_float, srh_to_float  # noqa: E402
+from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float  # noqa: E402
+from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor, HLSSProcessor  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # SRH conversion (docs/method.md, preprocessing)

@@ -32,7 +32,7 @@ from dataset_scripts import demo  # noqa: E402
 from hlss_hf import HLSSImageProcessor  # noqa: E402
 from hlss_hf.data import HierarchicalPatchDataset, HierarchicalStreamingDataset  # noqa: E402
 from hlss_hf.evaluation import extract_embeddings  # noqa: E402
-from hlss_hf.pipeline_hlss import read_patch  # noqa: E402
+from hlss_hf.models.hlss.pipeline_hlss import read_patch  # noqa: E402
 
 PATCH = 40
 DEMO = dict(num_patients=6, num_classes=2, patches_per_slide=3, patch_size=PATCH, val_fraction=0.34)

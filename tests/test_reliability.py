@@ -412,7 +412,7 @@ def test_malformed_attribute_file_is_a_config_error_naming_the_item(tmp_path, te
 
 
 def test_duplicate_attribute_in_a_json_file_is_refused(tmp_path):
-    from hlss_hf.attributes_hlss import load_attributes
+    from hlss_hf.models.hlss.attributes_hlss import load_attributes
 
     path = tmp_path / "attributes.json"
     path.write_text('{"patch": {"a": ["x"], "a": ["y"]}, "slide": {"c": ["x"]}, "patient": {"n": ["x"]}}')

@@ -32,8 +32,8 @@ from torch import nn  # noqa: E402
 from transformers import TimmWrapperForImageClassification, TimmWrapperModel  # noqa: E402
 
 from hlss_hf import HLSSConfig, HLSSImageProcessor, HLSSModel, HLSSProcessor  # noqa: E402
-from hlss_hf.configuration_hlss import OpenCLIPTextConfig  # noqa: E402
-from hlss_hf.towers_hlss import (  # noqa: E402
+from hlss_hf.models.hlss.configuration_hlss import OpenCLIPTextConfig  # noqa: E402
+from hlss_hf.models.hlss.towers_hlss import (  # noqa: E402
     OpenCLIPTextModel,
     OpenCLIPVisionModel,
     load_text_tokenizer,
@@ -179,7 +179,7 @@ def test_other_tower_pairs_get_a_new_projection(checkpoint):
     ],
 )
 def test_same_checkpoint_detection_decides_the_default_projection(vision, text, same):
-    from hlss_hf.towers_hlss import _same_open_clip_checkpoint
+    from hlss_hf.models.hlss.towers_hlss import _same_open_clip_checkpoint
 
     assert _same_open_clip_checkpoint(vision, text) is same
 
@@ -361,7 +361,7 @@ def test_reference_image_tower_is_the_same_network_in_open_clip_and_timm():
     from timm.models.byobnet import checkpoint_filter_fn
     from transformers import TimmWrapperConfig
 
-    from hlss_hf.towers_hlss import _pool_vision
+    from hlss_hf.models.hlss.towers_hlss import _pool_vision
 
     tag = open_clip.get_pretrained_cfg("RN50", "cc12m")
     assert tag["hf_hub"].strip("/") == "timm/resnet50_clip.cc12m" and tag["quick_gelu"] is True

@@ -30,7 +30,7 @@ from hlss_hf import building  # noqa: E402
 from hlss_hf.config import TrainConfig, parse_config  # noqa: E402
 from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
 from hlss_hf.harness import checkpoint_dir, list_checkpoints  # noqa: E402
-from hlss_hf.model_card import hub_links  # noqa: E402
+from hlss_hf.hub.model_card import hub_links  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
 TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
@@ -344,7 +344,7 @@ def test_text_tower_never_runs_during_training_steps(tmp_path, attributes_file, 
 
 
 def test_text_tower_guard_fails_a_step_that_runs_it(tmp_path, attributes_file, monkeypatch):
-    from hlss_hf.modeling_hlss import HLSSModel
+    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
 
     forward = HLSSModel.forward
 
@@ -870,7 +870,7 @@ def test_paper_config_evaluates_srh_patches_resized_without_antialias():
     tv = pytest.importorskip("torchvision.transforms.functional")
     from torchvision.transforms import InterpolationMode
 
-    from hlss_hf.processing_hlss import srh_to_float
+    from hlss_hf.models.hlss.pixels_hlss import srh_to_float
 
     config = parse_config(["--config", str(REPO / "configs" / "opensrh_hlss.yaml")])
     processor = building.build_image_processor(config, "srh")

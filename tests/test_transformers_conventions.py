@@ -54,7 +54,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from hlss_hf import HLSSForImageClassification, HLSSImageProcessor, HLSSModel, HLSSProcessor
-from hlss_hf.processing_hlss import HLSSImageProcessorKwargs, HLSSProcessorKwargs
+from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessorKwargs, HLSSProcessorKwargs
 
 LAYERS, HEADS, HIDDEN = 2, 2, 32
 SEQ = (IMAGE_SIZE // 8) ** 2 + 1  # 16 patches of 8 px + CLS

