@@ -40,6 +40,8 @@ def test_folder_holds_code_and_auto_map(saved):
         "configuration_hlss.py",
         "modeling_hlss.py",
         "losses.py",
+        "processing_hlss.py",
+        "pixels_hlss.py",  # reached through processing_hlss.py's relative import
     } <= files
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map == {

@@ -2,6 +2,7 @@
 :func:`render_model_card`), the fine-tuned adapter's and merged model's cards, and the upload of a run's folder.
 Evaluation results and their later updates are in :mod:`hlss_hf.hub.model_index` (docs/hub.md, model cards).
 """
+
 from __future__ import annotations
 
 import re

@@ -1,11 +1,5 @@
-"""HLSS attribute banks as files: reading, validating, and the sets shipped with the package (docs/method.md).
-
-Shipped as transformers remote code beside ``modeling_hlss.py`` (it imports only the standard library, PyYAML, which
-transformers depends on, and ``configuration_hlss``).
-
-Example:
-    >>> from hlss_hf import load_attributes
-    >>> banks = load_attributes("srh_brain_tumor")   # level -> attribute -> descriptions
+"""HLSS attribute banks as files: reading, validating, and the sets shipped with the package (docs/method.md,
+attribute banks). Remote code: the standard library and PyYAML (a transformers dependency) only.
 """
 
 from __future__ import annotations
@@ -93,7 +87,7 @@ def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
 
     Args:
         attributes (`dict` or `str` or `os.PathLike`): the mapping itself, a `.yaml` / `.yml` / `.json` file, or
-            the name of a set shipped in `hlss_hf/attributes/` (`"srh_brain_tumor"`, `"he_tcga"`, `.yaml` optional).
+            the name of a set shipped in `hlss_hf/models/hlss/attributes/` (`"srh_brain_tumor"`, `"he_tcga"`, `.yaml` optional).
 
     Returns:
         `dict[str, dict[str, list[str]]]`: the validated mapping, levels in the order patch, slide, patient.

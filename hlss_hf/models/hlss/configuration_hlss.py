@@ -1,7 +1,4 @@
-"""HLSS configuration (docs/method.md).
-
-This file is also shipped as transformers remote code beside ``modeling_hlss.py``: it imports only transformers.
-"""
+"""HLSS configuration (docs/method.md); remote code that imports only transformers."""
 
 from __future__ import annotations
 
@@ -363,34 +360,25 @@ class HLSSConfig(PreTrainedConfig):
         self.projection_dim = projection_dim
         self.attribute_names = _check_attribute_names(attribute_names)
 
-        for name, value in (
-            ("temperature", temperature),
-            ("base_temperature", base_temperature),
-            ("align_temperature", align_temperature),
-            ("caption_temperature", caption_temperature),
-            ("initializer_range", initializer_range),
-        ):
-            _check_number(name, value, positive=True)
-        for name, value in (
-            ("lambda_patch", lambda_patch),
-            ("lambda_slide", lambda_slide),
-            ("lambda_patient", lambda_patient),
-            ("lambda_align", lambda_align),
-        ):
-            _check_number(name, value, positive=False)
-        self.temperature = float(temperature)
-        self.base_temperature = float(base_temperature)
-        self.lambda_patch = float(lambda_patch)
-        self.lambda_slide = float(lambda_slide)
-        self.lambda_patient = float(lambda_patient)
-        self.lambda_align = float(lambda_align)
-        self.align_temperature = float(align_temperature)
+        # Temperatures and the init std must be > 0; loss weights >= 0 (0 switches a loss off, still logged).
+        numbers_given = {
+            "temperature": temperature,
+            "base_temperature": base_temperature,
+            "align_temperature": align_temperature,
+            "caption_temperature": caption_temperature,
+            "initializer_range": initializer_range,
+            "lambda_patch": lambda_patch,
+            "lambda_slide": lambda_slide,
+            "lambda_patient": lambda_patient,
+            "lambda_align": lambda_align,
+        }
+        for name, value in numbers_given.items():
+            _check_number(name, value, positive=not name.startswith("lambda_"))
+            setattr(self, name, float(value))
         if head_init not in HEAD_INITS:
             raise ValueError(f"`head_init` must be one of {list(HEAD_INITS)}, got {head_init!r}")
         self.head_init = head_init
-        self.caption_temperature = float(caption_temperature)
         self.class_prompts = _check_class_prompts(class_prompts)
-        self.initializer_range = float(initializer_range)
         if alignment_reduction not in ALIGNMENT_REDUCTIONS:
             raise ValueError(
                 f"`alignment_reduction` must be one of {list(ALIGNMENT_REDUCTIONS)}, got {alignment_reduction!r}"

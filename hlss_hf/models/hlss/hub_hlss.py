@@ -1,15 +1,15 @@
-"""Saving and pushing HLSS models: the `auto_map` written into every saved config, the model card `save_pretrained`
-writes from the config alone, and `push_to_hub` keeping that card and the pipelines (a mixin of
-`HLSSPreTrainedModel`).
-
-Shipped as transformers remote code beside ``modeling_hlss.py``: it imports only the standard library,
-``configuration_hlss`` and (inside `push_to_hub`) huggingface_hub, a transformers dependency.
+"""Saving and pushing HLSS models (a mixin of `HLSSPreTrainedModel`): the `auto_map` of every saved config, the
+model card `save_pretrained` writes from the config alone, and `push_to_hub` keeping that card and the pipelines.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import tempfile
+
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
 from .configuration_hlss import HLSSConfig
 
@@ -123,11 +123,6 @@ class HLSSHubMixin:
         Returns:
             `huggingface_hub.CommitInfo` of the upload.
         """
-        import tempfile
-
-        from huggingface_hub import HfApi, ModelCard
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
-
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:

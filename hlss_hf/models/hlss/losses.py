@@ -1,19 +1,5 @@
 """HLSS losses: hierarchical visual contrastive (SupCon, unsupervised form), hierarchical alignment, and the
-image-text contrastive loss of the alignment stage before HLSS.
-
-docs/method.md (HVC, HA, the alignment stage). Every loss
-
-- works in float32 (or float64 when given float64) whatever the input dtype, with autocast switched off
-  inside, so bf16 / fp16 training stays stable;
-- validates its arguments and raises ``ValueError`` naming the offending one;
-- runs on a single CPU process; embeddings are gathered across processes (with gradient) only when
-  ``torch.distributed`` is initialised with a world size above one.
-
-Example:
-    >>> import torch
-    >>> from hlss_hf.losses import hierarchical_contrastive_loss
-    >>> u = torch.nn.functional.normalize(torch.randn(4, 2, 2, 2, 16), dim=-1)  # [B, S, P, V, D]
-    >>> loss = hierarchical_contrastive_loss(u, "slide")
+image-text contrastive loss of the alignment stage before HLSS (docs/method.md: HVC, HA, the losses as functions).
 """
 
 from __future__ import annotations
@@ -27,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .configuration_hlss import ALIGNMENT_REDUCTIONS, LEVELS
+
 __all__ = [
     "ALIGNMENT_REDUCTIONS",
     "LEVELS",
@@ -36,8 +24,6 @@ __all__ = [
     "image_text_contrastive_loss",
     "supcon_loss",
 ]
-
-LEVELS = ("patch", "slide", "patient")
 
 # Longest shape the cross-process shape check carries; a fixed length keeps that collective the same size on
 # every rank even when ranks disagree.
@@ -204,9 +190,6 @@ def hierarchical_contrastive_loss(
     else:
         grouped = features.reshape(b, s * p * v, d)
     return supcon_loss(grouped, temperature=temperature, base_temperature=base_temperature)
-
-
-ALIGNMENT_REDUCTIONS = ("mean", "sum")
 
 
 def hierarchical_alignment_loss(

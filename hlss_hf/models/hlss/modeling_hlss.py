@@ -1,20 +1,5 @@
-"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (docs/method.md).
-
-This file is also shipped as transformers remote code, with the siblings it imports (``configuration_hlss.py``,
-``losses.py``, ``towers_hlss.py`` (tower building and loading), ``attributes_hlss.py`` (attribute files),
-``text_hlss.py`` (the text-side methods of `HLSSModel`) and ``hub_hlss.py`` (save / push)), so it uses relative
-imports and only public transformers API.
-
-Example:
-    >>> from hlss_hf import HLSSModel
-    >>> model = HLSSModel.from_vision_text_pretrained(
-    ...     "openai/clip-vit-base-patch16", "openai/clip-vit-base-patch16", attributes="attributes/opensrh.yaml")
-    >>> out = model(pixel_values)              # [B, S, P, V, 3, H, W] in training mode -> out.loss
-    >>> feats = model.get_image_features(x).pooler_output    # [N, 3, H, W] -> [N, D], L2-normalised
-    >>> # The reference's towers (pip install 'hlss_hf[reference]'): timm's RN50 CLIP image tower, whose attention
-    >>> # pool already outputs the 1024-d joint space, and the open_clip text tower of the same checkpoint.
-    >>> model = HLSSModel.from_vision_text_pretrained(
-    ...     "timm/resnet50_clip.cc12m", "hf-hub:timm/resnet50_clip.cc12m", attributes="srh_brain_tumor")
+"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (docs/method.md, the
+Python interface). Remote code: its siblings are imported relatively, and only public transformers API is used.
 """
 
 from __future__ import annotations

@@ -1,29 +1,11 @@
 """transformers pipelines for HLSS models that take SRH patches as they come: 2-channel uint16 arrays, SRH TIFF
-files, or H&E images.
-
-``pipeline("image-feature-extraction")`` loads images with PIL and refuses a ``[H, W, 2]`` uint16 array ("Incorrect
-format used for image"); these pipelines hand the array to :class:`~hlss_hf.HLSSImageProcessor` unchanged, which
-knows the SRH scaling (docs/method.md, preprocessing).
-
-```python
-import hlss_hf                                   # registers the two tasks below
-from transformers import pipeline
-
-embed = pipeline("hlss-feature-extraction", model="out/hlss", trust_remote_code=True)
-embed(srh_array)                                 # uint16 [H, W, 2] (or [2, H, W]) -> [D] list of floats
-embed("patch.tif", return_tensors=True)          # an SRH TIFF file -> tensor [1, D]
-classify = pipeline("hlss-image-classification", model="out/ft/merged", trust_remote_code=True)
-classify(srh_array, top_k=3)                     # [{"label": ..., "score": ...}, ...]
-```
-
-The file is self-contained (transformers, torch, numpy; tifffile only for TIFF paths) so that it also runs as remote
-code: :func:`add_pipelines_to_folder` copies it into a saved model folder and names it in ``config.json``
-(``custom_pipelines``), and ``pipeline(task, model=<folder or Hub id>, trust_remote_code=True)`` then works where
-hlss_hf is not installed.
+files, or H&E images (docs/hub.md, pipelines). Self-contained (transformers, torch, numpy; tifffile only for TIFF
+paths): :func:`add_pipelines_to_folder` copies this file into saved folders as remote code.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -32,7 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Pipeline
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageClassification, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
 
 FEATURE_TASK = "hlss-feature-extraction"
 CLASSIFICATION_TASK = "hlss-image-classification"
@@ -56,12 +40,9 @@ def read_patch(image: Any) -> np.ndarray:
         if not path.is_file():
             raise FileNotFoundError(f"image file {str(path)!r} does not exist")
         if path.suffix.lower() in _TIFF_SUFFIXES:
-            import tifffile
-
-            image = tifffile.imread(path)
+            # importlib: transformers' import check would demand tifffile of every remote-code user.
+            image = importlib.import_module("tifffile").imread(path)
         else:
-            from PIL import Image
-
             with Image.open(path) as opened:
                 image = np.asarray(opened.convert("RGB"))
     elif isinstance(image, torch.Tensor):
@@ -140,9 +121,6 @@ class HLSSImageClassificationPipeline(_PatchPipeline):
 
 def register_pipelines() -> None:
     """Register both tasks with transformers' ``PIPELINE_REGISTRY`` (``import hlss_hf`` does this)."""
-    from transformers import AutoModel, AutoModelForImageClassification
-    from transformers.pipelines import PIPELINE_REGISTRY
-
     PIPELINE_REGISTRY.register_pipeline(
         FEATURE_TASK, pipeline_class=HLSSFeatureExtractionPipeline, pt_model=AutoModel, type="image"
     )

@@ -12,7 +12,6 @@ from PIL import Image
 
 SRH_SCALE = 65536.0
 SRH_OFFSET = 5000.0  # in raw counts: the base 5000/65536 after scaling (docs/method.md, preprocessing)
-SRH_BASE = SRH_OFFSET / SRH_SCALE
 
 
 def srh_to_float(image) -> torch.Tensor:

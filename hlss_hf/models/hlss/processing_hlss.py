@@ -127,17 +127,12 @@ class HLSSImageProcessor(BaseImageProcessor):
     (on the float tensor, bilinear or bicubic, antialiased by default), center-cropped and normalised. Resizing is
     off by default because resizing changes the microns per pixel the encoder was trained at.
 
-    Every argument `transformers.ImagesKwargs` declares is accepted at call time (and through `HLSSProcessor`):
-    besides the settings below, `input_data_format` names the channel axis of ambiguous arrays, `data_format`
-    ``"channels_last"`` returns ``[N, h, w, C]``, `device` moves the result, and `default_to_square` makes an int
-    `size` a square. HLSS batches need no padding or grouping: `do_pad=True` is refused, `pad_size`,
-    `disable_grouping` and `image_seq_length` (an image-token count) have nothing to act on.
+    Every argument `transformers.ImagesKwargs` declares is accepted at call time (and through `HLSSProcessor`);
+    see `preprocess`.
 
-    Framings: the default keeps the native resolution and centre-crops `crop_size` (a 300 px patch loses 44 % of
-    its area at 224). The HLSS reference instead resizes the whole patch to 224 x 224, bicubic, no crop
-    (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", antialias=False,
-    do_center_crop=False``: its `torchvision.transforms.Resize` on float tensors, not clamped, and not antialiased
-    in the torchvision 0.16.2 it pins; antialiasing became the default for tensors in 0.17).
+    Framings: the default keeps the native resolution and centre-crops `crop_size`; the HLSS reference resizes the
+    whole patch instead (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", antialias=False,
+    do_center_crop=False``; docs/fidelity.md, evaluation input).
 
     Args:
         modality (`str`, *optional*, defaults to `"he"`): `"he"` for 8-bit RGB H&E, `"srh"` for 2-channel uint16
@@ -179,7 +174,7 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     ```python
     >>> import numpy as np
-    >>> from hlss_hf.processing_hlss import HLSSImageProcessor
+    >>> from hlss_hf import HLSSImageProcessor
     >>> processor = HLSSImageProcessor(modality="srh", crop_size=224)
     >>> patch = np.random.randint(0, 65535, (300, 300, 2), dtype=np.uint16)
     >>> processor(patch, return_tensors="pt")["pixel_values"].shape
@@ -556,12 +551,8 @@ class HLSSProcessorKwargs(ProcessingKwargs, total=False):
 class HLSSProcessor(ProcessorMixin):
     r"""Processor for HLSS: an `HLSSImageProcessor` for patches and any tokenizer for attribute / zero-shot text.
 
-    Call arguments follow transformers' processor convention (`HLSSProcessorKwargs`): flat keyword arguments go to
-    the part that declares them (``crop_size=`` to the image processor, ``max_length=`` to the tokenizer; those
-    both declare, such as ``return_tensors``, to both), ``images_kwargs={...}`` / ``text_kwargs={...}`` address one
-    part and are merged with its defaults, and a key given both ways raises. Defaults, from lowest priority: this
-    class's `text_kwargs` (pad and truncate texts to a batch, torch tensors), the tokenizer's own init settings,
-    the call's arguments.
+    Call arguments follow transformers' processor convention (`HLSSProcessorKwargs`, `ProcessorMixin._merge_kwargs`):
+    flat keyword arguments go to the part that declares them, ``images_kwargs`` / ``text_kwargs`` address one part.
 
     Args:
         image_processor (`HLSSImageProcessor`): the image processor.

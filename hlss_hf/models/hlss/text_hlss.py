@@ -1,8 +1,5 @@
-"""The text side of `HLSSModel`: text features, the attribute banks and their heads, zero-shot logits and attribute
-rankings (docs/method.md), as a mixin of `HLSSModel`.
-
-Shipped as transformers remote code beside ``modeling_hlss.py``: it imports only torch, transformers and its
-siblings.
+"""The text side of `HLSSModel` (a mixin): text features, the attribute banks and their heads, zero-shot logits and
+attribute rankings (docs/method.md).
 """
 
 from __future__ import annotations

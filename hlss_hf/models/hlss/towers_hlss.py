@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import gzip
 import importlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -292,8 +294,6 @@ def resolve_tower_spec(spec, role: str = "text"):
             )
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     if isinstance(spec, str) and spec.startswith("pkg:"):
-        import importlib.util
-
         module_name = spec[len("pkg:") :]
         if importlib.util.find_spec(module_name) is None:
             raise ImportError(
@@ -343,8 +343,6 @@ def _open_clip_model_cfg(source: str) -> dict:
         if not os.path.isfile(path):
             raise ValueError(f"{source!r}: no open_clip_config.json in that folder")
     else:
-        from huggingface_hub import hf_hub_download
-
         path = hf_hub_download(source[len("hf-hub:") :], "open_clip_config.json")
     with open(path, encoding="utf-8") as handle:
         model_cfg = json.load(handle).get("model_cfg")
