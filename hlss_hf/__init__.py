@@ -2,7 +2,8 @@
 
 Importing the package registers HLSS with the transformers Auto classes (`AutoConfig`, `AutoModel`,
 `AutoModelForImageClassification`, `AutoImageProcessor`, `AutoProcessor`) and the two SRH-capable pipeline tasks
-(`hlss-feature-extraction`, `hlss-image-classification`, in `models/hlss/pipeline_hlss.py`); the public names load on first use.
+(`hlss-feature-extraction`, `hlss-image-classification`, in `models/hlss/pipeline_hlss.py`); the public names
+load on first use.
 
 The command-line programs (`train.py`, `finetune.py`, `python -m hlss_hf.evaluate`, `dataset_scripts/*.py`) read
 their arguments before torch loads (seconds to tens of seconds), so that `--help` and configuration errors answer at

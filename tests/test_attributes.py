@@ -1,4 +1,5 @@
-"""Checks on the attribute banks shipped in hlss_hf/models/hlss/attributes (format, sizes, uniqueness, distinct wording)."""
+"""Checks on the attribute banks shipped in hlss_hf/models/hlss/attributes (format, sizes, uniqueness, distinct
+wording)."""
 
 import itertools
 import re
