@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test oracles (tests/augmentation_
 
 from augmentation_reference import per_image_reference  # noqa: E402
 
-from hlss_hf.augmentation import build_augmentation  # noqa: E402
 from hlss_hf.data import HierarchicalPatchDataset, HierarchyIndex, to_float  # noqa: E402
+from hlss_hf.data.augmentation import build_augmentation  # noqa: E402
+from hlss_hf.data.schema import OPENSRH_CLASSES  # noqa: E402
 from hlss_hf.processing_hlss import he_to_float, srh_to_float  # noqa: E402
-from hlss_hf.schema import OPENSRH_CLASSES  # noqa: E402
 
 
 def slide_texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -117,7 +117,7 @@ class PilDecoded(HierarchicalPatchDataset):
         self._decoded = self._images.cast_column("image", datasets.Image())
 
     def read_images(self, rows, patient=None):
-        from hlss_hf.schema import decode_image
+        from hlss_hf.data.schema import decode_image
 
         return [decode_image(value) for value in self._decoded[[int(r) for r in rows]]["image"]]
 

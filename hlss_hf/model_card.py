@@ -168,7 +168,7 @@ def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str,
     repo_id = t.push_to_hub or str(t.output_dir)
     model_name = t.push_to_hub.split("/")[-1] if t.push_to_hub else Path(t.output_dir).name
     num_labels = len(index.class_names) if index is not None else "n/a"
-    from hlss_hf.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
+    from hlss_hf.data.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 
     operations = d.augmentation if d.augmentation is not None else DEFAULT_AUGMENTATION
     if isinstance(operations, str):

@@ -28,8 +28,8 @@ from _tiny import IMAGE_SIZE, clip_text_config, resnet_config, tiny_hlss_model, 
 
 import finetune  # noqa: E402
 import hlss_hf  # noqa: E402,F401  (registers the Auto classes)
-from dataset_scripts.demo import build_demo_dataset  # noqa: E402
 from hlss_hf import HLSSConfig, HLSSForImageClassification, HLSSImageProcessor  # noqa: E402
+from hlss_hf.data.demo import build_demo_dataset  # noqa: E402
 from hlss_hf.peft_utils import (  # noqa: E402
     default_lora_target_modules,
     load_lora_classifier,
@@ -403,9 +403,9 @@ def test_pipeline_runs_the_merged_model(finetuned):
 
 @pytest.mark.parametrize("modality", ["he", "srh"])
 def test_patch_dataset_items_match_the_processor(modality):
-    from hlss_hf.augmentation import build_augmentation
+    from hlss_hf.data.augmentation import build_augmentation
+    from hlss_hf.data.schema import decode_image
     from hlss_hf.processing_hlss import HLSSImageProcessor
-    from hlss_hf.schema import decode_image
 
     split = build_demo_dataset(
         num_patients=3,
