@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import colorsys
 import inspect
 import math
 from collections.abc import Iterator
@@ -185,13 +186,6 @@ def caption(drawn: dict[str, float | str], rng: np.random.Generator) -> str:
     return text[0].upper() + text[1:]
 
 
-def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
-    h = (h % 1.0) * 6.0
-    i, f = int(h), h - int(h)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i % 6], np.float32)
-
-
 def _slide_stain(rng: np.random.Generator, modality: str) -> np.ndarray:
     """Per-slide stain: optical-density vectors of the nuclear and stroma stains, ``[2, channels]``.
 
@@ -203,7 +197,8 @@ def _slide_stain(rng: np.random.Generator, modality: str) -> np.ndarray:
     rotation = rng.uniform(-0.25, 0.25)
     stains = []
     for base_hue, strength in ((0.72, rng.uniform(0.9, 1.6)), (0.93, rng.uniform(0.35, 0.8))):
-        colour = _hsv_to_rgb(base_hue + rotation + rng.normal(0, 0.03), rng.uniform(0.45, 0.9), 1.0)
+        hue = (base_hue + rotation + rng.normal(0, 0.03)) % 1.0
+        colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 0.9), 1.0), np.float32)
         # Optical density of the stain colour (Beer-Lambert), scaled to the slide's staining strength.
         od = -np.log(np.clip(colour * 0.85 + 0.05, 0.05, 1.0))
         stains.append(strength * od / max(float(od.max()), 1e-6))

@@ -254,47 +254,80 @@ def _check_patch_sizes(
             )
 
 
-def _views(
-    patches: Sequence[torch.Tensor],
-    num_views: int,
-    transform: Transform | None,
-    generator: torch.Generator,
-    patient: str,
-) -> torch.Tensor:
-    """``num_views`` transformed copies of each patch ``[C, H, W]`` -> ``[N, V, C, h, w]``.
+class _PatientSampler:
+    """What both hierarchical datasets share: ``S``, ``P``, ``V``, the transform, the seed and the epoch (in shared
+    memory, so that persistent DataLoader workers see :meth:`set_epoch`)."""
 
-    Views are written straight into one preallocated tensor: at 300 px an extra stack or clone per patient
-    costs as much as reading its patches. An :class:`~hlss_hf.augmentation.HLSSAugmentation` gets all
-    ``N * V`` views in one :meth:`~hlss_hf.augmentation.HLSSAugmentation.batch` call, patch-major as the
-    sequential calls would be (so the draws are the same).
-    """
-    if isinstance(transform, HLSSAugmentation) and len(patches) and len({p.shape[0] for p in patches}) == 1:
-        size = transform.crop_size
-        out = torch.empty((len(patches), num_views, patches[0].shape[0], size, size), dtype=patches[0].dtype)
-        repeated = [patch for patch in patches for _ in range(num_views)]
-        transform.batch(repeated, generator, out=out.view(-1, *out.shape[2:]))
-        return out
-    out = None
-    for n, patch in enumerate(patches):
-        for v in range(num_views):
-            view = patch if transform is None else transform(patch, generator=generator)
-            if out is None:
-                out = torch.empty((len(patches), num_views, *view.shape), dtype=view.dtype)
-            elif view.shape != out.shape[2:]:
-                what = "the transform returned views" if transform is not None else "patches have"
-                raise ValueError(
-                    f"patient {patient!r}: {what} different shapes {tuple(out.shape[2:])} and {tuple(view.shape)}; "
-                    + (
-                        "it must produce a fixed crop size"
-                        if transform is not None
-                        else "pass a transform that crops"
-                    )
-                )
-            out[n, v] = view
-    return out
+    def _set_sampling(self, num_slides, num_patches, num_views, transform, seed, **positive: int) -> None:
+        _check_positive(num_slides=num_slides, num_patches=num_patches, num_views=num_views, **positive)
+        if not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.num_slides, self.num_patches, self.num_views = int(num_slides), int(num_patches), int(num_views)
+        self.transform = transform
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of ``epoch`` (a non-negative integer) from now on.
+
+        Args:
+            epoch (`int`): the epoch number.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
+
+    def _pixel_values(
+        self, patches: Sequence[torch.Tensor], rng: np.random.Generator, patient: str
+    ) -> torch.Tensor:
+        """``V`` transformed copies of each of the ``S * P`` drawn patches ``[C, H, W]`` -> ``[S, P, V, C, h, w]``,
+        the transform's generator seeded by ``rng``'s next draw.
+
+        Views are written straight into one preallocated tensor: at 300 px an extra stack or clone per patient
+        costs as much as reading its patches. An :class:`~hlss_hf.data.augmentation.HLSSAugmentation` gets all
+        ``S * P * V`` views in one :meth:`~hlss_hf.data.augmentation.HLSSAugmentation.batch` call, patch-major as
+        the sequential calls would be (so the draws are the same).
+        """
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        transform, num_views = self.transform, self.num_views
+        if (
+            isinstance(transform, HLSSAugmentation)
+            and len(patches)
+            and len({p.shape[0] for p in patches}) == 1
+        ):
+            size = transform.crop_size
+            out = torch.empty(
+                (len(patches), num_views, patches[0].shape[0], size, size), dtype=patches[0].dtype
+            )
+            repeated = [patch for patch in patches for _ in range(num_views)]
+            transform.batch(repeated, generator, out=out.view(-1, *out.shape[2:]))
+        else:
+            out = None
+            for n, patch in enumerate(patches):
+                for v in range(num_views):
+                    view = patch if transform is None else transform(patch, generator=generator)
+                    if out is None:
+                        out = torch.empty((len(patches), num_views, *view.shape), dtype=view.dtype)
+                    elif view.shape != out.shape[2:]:
+                        what = "the transform returned views" if transform is not None else "patches have"
+                        fix = (
+                            "it must produce a fixed crop size"
+                            if transform is not None
+                            else "pass a transform that crops"
+                        )
+                        raise ValueError(
+                            f"patient {patient!r}: {what} different shapes {tuple(out.shape[2:])} and "
+                            f"{tuple(view.shape)}; {fix}"
+                        )
+                    out[n, v] = view
+        return out.reshape(self.num_slides, self.num_patches, *out.shape[1:])
 
 
-class HierarchicalPatchDataset(Dataset):
+class HierarchicalPatchDataset(_PatientSampler, Dataset):
     """Map-style dataset of patients: item ``i`` is the ``i``-th patient (of the class-balanced list if asked).
 
     Args:
@@ -330,16 +363,11 @@ class HierarchicalPatchDataset(Dataset):
         balance_classes: bool = False,
         index: HierarchyIndex | None = None,
     ):
-        _check_positive(num_slides=num_slides, num_patches=num_patches, num_views=num_views)
-        if not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self._set_sampling(num_slides, num_patches, num_views, transform, seed)
         if IMAGE not in dataset.column_names:
             raise ValueError(f"dataset has no column {IMAGE!r}; it has {dataset.column_names}")
         self.index = index if index is not None else HierarchyIndex.from_dataset(dataset)
         self.modality = modality_of(dataset.features)
-        self.num_slides, self.num_patches, self.num_views = int(num_slides), int(num_patches), int(num_views)
-        self.transform = transform
-        self.seed = int(seed)
         self.balance_classes = balance_classes
         self.patients = (
             balanced_patient_list(self.index, seed) if balance_classes else list(self.index.patient_ids)
@@ -351,25 +379,10 @@ class HierarchicalPatchDataset(Dataset):
         if not self._array_column:
             self._images = self._images.cast_column(IMAGE, datasets.Image(decode=False))
         self._srh_reader: _FixedArrayReader | None = None
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
     def class_names(self) -> list[str]:
         return self.index.class_names
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the draws of ``epoch`` (a non-negative integer) from now on.
-
-        Args:
-            epoch (`int`): the epoch number.
-        """
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -410,12 +423,9 @@ class HierarchicalPatchDataset(Dataset):
         unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
         images = self._read(unique.tolist(), patient)
         _check_patch_sizes(images, self.transform, patient, unique.tolist())
-        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         patches = [images[j] for j in inverse.reshape(-1).tolist()]
-        views = _views(patches, self.num_views, self.transform, generator, patient)
-        pixel_values = views.reshape(self.num_slides, self.num_patches, *views.shape[1:])
         return {
-            "pixel_values": pixel_values,
+            "pixel_values": self._pixel_values(patches, rng, patient),
             "label": self.index.labels[patient],
             "patient_id": patient,
             "slide_ids": slide_ids,
@@ -594,5 +604,3 @@ class HierarchicalCollator:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The pretraining loader
-
-

@@ -1,23 +1,10 @@
-"""The dataset schema shared by the converters, the data pipeline and evaluation: one row per patch.
-
-Columns (see :data:`COLUMNS`):
-
-- ``image``: H&E patches as :class:`datasets.Image` (lossless PNG bytes, the default) or, with
-  ``image_format="raw"``, as :class:`datasets.Array3D` of shape ``(H, W, 3)`` and dtype ``uint8`` (the same
-  pixels, no decoding when read, ~3.3x PNG's bytes); SRH patches as :class:`datasets.Array3D` of shape
-  ``(H, W, 2)`` and dtype ``uint16`` (channel-last ``[CH2, CH3]``, the exact values of the source TIFF).
-- ``patient_id``, ``slide_id``, ``patch_id`` (unique in the dataset): strings.
-- ``label``: :class:`datasets.ClassLabel` carrying the class names.
-- ``x``, ``y`` (top-left corner in level-0 pixels), ``level``: int32, ``-1`` when unknown.
-- ``mpp`` (microns per pixel of the stored patch), ``magnification``: float32, NaN when unknown.
-- ``source``: string such as ``"opensrh"``, ``"tcga"`` or ``"wsi:<file>"``.
-- ``caption`` (optional, :data:`CAPTION`): a sentence describing what the patch shows, for image-text alignment
-  (``model.objective: align`` in ``train.py``); the demo writes one per patch.
+"""The dataset schema shared by the converters, the data pipeline and evaluation: one row per patch (the columns:
+docs/data.md, "The schema").
 
 Example:
 
 ```python
->>> from hlss_hf.schema import features_for, decode_image
+>>> from hlss_hf.data.schema import features_for, decode_image
 >>> features = features_for("srh", ["hgg", "lgg"], patch_size=300)
 >>> features["image"]
 Array3D(shape=(300, 300, 2), dtype='uint16')

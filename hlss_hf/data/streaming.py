@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import IterableDataset
 
-from hlss_hf.data.hierarchy import Transform, _check_patch_sizes, _check_positive, _choose, _views, to_float
+from hlss_hf.data.hierarchy import Transform, _check_patch_sizes, _choose, _PatientSampler, to_float
 from hlss_hf.data.schema import IMAGE, LABEL, PATIENT_ID, SLIDE_ID, decode_image, modality_of
 
 
@@ -22,7 +22,7 @@ def _patient_hash(patient: str) -> int:
     return zlib.crc32(patient.encode("utf-8"))
 
 
-class HierarchicalStreamingDataset(IterableDataset):
+class HierarchicalStreamingDataset(_PatientSampler, IterableDataset):
     """Patient samples from a streamed patch dataset (``load_dataset(..., streaming=True)``).
 
     Example:
@@ -80,15 +80,15 @@ class HierarchicalStreamingDataset(IterableDataset):
         world_size: int | None = None,
         modality: str | None = None,
     ):
-        _check_positive(
-            num_slides=num_slides,
-            num_patches=num_patches,
-            num_views=num_views,
+        self._set_sampling(
+            num_slides,
+            num_patches,
+            num_views,
+            transform,
+            seed,
             buffer_size=buffer_size,
             patches_per_patient=patches_per_patient,
         )
-        if not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         features = getattr(dataset, "features", None)
         if modality is None:
             if features is None:
@@ -114,17 +114,9 @@ class HierarchicalStreamingDataset(IterableDataset):
             # numpy formatting yields each Array3D as one array instead of nested Python lists (much faster).
             dataset = dataset.with_format("numpy")
         self.dataset = dataset
-        self.num_slides, self.num_patches, self.num_views = int(num_slides), int(num_patches), int(num_views)
-        self.transform = transform
-        self.seed = int(seed)
         self.buffer_size = int(buffer_size)
         self.patches_per_patient = int(patches_per_patient)
         self.rank, self.world_size = rank, world_size
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the draws of ``epoch``; forwarded to the stream (``datasets`` reshuffles shards by epoch).
@@ -132,9 +124,7 @@ class HierarchicalStreamingDataset(IterableDataset):
         Args:
             epoch (`int`): the epoch number.
         """
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._epoch.fill_(int(epoch))
+        super().set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(int(epoch))
 
@@ -215,10 +205,8 @@ class HierarchicalStreamingDataset(IterableDataset):
         decoded = [decode_image(value) for value in raw]
         converted = to_float(decoded, self.modality)
         _check_patch_sizes(converted, self.transform, patient)
-        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
-        views = _views(converted, self.num_views, self.transform, generator, patient)
         return {
-            "pixel_values": views.reshape(self.num_slides, self.num_patches, *views.shape[1:]),
+            "pixel_values": self._pixel_values(converted, rng, patient),
             "label": label,
             "patient_id": patient,
             "slide_ids": chosen,
