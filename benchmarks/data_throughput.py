@@ -14,7 +14,8 @@ Steps, all in one process on one core (``torch.set_num_threads(1)``):
    (a) ours: ``HierarchyIndex`` + ``HierarchicalPatchDataset`` over the converted dataset, all S*P*V views of a
        patient in one ``HLSSAugmentation.batch`` call (the fast in-place kernels);
    (b) baseline: the research code's way, ``tifffile.imread`` of one file per drawn patch, then one
-       ``HLSSAugmentation.reference`` call per view (torchvision-style per-image operations).
+       ``per_image_reference`` call per view (tests/augmentation_reference.py: torchvision-style per-image
+       operations).
    Outputs are checked equal (to 1e-5). Each is timed with and without the augmentations (the latter isolates
    the read + convert path). For ``"hlss_reference"`` a second baseline runs the reference's own chain, real
    torchvision transforms per view (``torchvision_reference_transform``, global RNGs as the reference; equal in

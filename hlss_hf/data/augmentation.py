@@ -84,26 +84,13 @@ OPERATION_DEFAULTS: dict[str, dict[str, Any]] = {
 #: first, so that the pixel operations work on the (smaller) crop.
 ORDER: tuple[str, ...] = tuple(OPERATION_DEFAULTS)
 
-#: The reference's training augmentation as its code runs, in application order. Read from the HLSS code
-#: (GitHub Hasindri/HLSS: hlss/datasets/improc.py ``get_srh_base_aug`` + ``get_strong_aug``, hlss/common.py
-#: ``get_dataloaders``, hlss/config/train_hlss_attr3levels.yaml ``data.train_augmentation``, the config that
-#: hlss/wandb_scripts/train_hlss_KL.sh runs hlss/train_hlss_KL.py with); where it differs
-#: from what the paper or config suggest, this follows the code:
-#:
-#: - Every operation runs at p = 0.5: ``get_dataloaders`` calls ``get_srh_aug_list(augs)`` without the config's
-#:   ``rand_aug_prob: 0.3``, so the default ``rand_prob=0.5`` applies (reference bug: the config value is dead).
-#: - ``color_jitter`` is left out: the config builds ``ColorJitter()`` with no arguments, whose brightness,
-#:   contrast, saturation and hue are all None, so it never changes a pixel (reference bug: a no-op).
-#: - The 300 px patch is resized to 224 first (``Resize((224, 224), bicubic)`` on the float tensor, not clamped),
-#:   so every operation, the crop included, works on 224 px images. Not antialiased: the reference's
-#:   requirements.txt pins torchvision 0.16.2, whose ``Resize`` leaves tensors unantialiased (``antialias``
-#:   defaults to True on tensors only from 0.17 on). The late random resized crop only enlarges (a crop of the
-#:   224 px image back to 224), where antialiasing changes nothing.
-#: - ``GaussianNoise`` names its bounds ``min_var`` / ``max_var`` but uses the draw as the standard deviation.
-#: - ``GaussianBlur(5, sigma=1)``: a fixed sigma. ``RandomAffine(10, translate=(0.1, 0.3))``: no scale or shear,
-#:   nearest interpolation, translations rounded to whole pixels. ``RandomResizedCrop(224)`` inside
-#:   ``RandomApply``: scale (0.08, 1), bilinear, itself at p = 0.5 and after the affine.
-#: - ``RandomErasing()``: its defaults, scale (0.02, 0.33), ratio (0.3, 3.3), value 0.
+#: The reference's training augmentation as its code runs, in application order (GitHub Hasindri/HLSS:
+#: hlss/datasets/improc.py ``get_srh_aug_list`` over hlss/config/train_hlss_attr3levels.yaml
+#: ``data.train_augmentation``). Where that departs from the paper and the config (docs/fidelity.md): every operation
+#: at p = 0.5 (the config's ``rand_aug_prob: 0.3`` is never passed); no colour jitter (``ColorJitter()`` without
+#: arguments is a no-op); the patch resized to 224 first, bicubic and not antialiased (torchvision 0.16.2 on tensors;
+#: the late random resized crop only enlarges, where antialiasing changes nothing); ``GaussianNoise`` uses its
+#: ``min_var`` / ``max_var`` draw as the standard deviation; a fixed blur sigma; whole-pixel nearest affine moves.
 HLSS_REFERENCE_AUGMENTATION: dict[str, dict[str, Any]] = {
     "resize": {"p": 1.0, "interpolation": "bicubic", "antialias": False},
     "horizontal_flip": {"p": 0.5},
@@ -476,9 +463,7 @@ class HLSSAugmentation:
                 image.mul_(factor).add_(mean * (1.0 - factor)).clamp_(0.0, 1.0)
             elif name == "saturation" and rgb:
                 grey = (
-                    torch.mul(image[0], GREY[0])
-                    .add_(image[1], alpha=GREY[1])
-                    .add_(image[2], alpha=GREY[2])
+                    torch.mul(image[0], GREY[0]).add_(image[1], alpha=GREY[1]).add_(image[2], alpha=GREY[2])
                 )
                 image.mul_(factor).add_(grey.mul_(1.0 - factor)).clamp_(0.0, 1.0)
             elif name == "hue" and rgb and factor != 0.0:

@@ -490,14 +490,14 @@ def build_demo_dataset(
             writing ``output_dir``.
         private (`bool`, defaults to `False`): create that repo private.
         image_format (`str`, *optional*): H&E storage, ``"png"`` (the default) or ``"raw"`` (uint8 ``Array3D``,
-            the same pixels; see :func:`hlss_hf.schema.features_for`).
+            the same pixels; see :func:`hlss_hf.data.schema.features_for`).
 
     The defaults are the demo's: ``python train.py`` trains and evaluates on exactly what
     ``python dataset_scripts/demo.py --output DIR`` writes.
 
     Returns:
         `datasets.DatasetDict` with splits ``train``, ``validation`` and ``align`` (those with patients; features
-        from :func:`hlss_hf.schema.features_for` with a ``caption`` column: one sentence per patch describing the
+        from :func:`hlss_hf.data.schema.features_for` with a ``caption`` column: one sentence per patch describing the
         nuclei and stroma drawn in it, never the class).
     """
     if output_dir is not None and push_to_hub is not None:

@@ -101,7 +101,7 @@ class HierarchyIndex:
         Images are never read or decoded.
 
         Args:
-            dataset (`datasets.Dataset`): a patch dataset in the :mod:`hlss_hf.schema` layout (any row order;
+            dataset (`datasets.Dataset`): a patch dataset in the :mod:`hlss_hf.data.schema` layout (any row order;
                 selections and shuffles are honoured: row indices refer to ``dataset``'s own positions).
 
         Raises:
@@ -331,12 +331,12 @@ class HierarchicalPatchDataset(_PatientSampler, Dataset):
     """Map-style dataset of patients: item ``i`` is the ``i``-th patient (of the class-balanced list if asked).
 
     Args:
-        dataset (`datasets.Dataset`): a patch dataset in the :mod:`hlss_hf.schema` layout.
+        dataset (`datasets.Dataset`): a patch dataset in the :mod:`hlss_hf.data.schema` layout.
         num_slides (`int`, defaults to 2): slides per patient ``S``.
         num_patches (`int`, defaults to 2): patches per slide ``P``.
         num_views (`int`, defaults to 2): augmented views per patch ``V``.
         transform (`callable`, *optional*): ``transform(image [C, H, W] float, generator=torch.Generator)`` ->
-            fixed-size float image, e.g. :func:`hlss_hf.augmentation.build_augmentation`. It must draw its
+            fixed-size float image, e.g. :func:`hlss_hf.data.augmentation.build_augmentation`. It must draw its
             randomness from the generator only. ``None`` keeps the converted image (then all patches must have
             the same size) and repeats it ``V`` times.
         seed (`int`, defaults to 0): base seed; sample ``i`` of epoch ``e`` depends on ``(seed, e, i)`` only.
@@ -439,7 +439,7 @@ class HierarchicalPatchDataset(_PatientSampler, Dataset):
         return state
 
     def read_images(self, rows: Sequence[int], patient: str | None = None) -> list[np.ndarray]:
-        """Decode the images of dataset ``rows`` with :func:`hlss_hf.schema.decode_image`.
+        """Decode the images of dataset ``rows`` with :func:`hlss_hf.data.schema.decode_image`.
 
         Array rows (SRH, raw H&E) are zero-copy views of the memory-mapped Arrow data (read-only; copy before
         writing).

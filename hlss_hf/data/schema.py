@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -182,11 +183,7 @@ def _to_channel_last(array: np.ndarray) -> np.ndarray:
     if (
         array.ndim == 3
         and array.shape[0] in (SRH_CHANNELS, HE_CHANNELS)
-        and array.shape[-1]
-        not in (
-            SRH_CHANNELS,
-            HE_CHANNELS,
-        )
+        and array.shape[-1] not in (SRH_CHANNELS, HE_CHANNELS)
     ):
         array = np.moveaxis(array, 0, -1)
     return array
@@ -199,8 +196,6 @@ def _decode_rgb8(data: bytes) -> np.ndarray | None:
     """``(H, W, 3)`` uint8 pixels of an 8-bit RGB PNG or a 3-component JPEG by imagecodecs (libpng /
     libjpeg-turbo: the same pixels as PIL, about twice as fast, see benchmarks/README.md), or ``None`` for anything
     else (grey, palette, alpha, 16-bit, CMYK, other formats), which PIL's conversions then handle."""
-    import imagecodecs
-
     try:
         if data[:8] == _PNG_SIGNATURE:
             # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, no palette, no alpha).
