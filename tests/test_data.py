@@ -546,7 +546,7 @@ def test_load_split_bad_sources_are_one_line_errors_naming_the_setting(tmp_path,
         load_split("nobody/nothing", "train", key="data.dataset")
 
 
-# --- atomic writes (hlss_hf.publishing: what every writer of the project uses) ------------------------------------
+# --- atomic writes (hlss_hf.files: what every writer of the project uses) -----------------------------------------
 
 
 def leftovers(folder):
