@@ -520,10 +520,13 @@ def build_demo_dataset(
     def rows(split: str) -> Iterator[dict]:
         return _rows(patients, split, class_names, patches_per_slide, patch_size, modality, seed)
 
-    if output_dir is None and push_to_hub is None:
+    def in_memory() -> datasets.DatasetDict:
         return datasets.DatasetDict(
             {split: datasets.Dataset.from_list(list(rows(split)), features=features) for split in splits}
         )
+
+    if output_dir is None and push_to_hub is None:
+        return in_memory()
     write_patch_dataset(
         {split: rows(split) for split in splits},
         features,
@@ -535,18 +538,6 @@ def build_demo_dataset(
         source="synthetic (dataset_scripts/demo.py), procedural tissue-like textures; no real patient data",
         show_progress=show_progress,
     )
-    if push_to_hub is not None:
-        return build_demo_dataset(
-            None,
-            num_patients,
-            num_classes,
-            slides_per_patient,
-            patches_per_slide,
-            patch_size,
-            modality,
-            val_fraction,
-            align_fraction,
-            seed,
-            image_format=image_format,
-        )
+    if push_to_hub is not None:  # what was pushed, as build_demo_dataset() builds it
+        return in_memory()
     return datasets.load_from_disk(str(output_dir))
