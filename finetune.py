@@ -89,9 +89,11 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from hlss_hf.augmentation import build_augmentation
 from hlss_hf.config import FINETUNE_AUGMENTATIONS as AUGMENTATION_PRESETS
-from hlss_hf.data import _FixedArrayReader, load_split, loader_workers, split_names, to_float
+from hlss_hf.data.augmentation import build_augmentation
+from hlss_hf.data.hierarchy import _FixedArrayReader, to_float
+from hlss_hf.data.loading import load_split, loader_workers, split_names
+from hlss_hf.data.schema import decode_image, modality_of
 from hlss_hf.errors import DatasetError, NonFiniteLossError
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.files import naming_full_disk, write_text_atomically
@@ -115,7 +117,6 @@ from hlss_hf.peft_utils import (
     set_train_mode,
 )
 from hlss_hf.run_warnings import WarningLog, evaluation_warnings, finetune_warnings, informative_metrics
-from hlss_hf.schema import decode_image, modality_of
 
 logger = logging.getLogger("finetune")
 

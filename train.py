@@ -444,7 +444,7 @@ class Run:
 def load_data(run: Run) -> None:
     """The splits and the hierarchical loader (the main process first: it builds / downloads, the others read its
     cache)."""
-    from hlss_hf.schema import modality_of
+    from hlss_hf.data.schema import modality_of
 
     with run.accelerator.main_process_first():
         run.train_ds, run.val_ds = load_splits(run.config)

@@ -66,7 +66,7 @@ def make_release(root: Path, num_patches: int) -> None:
     import tifffile
 
     sys.path.insert(0, str(REPO))
-    from dataset_scripts.demo import _class_params, _render_patch
+    from hlss_hf.data.demo import _class_params, _render_patch
 
     rng = np.random.default_rng(0)
     # A handful of rendered patches, cycled with small shifts: rendering is not what is measured.
@@ -105,8 +105,8 @@ def cell(method: str, root: str, out: str, extra: list[str]) -> dict:
         summary = opensrh.main([root, "--output", out, "--no-progress"])
         rows = sum(summary.totals(s)["patches"] for s in summary.counts)
     elif method == "in-memory":
+        from hlss_hf.data.schema import OPENSRH_CLASSES, features_for
         from hlss_hf.publishing import UNKNOWN_PROVENANCE, InvalidItems
-        from hlss_hf.schema import OPENSRH_CLASSES, features_for
 
         meta = json.loads((Path(root) / "meta/opensrh.json").read_text())
         split_map = json.loads((Path(root) / "meta/train_val_split.json").read_text())

@@ -14,7 +14,8 @@ Steps, all in one process on one core (``torch.set_num_threads(1)``):
    (a) ours: ``HierarchyIndex`` + ``HierarchicalPatchDataset`` over the converted dataset, all S*P*V views of a
        patient in one ``HLSSAugmentation.batch`` call (the fast in-place kernels);
    (b) baseline: the research code's way, ``tifffile.imread`` of one file per drawn patch, then one
-       ``HLSSAugmentation.reference`` call per view (torchvision-style per-image operations).
+       ``per_image_reference`` call per view (tests/augmentation_reference.py: torchvision-style per-image
+       operations).
    Outputs are checked equal (to 1e-5). Each is timed with and without the augmentations (the latter isolates
    the read + convert path). For ``"hlss_reference"`` a second baseline runs the reference's own chain, real
    torchvision transforms per view (``torchvision_reference_transform``, global RNGs as the reference; equal in
@@ -50,10 +51,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test oracles (tests/augmentation_
 
 from augmentation_reference import per_image_reference  # noqa: E402
 
-from hlss_hf.augmentation import build_augmentation  # noqa: E402
 from hlss_hf.data import HierarchicalPatchDataset, HierarchyIndex, to_float  # noqa: E402
-from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float  # noqa: E402
-from hlss_hf.schema import OPENSRH_CLASSES  # noqa: E402
+from hlss_hf.data.augmentation import build_augmentation  # noqa: E402
+from hlss_hf.data.schema import OPENSRH_CLASSES  # noqa: E402
+from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
 
 
 def slide_texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -117,7 +118,7 @@ class PilDecoded(HierarchicalPatchDataset):
         self._decoded = self._images.cast_column("image", datasets.Image())
 
     def read_images(self, rows, patient=None):
-        from hlss_hf.schema import decode_image
+        from hlss_hf.data.schema import decode_image
 
         return [decode_image(value) for value in self._decoded[[int(r) for r in rows]]["image"]]
 

@@ -54,9 +54,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hlss_hf import building  # noqa: E402
-from hlss_hf.augmentation import DEFAULT_AUGMENTATION  # noqa: E402
 from hlss_hf.config import parse_config  # noqa: E402
 from hlss_hf.data import build_train_loader  # noqa: E402
+from hlss_hf.data.augmentation import DEFAULT_AUGMENTATION  # noqa: E402
 
 LEVELS = ("patch", "slide", "patient")
 METHODS = (
@@ -230,7 +230,7 @@ def evaluate(model, config, tokenizer, splits, eval_resize: int | None = None) -
     """train.py's kNN evaluation, zero-shot accuracy with ``model.class_prompts`` and how many of the classes' top-3
     attributes (3 levels x classes x 3) contradict what the generator draws for the class; ``eval_resize``
     overrides ``data.eval_resize`` (0: none)."""
-    from dataset_scripts.demo import contradicted_terms
+    from hlss_hf.data.demo import contradicted_terms
     from hlss_hf.evaluation import (
         class_text_embeddings,
         extract_embeddings,
@@ -309,8 +309,8 @@ def align(config, tokenizer, split, seed: int, cache: str | None):
 
 def colour_baseline(train_ds, val_ds, k: int) -> dict[str, float]:
     """kNN on per-patch colour statistics (RGB mean, std, 10/50/90 % quantiles; standardised)."""
+    from hlss_hf.data.schema import decode_image
     from hlss_hf.evaluation import EmbeddingSet, knn_evaluate
-    from hlss_hf.schema import decode_image
 
     def features(ds):
         rows = []

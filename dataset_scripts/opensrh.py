@@ -42,6 +42,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hlss_hf.data.schema import OPENSRH_CLASSES, features_for
 from hlss_hf.errors import ConversionError
 from hlss_hf.publishing import (
     ConversionSummary,
@@ -52,7 +53,6 @@ from hlss_hf.publishing import (
     run_converter,
     write_patch_dataset,
 )
-from hlss_hf.schema import OPENSRH_CLASSES, features_for
 
 #: OpenSRH split names -> dataset split names.
 SPLIT_NAMES = {"train": "train", "val": "validation"}

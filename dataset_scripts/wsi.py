@@ -30,6 +30,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hlss_hf.data.schema import features_for
 from hlss_hf.errors import ConversionError
 from hlss_hf.publishing import (
     ConversionSummary,
@@ -42,7 +43,6 @@ from hlss_hf.publishing import (
     run_converter,
     write_patch_dataset,
 )
-from hlss_hf.schema import features_for
 from hlss_hf.tiling import SlideTask, TilingOptions, add_tiling_arguments, tile_slides, tiling_options
 
 REQUIRED_COLUMNS = ("slide_path", "patient_id", "label")

@@ -382,7 +382,7 @@ def load_splits(config: TrainConfig) -> tuple[Any, Any]:
     Returns:
         `(train, validation)`; validation is `None` when ``data.validation_split`` is empty.
     """
-    from hlss_hf.data import load_split
+    from hlss_hf.data.loading import load_split
 
     d = config.data
     try:
@@ -440,7 +440,7 @@ def _demo_splits(config: TrainConfig):
     import datasets
 
     try:
-        from dataset_scripts.demo import build_demo_dataset
+        from hlss_hf.data.demo import build_demo_dataset
     except ImportError as err:
         raise ConfigError(
             "config key 'data.dataset': the demo needs dataset_scripts/demo.py of a checkout; run train.py from it"

@@ -749,14 +749,14 @@ class DataConfig(DataSourceConfig):
             "only applies with data.eval_framing center_crop",
         )
         if isinstance(self.augmentation, str):
-            from hlss_hf.augmentation import AUGMENTATION_PRESETS
+            from hlss_hf.data.augmentation import AUGMENTATION_PRESETS
 
             presets = sorted(AUGMENTATION_PRESETS)
             _check(
                 self.augmentation in presets, self.key("augmentation"), f"unknown preset; known: {presets}"
             )
         else:  # a mapping of operations: built once here, so an unknown operation or parameter stops the start
-            from hlss_hf.augmentation import build_augmentation
+            from hlss_hf.data.augmentation import build_augmentation
 
             try:
                 build_augmentation(self.augmentation, self.crop_size)
@@ -1063,7 +1063,7 @@ class FinetuneDataConfig(DataSourceConfig):
             value = getattr(self, name)
             _check(value is None or value >= 1, self.key(name), "must be >= 1 (or null)")
         if isinstance(self.augmentation, str):
-            from hlss_hf.augmentation import AUGMENTATION_PRESETS
+            from hlss_hf.data.augmentation import AUGMENTATION_PRESETS
 
             if self.augmentation == "strong":
                 raise ConfigError(

@@ -161,7 +161,7 @@ def _write_json(payload: Any, path: Path) -> None:
 def _load_split(dataset_path: str, split: str, max_samples: int | None = None, split_key: str = "--split"):
     """One split of ``--dataset`` (:func:`hlss_hf.data.load_split`: a folder or Hub id, with the patient and slide
     ids the slide and patient metrics need); errors name ``--dataset`` or `split_key`."""
-    from hlss_hf.data import load_split
+    from hlss_hf.data.loading import load_split
 
     return load_split(dataset_path, split, max_samples=max_samples, key="--dataset", split_key=split_key)
 
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache_dir = None if args.no_cache else (args.cache_dir or output_dir / "cache")
 
     # 1. Model and data.
-    from hlss_hf.schema import modality_of
+    from hlss_hf.data.schema import modality_of
 
     model, processor, tokenizer = _load_model(args)
     evaluated = _load_split(args.dataset, args.split, args.max_samples)

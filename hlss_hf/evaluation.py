@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hlss_hf.data import _FixedArrayReader, loader_workers
+from hlss_hf.data.hierarchy import _FixedArrayReader
+from hlss_hf.data.loading import loader_workers
 from hlss_hf.files import write_file_atomically
 
 logger = logging.getLogger(__name__)
@@ -426,7 +427,7 @@ def _split_info(dataset) -> _SplitInfo:
     """Check a split (map-style or streamed) for embedding and describe it; a missing hierarchy warns."""
     import datasets
 
-    from hlss_hf.schema import modality_of
+    from hlss_hf.data.schema import modality_of
 
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         raise ValueError(f"pass one split of the DatasetDict (one of {list(dataset)}), not the whole dict")
@@ -512,7 +513,7 @@ def _image_column(dataset):
 def _decode_images(values) -> np.ndarray | list[np.ndarray]:
     """Decode one slice of the `image` column: a stacked array stays whole; encoded images go through
     :func:`hlss_hf.schema.decode_image` (imagecodecs for 8-bit RGB PNG and JPEG, PIL for the rest)."""
-    from hlss_hf.schema import decode_image
+    from hlss_hf.data.schema import decode_image
 
     if isinstance(values, np.ndarray) and values.ndim == 4:
         return values

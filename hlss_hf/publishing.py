@@ -45,16 +45,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from hlss_hf.cli import debug_requested, exit_on_error
-from hlss_hf.errors import ConversionError
-from hlss_hf.files import (
-    command_line,
-    output_lock,
-    remove_stale_temporaries,
-    sibling_path,
-    write_folder_atomically,
-)
-
-from .schema import (
+from hlss_hf.data.schema import (
     CAPTION,
     IMAGE,
     IMAGE_FORMATS,
@@ -64,6 +55,14 @@ from .schema import (
     SLIDE_ID,
     decode_image,
     modality_of,
+)
+from hlss_hf.errors import ConversionError
+from hlss_hf.files import (
+    command_line,
+    output_lock,
+    remove_stale_temporaries,
+    sibling_path,
+    write_folder_atomically,
 )
 
 logger = logging.getLogger(__name__)

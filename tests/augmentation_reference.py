@@ -1,6 +1,6 @@
-"""Test oracles of hlss_hf.augmentation, kept out of the package (training uses only its fast path).
+"""Test oracles of hlss_hf.data.augmentation, kept out of the package (training uses only its fast path).
 
-- :func:`per_image_reference`: the per-image reference path of :class:`~hlss_hf.augmentation.HLSSAugmentation`.
+- :func:`per_image_reference`: the per-image reference path of :class:`~hlss_hf.data.augmentation.HLSSAugmentation`.
   It makes the same draws as ``augment(image, generator)`` (``augment._draw``) and applies them with
   torchvision-style functional ops (``torch.where`` masks, kornia's HSV hue), as the HiDisc / HLSS research code
   applies them per view. It defines the semantics and is the benchmark baseline; the fast path matches it to
@@ -18,13 +18,13 @@ import random
 import torch
 import torch.nn.functional as F
 
-from hlss_hf.augmentation import (
-    _GREY,
+from hlss_hf.data.augmentation import (
+    GREY,
     HLSSAugmentation,
-    _affine_grid,
-    _blur_taps,
     _default_generator,
-    _resize,
+    affine_grid,
+    blur_taps,
+    resize,
 )
 
 
@@ -52,7 +52,7 @@ def per_image_reference(
 
 def _grayscale(image: torch.Tensor) -> torch.Tensor:
     if image.shape[0] == 3:
-        weights = torch.tensor(_GREY, dtype=image.dtype, device=image.device)
+        weights = torch.tensor(GREY, dtype=image.dtype, device=image.device)
         return (image * weights[:, None, None]).sum(0, keepdim=True)
     return image.mean(0, keepdim=True)
 
@@ -64,7 +64,7 @@ def _blend(image: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Ten
 def _separable_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     """Gaussian blur of ``[C, H, W]`` with reflect padding, as a separable sum of shifted slices."""
     height, width = image.shape[-2:]
-    taps = _blur_taps(kernel_size, sigma, height, width)
+    taps = blur_taps(kernel_size, sigma, height, width)
     if taps is None:
         return image
     radius = kernel_size // 2
@@ -85,14 +85,14 @@ def _vertical_flip(augment, image):
 
 
 def _affine(augment, image, theta, mode):
-    grid = _affine_grid(theta, image.shape[-2], image.shape[-1])
+    grid = affine_grid(theta, image.shape[-2], image.shape[-1])
     return F.grid_sample(image[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
 
 
 def _random_resized_crop(augment, image, box):
     top, left, crop_h, crop_w = box
     size = (augment.crop_size, augment.crop_size)
-    return _resize(image[..., top : top + crop_h, left : left + crop_w], size)
+    return resize(image[..., top : top + crop_h, left : left + crop_w], size)
 
 
 def _color_jitter(augment, image, factors, order):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from augmentation_reference import OPERATIONS, per_image_reference
 
-from hlss_hf.augmentation import (
+from hlss_hf.data.augmentation import (
     AUGMENTATION_PRESETS,
     DEFAULT_AUGMENTATION,
     HLSS_REFERENCE_AUGMENTATION,
@@ -229,14 +229,14 @@ def test_banded_resize_equals_interpolate_with_flips_folded_in(crop, size, mode,
     # strided crop as the fast path passes it: shrinking, enlarging, unchanged, non-square, extreme ratios.
     import torch.nn.functional as F
 
-    from hlss_hf.augmentation import _resize_into
+    from hlss_hf.data.augmentation import resize_into
 
     height, width = crop
     image = torch.rand(3, height + 5, width + 7, generator=gen(height))[:, 2 : 2 + height, 3 : 3 + width]
     expected = F.interpolate(image[None], size=size, mode=mode, align_corners=False, antialias=antialias)[0]
     for flips in ([], [-1], [-2], [-2, -1]):
         out = torch.empty(3, *size)
-        _resize_into(image, flips, out, mode, antialias)
+        resize_into(image, flips, out, mode, antialias)
         # Bicubic taps sum up to ~1.4 in magnitude: twice the bilinear rounding.
         atol = 1e-6 if mode == "bilinear" else 2e-6
         torch.testing.assert_close(out, expected.flip(flips) if flips else expected, atol=atol, rtol=0)
@@ -245,7 +245,7 @@ def test_banded_resize_equals_interpolate_with_flips_folded_in(crop, size, mode,
 def test_fast_hue_rotation_matches_kornia_on_ties_greys_and_pure_colours():
     from kornia.enhance import adjust_hue
 
-    from hlss_hf.augmentation import _hue_shift
+    from hlss_hf.data.augmentation import hue_shift
 
     levels = torch.tensor([0.0, 0.25, 0.5, 1.0])
     grid = torch.cartesian_prod(levels, levels, levels).T.reshape(1, 3, 8, 8)  # every tie pattern
@@ -253,7 +253,7 @@ def test_fast_hue_rotation_matches_kornia_on_ties_greys_and_pure_colours():
     for shift in (-0.5, -0.3, -0.05, 0.0, 0.01, 0.25, 0.5):
         shifts = torch.full((len(images),), shift)
         expected = adjust_hue(images, shift * 2 * torch.pi)
-        torch.testing.assert_close(_hue_shift(images, shifts), expected, atol=2e-6, rtol=0)
+        torch.testing.assert_close(hue_shift(images, shifts), expected, atol=2e-6, rtol=0)
 
 
 def test_each_operation_is_drawn_with_its_probability():
@@ -355,7 +355,7 @@ def test_each_hlss_reference_operation_equals_torchvision_with_fixed_parameters(
     tv = pytest.importorskip("torchvision.transforms.functional")
     from torchvision.transforms import InterpolationMode
 
-    from hlss_hf.augmentation import _affine_matrix
+    from hlss_hf.data.augmentation import affine_matrix
 
     size = 24
     augment = build_augmentation("hlss_reference", size)
@@ -391,7 +391,7 @@ def test_each_hlss_reference_operation_equals_torchvision_with_fixed_parameters(
         ),
     ]
     for angle, translate in ((7.3, (2, -5)), (-9.6, (0, 7)), (0.0, (-3, 1))):
-        theta = _affine_matrix(angle, translate, 1.0, 0.0, torch.float32)
+        theta = affine_matrix(angle, translate, 1.0, 0.0, torch.float32)
         expected = tv.affine(
             image, angle, list(translate), 1.0, [0.0, 0.0], InterpolationMode.NEAREST, fill=[0.0] * 3
         )

@@ -16,7 +16,6 @@ from augmentation_reference import per_image_reference  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from hlss_hf.augmentation import DEFAULT_AUGMENTATION, build_augmentation  # noqa: E402
 from hlss_hf.data import (  # noqa: E402
     EpochBatchSampler,
     EpochPermutationSampler,
@@ -27,7 +26,8 @@ from hlss_hf.data import (  # noqa: E402
     balanced_patient_list,
     collate_hierarchical,
 )
-from hlss_hf.schema import features_for  # noqa: E402
+from hlss_hf.data.augmentation import DEFAULT_AUGMENTATION, build_augmentation  # noqa: E402
+from hlss_hf.data.schema import features_for  # noqa: E402
 
 SIZE = 12
 CLASSES = ["hgg", "lgg", "normal"]
@@ -546,7 +546,7 @@ def test_load_split_bad_sources_are_one_line_errors_naming_the_setting(tmp_path,
         load_split("nobody/nothing", "train", key="data.dataset")
 
 
-# --- atomic writes (hlss_hf.publishing: what every writer of the project uses) ------------------------------------
+# --- atomic writes (hlss_hf.files: what every writer of the project uses) -----------------------------------------
 
 
 def leftovers(folder):

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:  # the scripts are not part of the installed packa
     sys.path.insert(0, str(REPO))
 
 from dataset_scripts import demo, opensrh, tcga, wsi  # noqa: E402
-from hlss_hf.schema import decode_image  # noqa: E402
+from hlss_hf.data.schema import decode_image  # noqa: E402
 
 PATCH = 16  # SRH patch side in the fixtures
 
@@ -508,7 +508,7 @@ def test_wsi_image_format_raw_stores_the_png_pixels_and_png_is_the_unchanged_def
 
 
 def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
-    from hlss_hf.schema import features_for
+    from hlss_hf.data.schema import features_for
 
     with pytest.raises(SystemExit, match="'png' only applies to H&E"):
         demo.main(["--output", str(tmp_path / "d"), "--modality", "srh", "--image-format", "png"])
@@ -524,9 +524,9 @@ def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
 
 
 def test_writer_raw_he_checks_the_fixed_shape_and_decodes_png_bytes(tmp_path):
+    from hlss_hf.data.schema import features_for
     from hlss_hf.errors import ConversionError
     from hlss_hf.publishing import write_patch_dataset
-    from hlss_hf.schema import features_for
 
     features = features_for("he", ["a"], patch_size=8, image_format="raw")
     first, second = _row("x"), _row("y", seed=1)
@@ -1176,9 +1176,9 @@ def _row(patch, patient="p1", slide="s1", label="a", seed=0):
 
 
 def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels(tmp_path):
+    from hlss_hf.data.schema import features_for
     from hlss_hf.errors import ConversionError
     from hlss_hf.publishing import InvalidItems, write_patch_dataset
-    from hlss_hf.schema import features_for
 
     features = features_for("he", ["a", "b"])
     out = tmp_path / "out"
@@ -1195,9 +1195,9 @@ def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels
 
 
 def test_writer_drops_empty_splits_and_checks_he_patch_size(tmp_path):
+    from hlss_hf.data.schema import features_for
     from hlss_hf.errors import ConversionError
     from hlss_hf.publishing import write_patch_dataset
-    from hlss_hf.schema import features_for
 
     features = features_for("he", ["a"])
     out = tmp_path / "out"

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hlss_hf.data.schema import features_for
 from hlss_hf.evaluation import (
     EmbeddingSet,
     aggregate_scores,
@@ -28,7 +29,6 @@ from hlss_hf.evaluation import (
     train_linear_probe,
     zero_shot_scores,
 )
-from hlss_hf.schema import features_for
 
 
 def _normalized(n, d, generator):
@@ -457,8 +457,8 @@ def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fas
 
     from PIL import Image
 
+    from hlss_hf.data.schema import _decode_rgb8, decode_image
     from hlss_hf.evaluation import _decode_images
-    from hlss_hf.schema import _decode_rgb8, decode_image
 
     image = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)
     data = _encoded(image, fmt, mode)
@@ -475,7 +475,7 @@ def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fas
 
 
 def test_array_columns_are_read_stacked_in_their_own_dtype():
-    from hlss_hf.data import _FixedArrayReader
+    from hlss_hf.data.hierarchy import _FixedArrayReader
     from hlss_hf.evaluation import _image_column
 
     images = [np.full((6, 6, 2), 60000 + i, dtype=np.uint16) for i in range(3)]
@@ -489,7 +489,7 @@ def test_array_columns_are_read_stacked_in_their_own_dtype():
 
 
 def test_array_batches_are_views_of_the_mapped_data_where_rows_are_consecutive(tmp_path):
-    from hlss_hf.data import _FixedArrayReader
+    from hlss_hf.data.hierarchy import _FixedArrayReader
     from hlss_hf.evaluation import _image_column, _ImageBatches, _pixels
 
     images = [np.full((6, 6, 2), 100 + i, dtype=np.uint16) for i in range(10)]

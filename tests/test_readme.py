@@ -94,8 +94,8 @@ def write_rn50_clip(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def readme_env(tmp_path_factory):
     """(working folder, Hub id -> local substitution, environment) shared by the blocks."""
-    from dataset_scripts.demo import build_demo_dataset
     from hlss_hf import HLSSForImageClassification, HLSSImageProcessor
+    from hlss_hf.data.demo import build_demo_dataset
 
     root = tmp_path_factory.mktemp("readme")
     clip = write_clip(root / "towers" / "clip")

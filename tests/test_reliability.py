@@ -223,7 +223,7 @@ def test_second_converter_into_one_output_is_refused_and_the_first_writes_its_ro
     import datasets
     import numpy as np
 
-    from hlss_hf.schema import features_for
+    from hlss_hf.data.schema import features_for
 
     features = features_for("he", ["a", "b"])
     out = tmp_path / "data"
@@ -492,7 +492,7 @@ def test_garbage_health_file_is_unknown_health_and_the_run_resumes(cut_checkpoin
 def he_dataset(rows):
     import datasets
 
-    from hlss_hf.schema import features_for
+    from hlss_hf.data.schema import features_for
 
     features = features_for("he", ["a", "b"])
     features = datasets.Features({k: v for k, v in features.items() if k in rows})
@@ -607,8 +607,8 @@ def test_corrupt_evaluation_cache_is_rebuilt_with_a_warning(tmp_path):
 
 def opensrh_plan(tmp_path, meta, split):
     from dataset_scripts.opensrh import plan_opensrh
+    from hlss_hf.data.schema import OPENSRH_CLASSES
     from hlss_hf.publishing import InvalidItems
-    from hlss_hf.schema import OPENSRH_CLASSES
 
     (tmp_path / "root" / "p").mkdir(parents=True)
     (tmp_path / "root" / "p" / "a.tif").write_bytes(b"")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hlss_hf.schema import (
+from hlss_hf.data.schema import (
     COLUMNS,
     OPENSRH_CLASSES,
     REQUIRED_COLUMNS,

@@ -72,7 +72,7 @@ def tiny_args(output_dir, attributes_file, *extra) -> list[str]:
 
 def small_demo_folder(folder: Path) -> Path:
     """A 12-patient demo dataset saved to ``folder`` (the old splits: train / validation, no align patients)."""
-    from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf.data.demo import build_demo_dataset
 
     build_demo_dataset(
         output_dir=folder,
@@ -178,7 +178,7 @@ def test_shipped_configs_are_valid(name):
 
 def test_paper_config_is_the_reference_recipe():
     """Every row of the README's fidelity table that the reference sets, pinned."""
-    from hlss_hf.augmentation import HLSS_REFERENCE_AUGMENTATION
+    from hlss_hf.data.augmentation import HLSS_REFERENCE_AUGMENTATION
 
     config = parse_config(["--config", str(REPO / "configs" / "opensrh_hlss.yaml")])
     m, d, t = config.model, config.data, config.training
@@ -602,7 +602,7 @@ def test_local_hub_layout_folder_trains(tmp_path, attributes_file, streaming):
 
 
 def test_missing_split_is_named(tmp_path, attributes_file):
-    from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf.data.demo import build_demo_dataset
 
     data_dir = tmp_path / "demo-data"
     build_demo_dataset(

@@ -1,23 +1,10 @@
-"""The dataset schema shared by the converters, the data pipeline and evaluation: one row per patch.
-
-Columns (see :data:`COLUMNS`):
-
-- ``image``: H&E patches as :class:`datasets.Image` (lossless PNG bytes, the default) or, with
-  ``image_format="raw"``, as :class:`datasets.Array3D` of shape ``(H, W, 3)`` and dtype ``uint8`` (the same
-  pixels, no decoding when read, ~3.3x PNG's bytes); SRH patches as :class:`datasets.Array3D` of shape
-  ``(H, W, 2)`` and dtype ``uint16`` (channel-last ``[CH2, CH3]``, the exact values of the source TIFF).
-- ``patient_id``, ``slide_id``, ``patch_id`` (unique in the dataset): strings.
-- ``label``: :class:`datasets.ClassLabel` carrying the class names.
-- ``x``, ``y`` (top-left corner in level-0 pixels), ``level``: int32, ``-1`` when unknown.
-- ``mpp`` (microns per pixel of the stored patch), ``magnification``: float32, NaN when unknown.
-- ``source``: string such as ``"opensrh"``, ``"tcga"`` or ``"wsi:<file>"``.
-- ``caption`` (optional, :data:`CAPTION`): a sentence describing what the patch shows, for image-text alignment
-  (``model.objective: align`` in ``train.py``); the demo writes one per patch.
+"""The dataset schema shared by the converters, the data pipeline and evaluation: one row per patch (the columns:
+docs/data.md, "The schema").
 
 Example:
 
 ```python
->>> from hlss_hf.schema import features_for, decode_image
+>>> from hlss_hf.data.schema import features_for, decode_image
 >>> features = features_for("srh", ["hgg", "lgg"], patch_size=300)
 >>> features["image"]
 Array3D(shape=(300, 300, 2), dtype='uint16')
@@ -32,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -195,11 +183,7 @@ def _to_channel_last(array: np.ndarray) -> np.ndarray:
     if (
         array.ndim == 3
         and array.shape[0] in (SRH_CHANNELS, HE_CHANNELS)
-        and array.shape[-1]
-        not in (
-            SRH_CHANNELS,
-            HE_CHANNELS,
-        )
+        and array.shape[-1] not in (SRH_CHANNELS, HE_CHANNELS)
     ):
         array = np.moveaxis(array, 0, -1)
     return array
@@ -212,8 +196,6 @@ def _decode_rgb8(data: bytes) -> np.ndarray | None:
     """``(H, W, 3)`` uint8 pixels of an 8-bit RGB PNG or a 3-component JPEG by imagecodecs (libpng /
     libjpeg-turbo: the same pixels as PIL, about twice as fast, see benchmarks/README.md), or ``None`` for anything
     else (grey, palette, alpha, 16-bit, CMYK, other formats), which PIL's conversions then handle."""
-    import imagecodecs
-
     try:
         if data[:8] == _PNG_SIGNATURE:
             # IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, no palette, no alpha).
