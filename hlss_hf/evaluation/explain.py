@@ -1,33 +1,10 @@
-"""Interpretability through the language-tied heads: which attributes an image, slide or patient is tied to.
-
-HLSS heads map an image embedding `z` to attribute space, `u_l = normalize(head_l(z))`, whose coordinate `a`
-is the affinity to attribute `a` of level `l` (docs/method.md, language-tied heads); the fixed banks give the
-same through the text
-directly, `z . t_a` (`use_heads=False`). The attribute names are in `model.config.attribute_names`. A slide,
-patient or class is explained by the mean affinities of its patches.
-
-Attributes are ranked by how much more the target's patches are tied to them than patches in general: each
-attribute's affinities are standardised over the whole embedding set (mean 0, standard deviation 1) before they
-are averaged. Raw affinities have a large offset per attribute (sentence encoders put some descriptions nearer to
-every image than others), so ranked raw, the same few attributes top every class. `standardize=False` ranks the
-raw affinities (as `HLSSModel.top_attributes` does for single images).
-Figures are drawn with matplotlib's Agg canvas (no display, no global backend switch).
-
-Example:
-
-```python
-from hlss_hf.explain import explain, plot_explanation, class_attribute_summary, plot_class_heatmap
-
-report = explain(model, val_embeddings, slide_id="NIO_001-1", k=5)
-plot_explanation(report, "out/slide_NIO_001-1.png")
-summary = class_attribute_summary(model, val_embeddings)
-plot_class_heatmap(summary, "patch", "out/classes_patch.png")
-```
-"""
+"""Interpretability through the language-tied heads: which attributes an image, slide, patient or class is tied
+to, as numbers, lines for a terminal and figures (docs/evaluation.md#explanations)."""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlss_hf.evaluation import EmbeddingSet
+from hlss_hf.evaluation.embeddings import EmbeddingSet
+from hlss_hf.evaluation.metrics import LEVELS
 from hlss_hf.files import write_file_atomically
-
-LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 
 
 def _attribute_names(model: nn.Module) -> dict[str, list[str]]:
@@ -242,9 +218,6 @@ def class_attribute_summary(
     return summary
 
 
-# ---------------------------------------------------------------------------------------------------- figures
-
-
 def format_explanation(explanation: dict[str, Any]) -> str:
     """:func:`explain`'s result as lines for a terminal: the target, then each level's top attributes."""
     target = explanation["target"]
@@ -270,6 +243,10 @@ def format_class_summary(summary: dict[str, Any]) -> str:
             tops = ", ".join(f"{item['attribute']} ({item['score']:+.2f})" for item in items)
             lines.append(f"  {class_name} ({n} patches): {tops}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+# matplotlib (0.75 s to import) is imported where a figure is drawn: train.py imports this module for its scores.
 
 
 def _save(figure, path: str | os.PathLike) -> Path:
@@ -327,8 +304,6 @@ def plot_class_heatmap(
     Cells carry their values; the colour bar is labelled; with more than ``max_attributes`` attributes only the
     classes' top ones are shown (:func:`heatmap_attributes`), and the title says so.
     """
-    import textwrap
-
     from matplotlib.figure import Figure
 
     if level not in summary["levels"]:
