@@ -10,27 +10,15 @@ each DataLoader worker; these rounds give every process equal forwards, in strea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from tqdm.auto import tqdm
 
-from hlss_hf.evaluation.embeddings import (
-    EmbeddingSet,
-    _batch_loader,
-    _embedding_label,
-    _image_column,
-    _ImageBatches,
-    _map_style_set,
-    _RowIds,
-    _split_info,
-    _StreamRounds,
-)
+from hlss_hf.evaluation.embeddings import EmbeddingSet, _embed_rounds, _embedding_set, _split_info
 from hlss_hf.evaluation.knn import knn_evaluate
 from hlss_hf.evaluation.metrics import check_aggregation
 
@@ -64,24 +52,9 @@ def distributed_knn_evaluate(
         `dict[str, float]`: :func:`knn_evaluate`'s metrics (`"patch/acc"`, ...), the same on every process.
     """
     check_aggregation(aggregation)
-
-    def knn(train: EmbeddingSet, val: EmbeddingSet) -> dict[str, float]:
-        metrics = knn_evaluate(
-            train, val, k=k, temperature=temperature, chunk_size=chunk_size, aggregation=aggregation
-        )
-        return {key: float(value) for key, value in metrics.items()}
-
-    return distributed_evaluate(
-        accelerator,
-        model,
-        train_ds,
-        val_ds,
-        knn,
-        processor,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-    )
+    knn = partial(knn_evaluate, k=k, temperature=temperature, chunk_size=chunk_size, aggregation=aggregation)
+    settings = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
+    return distributed_evaluate(accelerator, model, train_ds, val_ds, knn, processor, **settings)
 
 
 def distributed_evaluate(
@@ -98,20 +71,13 @@ def distributed_evaluate(
 ) -> Any:
     """Embed two splits with every process taking part, then evaluate the embeddings on the main process.
 
-    Call it on every process with the *prepared* model. Each process embeds its share of each split through the
-    wrapped model's forward (`model(pixel_values=..., return_loss=False).image_embeds`, so FSDP gathers its
-    shards and DeepSpeed ZeRO-3 its partitions; `get_image_features` on the unwrapped module would see only the
-    local shard). The splits are read in rounds of `batch_size * num_processes` rows, process `r` taking rows
-    `[r * batch_size, (r + 1) * batch_size)` of each round; a process the last round does not reach runs one padding
-    forward, so every process makes the same number of forward calls (FSDP collectives hang otherwise). The
-    embeddings are gathered back in dataset order, the main process runs `evaluate_fn(train_set, val_set)` on the
-    gathered sets, and its result is broadcast: every process returns the same value.
-
-    The forward runs under the accelerator's own mixed precision (fp32 in :func:`extract_embeddings` unless asked
-    for bf16). The global CPU / CUDA RNG state is restored afterwards (DataLoader workers draw a seed from it), so
-    evaluating does not change training. A streamed split (`datasets.IterableDataset`) is read whole by every
-    process, which decodes only its own rows (see :class:`_StreamRounds`); map-style splits are indexed, each
-    process reading only its rows.
+    Call it on every process with the *prepared* model: the wrapped model's forward
+    (`model(pixel_values=..., return_loss=False).image_embeds`) lets FSDP gather its shards and DeepSpeed ZeRO-3
+    its partitions, where `get_image_features` on the unwrapped module would see only the local shard. Each
+    process embeds its rounds of rows (:func:`~hlss_hf.evaluation.embeddings._embed_rounds`); the main process
+    runs `evaluate_fn(train_set, val_set)` on the gathered sets and every process returns its result. The CPU /
+    CUDA random state is restored afterwards (DataLoader workers draw a seed from it), so evaluating does not
+    change training (docs/evaluation.md#during-training).
 
     Args:
         accelerator (`accelerate.Accelerator`): the training run's accelerator.
@@ -170,72 +136,46 @@ def _embed_across_processes(
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     info = _split_info(dataset)
-    config = getattr(accelerator.unwrap_model(model), "config", None)
-    image_size = getattr(config, "image_size", None)
-    size = batch_size
-    rows = _RowIds(info)
-    if info.streamed:
-        source = _StreamRounds(dataset, info, size, world, rank, processor, image_size)
-        counts = None
-    else:
-        total = len(dataset)
-        rounds = math.ceil(total / (size * world))
-        own, counts = [], []
-        for j in range(rounds):
-            start = j * size * world + rank * size
-            stop = min(start + size, total)
-            counts.append(max(0, stop - start))
-            # Only the last round can leave a process without rows: one padding row keeps the forward count equal.
-            own.extend(range(start, stop) if stop > start else [total - 1])
-        subset = dataset.select(own) if own != list(range(total)) else dataset
-        source = _ImageBatches(_image_column(subset), size, processor, info.modality, image_size)
-    batches = _batch_loader(source, num_workers, device, info.streamed)
-    chunks = []
-    bar = tqdm(
-        total=None if info.streamed else len(dataset),
-        desc=_embedding_label(info.split),
-        unit="img",
-        disable=not (progress and accelerator.is_main_process),
-    )
-    with bar:
-        for j, item in enumerate(batches):
-            if info.streamed:
-                pixel_values, n, round_rows = item
-                rows.extend(round_rows)
-            else:
-                pixel_values, n = item, counts[j]
-            out = model(
-                pixel_values=pixel_values.to(device, non_blocking=True), return_loss=False, return_dict=True
+    image_size = getattr(getattr(accelerator.unwrap_model(model), "config", None), "image_size", None)
+
+    def embed(pixel_values: torch.Tensor) -> torch.Tensor:
+        embeds = getattr(
+            model(pixel_values=pixel_values, return_loss=False, return_dict=True), "image_embeds", None
+        )
+        if embeds is None:
+            raise TypeError(
+                f"{type(accelerator.unwrap_model(model)).__name__}.forward(pixel_values, return_loss=False) "
+                "returned no image_embeds: distributed_knn_evaluate needs an HLSSModel-like forward"
             )
-            embeds = getattr(out, "image_embeds", None)
-            if embeds is None:
-                raise TypeError(
-                    f"{type(accelerator.unwrap_model(model)).__name__}.forward(pixel_values, return_loss=False) "
-                    "returned no image_embeds: distributed_knn_evaluate needs an HLSSModel-like forward"
-                )
-            embeds = F.normalize(embeds.float(), dim=-1)
-            # Each round's rows padded to batch_size: the gathered [world, rounds, B, D] tensor then reads, round
-            # after round and process after process, as the dataset's rows followed by padding.
-            chunks.append(F.pad(embeds[:n], (0, 0, 0, size - n)))
-            done = len(rows) if info.streamed else min(len(dataset), (j + 1) * size * world)
-            bar.update(done - bar.n)
-    if not chunks:  # an empty stream; every process read the same stream, so every process stops here
-        raise ValueError(f"dataset split {info.split!r} is empty: nothing to embed")
-    local = torch.stack(chunks)  # [rounds, B, D]
-    rounds, dim = local.shape[0], local.shape[-1]
-    total = len(rows) if info.streamed else len(dataset)
+        return embeds
+
+    show = progress and accelerator.is_main_process
+    local, rows = _embed_rounds(
+        embed,
+        dataset,
+        info,
+        processor,
+        image_size,
+        batch_size,
+        num_workers,
+        device,
+        show,
+        world=world,
+        rank=rank,
+    )
+    rounds, size, dim = local.shape
     if world > 1:
         # Every process must have read the same rows (a stream split by node would not be): say so, not hang.
+        total = len(rows) if info.streamed else len(dataset)
         shapes = accelerator.gather(torch.tensor([[rounds, total]], device=device)).tolist()
         if any(shape != shapes[0] for shape in shapes):
             raise RuntimeError(
                 f"the processes read different versions of split {info.split!r} ([rounds, rows] per process: "
                 f"{shapes}); every process must see the whole split in the same order (do not split a stream by node)"
             )
-    gathered = accelerator.gather(local.to(device).contiguous()) if world > 1 else local
+    gathered = accelerator.gather(local.contiguous()) if world > 1 else local
     if not accelerator.is_main_process:
         return None
-    embeddings = gathered.reshape(world, rounds, size, dim).transpose(0, 1).reshape(-1, dim)[:total].cpu()
-    if info.streamed:
-        return rows.embedding_set(embeddings)
-    return _map_style_set(dataset, info, [embeddings])
+    return _embedding_set(
+        dataset, info, rows, gathered.reshape(world, rounds, size, dim).transpose(0, 1).reshape(-1, dim).cpu()
+    )

@@ -12,7 +12,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +86,8 @@ class EmbeddingSet:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the set to `path` (a torch file), atomically (:func:`hlss_hf.files.write_file_atomically`)."""
-        payload = {
-            "version": _CACHE_VERSION,
-            "embeddings": self.embeddings.contiguous(),
-            "labels": self.labels.contiguous(),
-            "slide_ids": self.slide_ids,
-            "patient_ids": self.patient_ids,
-            "class_names": self.class_names,
-        }
+        payload = {"version": _CACHE_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        payload["embeddings"], payload["labels"] = self.embeddings.contiguous(), self.labels.contiguous()
         write_file_atomically(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
@@ -102,16 +96,11 @@ class EmbeddingSet:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("version") != _CACHE_VERSION:
             raise ValueError(f"{path}: embedding file version {payload.get('version')} != {_CACHE_VERSION}")
-        return cls(
-            embeddings=payload["embeddings"],
-            labels=payload["labels"],
-            slide_ids=payload["slide_ids"],
-            patient_ids=payload["patient_ids"],
-            class_names=payload["class_names"],
-        )
+        return cls(**{f.name: payload[f.name] for f in fields(cls)})
 
 
 def check_compatible(train: EmbeddingSet, val: EmbeddingSet) -> None:
+    """Refuse an empty set, different class names or embedding sizes: `val` cannot be scored against `train`."""
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"empty embedding set: train has {len(train)}, evaluation has {len(val)} embeddings")
     if train.class_names != val.class_names:
@@ -156,10 +145,7 @@ def model_fingerprint(model: nn.Module) -> str:
     version = tuple(
         (name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for name, t in state.items()
     )
-    try:
-        memo = _FINGERPRINTS.get(model)
-    except TypeError:  # not weak-referenceable
-        memo = None
+    memo = _FINGERPRINTS.get(model)
     if memo is not None and memo[0] == (config_json, version):
         return memo[1]
     digest = xxhash.xxh3_128(type(model).__qualname__.encode())
@@ -169,10 +155,7 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     fingerprint = digest.hexdigest()
-    try:
-        _FINGERPRINTS[model] = ((config_json, version), fingerprint)
-    except TypeError:
-        pass
+    _FINGERPRINTS[model] = ((config_json, version), fingerprint)
     return fingerprint
 
 
@@ -220,15 +203,22 @@ def _default_pixels(images, modality: str, image_size: int | None) -> torch.Tens
     return torch.stack(tensors)
 
 
+def pooled(out: Any, name: str) -> torch.Tensor:
+    """`out` itself, or its `name` (`image_embeds` / `text_embeds`) or else `pooler_output`: plain transformers
+    models return a ModelOutput from `get_image_features` / `get_text_features`."""
+    if isinstance(out, torch.Tensor):
+        return out
+    embeds = getattr(out, name, None)
+    embeds = embeds if embeds is not None else getattr(out, "pooler_output", None)
+    if embeds is None:
+        raise TypeError(
+            f"expected a tensor or an output with {name} or pooler_output, got {type(out).__name__}"
+        )
+    return embeds
+
+
 def _image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    out = model.get_image_features(pixel_values=pixel_values)
-    if not isinstance(out, torch.Tensor):
-        # Plain transformers towers may return a ModelOutput; take the pooled embedding.
-        embeds = getattr(out, "image_embeds", None)
-        out = embeds if embeds is not None else getattr(out, "pooler_output", None)
-        if out is None:
-            raise TypeError("get_image_features returned neither a tensor nor an output with image_embeds")
-    return out
+    return pooled(model.get_image_features(pixel_values=pixel_values), "image_embeds")
 
 
 def _column(dataset, name: str) -> list:
@@ -246,18 +236,8 @@ def extract_embeddings(
     num_workers: int | None = None,
     precision: str = "fp32",
 ) -> EmbeddingSet:
-    """Embed every patch of one dataset split with the frozen image tower.
-
-    Images are decoded a batch at a time (encoded ones by :func:`hlss_hf.schema.decode_image`; array columns as
-    one stacked array) and converted by `processor` (called as `processor(images=[...], return_tensors="pt")`),
-    or, without one, by `he_to_float` / `srh_to_float` and a centre crop to `model.config.image_size`. The
-    forward runs in fp32 unless `precision` asks for bf16 autocast. With `cache_dir`, the result is stored under
-    a key made of the model's fingerprint (:func:`model_fingerprint`), the dataset's `_fingerprint` and split,
-    the processor's settings and the precision, so a rerun loads it without a forward pass.
-
-    A streamed split (`datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)`) is read once, in
-    order, and gives the same result as the map-style split of the same rows. It is never cached: a stream has no
-    fingerprint, and reading it is the very cost a cache would save (a warning says so when `cache_dir` is set).
+    """Embed every patch of one dataset split with the frozen image tower, cached under `cache_dir` (a streamed
+    split is read once, in order, never cached; docs/evaluation.md#embeddings).
 
     Args:
         model (`nn.Module`): anything with `get_image_features(pixel_values)` giving `[N, D]`, as a tensor or as
@@ -265,7 +245,9 @@ def extract_embeddings(
         dataset (`datasets.Dataset` or `datasets.IterableDataset`): one split with `image` and a `ClassLabel`
             `label`; `slide_id` and `patient_id` are optional (without them only patch-level metrics can be
             computed; a warning says so).
-        processor (*optional*): an image processor such as `HLSSImageProcessor`; `None` for the default above.
+        processor (*optional*): an image processor such as `HLSSImageProcessor`, called as
+            `processor(images=[...], return_tensors="pt")`; `None`: `he_to_float` / `srh_to_float` and a centre
+            crop to `model.config.image_size`.
         batch_size (`int`, defaults to 64): images per forward pass.
         cache_dir (`str`, *optional*): folder for cached embeddings; `None` disables caching.
         device (`str` or `torch.device`, *optional*): where to run; the model is moved there. Defaults to the
@@ -338,38 +320,27 @@ def extract_embeddings(
                     )
 
     image_size = getattr(getattr(model, "config", None), "image_size", None)
-    if info.streamed:
-        source = _StreamRounds(dataset, info, batch_size, 1, 0, processor, image_size)
-    else:
-        source = _ImageBatches(_image_column(dataset), batch_size, processor, info.modality, image_size)
-    batches = _batch_loader(source, num_workers, device, info.streamed)
-    chunks = []
-    rows = _RowIds(info)
     was_training = model.training
     model.eval()
     bf16 = precision == "bf16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    total = None if info.streamed else len(dataset)
     try:
-        with (
-            torch.inference_mode(),
-            autocast,
-            tqdm(total=total, desc=_embedding_label(split), unit="img", disable=not progress) as bar,
-        ):
-            for item in batches:
-                pixel_values = item
-                if info.streamed:
-                    pixel_values, _, round_rows = item
-                    rows.extend(round_rows)
-                embeds = _image_features(model, pixel_values.to(device, non_blocking=True))
-                chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
-                bar.update(len(pixel_values))
+        with torch.inference_mode(), autocast:
+            local, rows = _embed_rounds(
+                lambda pixel_values: _image_features(model, pixel_values),
+                dataset,
+                info,
+                processor,
+                image_size,
+                batch_size,
+                num_workers,
+                device,
+                progress,
+                store=torch.device("cpu"),
+            )
     finally:
         model.train(was_training)
-
-    if info.streamed and not chunks:
-        raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
-    result = rows.embedding_set(torch.cat(chunks)) if info.streamed else _map_style_set(dataset, info, chunks)
+    result = _embedding_set(dataset, info, rows, local.reshape(-1, local.shape[-1]))
     if cache_path is not None:
         result.save(cache_path)
     return result
@@ -428,9 +399,68 @@ def _split_info(dataset) -> _SplitInfo:
     )
 
 
-def _map_style_set(dataset, info: _SplitInfo, chunks: list[torch.Tensor]) -> EmbeddingSet:
+def _embed_rounds(
+    embed,
+    dataset,
+    info: _SplitInfo,
+    processor,
+    image_size,
+    batch_size,
+    num_workers,
+    device,
+    progress,
+    *,
+    world: int = 1,
+    rank: int = 0,
+    store: torch.device | None = None,
+) -> tuple[torch.Tensor, _RowIds]:
+    """This process's share of `dataset` embedded by `embed(pixel_values)`, in rounds of `batch_size * world` rows.
+
+    Process `rank` embeds rows `[rank * B, (rank + 1) * B)` of each round (all rows with one process). Returns
+    the L2-normalised embeddings `[rounds, B, D]` (on `store`, default the device), each round's rows padded to `B`
+    with zeros, and the stream's row ids (filled for a stream only). A process the last round does not reach
+    embeds one padding row, so every process makes the same number of forward calls (FSDP collectives hang
+    otherwise); a process gathering the rounds of all processes reads, round after round and process after
+    process, the dataset's rows followed by padding.
+    """
+    size = batch_size
+    rows = _RowIds(info)
+    if info.streamed:
+        source = _StreamRounds(dataset, info, size, world, rank, processor, image_size)
+    else:
+        total = len(dataset)
+        own, counts = [], []
+        for j in range(math.ceil(total / (size * world))):
+            start = j * size * world + rank * size
+            stop = min(start + size, total)
+            counts.append(max(0, stop - start))
+            # Only the last round can leave a process without rows: one padding row keeps the forward count equal.
+            own.extend(range(start, stop) if stop > start else [total - 1])
+        subset = dataset.select(own) if own != list(range(total)) else dataset
+        source = _ImageBatches(_image_column(subset), size, processor, info.modality, image_size)
+    chunks = []
+    total = None if info.streamed else len(dataset)
+    with tqdm(total=total, desc=_embedding_label(info.split), unit="img", disable=not progress) as bar:
+        for j, item in enumerate(_batch_loader(source, num_workers, device, info.streamed)):
+            if info.streamed:
+                pixel_values, n, round_rows = item
+                rows.extend(round_rows)
+            else:
+                pixel_values, n = item, counts[j]
+            embeds = F.normalize(embed(pixel_values.to(device, non_blocking=True)).float(), dim=-1)
+            chunks.append(F.pad(embeds[:n], (0, 0, 0, size - n)).to(store or embeds.device))
+            bar.update((len(rows) if info.streamed else min(total, (j + 1) * size * world)) - bar.n)
+    if not chunks:  # an empty stream; every process read the same stream, so every process stops here
+        raise ValueError(f"dataset split {info.split!r} is empty: nothing to embed")
+    return torch.stack(chunks), rows
+
+
+def _embedding_set(dataset, info: _SplitInfo, rows: _RowIds, embeddings: torch.Tensor) -> EmbeddingSet:
+    """The set of `embeddings` (rows in dataset order, padding after them) with the split's labels and ids."""
+    if info.streamed:
+        return rows.embedding_set(embeddings[: len(rows)])
     return EmbeddingSet(
-        embeddings=torch.cat(chunks),
+        embeddings=embeddings[: len(dataset)],
         labels=torch.tensor(_column(dataset, "label"), dtype=torch.long),
         slide_ids=_column(dataset, "slide_id") if info.hierarchy["slide_id"] else None,
         patient_ids=_column(dataset, "patient_id") if info.hierarchy["patient_id"] else None,

@@ -96,6 +96,15 @@ def _select(embedding_set: EmbeddingSet, index, slide_id, patient_id) -> tuple[d
     return target, rows
 
 
+def _top(ranked: torch.Tensor, affinity: torch.Tensor, names: list[str], k: int) -> list[dict[str, Any]]:
+    """The `k` attributes of highest `ranked` score, each with its raw mean `affinity`."""
+    values, order = ranked.topk(min(k, len(names)))
+    return [
+        {"attribute": names[i], "score": float(v), "affinity": float(affinity[i])}
+        for v, i in zip(values.tolist(), order.tolist(), strict=True)
+    ]
+
+
 def _standardized(scores: torch.Tensor) -> torch.Tensor:
     """``[N, A]`` affinities standardised per attribute over the ``N`` patches (z-scores)."""
     spread = (
@@ -124,8 +133,8 @@ def explain(
         patient_id (`str`, *optional*): a patient; its patches' affinities are averaged.
         k (`int`, defaults to 5): attributes per level (capped at the level's size).
         use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
-        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set (see the
-            module's docstring); `False` ranks the raw affinities.
+        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set
+            (docs/evaluation.md#explanations); `False` ranks the raw affinities.
 
     Returns:
         JSON-ready `dict`: `{"target": {"kind", "id", "num_patches", "labels"}, "levels": {level:
@@ -141,11 +150,7 @@ def explain(
         scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)  # [N, A]
         affinity = scores[rows].mean(dim=0)
         ranked = _standardized(scores)[rows].mean(dim=0) if standardize else affinity
-        values, order = ranked.topk(min(k, len(level_names)))
-        levels[level] = [
-            {"attribute": level_names[i], "score": float(v), "affinity": float(affinity[i])}
-            for v, i in zip(values.tolist(), order.tolist(), strict=True)
-        ]
+        levels[level] = _top(ranked, affinity, level_names, k)
     return {"target": target, "levels": levels}
 
 
@@ -163,8 +168,8 @@ def class_attribute_summary(
         embedding_set (:class:`~hlss_hf.evaluation.EmbeddingSet`): labelled embeddings.
         k (`int`, defaults to 5): top attributes listed per class.
         use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
-        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set (see the
-            module's docstring); `False` ranks the raw class means.
+        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set
+            (docs/evaluation.md#explanations); `False` ranks the raw class means.
 
     Returns:
         JSON-ready `dict`: `{"class_names": [...], "num_patches": {class: n}, "affinity": "heads" or "banks",
@@ -204,11 +209,7 @@ def class_attribute_summary(
             if counts[c] == 0:
                 top[class_name] = []
                 continue
-            values, order = ranked[c].topk(min(k, len(level_names)))
-            top[class_name] = [
-                {"attribute": level_names[i], "score": float(v), "affinity": float(mean[c, i])}
-                for v, i in zip(values.tolist(), order.tolist(), strict=True)
-            ]
+            top[class_name] = _top(ranked[c], mean[c], level_names, k)
         summary["levels"][level] = {
             "attributes": level_names,
             "mean": mean.tolist(),
@@ -396,18 +397,8 @@ def plot_confusion_matrix(
     axis.set_ylabel("true")
     axis.set_title(title)
     peak = float(matrix.max()) if matrix.numel() else 0.0
-    for (row, col), value in zip(
-        torch.cartesian_prod(torch.arange(matrix.shape[0]), torch.arange(matrix.shape[1])).tolist(),
-        matrix.flatten().tolist(),
-        strict=True,
-    ):
-        axis.text(
-            col,
-            row,
-            str(int(value)),
-            ha="center",
-            va="center",
-            color="white" if value > peak / 2 else "black",
-            fontsize=8,
-        )
+    for row, counts in enumerate(matrix.tolist()):
+        for col, value in enumerate(counts):
+            colour = "white" if value > peak / 2 else "black"
+            axis.text(col, row, str(int(value)), ha="center", va="center", color=colour, fontsize=8)
     return _save(figure, path)

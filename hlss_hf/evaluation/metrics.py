@@ -25,12 +25,8 @@ def check_aggregation(aggregation: str) -> None:
 
 
 def reference_patch_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Per-patch class probabilities as the HLSS reference computes them from kNN votes.
-
-    Each row is L1-normalised (``s / sum_c |s_c|``) and then softmaxed over the classes at temperature 1. The
-    L1-normalised values lie in ``[0, 1]``, so the softmax is soft: a patch's probabilities differ by at most a
-    factor ``e`` and every patch weighs the same in a group, however confident its neighbours are (raw kNN votes
-    ``exp(sim / 0.07)`` differ by orders of magnitude between patches).
+    """Per-patch class probabilities as the HLSS reference computes them from kNN votes: each row L1-normalised
+    (``s / sum_c |s_c|``), then softmaxed over the classes at temperature 1 (docs/evaluation.md#metrics).
 
     Args:
         scores (`torch.FloatTensor` of shape `[N, C]`): non-negative patch scores (e.g. :func:`knn_predict`).
@@ -51,13 +47,10 @@ def aggregate_scores(
     return_groups: bool = False,
     aggregation: str = "sum",
 ):
-    """Combine patch scores per group (slide or patient).
+    """Combine patch scores per group (slide or patient), groups in order of first appearance.
 
-    `"sum"` adds the raw patch scores. `"reference"` is the HLSS reference evaluation
-    (``hlss/eval_knn_hlss_accplot.py``): :func:`reference_patch_scores` per patch, summed per group, and each
-    group's row L1-normalised (which makes it the group's mean patch probability). Argmax (accuracy) is the same
-    for a group's sum and mean; the normalisation matters for mean average precision, which ranks groups.
-    Groups are ordered by first appearance. A group whose patches disagree on the label is an error.
+    `"sum"` adds the raw patch scores. `"reference"` (the HLSS reference's ``hlss/eval_knn_hlss_accplot.py``)
+    sums :func:`reference_patch_scores` per group and L1-normalises each group's row: its mean patch probability.
 
     Args:
         scores (`torch.FloatTensor` of shape `[N, C]`): patch class scores.
@@ -139,9 +132,8 @@ def confusion_matrix(scores: torch.Tensor, labels: torch.Tensor, num_classes: in
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Accuracy, top-2, top-3, mean class accuracy and mean average precision from class scores.
 
-    Top-k with `k >= num_classes` is 1.0. Mean class accuracy (macro recall, scikit-learn's
-    `balanced_accuracy_score`) and mean average precision (macro one-vs-rest AP) average over the classes present
-    in `labels`.
+    Top-k with `k >= num_classes` is 1.0; mean class accuracy (macro recall) and mean average precision (macro
+    one-vs-rest AP) average over the classes present in `labels` (docs/evaluation.md#metrics).
 
     Args:
         scores (`torch.FloatTensor` of shape `[N, C]`): class scores (higher is more likely).
@@ -179,6 +171,8 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_class
 def _levels(scores, labels, slide_ids, patient_ids, aggregation):
     """Yield `(level, scores, labels)` for the patch level and each level whose ids are given."""
     check_aggregation(aggregation)
+    scores = torch.as_tensor(scores).float().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     # The reference scores its patch level on the same per-patch probabilities it aggregates.
     yield "patch", (reference_patch_scores(scores) if aggregation == "reference" else scores), labels
     for level, ids in (("slide", slide_ids), ("patient", patient_ids)):
@@ -211,8 +205,6 @@ def hierarchical_metrics(
         `dict[str, float]` with keys `"{level}/{metric}"`, level in patch / slide / patient and metric in
         acc / top2 / top3 / mca / map, e.g. `"patch/acc"`, `"slide/map"`.
     """
-    scores = torch.as_tensor(scores).float().cpu()
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     result = {}
     for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids, aggregation):
         for name, value in classification_metrics(level_scores, level_labels, num_classes).items():
@@ -229,8 +221,6 @@ def hierarchical_confusion_matrices(
     aggregation: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """Confusion matrices `[C, C]` (rows true, columns predicted) per level, as :func:`hierarchical_metrics`."""
-    scores = torch.as_tensor(scores).float().cpu()
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     return {
         level: confusion_matrix(level_scores, level_labels, num_classes)
         for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids, aggregation)

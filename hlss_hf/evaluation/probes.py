@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlss_hf.evaluation.embeddings import EmbeddingSet, check_compatible
+from hlss_hf.evaluation.embeddings import EmbeddingSet, check_compatible, pooled
 from hlss_hf.evaluation.metrics import hierarchical_metrics
 
 
@@ -132,11 +132,7 @@ def class_text_embeddings(
                         input_ids=tokens["input_ids"].to(device),
                         attention_mask=tokens["attention_mask"].to(device),
                     )
-                    if not isinstance(out, torch.Tensor):
-                        # Plain transformers models (e.g. CLIPModel) return a ModelOutput.
-                        text_embeds = getattr(out, "text_embeds", None)
-                        out = text_embeds if text_embeds is not None else out.pooler_output
-                    embeds.append(F.normalize(out.float(), dim=-1))
+                    embeds.append(F.normalize(pooled(out, "text_embeds").float(), dim=-1))
                 rows.append(F.normalize(torch.cat(embeds).mean(dim=0), dim=-1).cpu())
     finally:
         model.train(was_training)
