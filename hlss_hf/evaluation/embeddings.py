@@ -293,20 +293,9 @@ def extract_embeddings(
         if dataset_fp is None:
             warnings.warn("dataset has no _fingerprint: embeddings are not cached", stacklevel=2)
         else:
-            key = hashlib.sha256(
-                json.dumps(
-                    [
-                        _CACHE_VERSION,
-                        model_fingerprint(model),
-                        dataset_fp,
-                        split,
-                        _processor_fingerprint(processor),
-                        device.type,
-                        precision,
-                    ],
-                ).encode()
-            ).hexdigest()[:24]
-            cache_path = Path(cache_dir) / f"embeddings-{split}-{key}.pt"
+            inputs = [model_fingerprint(model), dataset_fp, split, _processor_fingerprint(processor)]
+            key = hashlib.sha256(json.dumps([_CACHE_VERSION, *inputs, device.type, precision]).encode())
+            cache_path = Path(cache_dir) / f"embeddings-{split}-{key.hexdigest()[:24]}.pt"
             if cache_path.exists():
                 logger.info("Loading cached embeddings from %s", cache_path)
                 try:
@@ -456,11 +445,13 @@ def _embed_rounds(
 
 
 def _embedding_set(dataset, info: _SplitInfo, rows: _RowIds, embeddings: torch.Tensor) -> EmbeddingSet:
-    """The set of `embeddings` (rows in dataset order, padding after them) with the split's labels and ids."""
+    """The set of `embeddings` (rows in dataset order, padding after them) with the split's labels and ids. The rows
+    are copied: the set keeps no padding, and is no inference-mode tensor (a linear probe trains on it)."""
+    embeddings = embeddings[: len(rows) if info.streamed else len(dataset)].clone()
     if info.streamed:
-        return rows.embedding_set(embeddings[: len(rows)])
+        return rows.embedding_set(embeddings)
     return EmbeddingSet(
-        embeddings=embeddings[: len(dataset)],
+        embeddings=embeddings,
         labels=torch.tensor(_column(dataset, "label"), dtype=torch.long),
         slide_ids=_column(dataset, "slide_id") if info.hierarchy["slide_id"] else None,
         patient_ids=_column(dataset, "patient_id") if info.hierarchy["patient_id"] else None,
