@@ -3,10 +3,9 @@ patient metrics (docs/evaluation.md). Attribute explanations and figures: :mod:`
 
 from hlss_hf.evaluation.distributed import distributed_evaluate, distributed_knn_evaluate
 from hlss_hf.evaluation.embeddings import PRECISIONS, EmbeddingSet, extract_embeddings, model_fingerprint
-from hlss_hf.evaluation.knn import DEFAULT_MAX_BLOCK_ELEMENTS, knn_evaluate, knn_predict, knn_scores
+from hlss_hf.evaluation.knn import knn_evaluate, knn_predict, knn_scores
 from hlss_hf.evaluation.metrics import (
     AGGREGATIONS,
-    LEVELS,
     METRIC_PATH,
     aggregate_scores,
     average_precision,
@@ -27,8 +26,6 @@ from hlss_hf.evaluation.probes import (
 
 __all__ = [
     "AGGREGATIONS",
-    "DEFAULT_MAX_BLOCK_ELEMENTS",
-    "LEVELS",
     "METRIC_PATH",
     "PRECISIONS",
     "EmbeddingSet",

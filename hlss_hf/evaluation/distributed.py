@@ -1,11 +1,12 @@
 """Evaluation in which every process of a distributed run (DDP, FSDP, DeepSpeed) takes part: each embeds its
 share of the rows through the prepared model, the embeddings are gathered in dataset order (docs/evaluation.md).
 
-Sharded here, not by `accelerate.data_loader.prepare_data_loader` + `gather_for_metrics` (which give the same
-embeddings for a map-style split), because for a stream Accelerate 1.16 shards a multi-file
-`datasets.IterableDataset` by file (unequal rows per process: FSDP hangs, order lost), while its
-`IterableDatasetShard` has no length for `gather_for_metrics` to drop the padding by and repeats every row in
-each DataLoader worker; these rounds give every process equal forwards, in stream order, with any workers.
+Sharded by hand, in the rounds of :func:`hlss_hf.evaluation.embeddings._embed_rounds`, not by
+`accelerate.data_loader.prepare_data_loader` + `gather_for_metrics` (which give the same embeddings for a map-style
+split): for a stream Accelerate 1.16 shards a multi-file `datasets.IterableDataset` by file (unequal rows per
+process: FSDP hangs, order lost), while its `IterableDatasetShard` has no length for `gather_for_metrics` to drop the
+padding by and repeats every row in each DataLoader worker. The rounds give every process equal forwards, in stream
+order, with any workers.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _embed_across_processes(
     rounds, size, dim = local.shape
     if world > 1:
         # Every process must have read the same rows (a stream split by node would not be): say so, not hang.
-        total = len(rows) if info.streamed else len(dataset)
+        total = len(rows["label"]) if info.streamed else len(dataset)
         shapes = accelerator.gather(torch.tensor([[rounds, total]], device=device)).tolist()
         if any(shape != shapes[0] for shape in shapes):
             raise RuntimeError(

@@ -11,7 +11,7 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -344,7 +344,7 @@ class _SplitInfo:
     modality: str
     image_feature: Any
     class_names: list[str]
-    hierarchy: dict[str, bool]  # slide_id / patient_id present
+    columns: list[str]  # label, then slide_id / patient_id where present
 
 
 def _embedding_label(split: str) -> str:
@@ -371,9 +371,8 @@ def _split_info(dataset) -> _SplitInfo:
         raise ValueError(f"column 'label' of split {split!r} must be a ClassLabel, got {features['label']!r}")
     if not streamed and len(dataset) == 0:
         raise ValueError(f"dataset split {split!r} is empty: nothing to embed")
-    hierarchy = {name: name in features for name in ("slide_id", "patient_id")}
-    if not all(hierarchy.values()):
-        missing = [name for name, present in hierarchy.items() if not present]
+    missing = [name for name in ("slide_id", "patient_id") if name not in features]
+    if missing:
         warnings.warn(
             f"dataset split {split!r} has no {missing} column(s): only patch-level metrics will be computed",
             stacklevel=3,
@@ -384,36 +383,38 @@ def _split_info(dataset) -> _SplitInfo:
         modality=modality_of(features),
         image_feature=features["image"],
         class_names=list(features["label"].names),
-        hierarchy=hierarchy,
+        columns=["label"] + [name for name in ("slide_id", "patient_id") if name in features],
     )
 
 
 def _embed_rounds(
-    embed,
+    embed: Callable[[torch.Tensor], torch.Tensor],
     dataset,
     info: _SplitInfo,
-    processor,
-    image_size,
-    batch_size,
-    num_workers,
-    device,
-    progress,
+    processor: Any,
+    image_size: int | None,
+    batch_size: int,
+    num_workers: int | None,
+    device: torch.device,
+    progress: bool,
     *,
     world: int = 1,
     rank: int = 0,
     store: torch.device | None = None,
-) -> tuple[torch.Tensor, _RowIds]:
+) -> tuple[torch.Tensor, dict[str, list]]:
     """This process's share of `dataset` embedded by `embed(pixel_values)`, in rounds of `batch_size * world` rows.
 
-    Process `rank` embeds rows `[rank * B, (rank + 1) * B)` of each round (all rows with one process). Returns
-    the L2-normalised embeddings `[rounds, B, D]` (on `store`, default the device), each round's rows padded to `B`
-    with zeros, and the stream's row ids (filled for a stream only). A process the last round does not reach
-    embeds one padding row, so every process makes the same number of forward calls (FSDP collectives hang
-    otherwise); a process gathering the rounds of all processes reads, round after round and process after
-    process, the dataset's rows followed by padding.
+    Process `rank` embeds rows `[rank * B, (rank + 1) * B)` of each round (every row with one process). A process
+    the last round does not reach embeds one padding row, so every process makes the same number of forward calls
+    (FSDP collectives hang otherwise).
+
+    Returns:
+        The L2-normalised embeddings `[rounds, B, D]` on `store` (default: the device), each round's rows padded to
+        `B` with zeros (gathered from all processes, they read round after round and process after process as the
+        dataset's rows followed by padding); and a stream's labels and ids (column -> values, in stream order).
     """
     size = batch_size
-    rows = _RowIds(info)
+    rows: dict[str, list] = {name: [] for name in info.columns}
     if info.streamed:
         source = _StreamRounds(dataset, info, size, world, rank, processor, image_size)
     else:
@@ -433,55 +434,32 @@ def _embed_rounds(
         for j, item in enumerate(_batch_loader(source, num_workers, device, info.streamed)):
             if info.streamed:
                 pixel_values, n, round_rows = item
-                rows.extend(round_rows)
+                for name, values in round_rows.items():
+                    rows[name].extend(values)
             else:
                 pixel_values, n = item, counts[j]
             embeds = F.normalize(embed(pixel_values.to(device, non_blocking=True)).float(), dim=-1)
             chunks.append(F.pad(embeds[:n], (0, 0, 0, size - n)).to(store or embeds.device))
-            bar.update((len(rows) if info.streamed else min(total, (j + 1) * size * world)) - bar.n)
+            bar.update((len(rows["label"]) if info.streamed else min(total, (j + 1) * size * world)) - bar.n)
     if not chunks:  # an empty stream; every process read the same stream, so every process stops here
         raise ValueError(f"dataset split {info.split!r} is empty: nothing to embed")
     return torch.stack(chunks), rows
 
 
-def _embedding_set(dataset, info: _SplitInfo, rows: _RowIds, embeddings: torch.Tensor) -> EmbeddingSet:
-    """The set of `embeddings` (rows in dataset order, padding after them) with the split's labels and ids. The rows
-    are copied: the set keeps no padding, and is no inference-mode tensor (a linear probe trains on it)."""
-    embeddings = embeddings[: len(rows) if info.streamed else len(dataset)].clone()
-    if info.streamed:
-        return rows.embedding_set(embeddings)
+def _embedding_set(
+    dataset, info: _SplitInfo, rows: dict[str, list], embeddings: torch.Tensor
+) -> EmbeddingSet:
+    """The set of `embeddings` (rows in dataset order, padding after them) with the split's labels and ids (`rows`
+    for a stream). The rows are copied: the set keeps no padding and is no inference-mode tensor (a linear probe
+    trains on it)."""
+    columns = rows if info.streamed else {name: _column(dataset, name) for name in info.columns}
     return EmbeddingSet(
-        embeddings=embeddings,
-        labels=torch.tensor(_column(dataset, "label"), dtype=torch.long),
-        slide_ids=_column(dataset, "slide_id") if info.hierarchy["slide_id"] else None,
-        patient_ids=_column(dataset, "patient_id") if info.hierarchy["patient_id"] else None,
+        embeddings=embeddings[: len(columns["label"])].clone(),
+        labels=torch.tensor(columns["label"], dtype=torch.long),
+        slide_ids=columns.get("slide_id"),
+        patient_ids=columns.get("patient_id"),
         class_names=info.class_names,
     )
-
-
-class _RowIds:
-    """Labels and ids of a stream's rows, collected round by round as the stream is read."""
-
-    def __init__(self, info: _SplitInfo):
-        self.info = info
-        self.columns: dict[str, list] = {"label": []}
-        self.columns.update({name: [] for name, present in info.hierarchy.items() if present})
-
-    def extend(self, rows: Mapping[str, list]) -> None:
-        for name, values in self.columns.items():
-            values.extend(rows[name])
-
-    def __len__(self) -> int:
-        return len(self.columns["label"])
-
-    def embedding_set(self, embeddings: torch.Tensor) -> EmbeddingSet:
-        return EmbeddingSet(
-            embeddings=embeddings,
-            labels=torch.tensor(self.columns["label"], dtype=torch.long),
-            slide_ids=self.columns.get("slide_id"),
-            patient_ids=self.columns.get("patient_id"),
-            class_names=self.info.class_names,
-        )
 
 
 def _image_column(dataset):
@@ -567,8 +545,7 @@ class _StreamRounds(torch.utils.data.IterableDataset):
     def __init__(
         self, stream, info: _SplitInfo, batch_size: int, world: int, rank: int, processor, image_size
     ):
-        columns = ["image", "label"] + [name for name, present in info.hierarchy.items() if present]
-        stream = stream.select_columns(columns)
+        stream = stream.select_columns(["image", *info.columns])
         if isinstance(info.image_feature, datasets.Image):
             # Encoded bytes, decoded by _decode_images in the batch (imagecodecs), as for a map-style split.
             stream = stream.cast_column("image", datasets.Image(decode=False))
