@@ -204,12 +204,10 @@ def class_attribute_summary(
         scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)
         mean, standardized = class_means(scores), class_means(_standardized(scores))
         ranked = standardized if standardize else mean
-        top = {}
-        for c, class_name in enumerate(embedding_set.class_names):
-            if counts[c] == 0:
-                top[class_name] = []
-                continue
-            top[class_name] = _top(ranked[c], mean[c], level_names, k)
+        top = {
+            name: _top(ranked[c], mean[c], level_names, k) if counts[c] else []
+            for c, name in enumerate(embedding_set.class_names)
+        }
         summary["levels"][level] = {
             "attributes": level_names,
             "mean": mean.tolist(),
