@@ -279,11 +279,7 @@ def extract_embeddings(
     if device is not None:
         model = model.to(device)
     param = next(model.parameters(), None)
-    device = (
-        torch.device(device)
-        if device is not None
-        else (param.device if param is not None else torch.device("cpu"))
-    )
+    device = torch.device(device) if device is not None else getattr(param, "device", torch.device("cpu"))
 
     cache_path = None
     if cache_dir is not None and info.streamed:
