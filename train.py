@@ -138,7 +138,7 @@ from hlss_hf.evaluation import (
     knn_scores,
     zero_shot_probabilities,
 )
-from hlss_hf.explain import class_attribute_summary
+from hlss_hf.evaluation.explain import class_attribute_summary
 from hlss_hf.files import write_files_atomically
 from hlss_hf.harness import (
     RESUMABLE_KEYS,
@@ -946,7 +946,7 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
         unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
 
     def write(folder: Path) -> None:
-        from hlss_hf.explain import plot_confusion_matrix, plot_loss_curve
+        from hlss_hf.evaluation.explain import plot_confusion_matrix, plot_loss_curve
         from hlss_hf.harness import read_jsonl
 
         # Plots people look at: the losses over the run (this run's metrics.jsonl, a resumed run's earlier steps

@@ -348,7 +348,7 @@ def _today_batches(data, processor, batch_size: int):
 
 def _new_batches(data, processor, batch_size: int):
     """What `extract_embeddings` runs per batch now (its `_ImageBatches`)."""
-    from hlss_hf.evaluation import _image_column, _ImageBatches
+    from hlss_hf.evaluation.embeddings import _image_column, _ImageBatches
 
     batches = _ImageBatches(_image_column(data), batch_size, processor, processor.modality, None)
     for i in range(len(batches)):

@@ -238,7 +238,7 @@ def evaluate(model, config, tokenizer, splits, eval_resize: int | None = None) -
         knn_evaluate,
         zero_shot_probabilities,
     )
-    from hlss_hf.explain import class_attribute_summary
+    from hlss_hf.evaluation.explain import class_attribute_summary
 
     if eval_resize is not None:
         config = copy.deepcopy(config)

@@ -276,7 +276,7 @@ def _framing_summary(processor) -> dict[str, Any] | str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one evaluation; returns the report written to `<output-dir>/<mode>_<split>.json`."""
-    from hlss_hf import explain as explain_lib
+    from hlss_hf.evaluation import explain as explain_lib
     from hlss_hf.evaluation import (
         extract_embeddings,
         hierarchical_confusion_matrices,

@@ -88,12 +88,8 @@ def main() -> None:
     import datasets
     from _tiny import hierarchical_pixels, tiny_hlss_model
 
-    from hlss_hf.evaluation import (
-        _embed_across_processes,
-        distributed_knn_evaluate,
-        extract_embeddings,
-        knn_evaluate,
-    )
+    from hlss_hf.evaluation import distributed_knn_evaluate, extract_embeddings, knn_evaluate
+    from hlss_hf.evaluation.distributed import _embed_across_processes
 
     accelerator = _accelerator(args.mode, args.wrap)
     model = tiny_hlss_model(seed=0)

@@ -428,7 +428,7 @@ def test_the_demo_shows_the_language_tie(demo_run):
     from transformers import AutoImageProcessor
 
     from hlss_hf.evaluation import extract_embeddings
-    from hlss_hf.explain import class_attribute_summary
+    from hlss_hf.evaluation.explain import class_attribute_summary
 
     validation = load_splits(parse_config(["--config", DEMO]))[1]
     model = HLSSModel.from_pretrained(folder / "hlss")

@@ -24,7 +24,7 @@ from _tiny import tiny_hlss_model, tiny_tokenizer  # noqa: E402
 
 from hlss_hf.evaluate import main  # noqa: E402
 from hlss_hf.evaluation import extract_embeddings, linear_probe_evaluate  # noqa: E402
-from hlss_hf.explain import class_attribute_summary, explain  # noqa: E402
+from hlss_hf.evaluation.explain import class_attribute_summary, explain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_cli_framing_resize_records_the_reference_framing(saved):
 def test_knn_cli_embeds_in_fp32_unless_asked_for_bf16(saved, monkeypatch):
     # The reference evaluates, and the training-time kNN runs, in fp32: so does `evaluate knn` by default (it ran
     # bf16 autocast on CUDA before); `--precision bf16` autocasts on the model's device (here the CPU).
-    import hlss_hf.evaluation as evaluation
+    import hlss_hf.evaluation.embeddings as evaluation
 
     autocast_on = []
     image_features = evaluation._image_features
@@ -262,7 +262,7 @@ def test_explain_targets_and_errors(tiny_model, demo_embeddings):
 def test_explain_matches_model_top_attributes(tiny_model, saved):
     import datasets
 
-    from hlss_hf.evaluation import _default_pixels
+    from hlss_hf.evaluation.embeddings import _default_pixels
 
     data = datasets.load_dataset(str(saved / "data"), split="validation").select(range(2))
     val = extract_embeddings(tiny_model, data, progress=False)
@@ -278,7 +278,7 @@ def test_explain_matches_model_top_attributes(tiny_model, saved):
 def test_class_summary_means(tiny_model, demo_embeddings):
     _, val = demo_embeddings
     summary = class_attribute_summary(tiny_model, val, k=1)
-    from hlss_hf.explain import attribute_scores
+    from hlss_hf.evaluation.explain import attribute_scores
 
     scores = attribute_scores(tiny_model, val.embeddings, "patient")
     expected = scores[val.labels == 2].mean(dim=0)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlss_hf.data.schema import features_for
 from hlss_hf.evaluation import (
     EmbeddingSet,
     aggregate_scores,
@@ -29,6 +28,7 @@ from hlss_hf.evaluation import (
     train_linear_probe,
     zero_shot_scores,
 )
+from hlss_hf.data.schema import features_for
 
 
 def _normalized(n, d, generator):
@@ -457,8 +457,8 @@ def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fas
 
     from PIL import Image
 
+    from hlss_hf.evaluation.embeddings import _decode_images
     from hlss_hf.data.schema import _decode_rgb8, decode_image
-    from hlss_hf.evaluation import _decode_images
 
     image = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)
     data = _encoded(image, fmt, mode)
@@ -476,7 +476,7 @@ def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fas
 
 def test_array_columns_are_read_stacked_in_their_own_dtype():
     from hlss_hf.data.hierarchy import _FixedArrayReader
-    from hlss_hf.evaluation import _image_column
+    from hlss_hf.evaluation.embeddings import _image_column
 
     images = [np.full((6, 6, 2), 60000 + i, dtype=np.uint16) for i in range(3)]
     data = datasets.Dataset.from_dict(
@@ -490,7 +490,7 @@ def test_array_columns_are_read_stacked_in_their_own_dtype():
 
 def test_array_batches_are_views_of_the_mapped_data_where_rows_are_consecutive(tmp_path):
     from hlss_hf.data.hierarchy import _FixedArrayReader
-    from hlss_hf.evaluation import _image_column, _ImageBatches, _pixels
+    from hlss_hf.evaluation.embeddings import _image_column, _ImageBatches, _pixels
 
     images = [np.full((6, 6, 2), 100 + i, dtype=np.uint16) for i in range(10)]
     features = datasets.Features({"image": datasets.Array3D((6, 6, 2), "uint16")})
@@ -632,7 +632,7 @@ def test_a_stream_is_not_cached_and_an_empty_or_untyped_stream_is_named(tmp_path
 
 
 def test_stream_rounds_give_each_process_its_slice_and_pad_the_last_round():
-    from hlss_hf.evaluation import _split_info, _StreamRounds
+    from hlss_hf.evaluation.embeddings import _split_info, _StreamRounds
 
     dataset = _he_dataset(10)
     stream = dataset.to_iterable_dataset(num_shards=2)
@@ -659,7 +659,8 @@ def tiny_hlss():
 def test_distributed_knn_on_one_process_equals_extract_and_knn_evaluate(tiny_hlss, fresh_accelerate_state):
     from accelerate import Accelerator
 
-    from hlss_hf.evaluation import _embed_across_processes, distributed_knn_evaluate
+    from hlss_hf.evaluation import distributed_knn_evaluate
+    from hlss_hf.evaluation.distributed import _embed_across_processes
 
     train, val = _he_dataset(10), _he_dataset(6, split="validation", seed=1)
     expected = knn_evaluate(

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tiny import tiny_hlss_model  # noqa: E402
 
 from hlss_hf.evaluation import EmbeddingSet  # noqa: E402
-from hlss_hf.explain import (  # noqa: E402
+from hlss_hf.evaluation.explain import (  # noqa: E402
     class_attribute_summary,
     explain,
     format_class_summary,

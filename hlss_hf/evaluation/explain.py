@@ -1,33 +1,10 @@
-"""Interpretability through the language-tied heads: which attributes an image, slide or patient is tied to.
-
-HLSS heads map an image embedding `z` to attribute space, `u_l = normalize(head_l(z))`, whose coordinate `a`
-is the affinity to attribute `a` of level `l` (docs/method.md, language-tied heads); the fixed banks give the
-same through the text
-directly, `z . t_a` (`use_heads=False`). The attribute names are in `model.config.attribute_names`. A slide,
-patient or class is explained by the mean affinities of its patches.
-
-Attributes are ranked by how much more the target's patches are tied to them than patches in general: each
-attribute's affinities are standardised over the whole embedding set (mean 0, standard deviation 1) before they
-are averaged. Raw affinities have a large offset per attribute (sentence encoders put some descriptions nearer to
-every image than others), so ranked raw, the same few attributes top every class. `standardize=False` ranks the
-raw affinities (as `HLSSModel.top_attributes` does for single images).
-Figures are drawn with matplotlib's Agg canvas (no display, no global backend switch).
-
-Example:
-
-```python
-from hlss_hf.explain import explain, plot_explanation, class_attribute_summary, plot_class_heatmap
-
-report = explain(model, val_embeddings, slide_id="NIO_001-1", k=5)
-plot_explanation(report, "out/slide_NIO_001-1.png")
-summary = class_attribute_summary(model, val_embeddings)
-plot_class_heatmap(summary, "patch", "out/classes_patch.png")
-```
-"""
+"""Interpretability through the language-tied heads: which attributes an image, slide, patient or class is tied
+to, as numbers, lines for a terminal and figures (docs/evaluation.md#explanations)."""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlss_hf.evaluation import EmbeddingSet
+from hlss_hf.evaluation.embeddings import EmbeddingSet
+from hlss_hf.evaluation.metrics import LEVELS
 from hlss_hf.files import write_file_atomically
-
-LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
 
 
 def _attribute_names(model: nn.Module) -> dict[str, list[str]]:
@@ -120,6 +96,15 @@ def _select(embedding_set: EmbeddingSet, index, slide_id, patient_id) -> tuple[d
     return target, rows
 
 
+def _top(ranked: torch.Tensor, affinity: torch.Tensor, names: list[str], k: int) -> list[dict[str, Any]]:
+    """The `k` attributes of highest `ranked` score, each with its raw mean `affinity`."""
+    values, order = ranked.topk(min(k, len(names)))
+    return [
+        {"attribute": names[i], "score": float(v), "affinity": float(affinity[i])}
+        for v, i in zip(values.tolist(), order.tolist(), strict=True)
+    ]
+
+
 def _standardized(scores: torch.Tensor) -> torch.Tensor:
     """``[N, A]`` affinities standardised per attribute over the ``N`` patches (z-scores)."""
     spread = (
@@ -148,8 +133,8 @@ def explain(
         patient_id (`str`, *optional*): a patient; its patches' affinities are averaged.
         k (`int`, defaults to 5): attributes per level (capped at the level's size).
         use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
-        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set (see the
-            module's docstring); `False` ranks the raw affinities.
+        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set
+            (docs/evaluation.md#explanations); `False` ranks the raw affinities.
 
     Returns:
         JSON-ready `dict`: `{"target": {"kind", "id", "num_patches", "labels"}, "levels": {level:
@@ -165,11 +150,7 @@ def explain(
         scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)  # [N, A]
         affinity = scores[rows].mean(dim=0)
         ranked = _standardized(scores)[rows].mean(dim=0) if standardize else affinity
-        values, order = ranked.topk(min(k, len(level_names)))
-        levels[level] = [
-            {"attribute": level_names[i], "score": float(v), "affinity": float(affinity[i])}
-            for v, i in zip(values.tolist(), order.tolist(), strict=True)
-        ]
+        levels[level] = _top(ranked, affinity, level_names, k)
     return {"target": target, "levels": levels}
 
 
@@ -187,8 +168,8 @@ def class_attribute_summary(
         embedding_set (:class:`~hlss_hf.evaluation.EmbeddingSet`): labelled embeddings.
         k (`int`, defaults to 5): top attributes listed per class.
         use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
-        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set (see the
-            module's docstring); `False` ranks the raw class means.
+        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set
+            (docs/evaluation.md#explanations); `False` ranks the raw class means.
 
     Returns:
         JSON-ready `dict`: `{"class_names": [...], "num_patches": {class: n}, "affinity": "heads" or "banks",
@@ -223,16 +204,10 @@ def class_attribute_summary(
         scores = attribute_scores(model, embedding_set.embeddings, level, use_heads)
         mean, standardized = class_means(scores), class_means(_standardized(scores))
         ranked = standardized if standardize else mean
-        top = {}
-        for c, class_name in enumerate(embedding_set.class_names):
-            if counts[c] == 0:
-                top[class_name] = []
-                continue
-            values, order = ranked[c].topk(min(k, len(level_names)))
-            top[class_name] = [
-                {"attribute": level_names[i], "score": float(v), "affinity": float(mean[c, i])}
-                for v, i in zip(values.tolist(), order.tolist(), strict=True)
-            ]
+        top = {
+            name: _top(ranked[c], mean[c], level_names, k) if counts[c] else []
+            for c, name in enumerate(embedding_set.class_names)
+        }
         summary["levels"][level] = {
             "attributes": level_names,
             "mean": mean.tolist(),
@@ -240,9 +215,6 @@ def class_attribute_summary(
             "top": top,
         }
     return summary
-
-
-# ---------------------------------------------------------------------------------------------------- figures
 
 
 def format_explanation(explanation: dict[str, Any]) -> str:
@@ -270,6 +242,10 @@ def format_class_summary(summary: dict[str, Any]) -> str:
             tops = ", ".join(f"{item['attribute']} ({item['score']:+.2f})" for item in items)
             lines.append(f"  {class_name} ({n} patches): {tops}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+# matplotlib (0.75 s to import) is imported where a figure is drawn: train.py imports this module for its scores.
 
 
 def _save(figure, path: str | os.PathLike) -> Path:
@@ -327,8 +303,6 @@ def plot_class_heatmap(
     Cells carry their values; the colour bar is labelled; with more than ``max_attributes`` attributes only the
     classes' top ones are shown (:func:`heatmap_attributes`), and the title says so.
     """
-    import textwrap
-
     from matplotlib.figure import Figure
 
     if level not in summary["levels"]:
@@ -421,18 +395,8 @@ def plot_confusion_matrix(
     axis.set_ylabel("true")
     axis.set_title(title)
     peak = float(matrix.max()) if matrix.numel() else 0.0
-    for (row, col), value in zip(
-        torch.cartesian_prod(torch.arange(matrix.shape[0]), torch.arange(matrix.shape[1])).tolist(),
-        matrix.flatten().tolist(),
-        strict=True,
-    ):
-        axis.text(
-            col,
-            row,
-            str(int(value)),
-            ha="center",
-            va="center",
-            color="white" if value > peak / 2 else "black",
-            fontsize=8,
-        )
+    for row, counts in enumerate(matrix.tolist()):
+        for col, value in enumerate(counts):
+            colour = "white" if value > peak / 2 else "black"
+            axis.text(col, row, str(int(value)), ha="center", va="center", color=colour, fontsize=8)
     return _save(figure, path)

@@ -26,7 +26,7 @@ Args:
 Returns:
     `dict` with keys "{level}/{metric}", level in patch / slide / patient, metric in acc / top2 / top3 / mca / map.
 Examples:
-    >>> metric = evaluate.load("hlss_hf/metrics/hierarchical_accuracy")
+    >>> metric = evaluate.load("hlss_hf/evaluation/hierarchical_accuracy")
     >>> metric.compute(predictions=[[0.9, 0.1], [0.2, 0.8]], references=[0, 1], slide_ids=["a", "b"],
     ...                patient_ids=["p", "q"])["patch/acc"]
     1.0
