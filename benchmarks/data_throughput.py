@@ -54,7 +54,7 @@ from augmentation_reference import per_image_reference  # noqa: E402
 from hlss_hf.data import HierarchicalPatchDataset, HierarchyIndex, to_float  # noqa: E402
 from hlss_hf.data.augmentation import build_augmentation  # noqa: E402
 from hlss_hf.data.schema import OPENSRH_CLASSES  # noqa: E402
-from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
+from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float  # noqa: E402
 
 
 def slide_texture(rng: np.random.Generator, size: int) -> np.ndarray:

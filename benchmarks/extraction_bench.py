@@ -116,9 +116,9 @@ def extract_bench(args) -> dict:
     import datasets
 
     from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf.data.schema import decode_image
     from hlss_hf.evaluation import extract_embeddings
     from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
-    from hlss_hf.data.schema import decode_image
 
     datasets.disable_progress_bars()
     model = build(args).eval()
@@ -326,8 +326,8 @@ def _store(images, storage: str, quality: int):
 def _today_batches(data, processor, batch_size: int):
     """The input path before issue 13, kept here to measure against: datasets' numpy formatting (PIL decode;
     int64 widening of integer arrays), `decode_image` per row, and the processor's per-image loop."""
-    from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
     from hlss_hf.data.schema import decode_image
+    from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
 
     column = data.select_columns(["image"]).with_format("numpy")
     convert = srh_to_float if processor.modality == "srh" else he_to_float

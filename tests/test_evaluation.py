@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hlss_hf.data.schema import features_for
 from hlss_hf.evaluation import (
     EmbeddingSet,
     aggregate_scores,
@@ -28,7 +29,6 @@ from hlss_hf.evaluation import (
     train_linear_probe,
     zero_shot_scores,
 )
-from hlss_hf.data.schema import features_for
 
 
 def _normalized(n, d, generator):
@@ -457,8 +457,8 @@ def test_batch_decoding_gives_pils_pixels_for_every_kind_of_image(fmt, mode, fas
 
     from PIL import Image
 
-    from hlss_hf.evaluation.embeddings import _decode_images
     from hlss_hf.data.schema import _decode_rgb8, decode_image
+    from hlss_hf.evaluation.embeddings import _decode_images
 
     image = np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8)
     data = _encoded(image, fmt, mode)

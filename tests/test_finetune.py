@@ -404,8 +404,8 @@ def test_pipeline_runs_the_merged_model(finetuned):
 @pytest.mark.parametrize("modality", ["he", "srh"])
 def test_patch_dataset_items_match_the_processor(modality):
     from hlss_hf.data.augmentation import build_augmentation
-    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
     from hlss_hf.data.schema import decode_image
+    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
 
     split = build_demo_dataset(
         num_patients=3,

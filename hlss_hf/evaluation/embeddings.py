@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from hlss_hf.data import loader_workers
 from hlss_hf.data.hierarchy import _FixedArrayReader
+from hlss_hf.data.schema import decode_image, modality_of
 from hlss_hf.files import write_file_atomically
 from hlss_hf.models.hlss.pixels_hlss import he_to_float, srh_to_float
 from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
-from hlss_hf.data.schema import decode_image, modality_of
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 
-from hlss_hf.data.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 from hlss_hf.config import TrainConfig
+from hlss_hf.data.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 from hlss_hf.files import write_text_atomically
 from hlss_hf.harness import TrainState
 from hlss_hf.hub.model_index import (
