@@ -95,27 +95,31 @@ from hlss_hf.data import _FixedArrayReader, load_split, loader_workers, split_na
 from hlss_hf.errors import DatasetError, NonFiniteLossError
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.files import naming_full_disk, write_text_atomically
-from hlss_hf.harness import (
+from hlss_hf.model_card import write_finetune_cards
+from hlss_hf.processing_hlss import HLSSImageProcessor
+from hlss_hf.schema import decode_image, modality_of
+from hlss_hf.training.checkpoints import (
     JsonlWriter,
-    all_finite,
     holds_output_dir,
-    make_accelerator,
     plan_output,
     publish_output,
-    scheduler_steps,
     start_output,
 )
-from hlss_hf.model_card import write_finetune_cards
-from hlss_hf.peft_utils import (
+from hlss_hf.training.loop import all_finite
+from hlss_hf.training.lora import (
     VISION_PREFIX,
     default_lora_target_modules,
     finish_adapter_folder,
     lora_config_for,
     set_train_mode,
 )
-from hlss_hf.processing_hlss import HLSSImageProcessor
-from hlss_hf.run_warnings import WarningLog, evaluation_warnings, finetune_warnings, informative_metrics
-from hlss_hf.schema import decode_image, modality_of
+from hlss_hf.training.optim import make_accelerator, scheduler_steps
+from hlss_hf.training.run_warnings import (
+    WarningLog,
+    evaluation_warnings,
+    finetune_warnings,
+    informative_metrics,
+)
 
 logger = logging.getLogger("finetune")
 

@@ -114,19 +114,6 @@ if __name__ == "__main__":
 
 import torch
 
-from hlss_hf.building import (
-    CaptionTable,
-    build_caption_table,
-    build_image_processor,
-    build_model,
-    build_processor,
-    build_tokenizer,
-    class_prompts_for,
-    dataset_scale,
-    load_splits,
-    resolve_attributes,
-    resolve_tower,
-)
 from hlss_hf.data import build_train_loader
 from hlss_hf.data import stream_batches as _stream_batches
 from hlss_hf.errors import CheckpointError, NonFiniteLossError
@@ -140,33 +127,43 @@ from hlss_hf.evaluation import (
 )
 from hlss_hf.explain import class_attribute_summary
 from hlss_hf.files import write_files_atomically
-from hlss_hf.harness import (
+from hlss_hf.model_card import push_to_hub, render_model_card
+from hlss_hf.training.building import (
+    CaptionTable,
+    build_caption_table,
+    build_image_processor,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    class_prompts_for,
+    dataset_scale,
+    load_splits,
+    resolve_attributes,
+    resolve_tower,
+)
+from hlss_hf.training.checkpoints import (
     RESUMABLE_KEYS,
     JsonlWriter,
     TrainState,
-    all_finite,
     check_checkpoint,
     describe_changes,
     flatten,
     holds_output_dir,
     last_good_checkpoint,
     load_checkpoint,
-    make_accelerator,
     plan_output,
     publish_output,
     record_next_step,
     resolve_resume_path,
     resume_changes,
     save_checkpoint,
-    scheduler_steps,
     set_aside_later_checkpoints,
-    set_peak_lr,
     start_output,
     truncate_jsonl,
-    weights_finite,
 )
-from hlss_hf.model_card import push_to_hub, render_model_card
-from hlss_hf.run_warnings import (
+from hlss_hf.training.loop import all_finite, weights_finite
+from hlss_hf.training.optim import make_accelerator, scheduler_steps, set_peak_lr
+from hlss_hf.training.run_warnings import (
     RunWarning,
     WarningLog,
     evaluation_warnings,
@@ -947,7 +944,7 @@ def save_final_model(run: Run, state_dict: dict, metrics: dict[str, float], card
 
     def write(folder: Path) -> None:
         from hlss_hf.explain import plot_confusion_matrix, plot_loss_curve
-        from hlss_hf.harness import read_jsonl
+        from hlss_hf.training.checkpoints import read_jsonl
 
         # Plots people look at: the losses over the run (this run's metrics.jsonl, a resumed run's earlier steps
         # included) and the final kNN confusion matrices.

@@ -23,7 +23,7 @@ import torch
 
 from hlss_hf.config import TrainConfig
 from hlss_hf.files import write_text_atomically
-from hlss_hf.harness import TrainState
+from hlss_hf.training.checkpoints import TrainState
 
 #: The card template (package data).
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
@@ -589,7 +589,7 @@ def finetune_card(kind: str, config: Any, report: dict[str, Any], argv: Sequence
     training settings, the evaluation at patch / slide / patient level with the run's warnings, how to load it.
     Replaces PEFT's empty template. Hub ids of the base model and dataset are linked in the metadata.
     """
-    from hlss_hf.peft_utils import format_target_modules
+    from hlss_hf.training.lora import format_target_modules
 
     t, dataset, base_model = config.training, config.data.dataset, config.model.model_name_or_path
     names, lora, metrics, warnings = report["labels"], report["lora"], report["eval"], report.get("warnings")

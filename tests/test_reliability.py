@@ -34,7 +34,7 @@ from hlss_hf import files, publishing  # noqa: E402
 from hlss_hf.cli import describe_error  # noqa: E402
 from hlss_hf.errors import OutputInUseError  # noqa: E402
 from hlss_hf.files import output_lock, swap_in  # noqa: E402
-from hlss_hf.harness import list_checkpoints, staging_dir  # noqa: E402
+from hlss_hf.training.checkpoints import list_checkpoints, staging_dir  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -401,8 +401,8 @@ def test_bad_setting_is_one_error_line_naming_it(tmp_path, attributes_file, monk
     ],
 )
 def test_malformed_attribute_file_is_a_config_error_naming_the_item(tmp_path, text, named):
-    from hlss_hf.building import resolve_attributes
     from hlss_hf.errors import ConfigError
+    from hlss_hf.training.building import resolve_attributes
 
     path = tmp_path / "attributes.yaml"
     path.write_text(text)

@@ -26,11 +26,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from hlss_hf import building  # noqa: E402
 from hlss_hf.config import TrainConfig, parse_config  # noqa: E402
 from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
-from hlss_hf.harness import checkpoint_dir, list_checkpoints  # noqa: E402
 from hlss_hf.model_card import hub_links  # noqa: E402
+from hlss_hf.training import building  # noqa: E402
+from hlss_hf.training.checkpoints import checkpoint_dir, list_checkpoints  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
 TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"

@@ -4,7 +4,7 @@
 run would:
 
 ```python
->>> from hlss_hf.building import build_model, build_tokenizer, load_splits, resolve_attributes, resolve_tower
+>>> from hlss_hf.training.building import build_model, build_tokenizer, load_splits, resolve_attributes, resolve_tower
 >>> from hlss_hf.config import parse_config
 >>> config = parse_config(["--config", "configs/demo.yaml"])
 >>> train_ds, val_ds = load_splits(config)

@@ -1,27 +1,5 @@
-"""The run harness that ``train.py`` and ``finetune.py`` share: the accelerator, the output folder, checkpoints,
-resume and the non-finite guard.
-
-Three promises, each kept here once for both scripts:
-
-- **Outputs are never lost.** A run that replaces an earlier one in ``output_dir`` works in the sibling folder
-  ``<output_dir>.incoming`` and swaps it in only when it has finished (:func:`plan_output`,
-  :func:`publish_output`); until then the earlier run's model, metrics and checkpoints stay as they were, and a
-  failed run leaves them untouched.
-- **Resume runs no code from the checkpoint folder.** Checkpoints hold safetensors weights, the optimizer /
-  scheduler / RNG states that Accelerate reads with ``torch.load(weights_only=True)``, and the run's counters
-  and settings as JSON (:func:`save_checkpoint`). A folder with pickled custom state (``custom_checkpoint_*.pkl``,
-  written by ``accelerator.register_for_checkpointing``) is refused, never unpickled.
-- **A resumed run does what its settings say.** Settings that can change on resume (:data:`RESUMABLE_KEYS`) are
-  applied and recorded; any other change stops the run naming each changed key (:func:`resume_changes`).
-
-Example:
-
-```python
->>> from hlss_hf.harness import plan_output
->>> plan_output("outputs/new-run", overwrite=False, resume=None)  # doctest: +SKIP
-PosixPath('outputs/new-run')
-```
-"""
+"""The run folder, checkpoints and resume that ``train.py`` and ``finetune.py`` share: outputs are never lost,
+resume runs no code from the checkpoint folder and does what its settings say (docs/training.md#resume-and-failures)."""
 
 from __future__ import annotations
 
@@ -104,87 +82,6 @@ RESUMABLE_KEYS = frozenset(
 INVOCATION_KEYS = frozenset(
     {"training.resume_from_checkpoint", "training.max_steps_this_run", "training.overwrite_output_dir"}
 )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Accelerator
-
-
-def make_accelerator(run, project_dir: str | os.PathLike | None = None):
-    """The ``Accelerator`` of a run, from its training settings (:class:`hlss_hf.config.RunConfig`: gradient
-    accumulation, mixed precision, trackers, ``cpu``).
-
-    Several processes on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N`` on CPU) run
-    with gloo, which Accelerate does only when told ``cpu=True``; the launcher's own ``--cpu`` cannot be combined
-    with ``--multi_gpu``, so the rule lives here.
-
-    Args:
-        run (`RunConfig`): the run's training section.
-        project_dir (`str`, *optional*): where trackers write their logs (the run's folder).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    project = None
-    if project_dir is not None:
-        project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
-    return Accelerator(
-        gradient_accumulation_steps=run.gradient_accumulation_steps,
-        mixed_precision=run.mixed_precision,
-        log_with=run.trackers(),
-        project_config=project,
-        cpu=run.cpu or (world > 1 and not torch.cuda.is_available()),
-        # Batches are pinned on CUDA (build_train_loader, finetune): copy them without blocking the host.
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
-    )
-
-
-def scheduler_steps(accelerator, steps: int) -> int:
-    """Scheduler steps for ``steps`` optimizer steps: a prepared scheduler steps once per process per optimizer
-    step (Accelerate's convention), so warm-up and length scale with the number of processes."""
-    return steps * accelerator.num_processes
-
-
-def all_finite(loss: torch.Tensor, accelerator) -> bool:
-    """Whether the loss is finite on every process (each process learns the same answer, so all stop together:
-    a process that stopped alone would leave the others waiting in the next collective)."""
-    bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="max")
-    return bad.item() == 0
-
-
-def weights_finite(model: torch.nn.Module, accelerator) -> bool:
-    """Whether every trainable parameter of ``model`` is finite on every process (a sharded model holds a part of
-    the weights on each); checked before a checkpoint is called good."""
-    with torch.no_grad():
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
-    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="max")
-    return bad.item() == 0
-
-
-def set_peak_lr(optimizer, scheduler, lr: float) -> None:
-    """Apply a new peak learning rate to a resumed run: the schedule keeps its shape and position.
-
-    ``load_state`` restores the optimizer's and the scheduler's base learning rates from the checkpoint, so a
-    changed ``training.lr`` must be set on both, then the current step's value recomputed from the schedule.
-    """
-    inner = getattr(scheduler, "scheduler", scheduler)
-    inner.base_lrs = [lr for _ in inner.base_lrs]
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr
-    lambdas = getattr(inner, "lr_lambdas", None)
-    if lambdas is None:
-        raise CheckpointError(
-            f"training.lr: cannot re-scale a {type(inner).__name__} schedule on resume; keep the checkpoint's lr"
-        )
-    values = [lr * fn(inner.last_epoch) for fn in lambdas]
-    for group, value in zip(optimizer.param_groups, values, strict=True):
-        group["lr"] = value
-    inner._last_lr = values
 
 
 # ---------------------------------------------------------------------------------------------------------------
