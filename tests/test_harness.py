@@ -34,11 +34,11 @@ from hlss_hf.training.checkpoints import (  # noqa: E402
     checkpoint_health,
     list_checkpoints,
     plan_output,
-    read_jsonl,
     resume_changes,
     staging_dir,
     start_output,
 )
+from hlss_hf.training.loop import read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -412,7 +412,7 @@ def test_full_disk_while_a_resume_rewrites_its_metrics_names_the_file_and_the_by
 
     from hlss_hf import files
     from hlss_hf.errors import DiskFullError
-    from hlss_hf.training import checkpoints
+    from hlss_hf.training import loop
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n', encoding="utf-8")
@@ -420,9 +420,9 @@ def test_full_disk_while_a_resume_rewrites_its_metrics_names_the_file_and_the_by
     def full_disk(target, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(files, "write_text_atomically", full_disk)
+    monkeypatch.setattr(loop, "write_text_atomically", full_disk)
     with pytest.raises(DiskFullError) as caught:
-        checkpoints.truncate_jsonl(path, 1)
+        loop.truncate_jsonl(path, 1)
     line = files.describe_os_error(caught.value)
     assert f"no space left writing {path}" in line and "it needs about" in line and "\n" not in line
     assert read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]  # nothing lost

@@ -193,8 +193,8 @@ def test_second_run_into_a_busy_output_folder_is_refused_naming_the_first_and_th
     second: dict[str, BaseException] = {}
     open_run = train.open_run
 
-    def open_run_then_start_a_second(run, *args, **kwargs):
-        open_run(run, *args, **kwargs)
+    def open_run_then_start_a_second(*args, **kwargs):
+        log = open_run(*args, **kwargs)
 
         def start():
             try:
@@ -205,6 +205,7 @@ def test_second_run_into_a_busy_output_folder_is_refused_naming_the_first_and_th
         thread = threading.Thread(target=start)  # another thread is refused like another process
         thread.start()
         thread.join()
+        return log
 
     monkeypatch.setattr(train, "open_run", open_run_then_start_a_second)
     result = train.main(tiny_args(out, attributes_file, "--training.seed", "0"))

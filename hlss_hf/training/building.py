@@ -26,14 +26,17 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from hlss_hf.config import TrainConfig
+from hlss_hf.config import TrainConfig, parse_config
 from hlss_hf.errors import ConfigError, DatasetError, SourceError
+from hlss_hf.training.checkpoints import describe_changes, flatten, resume_changes
 
 # A child of train.py's logger, whose level (INFO on the main process) then applies here too.
 logger = logging.getLogger("hlss_hf.train.building")
@@ -460,3 +463,49 @@ def _demo_splits(config: TrainConfig):
             )
         build_demo_dataset(output_dir=cache, **kwargs)
     return datasets.load_from_disk(str(cache))
+
+
+def make_init_model(config: TrainConfig, run: Callable[[list[str]], Any], repo_root: Path) -> None:
+    """Make ``model.init_from`` by running ``model.init_config`` when that folder does not exist yet (the demo's
+    image-text alignment, made on its first run and reused afterwards).
+
+    An existing folder is used as it is, unless it was made with other settings than ``model.init_config``: then the
+    run stops naming them (the folder is never replaced by a run that did not make it).
+
+    Args:
+        run: train.py's ``main``, run on the init config's command line.
+        repo_root (`Path`): the checkout whose ``configs/`` a relative ``model.init_config`` may name.
+    """
+    m = config.model
+    if m.init_from is None or m.init_config is None:
+        return
+    init_config = m.init_config
+    if not Path(init_config).is_file() and (repo_root / init_config).is_file():
+        init_config = str(repo_root / init_config)  # a config of this checkout, run from elsewhere
+    init_args = ["--config", init_config, "--training.output_dir", m.init_from]
+    wanted = parse_config(init_args)
+    folder = Path(m.init_from)
+    if folder.exists():
+        made = folder / "train_config.yaml"
+        if not made.is_file():
+            raise ConfigError(
+                f"config key 'model.init_from': {folder} exists but holds no train_config.yaml, so it was not made "
+                f"by {m.init_config}; set model.init_config null to start from it as it is, or choose another folder"
+            )
+        saved = yaml.safe_load(made.read_text(encoding="utf-8"))
+        applied, refused = resume_changes(saved, wanted.to_dict())
+        # The same folder may be named another way; keys newer than the folder keep their defaults.
+        known = set(flatten(saved)) - {"training.output_dir"}
+        changed = {key: values for key, values in {**applied, **refused}.items() if key in known}
+        if changed:
+            raise ConfigError(
+                f"config key 'model.init_from': {folder} was made with other settings than {m.init_config} "
+                f"({describe_changes(changed)}); delete that folder to make it again, or choose another folder"
+            )
+        return
+    # This run's own data mistakes (a missing folder or split, an unknown Hub repo, no id columns) are named before
+    # the first stage takes its time (the run reads a dataset again from its cache, and builds the demo again).
+    load_splits(config)
+    print(f"Making {folder} first, with {m.init_config} (the model this run starts from)", flush=True)
+    run(init_args)
+    print(f"Made {folder}; now the run of this config", flush=True)

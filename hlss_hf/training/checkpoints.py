@@ -623,61 +623,46 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 # metrics.jsonl
 
 
-class JsonlWriter:
-    """Append one JSON object per line to a metrics file (flushed per line, so a crash loses nothing logged)."""
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Where a run writes and what it resumes, decided before anything heavy happens.
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics file. A torn last line (disk full, power loss) is dropped with a warning; a
-    malformed line elsewhere is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                logger.warning("%s: dropping the torn last line %d (%s)", path, number, err.msg)
-                continue
-            raise CheckpointError(f"{path}, line {number}: not JSON ({err.msg})") from err
-    return records
-
-
-def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max_step: bool = True) -> None:
-    """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint).
-
-    With ``evaluations_at_max_step=False`` the evaluations logged at ``max_step`` go too: at a run's last step the
-    final evaluation follows the checkpoint, and a run resumed from that checkpoint evaluates again.
+    Attributes:
+        run_dir (`Path`): the folder the run writes to (``output_dir``, or its staging folder).
+        output_dir (`Path`): where the finished run ends up.
+        resume_path (`Path`, *optional*): the checkpoint it resumes from.
+        changes (`dict`): ``{"section.key": (old, new)}`` of the settings the resume changes (all resumable).
     """
-    path = Path(path)
-    if not path.is_file():
-        return
-    from hlss_hf.files import naming_full_disk, write_text_atomically
 
-    def kept_record(record: dict[str, Any]) -> bool:
-        step = record.get("step", 0)
-        if step == max_step and not evaluations_at_max_step:
-            return not any(key.startswith("eval/") for key in record)
-        return step <= max_step
+    run_dir: Path
+    output_dir: Path
+    resume_path: Path | None = None
+    changes: dict = dataclasses.field(default_factory=dict)
 
-    kept = [record for record in read_jsonl(path) if kept_record(record)]
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    with naming_full_disk(path, len(text.encode("utf-8"))):  # a resume's one write
-        write_text_atomically(path, text)
+    @property
+    def continuing(self) -> bool:
+        """Whether the run continues in its checkpoint's own folder (not a new run started from a checkpoint kept
+        elsewhere)."""
+        return (
+            self.resume_path is not None
+            and self.run_dir.absolute() in Path(self.resume_path).absolute().parents
+        )
+
+
+def plan_run(t, settings: dict[str, Any]) -> RunPlan:
+    """The :class:`RunPlan` of a run's training settings ``t`` (``settings``: all of them, nested); nothing on disk
+    yet. A resumed run's checkpoint is checked here: unsafe content or a changed setting that cannot apply exactly
+    stop the run, naming each."""
+    resume_path, applied = None, {}
+    if t.resume_from_checkpoint is not None:
+        resume_path = resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+        _, saved = check_checkpoint(resume_path)
+        applied, refused = resume_changes(saved, settings)
+        if refused:
+            raise CheckpointError(
+                f"resuming from {resume_path} with changed settings that would not apply exactly: "
+                f"{describe_changes(refused)}. Resume with the checkpoint's values, or start a new run; these may "
+                f"change on resume: {', '.join(sorted(RESUMABLE_KEYS))}"
+            )
+    run_dir = plan_output(t.output_dir, overwrite=t.overwrite_output_dir, resume=resume_path)
+    return RunPlan(run_dir, Path(t.output_dir), resume_path, applied)

@@ -1,4 +1,5 @@
-"""LoRA helpers for fine-tuning the vision tower of ``HLSSForImageClassification`` with PEFT.
+"""LoRA fine-tuning of the vision tower of ``HLSSForImageClassification`` with PEFT: the adapter's settings, the
+classifier it trains, its evaluation, and the adapter / merged folders it is saved as.
 
 The adapters go into the vision tower only (module prefix ``vision_model``); the new classification head
 (``classifier``) trains in full and is saved with the adapter (``modules_to_save``). ``visual_projection``
@@ -21,11 +22,24 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from peft import LoraConfig
+import torch
+import torch.nn.functional as F
+from huggingface_hub import HfApi, hf_hub_download
+from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
+
+from hlss_hf.config import FINETUNE_AUGMENTATIONS
+from hlss_hf.configuration_hlss import HLSSConfig
+from hlss_hf.evaluation import hierarchical_metrics
+from hlss_hf.files import naming_full_disk
+from hlss_hf.modeling_hlss import HLSSForImageClassification
+from hlss_hf.processing_hlss import HLSSImageProcessor
+from hlss_hf.publishing import hub_url
+from hlss_hf.training.run_warnings import informative_metrics
 
 VISION_PREFIX = "vision_model"
 HEAD_MODULES = ["classifier"]
@@ -222,10 +236,6 @@ def load_lora_classifier(adapter_dir, base_model: str | None = None, is_trainabl
     Raises:
         FileNotFoundError: a file of the adapter folder is missing (named).
     """
-    from peft import PeftConfig, PeftModel
-
-    from hlss_hf.modeling_hlss import HLSSForImageClassification
-
     adapter_dir = Path(adapter_dir)
     labels_path = adapter_dir / LABELS_FILE
     if not labels_path.is_file():
@@ -276,8 +286,6 @@ def adapter_labels(adapter: str | Path, **hub_kwargs) -> dict:
     """
     path = Path(adapter) / LABELS_FILE
     if not path.is_file():
-        from huggingface_hub import hf_hub_download
-
         path = Path(hf_hub_download(str(adapter), LABELS_FILE, **hub_kwargs))
     id2label = {int(i): n for i, n in json.loads(path.read_text(encoding="utf-8"))["id2label"].items()}
     return {
@@ -293,3 +301,149 @@ def format_target_modules(target_modules: str | Sequence[str]) -> str:
     if isinstance(target_modules, str):
         return f"`{target_modules}` (a regular expression over module names)"
     return ", ".join(f"`{name}`" for name in target_modules)
+
+
+def augmentation_config(spec: str | dict) -> dict | str:
+    """What `hlss_hf.augmentation.build_augmentation` takes for `data.augmentation`: finetune's own presets
+    (`light`, `none`) as their operations; a preset of `hlss_hf.augmentation` by name; a mapping as it is (a
+    YAML file was read into one when the config was validated)."""
+    if isinstance(spec, str):
+        return FINETUNE_AUGMENTATIONS.get(spec, spec)
+    return spec
+
+
+def load_classifier(model_path: str, names: list[str]):
+    """`HLSSForImageClassification` for the classes `names`, from a saved HLSS folder.
+
+    From an `HLSSModel` folder the classifier is new. From an `HLSSForImageClassification` folder (a merged
+    fine-tune) a trained classifier over the same class names is kept, its rows reordered to `names`; over
+    other names it is re-initialised, with a warning.
+    """
+    config = HLSSConfig.from_pretrained(model_path)
+    trained = "HLSSForImageClassification" in (config.architectures or [])
+    old_names = [config.id2label[i] for i in range(len(config.id2label))] if trained else []
+    id2label = dict(enumerate(names))
+    label2id = {name: i for i, name in enumerate(names)}
+    if sorted(old_names) == sorted(names) and old_names != names:
+        model = HLSSForImageClassification.from_pretrained(model_path)
+        order = torch.tensor([old_names.index(name) for name in names])
+        with torch.no_grad():
+            model.classifier.weight.copy_(model.classifier.weight[order].clone())
+            model.classifier.bias.copy_(model.classifier.bias[order].clone())
+        model.config.id2label, model.config.label2id = id2label, label2id
+        return model
+    if trained and old_names != names:
+        warnings.warn(
+            f"model {model_path!r} classifies {old_names}, the dataset has {names}: the classifier is "
+            "re-initialised",
+            stacklevel=2,
+        )
+    model = HLSSForImageClassification.from_pretrained(
+        model_path, num_labels=len(names), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
+    )
+    if trained and old_names != names and len(old_names) == len(names):
+        # Same shape, so from_pretrained kept the old rows: start the new classes from scratch.
+        with torch.no_grad():
+            model.classifier.weight.normal_(0.0, config.initializer_range)
+            model.classifier.bias.zero_()
+    return model
+
+
+def load_processor(model_path: str, model, crop_size: int | None) -> HLSSImageProcessor:
+    """The model's saved image processor (or a default one for its modality) with the crop size used here."""
+    try:
+        processor = HLSSImageProcessor.from_pretrained(model_path)
+    except OSError:
+        processor = HLSSImageProcessor(modality=getattr(model.config, "modality", "he"))
+    if crop_size is None:
+        crop_size = int(processor.crop_size["height"]) if processor.do_center_crop else None
+        crop_size = crop_size or int(getattr(model.config, "image_size", 224))
+    processor.do_center_crop = True
+    processor.crop_size = {"height": int(crop_size), "width": int(crop_size)}
+    return processor
+
+
+@torch.no_grad()
+def evaluate(
+    model, loader, accelerator, labels: torch.Tensor, slide_ids, patient_ids, num_classes: int
+) -> dict[str, float]:
+    """Softmax patch scores over the evaluation split -> patch / slide / patient metrics (plus the mean loss).
+
+    Args:
+        model: the (prepared) model.
+        loader: the prepared evaluation DataLoader (items carry their row `index`).
+        accelerator (`Accelerator`): gathers scores across processes.
+        labels (`torch.LongTensor` of shape `[N]`): class of each row of the evaluation split.
+        slide_ids, patient_ids (`list[str]` or `None`): hierarchy of each row; `None` skips that level.
+        num_classes (`int`): number of classes.
+
+    Returns:
+        `dict[str, float]`: `loss` and `{level}/{metric}` from `hlss_hf.evaluation.hierarchical_metrics`.
+    """
+    was_training = model.training
+    model.eval()
+    all_scores, all_index = [], []
+    for batch in loader:
+        logits = model(pixel_values=batch["pixel_values"]).logits.float()
+        scores, index = accelerator.gather_for_metrics((logits.log_softmax(-1), batch["index"]))
+        all_scores.append(scores.cpu())
+        all_index.append(index.cpu())
+    set_train_mode(model, was_training)
+    log_scores = torch.cat(all_scores)
+    index = torch.cat(all_index)
+    # Put the rows back in dataset order (gather_for_metrics keeps each row once).
+    order = torch.argsort(index)
+    log_scores, index = log_scores[order], index[order]
+    if index.numel() != labels.numel() or not torch.equal(index, torch.arange(labels.numel())):
+        raise RuntimeError(
+            f"evaluation saw {index.numel()} rows, expected each of the {labels.numel()} rows once"
+        )
+    rows = index.tolist()
+    metrics = {"loss": float(F.nll_loss(log_scores, labels))}
+    levels = hierarchical_metrics(
+        log_scores.exp(),
+        labels,
+        None if slide_ids is None else [slide_ids[i] for i in rows],
+        None if patient_ids is None else [patient_ids[i] for i in rows],
+        num_classes,
+    )
+    metrics.update(informative_metrics(levels, num_classes))  # top-k over k or fewer classes is always 1
+    return metrics
+
+
+def save_adapter(peft_model, processor, names: list[str], target: Path, state_dict=None) -> None:
+    """Adapter (PEFT) + processor + labels.json into `target` (a folder of this run, swapped in at the end).
+
+    The adapter config names `transformers.AutoModelForImageClassification` as its base class, so
+    `peft.AutoPeftModel.from_pretrained(adapter_dir)` loads it (see `hlss_hf.peft_utils.AUTO_MAPPING`).
+    `state_dict`: the full weights from `accelerator.get_state_dict` (sharded models hold only a part).
+    """
+    # About what the adapter file holds: the trained parameters (LoRA and the classifier).
+    needed = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+    with naming_full_disk(target, needed):
+        peft_model.save_pretrained(str(target), state_dict=state_dict)
+        processor.save_pretrained(str(target))
+    finish_adapter_folder(target, names)
+
+
+def save_merged(peft_model, processor, target: Path):
+    """`merge_and_unload` (in place: call last) and save the plain model with its processor."""
+    merged = peft_model.merge_and_unload()
+    with naming_full_disk(
+        target, lambda: sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    ):
+        merged.save_pretrained(str(target))
+        processor.save_pretrained(str(target))
+    return merged
+
+
+def push_adapter(adapter_dir: Path, args) -> str:
+    """Upload the adapter folder (with its card) to `training.push_to_hub`; returns the repo's address."""
+    api = HfApi()
+    api.create_repo(args.training.push_to_hub, private=args.training.hub_private, exist_ok=True)
+    api.upload_folder(
+        repo_id=args.training.push_to_hub,
+        folder_path=str(adapter_dir),
+        commit_message="HLSS LoRA adapter (finetune.py)",
+    )
+    return hub_url(args.training.push_to_hub)
