@@ -37,21 +37,8 @@ def print_help() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    """Parse the command line (and the optional `--config` YAML, whose values the command line overrides).
-
-    The keys are those of `hlss_hf.config.FinetuneConfig` (sections `model`, `data`, `training`; the settings
-    shared with `train.py` have the same names there); `--help` lists them with their defaults.
-
-    Args:
-        argv (`list[str]`, *optional*): arguments without the program name; default `sys.argv[1:]`.
-
-    Returns:
-        `FinetuneConfig`, validated.
-
-    Raises:
-        ConfigError: an unknown key (with the nearest valid one), a missing required key or an impossible
-            value (the key is named).
-    """
+    """The validated `FinetuneConfig` of a command line (default `sys.argv[1:]`) and its optional `--config` YAML;
+    `--help` prints every key. Raises `ConfigError` naming an unknown key or an impossible value."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if "-h" in argv or "--help" in argv:
         print_help()

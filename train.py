@@ -19,16 +19,12 @@ docs/training.md tells what a run does and writes, how it resumes and fails, and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -87,45 +83,17 @@ def check_train_command_line(argv: list[str]) -> None:
 if __name__ == "__main__":
     check_train_command_line(sys.argv[1:])  # before torch and the model code load
 
-import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from hlss_hf.data import build_train_loader
 from hlss_hf.errors import CheckpointError, NonFiniteLossError
-from hlss_hf.evaluation import (
-    class_text_embeddings,
-    distributed_evaluate,
-    hierarchical_confusion_matrices,
-    hierarchical_metrics,
-    knn_scores,
-    zero_shot_probabilities,
-)
-from hlss_hf.explain import class_attribute_summary, plot_confusion_matrix, plot_loss_curve
-from hlss_hf.files import remove_new_empty_folder, write_files_atomically
-from hlss_hf.model_card import push_to_hub, render_model_card
-from hlss_hf.pipeline_hlss import add_pipelines_to_folder
-from hlss_hf.schema import modality_of
-from hlss_hf.training.building import (
-    CaptionTable,
-    build_caption_table,
-    build_image_processor,
-    build_model,
-    build_processor,
-    build_tokenizer,
-    class_prompts_for,
-    dataset_scale,
-    load_splits,
-    make_init_model,
-    resolve_attributes,
-    resolve_tower,
-)
+from hlss_hf.files import remove_new_empty_folder
+from hlss_hf.model_card import push_to_hub
+from hlss_hf.training.building import TrainData, TrainParts, build_training, load_data, make_init_model
 from hlss_hf.training.checkpoints import (
     RunPlan,
     TrainState,
-    describe_changes,
     holds_output_dir,
-    load_checkpoint,
     plan_run,
     publish_output,
     record_next_step,
@@ -135,163 +103,30 @@ from hlss_hf.training.checkpoints import (
 )
 from hlss_hf.training.loop import (
     RunLog,
-    TextTowerGuard,
     batches,
     end_epoch_if_done,
     loss_parts,
     non_finite_error,
     optimizer_steps,
-    read_jsonl,
+    resume,
     truncate_jsonl,
     weights_finite,
 )
 from hlss_hf.training.optim import (
-    Schedule,
-    lr_scheduler,
     make_accelerator,
-    optimizer_groups,
-    plan_schedule,
-    set_peak_lr,
 )
 from hlss_hf.training.report import (
-    PLOTS_DIR,
-    TOP_ATTRIBUTES,
     describe_run,
     format_change,
     format_evaluation,
     format_outputs,
+    save_final_model,
     starting_point,
 )
-from hlss_hf.training.run_warnings import (
-    RunWarning,
-    evaluation_warnings,
-    informative_metrics,
-    training_warnings,
-)
+from hlss_hf.training.run_warnings import training_warnings
+from hlss_hf.training.validation import evaluate
 
 logger = logging.getLogger("hlss_hf.train")
-
-#: Softmax temperature of the zero-shot class scores (CLIP's logit scale of 100), as `evaluate zeroshot`'s default.
-ZERO_SHOT_TEMPERATURE = 0.01
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainData:
-    """The splits and the training loader (not yet prepared)."""
-
-    train_ds: Any
-    val_ds: Any
-    modality: str
-    train_dataset: Any  # the hierarchical dataset of patients the loader draws from
-    loader: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainParts:
-    """The prepared model, optimizer, schedule and loader, and the text embeddings computed once before them."""
-
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    loader: Any
-    schedule: Schedule
-    processor: Any
-    image_processor: Any
-    guard: TextTowerGuard
-    # objective align: every training caption's text embedding (the text tower is frozen).
-    captions: CaptionTable | None = None
-    # model.class_prompts: one text embedding per class, for the zero-shot evaluation.
-    class_embeds: torch.Tensor | None = None
-
-
-def load_data(config: TrainConfig, accelerator) -> TrainData:
-    """The splits and the hierarchical loader (the main process first: it builds / downloads, the others read its
-    cache)."""
-    with accelerator.main_process_first():
-        train_ds, val_ds = load_splits(config)
-        dataset, loader = build_train_loader(config, train_ds, accelerator.num_processes, accelerator.device)
-    return TrainData(train_ds, val_ds, modality_of(train_ds.features), dataset, loader)
-
-
-def build_training(config: TrainConfig, data: TrainData, accelerator) -> TrainParts:
-    """Model (towers, banks, heads), processors, optimizer and LR schedule, prepared by Accelerate."""
-    t, d = config.training, config.data
-    text = resolve_tower(config.model.text, config.model.text_fallback, "text")
-    tokenizer = build_tokenizer(config, text, resolve_attributes(config.model.attributes))
-    class_names = data.train_ds.features["label"].names
-    scale = dataset_scale(data.train_ds) if not d.streaming else {}
-    model = build_model(config, data.modality, tokenizer, scale, class_names=class_names)
-    image_processor = build_image_processor(config, data.modality)
-    # Text embeddings the run needs, computed once before Accelerate wraps (and may shard) the model.
-    model.to(accelerator.device)
-    captions = class_embeds = None
-    if config.model.objective == "align":
-        progress = accelerator.is_local_main_process
-        captions = build_caption_table(model, tokenizer, data.train_ds, d.text_column, progress=progress)
-    prompts = class_prompts_for(config, class_names)
-    if prompts is not None:
-        class_embeds = class_text_embeddings(model, tokenizer, prompts, class_names)
-    guard = TextTowerGuard()
-    model.text_model.register_forward_pre_hook(guard)
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
-    )
-    patients = len(data.train_dataset) if t.schedule_length == "reference" else None
-    schedule = plan_schedule(t, data.loader, patients, accelerator.num_processes, d.streaming)
-    scheduler = lr_scheduler(t, optimizer, accelerator, schedule.steps, schedule.warmup)
-    loader = data.loader
-    if d.streaming:
-        # The streaming dataset shards patients over processes itself: accelerate must not shard it again.
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    else:
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    processor = build_processor(image_processor, tokenizer)
-    return TrainParts(
-        model,
-        optimizer,
-        scheduler,
-        loader,
-        schedule,
-        processor,
-        image_processor,
-        guard,
-        captions,
-        class_embeds,
-    )
-
-
-def resume(config: TrainConfig, plan: RunPlan, parts: TrainParts, accelerator) -> TrainState:
-    """Weights, optimizer, scheduler and RNG from the checkpoint, and its counters; the settings that changed
-    (already checked by :func:`hlss_hf.training.checkpoints.plan_run`) are applied."""
-    path, schedule, changed = plan.resume_path, parts.schedule, plan.changes
-    accelerator.print(f"Resuming from {path}")
-    state, _ = load_checkpoint(accelerator, path)
-    if state.step > schedule.max_steps:
-        raise ConfigError(
-            f"config key 'training.max_steps': the run ends at step {schedule.max_steps}, and checkpoint {path} is "
-            f"at step {state.step}; raise training.max_steps / num_epochs to train further"
-        )
-    if schedule.batches_per_epoch is not None:
-        # The counters must describe one position of this run's batches: an edited file would shift them.
-        GA = schedule.accumulation
-        expected = state.epoch * schedule.steps_per_epoch + math.ceil(state.batch_in_epoch / GA)
-        if state.batch_in_epoch > schedule.batches_per_epoch or expected != state.step:
-            raise CheckpointError(
-                f"checkpoint {path}: train_state.json says step {state.step}, epoch {state.epoch}, batch_in_epoch "
-                f"{state.batch_in_epoch}, which is no position of this run ({schedule.batches_per_epoch} batches "
-                "per epoch); the file was edited or belongs to another run"
-            )
-    if state.step == schedule.max_steps:
-        # Killed in its final evaluation or save: the run resumes into them, with nothing left to train.
-        accelerator.print(f"Checkpoint {path} is at the run's last step: finishing (evaluation and save)")
-    if "training.lr" in changed:
-        set_peak_lr(parts.optimizer, parts.scheduler, config.training.lr)
-    if changed:
-        accelerator.print(
-            f"Changed on resume (applied from step {state.step + 1}): {describe_changes(changed)}"
-        )
-    end_epoch_if_done(state, schedule.batches_per_epoch)
-    return state
 
 
 def open_run(
@@ -332,63 +167,6 @@ def open_run(
     )
     log.warn(state.step, found)
     return log
-
-
-def evaluate(
-    config: TrainConfig, data: TrainData, parts: TrainParts, accelerator, log: RunLog, step: int
-) -> dict:
-    """Evaluate the frozen embeddings on the validation split: kNN accuracy (patch / slide / patient), zero-shot
-    accuracy with the class descriptions (``model.class_prompts``) and each class's top attributes. Every process
-    takes part (sharded models need all ranks); the training RNG does not move.
-
-    Returns:
-        `dict`: ``metrics`` (``eval/<level>/<metric>`` for kNN, ``eval/zeroshot/<level>/<metric>``),
-        ``top_attributes`` (class -> its top patient-level attributes), ``warnings``, ``confusion`` and
-        ``class_names``.
-    """
-    t = config.training
-    banks_model = accelerator.unwrap_model(parts.model)  # the banks are buffers, whole on every process
-
-    def report(train, val) -> dict[str, Any]:
-        # k beyond the bank is clamped here and named once (k_exceeds_bank) rather than warned at every evaluation.
-        k = min(t.knn_k, len(train))
-        scores = knn_scores(train, val, k=k, temperature=t.knn_temperature)
-        groups = (val.labels, val.slide_ids, val.patient_ids, val.num_classes)
-        metrics = hierarchical_metrics(scores, *groups, aggregation=t.knn_aggregation)
-        confusion = hierarchical_confusion_matrices(scores, *groups, aggregation=t.knn_aggregation)
-        warnings = evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names, k=t.knn_k)
-        metrics = informative_metrics(metrics, val.num_classes)  # top-k over too few classes is always 1
-        metrics = {f"eval/{key}": float(value) for key, value in metrics.items()}
-        if parts.class_embeds is not None:
-            scores = zero_shot_probabilities(val.embeddings, parts.class_embeds, ZERO_SHOT_TEMPERATURE)
-            zero_shot = hierarchical_metrics(scores, *groups, aggregation="sum")
-            zero_shot = informative_metrics(zero_shot, val.num_classes)
-            metrics.update({f"eval/zeroshot/{key}": float(value) for key, value in zero_shot.items()})
-        # The attributes whose descriptions each class's image embeddings are nearer to than images in general (the
-        # fixed banks: what the text says, whatever the heads have learnt).
-        summary = class_attribute_summary(banks_model, val, k=TOP_ATTRIBUTES, use_heads=False)
-        levels = summary["levels"]["patient"]["top"]
-        return {
-            "metrics": metrics,
-            "top_attributes": {name: [item["attribute"] for item in items] for name, items in levels.items()},
-            "warnings": [w.to_dict() for w in warnings],
-            "confusion": {level: matrix.tolist() for level, matrix in confusion.items()},
-            "class_names": list(val.class_names),
-        }
-
-    result = distributed_evaluate(
-        accelerator,
-        parts.model,
-        data.train_ds,
-        data.val_ds,
-        report,
-        parts.image_processor,
-        batch_size=t.eval_batch_size,
-        progress=True,  # a bar on the main process: embedding a large split takes a while
-    )
-    log.log(step, result["metrics"])
-    log.warn(step, [RunWarning(**w) for w in result.get("warnings", [])])
-    return result
 
 
 def train(
@@ -529,40 +307,6 @@ def finish(
     return metrics
 
 
-def save_final_model(
-    config, plan, data, parts, state, state_dict: dict, metrics: dict, card_context: dict
-) -> None:
-    """Model, processor, pipelines, card, settings and plots, written beside and moved into the run's folder (main
-    process)."""
-    unwrapped = card_context["model"]
-    index = getattr(data.train_dataset, "index", None)
-    if index is not None:  # the class names travel with the model (fine-tuning, AutoPeftModel)
-        unwrapped.config.id2label = dict(enumerate(index.class_names))
-        unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
-
-    def write(folder: Path) -> None:
-        # Plots people look at: the losses over the run (this run's metrics.jsonl, a resumed run's earlier steps
-        # included) and the final kNN confusion matrices.
-        plot_loss_curve(read_jsonl(plan.run_dir / "metrics.jsonl"), folder / PLOTS_DIR / "loss_curve.png")
-        for level, matrix in (card_context.get("confusion") or {}).items():
-            plot_confusion_matrix(
-                torch.tensor(matrix),
-                card_context["class_names"],
-                folder / PLOTS_DIR / f"knn_confusion_{level}.png",
-                title=f"kNN {level} ({config.data.validation_split}, step {state.step})",
-            )
-        unwrapped.save_pretrained(folder, state_dict=state_dict)
-        parts.processor.save_pretrained(folder)
-        add_pipelines_to_folder(folder)  # the SRH-aware pipelines, also as remote code
-        card = render_model_card(config, state, metrics, card_context)
-        (folder / "README.md").write_text(card, encoding="utf-8")
-        with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-
-    size = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
-    write_files_atomically(plan.run_dir, write, needed_bytes=size)
-
-
 def output_dir_of(argv: list[str]) -> str:
     """The output folder a command line's run writes (what its lock guards)."""
     return parse_config(argv, default_config=default_config_for(argv)).training.output_dir
@@ -605,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts = build_training(config, data, accelerator)
     state = TrainState(num_processes=accelerator.num_processes)
     if plan.resume_path is not None:
-        state = resume(config, plan, parts, accelerator)
+        state = resume(accelerator, plan, parts.schedule, parts.optimizer, parts.scheduler, t.lr)
     log = open_run(config, plan, data, parts, state, accelerator)
 
     # 6. Train, after a kNN baseline of the untrained model when asked for.

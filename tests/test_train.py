@@ -30,7 +30,7 @@ import train  # noqa: E402
 from hlss_hf.config import TrainConfig, parse_config  # noqa: E402
 from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
 from hlss_hf.model_card import hub_links  # noqa: E402
-from hlss_hf.training import building, optim  # noqa: E402
+from hlss_hf.training import building, optim, validation  # noqa: E402
 from hlss_hf.training.checkpoints import checkpoint_dir, list_checkpoints  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
@@ -332,14 +332,14 @@ def test_card_links_only_hub_ids(tmp_path):
 
 def test_text_tower_never_runs_during_training_steps(tmp_path, attributes_file, monkeypatch):
     calls = []
-    build = train.build_model
+    build = building.build_model
 
     def build_and_watch(*args, **kwargs):
         model = build(*args, **kwargs)
         model.text_model.register_forward_hook(lambda *a: calls.append(1))
         return model
 
-    monkeypatch.setattr(train, "build_model", build_and_watch)
+    monkeypatch.setattr(building, "build_model", build_and_watch)
     train.main(tiny_args(tmp_path, attributes_file, "--training.max_steps", "2"))
     assert calls == []
 
@@ -914,13 +914,13 @@ def test_periodic_knn_uses_the_configured_aggregation(
 ):
     seen = []
     # The kNN metrics (and zero-shot's, which this run has not: no class prompts).
-    original = train.hierarchical_metrics
+    original = validation.hierarchical_metrics
 
     def spy(*args, **kwargs):
         seen.append(kwargs["aggregation"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "hierarchical_metrics", spy)
+    monkeypatch.setattr(validation, "hierarchical_metrics", spy)
     argv = ["--training.eval_at_end", "true", "--training.eval_before_training", "false"]
     argv += ["--training.knn_aggregation", aggregation, "--data.augmentation"]
     train.main(

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import load
+from safetensors import SafetensorError, safe_open
 
 from hlss_hf.errors import CheckpointError, ConfigError
+from hlss_hf.files import naming_full_disk, output_lock, recover_swap, swap_in, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +97,11 @@ def staging_dir(output_dir: str | os.PathLike) -> Path:
     return out.with_name(out.name + STAGING_SUFFIX)
 
 
-def earlier_run(output_dir: str | os.PathLike, markers: tuple[str, ...] = RUN_MARKERS) -> list[str]:
+def earlier_run(output_dir: str | os.PathLike) -> list[str]:
     """Names in ``output_dir`` that show it holds an earlier run (empty: nothing to protect)."""
     out = Path(output_dir)
     found = []
-    for name in markers:
+    for name in RUN_MARKERS:
         present = bool(list_checkpoints(out)) if name == "checkpoints" else (out / name).exists()
         if present:
             found.append(name)
@@ -110,8 +113,6 @@ def plan_output(
     *,
     overwrite: bool,
     resume: str | os.PathLike | None,
-    markers: tuple[str, ...] = RUN_MARKERS,
-    key: str = "training.output_dir",
     always_stage: bool = False,
 ) -> Path:
     """The folder this run writes to; changes nothing on disk.
@@ -127,8 +128,7 @@ def plan_output(
         ConfigError: an earlier run is present and ``overwrite`` is false, or (``always_stage``) the folder holds
             other files (the message names what is there).
     """
-
-    out = Path(output_dir)
+    out, key = Path(output_dir), "training.output_dir"
     staging = staging_dir(out)
     if resume is not None:
         parents = Path(resume).absolute().parents
@@ -136,7 +136,7 @@ def plan_output(
             return staging
         if out.absolute() in parents:
             return out
-    found = earlier_run(out, markers)
+    found = earlier_run(out)
     if not found:
         if not always_stage:
             return out
@@ -184,7 +184,6 @@ def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
         read_output_dir (`Callable[[list[str]], str]`): the output folder of a command line.
         key (`str`): the setting that names it, for the error.
     """
-    from hlss_hf.files import output_lock
 
     def decorate(main):
         @functools.wraps(main)
@@ -205,8 +204,6 @@ def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
 def recover_output(output_dir: str | os.PathLike) -> None:
     """Finish the swaps a killed run left half done in ``output_dir`` (the folder itself, and the checkpoints of it
     and of its staging folder); call it holding the folder's lock."""
-    from hlss_hf.files import recover_swap
-
     out = Path(output_dir)
     recover_swap(out)
     for run_dir in (out, staging_dir(out)):
@@ -233,8 +230,6 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> list[P
 def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Swap a finished staging folder into ``output_dir``; the earlier run is deleted only once the new one is in
     place (:func:`hlss_hf.files.swap_in`)."""
-    from hlss_hf.files import swap_in
-
     run_dir, out = Path(run_dir), Path(output_dir)
     if run_dir != out:
         swap_in(run_dir, out)
@@ -297,8 +292,6 @@ def checkpoint_health(path: str | os.PathLike) -> dict[str, bool]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from hlss_hf.files import write_text_atomically
-
     write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
@@ -376,8 +369,6 @@ def save_checkpoint(
     counters, the settings and the weights' health as JSON; written as ``step_N.tmp`` and renamed when every
     process has finished. All processes call it.
     """
-    from hlss_hf.files import naming_full_disk, swap_in
-
     root = checkpoint_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = final.with_name(final.name + _TMP_SUFFIX)
@@ -443,8 +434,6 @@ def _check_frozen(accelerator, path: Path) -> None:
             )
     weights = path / "model.safetensors"
     if weights.is_file() and len(accelerator._models) == 1:
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as saved:
             stored = set(saved.keys())
         wanted = {key for key in accelerator._models[0].state_dict() if not _FROZEN_KEY.match(key)}
@@ -536,8 +525,6 @@ def _check_counters(path: Path, values: Any) -> TrainState:
 def _check_rng_states(path: Path) -> None:
     """Accelerate ignores RNG states it cannot read (a resumed run would then silently differ): read them here
     the same safe way first, so a bad file stops the resume instead."""
-    from accelerate.utils import load
-
     for file in sorted(path.glob("random_states_*.pkl")):
         try:
             load(file)
@@ -560,8 +547,6 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[TrainState, d
             f"{accelerator.num_processes}: the global batch would change; resume with "
             f"`accelerate launch --num_processes {state.num_processes}`"
         )
-    from safetensors import SafetensorError
-
     strict = not (path / FROZEN_FILE).is_file()
     try:
         if not strict:

@@ -13,10 +13,17 @@ from typing import Any
 import torch
 
 from hlss_hf.data import stream_batches
-from hlss_hf.errors import CheckpointError, NonFiniteLossError
+from hlss_hf.errors import CheckpointError, ConfigError, NonFiniteLossError
 from hlss_hf.files import naming_full_disk, write_text_atomically
-from hlss_hf.training.checkpoints import TrainState, last_good_checkpoint, record_next_step
-from hlss_hf.training.optim import Schedule
+from hlss_hf.training.checkpoints import (
+    RunPlan,
+    TrainState,
+    describe_changes,
+    last_good_checkpoint,
+    load_checkpoint,
+    record_next_step,
+)
+from hlss_hf.training.optim import Schedule, set_peak_lr
 from hlss_hf.training.run_warnings import RunWarning, WarningLog
 
 logger = logging.getLogger(__name__)
@@ -275,3 +282,38 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
     with naming_full_disk(path, len(text.encode("utf-8"))):  # a resume's one write
         write_text_atomically(path, text)
+
+
+def resume(accelerator, plan: RunPlan, schedule: Schedule, optimizer, scheduler, lr: float) -> TrainState:
+    """Weights, optimizer, scheduler and RNG from the checkpoint, and its counters, checked against ``schedule``;
+    the settings that changed (already checked by :func:`hlss_hf.training.checkpoints.plan_run`) are applied, a
+    changed peak learning rate ``lr`` included."""
+    path, changed = plan.resume_path, plan.changes
+    accelerator.print(f"Resuming from {path}")
+    state, _ = load_checkpoint(accelerator, path)
+    if state.step > schedule.max_steps:
+        raise ConfigError(
+            f"config key 'training.max_steps': the run ends at step {schedule.max_steps}, and checkpoint {path} is "
+            f"at step {state.step}; raise training.max_steps / num_epochs to train further"
+        )
+    if schedule.batches_per_epoch is not None:
+        # The counters must describe one position of this run's batches: an edited file would shift them.
+        GA = schedule.accumulation
+        expected = state.epoch * schedule.steps_per_epoch + math.ceil(state.batch_in_epoch / GA)
+        if state.batch_in_epoch > schedule.batches_per_epoch or expected != state.step:
+            raise CheckpointError(
+                f"checkpoint {path}: train_state.json says step {state.step}, epoch {state.epoch}, batch_in_epoch "
+                f"{state.batch_in_epoch}, which is no position of this run ({schedule.batches_per_epoch} batches "
+                "per epoch); the file was edited or belongs to another run"
+            )
+    if state.step == schedule.max_steps:
+        # Killed in its final evaluation or save: the run resumes into them, with nothing left to train.
+        accelerator.print(f"Checkpoint {path} is at the run's last step: finishing (evaluation and save)")
+    if "training.lr" in changed:
+        set_peak_lr(optimizer, scheduler, lr)
+    if changed:
+        accelerator.print(
+            f"Changed on resume (applied from step {state.step + 1}): {describe_changes(changed)}"
+        )
+    end_epoch_if_done(state, schedule.batches_per_epoch)
+    return state

@@ -1,11 +1,20 @@
-"""What train.py prints: the run it starts, its evaluations, the change training made, and where its outputs are."""
+"""What a pretraining run leaves: the lines it prints (the run it starts, its evaluations, the change training
+made, where its outputs are) and its final model folder (model, processor, pipelines, card, settings, plots)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
 from hlss_hf.config import TrainConfig
+from hlss_hf.explain import plot_confusion_matrix, plot_loss_curve
+from hlss_hf.files import write_files_atomically
+from hlss_hf.model_card import render_model_card
+from hlss_hf.pipeline_hlss import add_pipelines_to_folder
+from hlss_hf.training.loop import read_jsonl
 
 LEVELS = ("patch", "slide", "patient")
 
@@ -135,3 +144,37 @@ def describe_run(config: TrainConfig, accelerator, data, schedule, state, out: P
             + (f" (written to {run_dir} until the run has finished)" if run_dir != out else ""),
         ]
     )
+
+
+def save_final_model(
+    config, plan, data, parts, state, state_dict: dict, metrics: dict, card_context: dict
+) -> None:
+    """Model, processor, pipelines, card, settings and plots, written beside and moved into the run's folder (main
+    process)."""
+    unwrapped = card_context["model"]
+    index = getattr(data.train_dataset, "index", None)
+    if index is not None:  # the class names travel with the model (fine-tuning, AutoPeftModel)
+        unwrapped.config.id2label = dict(enumerate(index.class_names))
+        unwrapped.config.label2id = {name: i for i, name in enumerate(index.class_names)}
+
+    def write(folder: Path) -> None:
+        # Plots people look at: the losses over the run (this run's metrics.jsonl, a resumed run's earlier steps
+        # included) and the final kNN confusion matrices.
+        plot_loss_curve(read_jsonl(plan.run_dir / "metrics.jsonl"), folder / PLOTS_DIR / "loss_curve.png")
+        for level, matrix in (card_context.get("confusion") or {}).items():
+            plot_confusion_matrix(
+                torch.tensor(matrix),
+                card_context["class_names"],
+                folder / PLOTS_DIR / f"knn_confusion_{level}.png",
+                title=f"kNN {level} ({config.data.validation_split}, step {state.step})",
+            )
+        unwrapped.save_pretrained(folder, state_dict=state_dict)
+        parts.processor.save_pretrained(folder)
+        add_pipelines_to_folder(folder)  # the SRH-aware pipelines, also as remote code
+        card = render_model_card(config, state, metrics, card_context)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+    size = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
+    write_files_atomically(plan.run_dir, write, needed_bytes=size)
