@@ -397,8 +397,7 @@ def cli() -> None:
     debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]
     with exit_on_error(debug, user_errors=(ConfigError, CheckpointError, NonFiniteLossError)):
-        output_dir = parse_config(argv, default_config=default_config_for(argv)).training.output_dir
-        cleanup = remove_new_empty_folder(output_dir)
+        cleanup = remove_new_empty_folder(output_dir_of(argv))
         try:
             main(argv)
         except BaseException:

@@ -32,10 +32,7 @@ logger = logging.getLogger(__name__)
 def all_finite(loss: torch.Tensor, accelerator) -> bool:
     """Whether the loss is finite on every process (each process learns the same answer, so all stop together:
     a process that stopped alone would leave the others waiting in the next collective)."""
-    bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="max")
-    return bad.item() == 0
+    return _nowhere((~torch.isfinite(loss.detach().float())).any(), accelerator)
 
 
 def weights_finite(model: torch.nn.Module, accelerator) -> bool:
@@ -43,7 +40,12 @@ def weights_finite(model: torch.nn.Module, accelerator) -> bool:
     the weights on each); checked before a checkpoint is called good."""
     with torch.no_grad():
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
-    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    return _nowhere(torch.tensor(not finite), accelerator)
+
+
+def _nowhere(bad: torch.Tensor, accelerator) -> bool:
+    """Whether the flag ``bad`` is false on every process."""
+    bad = bad.float().reshape(1).to(accelerator.device)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="max")
     return bad.item() == 0

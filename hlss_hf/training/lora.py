@@ -214,11 +214,6 @@ def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
     return model
 
 
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters with `requires_grad=True` (for logs and tests)."""
-    return [name for name, param in model.named_parameters() if param.requires_grad]
-
-
 def load_lora_classifier(adapter_dir, base_model: str | None = None, is_trainable: bool = False, **kwargs):
     """Load a fine-tuned adapter saved by `finetune.py` onto its base HLSS model.
 
@@ -240,21 +235,11 @@ def load_lora_classifier(adapter_dir, base_model: str | None = None, is_trainabl
     labels_path = adapter_dir / LABELS_FILE
     if not labels_path.is_file():
         raise FileNotFoundError(f"{labels_path} is missing: the adapter folder must come from finetune.py")
-    id2label = {
-        int(i): name for i, name in json.loads(labels_path.read_text(encoding="utf-8"))["id2label"].items()
-    }
-    names = [id2label[i] for i in range(len(id2label))]
     if base_model is None:
         base_model = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
         if not base_model:
             raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass base_model")
-    model = HLSSForImageClassification.from_pretrained(
-        base_model,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        **kwargs,
-    )
+    model = HLSSForImageClassification.from_pretrained(base_model, **adapter_labels(adapter_dir), **kwargs)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
 
 
