@@ -81,7 +81,7 @@ def build(mode: str, args) -> torch.nn.Module:
     """The model of one mode, with exactly its trainable parameters requiring grad."""
     from peft import get_peft_model
 
-    from hlss_hf.peft_utils import lora_config_for
+    from hlss_hf.training.lora import lora_config_for
 
     model = build_base(args)
     if mode == "lora":

@@ -53,10 +53,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hlss_hf import building  # noqa: E402
 from hlss_hf.config import parse_config  # noqa: E402
 from hlss_hf.data import build_train_loader  # noqa: E402
 from hlss_hf.data.augmentation import DEFAULT_AUGMENTATION  # noqa: E402
+from hlss_hf.training import building  # noqa: E402
 
 LEVELS = ("patch", "slide", "patient")
 METHODS = (

@@ -128,7 +128,8 @@ def run_case(case: str, dataset, args) -> dict:
 
     from hlss_hf.config import TrainConfig, parse_config
     from hlss_hf.data import build_train_loader
-    from hlss_hf.harness import all_finite, make_accelerator
+    from hlss_hf.training.loop import all_finite
+    from hlss_hf.training.optim import make_accelerator
 
     modality = case.split("-")[0]
     overrides = ["--config", str(CONFIGS[modality]), "--training.per_device_batch_size", str(args.batch_size)]

@@ -85,8 +85,8 @@ def vision_config(spec: str, crop: int):
 def build(args):
     from transformers import AutoConfig
 
-    from hlss_hf.building import fallback_tokenizer
     from hlss_hf.models.hlss.modeling_hlss import HLSSModel
+    from hlss_hf.training.building import fallback_tokenizer
 
     torch.manual_seed(0)
     text_fields = dict(TEXT_CONFIG, hidden_size=args.text_hidden, intermediate_size=2 * args.text_hidden)

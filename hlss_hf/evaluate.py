@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_linear_probe,
         zero_shot_scores,
     )
-    from hlss_hf.run_warnings import WarningLog, evaluation_warnings, informative_metrics
+    from hlss_hf.training.run_warnings import WarningLog, evaluation_warnings, informative_metrics
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -29,13 +29,13 @@ for path in (REPO, Path(__file__).resolve().parent):
 from _tiny import run_without_hlss, tiny_hlss_model, tiny_tokenizer  # noqa: E402
 
 import train  # noqa: E402
+from dataset_scripts import demo  # noqa: E402
 from hlss_hf import HLSSConfig, HLSSModel  # noqa: E402
-from hlss_hf.building import build_caption_table, class_prompts_for, load_splits  # noqa: E402
 from hlss_hf.config import parse_config  # noqa: E402
-from hlss_hf.data import demo  # noqa: E402
 from hlss_hf.errors import ConfigError  # noqa: E402
 from hlss_hf.models.hlss.losses import image_text_contrastive_loss  # noqa: E402
 from hlss_hf.models.hlss.text_hlss import head_init_weights  # noqa: E402
+from hlss_hf.training.building import build_caption_table, class_prompts_for, load_splits  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 DEMO_ALIGN = str(REPO / "configs" / "demo_align.yaml")
@@ -290,7 +290,7 @@ def hlss_args(folder: Path, init_config: Path, *extra) -> list[str]:
 
 
 def test_init_config_makes_the_starting_model_once_and_hlss_starts_from_it(tmp_path, capsys):
-    from hlss_hf.building import build_model, build_tokenizer
+    from hlss_hf.training.building import build_model, build_tokenizer
 
     init_config = tiny_align_config(tmp_path)
     train.main(hlss_args(tmp_path, init_config))

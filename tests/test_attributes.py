@@ -353,7 +353,7 @@ def test_the_reference_config_file_loads_its_own_banks_unchanged(tmp_path):
     # A model built from it carries those names; so does the config key train.py resolves.
     from _tiny import tiny_hlss_model
 
-    from hlss_hf.building import resolve_attributes
+    from hlss_hf.training.building import resolve_attributes
 
     model = tiny_hlss_model(attributes=resolve_attributes(str(path)))
     assert model.config.attribute_names == {level: list(bank[level]) for level in LEVELS}

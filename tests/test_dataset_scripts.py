@@ -1134,8 +1134,8 @@ def test_demo_card_documents_the_caption_column(tmp_path):
 
 @pytest.mark.slow
 def test_demo_script_defaults_write_the_data_train_py_trains_and_evaluates_on(tmp_path, capsys):
-    from hlss_hf.building import _demo_splits
     from hlss_hf.config import parse_config
+    from hlss_hf.training.building import _demo_splits
 
     demo.main(["--output", str(tmp_path / "demo")])
     assert "validation: 24 patients" in capsys.readouterr().out

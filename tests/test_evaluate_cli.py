@@ -83,7 +83,7 @@ def test_knn_cli_writes_report_plots_and_reuses_cache(saved):
 
 def test_knn_cli_aggregation_rule_is_selectable_and_reported(saved, demo_embeddings, capsys):
     from hlss_hf.evaluation import knn_evaluate
-    from hlss_hf.run_warnings import informative_metrics
+    from hlss_hf.training.run_warnings import informative_metrics
 
     train, val = demo_embeddings
     runs = (

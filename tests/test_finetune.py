@@ -30,7 +30,7 @@ import finetune  # noqa: E402
 import hlss_hf  # noqa: E402,F401  (registers the Auto classes)
 from dataset_scripts.demo import build_demo_dataset  # noqa: E402
 from hlss_hf import HLSSConfig, HLSSForImageClassification, HLSSImageProcessor  # noqa: E402
-from hlss_hf.peft_utils import (  # noqa: E402
+from hlss_hf.training.lora import (  # noqa: E402
     default_lora_target_modules,
     load_lora_classifier,
     lora_config_for,
@@ -189,7 +189,7 @@ def test_default_target_modules_per_tower_type():
 def test_target_regex_stays_inside_the_vision_tower():
     import re
 
-    from hlss_hf.peft_utils import vision_target_regex
+    from hlss_hf.training.lora import vision_target_regex
 
     pattern = vision_target_regex(["q_proj", "v_proj"])
     for key in ("vision_model.q_proj", "vision_model.encoder.layers.0.self_attn.v_proj"):
@@ -328,7 +328,7 @@ def test_used_output_folder_is_refused_then_replaced_whole(hlss_dir, demo_dir, t
     from accelerate.state import AcceleratorState, GradientState
 
     from hlss_hf.errors import ConfigError
-    from hlss_hf.harness import staging_dir
+    from hlss_hf.training.checkpoints import staging_dir
 
     def reset():
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -645,7 +645,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(finetuned, h
 def test_auto_peft_model_loads_a_saved_adapter_with_its_classes(trained_peft, hlss_dir, tmp_path):
     from peft import AutoPeftModel
 
-    from hlss_hf.peft_utils import adapter_labels
+    from hlss_hf.training.lora import adapter_labels
 
     x = pixels()
     with torch.no_grad():

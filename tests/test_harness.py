@@ -30,15 +30,15 @@ from test_train import read_metrics, small_demo_folder, tiny_args, train_records
 
 import train  # noqa: E402
 from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
-from hlss_hf.harness import (  # noqa: E402
+from hlss_hf.training.checkpoints import (  # noqa: E402
     checkpoint_health,
     list_checkpoints,
     plan_output,
-    read_jsonl,
     resume_changes,
     staging_dir,
     start_output,
 )
+from hlss_hf.training.loop import read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -234,7 +234,7 @@ def test_malformed_metrics_line_inside_the_file_is_named(tmp_path):
 def test_checkpoints_leave_out_the_frozen_text_tower_and_resume_exactly(tmp_path, attributes_file):
     from safetensors import safe_open
 
-    from hlss_hf.harness import FROZEN_FILE
+    from hlss_hf.training.checkpoints import FROZEN_FILE
 
     cut = tmp_path / "cut"
     checkpoint = cut_run(cut, attributes_file)
@@ -257,7 +257,7 @@ def test_checkpoints_leave_out_the_frozen_text_tower_and_resume_exactly(tmp_path
 def test_a_checkpoint_of_another_text_tower_or_other_weights_is_refused(tmp_path, attributes_file):
     from safetensors.torch import save_file
 
-    from hlss_hf.harness import FROZEN_FILE
+    from hlss_hf.training.checkpoints import FROZEN_FILE
 
     out = tmp_path / "run"
     checkpoint = cut_run(out, attributes_file)
@@ -280,10 +280,10 @@ def test_a_checkpoint_holding_the_text_tower_still_resumes(tmp_path, attributes_
     # Checkpoints written before the tower was left out hold it and no fingerprint: loaded strictly, as before.
     import re
 
-    from hlss_hf import harness
-    from hlss_hf.harness import FROZEN_FILE
+    from hlss_hf.training import checkpoints
+    from hlss_hf.training.checkpoints import FROZEN_FILE
 
-    monkeypatch.setattr(harness, "_FROZEN_KEY", re.compile(r"^$never"))
+    monkeypatch.setattr(checkpoints, "_FROZEN_KEY", re.compile(r"^$never"))
     out = tmp_path / "run"
     checkpoint = cut_run(out, attributes_file)
     monkeypatch.undo()
@@ -410,8 +410,9 @@ def test_output_plan_protects_earlier_runs_and_other_files(tmp_path):
 def test_full_disk_while_a_resume_rewrites_its_metrics_names_the_file_and_the_bytes(tmp_path, monkeypatch):
     import errno
 
-    from hlss_hf import files, harness
+    from hlss_hf import files
     from hlss_hf.errors import DiskFullError
+    from hlss_hf.training import loop
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n', encoding="utf-8")
@@ -419,9 +420,9 @@ def test_full_disk_while_a_resume_rewrites_its_metrics_names_the_file_and_the_by
     def full_disk(target, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(files, "write_text_atomically", full_disk)
+    monkeypatch.setattr(loop, "write_text_atomically", full_disk)
     with pytest.raises(DiskFullError) as caught:
-        harness.truncate_jsonl(path, 1)
+        loop.truncate_jsonl(path, 1)
     line = files.describe_os_error(caught.value)
     assert f"no space left writing {path}" in line and "it needs about" in line and "\n" not in line
     assert read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]  # nothing lost

@@ -307,7 +307,7 @@ def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(
     # The same adapter, loaded here with hlss_hf from the local folder, gives the same logits.
     import torch
 
-    from hlss_hf.peft_utils import load_lora_classifier
+    from hlss_hf.training.lora import load_lora_classifier
 
     local = load_lora_classifier(out / "adapter", base_model=str(pushed_model[1])).eval()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

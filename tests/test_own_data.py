@@ -102,7 +102,7 @@ def test_wsi_starter_config_runs_on_a_cpu_without_the_demos_shortcuts():
 
 # ------------------------------------------------------------------------------------------------ splits
 def test_train_without_validation_split_says_how_to_go_on(tmp_path):
-    from hlss_hf.building import load_splits
+    from hlss_hf.training.building import load_splits
 
     rows = {"label": [0, 1], "patient_id": ["p1", "p2"], "slide_id": ["s1", "s2"], "patch_id": ["a", "b"]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
@@ -146,7 +146,7 @@ def test_unreachable_hub_names_the_missing_folder_first(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ warnings
 def test_evaluation_warnings_name_each_meaningless_number():
-    from hlss_hf.run_warnings import evaluation_warnings, informative_metrics
+    from hlss_hf.training.run_warnings import evaluation_warnings, informative_metrics
 
     names = ["a", "b", "c"]
     found = {w.name: w for w in evaluation_warnings([0, 0, 1], [0, 2, 2], names, k=20)}
@@ -163,7 +163,7 @@ def test_evaluation_warnings_name_each_meaningless_number():
 
 
 def test_training_and_finetune_warnings():
-    from hlss_hf.run_warnings import finetune_warnings, training_warnings
+    from hlss_hf.training.run_warnings import finetune_warnings, training_warnings
 
     names = {w.name for w in training_warnings(1, 1, max_steps=2, steps_per_epoch=9, warmup_steps=2)}
     assert names == {

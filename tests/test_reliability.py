@@ -34,7 +34,7 @@ from hlss_hf import files, publishing  # noqa: E402
 from hlss_hf.cli import describe_error  # noqa: E402
 from hlss_hf.errors import OutputInUseError  # noqa: E402
 from hlss_hf.files import output_lock, swap_in  # noqa: E402
-from hlss_hf.harness import list_checkpoints, staging_dir  # noqa: E402
+from hlss_hf.training.checkpoints import list_checkpoints, staging_dir  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -193,8 +193,8 @@ def test_second_run_into_a_busy_output_folder_is_refused_naming_the_first_and_th
     second: dict[str, BaseException] = {}
     open_run = train.open_run
 
-    def open_run_then_start_a_second(run, *args, **kwargs):
-        open_run(run, *args, **kwargs)
+    def open_run_then_start_a_second(*args, **kwargs):
+        log = open_run(*args, **kwargs)
 
         def start():
             try:
@@ -205,6 +205,7 @@ def test_second_run_into_a_busy_output_folder_is_refused_naming_the_first_and_th
         thread = threading.Thread(target=start)  # another thread is refused like another process
         thread.start()
         thread.join()
+        return log
 
     monkeypatch.setattr(train, "open_run", open_run_then_start_a_second)
     result = train.main(tiny_args(out, attributes_file, "--training.seed", "0"))
@@ -401,8 +402,8 @@ def test_bad_setting_is_one_error_line_naming_it(tmp_path, attributes_file, monk
     ],
 )
 def test_malformed_attribute_file_is_a_config_error_naming_the_item(tmp_path, text, named):
-    from hlss_hf.building import resolve_attributes
     from hlss_hf.errors import ConfigError
+    from hlss_hf.training.building import resolve_attributes
 
     path = tmp_path / "attributes.yaml"
     path.write_text(text)

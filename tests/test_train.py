@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -26,11 +27,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from hlss_hf import building  # noqa: E402
 from hlss_hf.config import TrainConfig, parse_config  # noqa: E402
 from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
-from hlss_hf.harness import checkpoint_dir, list_checkpoints  # noqa: E402
 from hlss_hf.hub.model_card import hub_links  # noqa: E402
+from hlss_hf.training import building, optim, validation  # noqa: E402
+from hlss_hf.training.checkpoints import checkpoint_dir, list_checkpoints  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
 TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
@@ -72,7 +73,7 @@ def tiny_args(output_dir, attributes_file, *extra) -> list[str]:
 
 def small_demo_folder(folder: Path) -> Path:
     """A 12-patient demo dataset saved to ``folder`` (the old splits: train / validation, no align patients)."""
-    from hlss_hf.data.demo import build_demo_dataset
+    from dataset_scripts.demo import build_demo_dataset
 
     build_demo_dataset(
         output_dir=folder,
@@ -331,14 +332,14 @@ def test_card_links_only_hub_ids(tmp_path):
 
 def test_text_tower_never_runs_during_training_steps(tmp_path, attributes_file, monkeypatch):
     calls = []
-    build = train.build_model
+    build = building.build_model
 
     def build_and_watch(*args, **kwargs):
         model = build(*args, **kwargs)
         model.text_model.register_forward_hook(lambda *a: calls.append(1))
         return model
 
-    monkeypatch.setattr(train, "build_model", build_and_watch)
+    monkeypatch.setattr(building, "build_model", build_and_watch)
     train.main(tiny_args(tmp_path, attributes_file, "--training.max_steps", "2"))
     assert calls == []
 
@@ -425,11 +426,12 @@ def test_one_loader_iteration_across_epochs_trains_as_per_epoch_iterations(
     samplers = []
     build = train.build_training
 
-    def recording(run, keep=True):
-        build(run)
-        samplers.append(run.train_sampler)
+    def recording(*args, keep=True):
+        parts = build(*args)
+        samplers.append(parts.schedule.sampler)
         if not keep:
-            run.train_sampler = None
+            parts = dataclasses.replace(parts, schedule=dataclasses.replace(parts.schedule, sampler=None))
+        return parts
 
     spanning = tmp_path / "spanning"
     monkeypatch.setattr(train, "build_training", recording)
@@ -437,7 +439,7 @@ def test_one_loader_iteration_across_epochs_trains_as_per_epoch_iterations(
     assert samplers[0].num_epochs == 3  # the run's three epochs in one iteration
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    monkeypatch.setattr(train, "build_training", lambda run: recording(run, keep=False))
+    monkeypatch.setattr(train, "build_training", lambda *args: recording(*args, keep=False))
     train.main(tiny_args(tmp_path / "per_epoch", attributes_file, *args))
     assert samplers[1] is not None and samplers[1].num_epochs == 1  # eligible, and left unused by this run
     losses = [r["loss"] for r in train_records(spanning)]
@@ -602,7 +604,7 @@ def test_local_hub_layout_folder_trains(tmp_path, attributes_file, streaming):
 
 
 def test_missing_split_is_named(tmp_path, attributes_file):
-    from hlss_hf.data.demo import build_demo_dataset
+    from dataset_scripts.demo import build_demo_dataset
 
     data_dir = tmp_path / "demo-data"
     build_demo_dataset(
@@ -662,7 +664,7 @@ def test_paper_schedule_is_a_40000_epoch_cosine_stopped_at_epoch_11199():
     config = parse_config(["--config", DEMO_CONFIG, "--training.schedule_epochs", "40000"])
     steps_per_epoch = 3
     run_steps = 11200 * steps_per_epoch  # epochs 0 .. 11199
-    length = train.schedule_length(config.training, run_steps, steps_per_epoch)
+    length = optim.schedule_length(config.training, run_steps, steps_per_epoch)
     assert length == 40000 * steps_per_epoch
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     warmup = int(round(0.1 * length))
@@ -718,11 +720,11 @@ def test_reference_schedule_length_follows_the_reference_formula(processes, pati
         "reference",
     ]
     t = parse_config(["--config", DEMO_CONFIG, *argv]).training
-    counted = train.reference_steps_per_epoch(patients, 32, processes)
+    counted = optim.reference_steps_per_epoch(patients, 32, processes)
     assert counted == REFERENCE_STEPS[processes, patients]
     run_steps = 11200 * RUN_STEPS[processes, patients]  # epochs 0 .. 11199 as every process runs them
-    length = train.schedule_length(t, run_steps, RUN_STEPS[processes, patients], counted)
-    warmup = train.warmup_length(t, length, counted)
+    length = optim.schedule_length(t, run_steps, RUN_STEPS[processes, patients], counted)
+    warmup = optim.warmup_length(t, length, counted)
     assert (length, warmup) == (40000 * counted, 4000 * counted)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     lr_at = get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=length).lr_lambdas[
@@ -742,8 +744,8 @@ def test_reference_schedule_length_zero_is_an_error(processes):
     # N <= 32 (W - 1): floor(ceil(N / 32) / W) = 0, a schedule of length 0; one patient more gives 1 step.
     for patients in (1, 32 * (processes - 1)):
         with pytest.raises(ConfigError, match=r"training\.schedule_length.*= 0 steps per epoch"):
-            train.reference_steps_per_epoch(patients, 32, processes)
-    assert train.reference_steps_per_epoch(32 * (processes - 1) + 1, 32, processes) == 1
+            optim.reference_steps_per_epoch(patients, 32, processes)
+    assert optim.reference_steps_per_epoch(32 * (processes - 1) + 1, 32, processes) == 1
 
 
 def test_reference_schedule_length_in_a_run_truncates_the_warmup_as_the_reference(tmp_path, attributes_file):
@@ -806,10 +808,10 @@ def test_schedule_options_are_checked(tmp_path, attributes_file, argv, key):
 def test_weight_decay_all_decays_biases_and_norms_too():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     config = parse_config(["--config", DEMO_CONFIG])
-    ours = train.optimizer_groups(model, config.training)
+    ours = optim.optimizer_groups(model, config.training)
     assert [len(g["params"]) for g in ours] == [1, 3]  # the weight matrix; bias, norm weight, norm bias
     config.training.weight_decay_all = True
-    reference = train.optimizer_groups(model, config.training)
+    reference = optim.optimizer_groups(model, config.training)
     assert [len(g["params"]) for g in reference] == [4, 0]
     assert reference[0]["weight_decay"] == config.training.weight_decay
 
@@ -912,13 +914,13 @@ def test_periodic_knn_uses_the_configured_aggregation(
 ):
     seen = []
     # The kNN metrics (and zero-shot's, which this run has not: no class prompts).
-    original = train.hierarchical_metrics
+    original = validation.hierarchical_metrics
 
     def spy(*args, **kwargs):
         seen.append(kwargs["aggregation"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "hierarchical_metrics", spy)
+    monkeypatch.setattr(validation, "hierarchical_metrics", spy)
     argv = ["--training.eval_at_end", "true", "--training.eval_before_training", "false"]
     argv += ["--training.knn_aggregation", aggregation, "--data.augmentation"]
     train.main(

@@ -17,7 +17,6 @@ from huggingface_hub import HfApi
 from hlss_hf.config import TrainConfig
 from hlss_hf.data.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 from hlss_hf.files import write_text_atomically
-from hlss_hf.harness import TrainState
 from hlss_hf.hub.model_index import (
     KNN_CARD_METRICS,
     LEVELS,
@@ -27,8 +26,9 @@ from hlss_hf.hub.model_index import (
     model_index_yaml,
     percent_cell,
 )
-from hlss_hf.peft_utils import format_target_modules
 from hlss_hf.publishing import hub_url
+from hlss_hf.training.checkpoints import TrainState
+from hlss_hf.training.lora import format_target_modules
 
 #: The card template (package data).
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"

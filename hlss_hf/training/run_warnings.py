@@ -1,21 +1,6 @@
-"""Named warnings for settings and results whose numbers mean less than they seem (a small cohort's first runs).
-
-``train.py``, ``finetune.py`` and ``python -m hlss_hf.evaluate`` check the same conditions with the functions here,
-print each warning once (``warning [name]: ...``), and record it: in ``metrics.jsonl`` and the model card (train.py,
-finetune.py), in the JSON report (evaluate). The names are stable, so a warning can be looked up or filtered:
-
-- ``class_absent_from_bank``: a class of the evaluated split has no patch in the kNN bank / probe training split;
-  its patches can never be classified right, and mean class accuracy / mAP then count a class no vote can reach.
-- ``top_k_not_informative``: top-k accuracy with k >= the number of classes is always 1; it is not reported.
-- ``k_exceeds_bank``: kNN k is larger than the bank; every patch is a neighbour (k is clamped to the bank).
-- ``one_patient_per_batch``: B = 1 patient per optimizer step; the patient level has no negatives.
-- ``one_slide_per_patient``: S = 1 slide per patient; the slide and patient levels contrast the same groups.
-- ``shorter_than_an_epoch``: the run ends before it has seen every training patient once.
-- ``ends_in_warmup``: the run ends before its learning-rate warm-up does; it never trains at the peak rate.
-- ``few_finetune_steps``: a fine-tune of fewer than 10 optimizer steps; its numbers are mostly the initialisation.
-
-Nothing here imports torch: the scripts call it before and after their heavy stages.
-"""
+"""Named warnings for settings and results whose numbers mean less than they seem (a small cohort's first runs),
+printed once by train.py, finetune.py and ``python -m hlss_hf.evaluate`` and recorded in their logs, cards and
+reports; docs/training.md#named-warnings lists them. Nothing here imports torch."""
 
 from __future__ import annotations
 
@@ -40,7 +25,7 @@ _TOP_K = re.compile(r"(^|/)top(\d+)$")
 
 @dataclass(frozen=True)
 class RunWarning:
-    """One named warning: ``name`` (stable, see the module docstring) and what it means for this run."""
+    """One named warning: ``name`` (stable, docs/training.md#named-warnings) and what it means for this run."""
 
     name: str
     message: str

@@ -1,27 +1,5 @@
-"""The run harness that ``train.py`` and ``finetune.py`` share: the accelerator, the output folder, checkpoints,
-resume and the non-finite guard.
-
-Three promises, each kept here once for both scripts:
-
-- **Outputs are never lost.** A run that replaces an earlier one in ``output_dir`` works in the sibling folder
-  ``<output_dir>.incoming`` and swaps it in only when it has finished (:func:`plan_output`,
-  :func:`publish_output`); until then the earlier run's model, metrics and checkpoints stay as they were, and a
-  failed run leaves them untouched.
-- **Resume runs no code from the checkpoint folder.** Checkpoints hold safetensors weights, the optimizer /
-  scheduler / RNG states that Accelerate reads with ``torch.load(weights_only=True)``, and the run's counters
-  and settings as JSON (:func:`save_checkpoint`). A folder with pickled custom state (``custom_checkpoint_*.pkl``,
-  written by ``accelerator.register_for_checkpointing``) is refused, never unpickled.
-- **A resumed run does what its settings say.** Settings that can change on resume (:data:`RESUMABLE_KEYS`) are
-  applied and recorded; any other change stops the run naming each changed key (:func:`resume_changes`).
-
-Example:
-
-```python
->>> from hlss_hf.harness import plan_output
->>> plan_output("outputs/new-run", overwrite=False, resume=None)  # doctest: +SKIP
-PosixPath('outputs/new-run')
-```
-"""
+"""The run folder, checkpoints and resume that ``train.py`` and ``finetune.py`` share: outputs are never lost,
+resume runs no code from the checkpoint folder and does what its settings say (docs/training.md#resume-and-failures)."""
 
 from __future__ import annotations
 
@@ -39,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import load
+from safetensors import SafetensorError, safe_open
 
 from hlss_hf.errors import CheckpointError, ConfigError
+from hlss_hf.files import naming_full_disk, output_lock, recover_swap, swap_in, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -107,87 +88,6 @@ INVOCATION_KEYS = frozenset(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Accelerator
-
-
-def make_accelerator(run, project_dir: str | os.PathLike | None = None):
-    """The ``Accelerator`` of a run, from its training settings (:class:`hlss_hf.config.RunConfig`: gradient
-    accumulation, mixed precision, trackers, ``cpu``).
-
-    Several processes on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N`` on CPU) run
-    with gloo, which Accelerate does only when told ``cpu=True``; the launcher's own ``--cpu`` cannot be combined
-    with ``--multi_gpu``, so the rule lives here.
-
-    Args:
-        run (`RunConfig`): the run's training section.
-        project_dir (`str`, *optional*): where trackers write their logs (the run's folder).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    project = None
-    if project_dir is not None:
-        project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
-    return Accelerator(
-        gradient_accumulation_steps=run.gradient_accumulation_steps,
-        mixed_precision=run.mixed_precision,
-        log_with=run.trackers(),
-        project_config=project,
-        cpu=run.cpu or (world > 1 and not torch.cuda.is_available()),
-        # Batches are pinned on CUDA (build_train_loader, finetune): copy them without blocking the host.
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
-    )
-
-
-def scheduler_steps(accelerator, steps: int) -> int:
-    """Scheduler steps for ``steps`` optimizer steps: a prepared scheduler steps once per process per optimizer
-    step (Accelerate's convention), so warm-up and length scale with the number of processes."""
-    return steps * accelerator.num_processes
-
-
-def all_finite(loss: torch.Tensor, accelerator) -> bool:
-    """Whether the loss is finite on every process (each process learns the same answer, so all stop together:
-    a process that stopped alone would leave the others waiting in the next collective)."""
-    bad = (~torch.isfinite(loss.detach().float())).any().float().reshape(1).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="max")
-    return bad.item() == 0
-
-
-def weights_finite(model: torch.nn.Module, accelerator) -> bool:
-    """Whether every trainable parameter of ``model`` is finite on every process (a sharded model holds a part of
-    the weights on each); checked before a checkpoint is called good."""
-    with torch.no_grad():
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
-    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="max")
-    return bad.item() == 0
-
-
-def set_peak_lr(optimizer, scheduler, lr: float) -> None:
-    """Apply a new peak learning rate to a resumed run: the schedule keeps its shape and position.
-
-    ``load_state`` restores the optimizer's and the scheduler's base learning rates from the checkpoint, so a
-    changed ``training.lr`` must be set on both, then the current step's value recomputed from the schedule.
-    """
-    inner = getattr(scheduler, "scheduler", scheduler)
-    inner.base_lrs = [lr for _ in inner.base_lrs]
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr
-    lambdas = getattr(inner, "lr_lambdas", None)
-    if lambdas is None:
-        raise CheckpointError(
-            f"training.lr: cannot re-scale a {type(inner).__name__} schedule on resume; keep the checkpoint's lr"
-        )
-    values = [lr * fn(inner.last_epoch) for fn in lambdas]
-    for group, value in zip(optimizer.param_groups, values, strict=True):
-        group["lr"] = value
-    inner._last_lr = values
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Output folders: build beside, swap at the end
 
 
@@ -197,11 +97,11 @@ def staging_dir(output_dir: str | os.PathLike) -> Path:
     return out.with_name(out.name + STAGING_SUFFIX)
 
 
-def earlier_run(output_dir: str | os.PathLike, markers: tuple[str, ...] = RUN_MARKERS) -> list[str]:
+def earlier_run(output_dir: str | os.PathLike) -> list[str]:
     """Names in ``output_dir`` that show it holds an earlier run (empty: nothing to protect)."""
     out = Path(output_dir)
     found = []
-    for name in markers:
+    for name in RUN_MARKERS:
         present = bool(list_checkpoints(out)) if name == "checkpoints" else (out / name).exists()
         if present:
             found.append(name)
@@ -213,8 +113,6 @@ def plan_output(
     *,
     overwrite: bool,
     resume: str | os.PathLike | None,
-    markers: tuple[str, ...] = RUN_MARKERS,
-    key: str = "training.output_dir",
     always_stage: bool = False,
 ) -> Path:
     """The folder this run writes to; changes nothing on disk.
@@ -230,8 +128,7 @@ def plan_output(
         ConfigError: an earlier run is present and ``overwrite`` is false, or (``always_stage``) the folder holds
             other files (the message names what is there).
     """
-
-    out = Path(output_dir)
+    out, key = Path(output_dir), "training.output_dir"
     staging = staging_dir(out)
     if resume is not None:
         parents = Path(resume).absolute().parents
@@ -239,7 +136,7 @@ def plan_output(
             return staging
         if out.absolute() in parents:
             return out
-    found = earlier_run(out, markers)
+    found = earlier_run(out)
     if not found:
         if not always_stage:
             return out
@@ -287,7 +184,6 @@ def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
         read_output_dir (`Callable[[list[str]], str]`): the output folder of a command line.
         key (`str`): the setting that names it, for the error.
     """
-    from hlss_hf.files import output_lock
 
     def decorate(main):
         @functools.wraps(main)
@@ -308,8 +204,6 @@ def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
 def recover_output(output_dir: str | os.PathLike) -> None:
     """Finish the swaps a killed run left half done in ``output_dir`` (the folder itself, and the checkpoints of it
     and of its staging folder); call it holding the folder's lock."""
-    from hlss_hf.files import recover_swap
-
     out = Path(output_dir)
     recover_swap(out)
     for run_dir in (out, staging_dir(out)):
@@ -336,8 +230,6 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> list[P
 def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Swap a finished staging folder into ``output_dir``; the earlier run is deleted only once the new one is in
     place (:func:`hlss_hf.files.swap_in`)."""
-    from hlss_hf.files import swap_in
-
     run_dir, out = Path(run_dir), Path(output_dir)
     if run_dir != out:
         swap_in(run_dir, out)
@@ -400,8 +292,6 @@ def checkpoint_health(path: str | os.PathLike) -> dict[str, bool]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from hlss_hf.files import write_text_atomically
-
     write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
@@ -479,8 +369,6 @@ def save_checkpoint(
     counters, the settings and the weights' health as JSON; written as ``step_N.tmp`` and renamed when every
     process has finished. All processes call it.
     """
-    from hlss_hf.files import naming_full_disk, swap_in
-
     root = checkpoint_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = final.with_name(final.name + _TMP_SUFFIX)
@@ -546,8 +434,6 @@ def _check_frozen(accelerator, path: Path) -> None:
             )
     weights = path / "model.safetensors"
     if weights.is_file() and len(accelerator._models) == 1:
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as saved:
             stored = set(saved.keys())
         wanted = {key for key in accelerator._models[0].state_dict() if not _FROZEN_KEY.match(key)}
@@ -639,8 +525,6 @@ def _check_counters(path: Path, values: Any) -> TrainState:
 def _check_rng_states(path: Path) -> None:
     """Accelerate ignores RNG states it cannot read (a resumed run would then silently differ): read them here
     the same safe way first, so a bad file stops the resume instead."""
-    from accelerate.utils import load
-
     for file in sorted(path.glob("random_states_*.pkl")):
         try:
             load(file)
@@ -663,8 +547,6 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[TrainState, d
             f"{accelerator.num_processes}: the global batch would change; resume with "
             f"`accelerate launch --num_processes {state.num_processes}`"
         )
-    from safetensors import SafetensorError
-
     strict = not (path / FROZEN_FILE).is_file()
     try:
         if not strict:
@@ -726,61 +608,46 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 # metrics.jsonl
 
 
-class JsonlWriter:
-    """Append one JSON object per line to a metrics file (flushed per line, so a crash loses nothing logged)."""
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Where a run writes and what it resumes, decided before anything heavy happens.
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics file. A torn last line (disk full, power loss) is dropped with a warning; a
-    malformed line elsewhere is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                logger.warning("%s: dropping the torn last line %d (%s)", path, number, err.msg)
-                continue
-            raise CheckpointError(f"{path}, line {number}: not JSON ({err.msg})") from err
-    return records
-
-
-def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max_step: bool = True) -> None:
-    """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint).
-
-    With ``evaluations_at_max_step=False`` the evaluations logged at ``max_step`` go too: at a run's last step the
-    final evaluation follows the checkpoint, and a run resumed from that checkpoint evaluates again.
+    Attributes:
+        run_dir (`Path`): the folder the run writes to (``output_dir``, or its staging folder).
+        output_dir (`Path`): where the finished run ends up.
+        resume_path (`Path`, *optional*): the checkpoint it resumes from.
+        changes (`dict`): ``{"section.key": (old, new)}`` of the settings the resume changes (all resumable).
     """
-    path = Path(path)
-    if not path.is_file():
-        return
-    from hlss_hf.files import naming_full_disk, write_text_atomically
 
-    def kept_record(record: dict[str, Any]) -> bool:
-        step = record.get("step", 0)
-        if step == max_step and not evaluations_at_max_step:
-            return not any(key.startswith("eval/") for key in record)
-        return step <= max_step
+    run_dir: Path
+    output_dir: Path
+    resume_path: Path | None = None
+    changes: dict = dataclasses.field(default_factory=dict)
 
-    kept = [record for record in read_jsonl(path) if kept_record(record)]
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    with naming_full_disk(path, len(text.encode("utf-8"))):  # a resume's one write
-        write_text_atomically(path, text)
+    @property
+    def continuing(self) -> bool:
+        """Whether the run continues in its checkpoint's own folder (not a new run started from a checkpoint kept
+        elsewhere)."""
+        return (
+            self.resume_path is not None
+            and self.run_dir.absolute() in Path(self.resume_path).absolute().parents
+        )
+
+
+def plan_run(t, settings: dict[str, Any]) -> RunPlan:
+    """The :class:`RunPlan` of a run's training settings ``t`` (``settings``: all of them, nested); nothing on disk
+    yet. A resumed run's checkpoint is checked here: unsafe content or a changed setting that cannot apply exactly
+    stop the run, naming each."""
+    resume_path, applied = None, {}
+    if t.resume_from_checkpoint is not None:
+        resume_path = resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+        _, saved = check_checkpoint(resume_path)
+        applied, refused = resume_changes(saved, settings)
+        if refused:
+            raise CheckpointError(
+                f"resuming from {resume_path} with changed settings that would not apply exactly: "
+                f"{describe_changes(refused)}. Resume with the checkpoint's values, or start a new run; these may "
+                f"change on resume: {', '.join(sorted(RESUMABLE_KEYS))}"
+            )
+    run_dir = plan_output(t.output_dir, overwrite=t.overwrite_output_dir, resume=resume_path)
+    return RunPlan(run_dir, Path(t.output_dir), resume_path, applied)

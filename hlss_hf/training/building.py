@@ -4,7 +4,7 @@
 run would:
 
 ```python
->>> from hlss_hf.building import build_model, build_tokenizer, load_splits, resolve_attributes, resolve_tower
+>>> from hlss_hf.training.building import build_model, build_tokenizer, load_splits, resolve_attributes, resolve_tower
 >>> from hlss_hf.config import parse_config
 >>> config = parse_config(["--config", "configs/demo.yaml"])
 >>> train_ds, val_ds = load_splits(config)
@@ -26,14 +26,31 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
+import yaml
+from tqdm.auto import tqdm
+from transformers import AutoConfig, BertTokenizerFast
 
-from hlss_hf.config import TrainConfig
+from hlss_hf.config import TrainConfig, parse_config
+from hlss_hf.data import build_train_loader, load_split
+from hlss_hf.data.schema import modality_of
 from hlss_hf.errors import ConfigError, DatasetError, SourceError
+from hlss_hf.evaluation import class_text_embeddings
+from hlss_hf.models.hlss.attributes_hlss import load_attributes, shipped_attribute_file
+from hlss_hf.models.hlss.configuration_hlss import OpenCLIPTextConfig
+from hlss_hf.models.hlss.modeling_hlss import HLSSModel
+from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor, HLSSProcessor
+from hlss_hf.models.hlss.towers_hlss import load_text_tokenizer
+from hlss_hf.sources import check_local_source
+from hlss_hf.training.checkpoints import describe_changes, flatten, resume_changes
+from hlss_hf.training.loop import TextTowerGuard
+from hlss_hf.training.optim import Schedule, lr_scheduler, optimizer_groups, plan_schedule
 
 # A child of train.py's logger, whose level (INFO on the main process) then applies here too.
 logger = logging.getLogger("hlss_hf.train.building")
@@ -52,8 +69,6 @@ def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
         fallback: Used when ``spec`` is ``pkg:<module>`` and the module is not installed.
         role (`str`): `vision` or `text`, for error messages.
     """
-    from transformers import AutoConfig
-
     if isinstance(spec, dict):
         fields = dict(spec)
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -71,8 +86,6 @@ def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
 
 def resolve_attributes(spec: Any) -> Any:
     """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
-    from hlss_hf.models.hlss.attributes_hlss import load_attributes, shipped_attribute_file
-
     try:
         if isinstance(spec, dict):
             resolved = spec
@@ -92,10 +105,6 @@ def fallback_tokenizer(attributes: Any):
     Only for a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
     consistent tokenisation of the descriptions gives distinct random bank rows.
     """
-    from transformers import BertTokenizerFast
-
-    from hlss_hf.models.hlss.attributes_hlss import load_attributes
-
     words = set()
     for bank in load_attributes(attributes).values():
         for descriptions in bank.values():
@@ -111,9 +120,6 @@ def fallback_tokenizer(attributes: Any):
 def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
     """The text tower's tokenizer: ``model.tokenizer``, else the one saved with ``model.init_from``, else the
     tower's own (open_clip towers' too), else :func:`fallback_tokenizer`."""
-    from hlss_hf.models.hlss.configuration_hlss import OpenCLIPTextConfig
-    from hlss_hf.models.hlss.towers_hlss import load_text_tokenizer
-
     spec = config.model.tokenizer
     if spec is not None:
         return load_text_tokenizer(resolve_tower(spec, None, "tokenizer"))
@@ -177,8 +183,6 @@ def class_prompts_for(config: TrainConfig, class_names: list[str] | None) -> dic
 
 def _from_init_model(config: TrainConfig, load):
     """``load(model.init_from)``, with a missing folder or an unloadable model named by the config key."""
-    from hlss_hf.sources import check_local_source
-
     source = config.model.init_from
     try:
         check_local_source(source, "model", "model.init_from")
@@ -194,8 +198,6 @@ def _from_init_model(config: TrainConfig, load):
 
 def load_init_model(config: TrainConfig):
     """The HLSS model named by ``model.init_from`` (e.g. an ``align`` run's output), whose towers start this run."""
-    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
-
     return _from_init_model(config, HLSSModel.from_pretrained)
 
 
@@ -223,8 +225,6 @@ def build_model(
         start (`HLSSModel`, *optional*): the model to start from instead of loading ``model.init_from`` (its
             towers are shared, not copied).
     """
-    from hlss_hf.models.hlss.modeling_hlss import HLSSModel
-
     m = config.model
     kwargs = dict(
         temperature=m.temperature,
@@ -302,8 +302,6 @@ def build_caption_table(
     Raises:
         ConfigError: naming ``data.text_column`` when the column is missing, or the first row whose text is empty.
     """
-    from tqdm.auto import tqdm
-
     if column not in dataset.column_names:
         raise ConfigError(
             f"config key 'data.text_column': the training split has no column {column!r} (it has "
@@ -335,8 +333,6 @@ def build_image_processor(config: TrainConfig, modality: str):
     ``data.crop_size`` (bicubic, the reference's framing); ``center_crop`` crops that size at native resolution,
     after an optional shortest-edge resize to ``data.eval_resize``. Either resize antialiases unless
     ``data.eval_antialias`` is false."""
-    from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
-
     d = config.data
     if d.eval_framing == "resize":
         return HLSSImageProcessor(
@@ -359,8 +355,6 @@ def build_image_processor(config: TrainConfig, modality: str):
 
 def build_processor(image_processor, tokenizer):
     """The processor saved beside the model: the image processor + the text tower's tokenizer."""
-    from hlss_hf.models.hlss.processing_hlss import HLSSProcessor
-
     return HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -382,8 +376,6 @@ def load_splits(config: TrainConfig) -> tuple[Any, Any]:
     Returns:
         `(train, validation)`; validation is `None` when ``data.validation_split`` is empty.
     """
-    from hlss_hf.data.loading import load_split
-
     d = config.data
     try:
         if d.dataset == "demo":
@@ -437,10 +429,8 @@ def demo_arguments(config: TrainConfig, build_demo_dataset) -> dict[str, Any]:
 def _demo_splits(config: TrainConfig):
     """The synthetic demo (``dataset_scripts/demo.py``, a checkout's), built from ``data.demo``; with
     ``data.cache_dir`` saved there once and read back afterwards."""
-    import datasets
-
     try:
-        from hlss_hf.data.demo import build_demo_dataset
+        from dataset_scripts.demo import build_demo_dataset
     except ImportError as err:
         raise ConfigError(
             "config key 'data.dataset': the demo needs dataset_scripts/demo.py of a checkout; run train.py from it"
@@ -460,3 +450,134 @@ def _demo_splits(config: TrainConfig):
             )
         build_demo_dataset(output_dir=cache, **kwargs)
     return datasets.load_from_disk(str(cache))
+
+
+def make_init_model(config: TrainConfig, run: Callable[[list[str]], Any], repo_root: Path) -> None:
+    """Make ``model.init_from`` by running ``model.init_config`` when that folder does not exist yet (the demo's
+    image-text alignment, made on its first run and reused afterwards).
+
+    An existing folder is used as it is, unless it was made with other settings than ``model.init_config``: then the
+    run stops naming them (the folder is never replaced by a run that did not make it).
+
+    Args:
+        run: train.py's ``main``, run on the init config's command line.
+        repo_root (`Path`): the checkout whose ``configs/`` a relative ``model.init_config`` may name.
+    """
+    m = config.model
+    if m.init_from is None or m.init_config is None:
+        return
+    init_config = m.init_config
+    if not Path(init_config).is_file() and (repo_root / init_config).is_file():
+        init_config = str(repo_root / init_config)  # a config of this checkout, run from elsewhere
+    init_args = ["--config", init_config, "--training.output_dir", m.init_from]
+    wanted = parse_config(init_args)
+    folder = Path(m.init_from)
+    if folder.exists():
+        made = folder / "train_config.yaml"
+        if not made.is_file():
+            raise ConfigError(
+                f"config key 'model.init_from': {folder} exists but holds no train_config.yaml, so it was not made "
+                f"by {m.init_config}; set model.init_config null to start from it as it is, or choose another folder"
+            )
+        saved = yaml.safe_load(made.read_text(encoding="utf-8"))
+        applied, refused = resume_changes(saved, wanted.to_dict())
+        # The same folder may be named another way; keys newer than the folder keep their defaults.
+        known = set(flatten(saved)) - {"training.output_dir"}
+        changed = {key: values for key, values in {**applied, **refused}.items() if key in known}
+        if changed:
+            raise ConfigError(
+                f"config key 'model.init_from': {folder} was made with other settings than {m.init_config} "
+                f"({describe_changes(changed)}); delete that folder to make it again, or choose another folder"
+            )
+        return
+    # This run's own data mistakes (a missing folder or split, an unknown Hub repo, no id columns) are named before
+    # the first stage takes its time (the run reads a dataset again from its cache, and builds the demo again).
+    load_splits(config)
+    print(f"Making {folder} first, with {m.init_config} (the model this run starts from)", flush=True)
+    run(init_args)
+    print(f"Made {folder}; now the run of this config", flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """The splits and the training loader (not yet prepared)."""
+
+    train_ds: Any
+    val_ds: Any
+    modality: str
+    train_dataset: Any  # the hierarchical dataset of patients the loader draws from
+    loader: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParts:
+    """The prepared model, optimizer, schedule and loader, and the text embeddings computed once before them."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    schedule: Schedule
+    processor: Any
+    image_processor: Any
+    guard: TextTowerGuard
+    # objective align: every training caption's text embedding (the text tower is frozen).
+    captions: CaptionTable | None = None
+    # model.class_prompts: one text embedding per class, for the zero-shot evaluation.
+    class_embeds: torch.Tensor | None = None
+
+
+def load_data(config: TrainConfig, accelerator) -> TrainData:
+    """The splits and the hierarchical loader (the main process first: it builds / downloads, the others read its
+    cache)."""
+    with accelerator.main_process_first():
+        train_ds, val_ds = load_splits(config)
+        dataset, loader = build_train_loader(config, train_ds, accelerator.num_processes, accelerator.device)
+    return TrainData(train_ds, val_ds, modality_of(train_ds.features), dataset, loader)
+
+
+def build_training(config: TrainConfig, data: TrainData, accelerator) -> TrainParts:
+    """Model (towers, banks, heads), processors, optimizer and LR schedule, prepared by Accelerate."""
+    t, d = config.training, config.data
+    text = resolve_tower(config.model.text, config.model.text_fallback, "text")
+    tokenizer = build_tokenizer(config, text, resolve_attributes(config.model.attributes))
+    class_names = data.train_ds.features["label"].names
+    scale = dataset_scale(data.train_ds) if not d.streaming else {}
+    model = build_model(config, data.modality, tokenizer, scale, class_names=class_names)
+    image_processor = build_image_processor(config, data.modality)
+    # Text embeddings the run needs, computed once before Accelerate wraps (and may shard) the model.
+    model.to(accelerator.device)
+    captions = class_embeds = None
+    if config.model.objective == "align":
+        progress = accelerator.is_local_main_process
+        captions = build_caption_table(model, tokenizer, data.train_ds, d.text_column, progress=progress)
+    prompts = class_prompts_for(config, class_names)
+    if prompts is not None:
+        class_embeds = class_text_embeddings(model, tokenizer, prompts, class_names)
+    guard = TextTowerGuard()
+    model.text_model.register_forward_pre_hook(guard)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+    )
+    patients = len(data.train_dataset) if t.schedule_length == "reference" else None
+    schedule = plan_schedule(t, data.loader, patients, accelerator.num_processes, d.streaming)
+    scheduler = lr_scheduler(t, optimizer, accelerator, schedule.steps, schedule.warmup)
+    loader = data.loader
+    if d.streaming:
+        # The streaming dataset shards patients over processes itself: accelerate must not shard it again.
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    processor = build_processor(image_processor, tokenizer)
+    return TrainParts(
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        schedule,
+        processor,
+        image_processor,
+        guard,
+        captions,
+        class_embeds,
+    )

@@ -1,0 +1,1 @@
+"""Training: settings, model building, the loop, checkpoints and LoRA fine-tuning."""
