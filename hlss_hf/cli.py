@@ -203,6 +203,8 @@ class Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, convert(getattr(self, f.name), hints[f.name], self.key(f.name)))
+        for name in self.required:
+            check(getattr(self, name) not in (None, ""), self.key(name), "is required (see --help)")
 
 
 @dataclasses.dataclass
@@ -211,6 +213,8 @@ class Config:
 
     #: Old key -> (its new key, a note): an old key answers with the new one.
     renamed: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: The key a command line's one bare value sets (a converter's ``source.root``), if any.
+    positional: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -286,11 +290,15 @@ def resolve_key(name: str, config_class: type[Config], where: str) -> str:
 
 def _options(argv: list[str], config_class: type[Config], strict: bool = True):
     """``(key, value)`` for each option of `argv`, in today's spellings (``--section.key``, the bare ``--key``,
-    dashes for underscores, ``--key=value``); a bare boolean flag means true, several items of a list are one
-    YAML list. ``--config`` is yielded as ``("config", path)``. Not `strict`: what cannot be read is skipped."""
-    keys, i = config_keys(config_class), 0
+    dashes for underscores, ``--key=value``, the one bare value of ``config_class.positional``); a bare boolean
+    flag means true, several items of a list are one YAML list. ``--config`` is yielded as ``("config", path)``. Not `strict`: what cannot be read is skipped."""
+    keys, i, positional_given = config_keys(config_class), 0, False
     while i < len(argv):
         token, i = argv[i], i + 1
+        if not token.startswith("--") and config_class.positional and not positional_given:
+            positional_given = True
+            yield config_class.positional, token
+            continue
         if not token.startswith("--") or token == "--":
             if strict:
                 raise ConfigError(f"unexpected argument {token!r}: options are written --section.key value")
@@ -416,7 +424,9 @@ def build_parser(
         exit_on_error=False,
         description=description,
         formatter_class=formatter,
-        usage="%(prog)s [--config FILE] [--section.key VALUE ...]",
+        usage="%(prog)s "
+        + (f"{config_class.positional.split('.')[-1].upper()} " if config_class.positional else "")
+        + "[--config FILE] [--section.key VALUE ...]",
     )
     for section, cls in config_class.sections().items():
         parser.add_class_arguments(cls, section, instantiate=False, fail_untyped=False)
@@ -427,16 +437,18 @@ def build_parser(
 
 
 def format_help(
-    config_class: type[Config], config_file: str | os.PathLike | None = None, prog: str | None = None
+    config_class: type[Config],
+    config_file: str | os.PathLike | None = None,
+    prog: str | None = None,
+    description: str | None = None,
 ) -> str:
     """Every config key with the default the run uses (`config_file`'s value where it sets one) and its help."""
     source = f" (defaults: {Path(config_file).name}, else the built-in ones)" if config_file else ""
-    parser = build_parser(
-        config_class,
+    keys = (
         f"Config keys{source}. Set in a YAML file (--config FILE, sections {' / '.join(config_class.sections())}) "
-        "or as --section.key value; the bare --key works when one section has it. Values are read as YAML.",
-        prog,
+        "or as --section.key value; the bare --key works when one section has it. Values are read as YAML."
     )
+    parser = build_parser(config_class, f"{description}\n\n{keys}" if description else keys, prog)
     if config_file is not None:
         parser.set_defaults(read_config_file(config_file, config_class))
     return parser.format_help()
@@ -447,13 +459,15 @@ def parse(
     argv: list[str] | None = None,
     default_config: str | os.PathLike | None = None,
     prog: str | None = None,
+    description: str | None = None,
 ) -> Config:
     """`config_class` from ``--config FILE`` (or `default_config`) and ``--key value`` overrides, validated;
-    ``-h`` / ``--help`` prints :func:`format_help` and exits. Raises :class:`ConfigError` naming the key."""
+    ``-h`` / ``--help`` prints :func:`format_help` (after `description`) and exits. Raises :class:`ConfigError`
+    naming the key."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if "-h" in argv or "--help" in argv:
         given = dict(_options(argv, config_class, strict=False))
-        print(format_help(config_class, given.get("config") or default_config, prog))
+        print(format_help(config_class, given.get("config") or default_config, prog, description))
         raise SystemExit(0)
     options = list(_options(argv, config_class))
     config_file = dict(options).get("config") or default_config

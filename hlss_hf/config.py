@@ -38,8 +38,8 @@ from hlss_hf.pretrain_config import (
     RunConfig,
     TrainConfig,
     TrainingConfig,
-    _read_augmentation_file,
     default_output_dir,
+    read_augmentation_file,
 )
 
 __all__ = [
@@ -105,11 +105,6 @@ class FinetuneModelConfig(Section):
 
     def validate(self) -> None:
         super().validate()
-        _check(
-            bool(self.model_name_or_path),
-            self.key("model_name_or_path"),
-            "is required (a saved HLSS folder or Hub id: --model_name_or_path)",
-        )
         _check_source(self.model_name_or_path, self.key("model_name_or_path"))
         for name in ("lora_r", "lora_alpha"):
             _check(getattr(self, name) >= 1, self.key(name), "must be >= 1")
@@ -146,7 +141,7 @@ class FinetuneDataConfig(DataSourceConfig):
     """Use the first N evaluation patches."""
 
     def validate(self) -> None:
-        self.augmentation = _read_augmentation_file(self.augmentation, self.key("augmentation"))
+        self.augmentation = read_augmentation_file(self.augmentation, self.key("augmentation"))
         super().validate()
         _check_source(self.dataset, self.key("dataset"))
         for name in ("crop_size", "max_train_samples", "max_eval_samples"):

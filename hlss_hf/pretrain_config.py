@@ -64,7 +64,7 @@ def _read_class_prompts(value: Any, key: str) -> dict[str, list[str]] | None:
     return {str(name): list(prompts) for name, prompts in value.items()}
 
 
-def _read_augmentation_file(value: Any, key: str) -> Any:
+def read_augmentation_file(value: Any, key: str) -> Any:
     """A string naming an existing YAML file of augmentation operations becomes that mapping."""
     if isinstance(value, str) and value.endswith((".yaml", ".yml", ".json")):
         path = Path(value).expanduser()
@@ -213,7 +213,6 @@ class DataSourceConfig(Section):
 
     def validate(self) -> None:
         super().validate()
-        _check(bool(self.dataset), self.key("dataset"), "is required (a dataset folder or Hub id)")
         _check(bool(self.train_split), self.key("train_split"), "must name a split")
         _check(
             self.num_workers is None or self.num_workers >= 0, self.key("num_workers"), "must be >= 0 or null"
@@ -380,7 +379,7 @@ class DataConfig(DataSourceConfig):
     several processes accelerate then pads it by repeating patients)."""
 
     def validate(self) -> None:
-        self.augmentation = _read_augmentation_file(self.augmentation, self.key("augmentation"))
+        self.augmentation = read_augmentation_file(self.augmentation, self.key("augmentation"))
         super().validate()
         for name in ("num_slides", "num_patches", "num_views", "crop_size"):
             _check(getattr(self, name) >= 1, self.key(name), "must be >= 1")
