@@ -85,7 +85,7 @@ def make_opensrh(root, patients=None):
 
 
 def srh_args(root, out, *extra):
-    return [str(root), "--output", str(out), "--patch-size", str(PATCH), "--no-progress", *extra]
+    return [str(root), "--output_dir", str(out), "--patch-size", str(PATCH), "--progress", "false", *extra]
 
 
 def test_opensrh_round_trip_keeps_hierarchy_and_exact_uint16_values(tmp_path, capsys):
@@ -283,7 +283,7 @@ def test_output_is_refused_when_it_exists_and_replaced_with_overwrite(tmp_path):
     (out / "keep.txt").write_text("precious")
     expect_error(opensrh.main, srh_args(root, out), str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    opensrh.main(srh_args(root, out, "--overwrite"))
+    opensrh.main(srh_args(root, out, "--overwrite_output_dir"))
     assert not (out / "keep.txt").exists() and (out / "README.md").exists()
     assert leftovers(tmp_path) == []
 
@@ -295,7 +295,7 @@ def test_a_failed_overwrite_keeps_the_previous_dataset(tmp_path):
     opensrh.main(srh_args(root, out))
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     _corrupt(root, FIRST)
-    expect_error(opensrh.main, srh_args(root, out, "--overwrite"), FIRST)
+    expect_error(opensrh.main, srh_args(root, out, "--overwrite_output_dir"), FIRST)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert leftovers(tmp_path) == []
 
@@ -341,10 +341,11 @@ def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch)
             str(root),
             "--push-to-hub",
             "me/opensrh-tiny",
-            "--private",
+            "--hub_private",
             "--patch-size",
             str(PATCH),
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     repo_id, kwargs, sizes, features = calls["push"]
@@ -360,9 +361,9 @@ def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--output", "x", "--private"], "--private"),
+        (["--output_dir", "x", "--hub_private"], "hub_private"),
         (["--push-to-hub", "no-namespace"], "namespace/name"),
-        (["--output", "x", "--max-shard-size-mb", "0"], "--max-shard-size-mb"),
+        (["--output_dir", "x", "--max-shard-size-mb", "0"], "max_shard_size_mb"),
     ],
 )
 def test_output_arguments_are_validated_before_any_work(tmp_path, argv, fragment):
@@ -422,7 +423,17 @@ def slides(tmp_path):
 
 
 def wsi_args(manifest, out, *extra):
-    return ["--manifest", str(manifest), "--output", str(out), "--patch-size", "128", "--no-progress", *extra]
+    return [
+        "--manifest",
+        str(manifest),
+        "--output_dir",
+        str(out),
+        "--patch-size",
+        "128",
+        "--progress",
+        "false",
+        *extra,
+    ]
 
 
 def test_wsi_tiles_tissue_at_level_zero_with_provenance(tmp_path, slides):
@@ -511,10 +522,10 @@ def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
     from hlss_hf.schema import features_for
 
     with pytest.raises(SystemExit, match="'png' only applies to H&E"):
-        demo.main(["--output", str(tmp_path / "d"), "--modality", "srh", "--image-format", "png"])
+        demo.main(["--output_dir", str(tmp_path / "d"), "--modality", "srh", "--image-format", "png"])
     assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit):  # argparse: invalid choice
-        demo.main(["--output", str(tmp_path / "d"), "--image-format", "jpeg"])
+        demo.main(["--output_dir", str(tmp_path / "d"), "--image-format", "jpeg"])
     with pytest.raises(ValueError, match="patch_size is required for raw H&E"):
         features_for("he", ["a"], image_format="raw")
     with pytest.raises(ValueError, match="image_format must be one of"):
@@ -560,7 +571,7 @@ def test_wsi_without_split_column_splits_by_patient(tmp_path):
         [
             "--manifest",
             str(manifest),
-            "--output",
+            "--output_dir",
             str(out),
             "--patch-size",
             "128",
@@ -568,7 +579,8 @@ def test_wsi_without_split_column_splits_by_patient(tmp_path):
             "1",
             "--val-fraction",
             "0.34",
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     ds = load(out, tmp_path)
@@ -593,13 +605,14 @@ def test_wsi_without_split_column_says_what_it_did_with_the_validation_split(tmp
         [
             "--manifest",
             str(manifest),
-            "--output",
+            "--output_dir",
             str(out),
             "--patch-size",
             "128",
             "--level",
             "1",
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     printed = capsys.readouterr().out
@@ -712,9 +725,10 @@ def tcga_args(root, out, *extra):
         str(root),
         "--labels",
         str(root / "labels.csv"),
-        "--output",
+        "--output_dir",
         str(out),
-        "--no-progress",
+        "--progress",
+        "false",
         "--patch-size",
         "32",
         *extra,
@@ -782,13 +796,14 @@ def test_tcga_split_file_slide_level_json_labels_and_whole_slide_files(tmp_path,
             str(root / "labels.json"),
             "--split-file",
             str(root / "split.json"),
-            "--output",
+            "--output_dir",
             str(out),
             "--level",
             "1",
             "--patch-size",
             "32",  # the HDF5 fixtures' size: one patch size for tiles and HDF5 patches alike
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     ds = load(out, tmp_path)
@@ -894,23 +909,33 @@ def test_tcga_json_slide_and_patient_keys_must_agree_within_a_patient(tmp_path, 
         '"TCGA-CS-4938": "LGG", "TCGA-CS-4941": "LGG", "TCGA-CS-4942": "LGG", "TCGA-99-0000": "GBM", '
         '"TCGA-99-0000": "LGG"}'
     )
-    argv = [str(root), "--labels", str(labels), "--patch-size", "32", "--val-fraction", "0", "--no-progress"]
+    argv = [
+        str(root),
+        "--labels",
+        str(labels),
+        "--patch-size",
+        "32",
+        "--val-fraction",
+        "0",
+        "--progress",
+        "false",
+    ]
     expect_error(
         tcga.main,
-        [*argv, "--output", str(tmp_path / "out")],
+        [*argv, "--output_dir", str(tmp_path / "out")],
         "patient TCGA-02-0001",
         "'GBM' (TCGA-02-0001 key TCGA-02-0001)",
         "'LGG' (TCGA-02-0001-01Z-00-DX2 key TCGA-02-0001-01Z-00-DX2)",
     )
     # TCGA-99-0000 also disagrees with itself (a repeated JSON key) but has no slides: it does not matter.
-    summary = tcga.main([*argv, "--output", str(tmp_path / "out"), "--skip-invalid"])
+    summary = tcga.main([*argv, "--output_dir", str(tmp_path / "out"), "--skip-invalid"])
     assert [item for item, _ in summary.skipped] == ["patient TCGA-02-0001"]
     assert "TCGA-02-0001" not in set(load(tmp_path / "out", tmp_path)["train"]["patient_id"])
     # A repeated key with two labels is refused too (json.loads alone would keep the last) once it has slides.
     labels.write_text('{"TCGA-02-0003": "GBM", "TCGA-02-0003": "LGG", "TCGA-CS-4938": "LGG"}')
     expect_error(
         tcga.main,
-        [*argv, "--output", str(tmp_path / "out2")],
+        [*argv, "--output_dir", str(tmp_path / "out2")],
         "patient TCGA-02-0003: different labels in labels.json: 'GBM' (TCGA-02-0003 key TCGA-02-0003), 'LGG'",
     )
 
@@ -1015,7 +1040,7 @@ def test_demo_push_to_hub_pushes_what_it_builds(monkeypatch, capsys):
         [
             "--push-to-hub",
             "me/demo",
-            "--private",
+            "--hub_private",
             "--num-patients",
             "6",
             "--patches-per-slide",
@@ -1056,7 +1081,13 @@ def test_demo_srh_writes_uint16_two_channel_dataset_that_loads_back(tmp_path):
 @pytest.mark.parametrize("module", [opensrh, tcga, wsi])
 def test_converters_share_the_output_options(module):
     text = module.build_parser().format_help()
-    for option in ("--output", "--push-to-hub", "--private", "--overwrite", "--skip-invalid"):
+    for option in (
+        "--output.output_dir",
+        "--output.push_to_hub",
+        "--output.hub_private",
+        "--output.overwrite_output_dir",
+        "--output.skip_invalid",
+    ):
         assert option in text
 
 
@@ -1087,7 +1118,16 @@ def test_script_run_from_the_repo_root_exits_non_zero_naming_the_bad_file(tmp_pa
 def test_demo_main_writes_a_loadable_dataset(tmp_path, capsys):
     demo_out = tmp_path / "demo"
     demo.main(
-        ["--output", str(demo_out), "--num-patients", "6", "--patches-per-slide", "2", "--patch-size", "16"]
+        [
+            "--output_dir",
+            str(demo_out),
+            "--num-patients",
+            "6",
+            "--patches-per-slide",
+            "2",
+            "--patch-size",
+            "16",
+        ]
     )
     assert f"wrote {demo_out}" in capsys.readouterr().out
     ds = load(demo_out, tmp_path)
@@ -1095,7 +1135,7 @@ def test_demo_main_writes_a_loadable_dataset(tmp_path, capsys):
         set(ds["train"]["slide_id"]) | set(ds["validation"]["slide_id"])
     )
     with pytest.raises(SystemExit, match="already exists"):
-        demo.main(["--output", str(demo_out)])
+        demo.main(["--output_dir", str(demo_out)])
 
 
 #: Whole words a demo caption or attribute must never use: the class names and their parts.
@@ -1137,7 +1177,7 @@ def test_demo_script_defaults_write_the_data_train_py_trains_and_evaluates_on(tm
     from hlss_hf.building import _demo_splits
     from hlss_hf.config import parse_config
 
-    demo.main(["--output", str(tmp_path / "demo")])
+    demo.main(["--output_dir", str(tmp_path / "demo")])
     assert "validation: 24 patients" in capsys.readouterr().out
     written = datasets.load_from_disk(str(tmp_path / "demo"))
     used = _demo_splits(parse_config(["--config", str(REPO / "configs" / "demo.yaml")]))
@@ -1268,7 +1308,9 @@ def test_newcomer_errors_are_one_line_with_nothing_left_behind(tmp_path):
     # A mistyped local path: named at once, not looked up on the Hub.
     out = tmp_path / "out"
     assert_one_line_error(
-        run_script("opensrh.py", "data/dmo", "--output", str(out), cwd=tmp_path), "data/dmo", "not a folder"
+        run_script("opensrh.py", "data/dmo", "--output_dir", str(out), cwd=tmp_path),
+        "data/dmo",
+        "not a folder",
     )
     # Pushing while offline: refused before any work.
     assert_one_line_error(
@@ -1279,21 +1321,21 @@ def test_newcomer_errors_are_one_line_with_nothing_left_behind(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_error(
-        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--output", str(blocker / "out")),
+        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--output_dir", str(blocker / "out")),
         str(blocker),
     )
     # A manifest without the id columns.
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("slide_path,label\nx.svs,a\n")
     assert_one_line_error(
-        run_script("wsi.py", "--manifest", str(manifest), "--output", str(out)), "patient_id"
+        run_script("wsi.py", "--manifest", str(manifest), "--output_dir", str(out)), "patient_id"
     )
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
-    proc = run_script("opensrh.py", "missing", "--output", str(tmp_path / "o"), "--debug", cwd=tmp_path)
+    proc = run_script("opensrh.py", "missing", "--output_dir", str(tmp_path / "o"), "--debug", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConversionError" in proc.stderr
 
 

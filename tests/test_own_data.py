@@ -91,7 +91,7 @@ def test_wsi_starter_config_runs_on_a_cpu_without_the_demos_shortcuts():
     assert d.crop_size == 224 and t.eval_before_training
     # The header's commands use the config's own paths.
     header = WSI.read_text(encoding="utf-8")
-    assert "--output data/slides" in header and "train.py --config configs/wsi.yaml" in header
+    assert "--output_dir data/slides" in header and "train.py --config configs/wsi.yaml" in header
     # The tower builds (a random-init ResNet of about a million parameters).
     from transformers import AutoConfig, AutoModel
 
