@@ -102,7 +102,7 @@ def cell(method: str, root: str, out: str, extra: list[str]) -> dict:
     anon = AnonPeak()
     start = time.perf_counter()
     if method == "streaming":
-        summary = opensrh.main([root, "--output", out, "--no-progress"])
+        summary = opensrh.main([root, "--output_dir", out, "--progress", "false"])
         rows = sum(summary.totals(s)["patches"] for s in summary.counts)
     elif method == "in-memory":
         from hlss_hf.data.schema import OPENSRH_CLASSES, features_for
@@ -130,7 +130,7 @@ def cell(method: str, root: str, out: str, extra: list[str]) -> dict:
         # Four copies of the region as four slides, so that two workers have slides to share.
         lines = [f"{SLIDE},P{i},skin,train,cmu-{i}" for i in range(4)]
         manifest.write_text("slide_path,patient_id,label,split,slide_id\n" + "\n".join(lines) + "\n")
-        summary = wsi.main(["--manifest", str(manifest), "--output", out, "--no-progress", *extra])
+        summary = wsi.main(["--manifest", str(manifest), "--output_dir", out, "--progress", "false", *extra])
         rows = summary.totals("train")["patches"]
     seconds = time.perf_counter() - start
     anon_peak = anon.stop()

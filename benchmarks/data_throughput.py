@@ -281,7 +281,16 @@ def srh_dataset(args, workdir: Path):
     fixture_s = time.perf_counter() - start
     start = time.perf_counter()
     opensrh.main(
-        [str(raw), "--output", str(converted), "--patch-size", str(args.size), "--overwrite", "--no-progress"]
+        [
+            str(raw),
+            "--output_dir",
+            str(converted),
+            "--patch-size",
+            str(args.size),
+            "--overwrite_output_dir",
+            "--progress",
+            "false",
+        ]
     )
     convert_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -364,9 +373,9 @@ def he_datasets(args, workdir: Path):
         start = time.perf_counter()
         output = workdir / fmt
         wsi.main(
-            ["--manifest", str(manifest), "--output", str(output), "--patch-size", str(args.size),
+            ["--manifest", str(manifest), "--output_dir", str(output), "--patch-size", str(args.size),
              "--level", "0", "--max-tiles-per-slide", str(args.patches), "--image-format", fmt,
-             "--overwrite", "--no-progress", "--num-workers", str(min(8, os.cpu_count() or 1))]
+             "--overwrite_output_dir", "--progress", "false", "--num-workers", str(min(8, os.cpu_count() or 1))]
         )  # fmt: skip
         convert_s[fmt] = time.perf_counter() - start
         data[fmt] = datasets.load_from_disk(str(output))["train"]

@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
 def extract_bench(args) -> dict:
     import datasets
 
-    from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf.data.demo import build_demo_dataset
     from hlss_hf.data.schema import decode_image
     from hlss_hf.evaluation import extract_embeddings
     from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
@@ -284,7 +284,7 @@ def _he_tiles(patch: int, count: int):
 
 
 def _synthetic_he(patch: int, count: int):
-    from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf.data.demo import build_demo_dataset
 
     demo = build_demo_dataset(
         num_patients=max(2, count // 16 + 1), patch_size=patch, val_fraction=0.0, align_fraction=0

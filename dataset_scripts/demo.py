@@ -1,7 +1,7 @@
 """Build a small synthetic patient-slide-patch dataset in seconds, without downloads.
 
-    python dataset_scripts/demo.py --output data/demo
-    python dataset_scripts/demo.py --output data/demo-srh --modality srh --num-patients 12
+    python dataset_scripts/demo.py --output_dir data/demo
+    python dataset_scripts/demo.py --output_dir data/demo-srh --modality srh --num-patients 12
 
 The generator is :func:`hlss_hf.data.demo.build_demo_dataset` (what ``python train.py`` trains on when no dataset
 is given); docs/data.md describes the data.
@@ -9,10 +9,11 @@ is given); docs/data.md describes the data.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 # A converter needs none of hlss_hf's Auto classes: importing it registers none, nor loads torch for them.
 HLSS_HF_PARSE_FIRST = True
@@ -22,93 +23,83 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The generator's internals are imported too because tests/test_dataset_scripts.py reads them through this script
-# (`demo._render_patch`); drop them once it imports hlss_hf.data.demo.
-from hlss_hf.data.demo import (  # noqa: F401
-    DEMO_CLASSES,
-    PHRASES,
-    _class_params,
-    _render_patch,
-    _slide_stain,
-    build_demo_dataset,
-    drawn_terms,
-)
-from hlss_hf.errors import ConversionError, OutputInUseError
-from hlss_hf.publishing import add_image_format_argument
+from hlss_hf.cli import Section
+from hlss_hf.data.demo import build_demo_dataset
+from hlss_hf.publishing import ConverterConfig, DestinationConfig, run_converter
+
+# The defaults are build_demo_dataset's, which are the demo's (python train.py): one place to change them.
+_DEFAULTS = {name: p.default for name, p in inspect.signature(build_demo_dataset).parameters.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # The defaults are build_demo_dataset's, which are the demo's (python train.py): one place to change them.
-    default = {k: v.default for k, v in inspect.signature(build_demo_dataset).parameters.items()}
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    destination = parser.add_mutually_exclusive_group(required=True)
-    destination.add_argument("--output", help="destination folder (save_to_disk layout + README.md card)")
-    destination.add_argument("--push-to-hub", metavar="REPO_ID", help="push to this Hub dataset repo instead")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument(
-        "--modality", choices=("he", "srh"), default=default["modality"], help="H&E RGB or 2-channel SRH"
-    )
-    parser.add_argument("--num-patients", type=int, default=default["num_patients"], help="patients in all")
-    parser.add_argument("--num-classes", type=int, default=default["num_classes"], help="classes")
-    low, high = default["slides_per_patient"]
-    parser.add_argument("--min-slides", type=int, default=low, help="fewest slides per patient")
-    parser.add_argument("--max-slides", type=int, default=high, help="most slides per patient")
-    parser.add_argument(
-        "--patches-per-slide", type=int, default=default["patches_per_slide"], help="patches per slide"
-    )
-    parser.add_argument("--patch-size", type=int, default=default["patch_size"], help="patch side, pixels")
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=default["val_fraction"],
-        help="fraction of patients per class in validation",
-    )
-    parser.add_argument(
-        "--align-fraction",
-        type=float,
-        default=default["align_fraction"],
-        help="fraction of patients per class in align (image-caption pairs for the alignment stage; 0: none)",
-    )
-    parser.add_argument("--seed", type=int, default=default["seed"], help="the data depends on it only")
-    add_image_format_argument(parser)
-    return parser.parse_args(argv)
+@dataclass
+class DemoSource(Section):
+    """What the synthetic data holds (the arguments of build_demo_dataset)."""
+
+    section: ClassVar[str] = "source"
+
+    modality: Literal["he", "srh"] = _DEFAULTS["modality"]
+    """H&E RGB or 2-channel SRH."""
+    num_patients: int = _DEFAULTS["num_patients"]
+    """Patients in all."""
+    num_classes: int = _DEFAULTS["num_classes"]
+    """Classes."""
+    min_slides: int = _DEFAULTS["slides_per_patient"][0]
+    """Fewest slides per patient."""
+    max_slides: int = _DEFAULTS["slides_per_patient"][1]
+    """Most slides per patient."""
+    patches_per_slide: int = _DEFAULTS["patches_per_slide"]
+    """Patches per slide."""
+    patch_size: int = _DEFAULTS["patch_size"]
+    """Patch side, pixels."""
+    val_fraction: float = _DEFAULTS["val_fraction"]
+    """Fraction of patients per class in validation."""
+    align_fraction: float = _DEFAULTS["align_fraction"]
+    """Fraction of patients per class in align (image-caption pairs for the alignment stage; 0: none)."""
+    seed: int = _DEFAULTS["seed"]
+    """The data depends on it only."""
+    image_format: Literal["png", "raw"] | None = None
+    """H&E storage: png (default; lossless, smallest) or raw (uint8 Array3D: the same pixels, ~3.3x the bytes)."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        dataset = build_demo_dataset(
-            args.output,
-            num_patients=args.num_patients,
-            num_classes=args.num_classes,
-            slides_per_patient=(args.min_slides, args.max_slides),
-            patches_per_slide=args.patches_per_slide,
-            patch_size=args.patch_size,
-            modality=args.modality,
-            val_fraction=args.val_fraction,
-            align_fraction=args.align_fraction,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            show_progress=True,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            image_format=args.image_format,
-        )
-    except (ConversionError, OutputInUseError, ValueError) as error:
-        sys.exit(f"error: {error}")
+@dataclass
+class DemoConfig(ConverterConfig):
+    source: DemoSource = field(default_factory=DemoSource)
+    output: DestinationConfig = field(default_factory=DestinationConfig)
+
+
+def generate(config: DemoConfig) -> None:
+    """Build the demo data as the command line says, and say what was written."""
+    source, output = config.source, config.output
+    dataset = build_demo_dataset(
+        output.output_dir,
+        num_patients=source.num_patients,
+        num_classes=source.num_classes,
+        slides_per_patient=(source.min_slides, source.max_slides),
+        patches_per_slide=source.patches_per_slide,
+        patch_size=source.patch_size,
+        modality=source.modality,
+        val_fraction=source.val_fraction,
+        align_fraction=source.align_fraction,
+        seed=source.seed,
+        overwrite=output.overwrite_output_dir,
+        show_progress=True,
+        push_to_hub=output.push_to_hub,
+        private=output.hub_private,
+        image_format=source.image_format,
+    )
     for split, ds in dataset.items():
         print(
             f"{split}: {len(set(ds['patient_id']))} patients, {len(set(ds['slide_id']))} slides, {len(ds)} patches"
         )
     print(
-        f"wrote {args.output}"
-        if args.output
-        else f"pushed to https://huggingface.co/datasets/{args.push_to_hub}"
+        f"wrote {output.output_dir}"
+        if output.output_dir
+        else f"pushed to https://huggingface.co/datasets/{output.push_to_hub}"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_converter(generate, DemoConfig, argv, __doc__.split("\n\n")[0], user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

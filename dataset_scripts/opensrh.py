@@ -1,8 +1,8 @@
 """Convert the OpenSRH release into a patient-slide-patch Hugging Face dataset.
 
-    python dataset_scripts/opensrh.py /data/opensrh --output data/opensrh
-    python dataset_scripts/opensrh.py /data/opensrh --push-to-hub me/opensrh --private
-    python dataset_scripts/opensrh.py /data/opensrh --output data/opensrh-updated2 \
+    python dataset_scripts/opensrh.py /data/opensrh --output_dir data/opensrh
+    python dataset_scripts/opensrh.py /data/opensrh --push-to-hub me/opensrh --hub_private
+    python dataset_scripts/opensrh.py /data/opensrh --output_dir data/opensrh-updated2 \
         --meta-file meta/updated2_opensrh.json --split-file meta/updated2_train_val_split.json
 
 Expected layout (the public OpenSRH release):
@@ -24,13 +24,13 @@ with the TIFF's exact uint16 values. Splits: ``train`` and ``validation`` (the r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -42,14 +42,18 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jsonargparse import ArgumentParser
+
+from hlss_hf.cli import Config, Section
+from hlss_hf.cli import build_parser as build_config_parser
 from hlss_hf.data.schema import OPENSRH_CLASSES, features_for
 from hlss_hf.errors import ConversionError
 from hlss_hf.publishing import (
     ConversionSummary,
+    ConverterConfig,
     InvalidItems,
-    add_output_arguments,
+    OutputConfig,
     describe_splits,
-    output_kwargs,
     run_converter,
     write_patch_dataset,
 )
@@ -234,30 +238,31 @@ def iter_rows(patches: list[dict], patch_size: tuple[int, int], invalid: Invalid
         }
 
 
-def convert(args: argparse.Namespace) -> ConversionSummary:
-    """Convert the release at ``args.root`` as the command-line options say."""
-    root = Path(args.root)
+def convert(config: Config) -> ConversionSummary:
+    """Convert the release at ``source.root`` as the command line says."""
+    source = config.source
+    root = Path(source.root)
     if not root.is_dir():
         raise ConversionError(f"root {root}: not a folder")
-    classes = list(args.classes)
-    meta = read_json(root / args.meta_file, "metadata")
-    split_map = read_json(root / args.split_file, "split file")
-    invalid = InvalidItems(skip_invalid=args.skip_invalid)
-    plan = plan_opensrh(root, meta, split_map, classes, args.include_nondiagnostic, invalid)
+    classes = list(source.classes)
+    meta = read_json(root / source.meta_file, "metadata")
+    split_map = read_json(root / source.split_file, "split file")
+    invalid = InvalidItems(skip_invalid=config.output.skip_invalid)
+    plan = plan_opensrh(root, meta, split_map, classes, source.include_nondiagnostic, invalid)
     listed = {p for patients in split_map.values() for p in patients}
     unsplit = sorted(set(meta) - listed)
     patient_labels = {p["patient_id"]: p["label"] for patches in plan.values() for p in patches}
     patient_split = {p["patient_id"]: split for split, patches in plan.items() for p in patches}
-    print(describe_splits(patient_labels, patient_split, f"split file {args.split_file}"), flush=True)
-    patch_size = (args.patch_size, args.patch_size)
+    print(describe_splits(patient_labels, patient_split, f"split file {source.split_file}"), flush=True)
+    patch_size = (source.patch_size, source.patch_size)
     features = features_for("srh", classes, patch_size=patch_size)
     return write_patch_dataset(
         {split: iter_rows(patches, patch_size, invalid) for split, patches in plan.items()},
         features,
         invalid=invalid,
         title="OpenSRH (HLSS patient-slide-patch layout)",
-        source=f"OpenSRH release folder `{root.resolve().name}` (metadata `{args.meta_file}`, split `{args.split_file}`)"
-        + (", nondiagnostic patches included" if args.include_nondiagnostic else "")
+        source=f"OpenSRH release folder `{root.resolve().name}` (metadata `{source.meta_file}`, split `{source.split_file}`)"
+        + (", nondiagnostic patches included" if source.include_nondiagnostic else "")
         + (
             f"; {len(unsplit)} patient(s) of the metadata are in no split and were left out"
             if unsplit
@@ -265,44 +270,45 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
         ),
         description="Stimulated Raman histology of brain tumours (OpenSRH); patient-level diagnosis labels.",
         totals={split: len(patches) for split, patches in plan.items()},
-        **output_kwargs(args),
+        **config.output.write_kwargs(),
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("root", help="the OpenSRH release folder")
-    parser.add_argument(
-        "--meta-file",
-        default="meta/opensrh.json",
-        help="metadata JSON, relative to ROOT (the HLSS reference read the unreleased meta/updated2_opensrh.json)",
-    )
-    parser.add_argument(
-        "--split-file",
-        default="meta/train_val_split.json",
-        help="split JSON, relative to ROOT (the HLSS reference read the unreleased "
-        "meta/updated2_train_val_split.json)",
-    )
-    parser.add_argument(
-        "--include-nondiagnostic", action="store_true", help="also convert nondiagnostic patches"
-    )
-    parser.add_argument(
-        "--patch-size", type=int, default=300, help="patch side in pixels (all patches must match)"
-    )
-    parser.add_argument(
-        "--classes", nargs="+", default=list(OPENSRH_CLASSES), help="class names, in label order"
-    )
-    add_output_arguments(parser)
-    return parser
+@dataclass
+class OpenSRHSource(Section):
+    """The OpenSRH release and what to take from it."""
+
+    section: ClassVar[str] = "source"
+    required: ClassVar[tuple[str, ...]] = ("root",)
+
+    root: str | None = None
+    """The OpenSRH release folder (the command line's one bare value)."""
+    meta_file: str = "meta/opensrh.json"
+    """Metadata JSON, relative to root (the HLSS reference read the unreleased meta/updated2_opensrh.json)."""
+    split_file: str = "meta/train_val_split.json"
+    """Split JSON, relative to root (the HLSS reference read the unreleased meta/updated2_train_val_split.json)."""
+    include_nondiagnostic: bool = False
+    """Also convert nondiagnostic patches."""
+    patch_size: int = 300
+    """Patch side in pixels (all patches must match)."""
+    classes: list[str] = field(default_factory=lambda: list(OPENSRH_CLASSES))
+    """Class names, in label order."""
+
+
+@dataclass
+class OpenSRHConfig(ConverterConfig):
+    positional: ClassVar[str] = "source.root"
+    source: OpenSRHSource = field(default_factory=OpenSRHSource)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def build_parser() -> ArgumentParser:
+    """The command line's parser (its help lists every key)."""
+    return build_config_parser(OpenSRHConfig, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> ConversionSummary:
-    args = build_parser().parse_args(argv)
-    return run_converter(convert, args)
+    return run_converter(convert, OpenSRHConfig, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Convert TCGA slides (whole-slide files or per-slide HDF5 patch files) into a patient-slide-patch dataset.
 
-    python dataset_scripts/tcga.py /data/tcga-gbmlgg --labels labels.csv --output data/tcga --mpp 0.5
+    python dataset_scripts/tcga.py /data/tcga-gbmlgg --labels labels.csv --output_dir data/tcga --mpp 0.5
     python dataset_scripts/tcga.py /data/tcga-h5 --labels labels.json --split-file splits.json --push-to-hub me/tcga
 
 Inputs, found recursively under ROOT:
@@ -25,15 +25,15 @@ patient barcodes; every patient listed must have slide files) or a stratified ra
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -45,20 +45,23 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jsonargparse import ArgumentParser
+
+from hlss_hf.cli import Config, Section
+from hlss_hf.cli import build_parser as build_config_parser
 from hlss_hf.data.schema import features_for
 from hlss_hf.errors import ConversionError
 from hlss_hf.publishing import (
     ConversionSummary,
+    ConverterConfig,
     InvalidItems,
-    add_image_format_argument,
-    add_output_arguments,
+    OutputConfig,
     assign_splits,
     describe_splits,
-    output_kwargs,
     run_converter,
     write_patch_dataset,
 )
-from hlss_hf.tiling import SlideTask, TilingOptions, add_tiling_arguments, tile_slides, tiling_options
+from hlss_hf.tiling import SlideTask, TilingConfig, TilingOptions, tile_slides
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 HDF5_EXTENSIONS = (".h5", ".hdf5")
@@ -297,21 +300,17 @@ def iter_split(
             yield from result.rows
 
 
-def convert(args: argparse.Namespace) -> ConversionSummary:
-    """Convert the TCGA slides under ``args.root`` as the command-line options say."""
-    try:
-        options = tiling_options(args)
-    except ValueError as error:
-        raise ConversionError(str(error)) from error
-    if args.num_workers < 1:
-        raise ConversionError(f"--num-workers must be >= 1, got {args.num_workers}")
-    invalid = InvalidItems(skip_invalid=args.skip_invalid)
-    labels_path = Path(args.labels)
+def convert(config: Config) -> ConversionSummary:
+    """Convert the TCGA slides under ``source.root`` as the command line says."""
+    source = config.source
+    options = config.tiling.options(source.image_format)
+    invalid = InvalidItems(skip_invalid=config.output.skip_invalid)
+    labels_path = Path(source.labels)
     entries = read_labels(labels_path)
-    slides = find_slides(Path(args.root), invalid)
+    slides = find_slides(Path(source.root), invalid)
     present = {s.patient_id for s in slides}
     label_map, refused = resolve_labels(entries, present, labels_path.name, invalid)
-    classes = list(args.classes) if args.classes else sorted({e.label for e in entries})
+    classes = list(source.classes) if source.classes else sorted({e.label for e in entries})
 
     slide_labels: dict[str, str] = {}
     # One label per patient: resolve_labels refused every patient whose entries (patient and slide keys) disagree.
@@ -323,7 +322,7 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
         if label is None:
             invalid.invalid(
                 f"slide {slide.slide_id}",
-                f"no label for it or its patient {slide.patient_id} in {args.labels}",
+                f"no label for it or its patient {slide.patient_id} in {source.labels}",
             )
             continue
         if label not in classes:
@@ -332,24 +331,24 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
         slide_labels[slide.slide_id] = label
         patient_label[slide.patient_id] = label
 
-    if args.split_file:
-        patient_split = read_split_file(Path(args.split_file))
+    if source.split_file:
+        patient_split = read_split_file(Path(source.split_file))
         for patient in sorted(patient_label):
             if patient not in patient_split:
-                invalid.invalid(f"patient {patient}", f"not in split file {args.split_file}")
+                invalid.invalid(f"patient {patient}", f"not in split file {source.split_file}")
         for patient in sorted(set(patient_split) - present):
             invalid.invalid(
                 f"patient {patient}",
-                f"in split file {args.split_file} but has no slide files under {args.root}",
+                f"in split file {source.split_file} but has no slide files under {source.root}",
             )
     else:
-        patient_split = assign_splits(patient_label, args.val_fraction, args.seed)
-    source = (
-        f"split file {args.split_file}"
-        if args.split_file
-        else f"--val-fraction {args.val_fraction:g} per class"
+        patient_split = assign_splits(patient_label, source.val_fraction, config.tiling.seed)
+    splits_from = (
+        f"split file {source.split_file}"
+        if source.split_file
+        else f"--val-fraction {source.val_fraction:g} per class"
     )
-    print(describe_splits(patient_label, patient_split, source), flush=True)
+    print(describe_splits(patient_label, patient_split, splits_from), flush=True)
     plan: dict[str, list[SlideFile]] = {}
     for split in SPLIT_ORDER:
         chosen = [
@@ -366,43 +365,65 @@ def convert(args: argparse.Namespace) -> ConversionSummary:
     num_hdf5 = sum(s.kind == "hdf5" for s in slides)
     return write_patch_dataset(
         {
-            split: iter_split(chosen, slide_labels, options, args.num_workers, invalid)
+            split: iter_split(chosen, slide_labels, options, config.tiling.num_workers, invalid)
             for split, chosen in plan.items()
         },
-        features_for("he", classes, patch_size=options.patch_size, image_format=args.image_format),
+        features_for("he", classes, patch_size=options.patch_size, image_format=source.image_format),
         invalid=invalid,
         patch_size=options.patch_size,
         title="TCGA (HLSS patient-slide-patch layout)",
         source=f"The Cancer Genome Atlas: {len(slides) - num_hdf5} whole-slide files and {num_hdf5} HDF5 patch files "
-        f"under `{Path(args.root).name}`; labels from `{Path(args.labels).name}`",
-        **output_kwargs(args),
+        f"under `{Path(source.root).name}`; labels from `{Path(source.labels).name}`",
+        **config.output.write_kwargs(),
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("root", help="folder searched recursively for slide and HDF5 files")
-    parser.add_argument("--labels", required=True, help="CSV or JSON: patient or slide barcode -> label")
-    parser.add_argument("--classes", nargs="+", help="class names in label order (default: sorted labels)")
-    parser.add_argument("--split-file", help="JSON split -> patient barcodes (default: --val-fraction)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="patients per class in validation")
-    add_tiling_arguments(
-        parser,
-        patch_size_help="patch side in pixels (default 256): whole-slide files are tiled at this size; HDF5 "
-        "'imgs' must already be this size (another shape is an error naming the file)",
-    )
-    add_image_format_argument(parser)
-    add_output_arguments(parser)
-    return parser
+@dataclass
+class TCGASource(Section):
+    """The TCGA slides, their labels and splits."""
+
+    section: ClassVar[str] = "source"
+    required: ClassVar[tuple[str, ...]] = ("root", "labels")
+
+    root: str | None = None
+    """Folder searched recursively for slide and HDF5 files (the command line's one bare value)."""
+    labels: str | None = None
+    """CSV or JSON: patient or slide barcode -> label."""
+    classes: list[str] | None = None
+    """Class names in label order (null: the sorted labels)."""
+    split_file: str | None = None
+    """JSON split -> patient barcodes (null: val_fraction)."""
+    val_fraction: float = 0.2
+    """Patients per class in validation."""
+    image_format: Literal["png", "raw"] | None = None
+    """H&E storage: png (default; lossless, smallest) or raw (uint8 Array3D: the same pixels, ~3.3x the bytes, no
+    decoding when read: the fastest input pipeline, see benchmarks/README.md)."""
+
+
+@dataclass
+class TCGATiling(TilingConfig):
+    """How slides are cut into patches, and the side every HDF5 patch must have."""
+
+    patch_size: int = 256
+    """Patch side in pixels: whole-slide files are tiled at this size; HDF5 'imgs' must already be this size
+    (another shape is an error naming the file)."""
+
+
+@dataclass
+class TCGAConfig(ConverterConfig):
+    positional: ClassVar[str] = "source.root"
+    source: TCGASource = field(default_factory=TCGASource)
+    tiling: TCGATiling = field(default_factory=TCGATiling)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def build_parser() -> ArgumentParser:
+    """The command line's parser (its help lists every key)."""
+    return build_config_parser(TCGAConfig, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> ConversionSummary:
-    args = build_parser().parse_args(argv)
-    return run_converter(convert, args)
+    return run_converter(convert, TCGAConfig, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Tile whole-slide images listed in a manifest into a patient-slide-patch Hugging Face dataset.
 
-    python dataset_scripts/wsi.py --manifest slides.csv --output data/my-wsi --mpp 0.5 --patch-size 256
+    python dataset_scripts/wsi.py --manifest slides.csv --output_dir data/my-wsi --mpp 0.5 --patch-size 256
     python dataset_scripts/wsi.py --manifest slides.csv --push-to-hub me/my-wsi --level 1 --num-workers 8
 
 The manifest is a CSV with columns ``slide_path`` (absolute or relative to the manifest), ``patient_id``,
@@ -15,12 +15,13 @@ decoding when read: the fastest input pipeline).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 # A converter needs none of hlss_hf's Auto classes: importing it registers none, nor loads torch for them.
 HLSS_HF_PARSE_FIRST = True
@@ -30,20 +31,23 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jsonargparse import ArgumentParser
+
+from hlss_hf.cli import Config, Section
+from hlss_hf.cli import build_parser as build_config_parser
 from hlss_hf.data.schema import features_for
 from hlss_hf.errors import ConversionError
 from hlss_hf.publishing import (
     ConversionSummary,
+    ConverterConfig,
     InvalidItems,
-    add_image_format_argument,
-    add_output_arguments,
+    OutputConfig,
     assign_splits,
     describe_splits,
-    output_kwargs,
     run_converter,
     write_patch_dataset,
 )
-from hlss_hf.tiling import SlideTask, TilingOptions, add_tiling_arguments, tile_slides, tiling_options
+from hlss_hf.tiling import SlideTask, TilingConfig, TilingOptions, tile_slides
 
 REQUIRED_COLUMNS = ("slide_path", "patient_id", "label")
 #: Accepted ``split`` values -> dataset split names, in output order.
@@ -173,61 +177,65 @@ def iter_tiles(
         yield from result.rows
 
 
-def convert(args: argparse.Namespace) -> ConversionSummary:
-    """Convert the manifest's slides as the command-line options say."""
-    try:
-        options = tiling_options(args)
-    except ValueError as error:
-        raise ConversionError(str(error)) from error
-    if args.num_workers < 1:
-        raise ConversionError(f"--num-workers must be >= 1, got {args.num_workers}")
-    manifest = Path(args.manifest)
+def convert(config: Config) -> ConversionSummary:
+    """Convert the manifest's slides as the command line says."""
+    source = config.source
+    options = config.tiling.options(source.image_format)
+    manifest = Path(source.manifest)
     rows = read_manifest(manifest)
-    classes = list(args.classes) if args.classes else sorted({r["label"] for r in rows if r.get("label")})
+    classes = list(source.classes) if source.classes else sorted({r["label"] for r in rows if r.get("label")})
     if not classes:
         raise ConversionError(f"manifest {manifest}: no labels")
-    invalid = InvalidItems(skip_invalid=args.skip_invalid)
-    plan = plan_slides(manifest, rows, classes, args.val_fraction, args.seed, invalid)
+    invalid = InvalidItems(skip_invalid=config.output.skip_invalid)
+    plan = plan_slides(manifest, rows, classes, source.val_fraction, config.tiling.seed, invalid)
     resolution = f"{options.mpp} mpp" if options.mpp else f"level {options.level or 0}"
     return write_patch_dataset(
-        {split: iter_tiles(tasks, options, args.num_workers, invalid) for split, tasks in plan.items()},
-        features_for("he", classes, patch_size=options.patch_size, image_format=args.image_format),
+        {
+            split: iter_tiles(tasks, options, config.tiling.num_workers, invalid)
+            for split, tasks in plan.items()
+        },
+        features_for("he", classes, patch_size=options.patch_size, image_format=source.image_format),
         invalid=invalid,
         title=f"Whole-slide tiles ({manifest.name})",
         source=f"{sum(len(t) for t in plan.values())} slides from manifest `{manifest.name}`; "
         f"{options.patch_size} px tiles at {resolution}, min tissue {options.min_tissue}",
         patch_size=options.patch_size,
-        **output_kwargs(args),
+        **config.output.write_kwargs(),
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--manifest", required=True, help="CSV: slide_path, patient_id, label[, slide_id, split]"
-    )
-    parser.add_argument(
-        "--classes", nargs="+", help="class names in label order (default: sorted manifest labels)"
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="patients per class in validation when there is no split column",
-    )
-    add_tiling_arguments(parser)
-    add_image_format_argument(parser)
-    add_output_arguments(parser)
-    return parser
+@dataclass
+class WSISource(Section):
+    """The manifest of slides and how patients are split."""
+
+    section: ClassVar[str] = "source"
+    required: ClassVar[tuple[str, ...]] = ("manifest",)
+
+    manifest: str | None = None
+    """CSV: slide_path, patient_id, label[, slide_id, split]."""
+    classes: list[str] | None = None
+    """Class names in label order (null: the sorted manifest labels)."""
+    val_fraction: float = 0.2
+    """Patients per class in validation when there is no split column."""
+    image_format: Literal["png", "raw"] | None = None
+    """H&E storage: png (default; lossless, smallest) or raw (uint8 Array3D: the same pixels, ~3.3x the bytes, no
+    decoding when read: the fastest input pipeline, see benchmarks/README.md)."""
+
+
+@dataclass
+class WSIConfig(ConverterConfig):
+    source: WSISource = field(default_factory=WSISource)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def build_parser() -> ArgumentParser:
+    """The command line's parser (its help lists every key)."""
+    return build_config_parser(WSIConfig, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> ConversionSummary:
-    args = build_parser().parse_args(argv)
-    return run_converter(convert, args)
+    return run_converter(convert, WSIConfig, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Invalid items raise :class:`ConversionError` naming the item, unless the convert
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import io
@@ -27,12 +26,13 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
@@ -44,11 +44,10 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from hlss_hf.cli import debug_requested, exit_on_error
+from hlss_hf.cli import Config, Section, check, debug_requested, exit_on_error, parse
 from hlss_hf.data.schema import (
     CAPTION,
     IMAGE,
-    IMAGE_FORMATS,
     LABEL,
     PATCH_ID,
     PATIENT_ID,
@@ -56,7 +55,7 @@ from hlss_hf.data.schema import (
     decode_image,
     modality_of,
 )
-from hlss_hf.errors import ConversionError
+from hlss_hf.errors import ConfigError, ConversionError
 from hlss_hf.files import (
     command_line,
     output_lock,
@@ -624,126 +623,133 @@ def _progress_bars(show: bool):
             datasets.enable_progress_bars()
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options every converter shares: destination, overwrite, invalid-item policy, sharding.
+@dataclass
+class DestinationConfig(Section):
+    """Where a converter's dataset goes: a folder or a Hub dataset repo."""
 
-    Args:
-        parser (`argparse.ArgumentParser`): the converter's parser.
-    """
-    group = parser.add_argument_group("output")
-    destination = group.add_mutually_exclusive_group(required=True)
-    destination.add_argument(
-        "--output",
-        help="write the dataset to this folder (save_to_disk layout + README.md card: load_from_disk or "
-        "load_dataset read it)",
-    )
-    destination.add_argument(
-        "--push-to-hub", metavar="REPO_ID", help="push the dataset to this Hub dataset repo"
-    )
-    group.add_argument(
-        "--private", action="store_true", help="create the Hub repo private (with --push-to-hub)"
-    )
-    group.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --output once the new one is complete"
-    )
-    group.add_argument(
-        "--skip-invalid",
-        action="store_true",
-        help="skip invalid items (listed in the summary and the card) instead of stopping at the first",
-    )
-    group.add_argument(
-        "--max-shard-size-mb",
-        type=float,
-        default=500.0,
-        help="start a new shard after this much data (MB)",
-    )
-    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    group.add_argument(
-        "--debug", action="store_true", help="on an error, show the full traceback (also: HLSS_DEBUG=1)"
-    )
-    group.add_argument(
-        "--license",
-        default="unknown",
-        help="licence of the data, as a Hub licence id for the dataset card (e.g. cc-by-4.0; default: unknown)",
-    )
-    group.add_argument("--license-name", default=None, help="with --license other: the licence's short name")
-    group.add_argument("--license-link", default=None, help="with --license other: where the licence text is")
+    section: ClassVar[str] = "output"
 
+    output_dir: str | None = None
+    """Write the dataset to this folder (save_to_disk layout + README.md card: load_from_disk or load_dataset read
+    it)."""
+    push_to_hub: str | None = None
+    """Push the dataset to this Hub dataset repo (namespace/name) instead."""
+    hub_private: bool = False
+    """Create the Hub repo private (with output.push_to_hub)."""
+    overwrite_output_dir: bool = False
+    """Replace an existing output.output_dir once the new one is complete."""
 
-def add_image_format_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--image-format png|raw``: how an H&E converter stores its patches (see
-    :func:`hlss_hf.schema.features_for`). Unset means PNG; pass ``args.image_format`` to ``features_for``.
-
-    Args:
-        parser (`argparse.ArgumentParser`): the converter's parser.
-    """
-    parser.add_argument(
-        "--image-format",
-        choices=IMAGE_FORMATS,
-        default=None,
-        help="H&E storage: png (default; lossless, smallest) or raw (uint8 Array3D: the same pixels, ~3.3x "
-        "the bytes, no decoding when read: the fastest input pipeline, see benchmarks/README.md)",
-    )
-
-
-def validate_output_arguments(args: argparse.Namespace) -> None:
-    """Check the shared options up front, before any data is read.
-
-    Args:
-        args (`argparse.Namespace`): parsed arguments of a parser set up by :func:`add_output_arguments`.
-    """
-    if args.private and not args.push_to_hub:
-        raise ConversionError("--private only applies with --push-to-hub")
-    if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
-        raise ConversionError(f"--push-to-hub {args.push_to_hub!r} must look like 'namespace/name'")
-    if args.push_to_hub is not None and constants.HF_HUB_OFFLINE:
-        raise ConversionError(
-            "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or write a folder with --output"
+    def validate(self) -> None:
+        super().validate()
+        check(
+            (self.output_dir is None) != (self.push_to_hub is None),
+            self.key("output_dir"),
+            "give a folder (--output.output_dir) or a Hub repo (--output.push_to_hub), one of them",
         )
-    if args.max_shard_size_mb <= 0:
-        raise ConversionError(f"--max-shard-size-mb must be positive, got {args.max_shard_size_mb}")
-    check_license(args.license, args.license_name, args.license_link)
-    if args.output is not None:
-        check_output_dir(args.output, args.overwrite)
+        check(
+            not self.hub_private or self.push_to_hub is not None, self.key("hub_private"), "needs push_to_hub"
+        )
+        check(
+            self.push_to_hub is None or self.push_to_hub.count("/") == 1,
+            self.key("push_to_hub"),
+            f"{self.push_to_hub!r} must look like 'namespace/name'",
+        )
 
 
-def output_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The :func:`write_patch_dataset` keyword arguments that come from the shared options."""
-    return {
-        "output_dir": args.output,
-        "push_to_hub": args.push_to_hub,
-        "private": args.private,
-        "overwrite": args.overwrite,
-        "max_shard_size_mb": args.max_shard_size_mb,
-        "show_progress": not args.no_progress,
-        "command": command_line(),
-        "license": args.license,
-        "license_name": args.license_name,
-        "license_link": args.license_link,
+@dataclass
+class OutputConfig(DestinationConfig):
+    """Where and how a converter writes its dataset."""
+
+    skip_invalid: bool = False
+    """Skip invalid items (listed in the summary and the card) instead of stopping at the first."""
+    max_shard_size_mb: float = 500.0
+    """Start a new shard after this much data (MB)."""
+    progress: bool = True
+    """Show progress bars."""
+    license: str = "unknown"
+    """Licence of the data, as a Hub licence id for the dataset card (e.g. cc-by-4.0)."""
+    license_name: str | None = None
+    """With license other: the licence's short name."""
+    license_link: str | None = None
+    """With license other: where the licence text is."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.max_shard_size_mb > 0, self.key("max_shard_size_mb"), "must be positive")
+
+    def write_kwargs(self) -> dict[str, Any]:
+        """The :func:`write_patch_dataset` keyword arguments these settings give."""
+        return {
+            "output_dir": self.output_dir,
+            "push_to_hub": self.push_to_hub,
+            "private": self.hub_private,
+            "overwrite": self.overwrite_output_dir,
+            "max_shard_size_mb": self.max_shard_size_mb,
+            "show_progress": self.progress,
+            "command": command_line(),
+            "license": self.license,
+            "license_name": self.license_name,
+            "license_link": self.license_link,
+        }
+
+
+@dataclass
+class ConverterConfig(Config):
+    """A converter's settings: each converter's ``source`` section, ``tiling`` for slides, and ``output``
+    (:class:`OutputConfig`)."""
+
+    # The flags of before the one flag style: each answers with its key.
+    renamed: ClassVar[dict[str, tuple[str, str]]] = {
+        "output": ("output.output_dir", ""),
+        "private": ("output.hub_private", ""),
+        "overwrite": ("output.overwrite_output_dir", ""),
+        "no_progress": ("output.progress", " (write --output.progress false)"),
     }
 
 
 def run_converter(
-    convert: Callable[[argparse.Namespace], ConversionSummary], args: argparse.Namespace
+    convert: Callable[[Any], ConversionSummary],
+    config_class: type[Config],
+    argv: list[str] | None = None,
+    description: str | None = None,
+    user_errors: tuple[type[BaseException], ...] = (),
 ) -> ConversionSummary:
-    """Run a converter, print its summary, and turn failures into one line ``error: ...`` and exit status 1.
+    """Read a converter's command line (``--help``: its keys), run it, print its summary; errors end in one line
+    ``error: ...`` and exit status 1.
 
-    :class:`ConversionError`, file-system errors (a read-only or full disk), Hub errors and Ctrl-C end the
-    program without a traceback (:func:`exit_on_error`); ``--debug`` or ``HLSS_DEBUG=1`` shows it. The writer has
-    already removed its temporary folder, and a folder left by a killed run is removed by the next run
+    Settings errors, :class:`ConversionError`, file-system errors (a read-only or full disk), Hub errors and Ctrl-C
+    end the program without a traceback (:func:`exit_on_error`); ``--debug`` or ``HLSS_DEBUG=1`` shows it. The
+    writer has already removed its temporary folder, and a folder left by a killed run is removed by the next run
     (:func:`remove_stale_temporaries`).
 
     Args:
-        convert (`Callable`): the converter's body, taking the parsed arguments.
-        args (`argparse.Namespace`): the parsed arguments.
+        convert (`Callable`): the converter's body, taking its config (an instance of `config_class`).
+        config_class (`type`): the converter's :class:`hlss_hf.cli.Config`, with an ``output`` section.
+        argv (`list[str]`, *optional*): the command line without the program name; default ``sys.argv[1:]``.
+        description (`str`, *optional*): what ``--help`` says first.
+        user_errors (`tuple` of exception types): further errors whose message is written for the user.
     """
-    with exit_on_error(debug_requested(args), interrupted="interrupted; nothing was written"):
-        validate_output_arguments(args)
-        output = getattr(args, "output", None)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    debug, interrupted = "--debug" in argv or debug_requested(), "interrupted; nothing was written"
+    with exit_on_error(debug, (ConfigError, *user_errors), interrupted=interrupted):
+        config = parse(config_class, [arg for arg in argv if arg != "--debug"], description=description)
+        output = config.output
+        # A converter's output; the demo's (a destination only) has no licence and never had these checks.
+        if isinstance(output, OutputConfig):
+            if output.push_to_hub is not None and constants.HF_HUB_OFFLINE:
+                raise ConversionError(
+                    "output.push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or write a folder with "
+                    "--output.output_dir"
+                )
+            check_license(output.license, output.license_name, output.license_link)
+        folder = output.output_dir
+        if folder is not None:
+            check_output_dir(folder, output.overwrite_output_dir)
         # The whole conversion holds the output: a second converter into it is refused at its start.
-        with output_lock(output, "--output") if output is not None else contextlib.nullcontext():
-            summary = convert(args)
-    print(summary.format())
+        with output_lock(folder, "output.output_dir") if folder is not None else contextlib.nullcontext():
+            summary = convert(config)
+    if summary is not None:
+        print(summary.format())
     return summary
 
 

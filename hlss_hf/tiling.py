@@ -9,15 +9,17 @@ fraction is below ``min_tissue`` are dropped. Slides are read with OpenSlide (SV
 
 from __future__ import annotations
 
-import argparse
 import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+
+from hlss_hf.cli import Section, check
+from hlss_hf.errors import ConfigError
 
 #: Otsu's threshold on saturation is clipped to this range: below it glass noise counts as tissue,
 #: above it pale (but real) tissue would be lost when a slide is mostly tissue.
@@ -126,37 +128,46 @@ class SlideResult:
     num_candidates: int = 0
 
 
-def add_tiling_arguments(parser: argparse.ArgumentParser, patch_size_help: str = "patch side in pixels") -> None:
-    """Add ``--patch-size --mpp --level --min-tissue --max-tiles-per-slide --num-workers --seed``.
+@dataclass
+class TilingConfig(Section):
+    """How slides are cut into patches (:class:`TilingOptions`), and how many are tiled at once."""
 
-    Args:
-        parser (`argparse.ArgumentParser`): the converter's parser.
-        patch_size_help (`str`): help of ``--patch-size`` (a converter may give it more meanings than tiling).
-    """
-    group = parser.add_argument_group("tiling")
-    group.add_argument("--patch-size", type=int, default=256, help=patch_size_help)
-    res = group.add_mutually_exclusive_group()
-    res.add_argument("--mpp", type=float, help="target microns per pixel (best level, then resized)")
-    res.add_argument("--level", type=int, help="read this pyramid level as is (default: level 0)")
-    group.add_argument("--min-tissue", type=float, default=0.5, help="minimal tissue fraction of a kept tile")
-    group.add_argument(
-        "--max-tiles-per-slide", type=int, help="keep at most N tiles per slide (seeded subset)"
-    )
-    group.add_argument("--num-workers", type=int, default=1, help="slides tiled in parallel (processes)")
-    group.add_argument("--seed", type=int, default=0, help="seed for tile subsets and random splits")
+    section: ClassVar[str] = "tiling"
 
+    patch_size: int = 256
+    """Patch side in pixels."""
+    mpp: float | None = None
+    """Target microns per pixel (best level, then resized)."""
+    level: int | None = None
+    """Read this pyramid level as is (null: level 0, unless mpp)."""
+    min_tissue: float = 0.5
+    """Minimal tissue fraction of a kept tile."""
+    max_tiles_per_slide: int | None = None
+    """Keep at most N tiles per slide (seeded subset)."""
+    num_workers: int = 1
+    """Slides tiled in parallel (processes)."""
+    seed: int = 0
+    """Seed for tile subsets and random splits."""
 
-def tiling_options(args: argparse.Namespace) -> TilingOptions:
-    """Build :class:`TilingOptions` from parsed arguments (``ValueError`` on bad values)."""
-    return TilingOptions(
-        patch_size=args.patch_size,
-        mpp=args.mpp,
-        level=args.level,
-        min_tissue=args.min_tissue,
-        max_tiles_per_slide=args.max_tiles_per_slide,
-        seed=args.seed,
-        image_format=getattr(args, "image_format", None) or "png",
-    )
+    def validate(self) -> None:
+        super().validate()
+        check(self.num_workers >= 1, self.key("num_workers"), "must be >= 1")
+        self.options()  # TilingOptions' own checks, up front
+
+    def options(self, image_format: str | None = None) -> TilingOptions:
+        """These settings as :class:`TilingOptions`, tiles leaving the workers as `image_format` (default PNG)."""
+        try:
+            return TilingOptions(
+                patch_size=self.patch_size,
+                mpp=self.mpp,
+                level=self.level,
+                min_tissue=self.min_tissue,
+                max_tiles_per_slide=self.max_tiles_per_slide,
+                seed=self.seed,
+                image_format=image_format or "png",
+            )
+        except ValueError as error:
+            raise ConfigError(f"config key '{self.section}': {error}") from None
 
 
 def _slide_mpp(slide: Any) -> float:

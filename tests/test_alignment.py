@@ -29,9 +29,9 @@ for path in (REPO, Path(__file__).resolve().parent):
 from _tiny import run_without_hlss, tiny_hlss_model, tiny_tokenizer  # noqa: E402
 
 import train  # noqa: E402
-from dataset_scripts import demo  # noqa: E402
 from hlss_hf import HLSSConfig, HLSSModel  # noqa: E402
 from hlss_hf.config import parse_config  # noqa: E402
+from hlss_hf.data import demo  # noqa: E402
 from hlss_hf.errors import ConfigError  # noqa: E402
 from hlss_hf.models.hlss.losses import image_text_contrastive_loss  # noqa: E402
 from hlss_hf.models.hlss.text_hlss import head_init_weights  # noqa: E402

@@ -21,6 +21,7 @@ if str(REPO) not in sys.path:  # the scripts are not part of the installed packa
     sys.path.insert(0, str(REPO))
 
 from dataset_scripts import demo, opensrh, tcga, wsi  # noqa: E402
+from hlss_hf.data import demo as demo_data  # noqa: E402
 from hlss_hf.data.schema import decode_image  # noqa: E402
 
 PATCH = 16  # SRH patch side in the fixtures
@@ -85,7 +86,7 @@ def make_opensrh(root, patients=None):
 
 
 def srh_args(root, out, *extra):
-    return [str(root), "--output", str(out), "--patch-size", str(PATCH), "--no-progress", *extra]
+    return [str(root), "--output_dir", str(out), "--patch-size", str(PATCH), "--progress", "false", *extra]
 
 
 def test_opensrh_round_trip_keeps_hierarchy_and_exact_uint16_values(tmp_path, capsys):
@@ -283,7 +284,7 @@ def test_output_is_refused_when_it_exists_and_replaced_with_overwrite(tmp_path):
     (out / "keep.txt").write_text("precious")
     expect_error(opensrh.main, srh_args(root, out), str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    opensrh.main(srh_args(root, out, "--overwrite"))
+    opensrh.main(srh_args(root, out, "--overwrite_output_dir"))
     assert not (out / "keep.txt").exists() and (out / "README.md").exists()
     assert leftovers(tmp_path) == []
 
@@ -295,7 +296,7 @@ def test_a_failed_overwrite_keeps_the_previous_dataset(tmp_path):
     opensrh.main(srh_args(root, out))
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     _corrupt(root, FIRST)
-    expect_error(opensrh.main, srh_args(root, out, "--overwrite"), FIRST)
+    expect_error(opensrh.main, srh_args(root, out, "--overwrite_output_dir"), FIRST)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert leftovers(tmp_path) == []
 
@@ -341,10 +342,11 @@ def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch)
             str(root),
             "--push-to-hub",
             "me/opensrh-tiny",
-            "--private",
+            "--hub_private",
             "--patch-size",
             str(PATCH),
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     repo_id, kwargs, sizes, features = calls["push"]
@@ -360,9 +362,9 @@ def test_push_to_hub_pushes_the_dataset_dict_and_the_card(tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--output", "x", "--private"], "--private"),
+        (["--output_dir", "x", "--hub_private"], "hub_private"),
         (["--push-to-hub", "no-namespace"], "namespace/name"),
-        (["--output", "x", "--max-shard-size-mb", "0"], "--max-shard-size-mb"),
+        (["--output_dir", "x", "--max-shard-size-mb", "0"], "max_shard_size_mb"),
     ],
 )
 def test_output_arguments_are_validated_before_any_work(tmp_path, argv, fragment):
@@ -422,7 +424,17 @@ def slides(tmp_path):
 
 
 def wsi_args(manifest, out, *extra):
-    return ["--manifest", str(manifest), "--output", str(out), "--patch-size", "128", "--no-progress", *extra]
+    return [
+        "--manifest",
+        str(manifest),
+        "--output_dir",
+        str(out),
+        "--patch-size",
+        "128",
+        "--progress",
+        "false",
+        *extra,
+    ]
 
 
 def test_wsi_tiles_tissue_at_level_zero_with_provenance(tmp_path, slides):
@@ -511,10 +523,10 @@ def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
     from hlss_hf.data.schema import features_for
 
     with pytest.raises(SystemExit, match="'png' only applies to H&E"):
-        demo.main(["--output", str(tmp_path / "d"), "--modality", "srh", "--image-format", "png"])
+        demo.main(["--output_dir", str(tmp_path / "d"), "--modality", "srh", "--image-format", "png"])
     assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit):  # argparse: invalid choice
-        demo.main(["--output", str(tmp_path / "d"), "--image-format", "jpeg"])
+        demo.main(["--output_dir", str(tmp_path / "d"), "--image-format", "jpeg"])
     with pytest.raises(ValueError, match="patch_size is required for raw H&E"):
         features_for("he", ["a"], image_format="raw")
     with pytest.raises(ValueError, match="image_format must be one of"):
@@ -560,7 +572,7 @@ def test_wsi_without_split_column_splits_by_patient(tmp_path):
         [
             "--manifest",
             str(manifest),
-            "--output",
+            "--output_dir",
             str(out),
             "--patch-size",
             "128",
@@ -568,7 +580,8 @@ def test_wsi_without_split_column_splits_by_patient(tmp_path):
             "1",
             "--val-fraction",
             "0.34",
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     ds = load(out, tmp_path)
@@ -593,13 +606,14 @@ def test_wsi_without_split_column_says_what_it_did_with_the_validation_split(tmp
         [
             "--manifest",
             str(manifest),
-            "--output",
+            "--output_dir",
             str(out),
             "--patch-size",
             "128",
             "--level",
             "1",
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     printed = capsys.readouterr().out
@@ -712,9 +726,10 @@ def tcga_args(root, out, *extra):
         str(root),
         "--labels",
         str(root / "labels.csv"),
-        "--output",
+        "--output_dir",
         str(out),
-        "--no-progress",
+        "--progress",
+        "false",
         "--patch-size",
         "32",
         *extra,
@@ -782,13 +797,14 @@ def test_tcga_split_file_slide_level_json_labels_and_whole_slide_files(tmp_path,
             str(root / "labels.json"),
             "--split-file",
             str(root / "split.json"),
-            "--output",
+            "--output_dir",
             str(out),
             "--level",
             "1",
             "--patch-size",
             "32",  # the HDF5 fixtures' size: one patch size for tiles and HDF5 patches alike
-            "--no-progress",
+            "--progress",
+            "false",
         ]
     )
     ds = load(out, tmp_path)
@@ -894,23 +910,33 @@ def test_tcga_json_slide_and_patient_keys_must_agree_within_a_patient(tmp_path, 
         '"TCGA-CS-4938": "LGG", "TCGA-CS-4941": "LGG", "TCGA-CS-4942": "LGG", "TCGA-99-0000": "GBM", '
         '"TCGA-99-0000": "LGG"}'
     )
-    argv = [str(root), "--labels", str(labels), "--patch-size", "32", "--val-fraction", "0", "--no-progress"]
+    argv = [
+        str(root),
+        "--labels",
+        str(labels),
+        "--patch-size",
+        "32",
+        "--val-fraction",
+        "0",
+        "--progress",
+        "false",
+    ]
     expect_error(
         tcga.main,
-        [*argv, "--output", str(tmp_path / "out")],
+        [*argv, "--output_dir", str(tmp_path / "out")],
         "patient TCGA-02-0001",
         "'GBM' (TCGA-02-0001 key TCGA-02-0001)",
         "'LGG' (TCGA-02-0001-01Z-00-DX2 key TCGA-02-0001-01Z-00-DX2)",
     )
     # TCGA-99-0000 also disagrees with itself (a repeated JSON key) but has no slides: it does not matter.
-    summary = tcga.main([*argv, "--output", str(tmp_path / "out"), "--skip-invalid"])
+    summary = tcga.main([*argv, "--output_dir", str(tmp_path / "out"), "--skip-invalid"])
     assert [item for item, _ in summary.skipped] == ["patient TCGA-02-0001"]
     assert "TCGA-02-0001" not in set(load(tmp_path / "out", tmp_path)["train"]["patient_id"])
     # A repeated key with two labels is refused too (json.loads alone would keep the last) once it has slides.
     labels.write_text('{"TCGA-02-0003": "GBM", "TCGA-02-0003": "LGG", "TCGA-CS-4938": "LGG"}')
     expect_error(
         tcga.main,
-        [*argv, "--output", str(tmp_path / "out2")],
+        [*argv, "--output_dir", str(tmp_path / "out2")],
         "patient TCGA-02-0003: different labels in labels.json: 'GBM' (TCGA-02-0003 key TCGA-02-0003), 'LGG'",
     )
 
@@ -932,14 +958,14 @@ def test_tcga_split_file_patient_without_slide_files_is_an_error(tmp_path, tcga_
 
 
 def test_build_demo_dataset_in_memory_has_hierarchy_and_patient_split():
-    ds = demo.build_demo_dataset(
+    ds = demo_data.build_demo_dataset(
         num_patients=9, patches_per_slide=4, patch_size=32, val_fraction=0.34, align_fraction=0
     )
     assert set(ds) == {"train", "validation"}
     train, val = ds["train"], ds["validation"]
     assert not set(train["patient_id"]) & set(val["patient_id"])
     assert len(set(val["patient_id"])) == 3 and len(set(train["patient_id"])) == 6
-    assert train.features["label"].names == list(demo.DEMO_CLASSES)
+    assert train.features["label"].names == list(demo_data.DEMO_CLASSES)
     slides_per_patient = {}
     for patient, slide in zip(train["patient_id"], train["slide_id"], strict=True):
         slides_per_patient.setdefault(patient, set()).add(slide)
@@ -955,9 +981,9 @@ def _nuclear_shape_and_brightness(label: int, n: int = 12) -> tuple[float, float
     The stain and the patient-level numbers (coverage, darkness, stroma) are held fixed, as one slide would.
     """
     rng = np.random.default_rng(0)
-    stain = demo._slide_stain(np.random.default_rng(1), "he")
+    stain = demo_data._slide_stain(np.random.default_rng(1), "he")
     params = dict(
-        demo._class_params(label, 3),
+        demo_data._class_params(label, 3),
         coverage=0.2,
         darkness=0.8,
         stroma=0.7,
@@ -967,7 +993,7 @@ def _nuclear_shape_and_brightness(label: int, n: int = 12) -> tuple[float, float
     )
     ratios, brightness = [], []
     for _ in range(n):
-        image = demo._render_patch(rng, 64, params, stain, "he")[0].astype(np.float32) / 255
+        image = demo_data._render_patch(rng, 64, params, stain, "he")[0].astype(np.float32) / 255
         mask = -np.log(np.clip(image, 1e-3, 1)).sum(-1) > 1.2  # optical density: the nuclei
         core = mask[1:-1, 1:-1]
         inner = core & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
@@ -985,7 +1011,7 @@ def test_demo_classes_differ_in_nuclear_morphology_not_brightness():
 
 
 def test_demo_stain_varies_per_slide_and_the_data_is_reproducible():
-    ds = demo.build_demo_dataset(
+    ds = demo_data.build_demo_dataset(
         num_patients=6, patches_per_slide=4, patch_size=48, seed=5, val_fraction=0.25, align_fraction=0
     )["train"]
     colour = {}
@@ -993,7 +1019,7 @@ def test_demo_stain_varies_per_slide_and_the_data_is_reproducible():
         colour.setdefault(row["slide_id"], []).append(decode_image(row["image"]).reshape(-1, 3).mean(0))
     slide_means = np.stack([np.mean(v, 0) for v in colour.values()])
     assert np.ptp(slide_means, axis=0).max() > 40  # slides differ in stain colour by tens of grey levels
-    again = demo.build_demo_dataset(
+    again = demo_data.build_demo_dataset(
         num_patients=6, patches_per_slide=4, patch_size=48, seed=5, val_fraction=0.25, align_fraction=0
     )["train"]
     np.testing.assert_array_equal(decode_image(again[5]["image"]), decode_image(ds[5]["image"]))
@@ -1015,7 +1041,7 @@ def test_demo_push_to_hub_pushes_what_it_builds(monkeypatch, capsys):
         [
             "--push-to-hub",
             "me/demo",
-            "--private",
+            "--hub_private",
             "--num-patients",
             "6",
             "--patches-per-slide",
@@ -1033,7 +1059,7 @@ def test_demo_push_to_hub_pushes_what_it_builds(monkeypatch, capsys):
 
 def test_demo_srh_writes_uint16_two_channel_dataset_that_loads_back(tmp_path):
     out = tmp_path / "demo"
-    ds = demo.build_demo_dataset(
+    ds = demo_data.build_demo_dataset(
         out,
         num_patients=4,
         num_classes=2,
@@ -1056,7 +1082,13 @@ def test_demo_srh_writes_uint16_two_channel_dataset_that_loads_back(tmp_path):
 @pytest.mark.parametrize("module", [opensrh, tcga, wsi])
 def test_converters_share_the_output_options(module):
     text = module.build_parser().format_help()
-    for option in ("--output", "--push-to-hub", "--private", "--overwrite", "--skip-invalid"):
+    for option in (
+        "--output.output_dir",
+        "--output.push_to_hub",
+        "--output.hub_private",
+        "--output.overwrite_output_dir",
+        "--output.skip_invalid",
+    ):
         assert option in text
 
 
@@ -1087,7 +1119,16 @@ def test_script_run_from_the_repo_root_exits_non_zero_naming_the_bad_file(tmp_pa
 def test_demo_main_writes_a_loadable_dataset(tmp_path, capsys):
     demo_out = tmp_path / "demo"
     demo.main(
-        ["--output", str(demo_out), "--num-patients", "6", "--patches-per-slide", "2", "--patch-size", "16"]
+        [
+            "--output_dir",
+            str(demo_out),
+            "--num-patients",
+            "6",
+            "--patches-per-slide",
+            "2",
+            "--patch-size",
+            "16",
+        ]
     )
     assert f"wrote {demo_out}" in capsys.readouterr().out
     ds = load(demo_out, tmp_path)
@@ -1095,7 +1136,7 @@ def test_demo_main_writes_a_loadable_dataset(tmp_path, capsys):
         set(ds["train"]["slide_id"]) | set(ds["validation"]["slide_id"])
     )
     with pytest.raises(SystemExit, match="already exists"):
-        demo.main(["--output", str(demo_out)])
+        demo.main(["--output_dir", str(demo_out)])
 
 
 #: Whole words a demo caption or attribute must never use: the class names and their parts.
@@ -1103,8 +1144,8 @@ CLASS_WORDS = {"normal", "low", "high", "grade", "low_grade", "high_grade"}
 
 
 def test_demo_captions_describe_what_was_drawn_never_the_class():
-    split = demo.build_demo_dataset(num_patients=12, patches_per_slide=4, patch_size=48)["train"]
-    drawn = demo.drawn_terms("train", num_patients=12, patches_per_slide=4, patch_size=48)
+    split = demo_data.build_demo_dataset(num_patients=12, patches_per_slide=4, patch_size=48)["train"]
+    drawn = demo_data.drawn_terms("train", num_patients=12, patches_per_slide=4, patch_size=48)
     assert split.features["caption"] == datasets.Value("string")
     openings = set()
     for row in split:
@@ -1113,7 +1154,11 @@ def test_demo_captions_describe_what_was_drawn_never_the_class():
         assert not words & CLASS_WORDS, caption
         # Every feature of the patch is named, in one of its term's wordings.
         for feature, term in drawn[row["patch_id"]].items():
-            assert any(phrase in caption.lower() for phrase in demo.PHRASES[term]), (feature, term, caption)
+            assert any(phrase in caption.lower() for phrase in demo_data.PHRASES[term]), (
+                feature,
+                term,
+                caption,
+            )
         openings.add(caption.split()[0])
     assert len(openings) >= 3  # several phrasings, chosen per patch
     # The captions follow the drawing, so they differ between classes in the class's own terms.
@@ -1126,7 +1171,7 @@ def test_demo_captions_describe_what_was_drawn_never_the_class():
 
 def test_demo_card_documents_the_caption_column(tmp_path):
     out = tmp_path / "demo"
-    demo.build_demo_dataset(out, num_patients=12, patches_per_slide=2, patch_size=16)
+    demo_data.build_demo_dataset(out, num_patients=12, patches_per_slide=2, patch_size=16)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "`caption`: one sentence per patch" in card and "never its class" in card
     assert load(out, tmp_path)["align"].features["caption"] == datasets.Value("string")
@@ -1137,7 +1182,7 @@ def test_demo_script_defaults_write_the_data_train_py_trains_and_evaluates_on(tm
     from hlss_hf.config import parse_config
     from hlss_hf.training.building import _demo_splits
 
-    demo.main(["--output", str(tmp_path / "demo")])
+    demo.main(["--output_dir", str(tmp_path / "demo")])
     assert "validation: 24 patients" in capsys.readouterr().out
     written = datasets.load_from_disk(str(tmp_path / "demo"))
     used = _demo_splits(parse_config(["--config", str(REPO / "configs" / "demo.yaml")]))
@@ -1158,7 +1203,7 @@ def test_demo_attribute_set_is_the_generator_vocabulary():
     from hlss_hf.models.hlss.attributes_hlss import shipped_attribute_file
 
     bank = yaml.safe_load(Path(shipped_attribute_file("demo_morphology")).read_text(encoding="utf-8"))
-    vocabulary = set(demo.PHRASES)
+    vocabulary = set(demo_data.PHRASES)
     for level, attributes in bank.items():
         assert set(attributes) == vocabulary, level
         for descriptions in attributes.values():
@@ -1268,7 +1313,9 @@ def test_newcomer_errors_are_one_line_with_nothing_left_behind(tmp_path):
     # A mistyped local path: named at once, not looked up on the Hub.
     out = tmp_path / "out"
     assert_one_line_error(
-        run_script("opensrh.py", "data/dmo", "--output", str(out), cwd=tmp_path), "data/dmo", "not a folder"
+        run_script("opensrh.py", "data/dmo", "--output_dir", str(out), cwd=tmp_path),
+        "data/dmo",
+        "not a folder",
     )
     # Pushing while offline: refused before any work.
     assert_one_line_error(
@@ -1279,21 +1326,21 @@ def test_newcomer_errors_are_one_line_with_nothing_left_behind(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_error(
-        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--output", str(blocker / "out")),
+        run_script("opensrh.py", str(root), "--patch-size", str(PATCH), "--output_dir", str(blocker / "out")),
         str(blocker),
     )
     # A manifest without the id columns.
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("slide_path,label\nx.svs,a\n")
     assert_one_line_error(
-        run_script("wsi.py", "--manifest", str(manifest), "--output", str(out)), "patient_id"
+        run_script("wsi.py", "--manifest", str(manifest), "--output_dir", str(out)), "patient_id"
     )
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
-    proc = run_script("opensrh.py", "missing", "--output", str(tmp_path / "o"), "--debug", cwd=tmp_path)
+    proc = run_script("opensrh.py", "missing", "--output_dir", str(tmp_path / "o"), "--debug", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConversionError" in proc.stderr
 
 

@@ -13,15 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # dataset_scripts is not a package
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-pytest.importorskip("hlss_hf.models.hlss.modeling_hlss")
-demo = pytest.importorskip("dataset_scripts.demo")
 
 from _tiny import tiny_hlss_model, tiny_tokenizer  # noqa: E402
 
+from hlss_hf.data import demo  # noqa: E402
 from hlss_hf.evaluate import main  # noqa: E402
 from hlss_hf.evaluation import extract_embeddings, linear_probe_evaluate  # noqa: E402
 from hlss_hf.evaluation.explain import class_attribute_summary, explain  # noqa: E402
@@ -56,7 +52,15 @@ def demo_embeddings(saved, tiny_model):
 
 def _run(saved, *extra, mode="knn"):
     out = saved / "out"
-    args = [mode, "--model", str(saved / "model"), "--dataset", str(saved / "data"), "--output-dir", str(out)]
+    args = [
+        mode,
+        "--model_name_or_path",
+        str(saved / "model"),
+        "--dataset",
+        str(saved / "data"),
+        "--output_dir",
+        str(out),
+    ]
     return main([*args, *extra]), out
 
 
@@ -105,11 +109,11 @@ def test_knn_cli_aggregation_rule_is_selectable_and_reported(saved, demo_embeddi
 
 
 def test_cli_framing_resize_records_the_reference_framing(saved):
-    report, out = _run(saved, "--k", "10", "--framing", "resize", "--output-dir", str(saved / "framed"))
+    report, out = _run(saved, "--k", "10", "--framing", "resize", "--output_dir", str(saved / "framed"))
     framing = report["settings"]["framing"]
     assert framing["do_resize"] and framing["resample"] == "bicubic" and not framing["do_center_crop"]
     assert framing["size"] == {"height": 32, "width": 32}  # the tiny model's image size
-    cropped, _ = _run(saved, "--k", "10", "--framing", "center-crop", "--output-dir", str(saved / "framed"))
+    cropped, _ = _run(saved, "--k", "10", "--framing", "center_crop", "--output_dir", str(saved / "framed"))
     framing = cropped["settings"]["framing"]
     assert not framing["do_resize"] and framing["do_center_crop"]
     # Different framings never share cached embeddings.
@@ -130,11 +134,11 @@ def test_knn_cli_embeds_in_fp32_unless_asked_for_bf16(saved, monkeypatch):
 
     monkeypatch.setattr(evaluation, "_image_features", spy)
     out = str(saved / "precision")
-    report, _ = _run(saved, "--k", "10", "--output-dir", out)
+    report, _ = _run(saved, "--k", "10", "--output_dir", out)
     assert autocast_on and not any(autocast_on)
     assert report["settings"]["precision"] == "fp32"
     autocast_on.clear()
-    rounded, _ = _run(saved, "--k", "10", "--output-dir", out, "--precision", "bf16")
+    rounded, _ = _run(saved, "--k", "10", "--output_dir", out, "--precision", "bf16")
     assert autocast_on and all(autocast_on)  # computed anew: the fp32 cache is not reused
     assert rounded["settings"]["precision"] == "bf16"
     assert len(list((saved / "precision" / "cache").glob("embeddings-*.pt"))) == 4
@@ -163,7 +167,7 @@ def test_zeroshot_cli_unknown_class_is_a_clear_error(saved, tmp_path, capsys):
 
 def test_cli_missing_split_is_a_clear_error(saved, capsys):
     with pytest.raises(SystemExit):
-        _run(saved, "--split", "test")
+        _run(saved, "--validation_split", "test")
     assert "has no split 'test'" in capsys.readouterr().err
 
 
@@ -172,7 +176,7 @@ def test_explain_cli_writes_class_heatmaps_and_target(saved):
 
     slides = set(datasets.load_dataset(str(saved / "data"), split="validation")["slide_id"])
     slide = sorted(slides)[0]
-    report, out = _run(saved, "--slide-id", slide, "--top-k", "2", mode="explain")
+    report, out = _run(saved, "--slide_id", slide, "--top_k", "2", mode="explain")
     assert report["target"]["target"] == {
         "kind": "slide",
         "id": slide,
@@ -189,7 +193,7 @@ def test_explain_cli_writes_class_heatmaps_and_target(saved):
 def test_update_card_writes_model_index_and_replaces_on_rerun(saved):
     from huggingface_hub import ModelCard
 
-    report, _ = _run(saved, "--k", "10", "--update-card")
+    report, _ = _run(saved, "--k", "10", "--update_card")
     card = ModelCard.load(saved / "model" / "README.md")
     results = card.data.eval_results
     names = [r.metric_name for r in results]
@@ -204,7 +208,7 @@ def test_update_card_writes_model_index_and_replaces_on_rerun(saved):
         len(names) == len(set(names)) == 12
     )  # 3 levels x acc, top-2, mca, map (top-3 of 3 classes: not reported)
     # A rerun on the same dataset and split replaces the kNN results; another rule is named as such.
-    _run(saved, "--k", "5", "--update-card", "--aggregation", "sum")
+    _run(saved, "--k", "5", "--update_card", "--aggregation", "sum")
     rerun = [r.metric_name for r in ModelCard.load(saved / "model" / "README.md").data.eval_results]
     assert len(rerun) == 12 and "slide accuracy (kNN, k=5, sum aggregation)" in rerun
     assert "model-index" in (saved / "model" / "README.md").read_text()
@@ -294,14 +298,14 @@ def test_save_to_disk_folder_and_its_empty_split(saved, tmp_path, capsys):
     data["validation"] = data["validation"].select([])
     data.save_to_disk(tmp_path / "saved")
     args = [
-        "--model",
+        "--model_name_or_path",
         str(saved / "model"),
         "--dataset",
         str(tmp_path / "saved"),
-        "--output-dir",
+        "--output_dir",
         str(tmp_path),
     ]
-    report = main(["linear", *args, "--split", "train"])
+    report = main(["linear", *args, "--validation_split", "train"])
     assert report["num_patches"] == len(data["train"])
     with pytest.raises(SystemExit) as exit_info:
         main(["knn", *args])
@@ -316,7 +320,14 @@ def test_fine_tuned_classifier_folder(saved, tmp_path, capsys):
     folder = tmp_path / "classifier"
     HLSSForImageClassification.from_pretrained(saved / "model", num_labels=3).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    args = ["--model", str(folder), "--dataset", str(saved / "data"), "--output-dir", str(tmp_path / "out")]
+    args = [
+        "--model_name_or_path",
+        str(folder),
+        "--dataset",
+        str(saved / "data"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     report = main(["knn", *args])
     assert 0.0 <= report["metrics"]["patch/acc"] <= 1.0
     for mode in ("zeroshot", "explain"):

@@ -28,8 +28,8 @@ from _tiny import IMAGE_SIZE, clip_text_config, resnet_config, tiny_hlss_model, 
 
 import finetune  # noqa: E402
 import hlss_hf  # noqa: E402,F401  (registers the Auto classes)
-from dataset_scripts.demo import build_demo_dataset  # noqa: E402
 from hlss_hf import HLSSConfig, HLSSForImageClassification, HLSSImageProcessor  # noqa: E402
+from hlss_hf.data.demo import build_demo_dataset  # noqa: E402
 from hlss_hf.training.lora import (  # noqa: E402
     default_lora_target_modules,
     load_lora_classifier,

@@ -62,7 +62,7 @@ def train(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPro
 
 
 def evaluate(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    out = ["--output-dir", str(cwd / "evals" / "first")]
+    out = ["--output_dir", str(cwd / "evals" / "first")]
     return run([sys.executable, "-m", "hlss_hf.evaluate", "knn", *args, *out], cwd, env)
 
 
@@ -123,15 +123,19 @@ def test_train_unknown_hub_dataset(workdir, local_hub):
 
 # ------------------------------------------------------------------------------------ python -m hlss_hf.evaluate
 def test_evaluate_missing_local_model(workdir, tmp_path):
-    proc = evaluate(workdir, offline_env(tmp_path), "--model", "outputs/hlss-dem", "--dataset", "data/demo")
-    assert_one_line_error(proc, "model 'outputs/hlss-dem'", "--model", "no such folder")
+    proc = evaluate(
+        workdir, offline_env(tmp_path), "--model_name_or_path", "outputs/hlss-dem", "--dataset", "data/demo"
+    )
+    assert_one_line_error(proc, "model 'outputs/hlss-dem'", "model.model_name_or_path", "no such folder")
     nothing_left(workdir)
 
 
 def test_evaluate_missing_local_dataset(workdir, tmp_path):
     (workdir / "outputs" / "hlss-demo").mkdir()
-    proc = evaluate(workdir, offline_env(tmp_path), "--model", "outputs/hlss-demo", "--dataset", "./dmo")
-    assert_one_line_error(proc, "dataset './dmo'", "--dataset", "no such folder")
+    proc = evaluate(
+        workdir, offline_env(tmp_path), "--model_name_or_path", "outputs/hlss-demo", "--dataset", "./dmo"
+    )
+    assert_one_line_error(proc, "dataset './dmo'", "data.dataset", "no such folder")
     nothing_left(workdir)
 
 
@@ -142,7 +146,9 @@ def with_ids(folder: Path) -> Path:
 
 def test_evaluate_hub_model_offline(workdir, tmp_path):
     with_ids(workdir / "data" / "demo")
-    proc = evaluate(workdir, offline_env(tmp_path), "--model", "me/hlss-srh", "--dataset", "data/demo")
+    proc = evaluate(
+        workdir, offline_env(tmp_path), "--model_name_or_path", "me/hlss-srh", "--dataset", "data/demo"
+    )
     assert_one_line_error(proc, "'me/hlss-srh'", "offline")
     nothing_left(workdir)
 
@@ -150,7 +156,7 @@ def test_evaluate_hub_model_offline(workdir, tmp_path):
 def test_evaluate_unknown_hub_model(workdir, local_hub):
     env = {**local_hub.env(), "PYTHONPATH": str(REPO)}
     with_ids(workdir / "data" / "demo")
-    proc = evaluate(workdir, env, "--model", "nobody/nothing", "--dataset", "data/demo")
+    proc = evaluate(workdir, env, "--model_name_or_path", "nobody/nothing", "--dataset", "data/demo")
     assert_one_line_error(proc, "'nobody/nothing'", local_hub.url, "no model repo")
     nothing_left(workdir)
 
@@ -159,14 +165,18 @@ def test_evaluate_dataset_without_id_columns(workdir, tmp_path):
     # The data is checked before the model loads: an empty model folder is never opened.
     (workdir / "outputs" / "hlss-demo").mkdir()
     save_without_ids(workdir / "data" / "flat")
-    proc = evaluate(workdir, offline_env(tmp_path), "--model", "outputs/hlss-demo", "--dataset", "data/flat")
+    proc = evaluate(
+        workdir, offline_env(tmp_path), "--model_name_or_path", "outputs/hlss-demo", "--dataset", "data/flat"
+    )
     assert_one_line_error(proc, "data/flat", "patient_id or slide_id")
     nothing_left(workdir)
 
 
 def test_evaluate_folder_without_data_files(workdir, tmp_path):
     (workdir / "outputs" / "hlss-demo").mkdir()
-    proc = evaluate(workdir, offline_env(tmp_path), "--model", "outputs/hlss-demo", "--dataset", "data")
+    proc = evaluate(
+        workdir, offline_env(tmp_path), "--model_name_or_path", "outputs/hlss-demo", "--dataset", "data"
+    )
     assert_one_line_error(proc, "dataset 'data'", "data files")
     nothing_left(workdir)
 

@@ -91,7 +91,7 @@ def test_wsi_starter_config_runs_on_a_cpu_without_the_demos_shortcuts():
     assert d.crop_size == 224 and t.eval_before_training
     # The header's commands use the config's own paths.
     header = WSI.read_text(encoding="utf-8")
-    assert "--output data/slides" in header and "train.py --config configs/wsi.yaml" in header
+    assert "--output_dir data/slides" in header and "train.py --config configs/wsi.yaml" in header
     # The tower builds (a random-init ResNet of about a million parameters).
     from transformers import AutoConfig, AutoModel
 
@@ -122,7 +122,7 @@ def test_train_without_validation_split_says_how_to_go_on(tmp_path):
 def test_evaluate_knn_defaults_to_the_k_train_py_used(tmp_path):
     from hlss_hf.evaluate import default_knn_k, parse_args
 
-    assert parse_args(["knn", "--model", "m", "--dataset", "d"]).k is None
+    assert parse_args(["knn", "--model_name_or_path", "m", "--dataset", "d"]).knn.k is None
     assert default_knn_k(tmp_path)[0] == 200  # no train_config.yaml: the paper's
     (tmp_path / "train_config.yaml").write_text(yaml.safe_dump({"training": {"knn_k": 20}}))
     k, source = default_knn_k(tmp_path)

@@ -46,7 +46,16 @@ def both(tmp_path_factory):
     for image_format in ("png", "raw"):
         folder = root / image_format
         demo.main(
-            ["--output", str(folder), "--num-patients", "6", "--num-classes", "2", "--patches-per-slide", "3"]
+            [
+                "--output_dir",
+                str(folder),
+                "--num-patients",
+                "6",
+                "--num-classes",
+                "2",
+                "--patches-per-slide",
+                "3",
+            ]
             + ["--patch-size", str(PATCH), "--val-fraction", "0.34", "--image-format", image_format]
         )
         out[image_format] = (folder, datasets.load_from_disk(str(folder)))

@@ -102,7 +102,7 @@ def readme_env(tmp_path_factory):
     rn50 = write_rn50_clip(root / "towers" / "rn50_clip")
     work = root / "work"
     work.mkdir()
-    # `python dataset_scripts/demo.py --output data/demo`, smaller.
+    # `python dataset_scripts/demo.py --output_dir data/demo`, smaller.
     build_demo_dataset(output_dir=work / "data" / "demo", num_patients=6, val_fraction=0.25, align_fraction=0)
     # What `python train.py` leaves in outputs/hlss-demo (tiny, at 32 px): the model, its processor, class prompts.
     from hlss_hf import HLSSProcessor

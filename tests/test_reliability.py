@@ -312,7 +312,7 @@ def test_finetune_and_a_converter_refuse_a_busy_output_in_one_line(tmp_path, mon
                 ["--model_name_or_path", "unused", "--dataset", "unused", "--output_dir", str(target)]
             )
         with pytest.raises(SystemExit) as caught:
-            demo.main(["--output", str(target), "--num-patients", "6"])
+            demo.main(["--output_dir", str(target), "--num-patients", "6"])
         assert str(caught.value.code).startswith("error: output") and "in use by another run" in str(
             caught.value.code
         )

@@ -73,7 +73,7 @@ def tiny_args(output_dir, attributes_file, *extra) -> list[str]:
 
 def small_demo_folder(folder: Path) -> Path:
     """A 12-patient demo dataset saved to ``folder`` (the old splits: train / validation, no align patients)."""
-    from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf.data.demo import build_demo_dataset
 
     build_demo_dataset(
         output_dir=folder,
@@ -604,7 +604,7 @@ def test_local_hub_layout_folder_trains(tmp_path, attributes_file, streaming):
 
 
 def test_missing_split_is_named(tmp_path, attributes_file):
-    from dataset_scripts.demo import build_demo_dataset
+    from hlss_hf.data.demo import build_demo_dataset
 
     data_dir = tmp_path / "demo-data"
     build_demo_dataset(

@@ -28,7 +28,7 @@ def test_real_svs_region_gives_tissue_tiles_with_scanner_provenance(tmp_path):
     manifest.write_text(f"slide_path,patient_id,label,split\n{SLIDE},CMU-1,skin,train\n")
     out = tmp_path / "out"
     summary = wsi.main(
-        ["--manifest", str(manifest), "--output", str(out), "--patch-size", "256", "--no-progress"]
+        ["--manifest", str(manifest), "--output_dir", str(out), "--patch-size", "256", "--progress", "false"]
     )
     ds = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))["train"]
     grid = (2220 // 256) * (2967 // 256)
