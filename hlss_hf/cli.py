@@ -142,6 +142,10 @@ def _takes_list(annotation: Any) -> bool:
     return any(a is list or typing.get_origin(a) is list for a in _alternatives(annotation))
 
 
+def _takes_dict(annotation: Any) -> bool:
+    return any(a is dict or typing.get_origin(a) is dict for a in _alternatives(annotation))
+
+
 @functools.cache
 def _value_parser(annotation: Any) -> ArgumentParser:
     parser = ArgumentParser(exit_on_error=False)
@@ -174,10 +178,12 @@ def one_line(error: BaseException, key: str | None = None) -> str:
     got = re.search(r"(?:Got value|Given value): (.*)", text)
     if found and got:
         wanted = re.findall(r"Expected a (?:<class '(\w+)'>|(typing\.Literal\[.*\]))", text)
-        wanted = [w[0] or w[1].removeprefix("typing.") for w in wanted]
+        # A Literal reads as its choices, as users write them: "one of ['run', 'reference']".
+        wanted = [w[0] or "one of [" + w[1].removeprefix("typing.Literal[") for w in wanted]
         wanted = " or ".join(dict.fromkeys(w.replace("NoneType", "null") for w in wanted)) or "another value"
         key = key if key is not None and found.group(1) == "value" else found.group(1)
-        return f"config key '{key}': expected {wanted}, got {got.group(1).strip()!r}"
+        verb = "must be" if wanted.startswith("one of") and " or " not in wanted else "expected"
+        return f"config key '{key}': {verb} {wanted}, got {got.group(1).strip()!r}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
 
@@ -331,6 +337,11 @@ def _options(argv: list[str], config_class: type[Config], strict: bool = True):
             if strict:
                 raise ConfigError(f"config key '{key}': needs a value")
             continue
+        if _takes_dict(keys[key]) and values[0].strip()[:1] == "{":
+            # Read as YAML reads it (jsonargparse refuses `{num_patients:12}`, which YAML reads as one key), so
+            # the section's own check can name the key it does not know.
+            with contextlib.suppress(yaml.YAMLError):
+                values = [json.dumps(yaml.safe_load(values[0]))]
         yield key, values[0]
 
 

@@ -394,7 +394,7 @@ def run(config: Evaluation) -> dict[str, Any]:
         train_linear_probe,
         zero_shot_scores,
     )
-    from hlss_hf.evaluation.explain import explain as explain_lib
+    from hlss_hf.evaluation import explain as explain_lib
     from hlss_hf.training.run_warnings import WarningLog, evaluation_warnings, informative_metrics
 
     mode, model_path, data = config.mode, config.model.model_name_or_path, config.data
