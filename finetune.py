@@ -5,7 +5,7 @@
     accelerate launch --mixed_precision bf16 finetune.py --model_name_or_path me/hlss-srh --dataset <hub id>
     python finetune.py --help                                                  # every config key
 
-Settings: `hlss_hf.config.FinetuneConfig` (sections `model`, `data`, `training`; the keys both scripts have are
+Settings: `hlss_hf.training.config.FinetuneConfig` (sections `model`, `data`, `training`; the keys both scripts have are
 named as in train.py), from a YAML file (`--config`) and `--section.key value` overrides. Writes `adapter/`,
 with `--merge` `merged/`, `metrics.jsonl` and `finetune_report.json` to `training.output_dir`, swapped in when
 the run has finished.
@@ -26,8 +26,8 @@ from typing import Any
 HLSS_HF_PARSE_FIRST = True
 
 from hlss_hf.cli import check_command_line
-from hlss_hf.config import FinetuneConfig, flatten_config, format_help, parse_config
 from hlss_hf.errors import ConfigError
+from hlss_hf.training.config import FinetuneConfig, flatten_config, format_help, parse_config
 
 
 def print_help() -> None:
@@ -60,7 +60,6 @@ from hlss_hf.data.augmentation import build_augmentation
 from hlss_hf.data.schema import modality_of
 from hlss_hf.errors import DatasetError, NonFiniteLossError
 from hlss_hf.files import write_text_atomically
-from hlss_hf.hub.model_card import write_finetune_cards
 from hlss_hf.training.checkpoints import (
     TrainState,
     holds_output_dir,
@@ -82,6 +81,7 @@ from hlss_hf.training.lora import (
     save_merged,
     set_train_mode,
 )
+from hlss_hf.training.model_card import write_finetune_cards
 from hlss_hf.training.optim import lr_scheduler, make_accelerator
 from hlss_hf.training.patches import (
     PatchClassificationDataset,

@@ -35,8 +35,8 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 HLSS_HF_PARSE_FIRST = True
 
 from hlss_hf.cli import check_command_line
-from hlss_hf.config import TrainConfig, command_line_value, flatten_config, format_help, parse_config
 from hlss_hf.errors import ConfigError
+from hlss_hf.training.config import TrainConfig, command_line_value, flatten_config, format_help, parse_config
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -88,7 +88,6 @@ from tqdm.auto import tqdm
 
 from hlss_hf.errors import CheckpointError, NonFiniteLossError
 from hlss_hf.files import remove_new_empty_folder
-from hlss_hf.hub.model_card import push_to_hub
 from hlss_hf.training.building import TrainData, TrainParts, build_training, load_data, make_init_model
 from hlss_hf.training.checkpoints import (
     RunPlan,
@@ -112,6 +111,7 @@ from hlss_hf.training.loop import (
     truncate_jsonl,
     weights_finite,
 )
+from hlss_hf.training.model_card import push_to_hub
 from hlss_hf.training.optim import (
     make_accelerator,
 )

@@ -106,7 +106,7 @@ def cell(method: str, root: str, out: str, extra: list[str]) -> dict:
         rows = sum(summary.totals(s)["patches"] for s in summary.counts)
     elif method == "in-memory":
         from hlss_hf.data.schema import OPENSRH_CLASSES, features_for
-        from hlss_hf.publishing import UNKNOWN_PROVENANCE, InvalidItems
+        from hlss_hf.data.writer import UNKNOWN_PROVENANCE, InvalidItems
 
         meta = json.loads((Path(root) / "meta/opensrh.json").read_text())
         split_map = json.loads((Path(root) / "meta/train_val_split.json").read_text())

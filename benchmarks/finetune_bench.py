@@ -6,7 +6,7 @@
 
 The same `HLSSForImageClassification` (same weights) is trained three ways on the same synthetic pixels:
 - head: only `classifier` trains (a linear probe on the frozen tower);
-- lora: `hlss_hf.peft_utils.lora_config_for(model, r, alpha)` (LoRA on the tower's q/v projections + the head),
+- lora: `hlss_hf.training.lora.lora_config_for(model, r, alpha)` (LoRA on the tower's q/v projections + the head),
   as finetune.py does;
 - full: every parameter of the tower, the projection and the head trains.
 Per mode: trainable parameters, bytes to save (head weights / adapter safetensors / whole model), median training step

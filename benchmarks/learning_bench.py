@@ -29,7 +29,7 @@ Methods, on the same data, tower initialisation (per seed), optimiser, schedule,
 
 Each row reports kNN accuracy (k = ``--knn-k``) at patch, slide and patient level as ``train.py`` evaluates it,
 zero-shot accuracy with the demo's class descriptions (``model.class_prompts`` of ``configs/demo.yaml``), and how
-many of the classes' top-3 attributes (``hlss_hf.explain.class_attribute_summary`` with the fixed banks, as
+many of the classes' top-3 attributes (``hlss_hf.evaluation.explain.class_attribute_summary`` with the fixed banks, as
 ``train.py`` explains; 3 levels x 3 classes x 3 = 27) contradict what the generator draws for the class
 (``dataset_scripts.demo.contradicted_terms``: "round nuclei" for the spindle-celled class); mean and spread (min-max)
 over the seeds. Also printed: a colour-statistics baseline (per-patch RGB mean / std / quantiles as the
@@ -53,10 +53,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hlss_hf.config import parse_config  # noqa: E402
 from hlss_hf.data import build_train_loader  # noqa: E402
 from hlss_hf.data.augmentation import DEFAULT_AUGMENTATION  # noqa: E402
 from hlss_hf.training import building  # noqa: E402
+from hlss_hf.training.config import parse_config  # noqa: E402
 
 LEVELS = ("patch", "slide", "patient")
 METHODS = (
@@ -120,7 +120,7 @@ AUGMENTATIONS = {
         "color_jitter": {"p": 0.8, "brightness": 0.3, "contrast": 0.3, "saturation": 0.4, "hue": 0.25},
         "gaussian_blur": {"p": 0.2, "kernel_size": 3, "sigma": [0.1, 1.0]},
     },
-    "paper": None,  # hlss_hf.augmentation.DEFAULT_AUGMENTATION
+    "paper": None,  # hlss_hf.data.augmentation.DEFAULT_AUGMENTATION
     # The paper set with the stain-wide colour jitter: configs/tcga_hlss.yaml's.
     "paper_stain": {
         **DEFAULT_AUGMENTATION,
@@ -187,7 +187,7 @@ def set_method(model, method: str, seed: int) -> None:
 
 def pretrain(model, config, train_ds, steps: int, seed: int, captions=None) -> list[float]:
     """AdamW + cosine schedule with warm-up + grad clipping, as train.py runs them; returns the losses. With
-    ``captions`` (a :class:`hlss_hf.building.CaptionTable`), the image-text loss of the alignment stage."""
+    ``captions`` (a :class:`hlss_hf.training.building.CaptionTable`), the image-text loss of the alignment stage."""
     from transformers import get_scheduler
 
     t = config.training

@@ -126,8 +126,8 @@ def run_case(case: str, dataset, args) -> dict:
     from train_throughput import build
     from transformers import get_scheduler
 
-    from hlss_hf.config import TrainConfig, parse_config
     from hlss_hf.data import build_train_loader
+    from hlss_hf.training.config import TrainConfig, parse_config
     from hlss_hf.training.loop import all_finite
     from hlss_hf.training.optim import make_accelerator
 

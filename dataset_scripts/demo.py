@@ -24,8 +24,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hlss_hf.cli import Section
+from hlss_hf.data.converters import ConverterConfig, DestinationConfig, run_converter
 from hlss_hf.data.demo import build_demo_dataset
-from hlss_hf.publishing import ConverterConfig, DestinationConfig, run_converter
 
 # The defaults are build_demo_dataset's, which are the demo's (python train.py): one place to change them.
 _DEFAULTS = {name: p.default for name, p in inspect.signature(build_demo_dataset).parameters.items()}

@@ -46,17 +46,10 @@ from jsonargparse import ArgumentParser
 
 from hlss_hf.cli import Config, Section
 from hlss_hf.cli import build_parser as build_config_parser
+from hlss_hf.data.converters import ConverterConfig, OutputConfig, describe_splits, run_converter
 from hlss_hf.data.schema import OPENSRH_CLASSES, features_for
+from hlss_hf.data.writer import ConversionSummary, InvalidItems, write_patch_dataset
 from hlss_hf.errors import ConversionError
-from hlss_hf.publishing import (
-    ConversionSummary,
-    ConverterConfig,
-    InvalidItems,
-    OutputConfig,
-    describe_splits,
-    run_converter,
-    write_patch_dataset,
-)
 
 #: OpenSRH split names -> dataset split names.
 SPLIT_NAMES = {"train": "train", "val": "validation"}

@@ -49,19 +49,17 @@ from jsonargparse import ArgumentParser
 
 from hlss_hf.cli import Config, Section
 from hlss_hf.cli import build_parser as build_config_parser
-from hlss_hf.data.schema import features_for
-from hlss_hf.errors import ConversionError
-from hlss_hf.publishing import (
-    ConversionSummary,
+from hlss_hf.data.converters import (
     ConverterConfig,
-    InvalidItems,
     OutputConfig,
     assign_splits,
     describe_splits,
     run_converter,
-    write_patch_dataset,
 )
-from hlss_hf.tiling import SlideTask, TilingConfig, TilingOptions, tile_slides
+from hlss_hf.data.schema import features_for
+from hlss_hf.data.tiling import SlideTask, TilingConfig, TilingOptions, tile_slides
+from hlss_hf.data.writer import ConversionSummary, InvalidItems, write_patch_dataset
+from hlss_hf.errors import ConversionError
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 HDF5_EXTENSIONS = (".h5", ".hdf5")

@@ -386,6 +386,7 @@ def _framing_summary(processor) -> dict[str, Any] | str:
 
 def run(config: Evaluation) -> dict[str, Any]:
     """Run one evaluation; returns the report written to `<output.output_dir>/<mode>_<split>.json`."""
+    from hlss_hf.evaluation import explain as explain_lib
     from hlss_hf.evaluation import (
         extract_embeddings,
         hierarchical_confusion_matrices,
@@ -394,7 +395,6 @@ def run(config: Evaluation) -> dict[str, Any]:
         train_linear_probe,
         zero_shot_scores,
     )
-    from hlss_hf.evaluation import explain as explain_lib
     from hlss_hf.training.run_warnings import WarningLog, evaluation_warnings, informative_metrics
 
     mode, model_path, data = config.mode, config.model.model_name_or_path, config.data
@@ -462,7 +462,7 @@ def run(config: Evaluation) -> dict[str, Any]:
         _write_json(report, output_dir / f"{stem}.json")
         return report
 
-    # 3. Patch scores; the named warnings (hlss_hf.run_warnings) where numbers mean less than they seem.
+    # 3. Patch scores; the named warnings (hlss_hf.training.run_warnings) where numbers mean less than they seem.
     warnings: list = []
     if mode == "knn":
         train = embed(_load_split(data.dataset, data.train_split, data.max_samples, "data.train_split"))

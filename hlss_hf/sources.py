@@ -112,3 +112,9 @@ def hub_source_error(
             f"{kind} repo ({first})"
         )
     return None
+
+
+def hub_url(repo_id: str, repo_type: str = "model") -> str:
+    """The web address of a Hub repo on the endpoint in use (``HF_ENDPOINT``, default huggingface.co)."""
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    return f"{constants.ENDPOINT.rstrip('/')}/{prefix}{repo_id}"

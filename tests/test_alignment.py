@@ -30,12 +30,12 @@ from _tiny import run_without_hlss, tiny_hlss_model, tiny_tokenizer  # noqa: E40
 
 import train  # noqa: E402
 from hlss_hf import HLSSConfig, HLSSModel  # noqa: E402
-from hlss_hf.config import parse_config  # noqa: E402
 from hlss_hf.data import demo  # noqa: E402
 from hlss_hf.errors import ConfigError  # noqa: E402
 from hlss_hf.models.hlss.losses import image_text_contrastive_loss  # noqa: E402
 from hlss_hf.models.hlss.text_hlss import head_init_weights  # noqa: E402
 from hlss_hf.training.building import build_caption_table, class_prompts_for, load_splits  # noqa: E402
+from hlss_hf.training.config import parse_config  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 DEMO_ALIGN = str(REPO / "configs" / "demo_align.yaml")

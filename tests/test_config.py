@@ -1,4 +1,4 @@
-"""hlss_hf.config: the one config system of train.py and finetune.py (parsing, names, help, validation).
+"""hlss_hf.training.config: the one config system of train.py and finetune.py (parsing, names, help, validation).
 
 Parsing only: nothing here builds a model or reads a dataset.
 """
@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hlss_hf.config import (  # noqa: E402
+from hlss_hf.errors import ConfigError  # noqa: E402
+from hlss_hf.training.config import (  # noqa: E402
     RENAMED,
     FinetuneConfig,
     FinetuneTrainingConfig,
@@ -27,7 +28,6 @@ from hlss_hf.config import (  # noqa: E402
     format_help,
     parse_config,
 )
-from hlss_hf.errors import ConfigError  # noqa: E402
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 

@@ -613,8 +613,8 @@ def test_write_text_atomically_leaves_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_train_loader_workers_pinning_and_persistence_follow_the_device(srh_ds, monkeypatch):
-    from hlss_hf.config import TrainConfig, parse_config
     from hlss_hf.data import build_train_loader
+    from hlss_hf.training.config import TrainConfig, parse_config
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

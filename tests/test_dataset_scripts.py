@@ -537,8 +537,8 @@ def test_image_format_is_refused_where_it_cannot_apply(tmp_path):
 
 def test_writer_raw_he_checks_the_fixed_shape_and_decodes_png_bytes(tmp_path):
     from hlss_hf.data.schema import features_for
+    from hlss_hf.data.writer import write_patch_dataset
     from hlss_hf.errors import ConversionError
-    from hlss_hf.publishing import write_patch_dataset
 
     features = features_for("he", ["a"], patch_size=8, image_format="raw")
     first, second = _row("x"), _row("y", seed=1)
@@ -1179,8 +1179,8 @@ def test_demo_card_documents_the_caption_column(tmp_path):
 
 @pytest.mark.slow
 def test_demo_script_defaults_write_the_data_train_py_trains_and_evaluates_on(tmp_path, capsys):
-    from hlss_hf.config import parse_config
     from hlss_hf.training.building import _demo_splits
+    from hlss_hf.training.config import parse_config
 
     demo.main(["--output_dir", str(tmp_path / "demo")])
     assert "validation: 24 patients" in capsys.readouterr().out
@@ -1222,8 +1222,8 @@ def _row(patch, patient="p1", slide="s1", label="a", seed=0):
 
 def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels(tmp_path):
     from hlss_hf.data.schema import features_for
+    from hlss_hf.data.writer import InvalidItems, write_patch_dataset
     from hlss_hf.errors import ConversionError
-    from hlss_hf.publishing import InvalidItems, write_patch_dataset
 
     features = features_for("he", ["a", "b"])
     out = tmp_path / "out"
@@ -1241,8 +1241,8 @@ def test_writer_rejects_a_slide_under_two_patients_and_a_patient_with_two_labels
 
 def test_writer_drops_empty_splits_and_checks_he_patch_size(tmp_path):
     from hlss_hf.data.schema import features_for
+    from hlss_hf.data.writer import write_patch_dataset
     from hlss_hf.errors import ConversionError
-    from hlss_hf.publishing import write_patch_dataset
 
     features = features_for("he", ["a"])
     out = tmp_path / "out"
@@ -1254,7 +1254,7 @@ def test_writer_drops_empty_splits_and_checks_he_patch_size(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.9])
 def test_assign_splits_is_stratified_seeded_and_keeps_every_class_in_train(fraction):
-    from hlss_hf.publishing import assign_splits
+    from hlss_hf.data.converters import assign_splits
 
     labels = {f"p{i:02d}": ("a" if i < 7 else "b" if i < 9 else "c") for i in range(10)}
     splits = assign_splits(labels, fraction, seed=1)
@@ -1269,7 +1269,7 @@ def test_assign_splits_is_stratified_seeded_and_keeps_every_class_in_train(fract
 
 
 def test_tissue_mask_separates_stain_from_glass_and_dark_borders():
-    from hlss_hf.tiling import tissue_mask
+    from hlss_hf.data.tiling import tissue_mask
 
     image = np.full((40, 60, 3), 240, np.uint8)
     image[10:30, 10:30] = (190, 110, 160)  # pink tissue

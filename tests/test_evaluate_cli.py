@@ -100,7 +100,7 @@ def test_knn_cli_aggregation_rule_is_selectable_and_reported(saved, demo_embeddi
         assert report["settings"]["aggregation"] == rule
         assert json.loads((out / "knn_validation.json").read_text())["settings"]["aggregation"] == rule
         assert f"slide / patient aggregation: {rule}" in capsys.readouterr().out
-        # Three classes: top-3 (always 1) is not reported (hlss_hf.run_warnings, top_k_not_informative).
+        # Three classes: top-3 (always 1) is not reported (hlss_hf.training.run_warnings, top_k_not_informative).
         expected = informative_metrics(knn_evaluate(train, val, k=10, aggregation=rule), val.num_classes)
         assert report["metrics"] == pytest.approx(expected) and "patch/top3" not in report["metrics"]
         assert [w["name"] for w in report["warnings"]] == ["top_k_not_informative"]

@@ -1,4 +1,4 @@
-"""PEFT LoRA fine-tuning (finetune.py, hlss_hf.peft_utils): what trains, save / load / merge round trips,
+"""PEFT LoRA fine-tuning (finetune.py, hlss_hf.training.lora): what trains, save / load / merge round trips,
 pipeline output, the end-to-end command and its bad-input errors. Tiny towers, 32 px, a few steps, CPU."""
 
 import json

@@ -320,9 +320,10 @@ def test_pushed_adapter_loads_with_peft_and_auto_peft_without_hlss_hf(
 
 
 def test_license_fields_validate_and_packaged_towers_name_their_hub_model():
+    from hlss_hf.data.dataset_card import size_category
+    from hlss_hf.data.writer import check_license
     from hlss_hf.errors import ConversionError
-    from hlss_hf.hub.model_card import hub_links, license_metadata
-    from hlss_hf.publishing import check_license, size_category
+    from hlss_hf.training.model_card import hub_links, license_metadata
 
     assert yaml.safe_load(license_metadata("other")) == {
         "license": "unknown"
@@ -345,8 +346,8 @@ def test_update_card_knn_rewrites_metadata_and_table_together(tmp_path):
 
     from huggingface_hub import ModelCard
 
-    from hlss_hf.hub.model_card import MODEL_CARD_TEMPLATE
     from hlss_hf.hub.model_index import model_index_yaml, update_card_knn
+    from hlss_hf.training.model_card import MODEL_CARD_TEMPLATE
 
     levels, keys = ("patch", "slide", "patient"), ("acc", "top2", "top3", "mca", "map")
     first = {f"eval/{lv}/{key}": 0.5 for lv in levels for key in keys}

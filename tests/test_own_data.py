@@ -18,8 +18,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from hlss_hf.config import default_output_dir, parse_config  # noqa: E402
 from hlss_hf.errors import ConfigError  # noqa: E402
+from hlss_hf.training.config import default_output_dir, parse_config  # noqa: E402
 
 WSI = REPO / "configs" / "wsi.yaml"
 
@@ -319,7 +319,7 @@ def test_push_to_hub_keeps_the_hlss_card_and_ships_the_pipeline_file(local_hub, 
 
 
 def test_top_level_model_card_is_the_shipped_template_and_documents_the_model():
-    from hlss_hf.hub.model_card import MODEL_CARD_TEMPLATE
+    from hlss_hf.training.model_card import MODEL_CARD_TEMPLATE
 
     top = (REPO / "model_card.md").read_text(encoding="utf-8")
     assert top == MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"), (

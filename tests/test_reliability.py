@@ -30,8 +30,9 @@ from test_harness import reset_accelerate  # noqa: E402
 from test_train import read_metrics, tiny_args, train_records  # noqa: E402
 
 import train  # noqa: E402
-from hlss_hf import files, publishing  # noqa: E402
+from hlss_hf import files  # noqa: E402
 from hlss_hf.cli import describe_error  # noqa: E402
+from hlss_hf.data import writer  # noqa: E402
 from hlss_hf.errors import OutputInUseError  # noqa: E402
 from hlss_hf.files import output_lock, swap_in  # noqa: E402
 from hlss_hf.training.checkpoints import list_checkpoints, staging_dir  # noqa: E402
@@ -236,7 +237,7 @@ def test_second_converter_into_one_output_is_refused_and_the_first_writes_its_ro
 
                 def start():
                     try:
-                        publishing.write_patch_dataset(
+                        writer.write_patch_dataset(
                             {"train": rows(False)}, features, output_dir=out, show_progress=False
                         )
                     except BaseException as err:  # noqa: BLE001
@@ -254,7 +255,7 @@ def test_second_converter_into_one_output_is_refused_and_the_first_writes_its_ro
                 "label": label,
             }
 
-    publishing.write_patch_dataset({"train": rows(True)}, features, output_dir=out, show_progress=False)
+    writer.write_patch_dataset({"train": rows(True)}, features, output_dir=out, show_progress=False)
     assert isinstance(refused["error"], OutputInUseError) and "in use by another run" in str(refused["error"])
     written = datasets.load_from_disk(str(out))["train"]
     assert np.asarray(written[0]["image"]).max() == 10  # the first converter's rows
@@ -609,7 +610,7 @@ def test_corrupt_evaluation_cache_is_rebuilt_with_a_warning(tmp_path):
 def opensrh_plan(tmp_path, meta, split):
     from dataset_scripts.opensrh import plan_opensrh
     from hlss_hf.data.schema import OPENSRH_CLASSES
-    from hlss_hf.publishing import InvalidItems
+    from hlss_hf.data.writer import InvalidItems
 
     (tmp_path / "root" / "p").mkdir(parents=True)
     (tmp_path / "root" / "p" / "a.tif").write_bytes(b"")

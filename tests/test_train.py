@@ -27,11 +27,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-from hlss_hf.config import TrainConfig, parse_config  # noqa: E402
 from hlss_hf.errors import CheckpointError, ConfigError  # noqa: E402
-from hlss_hf.hub.model_card import hub_links  # noqa: E402
 from hlss_hf.training import building, optim, validation  # noqa: E402
 from hlss_hf.training.checkpoints import checkpoint_dir, list_checkpoints  # noqa: E402
+from hlss_hf.training.config import TrainConfig, parse_config  # noqa: E402
+from hlss_hf.training.model_card import hub_links  # noqa: E402
 
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
 TINY_TEXT = "{model_type: bert, vocab_size: 30522, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, max_position_embeddings: 64}"
@@ -217,7 +217,7 @@ def test_paper_config_is_the_reference_recipe():
 
 
 def test_ha_trained_config_is_the_reference_recipe_with_ha_training():
-    from hlss_hf.config import flatten_config
+    from hlss_hf.training.config import flatten_config
 
     as_run = flatten_config(parse_config(["--config", str(REPO / "configs" / "opensrh_hlss.yaml")]))
     with_ha = flatten_config(

@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:  # the scripts are not part of the installed packa
 
 from dataset_scripts import wsi  # noqa: E402
 from hlss_hf.data.schema import decode_image  # noqa: E402
-from hlss_hf.tiling import SlideTask, TilingOptions, tile_slide  # noqa: E402
+from hlss_hf.data.tiling import SlideTask, TilingOptions, tile_slide  # noqa: E402
 
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmu_small_region.svs"
 pytestmark = pytest.mark.skipif(not SLIDE.is_file(), reason=f"{SLIDE} not present")

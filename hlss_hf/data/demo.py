@@ -20,8 +20,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from hlss_hf.data.converters import validation_count
 from hlss_hf.data.schema import features_for
-from hlss_hf.publishing import validation_count, write_patch_dataset
+from hlss_hf.data.writer import write_patch_dataset
 
 #: Class names of the demo (in label order) when ``num_classes`` is 3; otherwise ``class_0``, ``class_1``...
 DEMO_CLASSES: tuple[str, ...] = ("normal", "low_grade", "high_grade")

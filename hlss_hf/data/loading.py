@@ -297,7 +297,7 @@ def default_num_workers(device: str | torch.device) -> int:
 def loader_workers(num_workers: int | None, device: str | torch.device) -> dict[str, Any]:
     """DataLoader keyword arguments for a model on ``device``: ``num_workers`` (``None``: :func:`default_num_workers`)
     and ``pin_memory`` on CUDA, so that the host-to-device copy runs asynchronously (Accelerate's
-    ``non_blocking``, set by :func:`hlss_hf.harness.make_accelerator`)."""
+    ``non_blocking``, set by :func:`hlss_hf.training.optim.make_accelerator`)."""
     return {
         "num_workers": default_num_workers(device) if num_workers is None else num_workers,
         "pin_memory": torch.device(device).type == "cuda",

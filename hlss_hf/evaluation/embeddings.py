@@ -472,7 +472,7 @@ def _image_column(dataset):
 
 def _decode_images(values) -> np.ndarray | list[np.ndarray]:
     """Decode one slice of the `image` column: a stacked array stays whole; encoded images go through
-    :func:`hlss_hf.schema.decode_image` (imagecodecs for 8-bit RGB PNG and JPEG, PIL for the rest)."""
+    :func:`hlss_hf.data.schema.decode_image` (imagecodecs for 8-bit RGB PNG and JPEG, PIL for the rest)."""
     if isinstance(values, np.ndarray) and values.ndim == 4:
         return values
     return [decode_image(value) for value in values]

@@ -5,7 +5,7 @@ run would:
 
 ```python
 >>> from hlss_hf.training.building import build_model, build_tokenizer, load_splits, resolve_attributes, resolve_tower
->>> from hlss_hf.config import parse_config
+>>> from hlss_hf.training.config import parse_config
 >>> config = parse_config(["--config", "configs/demo.yaml"])
 >>> train_ds, val_ds = load_splits(config)
 >>> text = resolve_tower(config.model.text, config.model.text_fallback, "text")
@@ -37,7 +37,6 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import AutoConfig, BertTokenizerFast
 
-from hlss_hf.config import TrainConfig, parse_config
 from hlss_hf.data import build_train_loader, load_split
 from hlss_hf.data.schema import modality_of
 from hlss_hf.errors import ConfigError, DatasetError, SourceError
@@ -49,6 +48,7 @@ from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor, HLSSProcesso
 from hlss_hf.models.hlss.towers_hlss import load_text_tokenizer
 from hlss_hf.sources import check_local_source
 from hlss_hf.training.checkpoints import describe_changes, flatten, resume_changes
+from hlss_hf.training.config import TrainConfig, parse_config
 from hlss_hf.training.loop import TextTowerGuard
 from hlss_hf.training.optim import Schedule, lr_scheduler, optimizer_groups, plan_schedule
 
@@ -85,7 +85,7 @@ def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
 
 
 def resolve_attributes(spec: Any) -> Any:
-    """A path, a file name shipped in ``hlss_hf/attributes/``, or a mapping, as accepted by the model."""
+    """A path, a file name shipped in ``hlss_hf/models/hlss/attributes/``, or a mapping, as accepted by the model."""
     try:
         if isinstance(spec, dict):
             resolved = spec

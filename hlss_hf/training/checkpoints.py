@@ -176,7 +176,7 @@ def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, r
 def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
     """Decorate a script's ``main(argv)`` to hold the lock on its output folder for the whole run.
 
-    A second run into the same folder is refused at its start naming the first (:func:`hlss_hf.publishing.
+    A second run into the same folder is refused at its start naming the first (:func:`hlss_hf.data.writer.
     output_lock`), and swaps a killed run left half done there are finished first (:func:`recover_output`).
     Only the main process (``RANK`` 0) writes the folder, so only it takes the lock.
 

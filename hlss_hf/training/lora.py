@@ -32,13 +32,13 @@ from huggingface_hub import HfApi, hf_hub_download
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
 
-from hlss_hf.config import FINETUNE_AUGMENTATIONS
 from hlss_hf.evaluation import hierarchical_metrics
 from hlss_hf.files import naming_full_disk
 from hlss_hf.models.hlss.configuration_hlss import HLSSConfig
 from hlss_hf.models.hlss.modeling_hlss import HLSSForImageClassification
 from hlss_hf.models.hlss.processing_hlss import HLSSImageProcessor
-from hlss_hf.publishing import hub_url
+from hlss_hf.sources import hub_url
+from hlss_hf.training.config import FINETUNE_AUGMENTATIONS
 from hlss_hf.training.run_warnings import informative_metrics
 
 VISION_PREFIX = "vision_model"
@@ -46,7 +46,7 @@ HEAD_MODULES = ["classifier"]
 #: Written beside the adapter by `finetune.py`: `{"id2label": {"0": name, ...}}`, to rebuild the classifier.
 LABELS_FILE = "labels.json"
 #: How `peft.AutoPeftModel` rebuilds the base model of our adapters. PEFT would record the base class's own module
-#: (`hlss_hf.modeling_hlss`, or `transformers_modules...` under remote code), which its import allowlist refuses;
+#: (`hlss_hf.models.hlss.modeling_hlss`, or `transformers_modules...` under remote code), which its import allowlist refuses;
 #: the transformers Auto class resolves to the same class, with or without hlss_hf installed.
 AUTO_MAPPING = {"base_model_class": "AutoModelForImageClassification", "parent_library": "transformers"}
 
@@ -289,8 +289,8 @@ def format_target_modules(target_modules: str | Sequence[str]) -> str:
 
 
 def augmentation_config(spec: str | dict) -> dict | str:
-    """What `hlss_hf.augmentation.build_augmentation` takes for `data.augmentation`: finetune's own presets
-    (`light`, `none`) as their operations; a preset of `hlss_hf.augmentation` by name; a mapping as it is (a
+    """What `hlss_hf.data.augmentation.build_augmentation` takes for `data.augmentation`: finetune's own presets
+    (`light`, `none`) as their operations; a preset of `hlss_hf.data.augmentation` by name; a mapping as it is (a
     YAML file was read into one when the config was validated)."""
     if isinstance(spec, str):
         return FINETUNE_AUGMENTATIONS.get(spec, spec)
@@ -400,7 +400,7 @@ def save_adapter(peft_model, processor, names: list[str], target: Path, state_di
     """Adapter (PEFT) + processor + labels.json into `target` (a folder of this run, swapped in at the end).
 
     The adapter config names `transformers.AutoModelForImageClassification` as its base class, so
-    `peft.AutoPeftModel.from_pretrained(adapter_dir)` loads it (see `hlss_hf.peft_utils.AUTO_MAPPING`).
+    `peft.AutoPeftModel.from_pretrained(adapter_dir)` loads it (see `hlss_hf.training.lora.AUTO_MAPPING`).
     `state_dict`: the full weights from `accelerator.get_state_dict` (sharded models hold only a part).
     """
     # About what the adapter file holds: the trained parameters (LoRA and the classifier).

@@ -16,7 +16,7 @@ from hlss_hf.errors import CheckpointError, ConfigError
 
 
 def make_accelerator(run, project_dir: str | os.PathLike | None = None):
-    """The ``Accelerator`` of a run, from its training settings (:class:`hlss_hf.config.RunConfig`: gradient
+    """The ``Accelerator`` of a run, from its training settings (:class:`hlss_hf.training.config.RunConfig`: gradient
     accumulation, mixed precision, trackers, ``cpu``).
 
     Several processes on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N`` on CPU) run

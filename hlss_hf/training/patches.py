@@ -10,11 +10,11 @@ import datasets
 import numpy as np
 import torch
 
-from hlss_hf.config import FinetuneConfig
 from hlss_hf.data import load_split, split_names, to_float
 from hlss_hf.data.hierarchy import _FixedArrayReader
 from hlss_hf.data.schema import decode_image, modality_of
 from hlss_hf.errors import DatasetError
+from hlss_hf.training.config import FinetuneConfig
 
 
 def load_patch_dataset(

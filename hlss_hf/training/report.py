@@ -9,12 +9,12 @@ from typing import Any
 import torch
 import yaml
 
-from hlss_hf.config import TrainConfig
 from hlss_hf.evaluation.explain import plot_confusion_matrix, plot_loss_curve
 from hlss_hf.files import write_files_atomically
-from hlss_hf.hub.model_card import render_model_card
 from hlss_hf.models.hlss.pipeline_hlss import add_pipelines_to_folder
+from hlss_hf.training.config import TrainConfig
 from hlss_hf.training.loop import read_jsonl
+from hlss_hf.training.model_card import render_model_card
 
 LEVELS = ("patch", "slide", "patient")
 
@@ -88,7 +88,7 @@ def format_evaluation(result: dict[str, Any], t) -> str:
 
 
 def format_top_attributes(top: dict[str, list[str]]) -> str:
-    """Each class's top patient-level attributes (hlss_hf.explain.class_attribute_summary on the validation split)."""
+    """Each class's top patient-level attributes (hlss_hf.evaluation.explain.class_attribute_summary on the validation split)."""
     lines = [
         f"Top {TOP_ATTRIBUTES} patient-level attributes per class (descriptions its patches are nearer to than patches "
         "in general, through the fixed banks):"

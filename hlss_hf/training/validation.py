@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from hlss_hf.config import TrainConfig
 from hlss_hf.evaluation import (
     distributed_evaluate,
     hierarchical_confusion_matrices,
@@ -15,6 +14,7 @@ from hlss_hf.evaluation import (
 )
 from hlss_hf.evaluation.explain import class_attribute_summary
 from hlss_hf.training.building import TrainData, TrainParts
+from hlss_hf.training.config import TrainConfig
 from hlss_hf.training.loop import RunLog
 from hlss_hf.training.report import TOP_ATTRIBUTES
 from hlss_hf.training.run_warnings import RunWarning, evaluation_warnings, informative_metrics

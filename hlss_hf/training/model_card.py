@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 
-from hlss_hf.config import TrainConfig
 from hlss_hf.data.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 from hlss_hf.files import write_text_atomically
 from hlss_hf.hub.model_index import (
@@ -26,12 +25,13 @@ from hlss_hf.hub.model_index import (
     model_index_yaml,
     percent_cell,
 )
-from hlss_hf.publishing import hub_url
+from hlss_hf.sources import hub_url
 from hlss_hf.training.checkpoints import TrainState
+from hlss_hf.training.config import TrainConfig
 from hlss_hf.training.lora import format_target_modules
 
 #: The card template (package data).
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "hub" / "templates" / "model_card.md"
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -58,7 +58,7 @@ def scale_text(mpp: Any, magnification: Any) -> str:
 
 
 def _warning_list(warnings: Sequence[dict[str, str]]) -> str:
-    """A run's named warnings (:mod:`hlss_hf.run_warnings`) as a card lists them."""
+    """A run's named warnings (:mod:`hlss_hf.training.run_warnings`) as a card lists them."""
     return "The run warned that some numbers mean less than they seem:\n\n" + "\n".join(
         f"- `{w['name']}`: {w['message']}" for w in warnings
     )
@@ -267,7 +267,7 @@ def _baseline_section(config: TrainConfig, metrics: dict[str, float], before: di
 
 
 def _warnings_section(warnings: list[dict[str, str]] | None) -> str:
-    """The run's named warnings (:mod:`hlss_hf.run_warnings`): where its numbers mean less than they seem."""
+    """The run's named warnings (:mod:`hlss_hf.training.run_warnings`): where its numbers mean less than they seem."""
     if not warnings:
         return ""
     return f"\n### Warnings\n\n{_warning_list(warnings)}\n"
@@ -337,7 +337,7 @@ def _objective_values(
     if top_attributes:
         section += (
             "\n### Attributes per class\n\nThe patient-level attributes whose descriptions each class's patches are "
-            "nearest to, compared with patches in general (`hlss_hf.explain.class_attribute_summary`, fixed banks; "
+            "nearest to, compared with patches in general (`hlss_hf.evaluation.explain.class_attribute_summary`, fixed banks; "
             "`python -m hlss_hf.evaluate explain` for every level):\n\n"
             + "\n".join(f"- `{name}`: {', '.join(attributes)}" for name, attributes in top_attributes.items())
             + "\n"

@@ -1,6 +1,6 @@
 """The settings of ``train.py`` (sections ``model``, ``data``, ``training``: :class:`TrainConfig`) and the run
 settings it shares with ``finetune.py`` (:class:`RunConfig`, :class:`DataSourceConfig`): one name and one meaning
-in both scripts. How they are read and spelt: docs/training.md; the finetune sections: :mod:`hlss_hf.config`."""
+in both scripts. How they are read and spelt: docs/training.md; the finetune sections: :mod:`hlss_hf.training.config`."""
 
 from __future__ import annotations
 
@@ -251,7 +251,7 @@ class ModelConfig(Section):
     """Tokenizer of the text tower (Hub id, folder or pkg:<package>); default: the text tower's own, or, for a
     random-init text config, a word-level vocabulary built from the attribute descriptions."""
     attributes: Any = "srh_brain_tumor.yaml"
-    """Attribute banks: a YAML/JSON path, a file name in hlss_hf/attributes/, or a mapping level -> attribute
+    """Attribute banks: a YAML/JSON path, a file name in hlss_hf/models/hlss/attributes/, or a mapping level -> attribute
     -> [descriptions]."""
     use_visual_projection: bool | None = None
     """Map the vision output into the joint space with a new linear layer (null: automatic, none when both
@@ -370,7 +370,7 @@ class DataConfig(DataSourceConfig):
     """Antialias the evaluation resize when it shrinks (torchvision >= 0.17's default); false: as the
     reference's torchvision 0.16.2 resized tensors."""
     augmentation: dict | str | None = None
-    """A preset of hlss_hf.augmentation.build_augmentation (hlss_hf, hlss_reference), its operations as a
+    """A preset of hlss_hf.data.augmentation.build_augmentation (hlss_hf, hlss_reference), its operations as a
     mapping, or a YAML file of them (null: the hlss_hf set; {}: centre crop only)."""
     balance_classes: bool = False
     """Replicate patients of smaller classes to balance classes."""
@@ -454,7 +454,7 @@ class TrainingConfig(RunConfig):
     """Keep the last K checkpoints (and the newest good one, when it is older: see docs/training.md)."""
     resume_from_checkpoint: str | None = None
     """`latest` or a checkpoint folder to resume from; settings that may change on resume:
-    hlss_hf.harness.RESUMABLE_KEYS (any other change stops the run, naming it)."""
+    hlss_hf.training.checkpoints.RESUMABLE_KEYS (any other change stops the run, naming it)."""
     eval_at_end: bool = True
     """kNN evaluation after training."""
     eval_before_training: bool = False

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from hlss_hf.cli import Section, check
+from hlss_hf.data.writer import encode_image
 from hlss_hf.errors import ConfigError
 
 #: Otsu's threshold on saturation is clipped to this range: below it glass noise counts as tissue,
@@ -219,8 +220,6 @@ def tile_slide(task: SlideTask, options: TilingOptions) -> SlideResult:
 def _tile_slide(task: SlideTask, options: TilingOptions) -> SlideResult:
     import openslide
 
-    from .publishing import _encode_image
-
     with openslide.OpenSlide(task.path) as slide:
         mpp0 = _slide_mpp(slide)
         power0 = _objective_power(slide)
@@ -283,7 +282,7 @@ def _tile_slide(task: SlideTask, options: TilingOptions) -> SlideResult:
                 region = region.resize((options.patch_size, options.patch_size), Image.Resampling.LANCZOS)
             result.rows.append(
                 {
-                    "image": _encode_image(_to_rgb(region), "he", png=options.image_format == "png"),
+                    "image": encode_image(_to_rgb(region), "he", png=options.image_format == "png"),
                     "patient_id": task.patient_id,
                     "slide_id": task.slide_id,
                     "patch_id": f"{task.slide_id}/{x0}_{y0}",

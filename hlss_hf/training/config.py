@@ -1,7 +1,7 @@
 """The one configuration system of ``train.py`` (pretraining) and ``finetune.py`` (LoRA fine-tuning).
 
 A run is configured by dataclasses in three sections, ``model``, ``data`` and ``training``: :class:`TrainConfig`
-for ``train.py`` (in :mod:`hlss_hf.pretrain_config`, with :class:`RunConfig`, the settings both scripts share),
+for ``train.py`` (in :mod:`hlss_hf.training.pretrain_config`, with :class:`RunConfig`, the settings both scripts share),
 :class:`FinetuneConfig` for ``finetune.py`` (here). Values come, in increasing priority, from the dataclass
 defaults, a YAML file (``--config FILE``, or the script's default file) and the command line; how they are spelt
 and read: docs/training.md, the settings; the parser: :mod:`hlss_hf.cli`. Everything is checked once, up front,
@@ -10,7 +10,7 @@ by the config classes themselves (``validate()``, run on construction), and ever
 Example:
 
 ```python
->>> from hlss_hf.config import FinetuneConfig, parse_config
+>>> from hlss_hf.training.config import FinetuneConfig, parse_config
 >>> config = parse_config(["--config", "configs/demo.yaml", "--training.lr", "1e-4"])
 >>> config.training.lr
 0.0001
@@ -30,7 +30,7 @@ from hlss_hf import cli
 from hlss_hf.cli import Config, Section, flatten_config
 from hlss_hf.cli import check as _check
 from hlss_hf.errors import ConfigError
-from hlss_hf.pretrain_config import (
+from hlss_hf.training.pretrain_config import (
     RENAMED,
     DataConfig,
     DataSourceConfig,
@@ -61,7 +61,7 @@ __all__ = [
     "parse_config",
 ]
 
-# finetune.py's own augmentation presets, beside hlss_hf.augmentation.AUGMENTATION_PRESETS (hlss_hf, the strong
+# finetune.py's own augmentation presets, beside hlss_hf.data.augmentation.AUGMENTATION_PRESETS (hlss_hf, the strong
 # pretraining set, and hlss_reference): a small adapter converges faster with a light set.
 FINETUNE_AUGMENTATIONS: dict[str, dict] = {
     "light": {
@@ -133,7 +133,7 @@ class FinetuneDataConfig(DataSourceConfig):
     crop_size: int | None = None
     """Crop side; default: the model's processor crop size or image_size."""
     augmentation: dict | str = "light"
-    """`light` (crop + flips), `none` (centre crop only), a preset of hlss_hf.augmentation (hlss_hf: the
+    """`light` (crop + flips), `none` (centre crop only), a preset of hlss_hf.data.augmentation (hlss_hf: the
     strong pretraining set, hlss_reference), a mapping of its operations, or a YAML file of them."""
     max_train_samples: int | None = None
     """Use the first N training patches."""
