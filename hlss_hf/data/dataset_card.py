@@ -15,12 +15,7 @@ from datasets.splits import SplitInfo
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCardData
 
-from hlss_hf.data.schema import (
-    CAPTION,
-    IMAGE,
-    LABEL,
-    modality_of,
-)
+from hlss_hf.data.schema import CAPTION, IMAGE, LABEL, modality_of
 from hlss_hf.errors import ConversionError
 
 #: Defaults for the provenance columns when a converter does not know them.
@@ -55,22 +50,15 @@ def size_category(num_rows: int) -> str:
 
 @dataclass
 class InvalidItems:
-    """Decides what happens to invalid input: raise :class:`ConversionError`, or skip and remember it.
-
-    Args:
-        skip_invalid (`bool`, defaults to `False`): record invalid items instead of raising.
-    """
+    """Decides what happens to invalid input: raise :class:`ConversionError`, or (`skip_invalid`) skip and
+    remember it in `skipped`."""
 
     skip_invalid: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def invalid(self, item: str, reason: str) -> None:
-        """Report an invalid item: raises unless ``skip_invalid``.
-
-        Args:
-            item (`str`): what is invalid, e.g. ``"patient NIO_001"`` or ``"file patches/a.tif"``.
-            reason (`str`): why, in a few words.
-        """
+        """Report an invalid `item` (e.g. ``"patient NIO_001"``, ``"file patches/a.tif"``) and its `reason`, in a
+        few words: raises unless ``skip_invalid``."""
         if not self.skip_invalid:
             raise ConversionError(f"{item}: {reason}")
         self.skipped.append((item, reason))
@@ -141,18 +129,14 @@ def dataset_card_text(
     """Render the ``README.md`` dataset card: YAML front matter for ``load_dataset`` plus a readable body.
 
     Args:
-        summary (`ConversionSummary`): the counts and skipped items.
-        features (`datasets.Features`): the dataset's features (written to ``dataset_info``).
         splits_info (`Sequence[SplitInfo]`): one entry per written split.
         data_files (`Callable[[str], str]`, *optional*): split name -> its files' glob in the folder or repo
             (default: the parquet shards ``push_to_hub`` writes).
-        title (`str`): the card's heading.
         source (`str`): where the data came from (a sentence, e.g. the OpenSRH release folder).
-        description (`str`, *optional*): extra Markdown placed under the heading.
+        description (`str`, *optional*): extra Markdown placed under the `title`.
         command (`str`, *optional*): the command that produced the dataset.
         license (`str`, defaults to ``"unknown"``): Hub licence id of the data; ``"other"`` needs
-            ``license_name`` and ``license_link``.
-        license_name, license_link (`str`, *optional*): the licence's short name and address, for ``"other"``.
+            ``license_name`` (short name) and ``license_link`` (address), which only ``"other"`` takes.
     """
     num_rows = sum(s.num_examples for s in splits_info)
     card_data = DatasetCardData(

@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hlss_hf.files import write_text_atomically
@@ -68,9 +67,9 @@ def _eval_results(
     split: str,
     **fields: Any,
 ) -> list:
-    """``huggingface_hub.EvalResult`` s of the `table` metrics present at each level, as percentages rounded as in
-    the cards' tables; named ``"<level> <name> (<method>)"``. ``dataset_type`` is the Hub id when the data is on
-    the Hub, else the dataset's name (never a local path). `fields`: ``task_name`` and the settings."""
+    """``EvalResult`` s of the `table` metrics present at each level, as percentages rounded as in the cards'
+    tables, named ``"<level> <name> (<method>)"``. ``dataset_type`` is the Hub id when the data is on the Hub, else
+    the dataset's name (never a local path). `fields`: ``task_name`` and the settings."""
     name = Path(dataset_name).name or dataset_name
     return [
         EvalResult(
@@ -98,12 +97,8 @@ def knn_eval_results(
     dataset_id: str | None = None,
     aggregation: str | None = None,
 ) -> list:
-    """kNN metrics (``eval/<level>/<key>`` or ``<level>/<key>``, fractions) as ``huggingface_hub.EvalResult`` s.
-
-    Every result names ``k``, the slide / patient aggregation rule (when given) and the split, so the metadata
-    says which table of the card it is; ``dataset_type`` is a Hub id when the data is on the Hub, else the
-    dataset's name (never a local path).
-    """
+    """kNN metrics (fractions) as :func:`_eval_results`; each names ``k``, the aggregation rule (when given) and
+    the split, so the metadata says which table of the card it is."""
     settings = f"k={k}" + (f", {aggregation} aggregation" if aggregation else "")
     return _eval_results(
         metrics,
@@ -118,15 +113,9 @@ def knn_eval_results(
 
 
 def model_index_yaml(model_name: str, metrics: Mapping[str, float], **kwargs: Any) -> str:
-    """The card's ``model-index`` lines (YAML) for :func:`knn_eval_results`; empty without metrics.
-
-    Values are percentages rounded as in the card's table, so metadata and body show the same numbers.
-    """
+    """The card's ``model-index`` lines (YAML) for :func:`knn_eval_results`; empty without metrics."""
     results = knn_eval_results(metrics, **kwargs)
-    if not results:
-        return ""
-    data = ModelCardData(model_name=model_name, eval_results=results)
-    return yaml.safe_dump({"model-index": data.to_dict()["model-index"]}, sort_keys=False)
+    return ModelCardData(model_name=model_name, eval_results=results).to_yaml() + "\n" if results else ""
 
 
 def _record_results(
@@ -164,16 +153,9 @@ def update_card_knn(
 ) -> Path:
     """Record new kNN results in ``<model_dir>/README.md``: metadata and body together, so they never disagree.
 
-    The ``model-index`` kNN results for the same dataset and split are replaced by :func:`knn_eval_results`
-    (other results stay); in a card written by ``train.py`` the evaluation table, its ``k`` / temperature and
-    its split are rewritten with the same numbers. Written atomically, with the user's umask.
-
-    Args:
-        model_dir (`str` or `PathLike`): the model folder.
-        metrics (`Mapping[str, float]`): ``<level>/<key>`` or ``eval/<level>/<key>`` fractions.
-        k (`int`), split (`str`), temperature (`float`, *optional*), aggregation (`str`, *optional*): the
-            evaluation's settings.
-        dataset (`str`): the evaluated dataset (Hub id or folder; a folder is recorded by its name only).
+    Earlier kNN results on the same dataset and split (any k or rule) are replaced, other results stay; in a card
+    written by ``train.py`` the evaluation table, its ``k`` / temperature and its split are rewritten with the same
+    numbers. `dataset`: a Hub id or a folder (recorded by its name only). Written atomically, with the user's umask.
     """
 
     def row(match: re.Match) -> str:
@@ -197,7 +179,6 @@ def update_card_knn(
     new = knn_eval_results(
         metrics, k=k, split=split, dataset_name=dataset, dataset_id=hub_id(dataset), aggregation=aggregation
     )
-    # Earlier kNN results on the same dataset and split (any k or rule) are replaced; other results stay.
     return _record_results(
         model_dir,
         new,
@@ -207,13 +188,10 @@ def update_card_knn(
 
 
 def update_model_card(model_dir: str | os.PathLike, report: dict[str, Any], dataset_name: str) -> Path:
-    """Record a linear-probe or zero-shot report's metrics as model-index results in `<model_dir>/README.md`.
-
-    kNN reports go through :func:`update_card_knn`, which rewrites the card's kNN table too. Metric names carry
-    the mode and the aggregation rule (e.g. ``"slide acc (linear, sum aggregation)"``) and `metric_args` the
-    settings; values are percentages, as in the kNN results. Results with the same metric name, dataset and split
-    are replaced; others are kept. Written atomically, with the user's umask.
-    """
+    """Record a linear-probe or zero-shot report's metrics as model-index results in `<model_dir>/README.md`
+    (kNN reports go through :func:`update_card_knn`). Metric names carry the mode and the aggregation rule (e.g.
+    ``"slide acc (linear, sum aggregation)"``), `metric_args` the settings. Results with the same metric name,
+    dataset and split are replaced, others kept; written atomically, with the user's umask."""
     mode, settings = report["mode"], report.get("settings", {})
     aggregation = settings.get("aggregation")
     # The rule is part of the name: slide / patient numbers (and every mAP) differ between rules.

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi
+import yaml
+from huggingface_hub import HfApi, ModelCardData
 
 from hlss_hf.data.augmentation import AUGMENTATION_PRESETS, DEFAULT_AUGMENTATION
 from hlss_hf.files import write_text_atomically
@@ -65,7 +66,7 @@ def _warning_list(warnings: Sequence[dict[str, str]]) -> str:
 
 
 def _command(script: str, argv: Sequence[str]) -> str:
-    return f"python {script} " + " ".join(shlex.quote(a) for a in argv)
+    return f"python {script} " + shlex.join(argv)
 
 
 def _tower_name(spec: Any, tower_config: Any) -> str:
@@ -89,32 +90,20 @@ def _tower_name(spec: Any, tower_config: Any) -> str:
 
 
 def hub_links(dataset: str, towers: list[Any]) -> str:
-    """The card's `datasets` / `base_model` metadata: only names that are Hub ids (:func:`hub_id`: not local
-    paths or configs; a ``pkg:`` tower by the Hub model its package ships).
-
-    Args:
-        dataset (`str`): ``data.dataset``.
-        towers (`list`): the tower specs (``model.vision``, ``model.text``).
-    """
-    lines = []
-    if hub_id(dataset):
-        lines += ["datasets:", f"- {dataset}"]
-    bases = list(dict.fromkeys(name for name in map(hub_id, towers) if name))
-    if bases:
-        lines += ["base_model:", *(f"- {name}" for name in bases)]
-    return "".join(f"{line}\n" for line in lines)
+    """The card's `datasets` / `base_model` metadata (YAML) for ``data.dataset`` and the tower specs: only the
+    names that are Hub ids (:func:`hub_id`)."""
+    links = {
+        "datasets": [dataset] if hub_id(dataset) else [],
+        "base_model": [*dict.fromkeys(filter(None, map(hub_id, towers)))],
+    }
+    links = {key: names for key, names in links.items() if names}
+    return yaml.safe_dump(links, sort_keys=False) if links else ""
 
 
 def model_card_values(config: TrainConfig, state: TrainState, metrics: dict[str, float], ctx: dict) -> dict:
-    """Every placeholder of the card template from the run (config, model, data, steps, metrics).
-
-    Args:
-        config (`TrainConfig`): The run's config.
-        state (`TrainState`): Final step / epoch.
-        metrics (`dict`): kNN metrics (``eval/patch/acc`` ...), possibly empty.
-        ctx (`dict`): ``model`` (unwrapped), ``train_dataset``, ``modality``, ``num_processes``, ``device``,
-            ``seconds``, ``argv``.
-    """
+    """Every placeholder of the card template from the run: its config, final `state`, kNN `metrics`
+    (``eval/patch/acc`` ..., possibly empty) and `ctx` (``model`` unwrapped, ``train_dataset``, ``modality``,
+    ``num_processes``, ``device``, ``seconds``, ``argv``, ...)."""
     m, d, t = config.model, config.data, config.training
     model, modality = ctx["model"], ctx["modality"]
     mc = model.config
@@ -361,12 +350,8 @@ def render_model_card(config: TrainConfig, state: TrainState, metrics: dict[str,
 
 # ------------------------------------------------------------------ the fine-tuned adapter's and merged model's cards
 def finetune_card(kind: str, config: Any, report: dict[str, Any], argv: Sequence[str]) -> str:
-    """The model card (README.md) of ``finetune.py``'s adapter (`kind="adapter"`) or merged model (`"merged"`).
-
-    Filled from the run's config (``FinetuneConfig``), report and command line: base model, data, classes, LoRA and
-    training settings, the evaluation at patch / slide / patient level with the run's warnings, how to load it.
-    Replaces PEFT's empty template. Hub ids of the base model and dataset are linked in the metadata.
-    """
+    """The README.md of ``finetune.py``'s adapter (`kind="adapter"`) or merged model (`"merged"`), filled from the
+    run's ``FinetuneConfig``, report and command line; replaces PEFT's empty template."""
     t, dataset, base_model = config.training, config.data.dataset, config.model.model_name_or_path
     names, lora, metrics, warnings = report["labels"], report["lora"], report["eval"], report.get("warnings")
     training = {
@@ -380,11 +365,12 @@ def finetune_card(kind: str, config: Any, report: dict[str, Any], argv: Sequence
         "seed": t.seed,
         "training patches": report["train_patches"],
     }
-    front = ["---", license_metadata(t.model_license, t.project_url).rstrip("\n")]
-    front.append("library_name: peft" if kind == "adapter" else "library_name: transformers")
-    front.append("pipeline_tag: image-classification")
-    front += hub_links(dataset, [base_model]).splitlines()
-    front += ["tags: [hlss, histopathology, lora, image-classification]", "---", ""]
+    metadata = ModelCardData(
+        library_name="peft" if kind == "adapter" else "transformers",
+        pipeline_tag="image-classification",
+        tags=["hlss", "histopathology", "lora", "image-classification"],
+        **yaml.safe_load(license_metadata(t.model_license, t.project_url) + hub_links(dataset, [base_model])),
+    )
     where = (t.push_to_hub if kind == "adapter" else None) or ("path/to/" + kind)
     title = "LoRA adapter" if kind == "adapter" else "LoRA fine-tuned model (merged)"
     lines = [
@@ -438,7 +424,7 @@ def finetune_card(kind: str, config: Any, report: dict[str, Any], argv: Sequence
     ]
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in training.items()]
     lines += ["", f"Command: `{_command('finetune.py', argv)}`", ""]
-    return "\n".join(front + lines)
+    return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
 def write_finetune_cards(
