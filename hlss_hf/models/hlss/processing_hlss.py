@@ -35,8 +35,7 @@ __all__ = ["HLSSImageProcessor", "HLSSProcessor", "HLSSProcessorKwargs"]
 
 
 class HLSSImageProcessorKwargs(ImagesKwargs, total=False):
-    """`ImagesKwargs` plus HLSS's own settings, so `from_pretrained(..., modality=...)` overrides them and
-    `HLSSProcessor` routes them to the image processor."""
+    """`ImagesKwargs` plus HLSS's own settings, so that `from_pretrained` and `HLSSProcessor` route them."""
 
     modality: str | None
     antialias: bool | None
@@ -123,12 +122,9 @@ def _format_name(value, name: str) -> str | None:
 class HLSSImageProcessor(BaseImageProcessor):
     r"""Image processor for HLSS: SRH (2-channel uint16) or H&E (8-bit RGB) patches to ``pixel_values``.
 
-    Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized
-    (on the float tensor, bilinear or bicubic, antialiased by default), center-cropped and normalised. Resizing is
-    off by default because resizing changes the microns per pixel the encoder was trained at.
-
-    Every argument `transformers.ImagesKwargs` declares is accepted at call time (and through `HLSSProcessor`);
-    see `preprocess`.
+    Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized,
+    center-cropped and normalised. Resizing is off by default because it changes the microns per pixel the encoder
+    was trained at. Every argument of `transformers.ImagesKwargs` is accepted at call time; see `preprocess`.
 
     Framings: the default keeps the native resolution and centre-crops `crop_size`; the HLSS reference resizes the
     whole patch instead (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", antialias=False,
@@ -141,12 +137,11 @@ class HLSSImageProcessor(BaseImageProcessor):
         size (`int` or `dict`, *optional*, defaults to `{"shortest_edge": 224}`): resize target; an int (or
             `{"shortest_edge": s}`) resizes the shorter side to `s` keeping the aspect ratio,
             `{"height": h, "width": w}` resizes to exactly that.
-        resample (`str`, *optional*, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"` resizing (PIL's
-            `Resampling.BILINEAR` / `BICUBIC` are accepted too)
-            (`torch.nn.functional.interpolate`; bicubic values may leave ``[0, 1]`` slightly and are not clamped,
-            as in torchvision).
+        resample (`str`, *optional*, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"` (or PIL's
+            `Resampling.BILINEAR` / `BICUBIC`), by `F.interpolate`; bicubic values may leave ``[0, 1]`` slightly
+            and are not clamped, as in torchvision.
         antialias (`bool`, *optional*, defaults to `True`): antialias when downscaling (torchvision >= 0.17's
-            default for tensors, close to PIL's filters; torchvision < 0.17 resized tensors without it).
+            default for tensors, close to PIL's filters).
         resize_uint8 (`bool`, *optional*, defaults to `False`): resize 8-bit H&E pixels (uint8 arrays, RGB PIL
             images) before the float conversion, with torch's uint8 kernels (several times faster than the float
             resize). Approximate: the result is rounded to 8 bits, within about 1.5/255 of the float resize, and
@@ -157,11 +152,9 @@ class HLSSImageProcessor(BaseImageProcessor):
         do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`.
         image_mean (`float` or `list[float]`, *optional*, defaults to the ImageNet mean): per-channel mean.
         image_std (`float` or `list[float]`, *optional*, defaults to the ImageNet std): per-channel std.
-        do_rescale (`bool`, *optional*, defaults to `True`): scale integer pixels to ``[0, 1]``: H&E uint8 by
-            `rescale_factor`, SRH by ``1/65536`` (docs/method.md, preprocessing; or `rescale_factor`). False
-            keeps pixel values as
-            they are (0-255 for H&E, raw counts for SRH) and accepts float pixels outside ``[0, 1]``. Float pixels
-            are taken as already scaled either way.
+        do_rescale (`bool`, *optional*, defaults to `True`): scale integer pixels to ``[0, 1]`` by
+            `rescale_factor`. False keeps pixel values as they are (0-255 for H&E, raw counts for SRH) and accepts
+            float pixels outside ``[0, 1]``. Float pixels are taken as already scaled either way.
         rescale_factor (`float`, *optional*): the scale of integer pixels; defaults to the modality's (``1/255`` for
             8-bit H&E, ``1/65536`` for SRH).
         do_convert_rgb (`bool`, *optional*, defaults to `True`): convert H&E images to RGB as PIL does (grey
@@ -295,14 +288,7 @@ class HLSSImageProcessor(BaseImageProcessor):
     def resize(
         pixels: torch.Tensor, size: dict[str, int], resample: str = "bilinear", antialias: bool = True
     ) -> torch.Tensor:
-        """Resize float images ``[N, 3, H, W]`` (``F.interpolate``, ``align_corners=False``).
-
-        Args:
-            pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
-            size (`dict`): `{"shortest_edge": s}` or `{"height": h, "width": w}`.
-            resample (`str`, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"`.
-            antialias (`bool`, defaults to `True`): antialias when downscaling.
-        """
+        """Resize float images ``[N, 3, H, W]`` to `size` (``F.interpolate``, ``align_corners=False``)."""
         height, width = pixels.shape[-2:]
         if "shortest_edge" in size:
             short, long = (height, width) if height <= width else (width, height)
@@ -316,12 +302,7 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def center_crop(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
-        """Crop the center ``size["height"] x size["width"]`` of ``[N, 3, H, W]`` images.
-
-        Args:
-            pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
-            size (`dict`): `{"height": h, "width": w}`, no larger than the images.
-        """
+        """Crop the center ``size["height"] x size["width"]`` (no larger than the images) of ``[N, 3, H, W]``."""
         height, width = pixels.shape[-2:]
         crop_h, crop_w = size["height"], size["width"]
         if crop_h > height or crop_w > width:
@@ -542,8 +523,7 @@ def _stats_tensors(mean: list[float], std: list[float], pixels: torch.Tensor):
 
 
 class HLSSProcessorKwargs(ProcessingKwargs, total=False):
-    """`ProcessingKwargs` whose image part is `HLSSImageProcessorKwargs`, so HLSS's own image settings
-    (`modality`, `antialias`, `resize_uint8`) passed flat reach the image processor."""
+    """`ProcessingKwargs` whose image part is `HLSSImageProcessorKwargs` (HLSS's settings passed flat reach it)."""
 
     images_kwargs: HLSSImageProcessorKwargs
 
@@ -578,20 +558,9 @@ class HLSSProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     def __call__(self, images=None, text: str | list[str] | None = None, **kwargs) -> BatchFeature:
-        """Process images and / or text and merge the outputs into one `BatchFeature`.
-
-        Args:
-            images (*optional*): what `HLSSImageProcessor` accepts.
-            text (`str` or `list[str]`, *optional*): texts to tokenize.
-            kwargs: `HLSSProcessorKwargs`: flat tokenizer or image-processor arguments (``padding``, ``max_length``,
-                ``crop_size``, ``modality``, ``return_tensors``, ...), or ``text_kwargs`` / ``images_kwargs`` dicts.
-
-        Returns:
-            `BatchFeature`: ``pixel_values`` when images are given, the tokenizer's keys when text is given.
-
-        Raises:
-            ValueError: without images and text, or with a key given both flat and in its modality's dict.
-        """
+        """Process images (what `HLSSImageProcessor` accepts) and / or text into one `BatchFeature`; `kwargs` as
+        the class docstring says. Raises `ValueError` without images and text, or with a key given both flat and in
+        its modality's dict."""
         return super().__call__(images=images, text=text, **kwargs)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):

@@ -19,11 +19,9 @@ __all__ = ["HLSSTextMixin", "head_init_weights"]
 
 
 def head_init_weights(bank: torch.Tensor, head_init: str = "text") -> torch.Tensor:
-    """A language-tied head's initial weight ``[N_l, D]`` from its bank: the bank's rows (``"text"``,
-    docs/method.md, language-tied heads),
-    or the rows less their mean, renormalised (``"text_centered"``): text descriptions share one dominant direction
-    (with MiniLM the demo's rows have mean cosine 0.6-0.7), which the centred rows leave out of the head's output
-    (benchmarks/README.md, "Learning"). A bank of one row keeps it."""
+    """A language-tied head's initial weight ``[N_l, D]`` from its bank: its rows (``"text"``), or the rows less
+    their mean, renormalised (``"text_centered"``; why: docs/method.md, language-tied heads). A bank of one row
+    keeps it."""
     if head_init == "text" or bank.shape[0] < 2:
         return bank
     return F.normalize(bank - bank.mean(dim=0, keepdim=True), dim=-1)
@@ -66,12 +64,7 @@ class HLSSTextMixin:
             input_ids (`torch.LongTensor` of shape `[T, L]`): token ids.
             attention_mask (`torch.LongTensor` of shape `[T, L]`, *optional*): 1 for real tokens.
             token_type_ids (`torch.LongTensor` of shape `[T, L]`, *optional*): passed to towers that take them.
-            output_hidden_states (`bool`, *optional*): also return the text tower's hidden states; defaults to
-                `config.output_hidden_states`.
-            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
-                `config.output_attentions`.
-            return_dict (`bool`, *optional*): a `BaseModelOutputWithPooling` (default) or a tuple of its non-`None`
-                fields.
+            output_hidden_states, output_attentions, return_dict: as in `get_image_features`, for the text tower.
             kwargs: ignored (other tokenizer outputs).
 
         Returns:
@@ -157,10 +150,8 @@ class HLSSTextMixin:
 
     @torch.no_grad()
     def build_attribute_banks(self, attributes, tokenizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
-        """Encode the attribute descriptions into the banks and re-initialise the heads from them.
-
-        ``t_a = normalize(mean_k normalize(f_L(description_k)))`` (prompt ensembling). Sets the buffers
-        `bank_<level>` (``[N_l, D]``), `config.attribute_names`, and each head's weight to its bank, bias 0.
+        """Encode the attribute descriptions into the banks (docs/method.md, attribute banks) and re-initialise
+        the heads from them (`head_init_weights`, bias 0); sets `config.attribute_names`.
 
         Args:
             attributes (`dict` or path): level -> attribute -> descriptions (see `load_attributes`).
