@@ -142,12 +142,8 @@ class HLSSPreTrainedModel(HLSSHubMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, re-applying the freezing (loading recreates the parameters).
-
-        Raises:
-            ValueError: when the checkpoint has no attribute banks (`bank_*`): they are the text tower's embeddings
-                of the descriptions and cannot be re-initialised.
-        """
+        """`PreTrainedModel.from_pretrained`, re-applying the freezing (loading recreates the parameters). Refuses a
+        checkpoint without attribute banks: they are text-tower embeddings and cannot be re-initialised."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         loaded, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing_banks = sorted(key for key in info["missing_keys"] if key.startswith("bank_"))

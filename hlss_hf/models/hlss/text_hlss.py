@@ -117,17 +117,9 @@ class HLSSTextMixin:
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], tokenizer, batch_size: int = 64, max_length: int | None = None):
-        """Tokenize and embed texts with the frozen text tower (no gradient).
-
-        Args:
-            texts (`list[str]`): the texts.
-            tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
-            batch_size (`int`, defaults to 64): texts per forward.
-            max_length (`int`, *optional*): truncation length (defaults to the tokenizer's limit).
-
-        Returns:
-            `torch.FloatTensor` of shape `[T, D]`, L2-normalised, on the model's device.
-        """
+        """Tokenize and embed texts with the frozen text tower (no gradient), `batch_size` texts per forward,
+        truncated to `max_length` (default: the tokenizer's limit). Returns ``[T, D]``, L2-normalised, on the
+        model's device."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
@@ -229,11 +221,7 @@ class HLSSTextMixin:
         return scale * image @ text_embeds.T
 
     def class_prompts(self) -> dict[str, list[str]]:
-        """`config.class_prompts` (class -> descriptions), in `config.id2label` order when those are its classes.
-
-        Raises:
-            ValueError: when the model carries no class descriptions.
-        """
+        """`config.class_prompts` (class -> descriptions), in `config.id2label` order when those are its classes."""
         prompts = self.config.class_prompts
         if not prompts:
             raise ValueError(
