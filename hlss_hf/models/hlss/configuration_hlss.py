@@ -263,13 +263,11 @@ class HLSSConfig(PreTrainedConfig):
             alignment stage (`forward` with text).
         class_prompts (`dict[str, list[str]]`, *optional*): class name -> descriptions (ensembled), the default
             prompts of zero-shot classification (`HLSSModel.zero_shot_logits`, `evaluate zeroshot`).
-        use_visual_projection (`bool`, defaults to True): map the pooled vision output into the joint space with
-            a new linear `visual_projection`. False when the vision tower already outputs the joint space (an
-            open_clip image tower; a timm CLIP tower such as `resnet50_clip.cc12m`, whose classifier head, kept
-            then, is the CLIP image projection): `visual_projection` is then an identity.
-        text_pooling (`str`, *optional*): `"pooler"`, `"cls"` or `"mean"`; defaults to `"pooler"` for CLIP text
-            (EOS token + projection) and open_clip text (its own pooling + projection; the only choice there), and
-            `"mean"` otherwise (sentence-transformers style).
+        use_visual_projection (`bool`, defaults to True): a new linear `visual_projection` into the joint space;
+            False (an identity) for a tower that outputs it already (an open_clip image tower; a timm CLIP tower,
+            whose kept head is the CLIP image projection).
+        text_pooling (`str`, *optional*): `"pooler"`, `"cls"` or `"mean"`; defaults to `"pooler"` (the only
+            choice for open_clip) for CLIP and open_clip text, else `"mean"` (sentence-transformers style).
         modality (`str`, defaults to `"he"`): `"he"` (8-bit RGB H&E) or `"srh"` (2-channel uint16 SRH).
         image_size (`int`, defaults to 224): crop size the model was trained on.
         mpp (`float`, *optional*): microns per pixel of the training patches (provenance).

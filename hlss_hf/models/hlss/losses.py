@@ -60,12 +60,6 @@ def _check_embeddings(shape_hint: str = "", **tensors: Tensor) -> None:
             )
 
 
-def _distributed_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` along dim 0 over all processes, in rank order, keeping the autograd graph.
 
@@ -74,18 +68,11 @@ def gather_with_grad(t: Tensor) -> Tensor:
     rank computes the same global loss ``L``, the local shard receives ``world_size * dL/dshard``, and DDP's
     gradient averaging over ranks then yields the single-process gradient ``dL/dtheta`` (up to float rounding).
 
-    Args:
-        t (`torch.Tensor`): local shard, same shape on every process (dim 0 is the per-process batch).
-
-    Returns:
-        `torch.Tensor`: ``[world_size * t.shape[0], *t.shape[1:]]`` (or ``t`` itself on one process).
-
-    Raises:
-        ValueError: if the shards' shapes differ across processes (or ``t`` is 0-D / has too many dims).
+    ``t`` is the local shard (dim 0 the per-process batch), of one shape on every process: a `ValueError` otherwise.
     """
-    world_size = _distributed_world_size()
-    if world_size == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
+    world_size = dist.get_world_size()
     if t.dim() == 0 or t.dim() > _MAX_GATHER_DIMS:
         raise ValueError(
             f"`t` must have 1 to {_MAX_GATHER_DIMS} dims to be gathered, got shape {tuple(t.shape)}"

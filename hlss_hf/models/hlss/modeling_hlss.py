@@ -1,6 +1,4 @@
-"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (docs/method.md, the
-Python interface). Remote code: its siblings are imported relatively, and only public transformers API is used.
-"""
+"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -350,14 +348,11 @@ class HLSSModel(HLSSTextMixin, HLSSPreTrainedModel):
             `HLSSOutput` (see its fields for shapes).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if pixel_values.dim() == 4:
-            hierarchical = False
-        elif pixel_values.dim() == 7:
-            hierarchical = True
-        else:
+        if pixel_values.dim() not in (4, 7):
             raise ValueError(
                 f"`pixel_values` must be [N, C, H, W] or [B, S, P, V, C, H, W], got {tuple(pixel_values.shape)}"
             )
+        hierarchical = pixel_values.dim() == 7
         if input_ids is not None:
             if text_embeds is not None:
                 raise ValueError("give `text_embeds` or `input_ids`, not both")

@@ -1,8 +1,5 @@
-"""Pixel conversion for HLSS: raw SRH and H&E patches to float images (docs/method.md, preprocessing).
-
-Remote code beside processing_hlss.py (torch, numpy and PIL only). SRH patches are 2-channel uint16 ``[CH2, CH3]``,
-H&E patches 8-bit RGB.
-"""
+"""Pixel conversion for HLSS: raw SRH (2-channel uint16 ``[CH2, CH3]``) and H&E (8-bit RGB) patches to float
+images (docs/method.md, preprocessing)."""
 
 import warnings
 
@@ -133,11 +130,8 @@ def _he_channel_axis(shape: tuple, input_data_format: str | None) -> int:
 
 
 def _he_pixels(image, do_convert_rgb: bool, input_data_format: str | None) -> torch.Tensor:
-    """An H&E image as an unscaled tensor ``[C, H, W]`` (or ``[N, C, H, W]``), dtype as given.
-
-    With `do_convert_rgb` every image becomes RGB as PIL converts it (grey repeated, alpha dropped); without it the
-    channels are kept as they are (PIL images keep their mode's bands).
-    """
+    """An H&E image as an unscaled tensor ``[C, H, W]`` (or ``[N, C, H, W]``), dtype as given; `do_convert_rgb` as
+    `HLSSImageProcessor` documents it (without it, PIL images keep their mode's bands)."""
     if isinstance(image, Image.Image):
         if do_convert_rgb and image.mode != "RGB":
             image = image.convert("RGB")

@@ -1,7 +1,5 @@
 """Processors for HLSS (stimulated Raman histology and H&E); the pixel conversion is in pixels_hlss.py.
 
-Remote code: imports only torch, numpy, PIL, transformers and its siblings.
-
 No ``from __future__ import annotations`` here: transformers reads the kwargs TypedDicts' annotations at run time
 (`HLSSProcessorKwargs.images_kwargs` must be the class, not a string).
 """
@@ -54,9 +52,7 @@ def _size_dict(size, name: str, allow_shortest_edge: bool) -> dict[str, int]:
         raise ValueError(f"{name}: expected an int, (height, width) or a dict, got {size!r}")
     size = dict(size)
     keys = set(size)
-    if allow_shortest_edge and keys == {"shortest_edge"}:
-        pass
-    elif keys != {"height", "width"}:
+    if keys != {"height", "width"} and not (allow_shortest_edge and keys == {"shortest_edge"}):
         allowed = '{"shortest_edge"} or {"height", "width"}' if allow_shortest_edge else '{"height", "width"}'
         raise ValueError(f"{name}: keys must be {allowed}, got {sorted(keys)}")
     for key, value in size.items():
@@ -86,11 +82,8 @@ def _resample_name(value) -> str:
 
 
 def _channel_stats(values, name: str) -> list[float]:
-    """A scalar (broadcast to 3 channels) or a list of per-channel statistics as a list of floats.
-
-    Any number of channels is accepted here (an image kept with 4 channels by ``do_convert_rgb=False`` needs 4);
-    `normalize` checks the count against the images.
-    """
+    """A scalar (broadcast to 3 channels) or per-channel statistics as a list of floats. Any count is accepted
+    (``do_convert_rgb=False`` may keep 4 channels); `normalize` checks it against the images."""
     if isinstance(values, (int, float)):
         values = [float(values)] * 3
     values = [float(v) for v in values]
@@ -143,10 +136,9 @@ class HLSSImageProcessor(BaseImageProcessor):
         antialias (`bool`, *optional*, defaults to `True`): antialias when downscaling (torchvision >= 0.17's
             default for tensors, close to PIL's filters).
         resize_uint8 (`bool`, *optional*, defaults to `False`): resize 8-bit H&E pixels (uint8 arrays, RGB PIL
-            images) before the float conversion, with torch's uint8 kernels (several times faster than the float
-            resize). Approximate: the result is rounded to 8 bits, within about 1.5/255 of the float resize, and
-            bicubic overshoot beyond ``[0, 1]`` is clipped. Ignored for SRH (resized as float, after its channel
-            arithmetic) and other inputs.
+            images) before the float conversion, with torch's uint8 kernels (several times faster). Approximate:
+            rounded to 8 bits, within about 1.5/255 of the float resize, bicubic overshoot clipped. Ignored for SRH
+            (resized as float, after its channel arithmetic) and other inputs.
         do_center_crop (`bool`, *optional*, defaults to `True`): center-crop to `crop_size`.
         crop_size (`int` or `dict`, *optional*, defaults to 224): crop size, an int or `{"height", "width"}`.
         do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`.
@@ -271,7 +263,7 @@ class HLSSImageProcessor(BaseImageProcessor):
             raise ValueError(f"image {index}: {err}{hint}") from err
 
     def _flatten(self, images) -> list:
-        """A single image or a list of images -> list of images; rank-4 arrays stay whole (a stacked batch)."""
+        """A single image or a list of images -> list of images; a rank-4 array stays whole (a stacked batch)."""
         if isinstance(images, (list, tuple)):
             if len(images) == 0:
                 raise ValueError("images: got an empty list")
@@ -516,10 +508,7 @@ def _stats_tensors(mean: list[float], std: list[float], pixels: torch.Tensor):
     for name, values in (("image_mean", mean), ("image_std", std)):
         if len(values) != channels:
             raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels")
-    shape = (1, channels, 1, 1)
-    return torch.tensor(mean, dtype=pixels.dtype).view(shape), torch.tensor(std, dtype=pixels.dtype).view(
-        shape
-    )
+    return tuple(torch.tensor(values, dtype=pixels.dtype).view(1, channels, 1, 1) for values in (mean, std))
 
 
 class HLSSProcessorKwargs(ProcessingKwargs, total=False):
@@ -534,10 +523,6 @@ class HLSSProcessor(ProcessorMixin):
     Call arguments follow transformers' processor convention (`HLSSProcessorKwargs`, `ProcessorMixin._merge_kwargs`):
     flat keyword arguments go to the part that declares them, ``images_kwargs`` / ``text_kwargs`` address one part.
 
-    Args:
-        image_processor (`HLSSImageProcessor`): the image processor.
-        tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
-
     Example:
 
     ```python
@@ -549,9 +534,8 @@ class HLSSProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = HLSSProcessorKwargs
-    # transformers' lowest-priority processor defaults (see `ProcessorMixin._merge_kwargs`): texts of a batch are
-    # padded to one length and truncated to the tokenizer's limit, and the batch holds torch tensors (the image
-    # processor returns them by default already).
+    # transformers' lowest-priority processor defaults (`ProcessorMixin._merge_kwargs`): texts of a batch padded to
+    # one length, truncated to the tokenizer's limit, as torch tensors (as the image processor returns by default).
     text_kwargs = {"padding": True, "truncation": True, "return_tensors": "pt"}
 
     def __init__(self, image_processor, tokenizer, **kwargs):

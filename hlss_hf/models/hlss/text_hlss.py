@@ -143,15 +143,8 @@ class HLSSTextMixin:
     @torch.no_grad()
     def build_attribute_banks(self, attributes, tokenizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
         """Encode the attribute descriptions into the banks (docs/method.md, attribute banks) and re-initialise
-        the heads from them (`head_init_weights`, bias 0); sets `config.attribute_names`.
-
-        Args:
-            attributes (`dict` or path): level -> attribute -> descriptions (see `load_attributes`).
-            tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
-            batch_size (`int`, defaults to 64): descriptions per text forward.
-
-        Returns:
-            `dict[str, torch.Tensor]`: the new banks per level.
+        the heads from them (`head_init_weights`, bias 0); sets `config.attribute_names` and returns the banks.
+        `attributes` as `load_attributes` reads them; `batch_size` descriptions per text forward.
         """
         attributes = load_attributes(attributes)
         device, dtype = self.bank_patch.device, self.heads["patch"].weight.dtype
@@ -190,8 +183,8 @@ class HLSSTextMixin:
         Args:
             pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
             texts (`list[str]`, *optional*): prompts, one per column (needs `tokenizer`); or give `text_embeds`.
-                Without either, the columns are the classes of `config.class_prompts` (in `config.id2label`
-                order when those are its classes), each the ensemble of its descriptions (needs `tokenizer`).
+                Without either, the columns are the classes of `class_prompts()`, each the ensemble of its
+                descriptions (needs `tokenizer`).
             tokenizer (`PreTrainedTokenizerBase`, *optional*): the text tower's tokenizer.
             text_embeds (`torch.FloatTensor` of shape `[T, D]`, *optional*): precomputed text embeddings
                 (normalised here).

@@ -1,8 +1,6 @@
 """HLSS towers: building, loading and pooling the vision and text towers, open_clip towers as transformers models,
-text tokenizers, and the body of `HLSSModel.from_vision_text_pretrained` (docs/method.md).
-
-Shipped as transformers remote code beside ``modeling_hlss.py``: it imports only torch, transformers and its
-siblings; timm and open_clip (``pip install 'hlss_hf[reference]'``) are imported by name when a tower needs them.
+text tokenizers, and the body of `HLSSModel.from_vision_text_pretrained` (docs/method.md). timm and open_clip
+(``pip install 'hlss_hf[reference]'``) are imported by name when a tower needs them (`_require`).
 """
 
 from __future__ import annotations
@@ -79,12 +77,8 @@ def _is_open_clip_id(source) -> bool:
 
 @dataclass
 class OpenCLIPTextOutput(ModelOutput):
-    """Output of `OpenCLIPTextModel.forward`.
-
-    Args:
-        text_embeds (`torch.FloatTensor` of shape `[T, embed_dim]`): open_clip's `encode_text` (pooled, projected,
-            not normalised).
-    """
+    """Output of `OpenCLIPTextModel.forward`: `text_embeds` ``[T, embed_dim]``, open_clip's `encode_text` (pooled,
+    projected, not normalised)."""
 
     text_embeds: torch.FloatTensor | None = None
 
