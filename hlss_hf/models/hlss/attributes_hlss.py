@@ -24,8 +24,9 @@ def shipped_attribute_file(name: str) -> str:
 
 
 # Where the HLSS reference's training config (hlss/config/train_hlss_attr3levels.yaml of GitHub Hasindri/HLSS) keeps
-# its banks: under `model:`, one attribute -> descriptions mapping per level. Read as it is, so that users can point
-# at that file for the reference's own descriptions (this package ships none of its text).
+# its banks: under `model:`, one attribute -> descriptions mapping per level. Read as it is (names, order and
+# descriptions unchanged), so that users can point at that file for the reference's own descriptions (this package
+# ships none of its text).
 REFERENCE_BANK_KEYS = {level: f"{level}_templates" for level in LEVELS}
 
 
@@ -78,22 +79,16 @@ def _yaml_repeated_keys(text: str) -> tuple[object, list[str]]:
 def load_attributes(attributes) -> dict[str, dict[str, list[str]]]:
     """Read and validate an attribute bank description.
 
-    Format (YAML or JSON): a mapping level -> attribute name -> list of description strings, with the levels
-    `patch`, `slide` and `patient`, e.g. ``{"patch": {"hypercellular": ["densely packed nuclei", ...]}, ...}``.
-    A single string is accepted as a one-description list. The HLSS reference's own training config (e.g.
-    `hlss/config/train_hlss_attr3levels.yaml` of GitHub Hasindri/HLSS) is accepted as it is: its banks are
-    `model.patch_templates`, `model.slide_templates` and `model.patient_templates`, read with their names, order
-    and descriptions unchanged (the rest of that file is ignored).
+    Format (YAML or JSON; attributes/README.md): a mapping level -> attribute name -> list of description strings,
+    with the levels `patch`, `slide` and `patient`; a single string is a one-description list. The HLSS reference's
+    own training config is accepted as it is (`REFERENCE_BANK_KEYS`; the rest of that file is ignored).
 
     Args:
         attributes (`dict` or `str` or `os.PathLike`): the mapping itself, a `.yaml` / `.yml` / `.json` file, or
-            the name of a set shipped in `hlss_hf/models/hlss/attributes/` (`"srh_brain_tumor"`, `"he_tcga"`, `.yaml` optional).
+            the name of a set shipped in `hlss_hf/models/hlss/attributes/` (`"he_tcga"`, `.yaml` optional).
 
     Returns:
         `dict[str, dict[str, list[str]]]`: the validated mapping, levels in the order patch, slide, patient.
-
-    Raises:
-        ValueError: naming the file, level or attribute that is missing, empty or malformed.
     """
     source, repeated = "attributes", []
     if isinstance(attributes, (str, os.PathLike)):

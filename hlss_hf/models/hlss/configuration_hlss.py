@@ -42,7 +42,13 @@ def _open_clip_tower_cfg(key: str, cfg, model_name) -> dict:
 
 
 class _OpenCLIPTowerConfig(PreTrainedConfig):
-    """What the open_clip tower configs share: the joint space size, open_clip's tower settings, the activation."""
+    """What the open_clip tower configs share.
+
+    Args:
+        embed_dim (`int`, defaults to 1024): the CLIP joint space size (the tower's output, after its projection).
+        quick_gelu (`bool`, defaults to False): the checkpoint's `quick_gelu` (OpenAI-style weights need True).
+        open_clip_model_name (`str`, *optional*): where the tower came from (provenance).
+    """
 
     def _set_tower(self, key: str, embed_dim: int, cfg: dict | None, quick_gelu: bool, model_name) -> None:
         if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim <= 0:
@@ -62,11 +68,9 @@ class OpenCLIPTextConfig(_OpenCLIPTowerConfig):
     r"""Configuration of an open_clip text tower used as the HLSS text tower (`OpenCLIPTextModel`).
 
     Args:
-        embed_dim (`int`, defaults to 1024): the CLIP joint space size (the tower's output, after its projection).
         text_cfg (`dict`, *optional*): open_clip's `text_cfg` (`context_length`, `vocab_size`, `width`, `heads`,
             `layers`, ...), as in the checkpoint's `open_clip_config.json`. Defaults to open_clip's defaults.
-        quick_gelu (`bool`, defaults to False): the checkpoint's `quick_gelu` (OpenAI-style weights need True).
-        open_clip_model_name (`str`, *optional*): where the tower came from (provenance).
+        embed_dim, quick_gelu, open_clip_model_name: as in `_OpenCLIPTowerConfig`.
     """
 
     model_type = "hlss_open_clip_text"
@@ -89,11 +93,9 @@ class OpenCLIPVisionConfig(_OpenCLIPTowerConfig):
     Its output is already in the CLIP joint space of size `embed_dim` (attention pool / projection included).
 
     Args:
-        embed_dim (`int`, defaults to 1024): the CLIP joint space size.
         vision_cfg (`dict`, *optional*): open_clip's `vision_cfg` (`image_size`, `layers`, `width`,
             `patch_size`, ...), as in the checkpoint's `open_clip_config.json`.
-        quick_gelu (`bool`, defaults to False): the checkpoint's `quick_gelu`.
-        open_clip_model_name (`str`, *optional*): where the tower came from (provenance).
+        embed_dim, quick_gelu, open_clip_model_name: as in `_OpenCLIPTowerConfig`.
     """
 
     model_type = "hlss_open_clip_vision"
@@ -150,29 +152,16 @@ def _resolve_sub_config(key: str, value, default_type: str) -> PreTrainedConfig:
 
 
 def text_output_dim(text_config: PreTrainedConfig) -> int:
-    """Size of the text tower's output space, i.e. the HLSS joint space.
-
-    Args:
-        text_config (`PreTrainedConfig`): the text tower's config.
-
-    Returns:
-        `int`: the pretrained projection size for projected towers (CLIP text), else the hidden size.
-    """
+    """Size of the text tower's output space, the HLSS joint space: the pretrained projection size for projected
+    towers (CLIP text), else the hidden size."""
     if text_config.model_type in _PROJECTED_TEXT_TYPES and getattr(text_config, "projection_dim", None):
         return int(text_config.projection_dim)
     return int(text_config.hidden_size)
 
 
 def vision_output_dim(vision_config: PreTrainedConfig) -> int:
-    """Size of the vision tower's pooled output.
-
-    Args:
-        vision_config (`PreTrainedConfig`): the vision tower's config.
-
-    Returns:
-        `int`: last stage width for CNNs (``hidden_sizes[-1]``: ResNet, ConvNeXt), ``num_features`` for timm
-        wrappers, ``embed_dim`` for open_clip image towers, else ``hidden_size`` (ViT, CLIP vision, DINOv2).
-    """
+    """Size of the vision tower's pooled output: ``hidden_sizes[-1]`` for CNNs (ResNet, ConvNeXt), ``num_features``
+    for timm wrappers, ``embed_dim`` for open_clip image towers, else ``hidden_size`` (ViT, CLIP vision, DINOv2)."""
     if vision_config.model_type == OpenCLIPVisionConfig.model_type:
         return int(vision_config.embed_dim)
     sizes = getattr(vision_config, "hidden_sizes", None)
@@ -268,21 +257,17 @@ class HLSSConfig(PreTrainedConfig):
         align_temperature (`float`, defaults to 1.0): softmax temperature `tau_a` of the HA loss.
         alignment_reduction (`str`, defaults to `"mean"`): how each HA level reduces over images: `"mean"`, or
             `"sum"` as the reference code does (see `losses.hierarchical_alignment_loss` for the gradient).
-        head_init (`str`, defaults to `"text"`): how the heads start: `"text"`, each level's bank
-        (docs/method.md, language-tied heads), or
-            `"text_centered"`, the bank's rows less their mean, renormalised (see `text_hlss.head_init_weights`).
+        head_init (`str`, defaults to `"text"`): how the heads start, `"text"` or `"text_centered"`
+            (`text_hlss.head_init_weights`; docs/method.md, language-tied heads).
         caption_temperature (`float`, defaults to 0.07): temperature of the image-text contrastive loss of the
-            alignment stage (`forward` with text; `losses.image_text_contrastive_loss`).
-        class_prompts (`dict[str, list[str]]`, *optional*): class name -> descriptions of the class, the default
-            prompts of zero-shot classification (`HLSSModel.zero_shot_logits`, `python -m hlss_hf.evaluate
-            zeroshot`); the descriptions of a class are ensembled.
-        use_visual_projection (`bool`, defaults to True): map the pooled vision output into the joint space with
-            a new linear `visual_projection`. False when the vision tower already outputs the joint space (an
-            open_clip image tower; a timm CLIP tower such as `resnet50_clip.cc12m`, whose classifier head, kept
-            then, is the CLIP image projection): `visual_projection` is then an identity.
-        text_pooling (`str`, *optional*): `"pooler"`, `"cls"` or `"mean"`; defaults to `"pooler"` for CLIP text
-            (EOS token + projection) and open_clip text (its own pooling + projection; the only choice there), and
-            `"mean"` otherwise (sentence-transformers style).
+            alignment stage (`forward` with text).
+        class_prompts (`dict[str, list[str]]`, *optional*): class name -> descriptions (ensembled), the default
+            prompts of zero-shot classification (`HLSSModel.zero_shot_logits`, `evaluate zeroshot`).
+        use_visual_projection (`bool`, defaults to True): a new linear `visual_projection` into the joint space;
+            False (an identity) for a tower that outputs it already (an open_clip image tower; a timm CLIP tower,
+            whose kept head is the CLIP image projection).
+        text_pooling (`str`, *optional*): `"pooler"`, `"cls"` or `"mean"`; defaults to `"pooler"` (the only
+            choice for open_clip) for CLIP and open_clip text, else `"mean"` (sentence-transformers style).
         modality (`str`, defaults to `"he"`): `"he"` (8-bit RGB H&E) or `"srh"` (2-channel uint16 SRH).
         image_size (`int`, defaults to 224): crop size the model was trained on.
         mpp (`float`, *optional*): microns per pixel of the training patches (provenance).

@@ -65,10 +65,9 @@ class HLSSHubMixin:
     """`save_pretrained` / `push_to_hub` of `HLSSPreTrainedModel` (before `PreTrainedModel` in its bases)."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, recording every HLSS auto class in the config's `auto_map`, with an HLSS
-        model card (`README.md`): the card of the folder this model was loaded from when it has one, else one
-        written from the config. An existing `README.md` in `save_directory` is kept. ``push_to_hub=True`` pushes
-        through :meth:`push_to_hub` (which also ships the pipelines)."""
+        """`PreTrainedModel.save_pretrained` with every HLSS auto class in `auto_map` and an HLSS card (`README.md`:
+        the loaded folder's, else `hlss_model_card`; an existing one in `save_directory` is kept).
+        ``push_to_hub=True`` goes through :meth:`push_to_hub`, which also ships the pipelines."""
         push = kwargs.pop("push_to_hub", False)
         hub = {
             key: kwargs.pop(key) for key in ("repo_id", "token", "commit_message", "private") if key in kwargs
@@ -115,14 +114,9 @@ class HLSSHubMixin:
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
     ):
-        """`PreTrainedModel.push_to_hub`, keeping the HLSS card and the pipeline file (transformers would replace
-        the card with its generic one): the card of the folder this model was loaded from, else the repo's own
-        card when it has one, else one written from the config; `tags` are added to it. Arguments as
-        transformers'.
-
-        Returns:
-            `huggingface_hub.CommitInfo` of the upload.
-        """
+        """`PreTrainedModel.push_to_hub` (same arguments and `CommitInfo`), keeping the HLSS card, which transformers
+        would replace with its generic one: the loaded folder's, else the repo's own, else `hlss_model_card`; `tags`
+        are added to it. Also uploads the pipeline file."""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:

@@ -60,12 +60,6 @@ def _check_embeddings(shape_hint: str = "", **tensors: Tensor) -> None:
             )
 
 
-def _distributed_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` along dim 0 over all processes, in rank order, keeping the autograd graph.
 
@@ -74,18 +68,11 @@ def gather_with_grad(t: Tensor) -> Tensor:
     rank computes the same global loss ``L``, the local shard receives ``world_size * dL/dshard``, and DDP's
     gradient averaging over ranks then yields the single-process gradient ``dL/dtheta`` (up to float rounding).
 
-    Args:
-        t (`torch.Tensor`): local shard, same shape on every process (dim 0 is the per-process batch).
-
-    Returns:
-        `torch.Tensor`: ``[world_size * t.shape[0], *t.shape[1:]]`` (or ``t`` itself on one process).
-
-    Raises:
-        ValueError: if the shards' shapes differ across processes (or ``t`` is 0-D / has too many dims).
+    ``t`` is the local shard (dim 0 the per-process batch), of one shape on every process: a `ValueError` otherwise.
     """
-    world_size = _distributed_world_size()
-    if world_size == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
+    world_size = dist.get_world_size()
     if t.dim() == 0 or t.dim() > _MAX_GATHER_DIMS:
         raise ValueError(
             f"`t` must have 1 to {_MAX_GATHER_DIMS} dims to be gathered, got shape {tuple(t.shape)}"
@@ -111,17 +98,14 @@ def gather_with_grad(t: Tensor) -> Tensor:
 
 
 def supcon_loss(features: Tensor, temperature: float = 0.07, base_temperature: float = 0.07) -> Tensor:
-    """SupCon loss in its unsupervised (SimCLR) form, contrast mode "all" (docs/method.md, HVC).
+    """SupCon loss in its unsupervised (SimCLR) form, contrast mode "all"; the formula is in docs/method.md (HVC).
 
-    All ``n * m`` embeddings are anchors; the positives of an anchor are the other ``m - 1`` views of its
-    instance; its denominator runs over all ``n * m - 1`` other embeddings:
-    ``L_i = -(tau / tau_base) * mean_p log(exp(f_i.f_p / tau) / sum_{a != i} exp(f_i.f_a / tau))``, averaged over
-    anchors. Features are used as given: L2-normalise them beforehand (the HLSS heads do).
+    Features are used as given: L2-normalise them beforehand (the HLSS heads do).
 
     Args:
         features (`torch.Tensor` of shape `[n, m, D]`): ``n`` instances with ``m >= 2`` views each.
-        temperature (`float`, defaults to 0.07): ``tau``, scales the similarities.
-        base_temperature (`float`, defaults to 0.07): ``tau_base``; the loss is scaled by ``tau / tau_base``.
+        temperature (`float`, defaults to 0.07): ``tau``.
+        base_temperature (`float`, defaults to 0.07): ``tau_base``.
 
     Returns:
         `torch.Tensor`: scalar loss, float32 (float64 for float64 input).
@@ -159,18 +143,14 @@ def supcon_loss(features: Tensor, temperature: float = 0.07, base_temperature: f
 def hierarchical_contrastive_loss(
     features: Tensor, level: str, temperature: float = 0.07, base_temperature: float = 0.07
 ) -> Tensor:
-    """HVC loss at one level of the patient / slide / patch hierarchy (docs/method.md, HVC).
-
-    Features are first gathered over processes with gradient along ``B`` (so negatives span the global
-    batch and the value equals one process holding the whole batch), then reshaped:
-    patch ``[B*S*P, V, D]``, slide ``[B*S, P*V, D]``, patient ``[B, S*P*V, D]``, and passed to `supcon_loss`.
+    """HVC loss at one level: `supcon_loss` of the features gathered over processes along ``B`` and grouped
+    as docs/method.md (HVC) tabulates.
 
     Args:
         features (`torch.Tensor` of shape `[B, S, P, V, D]`): L2-normalised embeddings of ``B`` patients,
-            ``S`` slides each, ``P`` patches per slide, ``V`` views per patch (index order B, S, P, V).
+            ``S`` slides each, ``P`` patches per slide, ``V`` views per patch.
         level (`str`): one of ``"patch"``, ``"slide"``, ``"patient"``.
-        temperature (`float`, defaults to 0.07): SupCon temperature.
-        base_temperature (`float`, defaults to 0.07): SupCon base temperature.
+        temperature, base_temperature: as in `supcon_loss`.
 
     Returns:
         `torch.Tensor`: scalar loss (the global one when running distributed).
@@ -195,18 +175,11 @@ def hierarchical_contrastive_loss(
 def hierarchical_alignment_loss(
     image_embeds: Tensor, attribute_embeds: Tensor, temperature: float = 1.0, reduction: str = "mean"
 ) -> Tensor:
-    """HA loss at one level: symmetric KL between an embedding and its nearest attribute (docs/method.md, HA).
+    """HA loss at one level: symmetric KL between an embedding and its nearest attribute (docs/method.md, HA;
+    how the reference differs: docs/fidelity.md). Differentiable in ``z``; the nearest-attribute choice is not.
 
-    ``a*(i) = argmax_a cos(z_i, t_a)`` (a discrete choice, no gradient), ``p_i = softmax(z_i / tau_a)``,
-    ``q_i = softmax(t_{a*(i)} / tau_a)`` over the D dimensions, and
-    ``L = reduce_i 0.5 * (KL(p_i || q_i) + KL(q_i || p_i))``, differentiable in ``z`` (not detached).
-
-    How this differs from the reference (``hlss/train_hlss_KL.py`` of Hasindri/HLSS): there the two KL terms use
-    ``F.kl_div(..., reduction="sum")`` over every image of the batch gathered from all devices, i.e.
-    ``reduction="sum"`` here, and each is turned into a Python float with ``.item()`` before it is added to the
-    training loss, so the HA term is logged but sends no gradient. Here the term trains; set the model's
-    ``lambda_align=0`` to reproduce the reference's (absent) gradient. With ``reduction="sum"`` the gradient per
-    image is ``N`` times the one of ``"mean"``, so the effective weight of HA grows with the batch.
+    With ``reduction="sum"`` the gradient per image is ``N`` times the one of ``"mean"``, so the effective weight
+    of HA grows with the batch.
 
     Not gathered across processes: the loss is a reduction of independent per-sample terms. With ``"mean"`` and
     equal shards, the DDP average of the per-rank means is the global mean (value and gradient). With ``"sum"``
@@ -217,8 +190,7 @@ def hierarchical_alignment_loss(
         image_embeds (`torch.Tensor` of shape `[N, D]`): image embeddings ``z``.
         attribute_embeds (`torch.Tensor` of shape `[K, D]`): the level's fixed attribute bank ``T_l``.
         temperature (`float`, defaults to 1.0): ``tau_a``, the softmax temperature.
-        reduction (`str`, defaults to `"mean"`): `"mean"` over images, or `"sum"` (the reference's; ``N`` times
-            the mean).
+        reduction (`str`, defaults to `"mean"`): `"mean"` over images, or `"sum"` (the reference's).
 
     Returns:
         `torch.Tensor`: scalar loss, float32 (float64 for float64 input), ``>= 0``.
@@ -248,13 +220,11 @@ def hierarchical_alignment_loss(
 def image_text_contrastive_loss(
     image_embeds: Tensor, text_embeds: Tensor, temperature: float = 0.07
 ) -> Tensor:
-    """CLIP's symmetric contrastive loss over (image, caption) pairs (docs/method.md, the alignment stage).
+    """CLIP's symmetric contrastive loss over (image, caption) pairs, gathered over processes with gradient
+    (docs/method.md, the alignment stage). Image ``i`` and text ``i`` are a pair.
 
-    Image ``i`` and text ``i`` are a pair. Both are gathered over processes with gradient (so negatives span the
-    global batch and the value equals one process holding every pair), then with ``s_ij = z_i . t_j / tau``:
-    ``L = (CE(s, diag) + CE(s^T, diag)) / 2``, each cross-entropy averaged over the pairs. Embeddings are used as
-    given: L2-normalise them beforehand (the model does). A frozen text tower's embeddings may come without
-    gradient; the loss then trains the image side only.
+    Embeddings are used as given: L2-normalise them beforehand (the model does). A frozen text tower's embeddings
+    may come without gradient; the loss then trains the image side only.
 
     Args:
         image_embeds (`torch.Tensor` of shape `[n, D]`): image embeddings ``z``.

@@ -1,6 +1,4 @@
-"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (docs/method.md, the
-Python interface). Remote code: its siblings are imported relatively, and only public transformers API is used.
-"""
+"""HLSS models: a vision tower tied to a frozen text tower through per-level attribute banks (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -60,14 +58,13 @@ class HLSSOutput(ModelOutput):
         attribute_scores (`dict[str, torch.FloatTensor]`): per level, `u_l = normalize(head_l(z))` of shape
             `[N, N_l]` or `[B, S, P, V, N_l]`: coordinate `a` is the (trained) affinity to attribute `a`.
         hidden_states (`tuple[torch.FloatTensor]`, *optional*): the vision tower's hidden states (with
-            `output_hidden_states=True`), each with the input's leading dims: `[N, ...]` or `[B, S, P, V, ...]`
-            (e.g. `[N, seq, hidden]` for a ViT, `[N, C, h, w]` feature maps for a ResNet or timm's intermediates;
-            `None` for an open_clip tower, which returns its embedding alone).
+            `output_hidden_states=True`), each with the input's leading dims (e.g. `[N, seq, hidden]` for a ViT,
+            `[N, C, h, w]` feature maps for a ResNet or timm; `None` for an open_clip tower).
         attentions (`tuple[torch.FloatTensor]`, *optional*): the vision tower's attention maps (with
-            `output_attentions=True` and eager attention), each `[N, heads, seq, seq]` (or `[B, S, P, V, ...]`);
-            `None` for towers without them (CNNs, timm and open_clip towers).
+            `output_attentions=True` and eager attention), each `[N, heads, seq, seq]` with the input's leading
+            dims; `None` for towers without them (CNNs, timm and open_clip towers).
         image_text_loss (`torch.FloatTensor` of shape `()`, *optional*): CLIP's symmetric contrastive loss of the
-            (image, text) pairs (text given, with `return_loss`; docs/method.md, the alignment stage).
+            (image, text) pairs (text given, with `return_loss`).
         text_embeds (`torch.FloatTensor` of shape `[N, D]` or `[B, S, P, V, D]`, *optional*): the L2-normalised
             text embeddings paired with the images (text given).
     """
@@ -143,12 +140,8 @@ class HLSSPreTrainedModel(HLSSHubMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, re-applying the freezing (loading recreates the parameters).
-
-        Raises:
-            ValueError: when the checkpoint has no attribute banks (`bank_*`): they are the text tower's embeddings
-                of the descriptions and cannot be re-initialised.
-        """
+        """`PreTrainedModel.from_pretrained`, re-applying the freezing (loading recreates the parameters). Refuses a
+        checkpoint without attribute banks: they are text-tower embeddings and cannot be re-initialised."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         loaded, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing_banks = sorted(key for key in info["missing_keys"] if key.startswith("bank_"))
@@ -333,10 +326,8 @@ class HLSSModel(HLSSTextMixin, HLSSPreTrainedModel):
     ) -> HLSSOutput | tuple:
         """Embed images; for the hierarchical form also compute the HLSS loss, with text the image-text loss.
 
-        Without text the text tower never runs here: the banks are fixed buffers. With text (the alignment stage
-        before HLSS, docs/method.md, the alignment stage), image ``i`` and text ``i`` are a pair and the loss
-        is CLIP's symmetric
-        contrastive loss (``losses.image_text_contrastive_loss``, temperature ``config.caption_temperature``).
+        Without text the text tower never runs here: the banks are fixed buffers. With text (docs/method.md, the
+        alignment stage), image ``i`` and text ``i`` are a pair (``losses.image_text_contrastive_loss``).
 
         Args:
             pixel_values (`torch.FloatTensor`): `[N, C, H, W]` images, or `[B, S, P, V, C, H, W]`
@@ -344,10 +335,7 @@ class HLSSModel(HLSSTextMixin, HLSSPreTrainedModel):
             return_loss (`bool`, *optional*): compute the loss; defaults to True in training mode for the
                 hierarchical form or with text, False otherwise. Without text it requires the hierarchical form.
             return_dict (`bool`, *optional*): return an `HLSSOutput` (default) or a tuple.
-            output_hidden_states (`bool`, *optional*): also return the vision tower's hidden states; defaults to
-                `config.output_hidden_states`.
-            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
-                `config.output_attentions`.
+            output_hidden_states, output_attentions: as in `get_image_features`.
             text_embeds (`torch.FloatTensor`, *optional*): the images' captions embedded in the joint space
                 (`get_text_features`, or cached: the text tower is frozen), `[N, D]` for `[N, C, H, W]`, and
                 `[B, S, P, D]` (shared by the views of a patch) or `[B, S, P, V, D]` for the hierarchical form.
@@ -360,14 +348,11 @@ class HLSSModel(HLSSTextMixin, HLSSPreTrainedModel):
             `HLSSOutput` (see its fields for shapes).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if pixel_values.dim() == 4:
-            hierarchical = False
-        elif pixel_values.dim() == 7:
-            hierarchical = True
-        else:
+        if pixel_values.dim() not in (4, 7):
             raise ValueError(
                 f"`pixel_values` must be [N, C, H, W] or [B, S, P, V, C, H, W], got {tuple(pixel_values.shape)}"
             )
+        hierarchical = pixel_values.dim() == 7
         if input_ids is not None:
             if text_embeds is not None:
                 raise ValueError("give `text_embeds` or `input_ids`, not both")
@@ -469,19 +454,16 @@ class HLSSModel(HLSSTextMixin, HLSSPreTrainedModel):
         batch_size: int = 64,
         **config_kwargs,
     ) -> HLSSModel:
-        """Build an HLSS model from two towers and an attribute file.
+        """Build an HLSS model from two towers and an attribute file (docs/method.md, towers and the joint space).
 
-        Towers come through the ecosystem's own loaders: transformers (`from_pretrained`; a timm model id such as
-        ``"timm/resnet50_clip.cc12m"`` loads as `TimmWrapperModel`), or open_clip for ids with its schemas
-        ``"hf-hub:<repo>"`` / ``"local-dir:<folder>"`` (`OpenCLIPTextModel` / `OpenCLIPVisionModel`). timm and
+        Towers come through the ecosystem's own loaders: transformers (`from_pretrained`; a timm model id loads as
+        `TimmWrapperModel`), or open_clip for its ids ``"hf-hub:<repo>"`` / ``"local-dir:<folder>"``. timm and
         open_clip towers need `pip install 'hlss_hf[reference]'`.
 
         When `vision` and `text` are the same CLIP checkpoint, its image projection is reused: a transformers CLIP's
         `visual_projection` is copied; an open_clip checkpoint, or a timm image tower whose repository is the text's
-        ``hf-hub:`` id (``"timm/resnet50_clip.cc12m"`` + ``"hf-hub:timm/resnet50_clip.cc12m"``, the reference
-        towers), already outputs the joint space, so `use_visual_projection` defaults to False there and no new
-        projection is inserted (a timm tower then keeps its head, the CLIP image projection). Otherwise
-        `visual_projection` is new.
+        ``hf-hub:`` id (the reference towers), already outputs the joint space, so `use_visual_projection`
+        defaults to False and a timm tower keeps its head (the CLIP image projection).
 
         Args:
             vision (`str`, `PreTrainedConfig` or `PreTrainedModel`): Hub id or local folder (loaded with
@@ -544,10 +526,7 @@ class HLSSForImageClassification(HLSSPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
             labels (`torch.LongTensor` of shape `[N]`, *optional*): class indices; gives a cross-entropy loss.
             return_dict (`bool`, *optional*): return an `ImageClassifierOutput` (default) or a tuple.
-            output_hidden_states (`bool`, *optional*): also return the vision tower's hidden states; defaults to
-                `config.output_hidden_states`.
-            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
-                `config.output_attentions`.
+            output_hidden_states, output_attentions: as in `get_image_features`.
             kwargs: ignored.
 
         Returns:

@@ -26,14 +26,9 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 def read_patch(image: Any) -> np.ndarray:
     """One patch as a channel-last numpy array: SRH stays uint16 ``[H, W, 2]``, H&E becomes uint8 RGB.
 
-    Args:
-        image: a numpy array, nested lists (an ``Array3D`` dataset row) or torch tensor (``[H, W, C]`` or
-            ``[C, H, W]`` with C of 2 or 3; integers are brought back to uint16 / uint8), a PIL image, or the
-            path of an image file (SRH TIFFs are read with tifffile, other files with PIL).
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        ValueError: an array of another shape.
+    `image`: a numpy array, nested lists (an ``Array3D`` dataset row) or torch tensor (``[H, W, C]`` or
+    ``[C, H, W]`` with C of 2 or 3; integers are brought back to uint16 / uint8), a PIL image, or the path of an
+    image file (SRH TIFFs are read with tifffile, other files with PIL).
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -133,33 +128,22 @@ def register_pipelines() -> None:
 
 
 def add_pipelines_to_folder(folder: str | os.PathLike) -> None:
-    """Make a saved HLSS folder serve the pipelines as remote code: copy this file beside the model and list the
-    tasks in ``config.json`` (``custom_pipelines``, the entry ``Pipeline.save_pretrained`` writes).
-
-    Args:
-        folder (`str` or `PathLike`): a folder written by ``save_pretrained`` (HLSSModel: feature extraction;
-            HLSSForImageClassification: classification).
-    """
+    """Make a folder written by ``save_pretrained`` serve its pipeline as remote code (HLSSModel: feature
+    extraction; HLSSForImageClassification: classification): copy this file beside the model and list the task in
+    ``config.json`` (``custom_pipelines``, the entry ``Pipeline.save_pretrained`` writes)."""
     folder = Path(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     module = Path(__file__).stem
     if "HLSSForImageClassification" not in (config.get("architectures") or []):
-        pipelines = {
-            FEATURE_TASK: {
-                "impl": f"{module}.HLSSFeatureExtractionPipeline",
-                "pt": ["AutoModel"],
-                "type": "image",
-            }
-        }
+        task, impl, auto = FEATURE_TASK, "HLSSFeatureExtractionPipeline", "AutoModel"
     else:
-        pipelines = {}
-        pipelines[CLASSIFICATION_TASK] = {
-            "impl": f"{module}.HLSSImageClassificationPipeline",
-            "pt": ["AutoModelForImageClassification"],
-            "type": "image",
-        }
-    config["custom_pipelines"] = pipelines
+        task, impl, auto = (
+            CLASSIFICATION_TASK,
+            "HLSSImageClassificationPipeline",
+            "AutoModelForImageClassification",
+        )
+    config["custom_pipelines"] = {task: {"impl": f"{module}.{impl}", "pt": [auto], "type": "image"}}
     shutil.copyfile(__file__, folder / Path(__file__).name)
     tmp = config_path.with_name(f".{config_path.name}.tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,8 +1,5 @@
-"""Pixel conversion for HLSS: raw SRH and H&E patches to float images (docs/method.md, preprocessing).
-
-Remote code beside processing_hlss.py (torch, numpy and PIL only). SRH patches are 2-channel uint16 ``[CH2, CH3]``,
-H&E patches 8-bit RGB.
-"""
+"""Pixel conversion for HLSS: raw SRH (2-channel uint16 ``[CH2, CH3]``) and H&E (8-bit RGB) patches to float
+images (docs/method.md, preprocessing)."""
 
 import warnings
 
@@ -15,19 +12,13 @@ SRH_OFFSET = 5000.0  # in raw counts: the base 5000/65536 after scaling (docs/me
 
 
 def srh_to_float(image) -> torch.Tensor:
-    """Convert raw 2-channel uint16 SRH pixels to a 3-channel float image (docs/method.md, preprocessing).
+    """Raw 2-channel uint16 SRH pixels to a float32 ``[3, H, W]`` (or ``[N, 3, H, W]``) image in ``[0, 1]``, the
+    channels ``[CH3 - CH2 + 5000, CH2, CH3] / 65536`` (docs/method.md, preprocessing).
 
     Args:
         image (`np.ndarray` or `torch.Tensor`): uint16 pixels with channels ``[CH2, CH3]``, shaped ``(H, W, 2)``
             or ``(2, H, W)``, or a batch ``(N, H, W, 2)`` / ``(N, 2, H, W)``. A torch tensor may also be
             int32/int64 holding uint16 values (torch has no full uint16 support).
-
-    Returns:
-        `torch.FloatTensor`: ``[3, H, W]`` (or ``[N, 3, H, W]``) float32 in ``[0, 1]``, channels
-        ``[CH3 - CH2 + 5000/65536, CH2, CH3]`` after scaling by ``1/65536``.
-
-    Raises:
-        ValueError: for a non-uint16 dtype, a rank other than 3 or 4, or a channel count other than 2.
     """
     if isinstance(image, Image.Image):
         raise ValueError("SRH image: got a PIL image; SRH needs a 2-channel uint16 array [CH2, CH3]")
@@ -95,19 +86,12 @@ def _as_tensor(image) -> torch.Tensor:
 
 
 def he_to_float(image) -> torch.Tensor:
-    """Convert an 8-bit RGB H&E image to a float image in ``[0, 1]`` (scaled by ``1/255``).
+    """An 8-bit RGB H&E image to a float32 ``[3, H, W]`` (or ``[N, 3, H, W]``) image in ``[0, 1]``.
 
     Args:
         image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`): a PIL image (any mode; converted to RGB),
             or an array / tensor shaped ``(H, W, 3)`` / ``(3, H, W)`` or a batch ``(N, H, W, 3)`` /
             ``(N, 3, H, W)``. uint8 values are divided by 255; float values must already lie in ``[0, 1]``.
-
-    Returns:
-        `torch.FloatTensor`: ``[3, H, W]`` (or ``[N, 3, H, W]``) float32 in ``[0, 1]``.
-
-    Raises:
-        ValueError: for a wrong rank, a channel count other than 3, an unsupported dtype, or float values
-            outside ``[0, 1]``.
     """
     if isinstance(image, Image.Image):
         # Any mode becomes RGB; np.array copies (torch warns on the read-only buffer np.asarray shares with PIL).
@@ -146,11 +130,8 @@ def _he_channel_axis(shape: tuple, input_data_format: str | None) -> int:
 
 
 def _he_pixels(image, do_convert_rgb: bool, input_data_format: str | None) -> torch.Tensor:
-    """An H&E image as an unscaled tensor ``[C, H, W]`` (or ``[N, C, H, W]``), dtype as given.
-
-    With `do_convert_rgb` every image becomes RGB as PIL converts it (grey repeated, alpha dropped); without it the
-    channels are kept as they are (PIL images keep their mode's bands).
-    """
+    """An H&E image as an unscaled tensor ``[C, H, W]`` (or ``[N, C, H, W]``), dtype as given; `do_convert_rgb` as
+    `HLSSImageProcessor` documents it (without it, PIL images keep their mode's bands)."""
     if isinstance(image, Image.Image):
         if do_convert_rgb and image.mode != "RGB":
             image = image.convert("RGB")
@@ -200,12 +181,8 @@ def _he_to_float(tensor: torch.Tensor, do_rescale: bool, rescale_factor: float |
 
 
 def _srh_rescale_(pixels: torch.Tensor, do_rescale: bool, rescale_factor: float | None) -> torch.Tensor:
-    """Re-scale `srh_to_float`'s pixels (scaled by ``1/65536``: docs/method.md, preprocessing) to another
-    scale, in place.
-
-    ``do_rescale=False`` gives raw counts ``[CH3 - CH2 + 5000, CH2, CH3]`` (the first clamped to [0, 65536]); a
-    `rescale_factor` gives counts times it. Both are exact multiples of the default's values.
-    """
+    """Re-scale `srh_to_float`'s pixels in place: ``do_rescale=False`` gives raw counts (the first channel clamped
+    to [0, 65536]), a `rescale_factor` counts times it; both exact multiples of the default's values."""
     if not do_rescale:
         return pixels.mul_(SRH_SCALE)
     if rescale_factor is not None and rescale_factor != 1.0 / SRH_SCALE:
@@ -214,8 +191,8 @@ def _srh_rescale_(pixels: torch.Tensor, do_rescale: bool, rescale_factor: float 
 
 
 def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing ``array``'s memory, which may be read-only (a view of memory-mapped data): the batch path
-    only reads it, so torch's warning about non-writable arrays does not apply."""
+    """A tensor sharing ``array``'s memory, which may be read-only (memory-mapped): the batch path only reads it,
+    so torch's warning about non-writable arrays does not apply."""
     if array.flags.writeable:
         return torch.from_numpy(array)
     with warnings.catch_warnings():
@@ -224,11 +201,8 @@ def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _stack_raw(images: list, modality: str) -> np.ndarray | None:
-    """Same-shape raw images of one batch as one channel-last array, or `None` where the per-image path applies.
-
-    Raw means what the datasets hold: uint8 RGB (H&E; PIL RGB images too) or uint16 ``[CH2, CH3]`` (SRH),
-    channel-last ``(H, W, C)``, or one stacked ``(N, H, W, C)`` array.
-    """
+    """Same-shape raw images of one batch (channel-last uint8 RGB / PIL RGB for H&E, uint16 ``[CH2, CH3]`` for
+    SRH, or one stacked ``(N, H, W, C)`` array) as one channel-last array, or `None` for the per-image path."""
     dtype, channels = (np.uint16, 2) if modality == "srh" else (np.uint8, 3)
     if len(images) == 1 and isinstance(images[0], np.ndarray) and images[0].ndim == 4:
         batch = images[0]

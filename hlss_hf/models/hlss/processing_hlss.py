@@ -1,7 +1,5 @@
 """Processors for HLSS (stimulated Raman histology and H&E); the pixel conversion is in pixels_hlss.py.
 
-Remote code: imports only torch, numpy, PIL, transformers and its siblings.
-
 No ``from __future__ import annotations`` here: transformers reads the kwargs TypedDicts' annotations at run time
 (`HLSSProcessorKwargs.images_kwargs` must be the class, not a string).
 """
@@ -35,8 +33,7 @@ __all__ = ["HLSSImageProcessor", "HLSSProcessor", "HLSSProcessorKwargs"]
 
 
 class HLSSImageProcessorKwargs(ImagesKwargs, total=False):
-    """`ImagesKwargs` plus HLSS's own settings, so `from_pretrained(..., modality=...)` overrides them and
-    `HLSSProcessor` routes them to the image processor."""
+    """`ImagesKwargs` plus HLSS's own settings, so that `from_pretrained` and `HLSSProcessor` route them."""
 
     modality: str | None
     antialias: bool | None
@@ -55,9 +52,7 @@ def _size_dict(size, name: str, allow_shortest_edge: bool) -> dict[str, int]:
         raise ValueError(f"{name}: expected an int, (height, width) or a dict, got {size!r}")
     size = dict(size)
     keys = set(size)
-    if allow_shortest_edge and keys == {"shortest_edge"}:
-        pass
-    elif keys != {"height", "width"}:
+    if keys != {"height", "width"} and not (allow_shortest_edge and keys == {"shortest_edge"}):
         allowed = '{"shortest_edge"} or {"height", "width"}' if allow_shortest_edge else '{"height", "width"}'
         raise ValueError(f"{name}: keys must be {allowed}, got {sorted(keys)}")
     for key, value in size.items():
@@ -87,11 +82,8 @@ def _resample_name(value) -> str:
 
 
 def _channel_stats(values, name: str) -> list[float]:
-    """A scalar (broadcast to 3 channels) or a list of per-channel statistics as a list of floats.
-
-    Any number of channels is accepted here (an image kept with 4 channels by ``do_convert_rgb=False`` needs 4);
-    `normalize` checks the count against the images.
-    """
+    """A scalar (broadcast to 3 channels) or per-channel statistics as a list of floats. Any count is accepted
+    (``do_convert_rgb=False`` may keep 4 channels); `normalize` checks it against the images."""
     if isinstance(values, (int, float)):
         values = [float(values)] * 3
     values = [float(v) for v in values]
@@ -123,12 +115,9 @@ def _format_name(value, name: str) -> str | None:
 class HLSSImageProcessor(BaseImageProcessor):
     r"""Image processor for HLSS: SRH (2-channel uint16) or H&E (8-bit RGB) patches to ``pixel_values``.
 
-    Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized
-    (on the float tensor, bilinear or bicubic, antialiased by default), center-cropped and normalised. Resizing is
-    off by default because resizing changes the microns per pixel the encoder was trained at.
-
-    Every argument `transformers.ImagesKwargs` declares is accepted at call time (and through `HLSSProcessor`);
-    see `preprocess`.
+    Pixels are first converted to float in ``[0, 1]`` (`srh_to_float` / `he_to_float`), then optionally resized,
+    center-cropped and normalised. Resizing is off by default because it changes the microns per pixel the encoder
+    was trained at. Every argument of `transformers.ImagesKwargs` is accepted at call time; see `preprocess`.
 
     Framings: the default keeps the native resolution and centre-crops `crop_size`; the HLSS reference resizes the
     whole patch instead (``do_resize=True, size={"height": 224, "width": 224}, resample="bicubic", antialias=False,
@@ -141,27 +130,23 @@ class HLSSImageProcessor(BaseImageProcessor):
         size (`int` or `dict`, *optional*, defaults to `{"shortest_edge": 224}`): resize target; an int (or
             `{"shortest_edge": s}`) resizes the shorter side to `s` keeping the aspect ratio,
             `{"height": h, "width": w}` resizes to exactly that.
-        resample (`str`, *optional*, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"` resizing (PIL's
-            `Resampling.BILINEAR` / `BICUBIC` are accepted too)
-            (`torch.nn.functional.interpolate`; bicubic values may leave ``[0, 1]`` slightly and are not clamped,
-            as in torchvision).
+        resample (`str`, *optional*, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"` (or PIL's
+            `Resampling.BILINEAR` / `BICUBIC`), by `F.interpolate`; bicubic values may leave ``[0, 1]`` slightly
+            and are not clamped, as in torchvision.
         antialias (`bool`, *optional*, defaults to `True`): antialias when downscaling (torchvision >= 0.17's
-            default for tensors, close to PIL's filters; torchvision < 0.17 resized tensors without it).
+            default for tensors, close to PIL's filters).
         resize_uint8 (`bool`, *optional*, defaults to `False`): resize 8-bit H&E pixels (uint8 arrays, RGB PIL
-            images) before the float conversion, with torch's uint8 kernels (several times faster than the float
-            resize). Approximate: the result is rounded to 8 bits, within about 1.5/255 of the float resize, and
-            bicubic overshoot beyond ``[0, 1]`` is clipped. Ignored for SRH (resized as float, after its channel
-            arithmetic) and other inputs.
+            images) before the float conversion, with torch's uint8 kernels (several times faster). Approximate:
+            rounded to 8 bits, within about 1.5/255 of the float resize, bicubic overshoot clipped. Ignored for SRH
+            (resized as float, after its channel arithmetic) and other inputs.
         do_center_crop (`bool`, *optional*, defaults to `True`): center-crop to `crop_size`.
         crop_size (`int` or `dict`, *optional*, defaults to 224): crop size, an int or `{"height", "width"}`.
         do_normalize (`bool`, *optional*, defaults to `False`): subtract `image_mean` and divide by `image_std`.
         image_mean (`float` or `list[float]`, *optional*, defaults to the ImageNet mean): per-channel mean.
         image_std (`float` or `list[float]`, *optional*, defaults to the ImageNet std): per-channel std.
-        do_rescale (`bool`, *optional*, defaults to `True`): scale integer pixels to ``[0, 1]``: H&E uint8 by
-            `rescale_factor`, SRH by ``1/65536`` (docs/method.md, preprocessing; or `rescale_factor`). False
-            keeps pixel values as
-            they are (0-255 for H&E, raw counts for SRH) and accepts float pixels outside ``[0, 1]``. Float pixels
-            are taken as already scaled either way.
+        do_rescale (`bool`, *optional*, defaults to `True`): scale integer pixels to ``[0, 1]`` by
+            `rescale_factor`. False keeps pixel values as they are (0-255 for H&E, raw counts for SRH) and accepts
+            float pixels outside ``[0, 1]``. Float pixels are taken as already scaled either way.
         rescale_factor (`float`, *optional*): the scale of integer pixels; defaults to the modality's (``1/255`` for
             8-bit H&E, ``1/65536`` for SRH).
         do_convert_rgb (`bool`, *optional*, defaults to `True`): convert H&E images to RGB as PIL does (grey
@@ -278,7 +263,7 @@ class HLSSImageProcessor(BaseImageProcessor):
             raise ValueError(f"image {index}: {err}{hint}") from err
 
     def _flatten(self, images) -> list:
-        """A single image or a list of images -> list of images; rank-4 arrays stay whole (a stacked batch)."""
+        """A single image or a list of images -> list of images; a rank-4 array stays whole (a stacked batch)."""
         if isinstance(images, (list, tuple)):
             if len(images) == 0:
                 raise ValueError("images: got an empty list")
@@ -295,14 +280,7 @@ class HLSSImageProcessor(BaseImageProcessor):
     def resize(
         pixels: torch.Tensor, size: dict[str, int], resample: str = "bilinear", antialias: bool = True
     ) -> torch.Tensor:
-        """Resize float images ``[N, 3, H, W]`` (``F.interpolate``, ``align_corners=False``).
-
-        Args:
-            pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
-            size (`dict`): `{"shortest_edge": s}` or `{"height": h, "width": w}`.
-            resample (`str`, defaults to `"bilinear"`): `"bilinear"` or `"bicubic"`.
-            antialias (`bool`, defaults to `True`): antialias when downscaling.
-        """
+        """Resize float images ``[N, 3, H, W]`` to `size` (``F.interpolate``, ``align_corners=False``)."""
         height, width = pixels.shape[-2:]
         if "shortest_edge" in size:
             short, long = (height, width) if height <= width else (width, height)
@@ -316,12 +294,7 @@ class HLSSImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def center_crop(pixels: torch.Tensor, size: dict[str, int]) -> torch.Tensor:
-        """Crop the center ``size["height"] x size["width"]`` of ``[N, 3, H, W]`` images.
-
-        Args:
-            pixels (`torch.Tensor`): float images ``[N, 3, H, W]``.
-            size (`dict`): `{"height": h, "width": w}`, no larger than the images.
-        """
+        """Crop the center ``size["height"] x size["width"]`` (no larger than the images) of ``[N, 3, H, W]``."""
         height, width = pixels.shape[-2:]
         crop_h, crop_w = size["height"], size["width"]
         if crop_h > height or crop_w > width:
@@ -535,15 +508,11 @@ def _stats_tensors(mean: list[float], std: list[float], pixels: torch.Tensor):
     for name, values in (("image_mean", mean), ("image_std", std)):
         if len(values) != channels:
             raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels")
-    shape = (1, channels, 1, 1)
-    return torch.tensor(mean, dtype=pixels.dtype).view(shape), torch.tensor(std, dtype=pixels.dtype).view(
-        shape
-    )
+    return tuple(torch.tensor(values, dtype=pixels.dtype).view(1, channels, 1, 1) for values in (mean, std))
 
 
 class HLSSProcessorKwargs(ProcessingKwargs, total=False):
-    """`ProcessingKwargs` whose image part is `HLSSImageProcessorKwargs`, so HLSS's own image settings
-    (`modality`, `antialias`, `resize_uint8`) passed flat reach the image processor."""
+    """`ProcessingKwargs` whose image part is `HLSSImageProcessorKwargs` (HLSS's settings passed flat reach it)."""
 
     images_kwargs: HLSSImageProcessorKwargs
 
@@ -553,10 +522,6 @@ class HLSSProcessor(ProcessorMixin):
 
     Call arguments follow transformers' processor convention (`HLSSProcessorKwargs`, `ProcessorMixin._merge_kwargs`):
     flat keyword arguments go to the part that declares them, ``images_kwargs`` / ``text_kwargs`` address one part.
-
-    Args:
-        image_processor (`HLSSImageProcessor`): the image processor.
-        tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
 
     Example:
 
@@ -569,29 +534,17 @@ class HLSSProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = HLSSProcessorKwargs
-    # transformers' lowest-priority processor defaults (see `ProcessorMixin._merge_kwargs`): texts of a batch are
-    # padded to one length and truncated to the tokenizer's limit, and the batch holds torch tensors (the image
-    # processor returns them by default already).
+    # transformers' lowest-priority processor defaults (`ProcessorMixin._merge_kwargs`): texts of a batch padded to
+    # one length, truncated to the tokenizer's limit, as torch tensors (as the image processor returns by default).
     text_kwargs = {"padding": True, "truncation": True, "return_tensors": "pt"}
 
     def __init__(self, image_processor, tokenizer, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     def __call__(self, images=None, text: str | list[str] | None = None, **kwargs) -> BatchFeature:
-        """Process images and / or text and merge the outputs into one `BatchFeature`.
-
-        Args:
-            images (*optional*): what `HLSSImageProcessor` accepts.
-            text (`str` or `list[str]`, *optional*): texts to tokenize.
-            kwargs: `HLSSProcessorKwargs`: flat tokenizer or image-processor arguments (``padding``, ``max_length``,
-                ``crop_size``, ``modality``, ``return_tensors``, ...), or ``text_kwargs`` / ``images_kwargs`` dicts.
-
-        Returns:
-            `BatchFeature`: ``pixel_values`` when images are given, the tokenizer's keys when text is given.
-
-        Raises:
-            ValueError: without images and text, or with a key given both flat and in its modality's dict.
-        """
+        """Process images (what `HLSSImageProcessor` accepts) and / or text into one `BatchFeature`; `kwargs` as
+        the class docstring says. Raises `ValueError` without images and text, or with a key given both flat and in
+        its modality's dict."""
         return super().__call__(images=images, text=text, **kwargs)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):

@@ -19,11 +19,9 @@ __all__ = ["HLSSTextMixin", "head_init_weights"]
 
 
 def head_init_weights(bank: torch.Tensor, head_init: str = "text") -> torch.Tensor:
-    """A language-tied head's initial weight ``[N_l, D]`` from its bank: the bank's rows (``"text"``,
-    docs/method.md, language-tied heads),
-    or the rows less their mean, renormalised (``"text_centered"``): text descriptions share one dominant direction
-    (with MiniLM the demo's rows have mean cosine 0.6-0.7), which the centred rows leave out of the head's output
-    (benchmarks/README.md, "Learning"). A bank of one row keeps it."""
+    """A language-tied head's initial weight ``[N_l, D]`` from its bank: its rows (``"text"``), or the rows less
+    their mean, renormalised (``"text_centered"``; why: docs/method.md, language-tied heads). A bank of one row
+    keeps it."""
     if head_init == "text" or bank.shape[0] < 2:
         return bank
     return F.normalize(bank - bank.mean(dim=0, keepdim=True), dim=-1)
@@ -66,12 +64,7 @@ class HLSSTextMixin:
             input_ids (`torch.LongTensor` of shape `[T, L]`): token ids.
             attention_mask (`torch.LongTensor` of shape `[T, L]`, *optional*): 1 for real tokens.
             token_type_ids (`torch.LongTensor` of shape `[T, L]`, *optional*): passed to towers that take them.
-            output_hidden_states (`bool`, *optional*): also return the text tower's hidden states; defaults to
-                `config.output_hidden_states`.
-            output_attentions (`bool`, *optional*): also return its attention maps (eager attention); defaults to
-                `config.output_attentions`.
-            return_dict (`bool`, *optional*): a `BaseModelOutputWithPooling` (default) or a tuple of its non-`None`
-                fields.
+            output_hidden_states, output_attentions, return_dict: as in `get_image_features`, for the text tower.
             kwargs: ignored (other tokenizer outputs).
 
         Returns:
@@ -124,17 +117,9 @@ class HLSSTextMixin:
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], tokenizer, batch_size: int = 64, max_length: int | None = None):
-        """Tokenize and embed texts with the frozen text tower (no gradient).
-
-        Args:
-            texts (`list[str]`): the texts.
-            tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
-            batch_size (`int`, defaults to 64): texts per forward.
-            max_length (`int`, *optional*): truncation length (defaults to the tokenizer's limit).
-
-        Returns:
-            `torch.FloatTensor` of shape `[T, D]`, L2-normalised, on the model's device.
-        """
+        """Tokenize and embed texts with the frozen text tower (no gradient), `batch_size` texts per forward,
+        truncated to `max_length` (default: the tokenizer's limit). Returns ``[T, D]``, L2-normalised, on the
+        model's device."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
@@ -157,18 +142,9 @@ class HLSSTextMixin:
 
     @torch.no_grad()
     def build_attribute_banks(self, attributes, tokenizer, batch_size: int = 64) -> dict[str, torch.Tensor]:
-        """Encode the attribute descriptions into the banks and re-initialise the heads from them.
-
-        ``t_a = normalize(mean_k normalize(f_L(description_k)))`` (prompt ensembling). Sets the buffers
-        `bank_<level>` (``[N_l, D]``), `config.attribute_names`, and each head's weight to its bank, bias 0.
-
-        Args:
-            attributes (`dict` or path): level -> attribute -> descriptions (see `load_attributes`).
-            tokenizer (`PreTrainedTokenizerBase`): the text tower's tokenizer.
-            batch_size (`int`, defaults to 64): descriptions per text forward.
-
-        Returns:
-            `dict[str, torch.Tensor]`: the new banks per level.
+        """Encode the attribute descriptions into the banks (docs/method.md, attribute banks) and re-initialise
+        the heads from them (`head_init_weights`, bias 0); sets `config.attribute_names` and returns the banks.
+        `attributes` as `load_attributes` reads them; `batch_size` descriptions per text forward.
         """
         attributes = load_attributes(attributes)
         device, dtype = self.bank_patch.device, self.heads["patch"].weight.dtype
@@ -207,8 +183,8 @@ class HLSSTextMixin:
         Args:
             pixel_values (`torch.FloatTensor` of shape `[N, C, H, W]`): images.
             texts (`list[str]`, *optional*): prompts, one per column (needs `tokenizer`); or give `text_embeds`.
-                Without either, the columns are the classes of `config.class_prompts` (in `config.id2label`
-                order when those are its classes), each the ensemble of its descriptions (needs `tokenizer`).
+                Without either, the columns are the classes of `class_prompts()`, each the ensemble of its
+                descriptions (needs `tokenizer`).
             tokenizer (`PreTrainedTokenizerBase`, *optional*): the text tower's tokenizer.
             text_embeds (`torch.FloatTensor` of shape `[T, D]`, *optional*): precomputed text embeddings
                 (normalised here).
@@ -238,11 +214,7 @@ class HLSSTextMixin:
         return scale * image @ text_embeds.T
 
     def class_prompts(self) -> dict[str, list[str]]:
-        """`config.class_prompts` (class -> descriptions), in `config.id2label` order when those are its classes.
-
-        Raises:
-            ValueError: when the model carries no class descriptions.
-        """
+        """`config.class_prompts` (class -> descriptions), in `config.id2label` order when those are its classes."""
         prompts = self.config.class_prompts
         if not prompts:
             raise ValueError(

