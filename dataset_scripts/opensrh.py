@@ -24,13 +24,12 @@ with the TIFF's exact uint16 values. Splits: ``train`` and ``validation`` (the r
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -46,7 +45,7 @@ from jsonargparse import ArgumentParser
 
 from hlss_hf.cli import Config, Section
 from hlss_hf.cli import build_parser as build_config_parser
-from hlss_hf.data.converters import ConverterConfig, OutputConfig, describe_splits, run_converter
+from hlss_hf.data.converters import ConverterConfig, OutputConfig, describe_splits, read_json, run_converter
 from hlss_hf.data.schema import OPENSRH_CLASSES, features_for
 from hlss_hf.data.writer import ConversionSummary, InvalidItems, write_patch_dataset
 from hlss_hf.errors import ConversionError
@@ -56,23 +55,9 @@ SPLIT_NAMES = {"train": "train", "val": "validation"}
 NORMAL_CLASS = "normal"
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file, raising :class:`ConversionError` naming it when missing or malformed."""
-    if not path.is_file():
-        raise ConversionError(f"{what} {path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{what} {path}: cannot read JSON ({error})") from error
-
-
 def read_srh_patch(path: Path, patch_size: tuple[int, int]) -> np.ndarray:
-    """Read one SRH TIFF as ``(H, W, 2)`` uint16; raise ``ValueError`` saying what is wrong otherwise.
-
-    Args:
-        path (`Path`): the TIFF file.
-        patch_size (`(int, int)`): the expected ``(height, width)``.
-    """
+    """Read one SRH TIFF as ``(H, W, 2)`` uint16 of ``patch_size``; raise ``ValueError`` saying what is wrong
+    otherwise."""
     import tifffile
 
     try:
@@ -103,19 +88,8 @@ def plan_opensrh(
     include_nondiagnostic: bool,
     invalid: InvalidItems,
 ) -> dict[str, list[dict]]:
-    """Turn the metadata into per-split lists of patches, validating everything that needs no pixel read.
-
-    Args:
-        root (`Path`): the release folder (patch paths are relative to it).
-        meta (`dict`): the parsed ``opensrh.json``.
-        split_map (`dict`): the parsed split file (``{"train": [...], "val": [...]}``).
-        classes (`list[str]`): allowed class names.
-        include_nondiagnostic (`bool`): also take ``nondiagnostic_patches``.
-        invalid (`InvalidItems`): where invalid items go.
-
-    Returns:
-        split name -> list of ``{"path", "patient_id", "slide_id", "patch_id", "label"}``.
-    """
+    """Turn the parsed metadata and split file into split name -> ``{"path", "patient_id", "slide_id",
+    "patch_id", "label"}`` patches (paths relative to ``root``), validating everything that needs no pixel read."""
     if not isinstance(meta, dict):
         raise ConversionError(f"metadata: expected an object patient -> record, got {type(meta).__name__}")
     if not isinstance(split_map, dict) or not set(split_map) & set(SPLIT_NAMES):

@@ -11,8 +11,7 @@ Inputs, found recursively under ROOT:
 ``--patch-size`` is the side of every patch in the dataset: whole-slide files are tiled at that size, and
 HDF5 ``imgs`` must already be ``--patch-size`` x ``--patch-size`` (they are not resized: a file with another
 patch shape is invalid, named with its shape).
-Patches are stored as PNG; ``--image-format raw`` stores the same pixels as uint8 arrays (~3.3x the bytes, no
-decoding when read: the fastest input pipeline).
+Patches are stored as PNG, or with ``--image-format raw`` as uint8 arrays (docs/data.md, "Storage formats").
 The file name starts with the slide barcode (``TCGA-02-0001-01Z-00-DX1[.uuid].svs``); the patient is its first
 three fields (``TCGA-02-0001``). Labels come from ``--labels``: a CSV (columns ``id``/``barcode``/
 ``patient_id``/``slide_id`` and ``label``) or a JSON object, keyed by patient or slide barcode (slide wins).
@@ -50,14 +49,17 @@ from jsonargparse import ArgumentParser
 from hlss_hf.cli import Config, Section
 from hlss_hf.cli import build_parser as build_config_parser
 from hlss_hf.data.converters import (
+    SPLIT_ALIASES,
+    SPLIT_ORDER,
     ConverterConfig,
     OutputConfig,
     assign_splits,
     describe_splits,
+    read_json,
     run_converter,
 )
 from hlss_hf.data.schema import features_for
-from hlss_hf.data.tiling import SlideTask, TilingConfig, TilingOptions, tile_slides
+from hlss_hf.data.tiling import SlideTask, TilingConfig, TilingOptions, tiled_rows
 from hlss_hf.data.writer import ConversionSummary, InvalidItems, write_patch_dataset
 from hlss_hf.errors import ConversionError
 
@@ -65,8 +67,6 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 HDF5_EXTENSIONS = (".h5", ".hdf5")
 #: TCGA barcode: project-TSS-participant, then optional sample/portion/analyte/slide fields.
 BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(-[A-Z0-9]+)*$", re.IGNORECASE)
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-SPLIT_ORDER = ("train", "validation", "test")
 ID_COLUMNS = ("id", "barcode", "slide_id", "patient_id", "case_id", "case_submitter_id")
 HDF5_BATCH = 64
 
@@ -96,11 +96,8 @@ class LabelEntry:
 
 
 def read_labels(path: Path) -> list[LabelEntry]:
-    """Every barcode -> label entry of a CSV or JSON labels file, in file order (duplicates kept).
-
-    Args:
-        path (`Path`): the labels file (``.json``: an object barcode -> label; otherwise a CSV).
-    """
+    """Every barcode -> label entry of a labels file (``.json``: an object barcode -> label; otherwise a CSV), in
+    file order (duplicates kept)."""
     if not path.is_file():
         raise ConversionError(f"labels {path}: file not found")
     try:
@@ -130,17 +127,9 @@ def read_labels(path: Path) -> list[LabelEntry]:
 def resolve_labels(
     entries: list[LabelEntry], patients: set[str], source: str, invalid: InvalidItems
 ) -> tuple[dict[str, str], set[str]]:
-    """Barcode -> label, refusing patients whose entries (patient and slide keys) disagree.
-
-    Args:
-        entries (`list[LabelEntry]`): from :func:`read_labels`.
-        patients (`set[str]`): patients that have slide files; conflicts of other patients do not matter.
-        source (`str`): the labels file name, for messages.
-        invalid (`InvalidItems`): where a patient with two labels goes.
-
-    Returns:
-        (barcode -> label without the refused patients, the refused patients).
-    """
+    """Barcode -> label, refusing the ``patients`` (those with slide files; conflicts of others do not matter)
+    whose entries (patient and slide keys) disagree: ``(barcode -> label without the refused, the refused)``;
+    each refused patient goes to ``invalid``, naming the labels file ``source``."""
 
     def patient_of(key: str) -> str:
         match = BARCODE.match(key)
@@ -162,12 +151,7 @@ def resolve_labels(
 
 def read_split_file(path: Path) -> dict[str, str]:
     """Patient barcode -> split name, from ``{"train": [...], "validation": [...], ...}``."""
-    if not path.is_file():
-        raise ConversionError(f"split file {path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"split file {path}: cannot read JSON ({error})") from error
+    data = read_json(path, "split file")
     if not isinstance(data, dict):
         raise ConversionError(f"split file {path}: expected an object split -> patients")
     splits: dict[str, str] = {}
@@ -210,14 +194,8 @@ def find_slides(root: Path, invalid: InvalidItems) -> list[SlideFile]:
 
 
 def iter_hdf5(slide: SlideFile, label: str, patch_size: int, invalid: InvalidItems) -> Iterator[dict]:
-    """Rows of one HDF5 patch file, read in batches; an unreadable file or bad ``imgs`` goes to ``invalid``.
-
-    Args:
-        slide (`SlideFile`): the HDF5 file and its barcodes.
-        label (`str`): the slide's class name.
-        patch_size (`int`): the required patch side (``--patch-size``); patches are not resized.
-        invalid (`InvalidItems`): where a bad file goes.
-    """
+    """Rows of one HDF5 patch file, read in batches; an unreadable file or ``imgs`` of another shape than
+    ``patch_size`` (patches are not resized) goes to ``invalid``."""
     import h5py
 
     item = f"slide {slide.slide_id}"
@@ -288,14 +266,7 @@ def iter_split(
         for s in slides
         if s.kind == "wsi"
     ]
-    for result in tile_slides(tasks, options, num_workers):
-        item = f"slide {result.task.slide_id}"
-        if result.error is not None:
-            invalid.invalid(item, f"cannot tile {result.task.path}: {result.error}")
-        elif not result.rows:
-            invalid.invalid(item, f"no tissue tiles (--min-tissue {options.min_tissue})")
-        else:
-            yield from result.rows
+    yield from tiled_rows(tasks, options, num_workers, invalid)
 
 
 def convert(config: Config) -> ConversionSummary:

@@ -9,8 +9,7 @@ The manifest is a CSV with columns ``slide_path`` (absolute or relative to the m
 Tissue is detected on a thumbnail (Otsu on saturation); tiles of ``--patch-size`` pixels are cut at
 ``--mpp`` microns per pixel (the best pyramid level, resized) or at ``--level`` (default level 0), and tiles
 with less than ``--min-tissue`` tissue are dropped. Any format OpenSlide reads works (SVS, tiled TIFF, NDPI...).
-Tiles are stored as PNG; ``--image-format raw`` stores the same pixels as uint8 arrays (~3.3x the bytes, no
-decoding when read: the fastest input pipeline).
+Tiles are stored as PNG, or with ``--image-format raw`` as uint8 arrays (docs/data.md, "Storage formats").
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import csv
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -36,6 +34,8 @@ from jsonargparse import ArgumentParser
 from hlss_hf.cli import Config, Section
 from hlss_hf.cli import build_parser as build_config_parser
 from hlss_hf.data.converters import (
+    SPLIT_ALIASES,
+    SPLIT_ORDER,
     ConverterConfig,
     OutputConfig,
     assign_splits,
@@ -43,14 +43,11 @@ from hlss_hf.data.converters import (
     run_converter,
 )
 from hlss_hf.data.schema import features_for
-from hlss_hf.data.tiling import SlideTask, TilingConfig, TilingOptions, tile_slides
+from hlss_hf.data.tiling import SlideTask, TilingConfig, tiled_rows
 from hlss_hf.data.writer import ConversionSummary, InvalidItems, write_patch_dataset
 from hlss_hf.errors import ConversionError
 
 REQUIRED_COLUMNS = ("slide_path", "patient_id", "label")
-#: Accepted ``split`` values -> dataset split names, in output order.
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-SPLIT_ORDER = ("train", "validation", "test")
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
@@ -80,19 +77,9 @@ def plan_slides(
     seed: int,
     invalid: InvalidItems,
 ) -> dict[str, list[SlideTask]]:
-    """Validate the manifest rows and group the slides by split.
-
-    Args:
-        manifest (`Path`): the manifest file (relative slide paths are resolved against its folder).
-        rows (`list[dict]`): its rows.
-        classes (`list[str]`): allowed labels.
-        val_fraction (`float`): validation fraction of patients when the manifest has no ``split`` column.
-        seed (`int`): seed of that split.
-        invalid (`InvalidItems`): where invalid items go.
-
-    Returns:
-        split name -> slides.
-    """
+    """Validate the manifest rows (relative slide paths are resolved against the manifest's folder) and group
+    the slides by split (``val_fraction`` and ``seed`` split the patients when the manifest has no ``split``
+    column): split name -> slides."""
     has_split = any("split" in row for row in rows)
     tasks: list[SlideTask] = []
     seen_slides: set[str] = set()
@@ -160,21 +147,6 @@ def plan_slides(
     return plan
 
 
-def iter_tiles(
-    tasks: list[SlideTask], options: TilingOptions, num_workers: int, invalid: InvalidItems
-) -> Iterator[dict]:
-    """Tile the slides (in parallel when asked) and yield their rows; failed or empty slides go to ``invalid``."""
-    for result in tile_slides(tasks, options, num_workers):
-        slide = f"slide {result.task.slide_id}"
-        if result.error is not None:
-            invalid.invalid(slide, f"cannot tile {result.task.path}: {result.error}")
-            continue
-        if not result.rows:
-            invalid.invalid(slide, f"no tissue tiles (--min-tissue {options.min_tissue})")
-            continue
-        yield from result.rows
-
-
 def convert(config: Config) -> ConversionSummary:
     """Convert the manifest's slides as the command line says."""
     source = config.source
@@ -189,7 +161,7 @@ def convert(config: Config) -> ConversionSummary:
     resolution = f"{options.mpp} mpp" if options.mpp else f"level {options.level or 0}"
     return write_patch_dataset(
         {
-            split: iter_tiles(tasks, options, config.tiling.num_workers, invalid)
+            split: tiled_rows(tasks, options, config.tiling.num_workers, invalid)
             for split, tasks in plan.items()
         },
         features_for("he", classes, patch_size=options.patch_size, image_format=source.image_format),

@@ -44,17 +44,9 @@ def umask_mode(mode: int = 0o666) -> int:
 
 
 def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path`` (the user's umask
-    applies). A failed ``write`` leaves ``path`` as it was.
-
-    Args:
-        path (`str` or `os.PathLike`): the file to (re)place.
-        write (`Callable[[Path], Any]`): writes the whole file at the path it is given (e.g.
-            ``lambda tmp: torch.save(payload, tmp)``).
-
-    Returns:
-        What ``write`` returns.
-    """
+    """Call ``write(tmp)`` (e.g. ``lambda tmp: torch.save(payload, tmp)``) on a temporary file beside ``path``, then
+    rename it to ``path`` (the user's umask applies) and return what ``write`` returned. A failed ``write`` leaves
+    ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -102,14 +94,8 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], A
     (if the rename fails, the old copy is put back; a swap killed between its renames is finished by the next
     writer, :func:`recover_swap`). The writer holds ``target``'s lock (:func:`output_lock`) while it works. A failed
     ``write`` leaves ``target`` untouched and removes the temporary folder; one left by a killed process is removed
-    by the next call (:func:`remove_stale_temporaries`).
-
-    Args:
-        target (`str` or `os.PathLike`): the folder to (re)place.
-        write (`Callable[[Path], Any]`): fills the empty folder it is given (e.g. ``model.save_pretrained``).
-
-    Returns:
-        What ``write`` returns.
+    by the next call (:func:`remove_stale_temporaries`). ``write`` fills the empty folder it is given (e.g.
+    ``model.save_pretrained``); what it returns is returned.
 
     Raises:
         OutputInUseError: another process is writing ``target``.
@@ -294,11 +280,14 @@ def _holder_text(fd: int) -> str:
 def output_lock(target: str | os.PathLike, key: str | None = None):
     """Hold the exclusive lock on the output ``target`` for the ``with`` block; finish an interrupted swap of it.
 
-    Taken again by the process that holds it (a converter's run, then its writer), it nests.
+    A run (train.py, finetune.py, a converter) holds it for as long as it runs, so a second run into the same folder
+    is refused at its start. It is ``fcntl.flock`` on :func:`lock_file`: the kernel (and an NFS server's lock
+    manager) releases it when the holder dies, so it is never stale and no PID is judged alive, on any machine. The
+    file says who holds it, for the error; the holder deletes it on release (still holding it), and whoever locks a
+    file checks that it is still the one at that path, so two processes never lock two files of one name. Taken
+    again by the thread that holds it (a converter's run, then its writer), it nests.
 
-    Args:
-        target (`str` or `os.PathLike`): the output folder (it need not exist).
-        key (`str`, *optional*): the setting that named it (``training.output_dir``, ``--output``), for the error.
+    ``key``: the setting that named ``target`` (``training.output_dir``, ``--output``), for the error.
 
     Raises:
         OutputInUseError: another process holds it; the message names that process (pid, host, start, command).

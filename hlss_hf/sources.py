@@ -11,7 +11,6 @@ from huggingface_hub import constants
 from hlss_hf.errors import SourceError
 
 
-# ------------------------------------------------------------------ where a model or dataset comes from
 def looks_local(spec: str | os.PathLike) -> bool:
     """Whether `spec` names a local path rather than a Hub repo id: the one rule ``train.py`` and
     ``python -m hlss_hf.evaluate`` use before asking the Hub.
@@ -19,9 +18,6 @@ def looks_local(spec: str | os.PathLike) -> bool:
     A Hub id is ``name`` or ``namespace/name``. `spec` is local when it exists; when it starts with ``.``, ``/``
     or ``~`` (or holds the OS's other separator, ``\\`` on Windows); when it has more than one ``/``; or when
     its first component is an existing folder here (``data/dmo`` while ``data/`` exists).
-
-    Args:
-        spec (`str` or `os.PathLike`): what the user gave.
     """
     text = os.fspath(spec)
     if os.path.exists(os.path.expanduser(text)) or text.startswith((".", "/", "~", os.sep)):
@@ -35,12 +31,8 @@ def looks_local(spec: str | os.PathLike) -> bool:
 
 def check_local_source(spec: str | os.PathLike, kind: str, key: str | None = None) -> None:
     """Raise :class:`SourceError` when `spec` looks local (:func:`looks_local`) but does not exist, so that a typo
-    in a path is reported at once instead of being looked up on the Hub.
-
-    Args:
-        spec (`str` or `os.PathLike`): a local folder or a Hub id.
-        kind (`str`): what it is, for the message: ``"model"`` or ``"dataset"``.
-        key (`str`, *optional*): the option or config key that gave it (e.g. ``"data.dataset"``), also named.
+    in a path is reported at once instead of being looked up on the Hub. ``kind`` (``"model"`` or ``"dataset"``)
+    and ``key`` (the option or config key that gave it, e.g. ``"data.dataset"``) are named in the message.
     """
     path = Path(os.path.expanduser(os.fspath(spec)))
     if looks_local(spec) and not path.exists():
@@ -60,12 +52,7 @@ def hub_source_error(
 
     Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) with an id that is not cached, and a repo that does
     not exist (or is private) on the Hub are named as such; other Hub or connection errors keep their first line.
-
-    Args:
-        spec (`str` or `os.PathLike`): what was loaded.
-        kind (`str`): ``"model"`` or ``"dataset"`` (also the Hub repo type).
-        error (`BaseException`): what the loader raised.
-        key (`str`, *optional*): the option or config key that gave it, also named.
+    ``kind`` and ``key`` as in :func:`check_local_source` (``kind`` is also the Hub repo type).
     """
     from huggingface_hub.errors import (
         HfHubHTTPError,

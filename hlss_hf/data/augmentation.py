@@ -147,12 +147,8 @@ def _range(value: Any, key: str, centre: float | None = None) -> tuple[float, fl
 
 
 def center_crop_resize(image: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """Center-crop ``image`` ``[C, H, W]`` to a square of ``crop_size``, resizing first when it is smaller.
-
-    Args:
-        image (`torch.Tensor`): float image ``[C, H, W]``.
-        crop_size (`int`): side of the output square.
-    """
+    """Center-crop a float ``image`` ``[C, H, W]`` to a square of ``crop_size``, resizing first when it is
+    smaller."""
     height, width = image.shape[-2:]
     if min(height, width) < crop_size:
         scale = crop_size / min(height, width)
@@ -216,16 +212,11 @@ class HLSSAugmentation:
         return f"{type(self).__name__}(crop_size={self.crop_size}, [{ops}])"
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment ``image`` (``[C, H, W]`` or ``[N, C, H, W]``, float in [0, 1]).
+        """Augment ``image`` (``[C, H, W]``, or a batch ``[N, C, H, W]``: :meth:`batch`), float in [0, 1], to
+        ``[C, crop, crop]`` (``[N, C, crop, crop]``).
 
-        Args:
-            image (`torch.Tensor`): one image or a batch (see :meth:`batch`); each image of a batch gets its own
-                random draws, the same as sequential calls on its images would.
-            generator (`torch.Generator`, *optional*): source of every random draw. When omitted, one is seeded
-                from torch's global RNG (convenient, but then only as reproducible as the global seed).
-
-        Returns:
-            `torch.Tensor` of shape ``[C, crop, crop]`` or ``[N, C, crop, crop]``.
+        ``generator`` is the source of every random draw; when omitted, one is seeded from torch's global RNG
+        (convenient, but then only as reproducible as the global seed).
         """
         if not torch.is_floating_point(image):
             raise TypeError(f"augmentations expect a float image in [0, 1], got dtype {image.dtype}")
@@ -243,16 +234,11 @@ class HLSSAugmentation:
         generator: torch.Generator | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Augment several images at once; image ``i`` gets the draws of the ``i``-th of sequential calls.
+        """Augment several images at once into ``[N, C, crop, crop]`` (``out`` when given); image ``i`` gets the
+        draws of the ``i``-th of sequential calls.
 
-        Args:
-            images (`torch.Tensor` ``[N, C, H, W]`` or a sequence of ``[C, H_i, W_i]``): float images in [0, 1]
-                (sizes may differ; the channel count may not). The inputs are never modified.
-            generator (`torch.Generator`, *optional*): as in :meth:`__call__`.
-            out (`torch.Tensor`, *optional*): ``[N, C, crop, crop]`` tensor to write the views into.
-
-        Returns:
-            `torch.Tensor` ``[N, C, crop, crop]`` (``out`` when given).
+        ``images``: ``[N, C, H, W]`` or a sequence of ``[C, H_i, W_i]``, float in [0, 1] (sizes may differ; the
+        channel count may not); they are never modified. ``generator``: as in :meth:`__call__`.
         """
         if len(images) == 0:
             raise ValueError("batch() needs at least one image")
@@ -627,9 +613,6 @@ def build_augmentation(config: str | Mapping[str, Any] | None, crop_size: int = 
             operations run in the dict's order.
         crop_size (`int`, defaults to 224): side of the square output.
 
-    Returns:
-        `HLSSAugmentation`, called as ``augment(image, generator=torch.Generator)``.
-
     Raises:
         ValueError: for an unknown preset, operation or parameter, or a probability outside [0, 1] (naming it).
     """
@@ -657,9 +640,5 @@ def build_augmentation(config: str | Mapping[str, Any] | None, crop_size: int = 
 
 
 def build_eval_transform(crop_size: int = 224) -> HLSSAugmentation:
-    """The evaluation transform: centre crop to ``crop_size`` (resizing first when the image is smaller).
-
-    Args:
-        crop_size (`int`, defaults to 224): side of the square output.
-    """
+    """The evaluation transform: centre crop to ``crop_size`` (resizing first when the image is smaller)."""
     return build_augmentation({}, crop_size)

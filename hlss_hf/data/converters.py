@@ -4,11 +4,13 @@ the run around a conversion, and patient-level split assignment."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,10 +20,11 @@ from hlss_hf.cli import Config, Section, check, debug_requested, exit_on_error, 
 from hlss_hf.data.dataset_card import ConversionSummary, check_license
 from hlss_hf.data.writer import check_output_dir
 from hlss_hf.errors import ConfigError, ConversionError
-from hlss_hf.files import (
-    command_line,
-    output_lock,
-)
+from hlss_hf.files import command_line, output_lock
+
+#: Accepted ``split`` values (a manifest's column, a split file's keys) -> dataset split names, in output order.
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+SPLIT_ORDER = ("train", "validation", "test")
 
 
 @dataclass
@@ -123,12 +126,9 @@ def run_converter(
     writer has already removed its temporary folder, and a folder left by a killed run is removed by the next run
     (:func:`remove_stale_temporaries`).
 
-    Args:
-        convert (`Callable`): the converter's body, taking its config (an instance of `config_class`).
-        config_class (`type`): the converter's :class:`hlss_hf.cli.Config`, with an ``output`` section.
-        argv (`list[str]`, *optional*): the command line without the program name; default ``sys.argv[1:]``.
-        description (`str`, *optional*): what ``--help`` says first.
-        user_errors (`tuple` of exception types): further errors whose message is written for the user.
+    ``convert`` is the converter's body, called with its ``config_class`` (a :class:`hlss_hf.cli.Config` with an
+    ``output`` section); ``argv`` defaults to ``sys.argv[1:]``; ``user_errors`` are further errors whose message
+    is written for the user.
     """
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     debug, interrupted = "--debug" in argv or debug_requested(), "interrupted; nothing was written"
@@ -154,6 +154,16 @@ def run_converter(
     return summary
 
 
+def read_json(path: Path, what: str) -> Any:
+    """Read a JSON file, raising :class:`ConversionError` naming it (as ``what``) when missing or malformed."""
+    if not path.is_file():
+        raise ConversionError(f"{what} {path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{what} {path}: cannot read JSON ({error})") from error
+
+
 def validation_count(num_patients: int, val_fraction: float) -> int:
     """Patients of one class that go to validation: ``val_fraction`` of them rounded half up, at least one when
     ``val_fraction > 0`` and the class has two or more patients, and never all of them (every class trains)."""
@@ -169,13 +179,8 @@ def describe_splits(
     val_name: str = "validation",
 ) -> str:
     """What a converter did with its patients' splits, in words (printed before it writes): patients per split and,
-    when there is no validation split, why and how ``train.py`` goes on without one.
-
-    Args:
-        patient_labels (`Mapping[str, str]`): patient id -> label, the patients converted.
-        patient_split (`Mapping[str, str]`): patient id -> split name.
-        source (`str`): where the splits came from (``"--val-fraction 0.2"``, ``"the manifest's split column"``).
-        val_name (`str`, defaults to ``"validation"``): the validation split's name.
+    when there is no validation split, why and how ``train.py`` goes on without one. ``source`` says where the
+    splits came from (``"--val-fraction 0.2"``, ``"the manifest's split column"``).
     """
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for patient, label in patient_labels.items():
@@ -207,19 +212,8 @@ def describe_splits(
 def assign_splits(
     patient_labels: Mapping[str, str], val_fraction: float, seed: int = 0, val_name: str = "validation"
 ) -> dict[str, str]:
-    """Split patients into ``train`` / ``val_name``, stratified by label and seeded; never splits a patient.
-
-    Each label puts :func:`validation_count` of its patients in validation.
-
-    Args:
-        patient_labels (`Mapping[str, str]`): patient id -> label.
-        val_fraction (`float`): fraction of patients in validation, in [0, 1).
-        seed (`int`, defaults to 0): shuffling seed.
-        val_name (`str`, defaults to ``"validation"``): the validation split's name.
-
-    Returns:
-        patient id -> split name.
-    """
+    """Patient id -> split (``train`` / ``val_name``), stratified by label and seeded; never splits a patient.
+    Each label puts :func:`validation_count` of its patients (``val_fraction`` in [0, 1)) in validation."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConversionError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)

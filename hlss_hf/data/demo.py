@@ -236,9 +236,7 @@ def _render_patch(
 ) -> tuple[np.ndarray, dict[str, float | str]]:
     """One patch: stroma + nuclei as stain density maps, coloured by the slide's stain; uint8 RGB / uint16.
 
-    Returns the image and what was drawn in it (:data:`DRAWN`): the median radius (in 64 px units) and mean
-    elongation of its nuclei, the spread of their sizes (std of log radius), the fraction of the patch they cover,
-    and the class's outline irregularity, chromatin texture and arrangement, the patient's stroma."""
+    Returns the image and what was drawn in it (the features of :data:`TERM_BOUNDS`, and the arrangement)."""
     scale = size / 64.0  # the morphology is defined for 64 px patches
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # Stroma: fibre-like waves along a patient-specific direction plus smooth noise.
@@ -469,37 +467,23 @@ def build_demo_dataset(
     private: bool = False,
     image_format: str | None = None,
 ) -> datasets.DatasetDict:
-    """Build the synthetic demo hierarchy.
+    """Build the synthetic demo hierarchy: a ``DatasetDict`` with the :data:`SPLITS` that have patients, with a
+    ``caption`` column (docs/data.md, "The demo's data"). The data is a function of the arguments only.
 
     Args:
-        output_dir (`str` or `Path`, *optional*): also write it there, as the converters do (readable with
-            ``datasets.load_from_disk(output_dir)`` or ``datasets.load_dataset(output_dir)``); by default the
-            dataset is only built in memory.
+        output_dir (`str` or `Path`, *optional*): also write it there, as the converters do; by default the
+            dataset is only built in memory. ``push_to_hub`` (with ``private``) pushes it there instead.
         num_patients (`int`, defaults to 96): patients, assigned to classes round-robin.
-        num_classes (`int`, defaults to 3): classes (at least 2).
         slides_per_patient (`(int, int)`, defaults to `(2, 3)`): inclusive range of slides per patient.
-        patches_per_slide (`int`, defaults to 6): patches per slide.
-        patch_size (`int`, defaults to 64): patch side in pixels.
         modality (`str`, defaults to `"he"`): ``"he"`` (uint8 RGB PNG) or ``"srh"`` (2-channel uint16).
         val_fraction (`float`, defaults to 0.25): fraction of each class's patients in ``validation``.
         align_fraction (`float`, defaults to 0.5): fraction of each class's patients in ``align`` (image-caption
             pairs for the alignment stage before HLSS; 0: no such split). Every class keeps a training patient.
-        seed (`int`, defaults to 0): the data is a function of the arguments and the seed only.
-        overwrite (`bool`, defaults to `False`): replace an existing ``output_dir``.
-        show_progress (`bool`, defaults to `False`): show progress bars.
-        push_to_hub (`str`, *optional*): push the dataset (and its card) to this Hub dataset repo instead of
-            writing ``output_dir``.
-        private (`bool`, defaults to `False`): create that repo private.
-        image_format (`str`, *optional*): H&E storage, ``"png"`` (the default) or ``"raw"`` (uint8 ``Array3D``,
-            the same pixels; see :func:`hlss_hf.data.schema.features_for`).
+        image_format (`str`, *optional*): H&E storage, ``"png"`` (the default) or ``"raw"``
+            (:func:`hlss_hf.data.schema.features_for`).
 
     The defaults are the demo's: ``python train.py`` trains and evaluates on exactly what
     ``python dataset_scripts/demo.py --output DIR`` writes.
-
-    Returns:
-        `datasets.DatasetDict` with splits ``train``, ``validation`` and ``align`` (those with patients; features
-        from :func:`hlss_hf.data.schema.features_for` with a ``caption`` column: one sentence per patch describing the
-        nuclei and stroma drawn in it, never the class).
     """
     if output_dir is not None and push_to_hub is not None:
         raise ValueError("give output_dir or push_to_hub, not both")

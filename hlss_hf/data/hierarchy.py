@@ -25,17 +25,8 @@ Transform = Callable[..., torch.Tensor]
 
 
 def to_float(images: np.ndarray | Sequence[np.ndarray], modality: str) -> torch.Tensor:
-    """Convert decoded patches to float images with the processor's pixel conversion (docs/method.md,
-    preprocessing).
-
-    Args:
-        images (`np.ndarray` or list of arrays): ``(N, H, W, 2)`` uint16 for SRH or ``(N, H, W, 3)`` uint8 for H&E
-            (a list when the patches differ in size).
-        modality (`str`): ``"srh"`` or ``"he"``.
-
-    Returns:
-        `torch.FloatTensor` ``[N, 3, H, W]`` in [0, 1], or a list of ``[3, H, W]`` tensors for a list input.
-    """
+    """Decoded patches (``(N, H, W, 2)`` uint16 SRH or ``(N, H, W, 3)`` uint8 H&E, or a list of ``(H, W, C)``)
+    to float ``[N, 3, H, W]`` in [0, 1] (a list for a list) with the processor's conversion (docs/method.md)."""
     if modality == "srh":
         convert = srh_to_float
     else:
@@ -72,14 +63,6 @@ class HierarchyIndex:
 
     Patients and slides keep the order of their first row in the dataset.
 
-    Example:
-
-    ```python
-    >>> index = HierarchyIndex.from_dataset(load_dataset("data/opensrh", split="train"))
-    >>> index.num_patients, index.class_names[index.labels[index.patient_ids[0]]]
-    >>> index.rows[(patient, index.slides[patient][0])]  # row indices of that slide's patches
-    ```
-
     Attributes:
         patient_ids (`list[str]`): patients in order.
         slides (`dict[str, list[str]]`): patient -> its slide ids.
@@ -96,13 +79,8 @@ class HierarchyIndex:
 
     @classmethod
     def from_dataset(cls, dataset: datasets.Dataset) -> HierarchyIndex:
-        """Index a :class:`datasets.Dataset` by reading its ``patient_id``, ``slide_id`` and ``label`` columns.
-
-        Images are never read or decoded.
-
-        Args:
-            dataset (`datasets.Dataset`): a patch dataset in the :mod:`hlss_hf.data.schema` layout (any row order;
-                selections and shuffles are honoured: row indices refer to ``dataset``'s own positions).
+        """Index ``dataset`` (any row order; row indices are its own positions, after a select or shuffle) from
+        its ``patient_id``, ``slide_id`` and ``label`` columns; images are never read.
 
         Raises:
             DatasetError: when a column is missing, has missing values, the dataset is empty, a patient's rows
@@ -191,11 +169,7 @@ def balanced_patient_list(index: HierarchyIndex, seed: int = 0) -> list[str]:
     """Replicate the patient lists of smaller classes up to the size of the largest class.
 
     Each smaller class is repeated whole as often as it fits; the remainder is a seeded random subset of it, so
-    the list is deterministic and no patient is over-represented by more than one copy.
-
-    Args:
-        index (`HierarchyIndex`): the dataset's hierarchy.
-        seed (`int`, defaults to 0): seed of the remainder's choice.
+    the list is deterministic (``seed``) and no patient is over-represented by more than one copy.
     """
     groups = index.patients_per_class()
     largest = max(len(patients) for patients in groups.values())
@@ -272,11 +246,7 @@ class _PatientSampler:
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the draws of ``epoch`` (a non-negative integer) from now on.
-
-        Args:
-            epoch (`int`): the epoch number.
-        """
+        """Use the draws of ``epoch`` (a non-negative integer) from now on."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch.fill_(int(epoch))
@@ -348,8 +318,7 @@ class HierarchicalPatchDataset(_PatientSampler, Dataset):
     ``slide_ids`` list of ``S`` str (with repeats when the patient has fewer than ``S`` slides), ``rows``
     LongTensor ``[S, P]`` (the dataset row of each drawn patch: its caption or any other column).
 
-    :meth:`set_epoch` changes the draws; the epoch lives in shared memory so that persistent DataLoader workers
-    see it too (call it before iterating the loader of that epoch).
+    Call :meth:`set_epoch` before iterating the loader of that epoch.
     """
 
     def __init__(
@@ -390,16 +359,9 @@ class HierarchicalPatchDataset(_PatientSampler, Dataset):
     def sample_rows(
         self, index: int, epoch: int | None = None
     ) -> tuple[list[str], np.ndarray, np.random.Generator]:
-        """The slides and patch rows drawn for item ``index``: ``(slide_ids [S], rows [S, P], generator)``.
-
-        Args:
-            index (`int`): item index.
-            epoch (`int`, *optional*): the epoch (defaults to the current one).
-
-        Returns:
-            The slide ids, the dataset row of each drawn patch, and the numpy generator (positioned after the
-            draws; its next output seeds the augmentations).
-        """
+        """The slides and patch rows drawn for item ``index`` in ``epoch`` (default: the current one):
+        ``(slide_ids [S], rows [S, P], generator)``, the numpy generator positioned after the draws (its next
+        output seeds the augmentations)."""
         epoch = self.epoch if epoch is None else epoch
         patient = self.patients[index]
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -439,18 +401,9 @@ class HierarchicalPatchDataset(_PatientSampler, Dataset):
         return state
 
     def read_images(self, rows: Sequence[int], patient: str | None = None) -> list[np.ndarray]:
-        """Decode the images of dataset ``rows`` with :func:`hlss_hf.data.schema.decode_image`.
-
-        Array rows (SRH, raw H&E) are zero-copy views of the memory-mapped Arrow data (read-only; copy before
-        writing).
-
-        Args:
-            rows (sequence of `int`): positions in the dataset.
-            patient (`str`, *optional*): named in the error when a row cannot be read.
-
-        Returns:
-            list of ``(H, W, 2)`` uint16 (SRH) or ``(H, W, 3)`` uint8 (H&E) arrays.
-        """
+        """Decode the images of dataset ``rows`` (:func:`hlss_hf.data.schema.decode_image`): ``(H, W, 2)`` uint16
+        (SRH) or ``(H, W, 3)`` uint8 (H&E) arrays; array rows are read-only zero-copy views of the memory-mapped
+        Arrow data. ``patient`` is named in the error when a row cannot be read."""
         rows = [int(r) for r in rows]
         try:
             return self._decode_rows(rows)
@@ -491,11 +444,7 @@ class HierarchicalPatchDataset(_PatientSampler, Dataset):
 
         Items keep their global index, so their content does not depend on the sharding. With accelerate,
         ``accelerator.prepare(DataLoader(dataset, ...))`` already shards batches; use this for manual
-        multi-process or multi-node splits.
-
-        Args:
-            num_shards (`int`): number of shards (e.g. the world size).
-            index (`int`): this shard (e.g. the rank), in ``[0, num_shards)``.
+        multi-process or multi-node splits (``num_shards``: the world size, ``index``: the rank).
         """
         _check_positive(num_shards=num_shards)
         if not 0 <= index < num_shards:
@@ -563,15 +512,9 @@ class _FixedArrayReader:
 
 
 def collate_hierarchical(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack patient samples into a batch.
-
-    Args:
-        batch (list of dict): items of :class:`HierarchicalPatchDataset` or :class:`HierarchicalStreamingDataset`.
-
-    Returns:
-        dict with ``pixel_values`` ``[B, S, P, V, C, H, W]``, ``labels`` LongTensor ``[B]``, ``patient_ids``
-        (list of B str), ``slide_ids`` (list of B lists) and, for map-style items, ``rows`` LongTensor
-        ``[B, S, P]`` (the dataset rows drawn).
+    """Stack the items of :class:`HierarchicalPatchDataset` or :class:`HierarchicalStreamingDataset` into a batch:
+    ``pixel_values`` ``[B, S, P, V, C, H, W]``, ``labels`` LongTensor ``[B]``, ``patient_ids`` (list of B str),
+    ``slide_ids`` (list of B lists) and, for map-style items, ``rows`` LongTensor ``[B, S, P]`` (the rows drawn).
     """
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
@@ -596,11 +539,3 @@ class HierarchicalCollator:
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return collate_hierarchical(batch)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading a split: train.py, finetune.py and `python -m hlss_hf.evaluate` all read their data here.
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The pretraining loader

@@ -45,13 +45,7 @@ def split_names(
     config_name: str | None = None,
     key: str | None = None,
 ) -> list[str]:
-    """The split names of a dataset, read as :func:`load_split` reads it (no split is loaded).
-
-    Args:
-        source: a ``save_to_disk`` folder, a Hub-layout folder, a Hub dataset id or a ``DatasetDict``.
-        config_name (`str`, *optional*): the dataset configuration.
-        key (`str`, *optional*): the setting that named the dataset (e.g. ``"--dataset"``), named in errors.
-    """
+    """The split names of a dataset, read as :func:`load_split` reads it (same arguments; no split is loaded)."""
     if isinstance(source, datasets.DatasetDict | datasets.IterableDatasetDict):
         return list(source)
     check_local_source(source, "dataset", key)
@@ -102,25 +96,13 @@ def load_split(
         source (`str`, `os.PathLike` or `datasets.DatasetDict`): a ``save_to_disk`` folder (what the converters
             write; memory-mapped, only this split is opened), a Hub-layout folder (data files, README configs), a
             Hub dataset id, or splits already in memory.
-        split (`str`): the split to load.
-        config_name (`str`, *optional*): the dataset configuration (``load_dataset``'s ``name``).
-        cache_dir (`str`, *optional*): the ``datasets`` cache folder.
-        streaming (`bool`, defaults to `False`): return an ``IterableDataset`` (read as it is iterated).
+        config_name (`str`, *optional*): ``load_dataset``'s ``name``.
+        streaming (`bool`, defaults to `False`): return an ``IterableDataset``.
         max_samples (`int`, *optional*): keep the first ``max_samples`` rows.
         required_columns (`Sequence[str]`, defaults to the patient and slide ids): columns the split must have.
         key (`str`, *optional*): the setting that named the dataset (e.g. ``"data.dataset"``, ``"--dataset"``).
         split_key (`str`, *optional*): the setting that named the split (e.g. ``"data.train_split"``).
         name (`str`, *optional*): what errors call the dataset (default: ``source``; "in-memory" for splits).
-
-    Returns:
-        `datasets.Dataset`, or `datasets.IterableDataset` when ``streaming``.
-
-    Example:
-
-    ```python
-    >>> from hlss_hf.data import load_split
-    >>> train = load_split("data/opensrh", "train", key="--dataset", split_key="--train-split")
-    ```
     """
     in_memory = isinstance(source, datasets.DatasetDict)
     label = name if name is not None else ("in-memory" if in_memory else os.fspath(source))
@@ -191,13 +173,7 @@ class EpochPermutationSampler(Sampler[int]):
 
     The permutation is cut to a multiple of ``multiple`` (the global micro-batch: per-device batch x processes),
     so every process gets the same number of full batches and a run on W processes sees exactly the batches of
-    a single-process run with W times the per-device batch.
-
-    Args:
-        length (`int`): Dataset size.
-        seed (`int`): Base seed.
-        multiple (`int`): Keep the first ``floor(length / multiple) * multiple`` indices of each permutation.
-        drop_last (`bool`, *optional*, defaults to `True`): Cut to ``multiple``; `False` keeps every index.
+    a single-process run with W times the per-device batch. ``drop_last=False`` keeps every index.
     """
 
     def __init__(self, length: int, seed: int, multiple: int, drop_last: bool = True) -> None:
@@ -232,12 +208,7 @@ class EpochBatchSampler(Sampler[list]):
     (``BatchSamplerShard``, ``even_batches``). With ``num_epochs`` > 1 one iteration therefore yields the batches
     of the per-epoch iterations ``epoch, epoch + 1, ...`` back to back, as ``(epoch, index)`` items, and DataLoader
     workers build the next epoch's first batches while the last ones train instead of starting only once an
-    epoch's iterator is used up.
-
-    Args:
-        sampler (`EpochPermutationSampler`): Each epoch's order; its ``set_epoch`` sets the first epoch.
-        batch_size (`int`): Patients per device batch.
-        num_processes (`int`): Processes the batches are dealt to.
+    epoch's iterator is used up. The ``sampler``'s ``set_epoch`` sets the first epoch.
     """
 
     def __init__(self, sampler: EpochPermutationSampler, batch_size: int, num_processes: int) -> None:
@@ -307,20 +278,9 @@ def loader_workers(num_workers: int | None, device: str | torch.device) -> dict[
 def build_train_loader(
     config, train_ds, num_processes: int, device: str | torch.device = "cpu"
 ) -> tuple[Dataset | IterableDataset, DataLoader]:
-    """The hierarchical dataset and DataLoader of one pretraining process (before ``accelerator.prepare``).
-
-    Args:
-        config (`TrainConfig`): the run's config (``data`` and ``training`` sections).
-        train_ds (`datasets.Dataset` or `datasets.IterableDataset`): the training split (a stream when
-            ``data.streaming``).
-        num_processes (`int`): processes sharing the global batch.
-        device (`str` or `torch.device`, defaults to ``"cpu"``): where the model trains; sets the worker count
-            when ``data.num_workers`` is null (:func:`default_num_workers`) and pins batches for CUDA.
-
-    Returns:
-        `(dataset, loader)`: a :class:`HierarchicalPatchDataset` with an :class:`EpochBatchSampler`, or a
-        :class:`HierarchicalStreamingDataset`.
-    """
+    """The hierarchical dataset and DataLoader of one pretraining process (before ``accelerator.prepare``):
+    a :class:`HierarchicalPatchDataset` with an :class:`EpochBatchSampler`, or, when ``data.streaming``, a
+    :class:`HierarchicalStreamingDataset`. ``device`` sets the workers (:func:`loader_workers`)."""
     d, t = config.data, config.training
     transform = build_augmentation(d.augmentation, d.crop_size)
     common = dict(

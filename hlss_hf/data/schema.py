@@ -84,10 +84,7 @@ def features_for(
         image_format (`str`, *optional*): H&E storage, one of :data:`IMAGE_FORMATS`: ``"png"`` (the default;
             :class:`datasets.Image`) or ``"raw"`` (``Array3D(shape=(H, W, 3), dtype="uint8")``: the same pixels,
             read without decoding, ~3.3x the bytes). SRH is always raw; ``"png"`` is refused for it.
-        caption (`bool`, defaults to `False`): add a string column :data:`CAPTION` (text describing the patch).
-
-    Returns:
-        `datasets.Features` with the columns of :data:`COLUMNS` (and :data:`CAPTION` last when asked).
+        caption (`bool`, defaults to `False`): add a string column :data:`CAPTION` last (text describing the patch).
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -134,15 +131,8 @@ def features_for(
 
 
 def modality_of(features: Mapping[str, Any]) -> str:
-    """Tell the modality of a patch dataset from its features.
-
-    Args:
-        features (`datasets.Features` or mapping): the dataset's features (``dataset.features``).
-
-    Returns:
-        ``"he"`` when ``image`` is a :class:`datasets.Image` or a 3-channel array feature (raw H&E), ``"srh"``
-        when it is a 2-channel array feature.
-    """
+    """The modality of a patch dataset's ``features``: ``"he"`` for a :class:`datasets.Image` or a 3-channel array
+    ``image`` (raw H&E), ``"srh"`` for a 2-channel array."""
     if IMAGE not in features:
         raise ValueError(f"features have no {IMAGE!r} column: {list(features)}")
     feature = features[IMAGE]
@@ -157,11 +147,7 @@ def modality_of(features: Mapping[str, Any]) -> str:
 
 
 def check_features(features: Mapping[str, Any]) -> None:
-    """Raise a ``ValueError`` naming the missing columns when ``features`` lacks a required column.
-
-    Args:
-        features (`datasets.Features` or mapping): the dataset's features.
-    """
+    """Raise a ``ValueError`` naming the missing columns when ``features`` lacks a required column."""
     missing = [name for name in REQUIRED_COLUMNS if name not in features]
     if missing:
         raise ValueError(f"dataset is missing required columns {missing}; it has {list(features)}")
@@ -214,20 +200,13 @@ def _decode_rgb8(data: bytes) -> np.ndarray | None:
 
 
 def decode_image(value: Any, strict: bool = False) -> np.ndarray:
-    """Decode one stored ``image`` value to a numpy array.
+    """Decode one stored ``image`` value to ``(H, W, 3)`` uint8 (H&E) or ``(H, W, 2)`` uint16 (SRH).
 
-    Encoded images (bytes, or a file) are decoded by imagecodecs when they are 8-bit RGB PNG or JPEG, by PIL
-    otherwise: the same pixels either way. With ``strict`` an encoded image that is not 8-bit RGB (grey, RGBA,
-    16-bit) is an error instead of being converted (what training reads must be what the converters write).
-
-    Args:
-        value: a PIL image, a numpy array (or anything with ``__array__``, e.g. a torch tensor), nested lists
-            (an ``Array3D`` read without formatting), raw PNG/TIFF bytes, or a ``{"bytes": ..., "path": ...}``
-            dict as stored by :class:`datasets.Image`.
-        strict (`bool`, defaults to `False`): refuse encoded images that are not 8-bit RGB.
-
-    Returns:
-        `np.ndarray`: ``(H, W, 3)`` uint8 for H&E or ``(H, W, 2)`` uint16 for SRH.
+    ``value``: a PIL image, a numpy array (or anything with ``__array__``, e.g. a torch tensor), nested lists (an
+    ``Array3D`` read without formatting), encoded bytes (:func:`_decode_rgb8`, else PIL), or a ``{"bytes": ...,
+    "path": ...}`` dict as stored by :class:`datasets.Image`. With ``strict`` an encoded image that is not 8-bit
+    RGB (grey, RGBA, 16-bit) is an error instead of being converted (what training reads must be what the
+    converters write).
     """
     if isinstance(value, Mapping):
         data, path = value.get("bytes"), value.get("path")

@@ -54,11 +54,7 @@ class HierarchicalStreamingDataset(_PatientSampler, IterableDataset):
 
     Args:
         dataset (`datasets.IterableDataset` or any iterable of row dicts): the streamed patch dataset.
-        num_slides (`int`, defaults to 2): slides per patient ``S``.
-        num_patches (`int`, defaults to 2): patches per slide ``P``.
-        num_views (`int`, defaults to 2): views per patch ``V``.
-        transform (`callable`, *optional*): as in :class:`HierarchicalPatchDataset`.
-        seed (`int`, defaults to 0): base seed.
+        num_slides, num_patches, num_views, transform, seed: as in :class:`HierarchicalPatchDataset`.
         buffer_size (`int`, defaults to 16): patients held at once per consumer.
         patches_per_patient (`int`, defaults to 64): buffered patches that make a patient ready.
         rank (`int`, *optional*), world_size (`int`, *optional*): this process and the process count; taken
@@ -119,11 +115,7 @@ class HierarchicalStreamingDataset(_PatientSampler, IterableDataset):
         self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the draws of ``epoch``; forwarded to the stream (``datasets`` reshuffles shards by epoch).
-
-        Args:
-            epoch (`int`): the epoch number.
-        """
+        """Use the draws of ``epoch``; forwarded to the stream (``datasets`` reshuffles shards by epoch)."""
         super().set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(int(epoch))

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
 from hlss_hf.cli import Section, check
+from hlss_hf.data.dataset_card import InvalidItems
 from hlss_hf.data.writer import encode_image
 from hlss_hf.errors import ConfigError
 
@@ -32,12 +33,7 @@ MAX_THUMBNAIL_SIDE = 8192
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1] (maximises the between-class variance), numpy only.
-
-    Args:
-        values (`np.ndarray`): any shape, values in [0, 1].
-        bins (`int`, defaults to 256): histogram bins.
-    """
+    """Otsu's threshold of values in [0, 1] (maximises the between-class variance), numpy only."""
     hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
     hist = hist.astype(np.float64)
     centers = (edges[:-1] + edges[1:]) / 2
@@ -50,14 +46,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail.
-
-    Args:
-        rgb (`np.ndarray`): ``(H, W, 3)`` uint8.
-
-    Returns:
-        `np.ndarray` of bool, ``(H, W)``.
-    """
+    """Boolean ``(H, W)`` tissue mask of an ``(H, W, 3)`` uint8 RGB thumbnail."""
     rgb = rgb.astype(np.float32) / 255.0
     high, low = rgb.max(axis=-1), rgb.min(axis=-1)
     saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
@@ -68,19 +57,9 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
 
 @dataclass
 class TilingOptions:
-    """How to cut slides into patches.
-
-    Args:
-        patch_size (`int`, defaults to 256): output patch side in pixels.
-        mpp (`float`, *optional*): target microns per pixel (best level read, then resized).
-        level (`int`, *optional*): read this pyramid level as is (exclusive with ``mpp``); level 0 when both
-            are unset.
-        min_tissue (`float`, defaults to 0.5): minimal tissue fraction of a kept tile.
-        max_tiles_per_slide (`int`, *optional*): keep at most this many tissue tiles (a seeded random subset).
-        seed (`int`, defaults to 0): seed of that subset.
-        image_format (`str`, defaults to ``"png"``): how tiles leave the worker: ``"png"`` bytes (encoded in the
-            worker, so in parallel) or ``"raw"`` uint8 arrays (for a raw H&E dataset, no encoding at all).
-    """
+    """How to cut slides into patches: the fields of :class:`TilingConfig`, and ``image_format``, how tiles leave
+    the worker: ``"png"`` bytes (encoded in the worker, so in parallel) or ``"raw"`` uint8 arrays (for a raw H&E
+    dataset, no encoding at all)."""
 
     patch_size: int = 256
     mpp: float | None = None
@@ -202,14 +181,9 @@ def _to_rgb(region: Image.Image) -> np.ndarray:
 def tile_slide(task: SlideTask, options: TilingOptions) -> SlideResult:
     """Tile one slide; never raises for a bad slide (the error goes in the result, for the parent to report).
 
-    Args:
-        task (`SlideTask`): the slide and its ids.
-        options (`TilingOptions`): how to tile.
-
-    Returns:
-        `SlideResult` whose rows carry the ``image`` as ``{"bytes": PNG, "path": None}`` (or a uint8 array with
-        ``image_format="raw"``) plus ids, label and
-        provenance (``x``, ``y`` in level-0 pixels, ``level``, ``mpp``, ``magnification``, ``source``).
+    The result's rows carry the ``image`` as ``{"bytes": PNG, "path": None}`` (or a uint8 array with
+    ``image_format="raw"``) plus ids, label and provenance (``x``, ``y`` in level-0 pixels, ``level``, ``mpp``,
+    ``magnification``, ``source``).
     """
     try:
         return _tile_slide(task, options)
@@ -302,11 +276,6 @@ def tile_slides(tasks: list[SlideTask], options: TilingOptions, num_workers: int
     """Tile slides, in parallel processes when ``num_workers > 1``; yields :class:`SlideResult` in task order.
 
     At most ``2 * num_workers`` slides are in flight, so memory stays bounded by a few slides' tiles.
-
-    Args:
-        tasks (`list[SlideTask]`): the slides.
-        options (`TilingOptions`): how to tile.
-        num_workers (`int`, defaults to 1): worker processes (1: tile in this process).
     """
     if num_workers <= 1:
         for task in tasks:
@@ -334,6 +303,15 @@ def tile_slides(tasks: list[SlideTask], options: TilingOptions, num_workers: int
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def slide_exists(path: str | Path) -> bool:
-    """Whether a slide path points to a readable file (MIRAX etc. are files plus folders; the file is enough)."""
-    return Path(path).is_file()
+def tiled_rows(
+    tasks: list[SlideTask], options: TilingOptions, num_workers: int, invalid: InvalidItems
+) -> Iterator[dict[str, Any]]:
+    """The rows of :func:`tile_slides`; failed or empty slides go to ``invalid``."""
+    for result in tile_slides(tasks, options, num_workers):
+        item = f"slide {result.task.slide_id}"
+        if result.error is not None:
+            invalid.invalid(item, f"cannot tile {result.task.path}: {result.error}")
+        elif not result.rows:
+            invalid.invalid(item, f"no tissue tiles (--min-tissue {options.min_tissue})")
+        else:
+            yield from result.rows

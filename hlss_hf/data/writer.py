@@ -5,15 +5,14 @@ Shared by the converters in ``dataset_scripts/``. A converter produces, for each
 
 - validates every row (image dtype / channels / shape, label in the class list, unique ``patch_id``);
 - streams the rows into one Arrow file per split (bounded memory: batches of :data:`WRITER_BATCH_SIZE` rows);
-- locally, saves them with :meth:`datasets.DatasetDict.save_to_disk` (``<split>/data-NNNNN-of-NNNNN.arrow``)
-  plus a ``README.md`` dataset card whose YAML (``configs`` + ``dataset_info``) points at those files, so both
-  ``datasets.load_from_disk(DIR)`` (memory-mapped, no copy) and ``datasets.load_dataset(DIR)`` return the same
-  splits and features; everything is built in a temporary folder next to the output and moved into place only
-  when complete;
+- locally, saves them with :meth:`datasets.DatasetDict.save_to_disk` plus a ``README.md`` dataset card whose YAML
+  (``configs`` + ``dataset_info``) points at those files, so both ``datasets.load_from_disk(DIR)`` and
+  ``datasets.load_dataset(DIR)`` return the same splits and features; built beside the output and swapped in
+  when complete (:mod:`hlss_hf.files`);
 - or pushes the splits with :meth:`datasets.DatasetDict.push_to_hub` (parquet) and uploads the card.
 
-Invalid items raise :class:`ConversionError` naming the item, unless the converter runs with
-``skip_invalid=True``, in which case :class:`InvalidItems` records them for the summary and the card.
+Invalid items raise :class:`ConversionError` naming the item, or, with ``skip_invalid=True``, are recorded by
+:class:`InvalidItems` for the summary and the card.
 """
 
 from __future__ import annotations
@@ -70,29 +69,9 @@ logger = logging.getLogger(__name__)
 WRITER_BATCH_SIZE = 64
 
 
-# ------------------------------------------------------------------ atomic writes
-# Every writer builds its output beside the destination and renames it into place when complete: a reader, or a
-# run that crashes half-way, sees the earlier version or the whole new one, never a part.
-
-
-# ------------------------------------------------------------------ one writer per output
-# A run (train.py, finetune.py, a converter) holds an exclusive lock on its output for as long as it runs, so a
-# second run into the same folder is refused at its start instead of replacing the first one's result. The lock is
-# fcntl.flock on a file beside the output: the kernel (and an NFS server's lock manager) releases it when the
-# holding process dies, so a lock is never stale and no PID has to be judged alive, on any machine. The file
-# itself says who holds it, for the error. Its holder deletes it on release (while still holding it), and whoever
-# locks a file checks that it is still the one at that path, so two processes never lock two files of one name.
-
-
 def check_patch(image: Any, modality: str, patch_size: tuple[int, int] | None) -> str | None:
-    """Tell why ``image`` cannot be stored as a patch of ``modality``, or ``None`` when it can.
-
-    Args:
-        image: the patch as a channel-last numpy array; for H&E also ``{"bytes": PNG}`` (already encoded,
-            e.g. by a tiling worker process; only its header is read).
-        modality (`str`): ``"he"`` (uint8, 3 channels) or ``"srh"`` (uint16, 2 channels).
-        patch_size (`(height, width)`, *optional*): the required spatial shape.
-    """
+    """Tell why ``image`` (a channel-last numpy array; for H&E also ``{"bytes": PNG}``, encoded by a tiling worker,
+    of which only the header is read) cannot be stored as a ``modality`` patch of ``patch_size``, or ``None``."""
     if modality == "he" and isinstance(image, Mapping):
         try:
             with PILImage.open(io.BytesIO(image["bytes"])) as decoded:
@@ -117,12 +96,8 @@ def check_patch(image: Any, modality: str, patch_size: tuple[int, int] | None) -
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output folder unless ``overwrite``; checked before any work starts.
-
-    Args:
-        output_dir: the requested ``--output``.
-        overwrite (`bool`): whether an existing folder may be replaced once the new one is complete.
-    """
+    """Refuse an existing output folder unless ``overwrite`` (replaced once the new one is complete); checked
+    before any work starts."""
     path = Path(output_dir)
     if path.exists() and not overwrite:
         raise ConversionError(f"output {path} already exists (pass --overwrite to replace it)")
@@ -183,9 +158,6 @@ def write_patch_dataset(
         max_shard_size_mb (`float`, defaults to 500): shard size of the saved or pushed splits.
         show_progress (`bool`, defaults to `True`): show tqdm bars.
         license, license_name, license_link (`str`): the card's licence fields (see :func:`dataset_card_text`).
-
-    Returns:
-        `ConversionSummary`.
 
     Raises:
         ConversionError: an invalid row (without ``skip_invalid``), an existing output, or no patches at all.
