@@ -446,11 +446,9 @@ class TrainingConfig(RunConfig):
             self.key("schedule_epochs"),
             "must be > 0",
         )
-        _check(
-            self.schedule_steps is None or self.schedule_steps >= 1,
-            self.key("schedule_steps"),
-            "must be >= 1",
-        )
+        for name in ("schedule_steps", "max_steps_this_run", "save_total_limit", "knn_k"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, self.key(name), "must be >= 1")
         _check(
             self.schedule_epochs is None or self.schedule_steps is None,
             self.key("schedule_steps"),
@@ -467,17 +465,10 @@ class TrainingConfig(RunConfig):
             self.key("schedule_length"),
             "reference needs training.gradient_accumulation_steps 1 (the reference has no accumulation)",
         )
-        _check(
-            self.max_steps_this_run is None or self.max_steps_this_run >= 1,
-            self.key("max_steps_this_run"),
-            "must be >= 1",
-        )
         for name in ("adam_beta1", "adam_beta2"):
             _check(0 <= getattr(self, name) < 1, self.key(name), "must be in [0, 1)")
         _check(self.adam_epsilon > 0, self.key("adam_epsilon"), "must be > 0")
         _check(self.save_steps >= 0, self.key("save_steps"), "must be >= 0")
-        _check(self.save_total_limit >= 1, self.key("save_total_limit"), "must be >= 1")
-        _check(self.knn_k >= 1, self.key("knn_k"), "must be >= 1")
         _check_temperature(self.knn_temperature, self.key("knn_temperature"))
         from hlss_hf.evaluation import AGGREGATIONS
 
