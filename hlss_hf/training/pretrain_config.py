@@ -347,7 +347,8 @@ class DataConfig(DataSourceConfig):
     eval_resize: int | None = None
     """Evaluation: resize the shortest edge to this before the centre crop (null: no resize)."""
     eval_framing: Literal["center_crop", "resize"] = "center_crop"
-    """Evaluation input: `center_crop` (data.crop_size) or `resize` (whole patch, bicubic, the reference's)."""
+    """Evaluation input: `center_crop` (data.crop_size at native resolution, after data.eval_resize if set) or
+    `resize` (the whole patch resized to data.crop_size, bicubic, as the reference does)."""
     eval_antialias: bool = True
     """Antialias a shrinking evaluation resize (false: as the reference's torchvision 0.16.2)."""
     augmentation: dict | str | None = None
