@@ -37,13 +37,7 @@ def debug_requested(args: argparse.Namespace | None = None) -> bool:
 
 def describe_error(error: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> str | None:
     """One line for an error the user can act on, or ``None`` for anything else (a bug keeps its traceback).
-
-    Args:
-        error (`BaseException`): the error.
-        user_errors (`tuple` of exception types): errors whose message is already written for the user (bad input
-            naming the item); :class:`SourceError`, :class:`ConversionError` and
-            :class:`hlss_hf.errors.DatasetError` always are.
-    """
+    `user_errors`: further types whose message is written for the user, as :class:`SourceError`'s is."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     hub_errors = (HfHubHTTPError, OfflineModeIsEnabled)
@@ -70,20 +64,10 @@ def exit_on_error(
     status: int = 1,
     interrupted: str | None = None,
 ):
-    """Turn the errors a user can act on into one line ``error: ...`` on stderr and exit status `status`.
-
-    Used by the converters (:func:`run_converter`), ``train.py`` and ``python -m hlss_hf.evaluate``: bad input,
-    a missing local folder or Hub repo, file-system and Hub errors end the program without a traceback
-    (:func:`describe_error`); any other error keeps its traceback. `debug` (``--debug`` or ``HLSS_DEBUG=1``, see
-    :func:`debug_requested`) re-raises everything as it is.
-
-    Args:
-        debug (`bool`, defaults to `False`): show tracebacks instead.
-        user_errors (`tuple` of exception types): further error types whose message is written for the user.
-        status (`int`, defaults to 1): the exit status. With 1 the line travels in `SystemExit` (the interpreter
-            prints it); with another status it is printed to stderr first.
-        interrupted (`str`, *optional*): the line for Ctrl-C; without it Ctrl-C ends with its traceback.
-    """
+    """Turn the errors a user can act on (:func:`describe_error`) into one line ``error: ...`` on stderr and
+    exit status `status` (1: the line travels in `SystemExit`; another: printed first); any other error keeps
+    its traceback, and `debug` (:func:`debug_requested`) re-raises everything. `interrupted`: the line for
+    Ctrl-C (without it Ctrl-C ends with its traceback)."""
     try:
         yield
     except KeyboardInterrupt:
@@ -105,10 +89,9 @@ def exit_on_error(
 def check_command_line(
     argv: list[str], parse: Callable[[list[str]], Any], show_help: Callable[[], None]
 ) -> None:
-    """What a program answers before torch and the model code load (seconds; see ``hlss_hf/__init__.py``):
-    ``--help`` (`show_help`, then exit 0) and a settings error (`parse` raising :class:`ConfigError`: one line
-    ``error: ...``, exit 1; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback). A valid command line returns,
-    with HLSS registered with transformers' Auto classes (which a program of the project defers until now)."""
+    """``--help`` (`show_help`, exit 0) and settings errors (`parse` raising :class:`ConfigError`: one line,
+    exit 1; ``--debug`` keeps the traceback), answered before torch and the model load (hlss_hf/__init__.py).
+    A valid command line returns with HLSS registered with transformers' Auto classes, deferred until now."""
     if "-h" in argv or "--help" in argv:
         show_help()
         raise SystemExit(0)
@@ -138,12 +121,9 @@ def _alternatives(annotation: Any) -> tuple:
     return (annotation,)
 
 
-def _takes_list(annotation: Any) -> bool:
-    return any(a is list or typing.get_origin(a) is list for a in _alternatives(annotation))
-
-
-def _takes_dict(annotation: Any) -> bool:
-    return any(a is dict or typing.get_origin(a) is dict for a in _alternatives(annotation))
+def _takes(annotation: Any, kind: type = list) -> bool:
+    """Whether `annotation` admits a `kind` (``list`` or ``dict``)."""
+    return any(a is kind or typing.get_origin(a) is kind for a in _alternatives(annotation))
 
 
 @functools.cache
@@ -163,7 +143,7 @@ def convert(value: Any, annotation: Any, key: str) -> Any:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool) and str in alternatives:
         return str(value)
-    if isinstance(value, str) and _takes_list(annotation) and value.strip()[:1] != "[" and value not in _NULL:
+    if isinstance(value, str) and _takes(annotation) and value.strip()[:1] != "[" and value not in _NULL:
         value = [value]
     try:
         return _value_parser(annotation).parse_object({"value": value}).value
@@ -295,9 +275,10 @@ def resolve_key(name: str, config_class: type[Config], where: str) -> str:
 
 
 def _options(argv: list[str], config_class: type[Config], strict: bool = True):
-    """``(key, value)`` for each option of `argv`, in today's spellings (``--section.key``, the bare ``--key``,
-    dashes for underscores, ``--key=value``, the one bare value of ``config_class.positional``); a bare boolean
-    flag means true, several items of a list are one YAML list. ``--config`` is yielded as ``("config", path)``. Not `strict`: what cannot be read is skipped."""
+    """``(key, value)`` for each option of `argv` (``--section.key`` or the bare ``--key``, dashes or
+    underscores, ``--key=value``, ``config_class.positional``'s bare value; a bare boolean flag is true, a
+    list's several values one YAML list); ``--config`` gives ``("config", path)``. Not `strict`: what cannot
+    be read is skipped."""
     keys, i, positional_given = config_keys(config_class), 0, False
     while i < len(argv):
         token, i = argv[i], i + 1
@@ -325,11 +306,11 @@ def _options(argv: list[str], config_class: type[Config], strict: bool = True):
             continue
         if not values and _alternatives(keys[key])[0] is bool:
             values = ["true"]  # a bare --cpu
-        if len(values) > 1 and not _takes_list(keys[key]):
+        if len(values) > 1 and not _takes(keys[key]):
             if strict:
                 raise ConfigError(f"config key '{key}': one value expected, got {values}")
             continue
-        if _takes_list(keys[key]) and not (
+        if _takes(keys[key]) and not (
             len(values) == 1 and values[0].strip()[:1] == "[" or values == ["null"]
         ):
             values = [yaml.safe_dump(values, default_flow_style=True, width=float("inf")).strip()]
@@ -337,7 +318,7 @@ def _options(argv: list[str], config_class: type[Config], strict: bool = True):
             if strict:
                 raise ConfigError(f"config key '{key}': needs a value")
             continue
-        if _takes_dict(keys[key]) and values[0].strip()[:1] == "{":
+        if _takes(keys[key], dict) and values[0].strip()[:1] == "{":
             # Read as YAML reads it (jsonargparse refuses `{num_patients:12}`, which YAML reads as one key), so
             # the section's own check can name the key it does not know.
             with contextlib.suppress(yaml.YAMLError):
@@ -346,8 +327,8 @@ def _options(argv: list[str], config_class: type[Config], strict: bool = True):
 
 
 def command_line_value(argv: list[str], key: str, config_class: type[Config]) -> Any:
-    """The value `argv` gives config key `key` (any of its spellings), read as the config reads it, or None
-    when `argv` does not set it. Nothing else is checked: :func:`parse` does that."""
+    """The value `argv` gives config key `key` (any spelling), read as the config reads it, or None; nothing
+    else is checked (:func:`parse` does that)."""
     given = dict(_options([str(a) for a in argv], config_class, strict=False))
     if given.get(key) is None:
         return None
@@ -472,9 +453,8 @@ def parse(
     prog: str | None = None,
     description: str | None = None,
 ) -> Config:
-    """`config_class` from ``--config FILE`` (or `default_config`) and ``--key value`` overrides, validated;
-    ``-h`` / ``--help`` prints :func:`format_help` (after `description`) and exits. Raises :class:`ConfigError`
-    naming the key."""
+    """`config_class` from ``--config FILE`` (or `default_config`) and ``--key value`` overrides, validated
+    (:class:`ConfigError` names the key); ``-h`` / ``--help`` prints :func:`format_help` and exits."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if "-h" in argv or "--help" in argv:
         given = dict(_options(argv, config_class, strict=False))

@@ -35,7 +35,5 @@ class CheckpointError(ValueError):
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be used as asked: a missing or empty split, a missing column, no data files.
-
-    The message names the dataset, the split and the setting that chose them.
-    """
+    """A dataset that cannot be used as asked (a missing or empty split or column, no data files); the message
+    names the dataset, the split and the setting that chose them."""

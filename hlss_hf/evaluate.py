@@ -44,11 +44,9 @@ class EvalModelConfig(Section):
     model_name_or_path: str | None = None
     """Model folder or Hub id (AutoModel.from_pretrained)."""
     framing: Literal["saved", "resize", "center_crop"] = "saved"
-    """Image framing: `saved` (the model folder's processor), `resize` (whole patch resized bicubic to the model's
-    image size, as the reference evaluates) or `center_crop` (native resolution, centre crop)."""
+    """`saved` (the folder's processor), `resize` (whole patch, bicubic, the reference's) or `center_crop`."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Embedding forward: `fp32` (the reference's evaluation and the training-time kNN) or `bf16` (autocast:
-    faster on GPUs, embeddings rounded to bf16)."""
+    """`fp32` (the reference's and training's kNN) or `bf16` (autocast: faster on GPUs, rounded)."""
     device: str | None = None
     """Torch device (null: cuda if available, else cpu)."""
 
@@ -69,8 +67,7 @@ class EvalDataConfig(Section):
     eval_batch_size: int = 64
     """Images per forward pass."""
     num_workers: int | None = None
-    """DataLoader workers decoding images while the model runs (null: 0 on the CPU, the machine's cores on an
-    accelerator)."""
+    """DataLoader workers decoding images (null: 0 on the CPU, the machine's cores on an accelerator)."""
     max_samples: int | None = None
     """Use the first N rows of each split."""
     embedding_cache_dir: str | None = None
@@ -104,13 +101,11 @@ class KnnConfig(Section):
     section: ClassVar[str] = "knn"
 
     k: int | None = None
-    """Neighbours, clamped to the bank size (null: the k train.py evaluated the model with, training.knn_k of its
-    train_config.yaml, so both report the same numbers; else 200, the paper's)."""
+    """Neighbours, at most the bank (null: the model's training.knn_k, as train.py reported; else 200)."""
     temperature: float = 0.07
     """Vote temperature."""
     aggregation: Literal["reference", "sum"] = "reference"
-    """Slide / patient rule: `reference` (HLSS reference: per patch L1-normalise + softmax, averaged) or `sum` (raw
-    patch scores summed)."""
+    """Slide / patient rule: `reference` (HLSS reference's) or `sum` (raw patch scores summed)."""
 
     def validate(self) -> None:
         super().validate()
@@ -266,16 +261,15 @@ def _write_json(payload: Any, path: Path) -> None:
 def _load_split(
     dataset_path: str, split: str, max_samples: int | None = None, split_key: str = "data.validation_split"
 ):
-    """One split of ``data.dataset`` (:func:`hlss_hf.data.load_split`: a folder or Hub id, with the patient and slide
-    ids the slide and patient metrics need); errors name ``data.dataset`` or `split_key`."""
+    """One split of ``data.dataset`` (:func:`hlss_hf.data.load_split`); errors name it or `split_key`."""
     from hlss_hf.data import load_split
 
     return load_split(dataset_path, split, max_samples=max_samples, key="data.dataset", split_key=split_key)
 
 
 def load_prompts(path: str | None, class_names: list[str], saved: dict | None = None) -> dict[str, list[str]]:
-    """Class prompts from a YAML / JSON file (`class -> prompt or [prompts]`), else the class descriptions saved with
-    the model (`saved`, its `config.class_prompts`), else the default templates."""
+    """Class prompts from a YAML / JSON file (`class -> prompt or [prompts]`), else `saved` (the model's
+    `config.class_prompts`), else the default templates."""
     if path is None and saved:
         return {str(k): list(v) for k, v in saved.items()}
     if path is None:
@@ -305,9 +299,8 @@ def _load_model(config: Evaluation):
     register_auto_classes()  # `python -m hlss_hf.evaluate` defers it until the arguments are read
 
     path = config.model.model_name_or_path
-    check_local_source(
-        path, "model", "model.model_name_or_path"
-    )  # a mistyped path is named, not looked up on the Hub
+    # A mistyped path is named, not looked up on the Hub.
+    check_local_source(path, "model", "model.model_name_or_path")
     try:
         model_config = AutoConfig.from_pretrained(path)
     except OSError as err:  # transformers reports a missing repo / offline mode as OSError
@@ -348,9 +341,7 @@ def _load_model(config: Evaluation):
 
 
 def frame_processor(processor, framing: str, model, modality: str):
-    """The image processor for `model.framing`: the saved one (`saved`), or a copy that resizes the whole patch to the
-    model's image size, bicubic, without a crop (`resize`, the reference's evaluation framing), or that keeps the
-    native resolution and centre-crops that size (`center_crop`). Other settings (normalisation) are kept."""
+    """The image processor for `model.framing` (docs/evaluation.md); a rewritten copy keeps normalisation."""
     if framing == "saved":
         return processor
     import copy
@@ -469,13 +460,9 @@ def run(config: Evaluation) -> dict[str, Any]:
         k, k_source = (settings.k, "knn.k") if settings.k is not None else default_knn_k(model_path)
         print(f"kNN with k={k} ({k_source})", flush=True)
         warnings += evaluation_warnings(train.labels.tolist(), val.labels.tolist(), val.class_names, k=k)
-        # k beyond the bank is clamped here and named by the k_exceeds_bank warning.
-        scores = knn_scores(train, val, k=min(k, len(train)), temperature=settings.temperature)
-        report["settings"] = {
-            "k": min(k, len(train)),
-            "temperature": settings.temperature,
-            "train_split": data.train_split,
-        }
+        k = min(k, len(train))  # k beyond the bank is clamped here and named by the k_exceeds_bank warning
+        scores = knn_scores(train, val, k=k, temperature=settings.temperature)
+        report["settings"] = {"k": k, "temperature": settings.temperature, "train_split": data.train_split}
     elif mode == "linear":
         import torch
 
@@ -550,9 +537,8 @@ def run(config: Evaluation) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the command line. Settings errors, bad input (a missing folder or Hub repo, a missing split or column,
-    unknown classes, no text tower...), file-system and Hub errors print one line ``error: ...`` and exit with
-    status 2, leaving no empty output folder behind; ``--debug`` or ``HLSS_DEBUG=1`` shows the traceback instead."""
+    """Run the command line; a user's error is one line ``error: ...``, exit status 2, no empty output folder
+    left behind (:func:`hlss_hf.cli.exit_on_error`)."""
     from hlss_hf.cli import debug_requested, exit_on_error
     from hlss_hf.files import remove_new_empty_folder
     from hlss_hf.sources import check_local_source

@@ -42,15 +42,8 @@ def distributed_knn_evaluate(
     """kNN evaluation in which every process takes part: for training-time evaluation under DDP, FSDP or DeepSpeed.
 
     :func:`distributed_evaluate` with :func:`knn_evaluate`. With one process the embeddings and metrics equal
-    :func:`extract_embeddings` (same `batch_size`, CPU) followed by :func:`knn_evaluate`.
-
-    Args:
-        accelerator, model, train_ds, val_ds, processor, batch_size, num_workers, progress: as for
-            :func:`distributed_evaluate`.
-        k, temperature, aggregation, chunk_size: as for :func:`knn_evaluate`.
-
-    Returns:
-        `dict[str, float]`: :func:`knn_evaluate`'s metrics (`"patch/acc"`, ...), the same on every process.
+    :func:`extract_embeddings` (same `batch_size`, CPU) followed by :func:`knn_evaluate`; every process
+    returns the metrics.
     """
     check_aggregation(aggregation)
     knn = partial(knn_evaluate, k=k, temperature=temperature, chunk_size=chunk_size, aggregation=aggregation)
@@ -80,21 +73,9 @@ def distributed_evaluate(
     CUDA random state is restored afterwards (DataLoader workers draw a seed from it), so evaluating does not
     change training (docs/evaluation.md#during-training).
 
-    Args:
-        accelerator (`accelerate.Accelerator`): the training run's accelerator.
-        model (`nn.Module`): the prepared model (e.g. an `HLSSModel` wrapped by DDP / FSDP / DeepSpeed) whose
-            `forward(pixel_values, return_loss=False)` returns `image_embeds`.
-        train_ds (`datasets.Dataset` or `datasets.IterableDataset`): the reference split (e.g. the kNN bank).
-        val_ds (`datasets.Dataset` or `datasets.IterableDataset`): the evaluated split.
-        evaluate_fn (`Callable[[EmbeddingSet, EmbeddingSet], Any]`): runs on the main process only (it must not
-            run the model: the other processes do not take part); its result must be picklable.
-        processor (*optional*): image processor, as for :func:`extract_embeddings`.
-        batch_size (`int`, defaults to 64): images per forward pass per process.
-        num_workers (`int`, *optional*): decoding workers per process, as for :func:`extract_embeddings`.
-        progress (`bool`, defaults to `False`): a progress bar on the main process.
-
-    Returns:
-        What `evaluate_fn` returned, on every process.
+    `evaluate_fn` must not run the model (the other processes do not take part), and its result must be
+    picklable. `processor`, `batch_size` (per process) and `num_workers` as for :func:`extract_embeddings`;
+    `progress`: a bar on the main process.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

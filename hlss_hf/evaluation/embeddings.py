@@ -41,15 +41,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 @dataclass
 class EmbeddingSet:
-    """Frozen embeddings of one dataset split, with the labels and the hierarchy of every patch.
-
-    Args:
-        embeddings (`torch.FloatTensor` of shape `[N, D]`): L2-normalised float32 embeddings.
-        labels (`torch.LongTensor` of shape `[N]`): class index of each patch.
-        slide_ids (`list[str]`, *optional*): slide of each patch; `None` when the dataset has no slide column.
-        patient_ids (`list[str]`, *optional*): patient of each patch; `None` when the dataset has none.
-        class_names (`list[str]`): class names in label-index order.
-    """
+    """Frozen embeddings `[N, D]` (L2-normalised float32) of one dataset split with each patch's label and,
+    where the dataset has them, slide and patient ids (else `None`); `class_names` in label-index order."""
 
     embeddings: torch.Tensor
     labels: torch.Tensor
@@ -128,12 +121,7 @@ def model_fingerprint(model: nn.Module) -> str:
     remembered per model until a tensor changes: every in-place update (optimizer step, `load_state_dict`, `copy_`)
     bumps a tensor's version counter and a replaced tensor has a new storage, both part of the memo's key.
     (Writes through a numpy view of a parameter bypass the counter; call `model_fingerprint.cache_clear()`.)
-
-    Args:
-        model (`torch.nn.Module`): the model; a `config` attribute with `to_dict()` is included when present.
-
-    Returns:
-        `str`: a hex digest; equal for models whose forward passes are equal.
+    A `config` with `to_dict()` is hashed too; equal digests mean equal forward passes.
     """
     state = model.state_dict()
     config = getattr(model, "config", None)
@@ -245,29 +233,16 @@ def extract_embeddings(
         model (`nn.Module`): anything with `get_image_features(pixel_values)` giving `[N, D]`, as a tensor or as
             the `pooler_output` of a transformers 5 output (`HLSSModel`, `CLIPModel`).
         dataset (`datasets.Dataset` or `datasets.IterableDataset`): one split with `image` and a `ClassLabel`
-            `label`; `slide_id` and `patient_id` are optional (without them only patch-level metrics can be
-            computed; a warning says so).
-        processor (*optional*): an image processor such as `HLSSImageProcessor`, called as
-            `processor(images=[...], return_tensors="pt")`; `None`: `he_to_float` / `srh_to_float` and a centre
-            crop to `model.config.image_size`.
-        batch_size (`int`, defaults to 64): images per forward pass.
-        cache_dir (`str`, *optional*): folder for cached embeddings; `None` disables caching.
-        device (`str` or `torch.device`, *optional*): where to run; the model is moved there. Defaults to the
-            device of the model's parameters.
-        progress (`bool`, defaults to `True`): show a tqdm progress bar (without a total for a stream).
-        num_workers (`int`, *optional*): DataLoader worker processes that decode and preprocess the next
-            batches while the model runs (0: in the main process). `None` (default):
-            :func:`hlss_hf.data.default_num_workers`, 0 on the CPU (workers would compete with the model's
-            threads) and the machine's cores on an accelerator; for a stream at most 1, since each stream
-            worker reads the whole stream (see :class:`_StreamRounds`).
-        precision (`str`, defaults to `"fp32"`): `"fp32"` (as the HLSS reference evaluates and the training-time
-            kNN runs) or `"bf16"` (autocast on the model's device: faster on GPUs, embeddings rounded to bf16).
-
-    Returns:
-        :class:`EmbeddingSet` with float32 L2-normalised embeddings.
-
-    Raises:
-        ValueError: for an empty split, a missing `image` / `label` column or a `label` that is not a ClassLabel.
+            `label`; `slide_id` and `patient_id` are optional (without them: patch-level metrics only, and a
+            warning).
+        processor (*optional*): called as `processor(images=[...], return_tensors="pt")`; `None`:
+            `he_to_float` / `srh_to_float` and a centre crop to `model.config.image_size`.
+        device (*optional*): the model is moved there; default: where its parameters are.
+        num_workers (`int`, *optional*): DataLoader workers decoding the next batches (0: the main process);
+            `None`: :func:`hlss_hf.data.default_num_workers` (0 on the CPU, where workers would compete with
+            the model's threads), for a stream at most 1, since each stream worker reads the whole stream
+            (:class:`_StreamRounds`).
+        precision (`str`): `"fp32"` (the HLSS reference's and the training-time kNN's) or `"bf16"` (autocast).
     """
     info = _split_info(dataset)
     if batch_size < 1:
@@ -400,16 +375,13 @@ def _embed_rounds(
     rank: int = 0,
     store: torch.device | None = None,
 ) -> tuple[torch.Tensor, dict[str, list]]:
-    """This process's share of `dataset` embedded by `embed(pixel_values)`, in rounds of `batch_size * world` rows.
+    """This process's share of `dataset` embedded by `embed(pixel_values)`, in rounds of `B * world` rows
+    (`B = batch_size`): process `rank` embeds rows `[rank * B, (rank + 1) * B)` of each round, or one padding
+    row where the last round does not reach it (FSDP hangs unless forward counts match; docs/evaluation.md).
 
-    Process `rank` embeds rows `[rank * B, (rank + 1) * B)` of each round (every row with one process). A process
-    the last round does not reach embeds one padding row, so every process makes the same number of forward calls
-    (FSDP collectives hang otherwise).
-
-    Returns:
-        The L2-normalised embeddings `[rounds, B, D]` on `store` (default: the device), each round's rows padded to
-        `B` with zeros (gathered from all processes, they read round after round and process after process as the
-        dataset's rows followed by padding); and a stream's labels and ids (column -> values, in stream order).
+    Returns the L2-normalised embeddings `[rounds, B, D]` on `store` (default: the device), each round's rows
+    padded to `B` with zeros (gathered from all processes, they read as the dataset's rows, then padding), and
+    a stream's labels and ids (column -> values, in stream order).
     """
     size = batch_size
     rows: dict[str, list] = {name: [] for name in info.columns}
@@ -526,14 +498,11 @@ def _pixels(values, processor: Any, modality: str, image_size: int | None) -> to
 
 
 class _StreamRounds(torch.utils.data.IterableDataset):
-    """One process's share of a streamed split, read in rounds of `batch_size * world` rows.
-
-    Round `j` holds rows `[j * B * W, (j + 1) * B * W)` of the stream; process `rank` embeds its slice
-    `[rank * B, (rank + 1) * B)` of the round. Each item is `(pixel_values, n, rows)`: the slice's pixels, its
-    number of rows `n` (0 in a last round too short to reach this process: the pixels are then the round's first
-    row, a padding forward that keeps every process's number of forward calls equal, as FSDP needs), and the
-    round's `label` / `slide_id` / `patient_id` for all of its rows (every process reads the whole stream, so
-    every process knows every row's ids and the stream's length without a collective).
+    """One process's share of a streamed split, in the rounds of :func:`_embed_rounds`. Each item is
+    `(pixel_values, n, rows)`: the process's slice of the round, its number of rows `n` (0 where a short last
+    round does not reach it: the pixels are then the round's first row, the padding forward), and the round's
+    `label` / `slide_id` / `patient_id` for all of its rows (every process reads the whole stream, so every
+    process knows every row's ids and the stream's length without a collective).
 
     In DataLoader worker `w` of `n` the whole stream is read and rounds `w, w + n, ...` are decoded, so the
     DataLoader, which takes items from its workers in turn, returns the rounds in stream order. (A

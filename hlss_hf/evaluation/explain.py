@@ -36,19 +36,9 @@ def attribute_scores(
     use_heads: bool = True,
     batch_size: int = 4096,
 ) -> torch.Tensor:
-    """Affinities of precomputed image embeddings to the attributes of one level.
-
-    Args:
-        model (`nn.Module`): an `HLSSModel` (modules `heads[level]`, buffers `bank_{level}`).
-        embeddings (`torch.FloatTensor` of shape `[N, D]`): normalised image embeddings.
-        level (`str`, defaults to `"patch"`): `"patch"`, `"slide"` or `"patient"`.
-        use_heads (`bool`, defaults to `True`): the trained heads `normalize(head_l(z))`; `False` uses the
-            fixed bank cosines `z . t_a`.
-        batch_size (`int`, defaults to 4096): rows per matrix product.
-
-    Returns:
-        `torch.FloatTensor` of shape `[N, N_l]` on the CPU.
-    """
+    """`[N, N_l]` affinities (on the CPU) of normalised image embeddings `[N, D]` to an `HLSSModel`'s
+    attributes of one level: the trained heads' `normalize(head_l(z))`, or without `use_heads` the bank
+    cosines `z . t_a`."""
     names = _attribute_names(model)
     if level not in names:
         raise ValueError(f"level must be one of {list(names)}, got {level!r}")
@@ -125,16 +115,9 @@ def explain(
 ) -> dict[str, Any]:
     """Top attributes of every level for one image, one slide or one patient (mean over its patches).
 
-    Args:
-        model (`nn.Module`): an `HLSSModel`.
-        embedding_set (:class:`~hlss_hf.evaluation.EmbeddingSet`): embeddings holding the target.
-        index (`int`, *optional*): a patch (row of the set).
-        slide_id (`str`, *optional*): a slide; its patches' affinities are averaged.
-        patient_id (`str`, *optional*): a patient; its patches' affinities are averaged.
-        k (`int`, defaults to 5): attributes per level (capped at the level's size).
-        use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
-        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set
-            (docs/evaluation.md#explanations); `False` ranks the raw affinities.
+    The target is one of `index` (a row of the set), `slide_id` or `patient_id`; `k` attributes per level,
+    ranked by affinities standardised over the whole set (docs/evaluation.md#explanations) or, without
+    `standardize`, raw ones; `use_heads`: see :func:`attribute_scores`.
 
     Returns:
         JSON-ready `dict`: `{"target": {"kind", "id", "num_patches", "labels"}, "levels": {level:
@@ -163,20 +146,13 @@ def class_attribute_summary(
 ) -> dict[str, Any]:
     """Mean attribute affinity of each class, and each class's top attributes, per level.
 
-    Args:
-        model (`nn.Module`): an `HLSSModel`.
-        embedding_set (:class:`~hlss_hf.evaluation.EmbeddingSet`): labelled embeddings.
-        k (`int`, defaults to 5): top attributes listed per class.
-        use_heads (`bool`, defaults to `True`): see :func:`attribute_scores`.
-        standardize (`bool`, defaults to `True`): rank by affinities standardised over the whole set
-            (docs/evaluation.md#explanations); `False` ranks the raw class means.
+    `k`, `use_heads` and `standardize` as in :func:`explain`.
 
     Returns:
         JSON-ready `dict`: `{"class_names": [...], "num_patches": {class: n}, "affinity": "heads" or "banks",
-        "ranked_by": "standardized" or "mean", "levels": {level: {"attributes":
-        [...], "mean": [[C x N_l]], "standardized": [[C x N_l]], "top": {class: [{"attribute", "score",
-        "affinity"}]}}}}`: raw and standardised class means; a top item's `score` is what ranked it, `affinity`
-        the raw mean. Classes without patches have NaN means and no top attributes.
+        "ranked_by": "standardized" or "mean", "levels": {level: {"attributes": [...], "mean": [[C x N_l]],
+        "standardized": [[C x N_l]], "top": {class: [{"attribute", "score", "affinity"}]}}}}`: a top item's
+        `score` is what ranked it, `affinity` the raw mean. Classes without patches: NaN means, no top items.
     """
     if len(embedding_set) == 0:
         raise ValueError("cannot summarise an empty embedding set")
@@ -297,12 +273,8 @@ def heatmap_attributes(summary: dict[str, Any], level: str, max_attributes: int 
 def plot_class_heatmap(
     summary: dict[str, Any], level: str, path: str | os.PathLike, max_attributes: int = 20
 ) -> Path:
-    """Heatmap of the class means that rank the attributes (standardised or raw affinity) per class (rows) and
-    attribute (columns) of one level, as PNG.
-
-    Cells carry their values; the colour bar is labelled; with more than ``max_attributes`` attributes only the
-    classes' top ones are shown (:func:`heatmap_attributes`), and the title says so.
-    """
+    """PNG heatmap of the class means that rank the attributes (standardised or raw), classes by attributes of
+    one level; beyond ``max_attributes`` only the classes' top (:func:`heatmap_attributes`), as titled."""
     from matplotlib.figure import Figure
 
     if level not in summary["levels"]:
@@ -350,13 +322,8 @@ def plot_loss_curve(
     records: Sequence[dict], path: str | os.PathLike, title: str = "training loss"
 ) -> Path | None:
     """The training loss (and each logged part: hvc_*, ha_*, alignment / image-text losses) against the optimizer
-    step, from ``metrics.jsonl`` records, as PNG; ``None`` when no record holds a loss.
-
-    Args:
-        records (`Sequence[dict]`): ``metrics.jsonl`` lines (``step`` and loss keys; other records are skipped).
-        path (`str` or `PathLike`): where the PNG goes (written atomically).
-        title (`str`): the plot's title.
-    """
+    step, from ``metrics.jsonl`` records (those without ``step`` and ``loss`` are skipped), as PNG written
+    atomically; ``None`` when no record holds a loss."""
     from matplotlib.figure import Figure
 
     steps = [r for r in records if "loss" in r and "step" in r]

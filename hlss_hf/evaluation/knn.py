@@ -30,22 +30,8 @@ def knn_predict(
     with a running top-k merge, so the extra memory is bounded by about `2 * max_block_elements` floats
     (128 MiB per block by default) whatever the sizes.
 
-    Args:
-        query (`torch.FloatTensor` of shape `[Q, D]`): normalised query embeddings.
-        bank (`torch.FloatTensor` of shape `[M, D]`): normalised reference embeddings.
-        bank_labels (`torch.LongTensor` of shape `[M]`): class of each bank entry, in `[0, num_classes)`.
-        num_classes (`int`): number of classes `C`.
-        k (`int`, defaults to 200): neighbours per query; must be in `[1, M]` (no silent clamping here).
-        temperature (`float`, defaults to 0.07): vote temperature.
-        chunk_size (`int`, defaults to 1024): queries per block.
-        max_block_elements (`int`, defaults to `2**25`): largest similarity block `[queries, bank entries]`.
-
-    Returns:
-        `torch.FloatTensor` of shape `[Q, C]`: summed votes per class.
-
-    Raises:
-        ValueError: for `k` outside `[1, M]`, mismatched dimensions, labels outside the classes, or a
-            non-positive temperature / chunk size.
+    Returns the summed votes per class `[Q, C]` of queries `[Q, D]` against the bank `[M, D]` with
+    `bank_labels` `[M]`; `k` must be in `[1, M]` (no silent clamping here: :func:`knn_scores` clamps).
     """
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
         raise ValueError(
@@ -97,11 +83,8 @@ def knn_predict(
 def knn_scores(
     train: EmbeddingSet, val: EmbeddingSet, k: int = 200, temperature: float = 0.07, chunk_size: int = 1024
 ) -> torch.Tensor:
-    """kNN patch scores `[len(val), C]` of `val` against the bank `train`.
-
-    When `k` exceeds the bank size it is clamped to the bank size with a warning (documented fallback: small
-    demo datasets have fewer than 200 training patches); :func:`knn_predict` itself refuses such a `k`.
-    """
+    """kNN patch scores `[len(val), C]` of `val` against the bank `train`. A `k` beyond the bank is clamped
+    with a warning (small demo datasets have under 200 training patches); :func:`knn_predict` refuses it."""
     check_compatible(train, val)
     if k > len(train):
         warnings.warn(
@@ -128,22 +111,8 @@ def knn_evaluate(
     chunk_size: int = 1024,
     aggregation: str = "reference",
 ) -> dict[str, float]:
-    """kNN evaluation (docs/method.md, kNN evaluation): :func:`knn_scores` then :func:`hierarchical_metrics`
-    on `val`.
-
-    Args:
-        train (:class:`EmbeddingSet`): the bank (training split).
-        val (:class:`EmbeddingSet`): the evaluated split.
-        k (`int`, defaults to 200): neighbours; clamped with a warning to the bank size when larger.
-        temperature (`float`, defaults to 0.07): vote temperature.
-        chunk_size (`int`, defaults to 1024): queries per block.
-        aggregation (`str`, defaults to `"reference"`): slide / patient rule, `"reference"` (the HLSS
-            reference's, for reproducing the paper) or `"sum"` (raw votes summed); see :func:`aggregate_scores`.
-
-    Returns:
-        `dict[str, float]` with keys such as `"patch/acc"`, `"slide/acc"`, `"patient/acc"`, `"patch/top2"`,
-        `"patch/mca"`, `"patch/map"` (slide / patient keys only when `val` has those ids).
-    """
+    """kNN evaluation (docs/method.md#knn-evaluation): :func:`knn_scores` of `val` against the bank `train`,
+    then :func:`hierarchical_metrics` with the slide / patient rule `aggregation` (default: reference)."""
     check_aggregation(aggregation)
     scores = knn_scores(train, val, k=k, temperature=temperature, chunk_size=chunk_size)
     return hierarchical_metrics(

@@ -25,15 +25,8 @@ def check_aggregation(aggregation: str) -> None:
 
 
 def reference_patch_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Per-patch class probabilities as the HLSS reference computes them from kNN votes: each row L1-normalised
-    (``s / sum_c |s_c|``), then softmaxed over the classes at temperature 1 (docs/evaluation.md#metrics).
-
-    Args:
-        scores (`torch.FloatTensor` of shape `[N, C]`): non-negative patch scores (e.g. :func:`knn_predict`).
-
-    Returns:
-        `torch.FloatTensor` of shape `[N, C]`: rows summing to 1.
-    """
+    """`[N, C]` class probabilities from non-negative patch scores as the HLSS reference makes them from kNN
+    votes: each row L1-normalised (``s / sum_c |s_c|``), then softmaxed (docs/evaluation.md#metrics)."""
     scores = torch.as_tensor(scores).float()
     if scores.ndim != 2:
         raise ValueError(f"scores must be [N, C], got shape {tuple(scores.shape)}")
@@ -52,18 +45,9 @@ def aggregate_scores(
     `"sum"` adds the raw patch scores. `"reference"` (the HLSS reference's ``hlss/eval_knn_hlss_accplot.py``)
     sums :func:`reference_patch_scores` per group and L1-normalises each group's row: its mean patch probability.
 
-    Args:
-        scores (`torch.FloatTensor` of shape `[N, C]`): patch class scores.
-        group_ids (`Sequence[str]` of length `N`): group of each patch.
-        labels (`torch.LongTensor` of shape `[N]`, *optional*): patch labels; gives the group labels.
-        return_groups (`bool`, defaults to `False`): also return the group ids in row order.
-        aggregation (`str`, defaults to `"sum"`): `"sum"` or `"reference"`.
-
-    Returns:
-        `(group_scores [G, C], group_labels [G] or None)`, plus `groups: list[str]` when `return_groups`.
-
-    Raises:
-        ValueError: when lengths differ or a group holds patches of several classes (the group is named).
+    Returns `(group_scores [G, C], group_labels [G] or None)` (labels from the patches' `labels`), plus the
+    group ids in row order when `return_groups`. A group holding patches of several classes is a ValueError
+    naming it.
     """
     check_aggregation(aggregation)
     scores = torch.as_tensor(scores)
@@ -100,15 +84,8 @@ def aggregate_scores(
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Average precision of one class: scikit-learn's `average_precision_score` (ties share a threshold).
-
-    Args:
-        scores (`torch.Tensor` of shape `[N]`): class scores.
-        targets (`torch.Tensor` of shape `[N]`): 1 for positives, 0 otherwise.
-
-    Returns:
-        `float`: `sum_n (R_n - R_{n-1}) P_n` over distinct thresholds; NaN when there is no positive.
-    """
+    """Average precision of one class (`targets` 1 for positives) from its scores `[N]`: scikit-learn's
+    `average_precision_score`, `sum_n (R_n - R_{n-1}) P_n` over distinct thresholds; NaN without positives."""
     positives = torch.as_tensor(targets).cpu().numpy().astype(bool)
     if not positives.any():
         return float("nan")
@@ -133,15 +110,8 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_class
     """Accuracy, top-2, top-3, mean class accuracy and mean average precision from class scores.
 
     Top-k with `k >= num_classes` is 1.0; mean class accuracy (macro recall) and mean average precision (macro
-    one-vs-rest AP) average over the classes present in `labels` (docs/evaluation.md#metrics).
-
-    Args:
-        scores (`torch.FloatTensor` of shape `[N, C]`): class scores (higher is more likely).
-        labels (`torch.LongTensor` of shape `[N]`): true classes.
-        num_classes (`int`): `C`.
-
-    Returns:
-        `dict` with keys `acc`, `top2`, `top3`, `mca`, `map` (floats in [0, 1]).
+    one-vs-rest AP) average over the classes present in `labels` (docs/evaluation.md#metrics). Returns keys
+    `acc`, `top2`, `top3`, `mca`, `map`.
     """
     scores = torch.as_tensor(scores).float().cpu()
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
@@ -189,22 +159,10 @@ def hierarchical_metrics(
     num_classes: int,
     aggregation: str = "sum",
 ) -> dict[str, float]:
-    """Metrics at patch, slide and patient level, slide / patient scores aggregated from patch scores.
-
-    Args:
-        scores (`torch.FloatTensor` of shape `[N, C]`): patch class scores.
-        labels (`torch.LongTensor` of shape `[N]`): patch classes.
-        slide_ids (`Sequence[str]`, *optional*): slide of each patch; `None` skips the slide level.
-        patient_ids (`Sequence[str]`, *optional*): patient of each patch; `None` skips the patient level.
-        num_classes (`int`): `C`.
-        aggregation (`str`, defaults to `"sum"`): `"sum"` (raw patch scores summed per group) or `"reference"`
-            (:func:`aggregate_scores`; the patch level is then scored on :func:`reference_patch_scores`, which
-            leaves acc / top-k / mca unchanged and changes mean average precision).
-
-    Returns:
-        `dict[str, float]` with keys `"{level}/{metric}"`, level in patch / slide / patient and metric in
-        acc / top2 / top3 / mca / map, e.g. `"patch/acc"`, `"slide/map"`.
-    """
+    """:func:`classification_metrics` of the patch scores `[N, C]` and of the slide / patient scores
+    aggregated from them (:func:`aggregate_scores`; `None` ids skip that level), keyed `"{level}/{metric}"`
+    (`"slide/map"`). With `"reference"` the patch level is scored on :func:`reference_patch_scores` (only its
+    map changes)."""
     result = {}
     for level, level_scores, level_labels in _levels(scores, labels, slide_ids, patient_ids, aggregation):
         for name, value in classification_metrics(level_scores, level_labels, num_classes).items():

@@ -16,17 +16,8 @@ from hlss_hf.evaluation.metrics import hierarchical_metrics
 def train_linear_probe(
     train: EmbeddingSet, weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0
 ) -> nn.Linear:
-    """Multinomial logistic regression on frozen embeddings, full batch with L-BFGS.
-
-    Args:
-        train (:class:`EmbeddingSet`): training embeddings and labels.
-        weight_decay (`float`, defaults to 1e-4): L2 penalty on the weights (`weight_decay * ||W||^2 / 2`).
-        max_iter (`int`, defaults to 200): L-BFGS iterations.
-        seed (`int`, defaults to 0): seed of the initialisation.
-
-    Returns:
-        `nn.Linear(D, C)` on the CPU, in eval mode.
-    """
+    """Multinomial logistic regression on frozen embeddings, full batch with `max_iter` L-BFGS iterations and
+    the L2 penalty `weight_decay * ||W||^2 / 2`; returns `nn.Linear(D, C)` on the CPU, in eval mode."""
     if len(train) == 0:
         raise ValueError("cannot train a linear probe on an empty embedding set")
     if weight_decay < 0 or max_iter < 1:
@@ -60,13 +51,8 @@ def linear_probe_evaluate(
     seed: int = 0,
     aggregation: str = "sum",
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Train :func:`train_linear_probe` on `train`; softmax probabilities on `val` give hierarchical metrics.
-
-    `aggregation` (`"sum"` or `"reference"`) is the slide / patient rule of :func:`hierarchical_metrics`.
-
-    Returns:
-        `(metrics, scores)`: the :func:`hierarchical_metrics` dict and the `[len(val), C]` probabilities.
-    """
+    """`(metrics, scores)`: :func:`hierarchical_metrics` (slide / patient rule `aggregation`) of the
+    probabilities `[len(val), C]` that :func:`train_linear_probe` on `train` gives `val`."""
     check_compatible(train, val)
     probe = train_linear_probe(train, weight_decay=weight_decay, max_iter=max_iter, seed=seed)
     with torch.no_grad():
@@ -84,21 +70,8 @@ def class_text_embeddings(
     class_names: Sequence[str],
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """One text embedding per class: `normalize(mean_k normalize(text(prompt_k)))` (prompt ensembling).
-
-    Args:
-        model (`nn.Module`): a model with a text tower (`get_text_features(input_ids, attention_mask)`).
-        tokenizer: the text tower's tokenizer.
-        class_prompts (`Mapping[str, Sequence[str]]`): class name -> prompts; must cover exactly `class_names`.
-        class_names (`Sequence[str]`): class order of the result.
-        batch_size (`int`, defaults to 64): prompts per forward pass.
-
-    Returns:
-        `torch.FloatTensor` of shape `[C, D]`, L2-normalised.
-
-    Raises:
-        ValueError: when the model has no text tower, a class has no prompt, or a prompt names an unknown class.
-    """
+    """`[C, D]` class text embeddings in `class_names` order, `normalize(mean_k normalize(text(prompt_k)))`
+    (prompt ensembling) through the model's `get_text_features`; `class_prompts` must name exactly those."""
     if getattr(model, "text_model", "missing") is None or not callable(
         getattr(model, "get_text_features", None)
     ):
@@ -149,17 +122,8 @@ def zero_shot_scores(
 ) -> torch.Tensor:
     """Zero-shot class probabilities: softmax over classes of `cos(image, class text) / temperature`.
 
-    Args:
-        model (`nn.Module`): a model with a text tower whose output space is the image embeddings' space.
-        tokenizer: the text tower's tokenizer.
-        embeddings (:class:`EmbeddingSet` or `torch.FloatTensor [N, D]`): normalised image embeddings.
-        class_prompts (`Mapping[str, Sequence[str]]`): class name -> prompts (ensembled per class).
-        class_names (`Sequence[str]`, *optional*): class order; defaults to the set's class names, else the
-            order of `class_prompts`.
-        temperature (`float`, defaults to 0.01): softmax temperature (CLIP's logit scale of 100).
-
-    Returns:
-        `torch.FloatTensor` of shape `[N, C]`: class probabilities.
+    Class order: `class_names`, else the set's, else `class_prompts`'; the default temperature is CLIP's logit
+    scale of 100.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -174,17 +138,8 @@ def zero_shot_scores(
 def zero_shot_probabilities(
     embeddings: torch.Tensor, class_embeds: torch.Tensor, temperature: float = 0.01
 ) -> torch.Tensor:
-    """Softmax over classes of `cos(image, class text) / temperature`, from precomputed class text embeddings.
-
-    Args:
-        embeddings (`torch.FloatTensor` of shape `[N, D]`): image embeddings.
-        class_embeds (`torch.FloatTensor` of shape `[C, D]`): one text embedding per class
-            (:func:`class_text_embeddings`).
-        temperature (`float`, defaults to 0.01): softmax temperature.
-
-    Returns:
-        `torch.FloatTensor` of shape `[N, C]`.
-    """
+    """`[N, C]` softmax over classes of `cos(image, class text) / temperature`, from image embeddings `[N, D]`
+    and :func:`class_text_embeddings` `[C, D]`."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if class_embeds.shape[1] != embeddings.shape[1]:

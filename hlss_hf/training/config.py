@@ -1,11 +1,8 @@
-"""The one configuration system of ``train.py`` (pretraining) and ``finetune.py`` (LoRA fine-tuning).
-
-A run is configured by dataclasses in three sections, ``model``, ``data`` and ``training``: :class:`TrainConfig`
-for ``train.py`` (in :mod:`hlss_hf.training.pretrain_config`, with :class:`RunConfig`, the settings both scripts share),
-:class:`FinetuneConfig` for ``finetune.py`` (here). Values come, in increasing priority, from the dataclass
-defaults, a YAML file (``--config FILE``, or the script's default file) and the command line; how they are spelt
-and read: docs/training.md, the settings; the parser: :mod:`hlss_hf.cli`. Everything is checked once, up front,
-by the config classes themselves (``validate()``, run on construction), and every error names ``section.key``.
+"""The settings of ``train.py`` and ``finetune.py``, sections ``model``, ``data`` and ``training``:
+:class:`TrainConfig` and :class:`RunConfig` (shared) live in :mod:`hlss_hf.training.pretrain_config`,
+:class:`FinetuneConfig` here. Values come, in increasing priority, from the dataclass defaults, a YAML file
+(``--config FILE`` or the script's default) and the command line (:mod:`hlss_hf.cli`; spellings:
+docs/training.md); each section checks itself on construction, and every error names ``section.key``.
 
 Example:
 
@@ -91,8 +88,7 @@ class FinetuneModelConfig(Section):
     model_name_or_path: str | None = None
     """Saved HLSS folder (HLSSModel or HLSSForImageClassification) or Hub id."""
     label_names: list[str] | None = None
-    """Class names in model order. Required order for string / integer label columns; for a ClassLabel column
-    it may reorder the dataset's names but must hold exactly the same names."""
+    """Class names in model order: required for string / integer labels; a ClassLabel's names, reordered."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -124,8 +120,7 @@ class FinetuneDataConfig(DataSourceConfig):
     """The labelled patches ``finetune.py`` trains and evaluates on."""
 
     validation_split: str | None = "validation"
-    """Split evaluated at patch / slide / patient level (null: no evaluation). When the default 'validation'
-    is absent, 'test' is used if present."""
+    """Split evaluated (null: none; 'test' when the default 'validation' is absent)."""
     datasets_cache_dir: str | None = None
     """The `datasets` cache folder (default: the HF cache)."""
     label_column: str = "label"
@@ -133,8 +128,7 @@ class FinetuneDataConfig(DataSourceConfig):
     crop_size: int | None = None
     """Crop side; default: the model's processor crop size or image_size."""
     augmentation: dict | str = "light"
-    """`light` (crop + flips), `none` (centre crop only), a preset of hlss_hf.data.augmentation (hlss_hf: the
-    strong pretraining set, hlss_reference), a mapping of its operations, or a YAML file of them."""
+    """`light` (crop + flips), `none`, a hlss_hf.data.augmentation preset, its operations, or a YAML file."""
     max_train_samples: int | None = None
     """Use the first N training patches."""
     max_eval_samples: int | None = None
@@ -193,38 +187,18 @@ def parse_config(
     config_class: type[Config] = TrainConfig,
     default_config: str | os.PathLike | None = None,
 ) -> Config:
-    """Build a run's config from ``--config FILE`` (or ``default_config``) and ``--key value`` overrides; validate it.
-
-    ``-h`` / ``--help`` prints :func:`format_help` and exits.
-
-    Args:
-        argv (`list[str]`, *optional*): Command-line arguments without the program name; default ``sys.argv[1:]``.
-        config_class (`type`, defaults to :class:`TrainConfig`): :class:`TrainConfig` or :class:`FinetuneConfig`.
-        default_config (`str`, *optional*): YAML file used when ``--config`` is absent.
-
-    Returns:
-        An instance of ``config_class``, validated.
-
-    Raises:
-        ConfigError: unknown key (with the nearest valid key), malformed value or impossible setting (the
-            message names the key).
-    """
+    """:func:`hlss_hf.cli.parse` of `config_class` (:class:`TrainConfig` or :class:`FinetuneConfig`): ``argv``
+    (default ``sys.argv[1:]``) over ``--config FILE`` or `default_config`; :class:`ConfigError` names the key."""
     return cli.parse(config_class, argv, default_config)
 
 
 def format_help(
     config_class: type[Config] = TrainConfig, default_config: str | os.PathLike | None = None
 ) -> str:
-    """Every config key with the default the run uses (``default_config``'s value where it sets one) and its help.
-
-    Args:
-        config_class (`type`, defaults to :class:`TrainConfig`): :class:`TrainConfig` or :class:`FinetuneConfig`.
-        default_config (`str`, *optional*): the YAML file the script loads when ``--config`` is absent.
-    """
+    """:func:`hlss_hf.cli.format_help`: every key with the default the run uses (`default_config`'s where set)."""
     return cli.format_help(config_class, default_config)
 
 
 def command_line_value(argv: list[str], key: str, config_class: type[Config] = TrainConfig) -> Any:
-    """The value ``argv`` gives config key ``key`` (any of its spellings), read as the config reads it, or None
-    when ``argv`` does not set it. Nothing else is checked: :func:`parse_config` does that."""
+    """:func:`hlss_hf.cli.command_line_value` (None when `argv` does not set `key`)."""
     return cli.command_line_value(argv, key, config_class)

