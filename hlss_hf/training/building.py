@@ -94,11 +94,9 @@ def resolve_attributes(spec: Any) -> Any:
 
 
 def fallback_tokenizer(attributes: Any):
-    """A BERT-style word-level tokenizer whose vocabulary is the words of the attribute descriptions.
-
-    Only for a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
-    consistent tokenisation of the descriptions gives distinct random bank rows.
-    """
+    """A BERT-style word-level tokenizer whose vocabulary is the words of the attribute descriptions. Only for
+    a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
+    consistent tokenisation of the descriptions gives distinct random bank rows."""
     words = set()
     for bank in load_attributes(attributes).values():
         for descriptions in bank.values():

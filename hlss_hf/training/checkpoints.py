@@ -156,12 +156,10 @@ def plan_output(
 
 
 def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, resume: bool) -> None:
-    """Create the run folder (main process, after the config and data were validated).
-
-    A new run in the staging folder starts from an empty one: what an earlier unfinished replacing run left there
-    is this run's to discard (the user asked to overwrite). A new run in ``output_dir`` keeps the log of a run that
-    failed there before its first checkpoint as ``metrics.failed.jsonl``.
-    """
+    """Create the run folder (main process, after the config and data were validated). A new run in the
+    staging folder starts from an empty one: what an earlier unfinished replacing run left there is this run's
+    to discard (the user asked to overwrite). A new run in ``output_dir`` keeps the log of a run that failed
+    there before its first checkpoint as ``metrics.failed.jsonl``."""
     run_dir = Path(run_dir)
     if not resume and run_dir == staging_dir(output_dir) and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -302,11 +300,9 @@ def last_good_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_resume_path(spec: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Turn ``latest`` or a folder into the checkpoint to load.
-
-    ``latest`` is the newest checkpoint of an unfinished replacing run (``<output_dir>.incoming``) if there is
-    one, else of ``output_dir``; a checkpoint whose next step had a non-finite loss is skipped.
-    """
+    """Turn ``latest`` or a folder into the checkpoint to load. ``latest`` is the newest checkpoint of an
+    unfinished replacing run (``<output_dir>.incoming``) if there is one, else of ``output_dir``; a checkpoint
+    whose next step had a non-finite loss is skipped."""
     if str(spec) != "latest":
         path = Path(spec)
         if not path.is_dir():

@@ -209,11 +209,10 @@ def finish_adapter_folder(adapter_dir, names: Sequence[str]) -> None:
 
 
 def adapter_labels(adapter: str | Path, **hub_kwargs) -> dict:
-    """`num_labels` / `id2label` / `label2id` of an adapter (folder or Hub id), from its `labels.json`.
-
-    For `AutoPeftModel.from_pretrained(adapter, **adapter_labels(adapter))` when the base model's config does not
-    already hold the adapter's classes. `hub_kwargs` go to `huggingface_hub.hf_hub_download` (e.g. `revision`).
-    """
+    """`num_labels` / `id2label` / `label2id` of an adapter (folder or Hub id), from its `labels.json`. For
+    `AutoPeftModel.from_pretrained(adapter, **adapter_labels(adapter))` when the base model's config does not
+    already hold the adapter's classes. `hub_kwargs` go to `huggingface_hub.hf_hub_download` (e.g.
+    `revision`)."""
     path = Path(adapter) / LABELS_FILE
     if not path.is_file():
         path = Path(hf_hub_download(str(adapter), LABELS_FILE, **hub_kwargs))
@@ -243,12 +242,10 @@ def augmentation_config(spec: str | dict) -> dict | str:
 
 
 def load_classifier(model_path: str, names: list[str]):
-    """`HLSSForImageClassification` for the classes `names`, from a saved HLSS folder.
-
-    From an `HLSSModel` folder the classifier is new. From an `HLSSForImageClassification` folder (a merged
-    fine-tune) a trained classifier over the same class names is kept, its rows reordered to `names`; over
-    other names it is re-initialised, with a warning.
-    """
+    """`HLSSForImageClassification` for the classes `names`, from a saved HLSS folder. From an `HLSSModel`
+    folder the classifier is new. From an `HLSSForImageClassification` folder (a merged fine-tune) a trained
+    classifier over the same class names is kept, its rows reordered to `names`; over other names it is
+    re-initialised, with a warning."""
     config = HLSSConfig.from_pretrained(model_path)
     trained = "HLSSForImageClassification" in (config.architectures or [])
     old_names = [config.id2label[i] for i in range(len(config.id2label))] if trained else []

@@ -40,10 +40,9 @@ def make_accelerator(run, project_dir: str | os.PathLike | None = None):
 
 def set_peak_lr(optimizer, scheduler, lr: float) -> None:
     """Apply a new peak learning rate to a resumed run: the schedule keeps its shape and position.
-
     ``load_state`` restores the optimizer's and the scheduler's base learning rates from the checkpoint, so a
-    changed ``training.lr`` must be set on both, then the current step's value recomputed from the schedule.
-    """
+    changed ``training.lr`` must be set on both, then the current step's value recomputed from the
+    schedule."""
     inner = getattr(scheduler, "scheduler", scheduler)
     inner.base_lrs = [lr for _ in inner.base_lrs]
     for group in optimizer.param_groups:
@@ -95,12 +94,10 @@ def schedule_length(
     t, max_steps: int, steps_per_epoch: int | None, reference_steps: int | None = None
 ) -> int:
     """Optimizer steps the LR schedule spans: ``training.schedule_steps`` / ``schedule_epochs``, else the run.
-
     A schedule longer than the run stops part-way along its curve, as the reference's 40,000-epoch cosine
     stopped at epoch 11,199. With ``reference_steps`` (``training.schedule_length: reference``,
     :func:`reference_steps_per_epoch`) the schedule spans ``schedule_epochs`` (else ``num_epochs``) epochs of
-    that many steps, whatever the run takes per epoch.
-    """
+    that many steps, whatever the run takes per epoch."""
     if reference_steps is not None:
         epochs = t.schedule_epochs if t.schedule_epochs is not None else t.num_epochs
         length = math.ceil(epochs * reference_steps)
