@@ -5,10 +5,8 @@
     accelerate launch --mixed_precision bf16 finetune.py --model_name_or_path me/hlss-srh --dataset <hub id>
     python finetune.py --help                                                  # every config key
 
-Settings: `hlss_hf.training.config.FinetuneConfig` (sections `model`, `data`, `training`; the keys both scripts have are
-named as in train.py), from a YAML file (`--config`) and `--section.key value` overrides. Writes `adapter/`,
-with `--merge` `merged/`, `metrics.jsonl` and `finetune_report.json` to `training.output_dir`, swapped in when
-the run has finished.
+Settings: `hlss_hf.training.config.FinetuneConfig`, read as train.py reads its own. docs/finetuning.md tells what
+a run trains and writes (`adapter/`, `merged/`, `metrics.jsonl`, `finetune_report.json`) and how it fails.
 """
 
 from __future__ import annotations
@@ -50,7 +48,6 @@ if __name__ == "__main__":
     check_command_line(sys.argv[1:], parse_args, print_help)  # before torch and the model code load
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import DistributedType, set_seed
 from peft import get_peft_model
 from tqdm.auto import tqdm
@@ -153,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         or default_lora_target_modules(model.config.vision_config, getattr(model, VISION_PREFIX))
     )
     model = get_peft_model(model, lora_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "LoRA %s on %s: %d trainable of %d parameters",
         lora_config.target_modules,
@@ -191,9 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_loader = torch.utils.data.DataLoader(
             eval_set, batch_size=t.eval_batch_size, shuffle=False, **workers
         )
-        eval_labels = torch.tensor(
-            [value_to_index[v] for v in eval_split[args.data.label_column]], dtype=torch.long
-        )
+        eval_labels = eval_set.labels
         slide_ids, patient_ids = hierarchy_ids(eval_split, eval_name)
 
     # 4. Optimizer, prepare, schedule.
@@ -218,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.open(run_dir / METRICS_FILE)
     found = finetune_warnings(total_steps)
     if eval_labels is not None:
-        train_labels = [value_to_index[v] for v in train_split[args.data.label_column]]
-        found += evaluation_warnings(train_labels, eval_labels.tolist(), names)
+        found += evaluation_warnings(train_set.labels.tolist(), eval_labels.tolist(), names)
     log.warn(0, found)
 
     def run_eval(step: int, epoch: int) -> dict[str, float]:
@@ -255,12 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def forward(batch):
         outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-        loss = (
-            outputs.loss
-            if outputs.loss is not None
-            else F.cross_entropy(outputs.logits.float(), batch["labels"])
-        )
-        return loss, outputs
+        return outputs.loss, outputs
 
     def non_finite(outputs) -> NonFiniteLossError:
         return NonFiniteLossError(

@@ -36,7 +36,7 @@ HLSS_HF_PARSE_FIRST = True
 
 from hlss_hf.cli import check_command_line
 from hlss_hf.errors import ConfigError
-from hlss_hf.training.config import TrainConfig, command_line_value, flatten_config, format_help, parse_config
+from hlss_hf.training.config import TrainConfig, command_line_value, format_help, parse_config
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -48,9 +48,8 @@ def names_config_file(argv: list[str]) -> bool:
 
 def default_config_for(argv: list[str]) -> Path | None:
     """The settings file a command line without ``--config`` runs with: the demo's (``configs/demo.yaml``) for the
-    demo only. ``--data.dataset <yours>`` gets the built-in defaults, meant for real data (the device from the
-    launcher, no overwriting, ``outputs/hlss-<dataset name>``, the CLIP ViT-B/16 towers at 224 px), not the demo's
-    CPU, tiny tower, 32 px crops and overwritten ``outputs/hlss-demo``."""
+    demo only; ``--data.dataset <yours>`` gets the built-in defaults, meant for real data
+    (docs/training.md#your-own-data-configs-and-defaults)."""
     if names_config_file(argv):
         return None
     dataset = command_line_value(argv, "data.dataset")
@@ -94,11 +93,8 @@ from hlss_hf.training.checkpoints import (
     TrainState,
     holds_output_dir,
     plan_run,
-    publish_output,
     record_next_step,
     save_checkpoint,
-    set_aside_later_checkpoints,
-    start_output,
 )
 from hlss_hf.training.loop import (
     RunLog,
@@ -108,65 +104,11 @@ from hlss_hf.training.loop import (
     non_finite_error,
     optimizer_steps,
     resume,
-    truncate_jsonl,
     weights_finite,
 )
-from hlss_hf.training.model_card import push_to_hub
-from hlss_hf.training.optim import (
-    make_accelerator,
-)
-from hlss_hf.training.report import (
-    describe_run,
-    format_change,
-    format_evaluation,
-    format_outputs,
-    save_final_model,
-    starting_point,
-)
-from hlss_hf.training.run_warnings import training_warnings
+from hlss_hf.training.optim import make_accelerator
+from hlss_hf.training.report import finish_run, format_evaluation, open_run, starting_point
 from hlss_hf.training.validation import evaluate
-
-logger = logging.getLogger("hlss_hf.train")
-
-
-def open_run(
-    config: TrainConfig, plan: RunPlan, data: TrainData, parts: TrainParts, state: TrainState, accelerator
-):
-    """The settings, data and model are valid: only now does the run touch its folder. Prints what will run;
-    returns the run's :class:`~hlss_hf.training.loop.RunLog`."""
-    t, schedule = config.training, parts.schedule
-    if accelerator.is_main_process:
-        start_output(plan.run_dir, plan.output_dir, resume=plan.continuing)
-        if plan.continuing:
-            at_end = state.step < schedule.max_steps
-            truncate_jsonl(plan.run_dir / "metrics.jsonl", state.step, evaluations_at_max_step=at_end)
-            for path in set_aside_later_checkpoints(plan.run_dir, state.step):
-                print(
-                    f"Set aside {path.name}: it follows step {state.step}, which this run continues from",
-                    flush=True,
-                )
-    log = RunLog(accelerator)
-    log.open(plan.run_dir / "metrics.jsonl")
-    accelerator.wait_for_everyone()
-    if t.trackers():
-        accelerator.init_trackers(t.project_name, config=flatten_config(config))
-    if plan.changes:
-        log.log(state.step, {"resumed_with": {key: list(values) for key, values in plan.changes.items()}})
-    accelerator.print(
-        describe_run(config, accelerator, data, schedule, state, plan.output_dir, plan.run_dir), flush=True
-    )
-    # The loss contrasts the patients of one forward over every process (B x W); accumulation adds none.
-    patients = t.per_device_batch_size * accelerator.num_processes
-    found = training_warnings(
-        patients,
-        config.data.num_slides,
-        schedule.max_steps,
-        schedule.steps_per_epoch,
-        schedule.warmup,
-        config.model.objective,
-    )
-    log.warn(state.step, found)
-    return log
 
 
 def train(
@@ -257,56 +199,6 @@ def train(
     return stopped
 
 
-def finish(
-    config,
-    plan: RunPlan,
-    data: TrainData,
-    parts: TrainParts,
-    state: TrainState,
-    log: RunLog,
-    accelerator,
-    *,
-    argv: list[str],
-    before: dict[str, Any],
-    seconds: float,
-) -> dict[str, float]:
-    """Evaluate, save beside, swap into ``output_dir``, push."""
-    t = config.training
-    at_end = t.eval_at_end and data.val_ds is not None
-    result = evaluate(config, data, parts, accelerator, log, state.step) if at_end else {}
-    metrics = result.get("metrics", {})
-    # Every process takes part: with FSDP / DeepSpeed the full weights exist only once gathered.
-    state_dict = accelerator.get_state_dict(parts.model)
-    if accelerator.is_main_process:
-        card_context = {
-            "model": accelerator.unwrap_model(parts.model),
-            "train_dataset": data.train_dataset,
-            "modality": data.modality,
-            "num_processes": accelerator.num_processes,
-            "device": accelerator.device,
-            "seconds": seconds,
-            "argv": argv,
-            "mixed_precision": accelerator.mixed_precision,
-            "top_attributes": result.get("top_attributes"),
-            "warnings": log.warnings.to_list(),
-            "initial_metrics": before.get("metrics") if before else None,
-            "confusion": result.get("confusion"),
-            "class_names": result.get("class_names"),
-        }
-        save_final_model(config, plan, data, parts, state, state_dict, metrics, card_context)
-        log.close()
-        publish_output(plan.run_dir, plan.output_dir)
-        if result:
-            print(format_evaluation(result, t), flush=True)
-        if result and before:
-            print(format_change(before, result, config), flush=True)
-        if t.push_to_hub:
-            print(f"Pushed to {push_to_hub(config)}", flush=True)
-        print(format_outputs(plan.output_dir, config, accelerator), flush=True)
-    accelerator.wait_for_everyone()
-    return metrics
-
-
 def output_dir_of(argv: list[str]) -> str:
     """The output folder a command line's run writes (what its lock guards)."""
     return parse_config(argv, default_config=default_config_for(argv)).training.output_dir
@@ -314,15 +206,9 @@ def output_dir_of(argv: list[str]) -> str:
 
 @holds_output_dir(output_dir_of)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run HLSS pretraining (or the image-text alignment before it, ``model.objective: align``).
-
-    Args:
-        argv (`list[str]`, *optional*): Command-line arguments (default: ``sys.argv[1:]``).
-
-    Returns:
-        `dict`: ``{"step", "epoch", "output_dir", "run_dir", "metrics", "stopped_early",
-        "text_tower_calls_during_training"}`` (for tests and notebooks).
-    """
+    """Run HLSS pretraining (or the image-text alignment before it, ``model.objective: align``) on ``argv``
+    (default ``sys.argv[1:]``); returns ``{"step", "epoch", "output_dir", "run_dir", "metrics", "stopped_early",
+    "text_tower_calls_during_training"}`` (for tests and notebooks)."""
     # 1. Settings: the config, where the run writes, what it resumes (before anything heavy happens).
     argv = sys.argv[1:] if argv is None else list(argv)
     default_config = default_config_for(argv)
@@ -361,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     stopped_early = train(config, plan, data, parts, state, log, accelerator)
 
-    # 7. Finish: evaluate, save beside, swap in, push.
+    # 7. Finish: evaluate, save beside, swap in, push (hlss_hf.training.report).
     metrics: dict[str, float] = {}
     if stopped_early:
         accelerator.print(
@@ -370,8 +256,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     else:
         seconds = time.perf_counter() - start
-        metrics = finish(
-            config, plan, data, parts, state, log, accelerator, argv=argv, before=before, seconds=seconds
+        at_end = t.eval_at_end and data.val_ds is not None
+        result = evaluate(config, data, parts, accelerator, log, state.step) if at_end else {}
+        metrics = result.get("metrics", {})
+        finish_run(
+            config,
+            plan,
+            data,
+            parts,
+            state,
+            log,
+            accelerator,
+            result=result,
+            before=before,
+            argv=argv,
+            seconds=seconds,
         )
     log.close()
     accelerator.end_training()

@@ -52,8 +52,7 @@ from hlss_hf.training.config import TrainConfig, parse_config
 from hlss_hf.training.loop import TextTowerGuard
 from hlss_hf.training.optim import Schedule, lr_scheduler, optimizer_groups, plan_schedule
 
-# A child of train.py's logger, whose level (INFO on the main process) then applies here too.
-logger = logging.getLogger("hlss_hf.train.building")
+logger = logging.getLogger(__name__)  # INFO on the main process (train.py sets "hlss_hf")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,14 +60,9 @@ logger = logging.getLogger("hlss_hf.train.building")
 
 
 def resolve_tower(spec: Any, fallback: Any = None, role: str = "vision") -> Any:
-    """Turn a tower spec from the config into what ``from_vision_text_pretrained`` accepts.
-
-    Args:
-        spec: Hub id / local folder (returned as is), ``pkg:<module>`` (that package's ``model`` folder), or a
-            mapping of config fields with ``model_type`` (a ``PretrainedConfig``: random init).
-        fallback: Used when ``spec`` is ``pkg:<module>`` and the module is not installed.
-        role (`str`): `vision` or `text`, for error messages.
-    """
+    """A tower spec from the config as ``from_vision_text_pretrained`` accepts it: a Hub id / local folder as is,
+    ``pkg:<module>`` as that package's ``model`` folder (``fallback`` when it is not installed), a mapping of config
+    fields with ``model_type`` as a ``PretrainedConfig`` (random init). ``role`` names the key in errors."""
     if isinstance(spec, dict):
         fields = dict(spec)
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -100,11 +94,9 @@ def resolve_attributes(spec: Any) -> Any:
 
 
 def fallback_tokenizer(attributes: Any):
-    """A BERT-style word-level tokenizer whose vocabulary is the words of the attribute descriptions.
-
-    Only for a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
-    consistent tokenisation of the descriptions gives distinct random bank rows.
-    """
+    """A BERT-style word-level tokenizer whose vocabulary is the words of the attribute descriptions. Only for
+    a random-init text tower (a config, no checkpoint): it then has no tokenizer of its own, and any
+    consistent tokenisation of the descriptions gives distinct random bank rows."""
     words = set()
     for bank in load_attributes(attributes).values():
         for descriptions in bank.values():
@@ -142,10 +134,8 @@ def build_tokenizer(config: TrainConfig, text: Any, attributes: Any):
 
 
 def dataset_scale(dataset) -> dict[str, float]:
-    """Median ``mpp`` / ``magnification`` of a (map-style) patch dataset, when its rows record them.
-
-    Saved in the model config as provenance: users then know the scale the encoder expects.
-    """
+    """Median ``mpp`` / ``magnification`` of a (map-style) patch dataset, when its rows record them: saved in the
+    model config as provenance, so users know the scale the encoder expects."""
     scale = {}
     names = getattr(dataset, "column_names", None) or []
     for column in ("mpp", "magnification"):
@@ -166,17 +156,11 @@ def class_prompts_for(config: TrainConfig, class_names: list[str] | None) -> dic
     unknown = [name for name in prompts if name not in class_names]
     missing = [name for name in class_names if name not in prompts]
     if unknown or missing:
+        problems = [f"no descriptions for classes {missing}"] if missing else []
+        if unknown:
+            problems.append(f"descriptions for classes the dataset does not have {unknown}")
         raise ConfigError(
-            "config key 'model.class_prompts': "
-            + "; ".join(
-                part
-                for part in (
-                    f"no descriptions for classes {missing}" if missing else "",
-                    f"descriptions for classes the dataset does not have {unknown}" if unknown else "",
-                )
-                if part
-            )
-            + f" (the dataset's classes: {list(class_names)})"
+            f"config key 'model.class_prompts': {'; '.join(problems)} (the dataset's classes: {list(class_names)})"
         )
     return {name: prompts[name] for name in class_names}
 
@@ -196,11 +180,6 @@ def _from_init_model(config: TrainConfig, load):
         ) from err
 
 
-def load_init_model(config: TrainConfig):
-    """The HLSS model named by ``model.init_from`` (e.g. an ``align`` run's output), whose towers start this run."""
-    return _from_init_model(config, HLSSModel.from_pretrained)
-
-
 def build_model(
     config: TrainConfig,
     modality: str,
@@ -213,17 +192,8 @@ def build_model(
 
     With ``model.init_from`` (or ``start``) the towers and the image projection are that model's (e.g. aligned on
     captions) and only the banks and heads are new; otherwise the towers come from ``model.vision`` /
-    ``model.text``.
-
-    Args:
-        config (`TrainConfig`): The run's config.
-        modality (`str`): `he` or `srh` (from the dataset).
-        tokenizer (*optional*): The text tower's tokenizer (:func:`build_tokenizer`).
-        scale (`dict`, *optional*): ``mpp`` / ``magnification`` recorded in the model config
-            (:func:`dataset_scale`).
-        class_names (`list[str]`, *optional*): the dataset's classes, the order of ``model.class_prompts``.
-        start (`HLSSModel`, *optional*): the model to start from instead of loading ``model.init_from`` (its
-            towers are shared, not copied).
+    ``model.text``. ``scale``: :func:`dataset_scale`; ``class_names``: the dataset's classes, the order of
+    ``model.class_prompts``; ``start``'s towers are shared, not copied.
     """
     m = config.model
     kwargs = dict(
@@ -250,7 +220,7 @@ def build_model(
     kwargs.update(m.config_kwargs)
     attributes = resolve_attributes(m.attributes)
     if start is None and m.init_from is not None:
-        start = load_init_model(config)
+        start = _from_init_model(config, HLSSModel.from_pretrained)  # e.g. an align run's output
     if start is not None:
         # The text space the towers were aligned in: the same pooling and projection.
         kwargs.update(
@@ -281,10 +251,9 @@ def build_model(
 
 @dataclasses.dataclass
 class CaptionTable:
-    """Every caption of a split embedded once by the frozen text tower (docs/method.md, the alignment stage:
-    the text tower does not train,
-    so its embeddings may be cached): ``embeds`` ``[U, D]`` for the ``U`` distinct captions, ``index`` ``[N]`` the
-    caption of each dataset row."""
+    """Every caption of a split embedded once by the frozen text tower (docs/method.md, the alignment stage: the
+    text tower does not train, so its embeddings may be cached): ``embeds`` ``[U, D]`` for the ``U`` distinct
+    captions, ``index`` ``[N]`` the caption of each dataset row."""
 
     embeds: torch.Tensor
     index: torch.Tensor
@@ -297,11 +266,8 @@ class CaptionTable:
 def build_caption_table(
     model, tokenizer, dataset, column: str, batch_size: int = 256, progress: bool = False
 ) -> CaptionTable:
-    """Embed the ``column`` text of every row of ``dataset`` with ``model``'s text tower, each distinct text once.
-
-    Raises:
-        ConfigError: naming ``data.text_column`` when the column is missing, or the first row whose text is empty.
-    """
+    """Embed the ``column`` text of every row of ``dataset`` with ``model``'s text tower, each distinct text once;
+    a missing column or the first empty text is a ``ConfigError`` naming ``data.text_column``."""
     if column not in dataset.column_names:
         raise ConfigError(
             f"config key 'data.text_column': the training split has no column {column!r} (it has "
@@ -353,11 +319,6 @@ def build_image_processor(config: TrainConfig, modality: str):
     )
 
 
-def build_processor(image_processor, tokenizer):
-    """The processor saved beside the model: the image processor + the text tower's tokenizer."""
-    return HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -366,15 +327,9 @@ def load_splits(config: TrainConfig) -> tuple[Any, Any]:
     """The run's (train, validation) splits: the demo hierarchy, a local dataset folder or a Hub dataset id.
 
     Non-demo data goes through :func:`hlss_hf.data.load_split` (the train split streamed when ``data.streaming``;
-    validation is always map-style). Its dataset errors are re-raised as ``ConfigError`` naming the key.
-
-    Args:
-        config (`TrainConfig`): The run's config (``data`` section; ``training.seed`` seeds the demo). Call it
-            under ``accelerator.main_process_first()``: the main process builds the demo cache or downloads, the
-            others read it.
-
-    Returns:
-        `(train, validation)`; validation is `None` when ``data.validation_split`` is empty.
+    validation is always map-style, `None` when ``data.validation_split`` is empty). Its dataset errors are
+    re-raised as ``ConfigError`` naming the key. Call it under ``accelerator.main_process_first()``: the main
+    process builds the demo cache or downloads, the others read it.
     """
     d = config.data
     try:
@@ -457,11 +412,8 @@ def make_init_model(config: TrainConfig, run: Callable[[list[str]], Any], repo_r
     image-text alignment, made on its first run and reused afterwards).
 
     An existing folder is used as it is, unless it was made with other settings than ``model.init_config``: then the
-    run stops naming them (the folder is never replaced by a run that did not make it).
-
-    Args:
-        run: train.py's ``main``, run on the init config's command line.
-        repo_root (`Path`): the checkout whose ``configs/`` a relative ``model.init_config`` may name.
+    run stops naming them (the folder is never replaced by a run that did not make it). ``run``: train.py's
+    ``main``; ``repo_root``: the checkout whose ``configs/`` a relative ``model.init_config`` may name.
     """
     m = config.model
     if m.init_from is None or m.init_config is None:
@@ -568,7 +520,7 @@ def build_training(config: TrainConfig, data: TrainData, accelerator) -> TrainPa
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    processor = build_processor(image_processor, tokenizer)
+    processor = HLSSProcessor(image_processor=image_processor, tokenizer=tokenizer)  # saved beside the model
     return TrainParts(
         model,
         optimizer,

@@ -124,9 +124,7 @@ def plan_output(
     - A resumed run continues in the folder that holds its checkpoint (the staging folder of an unfinished
       replacing run, or ``output_dir``); resumed from a checkpoint elsewhere, it is a new run for ``output_dir``.
 
-    Raises:
-        ConfigError: an earlier run is present and ``overwrite`` is false, or (``always_stage``) the folder holds
-            other files (the message names what is there).
+    Anything else is a ``ConfigError`` naming what is there.
     """
     out, key = Path(output_dir), "training.output_dir"
     staging = staging_dir(out)
@@ -158,12 +156,10 @@ def plan_output(
 
 
 def start_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, resume: bool) -> None:
-    """Create the run folder (main process, after the config and data were validated).
-
-    A new run in the staging folder starts from an empty one: what an earlier unfinished replacing run left there
-    is this run's to discard (the user asked to overwrite). A new run in ``output_dir`` keeps the log of a run that
-    failed there before its first checkpoint as ``metrics.failed.jsonl``.
-    """
+    """Create the run folder (main process, after the config and data were validated). A new run in the
+    staging folder starts from an empty one: what an earlier unfinished replacing run left there is this run's
+    to discard (the user asked to overwrite). A new run in ``output_dir`` keeps the log of a run that failed
+    there before its first checkpoint as ``metrics.failed.jsonl``."""
     run_dir = Path(run_dir)
     if not resume and run_dir == staging_dir(output_dir) and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -178,11 +174,8 @@ def holds_output_dir(read_output_dir, key: str = "training.output_dir"):
 
     A second run into the same folder is refused at its start naming the first (:func:`hlss_hf.data.writer.
     output_lock`), and swaps a killed run left half done there are finished first (:func:`recover_output`).
-    Only the main process (``RANK`` 0) writes the folder, so only it takes the lock.
-
-    Args:
-        read_output_dir (`Callable[[list[str]], str]`): the output folder of a command line.
-        key (`str`): the setting that names it, for the error.
+    Only the main process (``RANK`` 0) writes the folder, so only it takes the lock. ``read_output_dir(argv)``:
+    the output folder of a command line; ``key``: the setting that names it, for the error.
     """
 
     def decorate(main):
@@ -242,19 +235,12 @@ def publish_output(run_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
 
 @dataclasses.dataclass
 class TrainState:
-    """Counters saved with every checkpoint (as JSON).
+    """Counters saved with every checkpoint (as JSON)."""
 
-    Attributes:
-        step (`int`): optimizer steps done.
-        epoch (`int`): current epoch.
-        batch_in_epoch (`int`): micro-batches of the current epoch already consumed (per process).
-        num_processes (`int`): processes of the run (the global batch depends on it).
-    """
-
-    step: int = 0
+    step: int = 0  # optimizer steps done
     epoch: int = 0
-    batch_in_epoch: int = 0
-    num_processes: int = 1
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed (per process)
+    num_processes: int = 1  # the global batch depends on it
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -314,11 +300,9 @@ def last_good_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_resume_path(spec: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Turn ``latest`` or a folder into the checkpoint to load.
-
-    ``latest`` is the newest checkpoint of an unfinished replacing run (``<output_dir>.incoming``) if there is
-    one, else of ``output_dir``; a checkpoint whose next step had a non-finite loss is skipped.
-    """
+    """Turn ``latest`` or a folder into the checkpoint to load. ``latest`` is the newest checkpoint of an
+    unfinished replacing run (``<output_dir>.incoming``) if there is one, else of ``output_dir``; a checkpoint
+    whose next step had a non-finite loss is skipped."""
     if str(spec) != "latest":
         path = Path(spec)
         if not path.is_dir():
@@ -391,9 +375,8 @@ def save_checkpoint(
             _write_json(tmp / HEALTH_FILE, {"weights_finite": finite_weights})
             if frozen:
                 _write_json(tmp / FROZEN_FILE, frozen)
-        swap_in(
-            tmp, final
-        )  # re-saving a step after a resume keeps the old copy until the new one is in place
+        # Re-saving a step after a resume keeps the old copy until the new one is in place.
+        swap_in(tmp, final)
         _rotate(Path(run_dir), keep)
     accelerator.wait_for_everyone()
     return final
@@ -465,10 +448,8 @@ def check_checkpoint(path: str | os.PathLike) -> tuple[TrainState, dict[str, Any
 
     Accelerate reads the weights from safetensors and the optimizer, scheduler and RNG states with
     ``torch.load(weights_only=True)``, which builds tensors and plain containers only; pickled custom state
-    (``custom_checkpoint_*.pkl``) it would load with ``weights_only=False``, so such a folder is refused here.
-
-    Raises:
-        CheckpointError: naming the file.
+    (``custom_checkpoint_*.pkl``) it would load with ``weights_only=False``, so such a folder is refused here
+    (``CheckpointError`` naming the file).
     """
     path = Path(path)
     pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
@@ -535,11 +516,8 @@ def _check_rng_states(path: Path) -> None:
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
-    """:func:`check_checkpoint`, then Accelerate's ``load_state`` (weights, optimizer, scheduler, RNG).
-
-    Returns:
-        (`TrainState`, `dict`): the counters and the nested settings the checkpoint was written with.
-    """
+    """:func:`check_checkpoint`, then Accelerate's ``load_state`` (weights, optimizer, scheduler, RNG); returns the
+    counters and the nested settings the checkpoint was written with."""
     state, config = check_checkpoint(path)
     if state.num_processes != accelerator.num_processes:
         raise CheckpointError(
@@ -585,10 +563,8 @@ def flatten(config: dict[str, Any]) -> dict[str, Any]:
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[dict, dict]:
     """Split the settings that differ between a checkpoint and this run into those a resume applies
-    (:data:`RESUMABLE_KEYS`) and those it cannot (anything that shaped the weights or the batches still to come).
-
-    Returns:
-        (`dict`, `dict`): ``{"section.key": (old, new)}`` applied, and the same for refused.
+    (:data:`RESUMABLE_KEYS`) and those it cannot (anything that shaped the weights or the batches still to come):
+    ``{"section.key": (old, new)}`` applied, and the same for refused.
     """
     # Compared as JSON holds them (the checkpoint's side was read from JSON: tuples are lists there).
     old, new = flatten(saved), flatten(json.loads(json.dumps(current)))
@@ -605,24 +581,17 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# metrics.jsonl
+# The run's plan
 
 
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
-    """Where a run writes and what it resumes, decided before anything heavy happens.
+    """Where a run writes and what it resumes, decided before anything heavy happens."""
 
-    Attributes:
-        run_dir (`Path`): the folder the run writes to (``output_dir``, or its staging folder).
-        output_dir (`Path`): where the finished run ends up.
-        resume_path (`Path`, *optional*): the checkpoint it resumes from.
-        changes (`dict`): ``{"section.key": (old, new)}`` of the settings the resume changes (all resumable).
-    """
-
-    run_dir: Path
-    output_dir: Path
+    run_dir: Path  # output_dir, or its staging folder
+    output_dir: Path  # where the finished run ends up
     resume_path: Path | None = None
-    changes: dict = dataclasses.field(default_factory=dict)
+    changes: dict = dataclasses.field(default_factory=dict)  # {"section.key": (old, new)}, all resumable
 
     @property
     def continuing(self) -> bool:

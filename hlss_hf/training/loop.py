@@ -69,9 +69,7 @@ def optimizer_steps(
     Each micro-batch runs ``forward(batch) -> (loss, outputs)`` under ``accelerator.accumulate``; a loss that is not
     finite on some process raises ``non_finite(outputs)`` on every process at the same micro-batch. Gradients are
     clipped to ``max_grad_norm`` (over ``parameters``, default the model's) on the micro-batch that syncs them.
-
-    Args:
-        measure: ``(loss, outputs) -> {name: float}`` of one micro-batch, taken after its backward.
+    ``measure(loss, outputs) -> {name: float}`` of one micro-batch is taken after its backward.
     """
     clipped = list(parameters) if parameters is not None else None
     measures: list[dict[str, float]] = []
@@ -182,11 +180,9 @@ LOSS_KEYS = ("loss", "hvc_loss", "alignment_loss", "image_text_loss")
 
 
 def loss_parts(outputs, accelerator=None) -> dict[str, float]:
-    """The loss and its parts as floats, averaged over processes when there are several.
-
-    Terms computed per process (e.g. a per-sample mean over the local batch) then read as the global-batch
-    value, like the gradient that DDP averages.
-    """
+    """The loss and its parts as floats, averaged over processes when there are several: terms computed per
+    process (e.g. a per-sample mean over the local batch) then read as the global-batch value, like the gradient
+    that DDP averages."""
     parts = {key: getattr(outputs, key) for key in LOSS_KEYS if getattr(outputs, key, None) is not None}
     parts.update(getattr(outputs, "level_losses", None) or {})
     if accelerator is not None and accelerator.num_processes > 1 and parts:
@@ -203,11 +199,9 @@ def _to_float(value: Any) -> float:
 
 
 def non_finite_error(outputs, state: TrainState, run_dir: Path, unchecked: Path | None, accelerator):
-    """The error for a non-finite loss at the next step, naming the checkpoint to go back to.
-
-    The checkpoint written right before this step is not good (its next step is this one), so it is marked; the
-    good one is the newest with finite weights whose next step's loss was finite.
-    """
+    """The error for a non-finite loss at the next step, naming the checkpoint to go back to. The checkpoint
+    written right before this step is not good (its next step is this one), so it is marked; the good one is the
+    newest with finite weights whose next step's loss was finite."""
     if unchecked is not None and accelerator.is_main_process:
         record_next_step(unchecked, finite=False)
     accelerator.wait_for_everyone()
@@ -266,10 +260,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def truncate_jsonl(path: str | os.PathLike, max_step: int, *, evaluations_at_max_step: bool = True) -> None:
     """Keep the records with ``step <= max_step`` (a resumed run drops what was logged after its checkpoint).
-
     With ``evaluations_at_max_step=False`` the evaluations logged at ``max_step`` go too: at a run's last step the
-    final evaluation follows the checkpoint, and a run resumed from that checkpoint evaluates again.
-    """
+    final evaluation follows the checkpoint, and a run resumed from that checkpoint evaluates again."""
     path = Path(path)
     if not path.is_file():
         return

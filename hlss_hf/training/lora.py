@@ -90,20 +90,10 @@ def _leaf_names(module: nn.Module) -> set[str]:
 
 
 def default_lora_target_modules(vision_config, vision_model: nn.Module | None = None) -> list[str]:
-    """Leaf module names to put LoRA on for a vision tower.
-
-    Args:
-        vision_config (`PretrainedConfig`): the tower's config; its `model_type` selects the names.
-        vision_model (`nn.Module`, *optional*): the tower itself; when the table's names are not in it (another
-            transformers release, or a `model_type` outside the table) the first known name family present in it
-            is used (e.g. `qkv` for timm ViTs).
-
-    Returns:
-        `list[str]`: leaf names such as `["q_proj", "v_proj"]`.
-
-    Raises:
-        ValueError: the tower type is unknown and no known names are found in `vision_model`.
-    """
+    """Leaf module names (e.g. `["q_proj", "v_proj"]`) to put LoRA on for a vision tower: by its config's
+    `model_type`; when `vision_model` is given and lacks the table's names (another transformers release, or a type
+    outside the table), the first known name family present in it (e.g. `qkv` for timm ViTs). Raises `ValueError`
+    when none is found."""
     model_type = getattr(vision_config, "model_type", None)
     present = _leaf_names(vision_model) if vision_model is not None else None
     table = _DEFAULT_TARGETS.get(model_type)
@@ -121,14 +111,8 @@ def default_lora_target_modules(vision_config, vision_model: nn.Module | None = 
 
 
 def vision_target_regex(target_modules: Sequence[str]) -> str:
-    """A PEFT `target_modules` regex matching the given leaf names inside the vision tower only.
-
-    Args:
-        target_modules (`Sequence[str]`): leaf names, e.g. `["q_proj", "v_proj"]`.
-
-    Returns:
-        `str`: e.g. `vision_model\\.(.*\\.)?(q_proj|v_proj)`, matched with `re.fullmatch` by PEFT.
-    """
+    """A PEFT `target_modules` regex (matched with `re.fullmatch`) for the given leaf names inside the vision tower
+    only, e.g. `vision_model\\.(.*\\.)?(q_proj|v_proj)`."""
     names = "|".join(re.escape(name) for name in target_modules)
     return rf"{VISION_PREFIX}\.(.*\.)?({names})"
 
@@ -143,21 +127,9 @@ def lora_config_for(
 ) -> LoraConfig:
     """A `LoraConfig` for an `HLSSForImageClassification`: LoRA on the vision tower, the classifier trained in full.
 
-    Args:
-        model (`HLSSForImageClassification`): the model to adapt (its `vision_model` and `config.vision_config`
-            are read; nothing is modified).
-        r (`int`, defaults to 8): LoRA rank.
-        alpha (`int`, defaults to 16): LoRA scaling numerator (`scale = alpha / r`).
-        dropout (`float`, defaults to 0.0): dropout on the LoRA input.
-        target_modules (`Sequence[str]`, *optional*): leaf names inside the vision tower; defaults to
-            `default_lora_target_modules(model.config.vision_config, model.vision_model)`.
-        bias (`str`, defaults to `"none"`): which biases train (`"none"`, `"all"`, `"lora_only"`).
-
-    Returns:
-        `LoraConfig` with `modules_to_save=["classifier"]`.
-
-    Raises:
-        ValueError: bad hyperparameters, or a target name that matches no layer in the vision tower.
+    `model` is only read. `alpha` is the scaling numerator (`scale = alpha / r`); `target_modules` are leaf names
+    inside the vision tower (default :func:`default_lora_target_modules`); `bias`: `"none"`, `"all"` or
+    `"lora_only"`. Raises `ValueError` for bad hyperparameters or a name that matches no layer of the tower.
     """
     if r < 1:
         raise ValueError(f"lora_r must be >= 1, got {r}")
@@ -196,13 +168,7 @@ def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
 
     In train mode a batch norm updates its running statistics even when its weights are frozen; those buffers are
     not part of the adapter, so a saved adapter would no longer reproduce the fine-tuned model (ResNet towers).
-
-    Args:
-        model (`nn.Module`): the (PEFT) model.
-        mode (`bool`, defaults to `True`): train (`True`) or eval (`False`) mode for everything else.
-
-    Returns:
-        `model`.
+    Returns `model`.
     """
     model.train(mode)
     if mode:
@@ -215,22 +181,9 @@ def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def load_lora_classifier(adapter_dir, base_model: str | None = None, is_trainable: bool = False, **kwargs):
-    """Load a fine-tuned adapter saved by `finetune.py` onto its base HLSS model.
-
-    Args:
-        adapter_dir (`str` or `Path`): folder with `adapter_config.json`, `adapter_model.safetensors` and
-            `labels.json`.
-        base_model (`str`, *optional*): the HLSS folder / Hub id the adapter was trained on; default: the
-            `base_model_name_or_path` recorded in `adapter_config.json`.
-        is_trainable (`bool`, defaults to `False`): load the adapter for further training.
-        kwargs: passed to `HLSSForImageClassification.from_pretrained` (e.g. `dtype`).
-
-    Returns:
-        `peft.PeftModel` wrapping an `HLSSForImageClassification` with the saved classes.
-
-    Raises:
-        FileNotFoundError: a file of the adapter folder is missing (named).
-    """
+    """A `peft.PeftModel` wrapping an `HLSSForImageClassification` with the saved classes: the adapter folder of
+    `finetune.py` (with `labels.json`) on `base_model` (default: the one its `adapter_config.json` records);
+    `kwargs` go to `HLSSForImageClassification.from_pretrained` (e.g. `dtype`)."""
     adapter_dir = Path(adapter_dir)
     labels_path = adapter_dir / LABELS_FILE
     if not labels_path.is_file():
@@ -244,12 +197,8 @@ def load_lora_classifier(adapter_dir, base_model: str | None = None, is_trainabl
 
 
 def finish_adapter_folder(adapter_dir, names: Sequence[str]) -> None:
-    """Make a saved adapter folder self-describing: `labels.json` and an `auto_mapping` AutoPeftModel accepts.
-
-    Args:
-        adapter_dir (`str` or `Path`): the folder `PeftModel.save_pretrained` wrote.
-        names (`Sequence[str]`): class names in classifier order.
-    """
+    """Make a folder `PeftModel.save_pretrained` wrote self-describing: `labels.json` (`names` in classifier order)
+    and an `auto_mapping` AutoPeftModel accepts."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -260,15 +209,10 @@ def finish_adapter_folder(adapter_dir, names: Sequence[str]) -> None:
 
 
 def adapter_labels(adapter: str | Path, **hub_kwargs) -> dict:
-    """`num_labels` / `id2label` / `label2id` of an adapter (folder or Hub id), from its `labels.json`.
-
-    For `AutoPeftModel.from_pretrained(adapter, **adapter_labels(adapter))` when the base model's config does not
-    already hold the adapter's classes.
-
-    Args:
-        adapter (`str` or `Path`): adapter folder or Hub repo id.
-        hub_kwargs: passed to `huggingface_hub.hf_hub_download` (e.g. `revision`, `token`).
-    """
+    """`num_labels` / `id2label` / `label2id` of an adapter (folder or Hub id), from its `labels.json`. For
+    `AutoPeftModel.from_pretrained(adapter, **adapter_labels(adapter))` when the base model's config does not
+    already hold the adapter's classes. `hub_kwargs` go to `huggingface_hub.hf_hub_download` (e.g.
+    `revision`)."""
     path = Path(adapter) / LABELS_FILE
     if not path.is_file():
         path = Path(hf_hub_download(str(adapter), LABELS_FILE, **hub_kwargs))
@@ -298,12 +242,10 @@ def augmentation_config(spec: str | dict) -> dict | str:
 
 
 def load_classifier(model_path: str, names: list[str]):
-    """`HLSSForImageClassification` for the classes `names`, from a saved HLSS folder.
-
-    From an `HLSSModel` folder the classifier is new. From an `HLSSForImageClassification` folder (a merged
-    fine-tune) a trained classifier over the same class names is kept, its rows reordered to `names`; over
-    other names it is re-initialised, with a warning.
-    """
+    """`HLSSForImageClassification` for the classes `names`, from a saved HLSS folder. From an `HLSSModel`
+    folder the classifier is new. From an `HLSSForImageClassification` folder (a merged fine-tune) a trained
+    classifier over the same class names is kept, its rows reordered to `names`; over other names it is
+    re-initialised, with a warning."""
     config = HLSSConfig.from_pretrained(model_path)
     trained = "HLSSForImageClassification" in (config.architectures or [])
     old_names = [config.id2label[i] for i in range(len(config.id2label))] if trained else []
@@ -352,19 +294,9 @@ def load_processor(model_path: str, model, crop_size: int | None) -> HLSSImagePr
 def evaluate(
     model, loader, accelerator, labels: torch.Tensor, slide_ids, patient_ids, num_classes: int
 ) -> dict[str, float]:
-    """Softmax patch scores over the evaluation split -> patch / slide / patient metrics (plus the mean loss).
-
-    Args:
-        model: the (prepared) model.
-        loader: the prepared evaluation DataLoader (items carry their row `index`).
-        accelerator (`Accelerator`): gathers scores across processes.
-        labels (`torch.LongTensor` of shape `[N]`): class of each row of the evaluation split.
-        slide_ids, patient_ids (`list[str]` or `None`): hierarchy of each row; `None` skips that level.
-        num_classes (`int`): number of classes.
-
-    Returns:
-        `dict[str, float]`: `loss` and `{level}/{metric}` from `hlss_hf.evaluation.hierarchical_metrics`.
-    """
+    """Softmax patch scores over the evaluation split (`loader`'s items carry their row `index`; `labels` `[N]`,
+    `slide_ids` / `patient_ids` per row or `None` to skip that level) -> `loss` and `{level}/{metric}` of
+    `hlss_hf.evaluation.hierarchical_metrics`."""
     was_training = model.training
     model.eval()
     all_scores, all_index = [], []
@@ -397,12 +329,8 @@ def evaluate(
 
 
 def save_adapter(peft_model, processor, names: list[str], target: Path, state_dict=None) -> None:
-    """Adapter (PEFT) + processor + labels.json into `target` (a folder of this run, swapped in at the end).
-
-    The adapter config names `transformers.AutoModelForImageClassification` as its base class, so
-    `peft.AutoPeftModel.from_pretrained(adapter_dir)` loads it (see `hlss_hf.training.lora.AUTO_MAPPING`).
-    `state_dict`: the full weights from `accelerator.get_state_dict` (sharded models hold only a part).
-    """
+    """Adapter (PEFT, loadable by `peft.AutoPeftModel`: :data:`AUTO_MAPPING`) + processor + labels.json into
+    `target`; `state_dict`: the full weights from `accelerator.get_state_dict` (sharded models hold only a part)."""
     # About what the adapter file holds: the trained parameters (LoRA and the classifier).
     needed = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
     with naming_full_disk(target, needed):

@@ -21,11 +21,7 @@ def make_accelerator(run, project_dir: str | os.PathLike | None = None):
 
     Several processes on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N`` on CPU) run
     with gloo, which Accelerate does only when told ``cpu=True``; the launcher's own ``--cpu`` cannot be combined
-    with ``--multi_gpu``, so the rule lives here.
-
-    Args:
-        run (`RunConfig`): the run's training section.
-        project_dir (`str`, *optional*): where trackers write their logs (the run's folder).
+    with ``--multi_gpu``, so the rule lives here. Trackers write their logs to ``project_dir`` (the run's folder).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     project = None
@@ -42,18 +38,11 @@ def make_accelerator(run, project_dir: str | os.PathLike | None = None):
     )
 
 
-def scheduler_steps(accelerator, steps: int) -> int:
-    """Scheduler steps for ``steps`` optimizer steps: a prepared scheduler steps once per process per optimizer
-    step (Accelerate's convention), so warm-up and length scale with the number of processes."""
-    return steps * accelerator.num_processes
-
-
 def set_peak_lr(optimizer, scheduler, lr: float) -> None:
     """Apply a new peak learning rate to a resumed run: the schedule keeps its shape and position.
-
     ``load_state`` restores the optimizer's and the scheduler's base learning rates from the checkpoint, so a
-    changed ``training.lr`` must be set on both, then the current step's value recomputed from the schedule.
-    """
+    changed ``training.lr`` must be set on both, then the current step's value recomputed from the
+    schedule."""
     inner = getattr(scheduler, "scheduler", scheduler)
     inner.base_lrs = [lr for _ in inner.base_lrs]
     for group in optimizer.param_groups:
@@ -85,15 +74,8 @@ def reference_steps_per_epoch(num_patients: int, batch_size: int, num_processes:
     The reference sizes its scheduler from the single-process loader's length (``ceil(N / B)`` batches of ``B``
     patients, the last one short), floor-divided by the number of GPUs ``W``, while each of its DDP processes runs
     ``ceil(N / (B W))`` steps per epoch; on several processes its LR therefore moves faster than its epochs
-    (``training.schedule_length: reference``).
-
-    Args:
-        num_patients (`int`): N, the training patients per epoch (after class balancing).
-        batch_size (`int`): B, patients per device batch.
-        num_processes (`int`): W.
-
-    Raises:
-        ConfigError: when the formula gives 0 (``N <= B (W - 1)``): the reference's schedule then has length 0.
+    (``training.schedule_length: reference``). ``N``: training patients per epoch (after class balancing).
+    Raises ``ConfigError`` when the formula gives 0 (``N <= B (W - 1)``).
     """
     steps = math.ceil(num_patients / batch_size) // num_processes
     if steps == 0:
@@ -112,12 +94,10 @@ def schedule_length(
     t, max_steps: int, steps_per_epoch: int | None, reference_steps: int | None = None
 ) -> int:
     """Optimizer steps the LR schedule spans: ``training.schedule_steps`` / ``schedule_epochs``, else the run.
-
     A schedule longer than the run stops part-way along its curve, as the reference's 40,000-epoch cosine
     stopped at epoch 11,199. With ``reference_steps`` (``training.schedule_length: reference``,
     :func:`reference_steps_per_epoch`) the schedule spans ``schedule_epochs`` (else ``num_epochs``) epochs of
-    that many steps, whatever the run takes per epoch.
-    """
+    that many steps, whatever the run takes per epoch."""
     if reference_steps is not None:
         epochs = t.schedule_epochs if t.schedule_epochs is not None else t.num_epochs
         length = math.ceil(epochs * reference_steps)
@@ -158,28 +138,16 @@ def warmup_length(t, schedule_steps: int, reference_steps: int | None = None) ->
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """How long a pretraining run is and how its learning rate moves, in optimizer steps.
-
-    Attributes:
-        max_steps (`int`): the run's optimizer steps.
-        accumulation (`int`): micro-batches per optimizer step.
-        batches_per_epoch (`int`, *optional*): micro-batches per process per epoch; `None` for a stream.
-        steps (`int`): steps the LR schedule spans (:func:`schedule_length`).
-        warmup (`int`): warm-up steps.
-        reference_steps (`int`, *optional*): steps per epoch the schedule counts with
-            ``training.schedule_length: reference``.
-        streaming (`bool`): the training split is a stream.
-        sampler: the loader's batch sampler when one loader iteration may run across epochs, else `None`.
-    """
+    """How long a pretraining run is and how its learning rate moves, in optimizer steps."""
 
     max_steps: int
-    accumulation: int
-    batches_per_epoch: int | None
-    steps: int
+    accumulation: int  # micro-batches per optimizer step
+    batches_per_epoch: int | None  # micro-batches per process per epoch; None for a stream
+    steps: int  # steps the LR schedule spans (schedule_length)
     warmup: int
-    reference_steps: int | None = None
+    reference_steps: int | None = None  # steps per epoch counted with training.schedule_length: reference
     streaming: bool = False
-    sampler: Any = None
+    sampler: Any = None  # the loader's batch sampler when one loader iteration may run across epochs
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -222,11 +190,7 @@ def plan_schedule(t, loader, num_patients: int | None, num_processes: int, strea
 
 
 def lr_scheduler(t, optimizer, accelerator, steps: int, warmup: int):
-    """``training.lr_scheduler`` over ``steps`` optimizer steps after ``warmup`` of them, counted the way a
-    prepared scheduler steps (:func:`scheduler_steps`)."""
-    return get_scheduler(
-        t.lr_scheduler,
-        optimizer,
-        num_warmup_steps=scheduler_steps(accelerator, warmup),
-        num_training_steps=scheduler_steps(accelerator, steps),
-    )
+    """``training.lr_scheduler`` over ``steps`` optimizer steps after ``warmup`` of them. A prepared scheduler steps
+    once per process per optimizer step (Accelerate's convention), so both scale with the number of processes."""
+    W = accelerator.num_processes
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup * W, num_training_steps=steps * W)

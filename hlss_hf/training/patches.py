@@ -21,16 +21,7 @@ def load_patch_dataset(
     path_or_id: str, config_name: str | None = None, cache_dir: str | None = None
 ) -> datasets.DatasetDict:
     """Every split of a patch dataset, each read by `hlss_hf.data.load_split` (a `save_to_disk` folder, a Hub-layout
-    folder or a Hub id; a mistyped path, an unreachable id or a single saved split end in one line naming it).
-
-    Args:
-        path_or_id (`str`): folder or Hub dataset id.
-        config_name (`str`, *optional*): the dataset configuration.
-        cache_dir (`str`, *optional*): the `datasets` cache folder.
-
-    Returns:
-        `datasets.DatasetDict`.
-    """
+    folder or a Hub id; a mistyped path, an unreachable id or a single saved split end in one line naming it)."""
     names = split_names(path_or_id, config_name=config_name, key="data.dataset")
     common = dict(config_name=config_name, cache_dir=cache_dir, required_columns=(), key="data.dataset")
     return datasets.DatasetDict({name: load_split(path_or_id, name, **common) for name in names})
@@ -75,19 +66,9 @@ def select_splits(
 def resolve_labels(
     train: datasets.Dataset, label_column: str, label_names: list[str] | None
 ) -> tuple[list[str], dict[Any, int]]:
-    """The class names in model order, and the map from stored label values to model class indices.
-
-    Args:
-        train (`datasets.Dataset`): the training split (its features and, for non-ClassLabel columns, values).
-        label_column (`str`): the label column.
-        label_names (`list[str]`, *optional*): class names in model order (see `model.label_names`).
-
-    Returns:
-        `(names, value_to_index)`.
-
-    Raises:
-        ValueError: no label column, or label names unknown to / missing from the dataset (named).
-    """
+    """`(names, value_to_index)`: the class names in model order (`label_names`, `model.label_names`, else the
+    training split's), and the map from stored label values to class indices. Raises `DatasetError` for a missing
+    label column, or label names unknown to / missing from the dataset (named)."""
     features = train.features
     if label_column not in features:
         raise DatasetError(
@@ -126,7 +107,7 @@ def resolve_labels(
 def check_label_values(
     split: datasets.Dataset, split_name: str, label_column: str, value_to_index: dict, names: list[str]
 ) -> None:
-    """Raise `ValueError` naming the first patch whose label is not one of the model's classes."""
+    """Raise `DatasetError` naming the first patch whose label is not one of the model's classes."""
     if label_column not in split.features:
         raise DatasetError(
             f"split {split_name!r} has no label column {label_column!r} (columns: {list(split.features)})"
@@ -148,16 +129,8 @@ class PatchClassificationDataset(torch.utils.data.Dataset):
     items: decode -> float in [0, 1] (SRH or H&E conversion) -> the processor's resize, when it resizes ->
     augmentation (which crops) -> the processor's normalisation, when it normalises. The augmentation draws
     come from a generator seeded by `(seed, epoch, index)`, so they do not depend on the number of processes or
-    workers.
-
-    Args:
-        dataset (`datasets.Dataset`): rows with `image` and the label column.
-        value_to_index (`dict`): stored label value -> class index.
-        processor (`HLSSImageProcessor`): the model's image processor.
-        augment (`HLSSAugmentation`, *optional*): `build_augmentation(...)`; `None` for evaluation items.
-        label_column (`str`, defaults to `"label"`): the label column.
-        modality (`str`, *optional*): `"he"` or `"srh"`; default from the dataset features.
-        seed (`int`, defaults to 0): augmentation seed.
+    workers. `augment` (`build_augmentation(...)`) is `None` for evaluation items; `modality` defaults to the
+    dataset features'.
     """
 
     def __init__(

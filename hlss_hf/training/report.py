@@ -1,5 +1,6 @@
-"""What a pretraining run leaves: the lines it prints (the run it starts, its evaluations, the change training
-made, where its outputs are) and its final model folder (model, processor, pipelines, card, settings, plots)."""
+"""A pretraining run's start and end: the lines it prints (the run it starts, its evaluations, the change training
+made, where its outputs are), its opened folder and log, and its final model folder (model, processor, pipelines,
+card, settings, plots), swapped into ``output_dir`` and pushed."""
 
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ import yaml
 from hlss_hf.evaluation.explain import plot_confusion_matrix, plot_loss_curve
 from hlss_hf.files import write_files_atomically
 from hlss_hf.models.hlss.pipeline_hlss import add_pipelines_to_folder
-from hlss_hf.training.config import TrainConfig
-from hlss_hf.training.loop import read_jsonl
-from hlss_hf.training.model_card import render_model_card
+from hlss_hf.training.checkpoints import (
+    RunPlan,
+    TrainState,
+    publish_output,
+    set_aside_later_checkpoints,
+    start_output,
+)
+from hlss_hf.training.config import TrainConfig, flatten_config
+from hlss_hf.training.loop import RunLog, read_jsonl, truncate_jsonl
+from hlss_hf.training.model_card import push_to_hub, render_model_card
+from hlss_hf.training.run_warnings import training_warnings
 
 LEVELS = ("patch", "slide", "patient")
 
@@ -178,3 +187,91 @@ def save_final_model(
 
     size = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
     write_files_atomically(plan.run_dir, write, needed_bytes=size)
+
+
+def open_run(config: TrainConfig, plan: RunPlan, data, parts, state: TrainState, accelerator) -> RunLog:
+    """The settings, data and model are valid: only now does the run touch its folder. Prints what will run;
+    returns the run's :class:`~hlss_hf.training.loop.RunLog`."""
+    t, schedule = config.training, parts.schedule
+    if accelerator.is_main_process:
+        start_output(plan.run_dir, plan.output_dir, resume=plan.continuing)
+        if plan.continuing:
+            at_end = state.step < schedule.max_steps
+            truncate_jsonl(plan.run_dir / "metrics.jsonl", state.step, evaluations_at_max_step=at_end)
+            for path in set_aside_later_checkpoints(plan.run_dir, state.step):
+                print(
+                    f"Set aside {path.name}: it follows step {state.step}, which this run continues from",
+                    flush=True,
+                )
+    log = RunLog(accelerator)
+    log.open(plan.run_dir / "metrics.jsonl")
+    accelerator.wait_for_everyone()
+    if t.trackers():
+        accelerator.init_trackers(t.project_name, config=flatten_config(config))
+    if plan.changes:
+        log.log(state.step, {"resumed_with": {key: list(values) for key, values in plan.changes.items()}})
+    accelerator.print(
+        describe_run(config, accelerator, data, schedule, state, plan.output_dir, plan.run_dir), flush=True
+    )
+    # The loss contrasts the patients of one forward over every process (B x W); accumulation adds none.
+    patients = t.per_device_batch_size * accelerator.num_processes
+    found = training_warnings(
+        patients,
+        config.data.num_slides,
+        schedule.max_steps,
+        schedule.steps_per_epoch,
+        schedule.warmup,
+        config.model.objective,
+    )
+    log.warn(state.step, found)
+    return log
+
+
+def finish_run(
+    config: TrainConfig,
+    plan: RunPlan,
+    data,
+    parts,
+    state: TrainState,
+    log: RunLog,
+    accelerator,
+    *,
+    result: dict[str, Any],
+    before: dict[str, Any],
+    argv: list[str],
+    seconds: float,
+) -> None:
+    """Save the final model beside (``result``: the final evaluation, or ``{}``), swap it into ``output_dir``,
+    push, print where everything is."""
+    t = config.training
+    # Every process takes part: with FSDP / DeepSpeed the full weights exist only once gathered.
+    state_dict = accelerator.get_state_dict(parts.model)
+    if accelerator.is_main_process:
+        card_context = {
+            "model": accelerator.unwrap_model(parts.model),
+            "train_dataset": data.train_dataset,
+            "modality": data.modality,
+            "num_processes": accelerator.num_processes,
+            "device": accelerator.device,
+            "seconds": seconds,
+            "argv": argv,
+            "mixed_precision": accelerator.mixed_precision,
+            "top_attributes": result.get("top_attributes"),
+            "warnings": log.warnings.to_list(),
+            "initial_metrics": before.get("metrics") if before else None,
+            "confusion": result.get("confusion"),
+            "class_names": result.get("class_names"),
+        }
+        save_final_model(
+            config, plan, data, parts, state, state_dict, result.get("metrics", {}), card_context
+        )
+        log.close()
+        publish_output(plan.run_dir, plan.output_dir)
+        if result:
+            print(format_evaluation(result, t), flush=True)
+        if result and before:
+            print(format_change(before, result, config), flush=True)
+        if t.push_to_hub:
+            print(f"Pushed to {push_to_hub(config)}", flush=True)
+        print(format_outputs(plan.output_dir, config, accelerator), flush=True)
+    accelerator.wait_for_everyone()

@@ -38,12 +38,8 @@ class RunWarning:
 
 
 class WarningLog:
-    """The run's warnings: each name printed the first time it is added, all kept in order for the report / card.
-
-    Args:
-        printer (`Callable[[str], None]`, defaults to `print`): where a new warning is shown (e.g.
-            ``accelerator.print``, so that only the main process prints).
-    """
+    """The run's warnings: each name shown by ``printer`` (e.g. ``accelerator.print``: the main process only) the
+    first time it is added, all kept in order for the report / card."""
 
     def __init__(self, printer: Callable[[str], None] = print) -> None:
         self.printer = printer
@@ -62,9 +58,6 @@ class WarningLog:
     def to_list(self) -> list[dict[str, str]]:
         return [warning.to_dict() for warning in self.warnings.values()]
 
-    def __len__(self) -> int:
-        return len(self.warnings)
-
 
 def evaluation_warnings(
     bank_labels: Sequence[int],
@@ -73,14 +66,8 @@ def evaluation_warnings(
     k: int | None = None,
 ) -> list[RunWarning]:
     """What makes an evaluation's numbers mean less: classes missing from the bank, top-k over too few classes, a
-    kNN k beyond the bank.
-
-    Args:
-        bank_labels (`Sequence[int]`): class of each bank / probe training patch.
-        eval_labels (`Sequence[int]`): class of each evaluated patch.
-        class_names (`Sequence[str]`): the class names, by index.
-        k (`int`, *optional*): the kNN k (None: not a kNN evaluation).
-    """
+    kNN k beyond the bank (``k`` None: not a kNN evaluation). ``bank_labels``: the class of each bank / probe
+    training patch."""
     found = []
     bank = {int(label) for label in bank_labels}
     absent = sorted({int(label) for label in eval_labels} - bank)
@@ -132,16 +119,9 @@ def training_warnings(
     warmup_steps: int,
     objective: str = "hlss",
 ) -> list[RunWarning]:
-    """What makes a pretraining run's losses or length mean less.
-
-    Args:
-        patients_per_step (`int`): patients one loss contrasts: B x processes (gradient accumulation adds none).
-        slides_per_patient (`int`): S.
-        max_steps (`int`): the run's optimizer steps.
-        steps_per_epoch (`int`, *optional*): optimizer steps per epoch (None: streamed, no epochs).
-        warmup_steps (`int`): learning-rate warm-up steps.
-        objective (`str`, defaults to ``"hlss"``): ``hlss`` or ``align`` (no hierarchy levels).
-    """
+    """What makes a pretraining run's losses or length mean less. ``patients_per_step``: the patients one loss
+    contrasts, B x processes (gradient accumulation adds none); ``steps_per_epoch`` None: streamed, no epochs;
+    ``objective`` ``align`` has no hierarchy levels."""
     found = []
     if objective == "hlss" and patients_per_step == 1:
         found.append(

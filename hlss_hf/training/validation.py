@@ -28,12 +28,9 @@ def evaluate(
 ) -> dict:
     """Evaluate the frozen embeddings on the validation split: kNN accuracy (patch / slide / patient), zero-shot
     accuracy with the class descriptions (``model.class_prompts``) and each class's top attributes. Every process
-    takes part (sharded models need all ranks); the training RNG does not move.
-
-    Returns:
-        `dict`: ``metrics`` (``eval/<level>/<metric>`` for kNN, ``eval/zeroshot/<level>/<metric>``),
-        ``top_attributes`` (class -> its top patient-level attributes), ``warnings``, ``confusion`` and
-        ``class_names``.
+    takes part (sharded models need all ranks); the training RNG does not move. Returns ``metrics``
+    (``eval/<level>/<metric>``, ``eval/zeroshot/<level>/<metric>``), ``top_attributes`` (class -> its top
+    patient-level attributes), ``warnings``, ``confusion`` and ``class_names``.
     """
     t = config.training
     banks_model = accelerator.unwrap_model(parts.model)  # the banks are buffers, whole on every process
