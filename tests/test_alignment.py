@@ -289,6 +289,7 @@ def hlss_args(folder: Path, init_config: Path, *extra) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # two train.py runs end to end
 def test_init_config_makes_the_starting_model_once_and_hlss_starts_from_it(tmp_path, capsys):
     from hlss_hf.training.building import build_model, build_tokenizer
 
@@ -320,6 +321,7 @@ def test_init_config_makes_the_starting_model_once_and_hlss_starts_from_it(tmp_p
     assert (tmp_path / "align" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # two train.py runs end to end
 def test_a_starting_model_made_with_other_settings_is_not_used(tmp_path):
     init_config = tiny_align_config(tmp_path)
     train.main(hlss_args(tmp_path, init_config))

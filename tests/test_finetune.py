@@ -460,6 +460,7 @@ def test_patch_smaller_than_the_crop_is_named():
         dataset[0]
 
 
+@pytest.mark.slow  # a fresh process without hlss_hf
 def test_merged_model_runs_in_a_pipeline_as_remote_code_without_hlss_hf(finetuned, tmp_path):
     """The merged folder is self-contained: a clean process that never imports hlss_hf gets the same scores."""
     out, _ = finetuned

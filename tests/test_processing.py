@@ -527,6 +527,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh process without hlss_hf
 def test_saved_processor_loads_as_remote_code_without_hlss_hf(tmp_path, registered):
     processor = HLSSProcessor(
         HLSSImageProcessor(modality="srh", crop_size=6), AutoTokenizer.from_pretrained(_minilm_path())

@@ -258,6 +258,7 @@ def test_gradient_checkpointing_goes_through_the_tower_s_library(checkpoint, ope
 # --------------------------------------------------------------------------------------------- save / load
 
 
+@pytest.mark.slow  # fresh processes without hlss_hf
 def test_saved_models_load_through_auto_model_where_hlss_hf_is_not_importable(
     reference_pair, open_clip_pair, checkpoint, tmp_path
 ):
