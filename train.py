@@ -34,23 +34,18 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 # --help and settings errors answer at once (hlss_hf/__init__.py).
 HLSS_HF_PARSE_FIRST = True
 
-from hlss_hf.cli import check_command_line
+from hlss_hf.cli import check_command_line, config_file
 from hlss_hf.errors import ConfigError
 from hlss_hf.training.config import TrainConfig, command_line_value, format_help, parse_config
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
-def names_config_file(argv: list[str]) -> bool:
-    """Whether the command line gives ``--config`` (as ``--config F`` or ``--config=F``)."""
-    return any(arg == "--config" or arg.startswith("--config=") for arg in argv)
-
-
 def default_config_for(argv: list[str]) -> Path | None:
     """The settings file a command line without ``--config`` runs with: the demo's (``configs/demo.yaml``) for the
     demo only; ``--data.dataset <yours>`` gets the built-in defaults, meant for real data
     (docs/training.md#your-own-data-configs-and-defaults)."""
-    if names_config_file(argv):
+    if config_file(argv, TrainConfig) is not None:
         return None
     dataset = command_line_value(argv, "data.dataset")
     return DEFAULT_CONFIG if dataset in (None, "demo") else None
@@ -60,10 +55,11 @@ def print_help(argv: list[str]) -> None:
     """This docstring and every config key, with the defaults this command line's run would use: its --config, else
     the demo's for the demo and the built-in ones for any other --data.dataset."""
     print(__doc__)
-    config_file = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-    config_file = config_file or default_config_for([a for a in argv if a not in ("-h", "--help")])
-    print(format_help(TrainConfig, config_file))
-    if config_file is not None and Path(config_file).resolve() == DEFAULT_CONFIG.resolve():
+    path = config_file(argv, TrainConfig) or default_config_for(
+        [a for a in argv if a not in ("-h", "--help")]
+    )
+    print(format_help(TrainConfig, path))
+    if path is not None and Path(path).resolve() == DEFAULT_CONFIG.resolve():
         print(
             f"\n{DEFAULT_CONFIG.name} applies to the demo only: with --data.dataset <your data> (and no --config) "
             "the run takes the built-in defaults; `python train.py --help --data.dataset <your data>` lists them."
@@ -213,7 +209,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     default_config = default_config_for(argv)
     config = parse_config(argv, default_config=default_config)
-    if default_config is None and not names_config_file(argv) and os.environ.get("RANK", "0") == "0":
+    if (
+        default_config is None
+        and config_file(argv, TrainConfig) is None
+        and os.environ.get("RANK", "0") == "0"
+    ):
         print(  # once, not once per process
             f"Settings: the built-in defaults for your own data ({DEFAULT_CONFIG.name} is the demo's; "
             "configs/wsi.yaml is a starter for your own slides): `python train.py --help --data.dataset "

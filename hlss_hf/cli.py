@@ -338,6 +338,11 @@ def command_line_value(argv: list[str], key: str, config_class: type[Config]) ->
         return given[key]
 
 
+def config_file(argv: list[str], config_class: type[Config]) -> str | None:
+    """The ``--config`` file a command line names (``--config F`` or ``--config=F``), or None."""
+    return dict(_options([str(a) for a in argv], config_class, strict=False)).get("config")
+
+
 def read_config_file(path: str | os.PathLike, config_class: type[Config]) -> dict[str, Any]:
     """A YAML config file as ``{section.field: value}``; sectioned or flat keys; unknown keys named with the file."""
     path = Path(path)
